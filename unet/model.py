@@ -1,0 +1,215 @@
+"""The U-Net of the project's brief.
+
+``FeatureMapBlock`` (1×1 conv) → ``depth`` × ``ContractingBlock`` (two 3×3 conv + ReLU, 2×2 max-pool,
+channels double) → ``depth`` × ``ExpandingBlock`` (bilinear ×2 upsampling, 2×2 conv halving the channels,
+centre-cropped skip connection, two 3×3 conv + ReLU) → ``FeatureMapBlock``.
+
+As in the brief, the skip connections come from the output of each contracting block (after pooling)
+and from the first feature map, and the deepest contracting block is the bottleneck. With
+``padding="valid"`` no convolution pads (512² in → 373² out at depth 4, the paper's overlap-tile setting);
+with ``padding="same"`` every convolution pads and the output has the input's size whenever that is
+divisible by ``2**depth``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unet.config import ModelConfig
+
+
+def _conv(in_ch: int, out_ch: int, kernel: int, same: bool) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, kernel_size=kernel, padding=kernel // 2 if same else 0)
+
+
+class UpConv(nn.Module):
+    """The 2×2 convolution after upsampling. Same padding pads one pixel at the bottom and right (as
+    PyTorch's ``padding="same"`` would, without the extra copy it warns about)."""
+
+    def __init__(self, in_ch: int, out_ch: int, same: bool):
+        super().__init__()
+        self.same = same
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same:
+            x = nn.functional.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class ConvUnit(nn.Sequential):
+    """3×3 convolution, optional batch norm, ReLU; children named ``conv``, ``norm``, ``act``."""
+
+    def __init__(self, in_ch: int, out_ch: int, same: bool, batch_norm: bool):
+        super().__init__()
+        self.conv = _conv(in_ch, out_ch, 3, same)
+        if batch_norm:
+            self.norm = nn.BatchNorm2d(out_ch)
+        self.act = nn.ReLU(inplace=True)
+
+
+class FeatureMapBlock(nn.Module):
+    """A 1×1 convolution that maps ``in_ch`` channels to ``out_ch`` channels; the size is unchanged."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class ContractingBlock(nn.Module):
+    """Two 3×3 convolutions with ReLU that double the channels, then a 2×2 max-pool."""
+
+    def __init__(self, in_ch: int, same: bool = False, batch_norm: bool = False):
+        super().__init__()
+        self.conv1 = ConvUnit(in_ch, in_ch * 2, same, batch_norm)
+        self.conv2 = ConvUnit(in_ch * 2, in_ch * 2, same, batch_norm)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.conv2(self.conv1(x)))
+
+
+def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Crop the last two dimensions of ``x`` to ``height × width`` around the centre (floor offsets)."""
+    h, w = x.shape[-2:]
+    if height > h or width > w:
+        raise ValueError(f"cannot crop {h}×{w} to the larger {height}×{width}")
+    top, left = (h - height) // 2, (w - width) // 2
+    return x[..., top : top + height, left : left + width]
+
+
+class ExpandingBlock(nn.Module):
+    """Bilinear ×2 upsampling, a 2×2 convolution halving the channels, concatenation with the
+    centre-cropped skip connection, then two 3×3 convolutions with ReLU (``in_ch`` → ``in_ch // 2``)."""
+
+    def __init__(self, in_ch: int, same: bool = False, batch_norm: bool = False):
+        super().__init__()
+        if in_ch % 2:
+            raise ValueError(f"ExpandingBlock needs an even number of input channels, got {in_ch}")
+        # align_corners=False scales by exactly 2, so the network is shift-equivariant and tiles agree
+        self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.up_conv = UpConv(in_ch, in_ch // 2, same)
+        self.conv1 = ConvUnit(in_ch, in_ch // 2, same, batch_norm)
+        self.conv2 = ConvUnit(in_ch // 2, in_ch // 2, same, batch_norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up_conv(self.upsample(x))
+        h, w = x.shape[-2:]
+        if skip.shape[-2] < h or skip.shape[-1] < w:
+            x = center_crop(x, min(h, skip.shape[-2]), min(w, skip.shape[-1]))
+            h, w = x.shape[-2:]
+        x = torch.cat([x, center_crop(skip, h, w)], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class UNet(nn.Module):
+    """The brief's U-Net. ``forward`` takes ``(B, in_channels, H, W)`` and returns **logits** of shape
+    ``(B, out_channels, H', W')`` where ``H' = output_size(H)`` (smaller than ``H`` with valid padding).
+
+    The constructor takes a :class:`ModelConfig` (kept as ``self.config``), so a checkpoint's JSON
+    config rebuilds the same network. Checkpoint keys read ``contracting.0.conv1.conv.weight``.
+    """
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        same, bn, width = config.padding == "same", config.batch_norm, config.initial_features
+        self.in_features = FeatureMapBlock(config.in_channels, width)
+        self.contracting = nn.ModuleList(
+            ContractingBlock(width * 2**i, same, bn) for i in range(config.depth)
+        )
+        self.expanding = nn.ModuleList(
+            ExpandingBlock(width * 2 ** (config.depth - i), same, bn) for i in range(config.depth)
+        )
+        self.out_features = FeatureMapBlock(width, config.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits ``(B, out_channels, H', W')`` for images ``(B, in_channels, H, W)``."""
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"UNet expects (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        skips = [self.in_features(x)]
+        for block in self.contracting:
+            skips.append(block(skips[-1]))
+        x = skips.pop()
+        for block in self.expanding:
+            x = block(x, skips.pop())
+        return self.out_features(x)
+
+    def output_size(self, size: int) -> int:
+        return output_size(self.config, size)
+
+
+def _trace_sizes(config: ModelConfig, size: int) -> tuple[int, list[str], int]:
+    """Follow one spatial dimension through the network.
+
+    Returns the output size, the fatal problems, and how many max-pools see an odd size (allowed, as in
+    the brief's 512 → 373, but then the output is not exactly centred on the input, so training patches
+    and inference tiles prefer sizes without any: see :func:`valid_input_sizes`)."""
+    shrink = 0 if config.padding == "same" else 2
+    problems: list[str] = []
+    odd_pools = 0
+    sizes = [size]
+    s = size
+    for level in range(config.depth):
+        s -= 2 * shrink
+        if s < 2:
+            problems.append(f"the features shrink to {s} pixels in contracting block {level + 1}")
+            return 0, problems, odd_pools
+        odd_pools += s % 2
+        s //= 2
+        sizes.append(s)
+    sizes.pop()
+    for level in range(config.depth):
+        s = s * 2 - (1 if shrink else 0)  # upsample, then the 2×2 conv
+        s = min(s, sizes[-1 - level])  # the crop to the skip connection's size
+        s -= 2 * shrink
+        if s < 1:
+            problems.append(f"the features shrink to {s} pixels in expanding block {level + 1}")
+            return 0, problems, odd_pools
+    return s, problems, odd_pools
+
+
+def output_size(config: ModelConfig, size: int) -> int:
+    """The output length for an input length ``size`` (same for height and width)."""
+    return _trace_sizes(config, size)[0]
+
+
+def check_input_size(config: ModelConfig, size: int) -> int:
+    """Raise ``ValueError`` explaining why ``size`` does not fit the network; return the output size."""
+    out, problems, _ = _trace_sizes(config, size)
+    if problems or out < 1:
+        hint = valid_input_sizes(config, max(size - 64, 8), size + 64)
+        near = f"; sizes that fit near it: {hint[:8]}" if hint else ""
+        raise ValueError(
+            f"input size {size} does not fit a depth-{config.depth} {config.padding}-padded U-Net: "
+            f"{'; '.join(problems) or 'nothing is left'}{near}"
+        )
+    if config.padding == "same" and out != size:
+        raise ValueError(
+            f"with same padding the input size must be divisible by 2**depth = {2**config.depth}, got {size}"
+        )
+    return out
+
+
+def valid_input_sizes(config: ModelConfig, lo: int, hi: int) -> list[int]:
+    """The input sizes in ``[lo, hi]`` that go through the network cleanly: no max-pool of an odd size,
+    so every such size puts the output at the same place relative to the input (training patches and
+    inference tiles use these). With same padding, the multiples of ``2**depth``."""
+    fits = []
+    for n in range(max(lo, 1), hi + 1):
+        out, problems, odd_pools = _trace_sizes(config, n)
+        if problems or out < 1 or odd_pools:
+            continue
+        if config.padding == "valid" or out == n:
+            fits.append(n)
+    return fits
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
