@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+
+from unet.augment import augment_patch, dihedral
+from unet.config import AugmentConfig
+from unet.data import PatchSampler, TrainData, normalize_image
+from unet.labels import IGNORE, MEMBRANE, NEURON, border_weights, labels_to_target, target_to_instances
+from unet.losses import masked_bce, masked_dice, segmentation_loss
+
+
+@pytest.mark.parametrize("labels", [
+    np.array([[0, 255], [255, 0]], np.uint8),
+    np.array([[0, 1], [1, 0]], np.uint8),
+    np.array([[False, True], [True, False]]),
+])
+def test_binary_labels_become_targets(labels):
+    np.testing.assert_array_equal(labels_to_target(labels), [[MEMBRANE, NEURON], [NEURON, MEMBRANE]])
+
+
+def test_instance_labels_get_membranes_between_touching_cells():
+    inst = np.zeros((10, 12), np.uint16)
+    inst[:, :6] = 7
+    inst[:, 6:] = 9
+    target = labels_to_target(inst)
+    assert set(np.unique(target).tolist()) == {MEMBRANE, NEURON}
+    assert (target[:, 5] == MEMBRANE).all() and (target[:, 6] == MEMBRANE).all()  # the shared border
+    assert (target[:, 2] == NEURON).all() and (target[:, 9] == NEURON).all()
+    assert target_to_instances(target).max() == 2  # the two cells are separate again
+
+
+def test_float_labels_are_refused():
+    with pytest.raises(ValueError, match="not floating point"):
+        labels_to_target(np.zeros((4, 4), np.float32))
+
+
+def test_border_weights_are_highest_between_close_cells():
+    target = np.full((40, 60), MEMBRANE, np.uint8)
+    target[5:35, 5:28] = NEURON
+    target[5:35, 30:55] = NEURON  # 2-pixel membrane at x = 28, 29
+    target[0, 0] = IGNORE
+    w = border_weights(target, w0=10, sigma=5)
+    assert w[20, 28] > 8  # thin membrane between the two cells
+    assert w[20, 28] > w[20, 58] + 5  # outer membrane, far from a second cell
+    assert w[20, 15] == 1 and w[0, 0] == 0
+
+
+def _aligned_pair(rng):
+    target = (rng.random((64, 64)) > 0.5).astype(np.uint8)
+    target = np.kron(target[:16, :16], np.ones((4, 4), np.uint8))  # 4×4 blocks: survives interpolation
+    image = target.astype(np.float32) * 10.0 + 5.0
+    return image, target
+
+
+def test_dihedral_moves_image_and_target_together():
+    rng = np.random.default_rng(0)
+    image, target = _aligned_pair(rng)
+    for k in range(4):
+        for flip in (False, True):
+            im, t = dihedral([image, target], k, flip)
+            np.testing.assert_array_equal(im > 10, t == 1)
+
+
+def test_elastic_and_intensity_keep_image_and_labels_aligned():
+    rng = np.random.default_rng(1)
+    image, target = _aligned_pair(rng)
+    config = AugmentConfig(elastic_p=1.0, elastic_sigma=6.0, intensity_p=0.0, noise_p=0.0)
+    moved = 0
+    for _ in range(5):
+        im, t, _ = augment_patch(image, target, None, config, rng)
+        labelled = t != IGNORE
+        agree = np.mean((im[labelled] > 10) == (t[labelled] == 1))
+        assert agree > 0.93, agree  # only interpolated edge pixels may disagree
+        moved += np.mean(t[labelled] != target[labelled])
+    assert moved > 0.05  # it did deform
+
+
+def test_augmentation_is_reproducible_from_the_generator():
+    image, target = _aligned_pair(np.random.default_rng(2))
+    a = augment_patch(image, target, None, AugmentConfig(), np.random.default_rng(7))
+    b = augment_patch(image, target, None, AugmentConfig(), np.random.default_rng(7))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_normalize_image():
+    out = normalize_image(np.array([[0, 100], [200, 300]], np.uint16))
+    assert out.dtype == np.float32 and abs(out.mean()) < 1e-6 and abs(out.std() - 1) < 1e-5
+    assert (normalize_image(np.full((4, 4), 7, np.uint8)) == 0).all()
+
+
+def test_train_data_checks(synthetic):
+    volume, labels = synthetic
+    with pytest.raises(ValueError, match="both the training and the validation"):
+        TrainData.from_stack(volume, labels, [0, 1], [1, 2])
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        TrainData([volume[0]], [np.full(volume[0].shape, IGNORE, np.uint8)])
+    with pytest.raises(ValueError, match="equal 2-D shapes"):
+        TrainData([volume[0]], [labels_to_target(labels[0])[:10]])
+
+
+def test_sampler_finds_sparse_scribbles(synthetic):
+    volume, _ = synthetic
+    target = np.full(volume[0].shape, IGNORE, np.uint8)
+    target[40:44, 50:60] = NEURON  # one small scribble
+    sampler = PatchSampler([normalize_image(volume[0])], [target], 32, 32, AugmentConfig.none(),
+                           np.random.default_rng(0))
+    _, ys, _ = sampler.sample(16)
+    assert all((y != IGNORE).any() for y in ys)
+
+
+def test_sampler_valid_padding_shapes(synthetic):
+    volume, labels = synthetic
+    sampler = PatchSampler([normalize_image(v) for v in volume], list(labels_to_target(labels)), 140, 5,
+                           AugmentConfig(), np.random.default_rng(0))
+    xs, ys, ws = sampler.sample(3)
+    assert xs.shape == (3, 1, 140, 140) and ys.shape == (3, 1, 5, 5) and ws is None
+    assert xs.dtype == np.float32 and np.isfinite(xs).all()
+
+
+def test_losses_ignore_unlabelled_pixels():
+    torch.manual_seed(0)
+    target = torch.randint(0, 2, (2, 1, 16, 16), dtype=torch.uint8)
+    target[:, :, :8] = IGNORE
+    logits = torch.randn(2, 1, 16, 16, requires_grad=True)
+    for fn in (masked_bce, masked_dice, lambda lg, t: segmentation_loss(lg, t, "bce+dice")):
+        other = logits.detach().clone()
+        other[:, :, :8] = torch.randn(2, 1, 8, 16) * 50  # change only ignored pixels
+        assert torch.isclose(fn(logits, target), fn(other, target))
+        logits.grad = None
+        fn(logits, target).backward()
+        assert logits.grad[:, :, :8].abs().max() == 0
+        assert logits.grad[:, :, 8:].abs().max() > 0
+
+
+def test_loss_prefers_the_right_answer():
+    target = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    target[..., 4:] = 1
+    right = (target.float() * 2 - 1) * 5
+    assert segmentation_loss(right, target) < segmentation_loss(-right, target)
+    half_wrong = right.clone()
+    half_wrong[..., :4] *= -1  # wrong on the left half only
+    w = torch.ones(1, 1, 8, 8)
+    w[..., :4] = 10  # … which weighs more
+    assert masked_bce(half_wrong, target, w) > masked_bce(half_wrong, target)

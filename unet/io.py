@@ -1,0 +1,241 @@
+"""Reading and writing image stacks.
+
+Every stack comes back as a ``(Z, Y, X)`` array. Anything we cannot segment as a grey-scale EM stack
+(RGB, several channels, an empty file, NaN, a truncated file, a dtype we do not handle) raises a
+``ValueError`` whose message says what was found and what is expected, before any large allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import tifffile
+
+VOLUME_DTYPES = (np.uint8, np.uint16, np.float32)
+LABEL_DTYPES = (np.bool_, np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64, np.uint64)
+#: Refuse stacks whose pixels would need more memory than this (override per call).
+DEFAULT_MAX_BYTES = 16 * 1024**3
+
+Source = str | os.PathLike | BinaryIO
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What a TIFF holds, read from its header without loading the pixels."""
+
+    shape: tuple[int, int, int]  # (Z, Y, X)
+    dtype: str
+    axes: str  # as tifffile reports them, before squeezing to ZYX
+    pixel_size_nm: float | None  # lateral pixel size when the file says it
+
+
+def _describe(source: Source) -> str:
+    if isinstance(source, str | os.PathLike):
+        return Path(source).name
+    return getattr(source, "name", "the upload")
+
+
+def _zyx_shape(shape: tuple[int, ...], axes: str, what: str) -> tuple[int, int, int]:
+    """Map a tifffile series shape/axes to (Z, Y, X), refusing colour and multi-channel data."""
+    if len(shape) != len(axes):
+        raise ValueError(f"{what}: inconsistent TIFF header (shape {shape}, axes {axes!r})")
+    if "S" in axes and shape[axes.index("S")] > 1:
+        raise ValueError(
+            f"{what}: colour image ({shape[axes.index('S')]} samples per pixel, shape {shape}); "
+            "expected a grey-scale stack. Convert it to 8-bit or 16-bit grey first (Fiji: Image › Type)."
+        )
+    if "C" in axes and shape[axes.index("C")] > 1:
+        raise ValueError(
+            f"{what}: {shape[axes.index('C')]} channels (axes {axes!r}, shape {shape}); expected one "
+            "grey-scale channel. Split the channels and upload the EM channel alone."
+        )
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"{what}: no image plane in the TIFF (axes {axes!r}, shape {shape})")
+    stack_axes = [(a, n) for a, n in zip(axes, shape, strict=True) if a not in "YXSC" and n > 1]
+    if len(stack_axes) > 1:
+        raise ValueError(
+            f"{what}: {len(shape)}-D data with more than one stack axis ({stack_axes}); expected a "
+            "single Z series (Z × Y × X). Reduce it to one time point / one series first."
+        )
+    z = stack_axes[0][1] if stack_axes else 1
+    y, x = shape[axes.index("Y")], shape[axes.index("X")]
+    if z == 0 or y == 0 or x == 0:
+        raise ValueError(f"{what}: the stack is empty (shape {shape})")
+    return z, y, x
+
+
+def _pixel_size_nm(tif: tifffile.TiffFile) -> float | None:
+    """Lateral pixel size in nm from the ImageJ metadata or the resolution tags, when present."""
+    try:
+        page = tif.pages.first
+        tags = page.tags
+        if "XResolution" not in tags:
+            return None
+        num, den = tags["XResolution"].value
+        if not num or not den:
+            return None
+        pixels_per_unit = num / den
+        if pixels_per_unit <= 0 or pixels_per_unit == 1:
+            return None  # 1 pixel per unit is the default when nothing was set
+        unit = (tif.imagej_metadata or {}).get("unit", "")
+        scale = {"nm": 1.0, "nanometer": 1.0, "micron": 1e3, "µm": 1e3, "um": 1e3, "\\u00B5m": 1e3}
+        if unit in scale:
+            return scale[unit] / pixels_per_unit
+        res_unit = tags.get("ResolutionUnit")
+        if res_unit is not None and int(res_unit.value) == 3:  # centimetre
+            return 1e7 / pixels_per_unit
+        return None
+    except Exception:  # metadata is a nicety: never refuse a stack because of it
+        return None
+
+
+def inspect_stack(source: Source) -> StackInfo:
+    """Read the header of a TIFF: shape as (Z, Y, X), dtype, axes, pixel size. Raises ValueError."""
+    what = _describe(source)
+    if hasattr(source, "seek"):
+        source.seek(0)  # type: ignore[union-attr]
+    try:
+        with tifffile.TiffFile(source) as tif:
+            if not tif.series or len(tif.pages) == 0:
+                raise ValueError(f"{what}: the TIFF has no pages")
+            series = tif.series[0]
+            shape = _zyx_shape(tuple(series.shape), series.axes, what)
+            return StackInfo(shape, str(np.dtype(series.dtype)), series.axes, _pixel_size_nm(tif))
+    except tifffile.TiffFileError as exc:
+        raise ValueError(f"{what}: not a readable TIFF file ({exc})") from exc
+    except ValueError:
+        raise
+    except Exception as exc:  # tifffile raises many kinds of errors on broken headers
+        raise ValueError(f"{what}: the TIFF header could not be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str) -> np.ndarray:
+    info = inspect_stack(source)
+    dtype = np.dtype(info.dtype)
+    if dtype.type not in dtypes:
+        allowed = ", ".join(np.dtype(d).name for d in dtypes)
+        raise ValueError(f"{what}: pixel type {dtype.name} is not supported for {kind}; expected {allowed}")
+    nbytes = int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise ValueError(
+            f"{what}: the header declares {info.shape} {dtype.name} = {nbytes / 1024**3:.1f} GiB of pixels, "
+            f"more than the {max_bytes / 1024**3:.1f} GiB allowed"
+        )
+    if isinstance(source, str | os.PathLike):
+        size = os.path.getsize(source)
+        # Uncompressed data cannot be larger than its file; compressed data rarely beats 1000:1.
+        if nbytes > 1000 * max(size, 1):
+            raise ValueError(
+                f"{what}: the header declares {nbytes:,} bytes of pixels in a {size:,}-byte file; "
+                "the file is damaged or not what it claims to be"
+            )
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)  # type: ignore[union-attr]
+        data = tifffile.imread(source, series=0, maxworkers=1)
+    except Exception as exc:
+        raise ValueError(
+            f"{what}: the pixel data could not be read; the file is probably truncated or damaged "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    data = np.asarray(data).reshape(info.shape)
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise ValueError(f"{what}: {bad:,} pixels are NaN or infinite; replace them before uploading")
+    return data
+
+
+def read_stack(source: Source, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """Read a grey-scale image stack (multi-page TIFF, ImageJ hyperstack or one 2-D image) as
+    ``(Z, Y, X)`` uint8, uint16 or float32. Raises ``ValueError`` with the reason on anything else."""
+    return _read(source, _describe(source), VOLUME_DTYPES, max_bytes, "an image stack")
+
+
+def read_labels(source: Source, volume_shape: tuple[int, ...] | None = None,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """Read a label stack as ``(Z, Y, X)``: binary (0/255, 0/1, bool) or instance labels. When
+    ``volume_shape`` is given, a label stack of another shape is refused."""
+    what = _describe(source)
+    labels = _read(source, what, LABEL_DTYPES, max_bytes, "labels")
+    if volume_shape is not None and tuple(labels.shape) != tuple(volume_shape):
+        raise ValueError(
+            f"{what}: labels have shape {tuple(labels.shape)} but the image stack has shape "
+            f"{tuple(volume_shape)}; they must match slice for slice and pixel for pixel"
+        )
+    return labels
+
+
+def write_tiff_atomic(path: str | os.PathLike, data: np.ndarray, *, pixel_size_nm: float | None = None,
+                      imagej: bool = True) -> Path:
+    """Write a stack as an ImageJ-compatible TIFF that Fiji opens as Z slices, atomically: the bytes go
+    to a temporary file in the same folder, are fsynced, then renamed over ``path``.
+
+    ImageJ knows uint8, uint16 and float32 only: other integer types are converted to uint16 when their
+    values fit, else to float32."""
+    path = Path(path)
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise ValueError(f"write_tiff_atomic expects (Z, Y, X) or (Y, X), got shape {data.shape}")
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8) * 255
+    elif data.dtype not in (np.uint8, np.uint16, np.float32):
+        if data.dtype.kind in "iu" and data.size and data.min() >= 0 and data.max() < 2**16:
+            data = data.astype(np.uint16)
+        else:
+            data = data.astype(np.float32)
+    kwargs: dict = {"imagej": imagej, "metadata": {"axes": "ZYX"}}
+    if pixel_size_nm:
+        kwargs["resolution"] = (1e3 / pixel_size_nm, 1e3 / pixel_size_nm)
+        kwargs["metadata"]["unit"] = "micron"
+    return atomic_write(path, lambda fh: tifffile.imwrite(fh, data, **kwargs))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``:
+    a crash leaves the old file or the new one, never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def parse_slices(text: str, n_slices: int) -> list[int]:
+    """Parse ``"0-24"``, ``"0,3,5-7"`` or ``"all"`` into sorted slice indices within ``[0, n_slices)``.
+    Ranges are inclusive, as a person reads them."""
+    text = text.strip().lower()
+    if text in ("all", "*", ""):
+        return list(range(n_slices))
+    picked: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise ValueError(f"slice range {part!r} is not a number or a range like 0-24") from None
+        if lo > hi:
+            raise ValueError(f"slice range {part!r} runs backwards")
+        if lo < 0 or hi >= n_slices:
+            raise ValueError(f"slice range {part!r} is outside the stack's slices 0-{n_slices - 1}")
+        picked.update(range(lo, hi + 1))
+    return sorted(picked)
