@@ -1,0 +1,187 @@
+"""``python -m unet train | predict | evaluate``.
+
+    python -m unet train --volume train-volume.tif --labels train-labels.tif \\
+        --train-slices 0-24 --val-slices 25-29 --preset cpu-quick --out runs/a
+    python -m unet predict --checkpoint runs/a/best.pt --volume test-volume.tif --out pred/
+    python -m unet evaluate --prediction pred/probabilities.tif --labels train-labels.tif --slices 25-29
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from unet.config import PRESETS, preset
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from unet.data import TrainData
+    from unet.io import parse_slices, read_labels, read_stack
+    from unet.train import NullReporter, train
+
+    volume = read_stack(args.volume)
+    labels = read_labels(args.labels, volume.shape)
+    train_slices = parse_slices(args.train_slices, volume.shape[0])
+    val_slices = parse_slices(args.val_slices, volume.shape[0]) if args.val_slices else []
+    model_changes = {k: v for k, v in (("initial_features", args.width), ("depth", args.depth),
+                                       ("padding", args.padding)) if v is not None}
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                   ("patch_size", args.patch_size), ("lr", args.lr),
+                                   ("max_seconds", args.max_minutes * 60 if args.max_minutes else None),
+                                   ("seed", args.seed), ("device", args.device),
+                                   ("border_weight", args.border_weight)) if v is not None}
+    if model_changes:
+        overrides["model"] = model_changes
+    config = preset(args.preset, **overrides)
+    data = TrainData.from_stack(volume, labels, train_slices, val_slices)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    class Bar(NullReporter):
+        def __init__(self) -> None:
+            self.bar = tqdm(total=config.steps, unit="step", dynamic_ncols=True)
+
+        def on_step(self, step: int, loss: float, lr: float, seconds: float) -> None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", refresh=False)
+            self.bar.refresh()
+
+        def on_validation(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+            shown = ", ".join(f"{k[4:]} {v:.4f}" for k, v in sorted(metrics.items()))
+            self.bar.write(f"step {step}: {shown}")
+
+    bar = Bar()
+    try:
+        result = train(config, data, bar, out_dir=out, resume=args.resume, init_from=args.init_from)
+    finally:
+        bar.bar.close()
+    (out / "history.json").write_text(json.dumps({"steps": result.history, "validations": result.validations}))
+    print(f"{result.reason} after {result.steps_done} steps on {result.device}; checkpoints in {out}")
+    if result.best:
+        print("best: " + ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k != "step"))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from unet.checkpoint import load_checkpoint
+    from unet.device import pick_device
+    from unet.infer import iter_predict_stack
+    from unet.io import inspect_stack, parse_slices, read_stack, write_tiff_atomic
+    from unet.postprocess import instances, to_mask
+
+    device = pick_device(args.device)
+    model = load_checkpoint(args.checkpoint).build_model(device)
+    volume = read_stack(args.volume)
+    pixel_size = inspect_stack(args.volume).pixel_size_nm
+    slices = parse_slices(args.slices, volume.shape[0])
+    out = Path(args.out)
+    probs = np.empty((len(slices), *volume.shape[1:]), np.float32)
+    for i, (_, prob) in enumerate(tqdm(iter_predict_stack(model, volume, slices, tile=args.tile,
+                                                          tta=args.tta, device=device),
+                                       total=len(slices), unit="slice")):
+        probs[i] = prob
+    write_tiff_atomic(out / "probabilities.tif", probs, pixel_size_nm=pixel_size)
+    write_tiff_atomic(out / "masks.tif", to_mask(probs, args.threshold) * 255, pixel_size_nm=pixel_size)
+    if not args.no_instances:
+        inst = np.stack([instances(p, threshold=args.threshold) for p in probs])
+        write_tiff_atomic(out / "instances.tif", inst, pixel_size_nm=pixel_size)
+    print(f"wrote {len(slices)} slices to {out} (probabilities.tif, masks.tif"
+          f"{'' if args.no_instances else ', instances.tif'})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from unet.io import parse_slices, read_labels, read_stack
+    from unet.labels import labels_to_target
+    from unet.metrics import evaluate_slice, mean_metrics
+
+    probs = read_stack(args.prediction).astype(np.float32)
+    if probs.max() > 1.0:  # a 0/255 mask rather than probabilities
+        probs = probs / probs.max()
+    labels = read_labels(args.labels)
+    slices = parse_slices(args.slices, labels.shape[0]) if args.slices else list(range(labels.shape[0]))
+    if len(slices) != probs.shape[0]:
+        raise ValueError(f"the prediction has {probs.shape[0]} slices but {len(slices)} label slices were "
+                         "chosen; pass --slices to say which label slices it covers")
+    targets = labels_to_target(labels[slices])
+    if targets.shape != probs.shape:
+        raise ValueError(f"prediction {probs.shape} and labels {targets.shape} differ in shape")
+    rows = [evaluate_slice(p, t) for p, t in zip(probs, targets, strict=True)]
+    mean = mean_metrics(rows)
+    print(f"{'slice':>6} {'pixel_error':>12} {'dice':>8} {'iou':>8} {'rand_f':>8} {'vi':>8}")
+    for z, r in zip(slices, rows, strict=True):
+        print(f"{z:>6} {r['pixel_error']:>12.4f} {r['dice']:>8.4f} {r['iou']:>8.4f} "
+              f"{r['rand_f']:>8.4f} {r['vi']:>8.3f}")
+    print(f"{'mean':>6} {mean['pixel_error']:>12.4f} {mean['dice']:>8.4f} {mean['iou']:>8.4f} "
+          f"{mean['rand_f']:>8.4f} {mean['vi']:>8.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"slices": dict(zip(map(str, slices), rows, strict=True)),
+                                               "mean": mean}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m unet", description="Neuroseg U-Net engine")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from TIFF stacks")
+    t.add_argument("--volume", required=True)
+    t.add_argument("--labels", required=True, help="0/255, 0/1, bool or instance labels, same shape")
+    t.add_argument("--train-slices", default="all", help="e.g. 0-24 or 0,2,4-9 (inclusive)")
+    t.add_argument("--val-slices", default="", help="e.g. 25-29")
+    t.add_argument("--preset", default="cpu-quick", choices=sorted(PRESETS))
+    t.add_argument("--out", required=True, help="folder for checkpoints and history")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--patch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--width", type=int, help="initial features (the brief's hidden channels)")
+    t.add_argument("--depth", type=int)
+    t.add_argument("--padding", choices=["valid", "same"])
+    t.add_argument("--border-weight", type=float, help="w0 of the paper's border weights (0 = off)")
+    t.add_argument("--max-minutes", type=float, help="wall-clock budget")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/latest.pt")
+    t.add_argument("--init-from", help="fine-tune from this checkpoint")
+    t.set_defaults(func=_train)
+
+    p = sub.add_parser("predict", help="predict a stack to TIFFs")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--volume", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--slices", default="all")
+    p.add_argument("--tile", type=int, help="input tile size (default 512)")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--no-instances", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_predict)
+
+    e = sub.add_parser("evaluate", help="metrics of a prediction against labels")
+    e.add_argument("--prediction", required=True, help="probabilities.tif (or a 0/255 mask)")
+    e.add_argument("--labels", required=True)
+    e.add_argument("--slices", help="which label slices the prediction covers, e.g. 25-29")
+    e.add_argument("--json")
+    e.set_defaults(func=_evaluate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FloatingPointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
