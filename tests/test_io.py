@@ -65,7 +65,7 @@ def test_refusals_say_what_is_wrong(tmp_path, make, message):
 
 def test_truncated_file(tmp_path):
     path = tmp_path / "t.tif"
-    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8))
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (5, 64, 64), dtype=np.uint8))
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match=r"t\.tif: the pixel data could not be read"):

@@ -22,10 +22,12 @@ def test_instance_labels_get_membranes_between_touching_cells():
     inst = np.zeros((10, 12), np.uint16)
     inst[:, :6] = 7
     inst[:, 6:] = 9
+    inst[:, 0] = 0  # background on the left
     target = labels_to_target(inst)
     assert set(np.unique(target).tolist()) == {MEMBRANE, NEURON}
     assert (target[:, 5] == MEMBRANE).all() and (target[:, 6] == MEMBRANE).all()  # the shared border
     assert (target[:, 2] == NEURON).all() and (target[:, 9] == NEURON).all()
+    assert (target[:, 0] == MEMBRANE).all() and (target[:, 1] == NEURON).all()  # outline not eroded
     assert target_to_instances(target).max() == 2  # the two cells are separate again
 
 
