@@ -276,7 +276,7 @@ def train(config: TrainConfig, data: TrainData, reporter: Reporter | None = None
         step += 1
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            save("latest", {})
+            # keep the last good `latest` on disk: saving now would store the broken weights
             raise FloatingPointError(
                 f"the loss became {loss_value} at step {step}; try a lower learning rate "
                 f"(now {config.lr}) or turn AMP off"
@@ -292,8 +292,8 @@ def train(config: TrainConfig, data: TrainData, reporter: Reporter | None = None
             reason = "early_stop"
             break
 
-    if not validations or validations[-1]["step"] != step:
-        validate()
+    if reason != "stopped" and (not validations or validations[-1]["step"] != step):
+        validate()  # a cancelled run should stop promptly, not validate first
     save("latest", validations[-1] if validations and validations[-1]["step"] == step else {})
     if not data.val_images:  # nothing to choose by: the last weights are the best we know
         save("best", {})
