@@ -14,6 +14,7 @@ ISBI = Path(os.environ.get("NEUROSEG_ISBI_DIR") or ROOT.parent / "shared" / "dat
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+    parser.addoption("--device", default="cpu", help="device for the engine tests: cpu (default), cuda, mps")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -23,6 +24,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    """The device the engine tests train and predict on (``pytest --device cuda`` on a GPU machine)."""
+    name = request.config.getoption("--device")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("--device cuda was asked for, but no CUDA GPU is available")
+    return name
 
 
 @pytest.fixture(scope="session")
