@@ -47,6 +47,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _seconds_per_call(fn, device: torch.device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / reps
+
+
 def _build(model_name: str, width: int, device: torch.device, padding: str):
     from bench.textbook import TextbookUNet
     from unet.config import ModelConfig
@@ -98,14 +109,7 @@ def measure_one(model_name: str, width: int, device_name: str, patch: int, batch
         loss.backward()
         opt.step()
 
-    for _ in range(2):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    train_s = (time.perf_counter() - start) / steps
+    train_s = _seconds_per_call(step, device, warmup=2, reps=steps)
 
     model.eval()
     image = np.random.default_rng(0).integers(0, 255, (512, 512)).astype(np.uint8)
@@ -129,15 +133,8 @@ def measure_one(model_name: str, width: int, device_name: str, patch: int, batch
             return out
 
         infer_flops = _flops(model, xi, backward=False)
-    for _ in range(2 if device.type == "cuda" else 1):
-        infer()
-    reps = 10 if device.type == "cuda" else 2
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        infer()
-    _sync(device)
-    infer_s = (time.perf_counter() - start) / reps
+    gpu = device.type == "cuda"
+    infer_s = _seconds_per_call(infer, device, warmup=2 if gpu else 1, reps=10 if gpu else 2)
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**20
     else:
