@@ -203,3 +203,19 @@ def test_engine_learns_synthetic_stack_end_to_end(tmp_path, synthetic, device):
     baseline = min(np.mean(target == NEURON), np.mean(target != NEURON))
     assert pixel_error(to_mask(prob), target) < baseline
     assert result.best is not None
+
+
+def test_training_with_the_papers_border_weights(tmp_path, synthetic):
+    result = train(preset("tiny", steps=6, border_weight=10.0), _data(synthetic), out_dir=tmp_path)
+    assert result.steps_done == 6 and all(np.isfinite(h["loss"]) for h in result.history)
+
+
+def test_test_time_augmentation_is_invariant_to_the_square_symmetries():
+    torch.manual_seed(5)
+    model = UNet(ModelConfig(depth=2, initial_features=4, padding="same")).eval()
+    image = np.random.default_rng(3).random((64, 64)).astype(np.float32)
+    base = predict_slice(model, image, tta=True)
+    rotated = predict_slice(model, np.rot90(image).copy(), tta=True)
+    np.testing.assert_allclose(np.rot90(base), rotated, atol=1e-5)
+    plain = predict_slice(model, np.rot90(image).copy(), tta=False)
+    assert np.abs(np.rot90(base) - plain).max() > 1e-4  # without TTA an untrained net is not invariant
