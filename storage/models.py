@@ -1,0 +1,125 @@
+"""The database schema (typed SQLAlchemy 2 models). Alembic migrations in ``storage/migrations`` create
+it; change both together."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+MASK_KINDS = ("uploaded", "painted", "scribble", "predicted", "predicted→painted")
+RUN_STATUSES = ("QUEUED", "RUNNING", "FINISHED", "FAILED", "CANCELLED", "LOST")
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    z: Mapped[int]
+    y: Mapped[int]
+    x: Mapped[int]
+    dtype: Mapped[str] = mapped_column(String(16))
+    source_name: Mapped[str] = mapped_column(String(255))
+    pixel_size_nm: Mapped[float | None] = mapped_column(Float)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int]
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    notes: Mapped[str] = mapped_column(Text, default="")
+    masks: Mapped[list[MaskVersion]] = relationship(back_populates="dataset", cascade="all, delete-orphan",
+                                                    passive_deletes=True)
+
+
+class MaskVersion(Base):
+    __tablename__ = "mask_versions"
+    __table_args__ = (UniqueConstraint("dataset_id", "slice_index", "version", name="uq_mask_version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    slice_index: Mapped[int]
+    version: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(32))
+    author: Mapped[str] = mapped_column(String(100), default="")
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("mask_versions.id", ondelete="SET NULL"))
+    labelled_pixels: Mapped[int]
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    file: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    dataset: Mapped[Dataset] = relationship(back_populates="masks")
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (
+        # one training run at a time per device, enforced by the database itself
+        Index("uq_one_running_per_device", "device", unique=True,
+              sqlite_where=text("status = 'RUNNING'"), postgresql_where=text("status = 'RUNNING'")),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="QUEUED", index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # datasets and slices for training / validation
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # unet TrainConfig.to_dict()
+    device: Mapped[str] = mapped_column(String(32), default="cpu")
+    pid: Mapped[int | None]
+    pid_started: Mapped[float | None]  # process start time: PIDs are reused
+    heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    parent_checkpoint_id: Mapped[int | None] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="SET NULL", use_alter=True, name="fk_runs_parent_checkpoint"))
+
+
+class RunMask(Base):
+    """Which mask versions a run trained or validated on (lineage)."""
+
+    __tablename__ = "run_masks"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    mask_version_id: Mapped[int] = mapped_column(ForeignKey("mask_versions.id", ondelete="RESTRICT"),
+                                                 primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))  # train | val
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    __table_args__ = (Index("ix_metrics_run_key_step", "run_id", "key", "step"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(64))
+    step: Mapped[int]
+    value: Mapped[float]
+    time: Mapped[float]  # seconds since the run started
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(16))  # best | latest
+    file: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    file: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
