@@ -1,0 +1,235 @@
+"""The store's functions. Each takes a ``Session`` (the caller owns the transaction:
+``with sessions.begin() as s:``) and a :class:`FileStore`, and returns plain frozen dataclasses: pages
+never see ORM rows."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+from sqlalchemy.orm import Session
+
+from storage.files import FileStore
+from storage.models import MASK_KINDS, Dataset, MaskVersion
+from unet.io import DEFAULT_MAX_BYTES, inspect_stack, read_labels, read_stack
+from unet.labels import IGNORE, labels_to_target
+
+
+class MaskConflict(RuntimeError):
+    """A save was based on a version that is no longer the latest of its slice."""
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    id: int
+    name: str
+    shape: tuple[int, int, int]
+    dtype: str
+    source_name: str
+    pixel_size_nm: float | None
+    sha256: str
+    size_bytes: int
+    created: datetime
+    notes: str
+    labelled_slices: int
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    id: int
+    dataset_id: int
+    slice_index: int
+    version: int
+    kind: str
+    author: str
+    parent_id: int | None
+    labelled_pixels: int
+    created: datetime
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What a deletion removed."""
+
+    datasets: int = 0
+    mask_versions: int = 0
+    files: int = 0
+
+
+def _dataset_info(session: Session, row: Dataset) -> DatasetInfo:
+    labelled = session.scalar(select(func.count(func.distinct(MaskVersion.slice_index)))
+                              .where(MaskVersion.dataset_id == row.id)) or 0
+    return DatasetInfo(row.id, row.name, (row.z, row.y, row.x), row.dtype, row.source_name, row.pixel_size_nm,
+                       row.sha256, row.size_bytes, row.created, row.notes, int(labelled))
+
+
+def _mask_info(row: MaskVersion) -> MaskInfo:
+    return MaskInfo(row.id, row.dataset_id, row.slice_index, row.version, row.kind, row.author, row.parent_id,
+                    row.labelled_pixels, row.created)
+
+
+def _display_name(source: str | os.PathLike | BinaryIO, given: str | None) -> str:
+    """The name shown in the app: what the user gave, else the file's base name; never used on disk."""
+    raw = given or (Path(source).name if isinstance(source, str | os.PathLike)
+                    else Path(getattr(source, "name", "") or "upload").name)
+    cleaned = " ".join(raw.replace("\x00", "").split())[:200]
+    return cleaned or "untitled"
+
+
+def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike | BinaryIO,
+                   labels: str | os.PathLike | BinaryIO | None = None, *, name: str | None = None,
+                   author: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> DatasetInfo:
+    """Validate a volume (and its labels) completely, then store them. A file that fails validation
+    leaves no row and no file behind; so does a failure while writing."""
+    data = read_stack(volume, max_bytes=max_bytes)  # raises ValueError with the reason
+    pixel_size = inspect_stack(volume).pixel_size_nm
+    targets = None
+    if labels is not None:
+        targets = labels_to_target(read_labels(labels, data.shape, max_bytes=max_bytes))
+    source_name = _display_name(volume, None)
+    row = Dataset(name=_display_name(volume, name), z=data.shape[0], y=data.shape[1], x=data.shape[2],
+                  dtype=str(data.dtype), source_name=source_name, pixel_size_nm=pixel_size, sha256="",
+                  size_bytes=0, notes="")
+    session.add(row)
+    session.flush()  # the id names the files
+    try:
+        row.sha256, row.size_bytes = store.write_stack(store.volume_path(row.id), data, pixel_size)
+        if targets is not None:
+            for z in range(data.shape[0]):
+                _add_mask(session, store, row.id, z, targets[z], "uploaded", author, None, 1)
+        session.flush()
+    except BaseException:
+        store.delete_tree(store.dataset_dir(row.id))
+        raise
+    return _dataset_info(session, row)
+
+
+def _add_mask(session: Session, store: FileStore, dataset_id: int, slice_index: int, target: np.ndarray,
+              kind: str, author: str, parent_id: int | None, version: int) -> MaskVersion:
+    row = MaskVersion(dataset_id=dataset_id, slice_index=slice_index, version=version, kind=kind,
+                      author=author[:100], parent_id=parent_id,
+                      labelled_pixels=int(np.count_nonzero(target != IGNORE)), file="", sha256="")
+    session.add(row)
+    session.flush()
+    row.file = store.mask_path(dataset_id, row.id)
+    row.sha256, _ = store.write_stack(row.file, target.astype(np.uint8))
+    return row
+
+
+def list_datasets(session: Session) -> list[DatasetInfo]:
+    return [_dataset_info(session, r) for r in session.scalars(select(Dataset).order_by(Dataset.id))]
+
+
+def get_dataset(session: Session, dataset_id: int) -> DatasetInfo:
+    row = session.get(Dataset, dataset_id)
+    if row is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    return _dataset_info(session, row)
+
+
+def load_volume(session: Session, store: FileStore, dataset_id: int) -> np.ndarray:
+    row = session.get(Dataset, dataset_id)
+    if row is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    data = store.read_stack(store.volume_path(row.id), row.sha256)
+    return data.reshape(row.z, row.y, row.x)
+
+
+def update_dataset(session: Session, dataset_id: int, *, name: str | None = None,
+                   notes: str | None = None) -> DatasetInfo:
+    row = session.get(Dataset, dataset_id)
+    if row is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    if name is not None:
+        cleaned = " ".join(name.split())[:200]
+        if not cleaned:
+            raise ValueError("a dataset needs a name")
+        row.name = cleaned
+    if notes is not None:
+        row.notes = notes
+    session.flush()
+    return _dataset_info(session, row)
+
+
+def delete_dataset(session: Session, store: FileStore, dataset_id: int) -> Deleted:
+    """Delete a dataset, its mask versions and its files (rows first: if the transaction fails, the
+    files are still there; files are removed once the rows are gone)."""
+    row = session.get(Dataset, dataset_id)
+    if row is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    masks = session.scalar(select(func.count()).where(MaskVersion.dataset_id == dataset_id)) or 0
+    session.delete(row)
+    session.flush()
+    files = store.delete_tree(store.dataset_dir(dataset_id))
+    return Deleted(datasets=1, mask_versions=int(masks), files=files)
+
+
+def mask_history(session: Session, dataset_id: int, slice_index: int) -> list[MaskInfo]:
+    rows = session.scalars(select(MaskVersion).where(MaskVersion.dataset_id == dataset_id,
+                                                     MaskVersion.slice_index == slice_index)
+                           .order_by(MaskVersion.version))
+    return [_mask_info(r) for r in rows]
+
+
+def latest_mask(session: Session, dataset_id: int, slice_index: int) -> MaskInfo | None:
+    history = mask_history(session, dataset_id, slice_index)
+    return history[-1] if history else None
+
+
+def load_mask(session: Session, store: FileStore, mask_id: int) -> np.ndarray:
+    row = session.get(MaskVersion, mask_id)
+    if row is None:
+        raise NotFound(f"mask version {mask_id} does not exist")
+    return store.read_stack(row.file, row.sha256)
+
+
+def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: int, target: np.ndarray, *,
+              kind: str, author: str = "", parent_id: int | None) -> MaskInfo:
+    """Add a new version of a slice's mask. ``parent_id`` is the version the edit started from: when it
+    is not the slice's latest version any more (someone saved in between), the save is refused with
+    :class:`MaskConflict` instead of silently overwriting their work."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    if not 0 <= slice_index < dataset.z:
+        raise ValueError(f"slice {slice_index} is outside the dataset's slices 0-{dataset.z - 1}")
+    if target.shape != (dataset.y, dataset.x):
+        raise ValueError(f"mask shape {target.shape} does not match the slice shape {(dataset.y, dataset.x)}")
+    if target.dtype != np.uint8 or (target.size and target.max() > IGNORE):
+        raise ValueError(f"a mask holds uint8 values 0 (membrane), 1 (neuron) or {IGNORE} (unlabelled)")
+    latest = latest_mask(session, dataset_id, slice_index)
+    if (latest.id if latest else None) != parent_id:
+        who = f" by {latest.author}" if latest and latest.author else ""
+        raise MaskConflict(
+            f"slice {slice_index} has a newer version (v{latest.version if latest else 0}{who}) than the one this "
+            "edit started from; reload the slice and apply your strokes again"
+        )
+    version = (latest.version if latest else 0) + 1
+    try:
+        with session.begin_nested():
+            row = _add_mask(session, store, dataset_id, slice_index, target, kind, author, parent_id, version)
+    except DBIntegrityError as exc:  # a concurrent save took this version number first
+        raise MaskConflict(f"slice {slice_index} was saved by someone else at the same moment; reload it") from exc
+    return _mask_info(row)
+
+
+def restore_mask(session: Session, store: FileStore, mask_id: int, *, author: str = "") -> MaskInfo:
+    """Make an old version the newest again, as a new version (nothing is overwritten)."""
+    row = session.get(MaskVersion, mask_id)
+    if row is None:
+        raise NotFound(f"mask version {mask_id} does not exist")
+    latest = latest_mask(session, row.dataset_id, row.slice_index)
+    return save_mask(session, store, row.dataset_id, row.slice_index, load_mask(session, store, mask_id),
+                     kind=row.kind, author=author, parent_id=latest.id if latest else None)
