@@ -60,7 +60,7 @@ def upgrade() -> None:
         sa.Column("pid", sa.Integer),
         sa.Column("pid_started", sa.Double),
         sa.Column("heartbeat", TZ),
-        sa.Column("cancel_requested", sa.Boolean, nullable=False),
+        sa.Column("cancel_requested", TZ),
         sa.Column("created", TZ, nullable=False),
         sa.Column("started", TZ),
         sa.Column("finished", TZ),

@@ -1,0 +1,173 @@
+"""The background worker: ``python -m storage.worker --run-id N``.
+
+It claims its run, loads the recorded mask versions, trains through :func:`unet.train.train` with a
+reporter that writes metrics and registers checkpoints in batches, keeps a heartbeat from a separate
+thread (so a long validation is not mistaken for a dead worker), stops when the run is cancelled, sets
+the final status in a context manager (FINISHED, CANCELLED, or FAILED with the traceback), then starts
+the next queued run of its device."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import open_store
+from storage.files import FileStore, sha256_of
+from storage.jobs import claim, start_queued
+from storage.models import Checkpoint, MaskVersion, Metric, Run, RunMask
+from storage.procs import start_time
+from storage.settings import Settings
+from unet.config import TrainConfig
+from unet.data import TrainData
+from unet.train import NullReporter, train
+
+HEARTBEAT_EVERY = 10.0
+FLUSH_EVERY = 2.0
+
+
+class DatabaseReporter(NullReporter):
+    """Writes metric rows in batches, registers checkpoints, and answers should_stop from the database."""
+
+    def __init__(self, sessions: sessionmaker[Session], store: FileStore, run_id: int):
+        self.sessions, self.store, self.run_id = sessions, store, run_id
+        self.pending: list[Metric] = []
+        self.last_flush = time.monotonic()
+        self.stop = False
+
+    def _flush(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_flush < FLUSH_EVERY:
+            return
+        with self.sessions.begin() as s:
+            s.add_all(self.pending)
+            cancel = s.scalar(select(Run.cancel_requested).where(Run.id == self.run_id))
+        self.pending = []
+        self.stop = self.stop or cancel is not None
+        self.last_flush = time.monotonic()
+
+    def on_step(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        self.pending += [Metric(run_id=self.run_id, key="loss", step=step, value=loss, time=seconds),
+                         Metric(run_id=self.run_id, key="lr", step=step, value=lr, time=seconds)]
+        self._flush()
+
+    def on_validation(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        self.pending += [Metric(run_id=self.run_id, key=k, step=step, value=v, time=seconds)
+                         for k, v in metrics.items()]
+        self._flush(force=True)
+
+    def on_checkpoint(self, kind: str, path: Path, step: int, metrics: dict[str, float]) -> None:
+        relative = str(path.resolve().relative_to(self.store.root))
+        with self.sessions.begin() as s:
+            row = s.scalar(select(Checkpoint).where(Checkpoint.run_id == self.run_id, Checkpoint.kind == kind))
+            if row is None:
+                row = Checkpoint(run_id=self.run_id, kind=kind, file=relative, step=step, sha256="", metrics={})
+                s.add(row)
+            row.step, row.sha256 = step, sha256_of(path)
+            row.metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+    def should_stop(self) -> bool:
+        return self.stop
+
+    def close(self) -> None:
+        self._flush(force=True)
+
+
+def _load_data(session: Session, store: FileStore, run_id: int) -> TrainData:
+    from storage.api import load_mask, load_volume
+
+    volumes: dict[int, object] = {}
+    sides: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
+    rows = session.execute(select(RunMask.role, MaskVersion)
+                           .join(MaskVersion, RunMask.mask_version_id == MaskVersion.id)
+                           .where(RunMask.run_id == run_id)
+                           .order_by(MaskVersion.dataset_id, MaskVersion.slice_index))
+    for role, mask in rows:
+        if mask.dataset_id not in volumes:
+            volumes[mask.dataset_id] = load_volume(session, store, mask.dataset_id)
+        images, targets = sides[role]
+        images.append(volumes[mask.dataset_id][mask.slice_index])
+        targets.append(load_mask(session, store, mask.id))
+    return TrainData(*sides["train"], *sides["val"])
+
+
+@contextlib.contextmanager
+def final_status(sessions: sessionmaker[Session], run_id: int, reporter: DatabaseReporter | None = None):
+    """FINISHED when the body returns, CANCELLED when it stopped on request, FAILED with the traceback."""
+    outcome: dict[str, str | None] = {"status": "FINISHED", "error": None}
+    try:
+        yield outcome
+    except BaseException as exc:
+        outcome["status"] = "CANCELLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        outcome["error"] = "".join(traceback.format_exception(exc))[-20000:]
+        raise
+    finally:
+        if reporter is not None:
+            with contextlib.suppress(Exception):
+                reporter.close()
+        with sessions.begin() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(status=outcome["status"], error=outcome["error"],
+                                                                 finished=datetime.now(UTC)))
+
+
+def _heartbeat(sessions: sessionmaker[Session], run_id: int, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_EVERY):
+        with contextlib.suppress(Exception), sessions.begin() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(heartbeat=datetime.now(UTC)))
+
+
+def run_worker(run_id: int, settings: Settings) -> int:
+    sessions, store = open_store(settings)
+    with sessions.begin() as s:
+        if not claim(s, run_id, os.getpid(), start_time(os.getpid())):
+            print(f"run {run_id} is not queued or its device is busy; nothing to do")
+            return 0
+        run = s.get(Run, run_id)
+        config = TrainConfig.from_dict(run.config)
+        parent = run.parent_checkpoint_id
+        parent_file = str(store.abspath(s.get(Checkpoint, parent).file)) if parent else None
+    # SIGTERM (an unheeded cancel) unwinds like Ctrl-C, so the status is still written
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(sessions, run_id, stop), daemon=True).start()
+    reporter = DatabaseReporter(sessions, store, run_id)
+    try:
+        with final_status(sessions, run_id, reporter) as outcome:
+            with sessions.begin() as s:
+                data = _load_data(s, store, run_id)
+            out_dir = store.root / "runs" / str(run_id)
+            resume = (out_dir / "latest.pt").exists()
+            result = train(config, data, reporter, out_dir=out_dir, resume=resume,
+                           init_from=None if resume else parent_file)
+            if result.reason == "stopped":
+                outcome["status"] = "CANCELLED"
+            print(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}")
+    except KeyboardInterrupt:
+        print(f"run {run_id}: stopped by a signal")
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        stop.set()
+        start_queued(sessions, settings)  # the device is free: next in line
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m storage.worker")
+    ap.add_argument("--run-id", type=int, required=True)
+    args = ap.parse_args(argv)
+    return run_worker(args.run_id, Settings.from_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
