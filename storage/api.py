@@ -5,7 +5,7 @@ never see ORM rows."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
 from storage.files import FileStore
-from storage.models import MASK_KINDS, Dataset, MaskVersion
+from storage.models import MASK_KINDS, Checkpoint, Dataset, MaskVersion, Run, RunMask
 from unet.io import DEFAULT_MAX_BYTES, inspect_stack, read_labels, read_stack
 from unet.labels import IGNORE, labels_to_target
 
@@ -63,7 +63,18 @@ class Deleted:
 
     datasets: int = 0
     mask_versions: int = 0
+    runs: int = 0
+    checkpoints: int = 0
     files: int = 0
+
+    def __add__(self, other: Deleted) -> Deleted:
+        return Deleted(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def describe(self) -> str:
+        parts = [f"{n} {label}" for n, label in ((self.datasets, "dataset(s)"), (self.mask_versions, "mask version(s)"),
+                                                 (self.runs, "run(s)"), (self.checkpoints, "checkpoint(s)"),
+                                                 (self.files, "file(s)")) if n]
+        return ", ".join(parts) or "nothing"
 
 
 def _dataset_info(session: Session, row: Dataset) -> DatasetInfo:
@@ -161,17 +172,45 @@ def update_dataset(session: Session, dataset_id: int, *, name: str | None = None
     return _dataset_info(session, row)
 
 
+def runs_using_dataset(session: Session, dataset_id: int) -> list[int]:
+    return sorted(set(session.scalars(
+        select(RunMask.run_id).join(MaskVersion, RunMask.mask_version_id == MaskVersion.id)
+        .where(MaskVersion.dataset_id == dataset_id))))
+
+
+def delete_run(session: Session, store: FileStore, run_id: int) -> Deleted:
+    """Delete a finished or stopped run: its rows (metrics, checkpoints, predictions, lineage) and then its
+    folder of checkpoints and logs. A queued or running run must be cancelled first."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"run {run_id} does not exist")
+    if run.status in ("QUEUED", "RUNNING"):
+        raise ValueError(f"run {run_id} is {run.status}: cancel it before deleting it")
+    checkpoints = session.scalar(select(func.count()).where(Checkpoint.run_id == run_id)) or 0
+    session.delete(run)
+    session.flush()
+    files = store.delete_tree(f"runs/{int(run_id)}")
+    return Deleted(runs=1, checkpoints=int(checkpoints), files=files)
+
+
 def delete_dataset(session: Session, store: FileStore, dataset_id: int) -> Deleted:
-    """Delete a dataset, its mask versions and its files (rows first: if the transaction fails, the
-    files are still there; files are removed once the rows are gone)."""
+    """Delete a dataset with its mask versions, the runs that trained on it, and all their files. Rows
+    go first: if the transaction fails the files are all still there."""
     row = session.get(Dataset, dataset_id)
     if row is None:
         raise NotFound(f"dataset {dataset_id} does not exist")
+    run_ids = runs_using_dataset(session, dataset_id)
+    active = [r for r in run_ids if session.get(Run, r).status in ("QUEUED", "RUNNING")]
+    if active:
+        raise ValueError(f"runs {active} are training on this dataset: cancel them before deleting it")
+    removed = Deleted()
+    for run_id in run_ids:
+        removed += delete_run(session, store, run_id)
     masks = session.scalar(select(func.count()).where(MaskVersion.dataset_id == dataset_id)) or 0
     session.delete(row)
     session.flush()
     files = store.delete_tree(store.dataset_dir(dataset_id))
-    return Deleted(datasets=1, mask_versions=int(masks), files=files)
+    return removed + Deleted(datasets=1, mask_versions=int(masks), files=files)
 
 
 def mask_history(session: Session, dataset_id: int, slice_index: int) -> list[MaskInfo]:

@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.api import NotFound, latest_mask
+from storage.files import FileStore
 from storage.models import Checkpoint, Dataset, Metric, Run, RunMask
 from storage.procs import is_alive
 from storage.settings import PROJECT_ROOT, Settings
@@ -232,3 +233,15 @@ def run_checkpoints(session: Session, run_id: int) -> list[dict[str, Any]]:
     rows = session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.id))
     return [{"id": c.id, "kind": c.kind, "step": c.step, "file": c.file, "sha256": c.sha256, "metrics": c.metrics}
             for c in rows]
+
+
+def startup(settings: Settings | None = None) -> tuple[sessionmaker[Session], FileStore, Settings]:
+    """What the app does once per process: open (and migrate) the store, mark runs orphaned by a crash
+    as LOST, and start the queued runs. Runs still training in their own processes are left alone:
+    the pages find them through the database (a server restart re-attaches)."""
+    from storage.db import open_store
+
+    settings = settings or Settings.from_env()
+    sessions, store = open_store(settings)
+    start_queued(sessions, settings)  # reconciles first
+    return sessions, store, settings

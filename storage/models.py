@@ -79,6 +79,10 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     parent_checkpoint_id: Mapped[int | None] = mapped_column(
         ForeignKey("checkpoints.id", ondelete="SET NULL", use_alter=True, name="fk_runs_parent_checkpoint"))
+    masks: Mapped[list[RunMask]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+    metrics: Mapped[list[Metric]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+    checkpoints: Mapped[list[Checkpoint]] = relationship(cascade="all, delete-orphan", passive_deletes=True,
+                                                         foreign_keys="Checkpoint.run_id")
 
 
 class RunMask(Base):

@@ -128,3 +128,115 @@ def test_kill_9_becomes_lost_and_resume_finishes(env):
     with sessions.begin() as s:
         steps = [step for step, _, _ in jobs.run_metrics(s, run.id, "loss")]
     assert steps[-1] == 400 and killed_at + 1 in steps  # it continued after the checkpoint
+
+
+def test_deleting_a_dataset_takes_its_runs_and_says_so(env):
+    settings, sessions, store, spec = env
+    with sessions.begin() as s:
+        run = jobs.submit_training(s, spec, preset("tiny", steps=5))
+    jobs.start_queued(sessions, settings)[0].wait(timeout=300)
+    run_dir = store.root / "runs" / str(run.id)
+    assert (run_dir / "latest.pt").exists()
+    with sessions.begin() as s:
+        dataset_id = spec["train"][0]["dataset_id"]
+        assert api.runs_using_dataset(s, dataset_id) == [run.id]
+        gone = api.delete_dataset(s, store, dataset_id)
+    assert (gone.datasets, gone.runs, gone.checkpoints, gone.mask_versions) == (1, 1, 2, 6)
+    assert "1 run(s), 2 checkpoint(s)" in gone.describe()
+    assert not run_dir.exists() and not any(store.root.rglob("*.tif"))
+    with sessions.begin() as s:
+        with pytest.raises(api.NotFound):
+            jobs.get_run(s, run.id)
+        assert jobs.run_metrics(s, run.id, "loss") == []
+
+
+def test_active_runs_block_deletion(env):
+    _, sessions, store, spec = env
+    with sessions.begin() as s:
+        run = jobs.submit_training(s, spec, preset("tiny", steps=5))
+        with pytest.raises(ValueError, match="cancel it before deleting"):
+            api.delete_run(s, store, run.id)
+        with pytest.raises(ValueError, match="training on this dataset"):
+            api.delete_dataset(s, store, spec["train"][0]["dataset_id"])
+
+
+HAMMER = """
+import sys, time
+from storage.db import make_engine, session_factory
+from storage.models import Metric
+sessions = session_factory(make_engine(sys.argv[1]))
+end, n = time.monotonic() + float(sys.argv[3]), 0
+while time.monotonic() < end:
+    with sessions.begin() as s:
+        s.add_all([Metric(run_id=int(sys.argv[2]), key="hammer", step=n * 10 + i, value=float(i), time=0.0)
+                   for i in range(10)])
+    n += 1
+print(n)
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_writers_for_a_minute_never_see_a_locked_database(env, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from storage.settings import PROJECT_ROOT
+
+    settings, sessions, store, spec = env
+    seconds = float(os.environ.get("NEUROSEG_SOAK_SECONDS", "60"))
+    with sessions.begin() as s:
+        run = jobs.submit_training(s, spec, preset("tiny", steps=10**6, checkpoint_every=20, val_every=50,
+                                                   max_seconds=seconds))
+    worker = jobs.start_queued(sessions, settings)[0]
+    hammer = subprocess.Popen([sys.executable, "-c", HAMMER, settings.database_url, str(run.id), str(seconds)],
+                              cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dataset_id = spec["train"][0]["dataset_id"]
+    saves, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:  # the UI side: save mask versions and read the run, as fast as it can
+        with sessions.begin() as s:
+            parent = api.latest_mask(s, dataset_id, 5)
+            mask = np.full((96, 96), saves % 2, np.uint8)
+            api.save_mask(s, store, dataset_id, 5, mask, kind="painted", parent_id=parent.id if parent else None)
+            jobs.get_run(s, run.id)
+        saves += 1
+    out, err = hammer.communicate(timeout=120)
+    assert hammer.returncode == 0, err
+    assert worker.wait(timeout=300) == 0
+    log = (store.root / "runs" / str(run.id) / "worker.log").read_text()
+    assert "locked" not in log and "locked" not in err
+    assert status(sessions, run.id) == "FINISHED"
+    with sessions.begin() as s:
+        assert len(api.mask_history(s, dataset_id, 5)) == saves + 1  # + the uploaded version
+        assert len(jobs.run_metrics(s, run.id, "hammer")) == int(out) * 10
+        assert jobs.run_metrics(s, run.id, "loss")
+    print(f"{saves} mask saves, {int(out) * 10} hammered metric rows, {seconds:.0f} s, no lock errors")
+
+
+def test_startup_marks_runs_orphaned_by_a_crash_as_lost(env):
+    from datetime import UTC, datetime
+
+    from storage.models import Run
+
+    settings, sessions, _, spec = env
+    dead = subprocess_that_exited()
+    with sessions.begin() as s:
+        row = Run(status="RUNNING", spec=spec, config=preset("tiny").to_dict(), device="cpu", pid=dead,
+                  pid_started=1.0, heartbeat=datetime.now(UTC), started=datetime.now(UTC))
+        s.add(row)
+        s.flush()
+        run_id = row.id
+    jobs.startup(settings)
+    with sessions.begin() as s:
+        info = jobs.get_run(s, run_id)
+    assert info.status == "LOST" and f"pid {dead}" in info.error
+
+
+def subprocess_that_exited() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
