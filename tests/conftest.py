@@ -51,3 +51,72 @@ def isbi_dir() -> Path:
     if not (ISBI / "train-volume.tif").is_file():
         pytest.skip(f"ISBI 2012 data not found in {ISBI} (set NEUROSEG_ISBI_DIR to run this test)")
     return ISBI
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL server on a loopback port, or a skip that says why there is none.
+    Yields an admin URL (the ``postgres`` database)."""
+    import glob
+    import shutil
+    import subprocess
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    bindir = Path(found[-1]).parent if found else None
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql); "
+                    "./test.sh installs them where it can")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("the psycopg driver is not installed")
+    import tempfile
+
+    # not under pytest's temp tree: as root that is mode 700 and the postgres account cannot enter it
+    root = Path(tempfile.mkdtemp(prefix="neuroseg-pg-"))
+    data, port = root / "data", _free_port()
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: use its own account
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+        shutil.chown(root, "postgres")
+        os.chmod(root, 0o700)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    run = lambda *a: subprocess.run([*prefix, *a], capture_output=True, text=True, timeout=120)  # noqa: E731
+    init = run(str(bindir / "initdb"), "-D", str(data), "-U", "neuroseg", "--auth=trust", "-E", "UTF8")
+    if init.returncode:
+        pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
+    start = run(str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+                f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    if start.returncode:
+        pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]}")
+    try:
+        yield f"postgresql+psycopg://neuroseg@127.0.0.1:{port}/postgres"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each back-end: a SQLite file, and a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'neuroseg.db'}"
+    from sqlalchemy import create_engine, text
+
+    admin = request.getfixturevalue("postgres_server")
+    name = f"t{abs(hash(request.node.nodeid)) % 10**12}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return admin.rsplit("/", 1)[0] + f"/{name}"

@@ -15,10 +15,12 @@ from unet.labels import IGNORE, NEURON
 
 
 @pytest.fixture
-def store(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'neuroseg.db'}")
+def store(tmp_path, database_url):
+    """A migrated database (SQLite and PostgreSQL) and a file store, both empty."""
+    engine = make_engine(database_url)
     migrate(engine)
-    return session_factory(engine), FileStore(tmp_path / "files")
+    yield session_factory(engine), FileStore(tmp_path / "files")
+    engine.dispose()
 
 
 def _tif(path, data, **kw):

@@ -8,26 +8,27 @@ from storage.db import make_engine, migrate
 from storage.models import Base
 
 
-def test_migrations_create_the_models_schema_and_are_idempotent(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'n.db'}")
+def test_migrations_create_the_models_schema_and_are_idempotent(database_url):
+    engine = make_engine(database_url)
     migrate(engine)
     migrate(engine)  # a second start-up applies nothing and breaks nothing
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        if engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     tables = set(inspect(engine).get_table_names())
     assert {"datasets", "mask_versions", "runs", "run_masks", "metrics", "checkpoints", "predictions"} <= tables
 
 
-def test_one_running_run_per_device_is_enforced_by_the_database(tmp_path):
+def test_one_running_run_per_device_is_enforced_by_the_database(database_url):
     import pytest
     from sqlalchemy.exc import IntegrityError
 
     from storage.db import session_factory
     from storage.models import Run
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'n.db'}")
+    engine = make_engine(database_url)
     migrate(engine)
     sessions = session_factory(engine)
     with sessions.begin() as s:
