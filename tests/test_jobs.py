@@ -240,3 +240,50 @@ def subprocess_that_exited() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def _running_row(sessions, spec, proc, heartbeat_age_s: float, cancel_age_s: float | None = None) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from storage.models import Run
+    from storage.procs import start_time
+
+    now = datetime.now(UTC)
+    with sessions.begin() as s:
+        row = Run(status="RUNNING", spec=spec, config=preset("tiny").to_dict(), device="cpu", pid=proc.pid,
+                  pid_started=start_time(proc.pid), heartbeat=now - timedelta(seconds=heartbeat_age_s),
+                  started=now, cancel_requested=None if cancel_age_s is None else now - timedelta(seconds=cancel_age_s))
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def test_a_silent_worker_becomes_lost_and_is_terminated(env):
+    import subprocess
+
+    _, sessions, _, spec = env
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)  # alive, but never beats
+    run_id = _running_row(sessions, spec, proc, heartbeat_age_s=600)
+    with sessions.begin() as s:
+        info = jobs.get_run(s, run_id)
+    assert info.status == "LOST" and "no heartbeat since" in info.error
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+
+
+def test_an_unheeded_cancel_is_escalated_to_sigterm_after_the_grace_period(env):
+    import subprocess
+
+    _, sessions, _, spec = env
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    fresh = _running_row(sessions, spec, proc, heartbeat_age_s=1, cancel_age_s=1)
+    with sessions.begin() as s:
+        assert jobs.get_run(s, fresh).status == "RUNNING"  # still within the grace period
+    assert proc.poll() is None
+    from storage.models import Run
+
+    with sessions.begin() as s:  # … and later, past it
+        row = s.get(Run, fresh)
+        row.cancel_requested = row.cancel_requested - jobs.CANCEL_GRACE * 2
+    with sessions.begin() as s:
+        jobs.get_run(s, fresh)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
