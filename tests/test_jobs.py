@@ -287,3 +287,15 @@ def test_an_unheeded_cancel_is_escalated_to_sigterm_after_the_grace_period(env):
     with sessions.begin() as s:
         jobs.get_run(s, fresh)
     assert proc.wait(timeout=30) == -signal.SIGTERM
+
+
+def test_a_run_whose_data_is_damaged_fails_with_the_reason(env):
+    settings, sessions, store, spec = env
+    with sessions.begin() as s:
+        run = jobs.submit_training(s, spec, preset("tiny", steps=5))
+    store.abspath(store.volume_path(spec["train"][0]["dataset_id"])).unlink()  # the disk lost it
+    jobs.start_queued(sessions, settings)[0].wait(timeout=120)
+    with sessions.begin() as s:
+        info = jobs.get_run(s, run.id)
+    assert info.status == "FAILED"
+    assert "Traceback" in info.error and "volume.tif is missing" in info.error
