@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from unet.io import atomic_write, write_tiff_atomic
+from unet.io import write_tiff_atomic
 
 
 class IntegrityError(RuntimeError):
@@ -50,10 +50,6 @@ class FileStore:
         """Write a (Z, Y, X) or (Y, X) array as an ImageJ TIFF; return (sha256, size in bytes)."""
         path = write_tiff_atomic(self.abspath(relative), data, pixel_size_nm=pixel_size_nm)
         return sha256_of(path), path.stat().st_size
-
-    def write_bytes(self, relative: str, payload: bytes) -> tuple[str, int]:
-        atomic_write(self.abspath(relative), lambda fh: fh.write(payload))
-        return hashlib.sha256(payload).hexdigest(), len(payload)
 
     def read_stack(self, relative: str, sha256: str) -> np.ndarray:
         path = self.abspath(relative)

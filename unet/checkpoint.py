@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from unet.config import ModelConfig, TrainConfig
+from unet.config import ModelConfig
 from unet.io import atomic_write
 from unet.model import UNet
 
@@ -22,7 +22,6 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any]  # train config, step, metrics, kind, … (JSON)
     optimizer_state: dict[str, Any] | None = None
-    scheduler_state: dict[str, Any] | None = None
 
     def build_model(self, device: str | torch.device = "cpu") -> UNet:
         model = UNet(self.model_config)
@@ -35,16 +34,13 @@ def side_file(path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, model: UNet, *, meta: dict[str, Any] | None = None,
-                    optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write ``path`` (.pt) and its JSON side file, each atomically (JSON last: a checkpoint without its
     side file is incomplete and is not loaded)."""
     path = Path(path)
     payload: dict[str, Any] = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
-    if scheduler is not None:
-        payload["scheduler"] = scheduler.state_dict()
     atomic_write(path, lambda fh: torch.save(payload, fh))
     side = {"format": "neuroseg-unet-1", "model_config": model.config.to_dict(), **(meta or {})}
     atomic_write(side_file(path), lambda fh: fh.write(json.dumps(side, indent=2, default=str).encode()))
@@ -71,9 +67,5 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path.name}: the checkpoint could not be read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"{path.name}: not a Neuroseg checkpoint (no model weights inside)")
-    return Checkpoint(model_config, payload["model"], meta, payload.get("optimizer"), payload.get("scheduler"))
+    return Checkpoint(model_config, payload["model"], meta, payload.get("optimizer"))
 
-
-def train_config_of(checkpoint: Checkpoint) -> TrainConfig | None:
-    data = checkpoint.meta.get("train_config")
-    return TrainConfig.from_dict(data) if data else None

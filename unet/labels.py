@@ -62,10 +62,6 @@ def target_to_instances(target: np.ndarray) -> np.ndarray:
     return instances.astype(np.int32)
 
 
-def labelled_fraction(target: np.ndarray) -> float:
-    return float(np.count_nonzero(target != IGNORE)) / max(target.size, 1)
-
-
 def border_weights(target: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> np.ndarray:
     """The U-Net paper's weight map ``1 + w0·exp(-(d1 + d2)² / 2σ²)`` on membrane pixels, where d1 and
     d2 are the distances to the nearest and second-nearest neuron: thin membranes between two cells

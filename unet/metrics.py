@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.metrics import adapted_rand_error, variation_of_information
 
-from unet.labels import IGNORE, NEURON
+from unet.labels import IGNORE, NEURON, target_to_instances
+from unet.postprocess import instances, to_mask
 
 
 def _masks(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,15 +58,11 @@ def pixel_metrics(pred_mask: np.ndarray, target: np.ndarray) -> dict[str, float]
             "iou": iou(pred_mask, target)}
 
 
-def evaluate_slice(prob: np.ndarray, target: np.ndarray, *, instances_fn=None,
-                   with_instances: bool = True) -> dict[str, float]:
+def evaluate_slice(prob: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """All metrics of one slice from a neuron probability map and its target."""
-    from unet.labels import target_to_instances
-    from unet.postprocess import instances, to_mask
-
     result = pixel_metrics(to_mask(prob), target)
-    if with_instances and np.any(target != IGNORE):
-        seg = (instances_fn or instances)(prob)
+    if np.any(target != IGNORE):
+        seg = instances(prob)
         gt = target_to_instances(target)
         result["rand_f"] = rand_f(seg, gt)
         result["vi"] = vi(seg, gt)

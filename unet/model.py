@@ -210,6 +210,3 @@ def valid_input_sizes(config: ModelConfig, lo: int, hi: int) -> list[int]:
             fits.append(n)
     return fits
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

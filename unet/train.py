@@ -105,20 +105,14 @@ def lr_at(config: TrainConfig, step: int, seconds: float) -> float:
 def _validation_metrics(model: UNet, data: TrainData, config: TrainConfig, device: torch.device,
                         amp: torch.dtype | None) -> dict[str, float]:
     rows = []
-    eps = 1e-6
     for image, target in zip(data.val_images, data.val_targets, strict=True):
         prob = predict_slice(model, image, device=device, amp=amp, tta=config.tta_validation,
                              normalized=True, batch_size=max(config.batch_size, 1))
-        labelled = target != IGNORE
-        if not labelled.any():
+        if not (target != IGNORE).any():
             continue
-        p = np.clip(prob[labelled], eps, 1 - eps)
-        t = target[labelled] == 1
-        bce = float(-np.mean(np.where(t, np.log(p), np.log(1 - p))))
-        dice_terms = []
-        for q, y in ((p, t), (1 - p, ~t)):
-            dice_terms.append((2 * np.sum(q * y) + 1) / (np.sum(q) + np.sum(y) + 1))
-        loss = bce + 1 - float(np.mean(dice_terms)) if config.loss != "bce" else bce
+        # the training loss itself, on the whole slice (logits recovered from the blended probabilities)
+        logits = torch.logit(torch.from_numpy(prob), eps=1e-6)[None, None]
+        loss = float(segmentation_loss(logits, torch.from_numpy(target)[None, None], config.loss))
         rows.append({"loss": loss, **evaluate_slice(prob, target)})
     return {f"val_{k}": v for k, v in mean_metrics(rows).items()} if rows else {}
 
