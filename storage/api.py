@@ -5,6 +5,7 @@ never see ORM rows."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -99,29 +100,37 @@ def _display_name(source: str | os.PathLike | BinaryIO, given: str | None) -> st
 
 def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike | BinaryIO,
                    labels: str | os.PathLike | BinaryIO | None = None, *, name: str | None = None,
-                   author: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> DatasetInfo:
+                   author: str = "", max_bytes: int = DEFAULT_MAX_BYTES, source_name: str | None = None,
+                   progress: Callable[[str, float], None] | None = None) -> DatasetInfo:
     """Validate a volume (and its labels) completely, then store them. A file that fails validation
-    leaves no row and no file behind; so does a failure while writing."""
+    leaves no row and no file behind; so does a failure while writing. ``progress(stage, fraction)`` is
+    told what is happening."""
+    report = progress or (lambda _stage, _fraction: None)
+    report("reading and checking the volume", 0.0)
     data = read_stack(volume, max_bytes=max_bytes)  # raises ValueError with the reason
     pixel_size = inspect_stack(volume).pixel_size_nm
     targets = None
     if labels is not None:
+        report("reading and checking the labels", 0.3)
         targets = labels_to_target(read_labels(labels, data.shape, max_bytes=max_bytes))
-    source_name = _display_name(volume, None)
+    source_name = _display_name(source_name or volume, None)
     row = Dataset(name=_display_name(volume, name), z=data.shape[0], y=data.shape[1], x=data.shape[2],
                   dtype=str(data.dtype), source_name=source_name, pixel_size_nm=pixel_size, sha256="",
                   size_bytes=0, notes="")
     session.add(row)
     session.flush()  # the id names the files
     try:
+        report("storing the volume", 0.5)
         row.sha256, row.size_bytes = store.write_stack(store.volume_path(row.id), data, pixel_size)
         if targets is not None:
             for z in range(data.shape[0]):
+                report(f"storing the labels of slice {z + 1} of {data.shape[0]}", 0.6 + 0.4 * z / data.shape[0])
                 _add_mask(session, store, row.id, z, targets[z], "uploaded", author, None, 1)
         session.flush()
     except BaseException:
         store.delete_tree(store.dataset_dir(row.id))
         raise
+    report("stored", 1.0)
     return _dataset_info(session, row)
 
 
@@ -193,6 +202,19 @@ def delete_run(session: Session, store: FileStore, run_id: int) -> Deleted:
     return Deleted(runs=1, checkpoints=int(checkpoints), files=files)
 
 
+def deletion_preview(session: Session, store: FileStore, dataset_id: int) -> Deleted:
+    """What :func:`delete_dataset` would remove, changing nothing: for the confirmation."""
+    if session.get(Dataset, dataset_id) is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    run_ids = runs_using_dataset(session, dataset_id)
+    masks = session.scalar(select(func.count()).where(MaskVersion.dataset_id == dataset_id)) or 0
+    checkpoints = session.scalar(select(func.count()).where(Checkpoint.run_id.in_(run_ids))) if run_ids else 0
+    files = store.count_files(store.dataset_dir(dataset_id)) + sum(store.count_files(f"runs/{int(r)}")
+                                                                      for r in run_ids)
+    return Deleted(datasets=1, mask_versions=int(masks), runs=len(run_ids), checkpoints=int(checkpoints or 0),
+                   files=files)
+
+
 def delete_dataset(session: Session, store: FileStore, dataset_id: int) -> Deleted:
     """Delete a dataset with its mask versions, the runs that trained on it, and all their files. Rows
     go first: if the transaction fails the files are all still there."""
@@ -220,6 +242,13 @@ def mask_history(session: Session, dataset_id: int, slice_index: int) -> list[Ma
     return [_mask_info(r) for r in rows]
 
 
+def slice_kinds(session: Session, dataset_id: int) -> dict[int, MaskInfo]:
+    """The latest mask version of every slice that has one."""
+    rows = session.scalars(select(MaskVersion).where(MaskVersion.dataset_id == dataset_id)
+                           .order_by(MaskVersion.slice_index, MaskVersion.version))
+    return {r.slice_index: _mask_info(r) for r in rows}
+
+
 def latest_mask(session: Session, dataset_id: int, slice_index: int) -> MaskInfo | None:
     history = mask_history(session, dataset_id, slice_index)
     return history[-1] if history else None
@@ -233,10 +262,12 @@ def load_mask(session: Session, store: FileStore, mask_id: int) -> np.ndarray:
 
 
 def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: int, target: np.ndarray, *,
-              kind: str, author: str = "", parent_id: int | None) -> MaskInfo:
-    """Add a new version of a slice's mask. ``parent_id`` is the version the edit started from: when it
-    is not the slice's latest version any more (someone saved in between), the save is refused with
-    :class:`MaskConflict` instead of silently overwriting their work."""
+              kind: str, author: str = "", parent_id: int | None, latest_id: int | object | None = ...
+              ) -> MaskInfo:
+    """Add a new version of a slice's mask. ``parent_id`` is the version the edit started from (None for
+    a scribble on nothing) and ``latest_id`` the slice's latest version when the edit began (by default
+    the parent): when that is not the latest any more (someone saved in between), the save is refused
+    with :class:`MaskConflict` instead of silently overwriting their work."""
     if kind not in MASK_KINDS:
         raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
     dataset = session.get(Dataset, dataset_id)
@@ -249,7 +280,8 @@ def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: 
     if target.dtype != np.uint8 or (target.size and target.max() > IGNORE):
         raise ValueError(f"a mask holds uint8 values 0 (membrane), 1 (neuron) or {IGNORE} (unlabelled)")
     latest = latest_mask(session, dataset_id, slice_index)
-    if (latest.id if latest else None) != parent_id:
+    expected = parent_id if latest_id is ... else latest_id
+    if (latest.id if latest else None) != expected:
         who = f" by {latest.author}" if latest and latest.author else ""
         raise MaskConflict(
             f"slice {slice_index} has a newer version (v{latest.version if latest else 0}{who}) than the one this "

@@ -59,6 +59,10 @@ class FileStore:
             raise IntegrityError(f"stored file {relative} does not match its recorded checksum (damaged?)")
         return tifffile.imread(path)
 
+    def count_files(self, relative: str) -> int:
+        path = self.abspath(relative)
+        return sum(1 for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
     def delete_tree(self, relative: str) -> int:
         """Remove a folder of the store; return how many files went."""
         path = self.abspath(relative)

@@ -28,13 +28,13 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def describe_device(device: torch.device | None = None) -> str:
-    """A short human name: the GPU's name, or ``CPU (N threads)``."""
+    """A short human name: the GPU's name, or ``CPU only (N threads)``."""
     device = device or pick_device()
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple GPU (MPS)"
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return f"CPU only ({torch.get_num_threads()} threads)"
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:

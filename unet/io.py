@@ -103,7 +103,7 @@ def inspect_stack(source: Source) -> StackInfo:
     try:
         with tifffile.TiffFile(source) as tif:
             if not tif.series or len(tif.pages) == 0:
-                raise ValueError(f"{what}: the TIFF has no pages")
+                raise ValueError(f"{what}: the TIFF holds no image (is the file truncated or damaged?)")
             series = tif.series[0]
             shape = _zyx_shape(tuple(series.shape), series.axes, what)
             return StackInfo(shape, str(np.dtype(series.dtype)), series.axes, _pixel_size_nm(tif))

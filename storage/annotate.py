@@ -1,0 +1,130 @@
+"""The state of an edit on the Annotate page, kept out of Streamlit so that plain tests can drive it.
+
+A :class:`Draft` is one slice being edited: the mask it started from, the mask as it is now, and the
+view the canvas shows. The canvas returns all strokes drawn since it was mounted; ``apply`` merges
+them into the mask the canvas was mounted over (``view_base``), so undo and redo in the canvas's toolbar
+just work. When the view changes (zoom, region), the strokes so far are baked into the mask and the
+canvas starts empty over the new view (a new ``canvas_key``). Drafts live in the browser session until
+saved or discarded, so going to another slice or page loses nothing."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from unet.labels import IGNORE
+from unet.paint import View, merge_strokes
+
+# Where an edit can start from (the Annotate page's "Start from").
+SOURCES = {
+    "latest": "the latest version",
+    "uploaded": "the uploaded labels",
+    "prediction": "a prediction",
+    "nothing": "nothing (scribble: only painted pixels count)",
+}
+
+
+def kind_after_edit(source: str, source_kind: str | None) -> str:
+    """The kind of the version a save makes: painting over a prediction (or over a corrected one) is
+    "predicted→painted"; painting on nothing, or adding to a scribble, stays a "scribble"."""
+    if source == "prediction" or source_kind in ("predicted", "predicted→painted"):
+        return "predicted→painted"
+    if source == "nothing" or source_kind == "scribble":
+        return "scribble"
+    return "painted"
+
+
+@dataclass
+class Draft:
+    dataset_id: int
+    slice_index: int
+    source: str
+    source_mask_id: int | None  # the version the edit started from: the saved version's parent
+    latest_id: int | None  # the slice's latest version when the edit began: a save checks it is still so
+    kind: str
+    original: np.ndarray
+    working: np.ndarray = field(init=False)
+    view_base: np.ndarray = field(init=False)
+    view: View | None = None
+    generation: int = 0
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __post_init__(self) -> None:
+        self.original = np.ascontiguousarray(self.original, dtype=np.uint8)
+        self.original.setflags(write=False)
+        self.working = self.original
+        self.view_base = self.original
+
+    @classmethod
+    def blank(cls, dataset_id: int, slice_index: int, shape: tuple[int, int], latest_id: int | None) -> Draft:
+        return cls(dataset_id, slice_index, "nothing", None, latest_id, "scribble",
+                   np.full(shape, IGNORE, np.uint8))
+
+    @property
+    def canvas_key(self) -> str:
+        """Unique per draft and canvas mount: a new key is a new, empty canvas."""
+        return f"canvas-{self.uid}-{self.generation}"
+
+    @property
+    def changed_pixels(self) -> int:
+        return int(np.count_nonzero(self.working != self.original))
+
+    @property
+    def dirty(self) -> bool:
+        return self.changed_pixels > 0
+
+    def set_view(self, view: View) -> bool:
+        """Show ``view``; when it differs from the current one, bake the strokes and start a new canvas.
+        Returns whether the canvas changed."""
+        if view == self.view:
+            return False
+        self.view_base = self.working
+        self.view = view
+        self.generation += 1
+        return True
+
+    def remount(self) -> None:
+        """The canvas lost its strokes (it was off screen): keep them in the mask it will show."""
+        if self.working is not self.view_base:
+            self.view_base = self.working
+            self.generation += 1
+
+    def apply(self, rgba: np.ndarray | None) -> None:
+        """The canvas's strokes (all of them since it was mounted, RGBA in display pixels)."""
+        if self.view is None:
+            raise RuntimeError("set_view before applying strokes")
+        if rgba is None:
+            return
+        if rgba.shape[:2] != self.view.display_shape:
+            return  # strokes of a canvas mounted for another view: already baked
+        merged = merge_strokes(self.view_base, rgba, self.view)
+        merged.setflags(write=False)
+        self.working = merged
+
+    def discard(self) -> None:
+        """Back to where the edit started (a new, empty canvas)."""
+        self.working = self.view_base = self.original
+        self.generation += 1
+
+    def rebase(self, mask: np.ndarray, mask_id: int, kind: str) -> None:
+        """Move the changes onto a newer version saved meanwhile by someone else: the pixels this edit
+        changed take their new value, every other pixel is theirs."""
+        changed = self.working != self.original
+        rebased = np.where(changed, self.working, mask).astype(np.uint8)
+        rebased.setflags(write=False)
+        original = np.ascontiguousarray(mask, dtype=np.uint8)
+        original.setflags(write=False)
+        self.original, self.working, self.view_base = original, rebased, rebased
+        self.source, self.source_mask_id, self.latest_id = "latest", mask_id, mask_id
+        self.kind = kind_after_edit("latest", kind) if self.kind != "predicted→painted" else self.kind
+        self.generation += 1
+
+    def saved(self, mask_id: int, kind: str) -> None:
+        """After a save: the saved version is the new starting point."""
+        self.original = self.working
+        self.view_base = self.working
+        self.source, self.source_mask_id, self.latest_id = "latest", mask_id, mask_id
+        self.kind = kind_after_edit("latest", kind)
+        self.generation += 1

@@ -1,0 +1,299 @@
+"""What the pages call: one object over the database, the file store and the jobs, one method per thing
+a page does. Every method opens its own transaction, so the pages never hold a session; errors a user
+can act on come out as :class:`UserError` (or :class:`storage.api.MaskConflict`) with the message to
+show. No Streamlit here: the pages are thin and this is tested with plain pytest."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from sqlalchemy import func, select
+
+from storage import api
+from storage.annotate import Draft, kind_after_edit
+from storage.api import DatasetInfo, Deleted, MaskConflict, MaskInfo, NotFound
+from storage.files import IntegrityError
+from storage.models import Run
+from storage.settings import PROJECT_ROOT, Settings
+
+Progress = Callable[[str, float], None]
+ISBI_FILES = ("train-volume.tif", "train-labels.tif")
+DEMO_SHAPE = (8, 256, 256)
+
+__all__ = ["DatasetInfo", "Deleted", "MaskConflict", "MaskInfo", "Neuroseg", "NotFound", "UserError"]
+
+
+class UserError(RuntimeError):
+    """Something the user can fix; the message says what and how."""
+
+
+@dataclass(frozen=True)
+class Overview:
+    datasets: int
+    runs: int
+    active_runs: int
+    device: str
+
+
+@dataclass(frozen=True)
+class StartOption:
+    source: str  # a key of storage.annotate.SOURCES
+    label: str
+    mask_id: int | None
+
+
+def isbi_dir() -> Path | None:
+    """Where the ISBI 2012 files are: ``$NEUROSEG_ISBI_DIR``, else ``../shared/data/isbi2012`` beside the
+    project; None when the files are not there."""
+    folder = Path(os.environ.get("NEUROSEG_ISBI_DIR") or PROJECT_ROOT.parent / "shared" / "data" / "isbi2012")
+    return folder if all((folder / f).is_file() for f in ISBI_FILES) else None
+
+
+def _disk_message(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "the disk holding the data directory is full: free some space and try again (nothing was stored)"
+    return f"could not write to the data directory: {exc.strerror or exc} (nothing was stored)"
+
+
+class Neuroseg:
+    def __init__(self, settings: Settings | None = None, *, start_jobs: bool = True):
+        from storage.jobs import startup
+
+        if start_jobs:
+            self.sessions, self.store, self.settings = startup(settings)
+        else:
+            from storage.db import open_store
+
+            self.settings = settings or Settings.from_env()
+            self.sessions, self.store = open_store(self.settings)
+        remove_stale_uploads(self.store.root)
+        self._volumes: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- the store at a glance -------------------------------------------------------------------
+    def overview(self) -> Overview:
+        from unet.device import describe_device
+
+        with self.sessions.begin() as s:
+            datasets = len(api.list_datasets(s))
+            runs = s.scalar(select(func.count()).select_from(Run)) or 0
+            active = s.scalar(select(func.count()).select_from(Run).where(Run.status.in_(("QUEUED", "RUNNING"))))
+        return Overview(datasets, int(runs), int(active or 0), describe_device())
+
+    # --- datasets ---------------------------------------------------------------------------------
+    def datasets(self) -> list[DatasetInfo]:
+        with self.sessions.begin() as s:
+            return api.list_datasets(s)
+
+    def dataset(self, dataset_id: int) -> DatasetInfo:
+        with self.sessions.begin() as s:
+            return api.get_dataset(s, dataset_id)
+
+    def _tmp(self) -> Path:
+        folder = self.store.root / "tmp"
+        folder.mkdir(exist_ok=True)
+        return folder / f"{uuid.uuid4().hex}.tif"
+
+    def _spool(self, upload: BinaryIO, progress: Progress, what: str, start: float, span: float) -> Path:
+        """Copy an upload to a temporary file once (then it is read from disk, not from memory)."""
+        path = self._tmp()
+        total = getattr(upload, "size", None) or 0
+        upload.seek(0)
+        done = 0
+        with open(path, "wb") as out:
+            while chunk := upload.read(16 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                progress(f"receiving the {what} ({done / 2**20:.0f} MiB)", start + span * min(1.0, done / total)
+                         if total else start)
+        return path
+
+    def import_upload(self, volume: BinaryIO, labels: BinaryIO | None = None, *, name: str = "", notes: str = "",
+                      author: str = "", progress: Progress | None = None) -> DatasetInfo:
+        """Store an uploaded volume (and its labels) as a new dataset. Refusals raise :class:`UserError`
+        with what was wrong and what is expected; nothing is stored then."""
+        report = progress or (lambda _stage, _fraction: None)
+        spooled: list[Path] = []
+        try:
+            try:
+                spooled.append(self._spool(volume, report, "volume", 0.0, 0.15 if labels is not None else 0.2))
+                if labels is not None:
+                    spooled.append(self._spool(labels, report, "labels", 0.15, 0.05))
+            except OSError as exc:
+                raise UserError(_disk_message(exc)) from exc
+            display = name.strip() or Path(getattr(volume, "name", "") or "upload").stem
+            return self._import(spooled[0], spooled[1] if labels is not None else None, display, notes, author,
+                                lambda stage, f: report(stage, 0.2 + 0.8 * f), source_name=getattr(volume, "name", ""),
+                                labels_name=getattr(labels, "name", ""))
+        finally:
+            for path in spooled:
+                path.unlink(missing_ok=True)
+
+    def _import(self, volume: Path, labels: Path | None, name: str, notes: str, author: str, progress: Progress,
+                source_name: str = "", labels_name: str = "") -> DatasetInfo:
+        try:
+            with self.sessions.begin() as s:
+                info = api.import_dataset(s, self.store, volume, labels, name=name, author=author,
+                                          source_name=source_name or None, progress=progress)
+                if notes:
+                    info = api.update_dataset(s, info.id, notes=notes)
+                return info
+        except ValueError as exc:
+            message = str(exc)
+            if source_name:  # the spooled copies have made-up names: say the user's
+                message = message.replace(volume.name, source_name)
+                if labels is not None:
+                    message = message.replace(labels.name, labels_name or "the labels")
+            raise UserError(message) from exc
+        except OSError as exc:
+            raise UserError(_disk_message(exc)) from exc
+
+    def load_demo(self, author: str = "") -> DatasetInfo:
+        """The synthetic EM stack with its labels, so a newcomer can try everything in a minute."""
+        from unet.io import write_tiff_atomic
+        from unet.synthetic import make_synthetic_em
+
+        volume, labels = make_synthetic_em(DEMO_SHAPE, np.random.default_rng(2012))
+        paths = [self._tmp(), self._tmp()]
+        try:
+            write_tiff_atomic(paths[0], volume)
+            write_tiff_atomic(paths[1], labels)
+            return self._import(paths[0], paths[1], "Demo: synthetic EM", "A synthetic stack made by "
+                                "unet.synthetic: Voronoi cells with dark membranes, organelles and noise, with "
+                                "exact labels.", author, lambda *_: None,
+                                source_name="synthetic (unet.synthetic, seed 2012)")
+        finally:
+            for path in paths:
+                path.unlink(missing_ok=True)
+
+    def load_isbi(self, author: str = "", progress: Progress | None = None) -> DatasetInfo:
+        folder = isbi_dir()
+        if folder is None:
+            raise UserError("the ISBI 2012 files are not here: put train-volume.tif and train-labels.tif in "
+                            "../shared/data/isbi2012/ or point NEUROSEG_ISBI_DIR at their folder")
+        return self._import(folder / ISBI_FILES[0], folder / ISBI_FILES[1], "ISBI 2012 training stack",
+                            "ISBI 2012 EM segmentation challenge (Drosophila VNC, ssTEM). Cardona et al. 2010, "
+                            "PLoS Biol 8(10):e1000502; Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142.",
+                            author, progress or (lambda *_: None), source_name=ISBI_FILES[0])
+
+    def update(self, dataset_id: int, *, name: str | None = None, notes: str | None = None) -> DatasetInfo:
+        try:
+            with self.sessions.begin() as s:
+                return api.update_dataset(s, dataset_id, name=name, notes=notes)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+
+    def deletion_preview(self, dataset_id: int) -> Deleted:
+        with self.sessions.begin() as s:
+            return api.deletion_preview(s, self.store, dataset_id)
+
+    def delete_dataset(self, dataset_id: int) -> Deleted:
+        try:
+            with self.sessions.begin() as s:
+                removed = api.delete_dataset(s, self.store, dataset_id)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        with self._lock:
+            for key in [k for k in self._volumes if k[0] == dataset_id]:
+                del self._volumes[key]
+        return removed
+
+    def volume(self, dataset_id: int) -> np.ndarray:
+        """The whole stack (read-only), read once and kept for the next few calls."""
+        info = self.dataset(dataset_id)
+        key = (info.id, info.sha256)
+        with self._lock:
+            if key in self._volumes:
+                self._volumes.move_to_end(key)
+                return self._volumes[key]
+        try:
+            with self.sessions.begin() as s:
+                data = api.load_volume(s, self.store, dataset_id)
+        except IntegrityError as exc:
+            raise UserError(str(exc)) from exc
+        data.setflags(write=False)
+        with self._lock:
+            self._volumes[key] = data
+            while len(self._volumes) > 3:
+                self._volumes.popitem(last=False)
+        return data
+
+    # --- masks ------------------------------------------------------------------------------------
+    def slice_kinds(self, dataset_id: int) -> dict[int, MaskInfo]:
+        with self.sessions.begin() as s:
+            return api.slice_kinds(s, dataset_id)
+
+    def history(self, dataset_id: int, slice_index: int) -> list[MaskInfo]:
+        with self.sessions.begin() as s:
+            return api.mask_history(s, dataset_id, slice_index)
+
+    def mask(self, mask_id: int) -> np.ndarray:
+        try:
+            with self.sessions.begin() as s:
+                return api.load_mask(s, self.store, mask_id)
+        except IntegrityError as exc:
+            raise UserError(str(exc)) from exc
+
+    def start_options(self, dataset_id: int, slice_index: int) -> list[StartOption]:
+        """What an edit of this slice can start from, best first."""
+        history = self.history(dataset_id, slice_index)
+        options = []
+        if history:
+            last = history[-1]
+            options.append(StartOption("latest", f"latest version (v{last.version}, {last.kind})", last.id))
+        uploaded = [m for m in history if m.kind == "uploaded"]
+        if uploaded and uploaded[-1].id != (history[-1].id if history else None):
+            options.append(StartOption("uploaded", f"uploaded labels (v{uploaded[-1].version})", uploaded[-1].id))
+        predicted = [m for m in history if m.kind == "predicted"]
+        if predicted and predicted[-1].id != history[-1].id:
+            options.append(StartOption("prediction", f"prediction (v{predicted[-1].version})", predicted[-1].id))
+        options.append(StartOption("nothing", "nothing (scribble: only painted pixels count)", None))
+        return options
+
+    def new_draft(self, dataset_id: int, slice_index: int, option: StartOption) -> Draft:
+        info = self.dataset(dataset_id)
+        history = self.history(dataset_id, slice_index)
+        latest_id = history[-1].id if history else None
+        if option.mask_id is None:
+            return Draft.blank(dataset_id, slice_index, (info.shape[1], info.shape[2]), latest_id)
+        source = next(m for m in history if m.id == option.mask_id)
+        return Draft(dataset_id, slice_index, option.source, source.id, latest_id,
+                     kind_after_edit(option.source, source.kind), self.mask(source.id))
+
+    def save_draft(self, draft: Draft, author: str = "") -> MaskInfo:
+        """Save the draft's mask as a new version, exactly as it is. A newer version saved meanwhile by
+        someone else raises :class:`MaskConflict` and the draft is kept."""
+        try:
+            with self.sessions.begin() as s:
+                info = api.save_mask(s, self.store, draft.dataset_id, draft.slice_index, np.array(draft.working),
+                                     kind=draft.kind, author=author, parent_id=draft.source_mask_id,
+                                     latest_id=draft.latest_id)
+        except OSError as exc:
+            raise UserError(_disk_message(exc)) from exc
+        draft.saved(info.id, info.kind)
+        return info
+
+    def restore(self, mask_id: int, author: str = "") -> MaskInfo:
+        with self.sessions.begin() as s:
+            return api.restore_mask(s, self.store, mask_id, author=author)
+
+
+def remove_stale_uploads(store_root: Path, older_than_s: float = 24 * 3600) -> None:
+    """Temporary upload copies left behind by a killed server (a day old: another server on the same
+    data directory may be receiving one right now)."""
+    import time
+
+    for path in (store_root / "tmp").glob("*.tif"):
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > older_than_s:
+                path.unlink()

@@ -1,0 +1,182 @@
+"""The service the pages call, on a real store in tmp_path: uploads with progress and refusals, the
+demo, deletion previews, and the drafts of the Annotate page (merge, save, conflict, rebase, remount)."""
+
+import io
+
+import numpy as np
+import pytest
+import tifffile
+
+from storage.annotate import Draft
+from storage.service import MaskConflict, Neuroseg, UserError
+from storage.settings import Settings
+from unet.labels import IGNORE, MEMBRANE, NEURON
+from unet.paint import PALETTE, View
+
+
+@pytest.fixture
+def svc(tmp_path):
+    return Neuroseg(Settings.from_env(tmp_path / "data"))
+
+
+def tiff_bytes(data: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, data, **kw)
+    return buf.getvalue()
+
+
+class Upload(io.BytesIO):
+    """What Streamlit's file_uploader hands over: a BytesIO with a name and a size."""
+
+    def __init__(self, name: str, content: bytes):
+        super().__init__(content)
+        self.name, self.size = name, len(content)
+
+
+def paint(view: View, cls: int, rows: slice, cols: slice) -> np.ndarray:
+    rgba = np.zeros((*view.display_shape, 4), np.uint8)
+    rgba[rows, cols] = (*PALETTE[cls], 153)
+    return rgba
+
+
+def test_upload_with_progress_then_browse(svc, synthetic):
+    volume, labels = synthetic
+    seen = []
+    info = svc.import_upload(Upload("stack.tif", tiff_bytes(volume)), Upload("labels.tif", tiff_bytes(labels)),
+                             name="", notes="from the test", progress=lambda stage, f: seen.append((stage, f)))
+    assert info.name == "stack" and info.source_name == "stack.tif" and info.notes == "from the test"
+    assert info.labelled_slices == volume.shape[0]
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 0 <= fractions[0] < 0.25
+    assert any("labels of slice" in stage for stage, _ in seen)
+    assert not list((svc.store.root / "tmp").glob("*")), "the spooled upload copies are removed"
+    np.testing.assert_array_equal(svc.volume(info.id), volume)
+    assert set(svc.slice_kinds(info.id)) == set(range(volume.shape[0]))
+
+
+@pytest.mark.parametrize(("volume", "labels", "message"), [
+    (b"this is not a TIFF", None, "scan.tif: not a readable TIFF file"),
+    ("rgb", None, "scan.tif: colour image (3 samples per pixel, shape (4, 32, 32, 3)); expected a grey-scale"),
+    ("ok", "wrong_shape", "labels.tif: labels have shape (6, 48, 48) but the image stack has shape (6, 96, 96)"),
+])
+def test_refused_uploads_say_why_with_the_users_file_names_and_leave_nothing(svc, synthetic, volume, labels,
+                                                                             message):
+    vol, lab = synthetic
+    payload = {"rgb": tiff_bytes(np.zeros((4, 32, 32, 3), np.uint8), photometric="rgb"), "ok": tiff_bytes(vol),
+               "wrong_shape": tiff_bytes(lab[:, :48, :48])}
+    with pytest.raises(UserError) as caught:
+        svc.import_upload(Upload("scan.tif", payload.get(volume, volume)),
+                          Upload("labels.tif", payload[labels]) if labels else None)
+    assert message in str(caught.value)
+    assert ".tif" in str(caught.value) and "tmp" not in str(caught.value)
+    assert svc.datasets() == []
+    assert not list((svc.store.root / "tmp").glob("*"))
+    stored = svc.store.root / "datasets"
+    assert not stored.exists() or not any(p.is_file() for p in stored.rglob("*"))
+
+
+def test_a_full_disk_while_receiving_an_upload_is_a_clear_refusal(svc, synthetic, monkeypatch):
+    import errno
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(svc, "_spool", full)
+    with pytest.raises(UserError, match=r"disk .* is full"):
+        svc.import_upload(Upload("stack.tif", tiff_bytes(synthetic[0])))
+    assert svc.datasets() == []
+
+
+def test_demo_preview_and_delete(svc):
+    info = svc.load_demo(author="ann")
+    assert info.shape == (8, 256, 256) and info.labelled_slices == 8
+    preview = svc.deletion_preview(info.id)
+    assert (preview.datasets, preview.mask_versions, preview.runs) == (1, 8, 0)
+    assert preview.files == 9  # the volume and 8 masks
+    removed = svc.delete_dataset(info.id)
+    assert removed == preview
+    assert svc.overview().datasets == 0
+
+
+def test_draft_save_is_exactly_what_was_shown(svc):
+    info = svc.load_demo()
+    options = svc.start_options(info.id, 2)
+    assert [o.source for o in options] == ["latest", "nothing"]
+    draft = svc.new_draft(info.id, 2, options[0])
+    view = View.fit((256, 256), zoom=2, centre=(0.5, 0.5))
+    draft.set_view(view)
+    first_key = draft.canvas_key
+    draft.apply(paint(view, MEMBRANE, slice(100, 140), slice(0, 600)))
+    assert draft.dirty
+    before = np.array(draft.original)
+    saved = svc.save_draft(draft, author="bo")
+    assert (saved.version, saved.kind, saved.author) == (2, "painted", "bo")
+    stored = svc.mask(saved.id)
+    np.testing.assert_array_equal(stored, draft.working)
+    changed = stored != before
+    assert changed.any() and (stored[changed] == MEMBRANE).all()
+    rows, cols = np.nonzero(changed)
+    # display rows 100-139 at 6× from row 64 of the slice → image rows 81-87 (blocks at least half painted)
+    assert rows.min() >= 64 + 100 // 6 and rows.max() <= 64 + 139 // 6 and cols.min() >= 64 and cols.max() < 192
+    assert draft.canvas_key != first_key and not draft.dirty  # a fresh canvas over the saved version
+    assert [m.version for m in svc.history(info.id, 2)] == [1, 2]
+
+
+def test_scribble_conflict_rebase_and_restore(svc):
+    info = svc.load_demo()
+    options = svc.start_options(info.id, 0)
+    mine = svc.new_draft(info.id, 0, options[-1])  # nothing: a scribble
+    assert mine.kind == "scribble" and (mine.working == IGNORE).all()
+    mine.set_view(View.fit((256, 256)))
+    mine.apply(paint(mine.view, NEURON, slice(0, 30), slice(0, 30)))
+
+    theirs = svc.new_draft(info.id, 0, options[0])  # someone else edits the latest version meanwhile
+    theirs.set_view(View.fit((256, 256)))
+    theirs.apply(paint(theirs.view, MEMBRANE, slice(600, 630), slice(600, 630)))
+    their_version = svc.save_draft(theirs, author="cy")
+
+    with pytest.raises(MaskConflict, match="newer version \\(v2 by cy\\)"):
+        svc.save_draft(mine, author="ann")
+    assert mine.dirty, "a refused save keeps the draft"
+    mine.rebase(svc.mask(their_version.id), their_version.id, their_version.kind)
+    saved = svc.save_draft(mine, author="ann")
+    stored = svc.mask(saved.id)
+    assert (stored[:10, :10] == NEURON).all(), "my strokes"
+    np.testing.assert_array_equal(stored[200:210, 200:210], svc.mask(their_version.id)[200:210, 200:210])
+    assert saved.version == 3 and saved.parent_id == their_version.id
+
+    first = svc.history(info.id, 0)[0]
+    restored = svc.restore(first.id, author="ann")
+    assert restored.version == 4 and restored.kind == "uploaded"
+    np.testing.assert_array_equal(svc.mask(restored.id), svc.mask(first.id))
+
+
+def test_strokes_survive_a_remounted_canvas_and_a_change_of_view(svc):
+    info = svc.load_demo()
+    draft = svc.new_draft(info.id, 1, svc.start_options(info.id, 1)[-1])
+    whole = View.fit((256, 256))
+    draft.set_view(whole)
+    draft.apply(paint(whole, NEURON, slice(0, 30), slice(0, 30)))
+    first = np.array(draft.working)
+    draft.set_view(View.fit((256, 256), zoom=2))  # zooming bakes the strokes
+    np.testing.assert_array_equal(draft.view_base, first)
+    draft.apply(None)
+    draft.remount()  # the page was left and the canvas came back empty
+    draft.apply(paint(draft.view, MEMBRANE, slice(0, 12), slice(0, 12)))
+    assert (draft.working[:10, :10] == NEURON).sum() > 0 and (draft.working == MEMBRANE).sum() > 0
+    assert (draft.working[:10, :10] == NEURON).all(), "earlier strokes kept, the new ones are elsewhere"
+    draft.discard()
+    assert not draft.dirty
+
+
+def test_a_draft_that_starts_from_nothing_on_an_empty_slice(svc, synthetic):
+    volume, _ = synthetic
+    info = svc.import_upload(Upload("stack.tif", tiff_bytes(volume)))
+    options = svc.start_options(info.id, 0)
+    assert [o.source for o in options] == ["nothing"]
+    draft = svc.new_draft(info.id, 0, options[0])
+    assert isinstance(draft, Draft) and draft.latest_id is None
+    draft.set_view(View.fit(volume.shape[1:]))
+    draft.apply(paint(draft.view, MEMBRANE, slice(0, 16), slice(0, 16)))
+    saved = svc.save_draft(draft)
+    assert saved.kind == "scribble" and saved.parent_id is None and 0 < saved.labelled_pixels < volume[0].size
