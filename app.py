@@ -1,34 +1,84 @@
-"""Neuroseg: the Streamlit frame. For now a home page over the engine; the Datasets, Annotate, Train,
-Predict and Runs pages arrive with the store (see the open issues)."""
+"""Neuroseg: the frame and the router. The home page says what Neuroseg does, shows the store and offers
+the demo data; every page is listed here (``st.navigation``) and lives in ``pages/``."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from unet.config import PRESETS
-from unet.device import describe_device
+from pages.common import author_input, flash, service, show_flashes
+from storage.service import UserError, isbi_dir
 
 st.set_page_config(page_title="Neuroseg", page_icon="🧠", layout="wide")
 
 
-@st.cache_resource
-def _device() -> str:
-    return describe_device()
+def _load(which: str) -> None:
+    svc = service()
+    try:
+        with st.spinner(f"Loading the {which} dataset …"):
+            info = svc.load_demo(st.session_state.get("author", "")) if which == "demo" else svc.load_isbi(
+                st.session_state.get("author", ""))
+    except UserError as exc:
+        flash(f"The {which} dataset was not loaded: {exc}", "error")
+        return
+    st.session_state["dataset_id"] = info.id
+    flash(f"Loaded **{info.name}** ({info.shape[0]} slices of {info.shape[1]}×{info.shape[2]}, "
+          f"{info.labelled_slices} with labels). Open **Annotate** to paint, or **Datasets** to browse it.")
 
 
 def home() -> None:
+    svc = service()
     st.title("Neuroseg")
     st.write(
-        "Segment neurons in electron-microscopy stacks with a U-Net: upload a TIFF stack, paint or correct "
-        "masks, train in the background, look at the predictions, and keep the history."
+        "Segment neurons in electron-microscopy stacks with a U-Net. Upload a TIFF stack, paint or correct "
+        "the masks of a few slices, train in the background, look at the predictions, correct them and "
+        "train again. Every mask version, run and checkpoint is kept."
     )
-    st.metric("Compute device", _device())
-    st.subheader("Training presets")
-    st.table([{"preset": name, "width": c.model.initial_features, "depth": c.model.depth,
-               "padding": c.model.padding, "patch": c.patch_size, "batch": c.batch_size, "steps": c.steps}
-              for name, c in PRESETS.items()])
-    st.info("The engine is ready; the pages for datasets, annotation, training, prediction and runs come next. "
-            "Meanwhile the command line does it all: `python -m unet --help`.")
+    show_flashes()
+    overview = svc.overview()
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Datasets", overview.datasets)
+    c2.metric("Training runs", overview.runs, help=f"{overview.active_runs} queued or running")
+    c3.metric("Compute device", overview.device)
+    st.caption(f"Store: `{svc.settings.data_dir}`")
+
+    st.subheader("Try it")
+    if overview.datasets == 0:
+        st.write("The store is empty. Load a dataset to try everything in a minute, or upload your own stack.")
+    b1, b2 = st.columns(2)
+    b1.button("Load demo dataset", on_click=_load, args=("demo",), help="A synthetic EM stack (8 × 256 × 256) "
+              "with exact labels, made on the spot.", width="stretch")
+    if isbi_dir() is not None:
+        b2.button("Load ISBI 2012 sample", on_click=_load, args=("ISBI 2012",), width="stretch",
+                  help=f"The ISBI 2012 training stack (30 × 512 × 512, with labels) from {isbi_dir()}.")
+    else:
+        b2.caption("The ISBI 2012 sample appears here when its files are in `../shared/data/isbi2012/` "
+                   "(or a folder named by `NEUROSEG_ISBI_DIR`).")
+
+    st.subheader("Pages")
+    for page, text in (
+        (datasets, "upload stacks and labels, browse slices with their masks, rename, delete"),
+        (annotate, "paint neuron and membrane on a slice, keep every version"),
+        (train, "train a U-Net in the background and follow it live"),
+        (predict, "segment a stack with a checkpoint, look at overlays and errors, export"),
+        (runs, "every run with its data, curves and checkpoints; compare runs"),
+    ):
+        st.page_link(page, label=f"**{page.title}**: {text}", icon=page.icon)
 
 
-st.navigation([st.Page(home, title="Home", icon="🏠", default=True)]).run()
+home_page = st.Page(home, title="Home", icon=":material/home:", default=True)
+datasets = st.Page("pages/datasets.py", title="Datasets", icon=":material/folder:", url_path="datasets")
+annotate = st.Page("pages/annotate.py", title="Annotate", icon=":material/brush:", url_path="annotate")
+train = st.Page("pages/train.py", title="Train", icon=":material/model_training:", url_path="train")
+predict = st.Page("pages/predict.py", title="Predict", icon=":material/auto_awesome:", url_path="predict")
+runs = st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs")
+page = st.navigation([home_page, datasets, annotate, train, predict, runs])
+
+with st.sidebar:
+    author_input()
+unsaved = [d for d in st.session_state.get("drafts", {}).values() if d.dirty]
+if unsaved and page.title != "Annotate":
+    where = ", ".join(f"slice {d.slice_index} of dataset #{d.dataset_id}" for d in unsaved[:5])
+    st.warning(f"Unsaved annotation on {where}{' …' if len(unsaved) > 5 else ''}. It is kept in this "
+                       "browser session: open **Annotate** to save or discard it.", icon=":material/warning:")
+st.session_state["_script_runs"] = st.session_state.get("_script_runs", 0) + 1
+page.run()

@@ -14,5 +14,15 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     echo "PostgreSQL is not installed (apt-get install postgresql): its tests will skip"
   fi
 fi
+# The browser tests drive Debian's Chromium with Playwright (Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing Chromium for the browser tests …"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "Chromium could not be installed: the browser tests will skip"
+  else
+    echo "Chromium is not installed (apt-get install chromium): the browser tests will skip"
+  fi
+fi
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest --run-slow "$@"

@@ -1,0 +1,225 @@
+"""Annotate: paint neuron, membrane or "unlabelled" on a slice over its current mask, and save the result as
+a new version of the slice's mask. Edits are drafts kept in the browser session until saved or
+discarded, so moving to another slice or page drops nothing (the pages warn about them)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages.common import dataset_picker, flash, png_data_url, service, show_flashes, slice_strip
+from storage.annotate import Draft
+from storage.service import MaskConflict, UserError
+from unet.labels import IGNORE, MEMBRANE, NEURON
+from unet.paint import View, auto_window, brush_color, overlay, window
+
+svc = service()
+st.title("Annotate")
+show_flashes()
+datasets = svc.datasets()
+if not datasets:
+    st.info("No datasets yet: load the demo dataset on the home page or upload a stack on **Datasets**.")
+    st.page_link("pages/datasets.py", label="Go to Datasets", icon=":material/folder:")
+    st.stop()
+
+drafts: dict[tuple[int, int], Draft] = st.session_state.setdefault("drafts", {})
+author = st.session_state.get("author", "")
+
+dataset_id = dataset_picker(datasets)
+info = svc.dataset(dataset_id)
+z_count, height, width = info.shape
+try:
+    volume = svc.volume(dataset_id)
+except UserError as exc:
+    st.error(f"This dataset's stored stack cannot be read: {exc}.")
+    st.stop()
+
+
+# --- which slice ----------------------------------------------------------------------------------
+slice_key = f"annotate_slice_{dataset_id}"
+positions: dict[int, int] = st.session_state.setdefault("slice_of", {})
+if slice_key not in st.session_state:
+    st.session_state[slice_key] = min(positions.get(dataset_id, 0), z_count - 1)
+
+
+def _step(delta: int) -> None:
+    st.session_state[slice_key] = min(max(0, st.session_state[slice_key] + delta), z_count - 1)
+
+
+def _go(dataset: int, z: int) -> None:
+    st.session_state["dataset_id"] = st.session_state["dataset_widget"] = dataset
+    st.session_state[f"annotate_slice_{dataset}"] = z
+
+
+nav = st.columns([1, 10, 1], vertical_alignment="bottom")
+nav[0].button("◀ Prev", on_click=_step, args=(-1,), disabled=st.session_state[slice_key] <= 0, key="prev_slice")
+with nav[1]:
+    z = st.slider("Slice", 0, z_count - 1, key=slice_key) if z_count > 1 else 0
+nav[2].button("Next ▶", on_click=_step, args=(1,), disabled=z >= z_count - 1, key="next_slice")
+positions[dataset_id] = z
+
+kinds = svc.slice_kinds(dataset_id)
+strip = ["unsaved" if (d := drafts.get((dataset_id, i))) is not None and d.dirty
+         else kinds[i].kind if i in kinds else "none" for i in range(z_count)]
+st.plotly_chart(slice_strip(strip), key="slice_strip", config={"displayModeBar": False})
+
+# --- the draft of this slice ----------------------------------------------------------------------
+options = svc.start_options(dataset_id, z)
+latest = kinds.get(z)
+draft = drafts.get((dataset_id, z))
+if draft is None or (not draft.dirty and draft.latest_id != (latest.id if latest else None)):
+    draft = drafts[(dataset_id, z)] = svc.new_draft(dataset_id, z, options[0])  # new, or saved elsewhere
+
+
+def _pending_strokes(d: Draft) -> None:
+    """Merge what the canvas sent with the click that runs a callback (callbacks run before the page)."""
+    state = st.session_state.get(d.canvas_key)
+    data = ((state or {}).get("drawing") or {}).get("data") if isinstance(state, dict) else None
+    if data:
+        import base64
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        d.apply(np.asarray(Image.open(io.BytesIO(base64.b64decode(data.split(";base64,", 1)[1])))))
+
+
+def _start_from(index: int) -> None:
+    drafts[(dataset_id, z)] = svc.new_draft(dataset_id, z, options[index])
+
+
+def _save() -> None:
+    _pending_strokes(draft)
+    if not draft.dirty:
+        flash("Nothing to save: paint on the slice first.", "info")
+        return
+    changed = draft.changed_pixels
+    try:
+        saved = svc.save_draft(draft, st.session_state.get("author", ""))
+    except MaskConflict as exc:
+        st.session_state["conflict"] = draft.uid
+        flash(f"Not saved: {exc}. Your changes are kept.", "error")
+    except UserError as exc:
+        flash(f"Not saved: {exc}. Your changes are kept.", "error")
+    else:
+        st.session_state.pop("conflict", None)
+        flash(f"Saved slice {z} as **v{saved.version}** ({saved.kind}, {changed:,} pixels changed).")
+
+
+def _rebase() -> None:
+    newest = svc.history(dataset_id, z)[-1]
+    draft.rebase(svc.mask(newest.id), newest.id, newest.kind)
+    st.session_state.pop("conflict", None)
+    flash(f"Your changes now sit on v{newest.version}: look them over and save.", "info")
+
+
+def _discard() -> None:
+    draft.discard()
+    st.session_state.pop("conflict", None)
+
+
+def _restore(mask_id: int) -> None:
+    restored = svc.restore(mask_id, st.session_state.get("author", ""))
+    drafts.pop((dataset_id, z), None)
+    flash(f"Restored as v{restored.version}.")
+
+
+current = next((i for i, o in enumerate(options) if o.source == draft.source and o.mask_id == draft.source_mask_id),
+               None)
+choice = st.radio("Start from", range(len(options)), format_func=lambda i: options[i].label,
+                  index=current if current is not None else 0, horizontal=True,
+                  key=f"start_{draft.uid}_{draft.source_mask_id}")
+if current is None or choice != current:
+    if draft.dirty:
+        st.warning(f"Starting from {options[choice].label} drops the {draft.changed_pixels:,} pixels you changed on "
+                   "this slice.")
+        st.button(f"Discard my changes and start from {options[choice].label}", on_click=_start_from,
+                  args=(choice,))
+    else:
+        _start_from(choice)
+        st.rerun()
+
+# --- tools ----------------------------------------------------------------------------------------
+tools = st.columns([3, 3, 3, 3])
+tool = tools[0].radio("Paint", [NEURON, MEMBRANE, IGNORE], key="annotate_tool",
+                      format_func={NEURON: ":blue[**Neuron**] (cyan)", MEMBRANE: ":red[**Membrane**] (red)",
+                                   IGNORE: ":orange[**Unlabelled**] (erase to unknown)"}.get)
+brush = tools[1].slider("Brush size (image pixels)", 1, 40, 5, key="annotate_brush")
+opacity = tools[1].slider("Mask opacity", 0.0, 1.0, 0.35, 0.05, key="annotate_opacity")
+zoom = tools[2].select_slider("Zoom", [1, 2, 4, 8], value=1, key="annotate_zoom",
+                              help="Show a region larger, for fine membranes. Your strokes are kept when you move.")
+centre = (0.5, 0.5)
+if zoom > 1:
+    centre = (tools[3].slider("Region: down (%)", 0, 100, 50, key="annotate_cy") / 100,
+              tools[3].slider("Region: across (%)", 0, 100, 50, key="annotate_cx") / 100)
+else:
+    tools[3].caption("Undo, redo and reset are in the canvas's toolbar. Unlabelled pixels are ignored by "
+                     "training, so a few strokes on nothing are already training data.")
+
+view = View.fit((height, width), zoom, centre)
+last_canvas = st.session_state.get("_canvas_rendered")
+if last_canvas != (draft.canvas_key, st.session_state.get("_script_runs", 0) - 1):
+    draft.remount()  # the canvas was not on screen in the last run: its strokes are gone from it, bake them
+elif view != draft.view:
+    _pending_strokes(draft)
+draft.set_view(view)  # a new view bakes the strokes so far and starts an empty canvas over it
+image = volume[z]
+grey = window(image, *auto_window(image))
+cache = st.session_state.setdefault("_background", {})
+bg_key = (draft.uid, draft.generation, opacity, view, dataset_id, z)
+if cache.get("key") != bg_key:  # encode once per canvas and opacity, not on every stroke
+    cache["key"], cache["url"] = bg_key, png_data_url(view.render(overlay(grey, draft.view_base, opacity)))
+
+from streamlit_drawable_canvas import st_canvas  # noqa: E402  (needs a running Streamlit; pages only)
+
+display_h, display_w = view.display_shape
+st.caption(f"Slice {z}: {width} × {height} pixels" + (
+    f", showing rows {view.y0}–{view.y0 + view.h - 1} and columns {view.x0}–{view.x0 + view.w - 1}"
+    if zoom > 1 else "") + f" at {view.scale}× · cyan: neuron, red: membrane, no tint: unlabelled")
+result = st_canvas(stroke_width=max(1, brush * view.scale), stroke_color=brush_color(tool),
+                   background_image=cache["url"], height=display_h, width=display_w, drawing_mode="freedraw",
+                   return_image_data=True, key=draft.canvas_key, max_display_height=900, update_streamlit=True)
+draft.apply(result.image_data)
+st.session_state["_canvas_rendered"] = (draft.canvas_key, st.session_state.get("_script_runs", 0))
+
+# --- save -----------------------------------------------------------------------------------------
+actions = st.columns([2, 2, 6], vertical_alignment="center")
+actions[0].button("Save version", type="primary", on_click=_save, key="save_mask")
+actions[1].button("Discard changes", on_click=_discard, disabled=not draft.dirty, key="discard_mask")
+if draft.dirty:
+    actions[2].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** · will be saved as "
+                        f"*{draft.kind}* by *{author or 'anonymous'}*")
+else:
+    actions[2].markdown("No unsaved changes on this slice.")
+if st.session_state.get("conflict") == draft.uid:
+    st.button("Move my changes onto the newer version", on_click=_rebase, key="rebase")
+
+others = [d for key, d in drafts.items() if d.dirty and key != (dataset_id, z)]
+if others:
+    st.warning("Unsaved changes are also waiting on " + ", ".join(
+        f"slice {d.slice_index}" + ("" if d.dataset_id == dataset_id else f" of dataset #{d.dataset_id}")
+        for d in others) + ". They are kept in this browser session until you save or discard them.")
+    go_cols = st.columns(min(len(others), 6))
+    for col, d in zip(go_cols, others[:6], strict=False):
+        col.button(f"Go to slice {d.slice_index}" + ("" if d.dataset_id == dataset_id else f" (#{d.dataset_id})"),
+                   on_click=_go, args=(d.dataset_id, d.slice_index), key=f"go_{d.uid}")
+
+# --- history --------------------------------------------------------------------------------------
+history = svc.history(dataset_id, z)
+st.subheader(f"Versions of slice {z}")
+if not history:
+    st.caption("No saved version yet.")
+else:
+    by_id = {m.id: m for m in history}
+    st.dataframe([{"version": f"v{m.version}", "kind": m.kind, "author": m.author, "labelled pixels": m.labelled_pixels,
+                   "from": f"v{by_id[m.parent_id].version}" if m.parent_id in by_id else "",
+                   "saved": m.created.strftime("%Y-%m-%d %H:%M:%S")} for m in reversed(history)],
+                 hide_index=True, key="history_table")
+    if len(history) > 1:
+        older = [m for m in reversed(history[:-1])]
+        cols = st.columns([3, 2], vertical_alignment="bottom")
+        pick = cols[0].selectbox("An older version", [m.id for m in older], key=f"restore_pick_{dataset_id}_{z}",
+                                 format_func=lambda i: f"v{by_id[i].version} · {by_id[i].kind} · "
+                                                       f"{by_id[i].author or 'anonymous'}")
+        cols[1].button("Restore it as a new version", on_click=_restore, args=(pick,), disabled=draft.dirty,
+                       key="restore", help="Save or discard your changes first." if draft.dirty else None)

@@ -1,0 +1,85 @@
+"""A real Neuroseg server on a free loopback port and a headless Chromium driven by Playwright, for the
+browser tests. Chromium is Debian's (``/usr/bin/chromium``, installed by ``./test.sh``); Playwright's own
+browser download is never used."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("NEUROSEG_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("NEUROSEG_ARTIFACTS") or ROOT / "test-artifacts")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def app_server(data_dir: Path, timeout: float = 120) -> Iterator[str]:
+    """``streamlit run app.py`` with its store in ``data_dir``; yields the base URL once the server says
+    it listens (its output is awaited line by line and kept in ``streamlit.log`` beside ``data_dir``)."""
+    port = free_port()
+    env = {**os.environ, "NEUROSEG_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    env.pop("DATABASE_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+                             "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--server.headless", "true", "--browser.gatherUsageStats", "false",
+                             "--server.fileWatcherType", "none"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    listening = threading.Event()
+    log_path = data_dir.parent / "streamlit.log"
+
+    def pump() -> None:
+        with open(log_path, "wb") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if b"URL:" in line:
+                    listening.set()
+        listening.set()  # the server exited: stop waiting
+
+    threading.Thread(target=pump, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not listening.wait(timeout) or proc.poll() is not None:
+            raise RuntimeError(f"the server did not start: {log_path.read_text(errors='replace')[-2000:]}")
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=10) as r:
+            assert r.read().strip() == b"ok"
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (./test.sh installs Debian's chromium package)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -1,0 +1,88 @@
+"""The app in a real browser: a Neuroseg server on a free loopback port, Debian's Chromium driven by
+Playwright. A stroke drawn with the mouse on the canvas must land in the store exactly where it went.
+Screenshots of each page are kept in ``test-artifacts/`` (or ``$NEUROSEG_ARTIFACTS``)."""
+
+import numpy as np
+import pytest
+
+from storage.service import Neuroseg
+from storage.settings import Settings
+from tests.browser import ARTIFACTS, app_server, chromium
+from unet.labels import MEMBRANE
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_MS = 90_000
+
+
+def test_draw_a_stroke_and_save_it(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with app_server(data_dir) as url, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.get_by_role("textbox", name="Your name").fill("ann")
+        page.get_by_role("textbox", name="Your name").press("Enter")
+        page.get_by_role("button", name="Load demo dataset").click()
+        page.get_by_text("Loaded Demo: synthetic EM").wait_for()
+        page.screenshot(path=ARTIFACTS / "home.png", full_page=True)
+
+        page.get_by_role("link", name="Datasets").first.click()  # a real page switch, as a user does it
+        page.get_by_text("Browse dataset").wait_for()
+        page.get_by_text("Slice 0: mask v1 (uploaded, by ann)").wait_for()
+        page.screenshot(path=ARTIFACTS / "datasets.png", full_page=True)
+
+        page.get_by_role("link", name="Annotate").first.click()
+        canvas = page.locator("canvas.upper-canvas")
+        canvas.wait_for()
+        page.get_by_text("No unsaved changes on this slice.").wait_for()
+        name = page.get_by_role("textbox", name="Your name").input_value()
+        assert name == "ann", "the name is remembered across pages"
+        page.get_by_text("Membrane", exact=False).first.click()
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        assert (round(box["width"]), round(box["height"])) == (768, 768)  # 256² shown at 3×
+
+        # one stroke across the slice: display row 300 (image row 100), columns 100 → 600 (image 33 → 200)
+        page.mouse.move(box["x"] + 100, box["y"] + 300)
+        page.mouse.down()
+        for x in range(110, 601, 10):
+            page.mouse.move(box["x"] + x, box["y"] + 300)
+        page.mouse.up()
+        page.get_by_text("Unsaved:").wait_for()  # the page ran with the stroke: it says how many pixels
+        page.screenshot(path=ARTIFACTS / "annotate-stroke.png", full_page=True)
+        page.get_by_role("button", name="Save version").click()
+        page.get_by_text("Saved slice 0 as v2").wait_for()
+        page.screenshot(path=ARTIFACTS / "annotate-saved.png", full_page=True)
+
+        svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+        dataset = svc.datasets()[0]
+        history = svc.history(dataset.id, 0)
+        assert [(m.version, m.kind, m.author) for m in history] == [(1, "uploaded", "ann"), (2, "painted", "ann")]
+        assert history[1].parent_id == history[0].id
+        before, after = svc.mask(history[0].id), svc.mask(history[1].id)
+        changed = after != before
+        rows, cols = np.nonzero(changed)
+        assert changed.sum() > 50, "the stroke changed pixels"
+        assert (after[changed] == MEMBRANE).all(), "only to the class painted"
+        # a 5-pixel brush (15 display pixels) centred on image row 100, from column 33 to column 200
+        assert rows.min() >= 97 and rows.max() <= 103, (rows.min(), rows.max())
+        assert cols.min() >= 30 and cols.max() <= 203, (cols.min(), cols.max())
+        covered = np.zeros_like(changed)
+        covered[99:102, 36:198] = True  # the middle of the stroke: everything there was painted membrane
+        assert (after[covered] == MEMBRANE).all()
+
+        # an unsaved stroke is kept, and the other pages say so
+        page.mouse.move(box["x"] + 100, box["y"] + 600)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 300, box["y"] + 600)
+        page.mouse.up()
+        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_role("link", name="Datasets").first.click()
+        page.get_by_text("Unsaved annotation on slice 0").wait_for()
+        page.screenshot(path=ARTIFACTS / "datasets-unsaved-warning.png", full_page=True)
+        page.get_by_role("link", name="Annotate").first.click()
+        page.get_by_text("Unsaved:").wait_for()
+        assert [m.version for m in svc.history(dataset.id, 0)] == [1, 2], "nothing saved behind the user's back"
