@@ -180,3 +180,16 @@ def test_a_draft_that_starts_from_nothing_on_an_empty_slice(svc, synthetic):
     draft.apply(paint(draft.view, MEMBRANE, slice(0, 16), slice(0, 16)))
     saved = svc.save_draft(draft)
     assert saved.kind == "scribble" and saved.parent_id is None and 0 < saved.labelled_pixels < volume[0].size
+
+
+@pytest.mark.isbi
+def test_the_isbi_sample_loads_with_all_its_labels(tmp_path, isbi_dir, monkeypatch):
+    monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(isbi_dir))
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"), start_jobs=False)
+    info = svc.load_isbi(author="ann")
+    assert info.shape == (30, 512, 512) and info.dtype == "uint8" and info.labelled_slices == 30
+    assert info.source_name == "train-volume.tif"
+    np.testing.assert_array_equal(svc.volume(info.id), tifffile.imread(isbi_dir / "train-volume.tif"))
+    mask = svc.mask(svc.history(info.id, 12)[-1].id)
+    labels = tifffile.imread(isbi_dir / "train-labels.tif")[12]
+    np.testing.assert_array_equal(mask == NEURON, labels == 255)
