@@ -8,7 +8,7 @@ import streamlit as st
 
 from pages.common import dataset_picker, flash, png_data_url, service, show_flashes, slice_strip
 from storage.annotate import Draft
-from storage.service import MaskConflict, UserError
+from storage.service import MaskConflict, StartOption, UserError
 from unet.labels import IGNORE, MEMBRANE, NEURON
 from unet.paint import View, auto_window, brush_color, overlay, window
 
@@ -66,6 +66,15 @@ st.plotly_chart(slice_strip(strip), key="slice_strip", config={"displayModeBar":
 options = svc.start_options(dataset_id, z)
 latest = kinds.get(z)
 draft = drafts.get((dataset_id, z))
+request = st.session_state.get("start_request")  # "Correct this slice" on Predict
+if request is not None and tuple(request[:2]) == (dataset_id, z):
+    del st.session_state["start_request"]
+    if draft is not None and draft.dirty:
+        st.warning(f"This slice has {draft.changed_pixels:,} unsaved changed pixels: they are kept. Choose the "
+                   "prediction under **Start from** to drop them and start from it.")
+    else:
+        draft = drafts[(dataset_id, z)] = svc.new_draft(
+            dataset_id, z, StartOption("prediction", f"prediction #{request[2]}", None, request[2]))
 if draft is None or (not draft.dirty and draft.latest_id != (latest.id if latest else None)):
     draft = drafts[(dataset_id, z)] = svc.new_draft(dataset_id, z, options[0])  # new, or saved elsewhere
 

@@ -108,3 +108,26 @@ def slice_strip(kinds: list[str]) -> go.Figure:
                       xaxis=dict(title="slice", range=[-0.6, len(kinds) - 0.4], dtick=max(1, len(kinds) // 20)),
                       legend=dict(orientation="h", y=1.25, x=0), bargap=0)
     return fig
+
+
+METRIC_NAMES = {"loss": "training loss", "lr": "learning rate", "val_loss": "validation loss",
+                "val_pixel_error": "pixel error", "val_dice": "Dice", "val_iou": "IoU", "val_rand_f": "Rand-F",
+                "val_vi": "VI"}
+
+
+def run_curves_figure(curves_by_run: dict[int, dict[str, list[tuple[int, float, float]]]], keys: list[str],
+                      title: str) -> go.Figure:
+    """Curves against the step: one line per run and metric."""
+    fig = go.Figure()
+    many = len(curves_by_run) > 1
+    for run_id, curves in curves_by_run.items():
+        for key in keys:
+            points = curves.get(key, [])
+            if points:
+                name = METRIC_NAMES.get(key, key)
+                fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points],
+                                         mode="lines+markers" if len(points) < 30 else "lines",
+                                         name=f"run {run_id}: {name}" if many else name))
+    fig.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="step",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig

@@ -1,8 +1,188 @@
-"""Predict: arrives with the next issue (training in the background, predictions, run history)."""
+"""Predict: segment a dataset's slices with a checkpoint in the background, look at the result as
+overlays (probability, mask, contours, instances, errors against the labels), read the metrics, export
+TIFFs, and send a slice to Annotate to correct it."""
 
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 
+from pages.common import dataset_picker, flash, service, show_flashes
+from storage.service import UserError
+from unet.io import parse_slices
+from unet.paint import (
+    ERROR_COLOURS,
+    View,
+    auto_window,
+    blend,
+    boundaries,
+    error_map,
+    heatmap,
+    instance_colours,
+    overlay,
+    window,
+)
+
+svc = service()
 st.title("Predict")
-st.info("This page is being built. Meanwhile the command line does it: `python -m unet --help`.")
+show_flashes()
+ACTIVE = ("QUEUED", "RUNNING")
+
+datasets = svc.datasets()
+checkpoints = svc.checkpoint_choices()
+if not datasets:
+    st.info("No datasets yet: load the demo on the home page or upload a stack on **Datasets**.")
+    st.stop()
+if not checkpoints:
+    st.info("No trained model yet: start a run on **Train**; its checkpoints appear here.")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+
+
+def _label(c: dict) -> str:
+    metrics = c["metrics"]
+    scores = " · ".join(f"{name} {metrics[key]:.3f}" for key, name in
+                        (("val_pixel_error", "pixel error"), ("val_rand_f", "Rand-F")) if key in metrics)
+    return f"run {c['run_id']} ({c['preset'] or 'custom'}) · {c['kind']} at step {c['step']}" + (
+        f" · {scores}" if scores else "")
+
+
+top = st.columns([3, 3])
+with top[0]:
+    checkpoint_id = st.selectbox("Checkpoint", [c["id"] for c in checkpoints], key="predict_checkpoint",
+                                 format_func=lambda i: _label(next(c for c in checkpoints if c["id"] == i)))
+with top[1]:
+    dataset_id = dataset_picker(datasets)
+    st.caption("To segment a new stack, upload it on **Datasets** first (it is checked and stored once).")
+info = svc.dataset(dataset_id)
+
+with st.form("predict_form"):
+    slices_text = st.text_input("Slices", "all", help=f"all, or e.g. 0-4,9 (the stack has 0-{info.shape[0] - 1})")
+    go = st.form_submit_button("Predict", type="primary")
+if go:
+    try:
+        slices = list(range(info.shape[0])) if slices_text.strip().lower() in ("", "all") else parse_slices(
+            slices_text, info.shape[0])
+        job = svc.predict(checkpoint_id, dataset_id, slices)
+    except (ValueError, UserError) as exc:
+        st.error(f"Not started: {exc}")
+    else:
+        st.session_state["prediction_id"] = job.id
+        flash(f"Prediction #{job.id} started on {len(slices)} slice(s).", "info")
+        st.rerun()
+
+predictions = svc.predictions(dataset_id=dataset_id)
+if not predictions:
+    st.caption("No prediction of this dataset yet.")
+    st.stop()
+ids = [p.id for p in reversed(predictions)]
+wanted = st.session_state.get("prediction_id")
+pick = st.selectbox("Prediction", ids, index=ids.index(wanted) if wanted in ids else 0, key=f"pick_{dataset_id}",
+                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s) · {p.status}"
+                                               for p in predictions if p.id == i))
+st.session_state["prediction_id"] = pick
+
+
+def progress(prediction_id: int, was_active: bool) -> None:
+    job = svc.prediction(prediction_id)
+    if job.status in ACTIVE:
+        st.progress(job.done / len(job.slices), text=f"{job.status}: {job.done} of {len(job.slices)} slices")
+    elif job.status == "FAILED":
+        st.error(f"Prediction #{job.id} failed: {(job.error or '').strip().splitlines()[-1:]}")
+    if was_active and job.status not in ACTIVE:
+        st.rerun()
+
+
+job = svc.prediction(pick)
+st.fragment(progress, run_every=1.0 if job.status in ACTIVE else None)(pick, job.status in ACTIVE)
+if job.status != "FINISHED":
+    st.stop()
+
+# --- the viewer -----------------------------------------------------------------------------------
+probs = svc.probabilities(job.id)
+volume = svc.volume(dataset_id)
+kinds = svc.slice_kinds(dataset_id)
+controls, picture = st.columns([1, 3])
+with controls:
+    z = st.select_slider("Slice", job.slices, key=f"pred_slice_{job.id}") if len(job.slices) > 1 else job.slices[0]
+    layers = st.multiselect("Overlays", ["probability", "mask", "membrane contours", "instances", "errors"],
+                            default=["mask"], key="pred_layers")
+    opacity = st.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="pred_opacity")
+    side_by_side = st.toggle("Side by side", key="pred_side")
+    threshold = 0.5
+prob = probs[job.slices.index(z)]
+image = volume[z]
+grey = window(image, *auto_window(image))
+rgb = overlay(grey, None, 0)
+shown = rgb
+mask = prob > threshold
+if "probability" in layers:
+    shown = blend(shown, heatmap(prob), opacity)
+if "mask" in layers:
+    shown = blend(shown, np.broadcast_to(np.array([0, 200, 255], np.uint8), shown.shape), opacity, where=mask)
+if "instances" in layers:
+    from unet.postprocess import instances
+
+    shown = blend(shown, instance_colours(instances(prob)), opacity)
+if "membrane contours" in layers:
+    shown = blend(shown, np.broadcast_to(np.array([255, 255, 0], np.uint8), shown.shape), 1.0,
+                  where=boundaries(mask.astype(np.uint8)))
+target = svc.mask(kinds[z].id) if z in kinds else None
+if "errors" in layers:
+    if target is None:
+        controls.caption("Slice has no mask: no error map.")
+    else:
+        for name, where in error_map(prob, target, threshold).items():
+            shown = blend(shown, np.broadcast_to(np.array(ERROR_COLOURS[name], np.uint8), shown.shape), 0.8,
+                          where=where)
+        controls.caption("Errors: magenta = false neuron (neuron predicted on membrane), green = missed neuron.")
+view = View.fit(image.shape, target=640 if side_by_side else 768)
+with picture:
+    if side_by_side:
+        a, b = st.columns(2)
+        a.image(view.render(rgb), caption=f"slice {z}")
+        b.image(view.render(shown), caption=", ".join(layers) or "no overlay")
+    else:
+        st.image(view.render(shown), caption=f"slice {z}: {', '.join(layers) or 'no overlay'}")
+
+metrics = job.metrics or {}
+if metrics.get("slices"):
+    names = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f": "Rand-F", "vi": "VI"}
+    this = metrics["slices"].get(str(z))
+    cols = st.columns(len(names))
+    for col, (key, name) in zip(cols, names.items(), strict=True):
+        value = this.get(key) if this else None
+        col.metric(f"{name} (slice {z})", "–" if value is None else f"{value:.3f}",
+                   help=f"stack mean: {metrics['mean'].get(key, float('nan')):.3f}")
+    with st.expander("Metrics per slice (against each slice's latest mask)"):
+        rows = [{"slice": str(s), **{names[k]: round(v, 4) for k, v in m.items() if k in names}}
+                for s, m in sorted(metrics["slices"].items(), key=lambda kv: int(kv[0]))]
+        rows.append({"slice": "mean", **{names[k]: round(v, 4) for k, v in metrics["mean"].items() if k in names}})
+        st.dataframe(rows, hide_index=True, key="pred_metrics")
+else:
+    st.caption("No masks on the predicted slices: no metrics.")
+
+# --- export and correct ---------------------------------------------------------------------------
+actions = st.columns(4)
+for col, (output, label) in zip(actions, (("probabilities", "Probabilities (float32 TIFF)"),
+                                          ("mask", "Mask (0/255 TIFF)"), ("instances", "Instances (TIFF)")),
+                                strict=False):
+    try:
+        data = svc.prediction_file(job.id, output)
+    except UserError as exc:
+        col.error(str(exc))
+        continue
+    col.download_button(label, data, file_name=f"prediction-{job.id}-{output}.tif", mime="image/tiff",
+                        key=f"download_{output}")
+
+
+def _correct() -> None:
+    st.session_state["dataset_id"] = dataset_id
+    st.session_state[f"annotate_slice_{dataset_id}"] = z
+    st.session_state.setdefault("slice_of", {})[dataset_id] = z
+    st.session_state["start_request"] = (dataset_id, z, job.id)
+
+
+if actions[3].button("Correct this slice", key="correct_slice", on_click=_correct,
+                     help="Open Annotate with this prediction as the starting mask"):
+    st.switch_page("pages/annotate.py")

@@ -1,8 +1,181 @@
-"""Train: arrives with the next issue (training in the background, predictions, run history)."""
+"""Train: choose the data and the recipe, start a run in the background, and follow it live."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
+from pages.common import flash, run_curves_figure, service, show_flashes
+from storage.service import UserError
+from unet.config import PRESETS, preset
+from unet.io import parse_slices
+
+svc = service()
 st.title("Train")
-st.info("This page is being built. Meanwhile the command line does it: `python -m unet --help`.")
+show_flashes()
+
+ACTIVE = ("QUEUED", "RUNNING")
+CPU_NOTES = {"cpu-quick": "about 10 minutes on 2 CPU cores (1,500 steps; see the README's benchmarks)",
+             "tiny": "well under a minute (30 steps of a tiny network: a smoke test, not a model)",
+             "gpu-full": "hours on a CPU: this preset is meant for a GPU"}
+
+
+def follow(run_id: int, was_active: bool) -> None:
+    """The run's state; a fragment polls it from the store every two seconds while the run is queued or
+    running, and the page reruns once when it stops (which ends the polling)."""
+    run = svc.run(run_id)
+    progress = svc.progress(run)
+    head = st.columns([2, 3, 2, 2], vertical_alignment="center")
+    head[0].markdown(f"### Run {run.id}")
+    head[0].markdown(f"Status: **{run.status}**" + (" (cancel requested)" if run.cancel_requested and
+                                                      run.status in ACTIVE else ""))
+    fraction = progress.step / progress.steps if progress.steps else 0.0
+    eta = f", about {progress.eta_s / 60:.1f} min left" if progress.eta_s is not None else ""
+    head[1].progress(min(fraction, 1.0), text=f"step {progress.step} of {progress.steps}{eta}")
+    if run.status in ACTIVE:
+        if head[2].button("Cancel", key=f"cancel_{run.id}", disabled=run.cancel_requested):
+            svc.cancel_run(run.id)
+            st.rerun(scope="fragment")
+    elif run.status in ("CANCELLED", "FAILED", "LOST") and head[2].button(
+            "Resume", key=f"resume_{run.id}", help="Continue from its latest checkpoint"):
+        try:
+            svc.resume_run(run.id)
+        except UserError as exc:
+            st.error(str(exc))
+        else:
+            st.rerun()
+    head[3].page_link("pages/runs.py", label="All runs", icon=":material/monitoring:")
+    if run.error and run.status in ("FAILED", "LOST"):
+        st.error(run.error.strip().splitlines()[-1])
+    curves = svc.curves(run.id)
+    if curves:
+        left, right = st.columns(2)
+        left.plotly_chart(run_curves_figure({run.id: curves}, ["loss"], "Training loss"), key=f"loss_{run.id}")
+        val_keys = [k for k in ("val_loss", "val_pixel_error", "val_dice", "val_rand_f", "val_vi") if k in curves]
+        if val_keys:
+            right.plotly_chart(run_curves_figure({run.id: curves}, val_keys, "Validation"), key=f"val_{run.id}")
+        else:
+            right.caption("Validation metrics appear after the first validation.")
+    with st.expander("Worker log (last lines)", expanded=run.status == "FAILED"):
+        st.code(svc.run_log(run.id) or "(empty so far)", language=None)
+    if was_active and run.status not in ACTIVE:
+        st.rerun()  # the run stopped: rerun the page, whose fragment no longer polls
+
+
+# --- the data -------------------------------------------------------------------------------------
+datasets = [d for d in svc.datasets() if d.labelled_slices > 0]
+overview = svc.overview()
+if overview.device.startswith("CPU"):
+    st.info(f"No GPU here: training runs on the CPU ({overview.device}).")
+else:
+    st.success(f"Training runs on **{overview.device}**.")
+
+runs = svc.runs()
+followed = st.session_state.get("train_run_id")
+if followed is None or followed not in {r.id for r in runs}:
+    active = [r for r in runs if r.status in ACTIVE]
+    followed = (active or runs or [None])[0]
+    followed = followed.id if followed is not None else None
+
+if not datasets:
+    st.info("No dataset has labelled slices yet: load the demo on the home page, upload labels on **Datasets**, "
+            "or paint a few slices on **Annotate**.")
+else:
+    with st.expander("New training run", expanded=followed is None or not any(r.status in ACTIVE for r in runs)):
+        chosen = st.multiselect("Datasets", [d.id for d in datasets], default=[datasets[-1].id],
+                                format_func={d.id: f"{d.name} (#{d.id}, {d.labelled_slices} labelled slices)"
+                                             for d in datasets}.get, key="train_datasets")
+        train_parts, val_parts, problems = [], [], []
+        for dataset_id in chosen:
+            info = next(d for d in datasets if d.id == dataset_id)
+            labelled = sorted(svc.slice_kinds(dataset_id))
+            n_val = max(1, round(len(labelled) * 0.15)) if len(labelled) > 1 else 0
+            default_train = ",".join(map(str, labelled[:len(labelled) - n_val]))
+            default_val = ",".join(map(str, labelled[len(labelled) - n_val:]))
+            c1, c2 = st.columns(2)
+            t_text = c1.text_input(f"Training slices of {info.name}", default_train, key=f"train_slices_{dataset_id}",
+                                   help="e.g. 0-24 or 0,2,5-9")
+            v_text = c2.text_input(f"Validation slices of {info.name}", default_val, key=f"val_slices_{dataset_id}")
+            try:
+                t_slices = parse_slices(t_text, info.shape[0]) if t_text.strip() else []
+                v_slices = parse_slices(v_text, info.shape[0]) if v_text.strip() else []
+            except ValueError as exc:
+                problems.append(f"{info.name}: {exc}")
+                continue
+            missing = [z for z in t_slices + v_slices if z not in labelled]
+            if missing:
+                problems.append(f"{info.name}: slices {missing} have no mask yet")
+            if set(t_slices) & set(v_slices):
+                problems.append(f"{info.name}: slices {sorted(set(t_slices) & set(v_slices))} are on both sides")
+            if t_slices:
+                train_parts.append({"dataset_id": dataset_id, "slices": t_slices})
+            if v_slices:
+                val_parts.append({"dataset_id": dataset_id, "slices": v_slices})
+        plan = svc.train_plan("train", train_parts) + svc.train_plan("val", val_parts)
+        if plan:
+            sides = {role: sum(r["labelled pixels"] for r in plan if r["role"] == role) for role in ("train", "val")}
+            st.caption(f"Training: {sum(r['role'] == 'train' for r in plan)} slices, {sides['train']:,} labelled "
+                       f"pixels · validation: {sum(r['role'] == 'val' for r in plan)} slices, {sides['val']:,} "
+                       "labelled pixels. These exact mask versions are recorded with the run:")
+            st.dataframe(plan, hide_index=True, height=min(250, 40 + 35 * len(plan)), key="train_plan")
+
+        names = list(PRESETS)
+        default_preset = "cpu-quick" if overview.device.startswith("CPU") else "gpu-full"
+        preset_name = st.radio("Preset", names, index=names.index(default_preset), horizontal=True, key="train_preset")
+        if overview.device.startswith("CPU"):
+            st.caption(f"On this CPU, {preset_name} takes {CPU_NOTES.get(preset_name, 'a while')}.")
+        base = PRESETS[preset_name]
+        with st.expander("Knobs"):
+            k = st.columns(4)
+            width = k[0].select_slider("Width", [4, 8, 16, 32, 64], base.model.initial_features,
+                                       key=f"k_width_{preset_name}")
+            depth = k[0].slider("Depth", 1, 5, base.model.depth, key=f"k_depth_{preset_name}")
+            padding = k[1].radio("Padding", ["same", "valid"], ["same", "valid"].index(base.model.padding),
+                                 key=f"k_padding_{preset_name}", horizontal=True)
+            patch = k[1].number_input("Patch size", 32, 1024, base.patch_size, 16, key=f"k_patch_{preset_name}")
+            batch = k[2].number_input("Batch size", 1, 64, base.batch_size, key=f"k_batch_{preset_name}")
+            steps = k[2].number_input("Steps", 1, 200_000, base.steps, key=f"k_steps_{preset_name}")
+            lr = k[3].number_input("Learning rate", 1e-5, 0.5, float(base.lr), format="%.4f", key=f"k_lr_{preset_name}")
+            loss = k[3].selectbox("Loss", ["bce+dice", "bce", "dice"], ["bce+dice", "bce", "dice"].index(base.loss),
+                                  key=f"k_loss_{preset_name}")
+            a = st.columns(4)
+            flips = a[0].toggle("Flips and rotations", base.augment.flips, key=f"k_flips_{preset_name}")
+            elastic = a[1].slider("Elastic deformation (share of patches)", 0.0, 1.0, base.augment.elastic_p,
+                                  key=f"k_elastic_{preset_name}")
+            intensity = a[2].slider("Brightness/contrast/gamma (share)", 0.0, 1.0, base.augment.intensity_p,
+                                    key=f"k_intensity_{preset_name}")
+            budget = a[3].number_input("Time budget (min, 0 = none)", 0.0, 10_000.0,
+                                       (base.max_seconds or 0) / 60, key=f"k_budget_{preset_name}")
+        checkpoints = svc.checkpoint_choices()
+        parent = st.selectbox("Start from (fine-tune)", [None] + [c["id"] for c in checkpoints], key="train_parent",
+                              format_func=lambda i: "random initialisation" if i is None else next(
+                                  f"run {c['run_id']} · {c['kind']} at step {c['step']}" +
+                                  (f" · val loss {c['metrics']['val_loss']:.3f}" if "val_loss" in c["metrics"] else "")
+                                  for c in checkpoints if c["id"] == i))
+        config = None
+        try:
+            config = preset(preset_name, model={"initial_features": width, "depth": depth, "padding": padding},
+                            patch_size=int(patch), batch_size=int(batch), steps=int(steps), lr=float(lr), loss=loss,
+                            max_seconds=float(budget) * 60 if budget else None,
+                            augment=replace(base.augment, flips=flips, elastic_p=float(elastic),
+                                            intensity_p=float(intensity)))
+        except (ValueError, TypeError) as exc:
+            problems.append(f"recipe: {exc}")
+        for problem in problems:
+            st.error(problem)
+        if st.button("Train", type="primary", disabled=bool(problems) or not train_parts or config is None,
+                     key="train_submit"):
+            try:
+                run = svc.submit_training(train_parts, val_parts, config, preset=preset_name,
+                                          parent_checkpoint_id=parent)
+            except UserError as exc:
+                st.error(f"Not started: {exc}")
+            else:
+                st.session_state["train_run_id"] = run.id
+                flash(f"Run {run.id} submitted ({run.status}).")
+                st.rerun()
+
+if followed is not None:
+    active_now = svc.run(followed).status in ACTIVE
+    st.fragment(follow, run_every=2.0 if active_now else None)(followed, active_now)

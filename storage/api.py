@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
 from storage.files import FileStore
-from storage.models import MASK_KINDS, Checkpoint, Dataset, MaskVersion, Run, RunMask
+from storage.models import MASK_KINDS, Checkpoint, Dataset, MaskVersion, Prediction, Run, RunMask
 from unet.io import DEFAULT_MAX_BYTES, inspect_stack, read_labels, read_stack
 from unet.labels import IGNORE, labels_to_target
 
@@ -67,6 +67,7 @@ class Deleted:
     runs: int = 0
     checkpoints: int = 0
     files: int = 0
+    predictions: int = 0
 
     def __add__(self, other: Deleted) -> Deleted:
         return Deleted(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -74,7 +75,7 @@ class Deleted:
     def describe(self) -> str:
         parts = [f"{n} {label}" for n, label in ((self.datasets, "dataset(s)"), (self.mask_versions, "mask version(s)"),
                                                  (self.runs, "run(s)"), (self.checkpoints, "checkpoint(s)"),
-                                                 (self.files, "file(s)")) if n]
+                                                 (self.predictions, "prediction(s)"), (self.files, "file(s)")) if n]
         return ", ".join(parts) or "nothing"
 
 
@@ -196,10 +197,28 @@ def delete_run(session: Session, store: FileStore, run_id: int) -> Deleted:
     if run.status in ("QUEUED", "RUNNING"):
         raise ValueError(f"run {run_id} is {run.status}: cancel it before deleting it")
     checkpoints = session.scalar(select(func.count()).where(Checkpoint.run_id == run_id)) or 0
+    predictions = _predictions_of(session, Prediction.checkpoint_id.in_(
+        select(Checkpoint.id).where(Checkpoint.run_id == run_id)))
     session.delete(run)
     session.flush()
     files = store.delete_tree(f"runs/{int(run_id)}")
-    return Deleted(runs=1, checkpoints=int(checkpoints), files=files)
+    files += sum(store.delete_tree(f"predictions/{p}") for p in predictions)
+    return Deleted(runs=1, checkpoints=int(checkpoints), files=files, predictions=len(predictions))
+
+
+def _predictions_of(session: Session, condition) -> list[int]:
+    return list(session.scalars(select(Prediction.id).where(condition)))
+
+
+def run_preview(session: Session, store: FileStore, run_id: int) -> Deleted:
+    """What :func:`delete_run` would remove, changing nothing."""
+    if session.get(Run, run_id) is None:
+        raise NotFound(f"run {run_id} does not exist")
+    checkpoints = session.scalar(select(func.count()).where(Checkpoint.run_id == run_id)) or 0
+    predictions = _predictions_of(session, Prediction.checkpoint_id.in_(
+        select(Checkpoint.id).where(Checkpoint.run_id == run_id)))
+    files = store.count_files(f"runs/{int(run_id)}") + sum(store.count_files(f"predictions/{p}") for p in predictions)
+    return Deleted(runs=1, checkpoints=int(checkpoints), files=files, predictions=len(predictions))
 
 
 def deletion_preview(session: Session, store: FileStore, dataset_id: int) -> Deleted:
@@ -209,10 +228,15 @@ def deletion_preview(session: Session, store: FileStore, dataset_id: int) -> Del
     run_ids = runs_using_dataset(session, dataset_id)
     masks = session.scalar(select(func.count()).where(MaskVersion.dataset_id == dataset_id)) or 0
     checkpoints = session.scalar(select(func.count()).where(Checkpoint.run_id.in_(run_ids))) if run_ids else 0
+    predictions = set(_predictions_of(session, Prediction.dataset_id == dataset_id))
+    if run_ids:
+        predictions |= set(_predictions_of(session, Prediction.checkpoint_id.in_(
+            select(Checkpoint.id).where(Checkpoint.run_id.in_(run_ids)))))
     files = store.count_files(store.dataset_dir(dataset_id)) + sum(store.count_files(f"runs/{int(r)}")
                                                                       for r in run_ids)
+    files += sum(store.count_files(f"predictions/{p}") for p in predictions)
     return Deleted(datasets=1, mask_versions=int(masks), runs=len(run_ids), checkpoints=int(checkpoints or 0),
-                   files=files)
+                   files=files, predictions=len(predictions))
 
 
 def delete_dataset(session: Session, store: FileStore, dataset_id: int) -> Deleted:
@@ -229,10 +253,12 @@ def delete_dataset(session: Session, store: FileStore, dataset_id: int) -> Delet
     for run_id in run_ids:
         removed += delete_run(session, store, run_id)
     masks = session.scalar(select(func.count()).where(MaskVersion.dataset_id == dataset_id)) or 0
+    predictions = _predictions_of(session, Prediction.dataset_id == dataset_id)
     session.delete(row)
     session.flush()
     files = store.delete_tree(store.dataset_dir(dataset_id))
-    return removed + Deleted(datasets=1, mask_versions=int(masks), files=files)
+    files += sum(store.delete_tree(f"predictions/{p}") for p in predictions)
+    return removed + Deleted(datasets=1, mask_versions=int(masks), files=files, predictions=len(predictions))
 
 
 def mask_history(session: Session, dataset_id: int, slice_index: int) -> list[MaskInfo]:

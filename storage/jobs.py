@@ -48,11 +48,23 @@ class RunInfo:
     error: str | None
     pid: int | None
     cancel_requested: bool
+    parent_checkpoint_id: int | None = None
+
+    @property
+    def dataset_ids(self) -> list[int]:
+        return sorted({p["dataset_id"] for role in ("train", "val") for p in self.spec.get(role, [])})
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started is None:
+            return None
+        end = _aware(self.finished) or datetime.now(UTC)
+        return (end - _aware(self.started)).total_seconds()
 
 
 def _info(row: Run) -> RunInfo:
     return RunInfo(row.id, row.status, row.device, row.spec, row.config, row.created, row.started, row.finished,
-                   row.error, row.pid, row.cancel_requested is not None)
+                   row.error, row.pid, row.cancel_requested is not None, row.parent_checkpoint_id)
 
 
 def device_key(config: TrainConfig) -> str:
@@ -227,6 +239,65 @@ def run_metrics(session: Session, run_id: int, key: str) -> list[tuple[int, floa
     rows = session.execute(select(Metric.step, Metric.value, Metric.time)
                            .where(Metric.run_id == run_id, Metric.key == key).order_by(Metric.step))
     return [tuple(r) for r in rows]
+
+
+def list_runs(session: Session) -> list[RunInfo]:
+    reconcile(session)
+    return [_info(r) for r in session.scalars(select(Run).order_by(Run.id.desc()))]
+
+
+def run_metric_keys(session: Session, run_id: int) -> list[str]:
+    return sorted(session.scalars(select(Metric.key).where(Metric.run_id == run_id).distinct()))
+
+
+def run_masks(session: Session, run_id: int) -> list[dict[str, Any]]:
+    """The mask versions a run trained and validated on."""
+    from storage.models import MaskVersion
+
+    rows = session.execute(select(RunMask.role, MaskVersion, Dataset.name)
+                           .join(MaskVersion, RunMask.mask_version_id == MaskVersion.id)
+                           .join(Dataset, MaskVersion.dataset_id == Dataset.id)
+                           .where(RunMask.run_id == run_id)
+                           .order_by(RunMask.role.desc(), MaskVersion.dataset_id, MaskVersion.slice_index))
+    return [{"role": role, "dataset_id": m.dataset_id, "dataset": name, "slice": m.slice_index,
+             "version": m.version, "kind": m.kind, "author": m.author, "labelled_pixels": m.labelled_pixels,
+             "mask_id": m.id} for role, m, name in rows]
+
+
+def checkpoint_run(session: Session, checkpoint_id: int | None) -> int | None:
+    if checkpoint_id is None:
+        return None
+    row = session.get(Checkpoint, checkpoint_id)
+    return row.run_id if row else None
+
+
+def child_runs(session: Session, run_id: int) -> list[int]:
+    """Runs fine-tuned from one of this run's checkpoints."""
+    return list(session.scalars(select(Run.id).join(Checkpoint, Run.parent_checkpoint_id == Checkpoint.id)
+                                .where(Checkpoint.run_id == run_id).order_by(Run.id)))
+
+
+def delete_checkpoint(session: Session, store: FileStore, checkpoint_id: int) -> int:
+    """Delete one checkpoint (its predictions go with it; runs fine-tuned from it keep running and forget
+    their parent). Returns the number of files removed."""
+    from storage.models import Prediction
+
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    run = session.get(Run, row.run_id)
+    if run.status in ACTIVE:
+        raise ValueError(f"run {run.id} is {run.status}: its checkpoints are still being written")
+    predictions = list(session.scalars(select(Prediction.id).where(Prediction.checkpoint_id == checkpoint_id)))
+    path = store.abspath(row.file)
+    session.delete(row)
+    session.flush()
+    removed = 0
+    for p in (path, path.with_suffix(".json")):
+        if p.is_file():
+            p.unlink()
+            removed += 1
+    return removed + sum(store.delete_tree(f"predictions/{p}") for p in predictions)
 
 
 def run_checkpoints(session: Session, run_id: int) -> list[dict[str, Any]]:

@@ -123,7 +123,14 @@ class Prediction(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
-    file: Mapped[str] = mapped_column(String(255))
+    file: Mapped[str] = mapped_column(String(255))  # the probabilities (float32 TIFF, one page per slice)
     sha256: Mapped[str] = mapped_column(String(64))
-    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"slices": {z: {...}}, "mean": {...}}
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    slices: Mapped[list[int]] = mapped_column(JSON, default=list, server_default="[]")
+    status: Mapped[str] = mapped_column(String(16), default="QUEUED", server_default="FINISHED")
+    done: Mapped[int] = mapped_column(default=0, server_default="0")  # slices predicted so far
+    error: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int | None]
+    pid_started: Mapped[float | None]
+    files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")  # name → {file, sha256}

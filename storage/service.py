@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from sqlalchemy import func, select
@@ -50,6 +50,17 @@ class StartOption:
     source: str  # a key of storage.annotate.SOURCES
     label: str
     mask_id: int | None
+    prediction_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a training run is: steps done of all, seconds so far, and the estimated seconds left."""
+
+    step: int
+    steps: int
+    seconds: float
+    eta_s: float | None
 
 
 def isbi_dir() -> Path | None:
@@ -65,7 +76,226 @@ def _disk_message(exc: OSError) -> str:
     return f"could not write to the data directory: {exc.strerror or exc} (nothing was stored)"
 
 
-class Neuroseg:
+class _Jobs:
+    """Training runs, checkpoints and predictions (mixed into :class:`Neuroseg`)."""
+
+    sessions: Any
+    store: Any
+    settings: Settings
+
+    # --- training -------------------------------------------------------------------------------------
+    def train_plan(self, role: str, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Which mask version of each chosen slice a run would use, and how many labelled pixels."""
+        rows = []
+        with self.sessions.begin() as s:
+            for part in parts:
+                info = api.get_dataset(s, part["dataset_id"])
+                for z in part["slices"]:
+                    mask = api.latest_mask(s, info.id, z)
+                    rows.append({"role": role, "dataset": info.name, "slice": z,
+                                 "version": f"v{mask.version}" if mask else "none",
+                                 "kind": mask.kind if mask else "",
+                                 "labelled pixels": mask.labelled_pixels if mask else 0})
+        return rows
+
+    def submit_training(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: Any, *,
+                        preset: str = "", parent_checkpoint_id: int | None = None):
+        from storage.jobs import start_queued, submit_training
+
+        spec = {"train": train, "val": val, "preset": preset}
+        try:
+            with self.sessions.begin() as s:
+                run = submit_training(s, spec, config, parent_checkpoint_id)
+        except (ValueError, NotFound, RuntimeError) as exc:
+            raise UserError(str(exc)) from exc
+        start_queued(self.sessions, self.settings)
+        return self.run(run.id)
+
+    def runs(self):
+        from storage.jobs import list_runs
+
+        with self.sessions.begin() as s:
+            return list_runs(s)
+
+    def run(self, run_id: int):
+        from storage.jobs import get_run
+
+        with self.sessions.begin() as s:
+            return get_run(s, run_id)
+
+    def curves(self, run_id: int) -> dict[str, list[tuple[int, float, float]]]:
+        from storage.jobs import run_metric_keys, run_metrics
+
+        with self.sessions.begin() as s:
+            return {k: run_metrics(s, run_id, k) for k in run_metric_keys(s, run_id)}
+
+    def progress(self, run) -> RunProgress:
+        from storage.jobs import run_metrics
+
+        with self.sessions.begin() as s:
+            points = run_metrics(s, run.id, "loss")
+        steps = int(run.config.get("steps", 0))
+        if not points:
+            return RunProgress(0, steps, 0.0, None)
+        step, _, seconds = points[-1]
+        eta = (steps - step) * seconds / step if step > 0 and run.status in ("QUEUED", "RUNNING") else None
+        budget = run.config.get("max_seconds")
+        if eta is not None and budget:
+            eta = min(eta, max(0.0, budget - seconds))
+        return RunProgress(int(step), steps, float(seconds), eta)
+
+    def run_log(self, run_id: int, lines: int = 30) -> str:
+        path = self.settings.data_dir / "runs" / str(int(run_id)) / "worker.log"
+        if not path.is_file():
+            return ""
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 64_000))
+            text = fh.read().decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cancel_run(self, run_id: int):
+        from storage.jobs import cancel_run
+
+        try:
+            with self.sessions.begin() as s:
+                return cancel_run(s, run_id)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+
+    def resume_run(self, run_id: int):
+        from storage.jobs import resume_run, start_queued
+
+        try:
+            with self.sessions.begin() as s:
+                resume_run(s, run_id)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        start_queued(self.sessions, self.settings)
+        return self.run(run_id)
+
+    def checkpoints(self, run_id: int) -> list[dict[str, Any]]:
+        from storage.jobs import run_checkpoints
+
+        with self.sessions.begin() as s:
+            return run_checkpoints(s, run_id)
+
+    def checkpoint_choices(self) -> list[dict[str, Any]]:
+        """Every checkpoint of every run, newest run first, with its validation metrics."""
+        out = []
+        for run in self.runs():
+            for c in self.checkpoints(run.id):
+                out.append({**c, "run_id": run.id, "run_status": run.status, "preset": run.spec.get("preset", "")})
+        return out
+
+    def checkpoint_bytes(self, checkpoint_id: int) -> bytes:
+        from storage.files import sha256_of
+        from storage.models import Checkpoint
+
+        with self.sessions.begin() as s:
+            row = s.get(Checkpoint, checkpoint_id)
+            if row is None:
+                raise UserError(f"checkpoint {checkpoint_id} does not exist")
+            path, sha = self.store.abspath(row.file), row.sha256
+        if not path.is_file() or sha256_of(path) != sha:
+            raise UserError(f"checkpoint {checkpoint_id}'s file is missing or damaged")
+        return path.read_bytes()
+
+    def delete_checkpoint(self, checkpoint_id: int) -> int:
+        from storage.jobs import delete_checkpoint
+
+        try:
+            with self.sessions.begin() as s:
+                return delete_checkpoint(s, self.store, checkpoint_id)
+        except (ValueError, NotFound) as exc:
+            raise UserError(str(exc)) from exc
+
+    def run_masks(self, run_id: int) -> list[dict[str, Any]]:
+        from storage.jobs import run_masks
+
+        with self.sessions.begin() as s:
+            return run_masks(s, run_id)
+
+    def lineage(self, run_id: int) -> tuple[int | None, list[int]]:
+        """(the run this one was fine-tuned from, the runs fine-tuned from this one)."""
+        from storage.jobs import checkpoint_run, child_runs
+
+        run = self.run(run_id)
+        with self.sessions.begin() as s:
+            return checkpoint_run(s, run.parent_checkpoint_id), child_runs(s, run_id)
+
+    def run_deletion_preview(self, run_id: int) -> Deleted:
+        with self.sessions.begin() as s:
+            return api.run_preview(s, self.store, run_id)
+
+    def delete_run(self, run_id: int) -> Deleted:
+        try:
+            with self.sessions.begin() as s:
+                return api.delete_run(s, self.store, run_id)
+        except (ValueError, NotFound) as exc:
+            raise UserError(str(exc)) from exc
+
+    # --- predictions ------------------------------------------------------------------------------------
+    def predict(self, checkpoint_id: int, dataset_id: int, slices: list[int]):
+        from storage.predictions import launch_prediction, submit_prediction
+
+        try:
+            with self.sessions.begin() as s:
+                info = submit_prediction(s, checkpoint_id, dataset_id, slices)
+        except (ValueError, NotFound) as exc:
+            raise UserError(str(exc)) from exc
+        proc = launch_prediction(self.settings, info.id)
+        from sqlalchemy import update
+
+        from storage.models import Prediction
+        from storage.procs import start_time
+
+        with self.sessions.begin() as s:  # so that a process that dies before it starts is noticed
+            s.execute(update(Prediction).where(Prediction.id == info.id, Prediction.pid.is_(None))
+                      .values(pid=proc.pid, pid_started=start_time(proc.pid)))
+        return self.prediction(info.id)
+
+    def prediction(self, prediction_id: int):
+        from storage.predictions import get_prediction
+
+        with self.sessions.begin() as s:
+            return get_prediction(s, prediction_id)
+
+    def predictions(self, *, dataset_id: int | None = None, run_id: int | None = None):
+        from storage.predictions import list_predictions
+
+        with self.sessions.begin() as s:
+            return list_predictions(s, dataset_id=dataset_id, run_id=run_id)
+
+    def probabilities(self, prediction_id: int) -> np.ndarray:
+        from storage.predictions import load_probabilities
+
+        key = (-prediction_id, "prob")
+        with self._lock:
+            if key in self._volumes:
+                return self._volumes[key]
+        try:
+            with self.sessions.begin() as s:
+                data = load_probabilities(s, self.store, prediction_id)
+        except (IntegrityError, NotFound) as exc:
+            raise UserError(str(exc)) from exc
+        data.setflags(write=False)
+        with self._lock:
+            self._volumes[key] = data
+            while len(self._volumes) > 4:
+                self._volumes.popitem(last=False)
+        return data
+
+    def prediction_file(self, prediction_id: int, output: str) -> bytes:
+        from storage.predictions import prediction_file
+
+        try:
+            with self.sessions.begin() as s:
+                return prediction_file(s, self.store, prediction_id, output)
+        except (IntegrityError, NotFound) as exc:
+            raise UserError(str(exc)) from exc
+
+
+class Neuroseg(_Jobs):
     def __init__(self, settings: Settings | None = None, *, start_jobs: bool = True):
         from storage.jobs import startup
 
@@ -257,6 +487,10 @@ class Neuroseg:
         predicted = [m for m in history if m.kind == "predicted"]
         if predicted and predicted[-1].id != history[-1].id:
             options.append(StartOption("prediction", f"prediction (v{predicted[-1].version})", predicted[-1].id))
+        for p in reversed(self.predictions(dataset_id=dataset_id)):
+            if p.status == "FINISHED" and slice_index in p.slices:
+                options.append(StartOption("prediction", f"prediction #{p.id} (run {p.run_id})", None, p.id))
+                break
         options.append(StartOption("nothing", "nothing (scribble: only painted pixels count)", None))
         return options
 
@@ -264,6 +498,12 @@ class Neuroseg:
         info = self.dataset(dataset_id)
         history = self.history(dataset_id, slice_index)
         latest_id = history[-1].id if history else None
+        if option.prediction_id is not None:
+            from unet.postprocess import to_mask
+
+            prediction = self.prediction(option.prediction_id)
+            prob = self.probabilities(prediction.id)[prediction.slices.index(slice_index)]
+            return Draft(dataset_id, slice_index, "prediction", None, latest_id, "predicted→painted", to_mask(prob))
         if option.mask_id is None:
             return Draft.blank(dataset_id, slice_index, (info.shape[1], info.shape[2]), latest_id)
         source = next(m for m in history if m.id == option.mask_id)

@@ -105,3 +105,23 @@ def test_overlay_tints_labelled_pixels_and_window_stretches_contrast():
     image = np.concatenate([np.zeros(2), np.full(996, 5.0), np.full(2, 1000.0)])
     assert auto_window(image) == (0.0, 1000.0)  # percentiles collapse: fall back to the full range
     assert auto_window(np.full(10, 5.0)) == (5.0, 6.0)  # a flat image still gets a valid window
+
+
+def test_prediction_overlays():
+    from unet.paint import ERROR_COLOURS, blend, boundaries, error_map, heatmap, instance_colours
+
+    prob = np.array([[0.0, 1.0], [0.9, 0.2]], np.float32)
+    hot = heatmap(prob)
+    assert hot.shape == (2, 2, 3) and hot[0, 1].sum() > hot[0, 0].sum()
+    target = np.array([[NEURON, MEMBRANE], [IGNORE, NEURON]], np.uint8)
+    errors = error_map(prob, target)
+    np.testing.assert_array_equal(errors["false neuron"], [[False, True], [False, False]])
+    np.testing.assert_array_equal(errors["missed neuron"], [[True, False], [False, True]])
+    assert set(ERROR_COLOURS) == set(errors)
+    labels = np.array([[1, 1, 2], [1, 1, 2]])
+    np.testing.assert_array_equal(boundaries(labels), [[False, True, False], [False, True, False]])
+    colours = instance_colours(labels)
+    assert (colours[0, 0] == colours[1, 1]).all() and not (colours[0, 0] == colours[0, 2]).all()
+    base = np.zeros((2, 3, 3), np.uint8)
+    out = blend(base, np.full((2, 3, 3), 200, np.uint8), 0.5, where=boundaries(labels))
+    assert out[0, 1, 0] == 100 and out[0, 0, 0] == 0

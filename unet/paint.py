@@ -142,3 +142,46 @@ def merge_strokes(mask: np.ndarray, rgba: np.ndarray | None, view: View) -> np.n
     painted = image_classes != NOT_PAINTED
     region[painted] = image_classes[painted]
     return result
+
+
+# --- prediction overlays ------------------------------------------------------------------------------
+_HEAT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)  # inferno
+ERROR_COLOURS = {"false neuron": (255, 0, 255), "missed neuron": (0, 255, 0)}
+
+
+def heatmap(prob: np.ndarray) -> np.ndarray:
+    """RGB uint8 of a probability map in [0, 1] (inferno-like: dark = membrane, bright = neuron)."""
+    x = np.clip(prob.astype(np.float32), 0, 1) * (len(_HEAT) - 1)
+    low = np.minimum(x.astype(np.int32), len(_HEAT) - 2)
+    t = (x - low)[..., None]
+    return (_HEAT[low] * (1 - t) + _HEAT[low + 1] * t + 0.5).astype(np.uint8)
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose right or lower neighbour has another label (contours of a mask or of instances)."""
+    edge = np.zeros(labels.shape, bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    return edge
+
+
+def instance_colours(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """RGB uint8: every instance in its own random colour (the same colour for the same label)."""
+    palette = np.random.default_rng(seed).integers(40, 256, (int(labels.max()) + 1, 3)).astype(np.uint8)
+    palette[0] = 0
+    return palette[labels]
+
+
+def error_map(prob: np.ndarray, target: np.ndarray, threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Where the prediction is wrong against a mask: neuron predicted on membrane ("false neuron") and
+    membrane predicted on neuron ("missed neuron"); unlabelled pixels are never errors."""
+    pred = prob > threshold
+    return {"false neuron": pred & (target == MEMBRANE), "missed neuron": ~pred & (target == NEURON)}
+
+
+def blend(base: np.ndarray, layer: np.ndarray, opacity: float, where: np.ndarray | None = None) -> np.ndarray:
+    """``base`` RGB with ``layer`` RGB on top at ``opacity`` (only ``where``, when given)."""
+    out = base.astype(np.float32)
+    mixed = out * (1 - opacity) + layer.astype(np.float32) * opacity
+    out = mixed if where is None else np.where(where[..., None], mixed, out)
+    return (out + 0.5).astype(np.uint8)

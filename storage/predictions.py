@@ -1,0 +1,226 @@
+"""Predictions: a checkpoint applied to a dataset's slices, as a background process like training.
+
+``submit_prediction`` records the row (QUEUED) and ``launch_prediction`` starts
+``python -m storage.predictions --prediction-id N`` in its own process group. The process predicts slice
+by slice (``done`` counts them, so the page shows progress), scores each slice that has a mask, and writes
+three ImageJ TIFFs: the neuron probabilities (float32), the mask (0/255) and the neuron instances
+(watershed). A process that dies is noticed on the next status read (FAILED, with the reason)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from storage.api import NotFound, latest_mask, load_mask, load_volume
+from storage.files import FileStore
+from storage.models import Checkpoint, Dataset, Prediction
+from storage.procs import is_alive, start_time
+from storage.settings import PROJECT_ROOT, Settings
+
+OUTPUTS = ("probabilities", "mask", "instances")
+
+
+@dataclass(frozen=True)
+class PredictionInfo:
+    id: int
+    checkpoint_id: int
+    run_id: int
+    dataset_id: int
+    slices: list[int]
+    status: str
+    done: int
+    error: str | None
+    metrics: dict[str, Any] | None
+    created: datetime
+    pid: int | None = None
+
+
+def _info(row: Prediction, run_id: int) -> PredictionInfo:
+    return PredictionInfo(row.id, row.checkpoint_id, run_id, row.dataset_id, list(row.slices), row.status, row.done,
+                          row.error, row.metrics, row.created, row.pid)
+
+
+def reconcile_predictions(session: Session) -> None:
+    for row in session.scalars(select(Prediction).where(Prediction.status.in_(("QUEUED", "RUNNING")))):
+        if row.pid is not None and not is_alive(row.pid, row.pid_started):
+            row.status = "FAILED"
+            row.error = f"the prediction process (pid {row.pid}) stopped before it finished; start it again"
+    session.flush()
+
+
+def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, slices: list[int]) -> PredictionInfo:
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    if checkpoint is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    slices = sorted(set(int(z) for z in slices))
+    if not slices:
+        raise ValueError("choose at least one slice to predict")
+    if slices[0] < 0 or slices[-1] >= dataset.z:
+        raise ValueError(f"slices must be within 0-{dataset.z - 1}")
+    row = Prediction(checkpoint_id=checkpoint_id, dataset_id=dataset_id, slices=slices, status="QUEUED", done=0,
+                     file="", sha256="", files={})
+    session.add(row)
+    session.flush()
+    return _info(row, checkpoint.run_id)
+
+
+def launch_prediction(settings: Settings, prediction_id: int) -> subprocess.Popen:
+    from storage.jobs import _reap
+
+    folder = settings.data_dir / "predictions" / str(int(prediction_id))
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "NEUROSEG_DATA_DIR": str(settings.data_dir), "DATABASE_URL": settings.database_url,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    with open(folder / "predict.log", "ab") as log:
+        command = [sys.executable, "-m", "storage.predictions", "--prediction-id", str(int(prediction_id))]
+        proc = subprocess.Popen(command,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=PROJECT_ROOT, start_new_session=True)
+    _reap(proc)
+    return proc
+
+
+def get_prediction(session: Session, prediction_id: int) -> PredictionInfo:
+    reconcile_predictions(session)
+    row = session.get(Prediction, prediction_id)
+    if row is None:
+        raise NotFound(f"prediction {prediction_id} does not exist")
+    return _info(row, session.get(Checkpoint, row.checkpoint_id).run_id)
+
+
+def list_predictions(session: Session, *, dataset_id: int | None = None, run_id: int | None = None
+                     ) -> list[PredictionInfo]:
+    reconcile_predictions(session)
+    query = select(Prediction, Checkpoint.run_id).join(Checkpoint, Prediction.checkpoint_id == Checkpoint.id)
+    if dataset_id is not None:
+        query = query.where(Prediction.dataset_id == dataset_id)
+    if run_id is not None:
+        query = query.where(Checkpoint.run_id == run_id)
+    return [_info(row, rid) for row, rid in session.execute(query.order_by(Prediction.id))]
+
+
+def prediction_file(session: Session, store: FileStore, prediction_id: int, output: str) -> bytes:
+    """The bytes of one output TIFF, checked against its recorded checksum."""
+    from storage.files import IntegrityError, sha256_of
+
+    row = session.get(Prediction, prediction_id)
+    if row is None or row.status != "FINISHED":
+        raise NotFound(f"prediction {prediction_id} has no finished outputs")
+    entry = row.files.get(output)
+    if entry is None:
+        raise NotFound(f"prediction {prediction_id} has no {output}")
+    path = store.abspath(entry["file"])
+    if not path.is_file() or sha256_of(path) != entry["sha256"]:
+        raise IntegrityError(f"stored file {entry['file']} is missing or damaged")
+    return path.read_bytes()
+
+
+def load_probabilities(session: Session, store: FileStore, prediction_id: int) -> np.ndarray:
+    row = session.get(Prediction, prediction_id)
+    if row is None or row.status != "FINISHED":
+        raise NotFound(f"prediction {prediction_id} has no finished outputs")
+    data = store.read_stack(row.file, row.sha256)
+    return data.reshape(len(row.slices), *data.shape[-2:])
+
+
+def delete_prediction(session: Session, store: FileStore, prediction_id: int) -> int:
+    row = session.get(Prediction, prediction_id)
+    if row is None:
+        raise NotFound(f"prediction {prediction_id} does not exist")
+    if row.status in ("QUEUED", "RUNNING") and is_alive(row.pid, row.pid_started):
+        raise ValueError(f"prediction {prediction_id} is still running")
+    session.delete(row)
+    session.flush()
+    return store.delete_tree(f"predictions/{int(prediction_id)}")
+
+
+# --- the background process ---------------------------------------------------------------------------
+def run_prediction(prediction_id: int, settings: Settings) -> int:
+    from storage.db import open_store
+    from unet.checkpoint import load_checkpoint
+    from unet.device import pick_device
+    from unet.infer import iter_predict_stack
+    from unet.metrics import evaluate_slice, mean_metrics
+    from unet.postprocess import instances, to_mask
+
+    sessions, store = open_store(settings)
+    with sessions.begin() as s:
+        row = s.get(Prediction, prediction_id)
+        if row is None or row.status != "QUEUED":
+            print(f"prediction {prediction_id} is not queued; nothing to do")
+            return 0
+        row.status, row.pid, row.pid_started = "RUNNING", os.getpid(), start_time(os.getpid())
+        # (the launcher records the same pid: whichever writes first, a dead process is noticed)
+    try:
+        with sessions.begin() as s:
+            row = s.get(Prediction, prediction_id)
+            checkpoint = s.get(Checkpoint, row.checkpoint_id)
+            from storage.files import IntegrityError, sha256_of
+
+            path = store.abspath(checkpoint.file)
+            if not path.is_file() or sha256_of(path) != checkpoint.sha256:
+                raise IntegrityError(f"checkpoint file {checkpoint.file} is missing or damaged")
+            volume = load_volume(s, store, row.dataset_id)
+            slices = list(row.slices)
+            targets = {}
+            for z in slices:
+                mask = latest_mask(s, row.dataset_id, z)
+                if mask is not None and mask.labelled_pixels > 0:
+                    targets[z] = load_mask(s, store, mask.id)
+        device = pick_device("auto")
+        model = load_checkpoint(path, map_location=device).build_model(device)
+        probs = np.empty((len(slices), *volume.shape[1:]), np.float32)
+        per_slice: dict[str, dict[str, float]] = {}
+        for i, (z, prob) in enumerate(iter_predict_stack(model, volume, slices, device=device)):
+            probs[i] = prob
+            if z in targets:
+                per_slice[str(z)] = evaluate_slice(prob, targets[z])
+            with sessions.begin() as s:
+                s.get(Prediction, prediction_id).done = i + 1
+            print(f"slice {z}: done ({i + 1}/{len(slices)})", flush=True)
+        folder = f"predictions/{int(prediction_id)}"
+        outputs = {"probabilities": probs, "mask": to_mask(probs) * np.uint8(255),
+                   "instances": np.stack([instances(p) for p in probs])}
+        files = {}
+        for name, data in outputs.items():
+            relative = f"{folder}/{name}.tif"
+            sha, _ = store.write_stack(relative, data)
+            files[name] = {"file": relative, "sha256": sha}
+        metrics = {"slices": per_slice, "mean": mean_metrics(list(per_slice.values()))} if per_slice else None
+        with sessions.begin() as s:
+            row = s.get(Prediction, prediction_id)
+            row.file, row.sha256 = files["probabilities"]["file"], files["probabilities"]["sha256"]
+            row.files, row.metrics, row.status = files, metrics, "FINISHED"
+        print(f"prediction {prediction_id}: finished", flush=True)
+        return 0
+    except BaseException as exc:
+        with sessions.begin() as s:
+            row = s.get(Prediction, prediction_id)
+            row.status, row.error = "FAILED", "".join(traceback.format_exception(exc))[-20000:]
+        traceback.print_exc()
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one prediction job of the store (started by the app).")
+    parser.add_argument("--prediction-id", type=int, required=True)
+    args = parser.parse_args(argv)
+    return run_prediction(args.prediction_id, Settings.from_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Train, Predict and Runs under AppTest over a real store, with real background processes: a tiny run
+submitted from the Train page trains in its worker to FINISHED, Predict segments slices in its own
+process and shows overlays and metrics, the correction of a slice is saved as "predicted→painted", and
+Runs lists, compares and deletes."""
+
+import io
+import os
+import select
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from streamlit.testing.v1 import AppTest
+
+from storage.service import Neuroseg
+from storage.settings import Settings
+from tests.test_pages import PAGES, draw, texts, walk
+from unet.config import preset
+from unet.labels import MEMBRANE
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def wait_exit(pid: int | None, timeout: float = 300) -> None:
+    """Block until process ``pid`` has exited (a pidfd becomes readable then), without polling."""
+    assert pid, "no process recorded"
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"process {pid} still running after {timeout} s"
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    monkeypatch.setenv("NEUROSEG_DATA_DIR", str(folder))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(tmp_path / "no-isbi-here"))
+    return folder
+
+
+def open_page(title: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page(PAGES[title]).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_pages_say_what_is_missing_with_an_empty_store(data_dir):
+    assert "No dataset has labelled slices yet" in texts(open_page("Train").info)
+    assert "No datasets yet" in texts(open_page("Predict").info)
+    assert "No runs yet" in texts(open_page("Runs").info)
+
+
+def test_train_predict_correct_and_review(data_dir):
+    svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+    demo = svc.load_demo()
+
+    # --- Train: the default split, the tiny preset, submitted from the page --------------------------
+    at = open_page("Train")
+    assert at.text_input(key=f"train_slices_{demo.id}").value == "0,1,2,3,4,5,6"
+    assert at.text_input(key=f"val_slices_{demo.id}").value == "7"
+    plan = at.dataframe[0].value
+    assert list(plan["version"]) == ["v1"] * 8 and set(plan["kind"]) == {"uploaded"}
+    at.radio(key="train_preset").set_value("tiny").run()
+    assert at.number_input(key="k_steps_tiny").value == 30
+    at.button(key="train_submit").click().run()
+    assert not at.exception, at.exception
+    run = svc.runs()[0]
+    assert run.spec["preset"] == "tiny" and run.config["steps"] == 30
+    assert "Status: **QUEUED**" in texts(at.markdown) or "Status: **RUNNING**" in texts(at.markdown)
+    wait_exit(svc.run(run.id).pid)
+    at.run()
+    assert "Status: **FINISHED**" in texts(at.markdown)
+    assert "step 30 of 30" in str([e.proto for e in walk(at.main) if getattr(e, "type", "") == "progress"])
+    assert sum(getattr(e, "type", "") == "plotly_chart" for e in walk(at.main)) == 2  # loss and validation
+    assert [m["role"] for m in svc.run_masks(run.id)].count("val") == 1
+
+    # --- Predict: slices 0-1 in the background, then overlays, metrics, exports -------------------------
+    at = open_page("Predict")
+    at.text_input[0].set_value("0-1")
+    at.button[0].click().run()
+    job = svc.predictions(dataset_id=demo.id)[-1]
+    assert job.slices == [0, 1]
+    wait_exit(job.pid)
+    at.run()
+    assert not at.exception, at.exception
+    assert svc.prediction(job.id).status == "FINISHED"
+    assert [m.label for m in at.metric][:2] == ["pixel error (slice 0)", "Dice (slice 0)"]
+    at.multiselect(key="pred_layers").set_value(["probability", "mask", "membrane contours", "instances",
+                                                 "errors"]).run()
+    assert not at.exception and "magenta = false neuron" in texts(at.caption)
+    at.toggle(key="pred_side").set_value(True).run()
+    assert sum(getattr(e, "type", "") == "image" for e in walk(at.main)) == 2
+    probabilities = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "probabilities")))
+    assert probabilities.shape == (2, 256, 256) and probabilities.dtype == np.float32
+    assert 0 <= probabilities.min() and probabilities.max() <= 1
+    instances = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "instances")))
+    assert instances.shape == (2, 256, 256) and instances.max() >= 1
+
+    # --- Correct this slice → Annotate starts from the prediction; the save is predicted→painted ---------
+    at.button(key="correct_slice").click().run()
+    assert at.title[0].value == "Annotate"
+    draft = at.session_state["drafts"][(demo.id, 0)]
+    assert (draft.source, draft.kind) == ("prediction", "predicted→painted")
+    at.switch_page(PAGES["Annotate"])  # AppTest stays on the page it was last told, not where the app went
+    draw(at, slice(0, 60), slice(0, 60), MEMBRANE)
+    at.button(key="save_mask").click().run()
+    saved = svc.history(demo.id, 0)[-1]
+    assert (saved.version, saved.kind) == (2, "predicted→painted")
+    assert (svc.mask(saved.id)[:15, :15] == MEMBRANE).all()
+
+    # --- a second run, fine-tuned from the first, then Runs: lineage, compare, delete -----------------------
+    best = next(c for c in svc.checkpoints(run.id) if c["kind"] == "best")
+    second = svc.submit_training([{"dataset_id": demo.id, "slices": [0, 1]}], [{"dataset_id": demo.id, "slices": [7]}],
+                                 preset("tiny", lr=5e-3), preset="tiny", parent_checkpoint_id=best["id"])
+    wait_exit(second.pid)
+    assert svc.run(second.id).status == "FINISHED"
+    at = open_page("Runs")
+    table = at.dataframe[0].value
+    assert list(table["run"]) == [second.id, run.id] and list(table["status"]) == ["FINISHED", "FINISHED"]
+    assert list(table["parent"]) == [f"run {run.id}", ""]
+    assert f"run {run.id} → **run {second.id}**" in texts(at.markdown)
+    compare = at.dataframe[-1].value
+    assert "lr" in compare.index
+    assert "1 setting(s) differ (highlighted)." in texts(at.caption)
+    preview = svc.run_deletion_preview(second.id)
+    assert preview.runs == 1 and preview.checkpoints == 2
+    assert f"removes {preview.describe()}" in texts(at.warning)
+    at.checkbox(key=f"sure_{second.id}").check().run()
+    at.button(key=f"delete_run_{second.id}").click().run()
+    assert f"Deleted run {second.id}: {preview.describe()}." in texts(at.success)
+    assert [r.id for r in svc.runs()] == [run.id]
+    assert not (data_dir / "runs" / str(second.id)).exists()
