@@ -78,7 +78,7 @@ if not predictions:
 ids = [p.id for p in reversed(predictions)]
 wanted = st.session_state.get("prediction_id")
 pick = st.selectbox("Prediction", ids, index=ids.index(wanted) if wanted in ids else 0, key=f"pick_{dataset_id}",
-                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s) · {p.status}"
+                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s)"
                                                for p in predictions if p.id == i))
 st.session_state["prediction_id"] = pick
 

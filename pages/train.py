@@ -67,7 +67,7 @@ def follow(run_id: int, was_active: bool) -> None:
 datasets = [d for d in svc.datasets() if d.labelled_slices > 0]
 overview = svc.overview()
 if overview.device.startswith("CPU"):
-    st.info(f"No GPU here: training runs on the CPU ({overview.device}).")
+    st.info(f"No GPU here: training runs on the CPU: {overview.device}.")
 else:
     st.success(f"Training runs on **{overview.device}**.")
 

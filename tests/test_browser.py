@@ -86,3 +86,64 @@ def test_draw_a_stroke_and_save_it(tmp_path):
         page.get_by_role("link", name="Annotate").first.click()
         page.get_by_text("Unsaved:").wait_for()
         assert [m.version for m in svc.history(dataset.id, 0)] == [1, 2], "nothing saved behind the user's back"
+
+
+def test_the_whole_loop_in_the_browser(tmp_path):
+    """Demo → one stroke saved → a tiny run started on Train and seen finishing → Predict shows an overlay
+    → the probabilities export downloads as a TIFF of the stack's shape."""
+    import tifffile
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with app_server(data_dir) as url, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1400}, accept_downloads=True)
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.get_by_role("button", name="Load demo dataset").click()
+        page.get_by_text("Loaded Demo: synthetic EM").wait_for()
+
+        page.get_by_role("link", name="Annotate").first.click()
+        canvas = page.locator("canvas.upper-canvas")
+        canvas.wait_for()
+        page.get_by_text("No unsaved changes on this slice.").wait_for()
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + 200, box["y"] + 200)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 400, box["y"] + 220, steps=10)
+        page.mouse.up()
+        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_role("button", name="Save version").click()
+        page.get_by_text("Saved slice 0 as v2").wait_for()
+
+        page.get_by_role("link", name="Train").first.click()
+        page.get_by_text("Training slices of Demo: synthetic EM").wait_for()
+        page.get_by_text("tiny", exact=True).click()
+        page.get_by_text("On this CPU, tiny takes").wait_for()
+        page.get_by_role("button", name="Train", exact=True).click()
+        page.get_by_text("Status: RUNNING").or_(page.get_by_text("Status: QUEUED")).first.wait_for()
+        page.screenshot(path=ARTIFACTS / "train-running.png", full_page=True)
+        page.get_by_text("Status: FINISHED").first.wait_for()  # the fragment polls the store; no reload
+        page.get_by_text("step 30 of 30").wait_for()
+        page.screenshot(path=ARTIFACTS / "train-finished.png", full_page=True)
+
+        page.get_by_role("link", name="Predict").first.click()
+        page.get_by_role("button", name="Predict").wait_for()
+        page.get_by_role("button", name="Predict").click()
+        page.get_by_role("button", name="Probabilities (float32 TIFF)").wait_for()
+        page.get_by_text("slice 0: mask").wait_for()  # the overlay's caption
+        page.screenshot(path=ARTIFACTS / "predict.png", full_page=True)
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Probabilities (float32 TIFF)").click()
+        saved = tmp_path / "probabilities.tif"
+        download.value.save_as(saved)
+        probabilities = tifffile.imread(saved)
+        assert probabilities.shape == (8, 256, 256) and probabilities.dtype == "float32"
+
+        page.get_by_role("link", name="Runs").first.click()
+        page.get_by_text("Lineage:").wait_for()
+        page.screenshot(path=ARTIFACTS / "runs.png", full_page=True)
+    svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+    assert [r.status for r in svc.runs()] == ["FINISHED"]
+    assert [m.version for m in svc.history(svc.datasets()[0].id, 0)] == [1, 2]

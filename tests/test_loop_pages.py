@@ -102,7 +102,7 @@ def test_train_predict_correct_and_review(data_dir):
     assert sum(getattr(e, "type", "") == "image" for e in walk(at.main)) == 2
     probabilities = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "probabilities")))
     assert probabilities.shape == (2, 256, 256) and probabilities.dtype == np.float32
-    assert 0 <= probabilities.min() and probabilities.max() <= 1
+    assert probabilities.min() >= 0 and probabilities.max() <= 1
     instances = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "instances")))
     assert instances.shape == (2, 256, 256) and instances.max() >= 1
 
