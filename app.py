@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import author_input, flash, service, show_flashes
+from pages.common import author_input, flash, select_dataset, service, show_flashes
 from storage.service import UserError, isbi_dir
 
 st.set_page_config(page_title="Neuroseg", page_icon="🧠", layout="wide")
@@ -20,7 +20,7 @@ def _load(which: str) -> None:
     except UserError as exc:
         flash(f"The {which} dataset was not loaded: {exc}", "error")
         return
-    st.session_state["dataset_id"] = info.id
+    select_dataset(info.id)
     flash(f"Loaded **{info.name}** ({info.shape[0]} slices of {info.shape[1]}×{info.shape[2]}, "
           f"{info.labelled_slices} with labels). Open **Annotate** to paint, or **Datasets** to browse it.")
 

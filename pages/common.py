@@ -62,13 +62,21 @@ def author_input() -> str:
     return st.session_state["author"]
 
 
+def select_dataset(dataset_id: int) -> None:
+    """Make ``dataset_id`` the selected dataset on the next run of any page."""
+    st.session_state["dataset_id"] = st.session_state["_select_dataset"] = dataset_id
+
+
 def dataset_picker(datasets, label: str = "Dataset", key: str = "dataset_widget") -> int:
     """Select a dataset; the choice is shared by the pages."""
     ids = [d.id for d in datasets]
     current = st.session_state.get("dataset_id")
     if current not in ids:
         current = ids[-1]
-    if st.session_state.get(key) not in ids:
+    pending = st.session_state.pop("_select_dataset", None)  # asked for by a page (an upload, a link)
+    if pending in ids:
+        st.session_state[key] = pending
+    elif st.session_state.get(key) not in ids:
         st.session_state[key] = current
     names = {d.id: f"{d.name}  ·  #{d.id}  ·  {d.shape[0]}×{d.shape[1]}×{d.shape[2]}" for d in datasets}
     chosen = st.selectbox(label, ids, format_func=names.get, key=key)

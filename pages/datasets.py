@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import dataset_picker, flash, histogram, service, show_flashes
+from pages.common import dataset_picker, flash, histogram, select_dataset, service, show_flashes
 from storage.service import UserError
 from unet.paint import View, auto_window, overlay, window
 
@@ -40,7 +40,7 @@ with st.expander("Upload a stack", expanded=not datasets):
                 st.error(f"**{what}** was not stored: {str(exc).rstrip('.')}.")
             else:
                 bar.empty()
-                st.session_state["dataset_id"] = info.id
+                select_dataset(info.id)
                 datasets = svc.datasets()
                 st.success(f"Stored **{info.name}**: {info.shape[0]} × {info.shape[1]} × {info.shape[2]} {info.dtype}"
                            f"{f', {info.labelled_slices} labelled slices' if info.labelled_slices else ''}.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages.common import dataset_picker, flash, service, show_flashes
+from pages.common import dataset_picker, flash, select_dataset, service, show_flashes
 from storage.service import UserError
 from unet.io import parse_slices
 from unet.paint import (
@@ -53,12 +53,26 @@ with top[0]:
                                  format_func=lambda i: _label(next(c for c in checkpoints if c["id"] == i)))
 with top[1]:
     dataset_id = dataset_picker(datasets)
-    st.caption("To segment a new stack, upload it on **Datasets** first (it is checked and stored once).")
+    with st.popover("Upload a new stack"), st.form("predict_upload", clear_on_submit=True):
+        upload = st.file_uploader("A multi-page TIFF (Z × Y × X)", type=["tif", "tiff"], key="predict_upload_file")
+        if st.form_submit_button("Upload and check", key="predict_upload_go") and upload is not None:
+            bar = st.progress(0.0, text=f"Receiving {upload.name} …")
+            try:
+                new = svc.import_upload(upload, author=st.session_state.get("author", ""),
+                                        progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
+            except UserError as exc:
+                bar.empty()
+                st.error(f"**{upload.name}** was not stored: {str(exc).rstrip('.')}.")
+            else:
+                select_dataset(new.id)
+                flash(f"Stored **{new.name}**; it is selected for prediction.")
+                st.rerun()
 info = svc.dataset(dataset_id)
 
 with st.form("predict_form"):
-    slices_text = st.text_input("Slices", "all", help=f"all, or e.g. 0-4,9 (the stack has 0-{info.shape[0] - 1})")
-    go = st.form_submit_button("Predict", type="primary")
+    slices_text = st.text_input("Slices", "all", help=f"all, or e.g. 0-4,9 (the stack has 0-{info.shape[0] - 1})",
+                                key="predict_slices")
+    go = st.form_submit_button("Predict", type="primary", key="predict_go")
 if go:
     try:
         slices = list(range(info.shape[0])) if slices_text.strip().lower() in ("", "all") else parse_slices(
@@ -177,7 +191,7 @@ for col, (output, label) in zip(actions, (("probabilities", "Probabilities (floa
 
 
 def _correct() -> None:
-    st.session_state["dataset_id"] = dataset_id
+    select_dataset(dataset_id)
     st.session_state[f"annotate_slice_{dataset_id}"] = z
     st.session_state.setdefault("slice_of", {})[dataset_id] = z
     st.session_state["start_request"] = (dataset_id, z, job.id)

@@ -86,8 +86,8 @@ def test_train_predict_correct_and_review(data_dir):
 
     # --- Predict: slices 0-1 in the background, then overlays, metrics, exports -------------------------
     at = open_page("Predict")
-    at.text_input[0].set_value("0-1")
-    at.button[0].click().run()
+    at.text_input(key="predict_slices").set_value("0-1")
+    at.button(key="predict_go").click().run()
     job = svc.predictions(dataset_id=demo.id)[-1]
     assert job.slices == [0, 1]
     wait_exit(job.pid)
@@ -140,3 +140,54 @@ def test_train_predict_correct_and_review(data_dir):
     assert f"Deleted run {second.id}: {preview.describe()}." in texts(at.success)
     assert [r.id for r in svc.runs()] == [run.id]
     assert not (data_dir / "runs" / str(second.id)).exists()
+
+
+def test_cancel_resume_and_a_reload_finds_the_run(data_dir):
+    svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+    demo = svc.load_demo()
+    at = open_page("Train")
+    at.radio(key="train_preset").set_value("tiny").run()
+    at.number_input(key="k_steps_tiny").set_value(100_000).run()
+    at.button(key="train_submit").click().run()
+    run = svc.runs()[0]
+    assert run.config["steps"] == 100_000
+    at.button(key=f"cancel_{run.id}").click().run()
+    assert svc.run(run.id).status == "CANCELLED" or svc.run(run.id).cancel_requested
+    wait_exit(run.pid)
+    at.run()
+    assert "Status: **CANCELLED**" in texts(at.markdown)
+
+    fresh = open_page("Train")  # a reload: a new browser session finds the run in the store
+    assert f"### Run {run.id}" in texts(fresh.markdown) and "Status: **CANCELLED**" in texts(fresh.markdown)
+    fresh.button(key=f"resume_{run.id}").click().run()
+    resumed = svc.run(run.id)
+    assert resumed.status in ("QUEUED", "RUNNING") and resumed.pid
+    svc.cancel_run(run.id)
+    wait_exit(resumed.pid)
+    assert svc.run(run.id).status == "CANCELLED"
+    assert demo.id in svc.run(run.id).dataset_ids
+
+
+def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(data_dir):
+    from unet.config import preset as make
+
+    svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+    demo = svc.load_demo()
+    run = svc.submit_training([{"dataset_id": demo.id, "slices": [0]}], [], make("tiny", steps=2), preset="tiny")
+    wait_exit(run.pid)
+    checkpoint = svc.checkpoints(run.id)[0]
+    (data_dir / checkpoint["file"]).write_bytes(b"not a checkpoint")
+    job = svc.predict(checkpoint["id"], demo.id, [0])
+    wait_exit(job.pid)
+    failed = svc.prediction(job.id)
+    assert failed.status == "FAILED" and "missing or damaged" in failed.error
+    at = open_page("Predict")
+    assert f"Prediction #{job.id} failed" in texts(at.error)
+    # a new stack can be uploaded right there, and is selected for prediction
+    stack = io.BytesIO()
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (5, 64, 80), dtype=np.uint8))
+    at.file_uploader(key="predict_upload_file").upload("new stack.tif", stack.getvalue(), "image/tiff")
+    at.button(key="predict_upload_go").click().run()
+    assert "Stored **new stack**; it is selected for prediction." in texts(at.success)
+    new = svc.datasets()[-1]
+    assert new.shape == (5, 64, 80) and at.selectbox(key="dataset_widget").value == new.id
