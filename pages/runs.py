@@ -90,14 +90,16 @@ with one:
                                     key=f"dl_ckpt_{c['id']}")
         except UserError as exc:
             cols[1].error(str(exc))
-        if cols[2].button("Delete", key=f"del_ckpt_{c['id']}", disabled=run.status in ("QUEUED", "RUNNING")):
-            try:
-                removed = svc.delete_checkpoint(c["id"])
-            except UserError as exc:
-                st.error(str(exc))
-            else:
-                flash(f"Deleted the {c['kind']} checkpoint of run {run.id} ({removed} file(s)).")
-                st.rerun()
+        with cols[2].popover("Delete", disabled=run.status in ("QUEUED", "RUNNING")):
+            st.warning(f"Delete the {c['kind']} checkpoint of run {run.id}, and the predictions made with it?")
+            if st.button("Yes, delete it", key=f"del_ckpt_{c['id']}", type="primary"):
+                try:
+                    removed = svc.delete_checkpoint(c["id"])
+                except UserError as exc:
+                    st.error(str(exc))
+                else:
+                    flash(f"Deleted the {c['kind']} checkpoint of run {run.id} ({removed} file(s)).")
+                    st.rerun()
     if not checkpoints[run.id]:
         st.caption("No checkpoint (yet).")
     made = svc.predictions(run_id=run.id)

@@ -183,6 +183,14 @@ def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(data_dir
     assert failed.status == "FAILED" and "missing or damaged" in failed.error
     at = open_page("Predict")
     assert f"Prediction #{job.id} failed" in texts(at.error)
+    runs_page = open_page("Runs")
+    runs_page.button(key=f"del_ckpt_{checkpoint['id']}").click().run()
+    assert f"Deleted the {checkpoint['kind']} checkpoint of run {run.id}" in texts(runs_page.success)
+    assert [c["id"] for c in svc.checkpoints(run.id)] != [] and checkpoint["id"] not in [
+        c["id"] for c in svc.checkpoints(run.id)]
+    assert not (data_dir / checkpoint["file"]).exists() and svc.predictions(run_id=run.id) == []
+    assert not (data_dir / "predictions" / str(job.id)).exists()
+    at = open_page("Predict")
     # a new stack can be uploaded right there, and is selected for prediction
     stack = io.BytesIO()
     tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (5, 64, 80), dtype=np.uint8))
