@@ -4,25 +4,23 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/venv.sh requirements-dev.txt
-# The store tests also run against a real PostgreSQL server, which the tests start on a loopback port.
-if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "Installing PostgreSQL for the store tests …"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
-      || echo "PostgreSQL could not be installed: its tests will skip"
-  else
-    echo "PostgreSQL is not installed (apt-get install postgresql): its tests will skip"
+# Debian packages some tests need: installed when missing (as root), otherwise those tests skip and say why.
+need_deb() {  # need_deb <package> <what it is for> <command that succeeds when it is installed>
+  local package=$1 purpose=$2
+  shift 2
+  if ! "$@" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "Installing $package for $purpose …"
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null) \
+        || echo "$package could not be installed: $purpose will skip"
+    else
+      echo "$package is not installed (apt-get install $package): $purpose will skip"
+    fi
   fi
-fi
-# The browser tests drive Debian's Chromium with Playwright (Playwright's own browser download is not used).
-if ! command -v chromium >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "Installing Chromium for the browser tests …"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-      || echo "Chromium could not be installed: the browser tests will skip"
-  else
-    echo "Chromium is not installed (apt-get install chromium): the browser tests will skip"
-  fi
-fi
+}
+# the store tests also run against a real PostgreSQL server, started by the tests on a loopback port
+need_deb postgresql "the PostgreSQL store tests" compgen -G "/usr/lib/postgresql/*/bin/initdb"
+# the browser tests drive Debian's Chromium with Playwright (Playwright's own browser download is not used)
+need_deb chromium "the browser tests" command -v chromium
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest --run-slow "$@"

@@ -38,7 +38,8 @@ def measure(size: int, folder: Path) -> dict:
     labels = (rng.random((2, size, size)) > 0.3).astype(np.uint8) * 255
     tifffile.imwrite(folder / "v.tif", volume)
     tifffile.imwrite(folder / "l.tif", labels)
-    info = svc._import(folder / "v.tif", folder / "l.tif", "bench", "", "", lambda *_: None)
+    with open(folder / "v.tif", "rb") as v, open(folder / "l.tif", "rb") as lab:
+        info = svc.import_upload(v, lab, name="bench")
     option = svc.start_options(info.id, 0)[0]
     view = View.fit((size, size))
     rgba = np.zeros((*view.display_shape, 4), np.uint8)

@@ -5,8 +5,9 @@ discarded, so moving to another slice or page drops nothing (the pages warn abou
 from __future__ import annotations
 
 import streamlit as st
+from streamlit_drawable_canvas import CanvasResult, st_canvas  # needs a running Streamlit: pages only
 
-from pages.common import dataset_picker, flash, png_data_url, service, show_flashes, slice_strip
+from pages.common import dataset_picker, flash, png_data_url, service, show_flashes, slice_strip, volume_or_stop
 from storage.annotate import Draft
 from storage.service import MaskConflict, StartOption, UserError
 from unet.labels import IGNORE, MEMBRANE, NEURON
@@ -27,11 +28,7 @@ author = st.session_state.get("author", "")
 dataset_id = dataset_picker(datasets)
 info = svc.dataset(dataset_id)
 z_count, height, width = info.shape
-try:
-    volume = svc.volume(dataset_id)
-except UserError as exc:
-    st.error(f"This dataset's stored stack cannot be read: {exc}.")
-    st.stop()
+volume = volume_or_stop(svc, dataset_id)
 
 
 # --- which slice ----------------------------------------------------------------------------------
@@ -84,13 +81,7 @@ def _pending_strokes(d: Draft) -> None:
     state = st.session_state.get(d.canvas_key)
     data = ((state or {}).get("drawing") or {}).get("data") if isinstance(state, dict) else None
     if data:
-        import base64
-        import io
-
-        import numpy as np
-        from PIL import Image
-
-        d.apply(np.asarray(Image.open(io.BytesIO(base64.b64decode(data.split(";base64,", 1)[1])))))
+        d.apply(CanvasResult(None, data, return_image_data=True).image_data)
 
 
 def _start_from(index: int) -> None:
@@ -178,8 +169,6 @@ cache = st.session_state.setdefault("_background", {})
 bg_key = (draft.uid, draft.generation, opacity, view, dataset_id, z)
 if cache.get("key") != bg_key:  # encode once per canvas and opacity, not on every stroke
     cache["key"], cache["url"] = bg_key, png_data_url(view.render(overlay(grey, draft.view_base, opacity)))
-
-from streamlit_drawable_canvas import st_canvas  # noqa: E402  (needs a running Streamlit; pages only)
 
 display_h, display_w = view.display_shape
 st.caption(f"Slice {z}: {width} × {height} pixels" + (

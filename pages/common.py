@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from storage.service import Neuroseg
+from storage.service import Neuroseg, UserError
 from storage.settings import Settings
 
 # Colours of the slice strip: which kind of mask a slice's latest version is.
@@ -82,6 +82,15 @@ def dataset_picker(datasets, label: str = "Dataset", key: str = "dataset_widget"
     chosen = st.selectbox(label, ids, format_func=names.get, key=key)
     st.session_state["dataset_id"] = chosen
     return chosen
+
+
+def volume_or_stop(svc: Neuroseg, dataset_id: int) -> np.ndarray:
+    """The dataset's stack, or an error that says why it cannot be read (and the page stops there)."""
+    try:
+        return svc.volume(dataset_id)
+    except UserError as exc:
+        st.error(f"This dataset's stored stack cannot be read: {exc}.")
+        st.stop()
 
 
 def png_data_url(rgb: np.ndarray) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import dataset_picker, flash, histogram, select_dataset, service, show_flashes
+from pages.common import dataset_picker, flash, histogram, select_dataset, service, show_flashes, volume_or_stop
 from storage.service import UserError
 from unet.paint import View, auto_window, overlay, window
 
@@ -62,11 +62,7 @@ info = svc.dataset(dataset_id)
 z_count, height, width = info.shape
 
 # --- browse ---------------------------------------------------------------------------------------
-try:
-    volume = svc.volume(dataset_id)
-except UserError as exc:
-    st.error(f"This dataset's stored stack cannot be read: {exc}.")
-    st.stop()
+volume = volume_or_stop(svc, dataset_id)
 kinds = svc.slice_kinds(dataset_id)
 left, right = st.columns([3, 2])
 with right:

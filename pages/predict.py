@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages.common import dataset_picker, flash, select_dataset, service, show_flashes
+from pages.common import dataset_picker, flash, select_dataset, service, show_flashes, volume_or_stop
 from storage.service import UserError
 from unet.io import parse_slices
 from unet.paint import (
@@ -113,8 +113,8 @@ if job.status != "FINISHED":
     st.stop()
 
 # --- the viewer -----------------------------------------------------------------------------------
-probs = svc.probabilities(job.id)
-volume = svc.volume(dataset_id)
+probs = svc.prediction_output(job.id)
+volume = volume_or_stop(svc, dataset_id)
 kinds = svc.slice_kinds(dataset_id)
 controls, picture = st.columns([1, 3])
 with controls:
@@ -135,9 +135,7 @@ if "probability" in layers:
 if "mask" in layers:
     shown = blend(shown, np.broadcast_to(np.array([0, 200, 255], np.uint8), shown.shape), opacity, where=mask)
 if "instances" in layers:
-    from unet.postprocess import instances
-
-    shown = blend(shown, instance_colours(instances(prob)), opacity)
+    shown = blend(shown, instance_colours(svc.prediction_output(job.id, "instances")[job.slices.index(z)]), opacity)
 if "membrane contours" in layers:
     shown = blend(shown, np.broadcast_to(np.array([255, 255, 0], np.uint8), shown.shape), 1.0,
                   where=boundaries(mask.astype(np.uint8)))

@@ -89,30 +89,26 @@ else:
         train_parts, val_parts, problems = [], [], []
         for dataset_id in chosen:
             info = next(d for d in datasets if d.id == dataset_id)
-            labelled = sorted(svc.slice_kinds(dataset_id))
-            n_val = max(1, round(len(labelled) * 0.15)) if len(labelled) > 1 else 0
-            default_train = ",".join(map(str, labelled[:len(labelled) - n_val]))
-            default_val = ",".join(map(str, labelled[len(labelled) - n_val:]))
+            default_train, default_val = svc.default_split(dataset_id)
             c1, c2 = st.columns(2)
-            t_text = c1.text_input(f"Training slices of {info.name}", default_train, key=f"train_slices_{dataset_id}",
-                                   help="e.g. 0-24 or 0,2,5-9")
-            v_text = c2.text_input(f"Validation slices of {info.name}", default_val, key=f"val_slices_{dataset_id}")
+            t_text = c1.text_input(f"Training slices of {info.name}", ",".join(map(str, default_train)),
+                                   key=f"train_slices_{dataset_id}", help="e.g. 0-24 or 0,2,5-9")
+            v_text = c2.text_input(f"Validation slices of {info.name}", ",".join(map(str, default_val)),
+                                   key=f"val_slices_{dataset_id}")
             try:
                 t_slices = parse_slices(t_text, info.shape[0]) if t_text.strip() else []
                 v_slices = parse_slices(v_text, info.shape[0]) if v_text.strip() else []
             except ValueError as exc:
                 problems.append(f"{info.name}: {exc}")
                 continue
-            missing = [z for z in t_slices + v_slices if z not in labelled]
-            if missing:
-                problems.append(f"{info.name}: slices {missing} have no mask yet")
             if set(t_slices) & set(v_slices):
                 problems.append(f"{info.name}: slices {sorted(set(t_slices) & set(v_slices))} are on both sides")
             if t_slices:
                 train_parts.append({"dataset_id": dataset_id, "slices": t_slices})
             if v_slices:
                 val_parts.append({"dataset_id": dataset_id, "slices": v_slices})
-        plan = svc.train_plan("train", train_parts) + svc.train_plan("val", val_parts)
+        plan = svc.train_plan(train_parts, val_parts)
+        problems += [f"{r['dataset']}: slice {r['slice']} has no mask yet" for r in plan if r["version"] == "none"]
         if plan:
             sides = {role: sum(r["labelled pixels"] for r in plan if r["role"] == role) for role in ("train", "val")}
             st.caption(f"Training: {sum(r['role'] == 'train' for r in plan)} slices, {sides['train']:,} labelled "

@@ -17,14 +17,6 @@ import numpy as np
 from unet.labels import IGNORE
 from unet.paint import View, merge_strokes
 
-# Where an edit can start from (the Annotate page's "Start from").
-SOURCES = {
-    "latest": "the latest version",
-    "uploaded": "the uploaded labels",
-    "prediction": "a prediction",
-    "nothing": "nothing (scribble: only painted pixels count)",
-}
-
 
 def kind_after_edit(source: str, source_kind: str | None) -> str:
     """The kind of the version a save makes: painting over a prediction (or over a corrected one) is

@@ -51,13 +51,17 @@ class FileStore:
         path = write_tiff_atomic(self.abspath(relative), data, pixel_size_nm=pixel_size_nm)
         return sha256_of(path), path.stat().st_size
 
-    def read_stack(self, relative: str, sha256: str) -> np.ndarray:
+    def verified(self, relative: str, sha256: str) -> Path:
+        """The absolute path of a stored file, after checking it is there and matches its checksum."""
         path = self.abspath(relative)
         if not path.is_file():
             raise IntegrityError(f"stored file {relative} is missing")
         if sha256_of(path) != sha256:
             raise IntegrityError(f"stored file {relative} does not match its recorded checksum (damaged?)")
-        return tifffile.imread(path)
+        return path
+
+    def read_stack(self, relative: str, sha256: str) -> np.ndarray:
+        return tifffile.imread(self.verified(relative, sha256))
 
     def count_files(self, relative: str) -> int:
         path = self.abspath(relative)

@@ -18,6 +18,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -110,18 +111,26 @@ def _reap(proc: subprocess.Popen) -> None:
     threading.Thread(target=proc.wait, daemon=True).start()  # no zombies once the page is gone
 
 
-def launch_worker(settings: Settings, run_id: int) -> subprocess.Popen:
-    log_dir = settings.data_dir / "runs" / str(int(run_id))
-    log_dir.mkdir(parents=True, exist_ok=True)
+def launch(settings: Settings, module: str, args: list[str], log: Path) -> subprocess.Popen:
+    """``python -m module args`` as a fresh interpreter in its own process group (so it outlives the
+    server), told where the store is, with stdout and stderr appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "NEUROSEG_DATA_DIR": str(settings.data_dir), "DATABASE_URL": settings.database_url,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
-    with open(log_dir / "worker.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "storage.worker", "--run-id", str(int(run_id))],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=PROJECT_ROOT, start_new_session=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=PROJECT_ROOT, start_new_session=True)
     _reap(proc)
     return proc
+
+
+def worker_log(settings: Settings, run_id: int) -> Path:
+    return settings.data_dir / "runs" / str(int(run_id)) / "worker.log"
+
+
+def launch_worker(settings: Settings, run_id: int) -> subprocess.Popen:
+    return launch(settings, "storage.worker", ["--run-id", str(int(run_id))], worker_log(settings, run_id))
 
 
 def start_queued(sessions: sessionmaker[Session], settings: Settings) -> list[subprocess.Popen]:
@@ -289,11 +298,13 @@ def delete_checkpoint(session: Session, store: FileStore, checkpoint_id: int) ->
     if run.status in ACTIVE:
         raise ValueError(f"run {run.id} is {run.status}: its checkpoints are still being written")
     predictions = list(session.scalars(select(Prediction.id).where(Prediction.checkpoint_id == checkpoint_id)))
+    from unet.checkpoint import side_file
+
     path = store.abspath(row.file)
     session.delete(row)
     session.flush()
     removed = 0
-    for p in (path, path.with_suffix(".json")):
+    for p in (path, side_file(path)):
         if p.is_file():
             p.unlink()
             removed += 1

@@ -25,7 +25,7 @@ from storage.api import NotFound, latest_mask, load_mask, load_volume
 from storage.files import FileStore
 from storage.models import Checkpoint, Dataset, Prediction
 from storage.procs import is_alive, start_time
-from storage.settings import PROJECT_ROOT, Settings
+from storage.settings import Settings
 
 OUTPUTS = ("probabilities", "mask", "instances")
 
@@ -78,20 +78,10 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
 
 
 def launch_prediction(settings: Settings, prediction_id: int) -> subprocess.Popen:
-    from storage.jobs import _reap
+    from storage.jobs import launch
 
-    folder = settings.data_dir / "predictions" / str(int(prediction_id))
-    folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "NEUROSEG_DATA_DIR": str(settings.data_dir), "DATABASE_URL": settings.database_url,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1"}
-    with open(folder / "predict.log", "ab") as log:
-        command = [sys.executable, "-m", "storage.predictions", "--prediction-id", str(int(prediction_id))]
-        proc = subprocess.Popen(command,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=PROJECT_ROOT, start_new_session=True)
-    _reap(proc)
-    return proc
+    return launch(settings, "storage.predictions", ["--prediction-id", str(int(prediction_id))],
+                  settings.data_dir / "predictions" / str(int(prediction_id)) / "predict.log")
 
 
 def get_prediction(session: Session, prediction_id: int) -> PredictionInfo:
@@ -115,25 +105,21 @@ def list_predictions(session: Session, *, dataset_id: int | None = None, run_id:
 
 def prediction_file(session: Session, store: FileStore, prediction_id: int, output: str) -> bytes:
     """The bytes of one output TIFF, checked against its recorded checksum."""
-    from storage.files import IntegrityError, sha256_of
-
     row = session.get(Prediction, prediction_id)
     if row is None or row.status != "FINISHED":
         raise NotFound(f"prediction {prediction_id} has no finished outputs")
     entry = row.files.get(output)
     if entry is None:
         raise NotFound(f"prediction {prediction_id} has no {output}")
-    path = store.abspath(entry["file"])
-    if not path.is_file() or sha256_of(path) != entry["sha256"]:
-        raise IntegrityError(f"stored file {entry['file']} is missing or damaged")
-    return path.read_bytes()
+    return store.verified(entry["file"], entry["sha256"]).read_bytes()
 
 
-def load_probabilities(session: Session, store: FileStore, prediction_id: int) -> np.ndarray:
+def load_output(session: Session, store: FileStore, prediction_id: int, output: str) -> np.ndarray:
+    """One output as an array of shape (slices, Y, X): probabilities, mask or instances."""
     row = session.get(Prediction, prediction_id)
-    if row is None or row.status != "FINISHED":
-        raise NotFound(f"prediction {prediction_id} has no finished outputs")
-    data = store.read_stack(row.file, row.sha256)
+    if row is None or row.status != "FINISHED" or output not in row.files:
+        raise NotFound(f"prediction {prediction_id} has no finished {output}")
+    data = store.read_stack(row.files[output]["file"], row.files[output]["sha256"])
     return data.reshape(len(row.slices), *data.shape[-2:])
 
 
@@ -169,11 +155,7 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         with sessions.begin() as s:
             row = s.get(Prediction, prediction_id)
             checkpoint = s.get(Checkpoint, row.checkpoint_id)
-            from storage.files import IntegrityError, sha256_of
-
-            path = store.abspath(checkpoint.file)
-            if not path.is_file() or sha256_of(path) != checkpoint.sha256:
-                raise IntegrityError(f"checkpoint file {checkpoint.file} is missing or damaged")
+            path = store.verified(checkpoint.file, checkpoint.sha256)
             volume = load_volume(s, store, row.dataset_id)
             slices = list(row.slices)
             targets = {}

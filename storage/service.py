@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from storage import api
+from storage import api, jobs
+from storage import predictions as prediction_jobs
 from storage.annotate import Draft, kind_after_edit
 from storage.api import DatasetInfo, Deleted, MaskConflict, MaskInfo, NotFound
 from storage.files import IntegrityError
-from storage.models import Run
+from storage.models import Checkpoint, Dataset, Prediction, Run
+from storage.procs import start_time
 from storage.settings import PROJECT_ROOT, Settings
 
 Progress = Callable[[str, float], None]
@@ -47,7 +49,7 @@ class Overview:
 
 @dataclass(frozen=True)
 class StartOption:
-    source: str  # a key of storage.annotate.SOURCES
+    source: str  # latest | uploaded | prediction | nothing
     label: str
     mask_id: int | None
     prediction_id: int | None = None
@@ -76,226 +78,9 @@ def _disk_message(exc: OSError) -> str:
     return f"could not write to the data directory: {exc.strerror or exc} (nothing was stored)"
 
 
-class _Jobs:
-    """Training runs, checkpoints and predictions (mixed into :class:`Neuroseg`)."""
+class Neuroseg:
+    """The service: open it once per process (the app caches it)."""
 
-    sessions: Any
-    store: Any
-    settings: Settings
-
-    # --- training -------------------------------------------------------------------------------------
-    def train_plan(self, role: str, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Which mask version of each chosen slice a run would use, and how many labelled pixels."""
-        rows = []
-        with self.sessions.begin() as s:
-            for part in parts:
-                info = api.get_dataset(s, part["dataset_id"])
-                for z in part["slices"]:
-                    mask = api.latest_mask(s, info.id, z)
-                    rows.append({"role": role, "dataset": info.name, "slice": z,
-                                 "version": f"v{mask.version}" if mask else "none",
-                                 "kind": mask.kind if mask else "",
-                                 "labelled pixels": mask.labelled_pixels if mask else 0})
-        return rows
-
-    def submit_training(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: Any, *,
-                        preset: str = "", parent_checkpoint_id: int | None = None):
-        from storage.jobs import start_queued, submit_training
-
-        spec = {"train": train, "val": val, "preset": preset}
-        try:
-            with self.sessions.begin() as s:
-                run = submit_training(s, spec, config, parent_checkpoint_id)
-        except (ValueError, NotFound, RuntimeError) as exc:
-            raise UserError(str(exc)) from exc
-        start_queued(self.sessions, self.settings)
-        return self.run(run.id)
-
-    def runs(self):
-        from storage.jobs import list_runs
-
-        with self.sessions.begin() as s:
-            return list_runs(s)
-
-    def run(self, run_id: int):
-        from storage.jobs import get_run
-
-        with self.sessions.begin() as s:
-            return get_run(s, run_id)
-
-    def curves(self, run_id: int) -> dict[str, list[tuple[int, float, float]]]:
-        from storage.jobs import run_metric_keys, run_metrics
-
-        with self.sessions.begin() as s:
-            return {k: run_metrics(s, run_id, k) for k in run_metric_keys(s, run_id)}
-
-    def progress(self, run) -> RunProgress:
-        from storage.jobs import run_metrics
-
-        with self.sessions.begin() as s:
-            points = run_metrics(s, run.id, "loss")
-        steps = int(run.config.get("steps", 0))
-        if not points:
-            return RunProgress(0, steps, 0.0, None)
-        step, _, seconds = points[-1]
-        eta = (steps - step) * seconds / step if step > 0 and run.status in ("QUEUED", "RUNNING") else None
-        budget = run.config.get("max_seconds")
-        if eta is not None and budget:
-            eta = min(eta, max(0.0, budget - seconds))
-        return RunProgress(int(step), steps, float(seconds), eta)
-
-    def run_log(self, run_id: int, lines: int = 30) -> str:
-        path = self.settings.data_dir / "runs" / str(int(run_id)) / "worker.log"
-        if not path.is_file():
-            return ""
-        with open(path, "rb") as fh:
-            fh.seek(max(0, path.stat().st_size - 64_000))
-            text = fh.read().decode(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def cancel_run(self, run_id: int):
-        from storage.jobs import cancel_run
-
-        try:
-            with self.sessions.begin() as s:
-                return cancel_run(s, run_id)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
-
-    def resume_run(self, run_id: int):
-        from storage.jobs import resume_run, start_queued
-
-        try:
-            with self.sessions.begin() as s:
-                resume_run(s, run_id)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
-        start_queued(self.sessions, self.settings)
-        return self.run(run_id)
-
-    def checkpoints(self, run_id: int) -> list[dict[str, Any]]:
-        from storage.jobs import run_checkpoints
-
-        with self.sessions.begin() as s:
-            return run_checkpoints(s, run_id)
-
-    def checkpoint_choices(self) -> list[dict[str, Any]]:
-        """Every checkpoint of every run, newest run first, with its validation metrics."""
-        out = []
-        for run in self.runs():
-            for c in self.checkpoints(run.id):
-                out.append({**c, "run_id": run.id, "run_status": run.status, "preset": run.spec.get("preset", "")})
-        return out
-
-    def checkpoint_bytes(self, checkpoint_id: int) -> bytes:
-        from storage.files import sha256_of
-        from storage.models import Checkpoint
-
-        with self.sessions.begin() as s:
-            row = s.get(Checkpoint, checkpoint_id)
-            if row is None:
-                raise UserError(f"checkpoint {checkpoint_id} does not exist")
-            path, sha = self.store.abspath(row.file), row.sha256
-        if not path.is_file() or sha256_of(path) != sha:
-            raise UserError(f"checkpoint {checkpoint_id}'s file is missing or damaged")
-        return path.read_bytes()
-
-    def delete_checkpoint(self, checkpoint_id: int) -> int:
-        from storage.jobs import delete_checkpoint
-
-        try:
-            with self.sessions.begin() as s:
-                return delete_checkpoint(s, self.store, checkpoint_id)
-        except (ValueError, NotFound) as exc:
-            raise UserError(str(exc)) from exc
-
-    def run_masks(self, run_id: int) -> list[dict[str, Any]]:
-        from storage.jobs import run_masks
-
-        with self.sessions.begin() as s:
-            return run_masks(s, run_id)
-
-    def lineage(self, run_id: int) -> tuple[int | None, list[int]]:
-        """(the run this one was fine-tuned from, the runs fine-tuned from this one)."""
-        from storage.jobs import checkpoint_run, child_runs
-
-        run = self.run(run_id)
-        with self.sessions.begin() as s:
-            return checkpoint_run(s, run.parent_checkpoint_id), child_runs(s, run_id)
-
-    def run_deletion_preview(self, run_id: int) -> Deleted:
-        with self.sessions.begin() as s:
-            return api.run_preview(s, self.store, run_id)
-
-    def delete_run(self, run_id: int) -> Deleted:
-        try:
-            with self.sessions.begin() as s:
-                return api.delete_run(s, self.store, run_id)
-        except (ValueError, NotFound) as exc:
-            raise UserError(str(exc)) from exc
-
-    # --- predictions ------------------------------------------------------------------------------------
-    def predict(self, checkpoint_id: int, dataset_id: int, slices: list[int]):
-        from storage.predictions import launch_prediction, submit_prediction
-
-        try:
-            with self.sessions.begin() as s:
-                info = submit_prediction(s, checkpoint_id, dataset_id, slices)
-        except (ValueError, NotFound) as exc:
-            raise UserError(str(exc)) from exc
-        proc = launch_prediction(self.settings, info.id)
-        from sqlalchemy import update
-
-        from storage.models import Prediction
-        from storage.procs import start_time
-
-        with self.sessions.begin() as s:  # so that a process that dies before it starts is noticed
-            s.execute(update(Prediction).where(Prediction.id == info.id, Prediction.pid.is_(None))
-                      .values(pid=proc.pid, pid_started=start_time(proc.pid)))
-        return self.prediction(info.id)
-
-    def prediction(self, prediction_id: int):
-        from storage.predictions import get_prediction
-
-        with self.sessions.begin() as s:
-            return get_prediction(s, prediction_id)
-
-    def predictions(self, *, dataset_id: int | None = None, run_id: int | None = None):
-        from storage.predictions import list_predictions
-
-        with self.sessions.begin() as s:
-            return list_predictions(s, dataset_id=dataset_id, run_id=run_id)
-
-    def probabilities(self, prediction_id: int) -> np.ndarray:
-        from storage.predictions import load_probabilities
-
-        key = (-prediction_id, "prob")
-        with self._lock:
-            if key in self._volumes:
-                return self._volumes[key]
-        try:
-            with self.sessions.begin() as s:
-                data = load_probabilities(s, self.store, prediction_id)
-        except (IntegrityError, NotFound) as exc:
-            raise UserError(str(exc)) from exc
-        data.setflags(write=False)
-        with self._lock:
-            self._volumes[key] = data
-            while len(self._volumes) > 4:
-                self._volumes.popitem(last=False)
-        return data
-
-    def prediction_file(self, prediction_id: int, output: str) -> bytes:
-        from storage.predictions import prediction_file
-
-        try:
-            with self.sessions.begin() as s:
-                return prediction_file(s, self.store, prediction_id, output)
-        except (IntegrityError, NotFound) as exc:
-            raise UserError(str(exc)) from exc
-
-
-class Neuroseg(_Jobs):
     def __init__(self, settings: Settings | None = None, *, start_jobs: bool = True):
         from storage.jobs import startup
 
@@ -307,27 +92,50 @@ class Neuroseg(_Jobs):
             self.settings = settings or Settings.from_env()
             self.sessions, self.store = open_store(self.settings)
         remove_stale_uploads(self.store.root)
-        self._volumes: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._arrays: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _tx(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(session, *args, **kwargs)`` in one transaction; what a user can act on (a refusal, a
+        missing row, a damaged file, a full disk) comes out as :class:`UserError`."""
+        try:
+            with self.sessions.begin() as s:
+                return fn(s, *args, **kwargs)
+        except (ValueError, LookupError, IntegrityError) as exc:
+            raise UserError(str(exc)) from exc
+        except OSError as exc:
+            raise UserError(_disk_message(exc)) from exc
+
+    def _cached(self, key: tuple, load: Callable[[], np.ndarray], keep: int = 4) -> np.ndarray:
+        """A read-only array kept for the next few calls (stacks and probabilities are read once)."""
+        with self._lock:
+            if key in self._arrays:
+                self._arrays.move_to_end(key)
+                return self._arrays[key]
+        data = load()
+        data.setflags(write=False)
+        with self._lock:
+            self._arrays[key] = data
+            while len(self._arrays) > keep:
+                self._arrays.popitem(last=False)
+        return data
 
     # --- the store at a glance -------------------------------------------------------------------
     def overview(self) -> Overview:
         from unet.device import describe_device
 
         with self.sessions.begin() as s:
-            datasets = len(api.list_datasets(s))
+            datasets = s.scalar(select(func.count()).select_from(Dataset)) or 0
             runs = s.scalar(select(func.count()).select_from(Run)) or 0
             active = s.scalar(select(func.count()).select_from(Run).where(Run.status.in_(("QUEUED", "RUNNING"))))
-        return Overview(datasets, int(runs), int(active or 0), describe_device())
+        return Overview(int(datasets), int(runs), int(active or 0), describe_device())
 
     # --- datasets ---------------------------------------------------------------------------------
     def datasets(self) -> list[DatasetInfo]:
-        with self.sessions.begin() as s:
-            return api.list_datasets(s)
+        return self._tx(api.list_datasets)
 
     def dataset(self, dataset_id: int) -> DatasetInfo:
-        with self.sessions.begin() as s:
-            return api.get_dataset(s, dataset_id)
+        return self._tx(api.get_dataset, dataset_id)
 
     def _tmp(self) -> Path:
         folder = self.store.root / "tmp"
@@ -417,62 +225,28 @@ class Neuroseg(_Jobs):
                             author, progress or (lambda *_: None), source_name=ISBI_FILES[0])
 
     def update(self, dataset_id: int, *, name: str | None = None, notes: str | None = None) -> DatasetInfo:
-        try:
-            with self.sessions.begin() as s:
-                return api.update_dataset(s, dataset_id, name=name, notes=notes)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
+        return self._tx(api.update_dataset, dataset_id, name=name, notes=notes)
 
     def deletion_preview(self, dataset_id: int) -> Deleted:
-        with self.sessions.begin() as s:
-            return api.deletion_preview(s, self.store, dataset_id)
+        return self._tx(api.deletion_preview, self.store, dataset_id)
 
     def delete_dataset(self, dataset_id: int) -> Deleted:
-        try:
-            with self.sessions.begin() as s:
-                removed = api.delete_dataset(s, self.store, dataset_id)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
-        with self._lock:
-            for key in [k for k in self._volumes if k[0] == dataset_id]:
-                del self._volumes[key]
-        return removed
+        return self._tx(api.delete_dataset, self.store, dataset_id)
 
     def volume(self, dataset_id: int) -> np.ndarray:
         """The whole stack (read-only), read once and kept for the next few calls."""
         info = self.dataset(dataset_id)
-        key = (info.id, info.sha256)
-        with self._lock:
-            if key in self._volumes:
-                self._volumes.move_to_end(key)
-                return self._volumes[key]
-        try:
-            with self.sessions.begin() as s:
-                data = api.load_volume(s, self.store, dataset_id)
-        except IntegrityError as exc:
-            raise UserError(str(exc)) from exc
-        data.setflags(write=False)
-        with self._lock:
-            self._volumes[key] = data
-            while len(self._volumes) > 3:
-                self._volumes.popitem(last=False)
-        return data
+        return self._cached(("volume", info.id, info.sha256), lambda: self._tx(api.load_volume, self.store, info.id))
 
     # --- masks ------------------------------------------------------------------------------------
     def slice_kinds(self, dataset_id: int) -> dict[int, MaskInfo]:
-        with self.sessions.begin() as s:
-            return api.slice_kinds(s, dataset_id)
+        return self._tx(api.slice_kinds, dataset_id)
 
     def history(self, dataset_id: int, slice_index: int) -> list[MaskInfo]:
-        with self.sessions.begin() as s:
-            return api.mask_history(s, dataset_id, slice_index)
+        return self._tx(api.mask_history, dataset_id, slice_index)
 
     def mask(self, mask_id: int) -> np.ndarray:
-        try:
-            with self.sessions.begin() as s:
-                return api.load_mask(s, self.store, mask_id)
-        except IntegrityError as exc:
-            raise UserError(str(exc)) from exc
+        return self._tx(api.load_mask, self.store, mask_id)
 
     def start_options(self, dataset_id: int, slice_index: int) -> list[StartOption]:
         """What an edit of this slice can start from, best first."""
@@ -484,9 +258,6 @@ class Neuroseg(_Jobs):
         uploaded = [m for m in history if m.kind == "uploaded"]
         if uploaded and uploaded[-1].id != (history[-1].id if history else None):
             options.append(StartOption("uploaded", f"uploaded labels (v{uploaded[-1].version})", uploaded[-1].id))
-        predicted = [m for m in history if m.kind == "predicted"]
-        if predicted and predicted[-1].id != history[-1].id:
-            options.append(StartOption("prediction", f"prediction (v{predicted[-1].version})", predicted[-1].id))
         for p in reversed(self.predictions(dataset_id=dataset_id)):
             if p.status == "FINISHED" and slice_index in p.slices:
                 options.append(StartOption("prediction", f"prediction #{p.id} (run {p.run_id})", None, p.id))
@@ -502,7 +273,7 @@ class Neuroseg(_Jobs):
             from unet.postprocess import to_mask
 
             prediction = self.prediction(option.prediction_id)
-            prob = self.probabilities(prediction.id)[prediction.slices.index(slice_index)]
+            prob = self.prediction_output(prediction.id)[prediction.slices.index(slice_index)]
             return Draft(dataset_id, slice_index, "prediction", None, latest_id, "predicted→painted", to_mask(prob))
         if option.mask_id is None:
             return Draft.blank(dataset_id, slice_index, (info.shape[1], info.shape[2]), latest_id)
@@ -513,19 +284,141 @@ class Neuroseg(_Jobs):
     def save_draft(self, draft: Draft, author: str = "") -> MaskInfo:
         """Save the draft's mask as a new version, exactly as it is. A newer version saved meanwhile by
         someone else raises :class:`MaskConflict` and the draft is kept."""
-        try:
-            with self.sessions.begin() as s:
-                info = api.save_mask(s, self.store, draft.dataset_id, draft.slice_index, np.array(draft.working),
-                                     kind=draft.kind, author=author, parent_id=draft.source_mask_id,
-                                     latest_id=draft.latest_id)
-        except OSError as exc:
-            raise UserError(_disk_message(exc)) from exc
+        info = self._tx(api.save_mask, self.store, draft.dataset_id, draft.slice_index, np.array(draft.working),
+                        kind=draft.kind, author=author, parent_id=draft.source_mask_id, latest_id=draft.latest_id)
         draft.saved(info.id, info.kind)
         return info
 
     def restore(self, mask_id: int, author: str = "") -> MaskInfo:
-        with self.sessions.begin() as s:
-            return api.restore_mask(s, self.store, mask_id, author=author)
+        return self._tx(api.restore_mask, self.store, mask_id, author=author)
+
+    # --- training -------------------------------------------------------------------------------------
+    def default_split(self, dataset_id: int, val_share: float = 0.15) -> tuple[list[int], list[int]]:
+        """The labelled slices of a dataset, the last ~15% (at least one) kept for validation."""
+        labelled = sorted(self.slice_kinds(dataset_id))
+        n_val = max(1, round(len(labelled) * val_share)) if len(labelled) > 1 else 0
+        return labelled[:len(labelled) - n_val], labelled[len(labelled) - n_val:]
+
+    def train_plan(self, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Which mask version of each chosen slice a run would use ("none" where a slice has no mask yet),
+        and how many labelled pixels it has."""
+        def plan(s):
+            rows = []
+            for role, parts in (("train", train), ("val", val)):
+                for part in parts:
+                    info = api.get_dataset(s, part["dataset_id"])
+                    for z in part["slices"]:
+                        mask = api.latest_mask(s, info.id, z)
+                        rows.append({"role": role, "dataset": info.name, "slice": z,
+                                     "version": f"v{mask.version}" if mask else "none",
+                                     "kind": mask.kind if mask else "",
+                                     "labelled pixels": mask.labelled_pixels if mask else 0})
+            return rows
+
+        return self._tx(plan)
+
+    def submit_training(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: Any, *,
+                        preset: str = "", parent_checkpoint_id: int | None = None) -> jobs.RunInfo:
+        spec = {"train": train, "val": val, "preset": preset}
+        run = self._tx(jobs.submit_training, spec, config, parent_checkpoint_id)
+        jobs.start_queued(self.sessions, self.settings)
+        return self.run(run.id)
+
+    def runs(self) -> list[jobs.RunInfo]:
+        return self._tx(jobs.list_runs)
+
+    def run(self, run_id: int) -> jobs.RunInfo:
+        return self._tx(jobs.get_run, run_id)
+
+    def curves(self, run_id: int) -> dict[str, list[tuple[int, float, float]]]:
+        return self._tx(lambda s: {k: jobs.run_metrics(s, run_id, k) for k in jobs.run_metric_keys(s, run_id)})
+
+    def progress(self, run: jobs.RunInfo) -> RunProgress:
+        points = self._tx(jobs.run_metrics, run.id, "loss")
+        steps = int(run.config.get("steps", 0))
+        if not points:
+            return RunProgress(0, steps, 0.0, None)
+        step, _, seconds = points[-1]
+        eta = (steps - step) * seconds / step if step > 0 and run.status in jobs.ACTIVE else None
+        budget = run.config.get("max_seconds")
+        if eta is not None and budget:
+            eta = min(eta, max(0.0, budget - seconds))
+        return RunProgress(int(step), steps, float(seconds), eta)
+
+    def run_log(self, run_id: int, lines: int = 30) -> str:
+        path = jobs.worker_log(self.settings, run_id)
+        if not path.is_file():
+            return ""
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 64_000))
+            text = fh.read().decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cancel_run(self, run_id: int) -> jobs.RunInfo:
+        return self._tx(jobs.cancel_run, run_id)
+
+    def resume_run(self, run_id: int) -> jobs.RunInfo:
+        self._tx(jobs.resume_run, run_id)
+        jobs.start_queued(self.sessions, self.settings)
+        return self.run(run_id)
+
+    def checkpoints(self, run_id: int) -> list[dict[str, Any]]:
+        return self._tx(jobs.run_checkpoints, run_id)
+
+    def checkpoint_choices(self) -> list[dict[str, Any]]:
+        """Every checkpoint of every run, newest run first, with its validation metrics."""
+        return [{**c, "run_id": run.id, "run_status": run.status, "preset": run.spec.get("preset", "")}
+                for run in self.runs() for c in self.checkpoints(run.id)]
+
+    def checkpoint_bytes(self, checkpoint_id: int) -> bytes:
+        def read(s):
+            row = s.get(Checkpoint, checkpoint_id)
+            if row is None:
+                raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+            return self.store.verified(row.file, row.sha256).read_bytes()
+
+        return self._tx(read)
+
+    def delete_checkpoint(self, checkpoint_id: int) -> int:
+        return self._tx(jobs.delete_checkpoint, self.store, checkpoint_id)
+
+    def run_masks(self, run_id: int) -> list[dict[str, Any]]:
+        return self._tx(jobs.run_masks, run_id)
+
+    def lineage(self, run_id: int) -> tuple[int | None, list[int]]:
+        """(the run this one was fine-tuned from, the runs fine-tuned from this one)."""
+        run = self.run(run_id)
+        return self._tx(lambda s: (jobs.checkpoint_run(s, run.parent_checkpoint_id), jobs.child_runs(s, run_id)))
+
+    def run_deletion_preview(self, run_id: int) -> Deleted:
+        return self._tx(api.run_preview, self.store, run_id)
+
+    def delete_run(self, run_id: int) -> Deleted:
+        return self._tx(api.delete_run, self.store, run_id)
+
+    # --- predictions ------------------------------------------------------------------------------------
+    def predict(self, checkpoint_id: int, dataset_id: int, slices: list[int]) -> prediction_jobs.PredictionInfo:
+        info = self._tx(prediction_jobs.submit_prediction, checkpoint_id, dataset_id, slices)
+        proc = prediction_jobs.launch_prediction(self.settings, info.id)
+        with self.sessions.begin() as s:  # so that a process that dies before it starts is noticed
+            s.execute(update(Prediction).where(Prediction.id == info.id, Prediction.pid.is_(None))
+                      .values(pid=proc.pid, pid_started=start_time(proc.pid)))
+        return self.prediction(info.id)
+
+    def prediction(self, prediction_id: int) -> prediction_jobs.PredictionInfo:
+        return self._tx(prediction_jobs.get_prediction, prediction_id)
+
+    def predictions(self, *, dataset_id: int | None = None, run_id: int | None = None
+                    ) -> list[prediction_jobs.PredictionInfo]:
+        return self._tx(prediction_jobs.list_predictions, dataset_id=dataset_id, run_id=run_id)
+
+    def prediction_output(self, prediction_id: int, output: str = "probabilities") -> np.ndarray:
+        """(slices, Y, X): the neuron probabilities, the 0/255 mask or the instance labels, as stored."""
+        return self._cached((output, prediction_id),
+                            lambda: self._tx(prediction_jobs.load_output, self.store, prediction_id, output))
+
+    def prediction_file(self, prediction_id: int, output: str) -> bytes:
+        return self._tx(prediction_jobs.prediction_file, self.store, prediction_id, output)
 
 
 def remove_stale_uploads(store_root: Path, older_than_s: float = 24 * 3600) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.browser import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 ISBI = Path(os.environ.get("NEUROSEG_ISBI_DIR") or ROOT.parent / "shared" / "data" / "isbi2012")
 
@@ -46,19 +48,21 @@ def synthetic() -> tuple[np.ndarray, np.ndarray]:
     return make_synthetic_em((6, 96, 96), np.random.default_rng(42), cell_size=20)
 
 
+@pytest.fixture
+def app_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The app's store in tmp_path (SQLite), and no ISBI files, for tests that run the pages."""
+    folder = tmp_path / "data"
+    monkeypatch.setenv("NEUROSEG_DATA_DIR", str(folder))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(tmp_path / "no-isbi-here"))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def isbi_dir() -> Path:
     if not (ISBI / "train-volume.tif").is_file():
         pytest.skip(f"ISBI 2012 data not found in {ISBI} (set NEUROSEG_ISBI_DIR to run this test)")
     return ISBI
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +86,7 @@ def postgres_server():
 
     # not under pytest's temp tree: as root that is mode 700 and the postgres account cannot enter it
     root = Path(tempfile.mkdtemp(prefix="neuroseg-pg-"))
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     prefix: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root: use its own account
         if shutil.which("runuser") is None:

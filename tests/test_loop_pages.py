@@ -37,15 +37,6 @@ def wait_exit(pid: int | None, timeout: float = 300) -> None:
         os.close(fd)
 
 
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    folder = tmp_path / "data"
-    monkeypatch.setenv("NEUROSEG_DATA_DIR", str(folder))
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(tmp_path / "no-isbi-here"))
-    return folder
-
-
 def open_page(title: str) -> AppTest:
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     at.run()
@@ -54,14 +45,14 @@ def open_page(title: str) -> AppTest:
     return at
 
 
-def test_pages_say_what_is_missing_with_an_empty_store(data_dir):
+def test_pages_say_what_is_missing_with_an_empty_store(app_data_dir):
     assert "No dataset has labelled slices yet" in texts(open_page("Train").info)
     assert "No datasets yet" in texts(open_page("Predict").info)
     assert "No runs yet" in texts(open_page("Runs").info)
 
 
-def test_train_predict_correct_and_review(data_dir):
-    svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+def test_train_predict_correct_and_review(app_data_dir):
+    svc = Neuroseg(Settings.from_env(app_data_dir), start_jobs=False)
     demo = svc.load_demo()
 
     # --- Train: the default split, the tiny preset, submitted from the page --------------------------
@@ -139,11 +130,11 @@ def test_train_predict_correct_and_review(data_dir):
     at.button(key=f"delete_run_{second.id}").click().run()
     assert f"Deleted run {second.id}: {preview.describe()}." in texts(at.success)
     assert [r.id for r in svc.runs()] == [run.id]
-    assert not (data_dir / "runs" / str(second.id)).exists()
+    assert not (app_data_dir / "runs" / str(second.id)).exists()
 
 
-def test_cancel_resume_and_a_reload_finds_the_run(data_dir):
-    svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+def test_cancel_resume_and_a_reload_finds_the_run(app_data_dir):
+    svc = Neuroseg(Settings.from_env(app_data_dir), start_jobs=False)
     demo = svc.load_demo()
     at = open_page("Train")
     at.radio(key="train_preset").set_value("tiny").run()
@@ -168,19 +159,19 @@ def test_cancel_resume_and_a_reload_finds_the_run(data_dir):
     assert demo.id in svc.run(run.id).dataset_ids
 
 
-def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(data_dir):
+def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(app_data_dir):
     from unet.config import preset as make
 
-    svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+    svc = Neuroseg(Settings.from_env(app_data_dir), start_jobs=False)
     demo = svc.load_demo()
     run = svc.submit_training([{"dataset_id": demo.id, "slices": [0]}], [], make("tiny", steps=2), preset="tiny")
     wait_exit(run.pid)
     checkpoint = svc.checkpoints(run.id)[0]
-    (data_dir / checkpoint["file"]).write_bytes(b"not a checkpoint")
+    (app_data_dir / checkpoint["file"]).write_bytes(b"not a checkpoint")
     job = svc.predict(checkpoint["id"], demo.id, [0])
     wait_exit(job.pid)
     failed = svc.prediction(job.id)
-    assert failed.status == "FAILED" and "missing or damaged" in failed.error
+    assert failed.status == "FAILED" and "does not match its recorded checksum" in failed.error
     at = open_page("Predict")
     assert f"Prediction #{job.id} failed" in texts(at.error)
     runs_page = open_page("Runs")
@@ -188,8 +179,8 @@ def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(data_dir
     assert f"Deleted the {checkpoint['kind']} checkpoint of run {run.id}" in texts(runs_page.success)
     assert [c["id"] for c in svc.checkpoints(run.id)] != [] and checkpoint["id"] not in [
         c["id"] for c in svc.checkpoints(run.id)]
-    assert not (data_dir / checkpoint["file"]).exists() and svc.predictions(run_id=run.id) == []
-    assert not (data_dir / "predictions" / str(job.id)).exists()
+    assert not (app_data_dir / checkpoint["file"]).exists() and svc.predictions(run_id=run.id) == []
+    assert not (app_data_dir / "predictions" / str(job.id)).exists()
     at = open_page("Predict")
     # a new stack can be uploaded right there, and is selected for prediction
     stack = io.BytesIO()

@@ -7,7 +7,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tifffile
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -22,17 +21,8 @@ PAGES = {"Datasets": "pages/datasets.py", "Annotate": "pages/annotate.py", "Trai
          "Predict": "pages/predict.py", "Runs": "pages/runs.py"}
 
 
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    folder = tmp_path / "data"
-    monkeypatch.setenv("NEUROSEG_DATA_DIR", str(folder))
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(tmp_path / "no-isbi-here"))
-    return folder
-
-
-def store(data_dir: Path) -> Neuroseg:
-    return Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+def store(app_data_dir: Path) -> Neuroseg:
+    return Neuroseg(Settings.from_env(app_data_dir), start_jobs=False)
 
 
 def app(page: str | None = None) -> AppTest:
@@ -78,7 +68,7 @@ def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
-def test_home_with_an_empty_store(data_dir):
+def test_home_with_an_empty_store(app_data_dir):
     from unet.device import describe_device
 
     at = app()
@@ -90,7 +80,7 @@ def test_home_with_an_empty_store(data_dir):
     assert len([e for e in walk(at.main) if type(e).__name__ == "PageLink"]) == 5
 
 
-def test_home_loads_the_demo_and_the_isbi_sample(data_dir, tmp_path, monkeypatch, synthetic):
+def test_home_loads_the_demo_and_the_isbi_sample(app_data_dir, tmp_path, monkeypatch, synthetic):
     isbi = tmp_path / "isbi"
     isbi.mkdir()
     volume, labels = synthetic  # stands in for the ISBI files: same names, small
@@ -103,11 +93,11 @@ def test_home_loads_the_demo_and_the_isbi_sample(data_dir, tmp_path, monkeypatch
     at.button[1].click().run()
     assert "Loaded **ISBI 2012 training stack** (6 slices of 96×96, 6 with labels)" in texts(at.success)
     assert {m.label: m.value for m in at.metric}["Datasets"] == "2"
-    names = [d.name for d in store(data_dir).datasets()]
+    names = [d.name for d in store(app_data_dir).datasets()]
     assert names == ["Demo: synthetic EM", "ISBI 2012 training stack"]
 
 
-def test_every_page_renders_with_an_empty_store(data_dir):
+def test_every_page_renders_with_an_empty_store(app_data_dir):
     for title in PAGES:
         at = app(title)
         assert at.title[0].value == title
@@ -118,7 +108,7 @@ def test_every_page_renders_with_an_empty_store(data_dir):
     assert "No datasets yet" in texts(at.info)
 
 
-def test_upload_refusals_say_what_is_wrong_and_store_nothing(data_dir, synthetic):
+def test_upload_refusals_say_what_is_wrong_and_store_nothing(app_data_dir, synthetic):
     volume, labels = synthetic
     at = app("Datasets")
     at.file_uploader[0].upload("broken.tif", b"II*\x00garbage", "image/tiff")
@@ -132,11 +122,11 @@ def test_upload_refusals_say_what_is_wrong_and_store_nothing(data_dir, synthetic
     assert "labels have shape (6, 48, 48) but the image stack has shape (6, 96, 96)" in texts(at.error)
     at.button[0].click().run()  # the form was cleared: nothing chosen
     assert "Choose a volume TIFF first." in texts(at.error)
-    assert store(data_dir).datasets() == []
-    assert not list((data_dir / "tmp").glob("*"))
+    assert store(app_data_dir).datasets() == []
+    assert not list((app_data_dir / "tmp").glob("*"))
 
 
-def test_upload_then_browse_rename_and_delete(data_dir, synthetic):
+def test_upload_then_browse_rename_and_delete(app_data_dir, synthetic):
     volume, labels = synthetic
     at = app("Datasets")
     at.file_uploader[0].upload("stack.tif", tiff_bytes(volume), "image/tiff")
@@ -148,22 +138,22 @@ def test_upload_then_browse_rename_and_delete(data_dir, synthetic):
     assert list(table["name"]) == ["Cortex A"] and list(table["labelled slices"]) == ["6 / 6"]
     kinds = [getattr(e, "type", "") for e in walk(at.main)]
     assert kinds.count("image") == 1 and kinds.count("plotly_chart") == 1  # the slice and its histogram
-    at.slider(key=f"browse_slice_{store(data_dir).datasets()[0].id}").set_value(4).run()
+    at.slider(key=f"browse_slice_{store(app_data_dir).datasets()[0].id}").set_value(4).run()
     assert "Slice 4: mask v1 (uploaded)" in texts(at.caption)
 
-    dataset_id = store(data_dir).datasets()[0].id
+    dataset_id = store(app_data_dir).datasets()[0].id
     delete = at.button(key=f"delete_{dataset_id}")
     assert delete.disabled, "deleting needs the name typed"
     assert "removes 1 dataset(s), 6 mask version(s), 7 file(s)" in texts(at.warning)
     at.text_input(key=f"confirm_delete_{dataset_id}").set_value("Cortex A").run()
     at.button(key=f"delete_{dataset_id}").click().run()
     assert "Deleted **Cortex A**: 1 dataset(s), 6 mask version(s), 7 file(s)." in texts(at.success)
-    assert store(data_dir).datasets() == []
-    assert not (data_dir / "datasets" / str(dataset_id)).exists()
+    assert store(app_data_dir).datasets() == []
+    assert not (app_data_dir / "datasets" / str(dataset_id)).exists()
 
 
-def test_annotate_paint_save_history_and_restore(data_dir):
-    svc = store(data_dir)
+def test_annotate_paint_save_history_and_restore(app_data_dir):
+    svc = store(app_data_dir)
     demo = svc.load_demo()
     before = svc.mask(svc.history(demo.id, 0)[-1].id)
     at = app()
@@ -189,8 +179,8 @@ def test_annotate_paint_save_history_and_restore(data_dir):
     np.testing.assert_array_equal(svc.mask(svc.history(demo.id, 0)[-1].id), before)
 
 
-def test_unsaved_strokes_are_kept_across_slices_and_pages(data_dir):
-    demo = store(data_dir).load_demo()
+def test_unsaved_strokes_are_kept_across_slices_and_pages(app_data_dir):
+    demo = store(app_data_dir).load_demo()
     at = app("Annotate")
     draw(at, slice(0, 60), slice(0, 60), NEURON)
     draw(at, slice(0, 60), slice(0, 60), MEMBRANE)  # the canvas sends all its strokes each time
