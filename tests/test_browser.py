@@ -97,6 +97,8 @@ def test_the_whole_loop_in_the_browser(tmp_path):
     data_dir.mkdir()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with app_server(data_dir) as url, chromium() as browser:
+        from playwright.sync_api import expect  # (chromium() skips the test where playwright is missing)
+
         page = browser.new_page(viewport={"width": 1400, "height": 1400}, accept_downloads=True)
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(url)
@@ -124,8 +126,10 @@ def test_the_whole_loop_in_the_browser(tmp_path):
         page.get_by_role("button", name="Train", exact=True).click()
         page.get_by_text("Status: RUNNING").or_(page.get_by_text("Status: QUEUED")).first.wait_for()
         page.screenshot(path=ARTIFACTS / "train-running.png", full_page=True)
-        page.get_by_text("Status: FINISHED").first.wait_for()  # the fragment polls the store; no reload
-        page.get_by_text("step 30 of 30").wait_for()
+        # the fragment polls the store (no reload); when the run ends the page reruns once, and for a moment
+        # the fragment's old elements are still on screen: await the page settling to one copy of each
+        expect(page.get_by_text("Status: FINISHED")).to_have_count(1, timeout=TIMEOUT_MS)
+        expect(page.get_by_text("step 30 of 30")).to_have_count(1, timeout=TIMEOUT_MS)
         page.screenshot(path=ARTIFACTS / "train-finished.png", full_page=True)
 
         page.get_by_role("link", name="Predict").first.click()
