@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.api import NotFound, latest_mask
@@ -50,6 +50,8 @@ class RunInfo:
     pid: int | None
     cancel_requested: bool
     parent_checkpoint_id: int | None = None
+    phase: str = ""  # what the worker does now: "training", "validating slice 2 of 3"
+    train_seconds: float | None = None  # training time over every start of the run (resumes included)
 
     @property
     def dataset_ids(self) -> list[int]:
@@ -57,15 +59,28 @@ class RunInfo:
 
     @property
     def duration_s(self) -> float | None:
+        """How long it trained: the trainer's own clock, which carries on over resumes; else the wall
+        time of its (last) start."""
+        if self.train_seconds is not None:
+            return self.train_seconds
         if self.started is None:
             return None
         end = _aware(self.finished) or datetime.now(UTC)
         return (end - _aware(self.started)).total_seconds()
 
 
-def _info(row: Run) -> RunInfo:
+def _info(row: Run, train_seconds: float | None = None) -> RunInfo:
     return RunInfo(row.id, row.status, row.device, row.spec, row.config, row.created, row.started, row.finished,
-                   row.error, row.pid, row.cancel_requested is not None, row.parent_checkpoint_id)
+                   row.error, row.pid, row.cancel_requested is not None, row.parent_checkpoint_id, row.phase or "",
+                   train_seconds)
+
+
+def _train_seconds(session: Session, run_ids: list[int]) -> dict[int, float]:
+    if not run_ids:
+        return {}
+    rows = session.execute(select(Metric.run_id, func.max(Metric.time))
+                           .where(Metric.run_id.in_(run_ids), Metric.key == "loss").group_by(Metric.run_id))
+    return {run_id: float(t) for run_id, t in rows if t is not None}
 
 
 def device_key(config: TrainConfig) -> str:
@@ -126,7 +141,7 @@ def launch(settings: Settings, module: str, args: list[str], log: Path) -> subpr
 
 
 def worker_log(settings: Settings, run_id: int) -> Path:
-    return settings.data_dir / "runs" / str(int(run_id)) / "worker.log"
+    return FileStore(settings.data_dir).run_dir(run_id) / "worker.log"
 
 
 def launch_worker(settings: Settings, run_id: int) -> subprocess.Popen:
@@ -240,7 +255,7 @@ def get_run(session: Session, run_id: int) -> RunInfo:
     run = session.get(Run, run_id)
     if run is None:
         raise NotFound(f"run {run_id} does not exist")
-    return _info(run)
+    return _info(run, _train_seconds(session, [run_id]).get(run_id))
 
 
 def run_metrics(session: Session, run_id: int, key: str) -> list[tuple[int, float, float]]:
@@ -250,13 +265,21 @@ def run_metrics(session: Session, run_id: int, key: str) -> list[tuple[int, floa
     return [tuple(r) for r in rows]
 
 
+def run_curves(session: Session, run_id: int) -> dict[str, list[tuple[int, float, float]]]:
+    """Every metric of a run, {key: [(step, value, seconds), …]} in step order, in one query."""
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    rows = session.execute(select(Metric.key, Metric.step, Metric.value, Metric.time)
+                           .where(Metric.run_id == run_id).order_by(Metric.key, Metric.step))
+    for key, step, value, seconds in rows:
+        curves.setdefault(key, []).append((step, value, seconds))
+    return curves
+
+
 def list_runs(session: Session) -> list[RunInfo]:
     reconcile(session)
-    return [_info(r) for r in session.scalars(select(Run).order_by(Run.id.desc()))]
-
-
-def run_metric_keys(session: Session, run_id: int) -> list[str]:
-    return sorted(session.scalars(select(Metric.key).where(Metric.run_id == run_id).distinct()))
+    rows = list(session.scalars(select(Run).order_by(Run.id.desc())))
+    seconds = _train_seconds(session, [r.id for r in rows])
+    return [_info(r, seconds.get(r.id)) for r in rows]
 
 
 def run_masks(session: Session, run_id: int) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import open_store
@@ -76,7 +77,13 @@ class DatabaseReporter(NullReporter):
             row.metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
     def should_stop(self) -> bool:
+        if time.monotonic() - self.last_flush >= FLUSH_EVERY:  # asked between tiles too: read the flag
+            self._flush(force=True)
         return self.stop
+
+    def on_phase(self, text: str) -> None:
+        with self.sessions.begin() as s:
+            s.execute(update(Run).where(Run.id == self.run_id).values(phase=text[:120]))
 
     def close(self) -> None:
         self._flush(force=True)
@@ -125,6 +132,28 @@ def _heartbeat(sessions: sessionmaker[Session], run_id: int, stop: threading.Eve
             s.execute(update(Run).where(Run.id == run_id).values(heartbeat=datetime.now(UTC)))
 
 
+def _start_segment(sessions: sessionmaker[Session], run_id: int, out_dir: Path, resume: bool) -> int:
+    """Where this start of the run begins: the step of its ``latest`` checkpoint, or 0. Metric rows past
+    that step (written before a crash or a cancel, and about to be written again) are dropped, so no step
+    is stored twice, and a "resume" row records the start, so the page can say what happened."""
+    from unet.checkpoint import side_file
+
+    step = 0
+    if resume:
+        with contextlib.suppress(OSError, ValueError):
+            step = int(json.loads(side_file(out_dir / "latest.pt").read_text()).get("step", 0))
+    with sessions.begin() as s:
+        had = s.scalar(select(func.max(Metric.step)).where(Metric.run_id == run_id, Metric.key == "loss"))
+        s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.step > step))
+        if had is not None:
+            s.add(Metric(run_id=run_id, key="resume", step=step, value=float(had), time=0.0))
+    if had is not None:
+        print(f"run {run_id}: resumed from step {step}" + ("" if step else
+              f" (it had reached step {had} but stopped before its first checkpoint: it starts again)"),
+              flush=True)
+    return step
+
+
 def run_worker(run_id: int, settings: Settings) -> int:
     sessions, store = open_store(settings)
     with sessions.begin() as s:
@@ -144,8 +173,9 @@ def run_worker(run_id: int, settings: Settings) -> int:
         with final_status(sessions, run_id, reporter) as outcome:
             with sessions.begin() as s:
                 data = _load_data(s, store, run_id)
-            out_dir = store.root / "runs" / str(run_id)
+            out_dir = store.run_dir(run_id)
             resume = (out_dir / "latest.pt").exists()
+            _start_segment(sessions, run_id, out_dir, resume)
             result = train(config, data, reporter, out_dir=out_dir, resume=resume,
                            init_from=None if resume else parent_file)
             if result.reason == "stopped":

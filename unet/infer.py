@@ -81,10 +81,29 @@ def _forward(model: UNet, batch: torch.Tensor, tta: bool, amp: torch.dtype | Non
     return total / len(D4)
 
 
+class Interrupted(RuntimeError):
+    """``should_stop`` said stop in the middle of a prediction."""
+
+
 def predict_slice(model: UNet, image: np.ndarray, *, tile: int | None = None, overlap: int | None = None,
                   batch_size: int = 4, tta: bool = False, device: torch.device | str | None = None,
-                  amp: torch.dtype | None = None, normalized: bool = False) -> np.ndarray:
-    """Neuron probability (float32, the image's shape) for one 2-D image of any size."""
+                  amp: torch.dtype | None = None, normalized: bool = False,
+                  should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """Neuron probability (float32, the image's shape) for one 2-D image of any size.
+
+    Args:
+        model: the network; its mode is restored afterwards.
+        image: one 2-D slice (any dtype; normalised here unless ``normalized``).
+        tile: the input tile edge in pixels (default: 512, or less for small images).
+        overlap: output pixels shared by neighbouring tiles, blended with a cosine window.
+        batch_size: tiles per forward pass.
+        tta: average the 8 flips/rotations (test-time augmentation).
+        device: where to compute (default: where the model is).
+        amp: autocast dtype, or None for full precision.
+        normalized: the image is already normalised float32.
+        should_stop: asked between batches of tiles; when it says True, :class:`Interrupted` is raised
+            (a cancelled run does not wait for a long validation).
+    """
     if image.ndim != 2:
         raise ValueError(f"predict_slice expects one 2-D image, got shape {image.shape}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -113,6 +132,8 @@ def predict_slice(model: UNet, image: np.ndarray, *, tile: int | None = None, ov
         positions = [(oy, ox) for oy in oys for ox in oxs]
         channels_last = device.type == "cuda"
         for i in range(0, len(positions), batch_size):
+            if should_stop is not None and should_stop():
+                raise Interrupted("stopped during a prediction")
             chunk = positions[i : i + batch_size]
             tiles = np.stack([padded[oy : oy + t, ox : ox + t] for oy, ox in chunk])[:, None]
             batch = torch.from_numpy(tiles).to(device)

@@ -22,7 +22,7 @@ from unet.checkpoint import load_checkpoint, save_checkpoint
 from unet.config import TrainConfig
 from unet.data import PatchSampler, TrainData
 from unet.device import amp_dtype, autocast, pick_device
-from unet.infer import predict_slice
+from unet.infer import Interrupted, predict_slice
 from unet.labels import IGNORE, border_weights
 from unet.losses import segmentation_loss
 from unet.metrics import evaluate_slice, mean_metrics
@@ -34,6 +34,7 @@ class Reporter(Protocol):
     def on_validation(self, step: int, metrics: dict[str, float], seconds: float) -> None: ...
     def on_checkpoint(self, kind: str, path: Path, step: int, metrics: dict[str, float]) -> None: ...
     def should_stop(self) -> bool: ...
+    def on_phase(self, text: str) -> None: ...
 
 
 class NullReporter:
@@ -50,6 +51,9 @@ class NullReporter:
 
     def should_stop(self) -> bool:
         return False
+
+    def on_phase(self, text: str) -> None:
+        """What the trainer does now ("training", "validating slice 2 of 3"), for a progress display."""
 
 
 @dataclass
@@ -103,11 +107,16 @@ def lr_at(config: TrainConfig, step: int, seconds: float) -> float:
 
 
 def _validation_metrics(model: UNet, data: TrainData, config: TrainConfig, device: torch.device,
-                        amp: torch.dtype | None) -> dict[str, float]:
+                        amp: torch.dtype | None, reporter: Reporter) -> dict[str, float]:
+    """The validation metrics; raises :class:`Interrupted` as soon as the reporter says stop."""
     rows = []
-    for image, target in zip(data.val_images, data.val_targets, strict=True):
+    n = len(data.val_images)
+    # on a CPU a batch of tiles takes seconds: small batches let a cancel through quickly
+    batch = max(config.batch_size, 1) if device.type == "cuda" else min(max(config.batch_size, 1), 2)
+    for i, (image, target) in enumerate(zip(data.val_images, data.val_targets, strict=True)):
+        reporter.on_phase(f"validating slice {i + 1} of {n}")
         prob = predict_slice(model, image, device=device, amp=amp, tta=config.tta_validation,
-                             normalized=True, batch_size=max(config.batch_size, 1))
+                             normalized=True, batch_size=batch, should_stop=reporter.should_stop)
         if not (target != IGNORE).any():
             continue
         # the training loss itself, on the whole slice (logits recovered from the blended probabilities)
@@ -223,10 +232,16 @@ def train(config: TrainConfig, data: TrainData, reporter: Reporter | None = None
         reporter.on_checkpoint(kind, path, step, metrics)
 
     def validate() -> bool:
-        """Run validation, keep ``best``; return True when early stopping says stop."""
+        """Run validation, keep ``best``; return True when early stopping says stop. A stop asked for
+        during the validation ends it at once (nothing recorded for it)."""
         nonlocal best, stale
         has_val = bool(data.val_images)
-        metrics = _validation_metrics(model, data, config, device, amp) if has_val else {}
+        try:
+            metrics = _validation_metrics(model, data, config, device, amp, reporter) if has_val else {}
+        except Interrupted:
+            return False
+        finally:
+            reporter.on_phase("training")
         if metrics:
             row = {"step": step, "seconds": elapsed(), **metrics}
             validations.append(row)
@@ -240,6 +255,7 @@ def train(config: TrainConfig, data: TrainData, reporter: Reporter | None = None
 
     reason = "finished"
     batches = _batches(sampler, config.batch_size, device, config.seed)
+    reporter.on_phase("training")
     model.train()
     while step < config.steps:
         if reporter.should_stop():
