@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import author_input, flash, select_dataset, service, show_flashes
+from pages.common import author_input, flash, owner, remember_in_browser, select_dataset, service, show_flashes
 from storage.service import UserError, isbi_dir
 
 st.set_page_config(page_title="Neuroseg", page_icon="🧠", layout="wide")
@@ -75,10 +75,17 @@ page = st.navigation([home_page, datasets, annotate, train, predict, runs])
 
 with st.sidebar:
     author_input()
-unsaved = [d for d in st.session_state.get("drafts", {}).values() if d.dirty]
-if unsaved and page.title != "Annotate":
-    where = ", ".join(f"slice {d.slice_index} of dataset #{d.dataset_id}" for d in unsaved[:5])
-    st.warning(f"Unsaved annotation on {where}{' …' if len(unsaved) > 5 else ''}. It is kept in this "
-                       "browser session: open **Annotate** to save or discard it.", icon=":material/warning:")
+    remember_in_browser()
+if page.title != "Annotate":
+    in_session = {key: d for key, d in st.session_state.get("drafts", {}).items() if d.dirty}
+    try:
+        kept = [(d.dataset_id, d.slice_index) for d in service().drafts_of(owner())]
+    except UserError:
+        kept = []
+    unsaved = sorted(set(in_session) | set(kept))
+    if unsaved:
+        where = ", ".join(f"slice {z} of dataset #{ds}" for ds, z in unsaved[:5])
+        st.warning(f"Unsaved annotation on {where}{' …' if len(unsaved) > 5 else ''}. It is kept (a reload "
+                   "or a new tab finds it): open **Annotate** to save or discard it.", icon=":material/warning:")
 st.session_state["_script_runs"] = st.session_state.get("_script_runs", 0) + 1
 page.run()

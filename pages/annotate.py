@@ -1,18 +1,33 @@
 """Annotate: paint neuron, membrane or "unlabelled" on a slice over its current mask, and save the result as
-a new version of the slice's mask. Edits are drafts kept in the browser session until saved or
-discarded, so moving to another slice or page drops nothing (the pages warn about them)."""
+a new version of the slice's mask. Edits are drafts kept in the browser session and, as the user paints,
+in the store (per user and slice) until saved or discarded: moving to another slice or page, reloading
+or opening a new tab drops nothing (the pages warn about them, and leaving the tab before a stroke has
+reached the server asks first)."""
 
 from __future__ import annotations
 
 import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, st_canvas  # needs a running Streamlit: pages only
 
-from pages.common import dataset_picker, flash, png_data_url, service, show_flashes, slice_strip, volume_or_stop
+from pages.common import (
+    dataset_picker,
+    flash,
+    frame_guard,
+    leave_guard,
+    owner,
+    png_data_url,
+    select_dataset,
+    service,
+    show_flashes,
+    slice_strip,
+    volume_or_stop,
+)
 from storage.annotate import Draft
 from storage.service import MaskConflict, StartOption, UserError
 from unet.labels import IGNORE, MEMBRANE, NEURON
 from unet.paint import View, auto_window, brush_color, overlay, window
 
+frame_guard()
 svc = service()
 st.title("Annotate")
 show_flashes()
@@ -43,7 +58,7 @@ def _step(delta: int) -> None:
 
 
 def _go(dataset: int, z: int) -> None:
-    st.session_state["dataset_id"] = st.session_state["dataset_widget"] = dataset
+    select_dataset(dataset)
     st.session_state[f"annotate_slice_{dataset}"] = z
 
 
@@ -72,8 +87,35 @@ if request is not None and tuple(request[:2]) == (dataset_id, z):
     else:
         draft = drafts[(dataset_id, z)] = svc.new_draft(
             dataset_id, z, StartOption("prediction", f"prediction #{request[2]}", None, request[2]))
+kept_revision: dict[tuple[int, int], int] = st.session_state.setdefault("_kept_revision", {})
+if draft is None:  # not edited in this session: an edit kept in the store (a reload, another tab) comes back
+    stored = svc.stored_draft(dataset_id, z, owner())
+    if stored is not None:
+        draft, when = stored
+        drafts[(dataset_id, z)] = draft
+        kept_revision[(dataset_id, z)] = draft.revision
+        st.session_state.setdefault("_restored", {})[draft.uid] = (
+            f"Restored your unsaved changes on this slice (kept {when:%Y-%m-%d %H:%M} UTC): save or discard them.")
 if draft is None or (not draft.dirty and draft.latest_id != (latest.id if latest else None)):
     draft = drafts[(dataset_id, z)] = svc.new_draft(dataset_id, z, options[0])  # new, or saved elsewhere
+
+
+restored_note = st.session_state.get("_restored", {}).get(draft.uid)
+if restored_note and draft.dirty:
+    st.info(restored_note, icon=":material/restore:")
+
+
+def _keep(d: Draft) -> None:
+    """Keep the draft in the store when it changed since it was last kept (or forget it once clean)."""
+    key = (d.dataset_id, d.slice_index)
+    if kept_revision.get(key) != d.revision:
+        try:
+            svc.keep_draft(d, owner())
+        except UserError as exc:
+            st.error(f"Your changes could not be kept in the store ({exc}); they are still in this tab: save "
+                     "them or keep the tab open.")
+        else:
+            kept_revision[key] = d.revision
 
 
 def _pending_strokes(d: Draft) -> None:
@@ -85,7 +127,8 @@ def _pending_strokes(d: Draft) -> None:
 
 
 def _start_from(index: int) -> None:
-    drafts[(dataset_id, z)] = svc.new_draft(dataset_id, z, options[index])
+    drafts[(dataset_id, z)] = fresh = svc.new_draft(dataset_id, z, options[index])
+    _keep(fresh)
 
 
 def _save() -> None:
@@ -95,7 +138,7 @@ def _save() -> None:
         return
     changed = draft.changed_pixels
     try:
-        saved = svc.save_draft(draft, st.session_state.get("author", ""))
+        saved = svc.save_draft(draft, st.session_state.get("author", ""), owner=owner())
     except MaskConflict as exc:
         st.session_state["conflict"] = draft.uid
         flash(f"Not saved: {exc}. Your changes are kept.", "error")
@@ -103,18 +146,28 @@ def _save() -> None:
         flash(f"Not saved: {exc}. Your changes are kept.", "error")
     else:
         st.session_state.pop("conflict", None)
-        flash(f"Saved slice {z} as **v{saved.version}** ({saved.kind}, {changed:,} pixels changed).")
+        kept_revision[(dataset_id, z)] = draft.revision
+        st.session_state["last_saved"] = (draft.uid, f"Saved slice {z} as **v{saved.version}** ({saved.kind}, "
+                                          f"{changed:,} pixels changed) at {saved.created:%H:%M:%S}.")
 
 
 def _rebase() -> None:
     newest = svc.history(dataset_id, z)[-1]
     draft.rebase(svc.mask(newest.id), newest.id, newest.kind)
+    _keep(draft)
     st.session_state.pop("conflict", None)
     flash(f"Your changes now sit on v{newest.version}: look them over and save.", "info")
 
 
 def _discard() -> None:
     draft.discard()
+    _keep(draft)
+    st.session_state.pop("conflict", None)
+
+
+def _discard_and_open_latest() -> None:
+    drafts[(dataset_id, z)] = fresh = svc.new_draft(dataset_id, z, svc.start_options(dataset_id, z)[0])
+    _keep(fresh)
     st.session_state.pop("conflict", None)
 
 
@@ -124,12 +177,32 @@ def _restore(mask_id: int) -> None:
     flash(f"Restored as v{restored.version}.")
 
 
-current = next((i for i, o in enumerate(options) if o.source == draft.source and o.mask_id == draft.source_mask_id),
-               None)
-choice = st.radio("Start from", range(len(options)), format_func=lambda i: options[i].label,
-                  index=current if current is not None else 0, horizontal=True,
-                  key=f"start_{draft.uid}_{draft.source_mask_id}")
-if current is None or choice != current:
+in_conflict = st.session_state.get("conflict") == draft.uid
+if in_conflict:
+    newest = history[-1] if (history := svc.history(dataset_id, z)) else None
+    with st.container(border=True):
+        st.error(f"Not saved: slice {z} now has **v{newest.version if newest else 0}**"
+                 f"{' by ' + newest.author if newest and newest.author else ''}, saved after your edit began. "
+                 f"Your {draft.changed_pixels:,} changed pixels are kept. Choose one:", icon=":material/sync_problem:")
+        c1, c2 = st.columns(2)
+        c1.button(f"Move my changes onto v{newest.version if newest else 0} (then look and save)", type="primary",
+                  on_click=_rebase, key="rebase", width="stretch")
+        c2.button(f"Discard my changes and open v{newest.version if newest else 0}", on_click=_discard_and_open_latest,
+                  key="discard_for_latest", width="stretch")
+
+current = next((i for i, o in enumerate(options) if o.source == draft.source and o.mask_id == draft.source_mask_id
+                and (o.prediction_id == draft.prediction_id or o.source != "prediction")), None)
+if current is None:  # the edit started from something no longer offered first (an older version, a prediction)
+    started = (f"prediction #{draft.prediction_id}" if draft.prediction_id is not None else
+               next((f"v{m.version} ({m.kind})" for m in svc.history(dataset_id, z) if m.id == draft.source_mask_id),
+                    "nothing (scribble)"))
+    options = [StartOption(draft.source, f"what this edit started from: {started}", draft.source_mask_id,
+                           draft.prediction_id), *options]
+    current = 0
+choice = st.radio("Start from", range(len(options)), format_func=lambda i: options[i].label, index=current,
+                  horizontal=True, key=f"start_{draft.uid}_{draft.source_mask_id}_{draft.prediction_id}",
+                  disabled=in_conflict)
+if choice != current:
     if draft.dirty:
         st.warning(f"Starting from {options[choice].label} drops the {draft.changed_pixels:,} pixels you changed on "
                    "this slice.")
@@ -178,29 +251,33 @@ result = st_canvas(stroke_width=max(1, brush * view.scale), stroke_color=brush_c
                    background_image=cache["url"], height=display_h, width=display_w, drawing_mode="freedraw",
                    return_image_data=True, key=draft.canvas_key, max_display_height=900, update_streamlit=True)
 draft.apply(result.image_data)
+_keep(draft)  # every change goes to the store: a reload or a new tab finds it
 st.session_state["_canvas_rendered"] = (draft.canvas_key, st.session_state.get("_script_runs", 0))
 
 # --- save -----------------------------------------------------------------------------------------
 actions = st.columns([2, 2, 6], vertical_alignment="center")
-actions[0].button("Save version", type="primary", on_click=_save, key="save_mask")
-actions[1].button("Discard changes", on_click=_discard, disabled=not draft.dirty, key="discard_mask")
+actions[0].button("Save version", type="primary", on_click=_save, key="save_mask", disabled=in_conflict)
+actions[1].button("Discard changes", on_click=_discard, disabled=not draft.dirty or in_conflict, key="discard_mask")
+last_saved = st.session_state.get("last_saved")
 if draft.dirty:
-    actions[2].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** · will be saved as "
-                        f"*{draft.kind}* by *{author or 'anonymous'}*")
+    actions[2].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** (kept in the store) · will be saved "
+                        f"as *{draft.kind}* by *{author or 'anonymous'}*")
+elif last_saved is not None and last_saved[0] == draft.uid:
+    actions[2].success(last_saved[1], icon=":material/check:")
 else:
     actions[2].markdown("No unsaved changes on this slice.")
-if st.session_state.get("conflict") == draft.uid:
-    st.button("Move my changes onto the newer version", on_click=_rebase, key="rebase")
 
-others = [d for key, d in drafts.items() if d.dirty and key != (dataset_id, z)]
+others = sorted({(d.dataset_id, d.slice_index) for key, d in drafts.items() if d.dirty and key != (dataset_id, z)}
+                | {(d.dataset_id, d.slice_index) for d in svc.drafts_of(owner())
+                   if (d.dataset_id, d.slice_index) != (dataset_id, z)})
 if others:
     st.warning("Unsaved changes are also waiting on " + ", ".join(
-        f"slice {d.slice_index}" + ("" if d.dataset_id == dataset_id else f" of dataset #{d.dataset_id}")
-        for d in others) + ". They are kept in this browser session until you save or discard them.")
+        f"slice {oz}" + ("" if ods == dataset_id else f" of dataset #{ods}") for ods, oz in others)
+        + ". They are kept until you save or discard them.")
     go_cols = st.columns(min(len(others), 6))
-    for col, d in zip(go_cols, others[:6], strict=False):
-        col.button(f"Go to slice {d.slice_index}" + ("" if d.dataset_id == dataset_id else f" (#{d.dataset_id})"),
-                   on_click=_go, args=(d.dataset_id, d.slice_index), key=f"go_{d.uid}")
+    for col, (ods, oz) in zip(go_cols, others[:6], strict=False):
+        col.button(f"Go to slice {oz}" + ("" if ods == dataset_id else f" (#{ods})"), on_click=_go,
+                   args=(ods, oz), key=f"go_{ods}_{oz}")
 
 # --- history --------------------------------------------------------------------------------------
 history = svc.history(dataset_id, z)
@@ -221,3 +298,5 @@ else:
                                                        f"{by_id[i].author or 'anonymous'}")
         cols[1].button("Restore it as a new version", on_click=_restore, args=(pick,), disabled=draft.dirty,
                        key="restore", help="Save or discard your changes first." if draft.dirty else None)
+
+leave_guard(armed=True)  # after the strokes of this run are kept: see pages.common.leave_guard

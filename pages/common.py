@@ -1,11 +1,14 @@
 """What every page shares: the service (opened once per server process), the user's name, the selected
-dataset, and a few renderers. Widgets' own keys vanish from ``st.session_state`` on pages that do not
-show them, so what must survive a change of page is mirrored under plain keys."""
+dataset, the guard against Streamlit's folder mode, and a few renderers. Widgets' own keys vanish from
+``st.session_state`` on pages that do not show them, so what must survive a change of page is kept under
+plain keys, and what must survive a reload is kept in the URL (the dataset) or a cookie (the name)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import uuid
+from urllib.parse import unquote
 
 import numpy as np
 import plotly.graph_objects as go
@@ -48,8 +51,108 @@ def show_flashes() -> None:
         getattr(st, kind)(message)
 
 
+def frame_guard() -> None:
+    """Every page script calls this first. With a ``pages/`` folder beside ``app.py``, Streamlit starts in
+    its old folder mode (every file in ``pages/`` a page, ``app.py``'s frame skipped) until some session
+    runs ``app.py``; a deep link opened right after a restart would stay there. Here the folder mode is
+    switched off and the same URL runs again through ``app.py``'s ``st.navigation`` (a page's hash is the
+    hash of its URL path in both modes, so the user lands on the page asked for)."""
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    # AppTest resets the flag before each of its runs and emulates the folder mode itself (its runner's
+    # session is "test session id"): there a rerun would only drop the click being tested.
+    ctx = get_script_run_ctx()
+    under_apptest = ctx is not None and ctx.session_id == "test session id"
+    if PagesManager.uses_pages_directory and not under_apptest:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+USER_COOKIE, BROWSER_COOKIE = "neuroseg_user", "neuroseg_browser"
+_COOKIES_JS = """
+export default function ({ data }) {
+  const year = 365 * 24 * 3600;
+  for (const [name, value] of Object.entries(data || {})) {
+    const current = document.cookie.split("; ").find((c) => c.startsWith(name + "="));
+    const wanted = name + "=" + encodeURIComponent(value);
+    if (current !== wanted) document.cookie = wanted + "; path=/; max-age=" + year + "; SameSite=Strict";
+  }
+}
+"""
+_LEAVE_GUARD_JS = """
+// The canvas sends its strokes about 200 ms after mouse-up; the script run that this starts keeps them in
+// the store and then renders this guard. From a stroke on the canvas until a render of a newer run than
+// the one on screen at mouse-up arrives (and later than the canvas's send), the strokes exist only in
+// the browser: closing or reloading the tab then asks first.
+const guard = window.__neurosegLeaveGuard || (window.__neurosegLeaveGuard = { pending: false, lastUp: 0, run: 0 });
+if (!guard.installed) {
+  guard.installed = true;
+  const onCanvas = (e) => e.composedPath().some((el) => el.classList && el.classList.contains("upper-canvas"));
+  document.addEventListener("pointerdown", (e) => {
+    if (onCanvas(e)) { guard.pending = true; guard.stroking = true; guard.runAtUp = undefined; }
+  }, true);
+  document.addEventListener("pointerup", () => {
+    if (guard.stroking) { guard.stroking = false; guard.lastUp = performance.now(); guard.runAtUp = guard.run; }
+  }, true);
+  window.addEventListener("beforeunload", (e) => {
+    if (guard.pending && guard.armed) { e.preventDefault(); e.returnValue = ""; }
+  });
+}
+export default function ({ data }) {
+  guard.armed = !!(data && data.armed);
+  guard.run = (data && data.run) || 0;
+  if (guard.pending && guard.runAtUp !== undefined && guard.run > guard.runAtUp
+      && performance.now() - guard.lastUp > 250) guard.pending = false;
+}
+"""
+
+
+@st.cache_resource
+def _components():
+    return (st.components.v2.component("neuroseg_cookies", js=_COOKIES_JS),
+            st.components.v2.component("neuroseg_leave_guard", js=_LEAVE_GUARD_JS))
+
+
+def _cookie(name: str) -> str:
+    try:
+        value = st.context.cookies.get(name)
+    except Exception:  # no browser: no cookies
+        return ""
+    return unquote(value) if isinstance(value, str) else ""  # (AppTest hands out a mock)
+
+
+def browser_id() -> str:
+    """This browser's own id (a cookie), for the drafts of a user who has not given a name."""
+    if "browser_id" not in st.session_state:
+        st.session_state["browser_id"] = _cookie(BROWSER_COOKIE) or uuid.uuid4().hex
+    return st.session_state["browser_id"]
+
+
+def owner() -> str:
+    """Whose drafts these are: the user's name, else this browser."""
+    name = st.session_state.get("author", "")
+    return f"name:{name}" if name else f"browser:{browser_id()}"
+
+
+def remember_in_browser() -> None:
+    """Keep the name and this browser's id in cookies, so a reload or a new tab finds them (the frame
+    calls this on every run; the component writes only what changed)."""
+    _components()[0](data={USER_COOKIE: st.session_state.get("author", ""), BROWSER_COOKIE: browser_id()},
+                     key="neuroseg_cookies", height=0)
+
+
+def leave_guard(armed: bool) -> None:
+    """Ask before the tab is closed or reloaded while strokes have not reached the server (Annotate
+    renders this after it has kept the strokes in the store)."""
+    _components()[1](data={"armed": armed, "run": st.session_state.get("_script_runs", 0)},
+                     key="neuroseg_leave_guard", height=0)
+
+
 def author_input() -> str:
-    """'Your name', remembered for the whole browser session; saved versions carry it."""
+    """'Your name', remembered for the browser (a cookie) and so for reloads; saved versions carry it."""
+    if "author" not in st.session_state:
+        st.session_state["author"] = _cookie(USER_COOKIE).strip()[:100]
     if "author_widget" not in st.session_state:
         st.session_state["author_widget"] = st.session_state.get("author", "")
 
@@ -63,25 +166,43 @@ def author_input() -> str:
 
 
 def select_dataset(dataset_id: int) -> None:
-    """Make ``dataset_id`` the selected dataset on the next run of any page."""
-    st.session_state["dataset_id"] = st.session_state["_select_dataset"] = dataset_id
+    """Make ``dataset_id`` the selected dataset of every page (and of the URL, so a reload keeps it)."""
+    st.session_state["dataset_id"] = int(dataset_id)
+    st.query_params["dataset"] = str(int(dataset_id))
 
 
-def dataset_picker(datasets, label: str = "Dataset", key: str = "dataset_widget") -> int:
-    """Select a dataset; the choice is shared by the pages."""
+def selected_dataset(datasets) -> int | None:
+    """The one dataset selection every page shares: this session's choice, else the URL's, else the
+    newest dataset. It is written back to the URL on every page, so a reload opens the same stack."""
     ids = [d.id for d in datasets]
+    if not ids:
+        return None
     current = st.session_state.get("dataset_id")
     if current not in ids:
+        try:
+            current = int(st.query_params.get("dataset", ""))
+        except ValueError:
+            current = None
+    if current not in ids:
         current = ids[-1]
-    pending = st.session_state.pop("_select_dataset", None)  # asked for by a page (an upload, a link)
-    if pending in ids:
-        st.session_state[key] = pending
-    elif st.session_state.get(key) not in ids:
-        st.session_state[key] = current
+    if st.session_state.get("dataset_id") != current or st.query_params.get("dataset") != str(current):
+        select_dataset(current)
+    return current
+
+
+def dataset_picker(datasets, label: str = "Dataset", key: str | None = None) -> int:
+    """Select a dataset; the choice is the one shared by every page. Each page has its own widget (its
+    key vanishes on other pages), whose value is set from the shared selection before it is drawn."""
+    key = key or f"dataset_pick_{label}"
+    current = selected_dataset(datasets)
+    st.session_state[key] = current
+
+    def chosen() -> None:
+        select_dataset(st.session_state[key])
+
     names = {d.id: f"{d.name}  ·  #{d.id}  ·  {d.shape[0]}×{d.shape[1]}×{d.shape[2]}" for d in datasets}
-    chosen = st.selectbox(label, ids, format_func=names.get, key=key)
-    st.session_state["dataset_id"] = chosen
-    return chosen
+    st.selectbox(label, [d.id for d in datasets], format_func=names.get, key=key, on_change=chosen)
+    return current
 
 
 def volume_or_stop(svc: Neuroseg, dataset_id: int) -> np.ndarray:
@@ -148,3 +269,7 @@ def run_curves_figure(curves_by_run: dict[int, dict[str, list[tuple[int, float, 
     fig.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="step",
                       legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+if __name__ == "__main__":  # run as a page of its own: only by Streamlit's folder mode, which this ends
+    frame_guard()

@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import dataset_picker, flash, histogram, select_dataset, service, show_flashes, volume_or_stop
+from pages.common import (
+    dataset_picker,
+    flash,
+    frame_guard,
+    histogram,
+    select_dataset,
+    service,
+    show_flashes,
+    volume_or_stop,
+)
 from storage.service import UserError
 from unet.paint import View, auto_window, overlay, window
 
+frame_guard()
 svc = service()
 st.title("Datasets")
 show_flashes()
@@ -117,6 +127,7 @@ with st.expander("Delete this dataset"):
             st.error(str(exc))
         else:
             st.session_state.pop("dataset_id", None)
+            st.query_params.pop("dataset", None)
             drafts = st.session_state.get("drafts", {})
             for key in [k for k in drafts if k[0] == dataset_id]:
                 del drafts[key]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages.common import dataset_picker, flash, select_dataset, service, show_flashes, volume_or_stop
+from pages.common import dataset_picker, flash, frame_guard, select_dataset, service, show_flashes, volume_or_stop
 from storage.service import UserError
 from unet.io import parse_slices
 from unet.paint import (
@@ -23,20 +23,17 @@ from unet.paint import (
     window,
 )
 
+frame_guard()
 svc = service()
 st.title("Predict")
 show_flashes()
 ACTIVE = ("QUEUED", "RUNNING")
 
 datasets = svc.datasets()
-checkpoints = svc.checkpoint_choices()
 if not datasets:
     st.info("No datasets yet: load the demo on the home page or upload a stack on **Datasets**.")
     st.stop()
-if not checkpoints:
-    st.info("No trained model yet: start a run on **Train**; its checkpoints appear here.")
-    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
-    st.stop()
+checkpoints = svc.checkpoint_choices()
 
 
 def _label(c: dict) -> str:
@@ -48,9 +45,6 @@ def _label(c: dict) -> str:
 
 
 top = st.columns([3, 3])
-with top[0]:
-    checkpoint_id = st.selectbox("Checkpoint", [c["id"] for c in checkpoints], key="predict_checkpoint",
-                                 format_func=lambda i: _label(next(c for c in checkpoints if c["id"] == i)))
 with top[1]:
     dataset_id = dataset_picker(datasets)
     with st.popover("Upload a new stack"), st.form("predict_upload", clear_on_submit=True):
@@ -67,6 +61,13 @@ with top[1]:
                 select_dataset(new.id)
                 flash(f"Stored **{new.name}**; it is selected for prediction.")
                 st.rerun()
+with top[0]:
+    if not checkpoints:
+        st.info("No trained model yet: start a run on **Train**; its checkpoints appear here.")
+        st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+        st.stop()
+    checkpoint_id = st.selectbox("Checkpoint", [c["id"] for c in checkpoints], key="predict_checkpoint",
+                                 format_func=lambda i: _label(next(c for c in checkpoints if c["id"] == i)))
 info = svc.dataset(dataset_id)
 
 with st.form("predict_form"):
@@ -90,9 +91,17 @@ if not predictions:
     st.caption("No prediction of this dataset yet.")
     st.stop()
 ids = [p.id for p in reversed(predictions)]
-wanted = st.session_state.get("prediction_id")
-pick = st.selectbox("Prediction", ids, index=ids.index(wanted) if wanted in ids else 0, key=f"pick_{dataset_id}",
-                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s)"
+wanted = st.session_state.get("prediction_id")  # the one just started, or the one the user picked
+pick_key = f"pick_{dataset_id}"
+st.session_state[pick_key] = wanted if wanted in ids else ids[0]
+
+
+def _picked() -> None:
+    st.session_state["prediction_id"] = st.session_state[pick_key]
+
+
+pick = st.selectbox("Prediction", ids, key=pick_key, on_change=_picked,
+                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s) · {p.status}"
                                                for p in predictions if p.id == i))
 st.session_state["prediction_id"] = pick
 
@@ -100,7 +109,8 @@ st.session_state["prediction_id"] = pick
 def progress(prediction_id: int, was_active: bool) -> None:
     job = svc.prediction(prediction_id)
     if job.status in ACTIVE:
-        st.progress(job.done / len(job.slices), text=f"{job.status}: {job.done} of {len(job.slices)} slices")
+        fraction, text = svc.prediction_progress(job)
+        st.progress(fraction, text=f"Prediction #{job.id} · {job.status.lower()}: {text}")
     elif job.status == "FAILED":
         st.error(f"Prediction #{job.id} failed: {(job.error or '').strip().splitlines()[-1:]}")
     if was_active and job.status not in ACTIVE:
@@ -179,13 +189,10 @@ actions = st.columns(4)
 for col, (output, label) in zip(actions, (("probabilities", "Probabilities (float32 TIFF)"),
                                           ("mask", "Mask (0/255 TIFF)"), ("instances", "Instances (TIFF)")),
                                 strict=False):
-    try:
-        data = svc.prediction_file(job.id, output)
-    except UserError as exc:
-        col.error(str(exc))
-        continue
-    col.download_button(label, data, file_name=f"prediction-{job.id}-{output}.tif", mime="image/tiff",
-                        key=f"download_{output}")
+    # the bytes are read when the button is clicked, not on every rerun of every viewer
+    col.download_button(label, lambda output=output: svc.prediction_file(job.id, output),
+                        file_name=f"prediction-{job.id}-{output}.tif", mime="image/tiff", key=f"download_{output}",
+                        on_click="ignore")
 
 
 def _correct() -> None:

@@ -8,9 +8,10 @@ import json
 import pandas as pd
 import streamlit as st
 
-from pages.common import METRIC_NAMES, flash, run_curves_figure, service, show_flashes
+from pages.common import METRIC_NAMES, flash, frame_guard, run_curves_figure, service, show_flashes
 from storage.service import UserError
 
+frame_guard()
 svc = service()
 st.title("Runs")
 show_flashes()
@@ -85,11 +86,8 @@ with one:
         cols = st.columns([3, 1, 1], vertical_alignment="center")
         scores = ", ".join(f"{METRIC_NAMES.get(k, k)} {v:.3f}" for k, v in c["metrics"].items() if k.startswith("val_"))
         cols[0].write(f"{c['kind']} at step {c['step']}" + (f" · {scores}" if scores else ""))
-        try:
-            cols[1].download_button("Download", svc.checkpoint_bytes(c["id"]), file_name=f"run-{run.id}-{c['kind']}.pt",
-                                    key=f"dl_ckpt_{c['id']}")
-        except UserError as exc:
-            cols[1].error(str(exc))
+        cols[1].download_button("Download", lambda c=c: svc.checkpoint_bytes(c["id"]), on_click="ignore",
+                                file_name=f"run-{run.id}-{c['kind']}.pt", key=f"dl_ckpt_{c['id']}")
         with cols[2].popover("Delete", disabled=run.status in ("QUEUED", "RUNNING")):
             st.warning(f"Delete the {c['kind']} checkpoint of run {run.id}, and the predictions made with it?")
             if st.button("Yes, delete it", key=f"del_ckpt_{c['id']}", type="primary"):

@@ -6,11 +6,20 @@ from dataclasses import replace
 
 import streamlit as st
 
-from pages.common import flash, run_curves_figure, service, show_flashes
+from pages.common import (
+    flash,
+    frame_guard,
+    run_curves_figure,
+    select_dataset,
+    selected_dataset,
+    service,
+    show_flashes,
+)
 from storage.service import UserError
 from unet.config import PRESETS, preset
 from unet.io import parse_slices
 
+frame_guard()
 svc = service()
 st.title("Train")
 show_flashes()
@@ -83,9 +92,16 @@ if not datasets:
             "or paint a few slices on **Annotate**.")
 else:
     with st.expander("New training run", expanded=followed is None or not any(r.status in ACTIVE for r in runs)):
-        chosen = st.multiselect("Datasets", [d.id for d in datasets], default=[datasets[-1].id],
+        selected = selected_dataset(svc.datasets())  # the dataset chosen on any page
+
+        def _chosen() -> None:
+            if len(st.session_state["train_datasets"]) == 1:
+                select_dataset(st.session_state["train_datasets"][0])
+
+        chosen = st.multiselect("Datasets", [d.id for d in datasets],
+                                default=[selected if selected in {d.id for d in datasets} else datasets[-1].id],
                                 format_func={d.id: f"{d.name} (#{d.id}, {d.labelled_slices} labelled slices)"
-                                             for d in datasets}.get, key="train_datasets")
+                                             for d in datasets}.get, key="train_datasets", on_change=_chosen)
         train_parts, val_parts, problems = [], [], []
         for dataset_id in chosen:
             info = next(d for d in datasets if d.id == dataset_id)

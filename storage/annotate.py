@@ -4,8 +4,9 @@ A :class:`Draft` is one slice being edited: the mask it started from, the mask a
 view the canvas shows. The canvas returns all strokes drawn since it was mounted; ``apply`` merges
 them into the mask the canvas was mounted over (``view_base``), so undo and redo in the canvas's toolbar
 just work. When the view changes (zoom, region), the strokes so far are baked into the mask and the
-canvas starts empty over the new view (a new ``canvas_key``). Drafts live in the browser session until
-saved or discarded, so going to another slice or page loses nothing."""
+canvas starts empty over the new view (a new ``canvas_key``). Drafts live in the browser session and,
+as the user paints, in the store (``revision`` counts the changes, so the page keeps each one once):
+going to another slice or page, reloading or opening a new tab loses nothing."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ class Draft:
     view: View | None = None
     generation: int = 0
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    prediction_id: int | None = None  # the prediction the edit started from (source "prediction")
+    revision: int = 0  # bumped whenever ``working`` changes
 
     def __post_init__(self) -> None:
         self.original = np.ascontiguousarray(self.original, dtype=np.uint8)
@@ -53,6 +56,18 @@ class Draft:
     def blank(cls, dataset_id: int, slice_index: int, shape: tuple[int, int], latest_id: int | None) -> Draft:
         return cls(dataset_id, slice_index, "nothing", None, latest_id, "scribble",
                    np.full(shape, IGNORE, np.uint8))
+
+    @classmethod
+    def restored(cls, dataset_id: int, slice_index: int, source: str, source_mask_id: int | None,
+                 latest_id: int | None, kind: str, original: np.ndarray, working: np.ndarray,
+                 prediction_id: int | None = None) -> Draft:
+        """A draft kept in the store, as it was left."""
+        draft = cls(dataset_id, slice_index, source, source_mask_id, latest_id, kind, original,
+                    prediction_id=prediction_id)
+        edit = np.ascontiguousarray(working, dtype=np.uint8)
+        edit.setflags(write=False)
+        draft.working = draft.view_base = edit
+        return draft
 
     @property
     def canvas_key(self) -> str:
@@ -92,13 +107,17 @@ class Draft:
         if rgba.shape[:2] != self.view.display_shape:
             return  # strokes of a canvas mounted for another view: already baked
         merged = merge_strokes(self.view_base, rgba, self.view)
+        if np.array_equal(merged, self.working):
+            return
         merged.setflags(write=False)
         self.working = merged
+        self.revision += 1
 
     def discard(self) -> None:
         """Back to where the edit started (a new, empty canvas)."""
         self.working = self.view_base = self.original
         self.generation += 1
+        self.revision += 1
 
     def rebase(self, mask: np.ndarray, mask_id: int, kind: str) -> None:
         """Move the changes onto a newer version saved meanwhile by someone else: the pixels this edit
@@ -112,6 +131,7 @@ class Draft:
         self.source, self.source_mask_id, self.latest_id = "latest", mask_id, mask_id
         self.kind = kind_after_edit("latest", kind) if self.kind != "predicted→painted" else self.kind
         self.generation += 1
+        self.revision += 1
 
     def saved(self, mask_id: int, kind: str) -> None:
         """After a save: the saved version is the new starting point."""
@@ -120,3 +140,4 @@ class Draft:
         self.source, self.source_mask_id, self.latest_id = "latest", mask_id, mask_id
         self.kind = kind_after_edit("latest", kind)
         self.generation += 1
+        self.revision += 1

@@ -40,6 +40,13 @@ class FileStore:
     def mask_path(self, dataset_id: int, mask_id: int) -> str:
         return f"{self.dataset_dir(dataset_id)}/masks/{int(mask_id)}.tif"
 
+    def run_dir(self, run_id: int) -> Path:
+        """The folder of a training run: its checkpoints and its worker's log."""
+        return self.root / "runs" / str(int(run_id))
+
+    def draft_path(self, dataset_id: int, draft_id: int) -> str:
+        return f"{self.dataset_dir(dataset_id)}/drafts/{int(draft_id)}.tif"
+
     def abspath(self, relative: str) -> Path:
         path = (self.root / relative).resolve()
         if self.root not in path.parents:

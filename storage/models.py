@@ -54,7 +54,29 @@ class MaskVersion(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     file: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
+    restored_from_id: Mapped[int | None]  # a restore: the old version it copies
     dataset: Mapped[Dataset] = relationship(back_populates="masks")
+
+
+class Draft(Base):
+    """An edit of a slice that is not saved yet, kept as the user paints so that a reload, a new tab or a
+    server restart loses nothing. One per slice and owner (a user's name, or a browser without one)."""
+
+    __tablename__ = "drafts"
+    __table_args__ = (UniqueConstraint("dataset_id", "slice_index", "owner", name="uq_draft_slice_owner"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    slice_index: Mapped[int]
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # latest | uploaded | prediction | nothing
+    source_mask_id: Mapped[int | None]
+    latest_id: Mapped[int | None]
+    prediction_id: Mapped[int | None]
+    kind: Mapped[str] = mapped_column(String(32))
+    changed_pixels: Mapped[int]
+    file: Mapped[str] = mapped_column(String(255))  # two pages: the mask the edit started from, the edit
+    sha256: Mapped[str] = mapped_column(String(64))
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Run(Base):
@@ -73,6 +95,7 @@ class Run(Base):
     pid_started: Mapped[float | None]  # process start time: PIDs are reused
     heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # when Cancel was pressed
+    phase: Mapped[str] = mapped_column(String(120), default="", server_default="")  # what the worker does now
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -130,6 +153,7 @@ class Prediction(Base):
     slices: Mapped[list[int]] = mapped_column(JSON, default=list, server_default="[]")
     status: Mapped[str] = mapped_column(String(16), default="QUEUED", server_default="FINISHED")
     done: Mapped[int] = mapped_column(default=0, server_default="0")  # slices predicted so far
+    phase: Mapped[str] = mapped_column(String(120), default="", server_default="")  # what the process does now
     error: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int | None]
     pid_started: Mapped[float | None]

@@ -43,11 +43,12 @@ class PredictionInfo:
     metrics: dict[str, Any] | None
     created: datetime
     pid: int | None = None
+    phase: str = ""  # "predict", "instances k/n", "write"
 
 
 def _info(row: Prediction, run_id: int) -> PredictionInfo:
     return PredictionInfo(row.id, row.checkpoint_id, run_id, row.dataset_id, list(row.slices), row.status, row.done,
-                          row.error, row.metrics, row.created, row.pid)
+                          row.error, row.metrics, row.created, row.pid, row.phase or "")
 
 
 def reconcile_predictions(session: Session) -> None:
@@ -167,16 +168,27 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         model = load_checkpoint(path, map_location=device).build_model(device)
         probs = np.empty((len(slices), *volume.shape[1:]), np.float32)
         per_slice: dict[str, dict[str, float]] = {}
+        def phase(text: str, done: int | None = None) -> None:
+            with sessions.begin() as s:
+                row = s.get(Prediction, prediction_id)
+                row.phase = text
+                if done is not None:
+                    row.done = done
+
+        phase("predict")
         for i, (z, prob) in enumerate(iter_predict_stack(model, volume, slices, device=device)):
             probs[i] = prob
             if z in targets:
                 per_slice[str(z)] = evaluate_slice(prob, targets[z])
-            with sessions.begin() as s:
-                s.get(Prediction, prediction_id).done = i + 1
+            phase("predict", i + 1)
             print(f"slice {z}: done ({i + 1}/{len(slices)})", flush=True)
         folder = f"predictions/{int(prediction_id)}"
-        outputs = {"probabilities": probs, "mask": to_mask(probs) * np.uint8(255),
-                   "instances": np.stack([instances(p) for p in probs])}
+        labels = np.empty(probs.shape, np.int32)
+        for i, p in enumerate(probs):  # the watershed takes as long as the network on a CPU: say so
+            phase(f"instances {i}/{len(slices)}")
+            labels[i] = instances(p)
+        phase("write")
+        outputs = {"probabilities": probs, "mask": to_mask(probs) * np.uint8(255), "instances": labels}
         files = {}
         for name, data in outputs.items():
             relative = f"{folder}/{name}.tif"

@@ -12,7 +12,8 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -20,6 +21,7 @@ import numpy as np
 from sqlalchemy import func, select, update
 
 from storage import api, jobs
+from storage import drafts as kept_drafts
 from storage import predictions as prediction_jobs
 from storage.annotate import Draft, kind_after_edit
 from storage.api import DatasetInfo, Deleted, MaskConflict, MaskInfo, NotFound
@@ -63,6 +65,8 @@ class RunProgress:
     steps: int
     seconds: float
     eta_s: float | None
+    phase: str = ""  # "training", "validating slice 2 of 3" (while active)
+    resumes: list[tuple[int, int]] = field(default_factory=list)  # (step it went on from, step it had reached)
 
 
 def isbi_dir() -> Path | None:
@@ -274,20 +278,54 @@ class Neuroseg:
 
             prediction = self.prediction(option.prediction_id)
             prob = self.prediction_output(prediction.id)[prediction.slices.index(slice_index)]
-            return Draft(dataset_id, slice_index, "prediction", None, latest_id, "predicted→painted", to_mask(prob))
+            return Draft(dataset_id, slice_index, "prediction", None, latest_id, "predicted→painted", to_mask(prob),
+                         prediction_id=prediction.id)
         if option.mask_id is None:
             return Draft.blank(dataset_id, slice_index, (info.shape[1], info.shape[2]), latest_id)
         source = next(m for m in history if m.id == option.mask_id)
         return Draft(dataset_id, slice_index, option.source, source.id, latest_id,
                      kind_after_edit(option.source, source.kind), self.mask(source.id))
 
-    def save_draft(self, draft: Draft, author: str = "") -> MaskInfo:
-        """Save the draft's mask as a new version, exactly as it is. A newer version saved meanwhile by
-        someone else raises :class:`MaskConflict` and the draft is kept."""
-        info = self._tx(api.save_mask, self.store, draft.dataset_id, draft.slice_index, np.array(draft.working),
-                        kind=draft.kind, author=author, parent_id=draft.source_mask_id, latest_id=draft.latest_id)
+    def save_draft(self, draft: Draft, author: str = "", owner: str | None = None) -> MaskInfo:
+        """Save the draft's mask as a new version, exactly as it is, and forget the owner's kept copy. A
+        newer version saved meanwhile by someone else raises :class:`MaskConflict` and the draft is kept."""
+        def save(s):
+            info = api.save_mask(s, self.store, draft.dataset_id, draft.slice_index, np.array(draft.working),
+                                 kind=draft.kind, author=author, parent_id=draft.source_mask_id,
+                                 latest_id=draft.latest_id)
+            if owner is not None:
+                kept_drafts.drop(s, self.store, draft.dataset_id, draft.slice_index, owner)
+            return info
+
+        info = self._tx(save)
         draft.saved(info.id, info.kind)
         return info
+
+    def keep_draft(self, draft: Draft, owner: str) -> None:
+        """Keep the draft in the store as it is now (or forget it when nothing is changed), so a reload, a
+        new tab or a restart finds it. Called by the Annotate page after every change."""
+        if not draft.dirty:
+            self._tx(kept_drafts.drop, self.store, draft.dataset_id, draft.slice_index, owner)
+            return
+        self._tx(kept_drafts.keep, self.store, kept_drafts.StoredDraft(
+            draft.dataset_id, draft.slice_index, owner, draft.source, draft.source_mask_id, draft.latest_id,
+            draft.prediction_id, draft.kind, draft.changed_pixels, datetime.now(UTC), np.asarray(draft.original),
+            np.asarray(draft.working)))
+
+    def stored_draft(self, dataset_id: int, slice_index: int, owner: str) -> tuple[Draft, datetime] | None:
+        """The owner's kept draft of a slice and when it was last changed, or None."""
+        stored = self._tx(kept_drafts.load, self.store, dataset_id, slice_index, owner)
+        if stored is None:
+            return None
+        return Draft.restored(dataset_id, slice_index, stored.source, stored.source_mask_id, stored.latest_id,
+                              stored.kind, stored.original, stored.working, stored.prediction_id), stored.updated
+
+    def drafts_of(self, owner: str) -> list[kept_drafts.StoredDraft]:
+        """Every slice on which this owner has unsaved changes kept in the store."""
+        return self._tx(kept_drafts.of_owner, owner)
+
+    def drop_draft(self, dataset_id: int, slice_index: int, owner: str) -> None:
+        self._tx(kept_drafts.drop, self.store, dataset_id, slice_index, owner)
 
     def restore(self, mask_id: int, author: str = "") -> MaskInfo:
         return self._tx(api.restore_mask, self.store, mask_id, author=author)
@@ -331,19 +369,26 @@ class Neuroseg:
         return self._tx(jobs.get_run, run_id)
 
     def curves(self, run_id: int) -> dict[str, list[tuple[int, float, float]]]:
-        return self._tx(lambda s: {k: jobs.run_metrics(s, run_id, k) for k in jobs.run_metric_keys(s, run_id)})
+        """Every metric of a run as {key: [(step, value, seconds), …]} in step order (one query)."""
+        curves = self._tx(jobs.run_curves, run_id)
+        curves.pop("resume", None)  # bookkeeping, not a curve
+        return curves
 
     def progress(self, run: jobs.RunInfo) -> RunProgress:
+        """Steps done of all, the seconds so far, the estimated seconds left (the pace so far, validations
+        included), what the worker does now, and where each start of the run began."""
         points = self._tx(jobs.run_metrics, run.id, "loss")
+        resumes = [(int(step), int(before)) for step, before, _ in self._tx(jobs.run_metrics, run.id, "resume")]
         steps = int(run.config.get("steps", 0))
+        phase = run.phase if run.status in jobs.ACTIVE else ""
         if not points:
-            return RunProgress(0, steps, 0.0, None)
+            return RunProgress(0, steps, 0.0, None, phase, resumes)
         step, _, seconds = points[-1]
         eta = (steps - step) * seconds / step if step > 0 and run.status in jobs.ACTIVE else None
         budget = run.config.get("max_seconds")
         if eta is not None and budget:
             eta = min(eta, max(0.0, budget - seconds))
-        return RunProgress(int(step), steps, float(seconds), eta)
+        return RunProgress(int(step), steps, float(seconds), eta, phase, resumes)
 
     def run_log(self, run_id: int, lines: int = 30) -> str:
         path = jobs.worker_log(self.settings, run_id)
@@ -411,6 +456,20 @@ class Neuroseg:
     def predictions(self, *, dataset_id: int | None = None, run_id: int | None = None
                     ) -> list[prediction_jobs.PredictionInfo]:
         return self._tx(prediction_jobs.list_predictions, dataset_id=dataset_id, run_id=run_id)
+
+    @staticmethod
+    def prediction_progress(job: prediction_jobs.PredictionInfo) -> tuple[float, str]:
+        """(fraction of the whole job done, what it is doing) for a progress bar: the network's slices take
+        the first 60%, the neuron instances (a watershed per slice) the next 35%, writing the files the rest."""
+        n = max(1, len(job.slices))
+        if job.status == "QUEUED" or (job.status == "RUNNING" and not job.phase):
+            return 0.0, "starting (loading the model and the stack)"
+        if job.phase.startswith("instances"):
+            done = int(job.phase.split()[1].split("/")[0])
+            return 0.6 + 0.35 * done / n, f"neuron instances of slice {done + 1} of {n}"
+        if job.phase == "write":
+            return 0.95, "writing the TIFFs"
+        return 0.6 * job.done / n, f"{job.done} of {n} slices through the network"
 
     def prediction_output(self, prediction_id: int, output: str = "probabilities") -> np.ndarray:
         """(slices, Y, X): the neuron probabilities, the 0/255 mask or the instance labels, as stored."""

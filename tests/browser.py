@@ -30,17 +30,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerURL(str):
+    """The base URL of a running test server, with the server's process id."""
+
+    pid: int
+
+
 @contextlib.contextmanager
-def app_server(data_dir: Path, timeout: float = 120) -> Iterator[str]:
-    """``streamlit run app.py`` with its store in ``data_dir``; yields the base URL once the server says
-    it listens (its output is awaited line by line and kept in ``streamlit.log`` beside ``data_dir``)."""
+def app_server(data_dir: Path, timeout: float = 120) -> Iterator[ServerURL]:
+    """``streamlit run app.py`` as ``./run.sh`` starts it (the repository's ``.streamlit/config.toml``;
+    only the port is chosen here), with its store in ``data_dir``; yields the base URL once the server
+    says it listens (its output is awaited line by line and kept in ``streamlit.log`` beside
+    ``data_dir``)."""
     port = free_port()
     env = {**os.environ, "NEUROSEG_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("DATABASE_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
-                             "--server.port", str(port), "--server.address", "127.0.0.1",
-                             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-                             "--server.fileWatcherType", "none"],
+                             "--server.port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     listening = threading.Event()
@@ -56,7 +62,8 @@ def app_server(data_dir: Path, timeout: float = 120) -> Iterator[str]:
         listening.set()  # the server exited: stop waiting
 
     threading.Thread(target=pump, daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.pid = proc.pid
     try:
         if not listening.wait(timeout) or proc.poll() is not None:
             raise RuntimeError(f"the server did not start: {log_path.read_text(errors='replace')[-2000:]}")

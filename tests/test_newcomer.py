@@ -1,0 +1,302 @@
+"""What a new lab member hit in a real browser (issue 9), each as a browser test against the real server:
+a deep link right after a restart, one dataset selection across every page, a second prediction shown
+as soon as it starts, strokes that survive a reload (and a warning before leaving with strokes the
+server has not got yet), production server settings, and downloads that do not sit in server memory."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from storage.service import Neuroseg
+from storage.settings import Settings
+from tests.browser import ARTIFACTS, app_server, chromium
+from tests.test_loop_pages import wait_exit
+from unet.config import preset
+from unet.synthetic import make_synthetic_em
+
+pytestmark = pytest.mark.slow
+TIMEOUT_MS = 90_000
+PAGES = [re.compile(rf"{name}$") for name in ("Home", "Datasets", "Annotate", "Train", "Predict", "Runs")]
+
+
+def store(data_dir: Path) -> Neuroseg:
+    return Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+
+
+def tiff(data: np.ndarray, name: str) -> io.BytesIO:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, data, imagej=True, metadata={"axes": "ZYX"})
+    buf.seek(0)
+    buf.name = name
+    return buf
+
+
+def three_datasets(data_dir: Path) -> list:
+    svc = store(data_dir)
+    made = []
+    for i, name in enumerate(("alpha", "beta", "gamma")):
+        volume, labels = make_synthetic_em((3, 96 + 16 * i, 96), np.random.default_rng(i), cell_size=20)
+        made.append(svc.import_upload(tiff(volume, f"{name}.tif"), tiff(labels, f"{name}-labels.tif"), name=name))
+    return made
+
+
+def trained_demo(data_dir: Path):
+    """The demo dataset and a finished tiny run on it (a real worker process)."""
+    svc = store(data_dir)
+    demo = svc.load_demo()
+    run = svc.submit_training([{"dataset_id": demo.id, "slices": [0, 1, 2]}], [{"dataset_id": demo.id, "slices": [7]}],
+                              preset("tiny"), preset="tiny")
+    wait_exit(svc.run(run.id).pid)
+    assert svc.run(run.id).status == "FINISHED", svc.run_log(run.id)
+    return demo
+
+
+def sidebar_links(page):
+    return page.locator('[data-testid="stSidebarNav"] a')
+
+
+def new_page(browser, **kwargs):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    page = browser.new_page(viewport={"width": 1400, "height": 1300}, **kwargs)
+    page.set_default_timeout(TIMEOUT_MS)
+    return page
+
+
+def test_a_deep_link_right_after_a_restart_opens_the_app_not_the_folder(tmp_path):
+    """The first request a fresh server gets is /train (a bookmark, or a tab that reconnects): the page
+    must come up inside the app's frame (its six pages, the name box), never Streamlit's folder listing
+    of pages/ (app, annotate, common, …), and so must the next sessions."""
+    from playwright.sync_api import expect
+
+    data_dir = tmp_path / "data"
+    three_datasets(data_dir)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with chromium() as browser:
+        for first, title in (("train", "Train"), ("common", "Neuroseg")):  # twice: a restart each time
+            with app_server(data_dir) as url:
+                page = new_page(browser)
+                page.goto(f"{url}/{first}")
+                expect(sidebar_links(page)).to_have_text(PAGES)
+                page.get_by_role("heading", name=title, exact=True).wait_for()
+                expect(page.get_by_role("textbox", name="Your name")).to_have_count(1)
+                page.screenshot(path=ARTIFACTS / f"deep-link-{first}.png", full_page=True)
+                other = new_page(browser)
+                other.goto(f"{url}/annotate")
+                expect(sidebar_links(other)).to_have_text(PAGES)
+                other.get_by_role("heading", name="Annotate", exact=True).wait_for()
+                other.close()
+                page.close()
+
+
+def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(tmp_path):
+    from playwright.sync_api import expect
+
+    data_dir = tmp_path / "data"
+    three_datasets(data_dir)
+    with app_server(data_dir) as url, chromium() as browser:
+        page = new_page(browser)
+        page.goto(f"{url}/datasets")
+        browse = page.get_by_role("combobox", name="Browse dataset")
+        browse.click()
+        page.get_by_role("option", name=re.compile("gamma")).click()
+        expect(browse).to_have_value(re.compile(r"gamma"))
+        page.get_by_text("slice 0 of 3 (96 × 128 pixels").wait_for()  # gamma is browsed
+
+        page.get_by_role("link", name="Annotate").first.click()
+        expect(page.get_by_role("combobox", name="Dataset")).to_have_value(re.compile(r"gamma"))
+        page.get_by_text("Slice 0: 96 × 128 pixels").wait_for()
+        page.get_by_role("link", name="Train").first.click()
+        page.get_by_text("Training slices of gamma").wait_for()
+        expect(page.get_by_text("Training slices of alpha")).to_have_count(0)
+        page.get_by_role("link", name="Predict").first.click()
+        expect(page.get_by_role("combobox", name="Dataset")).to_have_value(re.compile(r"gamma"))
+        page.get_by_role("link", name="Runs").first.click()
+        page.get_by_text("No runs yet").wait_for()
+        page.get_by_role("link", name="Datasets").first.click()
+        expect(page.get_by_role("combobox", name="Browse dataset")).to_have_value(re.compile(r"gamma"))
+
+        page.reload()  # F5: the URL carries the selection
+        expect(page.get_by_role("combobox", name="Browse dataset")).to_have_value(re.compile(r"gamma"))
+
+        # a choice on another page is the new shared one
+        page.get_by_role("link", name="Annotate").first.click()
+        picker = page.get_by_role("combobox", name="Dataset")
+        expect(picker).to_have_value(re.compile(r"gamma"))
+        picker.click()
+        page.get_by_role("option", name=re.compile("beta")).click()
+        page.get_by_text("Slice 0: 96 × 112 pixels").wait_for()
+        page.get_by_role("link", name="Datasets").first.click()
+        expect(page.get_by_role("combobox", name="Browse dataset")).to_have_value(re.compile(r"beta"))
+
+
+def test_a_started_prediction_is_the_one_shown_with_its_progress_then_its_result(tmp_path):
+    from playwright.sync_api import expect
+
+    data_dir = tmp_path / "data"
+    trained_demo(data_dir)
+    with app_server(data_dir) as url, chromium() as browser:
+        page = new_page(browser)
+        page.goto(f"{url}/predict")
+        slices = page.get_by_role("textbox", name="Slices")
+        slices.fill("0")
+        page.get_by_role("button", name="Predict", exact=True).click()
+        page.get_by_text("slice 0: mask").wait_for()
+        pick = page.get_by_role("combobox", name="Prediction")
+        expect(pick).to_have_value(re.compile(r"^#1 "))
+
+        slices.fill("5-7")
+        page.get_by_role("button", name="Predict", exact=True).click()
+        expect(pick).to_have_value(re.compile(r"^#2 "))  # at once, with its progress, not #1
+        page.get_by_text("slice 5: mask").wait_for()  # then its result
+        expect(pick).to_have_value(re.compile(r"^#2 .*FINISHED"))
+        expect(page.get_by_text("slice 0: mask")).to_have_count(0)
+        page.screenshot(path=ARTIFACTS / "predict-second.png", full_page=True)
+
+
+def unsaved_pixels(page) -> int:
+    text = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels changed")).first.inner_text()
+    return int(re.search(r"Unsaved: ([\d,]+)", text).group(1).replace(",", ""))
+
+
+def stroke(page, canvas, y: int, x0: int, x1: int) -> None:
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + x0, box["y"] + y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + x1, box["y"] + y, steps=12)
+    page.mouse.up()
+
+
+def test_unsaved_strokes_survive_a_reload_and_a_new_tab_and_leaving_too_early_asks_first(tmp_path):
+    from playwright.sync_api import expect
+
+    data_dir = tmp_path / "data"
+    svc = store(data_dir)
+    demo = svc.load_demo()
+    with app_server(data_dir) as url, chromium() as browser:
+        expect.set_options(timeout=TIMEOUT_MS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1300})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        name = page.get_by_role("textbox", name="Your name")
+        name.fill("ann")
+        name.press("Enter")
+        page.get_by_role("link", name="Annotate").first.click()
+        canvas = page.locator("canvas.upper-canvas")
+        canvas.wait_for()
+        page.get_by_text("No unsaved changes on this slice.").wait_for()
+        canvas.scroll_into_view_if_needed()
+        stroke(page, canvas, 300, 100, 500)
+        page.get_by_text("Unsaved:").wait_for()
+        painted = unsaved_pixels(page)
+        assert painted > 100
+
+        page.reload()  # F5: a new session, the same user and slice
+        expect(page.get_by_role("textbox", name="Your name")).to_have_value("ann")
+        page.get_by_text("Restored your unsaved changes on this slice").wait_for()
+        assert unsaved_pixels(page) == painted
+        page.screenshot(path=ARTIFACTS / "annotate-restored.png", full_page=True)
+
+        tab = context.new_page()  # a new tab finds them too, and the other pages say so
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(f"{url}/datasets")
+        tab.get_by_text(f"Unsaved annotation on slice 0 of dataset #{demo.id}").wait_for()
+        tab.close()
+
+        # a stroke the server has not received yet: leaving asks first
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.type), d.dismiss()))
+        canvas = page.locator("canvas.upper-canvas")
+        canvas.scroll_into_view_if_needed()
+        stroke(page, canvas, 500, 100, 500)
+        with page.expect_event("dialog"):
+            page.close(run_before_unload=True)
+        assert dialogs == ["beforeunload"]
+        assert not page.is_closed(), "the user chose to stay"
+        expect(page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels changed"))).not_to_have_text(
+            re.compile(rf"Unsaved: {painted:,} pixels"))  # the second stroke reached the server and is kept
+        assert unsaved_pixels(page) > painted
+        page.close(run_before_unload=True)  # now nothing is only in the browser: no question
+        page.wait_for_event("close", timeout=20_000)
+        assert dialogs == ["beforeunload"]
+        context.close()
+    kept = svc.drafts_of("name:ann")
+    assert [(d.dataset_id, d.slice_index) for d in kept] == [(demo.id, 0)]
+    assert kept[0].changed_pixels > painted
+    assert [m.version for m in svc.history(demo.id, 0)] == [1], "nothing saved behind the user's back"
+
+
+def inotify_watches(pid: int) -> int:
+    count = 0
+    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            count += fdinfo.read_text().count("inotify wd:")
+        except OSError:
+            continue
+    return count
+
+
+def test_the_server_runs_with_production_settings(tmp_path):
+    """Started the way ./run.sh starts it (the repository's .streamlit/config.toml, nothing overridden):
+    no file watcher on the tree (it overflowed inotify and cost seconds of CPU per page switch), no
+    Deploy button or developer menu."""
+    from playwright.sync_api import expect
+
+    data_dir = tmp_path / "data"
+    with app_server(data_dir) as url, chromium() as browser:
+        page = new_page(browser)
+        page.goto(url)
+        page.get_by_role("heading", name="Neuroseg").wait_for()
+        page.get_by_role("link", name="Datasets").first.click()
+        page.get_by_role("heading", name="Datasets").wait_for()
+        assert inotify_watches(url.pid) == 0, "the server watches the source tree"
+        expect(page.locator('[data-testid="stAppDeployButton"]')).to_have_count(0)
+        page.locator('[data-testid="stMainMenu"]').click()
+        expect(page.get_by_text("Clear cache")).to_have_count(0)
+        expect(page.get_by_text("Rerun", exact=True)).to_have_count(0)
+
+
+def media_bytes(url: str) -> int:
+    """What the server holds in memory for st.image / st.download_button (Streamlit's own metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/_stcore/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(int(float(m.group(1))) for m in re.finditer(
+        r'cache_memory_bytes\{[^}]*cache_type="st_memory_media_file_storage"[^}]*\} ([\d.e+]+)', text))
+
+
+def test_viewers_of_a_prediction_do_not_hold_its_files_in_server_memory(tmp_path):
+    from playwright.sync_api import expect
+
+    data_dir = tmp_path / "data"
+    demo = trained_demo(data_dir)
+    svc = store(data_dir)
+    best = next(c for c in svc.checkpoint_choices() if c["kind"] == "best")
+    job = svc.predict(best["id"], demo.id, list(range(8)))
+    wait_exit(svc.prediction(job.id).pid)
+    tiff_size = len(svc.prediction_file(job.id, "probabilities"))
+    with app_server(data_dir) as url, chromium() as browser:
+        pages = []
+        for _ in range(3):
+            page = new_page(browser, accept_downloads=True)
+            page.goto(f"{url}/predict")
+            page.get_by_role("button", name="Probabilities (float32 TIFF)").wait_for()
+            page.get_by_text("slice 0: mask").wait_for()
+            pages.append(page)
+        held = media_bytes(url)
+        assert held < tiff_size, f"three viewers hold {held:,} bytes of media; one probability TIFF is {tiff_size:,}"
+        with pages[0].expect_download() as download:
+            pages[0].get_by_role("button", name="Probabilities (float32 TIFF)").click()
+        saved = tmp_path / "p.tif"
+        download.value.save_as(saved)
+        assert tifffile.imread(saved).shape == (8, 256, 256)
+        expect(pages[0].get_by_role("button", name="Mask (0/255 TIFF)")).to_have_count(1)
