@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.common import author_input, flash, owner, remember_in_browser, select_dataset, service, show_flashes
-from storage.service import UserError, isbi_dir
+from storage.service import AlreadyLoaded, UserError, isbi_dir
 
 st.set_page_config(page_title="Neuroseg", page_icon="🧠", layout="wide")
 
@@ -17,6 +17,10 @@ def _load(which: str) -> None:
         with st.spinner(f"Loading the {which} dataset …"):
             info = svc.load_demo(st.session_state.get("author", "")) if which == "demo" else svc.load_isbi(
                 st.session_state.get("author", ""))
+    except AlreadyLoaded as exc:
+        select_dataset(exc.dataset_id)
+        flash(f"Not loaded again: {exc}; it is selected.", "info")
+        return
     except UserError as exc:
         flash(f"The {which} dataset was not loaded: {exc}", "error")
         return
@@ -35,10 +39,11 @@ def home() -> None:
     )
     show_flashes()
     overview = svc.overview()
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3 = st.columns([1, 1, 2])
     c1.metric("Datasets", overview.datasets)
     c2.metric("Training runs", overview.runs, help=f"{overview.active_runs} queued or running")
-    c3.metric("Compute device", overview.device)
+    c3.markdown(f"Compute device  \n**{overview.device}**", help="Where training and prediction run. "
+                "A GPU is used when PyTorch finds one.")
     st.caption(f"Store: `{svc.settings.data_dir}`")
 
     st.subheader("Try it")

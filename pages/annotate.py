@@ -174,7 +174,8 @@ def _discard_and_open_latest() -> None:
 def _restore(mask_id: int) -> None:
     restored = svc.restore(mask_id, st.session_state.get("author", ""))
     drafts.pop((dataset_id, z), None)
-    flash(f"Restored as v{restored.version}.")
+    old = next((m.version for m in svc.history(dataset_id, z) if m.id == mask_id), "?")
+    flash(f"Restored v{old} as v{restored.version}.")
 
 
 in_conflict = st.session_state.get("conflict") == draft.uid
@@ -246,8 +247,8 @@ if cache.get("key") != bg_key:  # encode once per canvas and opacity, not on eve
 display_h, display_w = view.display_shape
 st.caption(f"Slice {z}: {width} × {height} pixels" + (
     f", showing rows {view.y0}–{view.y0 + view.h - 1} and columns {view.x0}–{view.x0 + view.w - 1}"
-    if zoom > 1 else "") + f" at {view.scale}× · cyan: neuron, red: membrane, no tint: unlabelled")
-result = st_canvas(stroke_width=max(1, brush * view.scale), stroke_color=brush_color(tool),
+    if zoom > 1 else "") + f" at {view.describe()} · cyan: neuron, red: membrane, no tint: unlabelled")
+result = st_canvas(stroke_width=max(1, round(brush * view.ratio)), stroke_color=brush_color(tool),
                    background_image=cache["url"], height=display_h, width=display_w, drawing_mode="freedraw",
                    return_image_data=True, key=draft.canvas_key, max_display_height=900, update_streamlit=True)
 draft.apply(result.image_data)
@@ -287,7 +288,8 @@ if not history:
 else:
     by_id = {m.id: m for m in history}
     st.dataframe([{"version": f"v{m.version}", "kind": m.kind, "author": m.author, "labelled pixels": m.labelled_pixels,
-                   "from": f"v{by_id[m.parent_id].version}" if m.parent_id in by_id else "",
+                   "from": (f"restores v{by_id[m.restored_from_id].version}" if m.restored_from_id in by_id
+                            else f"v{by_id[m.parent_id].version}" if m.parent_id in by_id else ""),
                    "saved": m.created.strftime("%Y-%m-%d %H:%M:%S")} for m in reversed(history)],
                  hide_index=True, key="history_table")
     if len(history) > 1:

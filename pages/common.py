@@ -242,9 +242,9 @@ def slice_strip(kinds: list[str]) -> go.Figure:
         if xs:
             fig.add_trace(go.Bar(x=xs, y=[1] * len(xs), name=kind, marker_color=colour, width=0.9, showlegend=True,
                                  hovertemplate="slice %{x}: " + kind + "<extra></extra>"))
-    fig.update_layout(height=110, margin=dict(l=10, r=10, t=10, b=30), barmode="overlay", yaxis_visible=False,
+    fig.update_layout(height=130, margin=dict(l=10, r=10, t=34, b=30), barmode="overlay", yaxis_visible=False,
                       xaxis=dict(title="slice", range=[-0.6, len(kinds) - 0.4], dtick=max(1, len(kinds) // 20)),
-                      legend=dict(orientation="h", y=1.25, x=0), bargap=0)
+                      legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0), bargap=0)  # above the bars
     return fig
 
 

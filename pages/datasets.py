@@ -15,7 +15,7 @@ from pages.common import (
     show_flashes,
     volume_or_stop,
 )
-from storage.service import UserError
+from storage.service import ChannelsQuestion, UserError
 from unet.paint import View, auto_window, overlay, window
 
 frame_guard()
@@ -26,34 +26,47 @@ show_flashes()
 # --- upload -------------------------------------------------------------------------------------
 datasets = svc.datasets()
 with st.expander("Upload a stack", expanded=not datasets):
-    with st.form("upload", clear_on_submit=True):
+    # the form keeps its files after a refusal (nothing to attach again); a new form key clears it on success
+    form = st.session_state.setdefault("upload_form", 0)
+    with st.form(f"upload_{form}"):
         volume = st.file_uploader("Volume: a multi-page TIFF (Z × Y × X), 8- or 16-bit or float32",
-                                  type=["tif", "tiff"], key="upload_volume")
+                                  type=["tif", "tiff"], key=f"upload_volume_{form}")
         labels = st.file_uploader("Labels (optional): a TIFF of the same shape; 255 or 1 = neuron, 0 = membrane, "
-                                  "or instance labels", type=["tif", "tiff"], key="upload_labels")
+                                  "or instance labels", type=["tif", "tiff"], key=f"upload_labels_{form}")
         c1, c2 = st.columns([1, 2])
-        name = c1.text_input("Name", placeholder="the file name", max_chars=200)
-        notes = c2.text_area("Notes", height=68, placeholder="sample, microscope, pixel size, …")
+        name = c1.text_input("Name", placeholder="the file name", max_chars=200, key=f"upload_name_{form}")
+        notes = c2.text_area("Notes", height=68, placeholder="sample, microscope, pixel size, …",
+                             key=f"upload_notes_{form}")
         submitted = st.form_submit_button("Upload and check", type="primary")
-    if submitted:
+    as_slices = st.session_state.pop("_channels_as_z", False)  # the user answered the channels question
+    if submitted or as_slices:
         if volume is None:
             st.error("Choose a volume TIFF first.")
         else:
+            what = f"{volume.name} and {labels.name}" if labels is not None else volume.name
             bar = st.progress(0.0, text=f"Receiving {volume.name} …")
             try:
-                info = svc.import_upload(volume, labels, name=name, notes=notes,
+                info = svc.import_upload(volume, labels, name=name, notes=notes, channels_as_z=as_slices,
                                          author=st.session_state.get("author", ""),
                                          progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
+            except ChannelsQuestion as exc:
+                bar.empty()
+                st.warning(f"**{what}** {'were' if labels is not None else 'was'} not stored yet: "
+                           f"{str(exc).rstrip('.')}.", icon=":material/help:")
+                st.button(f"Read the {exc.count} channels as Z slices and store", type="primary",
+                          on_click=lambda: st.session_state.update(_channels_as_z=True), key="channels_as_z")
             except UserError as exc:
                 bar.empty()
-                what = f"{volume.name} and {labels.name}" if labels is not None else volume.name
-                st.error(f"**{what}** was not stored: {str(exc).rstrip('.')}.")
+                st.error(f"**{what}** {'were' if labels is not None else 'was'} not stored: "
+                         f"{str(exc).rstrip('.')}. The files are still attached: fix the cause, or choose "
+                         "others.")
             else:
                 bar.empty()
                 select_dataset(info.id)
-                datasets = svc.datasets()
-                st.success(f"Stored **{info.name}**: {info.shape[0]} × {info.shape[1]} × {info.shape[2]} {info.dtype}"
-                           f"{f', {info.labelled_slices} labelled slices' if info.labelled_slices else ''}.")
+                st.session_state["upload_form"] = form + 1
+                flash(f"Stored **{info.name}**: {info.shape[0]} × {info.shape[1]} × {info.shape[2]} {info.dtype}"
+                      f"{f', {info.labelled_slices} labelled slices' if info.labelled_slices else ''}.")
+                st.rerun()
 
 if not datasets:
     st.info("No datasets yet: upload a stack above, or load the demo dataset from the home page.")
@@ -99,7 +112,7 @@ with left:
     mask = svc.mask(mask_info.id) if (mask_info is not None and show_mask) else None
     shown = View.fit((height, width), 1, target=640)  # small slices drawn larger, pixel for pixel
     st.image(shown.render(overlay(window(image, lo, hi), mask, opacity)),
-             caption=f"slice {z} of {z_count} ({width} × {height} pixels, shown at {shown.scale}×)")
+             caption=f"slice {z} of {z_count} ({width} × {height} pixels, shown at {shown.ratio:g}×)")
 
 # --- edit and delete ------------------------------------------------------------------------------
 with st.expander("Name and notes"), st.form(f"edit_{dataset_id}"):

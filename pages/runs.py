@@ -155,4 +155,8 @@ with compare:
         table = table[differs] if only else table
         highlight = lambda row: ["background-color: #fff3b0" if differs[row.name] else ""] * len(row)  # noqa: E731
         st.dataframe(table.style.apply(highlight, axis=1), key="compare_configs")
-        st.caption(f"{int(differs.sum())} setting(s) differ (highlighted).")
+        if differs.any():
+            st.caption(f"{int(differs.sum())} setting(s) differ (highlighted).")
+        else:
+            st.info("These runs have the same recipe and seed, so their curves lie on top of each other. To see "
+                    "how much a result depends on chance, train again with another **Seed** (Train → Knobs).")

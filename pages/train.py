@@ -25,9 +25,6 @@ st.title("Train")
 show_flashes()
 
 ACTIVE = ("QUEUED", "RUNNING")
-CPU_NOTES = {"cpu-quick": "about 10 minutes on 2 CPU cores (1,500 steps; see the README's benchmarks)",
-             "tiny": "well under a minute (30 steps of a tiny network: a smoke test, not a model)",
-             "gpu-full": "hours on a CPU: this preset is meant for a GPU"}
 
 
 def follow(run_id: int, was_active: bool) -> None:
@@ -40,8 +37,18 @@ def follow(run_id: int, was_active: bool) -> None:
     head[0].markdown(f"Status: **{run.status}**" + (" (cancel requested)" if run.cancel_requested and
                                                       run.status in ACTIVE else ""))
     fraction = progress.step / progress.steps if progress.steps else 0.0
-    eta = f", about {progress.eta_s / 60:.1f} min left" if progress.eta_s is not None else ""
-    head[1].progress(min(fraction, 1.0), text=f"step {progress.step} of {progress.steps}{eta}")
+    if progress.phase.startswith("validating"):  # the step does not move meanwhile: say what does
+        doing = f", {progress.phase}"
+    elif progress.eta_s is not None:
+        doing = (f", about {progress.eta_s / 60:.1f} min left" if progress.eta_s >= 90 else
+                 f", about {max(1, round(progress.eta_s))} s left")
+    else:
+        doing = ""
+    head[1].progress(min(fraction, 1.0), text=f"step {progress.step} of {progress.steps}{doing}")
+    for went_on_from, had_reached in progress.resumes:
+        head[1].caption(f"Resumed at step {went_on_from} (its latest checkpoint)." if went_on_from else
+                        f"Started again from step 0: it had reached step {had_reached} but stopped before its "
+                        "first checkpoint.")
     if run.status in ACTIVE:
         if head[2].button("Cancel", key=f"cancel_{run.id}", disabled=run.cancel_requested):
             svc.cancel_run(run.id)
@@ -75,8 +82,8 @@ def follow(run_id: int, was_active: bool) -> None:
 # --- the data -------------------------------------------------------------------------------------
 datasets = [d for d in svc.datasets() if d.labelled_slices > 0]
 overview = svc.overview()
-if overview.device.startswith("CPU"):
-    st.info(f"No GPU here: training runs on the CPU: {overview.device}.")
+if not overview.gpu:
+    st.info(f"No GPU here: training runs on the CPU ({overview.device.removeprefix('CPU only ').strip('()')}).")
 else:
     st.success(f"Training runs on **{overview.device}**.")
 
@@ -133,10 +140,8 @@ else:
             st.dataframe(plan, hide_index=True, height=min(250, 40 + 35 * len(plan)), key="train_plan")
 
         names = list(PRESETS)
-        default_preset = "cpu-quick" if overview.device.startswith("CPU") else "gpu-full"
+        default_preset = "gpu-full" if overview.gpu else "cpu-quick"
         preset_name = st.radio("Preset", names, index=names.index(default_preset), horizontal=True, key="train_preset")
-        if overview.device.startswith("CPU"):
-            st.caption(f"On this CPU, {preset_name} takes {CPU_NOTES.get(preset_name, 'a while')}.")
         base = PRESETS[preset_name]
         with st.expander("Knobs"):
             k = st.columns(4)
@@ -159,6 +164,9 @@ else:
                                     key=f"k_intensity_{preset_name}")
             budget = a[3].number_input("Time budget (min, 0 = none)", 0.0, 10_000.0,
                                        (base.max_seconds or 0) / 60, key=f"k_budget_{preset_name}")
+            seed = a[3].number_input("Seed", 0, 2**31 - 1, base.seed, key=f"k_seed_{preset_name}",
+                                     help="Initial weights and patch sampling. Two runs of one recipe and one "
+                                          "seed train alike; change it to see how much a result depends on luck.")
         checkpoints = svc.checkpoint_choices()
         parent = st.selectbox("Start from (fine-tune)", [None] + [c["id"] for c in checkpoints], key="train_parent",
                               format_func=lambda i: "random initialisation" if i is None else next(
@@ -169,11 +177,18 @@ else:
         try:
             config = preset(preset_name, model={"initial_features": width, "depth": depth, "padding": padding},
                             patch_size=int(patch), batch_size=int(batch), steps=int(steps), lr=float(lr), loss=loss,
-                            max_seconds=float(budget) * 60 if budget else None,
+                            max_seconds=float(budget) * 60 if budget else None, seed=int(seed),
                             augment=replace(base.augment, flips=flips, elastic_p=float(elastic),
                                             intensity_p=float(intensity)))
         except (ValueError, TypeError) as exc:
             problems.append(f"recipe: {exc}")
+        if config is not None and train_parts:
+            try:
+                with st.spinner("Timing this network on this machine …"):
+                    st.caption(f"This run takes {svc.training_estimate(config, val_parts)} (measured for this "
+                               "network on this machine, for these slices).")
+            except UserError as exc:
+                problems.append(f"device: {exc}")
         for problem in problems:
             st.error(problem)
         if st.button("Train", type="primary", disabled=bool(problems) or not train_parts or config is None,

@@ -56,6 +56,7 @@ class MaskInfo:
     parent_id: int | None
     labelled_pixels: int
     created: datetime
+    restored_from_id: int | None = None  # a restore: the old version it copies
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def _dataset_info(session: Session, row: Dataset) -> DatasetInfo:
 
 def _mask_info(row: MaskVersion) -> MaskInfo:
     return MaskInfo(row.id, row.dataset_id, row.slice_index, row.version, row.kind, row.author, row.parent_id,
-                    row.labelled_pixels, row.created)
+                    row.labelled_pixels, row.created, row.restored_from_id)
 
 
 def _display_name(source: str | os.PathLike | BinaryIO, given: str | None) -> str:
@@ -102,18 +103,18 @@ def _display_name(source: str | os.PathLike | BinaryIO, given: str | None) -> st
 def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike | BinaryIO,
                    labels: str | os.PathLike | BinaryIO | None = None, *, name: str | None = None,
                    author: str = "", max_bytes: int = DEFAULT_MAX_BYTES, source_name: str | None = None,
-                   progress: Callable[[str, float], None] | None = None) -> DatasetInfo:
+                   progress: Callable[[str, float], None] | None = None, channels_as_z: bool = False) -> DatasetInfo:
     """Validate a volume (and its labels) completely, then store them. A file that fails validation
     leaves no row and no file behind; so does a failure while writing. ``progress(stage, fraction)`` is
     told what is happening."""
     report = progress or (lambda _stage, _fraction: None)
     report("reading and checking the volume", 0.0)
-    data = read_stack(volume, max_bytes=max_bytes)  # raises ValueError with the reason
-    pixel_size = inspect_stack(volume).pixel_size_nm
+    data = read_stack(volume, max_bytes=max_bytes, channels_as_z=channels_as_z)  # ValueError with the reason
+    pixel_size = inspect_stack(volume, channels_as_z).pixel_size_nm
     targets = None
     if labels is not None:
         report("reading and checking the labels", 0.3)
-        targets = labels_to_target(read_labels(labels, data.shape, max_bytes=max_bytes))
+        targets = labels_to_target(read_labels(labels, data.shape, max_bytes=max_bytes, channels_as_z=channels_as_z))
     source_name = _display_name(source_name or volume, None)
     row = Dataset(name=_display_name(volume, name), z=data.shape[0], y=data.shape[1], x=data.shape[2],
                   dtype=str(data.dtype), source_name=source_name, pixel_size_nm=pixel_size, sha256="",
@@ -196,6 +197,8 @@ def delete_run(session: Session, store: FileStore, run_id: int) -> Deleted:
         raise NotFound(f"run {run_id} does not exist")
     if run.status in ("QUEUED", "RUNNING"):
         raise ValueError(f"run {run_id} is {run.status}: cancel it before deleting it")
+    _refuse_while_predicting(session, Prediction.checkpoint_id.in_(
+        select(Checkpoint.id).where(Checkpoint.run_id == run_id)), f"a checkpoint of run {run_id}")
     checkpoints = session.scalar(select(func.count()).where(Checkpoint.run_id == run_id)) or 0
     predictions = _predictions_of(session, Prediction.checkpoint_id.in_(
         select(Checkpoint.id).where(Checkpoint.run_id == run_id)))
@@ -208,6 +211,19 @@ def delete_run(session: Session, store: FileStore, run_id: int) -> Deleted:
 
 def _predictions_of(session: Session, condition) -> list[int]:
     return list(session.scalars(select(Prediction.id).where(condition)))
+
+
+def _refuse_while_predicting(session: Session, condition, what: str) -> None:
+    """A prediction process still running would fail half-way once its rows and files are gone: say
+    which ones to wait for (a process that died meanwhile does not count)."""
+    from storage.procs import is_alive
+
+    rows = session.scalars(select(Prediction).where(condition, Prediction.status.in_(("QUEUED", "RUNNING"))))
+    running = [p.id for p in rows if p.pid is None or p.pid == 0 or is_alive(p.pid, p.pid_started)]
+    if running:
+        names = ", ".join(f"#{p}" for p in running)
+        raise ValueError(f"prediction {names} is running on {what}: wait until it has finished (Predict shows "
+                         "its progress), then delete")
 
 
 def run_preview(session: Session, store: FileStore, run_id: int) -> Deleted:
@@ -249,6 +265,7 @@ def delete_dataset(session: Session, store: FileStore, dataset_id: int) -> Delet
     active = [r for r in run_ids if session.get(Run, r).status in ("QUEUED", "RUNNING")]
     if active:
         raise ValueError(f"runs {active} are training on this dataset: cancel them before deleting it")
+    _refuse_while_predicting(session, Prediction.dataset_id == dataset_id, "this dataset")
     removed = Deleted()
     for run_id in run_ids:
         removed += delete_run(session, store, run_id)
@@ -311,7 +328,7 @@ def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: 
         who = f" by {latest.author}" if latest and latest.author else ""
         raise MaskConflict(
             f"slice {slice_index} has a newer version (v{latest.version if latest else 0}{who}) than the one this "
-            "edit started from; reload the slice and apply your strokes again"
+            "edit started from"
         )
     version = (latest.version if latest else 0) + 1
     try:
@@ -328,5 +345,8 @@ def restore_mask(session: Session, store: FileStore, mask_id: int, *, author: st
     if row is None:
         raise NotFound(f"mask version {mask_id} does not exist")
     latest = latest_mask(session, row.dataset_id, row.slice_index)
-    return save_mask(session, store, row.dataset_id, row.slice_index, load_mask(session, store, mask_id),
-                     kind=row.kind, author=author, parent_id=latest.id if latest else None)
+    saved = save_mask(session, store, row.dataset_id, row.slice_index, load_mask(session, store, mask_id),
+                      kind=row.kind, author=author, parent_id=latest.id if latest else None)
+    session.get(MaskVersion, saved.id).restored_from_id = row.id
+    session.flush()
+    return _mask_info(session.get(MaskVersion, saved.id))

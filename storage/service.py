@@ -29,16 +29,36 @@ from storage.files import IntegrityError
 from storage.models import Checkpoint, Dataset, Prediction, Run
 from storage.procs import start_time
 from storage.settings import PROJECT_ROOT, Settings
+from unet.io import ChannelsMaybeSlices
 
 Progress = Callable[[str, float], None]
 ISBI_FILES = ("train-volume.tif", "train-labels.tif")
 DEMO_SHAPE = (8, 256, 256)
+DEMO_SOURCE = "synthetic (unet.synthetic, seed 2012)"
 
-__all__ = ["DatasetInfo", "Deleted", "MaskConflict", "MaskInfo", "Neuroseg", "NotFound", "UserError"]
+__all__ = ["AlreadyLoaded", "ChannelsQuestion", "DatasetInfo", "Deleted", "MaskConflict", "MaskInfo", "Neuroseg",
+           "NotFound", "UserError"]
 
 
 class UserError(RuntimeError):
     """Something the user can fix; the message says what and how."""
+
+
+class ChannelsQuestion(UserError):
+    """A grey file holds one stack axis named "channels": are they Z slices? Ask, then import again with
+    ``channels_as_z=True``."""
+
+    def __init__(self, message: str, count: int):
+        super().__init__(message)
+        self.count = count
+
+
+class AlreadyLoaded(UserError):
+    """The sample asked for is already in the store (as ``dataset_id``)."""
+
+    def __init__(self, message: str, dataset_id: int):
+        super().__init__(message)
+        self.dataset_id = dataset_id
 
 
 @dataclass(frozen=True)
@@ -46,7 +66,8 @@ class Overview:
     datasets: int
     runs: int
     active_runs: int
-    device: str
+    device: str  # "NVIDIA H100 80GB HBM3", "CPU only (2 threads)"
+    gpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,13 +147,14 @@ class Neuroseg:
 
     # --- the store at a glance -------------------------------------------------------------------
     def overview(self) -> Overview:
-        from unet.device import describe_device
+        from unet.device import describe_device, pick_device
 
         with self.sessions.begin() as s:
             datasets = s.scalar(select(func.count()).select_from(Dataset)) or 0
             runs = s.scalar(select(func.count()).select_from(Run)) or 0
             active = s.scalar(select(func.count()).select_from(Run).where(Run.status.in_(("QUEUED", "RUNNING"))))
-        return Overview(int(datasets), int(runs), int(active or 0), describe_device())
+        return Overview(int(datasets), int(runs), int(active or 0), describe_device(),
+                        pick_device("auto").type != "cpu")
 
     # --- datasets ---------------------------------------------------------------------------------
     def datasets(self) -> list[DatasetInfo]:
@@ -161,9 +183,10 @@ class Neuroseg:
         return path
 
     def import_upload(self, volume: BinaryIO, labels: BinaryIO | None = None, *, name: str = "", notes: str = "",
-                      author: str = "", progress: Progress | None = None) -> DatasetInfo:
+                      author: str = "", progress: Progress | None = None, channels_as_z: bool = False) -> DatasetInfo:
         """Store an uploaded volume (and its labels) as a new dataset. Refusals raise :class:`UserError`
-        with what was wrong and what is expected; nothing is stored then."""
+        with what was wrong and what is expected; nothing is stored then. A grey file of "channels" raises
+        :class:`ChannelsQuestion`; ``channels_as_z=True`` then reads them as Z slices."""
         report = progress or (lambda _stage, _fraction: None)
         spooled: list[Path] = []
         try:
@@ -176,17 +199,18 @@ class Neuroseg:
             display = name.strip() or Path(getattr(volume, "name", "") or "upload").stem
             return self._import(spooled[0], spooled[1] if labels is not None else None, display, notes, author,
                                 lambda stage, f: report(stage, 0.2 + 0.8 * f), source_name=getattr(volume, "name", ""),
-                                labels_name=getattr(labels, "name", ""))
+                                labels_name=getattr(labels, "name", ""), channels_as_z=channels_as_z)
         finally:
             for path in spooled:
                 path.unlink(missing_ok=True)
 
     def _import(self, volume: Path, labels: Path | None, name: str, notes: str, author: str, progress: Progress,
-                source_name: str = "", labels_name: str = "") -> DatasetInfo:
+                source_name: str = "", labels_name: str = "", channels_as_z: bool = False) -> DatasetInfo:
         try:
             with self.sessions.begin() as s:
                 info = api.import_dataset(s, self.store, volume, labels, name=name, author=author,
-                                          source_name=source_name or None, progress=progress)
+                                          source_name=source_name or None, progress=progress,
+                                          channels_as_z=channels_as_z)
                 if notes:
                     info = api.update_dataset(s, info.id, notes=notes)
                 return info
@@ -196,6 +220,8 @@ class Neuroseg:
                 message = message.replace(volume.name, source_name)
                 if labels is not None:
                     message = message.replace(labels.name, labels_name or "the labels")
+            if isinstance(exc, ChannelsMaybeSlices):
+                raise ChannelsQuestion(message, exc.count) from exc
             raise UserError(message) from exc
         except OSError as exc:
             raise UserError(_disk_message(exc)) from exc
@@ -205,6 +231,7 @@ class Neuroseg:
         from unet.io import write_tiff_atomic
         from unet.synthetic import make_synthetic_em
 
+        self._refuse_second_copy("Demo: synthetic EM", DEMO_SOURCE)
         volume, labels = make_synthetic_em(DEMO_SHAPE, np.random.default_rng(2012))
         paths = [self._tmp(), self._tmp()]
         try:
@@ -213,7 +240,7 @@ class Neuroseg:
             return self._import(paths[0], paths[1], "Demo: synthetic EM", "A synthetic stack made by "
                                 "unet.synthetic: Voronoi cells with dark membranes, organelles and noise, with "
                                 "exact labels.", author, lambda *_: None,
-                                source_name="synthetic (unet.synthetic, seed 2012)")
+                                source_name=DEMO_SOURCE)
         finally:
             for path in paths:
                 path.unlink(missing_ok=True)
@@ -223,10 +250,17 @@ class Neuroseg:
         if folder is None:
             raise UserError("the ISBI 2012 files are not here: put train-volume.tif and train-labels.tif in "
                             "../shared/data/isbi2012/ or point NEUROSEG_ISBI_DIR at their folder")
+        self._refuse_second_copy("ISBI 2012 training stack", ISBI_FILES[0], (30, 512, 512))
         return self._import(folder / ISBI_FILES[0], folder / ISBI_FILES[1], "ISBI 2012 training stack",
                             "ISBI 2012 EM segmentation challenge (Drosophila VNC, ssTEM). Cardona et al. 2010, "
                             "PLoS Biol 8(10):e1000502; Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142.",
                             author, progress or (lambda *_: None), source_name=ISBI_FILES[0])
+
+    def _refuse_second_copy(self, what: str, source_name: str, shape: tuple[int, int, int] | None = None) -> None:
+        """A sample is loaded once: a second click finds the copy already there (even renamed)."""
+        for info in self.datasets():
+            if info.source_name == source_name and (shape is None or info.shape == shape):
+                raise AlreadyLoaded(f"the {what} is already loaded as **{info.name}** (#{info.id})", info.id)
 
     def update(self, dataset_id: int, *, name: str | None = None, notes: str | None = None) -> DatasetInfo:
         return self._tx(api.update_dataset, dataset_id, name=name, notes=notes)
@@ -354,6 +388,22 @@ class Neuroseg:
             return rows
 
         return self._tx(plan)
+
+    def training_estimate(self, config: Any, val: list[dict[str, Any]]) -> str:
+        """How long a run of ``config`` validating on ``val`` takes here, measured on this machine for this
+        network and this data's size (see :mod:`unet.estimate`)."""
+        from unet.device import pick_device
+        from unet.estimate import estimate_training
+
+        shapes = []
+        for part in val:
+            info = self.dataset(part["dataset_id"])
+            shapes += [(info.shape[1], info.shape[2])] * len(part["slices"])
+        try:
+            device = pick_device(config.device)
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(str(exc)) from exc
+        return estimate_training(config, shapes, "cpu" if device.type == "cpu" else str(device)).describe()
 
     def submit_training(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: Any, *,
                         preset: str = "", parent_checkpoint_id: int | None = None) -> jobs.RunInfo:

@@ -53,8 +53,8 @@ def test_file_like_upload(tmp_path):
     (lambda p: tifffile.imwrite(p, np.zeros((2, 8, 8), np.float64)), "float64 is not supported"),
     (lambda p: tifffile.imwrite(p, np.zeros((2, 8, 8), np.int32)), "int32 is not supported"),
     (lambda p: tifffile.imwrite(p, np.full((2, 8, 8), np.nan, np.float32)), "NaN"),
-    (lambda p: p.write_bytes(b"this is not a tiff at all"), "not a readable TIFF"),
-    (lambda p: p.write_bytes(b""), "not a readable TIFF"),
+    (lambda p: p.write_bytes(b"this is not a tiff at all"), "this is not a TIFF file"),
+    (lambda p: p.write_bytes(b""), "the file is empty"),
 ])
 def test_refusals_say_what_is_wrong(tmp_path, make, message):
     path = tmp_path / "bad.tif"

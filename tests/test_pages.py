@@ -74,7 +74,8 @@ def test_home_with_an_empty_store(app_data_dir):
     at = app()
     assert at.title[0].value == "Neuroseg"
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics == {"Datasets": "0", "Training runs": "0", "Compute device": describe_device()}
+    assert metrics == {"Datasets": "0", "Training runs": "0"}
+    assert f"Compute device  \n**{describe_device()}**" in texts(at.markdown), "the whole name, not cut off"
     assert [b.label for b in at.button] == ["Load demo dataset"], "no ISBI button without the ISBI files"
     assert "NEUROSEG_ISBI_DIR" in texts(at.caption)
     assert len([e for e in walk(at.main) if type(e).__name__ == "PageLink"]) == 5
@@ -118,12 +119,35 @@ def test_upload_refusals_say_what_is_wrong_and_store_nothing(app_data_dir, synth
     at.file_uploader[0].upload("stack.tif", tiff_bytes(volume), "image/tiff")
     at.file_uploader[1].upload("labels.tif", tiff_bytes(labels[:, :48, :48]), "image/tiff")
     at.button[0].click().run()
-    assert "**stack.tif and labels.tif** was not stored" in texts(at.error)
+    assert "**stack.tif and labels.tif** were not stored" in texts(at.error)
     assert "labels have shape (6, 48, 48) but the image stack has shape (6, 96, 96)" in texts(at.error)
-    at.button[0].click().run()  # the form was cleared: nothing chosen
-    assert "Choose a volume TIFF first." in texts(at.error)
+    assert [u.value.name for u in at.file_uploader] == ["stack.tif", "labels.tif"], "the files stay attached"
+    at.button[0].click().run()  # submitted again as they are: the same refusal, nothing to attach again
+    assert "**stack.tif and labels.tif** were not stored" in texts(at.error)
+    at.file_uploader[0].upload("photo.tif", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "image/tiff")
+    at.file_uploader[1].clear()
+    at.button[0].click().run()
+    assert "photo.tif: this is a PNG image, not a TIFF" in texts(at.error)
+    assert "header=" not in texts(at.error)
     assert store(app_data_dir).datasets() == []
     assert not list((app_data_dir / "tmp").glob("*"))
+
+
+def test_a_grey_stack_saved_as_channels_can_be_read_as_slices(app_data_dir, synthetic):
+    """tifffile.imwrite(..., imagej=True) without axes stores Z×Y×X as channels: the page asks, and
+    stores the slices when told to."""
+    volume, _ = synthetic
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, volume, imagej=True)
+    at = app("Datasets")
+    at.file_uploader[0].upload("channels.tif", buf.getvalue(), "image/tiff")
+    at.button[0].click().run()
+    assert "holds 6 channels of one image" in texts(at.warning)
+    assert store(app_data_dir).datasets() == []
+    at.button(key="channels_as_z").click().run()
+    assert "Stored **channels**: 6 × 96 × 96 uint8." in texts(at.success)
+    stored = store(app_data_dir)
+    assert np.array_equal(stored.volume(stored.datasets()[0].id), volume)
 
 
 def test_upload_then_browse_rename_and_delete(app_data_dir, synthetic):
@@ -175,8 +199,9 @@ def test_annotate_paint_save_history_and_restore(app_data_dir):
     assert list(at.dataframe[0].value["version"]) == ["v2", "v1"]
 
     at.button(key="restore").click().run()  # the only older version: v1
-    assert "Restored as v3." in texts(at.success)
+    assert "Restored v1 as v3." in texts(at.success)
     np.testing.assert_array_equal(svc.mask(svc.history(demo.id, 0)[-1].id), before)
+    assert list(at.dataframe[0].value["from"])[:2] == ["restores v1", "v1"], "v3 names the version it copies"
 
 
 def test_unsaved_strokes_are_kept_across_slices_and_pages(app_data_dir):

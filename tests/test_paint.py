@@ -51,7 +51,7 @@ def test_overlapping_translucent_strokes_take_the_class_on_top():
 def test_merge_changes_painted_pixels_only():
     rng = np.random.default_rng(0)
     mask = rng.integers(0, 3, (40, 50)).astype(np.uint8)
-    view = View.fit(mask.shape, target=40)
+    view = View.fit(mask.shape, target=50)
     assert view.scale == 1 and view.display_shape == (40, 50)
     rgba = strokes((40, 50), {NEURON: (slice(5, 9), slice(10, 30)), IGNORE: (slice(20, 22), slice(0, 50))})
     merged = merge_strokes(mask, rgba, view)
@@ -83,10 +83,32 @@ def test_zoomed_strokes_map_back_to_the_right_image_pixels():
 def test_the_view_stays_inside_the_image_and_small_images_are_scaled_up():
     view = View.fit((100, 300), zoom=2, centre=(1.0, 0.0), target=768)
     assert view.y0 == 50 and view.x0 == 0 and (view.h, view.w) == (50, 150)
-    assert View.fit((96, 96)).scale == 8 and View.fit((1024, 1024)).scale == 1
+    assert View.fit((96, 96)).scale == 8 and View.fit((768, 700)).scale == 1
     picture = np.arange(12, dtype=np.uint8).reshape(3, 4)
     np.testing.assert_array_equal(View(1, 1, 2, 2, 2).render(picture),
                                   [[5, 5, 6, 6], [5, 5, 6, 6], [9, 9, 10, 10], [9, 9, 10, 10]])
+
+
+def test_a_slice_larger_than_the_page_is_shown_smaller_and_zoom_brings_its_pixels_back():
+    """A 1024² slice on a 768-pixel canvas: half size (not 1024 pixels behind a scrollbar); zoom ×2
+    shows a quarter at full size, ×4 at 2×. Strokes on the half-size canvas paint whole 2×2 blocks."""
+    whole = View.fit((1024, 1024), target=768)
+    assert (whole.shrink, whole.scale, whole.display_shape) == (2, 1, (512, 512))
+    assert "1/2 size" in whole.describe() and whole.ratio == 0.5
+    assert (View.fit((1024, 1024), zoom=2).display_shape, View.fit((1024, 1024), zoom=2).ratio) == ((512, 512), 1)
+    assert View.fit((1024, 1024), zoom=4).scale == 2
+    assert View.fit((2048, 1500), target=768).shrink == 4 and View.fit((1000, 1001), target=768).display_shape == (
+        500, 501)
+
+    mask = np.full((1024, 1024), IGNORE, np.uint8)
+    rgba = strokes(whole.display_shape, {MEMBRANE: (slice(10, 11), slice(20, 23))})
+    merged = merge_strokes(mask, rgba, whole)
+    expected = mask.copy()
+    expected[20:22, 40:46] = MEMBRANE
+    np.testing.assert_array_equal(merged, expected)
+
+    picture = np.array([[0, 2, 10, 10, 7], [4, 6, 10, 10, 9]], np.uint8)
+    np.testing.assert_array_equal(View(0, 0, 2, 5, 1, 2).render(picture), [[3, 10, 8]])  # block means, edge padded
 
 
 def test_a_canvas_of_the_wrong_size_is_refused():

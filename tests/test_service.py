@@ -55,7 +55,7 @@ def test_upload_with_progress_then_browse(svc, synthetic):
 
 
 @pytest.mark.parametrize(("volume", "labels", "message"), [
-    (b"this is not a TIFF", None, "scan.tif: not a readable TIFF file"),
+    (b"this is not a TIFF", None, "scan.tif: this is not a TIFF file (it does not start like one)"),
     ("rgb", None, "scan.tif: colour image (3 samples per pixel, shape (4, 32, 32, 3)); expected a grey-scale"),
     ("ok", "wrong_shape", "labels.tif: labels have shape (6, 48, 48) but the image stack has shape (6, 96, 96)"),
 ])
@@ -147,7 +147,7 @@ def test_scribble_conflict_rebase_and_restore(svc):
 
     first = svc.history(info.id, 0)[0]
     restored = svc.restore(first.id, author="ann")
-    assert restored.version == 4 and restored.kind == "uploaded"
+    assert restored.version == 4 and restored.kind == "uploaded" and restored.restored_from_id == first.id
     np.testing.assert_array_equal(svc.mask(restored.id), svc.mask(first.id))
 
 

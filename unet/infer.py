@@ -81,6 +81,19 @@ def _forward(model: UNet, batch: torch.Tensor, tta: bool, amp: torch.dtype | Non
     return total / len(D4)
 
 
+def tile_plan(model: UNet, shape: tuple[int, int], tile: int | None = None, overlap: int | None = None
+              ) -> tuple[int, int, int, list[int], list[int]]:
+    """How :func:`predict_slice` covers an image of ``shape``: (input tile, output tile, overlap, output
+    rows where tiles start, output columns where tiles start)."""
+    t = choose_tile(model, tile, shape)
+    o = output_size(model.config, t)
+    if overlap is None:
+        overlap = o // 8 if model.config.padding == "valid" else max(o // 4, 16)
+    overlap = min(overlap, o // 2)
+    stride = max(o - overlap, 1)
+    return t, o, overlap, _starts(shape[0], o, stride), _starts(shape[1], o, stride)
+
+
 class Interrupted(RuntimeError):
     """``should_stop`` said stop in the middle of a prediction."""
 
@@ -112,14 +125,8 @@ def predict_slice(model: UNet, image: np.ndarray, *, tile: int | None = None, ov
     try:
         x = image.astype(np.float32) if normalized else normalize_image(image)
         h, w = x.shape
-        t = choose_tile(model, tile, (h, w))
-        o = output_size(model.config, t)
+        t, o, overlap, oys, oxs = tile_plan(model, (h, w), tile, overlap)
         off = (t - o) // 2
-        if overlap is None:
-            overlap = o // 8 if model.config.padding == "valid" else max(o // 4, 16)
-        overlap = min(overlap, o // 2)
-        stride = max(o - overlap, 1)
-        oys, oxs = _starts(h, o, stride), _starts(w, o, stride)
         # Mirror-pad: `off` before, enough after that every output window and its context fit.
         pad_y = (off, max(oys[-1] + t - off - h, 0))
         pad_x = (off, max(oxs[-1] + t - off - w, 0))

@@ -41,8 +41,41 @@ def _describe(source: Source) -> str:
     return getattr(source, "name", "the upload")
 
 
-def _zyx_shape(shape: tuple[int, ...], axes: str, what: str) -> tuple[int, int, int]:
-    """Map a tifffile series shape/axes to (Z, Y, X), refusing colour and multi-channel data."""
+class ChannelsMaybeSlices(ValueError):
+    """A grey file whose only stack axis is "channels": often Z slices saved without axis names (ImageJ
+    and ``tifffile.imwrite(..., imagej=True)`` do that), so it can be read as slices when the user says so."""
+
+    def __init__(self, message: str, count: int):
+        super().__init__(message)
+        self.count = count
+
+
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"BM", "a BMP image"), (b"\x89HDF", "an HDF5 file"), (b"PK\x03\x04", "a ZIP archive"),
+          (b"\x1f\x8b", "a gzip archive"), (b"%PDF", "a PDF document"))
+
+
+def _not_a_tiff(source: Source, what: str) -> str:
+    """Why a file is not a TIFF, in words: what it looks like instead."""
+    try:
+        if isinstance(source, str | os.PathLike):
+            with open(source, "rb") as fh:
+                head = fh.read(8)
+        else:
+            source.seek(0)  # type: ignore[union-attr]
+            head = source.read(8)  # type: ignore[union-attr]
+    except OSError:
+        head = b""
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    if not head:
+        return f"{what}: the file is empty"
+    found = f"this is {kind}, not a TIFF" if kind else "this is not a TIFF file (it does not start like one)"
+    return f"{what}: {found}. Save the stack as a multi-page TIFF (Fiji: File › Save As › Tiff…)"
+
+
+def _zyx_shape(shape: tuple[int, ...], axes: str, what: str, channels_as_z: bool = False) -> tuple[int, int, int]:
+    """Map a tifffile series shape/axes to (Z, Y, X), refusing colour and multi-channel data (unless
+    ``channels_as_z``: then a channel axis is read as the slices)."""
     if len(shape) != len(axes):
         raise ValueError(f"{what}: inconsistent TIFF header (shape {shape}, axes {axes!r})")
     if "S" in axes and shape[axes.index("S")] > 1:
@@ -50,14 +83,23 @@ def _zyx_shape(shape: tuple[int, ...], axes: str, what: str) -> tuple[int, int, 
             f"{what}: colour image ({shape[axes.index('S')]} samples per pixel, shape {shape}); "
             "expected a grey-scale stack. Convert it to 8-bit or 16-bit grey first (Fiji: Image › Type)."
         )
-    if "C" in axes and shape[axes.index("C")] > 1:
+    others = [a for a, n in zip(axes, shape, strict=True) if a not in "YXSC" and n > 1]
+    if "C" in axes and shape[axes.index("C")] > 1 and not channels_as_z:
+        count = shape[axes.index("C")]
+        if not others:
+            raise ChannelsMaybeSlices(
+                f"{what}: the file says it holds {count} channels of one image (axes {axes!r}), not {count} "
+                "slices. Grey stacks saved without axis names (ImageJ, tifffile) look like this: read the "
+                "channels as Z slices if they are slices; split them and upload the EM channel alone if they "
+                "are colour channels", count)
         raise ValueError(
-            f"{what}: {shape[axes.index('C')]} channels (axes {axes!r}, shape {shape}); expected one "
+            f"{what}: {count} channels (axes {axes!r}, shape {shape}); expected one "
             "grey-scale channel. Split the channels and upload the EM channel alone."
         )
     if "Y" not in axes or "X" not in axes:
         raise ValueError(f"{what}: no image plane in the TIFF (axes {axes!r}, shape {shape})")
-    stack_axes = [(a, n) for a, n in zip(axes, shape, strict=True) if a not in "YXSC" and n > 1]
+    skip = "YXS" if channels_as_z else "YXSC"
+    stack_axes = [(a, n) for a, n in zip(axes, shape, strict=True) if a not in skip and n > 1]
     if len(stack_axes) > 1:
         raise ValueError(
             f"{what}: {len(shape)}-D data with more than one stack axis ({stack_axes}); expected a "
@@ -95,8 +137,9 @@ def _pixel_size_nm(tif: tifffile.TiffFile) -> float | None:
         return None
 
 
-def inspect_stack(source: Source) -> StackInfo:
-    """Read the header of a TIFF: shape as (Z, Y, X), dtype, axes, pixel size. Raises ValueError."""
+def inspect_stack(source: Source, channels_as_z: bool = False) -> StackInfo:
+    """Read the header of a TIFF: shape as (Z, Y, X), dtype, axes, pixel size. Raises ValueError
+    (:class:`ChannelsMaybeSlices` for a grey file of channels, unless ``channels_as_z``)."""
     what = _describe(source)
     if hasattr(source, "seek"):
         source.seek(0)  # type: ignore[union-attr]
@@ -105,18 +148,21 @@ def inspect_stack(source: Source) -> StackInfo:
             if not tif.series or len(tif.pages) == 0:
                 raise ValueError(f"{what}: the TIFF holds no image (is the file truncated or damaged?)")
             series = tif.series[0]
-            shape = _zyx_shape(tuple(series.shape), series.axes, what)
+            shape = _zyx_shape(tuple(series.shape), series.axes, what, channels_as_z)
             return StackInfo(shape, str(np.dtype(series.dtype)), series.axes, _pixel_size_nm(tif))
     except tifffile.TiffFileError as exc:
-        raise ValueError(f"{what}: not a readable TIFF file ({exc})") from exc
+        if "not a TIFF" in str(exc):
+            raise ValueError(_not_a_tiff(source, what)) from exc
+        raise ValueError(f"{what}: the TIFF header could not be read; the file is probably damaged") from exc
     except ValueError:
         raise
     except Exception as exc:  # tifffile raises many kinds of errors on broken headers
         raise ValueError(f"{what}: the TIFF header could not be read ({type(exc).__name__}: {exc})") from exc
 
 
-def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str) -> np.ndarray:
-    info = inspect_stack(source)
+def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str,
+          channels_as_z: bool = False) -> np.ndarray:
+    info = inspect_stack(source, channels_as_z)
     dtype = np.dtype(info.dtype)
     if dtype.type not in dtypes:
         allowed = ", ".join(np.dtype(d).name for d in dtypes)
@@ -144,25 +190,35 @@ def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str) -
             f"{what}: the pixel data could not be read; the file is probably truncated or damaged "
             f"({type(exc).__name__}: {exc})"
         ) from exc
-    data = np.asarray(data).reshape(info.shape)
+    data = np.asarray(data)
+    axes = info.axes if len(info.axes) == data.ndim else ""
+    if channels_as_z and "C" in axes and axes.index("C") > min(axes.index("Y"), axes.index("X")):
+        data = np.moveaxis(data, axes.index("C"), 0)  # channels stored after the plane (rare)
+    data = data.reshape(info.shape)
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise ValueError(f"{what}: {bad:,} pixels are NaN or infinite; replace them before uploading")
     return data
 
 
-def read_stack(source: Source, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+def read_stack(source: Source, max_bytes: int = DEFAULT_MAX_BYTES, channels_as_z: bool = False) -> np.ndarray:
     """Read a grey-scale image stack (multi-page TIFF, ImageJ hyperstack or one 2-D image) as
-    ``(Z, Y, X)`` uint8, uint16 or float32. Raises ``ValueError`` with the reason on anything else."""
-    return _read(source, _describe(source), VOLUME_DTYPES, max_bytes, "an image stack")
+    ``(Z, Y, X)`` uint8, uint16 or float32. Raises ``ValueError`` with the reason on anything else.
+
+    Args:
+        source: a path or a binary file object.
+        max_bytes: refuse stacks whose pixels would take more memory than this.
+        channels_as_z: read a grey file whose only stack axis is "channels" as Z slices.
+    """
+    return _read(source, _describe(source), VOLUME_DTYPES, max_bytes, "an image stack", channels_as_z)
 
 
 def read_labels(source: Source, volume_shape: tuple[int, ...] | None = None,
-                max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+                max_bytes: int = DEFAULT_MAX_BYTES, channels_as_z: bool = False) -> np.ndarray:
     """Read a label stack as ``(Z, Y, X)``: binary (0/255, 0/1, bool) or instance labels. When
     ``volume_shape`` is given, a label stack of another shape is refused."""
     what = _describe(source)
-    labels = _read(source, what, LABEL_DTYPES, max_bytes, "labels")
+    labels = _read(source, what, LABEL_DTYPES, max_bytes, "labels", channels_as_z)
     if volume_shape is not None and tuple(labels.shape) != tuple(volume_shape):
         raise ValueError(
             f"{what}: labels have shape {tuple(labels.shape)} but the image stack has shape "

@@ -65,40 +65,69 @@ def overlay(grey: np.ndarray, mask: np.ndarray | None, opacity: float) -> np.nda
 @dataclass(frozen=True)
 class View:
     """Which part of a slice the canvas shows, and how large: the crop ``[y0:y0+h, x0:x0+w]`` of the
-    image, each image pixel drawn as ``scale`` × ``scale`` display pixels."""
+    image, each image pixel drawn as ``scale`` × ``scale`` display pixels, or (for a slice larger than
+    the page) each ``shrink`` × ``shrink`` block of image pixels drawn as one display pixel."""
 
     y0: int
     x0: int
     h: int
     w: int
     scale: int
+    shrink: int = 1
 
     @classmethod
     def fit(cls, shape: tuple[int, int], zoom: int = 1, centre: tuple[float, float] = (0.5, 0.5),
             target: int = 768) -> View:
         """The view of an image of ``shape`` at ``zoom`` (1 = whole slice) around ``centre`` (fractions
-        of height and width). Small images are scaled up to about ``target`` display pixels; an image
-        larger than that is shown at full resolution (one display pixel per image pixel) or more."""
+        of height and width), about ``target`` display pixels across at most. Small images are scaled up
+        by a whole factor; an image larger than ``target`` is shown at 1/2, 1/4, … so that it fits the
+        page, and zoom brings its full resolution (and more) back."""
         height, width = shape
         zoom = max(1, int(zoom))
         h, w = max(1, -(-height // zoom)), max(1, -(-width // zoom))
-        base = max(1, target // max(height, width))
+        largest = max(height, width)
+        if largest <= target:
+            scale, shrink = max(1, target // largest) * zoom, 1
+        else:
+            fit_shrink = 1
+            while largest / fit_shrink > target:
+                fit_shrink *= 2
+            scale, shrink = (zoom // fit_shrink, 1) if zoom >= fit_shrink else (1, fit_shrink // zoom)
         y0 = round(centre[0] * height - h / 2)
         x0 = round(centre[1] * width - w / 2)
         y0 = min(max(0, y0), height - h)
         x0 = min(max(0, x0), width - w)
-        return cls(y0, x0, h, w, base * zoom)
+        return cls(y0, x0, h, w, scale, shrink)
 
     @property
     def display_shape(self) -> tuple[int, int]:
-        return self.h * self.scale, self.w * self.scale
+        return -(-self.h // self.shrink) * self.scale, -(-self.w // self.shrink) * self.scale
+
+    @property
+    def ratio(self) -> float:
+        """Display pixels per image pixel (0.5 when a slice is shown at half size)."""
+        return self.scale / self.shrink
+
+    def describe(self) -> str:
+        """The scale in words, for the caption."""
+        if self.shrink > 1:
+            return (f"1/{self.shrink} size (one screen pixel shows {self.shrink}×{self.shrink} image pixels: "
+                    "zoom in to paint fine membranes)")
+        return f"{self.scale}×" if self.scale > 1 else "full size (one screen pixel per image pixel)"
 
     def crop(self, image: np.ndarray) -> np.ndarray:
         return image[self.y0:self.y0 + self.h, self.x0:self.x0 + self.w]
 
     def render(self, picture: np.ndarray) -> np.ndarray:
-        """Crop a full-slice picture (H, W[, C]) and scale it up by pixel repetition."""
+        """Crop a full-slice picture (H, W[, C]) and scale it: up by pixel repetition, down by averaging
+        each block (the edge is padded by repetition to whole blocks)."""
         part = self.crop(picture)
+        if self.shrink > 1:
+            s = self.shrink
+            dh, dw = -(-part.shape[0] // s), -(-part.shape[1] // s)
+            pad = [(0, dh * s - part.shape[0]), (0, dw * s - part.shape[1])] + [(0, 0)] * (part.ndim - 2)
+            blocks = np.pad(part, pad, mode="edge").reshape(dh, s, dw, s, *part.shape[2:])
+            part = (blocks.mean(axis=(1, 3), dtype=np.float32) + 0.5).astype(picture.dtype)
         if self.scale > 1:
             part = np.repeat(np.repeat(part, self.scale, axis=0), self.scale, axis=1)
         return np.ascontiguousarray(part)
@@ -131,7 +160,9 @@ def merge_strokes(mask: np.ndarray, rgba: np.ndarray | None, view: View) -> np.n
         raise ValueError(f"the canvas returned {classes.shape[1]}×{classes.shape[0]} pixels, "
                          f"the view is {dw}×{dh}")
     s = view.scale
-    if s == 1:
+    if view.shrink > 1:  # one display pixel stands for a block of image pixels: it paints all of them
+        image_classes = np.repeat(np.repeat(classes, view.shrink, axis=0), view.shrink, axis=1)[:view.h, :view.w]
+    elif s == 1:
         image_classes = classes
     else:
         blocks = classes.reshape(view.h, s, view.w, s).transpose(0, 2, 1, 3).reshape(view.h, view.w, s * s)
