@@ -245,7 +245,8 @@ if cache.get("key") != bg_key:  # encode once per canvas and opacity, not on eve
     cache["key"], cache["url"] = bg_key, png_data_url(view.render(overlay(grey, draft.view_base, opacity)))
 
 display_h, display_w = view.display_shape
-st.caption(f"Slice {z}: {width} × {height} pixels" + (
+st.caption(f"Painting **{ {NEURON: 'neuron', MEMBRANE: 'membrane', IGNORE: 'unlabelled'}[tool]}** with a "
+           f"{brush}-pixel brush · slice {z}: {width} × {height} pixels" + (
     f", showing rows {view.y0}–{view.y0 + view.h - 1} and columns {view.x0}–{view.x0 + view.w - 1}"
     if zoom > 1 else "") + f" at {view.describe()} · cyan: neuron, red: membrane, no tint: unlabelled")
 result = st_canvas(stroke_width=max(1, round(brush * view.ratio)), stroke_color=brush_color(tool),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 import uuid
 from urllib.parse import unquote
 
@@ -81,20 +82,32 @@ export default function ({ data }) {
 }
 """
 _LEAVE_GUARD_JS = """
-// The canvas sends its strokes about 200 ms after mouse-up; the script run that this starts keeps them in
-// the store and then renders this guard. From a stroke on the canvas until a render of a newer run than
-// the one on screen at mouse-up arrives (and later than the canvas's send), the strokes exist only in
-// the browser: closing or reloading the tab then asks first.
-const guard = window.__neurosegLeaveGuard || (window.__neurosegLeaveGuard = { pending: false, lastUp: 0, run: 0 });
+// A stroke on the canvas exists only in this browser until the canvas has sent it (about 200 ms after
+// mouse-up, over Streamlit's websocket); the script run this starts keeps it in the store. So a stroke
+// arms the guard, and the guard is disarmed when a render newer than the send arrives, or when the
+// message sent after the stroke has wholly left the browser (the socket open, nothing buffered).
+// Closing or reloading the tab while armed asks first.
+const guard = window.__neurosegLeaveGuard || (window.__neurosegLeaveGuard = { pending: false, run: 0 });
 if (!guard.installed) {
   guard.installed = true;
+  const send = WebSocket.prototype.send;
+  WebSocket.prototype.send = function (...args) {
+    if (guard.pending && !guard.stroking && guard.sentAtRun === undefined) {
+      guard.sentAtRun = guard.run;
+      const socket = this, sentAt = performance.now();
+      const check = setInterval(() => {
+        if (!guard.pending || guard.sentAtRun === undefined) { clearInterval(check); return; }
+        if (socket.readyState === WebSocket.OPEN && socket.bufferedAmount === 0
+            && performance.now() - sentAt > 300) { guard.pending = false; clearInterval(check); }
+      }, 100);
+    }
+    return send.apply(this, args);
+  };
   const onCanvas = (e) => e.composedPath().some((el) => el.classList && el.classList.contains("upper-canvas"));
   document.addEventListener("pointerdown", (e) => {
-    if (onCanvas(e)) { guard.pending = true; guard.stroking = true; guard.runAtUp = undefined; }
+    if (onCanvas(e)) { guard.pending = true; guard.stroking = true; guard.sentAtRun = undefined; }
   }, true);
-  document.addEventListener("pointerup", () => {
-    if (guard.stroking) { guard.stroking = false; guard.lastUp = performance.now(); guard.runAtUp = guard.run; }
-  }, true);
+  document.addEventListener("pointerup", () => { guard.stroking = false; }, true);
   window.addEventListener("beforeunload", (e) => {
     if (guard.pending && guard.armed) { e.preventDefault(); e.returnValue = ""; }
   });
@@ -102,8 +115,7 @@ if (!guard.installed) {
 export default function ({ data }) {
   guard.armed = !!(data && data.armed);
   guard.run = (data && data.run) || 0;
-  if (guard.pending && guard.runAtUp !== undefined && guard.run > guard.runAtUp
-      && performance.now() - guard.lastUp > 250) guard.pending = false;
+  if (guard.pending && guard.sentAtRun !== undefined && guard.run > guard.sentAtRun) guard.pending = false;
 }
 """
 
@@ -145,8 +157,9 @@ def remember_in_browser() -> None:
 def leave_guard(armed: bool) -> None:
     """Ask before the tab is closed or reloaded while strokes have not reached the server (Annotate
     renders this after it has kept the strokes in the store)."""
-    _components()[1](data={"armed": armed, "run": st.session_state.get("_script_runs", 0)},
-                     key="neuroseg_leave_guard", height=0)
+    # "run": when this render was made (server clock): later than any render the browser saw before it
+    # sent the strokes, also when the page has reconnected to a new session meanwhile
+    _components()[1](data={"armed": armed, "run": time.time() * 1000}, key="neuroseg_leave_guard", height=0)
 
 
 def author_input() -> str:

@@ -43,6 +43,7 @@ def test_draw_a_stroke_and_save_it(tmp_path):
         name = page.get_by_role("textbox", name="Your name").input_value()
         assert name == "ann", "the name is remembered across pages"
         page.get_by_text("Membrane", exact=False).first.click()
+        page.get_by_text("Painting membrane with a 5-pixel brush").wait_for()  # the canvas has the new colour
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
         assert (round(box["width"]), round(box["height"])) == (768, 768)  # 256² shown at 3×

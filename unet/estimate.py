@@ -127,22 +127,29 @@ def seconds_per_step(model: ModelConfig, patch: int, batch: int, device: str = "
 
 
 def seconds_per_batch(config: TrainConfig) -> float:
-    """Measured: drawing and augmenting one batch of patches (elastic deformation dominates on a CPU)."""
+    """Measured (once per process and recipe): drawing and augmenting one batch of patches (elastic
+    deformation dominates on a CPU)."""
+    from unet.model import output_size
+
+    return _seconds_per_batch(config.augment, config.patch_size, output_size(config.model, config.patch_size),
+                              config.batch_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _seconds_per_batch(augment, patch: int, out: int, batch: int) -> float:
     import numpy as np
 
     from unet.data import PatchSampler
-    from unet.model import output_size
 
     rng = np.random.default_rng(0)
-    side = max(2 * config.patch_size, 256)
+    side = max(2 * patch, 256)
     image = rng.integers(0, 255, (side, side), dtype=np.uint8)
     target = rng.integers(0, 2, (side, side), dtype=np.uint8)
-    sampler = PatchSampler([image], [target], config.patch_size, output_size(config.model, config.patch_size),
-                           config.augment, rng)
-    sampler.sample(config.batch_size)
+    sampler = PatchSampler([image], [target], patch, out, augment, rng)
+    sampler.sample(batch)
     start = time.perf_counter()
     for _ in range(3):
-        sampler.sample(config.batch_size)
+        sampler.sample(batch)
     return (time.perf_counter() - start) / 3
 
 

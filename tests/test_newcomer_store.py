@@ -1,0 +1,177 @@
+"""The store and engine side of issue 9, on a real SQLite store in tmp_path: drafts kept per user and
+slice, a cancel that interrupts a validation, a resume that says where it went on from and stores no
+step twice, deletes that wait for a running prediction, samples loaded once, and the time estimate."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+from storage.procs import start_time
+from storage.service import AlreadyLoaded, Neuroseg, UserError
+from storage.settings import Settings
+from unet.labels import MEMBRANE, NEURON
+from unet.paint import PALETTE, View
+
+
+@pytest.fixture
+def svc(tmp_path):
+    return Neuroseg(Settings.from_env(tmp_path / "data"), start_jobs=False)
+
+
+def painted_draft(svc: Neuroseg, dataset_id: int, z: int, cls: int):
+    draft = svc.new_draft(dataset_id, z, svc.start_options(dataset_id, z)[0])
+    view = View.fit((256, 256), target=256)
+    draft.set_view(view)
+    rgba = np.zeros((*view.display_shape, 4), np.uint8)
+    rgba[10:20, 10:40] = (*PALETTE[cls], 153)
+    draft.apply(rgba)
+    return draft
+
+
+def test_drafts_are_kept_per_user_and_slice_and_come_back_as_they_were(svc):
+    demo = svc.load_demo()
+    ann, bob = painted_draft(svc, demo.id, 0, MEMBRANE), painted_draft(svc, demo.id, 0, NEURON)
+    svc.keep_draft(ann, "name:ann")
+    svc.keep_draft(bob, "name:bob")
+    third = painted_draft(svc, demo.id, 3, MEMBRANE)
+    svc.keep_draft(third, "name:ann")
+    assert [(d.slice_index, d.changed_pixels) for d in svc.drafts_of("name:ann")] == [(0, ann.changed_pixels),
+                                                                                       (3, third.changed_pixels)]
+    back, when = svc.stored_draft(demo.id, 0, "name:ann")
+    np.testing.assert_array_equal(back.working, ann.working)
+    np.testing.assert_array_equal(back.original, ann.original)
+    assert (back.source, back.source_mask_id, back.latest_id, back.kind) == (
+        ann.source, ann.source_mask_id, ann.latest_id, ann.kind) and back.dirty and when is not None
+    assert (svc.stored_draft(demo.id, 0, "name:bob")[0].working[15, 15]) == NEURON, "each user has their own"
+    assert svc.stored_draft(demo.id, 1, "name:ann") is None
+
+    # a restored draft saves like the original (and the kept copy goes); a clean one is not kept
+    saved = svc.save_draft(back, "ann", owner="name:ann")
+    assert saved.version == 2 and svc.stored_draft(demo.id, 0, "name:ann") is None
+    assert svc.stored_draft(demo.id, 0, "name:bob") is not None
+    clean = svc.new_draft(demo.id, 3, svc.start_options(demo.id, 3)[0])
+    svc.keep_draft(clean, "name:ann")  # discarding = keeping an unchanged draft: forgotten
+    assert [d.slice_index for d in svc.drafts_of("name:ann")] == []
+
+    # a damaged kept file does not block the slice: the draft is dropped
+    svc.keep_draft(painted_draft(svc, demo.id, 5, MEMBRANE), "name:ann")
+    (svc.store.root / "datasets" / str(demo.id) / "drafts").joinpath(
+        sorted(os.listdir(svc.store.root / "datasets" / str(demo.id) / "drafts"))[-1]).write_bytes(b"broken")
+    assert svc.stored_draft(demo.id, 5, "name:ann") is None and svc.drafts_of("name:ann") == []
+
+    # deleting the dataset takes its drafts (rows and files) with it, and the preview counts them
+    preview = svc.deletion_preview(demo.id)
+    assert svc.delete_dataset(demo.id) == preview
+    assert svc.drafts_of("name:bob") == []
+
+
+def test_samples_are_loaded_once(svc):
+    first = svc.load_demo()
+    svc.update(first.id, name="my demo")
+    with pytest.raises(AlreadyLoaded, match=r"already loaded as \*\*my demo\*\*") as refused:
+        svc.load_demo()
+    assert refused.value.dataset_id == first.id and len(svc.datasets()) == 1
+
+
+def test_a_delete_waits_for_a_running_prediction_and_says_which(svc):
+    from storage.models import Prediction
+
+    demo = svc.load_demo()
+    run = svc.submit_training([{"dataset_id": demo.id, "slices": [0]}], [], __import__("unet.config").config.preset(
+        "tiny", steps=1), preset="tiny")
+    from tests.test_loop_pages import wait_exit
+
+    wait_exit(svc.run(run.id).pid)
+    checkpoint = svc.checkpoints(run.id)[0]["id"]
+    with svc.sessions.begin() as s:  # a prediction whose process is this (living) test process
+        row = Prediction(checkpoint_id=checkpoint, dataset_id=demo.id, slices=[0], status="RUNNING", done=0, file="",
+                         sha256="", files={}, pid=os.getpid(), pid_started=start_time(os.getpid()))
+        s.add(row)
+        s.flush()
+        prediction = row.id
+    with pytest.raises(UserError, match=rf"prediction #{prediction} is running on this dataset"):
+        svc.delete_dataset(demo.id)
+    with pytest.raises(UserError, match=rf"prediction #{prediction} is running on a checkpoint of run {run.id}"):
+        svc.delete_run(run.id)
+    with svc.sessions.begin() as s:  # its process died: the delete goes ahead
+        s.get(Prediction, prediction).pid = 2**22 + 7
+    assert svc.delete_run(run.id).runs == 1
+
+
+def test_a_cancel_interrupts_a_running_validation():
+    from unet.config import preset
+    from unet.data import TrainData
+    from unet.labels import labels_to_target
+    from unet.synthetic import make_synthetic_em
+    from unet.train import NullReporter, train
+
+    volume, labels = make_synthetic_em((4, 96, 96), np.random.default_rng(0), cell_size=20)
+    targets = labels_to_target(labels)
+    data = TrainData([volume[0]], [targets[0]], list(volume[1:]), list(targets[1:]))
+
+    class CancelDuringValidation(NullReporter):
+        def __init__(self):
+            self.phases, self.validations = [], []
+
+        def on_phase(self, text):
+            self.phases.append(text)
+
+        def on_validation(self, step, metrics, seconds):
+            self.validations.append(step)
+
+        def should_stop(self):  # the user presses Cancel while slice 2 of 3 is being validated
+            return "validating slice 2 of 3" in self.phases
+
+    reporter = CancelDuringValidation()
+    result = train(preset("tiny", steps=50, val_every=5), data, reporter, out_dir=tempfile.mkdtemp())
+    assert result.reason == "stopped" and result.steps_done == 5
+    assert "validating slice 3 of 3" not in reporter.phases, "the validation did not run to its end"
+    assert reporter.validations == [] and reporter.phases[-1] == "training"
+
+
+def test_a_resume_stores_no_step_twice_and_says_where_it_went_on_from(svc):
+    import json
+
+    from storage.models import Metric, Run
+    from storage.worker import _start_segment
+    from unet.config import preset
+
+    demo = svc.load_demo()
+    with svc.sessions.begin() as s:
+        run = Run(status="RUNNING", spec={}, config=preset("tiny").to_dict(), device="cpu")
+        s.add(run)
+        s.flush()
+        run_id = run.id
+        s.add_all([Metric(run_id=run_id, key="loss", step=k, value=1.0, time=float(k)) for k in range(1, 26)])
+    out = svc.store.run_dir(run_id)
+    out.mkdir(parents=True)
+    assert _start_segment(svc.sessions, run_id, out, resume=False) == 0  # killed before its first checkpoint
+    progress = svc.progress(svc.run(run_id))
+    assert progress.resumes == [(0, 25)] and progress.step == 0 and "resume" not in svc.curves(run_id)
+
+    with svc.sessions.begin() as s:
+        s.add_all([Metric(run_id=run_id, key="loss", step=k, value=1.0, time=float(k)) for k in range(1, 31)])
+    (out / "latest.json").write_text(json.dumps({"step": 20}))
+    assert _start_segment(svc.sessions, run_id, out, resume=True) == 20
+    steps = [p[0] for p in svc.curves(run_id)["loss"]]
+    assert steps == list(range(1, 21)), "the steps after the checkpoint go: they are trained again"
+    assert svc.progress(svc.run(run_id)).resumes == [(0, 25), (20, 30)]
+    assert demo.id
+
+
+def test_the_estimate_grows_with_what_a_run_does():
+    from unet.config import preset
+    from unet.estimate import estimate_training
+
+    tiny = preset("tiny")
+    one, three = estimate_training(tiny, [(256, 256)]), estimate_training(tiny, [(256, 256)] * 3)
+    assert one.validations == three.validations == 3
+    assert three.validation_s == pytest.approx(3 * one.validation_s) and three.training_s == one.training_s
+    longer = estimate_training(preset("tiny", steps=300, val_every=100), [(256, 256)])
+    assert longer.training_s == pytest.approx(10 * one.training_s)
+    assert estimate_training(tiny, []).validations == 0
+    assert "about" in three.describe() and "3 validation(s)" in three.describe()
