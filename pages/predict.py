@@ -123,66 +123,74 @@ if job.status != "FINISHED":
     st.stop()
 
 # --- the viewer -----------------------------------------------------------------------------------
-probs = svc.prediction_output(job.id)
-volume = volume_or_stop(svc, dataset_id)
-kinds = svc.slice_kinds(dataset_id)
-controls, picture = st.columns([1, 3])
-with controls:
-    z = st.select_slider("Slice", job.slices, key=f"pred_slice_{job.id}") if len(job.slices) > 1 else job.slices[0]
-    layers = st.multiselect("Overlays", ["probability", "mask", "membrane contours", "instances", "errors"],
-                            default=["mask"], key="pred_layers")
-    opacity = st.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="pred_opacity")
-    side_by_side = st.toggle("Side by side", key="pred_side")
-    threshold = 0.5
-prob = probs[job.slices.index(z)]
-image = volume[z]
-grey = window(image, *auto_window(image))
-rgb = overlay(grey, None, 0)
-shown = rgb
-mask = prob > threshold
-if "probability" in layers:
-    shown = blend(shown, heatmap(prob), opacity)
-if "mask" in layers:
-    shown = blend(shown, np.broadcast_to(np.array([0, 200, 255], np.uint8), shown.shape), opacity, where=mask)
-if "instances" in layers:
-    shown = blend(shown, instance_colours(svc.prediction_output(job.id, "instances")[job.slices.index(z)]), opacity)
-if "membrane contours" in layers:
-    shown = blend(shown, np.broadcast_to(np.array([255, 255, 0], np.uint8), shown.shape), 1.0,
-                  where=boundaries(mask.astype(np.uint8)))
-target = svc.mask(kinds[z].id) if z in kinds else None
-if "errors" in layers:
-    if target is None:
-        controls.caption("Slice has no mask: no error map.")
-    else:
-        for name, where in error_map(prob, target, threshold).items():
-            shown = blend(shown, np.broadcast_to(np.array(ERROR_COLOURS[name], np.uint8), shown.shape), 0.8,
-                          where=where)
-        controls.caption("Errors: magenta = false neuron (neuron predicted on membrane), green = missed neuron.")
-view = View.fit(image.shape, target=640 if side_by_side else 768)
-with picture:
-    if side_by_side:
-        a, b = st.columns(2)
-        a.image(view.render(rgb), caption=f"slice {z}")
-        b.image(view.render(shown), caption=", ".join(layers) or "no overlay")
-    else:
-        st.image(view.render(shown), caption=f"slice {z}: {', '.join(layers) or 'no overlay'}")
+def viewer(job) -> int:
+    """The prediction as overlays and its metrics; returns the slice shown. A function, so that the
+    arrays it draws with are freed when it returns (page globals live on in the session with the
+    fragment above, one set per viewer)."""
+    probs = svc.prediction_output(job.id)
+    volume = volume_or_stop(svc, dataset_id)
+    kinds = svc.slice_kinds(dataset_id)
+    controls, picture = st.columns([1, 3])
+    with controls:
+        z = st.select_slider("Slice", job.slices, key=f"pred_slice_{job.id}") if len(job.slices) > 1 else job.slices[0]
+        layers = st.multiselect("Overlays", ["probability", "mask", "membrane contours", "instances", "errors"],
+                                default=["mask"], key="pred_layers")
+        opacity = st.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="pred_opacity")
+        side_by_side = st.toggle("Side by side", key="pred_side")
+        threshold = 0.5
+    prob = probs[job.slices.index(z)]
+    image = volume[z]
+    grey = window(image, *auto_window(image))
+    rgb = overlay(grey, None, 0)
+    shown = rgb
+    mask = prob > threshold
+    if "probability" in layers:
+        shown = blend(shown, heatmap(prob), opacity)
+    if "mask" in layers:
+        shown = blend(shown, np.broadcast_to(np.array([0, 200, 255], np.uint8), shown.shape), opacity, where=mask)
+    if "instances" in layers:
+        shown = blend(shown, instance_colours(svc.prediction_output(job.id, "instances")[job.slices.index(z)]), opacity)
+    if "membrane contours" in layers:
+        shown = blend(shown, np.broadcast_to(np.array([255, 255, 0], np.uint8), shown.shape), 1.0,
+                      where=boundaries(mask.astype(np.uint8)))
+    target = svc.mask(kinds[z].id) if z in kinds else None
+    if "errors" in layers:
+        if target is None:
+            controls.caption("Slice has no mask: no error map.")
+        else:
+            for name, where in error_map(prob, target, threshold).items():
+                shown = blend(shown, np.broadcast_to(np.array(ERROR_COLOURS[name], np.uint8), shown.shape), 0.8,
+                              where=where)
+            controls.caption("Errors: magenta = false neuron (neuron predicted on membrane), green = missed neuron.")
+    view = View.fit(image.shape, target=640 if side_by_side else 768)
+    with picture:
+        if side_by_side:
+            a, b = st.columns(2)
+            a.image(view.render(rgb), caption=f"slice {z}")
+            b.image(view.render(shown), caption=", ".join(layers) or "no overlay")
+        else:
+            st.image(view.render(shown), caption=f"slice {z}: {', '.join(layers) or 'no overlay'}")
 
-metrics = job.metrics or {}
-if metrics.get("slices"):
-    names = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f": "Rand-F", "vi": "VI"}
-    this = metrics["slices"].get(str(z))
-    cols = st.columns(len(names))
-    for col, (key, name) in zip(cols, names.items(), strict=True):
-        value = this.get(key) if this else None
-        col.metric(f"{name} (slice {z})", "–" if value is None else f"{value:.3f}",
-                   help=f"stack mean: {metrics['mean'].get(key, float('nan')):.3f}")
-    with st.expander("Metrics per slice (against each slice's latest mask)"):
-        rows = [{"slice": str(s), **{names[k]: round(v, 4) for k, v in m.items() if k in names}}
-                for s, m in sorted(metrics["slices"].items(), key=lambda kv: int(kv[0]))]
-        rows.append({"slice": "mean", **{names[k]: round(v, 4) for k, v in metrics["mean"].items() if k in names}})
-        st.dataframe(rows, hide_index=True, key="pred_metrics")
-else:
-    st.caption("No masks on the predicted slices: no metrics.")
+    metrics = job.metrics or {}
+    if metrics.get("slices"):
+        names = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f": "Rand-F", "vi": "VI"}
+        this = metrics["slices"].get(str(z))
+        cols = st.columns(len(names))
+        for col, (key, name) in zip(cols, names.items(), strict=True):
+            value = this.get(key) if this else None
+            col.metric(f"{name} (slice {z})", "–" if value is None else f"{value:.3f}",
+                       help=f"stack mean: {metrics['mean'].get(key, float('nan')):.3f}")
+        with st.expander("Metrics per slice (against each slice's latest mask)"):
+            rows = [{"slice": str(s), **{names[k]: round(v, 4) for k, v in m.items() if k in names}}
+                    for s, m in sorted(metrics["slices"].items(), key=lambda kv: int(kv[0]))]
+            rows.append({"slice": "mean", **{names[k]: round(v, 4) for k, v in metrics["mean"].items() if k in names}})
+            st.dataframe(rows, hide_index=True, key="pred_metrics")
+    else:
+        st.caption("No masks on the predicted slices: no metrics.")
+    return z
+
+
+z = viewer(job)
 
 # --- export and correct ---------------------------------------------------------------------------
 actions = st.columns(4)
