@@ -114,7 +114,10 @@ def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(t
         expect(page.get_by_role("combobox", name="Dataset")).to_have_value(re.compile(r"gamma"))
         page.get_by_text("Slice 0: 96 × 128 pixels").wait_for()
         page.get_by_role("link", name="Train").first.click()
-        page.get_by_text("Training slices of gamma").wait_for()
+        try:
+            page.get_by_text("Training slices of gamma").wait_for()
+        finally:
+            page.screenshot(path=ARTIFACTS / "train-selected.png", full_page=True)
         expect(page.get_by_text("Training slices of alpha")).to_have_count(0)
         page.get_by_role("link", name="Predict").first.click()
         expect(page.get_by_role("combobox", name="Dataset")).to_have_value(re.compile(r"gamma"))
