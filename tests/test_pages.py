@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 from storage.service import Neuroseg
 from storage.settings import Settings
 from unet.labels import MEMBRANE, NEURON
-from unet.paint import PALETTE
+from unet.paint import PALETTE, View
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = {"Datasets": "pages/datasets.py", "Annotate": "pages/annotate.py", "Train": "pages/train.py",
@@ -227,3 +227,32 @@ def test_unsaved_strokes_are_kept_across_slices_and_pages(app_data_dir):
     assert now >= changed
     at.button(key="discard_mask").click().run()
     assert "No unsaved changes on this slice." in texts(at.markdown)
+
+
+def test_a_conflict_offers_one_choice_beside_its_message(app_data_dir):
+    """Someone saves the slice while I paint it: my save is refused, my changes are kept, and the message
+    carries the two ways on (move my changes onto theirs, or drop mine and open theirs); moving then saving
+    keeps both their version and my strokes."""
+    svc = store(app_data_dir)
+    demo = svc.load_demo()
+    at = app("Annotate")
+    draw(at, slice(0, 30), slice(0, 30), MEMBRANE)
+    theirs = svc.new_draft(demo.id, 0, svc.start_options(demo.id, 0)[0])
+    theirs.set_view(View.fit((256, 256), target=256))
+    rgba = np.zeros((256, 256, 4), np.uint8)
+    rgba[200:220, 200:220] = (*PALETTE[NEURON], 153)
+    theirs.apply(rgba)
+    svc.save_draft(theirs, "bob")
+    at.button(key="save_mask").click().run()
+    message = texts(at.error)
+    assert "Not saved: slice 0 now has **v2** by bob" in message and "changed pixels are kept" in message
+    assert "apply your strokes again" not in message
+    assert {b.key for b in at.button if b.key in ("rebase", "discard_for_latest")} == {"rebase", "discard_for_latest"}
+    assert at.button(key="save_mask").disabled, "one choice first, then save"
+    at.button(key="rebase").click().run()
+    assert "Your changes now sit on v2" in texts(at.info)
+    at.button(key="save_mask").click().run()
+    history = svc.history(demo.id, 0)
+    assert [m.version for m in history] == [1, 2, 3] and history[-1].parent_id == history[1].id
+    saved = svc.mask(history[-1].id)
+    assert (saved[:10, :10] == MEMBRANE).all() and (saved[205:215, 205:215] == NEURON).all()
