@@ -304,3 +304,37 @@ def test_viewers_of_a_prediction_do_not_hold_its_files_in_server_memory(tmp_path
         download.value.save_as(saved)
         assert tifffile.imread(saved).shape == (8, 256, 256)
         expect(pages[0].get_by_role("button", name="Mask (0/255 TIFF)")).to_have_count(1)
+
+
+def test_a_large_slice_fits_the_page_and_strokes_land_on_its_pixels(tmp_path):
+    """A 1024² slice in a 1280 × 800 window: the canvas is shown at half size (no columns behind a
+    scrollbar), the caption says so, and a stroke lands on the image pixels under it."""
+    from unet.labels import MEMBRANE
+
+    data_dir = tmp_path / "data"
+    svc = store(data_dir)
+    volume, labels = make_synthetic_em((2, 1024, 1024), np.random.default_rng(3), cell_size=60)
+    big = svc.import_upload(tiff(volume, "big.tif"), tiff(labels, "big-labels.tif"), name="big")
+    with app_server(data_dir) as url, chromium() as browser:
+        page = new_page(browser)
+        page.set_viewport_size({"width": 1280, "height": 800})
+        page.goto(f"{url}/annotate")
+        page.get_by_text("at 1/2 size").wait_for()
+        page.get_by_text("Membrane", exact=False).first.click()
+        page.get_by_text("Painting membrane with a 5-pixel brush").wait_for()
+        canvas = page.locator("canvas.upper-canvas")
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        assert (round(box["width"]), round(box["height"])) == (512, 512)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "no sideways scrolling"
+        stroke(page, canvas, 100, 50, 300)  # display row 100 = image rows 200-201, columns 100 → 600
+        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_role("button", name="Save version").click()
+        page.get_by_text("Saved slice 0 as v2").wait_for()
+        page.screenshot(path=ARTIFACTS / "annotate-1024.png", full_page=True)
+    before, after = (svc.mask(m.id) for m in svc.history(big.id, 0))
+    changed = after != before
+    rows, cols = np.nonzero(changed)
+    assert (after[changed] == MEMBRANE).all() and changed.sum() > 200
+    assert rows.min() >= 194 and rows.max() <= 207, (rows.min(), rows.max())
+    assert cols.min() >= 94 and cols.max() <= 606, (cols.min(), cols.max())
