@@ -19,12 +19,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 from bench.common import ROOT, table, write_json
+from tests.browser import CHROMIUM, CHROMIUM_FLAGS, app_server  # the test harness's server and browser
 
 SETUP = """
 import io, sys, numpy as np, tifffile
@@ -51,8 +51,6 @@ print("prediction", svc.prediction(job.id).status)
 """
 PAGES = [("Datasets", "Datasets"), ("Annotate", "Annotate"), ("Train", "Train"), ("Predict", "Predict"),
          ("Runs", "Runs"), ("Home", "Neuroseg")]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -72,29 +70,6 @@ def media_mb(url: str) -> float:
         r'cache_memory_bytes\{[^}]*cache_type="st_memory_media_file_storage"[^}]*\} ([\d.e+]+)', text)) / 2**20
 
 
-def start_server(root: Path, data: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "NEUROSEG_DATA_DIR": str(data), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root)}
-    env.pop("DATABASE_URL", None)
-    command = [sys.executable, "-m", "streamlit", "run", str(root / "app.py"), "--server.port", str(port)]
-    proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    ready = threading.Event()
-    log = data.parent / "server.log"
-
-    def pump() -> None:
-        with open(log, "wb") as out:
-            for line in proc.stdout:
-                out.write(line)
-                if b"URL:" in line:
-                    ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(120) or proc.poll() is not None:
-        raise RuntimeError(f"the server did not start; see {log}")
-    return proc
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=str(ROOT), help="the checkout whose app is served (default: this one)")
@@ -111,62 +86,51 @@ def main(argv: list[str] | None = None) -> None:
         print(f"preparing a store: 20 × {args.size}² stack, a tiny run, a prediction of 20 slices …", flush=True)
         subprocess.run([sys.executable, "-c", SETUP, str(data), str(args.size)], cwd=root, check=True,
                        env={**os.environ, "PYTHONPATH": str(root)})
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = start_server(root, data, port)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
-                expect.set_options(timeout=120_000)
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.set_default_timeout(120_000)
-                page.goto(url)
-                page.get_by_role("heading", name="Neuroseg").wait_for()
-                for link, heading in PAGES:  # one round to warm up (imports, caches)
+        with app_server(data, root=root) as url, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+            expect.set_options(timeout=120_000)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(120_000)
+            page.goto(url)
+            page.get_by_role("heading", name="Neuroseg").wait_for()
+            for link, heading in PAGES:  # one round to warm up (imports, caches)
+                page.get_by_role("link", name=link).first.click()
+                page.get_by_role("heading", name=heading, exact=True).wait_for()
+            time.sleep(2)  # let the last rerun settle before counting
+            cpu0, t0, switches, walls = cpu_seconds(url.pid), time.perf_counter(), 0, []
+            for _ in range(args.rounds):
+                for link, heading in PAGES:
+                    start = time.perf_counter()
                     page.get_by_role("link", name=link).first.click()
                     page.get_by_role("heading", name=heading, exact=True).wait_for()
-                time.sleep(2)  # let the last rerun settle before counting
-                cpu0, t0, switches, walls = cpu_seconds(server.pid), time.perf_counter(), 0, []
-                for _ in range(args.rounds):
-                    for link, heading in PAGES:
-                        start = time.perf_counter()
-                        page.get_by_role("link", name=link).first.click()
-                        page.get_by_role("heading", name=heading, exact=True).wait_for()
-                        if heading == "Predict":
-                            page.get_by_text("slice 0: mask").wait_for()
-                        page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
-                        walls.append(time.perf_counter() - start)
-                        switches += 1
+                    if heading == "Predict":
+                        page.get_by_text("slice 0: mask").wait_for()
+                    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
+                    walls.append(time.perf_counter() - start)
+                    switches += 1
+            time.sleep(2)
+            cpu_per_switch = (cpu_seconds(url.pid) - cpu0) / switches
+            elapsed = time.perf_counter() - t0
+            page.get_by_role("link", name="Home").first.click()
+            page.get_by_role("heading", name="Neuroseg").wait_for()
+            time.sleep(2)
+            memory = [{"sessions": 1, "rss_mb": rss_mb(url.pid), "media_mb": media_mb(url)}]
+            viewers = []
+            for n in range(2, args.sessions + 2):
+                ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+                viewer = ctx.new_page()
+                viewer.set_default_timeout(120_000)
+                viewer.goto(f"{url}/predict")
+                viewer.get_by_text("slice 0: mask").wait_for()
+                viewer.get_by_role("button", name=re.compile("Probabilities")).wait_for()
                 time.sleep(2)
-                cpu_per_switch = (cpu_seconds(server.pid) - cpu0) / switches
-                elapsed = time.perf_counter() - t0
-                page.get_by_role("link", name="Home").first.click()
-                page.get_by_role("heading", name="Neuroseg").wait_for()
-                time.sleep(2)
-                memory = [{"sessions": 1, "rss_mb": rss_mb(server.pid), "media_mb": media_mb(url)}]
-                viewers = []
-                for n in range(2, args.sessions + 2):
-                    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-                    viewer = ctx.new_page()
-                    viewer.set_default_timeout(120_000)
-                    viewer.goto(f"{url}/predict")
-                    viewer.get_by_text("slice 0: mask").wait_for()
-                    viewer.get_by_role("button", name=re.compile("Probabilities")).wait_for()
-                    time.sleep(2)
-                    viewers.append(ctx)
-                    memory.append({"sessions": n, "rss_mb": rss_mb(server.pid), "media_mb": media_mb(url)})
-                for ctx in viewers:
-                    ctx.close()
-                time.sleep(10)
-                after_close = rss_mb(server.pid)
-                browser.close()
-        finally:
-            server.terminate()
-            server.wait(30)
+                viewers.append(ctx)
+                memory.append({"sessions": n, "rss_mb": rss_mb(url.pid), "media_mb": media_mb(url)})
+            for ctx in viewers:
+                ctx.close()
+            time.sleep(10)
+            after_close = rss_mb(url.pid)
+            browser.close()
     per_session = (memory[-1]["rss_mb"] - memory[1]["rss_mb"]) / max(1, len(memory) - 2)
     print(table([{"switches": switches, "cpu": cpu_per_switch, "wall": sorted(walls)[len(walls) // 2],
                   "total": elapsed}],
