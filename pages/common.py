@@ -208,7 +208,8 @@ def dataset_picker(datasets, label: str = "Dataset", key: str | None = None) -> 
     key vanishes on other pages), whose value is set from the shared selection before it is drawn."""
     key = key or f"dataset_pick_{label}"
     current = selected_dataset(datasets)
-    st.session_state[key] = current
+    if st.session_state.get(key) != current:  # only then: a forced value closes a menu the user has open
+        st.session_state[key] = current
 
     def chosen() -> None:
         select_dataset(st.session_state[key])

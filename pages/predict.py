@@ -93,7 +93,8 @@ if not predictions:
 ids = [p.id for p in reversed(predictions)]
 wanted = st.session_state.get("prediction_id")  # the one just started, or the one the user picked
 pick_key = f"pick_{dataset_id}"
-st.session_state[pick_key] = wanted if wanted in ids else ids[0]
+if st.session_state.get(pick_key) != (wanted if wanted in ids else ids[0]):  # only then (an open menu stays)
+    st.session_state[pick_key] = wanted if wanted in ids else ids[0]
 
 
 def _picked() -> None:
@@ -101,7 +102,7 @@ def _picked() -> None:
 
 
 pick = st.selectbox("Prediction", ids, key=pick_key, on_change=_picked,
-                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s) · {p.status}"
+                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s)"
                                                for p in predictions if p.id == i))
 st.session_state["prediction_id"] = pick
 

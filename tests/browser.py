@@ -90,3 +90,20 @@ def chromium() -> Iterator[object]:
             yield browser
         finally:
             browser.close()
+
+
+def canvas_key(page) -> str:
+    """The key of the canvas on screen (Streamlit puts ``st-key-<key>`` on its container)."""
+    return page.evaluate("document.querySelector('[class*=\"st-key-canvas-\"]').className"
+                         ".match(/st-key-(canvas-\\S+)/)[1]")
+
+
+def new_canvas(page, old_key: str):
+    """The canvas that replaced ``old_key`` (a save or a change of view remounts it), once its drawing
+    surface exists: fabric creates ``canvas.upper-canvas`` when it has set the canvas up, and strokes drawn
+    before that are lost."""
+    page.wait_for_function("k => { const el = document.querySelector('[class*=\"st-key-canvas-\"]');"
+                           " return el && !el.classList.contains('st-key-' + k); }", arg=old_key)
+    canvas = page.locator('[class*="st-key-canvas-"] canvas.upper-canvas')
+    canvas.wait_for()
+    return canvas

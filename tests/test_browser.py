@@ -9,7 +9,7 @@ import pytest
 
 from storage.service import Neuroseg
 from storage.settings import Settings
-from tests.browser import ARTIFACTS, app_server, chromium
+from tests.browser import ARTIFACTS, app_server, canvas_key, chromium, new_canvas
 from unet.labels import MEMBRANE
 
 pytestmark = pytest.mark.slow
@@ -56,9 +56,12 @@ def test_draw_a_stroke_and_save_it(tmp_path):
         page.mouse.up()
         page.get_by_text("Unsaved:").wait_for()  # the page ran with the stroke: it says how many pixels
         page.screenshot(path=ARTIFACTS / "annotate-stroke.png", full_page=True)
+        before_save = canvas_key(page)
         page.get_by_role("button", name="Save version").click()
         page.get_by_text("Saved slice 0 as v2").wait_for()
         page.screenshot(path=ARTIFACTS / "annotate-saved.png", full_page=True)
+        canvas = new_canvas(page, before_save)  # the save remounted the canvas over the saved mask
+        box = canvas.bounding_box()
 
         svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
         dataset = svc.datasets()[0]
@@ -136,7 +139,10 @@ def test_the_whole_loop_in_the_browser(tmp_path):
         page.screenshot(path=ARTIFACTS / "train-finished.png", full_page=True)
 
         page.get_by_role("link", name="Predict").first.click()
-        page.get_by_role("button", name="Predict").wait_for()
+        try:
+            page.get_by_role("button", name="Predict").wait_for()
+        finally:
+            page.screenshot(path=ARTIFACTS / "predict-opened.png", full_page=True)
         page.get_by_role("button", name="Predict").click()
         page.get_by_role("button", name="Probabilities (float32 TIFF)").wait_for()
         page.get_by_text("slice 0: mask").wait_for()  # the overlay's caption

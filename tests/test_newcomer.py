@@ -159,7 +159,7 @@ def test_a_started_prediction_is_the_one_shown_with_its_progress_then_its_result
         page.get_by_role("button", name="Predict", exact=True).click()
         expect(pick).to_have_value(re.compile(r"^#2 "))  # at once, with its progress, not #1
         page.get_by_text("slice 5: mask").wait_for()  # then its result
-        expect(pick).to_have_value(re.compile(r"^#2 .*FINISHED"))
+        expect(pick).to_have_value(re.compile(r"^#2 · run 1 · 3 slice"))
         expect(page.get_by_text("slice 0: mask")).to_have_count(0)
         page.screenshot(path=ARTIFACTS / "predict-second.png", full_page=True)
 
@@ -309,6 +309,8 @@ def test_viewers_of_a_prediction_do_not_hold_its_files_in_server_memory(tmp_path
 def test_a_large_slice_fits_the_page_and_strokes_land_on_its_pixels(tmp_path):
     """A 1024² slice in a 1280 × 800 window: the canvas is shown at half size (no columns behind a
     scrollbar), the caption says so, and a stroke lands on the image pixels under it."""
+    from playwright.sync_api import expect
+
     from unet.labels import MEMBRANE
 
     data_dir = tmp_path / "data"
@@ -320,8 +322,13 @@ def test_a_large_slice_fits_the_page_and_strokes_land_on_its_pixels(tmp_path):
         page.set_viewport_size({"width": 1280, "height": 800})
         page.goto(f"{url}/annotate")
         page.get_by_text("at 1/2 size").wait_for()
-        page.get_by_text("Membrane", exact=False).first.click()
-        page.get_by_text("Painting membrane with a 5-pixel brush").wait_for()
+        membrane = page.get_by_role("radio", name=re.compile("Membrane"))
+        membrane.check(force=True)
+        expect(membrane).to_be_checked()
+        try:
+            page.get_by_text("Painting membrane with a 5-pixel brush").wait_for()
+        finally:
+            page.screenshot(path=ARTIFACTS / "annotate-1024-tool.png", full_page=True)
         canvas = page.locator("canvas.upper-canvas")
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
