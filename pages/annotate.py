@@ -77,6 +77,7 @@ st.plotly_chart(slice_strip(strip), key="slice_strip", config={"displayModeBar":
 # --- the draft of this slice ----------------------------------------------------------------------
 options = svc.start_options(dataset_id, z)
 latest = kinds.get(z)
+history = svc.history(dataset_id, z)  # (callbacks run before the page: this is current for the whole run)
 draft = drafts.get((dataset_id, z))
 request = st.session_state.get("start_request")  # "Correct this slice" on Predict
 if request is not None and tuple(request[:2]) == (dataset_id, z):
@@ -180,7 +181,7 @@ def _restore(mask_id: int) -> None:
 
 in_conflict = st.session_state.get("conflict") == draft.uid
 if in_conflict:
-    newest = history[-1] if (history := svc.history(dataset_id, z)) else None
+    newest = history[-1] if history else None
     with st.container(border=True):
         st.error(f"Not saved: slice {z} now has **v{newest.version if newest else 0}**"
                  f"{' by ' + newest.author if newest and newest.author else ''}, saved after your edit began. "
@@ -195,7 +196,7 @@ current = next((i for i, o in enumerate(options) if o.source == draft.source and
                 and (o.prediction_id == draft.prediction_id or o.source != "prediction")), None)
 if current is None:  # the edit started from something no longer offered first (an older version, a prediction)
     started = (f"prediction #{draft.prediction_id}" if draft.prediction_id is not None else
-               next((f"v{m.version} ({m.kind})" for m in svc.history(dataset_id, z) if m.id == draft.source_mask_id),
+               next((f"v{m.version} ({m.kind})" for m in history if m.id == draft.source_mask_id),
                     "nothing (scribble)"))
     options = [StartOption(draft.source, f"what this edit started from: {started}", draft.source_mask_id,
                            draft.prediction_id), *options]
@@ -282,7 +283,6 @@ if others:
                    args=(ods, oz), key=f"go_{ods}_{oz}")
 
 # --- history --------------------------------------------------------------------------------------
-history = svc.history(dataset_id, z)
 st.subheader(f"Versions of slice {z}")
 if not history:
     st.caption("No saved version yet.")

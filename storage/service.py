@@ -358,9 +358,6 @@ class Neuroseg:
         """Every slice on which this owner has unsaved changes kept in the store."""
         return self._tx(kept_drafts.of_owner, owner)
 
-    def drop_draft(self, dataset_id: int, slice_index: int, owner: str) -> None:
-        self._tx(kept_drafts.drop, self.store, dataset_id, slice_index, owner)
-
     def restore(self, mask_id: int, author: str = "") -> MaskInfo:
         return self._tx(api.restore_mask, self.store, mask_id, author=author)
 
