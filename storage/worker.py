@@ -144,8 +144,8 @@ def _start_segment(sessions: sessionmaker[Session], run_id: int, out_dir: Path, 
             step = int(json.loads(side_file(out_dir / "latest.pt").read_text()).get("step", 0))
     with sessions.begin() as s:
         had = s.scalar(select(func.max(Metric.step)).where(Metric.run_id == run_id, Metric.key == "loss"))
-        s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.step > step))
-        if had is not None:
+        if had is not None:  # a first start has nothing to drop (and must not touch rows others wrote)
+            s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.step > step, Metric.key != "resume"))
             s.add(Metric(run_id=run_id, key="resume", step=step, value=float(had), time=0.0))
     if had is not None:
         print(f"run {run_id}: resumed from step {step}" + ("" if step else
