@@ -38,7 +38,7 @@ def test_train_predict_evaluate(tmp_path, synthetic):
         assert tif.is_imagej and tif.series[0].shape == (2, 96, 96)
         probs = tif.asarray()
     assert probs.dtype == np.float32 and probs.min() >= 0 and probs.max() <= 1
-    masks = tifffile.imread(tmp_path / "pred" / "masks.tif")
+    masks = tifffile.imread(tmp_path / "pred" / "mask.tif")
     assert set(np.unique(masks).tolist()) <= {0, 255}
     assert tifffile.imread(tmp_path / "pred" / "instances.tif").max() >= 1
 

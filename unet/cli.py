@@ -3,6 +3,7 @@
     python -m unet train --volume train-volume.tif --labels train-labels.tif \\
         --train-slices 0-24 --val-slices 25-29 --preset cpu-quick --out runs/a
     python -m unet predict --checkpoint runs/a/best.pt --volume test-volume.tif --out pred/
+        # → pred/probabilities.tif, pred/mask.tif, pred/instances.tif (the app's prediction files too)
     python -m unet evaluate --prediction pred/probabilities.tif --labels train-labels.tif --slices 25-29
 """
 
@@ -74,28 +75,28 @@ def _predict(args: argparse.Namespace) -> int:
 
     from unet.checkpoint import load_checkpoint
     from unet.device import pick_device
-    from unet.infer import iter_predict_stack
-    from unet.io import inspect_stack, parse_slices, read_stack, write_tiff_atomic
-    from unet.postprocess import instances, to_mask
+    from unet.io import inspect_stack, parse_slices, read_stack
+    from unet.segment import segment_stack
 
     device = pick_device(args.device)
     model = load_checkpoint(args.checkpoint).build_model(device)
     volume = read_stack(args.volume)
-    pixel_size = inspect_stack(args.volume).pixel_size_nm
     slices = parse_slices(args.slices, volume.shape[0])
-    out = Path(args.out)
-    probs = np.empty((len(slices), *volume.shape[1:]), np.float32)
-    for i, (_, prob) in enumerate(tqdm(iter_predict_stack(model, volume, slices, tile=args.tile,
-                                                          tta=args.tta, device=device),
-                                       total=len(slices), unit="slice")):
-        probs[i] = prob
-    write_tiff_atomic(out / "probabilities.tif", probs, pixel_size_nm=pixel_size)
-    write_tiff_atomic(out / "masks.tif", to_mask(probs, args.threshold) * 255, pixel_size_nm=pixel_size)
-    if not args.no_instances:
-        inst = np.stack([instances(p, threshold=args.threshold) for p in probs])
-        write_tiff_atomic(out / "instances.tif", inst, pixel_size_nm=pixel_size)
-    print(f"wrote {len(slices)} slices to {out} (probabilities.tif, masks.tif"
-          f"{'' if args.no_instances else ', instances.tif'})")
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, unit="slice", desc=stage))
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = segment_stack(model, volume, slices, threshold=args.threshold, with_instances=not args.no_instances,
+                               progress=progress, device=device, tile=args.tile, tta=args.tta)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    written = result.write(args.out, pixel_size_nm=inspect_stack(args.volume).pixel_size_nm)
+    print(f"wrote {len(slices)} slices to {args.out} ({', '.join(p.name for p in written.values())})")
     return 0
 
 

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from unet.sizes import check_input_size
+
 Padding = Literal["valid", "same"]
 Loss = Literal["bce", "dice", "bce+dice"]
 Amp = Literal["auto", "off", "bf16", "fp16"]
@@ -31,9 +33,18 @@ def _from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
 class ModelConfig:
     """Everything needed to rebuild a :class:`unet.model.UNet`.
 
-    ``initial_features`` is the brief's "hidden channels": the width after the first 1×1 convolution;
-    each contracting block doubles it. ``padding="valid"`` is the original paper (512² in → 373² out for
-    depth 4), ``"same"`` keeps the size when it is divisible by ``2**depth``.
+    Args:
+        in_channels: channels of the input image (1 for EM).
+        out_channels: channels of the logits (1: neuron vs membrane).
+        depth: contracting blocks (1-6); the input shrinks by ``2**depth`` at the bottleneck.
+        initial_features: the brief's "hidden channels": the width after the first 1×1 convolution;
+            each contracting block doubles it.
+        padding: ``"valid"`` is the original paper (512² in → 373² out at depth 4); ``"same"`` keeps the
+            size when it is divisible by ``2**depth``.
+        batch_norm: a batch norm after every 3×3 convolution.
+
+    Raises:
+        ValueError: a value out of range, with the rule it breaks.
     """
 
     in_channels: int = 1
@@ -65,7 +76,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """On-the-fly augmentation of training patches; every probability is per patch."""
+    """On-the-fly augmentation of training patches; every probability is per patch.
+
+    Args:
+        flips: the 8 flips/90° rotations of the square.
+        elastic_p: share of patches elastically deformed, as in the U-Net paper (``elastic_sigma``
+            pixels of displacement on a coarse grid of ``elastic_grid`` points per side).
+        intensity_p: share with brightness, contrast and gamma changed.
+        noise_p: share with Gaussian noise of ``noise_std`` (normalised image units) added.
+    """
 
     flips: bool = True  # the 8 flips/90° rotations of the square
     elastic_p: float = 0.5  # elastic deformation, as in the U-Net paper
@@ -99,10 +118,32 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training recipe. ``patch_size`` is the network's *input* tile; with valid padding the loss is
-    computed on the smaller centred output. ``max_seconds`` (optional) is a wall-clock budget: training
-    stops when it runs out, and the learning-rate schedule follows whichever of steps or time is further
-    along, so a budgeted run still anneals."""
+    """A training recipe.
+
+    Args:
+        model: the network (:class:`ModelConfig`).
+        augment: on-the-fly augmentation of the training patches (:class:`AugmentConfig`).
+        steps: optimiser steps.
+        batch_size: patches per step.
+        patch_size: the network's *input* tile; with valid padding the loss is computed on the smaller
+            centred output. Checked against the network here (ValueError with sizes that fit).
+        lr: peak learning rate of AdamW (linear warm-up over ``warmup_steps``, then cosine decay).
+        weight_decay: AdamW's weight decay.
+        warmup_steps: steps of linear warm-up.
+        loss: ``"bce"``, ``"dice"`` or ``"bce+dice"``, over labelled pixels only.
+        border_weight: w0 of the paper's border weights (0 disables them); ``border_sigma`` their width.
+        grad_clip: the gradient norm is clipped to this (0 disables).
+        val_every: validate every this many steps (and keep ``best.pt``).
+        checkpoint_every: write ``latest.pt`` every this many steps.
+        early_stop_patience: validations without improvement before stopping (0 disables).
+        max_seconds: a wall-clock budget: training stops when it runs out, and the learning-rate schedule
+            follows whichever of steps or time is further along, so a budgeted run still anneals.
+        seed: initial weights and patch sampling.
+        device: ``auto`` (cuda → mps → cpu), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        amp: ``auto`` (bf16 on CUDA when supported, else fp16; never on CPU), ``off``, ``bf16``, ``fp16``.
+        channels_last: the NHWC memory format (None: on for CUDA).
+        tta_validation: validate with the 8 flips/rotations averaged.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -151,8 +192,6 @@ class TrainConfig:
         if self.grad_clip < 0:
             raise ValueError(f"TrainConfig.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         # Fail here, not after minutes of data loading, when the patch cannot go through the network.
-        from unet.model import check_input_size
-
         check_input_size(self.model, self.patch_size)
 
     def to_dict(self) -> dict[str, Any]:

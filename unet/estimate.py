@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from unet.config import ModelConfig, TrainConfig
 from unet.infer import tile_plan
-from unet.model import UNet, valid_input_sizes
+from unet.model import UNet
+from unet.sizes import valid_input_sizes
 
 STARTUP_S = 5.0  # a worker's interpreter, the torch import and reading the data (measured: 3-4 s)
 STEP_OVERHEAD = 1.1  # the loss, clipping and reporting, on top of forward, backward and the optimiser
@@ -130,7 +131,7 @@ def seconds_per_step(model: ModelConfig, patch: int, batch: int, device: str = "
 def seconds_per_batch(config: TrainConfig) -> float:
     """Measured (once per process and recipe): drawing and augmenting one batch of patches (elastic
     deformation dominates on a CPU)."""
-    from unet.model import output_size
+    from unet.sizes import output_size
 
     return _seconds_per_batch(config.augment, config.patch_size, output_size(config.model, config.patch_size),
                               config.batch_size)

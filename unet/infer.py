@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from unet.data import normalize_image
-from unet.model import UNet, output_size, valid_input_sizes
+from unet.model import UNet
+from unet.sizes import output_size, valid_input_sizes
 
 
 def _blend_window(size: int, overlap: int) -> np.ndarray:

@@ -146,165 +146,198 @@ def _batches(sampler: PatchSampler, batch_size: int, device: torch.device, seed:
     yield from loader
 
 
+class Trainer:
+    """One training run, step by step: :meth:`restore` (resume or fine-tune), :meth:`step`,
+    :meth:`validate`, :meth:`save`; :meth:`run` loops them until the run ends.
+
+    Args:
+        config: the recipe (:class:`~unet.config.TrainConfig`).
+        data: the training and validation slices with their targets (:class:`~unet.data.TrainData`).
+        reporter: told every step, validation, checkpoint and phase; asked whether to stop.
+        out_dir: where ``best.pt`` and ``latest.pt`` (and their JSON side files) go.
+    """
+
+    def __init__(self, config: TrainConfig, data: TrainData, reporter: Reporter | None, out_dir: str | os.PathLike):
+        self.config, self.data, self.reporter = config, data, reporter or NullReporter()
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(config.device)
+        self.amp = amp_dtype(self.device, config.amp)
+        self.channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
+        self.out_size = check_input_size(config.model, config.patch_size)
+        torch.manual_seed(config.seed)
+        self.model = UNet(config.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.rng = np.random.default_rng(config.seed)
+        self.step_count, self.seconds_before = 0, 0.0
+        self.history: list[dict[str, float]] = []
+        self.validations: list[dict[str, float]] = []
+        self.best: dict[str, float] | None = None
+        self.stale = 0  # validations since the best one
+        self._started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Training seconds over every start of the run."""
+        return self.seconds_before + time.perf_counter() - self._started
+
+    def restore(self, resume: bool = False, init_from: str | os.PathLike | None = None) -> None:
+        """``resume``: continue from ``out_dir/latest.pt`` when it exists (step count, optimiser, history and
+        sampling state carry on). ``init_from``: start from another checkpoint's weights (fine-tuning; the
+        architecture must match). Then move everything to the device."""
+        latest_path = self.out_dir / "latest.pt"
+        if resume and latest_path.exists():
+            ckpt = load_checkpoint(latest_path)
+            if ckpt.model_config != self.config.model:
+                raise ValueError("cannot resume: the checkpoint's model differs from the configured model")
+            self.model.load_state_dict(ckpt.state_dict)
+            if ckpt.optimizer_state:
+                self.optimizer.load_state_dict(ckpt.optimizer_state)
+            meta = ckpt.meta
+            self.step_count, self.seconds_before = int(meta.get("step", 0)), float(meta.get("seconds", 0.0))
+            self.history, self.validations = list(meta.get("history", [])), list(meta.get("validations", []))
+            self.best, self.stale = meta.get("best"), int(meta.get("stale", 0))
+            if meta.get("rng_state"):
+                self.rng.bit_generator.state = meta["rng_state"]
+        elif init_from is not None:
+            parent = load_checkpoint(init_from)
+            if parent.model_config != self.config.model:
+                raise ValueError(f"cannot fine-tune from {Path(init_from).name}: it is a {parent.model_config} "
+                                 f"network, the run asks for {self.config.model}")
+            self.model.load_state_dict(parent.state_dict)
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        for state in self.optimizer.state.values():  # optimizer state lives where the parameters are
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and k != "step":
+                    state[k] = v.to(self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        weights = None
+        if self.config.border_weight > 0:
+            weights = [border_weights(t, self.config.border_weight, self.config.border_sigma)
+                       for t in self.data.train_targets]
+        sampler = PatchSampler(self.data.train_images, self.data.train_targets, self.config.patch_size,
+                               self.out_size, self.config.augment, self.rng, weights)
+        self.batches = _batches(sampler, self.config.batch_size, self.device, self.config.seed)
+        self._started = time.perf_counter()
+
+    def step(self) -> float:
+        """One optimiser step on a fresh batch; returns the loss. A loss that is not finite raises
+        :class:`FloatingPointError` (the last good ``latest`` stays on disk)."""
+        config, device = self.config, self.device
+        lr = lr_at(config, self.step_count, self.elapsed())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        xs, ys, ws = next(self.batches)
+        x = torch.as_tensor(xs).to(device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.as_tensor(ys).to(device, non_blocking=True)
+        w = torch.as_tensor(ws).to(device, non_blocking=True) if ws is not None else None
+        with autocast(device, self.amp):
+            logits = self.model(x)
+        loss = segmentation_loss(logits, y, config.loss, w)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step_count += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss became {value} at step {self.step_count}; try a lower learning "
+                                     f"rate (now {config.lr}) or turn AMP off")
+        self.history.append({"step": self.step_count, "loss": value, "lr": lr, "seconds": self.elapsed()})
+        self.reporter.on_step(self.step_count, value, lr, self.elapsed())
+        return value
+
+    def validate(self) -> bool:
+        """Validate, keep ``best``; return True when early stopping says stop. A stop asked for during the
+        validation ends it at once (nothing is recorded for it)."""
+        try:
+            metrics = (_validation_metrics(self.model, self.data, self.config, self.device, self.amp, self.reporter)
+                       if self.data.val_images else {})
+        except Interrupted:
+            return False
+        finally:
+            self.reporter.on_phase("training")
+        if metrics:
+            self.validations.append({"step": self.step_count, "seconds": self.elapsed(), **metrics})
+            self.reporter.on_validation(self.step_count, metrics, self.elapsed())
+            if self.best is None or metrics[BEST_METRIC] < self.best[BEST_METRIC]:
+                self.best, self.stale = {"step": self.step_count, **metrics}, 0
+                self.save("best", metrics)
+            else:
+                self.stale += 1
+        patience = self.config.early_stop_patience
+        return bool(patience and self.stale >= patience)
+
+    def save(self, kind: str, metrics: dict[str, float]) -> Path:
+        """Write ``<kind>.pt``: ``latest`` carries the optimiser and everything needed to resume."""
+        meta: dict[str, Any] = {"kind": kind, "step": self.step_count, "seconds": self.elapsed(), "metrics": metrics,
+                                "train_config": self.config.to_dict(), "device": str(self.device)}
+        if kind == "latest":
+            meta.update(history=self.history, validations=self.validations, best=self.best, stale=self.stale,
+                        rng_state=self.rng.bit_generator.state)
+        path = save_checkpoint(self.out_dir / f"{kind}.pt", self.model, meta=meta,
+                               optimizer=self.optimizer if kind == "latest" else None)
+        self.reporter.on_checkpoint(kind, path, self.step_count, metrics)
+        return path
+
+    def run(self) -> TrainResult:
+        """Step until the steps are done, the time budget runs out, early stopping triggers or the reporter
+        says stop; validate at the end (unless stopped) and always leave a ``latest``."""
+        config, reporter = self.config, self.reporter
+        reason = "finished"
+        reporter.on_phase("training")
+        self.model.train()
+        while self.step_count < config.steps:
+            if reporter.should_stop():
+                reason = "stopped"
+                break
+            if config.max_seconds is not None and self.elapsed() >= config.max_seconds:
+                reason = "time_limit"
+                break
+            self.step()
+            step = self.step_count
+            stop_early = self.validate() if step % config.val_every == 0 and step < config.steps else False
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                self.save("latest", {})
+            if stop_early:
+                reason = "early_stop"
+                break
+        validations = self.validations
+        if reason != "stopped" and (not validations or validations[-1]["step"] != self.step_count):
+            self.validate()  # a cancelled run should stop promptly, not validate first
+        last = self.validations[-1] if self.validations and self.validations[-1]["step"] == self.step_count else {}
+        self.save("latest", last)
+        if not self.data.val_images:  # nothing to choose by: the last weights are the best we know
+            self.save("best", {})
+        return TrainResult(self.step_count, reason, self.history, self.validations, self.best, self.out_dir,
+                           str(self.device))
+
+
 def train(config: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
           out_dir: str | os.PathLike, resume: bool = False,
           init_from: str | os.PathLike | None = None) -> TrainResult:
     """Train a U-Net; write ``best.pt`` / ``latest.pt`` (and their JSON) into ``out_dir``.
 
-    ``resume=True`` continues from ``out_dir/latest.pt`` when it exists (the step count, optimiser,
-    history and sampling state carry on); ``init_from`` starts from another checkpoint's weights
-    (fine-tuning; the architecture must match). Stops when the steps are done, the time budget runs out,
-    early stopping triggers, or ``reporter.should_stop()`` says so; always leaves a ``latest``."""
-    reporter = reporter or NullReporter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(config.device)
-    amp = amp_dtype(device, config.amp)
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
-    out_size = check_input_size(config.model, config.patch_size)
+    Args:
+        config: the recipe (:class:`~unet.config.TrainConfig`).
+        data: training and validation slices with their targets (:class:`~unet.data.TrainData`).
+        reporter: told every step, validation, checkpoint and phase, asked whether to stop
+            (:class:`NullReporter` by default).
+        out_dir: the folder of the run's checkpoints.
+        resume: continue from ``out_dir/latest.pt`` when it exists (the step count, optimiser, history
+            and sampling state carry on).
+        init_from: start from another checkpoint's weights (fine-tuning; the architecture must match).
 
-    torch.manual_seed(config.seed)
-    model = UNet(config.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    rng = np.random.default_rng(config.seed)
-    step, seconds_before = 0, 0.0
-    history: list[dict[str, float]] = []
-    validations: list[dict[str, float]] = []
-    best: dict[str, float] | None = None
-    stale = 0
-
-    latest_path = out_dir / "latest.pt"
-    if resume and latest_path.exists():
-        ckpt = load_checkpoint(latest_path)
-        if ckpt.model_config != config.model:
-            raise ValueError("cannot resume: the checkpoint's model differs from the configured model")
-        model.load_state_dict(ckpt.state_dict)
-        if ckpt.optimizer_state:
-            optimizer.load_state_dict(ckpt.optimizer_state)
-        step = int(ckpt.meta.get("step", 0))
-        seconds_before = float(ckpt.meta.get("seconds", 0.0))
-        history = list(ckpt.meta.get("history", []))
-        validations = list(ckpt.meta.get("validations", []))
-        best = ckpt.meta.get("best")
-        stale = int(ckpt.meta.get("stale", 0))
-        if ckpt.meta.get("rng_state"):
-            rng.bit_generator.state = ckpt.meta["rng_state"]
-    elif init_from is not None:
-        parent = load_checkpoint(init_from)
-        if parent.model_config != config.model:
-            raise ValueError(
-                f"cannot fine-tune from {Path(init_from).name}: it is a {parent.model_config} network, "
-                f"the run asks for {config.model}"
-            )
-        model.load_state_dict(parent.state_dict)
-
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    # optimizer state tensors must live where the parameters are
-    for state in optimizer.state.values():
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor) and k != "step":
-                state[k] = v.to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-
-    weights = None
-    if config.border_weight > 0:
-        weights = [border_weights(t, config.border_weight, config.border_sigma) for t in data.train_targets]
-    sampler = PatchSampler(data.train_images, data.train_targets, config.patch_size, out_size,
-                           config.augment, rng, weights)
-
-    start = time.perf_counter()
-
-    def elapsed() -> float:
-        return seconds_before + time.perf_counter() - start
-
-    def save(kind: str, metrics: dict[str, float]) -> None:
-        meta: dict[str, Any] = {
-            "kind": kind, "step": step, "seconds": elapsed(), "metrics": metrics,
-            "train_config": config.to_dict(), "device": str(device),
-        }
-        if kind == "latest":
-            meta.update(history=history, validations=validations, best=best, stale=stale,
-                        rng_state=rng.bit_generator.state)
-        path = save_checkpoint(out_dir / f"{kind}.pt", model, meta=meta,
-                               optimizer=optimizer if kind == "latest" else None)
-        reporter.on_checkpoint(kind, path, step, metrics)
-
-    def validate() -> bool:
-        """Run validation, keep ``best``; return True when early stopping says stop. A stop asked for
-        during the validation ends it at once (nothing recorded for it)."""
-        nonlocal best, stale
-        has_val = bool(data.val_images)
-        try:
-            metrics = _validation_metrics(model, data, config, device, amp, reporter) if has_val else {}
-        except Interrupted:
-            return False
-        finally:
-            reporter.on_phase("training")
-        if metrics:
-            row = {"step": step, "seconds": elapsed(), **metrics}
-            validations.append(row)
-            reporter.on_validation(step, metrics, elapsed())
-            if best is None or metrics[BEST_METRIC] < best[BEST_METRIC]:
-                best, stale = {"step": step, **metrics}, 0
-                save("best", metrics)
-            else:
-                stale += 1
-        return bool(config.early_stop_patience and stale >= config.early_stop_patience)
-
-    reason = "finished"
-    batches = _batches(sampler, config.batch_size, device, config.seed)
-    reporter.on_phase("training")
-    model.train()
-    while step < config.steps:
-        if reporter.should_stop():
-            reason = "stopped"
-            break
-        if config.max_seconds is not None and elapsed() >= config.max_seconds:
-            reason = "time_limit"
-            break
-        lr = lr_at(config, step, elapsed())
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        xs, ys, ws = next(batches)
-        x = torch.as_tensor(xs).to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.as_tensor(ys).to(device, non_blocking=True)
-        w = torch.as_tensor(ws).to(device, non_blocking=True) if ws is not None else None
-        with autocast(device, amp):
-            logits = model(x)
-        loss = segmentation_loss(logits, y, config.loss, w)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            # keep the last good `latest` on disk: saving now would store the broken weights
-            raise FloatingPointError(
-                f"the loss became {loss_value} at step {step}; try a lower learning rate "
-                f"(now {config.lr}) or turn AMP off"
-            )
-        history.append({"step": step, "loss": loss_value, "lr": lr, "seconds": elapsed()})
-        reporter.on_step(step, loss_value, lr, elapsed())
-        stop_early = False
-        if step % config.val_every == 0 and step < config.steps:
-            stop_early = validate()
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            save("latest", {})
-        if stop_early:
-            reason = "early_stop"
-            break
-
-    if reason != "stopped" and (not validations or validations[-1]["step"] != step):
-        validate()  # a cancelled run should stop promptly, not validate first
-    save("latest", validations[-1] if validations and validations[-1]["step"] == step else {})
-    if not data.val_images:  # nothing to choose by: the last weights are the best we know
-        save("best", {})
-    return TrainResult(step, reason, history, validations, best, out_dir, str(device))
+    Returns:
+        A :class:`TrainResult`: steps done, why it stopped, the loss and validation history, the best
+        validation.
+    """
+    trainer = Trainer(config, data, reporter, out_dir)
+    trainer.restore(resume=resume, init_from=init_from)
+    return trainer.run()
