@@ -18,8 +18,9 @@ from PIL import Image
 from bench.common import table, write_json
 from storage.service import Neuroseg
 from storage.settings import Settings
+from tests.drafts import new_draft, start_options
+from ui.paint import PALETTE, View, overlay
 from unet.labels import MEMBRANE
-from unet.paint import PALETTE, View, overlay
 
 
 def best_of(fn, repeat: int = 5) -> float:
@@ -33,14 +34,14 @@ def best_of(fn, repeat: int = 5) -> float:
 
 def measure(size: int, folder: Path) -> dict:
     rng = np.random.default_rng(0)
-    svc = Neuroseg(Settings.from_env(folder / f"store-{size}"), start_jobs=False)
+    svc = Neuroseg(Settings.from_env(folder / f"store-{size}"), supervise=False)
     volume = rng.integers(0, 255, (2, size, size), dtype=np.uint8)
     labels = (rng.random((2, size, size)) > 0.3).astype(np.uint8) * 255
     tifffile.imwrite(folder / "v.tif", volume)
     tifffile.imwrite(folder / "l.tif", labels)
     with open(folder / "v.tif", "rb") as v, open(folder / "l.tif", "rb") as lab:
         info = svc.import_upload(v, lab, name="bench")
-    option = svc.start_options(info.id, 0)[0]
+    option = start_options(svc, info.id, 0)[0]
     view = View.fit((size, size))
     rgba = np.zeros((*view.display_shape, 4), np.uint8)
     for k in range(20):  # twenty strokes across the slice
@@ -52,7 +53,7 @@ def measure(size: int, folder: Path) -> dict:
     def decode():
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1]))))
 
-    draft = svc.new_draft(info.id, 0, option)
+    draft = new_draft(svc, info.id, 0, option)
     draft.set_view(view)
 
     def merge():
@@ -63,7 +64,7 @@ def measure(size: int, folder: Path) -> dict:
         Image.fromarray(view.render(overlay(volume[0], draft.view_base, 0.35))).save(out, "PNG", compress_level=1)
 
     def save():
-        fresh = svc.new_draft(info.id, 0, svc.start_options(info.id, 0)[0])
+        fresh = new_draft(svc, info.id, 0, start_options(svc, info.id, 0)[0])
         fresh.set_view(view)
         fresh.apply(decode())
         svc.save_draft(fresh, "bench")

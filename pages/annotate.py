@@ -9,28 +9,13 @@ from __future__ import annotations
 import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, st_canvas  # needs a running Streamlit: pages only
 
-from pages.common import (
-    dataset_picker,
-    flash,
-    frame_guard,
-    leave_guard,
-    owner,
-    png_data_url,
-    select_dataset,
-    service,
-    show_flashes,
-    slice_strip,
-    volume_or_stop,
-)
-from storage.annotate import Draft
-from storage.service import MaskConflict, StartOption, UserError
-from unet.labels import IGNORE, MEMBRANE, NEURON
-from unet.paint import View, auto_window, brush_color, overlay, window
+from pages.common import dataset_picker, flash, leave_guard, owner, select_dataset, start_page, volume_or_stop
+from storage.service import MaskConflict, UserError
+from ui.annotation import Draft, StartOption, history_rows, start_options
+from ui.figures import slice_strip
+from ui.paint import IGNORE, MEMBRANE, NEURON, View, auto_window, brush_color, overlay, png_data_url, window
 
-frame_guard()
-svc = service()
-st.title("Annotate")
-show_flashes()
+svc = start_page("Annotate")
 datasets = svc.datasets()
 if not datasets:
     st.info("No datasets yet: load the demo dataset on the home page or upload a stack on **Datasets**.")
@@ -75,9 +60,17 @@ strip = ["unsaved" if (d := drafts.get((dataset_id, i))) is not None and d.dirty
 st.plotly_chart(slice_strip(strip), key="slice_strip", config={"displayModeBar": False})
 
 # --- the draft of this slice ----------------------------------------------------------------------
-options = svc.start_options(dataset_id, z)
-latest = kinds.get(z)
 history = svc.history(dataset_id, z)  # (callbacks run before the page: this is current for the whole run)
+options = start_options(history, svc.predictions(dataset_id=dataset_id), z)
+latest = kinds.get(z)
+
+
+def open_draft(option: StartOption) -> Draft:
+    """A new edit of this slice from ``option``, kept in this session's drafts."""
+    drafts[(dataset_id, z)] = fresh = Draft.begin(svc.draft_start(
+        dataset_id, z, option.source, mask_id=option.mask_id, prediction_id=option.prediction_id))
+    return fresh
+
 draft = drafts.get((dataset_id, z))
 request = st.session_state.get("start_request")  # "Correct this slice" on Predict
 if request is not None and tuple(request[:2]) == (dataset_id, z):
@@ -86,19 +79,18 @@ if request is not None and tuple(request[:2]) == (dataset_id, z):
         st.warning(f"This slice has {draft.changed_pixels:,} unsaved changed pixels: they are kept. Choose the "
                    "prediction under **Start from** to drop them and start from it.")
     else:
-        draft = drafts[(dataset_id, z)] = svc.new_draft(
-            dataset_id, z, StartOption("prediction", f"prediction #{request[2]}", None, request[2]))
+        draft = open_draft(StartOption("prediction", f"prediction #{request[2]}", None, request[2]))
 kept_revision: dict[tuple[int, int], int] = st.session_state.setdefault("_kept_revision", {})
 if draft is None:  # not edited in this session: an edit kept in the store (a reload, another tab) comes back
     stored = svc.stored_draft(dataset_id, z, owner())
     if stored is not None:
-        draft, when = stored
-        drafts[(dataset_id, z)] = draft
+        draft = drafts[(dataset_id, z)] = Draft.from_stored(stored)
         kept_revision[(dataset_id, z)] = draft.revision
-        st.session_state.setdefault("_restored", {})[draft.uid] = (
-            f"Restored your unsaved changes on this slice (kept {when:%Y-%m-%d %H:%M} UTC): save or discard them.")
+        st.session_state.setdefault("_restored", {})[draft.uid] = (f"Restored your unsaved changes on this slice "
+                                                                   f"(kept {stored.updated:%Y-%m-%d %H:%M} UTC): save "
+                                                                   "or discard them.")
 if draft is None or (not draft.dirty and draft.latest_id != (latest.id if latest else None)):
-    draft = drafts[(dataset_id, z)] = svc.new_draft(dataset_id, z, options[0])  # new, or saved elsewhere
+    draft = open_draft(options[0])  # new, or saved elsewhere
 
 
 restored_note = st.session_state.get("_restored", {}).get(draft.uid)
@@ -128,8 +120,7 @@ def _pending_strokes(d: Draft) -> None:
 
 
 def _start_from(index: int) -> None:
-    drafts[(dataset_id, z)] = fresh = svc.new_draft(dataset_id, z, options[index])
-    _keep(fresh)
+    _keep(open_draft(options[index]))
 
 
 def _save() -> None:
@@ -167,8 +158,7 @@ def _discard() -> None:
 
 
 def _discard_and_open_latest() -> None:
-    drafts[(dataset_id, z)] = fresh = svc.new_draft(dataset_id, z, svc.start_options(dataset_id, z)[0])
-    _keep(fresh)
+    _keep(open_draft(start_options(svc.history(dataset_id, z), [], z)[0]))
     st.session_state.pop("conflict", None)
 
 
@@ -288,11 +278,7 @@ if not history:
     st.caption("No saved version yet.")
 else:
     by_id = {m.id: m for m in history}
-    st.dataframe([{"version": f"v{m.version}", "kind": m.kind, "author": m.author, "labelled pixels": m.labelled_pixels,
-                   "from": (f"restores v{by_id[m.restored_from_id].version}" if m.restored_from_id in by_id
-                            else f"v{by_id[m.parent_id].version}" if m.parent_id in by_id else ""),
-                   "saved": m.created.strftime("%Y-%m-%d %H:%M:%S")} for m in reversed(history)],
-                 hide_index=True, key="history_table")
+    st.dataframe(history_rows(history), hide_index=True, key="history_table")
     if len(history) > 1:
         older = [m for m in reversed(history[:-1])]
         cols = st.columns([3, 2], vertical_alignment="bottom")

@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import (
-    dataset_picker,
-    flash,
-    frame_guard,
-    histogram,
-    select_dataset,
-    service,
-    show_flashes,
-    volume_or_stop,
-)
+from pages.common import attempt, dataset_picker, flash, select_dataset, start_page, volume_or_stop
 from storage.service import ChannelsQuestion, UserError
-from unet.paint import View, auto_window, overlay, window
+from ui.figures import histogram
+from ui.paint import View, auto_window, overlay, window
 
-frame_guard()
-svc = service()
-st.title("Datasets")
-show_flashes()
+svc = start_page("Datasets")
 
 # --- upload -------------------------------------------------------------------------------------
 datasets = svc.datasets()
@@ -119,13 +108,7 @@ with st.expander("Name and notes"), st.form(f"edit_{dataset_id}"):
     new_name = st.text_input("Name", info.name, max_chars=200)
     new_notes = st.text_area("Notes", info.notes)
     if st.form_submit_button("Save name and notes"):
-        try:
-            svc.update(dataset_id, name=new_name, notes=new_notes)
-        except UserError as exc:
-            st.error(str(exc))
-        else:
-            flash("Name and notes saved.")
-            st.rerun()
+        attempt(lambda: svc.update(dataset_id, name=new_name, notes=new_notes), lambda _: "Name and notes saved.")
 
 with st.expander("Delete this dataset"):
     preview = svc.deletion_preview(dataset_id)

@@ -4,44 +4,22 @@ TIFFs, and send a slice to Annotate to correct it."""
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
-from pages.common import dataset_picker, flash, frame_guard, select_dataset, service, show_flashes, volume_or_stop
+from pages.common import dataset_picker, flash, select_dataset, start_page, volume_or_stop
 from storage.service import UserError
-from unet.io import parse_slices
-from unet.paint import (
-    ERROR_COLOURS,
-    View,
-    auto_window,
-    blend,
-    boundaries,
-    error_map,
-    heatmap,
-    instance_colours,
-    overlay,
-    window,
-)
+from ui.paint import View
+from ui.prediction import LAYERS, METRICS, compose, metric_rows
+from ui.prediction import progress as job_progress
+from ui.training import checkpoint_label
 
-frame_guard()
-svc = service()
-st.title("Predict")
-show_flashes()
-ACTIVE = ("QUEUED", "RUNNING")
+svc = start_page("Predict")
 
 datasets = svc.datasets()
 if not datasets:
     st.info("No datasets yet: load the demo on the home page or upload a stack on **Datasets**.")
     st.stop()
-checkpoints = svc.checkpoint_choices()
-
-
-def _label(c: dict) -> str:
-    metrics = c["metrics"]
-    scores = " · ".join(f"{name} {metrics[key]:.3f}" for key, name in
-                        (("val_pixel_error", "pixel error"), ("val_rand_f", "Rand-F")) if key in metrics)
-    return f"run {c['run_id']} ({c['preset'] or 'custom'}) · {c['kind']} at step {c['step']}" + (
-        f" · {scores}" if scores else "")
+checkpoints = {c.id: c for c in svc.checkpoint_choices()}
 
 
 top = st.columns([3, 3])
@@ -66,8 +44,8 @@ with top[0]:
         st.info("No trained model yet: start a run on **Train**; its checkpoints appear here.")
         st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
         st.stop()
-    checkpoint_id = st.selectbox("Checkpoint", [c["id"] for c in checkpoints], key="predict_checkpoint",
-                                 format_func=lambda i: _label(next(c for c in checkpoints if c["id"] == i)))
+    checkpoint_id = st.selectbox("Checkpoint", list(checkpoints), key="predict_checkpoint",
+                                 format_func=lambda i: checkpoint_label(checkpoints[i]))
 info = svc.dataset(dataset_id)
 
 with st.form("predict_form"):
@@ -76,8 +54,7 @@ with st.form("predict_form"):
     go = st.form_submit_button("Predict", type="primary", key="predict_go")
 if go:
     try:
-        slices = list(range(info.shape[0])) if slices_text.strip().lower() in ("", "all") else parse_slices(
-            slices_text, info.shape[0])
+        slices = svc.parse_slices(slices_text, info.shape[0])
         job = svc.predict(checkpoint_id, dataset_id, slices)
     except (ValueError, UserError) as exc:
         st.error(f"Not started: {exc}")
@@ -109,17 +86,19 @@ st.session_state["prediction_id"] = pick
 
 def progress(prediction_id: int, was_active: bool) -> None:
     job = svc.prediction(prediction_id)
-    if job.status in ACTIVE:
-        fraction, text = svc.prediction_progress(job)
+    if job.active:
+        fraction, text = job_progress(job)
         st.progress(fraction, text=f"Prediction #{job.id} · {job.status.lower()}: {text}")
-    elif job.status == "FAILED":
-        st.error(f"Prediction #{job.id} failed: {(job.error or '').strip().splitlines()[-1:]}")
-    if was_active and job.status not in ACTIVE:
+    elif job.status in ("FAILED", "CANCELLED"):
+        last = (job.error or "").strip().splitlines()[-1:]
+        st.error(f"Prediction #{job.id} {'failed' if job.status == 'FAILED' else 'was stopped'}: "
+                 f"{last[0] if last else 'no reason recorded'}")
+    if was_active and not job.active:
         st.rerun()
 
 
 job = svc.prediction(pick)
-st.fragment(progress, run_every=1.0 if job.status in ACTIVE else None)(pick, job.status in ACTIVE)
+st.fragment(progress, run_every=1.0 if job.active else None)(pick, job.active)
 if job.status != "FINISHED":
     st.stop()
 
@@ -134,35 +113,17 @@ def viewer(job) -> int:
     controls, picture = st.columns([1, 3])
     with controls:
         z = st.select_slider("Slice", job.slices, key=f"pred_slice_{job.id}") if len(job.slices) > 1 else job.slices[0]
-        layers = st.multiselect("Overlays", ["probability", "mask", "membrane contours", "instances", "errors"],
-                                default=["mask"], key="pred_layers")
+        layers = st.multiselect("Overlays", LAYERS, default=["mask"], key="pred_layers")
         opacity = st.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="pred_opacity")
         side_by_side = st.toggle("Side by side", key="pred_side")
-        threshold = 0.5
-    prob = probs[job.slices.index(z)]
+    index = job.slices.index(z)
     image = volume[z]
-    grey = window(image, *auto_window(image))
-    rgb = overlay(grey, None, 0)
-    shown = rgb
-    mask = prob > threshold
-    if "probability" in layers:
-        shown = blend(shown, heatmap(prob), opacity)
-    if "mask" in layers:
-        shown = blend(shown, np.broadcast_to(np.array([0, 200, 255], np.uint8), shown.shape), opacity, where=mask)
-    if "instances" in layers:
-        shown = blend(shown, instance_colours(svc.prediction_output(job.id, "instances")[job.slices.index(z)]), opacity)
-    if "membrane contours" in layers:
-        shown = blend(shown, np.broadcast_to(np.array([255, 255, 0], np.uint8), shown.shape), 1.0,
-                      where=boundaries(mask.astype(np.uint8)))
     target = svc.mask(kinds[z].id) if z in kinds else None
+    rgb, shown = compose(image, probs[index], layers, opacity, target=target,
+                         instances=svc.prediction_output(job.id, "instances")[index] if "instances" in layers else None)
     if "errors" in layers:
-        if target is None:
-            controls.caption("Slice has no mask: no error map.")
-        else:
-            for name, where in error_map(prob, target, threshold).items():
-                shown = blend(shown, np.broadcast_to(np.array(ERROR_COLOURS[name], np.uint8), shown.shape), 0.8,
-                              where=where)
-            controls.caption("Errors: magenta = false neuron (neuron predicted on membrane), green = missed neuron.")
+        controls.caption("Slice has no mask: no error map." if target is None else
+                         "Errors: magenta = false neuron (neuron predicted on membrane), green = missed neuron.")
     view = View.fit(image.shape, target=640 if side_by_side else 768)
     with picture:
         if side_by_side:
@@ -174,18 +135,14 @@ def viewer(job) -> int:
 
     metrics = job.metrics or {}
     if metrics.get("slices"):
-        names = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f": "Rand-F", "vi": "VI"}
         this = metrics["slices"].get(str(z))
-        cols = st.columns(len(names))
-        for col, (key, name) in zip(cols, names.items(), strict=True):
+        cols = st.columns(len(METRICS))
+        for col, (key, name) in zip(cols, METRICS.items(), strict=True):
             value = this.get(key) if this else None
             col.metric(f"{name} (slice {z})", "–" if value is None else f"{value:.3f}",
                        help=f"stack mean: {metrics['mean'].get(key, float('nan')):.3f}")
         with st.expander("Metrics per slice (against each slice's latest mask)"):
-            rows = [{"slice": str(s), **{names[k]: round(v, 4) for k, v in m.items() if k in names}}
-                    for s, m in sorted(metrics["slices"].items(), key=lambda kv: int(kv[0]))]
-            rows.append({"slice": "mean", **{names[k]: round(v, 4) for k, v in metrics["mean"].items() if k in names}})
-            st.dataframe(rows, hide_index=True, key="pred_metrics")
+            st.dataframe(metric_rows(metrics), hide_index=True, key="pred_metrics")
     else:
         st.caption("No masks on the predicted slices: no metrics.")
     return z

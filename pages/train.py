@@ -2,58 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import streamlit as st
 
-from pages.common import (
-    flash,
-    frame_guard,
-    run_curves_figure,
-    select_dataset,
-    selected_dataset,
-    service,
-    show_flashes,
-)
-from storage.service import UserError
-from unet.config import PRESETS, preset
-from unet.io import parse_slices
+from pages.common import flash, select_dataset, selected_dataset, start_page
+from storage.service import RunStatus, UserError
+from ui.figures import run_curves_figure
+from ui.training import VAL_KEYS, checkpoint_label, describe_preset, progress_text, recipe, resume_note
 
-frame_guard()
-svc = service()
-st.title("Train")
-show_flashes()
-
-ACTIVE = ("QUEUED", "RUNNING")
+svc = start_page("Train")
 
 
 def follow(run_id: int, was_active: bool) -> None:
     """The run's state; a fragment polls it from the store every two seconds while the run is queued or
     running, and the page reruns once when it stops (which ends the polling)."""
-    run = svc.run(run_id)
-    progress = svc.progress(run)
+    snap = svc.snapshot(run_id)  # the run, its progress and its curves in one read
+    run, progress, curves = snap.run, snap.progress, snap.curves
     head = st.columns([2, 3, 2, 2], vertical_alignment="center")
     head[0].markdown(f"### Run {run.id}")
     head[0].markdown(f"Status: **{run.status}**" + (" (cancel requested)" if run.cancel_requested and
-                                                      run.status in ACTIVE else ""))
+                                                      run.active else ""))
     fraction = progress.step / progress.steps if progress.steps else 0.0
-    if progress.phase.startswith("validating"):  # the step does not move meanwhile: say what does
-        doing = f", {progress.phase}"
-    elif progress.eta_s is not None:
-        doing = (f", about {progress.eta_s / 60:.1f} min left" if progress.eta_s >= 90 else
-                 f", about {max(1, round(progress.eta_s))} s left")
-    else:
-        doing = ""
-    head[1].progress(min(fraction, 1.0), text=f"step {progress.step} of {progress.steps}{doing}")
+    head[1].progress(min(fraction, 1.0), text=progress_text(progress))
     for went_on_from, had_reached in progress.resumes:
-        head[1].caption(f"Resumed at step {went_on_from} (its latest checkpoint)." if went_on_from else
-                        f"Started again from step 0: it had reached step {had_reached} but stopped before its "
-                        "first checkpoint.")
-    if run.status in ACTIVE:
+        head[1].caption(resume_note(went_on_from, had_reached))
+    if run.active:
         if head[2].button("Cancel", key=f"cancel_{run.id}", disabled=run.cancel_requested):
             svc.cancel_run(run.id)
             st.rerun(scope="fragment")
-    elif run.status in ("CANCELLED", "FAILED", "LOST") and head[2].button(
+    elif run.status in (RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.LOST) and head[2].button(
             "Resume", key=f"resume_{run.id}", help="Continue from its latest checkpoint"):
         try:
             svc.resume_run(run.id)
@@ -62,20 +38,19 @@ def follow(run_id: int, was_active: bool) -> None:
         else:
             st.rerun()
     head[3].page_link("pages/runs.py", label="All runs", icon=":material/monitoring:")
-    if run.error and run.status in ("FAILED", "LOST"):
+    if run.error and run.status in (RunStatus.FAILED, RunStatus.LOST):
         st.error(run.error.strip().splitlines()[-1])
-    curves = svc.curves(run.id)
     if curves:
         left, right = st.columns(2)
         left.plotly_chart(run_curves_figure({run.id: curves}, ["loss"], "Training loss"), key=f"loss_{run.id}")
-        val_keys = [k for k in ("val_loss", "val_pixel_error", "val_dice", "val_rand_f", "val_vi") if k in curves]
+        val_keys = [k for k in VAL_KEYS if k in curves]
         if val_keys:
             right.plotly_chart(run_curves_figure({run.id: curves}, val_keys, "Validation"), key=f"val_{run.id}")
         else:
             right.caption("Validation metrics appear after the first validation.")
     with st.expander("Worker log (last lines)", expanded=run.status == "FAILED"):
         st.code(svc.run_log(run.id) or "(empty so far)", language=None)
-    if was_active and run.status not in ACTIVE:
+    if was_active and not run.active:
         st.rerun()  # the run stopped: rerun the page, whose fragment no longer polls
 
 
@@ -90,7 +65,7 @@ else:
 runs = svc.runs()
 followed = st.session_state.get("train_run_id")
 if followed is None or followed not in {r.id for r in runs}:
-    active = [r for r in runs if r.status in ACTIVE]
+    active = [r for r in runs if r.active]
     followed = (active or runs or [None])[0]
     followed = followed.id if followed is not None else None
 
@@ -98,7 +73,7 @@ if not datasets:
     st.info("No dataset has labelled slices yet: load the demo on the home page, upload labels on **Datasets**, "
             "or paint a few slices on **Annotate**.")
 else:
-    with st.expander("New training run", expanded=followed is None or not any(r.status in ACTIVE for r in runs)):
+    with st.expander("New training run", expanded=followed is None or not any(r.active for r in runs)):
         selected = selected_dataset(svc.datasets())  # the dataset chosen on any page
 
         def _chosen() -> None:
@@ -119,8 +94,8 @@ else:
             v_text = c2.text_input(f"Validation slices of {info.name}", ",".join(map(str, default_val)),
                                    key=f"val_slices_{dataset_id}")
             try:
-                t_slices = parse_slices(t_text, info.shape[0]) if t_text.strip() else []
-                v_slices = parse_slices(v_text, info.shape[0]) if v_text.strip() else []
+                t_slices = svc.parse_slices(t_text, info.shape[0]) if t_text.strip() else []
+                v_slices = svc.parse_slices(v_text, info.shape[0]) if v_text.strip() else []
             except ValueError as exc:
                 problems.append(f"{info.name}: {exc}")
                 continue
@@ -131,18 +106,22 @@ else:
             if v_slices:
                 val_parts.append({"dataset_id": dataset_id, "slices": v_slices})
         plan = svc.train_plan(train_parts, val_parts)
-        problems += [f"{r['dataset']}: slice {r['slice']} has no mask yet" for r in plan if r["version"] == "none"]
+        problems += [f"{r.dataset}: slice {r.slice} has no mask yet" for r in plan if r.version == "none"]
         if plan:
-            sides = {role: sum(r["labelled pixels"] for r in plan if r["role"] == role) for role in ("train", "val")}
-            st.caption(f"Training: {sum(r['role'] == 'train' for r in plan)} slices, {sides['train']:,} labelled "
-                       f"pixels · validation: {sum(r['role'] == 'val' for r in plan)} slices, {sides['val']:,} "
+            sides = {role: sum(r.labelled_pixels for r in plan if r.role == role) for role in ("train", "val")}
+            st.caption(f"Training: {sum(r.role == 'train' for r in plan)} slices, {sides['train']:,} labelled "
+                       f"pixels · validation: {sum(r.role == 'val' for r in plan)} slices, {sides['val']:,} "
                        "labelled pixels. These exact mask versions are recorded with the run:")
-            st.dataframe(plan, hide_index=True, height=min(250, 40 + 35 * len(plan)), key="train_plan")
+            st.dataframe([{"role": r.role, "dataset": r.dataset, "slice": r.slice, "version": r.version,
+                           "kind": r.kind, "labelled pixels": r.labelled_pixels} for r in plan],
+                         hide_index=True, height=min(250, 40 + 35 * len(plan)), key="train_plan")
 
-        names = list(PRESETS)
+        presets = svc.presets()
+        names = list(presets)
         default_preset = "gpu-full" if overview.gpu else "cpu-quick"
-        preset_name = st.radio("Preset", names, index=names.index(default_preset), horizontal=True, key="train_preset")
-        base = PRESETS[preset_name]
+        preset_name = st.radio("Preset", names, index=names.index(default_preset), horizontal=True, key="train_preset",
+                               captions=[describe_preset(n) for n in names])
+        base = presets[preset_name]
         with st.expander("Knobs"):
             k = st.columns(4)
             width = k[0].select_slider("Width", [4, 8, 16, 32, 64], base.model.initial_features,
@@ -168,18 +147,14 @@ else:
                                      help="Initial weights and patch sampling. Two runs of one recipe and one "
                                           "seed train alike; change it to see how much a result depends on luck.")
         checkpoints = svc.checkpoint_choices()
-        parent = st.selectbox("Start from (fine-tune)", [None] + [c["id"] for c in checkpoints], key="train_parent",
-                              format_func=lambda i: "random initialisation" if i is None else next(
-                                  f"run {c['run_id']} · {c['kind']} at step {c['step']}" +
-                                  (f" · val loss {c['metrics']['val_loss']:.3f}" if "val_loss" in c["metrics"] else "")
-                                  for c in checkpoints if c["id"] == i))
+        by_id = {c.id: c for c in checkpoints}
+        parent = st.selectbox("Start from (fine-tune)", [None, *by_id], key="train_parent",
+                              format_func=lambda i: checkpoint_label(by_id[i]) if i else "random initialisation")
         config = None
         try:
-            config = preset(preset_name, model={"initial_features": width, "depth": depth, "padding": padding},
-                            patch_size=int(patch), batch_size=int(batch), steps=int(steps), lr=float(lr), loss=loss,
-                            max_seconds=float(budget) * 60 if budget else None, seed=int(seed),
-                            augment=replace(base.augment, flips=flips, elastic_p=float(elastic),
-                                            intensity_p=float(intensity)))
+            config = recipe(preset_name, width=width, depth=depth, padding=padding, patch=patch, batch=batch,
+                            steps=steps, lr=lr, loss=loss, flips=flips, elastic=elastic, intensity=intensity,
+                            budget_min=budget, seed=seed)
         except (ValueError, TypeError) as exc:
             problems.append(f"recipe: {exc}")
         if config is not None and train_parts:
@@ -204,5 +179,5 @@ else:
                 st.rerun()
 
 if followed is not None:
-    active_now = svc.run(followed).status in ACTIVE
+    active_now = svc.run(followed).active
     st.fragment(follow, run_every=2.0 if active_now else None)(followed, active_now)

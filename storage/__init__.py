@@ -1,2 +1,2 @@
-"""Neuroseg's store: database rows (SQLAlchemy 2), the file store, and (coming) background jobs.
-No Streamlit in here; pages call the functions in :mod:`storage.api` and get plain dataclasses back."""
+"""Neuroseg's store: database rows (SQLAlchemy 2), the file store, the job queue and its workers. No
+Streamlit in here; pages call :class:`storage.service.Neuroseg` and get :mod:`storage.records` back."""

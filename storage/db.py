@@ -1,5 +1,6 @@
-"""One engine and one session factory per process; the schema is brought up to date by Alembic at
-start-up. SQLite gets WAL, foreign keys and a busy timeout on every connection."""
+"""One engine and one session factory per process. The schema is brought up to date by Alembic once, when
+the server starts (or by ``python -m storage migrate``), not by every worker. SQLite gets WAL, foreign
+keys and a busy timeout on every connection."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def migrate(engine: Engine) -> None:
+def upgrade(engine: Engine) -> None:
     """Apply every Alembic migration not yet applied (the first one creates the whole schema)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -46,10 +47,12 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def open_store(settings) -> tuple[sessionmaker[Session], FileStore]:
-    """Create the data directory, bring the schema up to date, and return the session factory and the
-    file store: what the app and the worker do at start-up."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+def open_store(settings, *, migrate: bool = False) -> tuple[sessionmaker[Session], FileStore]:
+    """The session factory and the file store of ``settings``. ``migrate=True`` (the server's start, the
+    ``migrate`` command) first creates the data directory and brings the schema up to date; workers,
+    started by a server, open the store as it is."""
     engine = make_engine(settings.database_url)
-    migrate(engine)
+    if migrate:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(engine)
     return session_factory(engine), FileStore(settings.data_dir)

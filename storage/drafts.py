@@ -6,34 +6,21 @@ transaction) and the :class:`FileStore`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from storage.datasets import dataset_row
 from storage.files import FileStore
-from storage.models import Dataset
+from storage.masks import latest_mask, load_mask, save_mask
+from storage.models import Dataset, MaskVersion
 from storage.models import Draft as DraftRow
-
-
-@dataclass(frozen=True)
-class StoredDraft:
-    """A kept edit: where it is, what it started from, and its two masks."""
-
-    dataset_id: int
-    slice_index: int
-    owner: str
-    source: str
-    source_mask_id: int | None
-    latest_id: int | None
-    prediction_id: int | None
-    kind: str
-    changed_pixels: int
-    updated: datetime
-    original: np.ndarray | None = None
-    working: np.ndarray | None = None
+from storage.predictions import get_prediction, load_output
+from storage.records import DraftLike, DraftStart, MaskInfo, StoredDraft
+from unet.labels import IGNORE
+from unet.postprocess import to_mask
 
 
 def _record(row: DraftRow, original: np.ndarray | None = None, working: np.ndarray | None = None) -> StoredDraft:
@@ -102,3 +89,47 @@ def of_owner(session: Session, owner: str) -> list[StoredDraft]:
     rows = session.scalars(select(DraftRow).where(DraftRow.owner == owner)
                            .order_by(DraftRow.dataset_id, DraftRow.slice_index))
     return [_record(r) for r in rows]
+
+
+def start(session: Session, store: FileStore, dataset_id: int, slice_index: int, source: str,
+          mask_id: int | None = None, prediction_id: int | None = None) -> DraftStart:
+    """What an edit of a slice starts from: the mask version ``mask_id``, the prediction ``prediction_id``
+    (its mask of this slice), or nothing (every pixel unlabelled)."""
+    dataset = dataset_row(session, dataset_id)
+    latest = latest_mask(session, dataset_id, slice_index)
+    latest_id = latest.id if latest else None
+    if prediction_id is not None:
+        prediction = get_prediction(session, prediction_id)
+        if prediction.dataset_id != dataset_id or slice_index not in prediction.slices:
+            raise ValueError(f"prediction #{prediction_id} did not predict slice {slice_index} of this dataset")
+        prob = load_output(session, store, prediction_id, "probabilities")[prediction.slices.index(slice_index)]
+        return DraftStart(dataset_id, slice_index, "prediction", None, "prediction", latest_id, to_mask(prob),
+                          prediction_id)
+    if mask_id is None:
+        return DraftStart(dataset_id, slice_index, "nothing", None, None, latest_id,
+                          np.full((dataset.y, dataset.x), IGNORE, np.uint8))
+    version = session.get(MaskVersion, mask_id)
+    if version is None or (version.dataset_id, version.slice_index) != (dataset_id, slice_index):
+        raise ValueError(f"mask version {mask_id} is not a version of slice {slice_index}")
+    return DraftStart(dataset_id, slice_index, source, mask_id, version.kind, latest_id,
+                      load_mask(session, store, mask_id))
+
+
+def save(session: Session, store: FileStore, draft: DraftLike, author: str = "", owner: str | None = None) -> MaskInfo:
+    """Save the edit's mask as a new version, exactly as it is (refused with MaskConflict when the slice
+    has a newer version than the one the edit began on), and forget the owner's kept copy."""
+    info = save_mask(session, store, draft.dataset_id, draft.slice_index, np.array(draft.working), kind=draft.kind,
+                     author=author, parent_id=draft.source_mask_id, latest_id=draft.latest_id)
+    if owner is not None:
+        drop(session, store, draft.dataset_id, draft.slice_index, owner)
+    return info
+
+
+def keep_edit(session: Session, store: FileStore, draft: DraftLike, owner: str) -> None:
+    """Keep an edit as it is now, or forget it when nothing is changed."""
+    if not draft.changed_pixels:
+        drop(session, store, draft.dataset_id, draft.slice_index, owner)
+        return
+    keep(session, store, StoredDraft(draft.dataset_id, draft.slice_index, owner, draft.source, draft.source_mask_id,
+                                     draft.latest_id, draft.prediction_id, draft.kind, draft.changed_pixels,
+                                     datetime.now(UTC), np.asarray(draft.original), np.asarray(draft.working)))

@@ -3,8 +3,11 @@ typed), written atomically (temporary file, fsync, rename) and checked against t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +43,42 @@ class FileStore:
     def mask_path(self, dataset_id: int, mask_id: int) -> str:
         return f"{self.dataset_dir(dataset_id)}/masks/{int(mask_id)}.tif"
 
-    def run_dir(self, run_id: int) -> Path:
-        """The folder of a training run: its checkpoints and its worker's log."""
-        return self.root / "runs" / str(int(run_id))
-
     def draft_path(self, dataset_id: int, draft_id: int) -> str:
         return f"{self.dataset_dir(dataset_id)}/drafts/{int(draft_id)}.tif"
+
+    def run_folder(self, run_id: int) -> str:
+        """The folder of a training run: its checkpoints and its worker's log."""
+        return f"runs/{int(run_id)}"
+
+    def run_dir(self, run_id: int) -> Path:
+        return self.root / self.run_folder(run_id)
+
+    def worker_log(self, run_id: int) -> Path:
+        return self.run_dir(run_id) / "worker.log"
+
+    def prediction_folder(self, prediction_id: int) -> str:
+        """The folder of a prediction: its output TIFFs and its process's log."""
+        return f"predictions/{int(prediction_id)}"
+
+    def prediction_output(self, prediction_id: int, output: str) -> str:
+        return f"{self.prediction_folder(prediction_id)}/{output}.tif"
+
+    def prediction_log(self, prediction_id: int) -> Path:
+        return self.root / self.prediction_folder(prediction_id) / "predict.log"
+
+    def tmp_file(self, suffix: str = ".tif") -> Path:
+        """A fresh temporary file's path (an upload being received); see :meth:`remove_stale_tmp`."""
+        folder = self.root / "tmp"
+        folder.mkdir(exist_ok=True)
+        return folder / f"{uuid.uuid4().hex}{suffix}"
+
+    def remove_stale_tmp(self, older_than_s: float = 24 * 3600) -> None:
+        """Temporary upload copies left behind by a killed server (a day old: another server on the same
+        data directory may be receiving one right now)."""
+        for path in (self.root / "tmp").glob("*.tif"):
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > older_than_s:
+                    path.unlink()
 
     def abspath(self, relative: str) -> Path:
         path = (self.root / relative).resolve()
@@ -73,6 +106,14 @@ class FileStore:
     def count_files(self, relative: str) -> int:
         path = self.abspath(relative)
         return sum(1 for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+    def delete_file(self, relative: str) -> int:
+        """Remove one stored file; return 1 when it was there."""
+        path = self.abspath(relative)
+        if not path.is_file():
+            return 0
+        path.unlink()
+        return 1
 
     def delete_tree(self, relative: str) -> int:
         """Remove a folder of the store; return how many files went."""

@@ -63,7 +63,7 @@ def test_draw_a_stroke_and_save_it(tmp_path):
         canvas = new_canvas(page, before_save)  # the save remounted the canvas over the saved mask
         box = canvas.bounding_box()
 
-        svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+        svc = Neuroseg(Settings.from_env(data_dir), supervise=False)
         dataset = svc.datasets()[0]
         history = svc.history(dataset.id, 0)
         assert [(m.version, m.kind, m.author) for m in history] == [(1, "uploaded", "ann"), (2, "painted", "ann")]
@@ -157,6 +157,6 @@ def test_the_whole_loop_in_the_browser(tmp_path):
         page.get_by_role("link", name="Runs").first.click()
         page.get_by_text("Lineage:").wait_for()
         page.screenshot(path=ARTIFACTS / "runs.png", full_page=True)
-    svc = Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+    svc = Neuroseg(Settings.from_env(data_dir), supervise=False)
     assert [r.status for r in svc.runs()] == ["FINISHED"]
     assert [m.version for m in svc.history(svc.datasets()[0].id, 0)] == [1, 2]

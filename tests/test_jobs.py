@@ -7,8 +7,10 @@ import time
 import pytest
 import tifffile
 
-from storage import api, jobs
+from storage import datasets, deletion, masks, queue, runs
 from storage.db import open_store
+from storage.records import NotFound
+from storage.service import Neuroseg
 from storage.settings import Settings
 from unet.checkpoint import load_checkpoint
 from unet.config import preset
@@ -28,67 +30,67 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
 @pytest.fixture
 def env(tmp_path, synthetic):
     settings = Settings.from_env(tmp_path / "data")
-    sessions, store = open_store(settings)
+    sessions, store = open_store(settings, migrate=True)
     volume, labels = synthetic
     tifffile.imwrite(tmp_path / "v.tif", volume, photometric="minisblack")
     tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
     with sessions.begin() as s:
-        ds = api.import_dataset(s, store, tmp_path / "v.tif", tmp_path / "l.tif", name="demo")
+        ds = datasets.import_dataset(s, store, tmp_path / "v.tif", tmp_path / "l.tif", name="demo")
     spec = {"train": [{"dataset_id": ds.id, "slices": [0, 1, 2, 3]}], "val": [{"dataset_id": ds.id, "slices": [4]}]}
     return settings, sessions, store, spec
 
 
 def status(sessions, run_id):
     with sessions.begin() as s:
-        return jobs.get_run(s, run_id).status
+        return runs.get_run(s, run_id).status
 
 
 def test_worker_trains_to_finished_and_the_queue_moves_on(env):
     settings, sessions, store, spec = env
     with sessions.begin() as s:
-        first = jobs.submit_training(s, spec, preset("tiny", steps=20))
-        second = jobs.submit_training(s, spec, preset("tiny", steps=10))
-    procs = jobs.start_queued(sessions, settings)
+        first = runs.submit_training(s, spec, preset("tiny", steps=20))
+        second = runs.submit_training(s, spec, preset("tiny", steps=10))
+    procs = queue.start_queued(sessions, settings)
     assert len(procs) == 1  # one device, one run at a time
-    assert jobs.start_queued(sessions, settings) == []  # a repeated click starts nothing new
+    assert queue.start_queued(sessions, settings) == []  # a repeated click starts nothing new
     procs[0].wait(timeout=300)
     assert status(sessions, first.id) == "FINISHED"
     wait_for(lambda: status(sessions, second.id) == "FINISHED", what="the queued run to finish")
     with sessions.begin() as s:
-        losses = jobs.run_metrics(s, first.id, "loss")
-        checkpoints = {c["kind"]: c for c in jobs.run_checkpoints(s, first.id)}
+        losses = runs.run_metrics(s, first.id, "loss")
+        checkpoints = {c.kind: c for c in runs.checkpoints(s, first.id)}
         assert [step for step, _, _ in losses] == list(range(1, 21))
-        assert jobs.run_metrics(s, first.id, "val_pixel_error")
-    assert set(checkpoints) == {"best", "latest"} and checkpoints["latest"]["step"] == 20
-    assert load_checkpoint(store.abspath(checkpoints["latest"]["file"])).meta["step"] == 20
+        assert runs.run_metrics(s, first.id, "val_pixel_error")
+    assert set(checkpoints) == {"best", "latest"} and checkpoints["latest"].step == 20
+    assert load_checkpoint(store.abspath(checkpoints["latest"].file)).meta["step"] == 20
 
 
 def test_a_second_worker_for_the_same_run_does_nothing(env):
     settings, sessions, _, spec = env
     with sessions.begin() as s:
-        run = jobs.submit_training(s, spec, preset("tiny", steps=10))
-    a = jobs.launch_worker(settings, run.id)
-    b = jobs.launch_worker(settings, run.id)  # a double click that got past the page
+        run = runs.submit_training(s, spec, preset("tiny", steps=10))
+    a = queue.launch_worker(settings, run.id)
+    b = queue.launch_worker(settings, run.id)  # a double click that got past the page
     assert a.wait(timeout=300) == 0 and b.wait(timeout=300) == 0
     assert status(sessions, run.id) == "FINISHED"
     with sessions.begin() as s:
-        assert [step for step, _, _ in jobs.run_metrics(s, run.id, "loss")] == list(range(1, 11))
+        assert [step for step, _, _ in runs.run_metrics(s, run.id, "loss")] == list(range(1, 11))
 
 
 def test_cancel_then_resume(env):
     settings, sessions, _, spec = env
     with sessions.begin() as s:
-        run = jobs.submit_training(s, spec, preset("tiny", steps=100000, checkpoint_every=5))
-    proc = jobs.start_queued(sessions, settings)[0]
+        run = runs.submit_training(s, spec, preset("tiny", steps=100000, checkpoint_every=5))
+    proc = queue.start_queued(sessions, settings)[0]
     wait_for(lambda: jobs_latest_step(sessions, run.id) >= 5, what="a first checkpoint")
     with sessions.begin() as s:
-        assert jobs.cancel_run(s, run.id).cancel_requested
+        assert runs.cancel_run(s, run.id).cancel_requested
     proc.wait(timeout=120)
     assert status(sessions, run.id) == "CANCELLED"
     with sessions.begin() as s:
         with pytest.raises(ValueError, match="only cancelled, failed or lost"):
-            jobs.resume_run(s, _finished_run(s, spec))
-        jobs.resume_run(s, run.id)
+            runs.resume_run(s, _finished_run(s, spec))
+        runs.resume_run(s, run.id)
     assert status(sessions, run.id) == "QUEUED"
 
 
@@ -103,61 +105,66 @@ def _finished_run(session, spec):
 
 def jobs_latest_step(sessions, run_id):
     with sessions.begin() as s:
-        latest = [c for c in jobs.run_checkpoints(s, run_id) if c["kind"] == "latest"]
-    return latest[0]["step"] if latest else 0
+        latest = [c for c in runs.checkpoints(s, run_id) if c.kind == "latest"]
+    return latest[0].step if latest else 0
 
 
 def test_kill_9_becomes_lost_and_resume_finishes(env):
     settings, sessions, store, spec = env
     with sessions.begin() as s:
-        run = jobs.submit_training(s, spec, preset("tiny", steps=400, checkpoint_every=5, val_every=1000))
-    proc = jobs.start_queued(sessions, settings)[0]
+        run = runs.submit_training(s, spec, preset("tiny", steps=400, checkpoint_every=5, val_every=1000))
+    proc = queue.start_queued(sessions, settings)[0]
     wait_for(lambda: jobs_latest_step(sessions, run.id) >= 10, what="checkpoints")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    assert status(sessions, run.id) == "RUNNING"  # a read changes nothing: the supervisor settles it
     with sessions.begin() as s:
-        info = jobs.get_run(s, run.id)  # a status read reconciles
+        assert queue.reconcile(s).lost == [run.id]
+        info = runs.get_run(s, run.id)
     assert info.status == "LOST" and "worker process is gone" in info.error
     killed_at = jobs_latest_step(sessions, run.id)
     with sessions.begin() as s:
-        path = store.abspath(next(c["file"] for c in jobs.run_checkpoints(s, run.id) if c["kind"] == "latest"))
+        path = store.abspath(next(c.file for c in runs.checkpoints(s, run.id) if c.kind == "latest"))
         assert load_checkpoint(path).meta["step"] == killed_at  # the latest checkpoint is whole
-        jobs.resume_run(s, run.id)
-    jobs.start_queued(sessions, settings)[0].wait(timeout=300)
+        runs.resume_run(s, run.id)
+    queue.start_queued(sessions, settings)[0].wait(timeout=300)
     assert status(sessions, run.id) == "FINISHED"
     with sessions.begin() as s:
-        steps = [step for step, _, _ in jobs.run_metrics(s, run.id, "loss")]
+        steps = [step for step, _, _ in runs.run_metrics(s, run.id, "loss")]
     assert steps[-1] == 400 and killed_at + 1 in steps  # it continued after the checkpoint
 
 
 def test_deleting_a_dataset_takes_its_runs_and_says_so(env):
     settings, sessions, store, spec = env
     with sessions.begin() as s:
-        run = jobs.submit_training(s, spec, preset("tiny", steps=5))
-    jobs.start_queued(sessions, settings)[0].wait(timeout=300)
+        run = runs.submit_training(s, spec, preset("tiny", steps=5))
+    queue.start_queued(sessions, settings)[0].wait(timeout=300)
     run_dir = store.root / "runs" / str(run.id)
     assert (run_dir / "latest.pt").exists()
     with sessions.begin() as s:
         dataset_id = spec["train"][0]["dataset_id"]
-        assert api.runs_using_dataset(s, dataset_id) == [run.id]
-        gone = api.delete_dataset(s, store, dataset_id)
+        assert datasets.runs_using_dataset(s, dataset_id) == [run.id]
+        plan = deletion.plan_dataset(s, store, dataset_id)
+        announced = deletion.preview(store, plan)
+        gone = deletion.execute(s, store, plan)
+    assert gone == announced  # the confirmation said exactly what went
     assert (gone.datasets, gone.runs, gone.checkpoints, gone.mask_versions) == (1, 1, 2, 6)
     assert "1 run(s), 2 checkpoint(s)" in gone.describe()
     assert not run_dir.exists() and not any(store.root.rglob("*.tif"))
     with sessions.begin() as s:
-        with pytest.raises(api.NotFound):
-            jobs.get_run(s, run.id)
-        assert jobs.run_metrics(s, run.id, "loss") == []
+        with pytest.raises(NotFound):
+            runs.get_run(s, run.id)
+        assert runs.run_metrics(s, run.id, "loss") == []
 
 
 def test_active_runs_block_deletion(env):
     _, sessions, store, spec = env
     with sessions.begin() as s:
-        run = jobs.submit_training(s, spec, preset("tiny", steps=5))
+        run = runs.submit_training(s, spec, preset("tiny", steps=5))
         with pytest.raises(ValueError, match="cancel it before deleting"):
-            api.delete_run(s, store, run.id)
+            deletion.execute(s, store, deletion.plan_run(s, store, run.id))
         with pytest.raises(ValueError, match="training on this dataset"):
-            api.delete_dataset(s, store, spec["train"][0]["dataset_id"])
+            deletion.execute(s, store, deletion.plan_dataset(s, store, spec["train"][0]["dataset_id"]))
 
 
 HAMMER = """
@@ -187,19 +194,19 @@ def test_concurrent_writers_for_a_minute_never_see_a_locked_database(env, tmp_pa
     settings, sessions, store, spec = env
     seconds = float(os.environ.get("NEUROSEG_SOAK_SECONDS", "60"))
     with sessions.begin() as s:
-        run = jobs.submit_training(s, spec, preset("tiny", steps=10**6, checkpoint_every=20, val_every=50,
+        run = runs.submit_training(s, spec, preset("tiny", steps=10**6, checkpoint_every=20, val_every=50,
                                                    max_seconds=seconds))
-    worker = jobs.start_queued(sessions, settings)[0]
+    worker = queue.start_queued(sessions, settings)[0]
     hammer = subprocess.Popen([sys.executable, "-c", HAMMER, settings.database_url, str(run.id), str(seconds)],
                               cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     dataset_id = spec["train"][0]["dataset_id"]
     saves, end = 0, time.monotonic() + seconds
     while time.monotonic() < end:  # the UI side: save mask versions and read the run, as fast as it can
         with sessions.begin() as s:
-            parent = api.latest_mask(s, dataset_id, 5)
+            parent = masks.latest_mask(s, dataset_id, 5)
             mask = np.full((96, 96), saves % 2, np.uint8)
-            api.save_mask(s, store, dataset_id, 5, mask, kind="painted", parent_id=parent.id if parent else None)
-            jobs.get_run(s, run.id)
+            masks.save_mask(s, store, dataset_id, 5, mask, kind="painted", parent_id=parent.id if parent else None)
+            runs.get_run(s, run.id)
         saves += 1
     out, err = hammer.communicate(timeout=120)
     assert hammer.returncode == 0, err
@@ -208,13 +215,13 @@ def test_concurrent_writers_for_a_minute_never_see_a_locked_database(env, tmp_pa
     assert "locked" not in log and "locked" not in err
     assert status(sessions, run.id) == "FINISHED"
     with sessions.begin() as s:
-        assert len(api.mask_history(s, dataset_id, 5)) == saves + 1  # + the uploaded version
-        assert len(jobs.run_metrics(s, run.id, "hammer")) == int(out) * 10
-        assert jobs.run_metrics(s, run.id, "loss")
+        assert len(masks.mask_history(s, dataset_id, 5)) == saves + 1  # + the uploaded version
+        assert len(runs.run_metrics(s, run.id, "hammer")) == int(out) * 10
+        assert runs.run_metrics(s, run.id, "loss")
     print(f"{saves} mask saves, {int(out) * 10} hammered metric rows, {seconds:.0f} s, no lock errors")
 
 
-def test_startup_marks_runs_orphaned_by_a_crash_as_lost(env):
+def test_server_start_marks_runs_orphaned_by_a_crash_as_lost(env):
     from datetime import UTC, datetime
 
     from storage.models import Run
@@ -227,9 +234,11 @@ def test_startup_marks_runs_orphaned_by_a_crash_as_lost(env):
         s.add(row)
         s.flush()
         run_id = row.id
-    jobs.startup(settings)
-    with sessions.begin() as s:
-        info = jobs.get_run(s, run_id)
+    svc = Neuroseg(settings)  # what the server does once when it starts (migrate, then supervise)
+    try:
+        info = svc.run(run_id)
+    finally:
+        svc.close()
     assert info.status == "LOST" and f"pid {dead}" in info.error
 
 
@@ -265,7 +274,9 @@ def test_a_silent_worker_becomes_lost_and_is_terminated(env):
     proc = subprocess.Popen(["sleep", "300"], start_new_session=True)  # alive, but never beats
     run_id = _running_row(sessions, spec, proc, heartbeat_age_s=600)
     with sessions.begin() as s:
-        info = jobs.get_run(s, run_id)
+        assert runs.get_run(s, run_id).status == "RUNNING" and proc.poll() is None  # reads are pure
+        assert queue.reconcile(s).signalled == [(run_id, "SIGTERM")]
+        info = runs.get_run(s, run_id)
     assert info.status == "LOST" and "no heartbeat since" in info.error
     assert proc.wait(timeout=30) == -signal.SIGTERM
 
@@ -277,25 +288,53 @@ def test_an_unheeded_cancel_is_escalated_to_sigterm_after_the_grace_period(env):
     proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
     fresh = _running_row(sessions, spec, proc, heartbeat_age_s=1, cancel_age_s=1)
     with sessions.begin() as s:
-        assert jobs.get_run(s, fresh).status == "RUNNING"  # still within the grace period
+        assert queue.reconcile(s).signalled == []  # still within the grace period
+        assert runs.get_run(s, fresh).status == "RUNNING"
     assert proc.poll() is None
+    _age_cancel(sessions, fresh, queue.CANCEL_GRACE * 1.5)  # … and later, past it
+    with sessions.begin() as s:
+        assert queue.reconcile(s).signalled == [(fresh, "SIGTERM")]
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    with sessions.begin() as s:  # the worker is gone: the cancel it was asked for is what happened
+        assert queue.reconcile(s).cancelled == [fresh]
+        assert runs.get_run(s, fresh).status == "CANCELLED"
+
+
+def _age_cancel(sessions, run_id, by) -> None:
     from storage.models import Run
 
-    with sessions.begin() as s:  # … and later, past it
-        row = s.get(Run, fresh)
-        row.cancel_requested = row.cancel_requested - jobs.CANCEL_GRACE * 2
     with sessions.begin() as s:
-        jobs.get_run(s, fresh)
-    assert proc.wait(timeout=30) == -signal.SIGTERM
+        row = s.get(Run, run_id)
+        row.cancel_requested = row.cancel_requested - by
+
+
+def test_a_worker_that_ignores_sigterm_too_gets_sigkill(env):
+    import subprocess
+    import sys
+
+    _, sessions, _, spec = env
+    stubborn = ("import signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                "time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"  # its SIGTERM handler is in place
+    run_id = _running_row(sessions, spec, proc, heartbeat_age_s=1, cancel_age_s=1)
+    _age_cancel(sessions, run_id, queue.CANCEL_GRACE * 1.5)
+    with sessions.begin() as s:
+        assert queue.reconcile(s).signalled == [(run_id, "SIGTERM")]
+    assert proc.poll() is None  # ignored
+    _age_cancel(sessions, run_id, queue.CANCEL_GRACE)
+    with sessions.begin() as s:
+        assert queue.reconcile(s).signalled == [(run_id, "SIGKILL")]
+    assert proc.wait(timeout=30) == -signal.SIGKILL
 
 
 def test_a_run_whose_data_is_damaged_fails_with_the_reason(env):
     settings, sessions, store, spec = env
     with sessions.begin() as s:
-        run = jobs.submit_training(s, spec, preset("tiny", steps=5))
+        run = runs.submit_training(s, spec, preset("tiny", steps=5))
     store.abspath(store.volume_path(spec["train"][0]["dataset_id"])).unlink()  # the disk lost it
-    jobs.start_queued(sessions, settings)[0].wait(timeout=120)
+    queue.start_queued(sessions, settings)[0].wait(timeout=120)
     with sessions.begin() as s:
-        info = jobs.get_run(s, run.id)
+        info = runs.get_run(s, run.id)
     assert info.status == "FAILED"
     assert "Traceback" in info.error and "volume.tif is missing" in info.error

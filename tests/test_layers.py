@@ -1,64 +1,96 @@
-"""The import rules of DESIGN.md: unet/ imports neither Streamlit nor SQLAlchemy; storage/ never imports
-Streamlit. Checked on the source (every import statement, also inside functions)."""
+"""The import rules of DESIGN.md, for every module, checked on the source (every import statement, also
+inside functions):
+
+- pages (``app.py`` and ``pages/``) import only Streamlit (and its canvas component), Plotly, NumPy, the
+  standard library, ``storage.service``, ``ui`` and ``pages.common``;
+- ``ui/`` imports neither Streamlit nor the database, nor ``storage`` (the engine is fine);
+- ``storage/`` never imports Streamlit, the pages or ``ui``;
+- ``unet/`` imports neither Streamlit nor SQLAlchemy, nor any other layer of the app."""
+
+from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = {
-    "unet": {"streamlit", "streamlit_drawable_canvas", "sqlalchemy", "alembic", "storage", "pages", "app"},
-    "storage": {"streamlit", "streamlit_drawable_canvas", "pages", "app"},
+STREAMLIT = ("streamlit", "streamlit_drawable_canvas")
+DATABASE = ("sqlalchemy", "alembic")
+
+# what each layer may not import (a name forbids the module and everything below it)
+FORBIDDEN = {
+    "unet": (*STREAMLIT, *DATABASE, "storage", "ui", "pages", "app"),
+    "storage": (*STREAMLIT, "ui", "pages", "app"),
+    "ui": (*STREAMLIT, *DATABASE, "storage", "pages", "app"),
 }
+# what a page may import: everything else is refused
+PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "pages.common")
 
 
-def imported_modules(path: Path) -> set[str]:
+def imports(path: Path) -> set[str]:
+    """The full names of the modules a file imports (relative imports resolved against its package)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def test_rules_see_a_violation(tmp_path):
-    bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    import streamlit as st\n    from sqlalchemy.orm import Session\n")
-    assert {"streamlit", "sqlalchemy"} <= imported_modules(bad)
-
-
-@pytest.mark.parametrize("package", sorted(RULES))
-def test_layer_imports(package):
-    files = sorted((ROOT / package).rglob("*.py"))
-    if package == "unet":
-        assert files, "unet/ has no modules?"
-    problems = [f"{f.relative_to(ROOT)} imports {sorted(imported_modules(f) & RULES[package])}"
-                for f in files if imported_modules(f) & RULES[package]]
-    assert not problems, "\n".join(problems)
-
-
-def imported_full_names(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
+    inside = path.is_relative_to(ROOT)
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1]) if inside else ""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                names.add(".".join([*base, *([node.module] if node.module else [])]))
+            elif node.module:
+                names.add(node.module)
     return names
 
 
-# Pages are thin: widgets in, a call to the service, render out. No SQL, no training, no raw file store.
-PAGE_FORBIDDEN = ("sqlalchemy", "alembic", "torch", "storage.db", "storage.models", "storage.api", "storage.files",
-                  "storage.jobs", "storage.worker", "unet.train", "unet.model")
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def test_pages_stay_thin():
+def page_violations(path: Path) -> list[str]:
+    return [name for name in sorted(imports(path)) if name != "__future__"
+            and name.split(".")[0] not in sys.stdlib_module_names and not _under(name, PAGE_ALLOWED)]
+
+
+def layer_violations(package: str, path: Path) -> list[str]:
+    return [name for name in sorted(imports(path)) if _under(name, FORBIDDEN[package])]
+
+
+def test_the_rules_see_violations(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    import streamlit as st\n    from sqlalchemy.orm import Session\n"
+                   "    from unet.train import train\n    import storage.db\n    from storage.service import Neuroseg\n"
+                   "    import pandas\n    import json\n")
+    assert page_violations(bad) == ["pandas", "sqlalchemy.orm", "storage.db", "unet.train"]
+    assert layer_violations("ui", bad) == ["sqlalchemy.orm", "storage.db", "storage.service", "streamlit"]
+    assert layer_violations("unet", bad) == ["sqlalchemy.orm", "storage.db", "storage.service", "streamlit"]
+
+
+def test_a_page_that_imports_the_engine_or_the_database_fails(tmp_path):
+    """The rule as a page would break it: a copy of a real page with one more import."""
+    page = (ROOT / "pages" / "train.py").read_text()
+    assert page_violations(ROOT / "pages" / "train.py") == []
+    for extra, name in (("from unet.config import PRESETS", "unet.config"), ("import storage.db", "storage.db"),
+                        ("from storage.settings import Settings", "storage.settings")):
+        copy = tmp_path / "train.py"
+        copy.write_text(page.replace("import streamlit as st\n", f"import streamlit as st\n{extra}\n", 1))
+        assert page_violations(copy) == [name]
+
+
+def test_pages_import_only_the_service_and_ui():
     files = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py"))]
     assert len(files) >= 7
-    problems = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in sorted(imported_full_names(f))
-                if any(name == bad or name.startswith(bad + ".") for bad in PAGE_FORBIDDEN)]
+    problems = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in page_violations(f)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_layer_imports(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"{package}/ has no modules?"
+    problems = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in layer_violations(package, f)]
     assert not problems, "\n".join(problems)

@@ -52,7 +52,7 @@ def test_pages_say_what_is_missing_with_an_empty_store(app_data_dir):
 
 
 def test_train_predict_correct_and_review(app_data_dir):
-    svc = Neuroseg(Settings.from_env(app_data_dir), start_jobs=False)
+    svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
     demo = svc.load_demo()
 
     # --- Train: the default split, the tiny preset, submitted from the page --------------------------
@@ -73,7 +73,7 @@ def test_train_predict_correct_and_review(app_data_dir):
     assert "Status: **FINISHED**" in texts(at.markdown)
     assert "step 30 of 30" in str([e.proto for e in walk(at.main) if getattr(e, "type", "") == "progress"])
     assert sum(getattr(e, "type", "") == "plotly_chart" for e in walk(at.main)) == 2  # loss and validation
-    assert [m["role"] for m in svc.run_masks(run.id)].count("val") == 1
+    assert [m.role for m in svc.run_masks(run.id)].count("val") == 1
 
     # --- Predict: slices 0-1 in the background, then overlays, metrics, exports -------------------------
     at = open_page("Predict")
@@ -110,9 +110,9 @@ def test_train_predict_correct_and_review(app_data_dir):
     assert (svc.mask(saved.id)[:15, :15] == MEMBRANE).all()
 
     # --- a second run, fine-tuned from the first, then Runs: lineage, compare, delete -----------------------
-    best = next(c for c in svc.checkpoints(run.id) if c["kind"] == "best")
+    best = next(c for c in svc.checkpoints(run.id) if c.kind == "best")
     second = svc.submit_training([{"dataset_id": demo.id, "slices": [0, 1]}], [{"dataset_id": demo.id, "slices": [7]}],
-                                 preset("tiny", lr=5e-3), preset="tiny", parent_checkpoint_id=best["id"])
+                                 preset("tiny", lr=5e-3), preset="tiny", parent_checkpoint_id=best.id)
     wait_exit(second.pid)
     assert svc.run(second.id).status == "FINISHED"
     at = open_page("Runs")
@@ -121,8 +121,10 @@ def test_train_predict_correct_and_review(app_data_dir):
     assert list(table["parent"]) == [f"run {run.id}", ""]
     assert f"run {run.id} → **run {second.id}**" in texts(at.markdown)
     compare = at.dataframe[-1].value
-    assert "lr" in compare.index
-    assert "1 setting(s) differ (highlighted)." in texts(at.caption)
+    differing = compare[compare["differs"] == "●"]
+    assert list(differing["setting"]) == ["lr"]
+    assert list(differing[f"run {run.id}"]) == ["0.01"] and list(differing[f"run {second.id}"]) == ["0.005"]
+    assert "1 setting(s) differ (marked ●)." in texts(at.caption)
     preview = svc.run_deletion_preview(second.id)
     assert preview.runs == 1 and preview.checkpoints == 2
     assert f"removes {preview.describe()}" in texts(at.warning)
@@ -134,7 +136,7 @@ def test_train_predict_correct_and_review(app_data_dir):
 
 
 def test_cancel_resume_and_a_reload_finds_the_run(app_data_dir):
-    svc = Neuroseg(Settings.from_env(app_data_dir), start_jobs=False)
+    svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
     demo = svc.load_demo()
     at = open_page("Train")
     at.radio(key="train_preset").set_value("tiny").run()
@@ -162,24 +164,24 @@ def test_cancel_resume_and_a_reload_finds_the_run(app_data_dir):
 def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(app_data_dir):
     from unet.config import preset as make
 
-    svc = Neuroseg(Settings.from_env(app_data_dir), start_jobs=False)
+    svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
     demo = svc.load_demo()
     run = svc.submit_training([{"dataset_id": demo.id, "slices": [0]}], [], make("tiny", steps=2), preset="tiny")
     wait_exit(run.pid)
     checkpoint = svc.checkpoints(run.id)[0]
-    (app_data_dir / checkpoint["file"]).write_bytes(b"not a checkpoint")
-    job = svc.predict(checkpoint["id"], demo.id, [0])
+    (app_data_dir / checkpoint.file).write_bytes(b"not a checkpoint")
+    job = svc.predict(checkpoint.id, demo.id, [0])
     wait_exit(job.pid)
     failed = svc.prediction(job.id)
     assert failed.status == "FAILED" and "does not match its recorded checksum" in failed.error
     at = open_page("Predict")
     assert f"Prediction #{job.id} failed" in texts(at.error)
     runs_page = open_page("Runs")
-    runs_page.button(key=f"del_ckpt_{checkpoint['id']}").click().run()
-    assert f"Deleted the {checkpoint['kind']} checkpoint of run {run.id}" in texts(runs_page.success)
-    assert [c["id"] for c in svc.checkpoints(run.id)] != [] and checkpoint["id"] not in [
-        c["id"] for c in svc.checkpoints(run.id)]
-    assert not (app_data_dir / checkpoint["file"]).exists() and svc.predictions(run_id=run.id) == []
+    runs_page.button(key=f"del_ckpt_{checkpoint.id}").click().run()
+    assert f"Deleted the {checkpoint.kind} checkpoint of run {run.id}" in texts(runs_page.success)
+    assert [c.id for c in svc.checkpoints(run.id)] != [] and checkpoint.id not in [
+        c.id for c in svc.checkpoints(run.id)]
+    assert not (app_data_dir / checkpoint.file).exists() and svc.predictions(run_id=run.id) == []
     assert not (app_data_dir / "predictions" / str(job.id)).exists()
     at = open_page("Predict")
     # a new stack can be uploaded right there, and is selected for prediction

@@ -26,7 +26,7 @@ PAGES = [re.compile(rf"{name}$") for name in ("Home", "Datasets", "Annotate", "T
 
 
 def store(data_dir: Path) -> Neuroseg:
-    return Neuroseg(Settings.from_env(data_dir), start_jobs=False)
+    return Neuroseg(Settings.from_env(data_dir), supervise=False)
 
 
 def tiff(data: np.ndarray, name: str) -> io.BytesIO:
@@ -284,8 +284,8 @@ def test_viewers_of_a_prediction_do_not_hold_its_files_in_server_memory(tmp_path
     data_dir = tmp_path / "data"
     demo = trained_demo(data_dir)
     svc = store(data_dir)
-    best = next(c for c in svc.checkpoint_choices() if c["kind"] == "best")
-    job = svc.predict(best["id"], demo.id, list(range(8)))
+    best = next(c for c in svc.checkpoint_choices() if c.kind == "best")
+    job = svc.predict(best.id, demo.id, list(range(8)))
     wait_exit(svc.prediction(job.id).pid)
     tiff_size = len(svc.prediction_file(job.id, "probabilities"))
     with app_server(data_dir) as url, chromium() as browser:

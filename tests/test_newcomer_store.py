@@ -13,17 +13,19 @@ import pytest
 from storage.procs import start_time
 from storage.service import AlreadyLoaded, Neuroseg, UserError
 from storage.settings import Settings
+from tests.drafts import new_draft, start_options
+from ui.annotation import Draft
+from ui.paint import PALETTE, View
 from unet.labels import MEMBRANE, NEURON
-from unet.paint import PALETTE, View
 
 
 @pytest.fixture
 def svc(tmp_path):
-    return Neuroseg(Settings.from_env(tmp_path / "data"), start_jobs=False)
+    return Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
 
 
 def painted_draft(svc: Neuroseg, dataset_id: int, z: int, cls: int):
-    draft = svc.new_draft(dataset_id, z, svc.start_options(dataset_id, z)[0])
+    draft = new_draft(svc, dataset_id, z, start_options(svc, dataset_id, z)[0])
     view = View.fit((256, 256), target=256)
     draft.set_view(view)
     rgba = np.zeros((*view.display_shape, 4), np.uint8)
@@ -41,19 +43,20 @@ def test_drafts_are_kept_per_user_and_slice_and_come_back_as_they_were(svc):
     svc.keep_draft(third, "name:ann")
     assert [(d.slice_index, d.changed_pixels) for d in svc.drafts_of("name:ann")] == [(0, ann.changed_pixels),
                                                                                        (3, third.changed_pixels)]
-    back, when = svc.stored_draft(demo.id, 0, "name:ann")
+    stored = svc.stored_draft(demo.id, 0, "name:ann")
+    back, when = Draft.from_stored(stored), stored.updated
     np.testing.assert_array_equal(back.working, ann.working)
     np.testing.assert_array_equal(back.original, ann.original)
     assert (back.source, back.source_mask_id, back.latest_id, back.kind) == (
         ann.source, ann.source_mask_id, ann.latest_id, ann.kind) and back.dirty and when is not None
-    assert (svc.stored_draft(demo.id, 0, "name:bob")[0].working[15, 15]) == NEURON, "each user has their own"
+    assert (svc.stored_draft(demo.id, 0, "name:bob").working[15, 15]) == NEURON, "each user has their own"
     assert svc.stored_draft(demo.id, 1, "name:ann") is None
 
     # a restored draft saves like the original (and the kept copy goes); a clean one is not kept
     saved = svc.save_draft(back, "ann", owner="name:ann")
     assert saved.version == 2 and svc.stored_draft(demo.id, 0, "name:ann") is None
     assert svc.stored_draft(demo.id, 0, "name:bob") is not None
-    clean = svc.new_draft(demo.id, 3, svc.start_options(demo.id, 3)[0])
+    clean = new_draft(svc, demo.id, 3, start_options(svc, demo.id, 3)[0])
     svc.keep_draft(clean, "name:ann")  # discarding = keeping an unchanged draft: forgotten
     assert [d.slice_index for d in svc.drafts_of("name:ann")] == []
 
@@ -86,7 +89,7 @@ def test_a_delete_waits_for_a_running_prediction_and_says_which(svc):
     from tests.test_loop_pages import wait_exit
 
     wait_exit(svc.run(run.id).pid)
-    checkpoint = svc.checkpoints(run.id)[0]["id"]
+    checkpoint = svc.checkpoints(run.id)[0].id
     with svc.sessions.begin() as s:  # a prediction whose process is this (living) test process
         row = Prediction(checkpoint_id=checkpoint, dataset_id=demo.id, slices=[0], status="RUNNING", done=0, file="",
                          sha256="", files={}, pid=os.getpid(), pid_started=start_time(os.getpid()))
@@ -137,7 +140,7 @@ def test_a_resume_stores_no_step_twice_and_says_where_it_went_on_from(svc):
     import json
 
     from storage.models import Metric, Run
-    from storage.worker import _start_segment
+    from storage.train_worker import _start_segment
     from unet.config import preset
 
     demo = svc.load_demo()

@@ -13,8 +13,9 @@ from streamlit.testing.v1 import AppTest
 
 from storage.service import Neuroseg
 from storage.settings import Settings
+from tests.drafts import new_draft, start_options
+from ui.paint import PALETTE, View
 from unet.labels import MEMBRANE, NEURON
-from unet.paint import PALETTE, View
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = {"Datasets": "pages/datasets.py", "Annotate": "pages/annotate.py", "Train": "pages/train.py",
@@ -22,7 +23,7 @@ PAGES = {"Datasets": "pages/datasets.py", "Annotate": "pages/annotate.py", "Trai
 
 
 def store(app_data_dir: Path) -> Neuroseg:
-    return Neuroseg(Settings.from_env(app_data_dir), start_jobs=False)
+    return Neuroseg(Settings.from_env(app_data_dir), supervise=False)
 
 
 def app(page: str | None = None) -> AppTest:
@@ -237,7 +238,7 @@ def test_a_conflict_offers_one_choice_beside_its_message(app_data_dir):
     demo = svc.load_demo()
     at = app("Annotate")
     draw(at, slice(0, 30), slice(0, 30), MEMBRANE)
-    theirs = svc.new_draft(demo.id, 0, svc.start_options(demo.id, 0)[0])
+    theirs = new_draft(svc, demo.id, 0, start_options(svc, demo.id, 0)[0])
     theirs.set_view(View.fit((256, 256), target=256))
     rgba = np.zeros((256, 256, 4), np.uint8)
     rgba[200:220, 200:220] = (*PALETTE[NEURON], 153)

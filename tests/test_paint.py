@@ -4,8 +4,7 @@ keeps its value exactly, at every zoom."""
 import numpy as np
 import pytest
 
-from unet.labels import IGNORE, MEMBRANE, NEURON
-from unet.paint import (
+from ui.paint import (
     NOT_PAINTED,
     PALETTE,
     STROKE_ALPHA,
@@ -16,6 +15,7 @@ from unet.paint import (
     stroke_classes,
     window,
 )
+from unet.labels import IGNORE, MEMBRANE, NEURON
 
 
 def strokes(shape, painted: dict[int, tuple[slice, slice]], alpha: float = STROKE_ALPHA) -> np.ndarray:
@@ -130,7 +130,7 @@ def test_overlay_tints_labelled_pixels_and_window_stretches_contrast():
 
 
 def test_prediction_overlays():
-    from unet.paint import ERROR_COLOURS, blend, boundaries, error_map, heatmap, instance_colours
+    from ui.paint import ERROR_COLOURS, blend, boundaries, error_map, heatmap, instance_colours
 
     prob = np.array([[0.0, 1.0], [0.9, 0.2]], np.float32)
     hot = heatmap(prob)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from storage.annotate import Draft
 from storage.service import MaskConflict, Neuroseg, UserError
 from storage.settings import Settings
+from tests.drafts import new_draft, start_options
+from ui.annotation import Draft
+from ui.paint import PALETTE, View
 from unet.labels import IGNORE, MEMBRANE, NEURON
-from unet.paint import PALETTE, View
 
 
 @pytest.fixture
@@ -81,7 +82,9 @@ def test_a_full_disk_while_receiving_an_upload_is_a_clear_refusal(svc, synthetic
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(svc, "_spool", full)
+    from storage import ingest
+
+    monkeypatch.setattr(ingest, "_spool", full)
     with pytest.raises(UserError, match=r"disk .* is full"):
         svc.import_upload(Upload("stack.tif", tiff_bytes(synthetic[0])))
     assert svc.datasets() == []
@@ -100,9 +103,9 @@ def test_demo_preview_and_delete(svc):
 
 def test_draft_save_is_exactly_what_was_shown(svc):
     info = svc.load_demo()
-    options = svc.start_options(info.id, 2)
+    options = start_options(svc, info.id, 2)
     assert [o.source for o in options] == ["latest", "nothing"]
-    draft = svc.new_draft(info.id, 2, options[0])
+    draft = new_draft(svc, info.id, 2, options[0])
     view = View.fit((256, 256), zoom=2, centre=(0.5, 0.5))
     draft.set_view(view)
     first_key = draft.canvas_key
@@ -124,13 +127,13 @@ def test_draft_save_is_exactly_what_was_shown(svc):
 
 def test_scribble_conflict_rebase_and_restore(svc):
     info = svc.load_demo()
-    options = svc.start_options(info.id, 0)
-    mine = svc.new_draft(info.id, 0, options[-1])  # nothing: a scribble
+    options = start_options(svc, info.id, 0)
+    mine = new_draft(svc, info.id, 0, options[-1])  # nothing: a scribble
     assert mine.kind == "scribble" and (mine.working == IGNORE).all()
     mine.set_view(View.fit((256, 256)))
     mine.apply(paint(mine.view, NEURON, slice(0, 30), slice(0, 30)))
 
-    theirs = svc.new_draft(info.id, 0, options[0])  # someone else edits the latest version meanwhile
+    theirs = new_draft(svc, info.id, 0, options[0])  # someone else edits the latest version meanwhile
     theirs.set_view(View.fit((256, 256)))
     theirs.apply(paint(theirs.view, MEMBRANE, slice(600, 630), slice(600, 630)))
     their_version = svc.save_draft(theirs, author="cy")
@@ -153,7 +156,7 @@ def test_scribble_conflict_rebase_and_restore(svc):
 
 def test_strokes_survive_a_remounted_canvas_and_a_change_of_view(svc):
     info = svc.load_demo()
-    draft = svc.new_draft(info.id, 1, svc.start_options(info.id, 1)[-1])
+    draft = new_draft(svc, info.id, 1, start_options(svc, info.id, 1)[-1])
     whole = View.fit((256, 256))
     draft.set_view(whole)
     draft.apply(paint(whole, NEURON, slice(0, 30), slice(0, 30)))
@@ -172,9 +175,9 @@ def test_strokes_survive_a_remounted_canvas_and_a_change_of_view(svc):
 def test_a_draft_that_starts_from_nothing_on_an_empty_slice(svc, synthetic):
     volume, _ = synthetic
     info = svc.import_upload(Upload("stack.tif", tiff_bytes(volume)))
-    options = svc.start_options(info.id, 0)
+    options = start_options(svc, info.id, 0)
     assert [o.source for o in options] == ["nothing"]
-    draft = svc.new_draft(info.id, 0, options[0])
+    draft = new_draft(svc, info.id, 0, options[0])
     assert isinstance(draft, Draft) and draft.latest_id is None
     draft.set_view(View.fit(volume.shape[1:]))
     draft.apply(paint(draft.view, MEMBRANE, slice(0, 16), slice(0, 16)))
@@ -185,7 +188,7 @@ def test_a_draft_that_starts_from_nothing_on_an_empty_slice(svc, synthetic):
 @pytest.mark.isbi
 def test_the_isbi_sample_loads_with_all_its_labels(tmp_path, isbi_dir, monkeypatch):
     monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(isbi_dir))
-    svc = Neuroseg(Settings.from_env(tmp_path / "data"), start_jobs=False)
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
     info = svc.load_isbi(author="ann")
     assert info.shape == (30, 512, 512) and info.dtype == "uint8" and info.labelled_slices == 30
     assert info.source_name == "train-volume.tif"

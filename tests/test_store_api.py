@@ -7,10 +7,11 @@ import pytest
 import tifffile
 from sqlalchemy import func, select
 
-from storage import api
-from storage.db import make_engine, migrate, session_factory
+from storage import datasets, deletion, masks
+from storage.db import make_engine, session_factory, upgrade
 from storage.files import FileStore, IntegrityError
 from storage.models import Dataset, MaskVersion
+from storage.records import MaskConflict
 from unet.labels import IGNORE, NEURON
 
 
@@ -18,7 +19,7 @@ from unet.labels import IGNORE, NEURON
 def store(tmp_path, database_url):
     """A migrated database (SQLite and PostgreSQL) and a file store, both empty."""
     engine = make_engine(database_url)
-    migrate(engine)
+    upgrade(engine)
     yield session_factory(engine), FileStore(tmp_path / "files")
     engine.dispose()
 
@@ -36,17 +37,17 @@ def test_import_browse_rename_delete(store, tmp_path, synthetic):
     sessions, fs = store
     volume, labels = synthetic
     with sessions.begin() as s:
-        info = api.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume), _tif(tmp_path / "l.tif", labels),
+        info = datasets.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume), _tif(tmp_path / "l.tif", labels),
                                   name="demo", author="ana")
     assert info.shape == volume.shape and info.labelled_slices == volume.shape[0] and info.name == "demo"
     with sessions.begin() as s:
-        np.testing.assert_array_equal(api.load_volume(s, fs, info.id), volume)
-        first = api.latest_mask(s, info.id, 2)
+        np.testing.assert_array_equal(datasets.load_volume(s, fs, info.id), volume)
+        first = masks.latest_mask(s, info.id, 2)
         assert first.kind == "uploaded" and first.version == 1 and first.author == "ana"
-        assert api.update_dataset(s, info.id, name="  renamed  ", notes="n").name == "renamed"
-        assert [d.name for d in api.list_datasets(s)] == ["renamed"]
+        assert datasets.update_dataset(s, info.id, name="  renamed  ", notes="n").name == "renamed"
+        assert [d.name for d in datasets.list_datasets(s)] == ["renamed"]
     with sessions.begin() as s:
-        gone = api.delete_dataset(s, fs, info.id)
+        gone = deletion.execute(s, fs, deletion.plan_dataset(s, fs, info.id))
     assert gone.datasets == 1 and gone.mask_versions == volume.shape[0] and gone.files == volume.shape[0] + 1
     assert _files(fs) == []
     with sessions.begin() as s:
@@ -79,7 +80,7 @@ def test_hostile_volumes_leave_no_row_and_no_file(store, tmp_path, case):
     path = tmp_path / f"{case}.tif"
     HOSTILE[case](path)
     with pytest.raises(ValueError, match=f"^{case}\\.tif: "), sessions.begin() as s:  # names the file
-        api.import_dataset(s, fs, path)
+        datasets.import_dataset(s, fs, path)
     with sessions.begin() as s:
         assert s.scalar(select(func.count()).select_from(Dataset)) == 0
     assert _files(fs) == []
@@ -90,11 +91,11 @@ def test_labels_of_another_shape_and_huge_sizes_leave_nothing(store, tmp_path):
     v = _tif(tmp_path / "v.tif", np.zeros((3, 16, 16), np.uint8))
     l_bad = _tif(tmp_path / "l.tif", np.zeros((3, 16, 17), np.uint8))
     with pytest.raises(ValueError, match="labels have shape"), sessions.begin() as s:
-        api.import_dataset(s, fs, v, l_bad)
+        datasets.import_dataset(s, fs, v, l_bad)
     with pytest.raises(ValueError, match="GiB allowed"), sessions.begin() as s:
-        api.import_dataset(s, fs, v, max_bytes=100)
+        datasets.import_dataset(s, fs, v, max_bytes=100)
     with sessions.begin() as s:
-        assert api.list_datasets(s) == []
+        assert datasets.list_datasets(s) == []
     assert _files(fs) == []
 
 
@@ -103,7 +104,7 @@ def test_a_hostile_file_name_never_reaches_the_disk(store, tmp_path):
     buf = io.BytesIO(_bytes(np.zeros((2, 8, 8), np.uint8)))
     buf.name = "../../etc/passwd"
     with sessions.begin() as s:
-        info = api.import_dataset(s, fs, buf)
+        info = datasets.import_dataset(s, fs, buf)
     assert info.source_name == "passwd" and info.name == "passwd"
     assert sorted(str(p.relative_to(fs.root)) for p in _files(fs)) == [f"datasets/{info.id}/volume.tif"]
 
@@ -112,24 +113,24 @@ def test_mask_versions_conflicts_and_restore(store, tmp_path, synthetic):
     sessions, fs = store
     volume, labels = synthetic
     with sessions.begin() as s:
-        ds = api.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume), _tif(tmp_path / "l.tif", labels))
-        v1 = api.latest_mask(s, ds.id, 0)
-        uploaded = api.load_mask(s, fs, v1.id)
+        ds = datasets.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume), _tif(tmp_path / "l.tif", labels))
+        v1 = masks.latest_mask(s, ds.id, 0)
+        uploaded = masks.load_mask(s, fs, v1.id)
     painted = uploaded.copy()
     painted[10:20, 10:20] = NEURON
     with sessions.begin() as s:
-        v2 = api.save_mask(s, fs, ds.id, 0, painted, kind="painted", author="bo", parent_id=v1.id)
+        v2 = masks.save_mask(s, fs, ds.id, 0, painted, kind="painted", author="bo", parent_id=v1.id)
     assert (v2.version, v2.parent_id, v2.kind) == (2, v1.id, "painted")
     # a second editor who also started from v1 must not overwrite v2
     other = uploaded.copy()
     other[:5] = IGNORE
-    with pytest.raises(api.MaskConflict, match="newer version \\(v2 by bo\\)"), sessions.begin() as s:
-        api.save_mask(s, fs, ds.id, 0, other, kind="scribble", author="cy", parent_id=v1.id)
+    with pytest.raises(MaskConflict, match="newer version \\(v2 by bo\\)"), sessions.begin() as s:
+        masks.save_mask(s, fs, ds.id, 0, other, kind="scribble", author="cy", parent_id=v1.id)
     with sessions.begin() as s:
-        v3 = api.restore_mask(s, fs, v1.id, author="bo")
-        assert [m.version for m in api.mask_history(s, ds.id, 0)] == [1, 2, 3]
-        np.testing.assert_array_equal(api.load_mask(s, fs, v3.id), uploaded)
-        np.testing.assert_array_equal(api.load_mask(s, fs, v2.id), painted)  # nothing was overwritten
+        v3 = masks.restore_mask(s, fs, v1.id, author="bo")
+        assert [m.version for m in masks.mask_history(s, ds.id, 0)] == [1, 2, 3]
+        np.testing.assert_array_equal(masks.load_mask(s, fs, v3.id), uploaded)
+        np.testing.assert_array_equal(masks.load_mask(s, fs, v2.id), painted)  # nothing was overwritten
         assert v3.parent_id == v2.id and v3.labelled_pixels == uploaded.size
 
 
@@ -137,30 +138,30 @@ def test_bad_masks_are_refused(store, tmp_path, synthetic):
     sessions, fs = store
     volume, _ = synthetic
     with sessions.begin() as s:
-        ds = api.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume))
+        ds = datasets.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume))
     good = np.zeros(volume.shape[1:], np.uint8)
     with sessions.begin() as s:
         with pytest.raises(ValueError, match="does not match the slice shape"):
-            api.save_mask(s, fs, ds.id, 0, good[:5], kind="painted", parent_id=None)
+            masks.save_mask(s, fs, ds.id, 0, good[:5], kind="painted", parent_id=None)
         with pytest.raises(ValueError, match="outside the dataset's slices"):
-            api.save_mask(s, fs, ds.id, 99, good, kind="painted", parent_id=None)
+            masks.save_mask(s, fs, ds.id, 99, good, kind="painted", parent_id=None)
         with pytest.raises(ValueError, match="mask kind"):
-            api.save_mask(s, fs, ds.id, 0, good, kind="magic", parent_id=None)
+            masks.save_mask(s, fs, ds.id, 0, good, kind="magic", parent_id=None)
         with pytest.raises(ValueError, match="uint8 values"):
-            api.save_mask(s, fs, ds.id, 0, good + 7, kind="painted", parent_id=None)
+            masks.save_mask(s, fs, ds.id, 0, good + 7, kind="painted", parent_id=None)
 
 
 def test_damaged_files_are_detected_on_read(store, tmp_path, synthetic):
     sessions, fs = store
     volume, _ = synthetic
     with sessions.begin() as s:
-        ds = api.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume))
+        ds = datasets.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume))
     path = fs.abspath(fs.volume_path(ds.id))
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
     with pytest.raises(IntegrityError, match="checksum"), sessions.begin() as s:
-        api.load_volume(s, fs, ds.id)
+        datasets.load_volume(s, fs, ds.id)
 
 
 def test_a_full_disk_during_import_leaves_nothing(store, tmp_path, synthetic, monkeypatch):
@@ -179,7 +180,7 @@ def test_a_full_disk_during_import_leaves_nothing(store, tmp_path, synthetic, mo
 
     monkeypatch.setattr(FileStore, "write_stack", write_until_full)
     with pytest.raises(OSError, match="No space left"), sessions.begin() as s:
-        api.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume), _tif(tmp_path / "l.tif", labels))
+        datasets.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume), _tif(tmp_path / "l.tif", labels))
     with sessions.begin() as s:
         assert s.scalar(select(func.count()).select_from(Dataset)) == 0
         assert s.scalar(select(func.count()).select_from(MaskVersion)) == 0

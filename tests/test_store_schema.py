@@ -4,14 +4,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from storage.db import make_engine, migrate
+from storage.db import make_engine, upgrade
 from storage.models import Base
 
 
 def test_migrations_create_the_models_schema_and_are_idempotent(database_url):
     engine = make_engine(database_url)
-    migrate(engine)
-    migrate(engine)  # a second start-up applies nothing and breaks nothing
+    upgrade(engine)
+    upgrade(engine)  # a second start-up applies nothing and breaks nothing
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         if engine.dialect.name == "sqlite":
@@ -29,7 +29,7 @@ def test_one_running_run_per_device_is_enforced_by_the_database(database_url):
     from storage.models import Run
 
     engine = make_engine(database_url)
-    migrate(engine)
+    upgrade(engine)
     sessions = session_factory(engine)
     with sessions.begin() as s:
         s.add_all([Run(status="RUNNING", spec={}, config={}, device="cpu"),

@@ -11,12 +11,14 @@ going to another slice or page, reloading or opening a new tab loses nothing."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from ui.paint import View, merge_strokes
 from unet.labels import IGNORE
-from unet.paint import View, merge_strokes
 
 
 def kind_after_edit(source: str, source_kind: str | None) -> str:
@@ -27,6 +29,45 @@ def kind_after_edit(source: str, source_kind: str | None) -> str:
     if source == "nothing" or source_kind == "scribble":
         return "scribble"
     return "painted"
+
+
+@dataclass(frozen=True)
+class StartOption:
+    """One thing an edit of a slice can start from, as the "Start from" choice lists it."""
+
+    source: str  # latest | uploaded | prediction | nothing
+    label: str
+    mask_id: int | None
+    prediction_id: int | None = None
+
+
+def start_options(history: Sequence[Any], predictions: Sequence[Any], slice_index: int) -> list[StartOption]:
+    """What an edit of a slice can start from, best first: its latest version, the uploaded labels (when
+    edited since), the newest finished prediction of the slice, or nothing. ``history`` is the slice's
+    mask versions (oldest first; ``id``, ``version``, ``kind``), ``predictions`` the dataset's (``id``,
+    ``run_id``, ``status``, ``slices``)."""
+    options = []
+    if history:
+        last = history[-1]
+        options.append(StartOption("latest", f"latest version (v{last.version}, {last.kind})", last.id))
+    uploaded = [m for m in history if m.kind == "uploaded"]
+    if uploaded and uploaded[-1].id != (history[-1].id if history else None):
+        options.append(StartOption("uploaded", f"uploaded labels (v{uploaded[-1].version})", uploaded[-1].id))
+    for p in reversed(predictions):
+        if p.status == "FINISHED" and slice_index in p.slices:
+            options.append(StartOption("prediction", f"prediction #{p.id} (run {p.run_id})", None, p.id))
+            break
+    options.append(StartOption("nothing", "nothing (scribble: only painted pixels count)", None))
+    return options
+
+
+def history_rows(history: Sequence[Any]) -> list[dict[str, Any]]:
+    """A slice's mask versions as table rows, newest first, each saying what it came from."""
+    by_id = {m.id: m for m in history}
+    return [{"version": f"v{m.version}", "kind": m.kind, "author": m.author, "labelled pixels": m.labelled_pixels,
+             "from": (f"restores v{by_id[m.restored_from_id].version}" if m.restored_from_id in by_id
+                      else f"v{by_id[m.parent_id].version}" if m.parent_id in by_id else ""),
+             "saved": m.created.strftime("%Y-%m-%d %H:%M:%S")} for m in reversed(history)]
 
 
 @dataclass
@@ -56,6 +97,19 @@ class Draft:
     def blank(cls, dataset_id: int, slice_index: int, shape: tuple[int, int], latest_id: int | None) -> Draft:
         return cls(dataset_id, slice_index, "nothing", None, latest_id, "scribble",
                    np.full(shape, IGNORE, np.uint8))
+
+    @classmethod
+    def begin(cls, start: Any) -> Draft:
+        """A new edit from what the service says it starts from (``Neuroseg.draft_start``)."""
+        kind = kind_after_edit(start.source, start.source_kind)
+        return cls(start.dataset_id, start.slice_index, start.source, start.source_mask_id, start.latest_id, kind,
+                   start.mask, prediction_id=start.prediction_id)
+
+    @classmethod
+    def from_stored(cls, stored: Any) -> Draft:
+        """An edit kept in the store (``Neuroseg.stored_draft``), as it was left."""
+        return cls.restored(stored.dataset_id, stored.slice_index, stored.source, stored.source_mask_id,
+                            stored.latest_id, stored.kind, stored.original, stored.working, stored.prediction_id)
 
     @classmethod
     def restored(cls, dataset_id: int, slice_index: int, source: str, source_mask_id: int | None,

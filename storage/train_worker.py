@@ -1,22 +1,19 @@
-"""The background worker: ``python -m storage.worker --run-id N``.
+"""The training worker: ``python -m storage.train_worker --run-id N`` (started by :mod:`storage.queue`).
 
 It claims its run, loads the recorded mask versions, trains through :func:`unet.train.train` with a
 reporter that writes metrics and registers checkpoints in batches, keeps a heartbeat from a separate
-thread (so a long validation is not mistaken for a dead worker), stops when the run is cancelled, sets
-the final status in a context manager (FINISHED, CANCELLED, or FAILED with the traceback), then starts
-the next queued run of its device."""
+thread (so a long validation is not mistaken for a dead worker), stops when the run is cancelled, records
+how it ended (:mod:`storage.outcome`, shared with the prediction process), then starts the next queued
+run of its device."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import threading
 import time
-import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,9 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import open_store
 from storage.files import FileStore, sha256_of
-from storage.jobs import claim, start_queued
+from storage.masks import load_mask
 from storage.models import Checkpoint, MaskVersion, Metric, Run, RunMask
+from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.procs import start_time
+from storage.queue import claim, start_queued
+from storage.records import RunStatus
 from storage.settings import Settings
 from unet.config import TrainConfig
 from unet.data import TrainData
@@ -90,7 +90,7 @@ class DatabaseReporter(NullReporter):
 
 
 def _load_data(session: Session, store: FileStore, run_id: int) -> TrainData:
-    from storage.api import load_mask, load_volume
+    from storage.datasets import load_volume
 
     volumes: dict[int, object] = {}
     sides: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
@@ -105,25 +105,6 @@ def _load_data(session: Session, store: FileStore, run_id: int) -> TrainData:
         images.append(volumes[mask.dataset_id][mask.slice_index])
         targets.append(load_mask(session, store, mask.id))
     return TrainData(*sides["train"], *sides["val"])
-
-
-@contextlib.contextmanager
-def final_status(sessions: sessionmaker[Session], run_id: int, reporter: DatabaseReporter | None = None):
-    """FINISHED when the body returns, CANCELLED when it stopped on request, FAILED with the traceback."""
-    outcome: dict[str, str | None] = {"status": "FINISHED", "error": None}
-    try:
-        yield outcome
-    except BaseException as exc:
-        outcome["status"] = "CANCELLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        outcome["error"] = "".join(traceback.format_exception(exc))[-20000:]
-        raise
-    finally:
-        if reporter is not None:
-            with contextlib.suppress(Exception):
-                reporter.close()
-        with sessions.begin() as s:
-            s.execute(update(Run).where(Run.id == run_id).values(status=outcome["status"], error=outcome["error"],
-                                                                 finished=datetime.now(UTC)))
 
 
 def _heartbeat(sessions: sessionmaker[Session], run_id: int, stop: threading.Event) -> None:
@@ -155,48 +136,41 @@ def _start_segment(sessions: sessionmaker[Session], run_id: int, out_dir: Path, 
 
 
 def run_worker(run_id: int, settings: Settings) -> int:
-    sessions, store = open_store(settings)
+    sessions, store = open_store(settings)  # the server has migrated it
     with sessions.begin() as s:
         if not claim(s, run_id, os.getpid(), start_time(os.getpid())):
             print(f"run {run_id} is not queued or its device is busy; nothing to do")
             return 0
         run = s.get(Run, run_id)
         config = TrainConfig.from_dict(run.config)
-        parent = run.parent_checkpoint_id
-        parent_file = str(store.abspath(s.get(Checkpoint, parent).file)) if parent else None
-    # SIGTERM (an unheeded cancel) unwinds like Ctrl-C, so the status is still written
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        parent = s.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
+        parent_file = str(store.abspath(parent.file)) if parent else None
+    unwind_on_sigterm()
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(sessions, run_id, stop), daemon=True).start()
     reporter = DatabaseReporter(sessions, store, run_id)
+
+    def body(outcome: Outcome) -> None:
+        with sessions.begin() as s:
+            data = _load_data(s, store, run_id)
+        out_dir = store.run_dir(run_id)
+        resume = (out_dir / "latest.pt").exists()
+        _start_segment(sessions, run_id, out_dir, resume)
+        result = train(config, data, reporter, out_dir=out_dir, resume=resume,
+                       init_from=None if resume else parent_file)
+        if result.reason == "stopped":
+            outcome.status = RunStatus.CANCELLED
+        print(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}", flush=True)
+
     try:
-        with final_status(sessions, run_id, reporter) as outcome:
-            with sessions.begin() as s:
-                data = _load_data(s, store, run_id)
-            out_dir = store.run_dir(run_id)
-            resume = (out_dir / "latest.pt").exists()
-            _start_segment(sessions, run_id, out_dir, resume)
-            result = train(config, data, reporter, out_dir=out_dir, resume=resume,
-                           init_from=None if resume else parent_file)
-            if result.reason == "stopped":
-                outcome["status"] = "CANCELLED"
-            print(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}")
-    except KeyboardInterrupt:
-        print(f"run {run_id}: stopped by a signal")
-    except Exception:
-        traceback.print_exc()
-        return 1
+        return run_to_end(sessions, Run, run_id, body, cleanup=reporter.close)
     finally:
         stop.set()
         start_queued(sessions, settings)  # the device is free: next in line
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m storage.worker")
-    ap.add_argument("--run-id", type=int, required=True)
-    args = ap.parse_args(argv)
-    return run_worker(args.run_id, Settings.from_env())
+    return job_main(argv, "storage.train_worker", "--run-id", run_worker)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""What the Train and Runs pages say about runs, recipes and checkpoints: the recipe from the preset and
+the knobs, what each preset is for, where a run is, labels of checkpoints, and the comparison of recipes.
+Plain Python over the engine's configs and the service's records (read by attribute)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+from unet.config import PRESETS, TrainConfig, preset
+
+PRESET_NOTES = {
+    "cpu-quick": "tuned to do well in about 10 minutes on 2 CPU cores",
+    "gpu-full": "the paper's full-width network (valid padding), for a GPU",
+    "tiny": "a few seconds on a CPU: to try the app out",
+}
+VAL_KEYS = ("val_loss", "val_pixel_error", "val_dice", "val_rand_f", "val_vi")
+
+
+def describe_preset(name: str) -> str:
+    """One line on a preset: what it is for, its network and its length."""
+    config = PRESETS[name]
+    note = PRESET_NOTES.get(name, "")
+    return (f"{note + ' · ' if note else ''}width {config.model.initial_features}, depth {config.model.depth}, "
+            f"{config.steps:,} steps of {config.batch_size} × {config.patch_size}² patches")
+
+
+def recipe(preset_name: str, *, width: int, depth: int, padding: str, patch: int, batch: int, steps: int, lr: float,
+           loss: str, flips: bool, elastic: float, intensity: float, budget_min: float, seed: int) -> TrainConfig:
+    """The training config of a preset changed by the page's knobs; ValueError or TypeError say what is
+    wrong with them."""
+    base = PRESETS[preset_name]
+    return preset(preset_name, model={"initial_features": int(width), "depth": int(depth), "padding": padding},
+                  patch_size=int(patch), batch_size=int(batch), steps=int(steps), lr=float(lr), loss=loss,
+                  max_seconds=float(budget_min) * 60 if budget_min else None, seed=int(seed),
+                  augment=replace(base.augment, flips=flips, elastic_p=float(elastic), intensity_p=float(intensity)))
+
+
+def progress_text(progress: Any) -> str:
+    """"step 120 of 500, about 3.2 min left" for a :class:`~storage.records.RunProgress`."""
+    if progress.phase.startswith("validating"):  # the step does not move meanwhile: say what does
+        doing = f", {progress.phase}"
+    elif progress.eta_s is not None:
+        doing = (f", about {progress.eta_s / 60:.1f} min left" if progress.eta_s >= 90 else
+                 f", about {max(1, round(progress.eta_s))} s left")
+    else:
+        doing = ""
+    return f"step {progress.step} of {progress.steps}{doing}"
+
+
+def resume_note(went_on_from: int, had_reached: int) -> str:
+    return (f"Resumed at step {went_on_from} (its latest checkpoint)." if went_on_from else
+            f"Started again from step 0: it had reached step {had_reached} but stopped before its first checkpoint.")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def checkpoint_label(c: Any, with_run: bool = True) -> str:
+    """"run 3 (cpu-quick) · best at step 400 · pixel error 0.081 · Rand-F 0.912"."""
+    scores = " · ".join(f"{name} {c.metrics[key]:.3f}" for key, name in
+                        (("val_pixel_error", "pixel error"), ("val_rand_f", "Rand-F")) if key in c.metrics)
+    head = f"run {c.run_id} ({c.preset or 'custom'}) · " if with_run else ""
+    return f"{head}{c.kind} at step {c.step}" + (f" · {scores}" if scores else "")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else str(v)
+    return out
+
+
+def compare_recipes(runs: list[Any]) -> tuple[list[dict[str, str]], int]:
+    """One row per setting with a column per run (``config`` and ``preset`` of each), the settings that
+    differ first and marked; and how many differ."""
+    flat = {f"run {r.id}": _flat({**r.config, "preset": r.preset}) for r in runs}
+    keys = sorted({k for f in flat.values() for k in f})
+    rows = [{"setting": k, **{name: f.get(k, "") for name, f in flat.items()}} for k in keys]
+    for row in rows:
+        row["differs"] = "●" if len({row[name] for name in flat}) > 1 else ""
+    rows.sort(key=lambda row: row["differs"] != "●")
+    return rows, sum(row["differs"] == "●" for row in rows)
