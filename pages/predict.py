@@ -7,7 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.common import dataset_picker, flash, select_dataset, start_page, volume_or_stop
-from storage.service import UserError
+from storage.service import RunStatus, UserError
 from ui.paint import View
 from ui.prediction import LAYERS, METRICS, compose, metric_rows
 from ui.prediction import progress as job_progress
@@ -89,9 +89,9 @@ def progress(prediction_id: int, was_active: bool) -> None:
     if job.active:
         fraction, text = job_progress(job)
         st.progress(fraction, text=f"Prediction #{job.id} · {job.status.lower()}: {text}")
-    elif job.status in ("FAILED", "CANCELLED"):
+    elif job.status in (RunStatus.FAILED, RunStatus.CANCELLED):
         last = (job.error or "").strip().splitlines()[-1:]
-        st.error(f"Prediction #{job.id} {'failed' if job.status == 'FAILED' else 'was stopped'}: "
+        st.error(f"Prediction #{job.id} {'failed' if job.status == RunStatus.FAILED else 'was stopped'}: "
                  f"{last[0] if last else 'no reason recorded'}")
     if was_active and not job.active:
         st.rerun()
@@ -99,7 +99,7 @@ def progress(prediction_id: int, was_active: bool) -> None:
 
 job = svc.prediction(pick)
 st.fragment(progress, run_every=1.0 if job.active else None)(pick, job.active)
-if job.status != "FINISHED":
+if job.status != RunStatus.FINISHED:
     st.stop()
 
 # --- the viewer -----------------------------------------------------------------------------------

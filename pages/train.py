@@ -48,7 +48,7 @@ def follow(run_id: int, was_active: bool) -> None:
             right.plotly_chart(run_curves_figure({run.id: curves}, val_keys, "Validation"), key=f"val_{run.id}")
         else:
             right.caption("Validation metrics appear after the first validation.")
-    with st.expander("Worker log (last lines)", expanded=run.status == "FAILED"):
+    with st.expander("Worker log (last lines)", expanded=run.status == RunStatus.FAILED):
         st.code(svc.run_log(run.id) or "(empty so far)", language=None)
     if was_active and not run.active:
         st.rerun()  # the run stopped: rerun the page, whose fragment no longer polls

@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from storage.records import RunStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -19,7 +21,6 @@ class Base(DeclarativeBase):
 
 
 MASK_KINDS = ("uploaded", "painted", "scribble", "predicted", "predicted→painted")
-RUN_STATUSES = ("QUEUED", "RUNNING", "FINISHED", "FAILED", "CANCELLED", "LOST")
 
 
 class Dataset(Base):
@@ -87,7 +88,7 @@ class Run(Base):
               sqlite_where=text("status = 'RUNNING'"), postgresql_where=text("status = 'RUNNING'")),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), default="QUEUED", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.QUEUED.value, index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # datasets and slices for training / validation
     config: Mapped[dict[str, Any]] = mapped_column(JSON)  # unet TrainConfig.to_dict()
     device: Mapped[str] = mapped_column(String(32), default="cpu")
@@ -151,7 +152,8 @@ class Prediction(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"slices": {z: {...}}, "mean": {...}}
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     slices: Mapped[list[int]] = mapped_column(JSON, default=list, server_default="[]")
-    status: Mapped[str] = mapped_column(String(16), default="QUEUED", server_default="FINISHED")
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.QUEUED.value,
+                                        server_default=RunStatus.FINISHED.value)
     done: Mapped[int] = mapped_column(default=0, server_default="0")  # slices predicted so far
     phase: Mapped[str] = mapped_column(String(120), default="", server_default="")  # what the process does now
     error: Mapped[str | None] = mapped_column(Text)
