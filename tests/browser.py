@@ -107,3 +107,17 @@ def new_canvas(page, old_key: str):
     canvas = page.locator('[class*="st-key-canvas-"] canvas.upper-canvas')
     canvas.wait_for()
     return canvas
+
+
+def annotate_render(page) -> float:
+    """When the Annotate page's latest render was made (server clock, ms): its leave guard, drawn after the
+    canvas, keeps it in ``window.__neurosegLeaveGuard.run``. Waits for a first render to arrive."""
+    await_annotate_render(page, 0)
+    return page.evaluate("window.__neurosegLeaveGuard.run")
+
+
+def await_annotate_render(page, after: float) -> None:
+    """Wait until a render of Annotate newer than ``after`` has reached the browser in full, the canvas with
+    its new settings included (a caption above the canvas can arrive before the canvas's new props do, and
+    a stroke begun in between loses its first points)."""
+    page.wait_for_function("t => ((window.__neurosegLeaveGuard || {}).run || 0) > t", arg=after)

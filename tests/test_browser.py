@@ -9,7 +9,15 @@ import pytest
 
 from storage.service import Neuroseg
 from storage.settings import Settings
-from tests.browser import ARTIFACTS, app_server, canvas_key, chromium, new_canvas
+from tests.browser import (
+    ARTIFACTS,
+    annotate_render,
+    app_server,
+    await_annotate_render,
+    canvas_key,
+    chromium,
+    new_canvas,
+)
 from unet.labels import MEMBRANE
 
 pytestmark = pytest.mark.slow
@@ -42,8 +50,10 @@ def test_draw_a_stroke_and_save_it(tmp_path):
         page.get_by_text("No unsaved changes on this slice.").wait_for()
         name = page.get_by_role("textbox", name="Your name").input_value()
         assert name == "ann", "the name is remembered across pages"
+        rendered = annotate_render(page)
         page.get_by_text("Membrane", exact=False).first.click()
-        page.get_by_text("Painting membrane with a 5-pixel brush").wait_for()  # the canvas has the new colour
+        page.get_by_text("Painting membrane with a 5-pixel brush").wait_for()
+        await_annotate_render(page, rendered)  # the canvas has the new colour
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
         assert (round(box["width"]), round(box["height"])) == (768, 768)  # 256² shown at 3×

@@ -15,7 +15,7 @@ import tifffile
 
 from storage.service import Neuroseg
 from storage.settings import Settings
-from tests.browser import ARTIFACTS, app_server, chromium
+from tests.browser import ARTIFACTS, annotate_render, app_server, await_annotate_render, chromium
 from tests.test_loop_pages import wait_exit
 from unet.config import preset
 from unet.synthetic import make_synthetic_em
@@ -323,10 +323,12 @@ def test_a_large_slice_fits_the_page_and_strokes_land_on_its_pixels(tmp_path):
         page.goto(f"{url}/annotate")
         page.get_by_text("at 1/2 size").wait_for()
         membrane = page.get_by_role("radio", name=re.compile("Membrane"))
+        rendered = annotate_render(page)
         membrane.check(force=True)
         expect(membrane).to_be_checked()
         try:
             page.get_by_text("Painting membrane with a 5-pixel brush").wait_for()
+            await_annotate_render(page, rendered)  # the canvas has the new colour
         finally:
             page.screenshot(path=ARTIFACTS / "annotate-1024-tool.png", full_page=True)
         canvas = page.locator("canvas.upper-canvas")
