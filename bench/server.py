@@ -34,7 +34,10 @@ from unet.config import preset
 from unet.synthetic import make_synthetic_em
 import os, select
 size = int(sys.argv[2])
-svc = Neuroseg(Settings.from_env(sys.argv[1]), supervise=False)
+try:
+    svc = Neuroseg(Settings.from_env(sys.argv[1]), supervise=False)
+except TypeError:  # a checkout from before the supervisor (--root for a before/after figure)
+    svc = Neuroseg(Settings.from_env(sys.argv[1]), start_jobs=False)
 volume, labels = make_synthetic_em((20, size, size), np.random.default_rng(0), cell_size=max(20, size // 25))
 def tif(a, name):
     b = io.BytesIO(); tifffile.imwrite(b, a, imagej=True, metadata={"axes": "ZYX"}); b.seek(0); b.name = name; return b
@@ -44,8 +47,9 @@ def wait(pid):
 run = svc.submit_training([{"dataset_id": d.id, "slices": list(range(17))}], [{"dataset_id": d.id, "slices": [17]}],
                           preset("tiny"), preset="tiny")
 wait(svc.run(run.id).pid)
-best = next(c for c in svc.checkpoints(run.id) if c.kind == "best")
-job = svc.predict(best.id, d.id, list(range(20)))
+field = lambda c, name: getattr(c, name) if hasattr(c, name) else c[name]  # records, or dicts before them
+best = next(c for c in svc.checkpoints(run.id) if field(c, "kind") == "best")
+job = svc.predict(field(best, "id"), d.id, list(range(20)))
 wait(svc.prediction(job.id).pid)
 print("prediction", svc.prediction(job.id).status)
 """
