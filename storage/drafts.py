@@ -20,7 +20,6 @@ from storage.models import Draft as DraftRow
 from storage.predictions import get_prediction, load_output
 from storage.records import DraftLike, DraftStart, MaskInfo, StoredDraft
 from unet.labels import IGNORE
-from unet.postprocess import to_mask
 
 
 def _record(row: DraftRow, original: np.ndarray | None = None, working: np.ndarray | None = None) -> StoredDraft:
@@ -99,6 +98,8 @@ def start(session: Session, store: FileStore, dataset_id: int, slice_index: int,
     latest = latest_mask(session, dataset_id, slice_index)
     latest_id = latest.id if latest else None
     if prediction_id is not None:
+        from unet.postprocess import to_mask  # (scikit-image: loaded when first needed)
+
         prediction = get_prediction(session, prediction_id)
         if prediction.dataset_id != dataset_id or slice_index not in prediction.slices:
             raise ValueError(f"prediction #{prediction_id} did not predict slice {slice_index} of this dataset")
