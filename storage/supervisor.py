@@ -52,12 +52,19 @@ class Supervisor:
 
     def run(self, exit_when_idle: bool = False, report=None) -> None:
         """Tick until :meth:`stop` (or, with ``exit_when_idle``, until nothing is queued or running)."""
+        failing = ""
         while not self._stop.is_set():
             try:
                 done = self.tick()
-            except Exception as exc:  # a locked or unreachable database: try again next time
-                print(f"supervisor: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            except Exception as exc:  # an unreachable database: try again next time, say so once
+                message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                if message != failing:
+                    print(f"supervisor: {message} (retrying every {self.interval:g} s)", file=sys.stderr, flush=True)
+                failing = message
             else:
+                if failing:
+                    print("supervisor: the store answers again", file=sys.stderr, flush=True)
+                    failing = ""
                 if report is not None:
                     report(done)
                 if exit_when_idle and not self.busy():
