@@ -118,12 +118,15 @@ class Reconciled:
 
 
 def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale: timedelta = HEARTBEAT_STALE,
-              cancel_grace: timedelta = CANCEL_GRACE) -> Reconciled:
+              cancel_grace: timedelta = CANCEL_GRACE, sigterm_sent: dict[int, datetime] | None = None) -> Reconciled:
     """Settle what the processes cannot say themselves. A RUNNING run whose worker is gone becomes
     CANCELLED when a cancel was asked for, else LOST; one that is silent is LOST (and terminated). A worker
-    that ignores a cancel for ``cancel_grace`` gets SIGTERM (it unwinds and records CANCELLED), and
-    SIGKILL after twice that. A prediction whose process is gone is FAILED."""
+    that ignores a cancel for ``cancel_grace`` gets SIGTERM (it unwinds and records CANCELLED), and SIGKILL
+    when it is still there ``cancel_grace`` after that. ``sigterm_sent`` remembers the SIGTERMs between
+    calls (the supervisor keeps it), so one started late still warns first; without it the SIGKILL comes
+    twice the grace after the cancel. A prediction whose process is gone is FAILED."""
     now = now or datetime.now(UTC)
+    sent = sigterm_sent if sigterm_sent is not None else {}
     done = Reconciled()
     for run in session.scalars(select(Run).where(Run.status == RunStatus.RUNNING)):
         alive = is_alive(run.pid, run.pid_started)
@@ -142,8 +145,10 @@ def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale:
                 done.signalled.append((run.id, "SIGTERM"))
             done.lost.append(run.id)
         elif cancelled is not None and now - cancelled > cancel_grace and run.pid:
-            kill = now - cancelled > 2 * cancel_grace
+            warned = sent.get(run.id) if sigterm_sent is not None else cancelled + cancel_grace
+            kill = warned is not None and now - warned > cancel_grace
             terminate(run.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            sent.setdefault(run.id, now)
             done.signalled.append((run.id, "SIGKILL" if kill else "SIGTERM"))
     for row in session.scalars(select(Prediction).where(Prediction.status.in_(ACTIVE))):
         if row.pid is not None and not is_alive(row.pid, row.pid_started):

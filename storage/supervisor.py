@@ -35,10 +35,12 @@ class Supervisor:
         self.cancel_grace, self.heartbeat_stale = cancel_grace, heartbeat_stale
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sigterm_sent: dict = {}  # run id → when this supervisor sent SIGTERM (SIGKILL a grace later)
 
     def tick(self) -> Reconciled:
         with self.sessions.begin() as s:
-            done = reconcile(s, cancel_grace=self.cancel_grace, heartbeat_stale=self.heartbeat_stale)
+            done = reconcile(s, cancel_grace=self.cancel_grace, heartbeat_stale=self.heartbeat_stale,
+                             sigterm_sent=self._sigterm_sent)
         start_queued(self.sessions, self.settings)
         return done
 

@@ -309,14 +309,8 @@ def _age_cancel(sessions, run_id, by) -> None:
 
 
 def test_a_worker_that_ignores_sigterm_too_gets_sigkill(env):
-    import subprocess
-    import sys
-
     _, sessions, _, spec = env
-    stubborn = ("import signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
-                "time.sleep(300)")
-    proc = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "ready\n"  # its SIGTERM handler is in place
+    proc = _stubborn()
     run_id = _running_row(sessions, spec, proc, heartbeat_age_s=1, cancel_age_s=1)
     _age_cancel(sessions, run_id, queue.CANCEL_GRACE * 1.5)
     with sessions.begin() as s:
@@ -326,6 +320,38 @@ def test_a_worker_that_ignores_sigterm_too_gets_sigkill(env):
     with sessions.begin() as s:
         assert queue.reconcile(s).signalled == [(run_id, "SIGKILL")]
     assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_a_supervisor_that_starts_late_still_warns_before_it_kills(env):
+    """The cancel is long past when the supervisor first looks (it was down): SIGTERM first all the same,
+    and SIGKILL only a grace period after that SIGTERM."""
+    from datetime import UTC, datetime
+
+    _, sessions, _, spec = env
+    proc = _stubborn()
+    run_id = _running_row(sessions, spec, proc, heartbeat_age_s=1, cancel_age_s=1)
+    _age_cancel(sessions, run_id, queue.CANCEL_GRACE * 5)
+    sent: dict = {}
+    for _ in range(2):  # at once, and again within the grace of that SIGTERM
+        with sessions.begin() as s:
+            assert queue.reconcile(s, sigterm_sent=sent).signalled == [(run_id, "SIGTERM")]
+    assert proc.poll() is None
+    sent[run_id] = datetime.now(UTC) - queue.CANCEL_GRACE * 1.5
+    with sessions.begin() as s:
+        assert queue.reconcile(s, sigterm_sent=sent).signalled == [(run_id, "SIGKILL")]
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def _stubborn():
+    """A process that ignores SIGTERM (its handler is in place when this returns)."""
+    import subprocess
+    import sys
+
+    code = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+            "time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    return proc
 
 
 def test_a_run_whose_data_is_damaged_fails_with_the_reason(env):
