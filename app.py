@@ -45,6 +45,8 @@ def home() -> None:
     c3.markdown(f"Compute device  \n**{overview.device}**", help="Where training and prediction run. "
                 "A GPU is used when PyTorch finds one.")
     st.caption(f"Store: `{svc.settings.data_dir}`")
+    if svc.starter_note:
+        st.warning(svc.starter_note, icon=":material/warning:")
 
     st.subheader("Try it")
     if overview.datasets == 0:

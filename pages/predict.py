@@ -11,7 +11,7 @@ from storage.service import RunStatus, UserError
 from ui.paint import View
 from ui.prediction import LAYERS, METRICS, compose, metric_rows
 from ui.prediction import progress as job_progress
-from ui.training import checkpoint_label
+from ui.training import checkpoint_label, default_checkpoint
 
 svc = start_page("Predict")
 
@@ -44,7 +44,10 @@ with top[0]:
         st.info("No trained model yet: start a run on **Train**; its checkpoints appear here.")
         st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
         st.stop()
-    checkpoint_id = st.selectbox("Checkpoint", list(checkpoints), key="predict_checkpoint",
+    ids = list(checkpoints)  # each dataset has its own choice; a new one starts from the starter model
+    chosen = default_checkpoint(list(checkpoints.values()), svc.runs(), dataset_id)
+    checkpoint_id = st.selectbox("Checkpoint", ids, index=ids.index(chosen) if chosen in ids else 0,
+                                 key=f"predict_checkpoint_{dataset_id}",
                                  format_func=lambda i: checkpoint_label(checkpoints[i]))
 info = svc.dataset(dataset_id)
 

@@ -22,6 +22,11 @@ for c in svc.checkpoint_choices():  # every run's, in one read
     checkpoints.setdefault(c.run_id, []).append(c)
 run_of_checkpoint = {c.id: c.run_id for cs in checkpoints.values() for c in cs}
 parent_run = {r.id: run_of_checkpoint.get(r.parent_checkpoint_id) for r in runs}
+starter_runs = {c.run_id for cs in checkpoints.values() for c in cs if c.run_kind == "starter"}
+
+
+def run_name(run_id: int) -> str:
+    return "the starter model" if run_id in starter_runs else f"run {run_id}"
 
 
 def best_metrics(run_id: int) -> dict:
@@ -41,7 +46,7 @@ st.dataframe([{
     "started": r.started.strftime("%Y-%m-%d %H:%M") if r.started else "", "duration": duration(r.duration_s),
     "val pixel error": best_metrics(r.id).get("val_pixel_error"), "val Rand-F": best_metrics(r.id).get("val_rand_f"),
     "val VI": best_metrics(r.id).get("val_vi"),
-    "parent": f"run {parent_run[r.id]}" if parent_run[r.id] else ""} for r in shown],
+    "parent": run_name(parent_run[r.id]) if parent_run[r.id] else ""} for r in shown],
     hide_index=True, key="runs_table")
 
 one, compare = st.tabs(["A run", "Compare runs"])
@@ -51,8 +56,9 @@ with one:
                                                      for r in runs if r.id == i))
     run = svc.run(run_id)
     parent, children = svc.lineage(run_id)
-    st.markdown("**Lineage:** " + (f"run {parent} → " if parent else "random initialisation → ") + f"**run {run.id}**"
-                + (" → " + ", ".join(f"run {c}" for c in children) if children else ""))
+    origin = f"{run_name(parent)} → " if parent else "random initialisation → "
+    st.markdown(f"**Lineage:** {origin}**run {run.id}**" + (" → " + ", ".join(f"run {c}" for c in children)
+                                                            if children else ""))
     if run.error:
         st.error(run.error.strip().splitlines()[-1])
     curves = svc.curves(run.id)

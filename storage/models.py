@@ -89,6 +89,7 @@ class Run(Base):
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default=RunStatus.QUEUED.value, index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="train", server_default="train")  # train | starter
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # datasets and slices for training / validation
     config: Mapped[dict[str, Any]] = mapped_column(JSON)  # unet TrainConfig.to_dict()
     device: Mapped[str] = mapped_column(String(32), default="cpu")

@@ -165,6 +165,7 @@ class RunInfo:
     parent_checkpoint_id: int | None = None
     phase: str = ""  # what the worker does now: "training", "validating slice 2 of 3"
     train_seconds: float | None = None  # training time over every start of the run (resumes included)
+    kind: str = "train"  # train | starter (a model that ships with the app, registered as a finished run)
 
     @property
     def active(self) -> bool:
@@ -201,6 +202,7 @@ class CheckpointInfo:
     metrics: dict[str, float]
     run_status: RunStatus | None = None
     preset: str = ""
+    run_kind: str = "train"  # "starter": the model that ships with the app
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ Curve = list[tuple[int, float, float]]  # (step, value, seconds since the run st
 def run_info(row: Run, train_seconds: float | None = None) -> RunInfo:
     return RunInfo(row.id, RunStatus(row.status), row.device, row.spec, row.config, row.created, row.started,
                    row.finished, row.error, row.pid, row.cancel_requested is not None, row.parent_checkpoint_id,
-                   row.phase or "", train_seconds)
+                   row.phase or "", train_seconds, row.kind or "train")
 
 
 def run_row(session: Session, run_id: int) -> Run:
@@ -106,8 +106,15 @@ def submit_training(session: Session, spec: dict[str, Any], config: TrainConfig,
     saw when pressing Train. :func:`storage.queue.start_queued` starts it once the transaction commits."""
     if not spec.get("train"):
         raise ValueError("choose at least one training slice")
-    if parent_checkpoint_id is not None and session.get(Checkpoint, parent_checkpoint_id) is None:
-        raise NotFound(f"checkpoint {parent_checkpoint_id} does not exist")
+    if parent_checkpoint_id is not None:
+        parent = session.get(Checkpoint, parent_checkpoint_id)
+        if parent is None:
+            raise NotFound(f"checkpoint {parent_checkpoint_id} does not exist")
+        parent_model = session.get(Run, parent.run_id).config.get("model")
+        if parent_model is not None and parent_model != config.model.to_dict():
+            raise ValueError("the checkpoint to fine-tune from is another network (width "
+                             f"{parent_model.get('initial_features')}, depth {parent_model.get('depth')}, "
+                             f"{parent_model.get('padding')} padding): choose its preset, or the same knobs")
     run = Run(status=RunStatus.QUEUED, spec=spec, config=config.to_dict(), device=device_key(config),
               parent_checkpoint_id=parent_checkpoint_id)
     session.add(run)
@@ -154,16 +161,19 @@ def get_run(session: Session, run_id: int) -> RunInfo:
     return run_info(run_row(session, run_id), _train_seconds(session, [run_id]).get(run_id))
 
 
-def list_runs(session: Session) -> list[RunInfo]:
-    """Every run, newest first."""
-    rows = list(session.scalars(select(Run).order_by(Run.id.desc())))
+def list_runs(session: Session, *, include_starter: bool = False) -> list[RunInfo]:
+    """Every training run, newest first (and the shipped starter model's record, when asked)."""
+    query = select(Run).order_by(Run.id.desc())
+    if not include_starter:
+        query = query.where(Run.kind != "starter")
+    rows = list(session.scalars(query))
     seconds = _train_seconds(session, [r.id for r in rows])
     return [run_info(r, seconds.get(r.id)) for r in rows]
 
 
 def count_runs(session: Session) -> tuple[int, int]:
     """(all runs, queued or running ones)."""
-    total = session.scalar(select(func.count()).select_from(Run)) or 0
+    total = session.scalar(select(func.count()).select_from(Run).where(Run.kind != "starter")) or 0
     active = session.scalar(select(func.count()).select_from(Run).where(Run.status.in_(ACTIVE))) or 0
     return int(total), int(active)
 
@@ -236,7 +246,8 @@ def lineage(session: Session, run_id: int) -> tuple[int | None, list[int]]:
 def _checkpoint_info(c: Checkpoint, run: Run | None = None) -> CheckpointInfo:
     return CheckpointInfo(c.id, c.run_id, c.kind, c.step, c.file, c.sha256, dict(c.metrics or {}),
                           RunStatus(run.status) if run is not None else None,
-                          str(run.spec.get("preset", "")) if run is not None else "")
+                          str(run.spec.get("preset", "")) if run is not None else "",
+                          (run.kind or "train") if run is not None else "train")
 
 
 def checkpoints(session: Session, run_id: int | None = None) -> list[CheckpointInfo]:

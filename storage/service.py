@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 import numpy as np
 from sqlalchemy.orm import Session
 
-from storage import datasets, deletion, drafts, ingest, masks, predictions, queue, runs
+from storage import datasets, deletion, drafts, ingest, masks, predictions, queue, runs, starter
 from storage.db import open_store
 from storage.files import IntegrityError
 from storage.records import (
@@ -68,7 +68,10 @@ class Neuroseg:
         self.sessions, self.store = open_store(self.settings, migrate=True)
         self.store.remove_stale_tmp()
         self.supervisor = Supervisor(self.sessions, self.settings)
+        self.starter_note = ""  # what became of the shipped starter model (a refusal, for a damaged file)
         if supervise:
+            registered = self._tx(starter.register, self.store)
+            self.starter_note = "" if registered.checkpoint_id else registered.message
             self.supervisor.tick()  # runs orphaned by a crash are marked before the first page shows them
             self.supervisor.start()
         self._arrays: OrderedDict[tuple, np.ndarray] = OrderedDict()

@@ -61,7 +61,10 @@ def duration(seconds: float | None) -> str:
 
 
 def checkpoint_label(c: Any, with_run: bool = True) -> str:
-    """"run 3 (cpu-quick) · best at step 400 · pixel error 0.081 · Rand-F 0.912"."""
+    """"run 3 (cpu-quick) · best at step 400 · pixel error 0.081 · Rand-F 0.912"; the shipped model is
+    "starter model (membranes, trained on ISBI 2012)"."""
+    if getattr(c, "run_kind", "train") == "starter":
+        return "starter model (membranes, trained on ISBI 2012)"
     scores = " · ".join(f"{name} {c.metrics[key]:.3f}" for key, name in
                         (("val_pixel_error", "pixel error"), ("val_rand_f", "Rand-F")) if key in c.metrics)
     head = f"run {c.run_id} ({c.preset or 'custom'}) · " if with_run else ""
@@ -88,3 +91,14 @@ def compare_recipes(runs: list[Any]) -> tuple[list[dict[str, str]], int]:
         row["differs"] = "●" if len({row[name] for name in flat}) > 1 else ""
     rows.sort(key=lambda row: row["differs"] != "●")
     return rows, sum(row["differs"] == "●" for row in rows)
+
+
+def default_checkpoint(checkpoints: list[Any], runs: list[Any], dataset_id: int) -> int | None:
+    """The checkpoint a prediction of a dataset starts from: the newest run trained on it, else the starter
+    model (a new dataset's first prediction needs no training), else the newest of all."""
+    trained_here = {r.id for r in runs if dataset_id in r.dataset_ids}
+    for c in checkpoints:  # newest run first
+        if c.run_id in trained_here:
+            return c.id
+    starter = next((c.id for c in checkpoints if getattr(c, "run_kind", "train") == "starter"), None)
+    return starter if starter is not None else (checkpoints[0].id if checkpoints else None)
