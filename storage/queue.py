@@ -118,7 +118,8 @@ class Reconciled:
 
 
 def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale: timedelta = HEARTBEAT_STALE,
-              cancel_grace: timedelta = CANCEL_GRACE, sigterm_sent: dict[int, datetime] | None = None) -> Reconciled:
+              cancel_grace: timedelta = CANCEL_GRACE,
+              sigterm_sent: dict[tuple[int, int], datetime] | None = None) -> Reconciled:
     """Settle what the processes cannot say themselves. A RUNNING run whose worker is gone becomes
     CANCELLED when a cancel was asked for, else LOST; one that is silent is LOST (and terminated). A worker
     that ignores a cancel for ``cancel_grace`` gets SIGTERM (it unwinds and records CANCELLED), and SIGKILL
@@ -145,10 +146,10 @@ def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale:
                 done.signalled.append((run.id, "SIGTERM"))
             done.lost.append(run.id)
         elif cancelled is not None and now - cancelled > cancel_grace and run.pid:
-            warned = sent.get(run.id) if sigterm_sent is not None else cancelled + cancel_grace
+            warned = sent.get((run.id, run.pid)) if sigterm_sent is not None else cancelled + cancel_grace
             kill = warned is not None and now - warned > cancel_grace
             terminate(run.pid, signal.SIGKILL if kill else signal.SIGTERM)
-            sent.setdefault(run.id, now)
+            sent.setdefault((run.id, run.pid), now)  # per worker: a resumed run's next worker is warned anew
             done.signalled.append((run.id, "SIGKILL" if kill else "SIGTERM"))
     for row in session.scalars(select(Prediction).where(Prediction.status.in_(ACTIVE))):
         if row.pid is not None and not is_alive(row.pid, row.pid_started):

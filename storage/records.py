@@ -52,10 +52,6 @@ class RunStatus(StrEnum):
     CANCELLED = "CANCELLED"
     LOST = "LOST"  # the worker died or went silent; resume continues from the latest checkpoint
 
-    @property
-    def active(self) -> bool:
-        return self in ACTIVE
-
 
 ACTIVE = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 TERMINAL = frozenset(RunStatus) - ACTIVE
@@ -254,9 +250,6 @@ class RunSnapshot:
 
 
 # --- predictions ---------------------------------------------------------------------------------------
-OUTPUTS = ("probabilities", "mask", "instances")
-
-
 @dataclass(frozen=True)
 class PredictionInfo:
     id: int

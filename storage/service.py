@@ -33,7 +33,6 @@ from storage.records import (
     PredictionInfo,
     RunInfo,
     RunMaskInfo,
-    RunProgress,
     RunSnapshot,
     RunStatus,
     StoredDraft,
@@ -70,8 +69,11 @@ class Neuroseg:
         self.supervisor = Supervisor(self.sessions, self.settings)
         self.starter_note = ""  # what became of the shipped starter model (a refusal, for a damaged file)
         if supervise:
-            registered = self._tx(starter.register, self.store)
-            self.starter_note = "" if registered.checkpoint_id else registered.message
+            try:  # the app works without a starter: a failure here is said on Home, not a failed start
+                registered = self._tx(starter.register, self.store)
+                self.starter_note = registered.message if registered.refused else ""
+            except UserError as exc:
+                self.starter_note = f"the starter model was not registered: {exc}"
             self.supervisor.tick()  # runs orphaned by a crash are marked before the first page shows them
             self.supervisor.start()
         self._arrays: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -83,9 +85,7 @@ class Neuroseg:
         try:
             with self.sessions.begin() as s:
                 return fn(s, *args, **kwargs)
-        except MaskConflict:
-            raise
-        except (ValueError, LookupError, IntegrityError) as exc:
+        except (ValueError, LookupError, IntegrityError) as exc:  # (MaskConflict passes through as it is)
             raise UserError(str(exc)) from exc
         except OSError as exc:
             raise UserError(ingest.disk_message(exc)) from exc
@@ -228,24 +228,19 @@ class Neuroseg:
     def run(self, run_id: int) -> RunInfo:
         return self._tx(runs.get_run, run_id)
 
-    def curves(self, run_id: int) -> dict[str, Curve]:
-        """Every metric of a run as {key: [(step, value, seconds), …]} in step order (one query)."""
-        curves = self._tx(runs.run_curves, run_id)
-        curves.pop("resume", None)  # bookkeeping, not a curve
-        return curves
-
-    def progress(self, run: RunInfo) -> RunProgress:
-        return runs.run_progress(run, self._tx(runs.run_curves, run.id))
-
     def snapshot(self, run_id: int) -> RunSnapshot:
-        """The run, where it is and its curves, read in one transaction (what the Train page polls)."""
+        """The run, where it is and its curves (every metric, {key: [(step, value, seconds), …]} in step
+        order), read in one transaction: what the Train page polls."""
         def read(s: Session) -> RunSnapshot:
             run, curves = runs.get_run(s, run_id), runs.run_curves(s, run_id)
             progress = runs.run_progress(run, curves)
-            curves.pop("resume", None)
+            curves.pop("resume", None)  # bookkeeping, not a curve
             return RunSnapshot(run, progress, curves)
 
         return self._tx(read)
+
+    def curves(self, run_id: int) -> dict[str, Curve]:
+        return self.snapshot(run_id).curves
 
     def run_log(self, run_id: int, lines: int = 30) -> str:
         return runs.run_log(self.store, run_id, lines)

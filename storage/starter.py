@@ -32,7 +32,8 @@ def starter_dir() -> Path:
 @dataclass(frozen=True)
 class Registered:
     checkpoint_id: int | None  # None when there is no usable starter file
-    message: str  # what happened, for the log (and the refusal, for a damaged file)
+    message: str  # what happened, for the log
+    refused: bool = False  # a starter file is there but cannot be used: the message says why
 
 
 def shipped(folder: Path | None = None) -> Path | None:
@@ -59,7 +60,7 @@ def register(session: Session, store: FileStore, folder: Path | None = None) -> 
         ckpt.build_model("cpu")
     except Exception as exc:
         return Registered(None, f"the starter model {path.name} cannot be loaded ({type(exc).__name__}: {exc}); "
-                                "it is not offered. Train it again with `python -m bench.starter`.")
+                                "it is not offered. Train it again with `python -m bench.starter`.", refused=True)
     config = ckpt.meta.get("train_config") or {"model": ckpt.model_config.to_dict()}
     now = datetime.now(UTC)
     run = Run(kind="starter", status=RunStatus.FINISHED, device="cpu", created=now, started=now, finished=now,

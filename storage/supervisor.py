@@ -35,7 +35,7 @@ class Supervisor:
         self.cancel_grace, self.heartbeat_stale = cancel_grace, heartbeat_stale
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._sigterm_sent: dict = {}  # run id → when this supervisor sent SIGTERM (SIGKILL a grace later)
+        self._sigterm_sent: dict = {}  # (run id, worker pid) → when this supervisor sent SIGTERM
 
     def tick(self) -> Reconciled:
         with self.sessions.begin() as s:

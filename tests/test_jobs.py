@@ -335,8 +335,8 @@ def test_a_supervisor_that_starts_late_still_warns_before_it_kills(env):
     for _ in range(2):  # at once, and again within the grace of that SIGTERM
         with sessions.begin() as s:
             assert queue.reconcile(s, sigterm_sent=sent).signalled == [(run_id, "SIGTERM")]
-    assert proc.poll() is None
-    sent[run_id] = datetime.now(UTC) - queue.CANCEL_GRACE * 1.5
+    assert proc.poll() is None and list(sent) == [(run_id, proc.pid)]
+    sent[(run_id, proc.pid)] = datetime.now(UTC) - queue.CANCEL_GRACE * 1.5
     with sessions.begin() as s:
         assert queue.reconcile(s, sigterm_sent=sent).signalled == [(run_id, "SIGKILL")]
     assert proc.wait(timeout=30) == -signal.SIGKILL

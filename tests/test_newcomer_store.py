@@ -153,7 +153,7 @@ def test_a_resume_stores_no_step_twice_and_says_where_it_went_on_from(svc):
     out = svc.store.run_dir(run_id)
     out.mkdir(parents=True)
     assert _start_segment(svc.sessions, run_id, out, resume=False) == 0  # killed before its first checkpoint
-    progress = svc.progress(svc.run(run_id))
+    progress = svc.snapshot(run_id).progress
     assert progress.resumes == [(0, 25)] and progress.step == 0 and "resume" not in svc.curves(run_id)
 
     with svc.sessions.begin() as s:
@@ -162,7 +162,7 @@ def test_a_resume_stores_no_step_twice_and_says_where_it_went_on_from(svc):
     assert _start_segment(svc.sessions, run_id, out, resume=True) == 20
     steps = [p[0] for p in svc.curves(run_id)["loss"]]
     assert steps == list(range(1, 21)), "the steps after the checkpoint go: they are trained again"
-    assert svc.progress(svc.run(run_id)).resumes == [(0, 25), (20, 30)]
+    assert svc.snapshot(run_id).progress.resumes == [(0, 25), (20, 30)]
     assert demo.id
 
 

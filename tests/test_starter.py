@@ -92,6 +92,15 @@ def test_a_damaged_starter_is_refused_with_a_message(tmp_path, shipped):
         svc.close()
 
 
+def test_no_starter_shipped_is_not_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROSEG_STARTER_DIR", str(tmp_path / "nothing-here"))
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"))
+    try:
+        assert svc.starter_note == "" and svc.checkpoint_choices() == []
+    finally:
+        svc.close()
+
+
 def test_registration_keys_on_the_file_and_leaves_runs_alone(tmp_path, shipped):
     from storage.db import open_store
 
