@@ -2,7 +2,7 @@
 whole ISBI 2012 training stack, and its twin, trained the same way without slices 25–29 and scored there,
 so the model card can say how the recipe does on slices it never saw.
 
-    python -m bench.starter --minutes 40 [--data DIR] [--out models/starter] [--json FILE]
+    python -m bench.starter --minutes 40 [--then 50] [--data DIR] [--out models/starter] [--json FILE]
 
 The two train at the same time, one CPU thread each, with the same recipe and seed: ``cpu-quick``'s
 network (width 8, depth 4, same padding, batch norm; 0.49 M parameters, 2 MB of weights) with stronger
@@ -31,18 +31,26 @@ ALL, HELD_OUT = list(range(30)), list(range(25, 30))
 NAME = "membrane-w8"
 
 
-def recipe(minutes: float):
+THEN_LR = 1e-3  # the second stage's peak learning rate (a third of cpu-quick's 3e-3)
+
+
+def recipe(minutes: float, stage: int = 1):
+    """Stage 1: ``cpu-quick``'s network from random weights, the learning rate annealed over ``minutes``.
+    Stage 2 (``--then``): a second cosine cycle from stage 1's last weights at a lower peak (a warm
+    restart), which is where the borders sharpen."""
     from dataclasses import replace
 
     from unet.config import preset
 
     base = preset("cpu-quick")
-    return preset("cpu-quick", steps=200_000, max_seconds=minutes * 60, seed=0, checkpoint_every=500,
-                  val_every=10**9, augment=replace(base.augment, intensity_p=0.9, noise_p=0.5, elastic_p=0.6))
+    extra = {"lr": THEN_LR, "warmup_steps": 20, "seed": 1} if stage == 2 else {"seed": 0}
+    return preset("cpu-quick", steps=200_000, max_seconds=minutes * 60, checkpoint_every=500, val_every=10**9,
+                  augment=replace(base.augment, intensity_p=0.9, noise_p=0.5, elastic_p=0.6), **extra)
 
 
-def train_one(which: str, minutes: float, data: Path, out: Path) -> None:
-    """Train the twin (slices 0–24) or the full model (0–29) into ``out/which``."""
+def train_one(which: str, minutes: float, data: Path, out: Path, stage: int = 1) -> None:
+    """Train the twin (slices 0–24) or the full model (0–29) into ``out/which`` (stage 1) or, from there,
+    into ``out/which/stage2``."""
     import torch
 
     from unet.data import TrainData
@@ -53,9 +61,10 @@ def train_one(which: str, minutes: float, data: Path, out: Path) -> None:
     volume = read_stack(data / "train-volume.tif")
     labels = read_labels(data / "train-labels.tif", volume.shape)
     slices = [z for z in ALL if which == "full" or z not in HELD_OUT]
-    result = train(recipe(minutes), TrainData.from_stack(volume, labels, slices, []), NullReporter(),
-                   out_dir=out / which)
-    print(f"{which}: {result.reason} after {result.steps_done} steps", flush=True)
+    stage_dir = out / which if stage == 1 else out / which / "stage2"
+    result = train(recipe(minutes, stage), TrainData.from_stack(volume, labels, slices, []), NullReporter(),
+                   out_dir=stage_dir, init_from=out / which / "latest.pt" if stage == 2 else None)
+    print(f"{which} stage {stage}: {result.reason} after {result.steps_done} steps", flush=True)
 
 
 def score_twin(data: Path, checkpoint: Path) -> dict[str, float]:
@@ -71,7 +80,8 @@ def score_twin(data: Path, checkpoint: Path) -> dict[str, float]:
     return {k: result.metrics["mean"][k] for k in ("pixel_error", "rand_f", "vi", "dice")}
 
 
-def ship(trained: Path, out: Path, minutes: float, steps: int, twin: dict[str, float], twin_steps: int) -> Path:
+def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin: dict[str, float],
+         twin_steps: int) -> Path:
     """Write the full model's last weights (no optimiser state) and its model card into ``out``."""
     from unet.checkpoint import load_checkpoint, save_checkpoint
 
@@ -82,7 +92,10 @@ def ship(trained: Path, out: Path, minutes: float, steps: int, twin: dict[str, f
     path = save_checkpoint(out / f"{NAME}.pt", model, meta=meta)
     params = sum(p.numel() for p in model.parameters())
     (out / "MODEL_CARD.md").write_text(CARD.format(
-        name=NAME, params=params, size_mb=path.stat().st_size / 1e6, minutes=minutes, steps=steps,
+        name=NAME, params=params, size_mb=path.stat().st_size / 1e6, steps=steps,
+        schedule=f"{minutes:g} minutes" + (f" plus a second cycle of {then:g} minutes from those weights at a "
+                                           f"peak learning rate of {THEN_LR:g} (a warm restart)" if then else ""),
+        command=f"--minutes {minutes:g}" + (f" --then {then:g}" if then else ""),
         twin_steps=twin_steps, machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         recipe=json.dumps(ckpt.meta.get("train_config"), indent=2), **twin))
     return path
@@ -101,10 +114,10 @@ prediction on a new stack takes seconds and no painting. Every page that picks a
 - **Data**: the ISBI 2012 EM segmentation challenge training stack (30 × 512², Drosophila first-instar
   larva ventral nerve cord, ssTEM, 4 × 4 × 50 nm). Cardona et al. 2010, PLoS Biol 8(10):e1000502;
   Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142. The data is not in the repository.
-- **Recipe**: {minutes:g} minutes on one CPU thread ({steps:,} steps of 4 patches of 160²), the learning
-  rate annealed over that time; flips and rotations, elastic deformation, strong brightness, contrast,
+- **Recipe**: {schedule} on one CPU thread ({steps:,} steps of 4 patches of 160²), the learning
+  rate annealed over each cycle; flips and rotations, elastic deformation, strong brightness, contrast,
   gamma and noise changes (other labs' stacks differ most in those). Last weights, no checkpoint picked.
-- **Made by**: `python -m bench.starter --minutes {minutes:g}` ({machine}).
+- **Made by**: `python -m bench.starter {command}` ({machine}).
 - **How well**: its twin, trained the same way ({twin_steps:,} steps) on slices 0–24 only and scored on
   25–29 (threshold 0.5 for the pixel error, the seeded watershed for Rand-F and VI):
   pixel error **{pixel_error:.3f}**, Rand-F **{rand_f:.3f}**, VI **{vi:.3f}** (Dice {dice:.3f}).
@@ -119,13 +132,29 @@ Recipe as stored with the weights:
 """
 
 
+def _stage1_done(work: Path, which: str, minutes: float) -> bool:
+    """Whether ``work/which`` already holds a finished stage 1 of this recipe (``--then`` reuses it)."""
+    from unet.checkpoint import load_checkpoint
+
+    path = work / which / "latest.pt"
+    if not path.is_file():
+        return False
+    meta = load_checkpoint(path).meta
+    return (meta.get("train_config") or {}).get("max_seconds") == minutes * 60 and \
+        float(meta.get("seconds", 0)) >= minutes * 60
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.starter", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=40.0, help="training time of each model")
+    ap.add_argument("--minutes", type=float, default=40.0, help="stage 1: training time of each model")
+    ap.add_argument("--then", type=float, default=0.0,
+                    help="stage 2: minutes of a second, gentler cycle from stage 1's weights (0: none)")
     ap.add_argument("--data", help="the folder of train-volume.tif and train-labels.tif")
     ap.add_argument("--out", default=str(ROOT / "models" / "starter"), help="where the shipped model goes")
-    ap.add_argument("--work", default=None, help="where both are trained (default: a folder under /tmp)")
+    ap.add_argument("--work", default=None, help="where both are trained (default: a folder under /tmp); "
+                    "a finished stage 1 of the same --minutes found there is reused")
     ap.add_argument("--only", choices=["twin", "full"], help="train one of the two, then stop")
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "starter.json"), help="the figures")
     args = ap.parse_args(argv)
     data = isbi_dir(args.data)
@@ -134,29 +163,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = Path(args.work or f"/tmp/neuroseg-starter-{os.getpid()}")
     if args.only:
-        train_one(args.only, args.minutes, data, work)
+        if args.stage == 1 or not _stage1_done(work, args.only, args.minutes):
+            train_one(args.only, args.minutes, data, work)
+        if args.stage == 2:
+            train_one(args.only, args.then, data, work, stage=2)
         return 0
     start = time.monotonic()
+    stage = 2 if args.then > 0 else 1
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "bench.starter", "--only", which, "--minutes",
-                               str(args.minutes), "--data", str(data), "--work", str(work)], cwd=ROOT, env=env)
+                               str(args.minutes), "--then", str(args.then), "--stage", str(stage),
+                               "--data", str(data), "--work", str(work)], cwd=ROOT, env=env)
              for which in ("twin", "full")]
     if any(p.wait() != 0 for p in procs):
         return 1
     from unet.checkpoint import load_checkpoint
 
-    twin = score_twin(data, work / "twin" / "latest.pt")
-    steps = {w: int(load_checkpoint(work / w / "latest.pt").meta["step"]) for w in ("twin", "full")}
+    last = {w: work / w / ("stage2" if stage == 2 else "") / "latest.pt" for w in ("twin", "full")}
+    twin = score_twin(data, last["twin"])
+    stage1 = {w: int(load_checkpoint(work / w / "latest.pt").meta["step"]) for w in ("twin", "full")}
+    steps = {w: int(load_checkpoint(last[w]).meta["step"]) + (stage1[w] if stage == 2 else 0)
+             for w in ("twin", "full")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = ship(work / "full" / "latest.pt", out, args.minutes, steps["full"], twin, steps["twin"])
+    path = ship(last["full"], out, args.minutes, args.then, steps["full"], twin, steps["twin"])
     rows = [{"model": "twin (0-24) on 25-29", "steps": steps["twin"], **twin}]
     print(table(rows, [("model", "model", "s"), ("steps", "steps", "d"), ("pixel_error", "pixel error", ".4f"),
                        ("rand_f", "Rand-F", ".4f"), ("vi", "VI", ".3f")]))
     print(f"shipped {path} ({path.stat().st_size / 1e6:.1f} MB) after {time.monotonic() - start:.0f} s")
-    write_json(args.json, {"minutes": args.minutes, "steps": steps, "twin_held_out": twin, "machine": platform.node(),
-                           "cpus": os.cpu_count(), "model": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT)
-                           else str(path)})
+    write_json(args.json, {"minutes": args.minutes, "then_minutes": args.then, "steps": steps, "twin_held_out": twin,
+                           "machine": platform.node(), "cpus": os.cpu_count(),
+                           "model": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)})
     return 0
 
 

@@ -53,6 +53,10 @@ class FileStore:
     def run_dir(self, run_id: int) -> Path:
         return self.root / self.run_folder(run_id)
 
+    def live_slice(self, run_id: int, slice_index: int) -> str:
+        """A live session's newest prediction of a slice (uint8 probabilities, NumPy's format)."""
+        return f"{self.run_folder(run_id)}/live/{int(slice_index)}.npy"
+
     def worker_log(self, run_id: int) -> Path:
         return self.run_dir(run_id) / "worker.log"
 

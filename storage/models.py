@@ -37,6 +37,11 @@ class Dataset(Base):
     size_bytes: Mapped[int]
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     notes: Mapped[str] = mapped_column(Text, default="")
+    # frozen held-out slices, [{"slice": z, "mask_id": id}], that every run on the dataset is scored on;
+    # changed only explicitly, and each change is a new version (scores compare within a version)
+    held_out: Mapped[list[dict[str, int]] | None] = mapped_column(JSON)
+    held_out_version: Mapped[int] = mapped_column(default=0, server_default="0")
+    default_checkpoint_id: Mapped[int | None]  # the promoted model: Predict and Live start from it
     masks: Mapped[list[MaskVersion]] = relationship(back_populates="dataset", cascade="all, delete-orphan",
                                                     passive_deletes=True)
 
@@ -89,7 +94,7 @@ class Run(Base):
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default=RunStatus.QUEUED.value, index=True)
-    kind: Mapped[str] = mapped_column(String(16), default="train", server_default="train")  # train | starter
+    kind: Mapped[str] = mapped_column(String(16), default="train", server_default="train")  # train|live|starter
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # datasets and slices for training / validation
     config: Mapped[dict[str, Any]] = mapped_column(JSON)  # unet TrainConfig.to_dict()
     device: Mapped[str] = mapped_column(String(32), default="cpu")
@@ -104,6 +109,9 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     parent_checkpoint_id: Mapped[int | None] = mapped_column(
         ForeignKey("checkpoints.id", ondelete="SET NULL", use_alter=True, name="fk_runs_parent_checkpoint"))
+    # scores on the held-out slices of each dataset it touched: {dataset id: {version, slices, step,
+    # checkpoint_id, metrics}}
+    held_out: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     masks: Mapped[list[RunMask]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     metrics: Mapped[list[Metric]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     checkpoints: Mapped[list[Checkpoint]] = relationship(cascade="all, delete-orphan", passive_deletes=True,
@@ -161,3 +169,27 @@ class Prediction(Base):
     pid: Mapped[int | None]
     pid_started: Mapped[float | None]
     files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")  # name → {file, sha256}
+
+
+class LiveSlice(Base):
+    """The newest live prediction of a slice: a live session's probabilities (uint8 file under the run's
+    folder), the step of the weights and the newest mask version they had learned from."""
+
+    __tablename__ = "live_slices"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    slice_index: Mapped[int] = mapped_column(primary_key=True)
+    step: Mapped[int]
+    masks_seen: Mapped[int]  # the highest mask version id in its training set when it predicted
+    file: Mapped[str] = mapped_column(String(255))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LiveViewer(Base):
+    """Who looks at which slice of a live session (each viewer's slice, and the ones beside it, are
+    re-predicted); a viewer not seen for a while is forgotten."""
+
+    __tablename__ = "live_viewers"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    slice_index: Mapped[int]
+    seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

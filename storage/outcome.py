@@ -53,7 +53,9 @@ def run_to_end(sessions: sessionmaker[Session], table: type[Run] | type[Predicti
             with contextlib.suppress(Exception):
                 cleanup()
         values: dict[str, object] = {"status": outcome.status, "error": outcome.error}
-        if table is Run:
+        if table is Run and outcome.status == RunStatus.QUEUED:  # paused (a live session yielding): queued again
+            values.update(pid=None, pid_started=None, heartbeat=None)
+        elif table is Run:
             values["finished"] = datetime.now(UTC)
         with sessions.begin() as s:
             s.execute(update(table).where(table.id == job_id).values(**values))

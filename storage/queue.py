@@ -52,9 +52,10 @@ def launch(settings: Settings, module: str, args: list[str], log: Path) -> subpr
     return proc
 
 
-def launch_worker(settings: Settings, run_id: int) -> subprocess.Popen:
-    return launch(settings, "storage.train_worker", ["--run-id", str(int(run_id))],
-                  FileStore(settings.data_dir).worker_log(run_id))
+def launch_worker(settings: Settings, run_id: int, kind: str = "train") -> subprocess.Popen:
+    """The process of a run: a training worker, or a live session's (:mod:`storage.live_worker`)."""
+    module = "storage.live_worker" if kind == "live" else "storage.train_worker"
+    return launch(settings, module, ["--run-id", str(int(run_id))], FileStore(settings.data_dir).worker_log(run_id))
 
 
 def launch_prediction(sessions: sessionmaker[Session], settings: Settings, prediction_id: int) -> subprocess.Popen:
@@ -69,25 +70,26 @@ def launch_prediction(sessions: sessionmaker[Session], settings: Settings, predi
 
 
 def start_queued(sessions: sessionmaker[Session], settings: Settings) -> list[subprocess.Popen]:
-    """Start a worker for the oldest QUEUED run of each device that is free. Returns the processes."""
+    """Start a worker for the oldest QUEUED run of each device that is free, normal runs before live
+    sessions (a live session yields its device to them, :mod:`storage.live`). Returns the processes."""
     with sessions.begin() as s:
-        runs = s.scalars(select(Run).where(Run.status.in_(ACTIVE)).order_by(Run.id)).all()
+        runs = s.scalars(select(Run).where(Run.status.in_(ACTIVE)).order_by(Run.kind == "live", Run.id)).all()
         launching = {r.id for r in runs if r.status == RunStatus.QUEUED and r.pid is not None
                      and (r.pid == 0 or is_alive(r.pid, r.pid_started))}
         busy = {r.device for r in runs if r.status == RunStatus.RUNNING or r.id in launching}
-        chosen: dict[str, tuple[int, int | None]] = {}
+        chosen: dict[str, tuple[int, int | None, str]] = {}
         for run in runs:
             if run.status == RunStatus.QUEUED and run.device not in busy and run.device not in chosen:
-                chosen[run.device] = (run.id, run.pid)
+                chosen[run.device] = (run.id, run.pid, run.kind)
     started = []
-    for run_id, seen_pid in chosen.values():
+    for run_id, seen_pid, kind in chosen.values():
         with sessions.begin() as s:
             same = Run.pid.is_(None) if seen_pid is None else Run.pid == seen_pid
             reserved = s.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.QUEUED, same)
                                  .values(pid=0)).rowcount == 1
         if not reserved:
             continue
-        proc = launch_worker(settings, run_id)
+        proc = launch_worker(settings, run_id, kind)
         with sessions.begin() as s:
             s.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.QUEUED, Run.pid == 0)
                       .values(pid=proc.pid, pid_started=start_time(proc.pid)))

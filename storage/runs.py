@@ -63,8 +63,14 @@ def device_key(config: TrainConfig) -> str:
 
 
 def default_split(session: Session, dataset_id: int, val_share: float = 0.15) -> tuple[list[int], list[int]]:
-    """The labelled slices of a dataset, the last ~15% (at least one) kept for validation."""
+    """The labelled slices of a dataset, the last ~15% (at least one) kept for validation; the held-out
+    slices, where the dataset has them, are the validation set and never train."""
+    from storage.heldout import held_out
+
     labelled = sorted(slice_kinds(session, dataset_id))
+    frozen = held_out(session, dataset_id)
+    if frozen is not None:
+        return [z for z in labelled if z not in frozen.slices], list(frozen.slices)
     n_val = max(1, round(len(labelled) * val_share)) if len(labelled) > 1 else 0
     return labelled[:len(labelled) - n_val], labelled[len(labelled) - n_val:]
 
@@ -106,6 +112,9 @@ def submit_training(session: Session, spec: dict[str, Any], config: TrainConfig,
     saw when pressing Train. :func:`storage.queue.start_queued` starts it once the transaction commits."""
     if not spec.get("train"):
         raise ValueError("choose at least one training slice")
+    from storage.heldout import refuse_training_on_held_out
+
+    refuse_training_on_held_out(session, spec)
     if parent_checkpoint_id is not None:
         parent = session.get(Checkpoint, parent_checkpoint_id)
         if parent is None:

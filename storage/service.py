@@ -15,9 +15,11 @@ from typing import Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 import numpy as np
 from sqlalchemy.orm import Session
 
-from storage import datasets, deletion, drafts, ingest, masks, predictions, queue, runs, starter
+from storage import datasets, deletion, drafts, heldout, ingest, live, masks, predictions, queue, runs, starter
 from storage.db import open_store
 from storage.files import IntegrityError
+from storage.heldout import HeldOut, Score
+from storage.live import LiveInfo, LivePrediction
 from storage.records import (
     AlreadyLoaded,
     ChannelsQuestion,
@@ -299,6 +301,60 @@ class Neuroseg:
 
     def prediction_file(self, prediction_id: int, output: str) -> bytes:
         return self._tx(predictions.prediction_file, self.store, prediction_id, output)
+
+    # --- the live loop ---------------------------------------------------------------------------------
+    def live(self, dataset_id: int) -> LiveInfo | None:
+        """The dataset's live session (queued, running or paused), or None."""
+        return self._tx(live.current, dataset_id)
+
+    def live_start(self, dataset_id: int, checkpoint_id: int | None, owner: str) -> tuple[LiveInfo, str]:
+        """Turn Live on: join the dataset's session, resume its lost one, or start one from the checkpoint.
+        Returns the session and "joined", "resumed" or "started"."""
+        info, what = self._tx(live.start, dataset_id, checkpoint_id, owner)
+        queue.start_queued(self.sessions, self.settings)
+        return self._tx(live.current, dataset_id) or info, what
+
+    def live_see(self, run_id: int, owner: str, slice_index: int) -> None:
+        """``owner`` is looking at ``slice_index``: it (and the slices beside it) is re-predicted."""
+        self._tx(live.see, run_id, owner, slice_index)
+
+    def live_leave(self, run_id: int, owner: str) -> None:
+        self._tx(live.leave, run_id, owner)
+
+    def live_stop(self, run_id: int) -> RunInfo:
+        """End the session for everyone; it becomes a finished run with its checkpoints."""
+        return self._tx(live.stop, run_id)
+
+    def live_prediction(self, run_id: int, slice_index: int) -> LivePrediction | None:
+        return self._tx(live.prediction, self.store, run_id, slice_index)
+
+    # --- held-out slices and the default model --------------------------------------------------------
+    def held_out(self, dataset_id: int) -> HeldOut | None:
+        return self._tx(heldout.held_out, dataset_id)
+
+    def set_held_out(self, dataset_id: int, slices: list[int]) -> HeldOut | None:
+        """Freeze these labelled slices (their current versions) as the dataset's held-out set: a new
+        version. Runs are compared within a version."""
+        return self._tx(heldout.set_held_out, dataset_id, slices)
+
+    def held_out_scores(self, dataset_id: int) -> list[Score]:
+        """Every run scored on the dataset's held-out slices, with its change against parent and best."""
+        return self._tx(heldout.scores, dataset_id)
+
+    def score_run(self, run_id: int) -> int:
+        """Score a run (and its parent) on the held-out slices now, in this process (runs that end are
+        scored by their worker). Returns how many scores were written."""
+        try:
+            return heldout.score_run(self.sessions, self.store, run_id)
+        except (ValueError, LookupError, IntegrityError) as exc:
+            raise UserError(str(exc)) from exc
+
+    def promote(self, dataset_id: int, checkpoint_id: int | None) -> None:
+        """Make a checkpoint the dataset's default model (what Predict and Live start from)."""
+        self._tx(heldout.promote, dataset_id, checkpoint_id)
+
+    def default_model(self, dataset_id: int) -> int | None:
+        return self._tx(heldout.default_model, dataset_id)
 
     def close(self) -> None:
         """Stop the supervisor thread (tests; the server keeps it for its lifetime)."""

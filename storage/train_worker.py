@@ -161,6 +161,12 @@ def run_worker(run_id: int, settings: Settings) -> int:
         if result.reason == "stopped":
             outcome.status = RunStatus.CANCELLED
         print(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}", flush=True)
+        if outcome.status == RunStatus.FINISHED:
+            from storage.heldout import score_run
+
+            reporter.on_phase("scoring on the held-out slices")
+            if score_run(sessions, store, run_id, device=result.device):
+                print(f"run {run_id}: scored on the held-out slices", flush=True)
 
     try:
         return run_to_end(sessions, Run, run_id, body, cleanup=reporter.close)

@@ -1,0 +1,228 @@
+"""Held-out slices and scores: retraining that never silently regresses.
+
+A dataset can freeze some labelled slices as held out: the exact mask versions are recorded, so a later
+edit of such a slice does not move the goalposts, and changing the set is explicit and makes a new
+version (scores compare only within a version). Held-out slices never train: submitting a run that trains
+on one is refused, and a live session leaves them out. Every run that touched the dataset is scored on
+them when it ends (its best weights, the same metrics as validation), and so is its parent checkpoint
+when that has no score there yet (the starter model, a run of another dataset), so each run can be shown
+against its parent and against the dataset's best. The best run can be promoted to the dataset's default
+model: Predict and Live start from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.files import FileStore
+from storage.masks import latest_mask, load_mask
+from storage.models import Checkpoint, Dataset, Run
+from storage.records import NotFound, RunStatus, UserError
+
+# how much worse than its parent or the best a run may score before it is flagged (noise on a few slices)
+TOLERANCE = {"pixel_error": 0.002, "rand_f": 0.005, "vi": 0.02}
+HIGHER_IS_BETTER = {"pixel_error": False, "rand_f": True, "vi": False}
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    version: int
+    slices: list[int]
+    mask_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Score:
+    """A run's held-out score on one dataset, with what it is compared to."""
+
+    run_id: int
+    dataset_id: int
+    version: int
+    metrics: dict[str, float]
+    parent: dict[str, float] | None  # the parent checkpoint's score on the same slices, if any
+    best: dict[str, float] | None  # the dataset's best run's score (this version)
+    best_run_id: int | None
+    worse_than_parent: list[str]  # metrics beyond tolerance
+    worse_than_best: list[str]
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.worse_than_parent)
+
+
+def held_out(session: Session, dataset_id: int) -> HeldOut | None:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    if not dataset.held_out:
+        return None
+    return HeldOut(dataset.held_out_version, [int(h["slice"]) for h in dataset.held_out],
+                   [int(h["mask_id"]) for h in dataset.held_out])
+
+
+def set_held_out(session: Session, dataset_id: int, slices: list[int]) -> HeldOut | None:
+    """Freeze ``slices`` (their latest mask versions) as the dataset's held-out set, a new version; an
+    empty list removes the set."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    frozen = []
+    for z in sorted(set(slices)):
+        if not 0 <= z < dataset.z:
+            raise UserError(f"slice {z} is not in '{dataset.name}' (slices 0–{dataset.z - 1})")
+        mask = latest_mask(session, dataset_id, z)
+        if mask is None:
+            raise UserError(f"slice {z} has no mask yet: only labelled slices can be held out")
+        frozen.append({"slice": z, "mask_id": mask.id})
+    if frozen and len(frozen) >= len(_labelled(session, dataset_id)):
+        raise UserError("holding out every labelled slice leaves nothing to train on: keep at least one")
+    if [h["mask_id"] for h in frozen] == [h["mask_id"] for h in (dataset.held_out or [])]:
+        return held_out(session, dataset_id)
+    dataset.held_out = frozen or None
+    dataset.held_out_version = (dataset.held_out_version or 0) + 1
+    session.flush()
+    return held_out(session, dataset_id)
+
+
+def _labelled(session: Session, dataset_id: int) -> list[int]:
+    from storage.masks import slice_kinds
+
+    return sorted(slice_kinds(session, dataset_id))
+
+
+def refuse_training_on_held_out(session: Session, spec: dict[str, Any]) -> None:
+    for part in spec.get("train", []):
+        frozen = held_out(session, part["dataset_id"])
+        clash = sorted(set(part["slices"]) & set(frozen.slices)) if frozen else []
+        if clash:
+            name = session.get(Dataset, part["dataset_id"]).name
+            raise UserError(f"slice(s) {', '.join(map(str, clash))} of '{name}' are held out for scoring: leave "
+                            "them out of training (or change the held-out slices on Datasets)")
+
+
+def _datasets_of(run: Run) -> list[int]:
+    if run.kind == "live":
+        return [int(run.spec["dataset_id"])]
+    return sorted({int(p["dataset_id"]) for role in ("train", "val") for p in run.spec.get(role, [])})
+
+
+def _weights(session: Session, run_id: int) -> Checkpoint | None:
+    rows = {c.kind: c for c in session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id))}
+    return rows.get("best") or rows.get("latest")
+
+
+def _score_checkpoint(session: Session, store: FileStore, checkpoint: Checkpoint, dataset_id: int,
+                      frozen: HeldOut, device: str = "cpu") -> dict[str, float]:
+    from storage.datasets import load_volume
+    from unet.checkpoint import load_checkpoint
+    from unet.segment import segment_stack
+
+    volume = load_volume(session, store, dataset_id)
+    targets = {z: load_mask(session, store, m) for z, m in zip(frozen.slices, frozen.mask_ids, strict=True)}
+    model = load_checkpoint(store.verified(checkpoint.file, checkpoint.sha256)).build_model(device)
+    result = segment_stack(model, volume, frozen.slices, targets=targets, with_instances=False)
+    return {k: float(v) for k, v in (result.metrics or {}).get("mean", {}).items()}
+
+
+def _record(run: Run, dataset_id: int, frozen: HeldOut, checkpoint: Checkpoint, metrics: dict[str, float]) -> None:
+    scores = dict(run.held_out or {})
+    scores[str(dataset_id)] = {"version": frozen.version, "slices": frozen.slices, "step": checkpoint.step,
+                               "checkpoint_id": checkpoint.id, "metrics": metrics}
+    run.held_out = scores  # a new dict: the JSON column sees the change
+
+
+def score_run(sessions: sessionmaker[Session], store: FileStore, run_id: int, device: str = "cpu") -> int:
+    """Score a run (and its parent, where that has no score yet) on the held-out slices of every dataset
+    it touched. Returns how many scores were written."""
+    written = 0
+    with sessions.begin() as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            return 0
+        for dataset_id in _datasets_of(run):
+            frozen = held_out(s, dataset_id) if s.get(Dataset, dataset_id) is not None else None
+            if frozen is None:
+                continue
+            for subject in (run, _parent_run(s, run)):
+                if subject is None or _score_of(subject, dataset_id, frozen.version) is not None:
+                    continue
+                weights = (s.get(Checkpoint, run.parent_checkpoint_id) if subject is not run
+                           else _weights(s, subject.id))
+                if weights is None:
+                    continue
+                _record(subject, dataset_id, frozen, weights, _score_checkpoint(s, store, weights, dataset_id, frozen,
+                                                                                device))
+                written += 1
+    return written
+
+
+def _parent_run(session: Session, run: Run) -> Run | None:
+    if run.parent_checkpoint_id is None:
+        return None
+    parent = session.get(Checkpoint, run.parent_checkpoint_id)
+    return session.get(Run, parent.run_id) if parent is not None else None
+
+
+def _score_of(run: Run, dataset_id: int, version: int) -> dict[str, float] | None:
+    entry = (run.held_out or {}).get(str(dataset_id))
+    return entry["metrics"] if entry and entry.get("version") == version and entry.get("metrics") else None
+
+
+def worse(metrics: dict[str, float], reference: dict[str, float] | None) -> list[str]:
+    """The metrics on which ``metrics`` is worse than ``reference`` by more than the tolerance."""
+    if not reference:
+        return []
+    out = []
+    for key, tolerance in TOLERANCE.items():
+        if key in metrics and key in reference:
+            delta = metrics[key] - reference[key]
+            if (-delta if HIGHER_IS_BETTER[key] else delta) > tolerance:
+                out.append(key)
+    return out
+
+
+def _rank(metrics: dict[str, float]) -> tuple[float, float]:
+    return (metrics.get("rand_f", 0.0), -metrics.get("pixel_error", 1.0))
+
+
+def scores(session: Session, dataset_id: int) -> list[Score]:
+    """Every run's score on the dataset's current held-out version, newest first, with its comparisons."""
+    frozen = held_out(session, dataset_id)
+    if frozen is None:
+        return []
+    runs = list(session.scalars(select(Run).order_by(Run.id.desc())))
+    scored = {r.id: m for r in runs if (m := _score_of(r, dataset_id, frozen.version)) is not None}
+    finished = {r.id for r in runs if r.status == RunStatus.FINISHED or r.kind == "starter"}
+    best_id = max((i for i in scored if i in finished), key=lambda i: _rank(scored[i]), default=None)
+    out = []
+    for run in runs:
+        if run.id not in scored:
+            continue
+        parent = _parent_run(session, run)
+        parent_metrics = scored.get(parent.id) if parent is not None else None
+        best = scored.get(best_id) if best_id is not None and best_id != run.id else None
+        out.append(Score(run.id, dataset_id, frozen.version, scored[run.id], parent_metrics, best,
+                         best_id, worse(scored[run.id], parent_metrics), worse(scored[run.id], best)))
+    return out
+
+
+def promote(session: Session, dataset_id: int, checkpoint_id: int | None) -> None:
+    """Make a checkpoint the dataset's default model (None: back to the starter model or the newest)."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    if checkpoint_id is not None and session.get(Checkpoint, checkpoint_id) is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    dataset.default_checkpoint_id = checkpoint_id
+    session.flush()
+
+
+def default_model(session: Session, dataset_id: int) -> int | None:
+    """The dataset's promoted checkpoint, when it still exists."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.default_checkpoint_id is None:
+        return None
+    return dataset.default_checkpoint_id if session.get(Checkpoint, dataset.default_checkpoint_id) else None

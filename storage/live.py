@@ -1,0 +1,188 @@
+"""Live sessions: training that follows the annotator (the store's side; the process is
+:mod:`storage.live_worker`, the engine :mod:`unet.live`).
+
+A live session is a run of kind ``live`` on one dataset. Turning Live on starts one, from the chosen
+checkpoint (by default the dataset's promoted model, else the starter model), or joins the one already
+running for that dataset: two people on the same dataset share a session, and each one's slice is
+re-predicted. The rules it keeps with the rest of the queue:
+
+- **One device, normal runs first.** A live session holds its device as a training run does. When a
+  normal run is queued on that device, the session checkpoints and pauses (QUEUED again, "paused" in its
+  phase); the queue starts the normal run, and the session carries on from its checkpoint when the
+  device is free. Nothing is lost either way.
+- **Restarts.** The worker is its own process: a server restart does not touch it, and the page finds
+  the session again through the store. A worker that died (a reboot) is LOST like any run; turning Live
+  on again resumes that session from its latest checkpoint.
+- **Stop** ends the session as a FINISHED run with its checkpoints, an ordinary run in Predict and Runs.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from storage.files import FileStore
+from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunMask
+from storage.records import ACTIVE, NotFound, RunInfo, RunStatus, UserError, aware
+from storage.runs import device_key, run_info
+
+VIEWER_TTL = timedelta(seconds=120)  # a viewer not seen for this long is no longer predicted for
+LIVE_KIND = "live"
+
+
+@dataclass(frozen=True)
+class LiveInfo:
+    """A live session as the Annotate page shows it."""
+
+    run: RunInfo
+    dataset_id: int
+    learned: int  # mask versions it has taken into its training set
+    viewers: list[str]  # who has the session open (seen in the last two minutes)
+    paused_for: int | None  # the normal run it yields the device to, while paused
+
+    @property
+    def run_id(self) -> int:
+        return self.run.id
+
+
+@dataclass(frozen=True)
+class LivePrediction:
+    run_id: int
+    slice_index: int
+    step: int
+    masks_seen: int
+    created: datetime
+    probabilities: np.ndarray  # float32 in [0, 1], the neuron probability
+
+
+def _live_runs(session: Session, dataset_id: int, statuses=ACTIVE) -> list[Run]:
+    rows = session.scalars(select(Run).where(Run.kind == LIVE_KIND, Run.status.in_(list(statuses)))
+                           .order_by(Run.id))
+    return [r for r in rows if int(r.spec.get("dataset_id", -1)) == dataset_id]
+
+
+def waiting_normal_run(session: Session, device: str) -> int | None:
+    """The oldest normal run queued on ``device`` (a live session yields to it), or None."""
+    return session.scalar(select(func.min(Run.id)).where(Run.status == RunStatus.QUEUED, Run.kind == "train",
+                                                          Run.device == device))
+
+
+def live_info(session: Session, run: Run) -> LiveInfo:
+    learned = session.scalar(select(func.count()).select_from(RunMask).where(RunMask.run_id == run.id)) or 0
+    since = datetime.now(UTC) - VIEWER_TTL
+    viewers = [v.owner for v in session.scalars(select(LiveViewer).where(LiveViewer.run_id == run.id))
+               if aware(v.seen) >= since]
+    paused = waiting_normal_run(session, run.device) if run.status == RunStatus.QUEUED else None
+    return LiveInfo(run_info(run), int(run.spec["dataset_id"]), learned, sorted(viewers), paused)
+
+
+def current(session: Session, dataset_id: int) -> LiveInfo | None:
+    """The dataset's live session that is queued, running or paused, if any."""
+    runs = _live_runs(session, dataset_id)
+    return live_info(session, runs[0]) if runs else None
+
+
+def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: str) -> tuple[LiveInfo, str]:
+    """Turn Live on for ``owner``: join the dataset's session, resume its lost one, or start one from
+    ``checkpoint_id``. Returns the session and what happened ("joined", "resumed", "started")."""
+    from unet.config import TrainConfig
+    from unet.live import live_config
+
+    if session.get(Dataset, dataset_id) is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    joined = _live_runs(session, dataset_id)
+    if joined:
+        see(session, joined[0].id, owner, None)
+        return live_info(session, joined[0]), "joined"
+    lost = _live_runs(session, dataset_id, [RunStatus.LOST])
+    if lost and checkpoint_id in (None, lost[-1].parent_checkpoint_id):
+        run = lost[-1]
+        run.status, run.cancel_requested, run.finished, run.pid, run.error = RunStatus.QUEUED, None, None, None, None
+        session.flush()
+        see(session, run.id, owner, None)
+        return live_info(session, run), "resumed"
+    if checkpoint_id is None:
+        raise UserError("choose the model the live session starts from")
+    parent = session.get(Checkpoint, checkpoint_id)
+    if parent is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    parent_run = session.get(Run, parent.run_id)
+    config = live_config(TrainConfig.from_dict(parent_run.config))
+    run = Run(status=RunStatus.QUEUED, kind=LIVE_KIND, spec={"dataset_id": dataset_id, "preset": "live",
+                                                              "train": [], "val": []},
+              config=config.to_dict(), device=device_key(config), parent_checkpoint_id=checkpoint_id,
+              phase="waiting for the device")
+    session.add(run)
+    session.flush()
+    first = _live_runs(session, dataset_id)[0]  # two clicks at once: the older session wins, this one goes
+    if first.id != run.id:
+        session.delete(run)
+        session.flush()
+        see(session, first.id, owner, None)
+        return live_info(session, first), "joined"
+    see(session, run.id, owner, None)
+    return live_info(session, run), "started"
+
+
+def see(session: Session, run_id: int, owner: str, slice_index: int | None) -> None:
+    """``owner`` looks at ``slice_index`` of the session (None: keep the slice, just say still here)."""
+    row = session.get(LiveViewer, (run_id, owner))
+    now = datetime.now(UTC)
+    if row is None:
+        session.add(LiveViewer(run_id=run_id, owner=owner, slice_index=slice_index or 0, seen=now))
+    else:
+        row.seen = now
+        if slice_index is not None:
+            row.slice_index = slice_index
+    session.flush()
+
+
+def leave(session: Session, run_id: int, owner: str) -> None:
+    session.execute(delete(LiveViewer).where(LiveViewer.run_id == run_id, LiveViewer.owner == owner))
+
+
+def stop(session: Session, run_id: int) -> RunInfo:
+    """End the session for everyone: it checkpoints and becomes a FINISHED run."""
+    run = session.get(Run, run_id)
+    if run is None or run.kind != LIVE_KIND:
+        raise NotFound(f"live session {run_id} does not exist")
+    if run.status == RunStatus.QUEUED:  # not started, or paused: nothing to stop but the row
+        has_weights = session.scalar(select(func.count()).select_from(Checkpoint).where(Checkpoint.run_id == run.id))
+        run.status = RunStatus.FINISHED if has_weights else RunStatus.CANCELLED
+        run.finished, run.phase = datetime.now(UTC), ""
+    elif run.status == RunStatus.RUNNING and run.cancel_requested is None:
+        run.cancel_requested = datetime.now(UTC)
+    session.flush()
+    return run_info(run)
+
+
+def focus_slices(session: Session, run_id: int, n_slices: int) -> list[int]:
+    """The slices to re-predict: each viewer's slice first, then the ones beside it."""
+    since = datetime.now(UTC) - VIEWER_TTL
+    viewers = [v for v in session.scalars(select(LiveViewer).where(LiveViewer.run_id == run_id)
+                                          .order_by(LiveViewer.seen.desc())) if aware(v.seen) >= since]
+    order: list[int] = []
+    for ring in (0, 1):
+        for v in viewers:
+            for z in sorted({v.slice_index - ring, v.slice_index + ring}):
+                if 0 <= z < n_slices and z not in order:
+                    order.append(z)
+    return order
+
+
+def prediction(session: Session, store: FileStore, run_id: int, slice_index: int) -> LivePrediction | None:
+    """The newest live prediction of a slice, or None (not predicted yet, or its file is being replaced)."""
+    row = session.get(LiveSlice, (run_id, slice_index))
+    if row is None:
+        return None
+    try:
+        data = np.load(io.BytesIO(store.abspath(row.file).read_bytes()), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return LivePrediction(run_id, slice_index, row.step, row.masks_seen, aware(row.created),
+                          data.astype(np.float32) / 255.0)

@@ -1,0 +1,198 @@
+"""The live worker: ``python -m storage.live_worker --run-id N`` (started by :mod:`storage.queue` for a run
+of kind ``live``; what a live session is: :mod:`storage.live`).
+
+A loop, each turn a few seconds long: take every mask version of the dataset saved since the last turn
+into the training set (recorded on the run as it joins; held-out slices never join), train for a burst
+(:class:`unet.live.LiveTrainer`, replaying the older slices), re-predict the slices its viewers look at
+(and the ones beside them), checkpoint every minute. It ends when the session is stopped (FINISHED, with
+a last checkpoint and its held-out scores), pauses when a normal run is queued on its device (QUEUED
+again; the queue restarts it afterwards), and keeps a heartbeat like a training worker."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import open_store
+from storage.files import FileStore
+from storage.live import focus_slices, waiting_normal_run
+from storage.masks import load_mask
+from storage.models import Checkpoint, Dataset, LiveSlice, MaskVersion, Run, RunMask
+from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
+from storage.procs import start_time
+from storage.queue import claim, start_queued
+from storage.records import RunStatus
+from storage.settings import Settings
+from storage.train_worker import DatabaseReporter, _heartbeat, _start_segment
+from unet.config import TrainConfig
+from unet.io import atomic_write
+from unet.live import LiveTrainer
+
+BURST_S = 2.0  # training between two looks at the store
+CHECKPOINT_EVERY_S = 60.0
+
+
+def _held_out(session: Session, dataset_id: int) -> set[int]:
+    dataset = session.get(Dataset, dataset_id)
+    return {int(h["slice"]) for h in (dataset.held_out or [])} if dataset is not None else set()
+
+
+def _latest_masks(session: Session, dataset_id: int, exclude: set[int]) -> dict[int, MaskVersion]:
+    """The newest mask version of every labelled slice, held-out slices left out."""
+    rows = session.scalars(select(MaskVersion).where(MaskVersion.dataset_id == dataset_id)
+                           .order_by(MaskVersion.slice_index, MaskVersion.version))
+    return {r.slice_index: r for r in rows if r.slice_index not in exclude}
+
+
+class LiveLoop:
+    def __init__(self, sessions: sessionmaker[Session], store: FileStore, run_id: int, reporter: DatabaseReporter):
+        self.sessions, self.store, self.run_id, self.reporter = sessions, store, run_id, reporter
+        with sessions.begin() as s:
+            run = s.get(Run, run_id)
+            self.dataset_id, self.device = int(run.spec["dataset_id"]), run.device
+            self.config = TrainConfig.from_dict(run.config)
+            parent = s.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
+            self.parent_file = str(store.abspath(parent.file)) if parent else None
+            self.learned = {m.slice_index: m.mask_version_id for m in s.execute(
+                select(RunMask.mask_version_id, MaskVersion.slice_index)
+                .join(MaskVersion, RunMask.mask_version_id == MaskVersion.id).where(RunMask.run_id == run_id))}
+            from storage.datasets import load_volume
+
+            self.volume = load_volume(s, store, self.dataset_id)
+        self.slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.slices_ids: dict[int, int] = {}  # slice → the mask version it trains on
+        self.masks_seen = 0
+
+    def absorb(self, trainer: LiveTrainer, first: bool) -> list[int]:
+        """Take the newest mask versions into the training set; returns the slices that changed."""
+        with self.sessions.begin() as s:
+            latest = _latest_masks(s, self.dataset_id, _held_out(s, self.dataset_id))
+            changed = [z for z, m in latest.items() if z not in self.slices or
+                       self.slices_ids.get(z) != m.id]
+            gone = [z for z in self.slices if z not in latest]  # held out since, or its dataset changed
+            if not changed and not gone:
+                return []
+            known = set(s.scalars(select(RunMask.mask_version_id).where(RunMask.run_id == self.run_id)))
+            for z in changed:
+                mask = latest[z]
+                target = load_mask(s, self.store, mask.id)
+                self.slices[z] = (self.volume[z], target)
+                self.slices_ids[z] = mask.id
+                if mask.id not in known:
+                    s.add(RunMask(run_id=self.run_id, mask_version_id=mask.id, role="train"))
+            for z in gone:
+                self.slices.pop(z, None)
+                self.slices_ids.pop(z, None)
+            self.masks_seen = max(self.slices_ids.values(), default=0)
+            spec = {"dataset_id": self.dataset_id, "preset": "live", "val": [],
+                    "train": [{"dataset_id": self.dataset_id, "slices": sorted(self.slices)}]}
+            s.execute(update(Run).where(Run.id == self.run_id).values(spec=spec))
+        # on a restart every slice is "new" again, but only the ones saved since the last run are news
+        news = [z for z in changed if not first or self.learned.get(z) != self.slices_ids[z]]
+        trainer.set_slices(self.slices, new=sorted(news, key=lambda z: self.slices_ids[z]))
+        return changed
+
+    def predict(self, trainer: LiveTrainer, done: dict[int, tuple[int, int]]) -> int:
+        """Re-predict the viewers' slices whose newest live prediction is older than these weights."""
+        with self.sessions.begin() as s:
+            order = focus_slices(s, self.run_id, self.volume.shape[0])
+        count = 0
+        for z in order:
+            if done.get(z) == (trainer.steps, self.masks_seen):
+                continue
+            prob = trainer.predict(self.volume[z])
+            relative = self.store.live_slice(self.run_id, z)
+            quantised = np.round(prob * 255).astype(np.uint8)
+            atomic_write(self.store.abspath(relative), lambda fh, q=quantised: np.save(fh, q))
+            with self.sessions.begin() as s:
+                row = s.get(LiveSlice, (self.run_id, z))
+                if row is None:
+                    row = LiveSlice(run_id=self.run_id, slice_index=z, file=relative, step=0, masks_seen=0)
+                    s.add(row)
+                row.step, row.masks_seen, row.created = trainer.steps, self.masks_seen, datetime.now(UTC)
+            done[z] = (trainer.steps, self.masks_seen)
+            count += 1
+            if self.reporter.should_stop():
+                break
+        return count
+
+    def phase(self, text: str) -> None:
+        with self.sessions.begin() as s:
+            s.execute(update(Run).where(Run.id == self.run_id).values(phase=text[:120]))
+
+    def run(self, outcome: Outcome) -> None:
+        out_dir = self.store.run_dir(self.run_id)
+        resume = (out_dir / "latest.pt").exists()
+        _start_segment(self.sessions, self.run_id, out_dir, resume)
+        trainer = LiveTrainer(self.config, out_dir, init_from=None if resume else self.parent_file, resume=resume,
+                              reporter=self.reporter)
+        done: dict[int, tuple[int, int]] = {}
+        first, last_save = True, time.monotonic()
+        while True:
+            changed = self.absorb(trainer, first)
+            if changed and not first:
+                print(f"live {self.run_id}: took in slice(s) {changed} at step {trainer.steps}", flush=True)
+            first = False
+            if self.reporter.should_stop():
+                self.phase("stopping: saving the weights")
+                trainer.save()
+                return
+            with self.sessions.begin() as s:
+                waiting = waiting_normal_run(s, self.device)
+            if waiting is not None:
+                self.phase(f"paused: run #{waiting} has the device; live carries on after it")
+                trainer.save()
+                outcome.status = RunStatus.QUEUED
+                print(f"live {self.run_id}: paused for run {waiting} at step {trainer.steps}", flush=True)
+                return
+            if trainer.ready:
+                self.phase(f"learning from {len(self.slices)} slice(s) · step {trainer.steps}")
+                trainer.train_for(BURST_S, should_stop=self.reporter.should_stop)
+            else:
+                self.phase("waiting for a saved mask · predicting with the starting weights")
+            if self.predict(trainer, done) == 0 and not trainer.ready:
+                time.sleep(1.0)  # nothing to learn from and nothing new to show: look again in a second
+            if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
+                trainer.save()
+                last_save = time.monotonic()
+
+
+def run_worker(run_id: int, settings: Settings) -> int:
+    sessions, store = open_store(settings)
+    with sessions.begin() as s:
+        if not claim(s, run_id, os.getpid(), start_time(os.getpid())):
+            print(f"live session {run_id} is not queued or its device is busy; nothing to do")
+            return 0
+    unwind_on_sigterm()
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(sessions, run_id, stop), daemon=True).start()
+    reporter = DatabaseReporter(sessions, store, run_id)
+
+    def body(outcome: Outcome) -> None:
+        LiveLoop(sessions, store, run_id, reporter).run(outcome)
+        if outcome.status == RunStatus.FINISHED:
+            from storage.heldout import score_run
+
+            score_run(sessions, store, run_id)
+
+    try:
+        return run_to_end(sessions, Run, run_id, body, cleanup=reporter.close)
+    finally:
+        stop.set()
+        start_queued(sessions, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(argv, "storage.live_worker", "--run-id", run_worker)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

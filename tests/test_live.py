@@ -1,0 +1,159 @@
+"""The live loop: a worker process that fine-tunes while the user annotates, takes in masks saved after it
+started, predicts the viewers' slices, yields its device to a normal run, is shared by two users, and
+ends as an ordinary run; and the replay that keeps a fine-tune from forgetting."""
+
+from __future__ import annotations
+
+import os
+import select
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import tifffile
+from sqlalchemy import select as sql_select
+
+from storage import starter
+from storage.models import LiveSlice, RunMask
+from storage.service import Neuroseg
+from storage.settings import Settings
+from tests.drafts import new_draft, start_options
+from tests.test_jobs import wait_for
+from unet.checkpoint import save_checkpoint
+from unet.config import preset
+from unet.labels import labels_to_target
+from unet.live import LiveTrainer, live_config
+from unet.metrics import pixel_error
+from unet.model import UNet
+from unet.synthetic import make_synthetic_em
+
+
+def wait_exit(pid: int) -> None:
+    fd = os.pidfd_open(pid)
+    select.select([fd], [], [])
+    os.close(fd)
+
+
+def test_replaying_the_older_slices_keeps_a_fine_tune_from_forgetting(tmp_path):
+    """Learn slice A, then fine-tune on a new slice B that looks different (inverted contrast): with replay
+    A stays right, without it the network forgets A."""
+    import torch
+
+    torch.manual_seed(0)
+    volume, labels = make_synthetic_em((4, 96, 96), np.random.default_rng(3), cell_size=20)
+    targets = labels_to_target(labels)
+    a, b = (volume[0], targets[0]), (255 - volume[1], targets[1])
+    base = preset("cpu-quick")
+    config = replace(base, model=replace(base.model, initial_features=4, depth=2), patch_size=48, batch_size=4,
+                     device="cpu", lr=3e-3)
+    first = LiveTrainer(live_config(config, lr=3e-3), tmp_path / "first")
+    first.set_slices({"A": a}, new=["A"])
+    first.train_for(600, max_steps=300)
+    assert pixel_error(first.predict(a[0]) > 0.5, a[1]) < 0.1  # it learned A
+    first.save()
+    errors = {}
+    for replay in (True, False):
+        tuned = LiveTrainer(live_config(config), tmp_path / f"replay-{replay}",
+                            init_from=tmp_path / "first" / "best.pt", replay=replay)
+        tuned.set_slices({"A": a, "B": b}, new=["B"])
+        tuned.train_for(600, max_steps=200)
+        errors[replay] = (pixel_error(tuned.predict(a[0]) > 0.5, a[1]), pixel_error(tuned.predict(b[0]) > 0.5, b[1]))
+    assert errors[True][1] < 0.25 and errors[False][1] < 0.25  # both learned B
+    assert errors[False][0] > 0.4  # without replay, A is forgotten
+    assert errors[True][0] < errors[False][0] - 0.25  # with it, A is kept
+
+
+@pytest.fixture
+def live_env(tmp_path, monkeypatch):
+    """A service on a fresh store with a tiny starter model and an unlabelled synthetic stack."""
+    folder = tmp_path / "models"
+    config = preset("tiny", patch_size=48)
+    save_checkpoint(folder / "membrane-test.pt", UNet(config.model),
+                    meta={"kind": "starter", "step": 1, "train_config": config.to_dict(), "trained_on": "nothing"})
+    monkeypatch.setenv("NEUROSEG_STARTER_DIR", str(folder))
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
+    with svc.sessions.begin() as s:
+        starter.register(s, svc.store, folder)
+    volume, labels = make_synthetic_em((5, 64, 64), np.random.default_rng(5), cell_size=16)
+    tifffile.imwrite(tmp_path / "v.tif", volume, photometric="minisblack")
+    with open(tmp_path / "v.tif", "rb") as fh:
+        ds = svc.import_upload(fh, name="live stack")
+    yield svc, ds.id, labels_to_target(labels), svc.checkpoint_choices()[0].id
+    for run in svc.runs():  # leave no worker behind
+        if run.active:
+            svc.cancel_run(run.id)
+            if run.pid:
+                wait_exit(run.pid)
+    svc.close()
+
+
+def save(svc, dataset_id: int, z: int, target: np.ndarray, author: str = "ann"):
+    draft = new_draft(svc, dataset_id, z, start_options(svc, dataset_id, z)[0])
+    edit = target.astype(np.uint8)
+    edit.setflags(write=False)
+    draft.working = edit
+    draft.revision += 1
+    return svc.save_draft(draft, author, owner=author)
+
+
+def live_slice(svc, run_id: int, z: int):
+    with svc.sessions.begin() as s:
+        row = s.get(LiveSlice, (run_id, z))
+        return (row.step, row.masks_seen) if row else None
+
+
+def test_live_takes_in_a_mask_saved_after_it_started_and_stop_leaves_an_ordinary_run(live_env):
+    svc, ds, targets, starter_id = live_env
+    first = save(svc, ds, 0, targets[0])
+    session, what = svc.live_start(ds, starter_id, "ann")
+    assert what == "started" and session.run.kind == "live"
+    svc.live_see(session.run_id, "ann", 2)
+    wait_for(lambda: svc.run(session.run_id).status == "RUNNING", what="the live worker to start")
+    wait_for(lambda: live_slice(svc, session.run_id, 2), what="a first live prediction of slice 2")
+    prediction = svc.live_prediction(session.run_id, 2)
+    assert prediction.probabilities.shape == (64, 64) and 0 <= prediction.probabilities.min() <= 1
+    wait_for(lambda: all(live_slice(svc, session.run_id, z) for z in (1, 3)), what="the slices beside it")
+
+    later = save(svc, ds, 4, targets[4])  # saved while the session runs
+    seen = wait_for(lambda: (v := live_slice(svc, session.run_id, 2)) and v[1] >= later.id and v,
+                    what="a live prediction from weights that learned the new mask")
+    assert seen[1] == later.id
+    with svc.sessions.begin() as s:
+        learned = set(s.scalars(sql_select(RunMask.mask_version_id).where(RunMask.run_id == session.run_id)))
+    assert learned == {first.id, later.id}
+    assert svc.live(ds).learned == 2
+
+    pid = svc.run(session.run_id).pid
+    svc.live_stop(session.run_id)
+    wait_exit(pid)
+    run = svc.run(session.run_id)
+    assert (run.status, run.kind) == ("FINISHED", "live")
+    assert svc.live(ds) is None
+    assert {c.kind for c in svc.checkpoints(run.id)} == {"best", "latest"}
+    assert run.id in [r.id for r in svc.runs()]  # an ordinary run for Runs …
+    assert run.id in {c.run_id for c in svc.checkpoint_choices()}  # … and Predict
+    assert {m.slice for m in svc.run_masks(run.id)} == {0, 4}
+    assert svc.curves(run.id)["loss"]  # its curves, as any run's
+
+
+def test_two_users_share_one_session_and_a_normal_run_takes_the_device_first(live_env):
+    svc, ds, targets, starter_id = live_env
+    save(svc, ds, 0, targets[0])
+    mine, what = svc.live_start(ds, starter_id, "ann")
+    theirs, joined = svc.live_start(ds, starter_id, "bob")
+    assert (what, joined) == ("started", "joined") and theirs.run_id == mine.run_id
+    assert svc.live(ds).viewers == ["ann", "bob"]
+    wait_for(lambda: svc.run(mine.run_id).status == "RUNNING", what="the live worker to start")
+    live_pid = svc.run(mine.run_id).pid
+    wait_for(lambda: svc.checkpoints(mine.run_id) or svc.live(ds).run.phase.startswith("learning"),
+             what="the live session to train")
+
+    normal = svc.submit_training([{"dataset_id": ds, "slices": [0]}], [], preset("tiny", steps=5, patch_size=48),
+                                 preset="tiny")
+    wait_exit(live_pid)  # the live session yields: it checkpoints and steps aside …
+    paused = svc.live(ds)
+    assert paused is not None and paused.run.status in ("QUEUED", "RUNNING")
+    assert {c.kind for c in svc.checkpoints(mine.run_id)} == {"best", "latest"}  # … keeping its weights
+    wait_for(lambda: svc.run(normal.id).status == "FINISHED", what="the normal run to finish")
+    wait_for(lambda: svc.run(mine.run_id).status == "RUNNING", what="the live session to carry on")
+    assert svc.run(mine.run_id).pid != live_pid

@@ -1,0 +1,150 @@
+"""Live fine-tuning: a model that keeps training while its training set grows, and predicts between bursts.
+
+The Annotate page's live loop (:mod:`storage.live_worker`) drives a :class:`LiveTrainer`: it hands over
+the labelled slices whenever a mask is saved (:meth:`LiveTrainer.set_slices`), trains for a few seconds
+(:meth:`LiveTrainer.train_for`), predicts the slices being looked at (:meth:`LiveTrainer.predict`), and
+checkpoints now and then (:meth:`LiveTrainer.save`). It is the ordinary :class:`~unet.train.Trainer`
+(same loss, augmentation, checkpoints and resume), with two differences:
+
+- **No end.** The learning rate stays at the fine-tuning rate after a short warm-up (there is no cosine
+  to anneal over: nobody knows how long the user will annotate).
+- **Replay.** The slices saved most recently are where the user just corrected the model, so half of the
+  patches come from them; the other half replays every older labelled slice (by labelled pixels). A
+  fine-tune that saw only the new slices would forget what the older ones taught (the live tests show
+  it does); ``replay=False`` is that naive fine-tune, kept for the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unet.config import TrainConfig
+from unet.data import PatchSampler, TrainData, normalize_image
+from unet.infer import predict_slice
+from unet.labels import IGNORE, border_weights
+from unet.train import NullReporter, Reporter, Trainer
+
+NEW_SHARE = 0.5  # of the patches, drawn from the newest slices
+RECENT = 2  # how many of the newest slices count as new
+
+
+def live_config(base: TrainConfig, *, lr: float = 1e-3, device: str | None = None) -> TrainConfig:
+    """The recipe of a live session from the recipe of the model it starts from: the same network, patches
+    and augmentation, a fine-tuning learning rate held flat after 20 warm-up steps, no validation, no end."""
+    return replace(base, lr=min(lr, base.lr), warmup_steps=20, steps=10**12, max_seconds=None, val_every=10**12,
+                   checkpoint_every=10**12, early_stop_patience=0, device=device or base.device)
+
+
+class LiveTrainer:
+    """A :class:`~unet.train.Trainer` whose training slices change while it trains.
+
+    Args:
+        config: the live recipe (:func:`live_config`).
+        out_dir: where ``latest.pt`` / ``best.pt`` go (``resume`` continues from ``latest.pt`` there).
+        init_from: the checkpoint to fine-tune (ignored when resuming).
+        replay: sample older slices too (see the module's note); False trains on the newest ones only.
+        reporter: told every step and checkpoint, as a training run's is.
+    """
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, *, init_from: str | os.PathLike | None = None,
+                 resume: bool = False, replay: bool = True, reporter: Reporter | None = None):
+        self.replay = replay
+        self.keys: list[Hashable] = []
+        self.order: dict[Hashable, int] = {}  # when each slice (last) arrived: newest is highest
+        self._arrivals = 0
+        dummy = TrainData([np.zeros((8, 8), np.float32)], [np.zeros((8, 8), np.uint8)], [], [])
+        self.trainer = Trainer(config, dummy, reporter or NullReporter(), out_dir)
+        self.trainer.restore(resume=resume and (Path(out_dir) / "latest.pt").exists(), init_from=init_from)
+        self.sampler: PatchSampler | None = None
+        self.trainer.batches = self._batches()
+
+    @property
+    def steps(self) -> int:
+        return self.trainer.step_count
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+    def _batches(self):
+        while True:
+            if self.sampler is None:
+                raise RuntimeError("no labelled slice yet: set_slices first")
+            yield self.sampler.sample(self.trainer.config.batch_size)
+
+    def set_slices(self, slices: dict[Hashable, tuple[np.ndarray, np.ndarray]], new: list[Hashable] = ()) -> None:
+        """The training set from now on: ``key → (image, target)`` (targets as in training: NEURON,
+        MEMBRANE, IGNORE). ``new`` names the slices that just arrived (a fresh save), newest last; their
+        patches make up half of each batch when replay is on, all of it when off."""
+        for key in new:
+            self._arrivals += 1
+            self.order[key] = self._arrivals
+        for key in slices:
+            self.order.setdefault(key, 0)
+        labelled = {k: v for k, v in slices.items() if np.any(v[1] != IGNORE)}
+        if not labelled:
+            self.sampler = None
+            self.keys = []
+            return
+        keys = sorted(labelled, key=lambda k: (self.order[k], str(k)))
+        images = [normalize_image(labelled[k][0]) for k in keys]
+        targets = [np.ascontiguousarray(labelled[k][1], dtype=np.uint8) for k in keys]
+        config = self.trainer.config
+        weights = ([border_weights(t, config.border_weight, config.border_sigma) for t in targets]
+                   if config.border_weight > 0 else None)
+        sampler = PatchSampler(images, targets, config.patch_size, self.trainer.out_size, config.augment,
+                               self.trainer.rng, weights)
+        newest = [i for i, k in enumerate(keys) if self.order[k] > 0][-RECENT:]
+        if newest:
+            recent = np.zeros(len(keys))
+            recent[newest] = sampler.p[newest] / sampler.p[newest].sum()
+            older = sampler.p.copy()
+            older[newest] = 0
+            if not self.replay or older.sum() == 0:
+                sampler.p = recent
+            else:
+                sampler.p = NEW_SHARE * recent + (1 - NEW_SHARE) * older / older.sum()
+        self.sampler, self.keys = sampler, keys
+
+    @property
+    def ready(self) -> bool:
+        """Whether there is anything to train on."""
+        return self.sampler is not None
+
+    def train_for(self, seconds: float, should_stop: Callable[[], bool] = lambda: False,
+                  max_steps: int | None = None) -> int:
+        """Train for about ``seconds`` (at least one step) or ``max_steps``; returns the steps done."""
+        if self.sampler is None:
+            return 0
+        model = self.trainer.model
+        model.train()
+        done, end = 0, time.monotonic() + seconds
+        while (done == 0 or time.monotonic() < end) and (max_steps is None or done < max_steps):
+            if should_stop():
+                break
+            self.trainer.step()
+            done += 1
+        return done
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """The neuron probability of one slice (float32, the slice's shape), with today's weights."""
+        model = self.trainer.model
+        model.eval()
+        try:
+            return predict_slice(model, image, device=self.trainer.device, amp=self.trainer.amp)
+        finally:
+            model.train()
+
+    def save(self) -> Path:
+        """Checkpoint ``latest`` (resumable) and ``best`` (the weights a prediction uses: a live session has
+        no validation to pick by, so its newest weights are its best)."""
+        self.trainer.save("best", {})
+        return self.trainer.save("latest", {})
