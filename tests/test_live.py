@@ -15,6 +15,7 @@ from sqlalchemy import select as sql_select
 
 from storage import starter
 from storage.models import LiveSlice, RunMask
+from storage.records import UserError
 from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.drafts import new_draft, start_options
@@ -157,3 +158,48 @@ def test_two_users_share_one_session_and_a_normal_run_takes_the_device_first(liv
     wait_for(lambda: svc.run(normal.id).status == "FINISHED", what="the normal run to finish")
     wait_for(lambda: svc.run(mine.run_id).status == "RUNNING", what="the live session to carry on")
     assert svc.run(mine.run_id).pid != live_pid
+
+
+def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_path, synthetic):
+    """Held-out slices are frozen, never train, score every run that ends (and its parent); a fine-tune on
+    bad corrections (neuron and membrane swapped) is flagged against its parent, and the better run can
+    be promoted to the dataset's default model."""
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
+    try:
+        volume, labels = synthetic
+        tifffile.imwrite(tmp_path / "v.tif", volume, photometric="minisblack")
+        tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
+        with open(tmp_path / "v.tif", "rb") as v, open(tmp_path / "l.tif", "rb") as lab:
+            ds = svc.import_upload(v, lab, name="held out").id
+        frozen = svc.set_held_out(ds, [5])
+        assert (frozen.version, frozen.slices) == (1, [5])
+        assert svc.default_split(ds) == ([0, 1, 2, 3, 4], [5])
+        recipe = preset("tiny", steps=60, patch_size=48, val_every=1000, checkpoint_every=1000)
+        train = [{"dataset_id": ds, "slices": [0, 1, 2, 3]}]
+        with pytest.raises(UserError, match="held out"):
+            svc.submit_training([{"dataset_id": ds, "slices": [4, 5]}], [], recipe)
+
+        good = svc.submit_training(train, [], recipe, preset="tiny")
+        wait_for(lambda: svc.run(good.id).status == "FINISHED", what="the first run")
+        good_best = {c.kind: c for c in svc.checkpoints(good.id)}["best"]
+        for z in range(4):  # someone "corrects" the slices with neuron and membrane swapped
+            target = labels_to_target(labels[z])
+            save(svc, ds, z, 1 - target)
+        bad = svc.submit_training(train, [], recipe, preset="tiny", parent_checkpoint_id=good_best.id)
+        wait_for(lambda: svc.run(bad.id).status == "FINISHED", what="the fine-tune")
+
+        scores = {s.run_id: s for s in svc.held_out_scores(ds)}
+        assert set(scores) == {good.id, bad.id}
+        assert not scores[good.id].flagged and scores[good.id].parent is None
+        assert scores[bad.id].flagged and "pixel_error" in scores[bad.id].worse_than_parent
+        assert scores[bad.id].parent == scores[good.id].metrics
+        assert scores[bad.id].best_run_id == good.id and scores[bad.id].worse_than_best
+
+        svc.promote(ds, good_best.id)
+        assert svc.default_model(ds) == good_best.id
+        again = svc.set_held_out(ds, [4, 5])  # changing the set is a new version: old scores do not compare
+        assert again.version == 2 and svc.held_out_scores(ds) == []
+        assert svc.score_run(good.id) == 1
+        assert [s.run_id for s in svc.held_out_scores(ds)] == [good.id]
+    finally:
+        svc.close()
