@@ -6,6 +6,8 @@ reached the server asks first)."""
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, st_canvas  # needs a running Streamlit: pages only
 
@@ -13,7 +15,10 @@ from pages.common import dataset_picker, flash, leave_guard, owner, select_datas
 from storage.service import MaskConflict, UserError
 from ui.annotation import Draft, StartOption, history_rows, start_options
 from ui.figures import slice_strip
+from ui.live import REFRESH_S, predicted_mask, prediction_caption, status_text
 from ui.paint import IGNORE, MEMBRANE, NEURON, View, auto_window, brush_color, overlay, png_data_url, window
+from ui.prediction import compose
+from ui.training import checkpoint_label, default_checkpoint
 
 svc = start_page("Annotate")
 datasets = svc.datasets()
@@ -259,6 +264,89 @@ elif last_saved is not None and last_saved[0] == draft.uid:
     actions[2].success(last_saved[1], icon=":material/check:")
 else:
     actions[2].markdown("No unsaved changes on this slice.")
+
+# --- live: training that follows the annotator ---------------------------------------------------------
+session = svc.live(dataset_id)
+live_key = f"live_on_{dataset_id}"
+if live_key not in st.session_state:  # a reload finds the session this user had on
+    st.session_state[live_key] = session is not None and owner() in session.viewers
+with st.container(border=True, key="live_panel"):
+    head = st.columns([2, 5, 3], vertical_alignment="center")
+    want = head[0].toggle("Live", key=live_key, help="Train in the background while you annotate: every version "
+                          "you save is learned within seconds, and this slice is predicted again and again.")
+    if want and session is None:
+        checkpoints = {c.id: c for c in svc.checkpoint_choices()}
+        if not checkpoints:
+            head[1].warning("No model to start from yet: train a run first (or ship the starter model).")
+        else:
+            ids = list(checkpoints)
+            first = default_checkpoint(list(checkpoints.values()), svc.runs(), dataset_id,
+                                       svc.default_model(dataset_id))
+            start_id = head[1].selectbox("Start from", ids, index=ids.index(first) if first in ids else 0,
+                                         key=f"live_start_{dataset_id}",
+                                         format_func=lambda i: checkpoint_label(checkpoints[i]))
+            if head[2].button("Start live session", type="primary", key="live_go"):
+                try:
+                    session, what = svc.live_start(dataset_id, start_id, owner())
+                except UserError as exc:
+                    st.error(f"Live could not start: {exc}")
+                else:
+                    flash(f"Live session #{session.run_id} {what}.")
+                    st.rerun()
+    elif want and session is not None:
+        if owner() not in session.viewers:
+            svc.live_start(dataset_id, None, owner())  # join it
+        head[1].caption(status_text(session, owner()))
+        def _stop(run_id: int) -> None:
+            svc.live_stop(run_id)
+            st.session_state[live_key] = False
+            flash(f"Live session #{run_id} stops; it is a run now (Runs, Predict).")
+
+        head[2].button("Stop (for everyone)", key="live_stop", on_click=_stop, args=(session.run_id,),
+                       help="End the session: it keeps its checkpoints and becomes a run in Runs and Predict.")
+    elif session is not None:
+        if owner() in session.viewers:
+            svc.live_leave(session.run_id, owner())  # turned off here: others may still watch it
+        head[1].caption(status_text(session, owner()) + " · turn Live on to see its predictions (it ends by "
+                        "itself when nobody has watched it for 10 minutes)")
+    else:
+        head[1].caption("Off. Turn it on to fine-tune a model on this dataset while you annotate.")
+
+    if want and session is not None:
+        layer = head[0].radio("Show", ["mask", "probability"], horizontal=True, key="live_layer")
+
+        def accept(region: tuple[int, int, int, int] | None) -> None:
+            _pending_strokes(draft)
+            seen = svc.live_prediction(session.run_id, z)
+            if seen is None:
+                flash("No live prediction of this slice yet: wait a few seconds.", "info")
+                return
+            changed = draft.accept(predicted_mask(seen.probabilities), region)
+            _keep(draft)
+            flash(f"Took the live prediction (step {seen.step:,}) into your edit: {changed:,} pixels changed. "
+                  "Correct what is wrong, then save.")
+            st.rerun()  # the whole page: the canvas shows the edit
+
+        @st.fragment(run_every=REFRESH_S)
+        def live_view() -> None:
+            told = st.session_state.get("_live_told")
+            if told is None or told[:2] != (session.run_id, z) or time.monotonic() - told[2] > 30:
+                svc.live_see(session.run_id, owner(), z)  # this slice (and its neighbours) next
+                st.session_state["_live_told"] = (session.run_id, z, time.monotonic())
+            seen = svc.live_prediction(session.run_id, z)
+            if seen is None:
+                st.caption(f"Waiting for the first live prediction of slice {z} …")
+                return
+            _, shown = compose(image, seen.probabilities, [layer], opacity)
+            st.image(view.render(shown), caption=prediction_caption(seen), width=min(display_w, 900))
+            buttons = st.columns(2)
+            if buttons[0].button("Accept for the whole slice", key="live_accept_all",
+                                 help="Copy the live prediction into your edit (your own strokes stay)."):
+                accept(None)
+            if zoom > 1 and buttons[1].button("Accept in the zoomed region", key="live_accept_region"):
+                accept((view.y0, view.x0, view.h, view.w))
+
+        live_view()
 
 others = sorted({(d.dataset_id, d.slice_index) for key, d in drafts.items() if d.dirty and key != (dataset_id, z)}
                 | {(d.dataset_id, d.slice_index) for d in svc.drafts_of(owner())

@@ -45,7 +45,7 @@ with top[0]:
         st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
         st.stop()
     ids = list(checkpoints)  # each dataset has its own choice; a new one starts from the starter model
-    chosen = default_checkpoint(list(checkpoints.values()), svc.runs(), dataset_id)
+    chosen = default_checkpoint(list(checkpoints.values()), svc.runs(), dataset_id, svc.default_model(dataset_id))
     checkpoint_id = st.selectbox("Checkpoint", ids, index=ids.index(chosen) if chosen in ids else 0,
                                  key=f"predict_checkpoint_{dataset_id}",
                                  format_func=lambda i: checkpoint_label(checkpoints[i]))

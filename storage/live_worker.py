@@ -37,6 +37,7 @@ from unet.live import LiveTrainer
 
 BURST_S = 2.0  # training between two looks at the store
 CHECKPOINT_EVERY_S = 60.0
+IDLE_STOP_S = 600.0  # nobody has watched for this long: the session ends by itself (a FINISHED run)
 
 
 def _held_out(session: Session, dataset_id: int) -> set[int]:
@@ -69,6 +70,7 @@ class LiveLoop:
         self.slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.slices_ids: dict[int, int] = {}  # slice → the mask version it trains on
         self.masks_seen = 0
+        self.watched = time.monotonic()  # when a viewer was last seen
 
     def absorb(self, trainer: LiveTrainer, first: bool) -> list[int]:
         """Take the newest mask versions into the training set; returns the slices that changed."""
@@ -103,6 +105,8 @@ class LiveLoop:
         """Re-predict the viewers' slices whose newest live prediction is older than these weights."""
         with self.sessions.begin() as s:
             order = focus_slices(s, self.run_id, self.volume.shape[0])
+        if order:
+            self.watched = time.monotonic()
         count = 0
         for z in order:
             if done.get(z) == (trainer.steps, self.masks_seen):
@@ -140,9 +144,12 @@ class LiveLoop:
             if changed and not first:
                 print(f"live {self.run_id}: took in slice(s) {changed} at step {trainer.steps}", flush=True)
             first = False
-            if self.reporter.should_stop():
+            idle = time.monotonic() - self.watched > IDLE_STOP_S
+            if self.reporter.should_stop() or idle:
                 self.phase("stopping: saving the weights")
                 trainer.save()
+                if idle:
+                    print(f"live {self.run_id}: nobody watched for {IDLE_STOP_S / 60:g} minutes: it ends", flush=True)
                 return
             with self.sessions.begin() as s:
                 waiting = waiting_normal_run(s, self.device)

@@ -187,6 +187,28 @@ class Draft:
         self.generation += 1
         self.revision += 1
 
+    def accept(self, predicted: np.ndarray, region: tuple[int, int, int, int] | None = None) -> int:
+        """Copy a prediction (a NEURON/MEMBRANE mask of the slice) into the edit, over the whole slice or
+        ``region`` = (y0, x0, h, w); the pixels this edit already changed keep the user's strokes. The
+        save will be a corrected prediction. Returns how many pixels changed."""
+        if predicted.shape != self.working.shape:
+            raise ValueError(f"the prediction is {predicted.shape}, the slice {self.working.shape}")
+        inside = np.zeros(self.working.shape, bool)
+        if region is None:
+            inside[:] = True
+        else:
+            y0, x0, h, w = region
+            inside[y0:y0 + h, x0:x0 + w] = True
+        take = inside & (self.working == self.original)
+        accepted = np.where(take, predicted, self.working).astype(np.uint8)
+        changed = int(np.count_nonzero(accepted != self.working))
+        accepted.setflags(write=False)
+        self.working = self.view_base = accepted
+        self.kind = "predicted→painted"
+        self.generation += 1
+        self.revision += 1
+        return changed
+
     def saved(self, mask_id: int, kind: str) -> None:
         """After a save: the saved version is the new starting point."""
         self.original = self.working

@@ -93,9 +93,13 @@ def compare_recipes(runs: list[Any]) -> tuple[list[dict[str, str]], int]:
     return rows, sum(row["differs"] == "●" for row in rows)
 
 
-def default_checkpoint(checkpoints: list[Any], runs: list[Any], dataset_id: int) -> int | None:
-    """The checkpoint a prediction of a dataset starts from: the newest run trained on it, else the starter
-    model (a new dataset's first prediction needs no training), else the newest of all."""
+def default_checkpoint(checkpoints: list[Any], runs: list[Any], dataset_id: int,
+                       promoted: int | None = None) -> int | None:
+    """The checkpoint a prediction (or a live session) of a dataset starts from: the model promoted to be
+    its default, else the newest run trained on it, else the starter model (a new dataset's first
+    prediction needs no training), else the newest of all."""
+    if promoted is not None and any(c.id == promoted for c in checkpoints):
+        return promoted
     trained_here = {r.id for r in runs if dataset_id in r.dataset_ids}
     for c in checkpoints:  # newest run first
         if c.run_id in trained_here:

@@ -1,0 +1,94 @@
+"""Live mode in a real browser: turn Live on, see the live prediction of the slice, paint and save, and the
+overlay changes to a prediction from weights that learned the save; Accept copies it into the edit."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import select
+
+from storage.models import LiveSlice
+from storage.service import Neuroseg
+from storage.settings import Settings
+from tests.browser import ARTIFACTS, annotate_render, app_server, await_annotate_render, chromium
+from tests.test_jobs import wait_for
+from unet.checkpoint import save_checkpoint
+from unet.config import preset
+from unet.model import UNet
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_MS = 90_000
+
+
+def live_row(svc, run_id: int, z: int):
+    with svc.sessions.begin() as s:
+        row = s.scalar(select(LiveSlice).where(LiveSlice.run_id == run_id, LiveSlice.slice_index == z))
+        return (row.step, row.masks_seen) if row else None
+
+
+def test_live_on_paint_save_and_the_overlay_follows(tmp_path, monkeypatch):
+    folder = tmp_path / "models"
+    config = preset("tiny")
+    save_checkpoint(folder / "membrane-test.pt", UNet(config.model),
+                    meta={"kind": "starter", "step": 1, "train_config": config.to_dict(), "trained_on": "nothing"})
+    monkeypatch.setenv("NEUROSEG_STARTER_DIR", str(folder))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with app_server(data_dir) as url, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.get_by_role("textbox", name="Your name").fill("ann")
+        page.get_by_role("textbox", name="Your name").press("Enter")
+        page.get_by_role("button", name="Load demo dataset").click()
+        page.get_by_text("Loaded Demo: synthetic EM").wait_for()
+        page.get_by_role("link", name="Annotate").first.click()
+        page.locator("canvas.upper-canvas").wait_for()
+
+        page.get_by_text("Live", exact=True).click()  # the toggle
+        page.get_by_role("button", name="Start live session").click()
+        page.get_by_text(re.compile(r"Live session #\d+ started")).wait_for()
+        caption = page.get_by_text(re.compile(r"Live prediction of slice 0: weights of step"))
+        caption.wait_for()
+        page.screenshot(path=ARTIFACTS / "annotate-live.png", full_page=True)
+        svc = Neuroseg(Settings.from_env(data_dir), supervise=False)
+        dataset = svc.datasets()[0]
+        session = svc.live(dataset.id)
+        assert session is not None and session.viewers == ["name:ann"]
+        first_image = page.locator(".st-key-live_panel img").get_attribute("src")
+
+        rendered = annotate_render(page)
+        page.get_by_text("Membrane", exact=False).first.click()
+        await_annotate_render(page, rendered)
+        canvas = page.locator("canvas.upper-canvas")
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + 100, box["y"] + 300)
+        page.mouse.down()
+        for x in range(110, 601, 10):
+            page.mouse.move(box["x"] + x, box["y"] + 300)
+        page.mouse.up()
+        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_role("button", name="Save version").click()
+        page.get_by_text("Saved slice 0 as v2").wait_for()
+        saved = svc.history(dataset.id, 0)[-1]
+
+        # the worker learns the save and predicts slice 0 again with those weights; the page shows it
+        wait_for(lambda: (row := live_row(svc, session.run_id, 0)) and row[1] >= saved.id,
+                 what="a live prediction from weights that learned the save")
+        shown = page.locator(".st-key-live_panel img").get_attribute("src")
+        page.wait_for_function("src => document.querySelector('.st-key-live_panel img').src !== src", arg=shown)
+        assert shown != first_image
+        page.get_by_text(re.compile(r"Live session #\d+ \(\d+ saved mask\(s\) learned\)")).wait_for()
+        page.screenshot(path=ARTIFACTS / "annotate-live-after-save.png", full_page=True)
+
+        page.get_by_role("button", name="Accept for the whole slice").click()
+        page.get_by_text(re.compile(r"Took the live prediction \(step [\d,]+\) into your edit")).wait_for()
+        page.get_by_text("Unsaved:").wait_for()
+
+        page.get_by_role("button", name="Stop (for everyone)").click()
+        page.get_by_text(re.compile(r"Live session #\d+ stops")).wait_for()
+        svc.close()
