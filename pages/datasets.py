@@ -103,6 +103,24 @@ with left:
     st.image(shown.render(overlay(window(image, lo, hi), mask, opacity)),
              caption=f"slice {z} of {z_count} ({width} × {height} pixels, shown at {shown.ratio:g}×)")
 
+# --- held-out slices ------------------------------------------------------------------------------
+frozen = svc.held_out(dataset_id)
+with st.expander("Held-out slices" + (f" (version {frozen.version}: slices "
+                                      f"{', '.join(map(str, frozen.slices))})" if frozen else " (none)")):
+    st.caption("Labelled slices set aside to score every run on this dataset, live sessions included, with the "
+               "same metrics, so a retrained model that got worse is flagged on **Runs**. Their mask versions "
+               "are frozen now (a later edit of the slice does not move the goalposts) and they never train. "
+               "Changing the set makes a new version; runs are compared within a version.")
+    labelled = sorted(kinds)
+    with st.form(f"held_out_{dataset_id}"):
+        pick = st.multiselect("Slices", labelled, default=frozen.slices if frozen else [],
+                              key=f"held_out_pick_{dataset_id}")
+        if st.form_submit_button("Freeze these as the held-out slices" if not frozen else "Change the held-out slices"):
+            attempt(lambda: svc.set_held_out(dataset_id, pick),
+                    lambda h: (f"Held-out slices, version {h.version}: {', '.join(map(str, h.slices))}. Runs that "
+                               "end from now on are scored there." if h else "This dataset has no held-out slices "
+                               "now."))
+
 # --- edit and delete ------------------------------------------------------------------------------
 with st.expander("Name and notes"), st.form(f"edit_{dataset_id}"):
     new_name = st.text_input("Name", info.name, max_chars=200)

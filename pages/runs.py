@@ -7,7 +7,7 @@ import streamlit as st
 
 from pages.common import attempt, start_page
 from ui.figures import METRIC_NAMES, run_curves_figure
-from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration
+from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration, score_rows
 
 svc = start_page("Runs")
 runs = svc.runs()
@@ -49,6 +49,50 @@ st.dataframe([{
     "parent": run_name(parent_run[r.id]) if parent_run[r.id] else ""} for r in shown],
     hide_index=True, key="runs_table")
 
+# --- held-out scores: a retrained model that got worse is flagged ---------------------------------
+held = {d: h for d in names if (h := svc.held_out(d)) is not None}
+flagged: dict[int, list[str]] = {}  # run → what it is flagged for, on which dataset
+if held:
+    with st.container(border=True, key="held_out_scores"):
+        ids = list(held)
+        scored_on = st.selectbox("Held-out scores of", ids, index=ids.index(dataset_filter) if dataset_filter in ids
+                                 else 0, format_func=lambda i: f"{names[i]} (slices "
+                                 f"{', '.join(map(str, held[i].slices))}, version {held[i].version})",
+                                 key="runs_scores_dataset")
+        scores = svc.held_out_scores(scored_on)
+        for s in scores:
+            if s.worse_than_parent:
+                flagged.setdefault(s.run_id, []).append(names[scored_on])
+        if not scores:
+            st.caption("No run has been scored on these slices yet: runs that end are scored by themselves; an "
+                       "older run can be scored from its page below.")
+        else:
+            st.dataframe(score_rows(scores, run_name), hide_index=True, key="held_out_table")
+            bad = [s for s in scores if s.flagged]
+            if bad:
+                st.warning(" ".join(f"**{run_name(s.run_id)}** scores worse than its parent "
+                                    f"({run_name(parent_run[s.run_id]) if parent_run.get(s.run_id) else 'parent'})"
+                                    " on the held-out slices." for s in bad), icon=":material/trending_down:")
+            promoted = svc.default_model(scored_on)
+            candidates = [c for s in scores for c in checkpoints.get(s.run_id, []) if c.kind == "best"]
+            if candidates:
+                best_run = next((s.best_run_id for s in scores if s.best_run_id is not None), None)
+                cids = [c.id for c in candidates]
+                first = next((c.id for c in candidates if c.run_id == best_run), cids[0])
+                cols = st.columns([3, 2], vertical_alignment="bottom")
+                pick = cols[0].selectbox("Default model of this dataset (Predict and Live start from it)", cids,
+                                         index=cids.index(promoted) if promoted in cids else cids.index(first),
+                                         format_func=lambda i: checkpoint_label(next(c for c in candidates
+                                                                                     if c.id == i)),
+                                         key=f"promote_pick_{scored_on}")
+                if cols[1].button("Promote", key="promote", disabled=pick == promoted,
+                                  help="Make it the model Predict and Live offer first for this dataset."):
+                    attempt(lambda: svc.promote(scored_on, pick),
+                            lambda _: f"Promoted {checkpoint_label(next(c for c in candidates if c.id == pick))} "
+                                      f"to be the default model of {names[scored_on]}.")
+                if promoted is not None:
+                    st.caption(f"Current default: checkpoint #{promoted}.")
+
 one, compare = st.tabs(["A run", "Compare runs"])
 with one:
     run_id = st.selectbox("Run", [r.id for r in shown] or [r.id for r in runs], key="runs_pick",
@@ -61,6 +105,16 @@ with one:
                                                             if children else ""))
     if run.error:
         st.error(run.error.strip().splitlines()[-1])
+    if run.id in flagged:
+        st.warning(f"Run {run.id} scores worse than its parent on the held-out slices of "
+                   f"{', '.join(flagged[run.id])}: see the table above before you use it.",
+                   icon=":material/trending_down:")
+    unscored = [d for d in run.dataset_ids if d in held] if run.status == "FINISHED" else []
+    if unscored and st.button("Score on the held-out slices", key=f"score_{run.id}",
+                              help="Runs that end are scored by themselves; this scores one that ended before "
+                                   "the held-out slices were chosen (or changed)."):
+        with st.spinner("Scoring …"):
+            attempt(lambda: svc.score_run(run.id), lambda n: f"Run {run.id}: {n} new score(s).")
     curves = svc.curves(run.id)
     if curves:
         left, right = st.columns(2)

@@ -21,11 +21,19 @@ def follow(run_id: int, was_active: bool) -> None:
     head[0].markdown(f"### Run {run.id}")
     head[0].markdown(f"Status: **{run.status}**" + (" (cancel requested)" if run.cancel_requested and
                                                       run.active else ""))
-    fraction = progress.step / progress.steps if progress.steps else 0.0
-    head[1].progress(min(fraction, 1.0), text=progress_text(progress))
+    if run.kind == "live":  # no end to count towards: what it does now
+        head[1].markdown(f"**Live session** (Annotate) · step {progress.step:,} · {run.phase or run.status.lower()}")
+    else:
+        fraction = progress.step / progress.steps if progress.steps else 0.0
+        head[1].progress(min(fraction, 1.0), text=progress_text(progress))
     for went_on_from, had_reached in progress.resumes:
         head[1].caption(resume_note(went_on_from, had_reached))
-    if run.active:
+    if run.active and run.kind == "live":
+        if head[2].button("Stop", key=f"stop_live_{run.id}", disabled=run.cancel_requested,
+                          help="End the live session for everyone: it becomes a run with its checkpoints."):
+            svc.live_stop(run.id)
+            st.rerun(scope="fragment")
+    elif run.active:
         if head[2].button("Cancel", key=f"cancel_{run.id}", disabled=run.cancel_requested):
             svc.cancel_run(run.id)
             st.rerun(scope="fragment")

@@ -161,7 +161,7 @@ class RunInfo:
     parent_checkpoint_id: int | None = None
     phase: str = ""  # what the worker does now: "training", "validating slice 2 of 3"
     train_seconds: float | None = None  # training time over every start of the run (resumes included)
-    kind: str = "train"  # train | starter (a model that ships with the app, registered as a finished run)
+    kind: str = "train"  # train | live (a live session) | starter (a model that ships with the app)
 
     @property
     def active(self) -> bool:
@@ -173,7 +173,10 @@ class RunInfo:
 
     @property
     def dataset_ids(self) -> list[int]:
-        return sorted({p["dataset_id"] for role in ("train", "val") for p in self.spec.get(role, [])})
+        ids = {p["dataset_id"] for role in ("train", "val") for p in self.spec.get(role, [])}
+        if "dataset_id" in self.spec:  # a live session's dataset
+            ids.add(int(self.spec["dataset_id"]))
+        return sorted(ids)
 
     @property
     def duration_s(self) -> float | None:

@@ -160,7 +160,7 @@ def test_two_users_share_one_session_and_a_normal_run_takes_the_device_first(liv
     assert svc.run(mine.run_id).pid != live_pid
 
 
-def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_path, synthetic):
+def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_path, synthetic, monkeypatch):
     """Held-out slices are frozen, never train, score every run that ends (and its parent); a fine-tune on
     bad corrections (neuron and membrane swapped) is flagged against its parent, and the better run can
     be promoted to the dataset's default model."""
@@ -195,7 +195,20 @@ def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_pat
         assert scores[bad.id].parent == scores[good.id].metrics
         assert scores[bad.id].best_run_id == good.id and scores[bad.id].worse_than_best
 
-        svc.promote(ds, good_best.id)
+        # the Runs page shows the flag and promotes the best run (AppTest: the real script)
+        monkeypatch.setenv("NEUROSEG_DATA_DIR", str(tmp_path / "data"))
+        monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(tmp_path / "no-isbi"))
+        from tests.test_pages import app
+
+        at = app("Runs")
+        table = next(d.value for d in at.dataframe if "flag" in d.value.columns)  # the held-out table
+        flags = dict(zip(table["run"], table["flag"], strict=True))
+        assert flags[f"run {bad.id}"].startswith("⚠ worse than its parent")
+        assert flags[f"run {good.id}"] == "★ best"
+        assert any(f"run {bad.id}** scores worse than its parent" in w.value for w in at.warning)
+        assert at.selectbox(key=f"promote_pick_{ds}").value == good_best.id  # the best is offered first
+        at.button(key="promote").click().run()
+        assert not at.exception, at.exception
         assert svc.default_model(ds) == good_best.id
         again = svc.set_held_out(ds, [4, 5])  # changing the set is a new version: old scores do not compare
         assert again.version == 2 and svc.held_out_scores(ds) == []

@@ -5,6 +5,7 @@ Plain Python over the engine's configs and the service's records (read by attrib
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -106,3 +107,36 @@ def default_checkpoint(checkpoints: list[Any], runs: list[Any], dataset_id: int,
             return c.id
     starter = next((c.id for c in checkpoints if getattr(c, "run_kind", "train") == "starter"), None)
     return starter if starter is not None else (checkpoints[0].id if checkpoints else None)
+
+
+SCORE_KEYS = (("pixel_error", "pixel error"), ("rand_f", "Rand-F"), ("vi", "VI"))
+
+
+def _delta(value: float | None, reference: dict[str, float] | None, key: str) -> str:
+    if value is None or not reference or key not in reference:
+        return ""
+    return f"{value - reference[key]:+.4f}"
+
+
+def score_rows(scores: list[Any], name: Callable[[int], str]) -> list[dict[str, Any]]:
+    """Held-out scores as table rows: each metric, its change against the parent and the best, and a flag
+    when the run is worse than its parent (⚠) or than the best (▼) beyond the tolerance."""
+    rows = []
+    for s in scores:
+        row: dict[str, Any] = {"run": name(s.run_id)}
+        for key, label in SCORE_KEYS:
+            value = s.metrics.get(key)
+            row[label] = round(value, 4) if value is not None else None
+            row[f"{label} vs parent"] = _delta(value, s.parent, key)
+            row[f"{label} vs best"] = _delta(value, s.best, key)
+        flags = []
+        if s.worse_than_parent:
+            flags.append("⚠ worse than its parent (" + ", ".join(dict(SCORE_KEYS)[k] for k in s.worse_than_parent)
+                         + ")")
+        if s.worse_than_best:
+            flags.append(f"▼ below the best ({name(s.best_run_id)})")
+        if s.best_run_id == s.run_id:
+            flags.append("★ best")
+        row["flag"] = "; ".join(flags)
+        rows.append(row)
+    return rows
