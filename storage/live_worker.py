@@ -37,6 +37,9 @@ from unet.live import LiveTrainer
 
 BURST_S = 2.0  # training between two looks at the store
 CHECKPOINT_EVERY_S = 60.0
+# CPU threads of a live session: all cores but one, so the server answers the annotator while it trains
+# (two busy processes with two threads each on two cores made each step 20× slower); $NEUROSEG_LIVE_THREADS
+LIVE_THREADS = int(os.environ.get("NEUROSEG_LIVE_THREADS") or max(1, (os.cpu_count() or 2) - 1))
 IDLE_STOP_S = 600.0  # nobody has watched for this long: the session ends by itself (a FINISHED run)
 
 
@@ -132,6 +135,10 @@ class LiveLoop:
             s.execute(update(Run).where(Run.id == self.run_id).values(phase=text[:120]))
 
     def run(self, outcome: Outcome) -> None:
+        if self.device == "cpu":  # leave a core to the server (and the user's page): see LIVE_THREADS
+            import torch
+
+            torch.set_num_threads(LIVE_THREADS)
         out_dir = self.store.run_dir(self.run_id)
         resume = (out_dir / "latest.pt").exists()
         _start_segment(self.sessions, self.run_id, out_dir, resume)

@@ -1,0 +1,295 @@
+"""The live loop measured with a simulated annotator, against an ilastik-style random forest that learns
+from exactly the same kind of strokes.
+
+    python -m bench.loop [--volume V.tif --labels L.tif] [--annotate 0-24] [--held-out 25-29]
+                         [--start random|starter|CHECKPOINT.pt] [--rounds 10] [--k 10] [--radius 8]
+                         [--seconds 30] [--json FILE] [--skip-forest]
+
+Each round the annotator takes the next slice to annotate (a fixed shuffled order of ``--annotate``),
+looks at the model's prediction of it, finds the K largest wrongly predicted regions against the full
+labels (not painted yet), and "paints" the true labels inside a disk of ``--radius`` pixels at the middle
+of each; everything else stays unlabelled. The U-Net side does this through the app itself: a real store
+and service, a live session (:mod:`storage.live_worker`, a separate process) started from ``--start``,
+the painted masks saved as mask versions, the session left to train for ``--seconds``, and the held-out
+slices scored from the session's own live predictions (the bench asks for them as a viewer would). The
+time from each save until the live overlay of the slice comes from weights that learned it is measured.
+The forest side is retrained (100 trees, scikit-image features as in :mod:`bench.quality`) on all painted
+pixels after each round and predicts the same slices. Both print and write per round: pixel error, Rand-F
+and VI on the held-out slices, painted pixels so far and wall-clock seconds.
+
+Any stack with full labels works (ISBI 2012 by default; 1024² and larger too: nothing holds more than a
+slice's features at once, and the live session predicts one slice at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import ROOT, isbi_dir, table, write_json
+
+POLL_S = 0.1
+
+
+def wrong_regions(prob: np.ndarray, target: np.ndarray, painted: np.ndarray, k: int,
+                  radius: int = 8) -> list[tuple[int, int]]:
+    """Where the annotator paints: the middles (the pixels deepest inside) of the largest regions predicted
+    wrong and not painted yet, K in all. A region much larger than a disk (a membrane network predicted as
+    neuron is one connected region) gets several disks, at least two radii apart, before the next one."""
+    from scipy import ndimage
+
+    from unet.labels import IGNORE, NEURON
+
+    wrong = ((prob > 0.5) != (target == NEURON)) & (target != IGNORE) & ~painted
+    regions, n = ndimage.label(wrong)
+    if n == 0:
+        return []
+    sizes = np.bincount(regions.ravel())[1:]
+    depth = ndimage.distance_transform_edt(wrong)
+    free = np.ones(wrong.shape, bool)
+    h, w = wrong.shape
+    centres: list[tuple[int, int]] = []
+    for label in np.argsort(sizes)[::-1] + 1:
+        inside = regions == label
+        while len(centres) < k:
+            candidates = np.where(inside & free, depth, 0)
+            flat = int(np.argmax(candidates))
+            if candidates.flat[flat] == 0:
+                break
+            cy, cx = divmod(flat, w)
+            centres.append((cy, cx))
+            r = 2 * radius
+            free[max(0, cy - r):min(h, cy + r + 1), max(0, cx - r):min(w, cx + r + 1)] = False
+            if sizes[label - 1] < 4 * np.pi * radius ** 2:  # a small region: one disk covers it
+                break
+        if len(centres) >= k:
+            break
+    return centres
+
+
+def paint(painted: np.ndarray, centres: list[tuple[int, int]], radius: int) -> None:
+    h, w = painted.shape
+    yy, xx = np.ogrid[-radius:radius + 1, -radius:radius + 1]
+    disk = yy ** 2 + xx ** 2 <= radius ** 2
+    for cy, cx in centres:
+        y0, y1, x0, x1 = max(0, cy - radius), min(h, cy + radius + 1), max(0, cx - radius), min(w, cx + radius + 1)
+        painted[y0:y1, x0:x1] |= disk[y0 - cy + radius:y1 - cy + radius, x0 - cx + radius:x1 - cx + radius]
+
+
+def score(probs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, float]:
+    from unet.metrics import evaluate_slice, mean_metrics
+
+    m = mean_metrics([evaluate_slice(p, t) for p, t in zip(probs, targets, strict=True)])
+    return {"pixel_error": m["pixel_error"], "rand_f": m["rand_f"], "vi": m["vi"]}
+
+
+# --- the U-Net through the app ----------------------------------------------------------------------
+def _start_folder(start: str, work: Path) -> Path:
+    """A folder with the checkpoint the session starts from, registered by the service as its starter."""
+    from unet.checkpoint import save_checkpoint, side_file
+    from unet.config import preset
+    from unet.model import UNet
+
+    folder = work / "start"
+    folder.mkdir(parents=True, exist_ok=True)
+    if start == "random":
+        import torch
+
+        torch.manual_seed(0)
+        config = preset("cpu-quick")
+        save_checkpoint(folder / "random.pt", UNet(config.model),
+                        meta={"kind": "starter", "step": 0, "train_config": config.to_dict(), "trained_on": "nothing"})
+    elif start == "starter":
+        from storage.starter import shipped
+
+        path = shipped()
+        if path is None:
+            raise SystemExit("no starter model is shipped (models/starter/*.pt): train it with bench.starter")
+        shutil.copy(path, folder / path.name)
+        shutil.copy(side_file(path), side_file(folder / path.name))
+    else:
+        path = Path(start)
+        shutil.copy(path, folder / path.name)
+        if side_file(path).exists():
+            shutil.copy(side_file(path), side_file(folder / path.name))
+    return folder
+
+
+def _wait(what: str, get, timeout: float = 600.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = get()
+        if value:
+            return value
+        time.sleep(POLL_S)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], held: list[int]) -> dict:
+    from storage import datasets
+    from storage.service import Neuroseg
+    from storage.settings import Settings
+    from ui.annotation import Draft
+    from unet.labels import IGNORE
+
+    work = Path(tempfile.mkdtemp(prefix="neuroseg-loop-"))
+    os.environ["NEUROSEG_STARTER_DIR"] = str(_start_folder(args.start, work))
+    svc = Neuroseg(Settings.from_env(work / "data"))
+    try:
+        with svc.sessions.begin() as s:
+            ds = datasets.import_dataset(s, svc.store, volume_path, name="loop").id
+        start_id = svc.checkpoint_choices()[0].id
+        session, _ = svc.live_start(ds, start_id, "annotator")
+        run_id = session.run_id
+        _wait("the live worker", lambda: svc.run(run_id).status == "RUNNING")
+        painted = {z: np.zeros(targets.shape[1:], bool) for z in order}
+        rows, latencies = [], []
+        began = time.monotonic()
+
+        def fresh(z: int, since: float):
+            """The live prediction of z made after ``since`` (wall clock)."""
+            def get():
+                p = svc.live_prediction(run_id, z)
+                return p if p is not None and p.created.timestamp() >= since else None
+            return get
+
+        for r in range(args.rounds):
+            z = order[r % len(order)]
+            t_look = time.time()
+            svc.live_see(run_id, "annotator", z)
+            seen = _wait(f"a live prediction of slice {z}", fresh(z, t_look))
+            centres = wrong_regions(seen.probabilities, targets[z], painted[z], args.k, args.radius)
+            paint(painted[z], centres, args.radius)
+            draft = Draft.begin(svc.draft_start(ds, z, "latest" if svc.history(ds, z) else "nothing"))
+            edit = np.where(painted[z], targets[z], IGNORE).astype(np.uint8)
+            edit.setflags(write=False)
+            draft.working = edit
+            draft.revision += 1
+            saved = svc.save_draft(draft, "annotator", owner="annotator")
+            t_save = time.monotonic()
+            _wait("the live overlay to include the save", lambda z=z, mask=saved.id: (
+                p := svc.live_prediction(run_id, z)) is not None and p.masks_seen >= mask)
+            latencies.append(time.monotonic() - t_save)
+            rest = args.seconds - (time.monotonic() - t_save)
+            if rest > 0:
+                time.sleep(rest)  # the annotator looks and thinks; the session trains
+            t_score = time.time()
+            for h in held:
+                svc.live_see(run_id, f"scorer-{h}", h)
+            probs = [_wait(f"a live prediction of held-out slice {h}", fresh(h, t_score)).probabilities for h in held]
+            for h in held:
+                svc.live_leave(run_id, f"scorer-{h}")
+            metrics = score(probs, [targets[h] for h in held])
+            step = svc.snapshot(run_id).progress.step
+            rows.append({"round": r + 1, "slice": z, "painted": int(sum(p.sum() for p in painted.values())),
+                         "seconds": time.monotonic() - began, "save_to_overlay_s": latencies[-1], "step": step,
+                         **metrics})
+            print(f"unet  round {r + 1:2d}: {metrics} · overlay {latencies[-1]:.1f} s after the save", flush=True)
+        svc.live_stop(run_id)
+        _wait("the session to end", lambda: not svc.run(run_id).active, timeout=120)
+        return {"rounds": rows, "save_to_overlay_s": {"median": statistics.median(latencies), "max": max(latencies),
+                                                       "all": latencies}}
+    finally:
+        svc.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- the random forest ------------------------------------------------------------------------------
+def forest_loop(args, volume: np.ndarray, targets: np.ndarray, order: list[int], held: list[int]) -> dict:
+    from sklearn.ensemble import RandomForestClassifier
+
+    from bench.quality import _rf_features
+
+    painted = {z: np.zeros(targets.shape[1:], bool) for z in order}
+    xs: dict[int, np.ndarray] = {}
+    ys: dict[int, np.ndarray] = {}
+    forest = None
+    rows = []
+    began = time.monotonic()
+
+    def predict(z: int) -> np.ndarray:
+        if forest is None:
+            return np.full(volume.shape[1:], 0.5, np.float32)
+        f = _rf_features(volume[z])
+        return forest.predict_proba(f.reshape(-1, f.shape[-1]))[:, list(forest.classes_).index(1)] \
+            .reshape(volume.shape[1:]).astype(np.float32) if 1 in forest.classes_ else \
+            np.zeros(volume.shape[1:], np.float32)
+
+    for r in range(args.rounds):
+        z = order[r % len(order)]
+        centres = wrong_regions(predict(z), targets[z], painted[z], args.k, args.radius)
+        paint(painted[z], centres, args.radius)
+        f = _rf_features(volume[z])
+        xs[z], ys[z] = f[painted[z]], targets[z][painted[z]]
+        forest = RandomForestClassifier(n_estimators=100, n_jobs=-1, min_samples_leaf=2, random_state=0)
+        forest.fit(np.concatenate(list(xs.values())), np.concatenate(list(ys.values())))
+        metrics = score([predict(h) for h in held], [targets[h] for h in held])
+        rows.append({"round": r + 1, "slice": z, "painted": int(sum(p.sum() for p in painted.values())),
+                     "seconds": time.monotonic() - began, **metrics})
+        print(f"forest round {r + 1:2d}: {metrics}", flush=True)
+    return {"rounds": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unet.io import parse_slices, read_labels, read_stack
+    from unet.labels import labels_to_target
+
+    ap = argparse.ArgumentParser(prog="python -m bench.loop", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--volume", help="the stack (default: the ISBI 2012 training volume)")
+    ap.add_argument("--labels", help="its full labels (default: the ISBI 2012 training labels)")
+    ap.add_argument("--annotate", default="0-24", help="the slices the annotator works on")
+    ap.add_argument("--held-out", default="25-29", help="the slices scored after each round")
+    ap.add_argument("--start", default="random", help="random, starter, or a checkpoint file")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--k", type=int, default=10, help="disks painted per round")
+    ap.add_argument("--radius", type=int, default=8, help="the disks' radius in pixels")
+    ap.add_argument("--seconds", type=float, default=30.0, help="training time per round (from the save)")
+    ap.add_argument("--seed", type=int, default=0, help="the order in which slices are annotated")
+    ap.add_argument("--skip-forest", action="store_true")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "loop.json"))
+    args = ap.parse_args(argv)
+    data = isbi_dir()
+    volume_path = Path(args.volume or data / "train-volume.tif")
+    labels_path = Path(args.labels or data / "train-labels.tif")
+    if not volume_path.is_file() or not labels_path.is_file():
+        print(f"no stack at {volume_path} / {labels_path}: pass --volume and --labels", file=sys.stderr)
+        return 2
+    volume = read_stack(volume_path)
+    targets = labels_to_target(read_labels(labels_path, volume.shape))
+    order = parse_slices(args.annotate, volume.shape[0])
+    np.random.default_rng(args.seed).shuffle(order)
+    held = parse_slices(args.held_out, volume.shape[0])
+    if set(order) & set(held):
+        print("--annotate and --held-out overlap", file=sys.stderr)
+        return 2
+    result = {"volume": str(volume_path), "shape": list(volume.shape), "start": args.start, "k": args.k,
+              "radius": args.radius, "seconds_per_round": args.seconds, "held_out": held,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    result["unet"] = unet_loop(args, volume_path, targets, order, held)
+    if not args.skip_forest:
+        result["forest"] = forest_loop(args, volume, targets, order, held)
+    columns = [("round", "round", "d"), ("painted", "painted px", "d"), ("seconds", "s", ".0f"),
+               ("pixel_error", "pixel error", ".4f"), ("rand_f", "Rand-F", ".4f"), ("vi", "VI", ".3f")]
+    print("\nU-Net, live session from", args.start)
+    print(table(result["unet"]["rounds"], [*columns, ("step", "steps", "d"),
+                                           ("save_to_overlay_s", "save→overlay s", ".1f")]))
+    if "forest" in result:
+        print("\nrandom forest, retrained each round")
+        print(table(result["forest"]["rounds"], columns))
+    lat = result["unet"]["save_to_overlay_s"]
+    print(f"\nsave → live overlay that includes it: median {lat['median']:.1f} s, max {lat['max']:.1f} s")
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
