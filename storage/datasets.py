@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from storage.files import FileStore
 from storage.masks import add_mask
-from storage.models import Dataset, MaskVersion, RunMask
+from storage.models import Dataset, MaskVersion, Run, RunMask
 from storage.records import DatasetInfo, NotFound
 from unet.io import DEFAULT_MAX_BYTES, inspect_stack, read_labels, read_stack
 from unet.labels import labels_to_target
@@ -106,9 +106,12 @@ def update_dataset(session: Session, dataset_id: int, *, name: str | None = None
 
 
 def runs_using_dataset(session: Session, dataset_id: int) -> list[int]:
+    """The runs that trained on the dataset, and its live sessions (one may not have learned a mask yet)."""
+    live = [r.id for r in session.scalars(select(Run).where(Run.kind == "live"))
+            if int(r.spec.get("dataset_id", -1)) == dataset_id]
     return sorted(set(session.scalars(
         select(RunMask.run_id).join(MaskVersion, RunMask.mask_version_id == MaskVersion.id)
-        .where(MaskVersion.dataset_id == dataset_id))))
+        .where(MaskVersion.dataset_id == dataset_id))) | set(live))
 
 
 def dataset_row(session: Session, dataset_id: int) -> Dataset:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -216,3 +217,61 @@ def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_pat
         assert [s.run_id for s in svc.held_out_scores(ds)] == [good.id]
     finally:
         svc.close()
+
+
+def test_a_server_restart_finds_the_session_and_a_dead_worker_is_resumed_by_turning_live_on(live_env):
+    svc, ds, targets, starter_id = live_env
+    first = save(svc, ds, 0, targets[0])
+    session, _ = svc.live_start(ds, starter_id, "ann")
+    wait_for(lambda: svc.run(session.run_id).status == "RUNNING", what="the live worker to start")
+    pid = svc.run(session.run_id).pid
+
+    restarted = Neuroseg(svc.settings)  # a server restart: its supervisor ticks at once
+    try:
+        found = restarted.live(ds)
+        assert found is not None and (found.run_id, found.run.status, found.run.pid) == (session.run_id, "RUNNING", pid)
+    finally:
+        restarted.close()
+
+    os.killpg(pid, signal.SIGKILL)  # the machine loses the worker
+    wait_exit(pid)
+    svc.supervisor.tick()
+    assert svc.run(session.run_id).status == "LOST" and svc.live(ds) is None
+    again, what = svc.live_start(ds, None, "ann")
+    assert (what, again.run_id) == ("resumed", session.run_id)
+    wait_for(lambda: (r := svc.run(session.run_id)).status == "RUNNING" and r.pid != pid, what="a new worker")
+    svc.live_see(session.run_id, "ann", 1)
+    wait_for(lambda: (p := svc.live_prediction(session.run_id, 1)) is not None and p.masks_seen == first.id,
+             what="the resumed session to predict from what it learned")
+
+
+def test_accept_copies_the_prediction_into_the_edit_but_keeps_the_users_strokes():
+    from ui.annotation import Draft
+    from ui.live import predicted_mask, status_text
+    from unet.labels import IGNORE, MEMBRANE, NEURON
+
+    draft = Draft.blank(1, 0, (6, 6), None)
+    draft.working = np.where(np.eye(6, dtype=bool), MEMBRANE, IGNORE).astype(np.uint8)  # the user's strokes
+    probabilities = np.full((6, 6), 0.9, np.float32)
+    probabilities[:, 0] = 0.1
+    predicted = predicted_mask(probabilities)
+    assert (predicted[:, 0] == MEMBRANE).all() and (predicted[:, 1:] == NEURON).all()
+
+    changed = draft.accept(predicted, region=(0, 0, 3, 6))  # the zoomed region: the top three rows
+    assert changed == 3 * 6 - 3
+    assert (draft.working[3:] == np.where(np.eye(6, dtype=bool), MEMBRANE, IGNORE)[3:]).all()  # outside: as it was
+    assert draft.working[1, 1] == MEMBRANE and draft.working[0, 2] == NEURON and draft.working[2, 0] == MEMBRANE
+    assert draft.kind == "predicted→painted" and draft.view_base is draft.working
+    assert draft.accept(predicted) == 3 * 6 - 3  # the rest of the slice
+    with pytest.raises(ValueError, match="prediction is"):
+        draft.accept(predicted[:3])
+
+    class Run:
+        id, status, phase, device, cancel_requested = 7, "QUEUED", "paused: run #9 has the device", "cpu", False
+
+    class Info:
+        run, learned, viewers, paused_for = Run(), 3, ["name:ann", "name:bob", "browser:x1"], 9
+
+    text = status_text(Info(), "name:ann")
+    assert text.startswith("Live session #7 (3 saved mask(s) learned) · paused while run #9 trains on cpu")
+    assert text.endswith("shared with bob, someone without a name")
