@@ -161,18 +161,15 @@ def stop(session: Session, run_id: int) -> RunInfo:
     return run_info(run)
 
 
-def focus_slices(session: Session, run_id: int, n_slices: int) -> list[int]:
-    """The slices to re-predict: each viewer's slice first, then the ones beside it."""
+def focus_slices(session: Session, run_id: int, n_slices: int) -> tuple[list[int], list[int]]:
+    """The slices to re-predict: (each viewer's own slice, the ones beside them)."""
     since = datetime.now(UTC) - VIEWER_TTL
     viewers = [v for v in session.scalars(select(LiveViewer).where(LiveViewer.run_id == run_id)
                                           .order_by(LiveViewer.seen.desc())) if aware(v.seen) >= since]
-    order: list[int] = []
-    for ring in (0, 1):
-        for v in viewers:
-            for z in sorted({v.slice_index - ring, v.slice_index + ring}):
-                if 0 <= z < n_slices and z not in order:
-                    order.append(z)
-    return order
+    own = list(dict.fromkeys(v.slice_index for v in viewers if 0 <= v.slice_index < n_slices))
+    beside = list(dict.fromkeys(z for v in viewers for z in (v.slice_index - 1, v.slice_index + 1)
+                                if 0 <= z < n_slices and z not in own))
+    return own, beside
 
 
 def prediction(session: Session, store: FileStore, run_id: int, slice_index: int) -> LivePrediction | None:
