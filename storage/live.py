@@ -112,7 +112,7 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
     if parent is None:
         raise NotFound(f"checkpoint {checkpoint_id} does not exist")
     parent_run = session.get(Run, parent.run_id)
-    config = live_config(TrainConfig.from_dict(parent_run.config))
+    config = live_config(TrainConfig.from_dict(parent_run.config), trained=parent.step > 0)
     run = Run(status=RunStatus.QUEUED, kind=LIVE_KIND, spec={"dataset_id": dataset_id, "preset": "live",
                                                               "train": [], "val": []},
               config=config.to_dict(), device=device_key(config), parent_checkpoint_id=checkpoint_id,
