@@ -40,8 +40,9 @@ def live_config(base: TrainConfig, *, lr: float = 1e-3, device: str | None = Non
     """The recipe of a live session from the recipe of the model it starts from: the same network, patches
     and augmentation, a learning rate held flat after 20 warm-up steps (a fine-tuning rate, at most ``lr``,
     from ``trained`` weights; the recipe's own rate from untrained ones), no validation, no end."""
-    return replace(base, lr=min(lr, base.lr) if trained else base.lr, warmup_steps=20, steps=10**12, max_seconds=None, val_every=10**12,
-                   checkpoint_every=10**12, early_stop_patience=0, device=device or base.device)
+    return replace(base, lr=min(lr, base.lr) if trained else base.lr, warmup_steps=20, steps=10**12,
+                   max_seconds=None, val_every=10**12, checkpoint_every=10**12, early_stop_patience=0,
+                   device=device or base.device)
 
 
 class LiveTrainer:
