@@ -35,11 +35,15 @@ NEW_SHARE = 0.5  # of the patches, drawn from the newest slices
 RECENT = 2  # how many of the newest slices count as new
 
 
-def live_config(base: TrainConfig, *, lr: float = 1e-3, device: str | None = None,
+def live_config(base: TrainConfig, *, lr: float = 2e-4, device: str | None = None,
                 trained: bool = True) -> TrainConfig:
     """The recipe of a live session from the recipe of the model it starts from: the same network, patches
     and augmentation, a learning rate held flat after 20 warm-up steps (a fine-tuning rate, at most ``lr``,
-    from ``trained`` weights; the recipe's own rate from untrained ones), no validation, no end."""
+    from ``trained`` weights; the recipe's own rate from untrained ones), no validation, no end.
+
+    The fine-tuning rate: strokes painted where a model is wrong are no sample of the stack, and at 1e-3
+    they pulled the starter model off course (bench.loop on ISBI, K=10 disks of radius 8, four rounds:
+    pixel error 0.119, 0.108, 0.107, 0.137); at 2e-4 it stayed nearer (0.079, 0.077, 0.103, 0.095)."""
     return replace(base, lr=min(lr, base.lr) if trained else base.lr, warmup_steps=20, steps=10**12,
                    max_seconds=None, val_every=10**12, checkpoint_every=10**12, early_stop_patience=0,
                    device=device or base.device)
