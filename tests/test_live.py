@@ -55,7 +55,7 @@ def test_replaying_the_older_slices_keeps_a_fine_tune_from_forgetting(tmp_path):
     first.save()
     errors = {}
     for replay in (True, False):
-        tuned = LiveTrainer(live_config(config), tmp_path / f"replay-{replay}",
+        tuned = LiveTrainer(live_config(config, lr=1e-3), tmp_path / f"replay-{replay}",
                             init_from=tmp_path / "first" / "best.pt", replay=replay)
         tuned.set_slices({"A": a, "B": b}, new=["B"])
         tuned.train_for(600, max_steps=200)
