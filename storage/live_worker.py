@@ -38,6 +38,8 @@ from unet.live import LiveTrainer
 
 BURST_S = 2.0  # training between two looks at the store
 CHECKPOINT_EVERY_S = 60.0
+# from a trained start, the unpainted pixels keep its answer at this weight (unet.live); $NEUROSEG_LIVE_DISTILL
+DISTILL = float(os.environ.get("NEUROSEG_LIVE_DISTILL") or 0.3)
 NEIGHBOURS_EVERY = 3  # turns between two predictions of the slices beside the viewers' own
 # CPU threads of a live session: all cores but one, so the server answers the annotator while it trains
 # (two busy processes with two threads each on two cores made each step 20× slower); $NEUROSEG_LIVE_THREADS
@@ -66,6 +68,7 @@ class LiveLoop:
             self.config = TrainConfig.from_dict(run.config)
             parent = s.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
             self.parent_file = str(store.abspath(parent.file)) if parent else None
+            self.trained_start = parent is not None and parent.step > 0
             self.learned = {m.slice_index: m.mask_version_id for m in s.execute(
                 select(RunMask.mask_version_id, MaskVersion.slice_index)
                 .join(MaskVersion, RunMask.mask_version_id == MaskVersion.id).where(RunMask.run_id == run_id))}
@@ -148,7 +151,8 @@ class LiveLoop:
         resume = (out_dir / "latest.pt").exists()
         _start_segment(self.sessions, self.run_id, out_dir, resume)
         trainer = LiveTrainer(self.config, out_dir, init_from=None if resume else self.parent_file, resume=resume,
-                              reporter=self.reporter)
+                              reporter=self.reporter, distill=DISTILL if self.trained_start else 0.0,
+                              reference=self.parent_file)
         done: dict[int, tuple[int, int]] = {}
         first, last_save = True, time.monotonic()
         for turn in itertools.count():

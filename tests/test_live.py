@@ -64,6 +64,21 @@ def test_replaying_the_older_slices_keeps_a_fine_tune_from_forgetting(tmp_path):
     assert errors[False][0] > 0.4  # without replay, A is forgotten
     assert errors[True][0] < errors[False][0] - 0.25  # with it, A is kept
 
+    # a trained start (the starter) corrected with one-sided strokes (here: membrane only, as strokes
+    # painted only where a model is wrong can be): without distillation the fine-tune drifts to calling
+    # everything membrane; with the starting model's answer on the unpainted pixels it keeps its skill
+    c_image, c_target = volume[2], targets[2]
+    strokes = np.where(c_target == 0, c_target, 2).astype(np.uint8)
+    kept = {}
+    for distill in (0.3, 0.0):
+        tuned = LiveTrainer(live_config(config, lr=1e-3), tmp_path / f"distill-{distill}",
+                            init_from=tmp_path / "first" / "best.pt", distill=distill,
+                            reference=tmp_path / "first" / "best.pt")
+        tuned.set_slices({"C": (c_image, strokes)}, new=["C"])
+        tuned.train_for(600, max_steps=250)
+        kept[distill] = pixel_error(tuned.predict(a[0]) > 0.5, a[1])
+    assert kept[0.3] < 0.08 and kept[0.0] > kept[0.3] + 0.04, kept
+
 
 @pytest.fixture
 def live_env(tmp_path, monkeypatch):

@@ -12,6 +12,10 @@ checkpoints now and then (:meth:`LiveTrainer.save`). It is the ordinary :class:`
   patches come from them; the other half replays every older labelled slice (by labelled pixels). A
   fine-tune that saw only the new slices would forget what the older ones taught (the live tests show
   it does); ``replay=False`` is that naive fine-tune, kept for the comparison.
+- **Distillation** (``distill``, from a trained start): a model that comes with its knowledge (the
+  starter) has no older slices of this stack to replay, and strokes painted only where it is wrong pull
+  it off course. So the pixels nobody painted keep the starting model's own answer as their target, at
+  a weight of ``distill`` against the painted pixels' 1 (learning without forgetting).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from unet.config import TrainConfig
 from unet.data import PatchSampler, TrainData, normalize_image
 from unet.infer import predict_slice
-from unet.labels import IGNORE, border_weights
+from unet.labels import IGNORE, MEMBRANE, NEURON, border_weights
 from unet.train import NullReporter, Reporter, Trainer
 
 NEW_SHARE = 0.5  # of the patches, drawn from the newest slices
@@ -61,7 +65,8 @@ class LiveTrainer:
     """
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, *, init_from: str | os.PathLike | None = None,
-                 resume: bool = False, replay: bool = True, reporter: Reporter | None = None):
+                 resume: bool = False, replay: bool = True, reporter: Reporter | None = None,
+                 distill: float = 0.0, reference: str | os.PathLike | None = None):
         self.replay = replay
         self.keys: list[Hashable] = []
         self.order: dict[Hashable, int] = {}  # when each slice (last) arrived: newest is highest
@@ -71,6 +76,14 @@ class LiveTrainer:
         self.trainer.restore(resume=resume and (Path(out_dir) / "latest.pt").exists(), init_from=init_from)
         self.sampler: PatchSampler | None = None
         self.trainer.batches = self._batches()
+        self.distill, self.reference = distill, None
+        self._pseudo: dict[Hashable, np.ndarray] = {}
+        if distill > 0 and reference is not None:
+            from unet.checkpoint import load_checkpoint
+
+            self.reference = load_checkpoint(reference).build_model(str(self.trainer.device)).eval()
+            # the unpainted pixels' targets are weighted, and only the BCE takes weights
+            self.trainer.config = replace(self.trainer.config, loss="bce")
 
     @property
     def steps(self) -> int:
@@ -102,12 +115,22 @@ class LiveTrainer:
             return
         keys = sorted(labelled, key=lambda k: (self.order[k], str(k)))
         images = [normalize_image(labelled[k][0]) for k in keys]
-        targets = [np.ascontiguousarray(labelled[k][1], dtype=np.uint8) for k in keys]
+        painted = [np.ascontiguousarray(labelled[k][1], dtype=np.uint8) for k in keys]
         config = self.trainer.config
-        weights = ([border_weights(t, config.border_weight, config.border_sigma) for t in targets]
+        weights = ([border_weights(t, config.border_weight, config.border_sigma) for t in painted]
                    if config.border_weight > 0 else None)
+        targets = painted
+        if self.reference is not None:  # the starting model's answer on what nobody painted, weighted down
+            targets = [np.where(t != IGNORE, t, self._pseudo_target(k, labelled[k][0])).astype(np.uint8)
+                       for k, t in zip(keys, painted, strict=True)]
+            weights = [np.where(t != IGNORE, 1.0, self.distill).astype(np.float32) * (1 if weights is None else w)
+                       for t, w in zip(painted, weights or [None] * len(painted), strict=True)]
         sampler = PatchSampler(images, targets, config.patch_size, self.trainer.out_size, config.augment,
                                self.trainer.rng, weights)
+        if self.reference is not None:  # windows still go where the user painted
+            sampler.labelled = [np.flatnonzero(t.ravel() != IGNORE) for t in painted]
+            counts = np.array([len(i) for i in sampler.labelled], np.float64)
+            sampler.p = counts / counts.sum()
         newest = [i for i, k in enumerate(keys) if self.order[k] > 0][-RECENT:]
         if newest:
             recent = np.zeros(len(keys))
@@ -119,6 +142,14 @@ class LiveTrainer:
             else:
                 sampler.p = NEW_SHARE * recent + (1 - NEW_SHARE) * older / older.sum()
         self.sampler, self.keys = sampler, keys
+
+    def _pseudo_target(self, key: Hashable, image: np.ndarray) -> np.ndarray:
+        """The starting model's mask of a slice (computed once per slice)."""
+        if key not in self._pseudo:
+            with torch.no_grad():
+                prob = predict_slice(self.reference, image, device=self.trainer.device, amp=self.trainer.amp)
+            self._pseudo[key] = np.where(prob > 0.5, NEURON, MEMBRANE).astype(np.uint8)
+        return self._pseudo[key]
 
     @property
     def ready(self) -> bool:
