@@ -18,7 +18,6 @@ re-predicted. The rules it keeps with the rest of the queue:
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -29,7 +28,7 @@ from sqlalchemy.orm import Session
 from storage.files import FileStore
 from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunMask
 from storage.records import ACTIVE, NotFound, RunInfo, RunStatus, UserError, aware
-from storage.runs import device_key, run_info
+from storage.runs import device_key, resume_run, run_info
 
 VIEWER_TTL = timedelta(seconds=120)  # a viewer not seen for this long is no longer predicted for
 LIVE_KIND = "live"
@@ -102,8 +101,7 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
     lost = _live_runs(session, dataset_id, [RunStatus.LOST])
     if lost and checkpoint_id in (None, lost[-1].parent_checkpoint_id):
         run = lost[-1]
-        run.status, run.cancel_requested, run.finished, run.pid, run.error = RunStatus.QUEUED, None, None, None, None
-        session.flush()
+        resume_run(session, run.id)
         see(session, run.id, owner, None)
         return live_info(session, run), "resumed"
     if checkpoint_id is None:
@@ -178,7 +176,7 @@ def prediction(session: Session, store: FileStore, run_id: int, slice_index: int
     if row is None:
         return None
     try:
-        data = np.load(io.BytesIO(store.abspath(row.file).read_bytes()), allow_pickle=False)
+        data = np.load(store.abspath(row.file), allow_pickle=False)
     except (OSError, ValueError):
         return None
     return LivePrediction(run_id, slice_index, row.step, row.masks_seen, aware(row.created),

@@ -23,9 +23,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import open_store
 from storage.files import FileStore
+from storage.heldout import held_out
 from storage.live import focus_slices, waiting_normal_run
-from storage.masks import load_mask
-from storage.models import Checkpoint, Dataset, LiveSlice, MaskVersion, Run, RunMask
+from storage.masks import load_mask, slice_kinds
+from storage.models import Checkpoint, LiveSlice, MaskVersion, Run, RunMask
 from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.procs import start_time
 from storage.queue import claim, start_queued
@@ -45,18 +46,6 @@ NEIGHBOURS_EVERY = 3  # turns between two predictions of the slices beside the v
 # (two busy processes with two threads each on two cores made each step 20× slower); $NEUROSEG_LIVE_THREADS
 LIVE_THREADS = int(os.environ.get("NEUROSEG_LIVE_THREADS") or max(1, (os.cpu_count() or 2) - 1))
 IDLE_STOP_S = 600.0  # nobody has watched for this long: the session ends by itself (a FINISHED run)
-
-
-def _held_out(session: Session, dataset_id: int) -> set[int]:
-    dataset = session.get(Dataset, dataset_id)
-    return {int(h["slice"]) for h in (dataset.held_out or [])} if dataset is not None else set()
-
-
-def _latest_masks(session: Session, dataset_id: int, exclude: set[int]) -> dict[int, MaskVersion]:
-    """The newest mask version of every labelled slice, held-out slices left out."""
-    rows = session.scalars(select(MaskVersion).where(MaskVersion.dataset_id == dataset_id)
-                           .order_by(MaskVersion.slice_index, MaskVersion.version))
-    return {r.slice_index: r for r in rows if r.slice_index not in exclude}
 
 
 class LiveLoop:
@@ -83,7 +72,9 @@ class LiveLoop:
     def absorb(self, trainer: LiveTrainer, first: bool) -> list[int]:
         """Take the newest mask versions into the training set; returns the slices that changed."""
         with self.sessions.begin() as s:
-            latest = _latest_masks(s, self.dataset_id, _held_out(s, self.dataset_id))
+            frozen = held_out(s, self.dataset_id)
+            latest = {z: m for z, m in slice_kinds(s, self.dataset_id).items()  # held-out slices never train
+                      if frozen is None or z not in frozen.slices}
             changed = [z for z, m in latest.items() if z not in self.slices or
                        self.slices_ids.get(z) != m.id]
             gone = [z for z in self.slices if z not in latest]  # held out since, or its dataset changed
@@ -138,10 +129,6 @@ class LiveLoop:
                 break
         return count
 
-    def phase(self, text: str) -> None:
-        with self.sessions.begin() as s:
-            s.execute(update(Run).where(Run.id == self.run_id).values(phase=text[:120]))
-
     def run(self, outcome: Outcome) -> None:
         if self.device == "cpu":  # leave a core to the server (and the user's page): see LIVE_THREADS
             import torch
@@ -162,7 +149,7 @@ class LiveLoop:
             first = False
             idle = time.monotonic() - self.watched > IDLE_STOP_S
             if self.reporter.should_stop() or idle:
-                self.phase("stopping: saving the weights")
+                self.reporter.on_phase("stopping: saving the weights")
                 trainer.save()
                 if idle:
                     print(f"live {self.run_id}: nobody watched for {IDLE_STOP_S / 60:g} minutes: it ends", flush=True)
@@ -170,16 +157,16 @@ class LiveLoop:
             with self.sessions.begin() as s:
                 waiting = waiting_normal_run(s, self.device)
             if waiting is not None:
-                self.phase(f"paused: run #{waiting} has the device; live carries on after it")
+                self.reporter.on_phase(f"paused: run #{waiting} has the device; live carries on after it")
                 trainer.save()
                 outcome.status = RunStatus.QUEUED
                 print(f"live {self.run_id}: paused for run {waiting} at step {trainer.steps}", flush=True)
                 return
             if trainer.ready:
-                self.phase(f"learning from {len(self.slices)} slice(s) · step {trainer.steps}")
+                self.reporter.on_phase(f"learning from {len(self.slices)} slice(s) · step {trainer.steps}")
                 trainer.train_for(BURST_S, should_stop=self.reporter.should_stop)
             else:
-                self.phase("waiting for a saved mask · predicting with the starting weights")
+                self.reporter.on_phase("waiting for a saved mask · predicting with the starting weights")
             if self.predict(trainer, done, turn) == 0 and not trainer.ready:
                 time.sleep(1.0)  # nothing to learn from and nothing new to show: look again in a second
             if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:

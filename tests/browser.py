@@ -92,6 +92,16 @@ def chromium() -> Iterator[object]:
             browser.close()
 
 
+def open_with_demo(page, url: str, name: str | None = "ann") -> None:
+    """Open the app, give the sidebar a name (None: none), load the demo dataset and wait until it is in."""
+    page.goto(url)
+    if name is not None:
+        page.get_by_role("textbox", name="Your name").fill(name)
+        page.get_by_role("textbox", name="Your name").press("Enter")
+    page.get_by_role("button", name="Load demo dataset").click()
+    page.get_by_text("Loaded Demo: synthetic EM").wait_for()
+
+
 def canvas_key(page) -> str:
     """The key of the canvas on screen (Streamlit puts ``st-key-<key>`` on its container)."""
     return page.evaluate("document.querySelector('[class*=\"st-key-canvas-\"]').className"

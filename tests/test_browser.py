@@ -17,6 +17,7 @@ from tests.browser import (
     canvas_key,
     chromium,
     new_canvas,
+    open_with_demo,
 )
 from unet.labels import MEMBRANE
 
@@ -32,11 +33,7 @@ def test_draw_a_stroke_and_save_it(tmp_path):
     with app_server(data_dir) as url, chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         page.set_default_timeout(TIMEOUT_MS)
-        page.goto(url)
-        page.get_by_role("textbox", name="Your name").fill("ann")
-        page.get_by_role("textbox", name="Your name").press("Enter")
-        page.get_by_role("button", name="Load demo dataset").click()
-        page.get_by_text("Loaded Demo: synthetic EM").wait_for()
+        open_with_demo(page, url)
         page.screenshot(path=ARTIFACTS / "home.png", full_page=True)
 
         page.get_by_role("link", name="Datasets").first.click()  # a real page switch, as a user does it
@@ -117,9 +114,7 @@ def test_the_whole_loop_in_the_browser(tmp_path):
 
         page = browser.new_page(viewport={"width": 1400, "height": 1400}, accept_downloads=True)
         page.set_default_timeout(TIMEOUT_MS)
-        page.goto(url)
-        page.get_by_role("button", name="Load demo dataset").click()
-        page.get_by_text("Loaded Demo: synthetic EM").wait_for()
+        open_with_demo(page, url, name=None)
 
         page.get_by_role("link", name="Annotate").first.click()
         canvas = page.locator("canvas.upper-canvas")

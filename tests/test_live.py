@@ -21,12 +21,11 @@ from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.drafts import new_draft, start_options
 from tests.test_jobs import wait_for
-from unet.checkpoint import save_checkpoint
+from tests.test_starter import tiny_starter
 from unet.config import preset
 from unet.labels import labels_to_target
 from unet.live import LiveTrainer, live_config
 from unet.metrics import pixel_error
-from unet.model import UNet
 from unet.synthetic import make_synthetic_em
 
 
@@ -84,10 +83,7 @@ def test_replaying_the_older_slices_keeps_a_fine_tune_from_forgetting(tmp_path):
 def live_env(tmp_path, monkeypatch):
     """A service on a fresh store with a tiny starter model and an unlabelled synthetic stack."""
     folder = tmp_path / "models"
-    config = preset("tiny", patch_size=48)
-    save_checkpoint(folder / "membrane-test.pt", UNet(config.model),
-                    meta={"kind": "starter", "step": 1, "train_config": config.to_dict(), "trained_on": "nothing"})
-    monkeypatch.setenv("NEUROSEG_STARTER_DIR", str(folder))
+    tiny_starter(folder, monkeypatch, step=1, patch_size=48)
     svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
     with svc.sessions.begin() as s:
         starter.register(s, svc.store, folder)

@@ -11,11 +11,9 @@ from sqlalchemy import select
 from storage.models import LiveSlice
 from storage.service import Neuroseg
 from storage.settings import Settings
-from tests.browser import ARTIFACTS, annotate_render, app_server, await_annotate_render, chromium
+from tests.browser import ARTIFACTS, annotate_render, app_server, await_annotate_render, chromium, open_with_demo
 from tests.test_jobs import wait_for
-from unet.checkpoint import save_checkpoint
-from unet.config import preset
-from unet.model import UNet
+from tests.test_starter import tiny_starter
 
 pytestmark = pytest.mark.slow
 
@@ -29,22 +27,14 @@ def live_row(svc, run_id: int, z: int):
 
 
 def test_live_on_paint_save_and_the_overlay_follows(tmp_path, monkeypatch):
-    folder = tmp_path / "models"
-    config = preset("tiny")
-    save_checkpoint(folder / "membrane-test.pt", UNet(config.model),
-                    meta={"kind": "starter", "step": 1, "train_config": config.to_dict(), "trained_on": "nothing"})
-    monkeypatch.setenv("NEUROSEG_STARTER_DIR", str(folder))
+    tiny_starter(tmp_path / "models", monkeypatch, step=1)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with app_server(data_dir) as url, chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.set_default_timeout(TIMEOUT_MS)
-        page.goto(url)
-        page.get_by_role("textbox", name="Your name").fill("ann")
-        page.get_by_role("textbox", name="Your name").press("Enter")
-        page.get_by_role("button", name="Load demo dataset").click()
-        page.get_by_text("Loaded Demo: synthetic EM").wait_for()
+        open_with_demo(page, url)
         page.get_by_role("link", name="Annotate").first.click()
         page.locator("canvas.upper-canvas").wait_for()
 

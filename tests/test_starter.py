@@ -24,15 +24,20 @@ def wait_exit(pid: int) -> None:
     os.close(fd)
 
 
+def tiny_starter(folder, monkeypatch, step: int = 7, **recipe) -> None:
+    """A starter of the ``tiny`` preset's network (untrained weights) in ``folder``, which becomes
+    $NEUROSEG_STARTER_DIR."""
+    config = preset("tiny", **recipe)
+    save_checkpoint(folder / "membrane-test.pt", UNet(config.model),
+                    meta={"kind": "starter", "step": step, "train_config": config.to_dict(), "trained_on": "nothing"})
+    monkeypatch.setenv("NEUROSEG_STARTER_DIR", str(folder))
+
+
 @pytest.fixture
 def shipped(tmp_path, monkeypatch):
     """A starter of the ``tiny`` preset's network in a folder named by $NEUROSEG_STARTER_DIR."""
-    folder = tmp_path / "models"
-    config = preset("tiny")
-    save_checkpoint(folder / "membrane-test.pt", UNet(config.model),
-                    meta={"kind": "starter", "step": 7, "train_config": config.to_dict(), "trained_on": "nothing"})
-    monkeypatch.setenv("NEUROSEG_STARTER_DIR", str(folder))
-    return folder
+    tiny_starter(tmp_path / "models", monkeypatch)
+    return tmp_path / "models"
 
 
 def test_the_server_registers_the_starter_once_and_offers_it(tmp_path, shipped):
