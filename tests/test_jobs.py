@@ -122,10 +122,13 @@ def test_kill_9_becomes_lost_and_resume_finishes(env):
         assert queue.reconcile(s).lost == [run.id]
         info = runs.get_run(s, run.id)
     assert info.status == "LOST" and "worker process is gone" in info.error
-    killed_at = jobs_latest_step(sessions, run.id)
+    recorded = jobs_latest_step(sessions, run.id)
     with sessions.begin() as s:
         path = store.abspath(next(c.file for c in runs.checkpoints(s, run.id) if c.kind == "latest"))
-        assert load_checkpoint(path).meta["step"] == killed_at  # the latest checkpoint is whole
+        # the latest checkpoint is whole; the kill may land after its rename and before its row is updated,
+        # so the file can be one checkpoint ahead of the row (resume goes on from the file)
+        killed_at = load_checkpoint(path).meta["step"]
+        assert killed_at in (recorded, recorded + 5)
         runs.resume_run(s, run.id)
     queue.start_queued(sessions, settings)[0].wait(timeout=300)
     assert status(sessions, run.id) == "FINISHED"
