@@ -82,7 +82,7 @@ with right:
     image = volume[z]
     lo, hi = auto_window(image)
     full_lo, full_hi = (0.0, 255.0) if info.dtype == "uint8" else (
-        (0.0, 65535.0) if info.dtype == "uint16" else (float(volume.min()), float(volume.max())))
+        (0.0, 65535.0) if info.dtype == "uint16" else svc.value_range(dataset_id))
     auto = st.toggle("Automatic contrast (0.5–99.5 percentile)", value=True, key="browse_auto")
     if not auto and full_hi > full_lo:
         lo, hi = st.slider("Contrast window", full_lo, full_hi, (max(full_lo, lo), min(full_hi, hi)),

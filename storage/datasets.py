@@ -4,7 +4,9 @@ the :class:`~storage.files.FileStore`; they return :mod:`storage.records`."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -13,11 +15,12 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from storage.files import FileStore
+from storage.files import FileStore, IntegrityError
 from storage.masks import add_mask
 from storage.models import Dataset, MaskVersion, Run, RunMask
 from storage.records import DatasetInfo, NotFound
-from unet.io import DEFAULT_MAX_BYTES, inspect_stack, read_labels, read_stack
+from storage.volumes import FORMAT, Volume, VolumeWriter, write_volume
+from unet.io import DEFAULT_MAX_BYTES, iter_slices
 from unet.labels import labels_to_target
 
 
@@ -40,32 +43,47 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
                    labels: str | os.PathLike | BinaryIO | None = None, *, name: str | None = None,
                    author: str = "", max_bytes: int = DEFAULT_MAX_BYTES, source_name: str | None = None,
                    progress: Callable[[str, float], None] | None = None, channels_as_z: bool = False) -> DatasetInfo:
-    """Validate a volume (and its labels) completely, then store them. A file that fails validation
-    leaves no row and no file behind; so does a failure while writing. ``progress(stage, fraction)`` is
-    told what is happening."""
+    """Check a volume's header (and its labels'), then convert it slice by slice into the OME-Zarr store
+    (:mod:`storage.volumes`): the stack is never held whole, so it may be larger than memory. A file that
+    fails a check, a slice that cannot be read and a disk that fills all leave no row and no file behind;
+    ``progress(stage, fraction)`` is told what is happening."""
     report = progress or (lambda _stage, _fraction: None)
     report("reading and checking the volume", 0.0)
-    data = read_stack(volume, max_bytes=max_bytes, channels_as_z=channels_as_z)  # ValueError with the reason
-    pixel_size = inspect_stack(volume, channels_as_z).pixel_size_nm
-    targets = None
+    info, planes = iter_slices(volume, "volume", channels_as_z, max_bytes)  # ValueError with the reason
+    label_planes = None
     if labels is not None:
-        report("reading and checking the labels", 0.3)
-        targets = labels_to_target(read_labels(labels, data.shape, max_bytes=max_bytes, channels_as_z=channels_as_z))
+        report("checking the labels", 0.02)
+        label_info, label_planes = iter_slices(labels, "labels", channels_as_z, max_bytes)
+        if label_info.shape != info.shape:
+            raise ValueError(
+                f"{_display_name(labels, None)}: labels have shape {label_info.shape} but the image stack has shape "
+                f"{info.shape}; they must match slice for slice and pixel for pixel")
+    needed = int(np.prod(info.shape, dtype=np.int64)) * np.dtype(info.dtype).itemsize
+    free = shutil.disk_usage(store.root).free
+    if needed > free:  # EM compresses little: the stack needs about its own size, its pyramid a third more
+        raise OSError(errno.ENOSPC, f"the stack needs about {needed / 2**30:.1f} GiB and the disk has "
+                                    f"{free / 2**30:.1f} GiB free")
     source_name = _display_name(source_name or volume, None)
-    row = Dataset(name=_display_name(volume, name), z=data.shape[0], y=data.shape[1], x=data.shape[2],
-                  dtype=str(data.dtype), source_name=source_name, pixel_size_nm=pixel_size, sha256="",
-                  size_bytes=0, notes="")
+    z_count, y, x = info.shape
+    row = Dataset(name=_display_name(volume, name), z=z_count, y=y, x=x, dtype=info.dtype, source_name=source_name,
+                  pixel_size_nm=info.pixel_size_nm, sha256="", size_bytes=0, notes="", volume_format=FORMAT)
     session.add(row)
     session.flush()  # the id names the files
+    writer = None
     try:
-        report("storing the volume", 0.5)
-        row.sha256, row.size_bytes = store.write_stack(store.volume_path(row.id), data, pixel_size)
-        if targets is not None:
-            for z in range(data.shape[0]):
-                report(f"storing the labels of slice {z + 1} of {data.shape[0]}", 0.6 + 0.4 * z / data.shape[0])
-                add_mask(session, store, row.id, z, targets[z], "uploaded", author, None, 1)
+        writer = VolumeWriter(store.abspath(store.volume_path(row.id)), info.shape, info.dtype, info.pixel_size_nm)
+        for z, plane in enumerate(planes):
+            also = f" and the labels of slice {z + 1}" if label_planes else ""
+            report(f"storing slice {z + 1} of {z_count}{also}", 0.05 + 0.9 * z / z_count)
+            writer.write(plane)
+            if label_planes is not None:
+                add_mask(session, store, row.id, z, labels_to_target(next(label_planes)), "uploaded", author, None, 1)
+        report("writing the overview pyramid's metadata", 0.96)
+        row.sha256, row.size_bytes = writer.finish()
         session.flush()
     except BaseException:
+        if writer is not None:
+            writer.abort()
         store.delete_tree(store.dataset_dir(row.id))
         raise
     report("stored", 1.0)
@@ -85,10 +103,51 @@ def get_dataset(session: Session, dataset_id: int) -> DatasetInfo:
     return _dataset_info(session, row)
 
 
-def load_volume(session: Session, store: FileStore, dataset_id: int) -> np.ndarray:
+def load_volume(session: Session, store: FileStore, dataset_id: int) -> Volume | np.ndarray:
+    """The dataset's volume, read lazily (``volume[z]`` reads one slice; see :class:`~storage.volumes.Volume`).
+    A volume an earlier version stored as TIFF and not converted yet is read whole, as it was then."""
     row = dataset_row(session, dataset_id)
-    data = store.read_stack(store.volume_path(row.id), row.sha256)
-    return data.reshape(row.z, row.y, row.x)
+    if row.volume_format != FORMAT:
+        data = store.read_stack(store.legacy_volume_path(row.id), row.sha256)
+        return data.reshape(row.z, row.y, row.x)
+    volume = Volume(store.abspath(store.volume_path(row.id)), store.volume_path(row.id))
+    if volume.shape != (row.z, row.y, row.x) or volume.sha256 != row.sha256:
+        raise IntegrityError(f"stored volume {store.volume_path(row.id)} is not the one recorded for dataset "
+                             f"#{row.id} (shape {volume.shape}, expected {(row.z, row.y, row.x)})")
+    return volume
+
+
+def convert_legacy_volumes(session: Session, store: FileStore, log: Callable[[str], None] = print) -> int:
+    """Move every volume an earlier version stored as one TIFF into the OME-Zarr store, without losing a
+    byte: the TIFF's file checksum is verified, it is converted slice by slice, the voxels read back from
+    the new store are compared (sha256) with the TIFF's, and only then does the row switch and the TIFF
+    go. A failure (a damaged file, a full disk) leaves the TIFF and the row as they were, and says why.
+    Returns how many volumes were converted."""
+    done = 0
+    for row in session.scalars(select(Dataset).where(Dataset.volume_format != FORMAT).order_by(Dataset.id)):
+        legacy = store.legacy_volume_path(row.id)
+        target = store.abspath(store.volume_path(row.id))
+        try:
+            path = store.verified(legacy, row.sha256)
+            info, planes = iter_slices(path, "volume", channels_as_z=True)
+            if info.shape != (row.z, row.y, row.x):
+                raise ValueError(f"it holds {info.shape}, the dataset says {(row.z, row.y, row.x)}")
+            if target.exists():  # a conversion killed after its rename: check it again from the start
+                shutil.rmtree(target)
+            digest, size = write_volume(target, planes, info.shape, info.dtype, row.pixel_size_nm)
+            if Volume(target).voxel_sha256() != digest:
+                shutil.rmtree(target)
+                raise IntegrityError("the converted voxels do not read back the same")
+        except (OSError, ValueError, IntegrityError) as exc:
+            log(f"dataset #{row.id}: its volume stays in {legacy} for now: {exc}")
+            continue
+        row.sha256, row.size_bytes, row.volume_format = digest, size, FORMAT
+        session.flush()
+        session.commit()  # the row points at the new store before the old file goes
+        store.delete_file(legacy)
+        log(f"dataset #{row.id}: volume converted to OME-Zarr ({size / 2**20:.1f} MiB)")
+        done += 1
+    return done
 
 
 def update_dataset(session: Session, dataset_id: int, *, name: str | None = None,

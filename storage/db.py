@@ -4,6 +4,7 @@ keys and a busy timeout on every connection."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from alembic import command
@@ -49,10 +50,22 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def open_store(settings, *, migrate: bool = False) -> tuple[sessionmaker[Session], FileStore]:
     """The session factory and the file store of ``settings``. ``migrate=True`` (the server's start, the
-    ``migrate`` command) first creates the data directory and brings the schema up to date; workers,
-    started by a server, open the store as it is."""
+    ``migrate`` command) first creates the data directory, brings the schema up to date and moves volumes
+    stored by earlier versions into the OME-Zarr store (:func:`storage.datasets.convert_legacy_volumes`);
+    workers, started by a server, open the store as it is."""
     engine = make_engine(settings.database_url)
+    sessions, store = session_factory(engine), FileStore(settings.data_dir)
     if migrate:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(engine)
-    return session_factory(engine), FileStore(settings.data_dir)
+        from storage.datasets import convert_legacy_volumes
+        from storage.volumes import remove_partials
+
+        remove_partials(store.root)
+        with sessions() as session:
+            convert_legacy_volumes(session, store, log=_log)
+    return sessions, store
+
+
+def _log(message: str) -> None:
+    print(f"neuroseg: {message}", file=sys.stderr, flush=True)

@@ -38,6 +38,11 @@ class FileStore:
         return f"datasets/{int(dataset_id)}"
 
     def volume_path(self, dataset_id: int) -> str:
+        """The dataset's volume: an OME-Zarr folder (:mod:`storage.volumes`)."""
+        return f"{self.dataset_dir(dataset_id)}/volume.ome.zarr"
+
+    def legacy_volume_path(self, dataset_id: int) -> str:
+        """Where versions before the OME-Zarr store kept a volume (one TIFF), until it is converted."""
         return f"{self.dataset_dir(dataset_id)}/volume.tif"
 
     def mask_path(self, dataset_id: int, mask_id: int) -> str:
@@ -108,8 +113,9 @@ class FileStore:
         return tifffile.imread(self.verified(relative, sha256))
 
     def count_files(self, relative: str) -> int:
+        """How many stored files a folder holds; an OME-Zarr volume (a folder of chunks) counts as one."""
         path = self.abspath(relative)
-        return sum(1 for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+        return _count_stored(path) if path.exists() else 0
 
     def delete_file(self, relative: str) -> int:
         """Remove one stored file; return 1 when it was there."""
@@ -124,6 +130,15 @@ class FileStore:
         path = self.abspath(relative)
         if not path.exists():
             return 0
-        count = sum(1 for p in path.rglob("*") if p.is_file())
+        count = _count_stored(path)
         shutil.rmtree(path)
         return count
+
+
+def _count_stored(folder: Path) -> int:
+    if folder.name.endswith(".ome.zarr"):
+        return 1
+    count = 0
+    for entry in folder.iterdir():
+        count += _count_stored(entry) if entry.is_dir() else 1
+    return count

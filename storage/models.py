@@ -33,10 +33,12 @@ class Dataset(Base):
     dtype: Mapped[str] = mapped_column(String(16))
     source_name: Mapped[str] = mapped_column(String(255))
     pixel_size_nm: Mapped[float | None] = mapped_column(Float)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the voxels (OME-Zarr) or of the file (legacy TIFF)
     size_bytes: Mapped[int]
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     notes: Mapped[str] = mapped_column(Text, default="")
+    # "ome-zarr" (storage.volumes); "tiff" for a volume stored by an earlier version, until converted
+    volume_format: Mapped[str] = mapped_column(String(16), default="ome-zarr", server_default="tiff")
     # frozen held-out slices, [{"slice": z, "mask_id": id}], that every run on the dataset is scored on;
     # changed only explicitly, and each change is a new version (scores compare within a version)
     held_out: Mapped[list[dict[str, int]] | None] = mapped_column(JSON)

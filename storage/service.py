@@ -43,6 +43,7 @@ from storage.records import (
 from storage.runs import Curve
 from storage.settings import Settings
 from storage.supervisor import Supervisor
+from storage.volumes import Volume
 from unet.config import PRESETS, TrainConfig
 
 P = ParamSpec("P")
@@ -99,7 +100,8 @@ class Neuroseg:
                 self._arrays.move_to_end(key)
                 return self._arrays[key]
         data = load()
-        data.setflags(write=False)
+        if isinstance(data, np.ndarray):  # a lazy volume hands out a fresh array on every read
+            data.setflags(write=False)
         with self._lock:
             self._arrays[key] = data
             while len(self._arrays) > keep:
@@ -151,11 +153,20 @@ class Neuroseg:
     def update(self, dataset_id: int, *, name: str | None = None, notes: str | None = None) -> DatasetInfo:
         return self._tx(datasets.update_dataset, dataset_id, name=name, notes=notes)
 
-    def volume(self, dataset_id: int) -> np.ndarray:
-        """The whole stack (read-only), read once and kept for the next few calls."""
+    def volume(self, dataset_id: int) -> Volume | np.ndarray:
+        """The stack, read lazily: ``volume[z]`` reads one slice (or ``volume.levels[k][z]`` one slice of the
+        overview pyramid); the server never holds the whole stack (:class:`storage.volumes.Volume`)."""
         info = self.dataset(dataset_id)
         return self._cached(("volume", info.id, info.sha256),
                             lambda: self._tx(datasets.load_volume, self.store, info.id))
+
+    def value_range(self, dataset_id: int) -> tuple[float, float]:
+        """The lowest and highest voxel of the stack (recorded when it was stored)."""
+        volume = self.volume(dataset_id)
+        low, high = getattr(volume, "value_range", (None, None))
+        if low is None or high is None:
+            low, high = float(np.min(volume)), float(np.max(volume))
+        return float(low), float(high)
 
     def deletion_preview(self, dataset_id: int) -> Deleted:
         return self._tx(lambda s: deletion.preview(self.store, deletion.plan_dataset(s, self.store, dataset_id)))

@@ -1,6 +1,7 @@
 """Background training with real worker subprocesses on a real SQLite file."""
 
 import os
+import shutil
 import signal
 import time
 
@@ -361,9 +362,9 @@ def test_a_run_whose_data_is_damaged_fails_with_the_reason(env):
     settings, sessions, store, spec = env
     with sessions.begin() as s:
         run = runs.submit_training(s, spec, preset("tiny", steps=5))
-    store.abspath(store.volume_path(spec["train"][0]["dataset_id"])).unlink()  # the disk lost it
+    shutil.rmtree(store.abspath(store.volume_path(spec["train"][0]["dataset_id"])))  # the disk lost it
     queue.start_queued(sessions, settings)[0].wait(timeout=120)
     with sessions.begin() as s:
         info = runs.get_run(s, run.id)
     assert info.status == "FAILED"
-    assert "Traceback" in info.error and "volume.tif is missing" in info.error
+    assert "Traceback" in info.error and "volume.ome.zarr is missing" in info.error

@@ -95,7 +95,7 @@ def test_demo_preview_and_delete(svc):
     assert info.shape == (8, 256, 256) and info.labelled_slices == 8
     preview = svc.deletion_preview(info.id)
     assert (preview.datasets, preview.mask_versions, preview.runs) == (1, 8, 0)
-    assert preview.files == 9  # the volume and 8 masks
+    assert preview.files == 9  # the volume (one OME-Zarr folder) and 8 masks
     removed = svc.delete_dataset(info.id)
     assert removed == preview
     assert svc.overview().datasets == 0

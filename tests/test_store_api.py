@@ -46,6 +46,7 @@ def test_import_browse_rename_delete(store, tmp_path, synthetic):
         assert first.kind == "uploaded" and first.version == 1 and first.author == "ana"
         assert datasets.update_dataset(s, info.id, name="  renamed  ", notes="n").name == "renamed"
         assert [d.name for d in datasets.list_datasets(s)] == ["renamed"]
+    assert fs.count_files(fs.volume_path(info.id)) == 1  # an OME-Zarr folder counts as one stored file
     with sessions.begin() as s:
         gone = deletion.execute(s, fs, deletion.plan_dataset(s, fs, info.id))
     assert gone.datasets == 1 and gone.mask_versions == volume.shape[0] and gone.files == volume.shape[0] + 1
@@ -106,7 +107,7 @@ def test_a_hostile_file_name_never_reaches_the_disk(store, tmp_path):
     with sessions.begin() as s:
         info = datasets.import_dataset(s, fs, buf)
     assert info.source_name == "passwd" and info.name == "passwd"
-    assert sorted(str(p.relative_to(fs.root)) for p in _files(fs)) == [f"datasets/{info.id}/volume.tif"]
+    assert {p.relative_to(fs.root).parts[:3] for p in _files(fs)} == {("datasets", str(info.id), "volume.ome.zarr")}
 
 
 def test_mask_versions_conflicts_and_restore(store, tmp_path, synthetic):
@@ -156,12 +157,18 @@ def test_damaged_files_are_detected_on_read(store, tmp_path, synthetic):
     volume, _ = synthetic
     with sessions.begin() as s:
         ds = datasets.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume))
-    path = fs.abspath(fs.volume_path(ds.id))
-    raw = bytearray(path.read_bytes())
-    raw[-1] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    with pytest.raises(IntegrityError, match="checksum"), sessions.begin() as s:
-        datasets.load_volume(s, fs, ds.id)
+    chunk = fs.abspath(fs.volume_path(ds.id)) / "0" / "c" / "1" / "0" / "0"  # slice 1's first tile
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with sessions.begin() as s:
+        stored = datasets.load_volume(s, fs, ds.id)
+    np.testing.assert_array_equal(stored[0], volume[0])  # the other slices still read
+    with pytest.raises(IntegrityError, match="damaged"):
+        stored[1]
+    chunk.unlink()
+    with pytest.raises(IntegrityError, match=r"chunk 0/c/1/0/0 is missing"):
+        stored[1]
 
 
 def test_a_full_disk_during_import_leaves_nothing(store, tmp_path, synthetic, monkeypatch):

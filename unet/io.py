@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -160,13 +160,8 @@ def inspect_stack(source: Source, channels_as_z: bool = False) -> StackInfo:
         raise ValueError(f"{what}: the TIFF header could not be read ({type(exc).__name__}: {exc})") from exc
 
 
-def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str,
-          channels_as_z: bool = False) -> np.ndarray:
-    info = inspect_stack(source, channels_as_z)
-    dtype = np.dtype(info.dtype)
-    if dtype.type not in dtypes:
-        allowed = ", ".join(np.dtype(d).name for d in dtypes)
-        raise ValueError(f"{what}: pixel type {dtype.name} is not supported for {kind}; expected {allowed}")
+def _check_size(source: Source, info: StackInfo, what: str, dtype: np.dtype, max_bytes: int) -> None:
+    """Refuse a header that declares more pixels than allowed, or far more than its file could hold."""
     nbytes = int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize
     if nbytes > max_bytes:
         raise ValueError(
@@ -181,6 +176,16 @@ def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str,
                 f"{what}: the header declares {nbytes:,} bytes of pixels in a {size:,}-byte file; "
                 "the file is damaged or not what it claims to be"
             )
+
+
+def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str,
+          channels_as_z: bool = False) -> np.ndarray:
+    info = inspect_stack(source, channels_as_z)
+    dtype = np.dtype(info.dtype)
+    if dtype.type not in dtypes:
+        allowed = ", ".join(np.dtype(d).name for d in dtypes)
+        raise ValueError(f"{what}: pixel type {dtype.name} is not supported for {kind}; expected {allowed}")
+    _check_size(source, info, what, dtype, max_bytes)
     try:
         if hasattr(source, "seek"):
             source.seek(0)  # type: ignore[union-attr]
@@ -211,6 +216,52 @@ def read_stack(source: Source, max_bytes: int = DEFAULT_MAX_BYTES, channels_as_z
         channels_as_z: read a grey file whose only stack axis is "channels" as Z slices.
     """
     return _read(source, _describe(source), VOLUME_DTYPES, max_bytes, "an image stack", channels_as_z)
+
+
+def _check_dtype(info: StackInfo, what: str, dtypes: tuple, kind: str) -> np.dtype:
+    dtype = np.dtype(info.dtype)
+    if dtype.type not in dtypes:
+        allowed = ", ".join(np.dtype(d).name for d in dtypes)
+        raise ValueError(f"{what}: pixel type {dtype.name} is not supported for {kind}; expected {allowed}")
+    return dtype
+
+
+def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = False,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[StackInfo, Iterator[np.ndarray]]:
+    """The header of a stack and its ``(Y, X)`` slices one at a time, read page by page, so a stack larger
+    than memory can be converted. ``kind`` is "volume" (uint8, uint16, float32) or "labels" (integers,
+    bool). The header is checked before anything is read; a slice that cannot be read (a truncated file)
+    or holds NaN raises ``ValueError`` naming it. Files whose slices are not one page each (rare: channels
+    stored after the image plane) are read whole, within ``max_bytes``."""
+    what = _describe(source)
+    info = inspect_stack(source, channels_as_z)
+    dtypes, name = (VOLUME_DTYPES, "an image stack") if kind == "volume" else (LABEL_DTYPES, "labels")
+    _check_size(source, info, what, _check_dtype(info, what, dtypes, name), max_bytes)
+    z, y, x = info.shape
+
+    def pages() -> Iterator[np.ndarray]:
+        if hasattr(source, "seek"):
+            source.seek(0)  # type: ignore[union-attr]
+        with tifffile.TiffFile(source) as tif:
+            series = tif.series[0]
+            planes = list(series.pages)
+            if len(planes) != z or any(p is None or int(np.prod(p.shape)) != y * x for p in planes[:1]):
+                whole = _read(source, what, dtypes, max_bytes, name, channels_as_z)
+                yield from whole
+                return
+            for index, page in enumerate(planes):
+                try:
+                    plane = np.asarray(page.asarray(maxworkers=1)).reshape(y, x)
+                except Exception as exc:
+                    raise ValueError(f"{what}: slice {index + 1} of {z} could not be read; the file is probably "
+                                     f"truncated or damaged ({type(exc).__name__}: {exc})") from exc
+                if plane.dtype.kind == "f" and not np.isfinite(plane).all():
+                    bad = int(np.count_nonzero(~np.isfinite(plane)))
+                    raise ValueError(f"{what}: slice {index + 1} has {bad:,} pixels that are NaN or infinite; "
+                                     "replace them before uploading")
+                yield plane
+
+    return info, pages()
 
 
 def read_labels(source: Source, volume_shape: tuple[int, ...] | None = None,

@@ -1,0 +1,174 @@
+"""Volumes in the OME-Zarr store: converted page by page, read lazily, checked chunk by chunk, and moved
+there from the TIFF files of earlier versions without losing a byte."""
+
+import errno
+import hashlib
+import tracemalloc
+
+import numpy as np
+import pytest
+import tifffile
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+from zarr.storage import LocalStore
+
+from storage import datasets
+from storage.db import MIGRATIONS, make_engine, open_store
+from storage.files import FileStore, IntegrityError, sha256_of
+from storage.settings import Settings
+from storage.volumes import CHUNK, DiskFull, Volume, level_shapes, remove_partials
+from unet.io import iter_slices, write_tiff_atomic
+
+
+def _settings(tmp_path) -> Settings:
+    return Settings.from_env(tmp_path / "data", f"sqlite:///{tmp_path / 'data' / 'neuroseg.db'}")
+
+
+def _stack(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_a_stack_is_converted_page_by_page_and_read_back_lazily(tmp_path):
+    volume = _stack((48, 512, 512))  # 12 MiB
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, volume, imagej=True, metadata={"axes": "ZYX"})
+    sessions, store = open_store(_settings(tmp_path), migrate=True)
+    with sessions.begin() as s:  # a first small import loads the modules the conversion imports lazily
+        datasets.import_dataset(s, store, write_tiff_atomic(tmp_path / "small.tif", volume[:1, :8, :8]))
+    tracemalloc.start()
+    with sessions.begin() as s:
+        info = datasets.import_dataset(s, store, path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < volume.nbytes / 4, f"the import held {peak / 2**20:.1f} MiB for a 12 MiB stack"
+    assert info.sha256 == hashlib.sha256(volume.tobytes()).hexdigest()  # the voxels' own digest
+    with sessions.begin() as s:
+        stored = datasets.load_volume(s, store, info.id)
+    assert isinstance(stored, Volume) and stored.shape == volume.shape
+    np.testing.assert_array_equal(stored[17], volume[17])
+    np.testing.assert_array_equal(stored[3, 100:300, 400:512], volume[3, 100:300, 400:512])
+
+
+def test_the_store_is_ome_zarr_with_a_pyramid_that_its_readers_open(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    volume = _stack((3, 1100, 700), seed=1)
+    path = tmp_path / "wide.tif"
+    tifffile.imwrite(path, volume, imagej=True, metadata={"axes": "ZYX"})
+    sessions, store = open_store(_settings(tmp_path), migrate=True)
+    with sessions.begin() as s:
+        info = datasets.import_dataset(s, store, path)
+        stored = datasets.load_volume(s, store, info.id)
+    assert [level.shape for level in stored.levels] == [(3, 1100, 700), (3, 550, 350), (3, 275, 175)]
+    assert level_shapes(1100, 700)[-1] == (275, 175) and max(level_shapes(8192, 8192)[-1]) <= CHUNK
+    np.testing.assert_allclose(stored.levels[1][2].astype(float),
+                               volume[2].reshape(550, 2, 350, 2).mean(axis=(1, 3)), atol=0.5)
+    # what napari's and neuroglancer's OME-Zarr reader sees
+    node = next(iter(Reader(parse_url(str(store.abspath(store.volume_path(info.id)))))()))
+    pyramid = node.data
+    assert len(pyramid) == 3
+    np.testing.assert_array_equal(np.asarray(pyramid[0][1]), volume[1])
+
+
+def test_a_damaged_or_missing_chunk_is_refused_with_its_name(tmp_path):
+    volume = _stack((4, 64, 64), seed=2)
+    sessions, store = open_store(_settings(tmp_path), migrate=True)
+    with sessions.begin() as s:
+        info = datasets.import_dataset(s, store, write_tiff_atomic(tmp_path / "v.tif", volume))
+        stored = datasets.load_volume(s, store, info.id)
+    folder = store.abspath(store.volume_path(info.id))
+    chunk = folder / "0" / "c" / "2" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(IntegrityError, match=r"volume.ome.zarr: a chunk is damaged"):
+        stored[2]
+    chunk.unlink()
+    with pytest.raises(IntegrityError, match=r"chunk 0/c/2/0/0 is missing"):
+        stored[2]
+    np.testing.assert_array_equal(stored[3], volume[3])  # the rest of the stack still reads
+    (folder / "zarr.json").unlink()
+    with pytest.raises(IntegrityError, match="is missing"), sessions.begin() as s:
+        datasets.load_volume(s, store, info.id)
+
+
+def test_a_disk_that_fills_during_conversion_leaves_nothing(tmp_path, monkeypatch):
+    volume = _stack((6, 64, 64), seed=3)
+    labels = (volume > 128).astype(np.uint8) * 255
+    sessions, store = open_store(_settings(tmp_path), migrate=True)
+    real_set = LocalStore.set
+    writes = []
+
+    async def set_until_full(self, key, value):
+        writes.append(key)
+        if key.startswith("0/c/4/"):  # slice 4's chunk: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", set_until_full)
+    with pytest.raises(DiskFull, match="the disk of the data directory is full"), sessions.begin() as s:
+        datasets.import_dataset(s, store, write_tiff_atomic(tmp_path / "v.tif", volume),
+                                write_tiff_atomic(tmp_path / "l.tif", labels))
+    assert any(k.startswith("0/c/3/") for k in writes), "slices 0-3 were written before the disk filled"
+    with sessions.begin() as s:
+        assert datasets.list_datasets(s) == []
+    assert [p for p in store.root.rglob("*") if p.is_file() and "datasets" in p.parts] == []
+
+
+def test_a_store_of_an_earlier_version_is_converted_on_start_without_losing_a_byte(tmp_path, capfd):
+    """The schema of the previous version (Alembic 0005) with two datasets stored as TIFF files, as that
+    version left them; one of the files is damaged. Starting the new version converts the good one
+    (voxels identical, TIFF gone) and leaves the damaged one as it was, saying why."""
+    settings = _settings(tmp_path)
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.database_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0005")
+    old = FileStore(settings.data_dir)
+    volumes = {1: _stack((5, 700, 600), seed=4), 2: _stack((2, 32, 32), seed=5)}
+    with engine.begin() as conn:
+        for dataset_id, volume in volumes.items():
+            relative = old.legacy_volume_path(dataset_id)
+            sha, size = old.write_stack(relative, volume, pixel_size_nm=4.0)
+            z, y, x = volume.shape
+            conn.execute(text("INSERT INTO datasets (id, name, z, y, x, dtype, source_name, pixel_size_nm, sha256, "
+                              "size_bytes, created, notes, held_out_version) VALUES (:id, 'old', :z, :y, :x, 'uint8', "
+                              "'old.tif', 4.0, :sha, :size, CURRENT_TIMESTAMP, '', 0)"),
+                         {"id": dataset_id, "z": z, "y": y, "x": x, "sha": sha, "size": size})
+    damaged = old.abspath(old.legacy_volume_path(2))
+    raw = bytearray(damaged.read_bytes())
+    raw[-5] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    damaged_sha = sha256_of(damaged)
+    engine.dispose()
+
+    sessions, store = open_store(settings, migrate=True)
+    with sessions.begin() as s:
+        good = datasets.load_volume(s, store, 1)
+        assert isinstance(good, Volume)
+        np.testing.assert_array_equal(good[...], volumes[1])
+        assert datasets.get_dataset(s, 1).sha256 == hashlib.sha256(volumes[1].tobytes()).hexdigest()
+        with pytest.raises(IntegrityError, match="does not match its recorded checksum"):
+            datasets.load_volume(s, store, 2)
+    assert not store.abspath(store.legacy_volume_path(1)).exists()
+    assert sha256_of(damaged) == damaged_sha and not store.abspath(store.volume_path(2)).exists()
+    err = capfd.readouterr().err
+    assert "dataset #1: volume converted to OME-Zarr" in err
+    assert "dataset #2: its volume stays in datasets/2/volume.tif for now" in err
+
+
+def test_a_conversion_killed_halfway_leaves_no_partial_volume(tmp_path):
+    volume = _stack((3, 40, 40), seed=6)
+    _, store = open_store(_settings(tmp_path), migrate=True)
+    info, planes = iter_slices(write_tiff_atomic(tmp_path / "v.tif", volume))
+    from storage.volumes import VolumeWriter
+
+    writer = VolumeWriter(store.abspath("datasets/9/volume.ome.zarr"), info.shape, info.dtype)
+    writer.write(next(planes))  # ... and the process is killed here
+    assert list((store.root / "datasets" / "9").glob("volume.ome.zarr.partial-*"))
+    assert not (store.root / "datasets" / "9" / "volume.ome.zarr").exists()
+    assert remove_partials(store.root) == 1
+    assert not list((store.root / "datasets" / "9").iterdir())
