@@ -96,6 +96,16 @@ def progress(prediction_id: int, was_active: bool) -> None:
         last = (job.error or "").strip().splitlines()[-1:]
         st.error(f"Prediction #{job.id} {'failed' if job.status == RunStatus.FAILED else 'was stopped'}: "
                  f"{last[0] if last else 'no reason recorded'}")
+        if job.status == RunStatus.FAILED:
+            kept = f" ({job.done} of {len(job.slices)} blocks are written and kept)" if job.done else ""
+            if st.button(f"Resume{kept}", key=f"resume_prediction_{job.id}", type="primary"):
+                try:
+                    svc.resume_prediction(job.id)
+                except UserError as exc:
+                    st.error(str(exc))
+                else:
+                    flash(f"Prediction #{job.id} goes on from the blocks already written.")
+                    st.rerun()
     if was_active and not job.active:
         st.rerun()
 

@@ -70,7 +70,9 @@ class FileStore:
         return f"predictions/{int(prediction_id)}"
 
     def prediction_output(self, prediction_id: int, output: str) -> str:
-        return f"{self.prediction_folder(prediction_id)}/{output}.tif"
+        """One output of a prediction: an OME-Zarr image (:mod:`storage.blockwise`); earlier versions wrote
+        ``<output>.tif``, recorded as such on their rows."""
+        return f"{self.prediction_folder(prediction_id)}/{output}.ome.zarr"
 
     def prediction_log(self, prediction_id: int) -> Path:
         return self.root / self.prediction_folder(prediction_id) / "predict.log"

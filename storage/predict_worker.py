@@ -1,8 +1,9 @@
 """The prediction process: ``python -m storage.predict_worker --prediction-id N`` (started by
-:func:`storage.queue.launch_prediction`). It loads the checkpoint and the stack, runs
-:func:`unet.segment.segment_stack` (the same pipeline as ``python -m unet predict``), tells its phase to
-the page as it goes (``done`` counts the slices through the network), stores the outputs and the scores
-against each predicted slice's latest mask, and records how it ended (:mod:`storage.outcome`, shared
+:func:`storage.queue.launch_prediction`). It predicts the stack block by block
+(:mod:`storage.blockwise`, on Dask; the same network, mask and watershed as ``python -m unet predict``)
+into OME-Zarr outputs, resuming from the blocks an earlier attempt wrote, tells its phase to
+the page as it goes (``done`` counts the blocks written), stores the outputs and the scores against each
+predicted slice's latest mask, and records how it ended (:mod:`storage.outcome`, shared
 with the training worker)."""
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ import sys
 
 from sqlalchemy import update
 
+from storage.blockwise import BlockJob, combined_sha256, run_blocks
 from storage.datasets import load_volume
 from storage.db import open_store
+from storage.files import IntegrityError
 from storage.masks import latest_mask, load_mask
-from storage.models import Checkpoint, Prediction
+from storage.models import Checkpoint, Dataset, Prediction
 from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.procs import start_time
 from storage.records import RunStatus
 from storage.settings import Settings
+from storage.volumes import Volume
 
 
 def run_prediction(prediction_id: int, settings: Settings) -> int:
-    from unet.checkpoint import load_checkpoint
-    from unet.device import pick_device
-    from unet.segment import segment_stack
+    from unet.metrics import mean_metrics
 
     sessions, store = open_store(settings)  # the server has migrated it
     with sessions.begin() as s:
@@ -49,25 +51,29 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             checkpoint = s.get(Checkpoint, row.checkpoint_id)
             path = store.verified(checkpoint.file, checkpoint.sha256)
             volume = load_volume(s, store, row.dataset_id)
+            dataset = s.get(Dataset, row.dataset_id)
             slices = list(row.slices)
             targets = {}
             for z in slices:
                 mask = latest_mask(s, row.dataset_id, z)
                 if mask is not None and mask.labelled_pixels > 0:
                     targets[z] = load_mask(s, store, mask.id)
-        device = pick_device("auto")
-        model = load_checkpoint(path, map_location=device).build_model(device)
-        result = segment_stack(model, volume, slices, targets=targets, progress=phase, device=device)
-        phase("write", 0, 1)
-        files = {}
-        for name, data in result.outputs().items():
-            relative = store.prediction_output(prediction_id, name)
-            files[name] = {"file": relative, "sha256": store.write_stack(relative, data)[0]}
+        if not isinstance(volume, Volume):
+            raise IntegrityError(f"dataset #{row.dataset_id}'s volume is still a TIFF of an earlier version "
+                                 "(its conversion failed: the server's log says why)")
+        folder = store.abspath(store.prediction_folder(prediction_id))
+        job = BlockJob(checkpoint=str(path), volume=str(volume.path), out=str(folder), slices=tuple(slices))
+        markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
+                             progress=lambda done, total: phase("predict", done, total))
+        files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
+                 for name in job.outputs}
+        scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}
+        metrics = {"slices": scores, "mean": mean_metrics(list(scores.values()))} if scores else None
         with sessions.begin() as s:
             row = s.get(Prediction, prediction_id)
             row.file, row.sha256 = files["probabilities"]["file"], files["probabilities"]["sha256"]
-            row.files, row.metrics = files, result.metrics
-        print(f"prediction {prediction_id}: finished", flush=True)
+            row.files, row.metrics = files, metrics
+        print(f"prediction {prediction_id}: finished ({len(markers)} blocks)", flush=True)
 
     return run_to_end(sessions, Prediction, prediction_id, body)
 

@@ -12,6 +12,7 @@ from storage.datasets import dataset_row
 from storage.files import FileStore
 from storage.models import Checkpoint, Prediction
 from storage.records import NotFound, PredictionInfo, RunStatus
+from storage.volumes import Volume, export_tiff, open_image
 
 
 def prediction_info(row: Prediction, run_id: int) -> PredictionInfo:
@@ -34,6 +35,19 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
     session.add(row)
     session.flush()
     return prediction_info(row, checkpoint.run_id)
+
+
+def resume_prediction(session: Session, prediction_id: int) -> PredictionInfo:
+    """Queue a FAILED prediction again (its process was killed, or failed); the blocks it wrote are kept
+    and the new process does only the rest (:mod:`storage.blockwise`)."""
+    row = session.get(Prediction, prediction_id)
+    if row is None:
+        raise NotFound(f"prediction {prediction_id} does not exist")
+    if row.status != RunStatus.FAILED:
+        raise ValueError(f"prediction {prediction_id} is {row.status}; only a failed one can be resumed")
+    row.status, row.pid, row.pid_started, row.error, row.phase = RunStatus.QUEUED, None, None, None, ""
+    session.flush()
+    return get_prediction(session, prediction_id)
 
 
 def get_prediction(session: Session, prediction_id: int) -> PredictionInfo:
@@ -62,13 +76,25 @@ def _finished(session: Session, prediction_id: int, output: str) -> tuple[Predic
 
 
 def prediction_file(session: Session, store: FileStore, prediction_id: int, output: str) -> bytes:
-    """The bytes of one output TIFF, checked against its recorded checksum."""
-    _, entry = _finished(session, prediction_id, output)
-    return store.verified(entry["file"], entry["sha256"]).read_bytes()
-
-
-def load_output(session: Session, store: FileStore, prediction_id: int, output: str) -> np.ndarray:
-    """One output as an array of shape (slices, Y, X): probabilities, mask or instances."""
+    """One output as the bytes of an ImageJ TIFF (written slice by slice from the OME-Zarr output; an
+    output of an earlier version is its TIFF, checked against its recorded checksum)."""
     row, entry = _finished(session, prediction_id, output)
-    data = store.read_stack(entry["file"], entry["sha256"])
-    return data.reshape(len(row.slices), *data.shape[-2:])
+    if entry["file"].endswith(".tif"):
+        return store.verified(entry["file"], entry["sha256"]).read_bytes()
+    tmp = store.tmp_file()
+    try:
+        pixel_size = dataset_row(session, row.dataset_id).pixel_size_nm
+        export_tiff(load_output(session, store, prediction_id, output), tmp, pixel_size)
+        return tmp.read_bytes()
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_output(session: Session, store: FileStore, prediction_id: int, output: str) -> Volume | np.ndarray:
+    """One output, shape (slices, Y, X): probabilities, mask or instances; an OME-Zarr output is read
+    lazily (``output[i]`` reads the i-th predicted slice)."""
+    row, entry = _finished(session, prediction_id, output)
+    if entry["file"].endswith(".tif"):  # written by an earlier version
+        data = store.read_stack(entry["file"], entry["sha256"])
+        return data.reshape(len(row.slices), *data.shape[-2:])
+    return open_image(store.abspath(entry["file"]), entry["file"])

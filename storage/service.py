@@ -299,14 +299,21 @@ class Neuroseg:
         queue.launch_prediction(self.sessions, self.settings, info.id)
         return self.prediction(info.id)
 
+    def resume_prediction(self, prediction_id: int) -> PredictionInfo:
+        """Start a failed (or killed) prediction again; it keeps the blocks already written."""
+        self._tx(predictions.resume_prediction, prediction_id)
+        queue.launch_prediction(self.sessions, self.settings, prediction_id)
+        return self.prediction(prediction_id)
+
     def prediction(self, prediction_id: int) -> PredictionInfo:
         return self._tx(predictions.get_prediction, prediction_id)
 
     def predictions(self, *, dataset_id: int | None = None, run_id: int | None = None) -> list[PredictionInfo]:
         return self._tx(predictions.list_predictions, dataset_id=dataset_id, run_id=run_id)
 
-    def prediction_output(self, prediction_id: int, output: str = "probabilities") -> np.ndarray:
-        """(slices, Y, X): the neuron probabilities, the 0/255 mask or the instance labels, as stored."""
+    def prediction_output(self, prediction_id: int, output: str = "probabilities") -> Volume | np.ndarray:
+        """(slices, Y, X): the neuron probabilities, the 0/255 mask or the instance labels, as stored (read
+        lazily: ``output[i]`` reads the i-th predicted slice)."""
         return self._cached((output, prediction_id),
                             lambda: self._tx(predictions.load_output, self.store, prediction_id, output))
 

@@ -244,6 +244,7 @@ class Volume(_Level):
     def __init__(self, path: str | os.PathLike, label: str | None = None):
         path = Path(path)
         label = label or path.name
+        self.path = path
         if not (path / "zarr.json").is_file():
             raise IntegrityError(f"stored volume {label} is missing")
         try:
@@ -268,6 +269,34 @@ class Volume(_Level):
         for plane in self.iter_slices():
             digest.update(np.ascontiguousarray(plane).data)
         return digest.hexdigest()
+
+
+def export_tiff(volume: _Level | np.ndarray, path: str | os.PathLike, pixel_size_nm: float | None = None) -> Path:
+    """Write a stored image as an ImageJ TIFF (Fiji opens it as a Z stack), one slice in memory at a time,
+    atomically. ImageJ knows uint8, uint16 and float32: int32 instances are written as float32."""
+    import tifffile
+
+    from unet.io import atomic_write
+
+    dtype = np.dtype(volume.dtype)
+    if dtype not in (np.uint8, np.uint16, np.float32):
+        dtype = np.dtype(np.float32)
+    kwargs: dict[str, Any] = {"metadata": {"axes": "ZYX"}}
+    if pixel_size_nm:
+        kwargs["resolution"] = (1e3 / pixel_size_nm, 1e3 / pixel_size_nm)
+        kwargs["metadata"]["unit"] = "micron"
+
+    def write(fh) -> None:
+        with tifffile.TiffWriter(fh, imagej=True) as tif:
+            tif.write((np.asarray(volume[z]).astype(dtype, copy=False) for z in range(volume.shape[0])),
+                      shape=tuple(volume.shape), dtype=dtype, **kwargs)
+
+    return atomic_write(path, write)
+
+
+def open_image(path: str | os.PathLike, label: str | None = None) -> Volume:
+    """A stored OME-Zarr image (a volume or a prediction's output), read lazily."""
+    return Volume(path, label)
 
 
 def write_volume(path: str | os.PathLike, slices: Iterator[np.ndarray] | np.ndarray, shape: tuple[int, int, int],

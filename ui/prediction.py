@@ -24,17 +24,15 @@ METRICS = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f":
 
 
 def progress(job: Any) -> tuple[float, str]:
-    """(fraction of the whole job done, what it is doing) for a progress bar: the network's slices take
-    the first 60%, the neuron instances (a watershed per slice) the next 35%, writing the files the rest."""
+    """(fraction of the whole job done, what it is doing) for a progress bar that counts blocks: a block is
+    one slice through the network, its mask and its neuron instances, written as soon as it is done."""
     n = max(1, len(job.slices))
     if job.status == "QUEUED" or (job.status == "RUNNING" and not job.phase):
-        return 0.0, "starting (loading the model and the stack)"
-    if job.phase.startswith("instances"):
+        return 0.0, "starting (loading the model; a cluster of workers when the stack has several slices)"
+    if job.phase.startswith("instances"):  # a prediction of an earlier version, still running
         done = int(job.phase.split()[1].split("/")[0])
         return 0.6 + 0.35 * done / n, f"neuron instances of slice {min(done + 1, n)} of {n}"
-    if job.phase == "write":
-        return 0.95, "writing the TIFFs"
-    return 0.6 * job.done / n, f"{job.done} of {n} slices through the network"
+    return min(1.0, job.done / n), f"{job.done} of {n} blocks written (a block is one slice)"
 
 
 def compose(image: np.ndarray, prob: np.ndarray, layers: list[str], opacity: float, *,

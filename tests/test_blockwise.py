@@ -1,0 +1,125 @@
+"""Blockwise prediction: the same result on a 2-worker Dask cluster as in one process, a killed prediction
+resumes from its written blocks with an identical result, and the app's prediction job runs on it."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from storage.blockwise import BlockJob, finished_blocks, output_path, run_blocks
+from storage.volumes import Volume, write_volume
+from unet.checkpoint import save_checkpoint
+from unet.config import preset
+from unet.model import UNet
+from unet.synthetic import make_synthetic_em
+
+SLICES = (0, 2, 3, 4, 5)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    volume, _ = make_synthetic_em((6, 150, 210), np.random.default_rng(7), cell_size=24)
+    path = tmp_path / "volume.ome.zarr"
+    write_volume(path, iter(volume), volume.shape, volume.dtype)
+    torch.manual_seed(3)
+    config = preset("tiny")
+    checkpoint = save_checkpoint(tmp_path / "model.pt", UNet(config.model),
+                                 meta={"kind": "best", "step": 1, "train_config": config.to_dict()})
+    return tmp_path, path, checkpoint
+
+
+def _job(folder, volume, checkpoint) -> BlockJob:
+    # one CPU thread per block wherever it runs, so the arithmetic is the same in every process
+    return BlockJob(checkpoint=str(checkpoint), volume=str(volume), out=str(folder), slices=SLICES, threads=1)
+
+
+def _outputs(folder) -> dict[str, np.ndarray]:
+    return {name: Volume(output_path(folder, name))[...] for name in ("probabilities", "mask", "instances")}
+
+
+def test_a_two_worker_dask_cluster_predicts_what_one_process_does(setup):
+    tmp_path, volume, checkpoint = setup
+    seen_one, seen_two = [], []
+    one = run_blocks(_job(tmp_path / "one", volume, checkpoint), (150, 210), workers=1,
+                     progress=lambda d, t: seen_one.append((d, t)))
+    two = run_blocks(_job(tmp_path / "two", volume, checkpoint), (150, 210), workers=2,
+                     progress=lambda d, t: seen_two.append((d, t)))
+    assert seen_one == [(i, 5) for i in range(6)]  # the bar counts blocks
+    assert seen_two[0] == (0, 5) and seen_two[-1] == (5, 5) and len(seen_two) == 6
+    a, b = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
+    assert a["probabilities"].shape == (5, 150, 210) and 0 < a["probabilities"].std()
+    np.testing.assert_allclose(b["probabilities"], a["probabilities"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(b["mask"], a["mask"])
+    np.testing.assert_array_equal(b["instances"], a["instances"])
+    assert [one[i]["slice"] for i in range(5)] == list(SLICES)
+    assert {i: m["sha256"] for i, m in one.items()} == {i: m["sha256"] for i, m in two.items()}
+
+
+KILLED_AFTER_TWO = """
+import os, signal, sys
+from storage.blockwise import BlockJob, run_blocks
+job = BlockJob(**{**__import__("json").loads(sys.argv[1]), "slices": tuple(__import__("json").loads(sys.argv[1])["slices"])})
+def progress(done, total):
+    if done == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed right after its second block was written
+run_blocks(job, (150, 210), workers=1, progress=progress)
+"""
+
+
+def test_a_prediction_killed_halfway_resumes_and_ends_identical(setup):
+    from dataclasses import asdict
+
+    tmp_path, volume, checkpoint = setup
+    whole = _job(tmp_path / "whole", volume, checkpoint)
+    run_blocks(whole, (150, 210), workers=1)
+    killed = _job(tmp_path / "killed", volume, checkpoint)
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO, json.dumps(asdict(killed))], timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(finished_blocks(killed)) == [0, 1]
+    seen = []
+    run_blocks(killed, (150, 210), workers=1, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(2, 5), (3, 5), (4, 5), (5, 5)]  # it did only the three blocks left
+    a, b = _outputs(tmp_path / "whole"), _outputs(tmp_path / "killed")
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name])
+
+
+def test_the_app_predicts_blockwise_and_resumes_a_killed_job(tmp_path, monkeypatch):
+    from storage.queue import terminate
+    from storage.service import Neuroseg
+    from storage.settings import Settings
+    from tests.test_jobs import wait_for
+    from tests.test_starter import tiny_starter
+
+    tiny_starter(tmp_path / "models", monkeypatch)
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"))  # its supervisor notices the dead process
+    try:
+        info = svc.load_demo()
+        start = svc.checkpoint_choices()[0].id
+        job = svc.predict(start, info.id, [1, 2, 3])
+        terminate(job.pid, signal.SIGKILL)  # killed at once, with its process group (workers included)
+        wait_for(lambda: svc.prediction(job.id).status == "FAILED", timeout=60)
+        with pytest.raises(Exception, match="only a failed one"):
+            svc.resume_prediction(svc.predict(start, info.id, [0]).id)
+        resumed = svc.resume_prediction(job.id)
+        assert resumed.status in ("QUEUED", "RUNNING")
+        done = wait_for(lambda: (p := svc.prediction(job.id)).status in ("FINISHED", "FAILED") and p, timeout=180)
+        assert done.status == "FINISHED", done.error
+        assert done.done == 3
+        probs = svc.prediction_output(job.id)
+        assert probs.shape == (3, 256, 256) and isinstance(probs, Volume)
+        tiff = svc.prediction_file(job.id, "mask")
+        import io
+
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(tiff)) as t:
+            assert t.is_imagej and t.series[0].shape == (3, 256, 256)
+            np.testing.assert_array_equal(t.asarray(), svc.prediction_output(job.id, "mask")[...])
+    finally:
+        svc.close()
+
