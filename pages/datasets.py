@@ -57,6 +57,31 @@ with st.expander("Upload a stack", expanded=not datasets):
                       f"{f', {info.labelled_slices} labelled slices' if info.labelled_slices else ''}.")
                 st.rerun()
 
+with st.expander("Import a folder on the server (OME-Zarr, zarr or N5)"):
+    st.caption("For stacks too large to upload: the folder is read slice by slice and copied into Neuroseg's "
+               "store, or linked where it lies (read-only: Neuroseg never writes there, and the dataset breaks "
+               "if the folder is moved).")
+    with st.form("import_path_form"):
+        path = st.text_input("Path on the server", placeholder="/data/em/sample.ome.zarr", key="import_path")
+        c1, c2 = st.columns([2, 1])
+        path_name = c1.text_input("Name", placeholder="the folder's name", max_chars=200, key="import_path_name")
+        link = c2.toggle("Link instead of copying", key="import_link")
+        go = st.form_submit_button("Import", type="primary")
+    if go:
+        bar = st.progress(0.0, text=f"Opening {path} …")
+        try:
+            info = svc.import_path(path, link=link, name=path_name, author=st.session_state.get("author", ""),
+                                   progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
+        except UserError as exc:
+            bar.empty()
+            st.error(f"**{path}** was not imported: {str(exc).rstrip('.')}.")
+        else:
+            bar.empty()
+            select_dataset(info.id)
+            flash(f"{'Linked' if link else 'Imported'} **{info.name}**: {info.shape[0]} × {info.shape[1]} × "
+                  f"{info.shape[2]} {info.dtype}.")
+            st.rerun()
+
 if not datasets:
     st.info("No datasets yet: upload a stack above, or load the demo dataset from the home page.")
     st.stop()

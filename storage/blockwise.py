@@ -34,7 +34,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from storage.volumes import CHUNK, Volume
+from storage.volumes import CHUNK, External, Volume
 from unet.io import atomic_write
 
 OUTPUT_DTYPES = {"probabilities": np.float32, "mask": np.uint8, "instances": np.int32}
@@ -57,6 +57,7 @@ class BlockJob:
     with_instances: bool = True
     tta: bool = False
     device: str = "auto"  # "auto": the worker's GPU when it has one, else the CPU
+    linked: bool = False  # the volume is a stack on the server read where it lies (storage.volumes.External)
     threads: int = 0  # CPU threads per worker (0: leave torch's default)
 
     @property
@@ -162,7 +163,7 @@ def run_block(job: BlockJob, index: int, target: np.ndarray | None = None) -> di
         return json.loads(marker.read_text())
     model, device = _model(job)
     z = job.slices[index]
-    image = Volume(job.volume)[z]
+    image = (External(job.volume) if job.linked else Volume(job.volume))[z]
     prob = predict_slice(model, image, device=device, tta=job.tta).astype(np.float32)
     results = {"probabilities": prob, "mask": to_mask(prob, job.threshold) * np.uint8(255)}
     if job.with_instances:

@@ -19,9 +19,11 @@ from storage.files import FileStore, IntegrityError
 from storage.masks import add_mask
 from storage.models import Dataset, MaskVersion, Run, RunMask
 from storage.records import DatasetInfo, NotFound
-from storage.volumes import FORMAT, Volume, VolumeWriter, write_volume
+from storage.volumes import FORMAT, External, Volume, VolumeWriter, write_volume
 from unet.io import DEFAULT_MAX_BYTES, iter_slices
 from unet.labels import labels_to_target
+
+LINK = "link"  # a dataset whose stack is read where it lies on the server (volume_format)
 
 
 def _dataset_info(session: Session, row: Dataset) -> DatasetInfo:
@@ -90,6 +92,52 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
     return _dataset_info(session, row)
 
 
+def import_external(session: Session, store: FileStore, path: str | os.PathLike, *, link: bool = False,
+                    name: str | None = None, author: str = "",
+                    progress: Callable[[str, float], None] | None = None) -> DatasetInfo:
+    """A stack already on the server (an OME-Zarr, zarr or N5 folder, :class:`~storage.volumes.External`)
+    as a new dataset: copied slice by slice into the store, or with ``link`` read where it lies (nothing
+    is ever written there; the dataset breaks if the folder goes). Bad input raises ValueError."""
+    report = progress or (lambda _stage, _fraction: None)
+    source = External(path)
+    z_count, y, x = source.shape
+    shown = _display_name(Path(str(path).rstrip("/")).name, name)
+    row = Dataset(name=shown, z=z_count, y=y, x=x, dtype=source.dtype.name,
+                  source_name=f"{source.kind}: {source.path}"[:255],
+                  pixel_size_nm=source.pixel_size_nm, sha256="", size_bytes=0, notes="",
+                  volume_format=LINK if link else FORMAT, linked_path=str(source.path.resolve()) if link else None)
+    if link:
+        report("checking the first and last slices", 0.5)
+        source[0], source[z_count - 1]
+        session.add(row)
+        session.flush()
+        report("linked", 1.0)
+        return _dataset_info(session, row)
+    needed = z_count * y * x * source.dtype.itemsize
+    free = shutil.disk_usage(store.root).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"the stack needs about {needed / 2**30:.1f} GiB and the disk has "
+                                    f"{free / 2**30:.1f} GiB free")
+    session.add(row)
+    session.flush()
+    writer = None
+    try:
+        writer = VolumeWriter(store.abspath(store.volume_path(row.id)), source.shape, source.dtype,
+                              source.pixel_size_nm)
+        for z in range(z_count):
+            report(f"copying slice {z + 1} of {z_count}", 0.95 * z / z_count)
+            writer.write(source[z])
+        row.sha256, row.size_bytes = writer.finish()
+        session.flush()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        store.delete_tree(store.dataset_dir(row.id))
+        raise
+    report("stored", 1.0)
+    return _dataset_info(session, row)
+
+
 def count_datasets(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(Dataset)) or 0)
 
@@ -103,10 +151,15 @@ def get_dataset(session: Session, dataset_id: int) -> DatasetInfo:
     return _dataset_info(session, row)
 
 
-def load_volume(session: Session, store: FileStore, dataset_id: int) -> Volume | np.ndarray:
+def load_volume(session: Session, store: FileStore, dataset_id: int) -> Volume | External | np.ndarray:
     """The dataset's volume, read lazily (``volume[z]`` reads one slice; see :class:`~storage.volumes.Volume`).
     A volume an earlier version stored as TIFF and not converted yet is read whole, as it was then."""
     row = dataset_row(session, dataset_id)
+    if row.volume_format == LINK:
+        try:
+            return External(row.linked_path)
+        except ValueError as exc:
+            raise IntegrityError(f"the linked stack of dataset #{row.id} cannot be read: {exc}") from None
     if row.volume_format != FORMAT:
         data = store.read_stack(store.legacy_volume_path(row.id), row.sha256)
         return data.reshape(row.z, row.y, row.x)
@@ -124,7 +177,7 @@ def convert_legacy_volumes(session: Session, store: FileStore, log: Callable[[st
     go. A failure (a damaged file, a full disk) leaves the TIFF and the row as they were, and says why.
     Returns how many volumes were converted."""
     done = 0
-    for row in session.scalars(select(Dataset).where(Dataset.volume_format != FORMAT).order_by(Dataset.id)):
+    for row in session.scalars(select(Dataset).where(Dataset.volume_format == "tiff").order_by(Dataset.id)):
         legacy = store.legacy_volume_path(row.id)
         target = store.abspath(store.volume_path(row.id))
         try:

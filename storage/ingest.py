@@ -102,6 +102,39 @@ def import_files(sessions: sessionmaker[Session], store: FileStore, volume: Path
         raise UserError(disk_message(exc)) from exc
 
 
+IMPORT_ROOTS_ENV = "NEUROSEG_IMPORT_ROOTS"
+
+
+def allowed_path(store: FileStore, path: str) -> Path:
+    """The folder a user asked to import, if this server lets them: never inside the data directory, and
+    inside one of ``$NEUROSEG_IMPORT_ROOTS`` (folders separated by ``:``) when a lab server sets it;
+    otherwise anywhere the server's user may read (the single-user app on a workstation)."""
+    if not path.strip():
+        raise UserError("type the path of a folder on the server")
+    resolved = Path(path.strip()).expanduser().resolve()
+    if resolved == store.root or store.root in resolved.parents:
+        raise UserError(f"{resolved} is inside Neuroseg's own data directory; import from elsewhere")
+    roots = [Path(r).expanduser().resolve() for r in os.environ.get(IMPORT_ROOTS_ENV, "").split(os.pathsep) if r]
+    if roots and not any(resolved == r or r in resolved.parents for r in roots):
+        raise UserError(f"this server imports only from {', '.join(map(str, roots))} (${IMPORT_ROOTS_ENV})")
+    return resolved
+
+
+def import_path(sessions: sessionmaker[Session], store: FileStore, path: str, *, link: bool = False, name: str = "",
+                author: str = "", progress: Progress | None = None) -> DatasetInfo:
+    """An OME-Zarr, zarr or N5 folder on the server as a new dataset, copied or (``link``) read in place
+    (:func:`storage.datasets.import_external`); refusals raise :class:`UserError`, nothing is stored then."""
+    folder = allowed_path(store, path)
+    try:
+        with sessions.begin() as s:
+            return datasets.import_external(s, store, folder, link=link, name=name.strip() or None, author=author,
+                                            progress=progress)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    except OSError as exc:
+        raise UserError(disk_message(exc)) from exc
+
+
 def _refuse_second_copy(sessions: sessionmaker[Session], what: str, source_name: str,
                         shape: tuple[int, int, int] | None = None) -> None:
     """A sample is loaded once: a second click finds the copy already there (even renamed)."""

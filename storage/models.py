@@ -39,6 +39,7 @@ class Dataset(Base):
     notes: Mapped[str] = mapped_column(Text, default="")
     # "ome-zarr" (storage.volumes); "tiff" for a volume stored by an earlier version, until converted
     volume_format: Mapped[str] = mapped_column(String(16), default="ome-zarr", server_default="tiff")
+    linked_path: Mapped[str | None] = mapped_column(String(1000))  # "link": the stack on the server, read-only
     # frozen held-out slices, [{"slice": z, "mask_id": id}], that every run on the dataset is scored on;
     # changed only explicitly, and each change is a new version (scores compare within a version)
     held_out: Mapped[list[dict[str, int]] | None] = mapped_column(JSON)

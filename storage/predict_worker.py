@@ -23,7 +23,7 @@ from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.procs import start_time
 from storage.records import RunStatus
 from storage.settings import Settings
-from storage.volumes import Volume
+from storage.volumes import External, Volume
 
 
 def run_prediction(prediction_id: int, settings: Settings) -> int:
@@ -58,11 +58,12 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                 mask = latest_mask(s, row.dataset_id, z)
                 if mask is not None and mask.labelled_pixels > 0:
                     targets[z] = load_mask(s, store, mask.id)
-        if not isinstance(volume, Volume):
+        if not isinstance(volume, Volume | External):
             raise IntegrityError(f"dataset #{row.dataset_id}'s volume is still a TIFF of an earlier version "
                                  "(its conversion failed: the server's log says why)")
         folder = store.abspath(store.prediction_folder(prediction_id))
-        job = BlockJob(checkpoint=str(path), volume=str(volume.path), out=str(folder), slices=tuple(slices))
+        job = BlockJob(checkpoint=str(path), volume=str(volume.path), out=str(folder), slices=tuple(slices),
+                       linked=isinstance(volume, External))
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
                              progress=lambda done, total: phase("predict", done, total))
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}

@@ -144,6 +144,13 @@ class Neuroseg:
         return ingest.import_upload(self.sessions, self.store, volume, labels, name=name, notes=notes, author=author,
                                     progress=progress, channels_as_z=channels_as_z)
 
+    def import_path(self, path: str, *, link: bool = False, name: str = "", author: str = "",
+                    progress: ingest.Progress | None = None) -> DatasetInfo:
+        """A stack already on the server (OME-Zarr, zarr or N5 folder) as a dataset, copied or linked
+        read-only; see :func:`storage.ingest.import_path`."""
+        return ingest.import_path(self.sessions, self.store, path, link=link, name=name, author=author,
+                                  progress=progress)
+
     def load_demo(self, author: str = "") -> DatasetInfo:
         return ingest.load_demo(self.sessions, self.store, author)
 
@@ -164,8 +171,9 @@ class Neuroseg:
         """The lowest and highest voxel of the stack (recorded when it was stored)."""
         volume = self.volume(dataset_id)
         low, high = getattr(volume, "value_range", (None, None))
-        if low is None or high is None:
-            low, high = float(np.min(volume)), float(np.max(volume))
+        if low is None or high is None:  # a linked stack: its middle slice tells (never the whole stack)
+            middle = volume[volume.shape[0] // 2]
+            low, high = float(np.min(middle)), float(np.max(middle))
         return float(low), float(high)
 
     def deletion_preview(self, dataset_id: int) -> Deleted:

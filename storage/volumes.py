@@ -299,6 +299,93 @@ def open_image(path: str | os.PathLike, label: str | None = None) -> Volume:
     return Volume(path, label)
 
 
+class External:
+    """An image stack on the server, read slice by slice where it lies: an OME-Zarr image (NGFF 0.4 on
+    zarr v2 or 0.5 on zarr v3; its full-resolution level), a plain zarr array, or an N5 dataset (read with
+    tensorstore). ``kind`` says which; ``shape`` is (Z, Y, X) after dropping axes of length 1 (time,
+    channel). Anything else raises ValueError with the reason."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        where = str(self.path)
+        if not self.path.exists():
+            raise ValueError(f"{where}: there is nothing at this path on the server")
+        if not os.access(self.path, os.R_OK | (os.X_OK if self.path.is_dir() else 0)):
+            raise ValueError(f"{where}: the server may not read it (permissions)")
+        if not self.path.is_dir():
+            raise ValueError(f"{where}: not a folder (an OME-Zarr, zarr or N5 folder; upload TIFF files instead)")
+        self.pixel_size_nm: float | None = None
+        if (self.path / "attributes.json").is_file() and not (self.path / "zarr.json").is_file():
+            self._open_n5(where)
+        else:
+            self._open_zarr(where)
+        self.dtype = np.dtype(self.dtype)
+        if self.dtype.type not in (np.uint8, np.uint16, np.float32):
+            raise ValueError(f"{where}: pixel type {self.dtype.name} is not supported for an image stack; expected "
+                             "uint8, uint16 or float32")
+        shape = tuple(int(n) for n in self._shape)
+        keep = [i for i, n in enumerate(shape) if n > 1]
+        if len(keep) > 3 or (len(shape) >= 3 and len(keep) < 2) or 0 in shape or len(shape) < 2:
+            raise ValueError(f"{where}: an array of shape {shape}; expected one grey-scale Z × Y × X stack "
+                             "(axes of length 1, such as one channel or one time point, are fine)")
+        self._squeeze = [i for i in range(len(shape)) if shape[i] == 1 and i < len(shape) - 2 and
+                         (len(keep) == 3 or i != len(shape) - 3)]
+        rest = [n for i, n in enumerate(shape) if i not in self._squeeze]
+        self.shape = (1, *rest) if len(rest) == 2 else tuple(rest)
+
+    def _open_zarr(self, where: str) -> None:
+        try:
+            node = zarr.open(LocalStore(self.path, read_only=True), mode="r")
+        except Exception as exc:
+            raise ValueError(f"{where}: not a zarr or N5 folder that can be read "
+                             f"({type(exc).__name__}: {exc})") from None
+        if isinstance(node, zarr.Group):
+            attrs = dict(node.attrs)
+            multiscales = (attrs.get("ome") or attrs).get("multiscales")
+            if not multiscales:
+                raise ValueError(f"{where}: a zarr group without OME-Zarr multiscales metadata; point at the array "
+                                 "folder itself, or at an OME-Zarr image")
+            first = multiscales[0]["datasets"][0]
+            node = node[first["path"]]
+            self.kind = "OME-Zarr"
+            for transform in first.get("coordinateTransformations", []):
+                axes = multiscales[0].get("axes", [])
+                if transform.get("type") == "scale" and axes:
+                    unit = axes[-1].get("unit") if isinstance(axes[-1], dict) else None
+                    factor = {"nanometer": 1.0, "micrometer": 1e3, "micron": 1e3}.get(unit or "")
+                    self.pixel_size_nm = float(transform["scale"][-1]) * factor if factor else None
+        else:
+            self.kind = "zarr"
+        self._array = node
+        self._shape, self.dtype = node.shape, node.dtype
+
+    def _open_n5(self, where: str) -> None:
+        import tensorstore as ts
+
+        try:
+            self._array = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(self.path)}},
+                                  read=True).result()
+        except Exception as exc:
+            raise ValueError(f"{where}: an N5 folder that cannot be read as a dataset ({exc})") from None
+        self.kind = "N5"
+        self._shape, self.dtype = self._array.shape, self._array.dtype.numpy_dtype
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        rest = [i for i in range(len(self._shape)) if i not in self._squeeze]
+        stack_axis = rest[0] if len(rest) == 3 else None
+        index = [0 if i in self._squeeze else z if i == stack_axis else slice(None) for i in range(len(self._shape))]
+        try:
+            data = self._array[tuple(index)]
+            data = data.read().result() if hasattr(data, "read") else data
+        except Exception as exc:
+            raise ValueError(f"{self.path}: slice {z} cannot be read ({type(exc).__name__}: {exc})") from None
+        return np.asarray(data, dtype=self.dtype).reshape(self.shape[1:])
+
+    def iter_slices(self) -> Iterator[np.ndarray]:
+        for z in range(self.shape[0]):
+            yield self[z]
+
+
 def write_volume(path: str | os.PathLike, slices: Iterator[np.ndarray] | np.ndarray, shape: tuple[int, int, int],
                  dtype: np.dtype | str, pixel_size_nm: float | None = None) -> tuple[str, int]:
     """Write a whole volume from its slices; returns (voxel sha256, bytes on disk)."""

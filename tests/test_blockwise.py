@@ -51,7 +51,7 @@ def test_a_two_worker_dask_cluster_predicts_what_one_process_does(setup):
     assert seen_one == [(i, 5) for i in range(6)]  # the bar counts blocks
     assert seen_two[0] == (0, 5) and seen_two[-1] == (5, 5) and len(seen_two) == 6
     a, b = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
-    assert a["probabilities"].shape == (5, 150, 210) and 0 < a["probabilities"].std()
+    assert a["probabilities"].shape == (5, 150, 210) and a["probabilities"].std() > 0
     np.testing.assert_allclose(b["probabilities"], a["probabilities"], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(b["mask"], a["mask"])
     np.testing.assert_array_equal(b["instances"], a["instances"])
@@ -60,9 +60,10 @@ def test_a_two_worker_dask_cluster_predicts_what_one_process_does(setup):
 
 
 KILLED_AFTER_TWO = """
-import os, signal, sys
+import json, os, signal, sys
 from storage.blockwise import BlockJob, run_blocks
-job = BlockJob(**{**__import__("json").loads(sys.argv[1]), "slices": tuple(__import__("json").loads(sys.argv[1])["slices"])})
+fields = json.loads(sys.argv[1])
+job = BlockJob(**{**fields, "slices": tuple(fields["slices"])})
 def progress(done, total):
     if done == 2:
         os.kill(os.getpid(), signal.SIGKILL)  # killed right after its second block was written

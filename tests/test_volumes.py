@@ -172,3 +172,51 @@ def test_a_conversion_killed_halfway_leaves_no_partial_volume(tmp_path):
     assert not (store.root / "datasets" / "9" / "volume.ome.zarr").exists()
     assert remove_partials(store.root) == 1
     assert not list((store.root / "datasets" / "9").iterdir())
+
+
+def test_a_folder_on_the_server_is_imported_by_path_copied_or_linked(tmp_path, monkeypatch):
+    import tensorstore as ts
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image
+
+    from storage.records import UserError
+    from storage.service import Neuroseg
+
+    volume = _stack((5, 70, 90), seed=8)
+    v04 = tmp_path / "lab" / "old.ome.zarr"  # NGFF 0.4 on zarr v2, as many tools still write it
+    group = zarr.open_group(str(v04), mode="w", zarr_format=2)
+    write_image(volume, group, axes="zyx", fmt=FormatV04(), scale_factors=[])
+    n5 = tmp_path / "lab" / "stack.n5"
+    ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(n5)}, "create": True,
+             "metadata": {"dimensions": list(volume.shape), "blockSize": [1, 32, 32], "dataType": "uint8",
+                          "compression": {"type": "gzip"}}}).result()[...] = volume
+    wrong = zarr.open_array(str(tmp_path / "lab" / "rgb.zarr"), mode="w", shape=(5, 70, 90, 3), dtype="uint8")
+    wrong[...] = 1
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
+    try:
+        copied = svc.import_path(str(v04), name="old")
+        from_n5 = svc.import_path(str(n5))
+        linked = svc.import_path(str(v04), link=True, name="in place")
+        for info in (copied, from_n5, linked):
+            assert info.shape == volume.shape and info.dtype == "uint8"
+            np.testing.assert_array_equal(svc.volume(info.id)[3], volume[3])
+        assert copied.sha256 == hashlib.sha256(volume.tobytes()).hexdigest()
+        assert from_n5.source_name.startswith("N5: ") and linked.source_name.startswith("OME-Zarr: ")
+        assert not svc.store.abspath(svc.store.volume_path(linked.id)).exists()  # nothing copied
+        assert svc.value_range(linked.id) == (float(volume[2].min()), float(volume[2].max()))
+        before = len(svc.datasets())
+        for path, reason in [(tmp_path / "nowhere", "there is nothing at this path"),
+                             (tmp_path / "lab" / "rgb.zarr", "expected one grey-scale Z × Y × X stack"),
+                             (tmp_path / "lab", "not a zarr or N5 folder"),
+                             (svc.store.root / "datasets", "inside Neuroseg's own data directory")]:
+            with pytest.raises(UserError, match=reason):
+                svc.import_path(str(path))
+        monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "elsewhere"))
+        with pytest.raises(UserError, match="imports only from"):
+            svc.import_path(str(v04))
+        assert len(svc.datasets()) == before
+        assert not [p for p in (svc.store.root / "datasets").iterdir()
+                    if int(p.name) not in {copied.id, from_n5.id}]
+    finally:
+        svc.close()
