@@ -24,8 +24,10 @@ def _train(args: argparse.Namespace) -> int:
 
     from unet.data import TrainData
     from unet.io import parse_slices, read_labels, read_stack
-    from unet.train import NullReporter, train
+    from unet.train import NullReporter, distributed, init_distributed, train
 
+    init_distributed()  # under torchrun: one process per GPU (gloo on CPUs), same checkpoints and curves
+    rank, world = distributed()
     volume = read_stack(args.volume)
     labels = read_labels(args.labels, volume.shape)
     train_slices = parse_slices(args.train_slices, volume.shape[0])
@@ -43,7 +45,8 @@ def _train(args: argparse.Namespace) -> int:
     data = TrainData.from_stack(volume, labels, train_slices, val_slices)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     class Bar(NullReporter):
         def __init__(self) -> None:
@@ -58,13 +61,17 @@ def _train(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{k[4:]} {v:.4f}" for k, v in sorted(metrics.items()))
             self.bar.write(f"step {step}: {shown}")
 
-    bar = Bar()
+    bar = Bar() if rank == 0 else None
     try:
         result = train(config, data, bar, out_dir=out, resume=args.resume, init_from=args.init_from)
     finally:
-        bar.bar.close()
+        if bar is not None:
+            bar.bar.close()
+    if rank != 0:
+        return 0
     (out / "history.json").write_text(json.dumps({"steps": result.history, "validations": result.validations}))
-    print(f"{result.reason} after {result.steps_done} steps on {result.device}; checkpoints in {out}")
+    shared = f" ({world} processes, DistributedDataParallel)" if world > 1 else ""
+    print(f"{result.reason} after {result.steps_done} steps on {result.device}{shared}; checkpoints in {out}")
     if result.best:
         print("best: " + ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k != "step"))
     return 0

@@ -146,6 +146,51 @@ def _batches(sampler: PatchSampler, batch_size: int, device: torch.device, seed:
     yield from loader
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless it runs in an initialised process group (a run
+    started by ``torchrun``, one process per GPU; :func:`init_distributed`)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on
+    CPUs. Returns whether this is a distributed run."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_available() and dist.is_initialized()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _agree(flag: bool, world: int) -> bool:
+    """Rank 0's answer, told to every process."""
+    if world <= 1:
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def _share(batches, rank: int, world: int):
+    """This process's share of every global batch."""
+    for xs, ys, ws in batches:
+        per = len(xs) // world
+        part = slice(rank * per, (rank + 1) * per)
+        yield xs[part], ys[part], (ws[part] if ws is not None else None)
+
+
+def _rebind(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimiser again for a model whose modules were replaced (SyncBatchNorm), its state kept."""
+    fresh = type(optimizer)(model.parameters(), **optimizer.defaults)
+    fresh.load_state_dict(optimizer.state_dict())
+    return fresh
+
+
 class Trainer:
     """One training run, step by step: :meth:`restore` (resume or fine-tune), :meth:`step`,
     :meth:`validate`, :meth:`save`; :meth:`run` loops them until the run ends.
@@ -158,10 +203,19 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, data: TrainData, reporter: Reporter | None, out_dir: str | os.PathLike):
-        self.config, self.data, self.reporter = config, data, reporter or NullReporter()
+        self.rank, self.world = distributed()
+        # in a DistributedDataParallel run (torchrun), rank 0 reports, validates and writes the checkpoints
+        self.config, self.data = config, data
+        self.reporter = (reporter or NullReporter()) if self.rank == 0 else NullReporter()
+        if config.batch_size % self.world:
+            raise ValueError(f"a batch of {config.batch_size} patches cannot be shared by {self.world} processes; "
+                             f"choose a batch size that is a multiple of {self.world}")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(config.device)
+        if self.world > 1 and self.device.type == "cuda":  # one process per GPU
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
         self.amp = amp_dtype(self.device, config.amp)
         self.channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
         self.out_size = check_input_size(config.model, config.patch_size)
@@ -204,9 +258,16 @@ class Trainer:
                 raise ValueError(f"cannot fine-tune from {Path(init_from).name}: it is a {parent.model_config} "
                                  f"network, the run asks for {self.config.model}")
             self.model.load_state_dict(parent.state_dict)
+        if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.optimizer = _rebind(self.optimizer, self.model)
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.forward_model = self.model
+        if self.world > 1:
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         for state in self.optimizer.state.values():  # optimizer state lives where the parameters are
             for k, v in state.items():
                 if isinstance(v, torch.Tensor) and k != "step":
@@ -219,6 +280,8 @@ class Trainer:
         sampler = PatchSampler(self.data.train_images, self.data.train_targets, self.config.patch_size,
                                self.out_size, self.config.augment, self.rng, weights)
         self.batches = _batches(sampler, self.config.batch_size, self.device, self.config.seed)
+        if self.world > 1:  # every process draws the same global batch (same seed) and trains on its share
+            self.batches = _share(self.batches, self.rank, self.world)
         self._started = time.perf_counter()
 
     def step(self) -> float:
@@ -235,7 +298,7 @@ class Trainer:
         y = torch.as_tensor(ys).to(device, non_blocking=True)
         w = torch.as_tensor(ws).to(device, non_blocking=True) if ws is not None else None
         with autocast(device, self.amp):
-            logits = self.model(x)
+            logits = self.forward_model(x)
         loss = segmentation_loss(logits, y, config.loss, w)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -246,6 +309,10 @@ class Trainer:
         self.scaler.update()
         self.step_count += 1
         value = float(loss.detach())
+        if self.world > 1:  # the curve of the global batch: the mean over the processes
+            total = torch.tensor([value], dtype=torch.float64)
+            torch.distributed.all_reduce(total)
+            value = float(total) / self.world
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss became {value} at step {self.step_count}; try a lower learning "
                                      f"rate (now {config.lr}) or turn AMP off")
@@ -255,7 +322,10 @@ class Trainer:
 
     def validate(self) -> bool:
         """Validate, keep ``best``; return True when early stopping says stop. A stop asked for during the
-        validation ends it at once (nothing is recorded for it)."""
+        validation ends it at once (nothing is recorded for it). In a distributed run rank 0 validates and
+        the others learn its verdict."""
+        if self.rank != 0:
+            return _agree(False, self.world)
         try:
             metrics = (_validation_metrics(self.model, self.data, self.config, self.device, self.amp, self.reporter)
                        if self.data.val_images else {})
@@ -272,10 +342,13 @@ class Trainer:
             else:
                 self.stale += 1
         patience = self.config.early_stop_patience
-        return bool(patience and self.stale >= patience)
+        return _agree(bool(patience and self.stale >= patience), self.world)
 
     def save(self, kind: str, metrics: dict[str, float]) -> Path:
-        """Write ``<kind>.pt``: ``latest`` carries the optimiser and everything needed to resume."""
+        """Write ``<kind>.pt``: ``latest`` carries the optimiser and everything needed to resume (in a
+        distributed run, rank 0 writes; the others hold the same weights)."""
+        if self.rank != 0:
+            return self.out_dir / f"{kind}.pt"
         meta: dict[str, Any] = {"kind": kind, "step": self.step_count, "seconds": self.elapsed(), "metrics": metrics,
                                 "train_config": self.config.to_dict(), "device": str(self.device)}
         if kind == "latest":
@@ -294,10 +367,14 @@ class Trainer:
         reporter.on_phase("training")
         self.model.train()
         while self.step_count < config.steps:
-            if reporter.should_stop():
+            stopped = reporter.should_stop()
+            late = config.max_seconds is not None and self.elapsed() >= config.max_seconds
+            if self.world > 1:  # rank 0's clock and its reporter decide for all
+                stopped, late = _agree(stopped, self.world), _agree(late, self.world)
+            if stopped:
                 reason = "stopped"
                 break
-            if config.max_seconds is not None and self.elapsed() >= config.max_seconds:
+            if late:
                 reason = "time_limit"
                 break
             self.step()
