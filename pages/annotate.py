@@ -16,7 +16,7 @@ from storage.service import MaskConflict, UserError
 from ui.annotation import Draft, StartOption, history_rows, start_options
 from ui.figures import slice_strip
 from ui.live import REFRESH_S, predicted_mask, prediction_caption, status_text
-from ui.paint import IGNORE, MEMBRANE, NEURON, View, auto_window, brush_color, overlay, png_data_url, window
+from ui.paint import IGNORE, MEMBRANE, NEURON, View, brush_color, png_data_url, slice_window, view_picture
 from ui.prediction import compose
 from ui.training import checkpoint_label, default_checkpoint
 
@@ -233,12 +233,12 @@ if last_canvas != (draft.canvas_key, st.session_state.get("_script_runs", 0) - 1
 elif view != draft.view:
     _pending_strokes(draft)
 draft.set_view(view)  # a new view bakes the strokes so far and starts an empty canvas over it
-image = volume[z]
-grey = window(image, *auto_window(image))
 cache = st.session_state.setdefault("_background", {})
 bg_key = (draft.uid, draft.generation, opacity, view, dataset_id, z)
-if cache.get("key") != bg_key:  # encode once per canvas and opacity, not on every stroke
-    cache["key"], cache["url"] = bg_key, png_data_url(view.render(overlay(grey, draft.view_base, opacity)))
+if cache.get("key") != bg_key:  # read and encode once per canvas and opacity, not on every stroke
+    contrast = slice_window(volume, z)  # only the view's region is read, from the pyramid when shrunk
+    cache["key"], cache["url"] = bg_key, png_data_url(view_picture(volume, z, view, draft.view_base, opacity,
+                                                                   contrast))
 
 display_h, display_w = view.display_shape
 st.caption(f"Painting **{ {NEURON: 'neuron', MEMBRANE: 'membrane', IGNORE: 'unlabelled'}[tool]}** with a "
@@ -337,7 +337,7 @@ with st.container(border=True, key="live_panel"):
             if seen is None:
                 st.caption(f"Waiting for the first live prediction of slice {z} …")
                 return
-            _, shown = compose(image, seen.probabilities, [layer], opacity)
+            _, shown = compose(volume[z], seen.probabilities, [layer], opacity)
             st.image(view.render(shown), caption=prediction_caption(seen), width=min(display_w, 900))
             buttons = st.columns(2)
             if buttons[0].button("Accept for the whole slice", key="live_accept_all",

@@ -17,7 +17,7 @@ from storage import datasets
 from storage.db import MIGRATIONS, make_engine, open_store
 from storage.files import FileStore, IntegrityError, sha256_of
 from storage.settings import Settings
-from storage.volumes import CHUNK, DiskFull, Volume, level_shapes, remove_partials
+from storage.volumes import CHUNK, DiskFull, Volume, level_shapes, remove_partials, write_volume
 from unet.io import iter_slices, write_tiff_atomic
 
 
@@ -220,3 +220,49 @@ def test_a_folder_on_the_server_is_imported_by_path_copied_or_linked(tmp_path, m
                     if int(p.name) not in {copied.id, from_n5.id}]
     finally:
         svc.close()
+
+
+def test_the_canvas_reads_only_its_region_and_the_overview_from_the_pyramid(tmp_path):
+    from ui.paint import View, auto_window, overlay, slice_window, view_picture, window
+    from unet.labels import IGNORE, NEURON
+    from unet.synthetic import make_synthetic_em
+
+    volume, _ = make_synthetic_em((2, 1100, 700), np.random.default_rng(9), cell_size=40)
+    write_volume(tmp_path / "v.ome.zarr", iter(volume), volume.shape, volume.dtype)
+    stored = Volume(tmp_path / "v.ome.zarr")
+    reads = []
+
+    class Spy:
+        def __init__(self, level, k):
+            self.level, self.k, self.shape = level, k, level.shape
+
+        def __getitem__(self, key):
+            reads.append((self.k, key))
+            return self.level[key]
+
+    class Watched:
+        def __init__(self):
+            self.levels = [Spy(level, k) for k, level in enumerate(stored.levels)]
+            self.shape = stored.shape
+
+        def __getitem__(self, key):
+            return self.levels[0][key]
+
+    mask = np.full(volume.shape[1:], IGNORE, np.uint8)
+    mask[100:300, 50:200] = NEURON
+    contrast = slice_window(Watched(), 1, sample=512)
+    assert [(k, key[1]) for k, key in reads] == [(0, slice(294, 806))]  # its middle only
+
+    whole = View.fit((1100, 700))  # the whole slice shrunk 2×: level 1, never the full resolution
+    reads.clear()
+    picture = view_picture(Watched(), 1, whole, mask, 0.4, contrast)
+    assert [k for k, _ in reads] == [1] and picture.shape[:2] == whole.display_shape
+    old = whole.render(overlay(window(volume[1], *contrast), mask, 0.4))  # what the page drew before
+    assert np.abs(picture.astype(int) - old.astype(int)).mean() < 12  # the same picture, to the eye
+    zoomed = View.fit((1100, 700), zoom=4, centre=(0.2, 0.3))  # full resolution, its region only
+    reads.clear()
+    picture = view_picture(Watched(), 1, zoomed, mask, 0.4, contrast)
+    (k, key), = reads
+    assert k == 0 and key[1:] == (slice(zoomed.y0, zoomed.y0 + zoomed.h), slice(zoomed.x0, zoomed.x0 + zoomed.w))
+    np.testing.assert_array_equal(picture, zoomed.render(overlay(window(volume[1], *contrast), mask, 0.4)))
+    assert contrast[1] - contrast[0] > 50 and contrast == pytest.approx(auto_window(volume[1]), abs=25)

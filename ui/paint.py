@@ -226,3 +226,35 @@ def png_data_url(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def slice_window(volume, z: int, sample: int = 1024) -> tuple[float, float]:
+    """The automatic contrast of slice ``z``, from its middle ``sample``² pixels at full resolution (the
+    whole slice when it is smaller), so a huge slice is not read whole for its percentiles."""
+    height, width = volume.shape[1:]
+    y0, x0 = max(0, (height - sample) // 2), max(0, (width - sample) // 2)
+    return auto_window(np.asarray(volume[z, y0:y0 + sample, x0:x0 + sample]))
+
+
+def view_picture(volume, z: int, view: View, mask: np.ndarray | None, opacity: float,
+                 contrast: tuple[float, float]) -> np.ndarray:
+    """What the canvas shows of slice ``z`` in ``view`` (display pixels, RGB): only the view's region is
+    read from the stack, and a view that shows the slice shrunk reads the pyramid level of that size (the
+    stored overview) instead of the full resolution. ``mask`` is the full-resolution mask of the slice."""
+    levels = getattr(volume, "levels", None) or [volume]
+    k = 0
+    while view.shrink > 1 and k + 1 < len(levels) and 2 ** (k + 1) <= view.shrink:
+        k += 1
+    s = 2 ** k
+    height, width = levels[k].shape[1:]
+    y0, x0 = view.y0 // s, view.x0 // s
+    y1, x1 = min(height, -(-(view.y0 + view.h) // s)), min(width, -(-(view.x0 + view.w) // s))
+    grey = window(np.asarray(levels[k][z, y0:y1, x0:x1]), *contrast)
+    part = None
+    if mask is not None:
+        part = mask[view.y0:view.y0 + view.h:s, view.x0:view.x0 + view.w:s][:y1 - y0, :x1 - x0]
+        if part.shape != grey.shape:  # an odd edge: the level rounds up where the mask has no pixel
+            part = np.pad(part, ((0, grey.shape[0] - part.shape[0]), (0, grey.shape[1] - part.shape[1])),
+                          constant_values=IGNORE)
+    local = View(0, 0, y1 - y0, x1 - x0, view.scale, max(1, view.shrink // s))
+    return local.render(overlay(grey, part, opacity))
