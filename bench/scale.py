@@ -144,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         from storage.service import Neuroseg
         from storage.settings import Settings
 
-        svc = Neuroseg(Settings.from_env(data), supervise=False)
-        from storage import predictions
+        svc = Neuroseg(Settings.from_env(data), supervise=False)  # no supervisor: the bench starts the job
+        from storage import predictions, starter
 
+        with svc.sessions.begin() as s:
+            starter.register(s, svc.store)
         with svc.sessions.begin() as s:
             predictions.submit_prediction(s, svc.checkpoint_choices()[0].id, imported["dataset"], list(range(z)))
         svc.close()

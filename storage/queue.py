@@ -52,10 +52,37 @@ def launch(settings: Settings, module: str, args: list[str], log: Path) -> subpr
     return proc
 
 
-def launch_worker(settings: Settings, run_id: int, kind: str = "train") -> subprocess.Popen:
-    """The process of a run: a training worker, or a live session's (:mod:`storage.live_worker`)."""
-    module = "storage.live_worker" if kind == "live" else "storage.train_worker"
-    return launch(settings, module, ["--run-id", str(int(run_id))], FileStore(settings.data_dir).worker_log(run_id))
+TRAIN_PROCESSES_ENV = "NEUROSEG_TRAIN_PROCESSES"
+
+
+def train_processes(device: str) -> int:
+    """How many processes train one run: one per visible GPU (DistributedDataParallel, launched by
+    torchrun) when the run trains on CUDA and more than one GPU is visible, else one;
+    ``$NEUROSEG_TRAIN_PROCESSES`` sets it (on a CPU, N processes share the cores through gloo)."""
+    if os.environ.get(TRAIN_PROCESSES_ENV):
+        return max(1, int(os.environ[TRAIN_PROCESSES_ENV]))
+    if device == "cpu":
+        return 1
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count()) if device in ("auto", "cuda") else 1
+    except Exception:
+        return 1
+
+
+def launch_worker(settings: Settings, run_id: int, kind: str = "train", device: str = "cpu") -> subprocess.Popen:
+    """The process of a run: a training worker (under torchrun, one process per GPU, when
+    :func:`train_processes` says so), or a live session's (:mod:`storage.live_worker`)."""
+    log = FileStore(settings.data_dir).worker_log(run_id)
+    if kind == "live":
+        return launch(settings, "storage.live_worker", ["--run-id", str(int(run_id))], log)
+    processes = train_processes(device)
+    if processes > 1:
+        return launch(settings, "torch.distributed.run", ["--standalone", f"--nproc-per-node={processes}",
+                                                          "-m", "storage.train_worker", "--run-id", str(int(run_id))],
+                      log)
+    return launch(settings, "storage.train_worker", ["--run-id", str(int(run_id))], log)
 
 
 def launch_prediction(sessions: sessionmaker[Session], settings: Settings, prediction_id: int) -> subprocess.Popen:
@@ -82,14 +109,14 @@ def start_queued(sessions: sessionmaker[Session], settings: Settings) -> list[su
             if run.status == RunStatus.QUEUED and run.device not in busy and run.device not in chosen:
                 chosen[run.device] = (run.id, run.pid, run.kind)
     started = []
-    for run_id, seen_pid, kind in chosen.values():
+    for device, (run_id, seen_pid, kind) in chosen.items():
         with sessions.begin() as s:
             same = Run.pid.is_(None) if seen_pid is None else Run.pid == seen_pid
             reserved = s.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.QUEUED, same)
                                  .values(pid=0)).rowcount == 1
         if not reserved:
             continue
-        proc = launch_worker(settings, run_id, kind)
+        proc = launch_worker(settings, run_id, kind, device)
         with sessions.begin() as s:
             s.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.QUEUED, Run.pid == 0)
                       .values(pid=proc.pid, pid_started=start_time(proc.pid)))
@@ -163,5 +190,29 @@ def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale:
 
 
 def terminate(pid: int, sig: int = signal.SIGTERM) -> None:
+    """Signal a worker's process group (it leads its own) and every process below it that left the group
+    (torchrun starts each training process in a session of its own)."""
+    below = _descendants(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)  # a worker leads its own process group
+        os.killpg(pid, sig)
+    for child in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, sig)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux: from /proc; elsewhere none)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -136,15 +136,41 @@ def _start_segment(sessions: sessionmaker[Session], run_id: int, out_dir: Path, 
 
 
 def run_worker(run_id: int, settings: Settings) -> int:
+    """Train run ``run_id``. Under torchrun (several GPUs: :func:`storage.queue.train_processes`) every
+    process runs this; rank 0 is the worker the store knows (it claims the run under the launcher's pid,
+    whose process tree the supervisor signals; it keeps the heartbeat, reports and checkpoints), the others
+    train their share of each batch and follow its decisions."""
+    from unet.train import distributed, init_distributed
+
+    init_distributed()
+    rank, world = distributed()
     sessions, store = open_store(settings)  # the server has migrated it
-    with sessions.begin() as s:
-        if not claim(s, run_id, os.getpid(), start_time(os.getpid())):
+    plan = None
+    if rank == 0:
+        worker = os.getppid() if world > 1 else os.getpid()  # under torchrun: the launcher, which the server started
+        with sessions.begin() as s:
+            if claim(s, run_id, worker, start_time(worker)):
+                run = s.get(Run, run_id)
+                parent = s.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
+                plan = {"config": run.config, "parent": str(store.abspath(parent.file)) if parent else None,
+                        "resume": (store.run_dir(run_id) / "latest.pt").exists()}
+    if world > 1:  # every process learns rank 0's claim and what it trains from
+        shared = [plan]
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(shared, src=0)
+        plan = shared[0]
+    if plan is None:
+        if rank == 0:
             print(f"run {run_id} is not queued or its device is busy; nothing to do")
-            return 0
-        run = s.get(Run, run_id)
-        config = TrainConfig.from_dict(run.config)
-        parent = s.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
-        parent_file = str(store.abspath(parent.file)) if parent else None
+        return 0
+    config, parent_file, resume = TrainConfig.from_dict(plan["config"]), plan["parent"], plan["resume"]
+    out_dir = store.run_dir(run_id)
+    if rank != 0:
+        with sessions.begin() as s:
+            data = _load_data(s, store, run_id)
+        train(config, data, None, out_dir=out_dir, resume=resume, init_from=None if resume else parent_file)
+        return 0
     unwind_on_sigterm()
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(sessions, run_id, stop), daemon=True).start()
@@ -153,14 +179,13 @@ def run_worker(run_id: int, settings: Settings) -> int:
     def body(outcome: Outcome) -> None:
         with sessions.begin() as s:
             data = _load_data(s, store, run_id)
-        out_dir = store.run_dir(run_id)
-        resume = (out_dir / "latest.pt").exists()
         _start_segment(sessions, run_id, out_dir, resume)
         result = train(config, data, reporter, out_dir=out_dir, resume=resume,
                        init_from=None if resume else parent_file)
         if result.reason == "stopped":
             outcome.status = RunStatus.CANCELLED
-        print(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}", flush=True)
+        shared = f" ({world} processes)" if world > 1 else ""
+        print(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}{shared}", flush=True)
         if outcome.status == RunStatus.FINISHED:
             from storage.heldout import score_run
 

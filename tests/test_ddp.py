@@ -59,3 +59,68 @@ def test_a_distributed_run_resumes_from_its_latest_checkpoint(stack):
     _train(stack, stack / "run", 2, 14, "--resume")
     latest = load_checkpoint(stack / "run" / "latest.pt")
     assert latest.meta["step"] == 14 and [h["step"] for h in latest.meta["history"]] == list(range(1, 15))
+
+
+def test_the_app_trains_a_run_on_two_processes_and_cancels_and_resumes_it(tmp_path, monkeypatch):
+    """As on a machine with two GPUs: the run's worker is launched under torchrun (here gloo on the CPU),
+    and the store sees one run with one curve, its checkpoints, a cancel and a resume."""
+    from storage import datasets, queue, runs
+    from storage.db import open_store
+    from storage.settings import Settings
+    from unet.config import preset
+
+    monkeypatch.setenv("NEUROSEG_TRAIN_PROCESSES", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    settings = Settings.from_env(tmp_path / "data")
+    sessions, store = open_store(settings, migrate=True)
+    volume, labels = make_synthetic_em((5, 96, 96), np.random.default_rng(2), cell_size=20)
+    for name, data in (("v.tif", volume), ("l.tif", labels)):
+        tifffile.imwrite(tmp_path / name, data, imagej=True, metadata={"axes": "ZYX"})
+    with sessions.begin() as s:
+        ds = datasets.import_dataset(s, store, tmp_path / "v.tif", tmp_path / "l.tif")
+        spec = {"train": [{"dataset_id": ds.id, "slices": [0, 1, 2, 3]}], "val": [{"dataset_id": ds.id, "slices": [4]}]}
+        run = runs.submit_training(s, spec, preset("tiny", steps=100000, batch_size=4, checkpoint_every=5))
+    (proc,) = queue.start_queued(sessions, settings)
+    try:
+        _cancel_and_resume(sessions, store, run, proc, settings)
+    finally:  # a failed assertion must not leave a training run behind
+        queue.terminate(proc.pid, 9)
+
+
+def _cancel_and_resume(sessions, store, run, proc, settings):
+    from sqlalchemy import func, select
+
+    from storage import queue, runs
+    from storage.models import Metric
+    from tests.test_jobs import wait_for
+
+    def losses():
+        with sessions.begin() as s:
+            return s.scalar(select(func.count()).select_from(Metric).where(Metric.run_id == run.id,
+                                                                             Metric.key == "loss")) or 0
+
+    wait_for(lambda: losses() >= 12, timeout=240, what="twelve steps")
+    with sessions.begin() as s:
+        assert runs.get_run(s, run.id).pid == proc.pid  # the launcher's process group is the worker
+        runs.cancel_run(s, run.id)
+    assert proc.wait(timeout=120) == 0
+    with sessions.begin() as s:
+        info = runs.get_run(s, run.id)
+        assert info.status == "CANCELLED"
+        steps = [m.step for m in s.scalars(select(Metric).where(Metric.run_id == run.id, Metric.key == "loss"))]
+    assert steps == list(range(1, len(steps) + 1))  # one curve: only rank 0 reports
+    log = store.worker_log(run.id).read_text()
+    assert "(2 processes)" in log
+    stopped_at = load_checkpoint(store.run_dir(run.id) / "latest.pt").meta["step"]
+    assert stopped_at == len(steps)
+    with sessions.begin() as s:
+        runs.resume_run(s, run.id)
+    (proc,) = queue.start_queued(sessions, settings)
+    try:
+        wait_for(lambda: losses() >= stopped_at + 6, timeout=240, what="six more steps")
+        with sessions.begin() as s:
+            runs.cancel_run(s, run.id)
+        proc.wait(timeout=120)
+    finally:
+        queue.terminate(proc.pid, 9)
+    assert f"resumed from step {stopped_at}" in store.worker_log(run.id).read_text()
