@@ -73,33 +73,38 @@ def _marker(job: BlockJob, index: int) -> Path:
     return Path(job.out) / "blocks" / f"{index}.json"
 
 
+def create_output(final: Path, name: str, shape: tuple[int, int, int], slices: list[int],
+                  pixel_size_nm: float | None = None) -> None:
+    """One output image ``(len(slices), Y, X)``, created whole in a partial folder and renamed."""
+    from ome_zarr.writer import write_multiscales_metadata
+
+    n, y, x = shape
+    partial = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:12]}")
+    try:
+        group = zarr.open_group(LocalStore(partial), mode="w", zarr_format=3)
+        group.create_array("0", shape=(n, y, x), chunks=(1, min(CHUNK, y), min(CHUNK, x)), dtype=OUTPUT_DTYPES[name],
+                           compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
+                           config={"write_empty_chunks": True})
+        xy = float(pixel_size_nm or 1.0)
+        unit = {"unit": "nanometer"} if pixel_size_nm else {}
+        write_multiscales_metadata(group, name=name, axes=[{"name": a, "type": "space", **unit} for a in "zyx"],
+                                   datasets=[{"path": "0", "coordinateTransformations": [
+                                       {"type": "scale", "scale": [1.0, xy, xy]}]}])
+        group.attrs["neuroseg"] = {"slices": list(slices)}
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def create_outputs(job: BlockJob, shape: tuple[int, int], pixel_size_nm: float | None = None) -> None:
     """Create the output arrays ``(len(slices), Y, X)`` (each an OME-Zarr image; chunks of one slice by
     ``CHUNK``² pixels, zstd and CRC32C); outputs that exist already (a resumed prediction) are kept."""
-    from ome_zarr.writer import write_multiscales_metadata
-
-    y, x = shape
     for name in job.outputs:
         final = output_path(job.out, name)
-        if (final / "zarr.json").is_file():
-            continue
-        partial = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:12]}")
-        try:
-            group = zarr.open_group(LocalStore(partial), mode="w", zarr_format=3)
-            group.create_array("0", shape=(len(job.slices), y, x), chunks=(1, min(CHUNK, y), min(CHUNK, x)),
-                               dtype=OUTPUT_DTYPES[name], compressors=[ZstdCodec(level=3), Crc32cCodec()],
-                               fill_value=0, config={"write_empty_chunks": True})
-            xy = float(pixel_size_nm or 1.0)
-            unit = {"unit": "nanometer"} if pixel_size_nm else {}
-            write_multiscales_metadata(group, name=name, axes=[{"name": a, "type": "space", **unit} for a in "zyx"],
-                                       datasets=[{"path": "0", "coordinateTransformations": [
-                                           {"type": "scale", "scale": [1.0, xy, xy]}]}])
-            group.attrs["neuroseg"] = {"slices": list(job.slices)}
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+        if not (final / "zarr.json").is_file():
+            create_output(final, name, (len(job.slices), *shape), list(job.slices), pixel_size_nm)
 
 
 def finished_blocks(job: BlockJob) -> dict[int, dict[str, Any]]:

@@ -5,6 +5,7 @@ the :class:`~storage.files.FileStore`; they return :mod:`storage.records`."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import zarr
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from zarr.storage import LocalStore
 
 from storage.files import FileStore, IntegrityError
 from storage.masks import add_mask
@@ -90,6 +93,60 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
         raise
     report("stored", 1.0)
     return _dataset_info(session, row)
+
+
+def convert_legacy_predictions(session: Session, store: FileStore, log: Callable[[str], None] = print) -> int:
+    """Move the TIFF outputs of predictions made by earlier versions into OME-Zarr outputs like the new
+    ones (:mod:`storage.blockwise`), without losing a byte: each TIFF's checksum is verified, it is
+    converted slice by slice, the slices read back are compared with the TIFF's, then the row switches and
+    the TIFF goes. A failure leaves the prediction as it was (still readable) and says why."""
+    from storage.blockwise import OUTPUT_DTYPES, create_output, output_path
+    from storage.models import Prediction
+
+    done = 0
+    for row in session.scalars(select(Prediction).order_by(Prediction.id)):
+        legacy = {name: entry for name, entry in (row.files or {}).items()
+                  if str(entry.get("file", "")).endswith(".tif")}
+        if not legacy:
+            continue
+        folder = store.abspath(store.prediction_folder(row.id))
+        files = dict(row.files)
+        try:
+            for name, entry in legacy.items():
+                path = store.verified(entry["file"], entry["sha256"])
+                info, planes = iter_slices(path, "volume", channels_as_z=True)  # float32, uint8, uint16
+                if info.shape[0] != len(row.slices):
+                    raise ValueError(f"{entry['file']} holds {info.shape[0]} slices, the prediction "
+                                     f"{len(row.slices)}")
+                target = output_path(folder, name)
+                shutil.rmtree(target, ignore_errors=True)
+                create_output(target, name, info.shape, list(row.slices))
+                array = zarr.open_array(LocalStore(target), path="0", mode="r+")
+                digests = []
+                for i, plane in enumerate(planes):
+                    data = np.ascontiguousarray(plane, dtype=OUTPUT_DTYPES[name])
+                    array[i] = data
+                    digests.append(hashlib.sha256(data.data).hexdigest())
+                for i, plane in enumerate(Volume(target).iter_slices()):
+                    if hashlib.sha256(np.ascontiguousarray(plane).data).hexdigest() != digests[i]:
+                        raise IntegrityError(f"{entry['file']}: slice {i} does not read back the same")
+                files[name] = {"file": store.prediction_output(row.id, name),
+                               "sha256": hashlib.sha256("".join(digests).encode()).hexdigest()}
+        except (OSError, ValueError, IntegrityError) as exc:
+            for name in legacy:
+                shutil.rmtree(output_path(folder, name), ignore_errors=True)
+            log(f"prediction #{row.id}: its outputs stay TIFF files for now: {exc}")
+            continue
+        row.files = files
+        if "probabilities" in files:
+            row.file, row.sha256 = files["probabilities"]["file"], files["probabilities"]["sha256"]
+        session.flush()
+        session.commit()
+        for entry in legacy.values():
+            store.delete_file(entry["file"])
+        log(f"prediction #{row.id}: outputs converted to OME-Zarr")
+        done += 1
+    return done
 
 
 def import_external(session: Session, store: FileStore, path: str | os.PathLike, *, link: bool = False,

@@ -58,12 +58,14 @@ def open_store(settings, *, migrate: bool = False) -> tuple[sessionmaker[Session
     if migrate:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(engine)
-        from storage.datasets import convert_legacy_volumes
+        from storage.datasets import convert_legacy_predictions, convert_legacy_volumes
         from storage.volumes import remove_partials
 
         remove_partials(store.root)
         with sessions() as session:
             convert_legacy_volumes(session, store, log=_log)
+        with sessions() as session:
+            convert_legacy_predictions(session, store, log=_log)
     return sessions, store
 
 

@@ -204,7 +204,7 @@ def _fsync_dir(folder: Path) -> None:
 def remove_partials(root: Path) -> int:
     """Remove the half-written volumes a killed process left under ``root``; returns how many."""
     gone = 0
-    for path in Path(root).glob("datasets/*/*.partial-*"):
+    for path in [*Path(root).glob("datasets/*/*.partial-*"), *Path(root).glob("predictions/*/*.partial-*")]:
         shutil.rmtree(path, ignore_errors=True)
         gone += 1
     return gone

@@ -266,3 +266,42 @@ def test_the_canvas_reads_only_its_region_and_the_overview_from_the_pyramid(tmp_
     assert k == 0 and key[1:] == (slice(zoomed.y0, zoomed.y0 + zoomed.h), slice(zoomed.x0, zoomed.x0 + zoomed.w))
     np.testing.assert_array_equal(picture, zoomed.render(overlay(window(volume[1], *contrast), mask, 0.4)))
     assert contrast[1] - contrast[0] > 50 and contrast == pytest.approx(auto_window(volume[1]), abs=25)
+
+
+def test_prediction_outputs_of_an_earlier_version_are_converted_on_start(tmp_path, monkeypatch):
+    from storage import predictions
+    from storage.models import Prediction
+    from storage.service import Neuroseg
+    from tests.test_starter import tiny_starter
+
+    tiny_starter(tmp_path / "models", monkeypatch)
+    settings = _settings(tmp_path)
+    svc = Neuroseg(settings)
+    info = svc.load_demo()
+    start = svc.checkpoint_choices()[0].id
+    svc.close()
+    rng = np.random.default_rng(10)
+    outputs = {"probabilities": rng.random((2, 256, 256), dtype=np.float32),
+               "mask": (rng.random((2, 256, 256)) > 0.5).astype(np.uint8) * 255,
+               "instances": rng.integers(0, 900, (2, 256, 256)).astype(np.uint16)}
+    sessions, store = open_store(settings)
+    with sessions.begin() as s:  # a finished prediction as an earlier version stored it: one TIFF per output
+        job = predictions.submit_prediction(s, start, info.id, [3, 5])
+        row = s.get(Prediction, job.id)
+        files = {}
+        for name, data in outputs.items():
+            relative = f"{store.prediction_folder(job.id)}/{name}.tif"
+            files[name] = {"file": relative, "sha256": store.write_stack(relative, data)[0]}
+        row.status, row.files, row.file, row.sha256 = "FINISHED", files, files["probabilities"]["file"], \
+            files["probabilities"]["sha256"]
+    sessions, store = open_store(settings, migrate=True)  # the new version starts
+    with sessions.begin() as s:
+        for name, data in outputs.items():
+            stored = predictions.load_output(s, store, job.id, name)
+            assert isinstance(stored, Volume)
+            np.testing.assert_array_equal(stored[...], data)
+        tiff = predictions.prediction_file(s, store, job.id, "instances")
+    assert not list(store.abspath(store.prediction_folder(job.id)).glob("*.tif"))
+    import io
+
+    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(tiff)), outputs["instances"])
