@@ -174,6 +174,19 @@ for col, (output, label) in zip(actions, (("probabilities", "Probabilities (floa
                         on_click="ignore")
 
 
+with st.expander("Export as OME-Zarr to a folder on the server (napari, neuroglancer)"):
+    with st.form("export_form"):
+        target = st.text_input("Folder", placeholder="/data/exports", key="export_folder")
+        go = st.form_submit_button("Export")
+    if go:
+        try:
+            written = svc.export_prediction(job.id, target)
+        except UserError as exc:
+            st.error(f"Nothing was exported: {exc}.")
+        else:
+            st.success("Written: " + ", ".join(f"`{p}`" for p in written))
+
+
 def _correct() -> None:
     select_dataset(dataset_id)
     st.session_state[f"annotate_slice_{dataset_id}"] = z

@@ -4,6 +4,8 @@ records one (QUEUED); :func:`storage.queue.launch_prediction` starts its process
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -88,6 +90,38 @@ def prediction_file(session: Session, store: FileStore, prediction_id: int, outp
         return tmp.read_bytes()
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def export_prediction(session: Session, store: FileStore, prediction_id: int, folder: Path) -> list[Path]:
+    """Copy a finished prediction's outputs into ``folder`` on the server as OME-Zarr images (napari and
+    neuroglancer open them; chunk by chunk, never whole), ``prediction-<id>-<output>.ome.zarr``, each
+    written beside its final name and renamed when complete. Returns the folders written."""
+    import shutil
+
+    row = session.get(Prediction, prediction_id)
+    if row is None or row.status != RunStatus.FINISHED:
+        raise NotFound(f"prediction {prediction_id} has no finished outputs")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in row.files:
+        load_output(session, store, prediction_id, name)  # refuses a damaged or missing output by name
+        entry = row.files[name]
+        source = store.abspath(entry["file"])
+        target = folder / f"prediction-{int(prediction_id)}-{name}.ome.zarr"
+        if target.exists():
+            raise ValueError(f"{target} exists already; choose another folder or remove it")
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            if entry["file"].endswith(".tif"):  # an output of an earlier version not converted yet
+                raise ValueError(f"{entry['file']} is a TIFF of an earlier version; download it instead")
+            shutil.copytree(source, partial)
+            partial.rename(target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        written.append(target)
+    return written
 
 
 def load_output(session: Session, store: FileStore, prediction_id: int, output: str) -> Volume | np.ndarray:

@@ -325,6 +325,12 @@ class Neuroseg:
         return self._cached((output, prediction_id),
                             lambda: self._tx(predictions.load_output, self.store, prediction_id, output))
 
+    def export_prediction(self, prediction_id: int, folder: str) -> list[str]:
+        """Write the prediction's outputs as OME-Zarr images into a folder on the server (a lab server
+        confines it to ``$NEUROSEG_IMPORT_ROOTS``); returns the paths written."""
+        target = ingest.allowed_path(self.store, folder)
+        return [str(p) for p in self._tx(predictions.export_prediction, self.store, prediction_id, target)]
+
     def prediction_file(self, prediction_id: int, output: str) -> bytes:
         return self._tx(predictions.prediction_file, self.store, prediction_id, output)
 

@@ -124,3 +124,32 @@ def test_the_app_predicts_blockwise_and_resumes_a_killed_job(tmp_path, monkeypat
     finally:
         svc.close()
 
+
+
+def test_a_prediction_exports_as_ome_zarr_that_napari_reads(tmp_path, monkeypatch):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    from storage.records import UserError
+    from storage.service import Neuroseg
+    from storage.settings import Settings
+    from tests.test_jobs import wait_for
+    from tests.test_starter import tiny_starter
+
+    tiny_starter(tmp_path / "models", monkeypatch)
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"))
+    try:
+        info = svc.load_demo()
+        job = svc.predict(svc.checkpoint_choices()[0].id, info.id, [0, 4])
+        wait_for(lambda: svc.prediction(job.id).status == "FINISHED", timeout=180)
+        written = svc.export_prediction(job.id, str(tmp_path / "exports"))
+        assert sorted(p.rsplit("/", 1)[1] for p in written) == [
+            f"prediction-{job.id}-{name}.ome.zarr" for name in ("instances", "mask", "probabilities")]
+        node = next(iter(Reader(parse_url(str(tmp_path / "exports" / f"prediction-{job.id}-mask.ome.zarr")))()))
+        np.testing.assert_array_equal(np.asarray(node.data[0]), svc.prediction_output(job.id, "mask")[...])
+        with pytest.raises(UserError, match="exists already"):
+            svc.export_prediction(job.id, str(tmp_path / "exports"))
+        with pytest.raises(UserError, match="own data directory"):
+            svc.export_prediction(job.id, str(svc.store.root / "x"))
+    finally:
+        svc.close()
