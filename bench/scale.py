@@ -1,7 +1,8 @@
 """Stacks bigger than memory: import, browse, predict and export synthetic uint8 volumes of growing size,
 each stage in a process of its own whose peak resident memory is measured.
 
-    python -m bench.scale [--sizes 0.5,2,8] [--slice 2048] [--model starter|tiny] [--work DIR] [--json FILE]
+    python -m bench.scale [--sizes 0.5,2,8] [--slice 2048] [--model starter|tiny] [--predict-blocks N]
+                          [--browser] [--work DIR] [--json FILE]
 
 For each size (GB of uint8 voxels) a synthetic EM stack of ``--slice``² slices is written as a TIFF page by
 page, then, each in a fresh process (as the server and the prediction process would):
@@ -9,9 +10,13 @@ page, then, each in a fresh process (as the server and the prediction process wo
 - **import**: the TIFF converted into the OME-Zarr store (``storage.ingest.import_files``);
 - **browse**: what the Datasets and Annotate pages read: a slice at full resolution, the same slice from
   the coarsest pyramid level, and a 512² tile, for the first, middle and last slices;
-- **predict**: every slice, block by block (``storage.predict_worker``'s blockwise path, in one process
-  so that its memory is the one measured: ``$NEUROSEG_PREDICT_WORKERS=1``);
-- **export**: the mask as an ImageJ TIFF, streamed slice by slice.
+- **predict**: every slice (or the first ``--predict-blocks`` of them, spread over the stack: the cost of
+  a block does not depend on the others), block by block (``storage.predict_worker``'s blockwise path, in
+  one process so that its memory is the one measured: ``$NEUROSEG_PREDICT_WORKERS=1``);
+- **export**: the mask as an ImageJ TIFF, streamed slice by slice;
+- **browser** (``--browser``): the app served as ``./run.sh`` serves it and Chromium on the Annotate page:
+  the seconds from a click on "Next ▶" until the next slice's canvas is on screen (the worst of five),
+  and the server's peak memory.
 
 It prints a table (seconds, peak RSS in MB, prediction megavoxels per second) and writes JSON. Figures
 are the machine's own; nothing here is a test.
@@ -27,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +102,30 @@ def _write_stack(path: Path, z: int, side: int) -> None:
                   **({"metadata": {"axes": "ZYX"}} if z * side * side <= 2**31 else {}))
 
 
+def _browser(data: Path, dataset_id: int, side: int) -> dict:
+    """Serve the app on the store and time Annotate in Chromium: click "Next ▶" five times from the middle
+    of the stack, each until the next slice's caption and canvas are on screen."""
+    sys.path.insert(0, str(ROOT))
+    from tests.browser import app_server, chromium
+
+    times = []
+    with app_server(data) as url, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/annotate?dataset={dataset_id}")
+        page.locator("canvas.upper-canvas").wait_for(timeout=120_000)
+        for _ in range(5):
+            caption = page.get_by_text("· slice ", exact=False).first.inner_text()
+            z = int(caption.split("· slice ")[1].split(":")[0])
+            start = time.perf_counter()
+            page.get_by_role("button", name="Next ▶").click()
+            page.get_by_text(f"· slice {z + 1}: {side} × {side} pixels", exact=False).first.wait_for(timeout=60_000)
+            page.locator("canvas.upper-canvas").wait_for()
+            times.append(time.perf_counter() - start)
+        with open(f"/proc/{url.pid}/status") as fh:
+            peak = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    return {"annotate_next_s": max(times), "server_rss_mb": peak / 1024}
+
+
 def _model(folder: Path, which: str) -> None:
     """The starting model as the store's starter ($NEUROSEG_STARTER_DIR)."""
     from unet.checkpoint import save_checkpoint
@@ -123,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="0.5,2,8", help="GB of uint8 voxels, comma-separated")
     ap.add_argument("--slice", type=int, default=2048, help="slice side in pixels (8192 for the wide case)")
     ap.add_argument("--model", default="starter", choices=["starter", "tiny"])
+    ap.add_argument("--predict-blocks", type=int, default=0, help="predict this many slices (0: all)")
+    ap.add_argument("--browser", action="store_true", help="time the Annotate page in Chromium too")
     ap.add_argument("--work", help="a scratch folder with room for the stacks (default: a temporary one)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args(argv)
@@ -150,12 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         with svc.sessions.begin() as s:
             starter.register(s, svc.store)
         with svc.sessions.begin() as s:
-            predictions.submit_prediction(s, svc.checkpoint_choices()[0].id, imported["dataset"], list(range(z)))
+            chosen = (list(range(z)) if not args.predict_blocks or args.predict_blocks >= z else
+                      sorted({round(i * (z - 1) / (args.predict_blocks - 1)) for i in range(args.predict_blocks)}))
+            predictions.submit_prediction(s, svc.checkpoint_choices()[0].id, imported["dataset"], chosen)
         svc.close()
         predicted = _stage("predict", data, "")
         exported = _stage("export", data, str(case / "mask.tif"))
-        voxels = z * args.slice ** 2
-        row = {"size_gb": size, "shape": f"{z}×{args.slice}²", "import_s": imported["seconds"],
+        voxels = len(chosen) * args.slice ** 2
+        browser = _browser(data, imported["dataset"], args.slice) if args.browser else {}
+        row = {"size_gb": size, "shape": f"{z}×{args.slice}²", "blocks": len(chosen), **browser,
+               "import_s": imported["seconds"],
                "import_rss_mb": imported["peak_rss_mb"], "browse_slice_s": browsed["slice_s"],
                "browse_rss_mb": browsed["peak_rss_mb"], "predict_s": predicted["seconds"],
                "predict_rss_mb": predicted["peak_rss_mb"], "mvox_per_s": voxels / 1e6 / predicted["seconds"],
@@ -167,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("import_rss_mb", "RSS MB", ".0f"), ("browse_slice_s", "slice s", ".2f"),
                        ("browse_rss_mb", "RSS MB", ".0f"), ("predict_s", "predict s", ".0f"),
                        ("predict_rss_mb", "RSS MB", ".0f"), ("mvox_per_s", "Mvox/s", ".2f"),
-                       ("export_s", "export s", ".0f"), ("export_rss_mb", "RSS MB", ".0f")]))
+                       ("export_s", "export s", ".0f"), ("export_rss_mb", "RSS MB", ".0f"),
+                       ("annotate_next_s", "Annotate next s", ".2f"), ("server_rss_mb", "server MB", ".0f")]))
     write_json(args.json, {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                            "model": args.model, "slice": args.slice, "rows": rows})
     if not args.work:

@@ -257,3 +257,25 @@ def test_a_conflict_offers_one_choice_beside_its_message(app_data_dir):
     assert [m.version for m in history] == [1, 2, 3] and history[-1].parent_id == history[1].id
     saved = svc.mask(history[-1].id)
     assert (saved[:10, :10] == MEMBRANE).all() and (saved[205:215, 205:215] == NEURON).all()
+
+
+def test_a_folder_on_the_server_is_imported_from_the_datasets_page(app_data_dir, tmp_path):
+    from storage.volumes import write_volume
+
+    volume = np.random.default_rng(4).integers(0, 255, (3, 40, 50), dtype=np.uint8)
+    folder = tmp_path / "lab" / "sample.ome.zarr"
+    write_volume(folder, iter(volume), volume.shape, volume.dtype)
+    at = app("Datasets")
+    at.text_input(key="import_path").set_value(str(tmp_path / "lab" / "nothing.zarr"))
+    at.button(key="FormSubmitter:import_path_form-Import").click().run()
+    assert "was not imported: " in texts(at.error) and "there is nothing at this path" in texts(at.error)
+    at.text_input(key="import_path").set_value(str(folder))
+    at.text_input(key="import_path_name").set_value("Lab sample")
+    at.toggle(key="import_link").set_value(True)
+    at.button(key="FormSubmitter:import_path_form-Import").click().run()
+    assert not at.exception, at.exception
+    stored = store(app_data_dir)
+    (info,) = stored.datasets()
+    assert info.name == "Lab sample" and info.shape == (3, 40, 50)
+    assert "Linked **Lab sample**" in texts(at.success) + texts(at.toast) + " ".join(m.value for m in at.markdown)
+    np.testing.assert_array_equal(stored.volume(info.id)[2], volume[2])
