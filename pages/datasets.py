@@ -8,7 +8,7 @@ import streamlit as st
 from pages.common import attempt, dataset_picker, flash, select_dataset, start_page, volume_or_stop
 from storage.service import ChannelsQuestion, UserError
 from ui.figures import histogram
-from ui.paint import View, auto_window, overlay, window
+from ui.paint import View, auto_window, middle_of, view_picture
 
 svc = start_page("Datasets")
 
@@ -104,7 +104,7 @@ kinds = svc.slice_kinds(dataset_id)
 left, right = st.columns([3, 2])
 with right:
     z = st.slider("Slice", 0, z_count - 1, key=f"browse_slice_{dataset_id}") if z_count > 1 else 0
-    image = volume[z]
+    image = middle_of(volume, z)  # the slice, or its middle 1024² when it is larger: contrast and histogram
     lo, hi = auto_window(image)
     full_lo, full_hi = (0.0, 255.0) if info.dtype == "uint8" else (
         (0.0, 65535.0) if info.dtype == "uint16" else svc.value_range(dataset_id))
@@ -124,8 +124,8 @@ with right:
                    f"{mask_info.labelled_pixels:,} labelled pixels. Cyan: neuron, red: membrane.")
 with left:
     mask = svc.mask(mask_info.id) if (mask_info is not None and show_mask) else None
-    shown = View.fit((height, width), 1, target=640)  # small slices drawn larger, pixel for pixel
-    st.image(shown.render(overlay(window(image, lo, hi), mask, opacity)),
+    shown = View.fit((height, width), 1, target=640)  # small slices drawn larger; large ones from the pyramid
+    st.image(view_picture(volume, z, shown, mask, opacity, (lo, hi)),
              caption=f"slice {z} of {z_count} ({width} × {height} pixels, shown at {shown.ratio:g}×)")
 
 # --- held-out slices ------------------------------------------------------------------------------

@@ -130,10 +130,14 @@ def viewer(job) -> int:
         opacity = st.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="pred_opacity")
         side_by_side = st.toggle("Side by side", key="pred_side")
     index = job.slices.index(z)
-    image = volume[z]
-    target = svc.mask(kinds[z].id) if z in kinds else None
-    rgb, shown = compose(image, probs[index], layers, opacity, target=target,
-                         instances=svc.prediction_output(job.id, "instances")[index] if "instances" in layers else None)
+    # a slice larger than the picture is read every s-th pixel: the picture's size, never the whole slice
+    s = View.fit(volume.shape[1:], target=640 if side_by_side else 768).shrink
+    step = (slice(None, None, s), slice(None, None, s))
+    image = volume[(z, *step)]
+    target = svc.mask(kinds[z].id)[step] if z in kinds else None
+    rgb, shown = compose(image, probs[(index, *step)], layers, opacity, target=target,
+                         instances=svc.prediction_output(job.id, "instances")[(index, *step)]
+                         if "instances" in layers else None)
     if "errors" in layers:
         controls.caption("Slice has no mask: no error map." if target is None else
                          "Errors: magenta = false neuron (neuron predicted on membrane), green = missed neuron.")

@@ -370,16 +370,27 @@ class External:
         self.kind = "N5"
         self._shape, self.dtype = self._array.shape, self._array.dtype.numpy_dtype
 
-    def __getitem__(self, z: int) -> np.ndarray:
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """``stack[z]``, ``stack[z, y0:y1, x0:x1]`` (steps too) or ``stack[...]``, as on a ZYX array."""
+        if key is Ellipsis:
+            key = (slice(None),)
+        key = key if isinstance(key, tuple) else (key,)
+        z_key, y_key, x_key = (*key, slice(None), slice(None))[:3]
         rest = [i for i in range(len(self._shape)) if i not in self._squeeze]
-        stack_axis = rest[0] if len(rest) == 3 else None
-        index = [0 if i in self._squeeze else z if i == stack_axis else slice(None) for i in range(len(self._shape))]
+        planar = len(rest) == 2  # one image: the stack's only slice
+        picks = {rest[-2]: y_key, rest[-1]: x_key}
+        if not planar:
+            picks[rest[0]] = z_key
+        index = tuple(0 if i in self._squeeze else picks[i] for i in range(len(self._shape)))
         try:
-            data = self._array[tuple(index)]
+            data = self._array[index]
             data = data.read().result() if hasattr(data, "read") else data
         except Exception as exc:
-            raise ValueError(f"{self.path}: slice {z} cannot be read ({type(exc).__name__}: {exc})") from None
-        return np.asarray(data, dtype=self.dtype).reshape(self.shape[1:])
+            raise ValueError(f"{self.path}: slice {z_key} cannot be read ({type(exc).__name__}: {exc})") from None
+        data = np.asarray(data, dtype=self.dtype)
+        if planar:
+            data = data[None][z_key] if not isinstance(z_key, int) else data
+        return data
 
     def iter_slices(self) -> Iterator[np.ndarray]:
         for z in range(self.shape[0]):

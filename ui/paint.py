@@ -228,12 +228,17 @@ def png_data_url(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def slice_window(volume, z: int, sample: int = 1024) -> tuple[float, float]:
-    """The automatic contrast of slice ``z``, from its middle ``sample``² pixels at full resolution (the
-    whole slice when it is smaller), so a huge slice is not read whole for its percentiles."""
+def middle_of(volume, z: int, sample: int = 1024) -> np.ndarray:
+    """Slice ``z``'s middle ``sample``² pixels at full resolution (the whole slice when it is smaller)."""
     height, width = volume.shape[1:]
     y0, x0 = max(0, (height - sample) // 2), max(0, (width - sample) // 2)
-    return auto_window(np.asarray(volume[z, y0:y0 + sample, x0:x0 + sample]))
+    return np.asarray(volume[z, y0:y0 + sample, x0:x0 + sample])
+
+
+def slice_window(volume, z: int, sample: int = 1024) -> tuple[float, float]:
+    """The automatic contrast of slice ``z``, from its middle ``sample``² pixels (:func:`middle_of`), so a
+    huge slice is not read whole for its percentiles."""
+    return auto_window(middle_of(volume, z, sample))
 
 
 def view_picture(volume, z: int, view: View, mask: np.ndarray | None, opacity: float,
