@@ -106,20 +106,25 @@ def _browser(data: Path, dataset_id: int, side: int) -> dict:
     """Serve the app on the store and time Annotate in Chromium: click "Next ▶" five times from the middle
     of the stack, each until the next slice's caption and canvas are on screen."""
     sys.path.insert(0, str(ROOT))
-    from tests.browser import app_server, chromium
+    from tests.browser import app_server, canvas_key, chromium
 
     times = []
     with app_server(data) as url, chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{url}/annotate?dataset={dataset_id}")
-        page.locator("canvas.upper-canvas").wait_for(timeout=120_000)
+        page.locator("canvas.upper-canvas").first.wait_for(timeout=120_000)
         for _ in range(5):
             caption = page.get_by_text("· slice ", exact=False).first.inner_text()
             z = int(caption.split("· slice ")[1].split(":")[0])
+            before = canvas_key(page)
             start = time.perf_counter()
             page.get_by_role("button", name="Next ▶").click()
             page.get_by_text(f"· slice {z + 1}: {side} × {side} pixels", exact=False).first.wait_for(timeout=60_000)
-            page.locator("canvas.upper-canvas").wait_for()
+            page.wait_for_function(  # the next slice's canvas alone on screen, its background drawn
+                "old => { const c = document.querySelectorAll('canvas.lower-canvas');"
+                " const box = document.querySelector('[class*=\"st-key-canvas-\"]');"
+                " return c.length === 1 && box && !box.className.includes('st-key-' + old); }", arg=before,
+                timeout=60_000)
             times.append(time.perf_counter() - start)
         with open(f"/proc/{url.pid}/status") as fh:
             peak = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))

@@ -107,6 +107,13 @@ def create_outputs(job: BlockJob, shape: tuple[int, int], pixel_size_nm: float |
             create_output(final, name, (len(job.slices), *shape), list(job.slices), pixel_size_nm)
 
 
+def write_slice(path: Path, index: int, data: np.ndarray) -> None:
+    """Write slice ``index`` of an output, every chunk of it even when all zeros (the setting is not kept
+    in the array's metadata, so it is set again here: a missing chunk must always mean damage)."""
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        zarr.open_array(LocalStore(path), path="0", mode="r+")[index] = data
+
+
 def finished_blocks(job: BlockJob) -> dict[int, dict[str, Any]]:
     """The blocks already written (index → their marker: scores and digests)."""
     done = {}
@@ -175,9 +182,8 @@ def run_block(job: BlockJob, index: int, target: np.ndarray | None = None) -> di
         results["instances"] = instances(prob, threshold=job.threshold).astype(np.int32)
     digests = {}
     for name in job.outputs:
-        array = zarr.open_array(LocalStore(output_path(job.out, name)), path="0", mode="r+")
         data = np.ascontiguousarray(results[name], dtype=OUTPUT_DTYPES[name])
-        array[index] = data
+        write_slice(output_path(job.out, name), index, data)
         digests[name] = hashlib.sha256(data.data).hexdigest()
     record = {"slice": z, "sha256": digests,
               "scores": evaluate_slice(prob, target) if target is not None else None}

@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import zarr
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from zarr.storage import LocalStore
 
 from storage.files import FileStore, IntegrityError
 from storage.masks import add_mask
@@ -100,7 +98,7 @@ def convert_legacy_predictions(session: Session, store: FileStore, log: Callable
     ones (:mod:`storage.blockwise`), without losing a byte: each TIFF's checksum is verified, it is
     converted slice by slice, the slices read back are compared with the TIFF's, then the row switches and
     the TIFF goes. A failure leaves the prediction as it was (still readable) and says why."""
-    from storage.blockwise import OUTPUT_DTYPES, create_output, output_path
+    from storage.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
     from storage.models import Prediction
 
     done = 0
@@ -121,11 +119,10 @@ def convert_legacy_predictions(session: Session, store: FileStore, log: Callable
                 target = output_path(folder, name)
                 shutil.rmtree(target, ignore_errors=True)
                 create_output(target, name, info.shape, list(row.slices))
-                array = zarr.open_array(LocalStore(target), path="0", mode="r+")
                 digests = []
                 for i, plane in enumerate(planes):
                     data = np.ascontiguousarray(plane, dtype=OUTPUT_DTYPES[name])
-                    array[i] = data
+                    write_slice(target, i, data)
                     digests.append(hashlib.sha256(data.data).hexdigest())
                 for i, plane in enumerate(Volume(target).iter_slices()):
                     if hashlib.sha256(np.ascontiguousarray(plane).data).hexdigest() != digests[i]:

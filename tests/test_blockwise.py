@@ -153,3 +153,18 @@ def test_a_prediction_exports_as_ome_zarr_that_napari_reads(tmp_path, monkeypatc
             svc.export_prediction(job.id, str(svc.store.root / "x"))
     finally:
         svc.close()
+
+
+def test_an_output_slice_of_zeros_is_stored_chunk_by_chunk(tmp_path):
+    """zarr skips chunks that hold only the fill value unless told otherwise, and the setting does not
+    travel with the array: a mask slice that is all membrane must still be readable (not "missing")."""
+    from storage.blockwise import create_output, write_slice
+
+    path = tmp_path / "mask.ome.zarr"
+    create_output(path, "mask", (2, 700, 600), [0, 1])
+    write_slice(path, 0, np.zeros((700, 600), np.uint8))
+    write_slice(path, 1, np.full((700, 600), 255, np.uint8))
+    stored = Volume(path)
+    assert len(list((path / "0" / "c" / "0").rglob("*"))) > 2
+    np.testing.assert_array_equal(stored[0], np.zeros((700, 600), np.uint8))
+    assert stored[1].min() == 255
