@@ -121,7 +121,7 @@ def _browser(data: Path, dataset_id: int, side: int) -> dict:
             page.get_by_role("button", name="Next ▶").click()
             page.get_by_text(f"· slice {z + 1}: {side} × {side} pixels", exact=False).first.wait_for(timeout=60_000)
             page.wait_for_function(  # the next slice's canvas alone on screen, its background drawn
-                "old => { const c = document.querySelectorAll('canvas.lower-canvas');"
+                "old => { const c = document.querySelectorAll('canvas.upper-canvas');"
                 " const box = document.querySelector('[class*=\"st-key-canvas-\"]');"
                 " return c.length === 1 && box && !box.className.includes('st-key-' + old); }", arg=before,
                 timeout=60_000)
