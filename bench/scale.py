@@ -120,11 +120,11 @@ def _browser(data: Path, dataset_id: int, side: int) -> dict:
             start = time.perf_counter()
             page.get_by_role("button", name="Next ▶").click()
             page.get_by_text(f"· slice {z + 1}: {side} × {side} pixels", exact=False).first.wait_for(timeout=60_000)
-            page.wait_for_function(  # the next slice's canvas alone on screen, its background drawn
-                "old => { const c = document.querySelectorAll('canvas.upper-canvas');"
-                " const box = document.querySelector('[class*=\"st-key-canvas-\"]');"
-                " return c.length === 1 && box && !box.className.includes('st-key-' + old); }", arg=before,
-                timeout=60_000)
+            page.wait_for_function(  # the next slice's canvas alone on screen (the old one gone)
+                "old => { const boxes = document.querySelectorAll('[class*=\"st-key-canvas-\"]');"
+                " return boxes.length === 1 && !boxes[0].className.split(/\\s+/).includes('st-key-' + old); }",
+                arg=before, timeout=60_000)
+            page.locator(f".st-key-{canvas_key(page)} canvas.upper-canvas").wait_for(timeout=60_000)
             times.append(time.perf_counter() - start)
         with open(f"/proc/{url.pid}/status") as fh:
             peak = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
