@@ -72,21 +72,22 @@ elif stage == "export":
     job = svc.predictions()[-1]
     export_tiff(svc.prediction_output(job.id, "mask"), Path(arg))
 out["seconds"] = time.perf_counter() - t
+with open("/proc/self/status") as fh:  # this process's own peak (ru_maxrss would count the parent's too)
+    out["peak_rss_mb"] = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
 print("RESULT " + json.dumps(out))
 """
 
 
 def _stage(stage: str, data: Path, arg: str) -> dict:
-    """Run one stage in a fresh process; its result plus its peak RSS (from the kernel, at its exit)."""
+    """Run one stage in a fresh process; its result and its own peak RSS (VmHWM, read by the stage at its
+    end: the kernel's ru_maxrss of a child starts from its parent's size at the fork, so it is not used)."""
     env = {**os.environ, "NEUROSEG_PREDICT_WORKERS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", STAGE, stage, str(data), arg], stdout=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
     output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
+    if proc.wait() != 0:
         raise RuntimeError(f"stage {stage} failed:\n{output[-3000:]}")
-    result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
-    return {**result, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def _write_stack(path: Path, z: int, side: int) -> None:
