@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         with svc.sessions.begin() as s:
             starter.register(s, svc.store)
         with svc.sessions.begin() as s:
-            chosen = (list(range(z)) if not args.predict_blocks or args.predict_blocks >= z else
-                      sorted({round(i * (z - 1) / (args.predict_blocks - 1)) for i in range(args.predict_blocks)}))
+            n = args.predict_blocks
+            chosen = (list(range(z)) if not n or n >= z else [z // 2] if n == 1 else
+                      sorted({round(i * (z - 1) / (n - 1)) for i in range(n)}))
             predictions.submit_prediction(s, svc.checkpoint_choices()[0].id, imported["dataset"], chosen)
         svc.close()
         predicted = _stage("predict", data, "")
