@@ -337,8 +337,13 @@ with st.container(border=True, key="live_panel"):
             if seen is None:
                 st.caption(f"Waiting for the first live prediction of slice {z} …")
                 return
-            _, shown = compose(volume[z], seen.probabilities, [layer], opacity)
-            st.image(view.render(shown), caption=prediction_caption(seen), width=min(display_w, 900))
+            # the view's region only, every s-th pixel when the view shows the slice shrunk (never the whole slice)
+            s = view.shrink
+            region = (slice(view.y0, view.y0 + view.h, s), slice(view.x0, view.x0 + view.w, s))
+            part = volume[(z, *region)]
+            _, shown = compose(part, seen.probabilities[region], [layer], opacity)
+            local = View(0, 0, part.shape[0], part.shape[1], view.scale, 1)
+            st.image(local.render(shown), caption=prediction_caption(seen), width=min(display_w, 900))
             buttons = st.columns(2)
             if buttons[0].button("Accept for the whole slice", key="live_accept_all",
                                  help="Copy the live prediction into your edit (your own strokes stay)."):
