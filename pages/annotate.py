@@ -344,14 +344,15 @@ with st.container(border=True, key="live_panel"):
             _, shown = compose(part, seen.probabilities[region], [layer], opacity)
             local = View(0, 0, part.shape[0], part.shape[1], view.scale, 1)
             st.image(local.render(shown), caption=prediction_caption(seen), width=min(display_w, 900))
-            buttons = st.columns(2)
-            if buttons[0].button("Accept for the whole slice", key="live_accept_all",
-                                 help="Copy the live prediction into your edit (your own strokes stay)."):
-                accept(None)
-            if zoom > 1 and buttons[1].button("Accept in the zoomed region", key="live_accept_region"):
-                accept((view.y0, view.x0, view.h, view.w))
 
         live_view()
+        # outside the fragment that refreshes every 2 s: a click never lands on a button being redrawn
+        buttons = st.columns(2)
+        if buttons[0].button("Accept for the whole slice", key="live_accept_all",
+                             help="Copy the newest live prediction into your edit (your own strokes stay)."):
+            accept(None)
+        if zoom > 1 and buttons[1].button("Accept in the zoomed region", key="live_accept_region"):
+            accept((view.y0, view.x0, view.h, view.w))
 
 others = sorted({(d.dataset_id, d.slice_index) for key, d in drafts.items() if d.dirty and key != (dataset_id, z)}
                 | {(d.dataset_id, d.slice_index) for d in svc.drafts_of(owner())
