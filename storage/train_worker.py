@@ -140,10 +140,16 @@ def run_worker(run_id: int, settings: Settings) -> int:
     process runs this; rank 0 is the worker the store knows (it claims the run under the launcher's pid,
     whose process tree the supervisor signals; it keeps the heartbeat, reports and checkpoints), the others
     train their share of each batch and follow its decisions."""
-    from unet.train import distributed, init_distributed
+    from unet.train import distributed, end_distributed, init_distributed
 
     init_distributed()
-    rank, world = distributed()
+    try:
+        return _run_worker(run_id, settings, *distributed())
+    finally:
+        end_distributed()
+
+
+def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:
     sessions, store = open_store(settings)  # the server has migrated it
     plan = None
     if rank == 0:

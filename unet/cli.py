@@ -20,14 +20,22 @@ from unet.config import PRESETS, preset
 
 
 def _train(args: argparse.Namespace) -> int:
+    from unet.train import distributed, end_distributed, init_distributed
+
+    init_distributed()  # under torchrun: one process per GPU (gloo on CPUs), same checkpoints and curves
+    try:
+        return _train_here(args, *distributed())
+    finally:
+        end_distributed()
+
+
+def _train_here(args: argparse.Namespace, rank: int, world: int) -> int:
     from tqdm import tqdm
 
     from unet.data import TrainData
     from unet.io import parse_slices, read_labels, read_stack
-    from unet.train import NullReporter, distributed, init_distributed, train
+    from unet.train import NullReporter, train
 
-    init_distributed()  # under torchrun: one process per GPU (gloo on CPUs), same checkpoints and curves
-    rank, world = distributed()
     volume = read_stack(args.volume)
     labels = read_labels(args.labels, volume.shape)
     train_slices = parse_slices(args.train_slices, volume.shape[0])

@@ -167,6 +167,15 @@ def init_distributed() -> bool:
     return True
 
 
+def end_distributed() -> None:
+    """Leave the process group (each process, once it is done): a process that exits with gloo's threads
+    still running is aborted by the C++ runtime ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _agree(flag: bool, world: int) -> bool:
     """Rank 0's answer, told to every process."""
     if world <= 1:
