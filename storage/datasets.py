@@ -4,11 +4,12 @@ the :class:`~storage.files.FileStore`; they return :mod:`storage.records`."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,6 +43,33 @@ def _display_name(source: str | os.PathLike | BinaryIO, given: str | None) -> st
     return cleaned or "untitled"
 
 
+def _check_room(store: FileStore, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+    """Refuse a stack the disk cannot hold (EM compresses little: about its own size, its pyramid a third more)."""
+    needed = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    free = shutil.disk_usage(store.root).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"the stack needs about {needed / 2**30:.1f} GiB and the disk has "
+                                    f"{free / 2**30:.1f} GiB free")
+
+
+@contextlib.contextmanager
+def _new_volume(session: Session, store: FileStore, row: Dataset) -> Iterator[VolumeWriter]:
+    """The writer of a new dataset's volume; when the block ends the volume is finished and recorded on the
+    row, and when it fails nothing of the dataset is left on disk."""
+    writer = None
+    try:
+        writer = VolumeWriter(store.abspath(store.volume_path(row.id)), (row.z, row.y, row.x), row.dtype,
+                              row.pixel_size_nm)
+        yield writer
+        row.sha256, row.size_bytes = writer.finish()
+        session.flush()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        store.delete_tree(store.dataset_dir(row.id))
+        raise
+
+
 def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike | BinaryIO,
                    labels: str | os.PathLike | BinaryIO | None = None, *, name: str | None = None,
                    author: str = "", max_bytes: int = DEFAULT_MAX_BYTES, source_name: str | None = None,
@@ -61,20 +89,14 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
             raise ValueError(
                 f"{_display_name(labels, None)}: labels have shape {label_info.shape} but the image stack has shape "
                 f"{info.shape}; they must match slice for slice and pixel for pixel")
-    needed = int(np.prod(info.shape, dtype=np.int64)) * np.dtype(info.dtype).itemsize
-    free = shutil.disk_usage(store.root).free
-    if needed > free:  # EM compresses little: the stack needs about its own size, its pyramid a third more
-        raise OSError(errno.ENOSPC, f"the stack needs about {needed / 2**30:.1f} GiB and the disk has "
-                                    f"{free / 2**30:.1f} GiB free")
+    _check_room(store, info.shape, info.dtype)
     source_name = _display_name(source_name or volume, None)
     z_count, y, x = info.shape
     row = Dataset(name=_display_name(volume, name), z=z_count, y=y, x=x, dtype=info.dtype, source_name=source_name,
                   pixel_size_nm=info.pixel_size_nm, sha256="", size_bytes=0, notes="", volume_format=FORMAT)
     session.add(row)
     session.flush()  # the id names the files
-    writer = None
-    try:
-        writer = VolumeWriter(store.abspath(store.volume_path(row.id)), info.shape, info.dtype, info.pixel_size_nm)
+    with _new_volume(session, store, row) as writer:
         for z, plane in enumerate(planes):
             also = f" and the labels of slice {z + 1}" if label_planes else ""
             report(f"storing slice {z + 1} of {z_count}{also}", 0.05 + 0.9 * z / z_count)
@@ -82,13 +104,6 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
             if label_planes is not None:
                 add_mask(session, store, row.id, z, labels_to_target(next(label_planes)), "uploaded", author, None, 1)
         report("writing the overview pyramid's metadata", 0.96)
-        row.sha256, row.size_bytes = writer.finish()
-        session.flush()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        store.delete_tree(store.dataset_dir(row.id))
-        raise
     report("stored", 1.0)
     return _dataset_info(session, row)
 
@@ -167,27 +182,13 @@ def import_external(session: Session, store: FileStore, path: str | os.PathLike,
         session.flush()
         report("linked", 1.0)
         return _dataset_info(session, row)
-    needed = z_count * y * x * source.dtype.itemsize
-    free = shutil.disk_usage(store.root).free
-    if needed > free:
-        raise OSError(errno.ENOSPC, f"the stack needs about {needed / 2**30:.1f} GiB and the disk has "
-                                    f"{free / 2**30:.1f} GiB free")
+    _check_room(store, source.shape, source.dtype)
     session.add(row)
     session.flush()
-    writer = None
-    try:
-        writer = VolumeWriter(store.abspath(store.volume_path(row.id)), source.shape, source.dtype,
-                              source.pixel_size_nm)
+    with _new_volume(session, store, row) as writer:
         for z in range(z_count):
             report(f"copying slice {z + 1} of {z_count}", 0.95 * z / z_count)
             writer.write(source[z])
-        row.sha256, row.size_bytes = writer.finish()
-        session.flush()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        store.delete_tree(store.dataset_dir(row.id))
-        raise
     report("stored", 1.0)
     return _dataset_info(session, row)
 

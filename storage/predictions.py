@@ -14,7 +14,7 @@ from storage.datasets import dataset_row
 from storage.files import FileStore
 from storage.models import Checkpoint, Prediction
 from storage.records import NotFound, PredictionInfo, RunStatus
-from storage.volumes import Volume, export_tiff, open_image
+from storage.volumes import Volume, export_tiff
 
 
 def prediction_info(row: Prediction, run_id: int) -> PredictionInfo:
@@ -131,4 +131,4 @@ def load_output(session: Session, store: FileStore, prediction_id: int, output: 
     if entry["file"].endswith(".tif"):  # written by an earlier version
         data = store.read_stack(entry["file"], entry["sha256"])
         return data.reshape(len(row.slices), *data.shape[-2:])
-    return open_image(store.abspath(entry["file"]), entry["file"])
+    return Volume(store.abspath(entry["file"]), entry["file"])

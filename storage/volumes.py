@@ -294,11 +294,6 @@ def export_tiff(volume: _Level | np.ndarray, path: str | os.PathLike, pixel_size
     return atomic_write(path, write)
 
 
-def open_image(path: str | os.PathLike, label: str | None = None) -> Volume:
-    """A stored OME-Zarr image (a volume or a prediction's output), read lazily."""
-    return Volume(path, label)
-
-
 class External:
     """An image stack on the server, read slice by slice where it lies: an OME-Zarr image (NGFF 0.4 on
     zarr v2 or 0.5 on zarr v3; its full-resolution level), a plain zarr array, or an N5 dataset (read with

@@ -193,13 +193,6 @@ def _share(batches, rank: int, world: int):
         yield xs[part], ys[part], (ws[part] if ws is not None else None)
 
 
-def _rebind(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimiser again for a model whose modules were replaced (SyncBatchNorm), its state kept."""
-    fresh = type(optimizer)(model.parameters(), **optimizer.defaults)
-    fresh.load_state_dict(optimizer.state_dict())
-    return fresh
-
-
 class Trainer:
     """One training run, step by step: :meth:`restore` (resume or fine-tune), :meth:`step`,
     :meth:`validate`, :meth:`save`; :meth:`run` loops them until the run ends.
@@ -268,8 +261,7 @@ class Trainer:
                                  f"network, the run asks for {self.config.model}")
             self.model.load_state_dict(parent.state_dict)
         if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            self.optimizer = _rebind(self.optimizer, self.model)
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # keeps the parameters
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
