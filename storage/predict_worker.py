@@ -40,7 +40,7 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
     unwind_on_sigterm()
 
     def phase(stage: str, done: int, total: int) -> None:
-        values = ({"phase": "predict", "done": done} if stage == "predict" else
+        values = ({"phase": f"predict {total}", "done": done} if stage == "predict" else
                   {"phase": f"{stage} {done}/{total}"} if stage == "instances" else {"phase": stage})
         with sessions.begin() as s:
             s.execute(update(Prediction).where(Prediction.id == prediction_id).values(**values))

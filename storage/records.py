@@ -266,7 +266,7 @@ class PredictionInfo:
     metrics: dict[str, Any] | None
     created: datetime
     pid: int | None = None
-    phase: str = ""  # "predict", "instances k/n", "write"
+    phase: str = ""  # "predict <blocks in all>" (``done`` counts those written)
 
     @property
     def active(self) -> bool:

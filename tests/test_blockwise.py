@@ -1,5 +1,6 @@
 """Blockwise prediction: the same result on a 2-worker Dask cluster as in one process, a killed prediction
-resumes from its written blocks with an identical result, and the app's prediction job runs on it."""
+resumes from its written blocks with an identical result, slices larger than a tile are cut into tiles
+and stitched back into the same neurons, and the app's prediction job runs on it."""
 
 import json
 import signal
@@ -84,6 +85,97 @@ def test_a_prediction_killed_halfway_resumes_and_ends_identical(setup):
     seen = []
     run_blocks(killed, (150, 210), workers=1, progress=lambda d, t: seen.append((d, t)))
     assert seen == [(2, 5), (3, 5), (4, 5), (5, 5)]  # it did only the three blocks left
+    a, b = _outputs(tmp_path / "whole"), _outputs(tmp_path / "killed")
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A stack of 6 slices of 150 × 210 with 24-px cells, and a tiny network trained on it for 150 steps
+    (a few seconds): tiles must reproduce neurons, which an untrained network does not see."""
+    from unet.data import TrainData
+    from unet.train import train
+
+    folder = tmp_path_factory.mktemp("trained")
+    volume, labels = make_synthetic_em((6, 150, 210), np.random.default_rng(7), cell_size=24)
+    path = folder / "volume.ome.zarr"
+    write_volume(path, iter(volume), volume.shape, volume.dtype)
+    torch.manual_seed(0)
+    train(preset("tiny", steps=150), TrainData.from_stack(volume, labels, [0, 1, 2, 3], [4, 5]), out_dir=folder / "run")
+    return path, folder / "run" / "best.pt", labels
+
+
+def _tiled(folder, volume, checkpoint, slices=(0, 4, 5)) -> BlockJob:
+    # tiles of 64² with a 32-px halo: a slice of 150 × 210 is 3 × 4 tiles, the last row and column narrow
+    return BlockJob(checkpoint=str(checkpoint), volume=str(volume), out=str(folder), slices=slices, threads=1,
+                    tile=64, halo=32)
+
+
+def test_a_slice_larger_than_a_tile_is_predicted_in_tiles_and_stitched_into_the_same_neurons(tmp_path, trained):
+    import hashlib
+
+    from skimage.metrics import variation_of_information
+
+    from unet.labels import MEMBRANE, NEURON
+
+    volume, checkpoint, labels = trained
+    targets = {4: np.where(labels[4] > 0, NEURON, MEMBRANE).astype(np.uint8)}
+    whole = BlockJob(checkpoint=str(checkpoint), volume=str(volume), out=str(tmp_path / "whole"), slices=(0, 4, 5),
+                     threads=1)
+    reference = run_blocks(whole, (150, 210), workers=1, targets=targets)
+    seen = []
+    markers = run_blocks(_tiled(tmp_path / "tiled", volume, checkpoint), (150, 210), workers=1, targets=targets,
+                         progress=lambda d, t: seen.append((d, t)))
+    # a tiled slice's scores: its tiles' scores, weighted by their labelled pixels
+    assert markers[0]["scores"] is None and markers[1]["scores"].keys() == reference[1]["scores"].keys()
+    assert abs(markers[1]["scores"]["pixel_error"] - reference[1]["scores"]["pixel_error"]) < 1e-3
+    assert seen == [(i, 36) for i in range(37)]  # the bar counts tiles: 12 per slice
+    a, b = _outputs(tmp_path / "whole"), _outputs(tmp_path / "tiled")
+    assert (a["mask"] != b["mask"]).mean() < 1e-3  # every tile was normalised as its whole slice
+    for z in range(3):
+        count = len(np.unique(a["instances"][z]))
+        assert count > 20  # the network sees cells
+        assert len(np.unique(b["instances"][z])) == count and b["instances"][z].max() == count  # numbered 1…n
+        assert sum(variation_of_information(a["instances"][z], b["instances"][z])) < 0.05
+        assert markers[z]["sha256"]["instances"] == hashlib.sha256(b["instances"][z].tobytes()).hexdigest()
+    # what the tiles left (raw labels, bands, tile markers, statistics) is gone once a slice is stitched
+    assert sorted(p.name for p in (tmp_path / "tiled" / "blocks").iterdir()) == ["0.json", "1.json", "2.json"]
+    two = run_blocks(_tiled(tmp_path / "two", volume, checkpoint), (150, 210), workers=2)
+    c = _outputs(tmp_path / "two")
+    for name in c:
+        np.testing.assert_array_equal(c[name], b[name])
+    assert {i: m["sha256"] for i, m in two.items()} == {i: m["sha256"] for i, m in markers.items()}
+
+
+KILLED_AFTER_A_SLICE_OF_TILES = """
+import json, os, signal, sys
+from storage.blockwise import BlockJob, run_blocks
+fields = json.loads(sys.argv[1])
+job = BlockJob(**{**fields, "slices": tuple(fields["slices"])})
+def progress(done, total):
+    if done == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+run_blocks(job, (150, 210), workers=1, progress=progress)
+"""
+
+
+def test_a_tiled_prediction_killed_before_its_stitch_or_between_tiles_resumes_identical(tmp_path, trained):
+    from dataclasses import asdict
+
+    volume, checkpoint, _ = trained
+    run_blocks(_tiled(tmp_path / "whole", volume, checkpoint), (150, 210), workers=1)
+    job = _tiled(tmp_path / "killed", volume, checkpoint)
+    # killed when slice 0's last tile is written (its stitch not begun), then again half-way through slice 1
+    for at in (12, 18):
+        proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_A_SLICE_OF_TILES, json.dumps(asdict(job)), str(at)],
+                              timeout=300)
+        assert proc.returncode == -signal.SIGKILL
+    assert sorted(finished_blocks(job)) == [0]
+    assert len(list((tmp_path / "killed" / "blocks").glob("1-*.json"))) == 6
+    seen = []
+    run_blocks(job, (150, 210), workers=1, progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (18, 36) and seen[-1] == (36, 36)
     a, b = _outputs(tmp_path / "whole"), _outputs(tmp_path / "killed")
     for name in a:
         np.testing.assert_array_equal(b[name], a[name])

@@ -25,13 +25,18 @@ METRICS = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f":
 
 def progress(job: Any) -> tuple[float, str]:
     """(fraction of the whole job done, what it is doing) for a progress bar that counts blocks: a block is
-    one slice through the network, its mask and its neuron instances, written as soon as it is done."""
+    one slice (or one tile of a slice larger than a tile) through the network, its mask and its neuron
+    instances, written as soon as it is done. The worker's phase ``predict <blocks>`` says how many."""
     n = max(1, len(job.slices))
     if job.status == "QUEUED" or (job.status == "RUNNING" and not job.phase):
         return 0.0, "starting (loading the model; a cluster of workers when the stack has several slices)"
     if job.phase.startswith("instances"):  # a prediction of an earlier version, still running
         done = int(job.phase.split()[1].split("/")[0])
         return 0.6 + 0.35 * done / n, f"neuron instances of slice {min(done + 1, n)} of {n}"
+    if job.phase.startswith("predict ") and job.phase.split()[1].isdigit():
+        total = max(1, int(job.phase.split()[1]))
+        what = "a slice, or a tile of a large slice" if total > n else "one slice"
+        return min(1.0, job.done / total), f"{job.done} of {total} blocks written (a block is {what})"
     return min(1.0, job.done / n), f"{job.done} of {n} blocks written (a block is one slice)"
 
 
