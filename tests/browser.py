@@ -112,9 +112,10 @@ def new_canvas(page, old_key: str):
     """The canvas that replaced ``old_key`` (a save or a change of view remounts it), once its drawing
     surface exists: fabric creates ``canvas.upper-canvas`` when it has set the canvas up, and strokes drawn
     before that are lost."""
-    page.wait_for_function("k => { const el = document.querySelector('[class*=\"st-key-canvas-\"]');"
-                           " return el && !el.classList.contains('st-key-' + k); }", arg=old_key)
-    canvas = page.locator('[class*="st-key-canvas-"] canvas.upper-canvas')
+    page.wait_for_function(  # the new canvas alone on screen: the old one can linger a moment beside it
+        "k => { const boxes = document.querySelectorAll('[class*=\"st-key-canvas-\"]');"
+        " return boxes.length === 1 && !boxes[0].classList.contains('st-key-' + k); }", arg=old_key)
+    canvas = page.locator(f".st-key-{canvas_key(page)} canvas.upper-canvas")
     canvas.wait_for()
     return canvas
 
