@@ -143,10 +143,13 @@ def run_worker(run_id: int, settings: Settings) -> int:
     from unet.train import distributed, end_distributed, init_distributed
 
     init_distributed()
+    clean = False
     try:
-        return _run_worker(run_id, settings, *distributed())
+        code = _run_worker(run_id, settings, *distributed())
+        clean = True
+        return code
     finally:
-        end_distributed()
+        end_distributed(clean)
 
 
 def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:

@@ -23,10 +23,13 @@ def _train(args: argparse.Namespace) -> int:
     from unet.train import distributed, end_distributed, init_distributed
 
     init_distributed()  # under torchrun: one process per GPU (gloo on CPUs), same checkpoints and curves
+    clean = False
     try:
-        return _train_here(args, *distributed())
+        code = _train_here(args, *distributed())
+        clean = True
+        return code
     finally:
-        end_distributed()
+        end_distributed(clean)
 
 
 def _train_here(args: argparse.Namespace, rank: int, world: int) -> int:

@@ -167,12 +167,17 @@ def init_distributed() -> bool:
     return True
 
 
-def end_distributed() -> None:
+def end_distributed(clean: bool = True) -> None:
     """Leave the process group (each process, once it is done): a process that exits with gloo's threads
-    still running is aborted by the C++ runtime ("terminate called without an active exception")."""
+    still running is aborted by the C++ runtime ("terminate called without an active exception"). After a
+    clean end every process first waits for the others at a barrier, so no collective of another process
+    is still in flight while this one's connections close (without it a rank was aborted now and then as
+    it left); after an error it leaves at once (the others may never arrive)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
