@@ -52,7 +52,7 @@ class _Progress(NullReporter):
 def evaluate(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     rows = [evaluate_slice(p, t) for p, t in zip(probs, targets, strict=True)]
     m = mean_metrics(rows)
-    return {"pixel_error": m["pixel_error"], "rand_f": m["rand_f"], "vi": m["vi"], "dice": m["dice"]}
+    return {k: m[k] for k in ("pixel_error", "rand_f", "vi", "dice", "v_rand", "v_info", "vi_split", "vi_merge", "are")}
 
 
 def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | None, seed: int) -> dict:
@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(rows, [("method", "method", ""), ("pixel_error", "pixel error ↓", ".4f"),
                        ("rand_f", "Rand-F ↑", ".4f"), ("vi", "VI ↓", ".3f"), ("dice", "Dice ↑", ".4f"),
+                       ("v_rand", "V_rand ↑", ".4f"), ("v_info", "V_info ↑", ".4f"), ("vi_split", "VI split ↓", ".3f"),
+                       ("vi_merge", "VI merge ↓", ".3f"), ("are", "ARE ↓", ".4f"),
                        ("train_seconds", "train s", ".0f"), ("infer_seconds", "infer s (5 slices)", ".1f")]))
     if results.get("unet", {}).get("curve"):
         print("\nU-Net validation curve on slices 25-29 (wall clock):")

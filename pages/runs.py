@@ -45,7 +45,8 @@ st.dataframe([{
     "preset": r.preset, "device": r.device,
     "started": r.started.strftime("%Y-%m-%d %H:%M") if r.started else "", "duration": duration(r.duration_s),
     "val pixel error": best_metrics(r.id).get("val_pixel_error"), "val Rand-F": best_metrics(r.id).get("val_rand_f"),
-    "val VI": best_metrics(r.id).get("val_vi"),
+    "val VI": best_metrics(r.id).get("val_vi"), "val V_rand": best_metrics(r.id).get("val_v_rand"),
+    "val V_info": best_metrics(r.id).get("val_v_info"),
     "parent": run_name(parent_run[r.id]) if parent_run[r.id] else ""} for r in shown],
     hide_index=True, key="runs_table")
 

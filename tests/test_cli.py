@@ -44,9 +44,10 @@ def test_train_predict_evaluate(tmp_path, synthetic):
 
     out = run("evaluate", "--prediction", str(tmp_path / "pred" / "probabilities.tif"),
               "--labels", str(tmp_path / "labels.tif"), "--slices", "4-5", "--json", str(tmp_path / "m.json"))
-    assert "mean" in out.stdout and "rand_f" in out.stdout
+    assert "mean" in out.stdout and "rand_f" in out.stdout and "v_rand" in out.stdout and "vi_merge" in out.stdout
     metrics = json.loads((tmp_path / "m.json").read_text())["mean"]
     assert 0 <= metrics["pixel_error"] <= 1 and 0 <= metrics["rand_f"] <= 1
+    assert 0 <= metrics["v_rand"] <= 1 and 0 <= metrics["v_info"] <= 1 and metrics["vi_split"] >= 0
 
 
 def test_cli_reports_bad_input_clearly(tmp_path):

@@ -49,7 +49,8 @@ def slice_strip(kinds: list[str]) -> go.Figure:
 
 METRIC_NAMES = {"loss": "training loss", "lr": "learning rate", "val_loss": "validation loss",
                 "val_pixel_error": "pixel error", "val_dice": "Dice", "val_iou": "IoU", "val_rand_f": "Rand-F",
-                "val_vi": "VI"}
+                "val_vi": "VI", "val_v_rand": "V_rand (ISBI)", "val_v_info": "V_info (ISBI)",
+                "val_vi_split": "VI split", "val_vi_merge": "VI merge", "val_are": "adapted Rand error"}
 
 
 def run_curves_figure(curves_by_run: dict[int, dict[str, list[tuple[int, float, float]]]], keys: list[str],

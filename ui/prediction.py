@@ -20,7 +20,10 @@ from ui.paint import (
 )
 
 LAYERS = ("probability", "mask", "membrane contours", "instances", "errors")
-METRICS = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f": "Rand-F", "vi": "VI"}
+METRICS = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f": "Rand-F", "vi": "VI",
+           # the field's own (unet.metrics): ISBI 2012's of the probability map, CREMI's of the instances
+           "v_rand": "V_rand (ISBI)", "v_info": "V_info (ISBI)", "vi_split": "VI split", "vi_merge": "VI merge",
+           "are": "adapted Rand error"}
 
 
 def progress(job: Any) -> tuple[float, str]:

@@ -16,7 +16,8 @@ PRESET_NOTES = {
     "gpu-full": "the paper's full-width network (valid padding), for a GPU",
     "tiny": "a few seconds on a CPU: to try the app out",
 }
-VAL_KEYS = ("val_loss", "val_pixel_error", "val_dice", "val_rand_f", "val_vi")
+VAL_KEYS = ("val_loss", "val_pixel_error", "val_dice", "val_rand_f", "val_vi", "val_v_rand", "val_v_info",
+            "val_vi_split", "val_vi_merge", "val_are")
 
 
 def describe_preset(name: str) -> str:

@@ -136,12 +136,19 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"prediction {probs.shape} and labels {targets.shape} differ in shape")
     rows = [evaluate_slice(p, t) for p, t in zip(probs, targets, strict=True)]
     mean = mean_metrics(rows)
-    print(f"{'slice':>6} {'pixel_error':>12} {'dice':>8} {'iou':>8} {'rand_f':>8} {'vi':>8}")
+    # today's scores, then the field's: ISBI 2012's V_rand and V_info (thinned, best threshold) of the map,
+    # CREMI's VI split and merge and adapted Rand error of the watershed's instances
+    columns = [("pixel_error", 12, ".4f"), ("dice", 8, ".4f"), ("iou", 8, ".4f"), ("rand_f", 8, ".4f"),
+               ("vi", 8, ".3f"), ("v_rand", 8, ".4f"), ("v_info", 8, ".4f"), ("vi_split", 9, ".3f"),
+               ("vi_merge", 9, ".3f"), ("are", 8, ".4f")]
+
+    def line(name, row):
+        return f"{name:>6} " + " ".join(f"{row.get(k, float('nan')):>{w}{f}}" for k, w, f in columns)
+
+    print(f"{'slice':>6} " + " ".join(f"{k:>{w}}" for k, w, _ in columns))
     for z, r in zip(slices, rows, strict=True):
-        print(f"{z:>6} {r['pixel_error']:>12.4f} {r['dice']:>8.4f} {r['iou']:>8.4f} "
-              f"{r['rand_f']:>8.4f} {r['vi']:>8.3f}")
-    print(f"{'mean':>6} {mean['pixel_error']:>12.4f} {mean['dice']:>8.4f} {mean['iou']:>8.4f} "
-          f"{mean['rand_f']:>8.4f} {mean['vi']:>8.3f}")
+        print(line(str(z), r))
+    print(line("mean", mean))
     if args.json:
         Path(args.json).write_text(json.dumps({"slices": dict(zip(map(str, slices), rows, strict=True)),
                                                "mean": mean}, indent=2))

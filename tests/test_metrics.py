@@ -1,0 +1,92 @@
+"""The field's scores on cases small enough to compute by hand: the ISBI 2012 challenge's V_rand and
+V_info (foreground-restricted, after border thinning, best over thresholds) and CREMI's split and merge
+VI and adapted Rand error."""
+
+import numpy as np
+import pytest
+
+from unet.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
+from unet.metrics import cremi_scores, evaluate_slice, isbi_scores, thin_borders, v_rand_info
+
+
+def two_cells() -> np.ndarray:
+    """10 × 21 pixels: two cells of 10 × 10 either side of a one-pixel membrane at x = 10."""
+    target = np.full((10, 21), NEURON, np.uint8)
+    target[:, 10] = MEMBRANE
+    return target
+
+
+def test_a_perfect_segmentation_scores_one_and_zero_errors():
+    target = two_cells()
+    prob = (target == NEURON).astype(np.float32)
+    scores = isbi_scores(prob, target)
+    assert scores["v_rand"] == pytest.approx(1.0) and scores["v_info"] == pytest.approx(1.0)
+    cremi = cremi_scores(target_to_instances(target), target_to_instances(target))
+    assert cremi == {"vi_split": 0.0, "vi_merge": 0.0, "are": 0.0}
+
+
+def test_one_merge():
+    """Both cells in one object: over the 200 cell pixels a = (½, ½), b = (1), p = (½, ½), so
+    V_rand = 2·½ / (½ + 1) = ⅔; the proposal says nothing about which cell, so I(S;T) = 0 and V_info = 0;
+    the merge costs H(gt | seg) = 1 bit and no split."""
+    target = two_cells()
+    scores = isbi_scores(np.ones(target.shape, np.float32), target)  # no membrane above any threshold
+    assert scores["v_rand"] == pytest.approx(2 / 3) and scores["v_info"] == pytest.approx(0.0)
+    cremi = cremi_scores(np.ones(target.shape, np.int32), target_to_instances(target))
+    assert cremi["vi_merge"] == pytest.approx(1.0) and cremi["vi_split"] == pytest.approx(0.0)
+    assert cremi["are"] > 0.2
+
+
+def test_one_split():
+    """The left cell cut by a membrane along row 5: 50 + 40 pixels and 10 border pixels, each an object
+    of its own. Over n = 200: a = (½, ½); b = p = (¼, ⅕, ½) and ten times 1/200, so Σb² = Σp² =
+    1/16 + 1/25 + 1/4 + 10/200², V_rand = 2Σp² / (½ + Σp²), and H(S|T) = H(S) − I: no merge."""
+    target = two_cells()
+    prob = (target == NEURON).astype(np.float32)
+    prob[5, :10] = 0
+    sum_p = 1 / 16 + 1 / 25 + 1 / 4 + 10 / 200**2
+    h_t = np.log(2)
+    b = np.array([50, 40, 100] + [1] * 10) / 200
+    h_s = -np.sum(b * np.log(b))
+    scores = isbi_scores(prob, target)
+    assert scores["v_rand"] == pytest.approx(2 * sum_p / (0.5 + sum_p))
+    assert scores["v_info"] == pytest.approx(2 * h_t / (h_s + h_t))  # I(S;T) = H(T): nothing merged
+    seg = target_to_instances(target)
+    seg[:5][seg[:5] == 1] = 3  # the same split as instances (every pixel labelled)
+    cremi = cremi_scores(seg, target_to_instances(target))
+    assert cremi["vi_split"] == pytest.approx(0.5) and cremi["vi_merge"] == pytest.approx(0.0)
+
+
+def test_thinning_forgives_borders_thicker_or_thinner_than_the_labels():
+    target = two_cells()
+    thick = (target == NEURON).astype(np.float32)
+    thick[:, 8:13] = 0  # a 5-pixel membrane where the labels draw one
+    assert isbi_scores(thick, target)["v_rand"] == pytest.approx(1.0)
+    assert isbi_scores(thick, target)["v_info"] == pytest.approx(1.0)
+    # without thinning the 40 border pixels inside the cells would each count as an object of their own
+    unthinned, _ = v_rand_info(np.where(thick > 0.5, target_to_instances(target), 0), target_to_instances(target))
+    assert unthinned < 0.9
+    thinned = thin_borders(np.where(thick > 0.5, target_to_instances(target), 0))
+    assert (thinned == 0).sum() == 10 and (thinned[:, 10] == 0).all()  # one pixel wide, in the middle
+
+
+def test_the_best_threshold_is_taken_and_unlabelled_pixels_do_not_count():
+    target = two_cells()
+    prob = np.where(target == NEURON, 0.8, 0.0).astype(np.float32)
+    prob[:, 10] = 0.55  # a weak membrane: found from the threshold 0.6 on
+    scores = isbi_scores(prob, target)
+    assert scores["v_rand"] == pytest.approx(1.0) and scores["v_rand_threshold"] == pytest.approx(0.6)
+    partial = target.copy()
+    partial[:, 15:] = IGNORE  # half of the right cell unlabelled: the rest still scores perfectly
+    assert isbi_scores(prob, partial)["v_rand"] == pytest.approx(1.0)
+    only_membrane = np.full(target.shape, MEMBRANE, np.uint8)
+    assert np.isnan(isbi_scores(prob, only_membrane)["v_rand"])
+
+
+def test_a_slice_is_scored_with_every_metric_and_the_field_ones_can_be_left_out():
+    target = two_cells()
+    prob = (target == NEURON).astype(np.float32)
+    full = evaluate_slice(prob, target)
+    assert {"pixel_error", "rand_f", "vi", "v_rand", "v_info", "vi_split", "vi_merge", "are"} <= full.keys()
+    assert full["v_rand"] == pytest.approx(1.0) and full["vi_split"] == pytest.approx(0.0)
+    assert "v_rand" not in evaluate_slice(prob, target, field=False)
