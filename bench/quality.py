@@ -31,7 +31,8 @@ from unet.metrics import evaluate_slice, mean_metrics
 from unet.train import NullReporter, train
 
 TRAIN = list(range(0, 25))
-TEST = list(range(25, 30))
+TUNE = list(range(20, 25))  # post-processing parameters are chosen on these (training slices) …
+TEST = list(range(25, 30))  # … and scored on these
 
 
 class _Progress(NullReporter):
@@ -55,6 +56,52 @@ def evaluate(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     return {k: m[k] for k in ("pixel_error", "rand_f", "vi", "dice", "v_rand", "v_info", "vi_split", "vi_merge", "are")}
 
 
+#: The parameters each post-processing is tried with on slices 20-24 (smoothing and minimum size as given
+#: by the defaults of unet.postprocess unless listed).
+GRID = {
+    "watershed": [{"threshold": t, "h": h} for t in (0.3, 0.4, 0.5, 0.6, 0.7)
+                  for h in (1.0, 2.0, 4.0, 8.0, 12.0, 16.0)],
+    "threshold": [{"threshold": t, "smooth": s} for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for s in (0.0, 1.0, 2.0, 3.0)],
+    "agglomerate": [{"threshold": t, "h": h, "smooth": s} for t in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+                    for h in (0.01, 0.02, 0.05) for s in (1.0, 2.0, 3.0)],
+}
+
+
+def score_instances(probs: np.ndarray, targets: np.ndarray, method: str, params: dict) -> dict[str, float]:
+    """Mean scores of one post-processing over slices: ISBI's V_rand and V_info of its instances (thinned,
+    foreground-restricted), CREMI's VI split, merge and adapted Rand error, and VI (split + merge)."""
+    from unet.labels import target_to_instances
+    from unet.metrics import cremi_scores, isbi_scores_of
+    from unet.postprocess import instances, segment
+
+    rows = []
+    for prob, target in zip(probs, targets, strict=True):
+        # "today": the seeded watershed with the defaults it had before the comparison
+        seg = instances(prob) if method == "today" else segment(prob, method, **params)
+        row = {**isbi_scores_of(seg, target), **cremi_scores(seg, target_to_instances(target))}
+        row["vi"] = row["vi_split"] + row["vi_merge"]
+        rows.append(row)
+    return mean_metrics(rows)
+
+
+def compare_postprocessing(probs: np.ndarray, targets: np.ndarray) -> list[dict]:
+    """Every post-processing's best parameters on the first five slices (20-24, by V_rand, then V_info) and
+    its scores with them on the last five (25-29); today's seeded watershed with its default parameters
+    beside them."""
+    tune_p, tune_t, test_p, test_t = probs[:5], targets[:5], probs[5:], targets[5:]
+    rows = [{"post-processing": "watershed (before: its defaults)", "params": {},
+             **score_instances(test_p, test_t, "today", {})}]
+    for method, grid in GRID.items():
+        started = time.perf_counter()
+        tried = [(score_instances(tune_p, tune_t, method, params), params) for params in grid]
+        best_scores, best = max(tried, key=lambda sp: (sp[0]["v_rand"], sp[0]["v_info"]))
+        print(f"  {method}: {len(grid)} parameter sets on 20-24 in {time.perf_counter() - started:.0f} s; best {best} "
+              f"(V_rand {best_scores['v_rand']:.4f})", flush=True)
+        rows.append({"post-processing": method, "params": best, "tune_v_rand": best_scores["v_rand"],
+                     **score_instances(test_p, test_t, method, best)})
+    return rows
+
+
 def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | None, seed: int) -> dict:
     overrides = {"max_seconds": budget_s, "seed": seed}
     if steps:
@@ -73,11 +120,13 @@ def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | No
     t1 = time.perf_counter()
     probs = predict_stack(model, volume[TEST])
     infer_s = time.perf_counter() - t1
+    tune = predict_stack(model, volume[TUNE])
     out = evaluate(probs, targets[TEST])
     curve = [{"seconds": v["seconds"], "step": v["step"], "pixel_error": v.get("val_pixel_error"),
               "rand_f": v.get("val_rand_f"), "vi": v.get("val_vi")} for v in result.validations]
     return {**out, "seconds": train_s, "train_seconds": train_s, "infer_seconds": infer_s,
-            "steps": result.steps_done, "preset": preset_name, "device": result.device, "curve": curve}
+            "steps": result.steps_done, "preset": preset_name, "device": result.device, "curve": curve,
+            "_probs": np.concatenate([tune, probs])}
 
 
 def _rf_features(image: np.ndarray) -> np.ndarray:
@@ -123,9 +172,56 @@ def run_random_forest(volume, targets, budget_s: float, seed: int, max_trees: in
         f = _rf_features(volume[z])
         probs.append(forest.predict_proba(f.reshape(-1, f.shape[-1]))[:, 1].reshape(volume.shape[1:]))
     infer_s = time.perf_counter() - t1
+    tune = []
+    for z in TUNE:
+        f = _rf_features(volume[z])
+        tune.append(forest.predict_proba(f.reshape(-1, f.shape[-1]))[:, 1].reshape(volume.shape[1:]))
     out = evaluate(np.stack(probs).astype(np.float32), targets[TEST])
     return {**out, "seconds": train_s, "train_seconds": train_s, "infer_seconds": infer_s,
-            "trees": forest.n_estimators, "training_pixels": len(y)}
+            "trees": forest.n_estimators, "training_pixels": len(y),
+            "_probs": np.stack(tune + probs).astype(np.float32)}
+
+
+def linking(probs: np.ndarray, targets: np.ndarray, all_targets: np.ndarray) -> dict:
+    """3D neurons: slices 25-29 segmented by the default post-processing and linked into one volume,
+    scored (3D VI split and merge, adapted Rand error) against their labels' neurons linked the same way;
+    and the time to link the labels' instances of all 30 slices (512² each)."""
+    from unet.labels import target_to_instances
+    from unet.link import link_volume
+    from unet.metrics import cremi_scores
+    from unet.postprocess import DEFAULT_METHOD, segment
+
+    truth = np.stack([target_to_instances(t) for t in all_targets])
+    started = time.perf_counter()
+    linked_truth = link_volume(truth)
+    seconds = time.perf_counter() - started
+    test_truth = link_volume(truth[TEST])
+    neurons = link_volume(np.stack([segment(p, DEFAULT_METHOD) for p in probs[5:]]))
+    scores = cremi_scores(neurons.ravel(), test_truth.ravel())
+    result = {"post-processing": DEFAULT_METHOD, "link_30_slices_s": seconds,
+              "neurons_30_slices": int(linked_truth.max()), "neurons_25_29": int(neurons.max()),
+              "label_neurons_25_29": int(test_truth.max()), **scores}
+    print(f"\n3D neurons of slices 25-29 ({DEFAULT_METHOD}): {result['neurons_25_29']} (labels: "
+          f"{result['label_neurons_25_29']}); 3D VI split {scores['vi_split']:.3f}, merge {scores['vi_merge']:.3f}, "
+          f"adapted Rand error {scores['are']:.4f}; linking the labels of all 30 slices took {seconds:.2f} s")
+    return result
+
+
+def postprocessing_table(probs: dict[str, np.ndarray], targets: np.ndarray, preset_name: str) -> dict:
+    """Compare the post-processings on each method's probabilities of slices 20-29; print a table."""
+    results, rows = {}, []
+    for key, name in (("unet", f"U-Net {preset_name}"), ("random_forest", "random forest")):
+        if key in probs:
+            print(f"\npost-processing of the {name}'s probabilities …", flush=True)
+            results[key] = compare_postprocessing(probs[key], targets[TUNE + TEST])
+            rows += [{"method": name, **row} for row in results[key]]
+    if "unet" in probs:
+        results["linking"] = linking(probs["unet"], targets[TUNE + TEST], targets)
+    print("\nPost-processing, parameters chosen on slices 20-24, scores on 25-29 (instances):")
+    print(table(rows, [("method", "method", ""), ("post-processing", "post-processing", ""),
+                       ("v_rand", "V_rand ↑", ".4f"), ("v_info", "V_info ↑", ".4f"), ("are", "ARE ↓", ".4f"),
+                       ("vi", "VI ↓", ".3f"), ("vi_split", "VI split ↓", ".3f"), ("vi_merge", "VI merge ↓", ".3f")]))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["unet", "rf"], help="run one method only")
+    ap.add_argument("--save-probs", default=None, help="keep each method's probabilities of slices 20-29 (.npz)")
+    ap.add_argument("--probs", default=None, help="compare post-processings on probabilities saved before "
+                    "(--save-probs) instead of training")
     args = ap.parse_args(argv)
 
     folder = isbi_dir(args.data)
@@ -151,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"split": {"train": "0-24", "test": "25-29", "data": str(folder),
                                "budget_min": args.budget_min}}
+    if args.probs:
+        saved = np.load(args.probs)
+        results["postprocessing"] = postprocessing_table({k: saved[k] for k in saved.files}, targets, args.preset)
+        write_json(args.json, results)
+        return 0
     if args.only != "unet":
         print("random forest …", flush=True)
         results["random_forest"] = run_random_forest(volume, targets, budget_s, args.seed)
@@ -158,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"U-Net ({args.preset}) …", flush=True)
         results["unet"] = run_unet(volume, targets, budget_s, args.preset, args.steps, args.seed)
 
+    probs = {key: results[key].pop("_probs") for key in ("unet", "random_forest") if key in results}
+    if args.save_probs:
+        np.savez_compressed(args.save_probs, **probs)
     rows = [{"method": name, **results[key]} for key, name in
             (("unet", f"U-Net {args.preset}"), ("random_forest", "random forest")) if key in results]
     print()
@@ -171,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results["unet"]["curve"], [("seconds", "s", ".0f"), ("step", "step", "d"),
                                               ("pixel_error", "pixel error", ".4f"),
                                               ("rand_f", "Rand-F", ".4f"), ("vi", "VI", ".3f")]))
+    results["postprocessing"] = postprocessing_table(probs, targets, args.preset)
     write_json(args.json, results)
     return 0
 

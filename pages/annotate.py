@@ -216,12 +216,15 @@ tool = tools[0].radio("Paint", [NEURON, MEMBRANE, IGNORE], key="annotate_tool",
                                    IGNORE: ":orange[**Unlabelled**] (erase to unknown)"}.get)
 brush = tools[1].slider("Brush size (image pixels)", 1, 40, 5, key="annotate_brush")
 opacity = tools[1].slider("Mask opacity", 0.0, 1.0, 0.35, 0.05, key="annotate_opacity")
-zoom = tools[2].select_slider("Zoom", [1, 2, 4, 8], value=1, key="annotate_zoom",
+# (defaults through the session: Predict's "Open" of an error sets the zoom and the region before this runs)
+for key, default in (("annotate_zoom", 1), ("annotate_cy", 50), ("annotate_cx", 50)):
+    st.session_state.setdefault(key, default)
+zoom = tools[2].select_slider("Zoom", [1, 2, 4, 8], key="annotate_zoom",
                               help="Show a region larger, for fine membranes. Your strokes are kept when you move.")
 centre = (0.5, 0.5)
 if zoom > 1:
-    centre = (tools[3].slider("Region: down (%)", 0, 100, 50, key="annotate_cy") / 100,
-              tools[3].slider("Region: across (%)", 0, 100, 50, key="annotate_cx") / 100)
+    centre = (tools[3].slider("Region: down (%)", 0, 100, key="annotate_cy") / 100,
+              tools[3].slider("Region: across (%)", 0, 100, key="annotate_cx") / 100)
 else:
     tools[3].caption("Undo, redo and reset are in the canvas's toolbar. Unlabelled pixels are ignored by "
                      "training, so a few strokes on nothing are already training data.")

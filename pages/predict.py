@@ -9,7 +9,20 @@ import streamlit as st
 from pages.common import dataset_picker, flash, select_dataset, start_page, volume_or_stop
 from storage.service import RunStatus, UserError
 from ui.paint import View
-from ui.prediction import LAYERS, METRICS, compose, metric_rows
+from ui.prediction import (
+    CARDS,
+    LAYERS,
+    METRICS,
+    POSTPROCESS,
+    POSTPROCESS_CHOICES,
+    compose,
+    describe_error,
+    focus,
+    largest_errors,
+    metric_rows,
+    neuron_rows,
+    sections,
+)
 from ui.prediction import progress as job_progress
 from ui.training import checkpoint_label, default_checkpoint
 
@@ -54,11 +67,15 @@ info = svc.dataset(dataset_id)
 with st.form("predict_form"):
     slices_text = st.text_input("Slices", "all", help=f"all, or e.g. 0-4,9 (the stack has 0-{info.shape[0] - 1})",
                                 key="predict_slices")
+    postprocess = st.selectbox(
+        "Neurons by", POSTPROCESS_CHOICES, format_func=POSTPROCESS.get, key="predict_postprocess",
+        help="How the neuron instances are made from the probability map. The first is the default: it "
+             "scored best on ISBI 2012 (README, bench.quality).")
     go = st.form_submit_button("Predict", type="primary", key="predict_go")
 if go:
     try:
         slices = svc.parse_slices(slices_text, info.shape[0])
-        job = svc.predict(checkpoint_id, dataset_id, slices)
+        job = svc.predict(checkpoint_id, dataset_id, slices, postprocess=postprocess)
     except (ValueError, UserError) as exc:
         st.error(f"Not started: {exc}")
     else:
@@ -82,8 +99,8 @@ def _picked() -> None:
 
 
 pick = st.selectbox("Prediction", ids, key=pick_key, on_change=_picked,
-                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s)"
-                                               for p in predictions if p.id == i))
+                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s) · "
+                                               f"neurons by {p.postprocess}" for p in predictions if p.id == i))
 st.session_state["prediction_id"] = pick
 
 
@@ -97,7 +114,7 @@ def progress(prediction_id: int, was_active: bool) -> None:
         st.error(f"Prediction #{job.id} {'failed' if job.status == RunStatus.FAILED else 'was stopped'}: "
                  f"{last[0] if last else 'no reason recorded'}")
         if job.status == RunStatus.FAILED:
-            kept = f" ({job.done} of {len(job.slices)} blocks are written and kept)" if job.done else ""
+            kept = f" ({job.done} blocks are written and kept)" if job.done else ""
             if st.button(f"Resume{kept}", key=f"resume_prediction_{job.id}", type="primary"):
                 try:
                     svc.resume_prediction(job.id)
@@ -153,25 +170,65 @@ def viewer(job) -> int:
     metrics = job.metrics or {}
     if metrics.get("slices"):
         this = metrics["slices"].get(str(z))
-        cols = st.columns(len(METRICS))
-        for col, (key, name) in zip(cols, METRICS.items(), strict=True):
+        cols = st.columns(len(CARDS))
+        for col, key in zip(cols, CARDS, strict=True):
             value = this.get(key) if this else None
-            col.metric(f"{name} (slice {z})", "–" if value is None else f"{value:.3f}",
+            col.metric(f"{METRICS[key]} (slice {z})", "–" if value is None else f"{value:.3f}",
                        help=f"stack mean: {metrics['mean'].get(key, float('nan')):.3f}")
         with st.expander("Metrics per slice (against each slice's latest mask)"):
             st.dataframe(metric_rows(metrics), hide_index=True, key="pred_metrics")
     else:
         st.caption("No masks on the predicted slices: no metrics.")
+    if "neurons" in metrics:
+        neurons_view(job, volume, metrics["neurons"])
+    errors = largest_errors(metrics)
+    if errors:
+        with st.expander(f"Errors to fix: the {len(errors)} largest merges and splits against the masks"):
+            st.caption("Each instance against the neurons of the slice's latest mask. **Open** shows the place on "
+                       "Annotate, zoomed, with this prediction as the starting mask.")
+            for i, error in enumerate(errors):
+                text, button = st.columns([5, 1])
+                text.markdown(describe_error(error))
+                if button.button("Open", key=f"open_error_{job.id}_{i}", on_click=_open_error,
+                                 args=(error, volume.shape[1:])):
+                    st.switch_page("pages/annotate.py")
     return z
+
+
+def _open_error(error, shape) -> None:
+    """Annotate on the error's slice and region (zoom and centre), starting from this prediction."""
+    zoom, cy, cx = focus(error["box"], shape)
+    st.session_state["annotate_zoom"], st.session_state["annotate_cy"], st.session_state["annotate_cx"] = zoom, cy, cx
+    _correct(error["slice"])
+
+
+def neurons_view(job, volume, info) -> None:
+    """The 3D neurons: how many, the largest, and sections through the stack along X and Y."""
+    with st.expander(f"3D neurons: {info['count']} linked across the predicted slices", expanded=False):
+        st.caption("Each slice's neurons are linked to the neighbouring slice's by overlap (each the other's best "
+                   "match, covering half of the smaller). Slices that were not predicted break the chain.")
+        height, width = volume.shape[1:]
+        a, b = st.columns(2)
+        y = a.slider("XZ section at row", 0, height - 1, height // 2, key=f"neuron_y_{job.id}")
+        x = b.slider("YZ section at column", 0, width - 1, width // 2, key=f"neuron_x_{job.id}")
+        neurons = svc.prediction_output(job.id, "neurons")
+        s = max(1, max(height, width) // 768)
+        stretch = max(1, min(8, max(height, width) // s // (4 * len(job.slices))))
+        xz, yz = sections(volume, neurons, job.slices, y, x, s, stretch)
+        a.image(xz, caption=f"XZ at row {y} (slices top to bottom)")
+        b.image(yz, caption=f"YZ at column {x} (slices top to bottom)")
+        st.dataframe(neuron_rows(info), hide_index=True, key=f"neuron_sizes_{job.id}")
 
 
 z = viewer(job)
 
 # --- export and correct ---------------------------------------------------------------------------
-actions = st.columns(4)
-for col, (output, label) in zip(actions, (("probabilities", "Probabilities (float32 TIFF)"),
-                                          ("mask", "Mask (0/255 TIFF)"), ("instances", "Instances (TIFF)")),
-                                strict=False):
+downloads = [("probabilities", "Probabilities (float32 TIFF)"), ("mask", "Mask (0/255 TIFF)"),
+             ("instances", "Instances (TIFF)")]
+if "neurons" in (job.metrics or {}):
+    downloads.append(("neurons", "3D neurons (TIFF)"))
+actions = st.columns(len(downloads) + 1)
+for col, (output, label) in zip(actions, downloads, strict=False):
     # the bytes are read when the button is clicked, not on every rerun of every viewer
     col.download_button(label, lambda output=output: svc.prediction_file(job.id, output),
                         file_name=f"prediction-{job.id}-{output}.tif", mime="image/tiff", key=f"download_{output}",
@@ -191,13 +248,14 @@ with st.expander("Export as OME-Zarr to a folder on the server (napari, neurogla
             st.success("Written: " + ", ".join(f"`{p}`" for p in written))
 
 
-def _correct() -> None:
+def _correct(slice_index: int | None = None) -> None:
+    shown = z if slice_index is None else slice_index
     select_dataset(dataset_id)
-    st.session_state[f"annotate_slice_{dataset_id}"] = z
-    st.session_state.setdefault("slice_of", {})[dataset_id] = z
-    st.session_state["start_request"] = (dataset_id, z, job.id)
+    st.session_state[f"annotate_slice_{dataset_id}"] = shown
+    st.session_state.setdefault("slice_of", {})[dataset_id] = shown
+    st.session_state["start_request"] = (dataset_id, shown, job.id)
 
 
-if actions[3].button("Correct this slice", key="correct_slice", on_click=_correct,
+if actions[-1].button("Correct this slice", key="correct_slice", on_click=_correct,
                      help="Open Annotate with this prediction as the starting mask"):
     st.switch_page("pages/annotate.py")

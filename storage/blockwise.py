@@ -51,7 +51,7 @@ from zarr.storage import LocalStore
 from storage.volumes import CHUNK, External, Volume
 from unet.io import atomic_write
 
-OUTPUT_DTYPES = {"probabilities": np.float32, "mask": np.uint8, "instances": np.int32}
+OUTPUT_DTYPES = {"probabilities": np.float32, "mask": np.uint8, "instances": np.int32, "neurons": np.int32}
 SCHEDULER_ENV = "NEUROSEG_DASK_SCHEDULER"
 WORKERS_ENV = "NEUROSEG_PREDICT_WORKERS"
 TILE = 2048  # slices up to TILE² pixels are one block; larger ones are cut into tiles of TILE²
@@ -79,6 +79,7 @@ class BlockJob:
     threads: int = 0  # CPU threads per worker (0: leave torch's default)
     tile: int = TILE  # the largest slice edge predicted whole; larger slices are cut into tiles of this edge
     halo: int = HALO
+    method: str = "agglomerate"  # how neurons are made from the map (unet.postprocess.METHODS; the default)
 
     def __post_init__(self) -> None:
         if self.tile > CHUNK and self.tile % CHUNK:
@@ -88,7 +89,13 @@ class BlockJob:
 
     @property
     def outputs(self) -> tuple[str, ...]:
+        """What every block writes."""
         return ("probabilities", "mask", "instances") if self.with_instances else ("probabilities", "mask")
+
+    @property
+    def all_outputs(self) -> tuple[str, ...]:
+        """The block outputs and, with instances, the 3D neurons linked from them (:func:`link_neurons`)."""
+        return (*self.outputs, "neurons") if self.with_instances else self.outputs
 
     @property
     def chunk(self) -> int:
@@ -172,7 +179,7 @@ def create_output(final: Path, name: str, shape: tuple[int, int, int], slices: l
 def create_outputs(job: BlockJob, shape: tuple[int, int], pixel_size_nm: float | None = None) -> None:
     """Create the output arrays ``(len(slices), Y, X)`` (each an OME-Zarr image; chunks of one slice by
     ``job.chunk``² pixels, zstd and CRC32C); outputs that exist already (a resumed prediction) are kept."""
-    for name in job.outputs:
+    for name in job.all_outputs:
         final = output_path(job.out, name)
         if not (final / "zarr.json").is_file():
             create_output(final, name, (len(job.slices), *shape), list(job.slices), pixel_size_nm, job.chunk)
@@ -243,12 +250,22 @@ def _volume(job: BlockJob):
     return External(job.volume) if job.linked else Volume(job.volume)
 
 
+def _errors(instances: np.ndarray | None, target: np.ndarray | None, offset: tuple[int, int] = (0, 0)) -> list:
+    """The largest merges and splits of ``instances`` against the labels' neurons (none without both)."""
+    from unet.labels import target_to_instances
+    from unet.metrics import segmentation_errors
+
+    if instances is None or target is None:
+        return []
+    return segmentation_errors(instances, target_to_instances(target), offset=offset)
+
+
 def run_block(job: BlockJob, index: int, target: np.ndarray | None = None) -> dict[str, Any]:
     """Predict output slice ``index`` (slice ``job.slices[index]``) whole, write its outputs and then its
     marker; returns the marker (the slice's scores when ``target`` is given, and digests)."""
     from unet.infer import predict_slice
     from unet.metrics import evaluate_slice
-    from unet.postprocess import instances, to_mask
+    from unet.postprocess import segment, to_mask
 
     marker = _marker(job, index)
     if marker.is_file():  # done by an earlier attempt (a resumed prediction, a retried task)
@@ -259,14 +276,15 @@ def run_block(job: BlockJob, index: int, target: np.ndarray | None = None) -> di
     prob = predict_slice(model, image, device=device, tta=job.tta).astype(np.float32)
     results = {"probabilities": prob, "mask": to_mask(prob, job.threshold) * np.uint8(255)}
     if job.with_instances:
-        results["instances"] = instances(prob, threshold=job.threshold).astype(np.int32)
+        results["instances"] = segment(prob, job.method).astype(np.int32)
     digests = {}
     for name in job.outputs:
         data = np.ascontiguousarray(results[name], dtype=OUTPUT_DTYPES[name])
         write_slice(output_path(job.out, name), index, data)
         digests[name] = hashlib.sha256(data.data).hexdigest()
-    record = {"slice": z, "sha256": digests,
-              "scores": evaluate_slice(prob, target) if target is not None else None}
+    record = {"slice": z, "sha256": digests, "scores": None if target is None else
+              evaluate_slice(prob, target, seg=results.get("instances"), method=job.method),
+              "errors": _errors(results.get("instances"), target)}
     atomic_write(marker, lambda fh: fh.write(json.dumps(record).encode()))
     return record
 
@@ -348,7 +366,7 @@ def run_tile(job: BlockJob, block: Block, target: np.ndarray | None = None) -> d
     the core's labels)."""
     from unet.infer import predict_slice
     from unet.metrics import evaluate_slice
-    from unet.postprocess import instances, to_mask
+    from unet.postprocess import segment, to_mask
 
     marker = _marker(job, block.key)
     if marker.is_file():
@@ -371,15 +389,17 @@ def run_tile(job: BlockJob, block: Block, target: np.ndarray | None = None) -> d
     write_slice(output_path(job.out, "probabilities"), block.index, prob[core], block.rows, block.cols)
     write_slice(output_path(job.out, "mask"), block.index, to_mask(prob[core], job.threshold) * np.uint8(255),
                 block.rows, block.cols)
-    record: dict[str, Any] = {"slice": z, "part": block.part, "scores": None, "labelled": 0}
+    record: dict[str, Any] = {"slice": z, "part": block.part, "scores": None, "labelled": 0, "errors": []}
     if target is not None:
         from unet.labels import IGNORE
 
         record["labelled"] = int(np.count_nonzero(target != IGNORE))
         if record["labelled"]:
-            record["scores"] = evaluate_slice(prob[core], target)
+            record["scores"] = evaluate_slice(prob[core], target, method=job.method)
     if job.with_instances:
-        labels = instances(prob, threshold=job.threshold).astype(np.int64) + (np.int64(block.part) << 32)
+        labels = segment(prob, job.method).astype(np.int64) + (np.int64(block.part) << 32)
+        if record["labelled"]:  # the tile's own errors (labels are the tile's: enough to find the place)
+            record["errors"] = _errors(labels[core], target, offset=(y0, x0))
         with zarr.config.set({"array.write_empty_chunks": True}):
             _open_raw(job, block.index, shape)[y0:y1, x0:x1] = labels[core]
         bands = {}
@@ -474,7 +494,8 @@ def stitch(job: BlockJob, index: int, shape: tuple[int, int], *_tiles: Any) -> d
         weights = np.array([r["labelled"] for r in scored], np.float64)
         keys = sorted({k for r in scored for k in r["scores"]})
         scores = {k: float(np.average([r["scores"].get(k, np.nan) for r in scored], weights=weights)) for k in keys}
-    record = {"slice": job.slices[index], "sha256": digests, "scores": scores, "tiles": len(blocks)}
+    errors = sorted((e for r in records for e in r.get("errors", [])), key=lambda e: -e["pixels"])[:10]
+    record = {"slice": job.slices[index], "sha256": digests, "scores": scores, "tiles": len(blocks), "errors": errors}
     atomic_write(marker, lambda fh: fh.write(json.dumps(record).encode()))
     shutil.rmtree(_raw_path(job, index), ignore_errors=True)
     for b in blocks:
@@ -612,6 +633,41 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
         if cluster is not None:
             cluster.close()
     return done
+
+
+def link_neurons(job: BlockJob, shape: tuple[int, int], largest: int = 20) -> dict[str, Any]:
+    """Once every slice is finished: link the 2D instances of neighbouring predicted slices into 3D neurons
+    (:func:`unet.link.link_stack`, two slices in memory at a time, in bands of rows), write them as the
+    ``neurons`` output and return (and keep, in ``blocks/neurons.json``) their count, the ``largest``
+    of them with their voxels, and the output's digest. Slices that were not predicted break the chain."""
+    from unet.link import link_stack
+
+    marker = Path(job.out) / "blocks" / "neurons.json"
+    known = _read_marker(marker)
+    if known is not None:
+        return known
+    height, band = shape[0], job.chunk
+    instances = zarr.open_array(LocalStore(output_path(job.out, "instances")), path="0", mode="r")
+    neighbours = [b - a == 1 for a, b in zip(job.slices, job.slices[1:], strict=False)]
+    tables = link_stack(lambda i, r0, r1: np.asarray(instances[i, r0:r1]), len(job.slices), height,
+                        neighbours=neighbours, band=band)
+    count = max((int(t.max(initial=0)) for t in tables), default=0)
+    voxels = np.zeros(count + 1, np.int64)
+    out = output_path(job.out, "neurons")
+    digest = hashlib.sha256()
+    for i, table in enumerate(tables):
+        for r in range(0, height, band):
+            rows = (r, min(r + band, height))
+            neurons = table[np.asarray(instances[i, rows[0]:rows[1]])].astype(np.int32)
+            write_slice(out, i, neurons, rows, (0, shape[1]))
+            voxels += np.bincount(neurons.ravel(), minlength=count + 1)
+    for i in range(len(job.slices)):  # the digest of the whole output, slice by slice as the others
+        digest.update(_stream_digest(out, i, height, band).encode())
+    order = np.argsort(voxels[1:])[::-1][:largest] + 1
+    record = {"count": count, "largest": [[int(n), int(voxels[n])] for n in order if voxels[n] > 0],
+              "sha256": digest.hexdigest()}
+    atomic_write(marker, lambda fh: fh.write(json.dumps(record).encode()))
+    return record
 
 
 def combined_sha256(markers: Mapping[int, dict[str, Any]], name: str) -> str:

@@ -172,6 +172,8 @@ class Prediction(Base):
     pid: Mapped[int | None]
     pid_started: Mapped[float | None]
     files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")  # name → {file, sha256}
+    # how its neurons were made from the map (unet.postprocess.METHODS; earlier versions: the watershed)
+    postprocess: Mapped[str] = mapped_column(String(32), default="watershed", server_default="watershed")
 
 
 class LiveSlice(Base):

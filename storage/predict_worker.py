@@ -13,7 +13,7 @@ import sys
 
 from sqlalchemy import update
 
-from storage.blockwise import BlockJob, combined_sha256, run_blocks
+from storage.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
 from storage.datasets import load_volume
 from storage.db import open_store
 from storage.files import IntegrityError
@@ -53,6 +53,7 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             volume = load_volume(s, store, row.dataset_id)
             dataset = s.get(Dataset, row.dataset_id)
             slices = list(row.slices)
+            method = row.postprocess or "watershed"
             targets = {}
             for z in slices:
                 mask = latest_mask(s, row.dataset_id, z)
@@ -63,17 +64,25 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                                  "(its conversion failed: the server's log says why)")
         folder = store.abspath(store.prediction_folder(prediction_id))
         job = BlockJob(checkpoint=str(path), volume=str(volume.path), out=str(folder), slices=tuple(slices),
-                       linked=isinstance(volume, External))
+                       linked=isinstance(volume, External), method=method)
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
                              progress=lambda done, total: phase("predict", done, total))
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
                  for name in job.outputs}
         scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}
-        metrics = {"slices": scores, "mean": mean_metrics(list(scores.values()))} if scores else None
+        metrics = {"slices": scores, "mean": mean_metrics(list(scores.values()))} if scores else {}
+        errors = {str(m["slice"]): m["errors"] for m in markers.values() if m.get("errors")}
+        if errors:  # the largest merges and splits against each slice's mask
+            metrics["errors"] = errors
+        if job.with_instances:
+            phase("linking 3D neurons", 0, 0)
+            neurons = link_neurons(job, volume.shape[1:])
+            files["neurons"] = {"file": store.prediction_output(prediction_id, "neurons"), "sha256": neurons["sha256"]}
+            metrics["neurons"] = {"count": neurons["count"], "largest": neurons["largest"]}
         with sessions.begin() as s:
             row = s.get(Prediction, prediction_id)
             row.file, row.sha256 = files["probabilities"]["file"], files["probabilities"]["sha256"]
-            row.files, row.metrics = files, metrics
+            row.files, row.metrics = files, metrics or None
         print(f"prediction {prediction_id}: finished ({len(markers)} blocks)", flush=True)
 
     return run_to_end(sessions, Prediction, prediction_id, body)

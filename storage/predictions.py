@@ -15,14 +15,19 @@ from storage.files import FileStore
 from storage.models import Checkpoint, Prediction
 from storage.records import NotFound, PredictionInfo, RunStatus
 from storage.volumes import Volume, export_tiff
+from unet.postprocess import DEFAULT_METHOD, METHODS
 
 
 def prediction_info(row: Prediction, run_id: int) -> PredictionInfo:
     return PredictionInfo(row.id, row.checkpoint_id, run_id, row.dataset_id, list(row.slices), RunStatus(row.status),
-                          row.done, row.error, row.metrics, row.created, row.pid, row.phase or "")
+                          row.done, row.error, row.metrics, row.created, row.pid, row.phase or "",
+                          row.postprocess or "watershed")
 
 
-def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, slices: list[int]) -> PredictionInfo:
+def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, slices: list[int],
+                      postprocess: str = DEFAULT_METHOD) -> PredictionInfo:
+    if postprocess not in METHODS:
+        raise ValueError(f"unknown post-processing {postprocess!r}: choose one of {', '.join(METHODS)}")
     checkpoint = session.get(Checkpoint, checkpoint_id)
     if checkpoint is None:
         raise NotFound(f"checkpoint {checkpoint_id} does not exist")
@@ -33,7 +38,7 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
     if slices[0] < 0 or slices[-1] >= dataset.z:
         raise ValueError(f"slices must be within 0-{dataset.z - 1}")
     row = Prediction(checkpoint_id=checkpoint_id, dataset_id=dataset_id, slices=slices, status=RunStatus.QUEUED,
-                     done=0, file="", sha256="", files={})
+                     done=0, file="", sha256="", files={}, postprocess=postprocess)
     session.add(row)
     session.flush()
     return prediction_info(row, checkpoint.run_id)

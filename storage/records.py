@@ -267,6 +267,7 @@ class PredictionInfo:
     created: datetime
     pid: int | None = None
     phase: str = ""  # "predict <blocks in all>" (``done`` counts those written)
+    postprocess: str = "watershed"  # how its neurons were made from the map (unet.postprocess.METHODS)
 
     @property
     def active(self) -> bool:

@@ -45,6 +45,7 @@ from storage.settings import Settings
 from storage.supervisor import Supervisor
 from storage.volumes import Volume
 from unet.config import PRESETS, TrainConfig
+from unet.postprocess import DEFAULT_METHOD
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -302,8 +303,11 @@ class Neuroseg:
         return self._tx(lambda s: deletion.execute(s, self.store, deletion.plan_run(s, self.store, run_id)))
 
     # --- predictions ------------------------------------------------------------------------------------
-    def predict(self, checkpoint_id: int, dataset_id: int, slices: list[int]) -> PredictionInfo:
-        info = self._tx(predictions.submit_prediction, checkpoint_id, dataset_id, slices)
+    def predict(self, checkpoint_id: int, dataset_id: int, slices: list[int],
+                postprocess: str = DEFAULT_METHOD) -> PredictionInfo:
+        """Queue a prediction of ``slices`` and start its process; ``postprocess`` says how its neurons are
+        made from the map (``unet.postprocess.METHODS``)."""
+        info = self._tx(predictions.submit_prediction, checkpoint_id, dataset_id, slices, postprocess)
         queue.launch_prediction(self.sessions, self.settings, info.id)
         return self.prediction(info.id)
 

@@ -205,6 +205,12 @@ def test_the_app_predicts_blockwise_and_resumes_a_killed_job(tmp_path, monkeypat
         assert done.done == 3
         probs = svc.prediction_output(job.id)
         assert probs.shape == (3, 256, 256) and isinstance(probs, Volume)
+        # the three neighbouring slices' instances linked into 3D neurons: every instance is in exactly one
+        neurons = svc.prediction_output(job.id, "neurons")[...]
+        instances = svc.prediction_output(job.id, "instances")[...]
+        assert done.metrics["neurons"]["count"] == len(np.unique(neurons[neurons > 0])) >= 1
+        for i in range(3):
+            assert len(np.unique(instances[i].astype(np.int64) * 2**32 + neurons[i])) == len(np.unique(instances[i]))
         tiff = svc.prediction_file(job.id, "mask")
         import io
 
@@ -236,7 +242,7 @@ def test_a_prediction_exports_as_ome_zarr_that_napari_reads(tmp_path, monkeypatc
         wait_for(lambda: svc.prediction(job.id).status == "FINISHED", timeout=180)
         written = svc.export_prediction(job.id, str(tmp_path / "exports"))
         assert sorted(p.rsplit("/", 1)[1] for p in written) == [
-            f"prediction-{job.id}-{name}.ome.zarr" for name in ("instances", "mask", "probabilities")]
+            f"prediction-{job.id}-{name}.ome.zarr" for name in ("instances", "mask", "neurons", "probabilities")]
         node = next(iter(Reader(parse_url(str(tmp_path / "exports" / f"prediction-{job.id}-mask.ome.zarr")))()))
         np.testing.assert_array_equal(np.asarray(node.data[0]), svc.prediction_output(job.id, "mask")[...])
         with pytest.raises(UserError, match="exists already"):

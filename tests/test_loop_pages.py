@@ -85,17 +85,37 @@ def test_train_predict_correct_and_review(app_data_dir):
     at.run()
     assert not at.exception, at.exception
     assert svc.prediction(job.id).status == "FINISHED"
-    assert [m.label for m in at.metric][:2] == ["pixel error (slice 0)", "Dice (slice 0)"]
+    assert [m.label for m in at.metric][:3] == ["pixel error (slice 0)", "Rand-F (slice 0)", "V_rand (ISBI) (slice 0)"]
+    assert at.selectbox(key="predict_postprocess").value == svc.prediction(job.id).postprocess
+    # its slices' neurons linked into 3D neurons, with sections through the stack and their sizes
+    count = svc.prediction(job.id).metrics["neurons"]["count"]
+    assert any(f"3D neurons: {count} linked" in e.label for e in at.expander) and count >= 1
+    neurons = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "neurons")))
+    assert neurons.shape == (2, 256, 256) and len(np.unique(neurons[neurons > 0])) == count
     at.multiselect(key="pred_layers").set_value(["probability", "mask", "membrane contours", "instances",
                                                  "errors"]).run()
     assert not at.exception and "magenta = false neuron" in texts(at.caption)
     at.toggle(key="pred_side").set_value(True).run()
-    assert sum(getattr(e, "type", "") == "image" for e in walk(at.main)) == 2
+    assert sum(getattr(e, "type", "") == "image" for e in walk(at.main)) == 4  # the two, and the XZ and YZ sections
     probabilities = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "probabilities")))
     assert probabilities.shape == (2, 256, 256) and probabilities.dtype == np.float32
     assert probabilities.min() >= 0 and probabilities.max() <= 1
     instances = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "instances")))
     assert instances.shape == (2, 256, 256) and instances.max() >= 1
+
+    # --- the largest merges and splits against the masks, each opening Annotate on its place -------------
+    from ui.prediction import focus, largest_errors
+
+    worst = largest_errors(svc.prediction(job.id).metrics)
+    assert worst and worst[0]["kind"] in ("merge", "split")  # a network trained for seconds makes some
+    assert any(e.label.startswith("Errors to fix") for e in at.expander)
+    errors_at = open_page("Predict")
+    errors_at.button(key=f"open_error_{job.id}_0").click().run()
+    assert not errors_at.exception, errors_at.exception
+    zoom, cy, cx = focus(worst[0]["box"], (256, 256))
+    assert errors_at.title[0].value == "Annotate"  # on the error's slice, from this prediction, zoomed on it
+    assert errors_at.session_state["drafts"][(demo.id, worst[0]["slice"])].source == "prediction"
+    assert (errors_at.session_state["annotate_zoom"], errors_at.session_state["annotate_cy"]) == (zoom, cy)
 
     # --- Correct this slice → Annotate starts from the prediction; the save is predicted→painted ---------
     at.button(key="correct_slice").click().run()

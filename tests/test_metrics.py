@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from unet.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
-from unet.metrics import cremi_scores, evaluate_slice, isbi_scores, thin_borders, v_rand_info
+from unet.metrics import cremi_scores, evaluate_slice, isbi_scores, segmentation_errors, thin_borders, v_rand_info
 
 
 def two_cells() -> np.ndarray:
@@ -90,3 +90,27 @@ def test_a_slice_is_scored_with_every_metric_and_the_field_ones_can_be_left_out(
     assert {"pixel_error", "rand_f", "vi", "v_rand", "v_info", "vi_split", "vi_merge", "are"} <= full.keys()
     assert full["v_rand"] == pytest.approx(1.0) and full["vi_split"] == pytest.approx(0.0)
     assert "v_rand" not in evaluate_slice(prob, target, field=False)
+
+
+def test_the_largest_merges_and_splits_are_listed_with_where_they_are():
+    truth = np.zeros((30, 60), np.int32)
+    truth[:, :20], truth[:, 21:40], truth[:, 41:] = 1, 2, 3  # three neurons side by side
+    seg = np.ones_like(truth)
+    seg[:, 30:] = 2  # neurons 1 and 2 (left part) merged; neuron 2 split at x = 30; 3 is right
+    seg[:, 41:] = 3
+    errors = segmentation_errors(seg, truth, min_pixels=5)
+    kinds = [(e["kind"], e["parts"]) for e in errors]
+    assert ("merge", 2) in kinds and ("split", 2) in kinds and len(errors) == 2
+    merge = next(e for e in errors if e["kind"] == "merge")
+    assert merge["pixels"] == 30 * 9 and merge["box"] == [0, 0, 30, 30]  # neuron 2's part, inside instance 1
+    split = next(e for e in errors if e["kind"] == "split")
+    assert split["pixels"] == 30 * 9 and split["box"] == [0, 21, 30, 40]
+    assert segmentation_errors(truth, truth) == []
+
+
+def test_an_error_opens_zoomed_on_its_place():
+    from ui.prediction import focus
+
+    assert focus([0, 0, 256, 256], (256, 256)) == (1, 50, 50)  # the whole slice: no zoom
+    assert focus([100, 200, 120, 230], (512, 512)) == (8, 21, 42)  # small: zoomed in, centred on it
+    assert focus([0, 0, 100, 100], (512, 512)) == (2, 10, 10)

@@ -18,8 +18,16 @@ from ui.paint import (
     overlay,
     window,
 )
+from unet.postprocess import DEFAULT_METHOD, METHODS
 
 LAYERS = ("probability", "mask", "membrane contours", "instances", "errors")
+#: How a prediction's neurons are made from its map (unet.postprocess), the default first.
+POSTPROCESS = {
+    "agglomerate": "agglomeration (fragments merged along weak membranes)",
+    "watershed": "seeded watershed (of the mask's distance transform)",
+    "threshold": "threshold (connected components of the mask)",
+}
+POSTPROCESS_CHOICES = (DEFAULT_METHOD, *(m for m in METHODS if m != DEFAULT_METHOD))
 METRICS = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f": "Rand-F", "vi": "VI",
            # the field's own (unet.metrics): ISBI 2012's of the probability map, CREMI's of the instances
            "v_rand": "V_rand (ISBI)", "v_info": "V_info (ISBI)", "vi_split": "VI split", "vi_merge": "VI merge",
@@ -36,6 +44,8 @@ def progress(job: Any) -> tuple[float, str]:
     if job.phase.startswith("instances"):  # a prediction of an earlier version, still running
         done = int(job.phase.split()[1].split("/")[0])
         return 0.6 + 0.35 * done / n, f"neuron instances of slice {min(done + 1, n)} of {n}"
+    if job.phase.startswith("linking"):
+        return 0.99, "every block written; linking the slices' neurons into 3D neurons"
     if job.phase.startswith("predict ") and job.phase.split()[1].isdigit():
         total = max(1, int(job.phase.split()[1]))
         what = "a slice, or a tile of a large slice" if total > n else "one slice"
@@ -67,8 +77,63 @@ def compose(image: np.ndarray, prob: np.ndarray, layers: list[str], opacity: flo
     return plain, shown
 
 
+#: The scores shown as cards above the per-slice table (all of METRICS are in the table).
+CARDS = ("pixel_error", "rand_f", "v_rand", "v_info", "vi_split", "vi_merge")
+
+
+def section(image: np.ndarray, neurons: np.ndarray, opacity: float = 0.5, stretch: int = 1) -> np.ndarray:
+    """An orthogonal section through the stack (rows are slices) as RGB: the grey image with each 3D
+    neuron in its own colour, every slice drawn ``stretch`` rows high so that a thin stack is visible."""
+    rgb = blend(overlay(window(image, *auto_window(image)), None, 0), instance_colours(neurons), opacity,
+                where=neurons > 0)
+    return np.repeat(rgb, max(1, stretch), axis=0)
+
+
+def sections(volume: Any, neurons: Any, slices: list[int], y: int, x: int, step: int = 1,
+             stretch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The XZ section at row ``y`` and the YZ section at column ``x`` through the predicted ``slices``
+    (``neurons[i]`` is slice ``slices[i]``), every ``step``-th pixel, read a row or a column at a time."""
+    xz = section(np.stack([volume[z, y, ::step] for z in slices]),
+                 np.stack([neurons[i, y, ::step] for i in range(len(slices))]), stretch=stretch)
+    yz = section(np.stack([volume[z, ::step, x] for z in slices]),
+                 np.stack([neurons[i, ::step, x] for i in range(len(slices))]), stretch=stretch)
+    return xz, yz
+
+
+def largest_errors(metrics: dict[str, Any], limit: int = 10) -> list[dict[str, Any]]:
+    """The largest merges and splits over all slices, largest first: slice, kind, pixels, parts, box."""
+    found = [{"slice": int(z), **e} for z, errors in (metrics.get("errors") or {}).items() for e in errors]
+    return sorted(found, key=lambda e: -e["pixels"])[:limit]
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    y0, x0, y1, x1 = error["box"]
+    what = (f"merge of {error['parts']} neurons" if error["kind"] == "merge"
+            else f"neuron split in {error['parts']}")
+    return f"slice {error['slice']}: {what}, {error['pixels']:,} pixels wrong, at rows {y0}-{y1}, columns {x0}-{x1}"
+
+
+def focus(box: list[int], shape: tuple[int, int]) -> tuple[int, int, int]:
+    """Annotate's zoom (1, 2, 4 or 8) and region centre (percent down, across) that show ``box``
+    (y0, x0, y1, x1) of a slice of ``shape`` with room around it."""
+    y0, x0, y1, x1 = box
+    height, width = shape
+    zoom = 1
+    for z in (2, 4, 8):
+        if height / z >= 1.5 * (y1 - y0) and width / z >= 1.5 * (x1 - x0):
+            zoom = z
+    return zoom, round(100 * (y0 + y1) / 2 / height), round(100 * (x0 + x1) / 2 / width)
+
+
+def neuron_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The largest 3D neurons as table rows."""
+    return [{"neuron": label, "voxels": voxels} for label, voxels in info.get("largest", [])]
+
+
 def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """The per-slice scores and their mean as table rows."""
+    """The per-slice scores and their mean as table rows (none without scores)."""
+    if not metrics.get("slices"):
+        return []
     rows = [{"slice": str(s), **{METRICS[k]: round(v, 4) for k, v in m.items() if k in METRICS}}
             for s, m in sorted(metrics["slices"].items(), key=lambda kv: int(kv[0]))]
     rows.append({"slice": "mean", **{METRICS[k]: round(v, 4) for k, v in metrics["mean"].items() if k in METRICS}})

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from unet.config import PRESETS, preset
+from unet.postprocess import DEFAULT_METHOD, METHODS
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -109,7 +110,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         result = segment_stack(model, volume, slices, threshold=args.threshold, with_instances=not args.no_instances,
-                               progress=progress, device=device, tile=args.tile, tta=args.tta)
+                               progress=progress, device=device, tile=args.tile, tta=args.tta,
+                               postprocess=args.postprocess)
     finally:
         for bar in bars.values():
             bar.close()
@@ -134,7 +136,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     targets = labels_to_target(labels[slices])
     if targets.shape != probs.shape:
         raise ValueError(f"prediction {probs.shape} and labels {targets.shape} differ in shape")
-    rows = [evaluate_slice(p, t) for p, t in zip(probs, targets, strict=True)]
+    rows = [evaluate_slice(p, t, method=args.postprocess) for p, t in zip(probs, targets, strict=True)]
     mean = mean_metrics(rows)
     # today's scores, then the field's: ISBI 2012's V_rand and V_info (thinned, best threshold) of the map,
     # CREMI's VI split and merge and adapted Rand error of the watershed's instances
@@ -190,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--no-instances", action="store_true")
+    p.add_argument("--postprocess", choices=METHODS, default=DEFAULT_METHOD,
+                   help=f"how neurons are made from the map (default {DEFAULT_METHOD})")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_predict)
 
@@ -198,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", required=True)
     e.add_argument("--slices", help="which label slices the prediction covers, e.g. 25-29")
     e.add_argument("--json")
+    e.add_argument("--postprocess", choices=METHODS, default=DEFAULT_METHOD,
+                   help=f"how the instances scored are made from the map (default {DEFAULT_METHOD})")
     e.set_defaults(func=_evaluate)
     return ap
 

@@ -26,7 +26,7 @@ from skimage.metrics import adapted_rand_error, variation_of_information
 from skimage.segmentation import watershed
 
 from unet.labels import IGNORE, NEURON, target_to_instances
-from unet.postprocess import instances, to_mask
+from unet.postprocess import DEFAULT_METHOD, segment, to_mask
 
 
 def _masks(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,13 +165,55 @@ def cremi_scores(seg: np.ndarray, gt_instances: np.ndarray) -> dict[str, float]:
     return {"vi_split": float(split), "vi_merge": float(merge), "are": float(error)}
 
 
-def evaluate_slice(prob: np.ndarray, target: np.ndarray, *, field: bool = True) -> dict[str, float]:
+def segmentation_errors(seg: np.ndarray, gt_instances: np.ndarray, *, min_pixels: int = 20,
+                        limit: int = 10, offset: tuple[int, int] = (0, 0)) -> list[dict]:
+    """The largest errors a person would fix, against ground-truth instances (label 0 is not counted):
+
+    - a **merge**: one instance of ``seg`` covers at least ``min_pixels`` of each of several true neurons;
+      its size is the pixels outside its largest true neuron;
+    - a **split**: one true neuron is covered (``min_pixels`` or more each) by several instances; its size
+      is the pixels outside its largest instance.
+
+    Returns the ``limit`` largest as dicts: ``kind``, ``pixels``, ``parts`` (neurons or instances
+    involved), ``label`` (the instance merged, or the true neuron split) and ``box`` (y0, x0, y1, x1 of the
+    instance or the neuron, shifted by ``offset``)."""
+    inside = gt_instances > 0
+    s, g = seg[inside].astype(np.int64), gt_instances[inside].astype(np.int64)
+    if not s.size:
+        return []
+    su, si = np.unique(s, return_inverse=True)
+    gu, gi = np.unique(g, return_inverse=True)
+    pairs, count = np.unique(si * len(gu) + gi, return_counts=True)
+    ps, pg = pairs // len(gu), pairs % len(gu)
+    real = count >= min_pixels
+    errors = []
+    for kind, own, other, labels, image in (("merge", ps, pg, su, seg), ("split", pg, ps, gu, gt_instances)):
+        own, other, sizes = own[real], other[real], count[real]
+        parts = np.bincount(own, minlength=len(labels))
+        total = np.bincount(own, weights=sizes, minlength=len(labels))
+        largest = np.zeros(len(labels))
+        np.maximum.at(largest, own, sizes)
+        for index in np.flatnonzero(parts >= 2):
+            errors.append({"kind": kind, "pixels": int(total[index] - largest[index]), "parts": int(parts[index]),
+                           "label": int(labels[index]), "image": image})
+    errors.sort(key=lambda e: -e["pixels"])
+    kept = []
+    for error in errors[:limit]:
+        ys, xs = np.nonzero(error.pop("image") == error["label"])
+        error["box"] = [int(ys.min()) + offset[0], int(xs.min()) + offset[1], int(ys.max()) + 1 + offset[0],
+                        int(xs.max()) + 1 + offset[1]]
+        kept.append(error)
+    return kept
+
+
+def evaluate_slice(prob: np.ndarray, target: np.ndarray, *, field: bool = True, seg: np.ndarray | None = None,
+                   method: str = DEFAULT_METHOD) -> dict[str, float]:
     """All metrics of one slice from a neuron probability map and its target: pixel scores, Rand-F and
-    VI of the watershed's instances and, with ``field``, the ISBI 2012 scores of the map (V_rand, V_info)
-    and CREMI's of the instances (VI split and merge, adapted Rand error)."""
+    VI of its instances (``seg``, or made by ``method``) and, with ``field``, the ISBI 2012 scores of the
+    map (V_rand, V_info) and CREMI's of the instances (VI split and merge, adapted Rand error)."""
     result = pixel_metrics(to_mask(prob), target)
     if np.any(target != IGNORE):
-        seg = instances(prob)
+        seg = segment(prob, method) if seg is None else seg
         gt = target_to_instances(target)
         result["rand_f"] = rand_f(seg, gt)
         result["vi"] = vi(seg, gt)

@@ -1,6 +1,7 @@
 """One segmentation pipeline, used by ``python -m unet predict`` and by the app's prediction process:
-network → neuron probabilities → mask (0/255) → neuron instances (a watershed per slice), scored against
-whatever labelled slices the caller has, written as ImageJ TIFFs under the same file names everywhere."""
+network → neuron probabilities → mask (0/255) → neuron instances (:func:`unet.postprocess.segment` per
+slice), scored against whatever labelled slices the caller has, written as ImageJ TIFFs under the same file
+names everywhere."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from unet.infer import iter_predict_stack
 from unet.io import write_tiff_atomic
 from unet.metrics import evaluate_slice, mean_metrics
 from unet.model import UNet
-from unet.postprocess import instances, to_mask
+from unet.postprocess import DEFAULT_METHOD, segment, to_mask
 
 #: The outputs of a segmentation, in the order they are written; each is saved as ``<name>.tif``.
 OUTPUTS = ("probabilities", "mask", "instances")
@@ -56,7 +57,8 @@ class Segmentation:
 def segment_stack(model: UNet, volume: np.ndarray, slices: list[int] | None = None, *,
                   targets: Mapping[int, np.ndarray] | None = None, threshold: float = 0.5,
                   with_instances: bool = True, progress: Progress | None = None,
-                  device: torch.device | None = None, **predict_options: Any) -> Segmentation:
+                  device: torch.device | None = None, postprocess: str = DEFAULT_METHOD,
+                  **predict_options: Any) -> Segmentation:
     """Segment slices of a stack.
 
     Args:
@@ -65,9 +67,9 @@ def segment_stack(model: UNet, volume: np.ndarray, slices: list[int] | None = No
         slices: which slices, in this order; all by default.
         targets: {slice: target} of labelled slices (0 membrane, 1 neuron, 255 unlabelled), to score
             each predicted slice that has one (pixel error, Dice, IoU, Rand-F, VI).
-        threshold: the neuron probability above which a pixel is neuron (mask and instances).
-        with_instances: also split the neuron mask into instances (a watershed per slice; on a CPU it
-            takes about as long as the network).
+        threshold: the neuron probability above which a pixel is neuron (the mask).
+        with_instances: also make neuron instances (on a CPU it takes about as long as the network).
+        postprocess: how (:data:`unet.postprocess.METHODS`), with the parameters chosen on ISBI 2012.
         progress: told ``(stage, done, total)`` after each slice of each stage.
         device: where the network runs (the model's device by default).
         **predict_options: passed to :func:`unet.infer.predict_slice` (``tile``, ``tta``, ``should_stop``).
@@ -86,14 +88,14 @@ def segment_stack(model: UNet, volume: np.ndarray, slices: list[int] | None = No
     for i, (z, prob) in enumerate(iter_predict_stack(model, volume, chosen, device=device, **predict_options)):
         probs[i] = prob
         if z in targets:
-            scores[str(z)] = evaluate_slice(prob, targets[z])  # (at 0.5, as in training)
+            scores[str(z)] = evaluate_slice(prob, targets[z], method=postprocess)  # (at 0.5, as in training)
         report("predict", i + 1, len(chosen))
     labels = None
     if with_instances:
         labels = np.empty(probs.shape, np.int32)
         for i, p in enumerate(probs):
             report("instances", i, len(chosen))
-            labels[i] = instances(p, threshold=threshold)
+            labels[i] = segment(p, postprocess)
         report("instances", len(chosen), len(chosen))
     metrics = {"slices": scores, "mean": mean_metrics(list(scores.values()))} if scores else None
     return Segmentation(chosen, probs, to_mask(probs, threshold) * np.uint8(255), labels, metrics)
