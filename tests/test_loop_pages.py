@@ -115,7 +115,7 @@ def test_train_predict_correct_and_review(app_data_dir):
     zoom, cy, cx = focus(worst[0]["box"], (256, 256))
     assert errors_at.title[0].value == "Annotate"  # on the error's slice, from this prediction, zoomed on it
     assert errors_at.session_state["drafts"][(demo.id, worst[0]["slice"])].source == "prediction"
-    assert (errors_at.session_state["annotate_zoom"], errors_at.session_state["annotate_cy"]) == (zoom, cy)
+    assert tuple(errors_at.session_state[k] for k in ("annotate_zoom", "annotate_cy", "annotate_cx")) == (zoom, cy, cx)
 
     # --- Correct this slice → Annotate starts from the prediction; the save is predicted→painted ---------
     at.button(key="correct_slice").click().run()
