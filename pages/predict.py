@@ -207,17 +207,21 @@ def neurons_view(job, volume, info) -> None:
     with st.expander(f"3D neurons: {info['count']} linked across the predicted slices", expanded=False):
         st.caption("Each slice's neurons are linked to the neighbouring slice's by overlap (each the other's best "
                    "match, covering half of the smaller). Slices that were not predicted break the chain.")
+        st.dataframe(neuron_rows(info), hide_index=True, key=f"neuron_sizes_{job.id}")
+        # read only when asked: a section reads a row (or a column) of every predicted slice
+        if not st.toggle("Sections through the stack (XZ and YZ)", key=f"neuron_sections_{job.id}"):
+            return
         height, width = volume.shape[1:]
         a, b = st.columns(2)
         y = a.slider("XZ section at row", 0, height - 1, height // 2, key=f"neuron_y_{job.id}")
         x = b.slider("YZ section at column", 0, width - 1, width // 2, key=f"neuron_x_{job.id}")
         neurons = svc.prediction_output(job.id, "neurons")
         s = max(1, max(height, width) // 768)
-        stretch = max(1, min(8, max(height, width) // s // (4 * len(job.slices))))
-        xz, yz = sections(volume, neurons, job.slices, y, x, s, stretch)
+        shown = job.slices[:512]  # at most 512 slices (a taller section would not fit the page anyway)
+        stretch = max(1, min(8, max(height, width) // s // (4 * len(shown))))
+        xz, yz = sections(volume, neurons, shown, y, x, s, stretch)
         a.image(xz, caption=f"XZ at row {y} (slices top to bottom)")
         b.image(yz, caption=f"YZ at column {x} (slices top to bottom)")
-        st.dataframe(neuron_rows(info), hide_index=True, key=f"neuron_sizes_{job.id}")
 
 
 z = viewer(job)
