@@ -220,8 +220,8 @@ def neurons_view(job, volume, info) -> None:
         shown = job.slices[:512]  # at most 512 slices (a taller section would not fit the page anyway)
         stretch = max(1, min(8, max(height, width) // s // (4 * len(shown))))
         xz, yz = sections(volume, neurons, shown, y, x, s, stretch)
-        a.image(xz, caption=f"XZ at row {y} (slices top to bottom)")
-        b.image(yz, caption=f"YZ at column {x} (slices top to bottom)")
+        a.image(xz, caption=f"XZ at row {y} (slices top to bottom)", width="stretch")
+        b.image(yz, caption=f"YZ at column {x} (slices top to bottom)", width="stretch")
 
 
 z = viewer(job)
