@@ -21,6 +21,7 @@ from storage.files import FileStore
 from storage.masks import latest_mask, load_mask
 from storage.models import Checkpoint, Dataset, Run
 from storage.records import NotFound, RunStatus, UserError
+from unet.postprocess import DEFAULT_METHOD
 
 # how much worse than its parent or the best a run may score before it is flagged (noise on a few slices)
 TOLERANCE = {"pixel_error": 0.002, "rand_f": 0.005, "vi": 0.02}
@@ -130,7 +131,7 @@ def _score_checkpoint(session: Session, store: FileStore, checkpoint: Checkpoint
 def _record(run: Run, dataset_id: int, frozen: HeldOut, checkpoint: Checkpoint, metrics: dict[str, float]) -> None:
     scores = dict(run.held_out or {})
     scores[str(dataset_id)] = {"version": frozen.version, "slices": frozen.slices, "step": checkpoint.step,
-                               "checkpoint_id": checkpoint.id, "metrics": metrics}
+                               "checkpoint_id": checkpoint.id, "metrics": metrics, "postprocess": DEFAULT_METHOD}
     run.held_out = scores  # a new dict: the JSON column sees the change
 
 
@@ -167,8 +168,12 @@ def _parent_run(session: Session, run: Run) -> Run | None:
 
 
 def _score_of(run: Run, dataset_id: int, version: int) -> dict[str, float] | None:
+    """The run's score on this held-out version, made with today's post-processing (Rand-F and VI depend
+    on how instances are made: a score from before the default changed is not compared, it is redone)."""
     entry = (run.held_out or {}).get(str(dataset_id))
-    return entry["metrics"] if entry and entry.get("version") == version and entry.get("metrics") else None
+    if not entry or entry.get("version") != version or not entry.get("metrics"):
+        return None
+    return entry["metrics"] if entry.get("postprocess", "watershed") == DEFAULT_METHOD else None
 
 
 def worse(metrics: dict[str, float], reference: dict[str, float] | None) -> list[str]:

@@ -226,6 +226,14 @@ def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_pat
         assert again.version == 2 and svc.held_out_scores(ds) == []
         assert svc.score_run(good.id) == 1
         assert [s.run_id for s in svc.held_out_scores(ds)] == [good.id]
+        # a score made before the default post-processing changed (Rand-F and VI depend on it) is redone
+        from storage.models import Run
+
+        with svc.sessions.begin() as session:
+            row = session.get(Run, good.id)
+            row.held_out = {str(ds): {**row.held_out[str(ds)], "postprocess": "watershed"}}
+        assert svc.held_out_scores(ds) == []
+        assert svc.score_run(good.id) == 1 and [s.run_id for s in svc.held_out_scores(ds)] == [good.id]
     finally:
         svc.close()
 
