@@ -148,7 +148,10 @@ def _model(folder: Path, which: str) -> None:
         shutil.copy(path, folder / path.name)
         shutil.copy(path.with_suffix(".json"), folder / path.with_suffix(".json").name)
     else:
+        import torch
+
         config = preset("tiny")
+        torch.manual_seed(0)  # the same untrained weights every run: their maps decide the watershed's cost
         save_checkpoint(folder / "tiny.pt", UNet(config.model),
                         meta={"kind": "starter", "step": 1, "train_config": config.to_dict()})
     os.environ["NEUROSEG_STARTER_DIR"] = str(folder)

@@ -656,13 +656,14 @@ def link_neurons(job: BlockJob, shape: tuple[int, int], largest: int = 20) -> di
     out = output_path(job.out, "neurons")
     digest = hashlib.sha256()
     for i, table in enumerate(tables):
+        of_slice = hashlib.sha256()  # the slice's digest as the other outputs' (its bytes in C order)
         for r in range(0, height, band):
             rows = (r, min(r + band, height))
-            neurons = table[np.asarray(instances[i, rows[0]:rows[1]])].astype(np.int32)
+            neurons = np.ascontiguousarray(table[np.asarray(instances[i, rows[0]:rows[1]])], dtype=np.int32)
             write_slice(out, i, neurons, rows, (0, shape[1]))
+            of_slice.update(neurons.data)
             voxels += np.bincount(neurons.ravel(), minlength=count + 1)
-    for i in range(len(job.slices)):  # the digest of the whole output, slice by slice as the others
-        digest.update(_stream_digest(out, i, height, band).encode())
+        digest.update(of_slice.hexdigest().encode())
     order = np.argsort(voxels[1:])[::-1][:largest] + 1
     record = {"count": count, "largest": [[int(n), int(voxels[n])] for n in order if voxels[n] > 0],
               "sha256": digest.hexdigest()}

@@ -74,16 +74,17 @@ def link_stack(read: Callable[[int, int, int], np.ndarray], count: int, height: 
     ``table[label]`` is that instance's neuron, numbered from 1 in the order neurons first appear
     (``table[0]`` is 0)."""
     touching = list(neighbours) if neighbours is not None else [True] * max(count - 1, 0)
-    maxima = [0] * count
+    maxima: list[int | None] = [None] * count
     edges = []
     for i in range(count - 1):
-        pairs, maxima[i], maxima[i + 1] = slice_links(lambda r0, r1, i=i: read(i, r0, r1),
-                                                      lambda r0, r1, i=i: read(i + 1, r0, r1), height, band,
-                                                      min_overlap)
-        if touching[i]:
+        if touching[i]:  # (slices that do not touch are not compared: each is read once, for its largest label)
+            pairs, maxima[i], maxima[i + 1] = slice_links(lambda r0, r1, i=i: read(i, r0, r1),
+                                                          lambda r0, r1, i=i: read(i + 1, r0, r1), height, band,
+                                                          min_overlap)
             edges.append((i, pairs))
-    if count == 1:
-        maxima[0] = max(int(read(0, r, min(r + band, height)).max(initial=0)) for r in range(0, height, band))
+    for i in range(count):
+        if maxima[i] is None:
+            maxima[i] = max(int(read(i, r, min(r + band, height)).max(initial=0)) for r in range(0, height, band))
     offsets = np.concatenate([[0], np.cumsum([m + 1 for m in maxima])]).astype(np.int64)
     nodes = int(offsets[-1])
     src = np.concatenate([offsets[i] + pairs[:, 0] for i, pairs in edges]) if edges else np.zeros(0, np.int64)
