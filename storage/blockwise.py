@@ -389,17 +389,19 @@ def run_tile(job: BlockJob, block: Block, target: np.ndarray | None = None) -> d
     write_slice(output_path(job.out, "probabilities"), block.index, prob[core], block.rows, block.cols)
     write_slice(output_path(job.out, "mask"), block.index, to_mask(prob[core], job.threshold) * np.uint8(255),
                 block.rows, block.cols)
+    labels = segment(prob, job.method).astype(np.int64) + (np.int64(block.part) << 32) if job.with_instances else None
     record: dict[str, Any] = {"slice": z, "part": block.part, "scores": None, "labelled": 0, "errors": []}
     if target is not None:
         from unet.labels import IGNORE
 
         record["labelled"] = int(np.count_nonzero(target != IGNORE))
         if record["labelled"]:
-            record["scores"] = evaluate_slice(prob[core], target, method=job.method)
-    if job.with_instances:
-        labels = segment(prob, job.method).astype(np.int64) + (np.int64(block.part) << 32)
-        if record["labelled"]:  # the tile's own errors (labels are the tile's: enough to find the place)
-            record["errors"] = _errors(labels[core], target, offset=(y0, x0))
+            # (numbered from 1 as the tile's watershed made them, for the scores)
+            core_labels = labels[core] - (np.int64(block.part) << 32) if labels is not None else None
+            record["scores"] = evaluate_slice(prob[core], target, seg=core_labels, method=job.method)
+            # the tile's own errors (its labels are the tile's: enough to find the place)
+            record["errors"] = _errors(core_labels, target, offset=(y0, x0))
+    if labels is not None:
         with zarr.config.set({"array.write_empty_chunks": True}):
             _open_raw(job, block.index, shape)[y0:y1, x0:x1] = labels[core]
         bands = {}
@@ -420,13 +422,10 @@ def _matches(a: np.ndarray, a_at: np.ndarray, b: np.ndarray, b_at: np.ndarray) -
     y1, x1 = min(a_at[0] + a.shape[0], b_at[0] + b.shape[0]), min(a_at[1] + a.shape[1], b_at[1] + b.shape[1])
     if y1 <= y0 or x1 <= x0:
         return np.zeros((0, 2), np.int64)
-    la = a[y0 - a_at[0]:y1 - a_at[0], x0 - a_at[1]:x1 - a_at[1]].ravel()
-    lb = b[y0 - b_at[0]:y1 - b_at[0], x0 - b_at[1]:x1 - b_at[1]].ravel()
-    ua, ia = np.unique(la, return_inverse=True)
-    ub, ib = np.unique(lb, return_inverse=True)
-    pairs, counts = np.unique(ia.astype(np.int64) * len(ub) + ib, return_counts=True)
-    pa, pb = pairs // len(ub), pairs % len(ub)
-    area_a, area_b = np.bincount(ia, minlength=len(ua)), np.bincount(ib, minlength=len(ub))
+    from unet.metrics import contingency
+
+    ua, area_a, ub, area_b, pa, pb, counts = contingency(a[y0 - a_at[0]:y1 - a_at[0], x0 - a_at[1]:x1 - a_at[1]],
+                                                         b[y0 - b_at[0]:y1 - b_at[0], x0 - b_at[1]:x1 - b_at[1]])
     iou = counts / (area_a[pa] + area_b[pb] - counts)
     keep = iou > 0.5
     return np.stack([ua[pa[keep]], ub[pb[keep]]], axis=1)

@@ -88,6 +88,17 @@ def thin_borders(labels: np.ndarray) -> np.ndarray:
     return watershed(distance, markers=labels, watershed_line=True)
 
 
+def contingency(a: np.ndarray, b: np.ndarray):
+    """The overlap of two labellings of the same pixels (flat or not): the labels of each (``ua``, ``ub``),
+    their pixels (``area_a``, ``area_b``), and every pair that meets, as indices into ``ua`` and ``ub``
+    with its pixels (``pa``, ``pb``, ``count``)."""
+    ua, ia = np.unique(np.ravel(a), return_inverse=True)
+    ub, ib = np.unique(np.ravel(b), return_inverse=True)
+    pairs, count = np.unique(ia.astype(np.int64) * len(ub) + ib, return_counts=True)
+    area_a, area_b = np.bincount(ia, minlength=len(ua)), np.bincount(ib, minlength=len(ub))
+    return ua, area_a, ub, area_b, pairs // len(ub), pairs % len(ub), count
+
+
 def _foreground_table(seg: np.ndarray, gt: np.ndarray):
     """Over the pixels of ground-truth objects (gt > 0): the number n of them, the pixels of each gt
     object, of each proposal object and of each (gt, proposal) pair, and how many are proposal border (0)."""
@@ -96,11 +107,7 @@ def _foreground_table(seg: np.ndarray, gt: np.ndarray):
     n = g.size
     border = s == 0
     _, per_gt = np.unique(g, return_counts=True)
-    g, s = g[~border], s[~border]
-    _, gi = np.unique(g, return_inverse=True)
-    su, si = np.unique(s, return_inverse=True)
-    per_seg = np.bincount(si, minlength=len(su))
-    _, per_pair = np.unique(gi.astype(np.int64) * len(su) + si, return_counts=True)
+    _, _, _, per_seg, _, _, per_pair = contingency(g[~border], s[~border])
     return n, per_gt, per_seg, per_pair, int(border.sum())
 
 
@@ -178,13 +185,9 @@ def segmentation_errors(seg: np.ndarray, gt_instances: np.ndarray, *, min_pixels
     involved), ``label`` (the instance merged, or the true neuron split) and ``box`` (y0, x0, y1, x1 of the
     instance or the neuron, shifted by ``offset``)."""
     inside = gt_instances > 0
-    s, g = seg[inside].astype(np.int64), gt_instances[inside].astype(np.int64)
-    if not s.size:
+    if not inside.any():
         return []
-    su, si = np.unique(s, return_inverse=True)
-    gu, gi = np.unique(g, return_inverse=True)
-    pairs, count = np.unique(si * len(gu) + gi, return_counts=True)
-    ps, pg = pairs // len(gu), pairs % len(gu)
+    su, _, gu, _, ps, pg, count = contingency(seg[inside], gt_instances[inside])
     real = count >= min_pixels
     errors = []
     for kind, own, other, labels, image in (("merge", ps, pg, su, seg), ("split", pg, ps, gu, gt_instances)):
