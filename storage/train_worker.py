@@ -140,16 +140,9 @@ def run_worker(run_id: int, settings: Settings) -> int:
     process runs this; rank 0 is the worker the store knows (it claims the run under the launcher's pid,
     whose process tree the supervisor signals; it keeps the heartbeat, reports and checkpoints), the others
     train their share of each batch and follow its decisions."""
-    from unet.train import distributed, end_distributed, init_distributed
+    from unet.train import run_distributed
 
-    init_distributed()
-    clean = False
-    try:
-        code = _run_worker(run_id, settings, *distributed())
-        clean = True
-        return code
-    finally:
-        end_distributed(clean)
+    return run_distributed(lambda rank, world: _run_worker(run_id, settings, rank, world))
 
 
 def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:

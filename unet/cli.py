@@ -21,16 +21,10 @@ from unet.postprocess import DEFAULT_METHOD, METHODS
 
 
 def _train(args: argparse.Namespace) -> int:
-    from unet.train import distributed, end_distributed, init_distributed
+    from unet.train import run_distributed
 
-    init_distributed()  # under torchrun: one process per GPU (gloo on CPUs), same checkpoints and curves
-    clean = False
-    try:
-        code = _train_here(args, *distributed())
-        clean = True
-        return code
-    finally:
-        end_distributed(clean)
+    # under torchrun: one process per GPU (gloo on CPUs), same checkpoints and curves
+    return run_distributed(lambda rank, world: _train_here(args, rank, world))
 
 
 def _train_here(args: argparse.Namespace, rank: int, world: int) -> int:
