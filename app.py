@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import author_input, flash, owner, remember_in_browser, select_dataset, service, show_flashes
+from pages.common import (
+    account_menu,
+    can,
+    flash,
+    owner,
+    remember_in_browser,
+    select_dataset,
+    service,
+    show_flashes,
+    sign_in_gate,
+    signed_in_user,
+)
 from storage.service import AlreadyLoaded, UserError, isbi_dir
 
 st.set_page_config(page_title="Neuroseg", page_icon="🧠", layout="wide")
@@ -15,8 +26,7 @@ def _load(which: str) -> None:
     svc = service()
     try:
         with st.spinner(f"Loading the {which} dataset …"):
-            info = svc.load_demo(st.session_state.get("author", "")) if which == "demo" else svc.load_isbi(
-                st.session_state.get("author", ""))
+            info = svc.load_demo() if which == "demo" else svc.load_isbi()
     except AlreadyLoaded as exc:
         select_dataset(exc.dataset_id)
         flash(f"Not loaded again: {exc}; it is selected.", "info")
@@ -51,11 +61,16 @@ def home() -> None:
     st.subheader("Try it")
     if overview.datasets == 0:
         st.write("The store is empty. Load a dataset to try everything in a minute, or upload your own stack.")
+    if not can("create"):
+        st.info(f"Your role ({service().actor.role}) can look at everything and export it; an admin can give "
+                "you the annotator role to upload, annotate, train and predict.", icon=":material/visibility:")
     b1, b2 = st.columns(2)
-    b1.button("Load demo dataset", on_click=_load, args=("demo",), help="A synthetic EM stack (8 × 256 × 256) "
+    b1.button("Load demo dataset", on_click=_load, args=("demo",), disabled=not can("create"),
+              help="A synthetic EM stack (8 × 256 × 256) "
               "with exact labels, made on the spot.", width="stretch")
     if isbi_dir() is not None:
         b2.button("Load ISBI 2012 sample", on_click=_load, args=("ISBI 2012",), width="stretch",
+                  disabled=not can("create"),
                   help=f"The ISBI 2012 training stack (30 × 512 × 512, with labels) from {isbi_dir()}.")
     else:
         b2.caption("The ISBI 2012 sample appears here when its files are in `../shared/data/isbi2012/` "
@@ -68,6 +83,7 @@ def home() -> None:
         (train, "train a U-Net in the background and follow it live"),
         (predict, "segment a stack with a checkpoint, look at overlays and errors, export"),
         (runs, "every run with its data, curves and checkpoints; compare runs"),
+        *([(admin, "users and roles, the audit trail, disk use and the training queue")] if can("admin") else []),
     ):
         st.page_link(page, label=f"**{page.title}**: {text}", icon=page.icon)
 
@@ -78,10 +94,17 @@ annotate = st.Page("pages/annotate.py", title="Annotate", icon=":material/brush:
 train = st.Page("pages/train.py", title="Train", icon=":material/model_training:", url_path="train")
 predict = st.Page("pages/predict.py", title="Predict", icon=":material/auto_awesome:", url_path="predict")
 runs = st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs")
-page = st.navigation([home_page, datasets, annotate, train, predict, runs])
+admin = st.Page("pages/admin.py", title="Admin", icon=":material/admin_panel_settings:", url_path="admin")
+everything = [home_page, datasets, annotate, train, predict, runs, admin]
+# Nobody signed in: every page's URL leads to the sign-in form (the menu is hidden); the Admin page is
+# listed for admins only (its service calls refuse everyone else anyway).
+signed = signed_in_user()
+page = st.navigation(everything if signed is None or can("admin") else everything[:-1],
+                     position="sidebar" if signed is not None else "hidden")
+sign_in_gate(signed)
 
 with st.sidebar:
-    author_input()
+    account_menu()
     remember_in_browser()
 if page.title != "Annotate":
     in_session = {key: d for key, d in st.session_state.get("drafts", {}).items() if d.dirty}

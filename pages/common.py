@@ -1,12 +1,13 @@
-"""What every page shares: the service (opened once per server process), the user's name, the selected
-dataset, the guard against Streamlit's folder mode, and a few renderers. Widgets' own keys vanish from
-``st.session_state`` on pages that do not show them, so what must survive a change of page is kept under
-plain keys, and what must survive a reload is kept in the URL (the dataset) or a cookie (the name)."""
+"""What every page shares: the service (opened once per server process, bound to the signed-in user), the
+sign-in gate, the selected dataset, the guard against Streamlit's folder mode, and a few renderers.
+Widgets' own keys vanish from ``st.session_state`` on pages that do not show them, so what must survive a
+change of page is kept under plain keys, and what must survive a reload is kept in the URL (the dataset)
+or a cookie (the sign-in)."""
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import unquote
@@ -14,7 +15,7 @@ from urllib.parse import unquote
 import numpy as np
 import streamlit as st
 
-from storage.service import Neuroseg, UserError, settings_from_env
+from storage.service import Actor, Neuroseg, UserError, settings_from_env
 
 
 @st.cache_resource(show_spinner="Opening the store …")
@@ -23,9 +24,31 @@ def _service(data_dir: str, database_url: str) -> Neuroseg:
     return Neuroseg(settings_from_env(data_dir, database_url))
 
 
-def service() -> Neuroseg:
+def base_service() -> Neuroseg:
+    """The process's service, acting as nobody in particular (sign-in only)."""
     settings = settings_from_env()
     return _service(str(settings.data_dir), settings.database_url)
+
+
+NOBODY = Actor(None, "anonymous", "none")  # no right at all: every guarded call is refused
+
+
+def service() -> Neuroseg:
+    """The service acting as the signed-in user: every call is checked against their role and recorded
+    under their name (:func:`sign_in_gate` has made sure there is one before a page runs)."""
+    return base_service().acting_as(st.session_state.get("actor") or NOBODY)
+
+
+def actor() -> Actor:
+    return st.session_state.get("actor") or NOBODY
+
+
+def can(right: str) -> bool:
+    """Whether the signed-in user's role has ``right`` (pages use it to show what they may do; the
+    service checks again on every call)."""
+    from storage.service import RIGHTS
+
+    return right in RIGHTS.get(actor().role, set())
 
 
 def start_page(title: str) -> Neuroseg:
@@ -78,14 +101,16 @@ def frame_guard() -> None:
 
 
 T = TypeVar("T")
-USER_COOKIE, BROWSER_COOKIE = "neuroseg_user", "neuroseg_browser"
+SESSION_COOKIE = "neuroseg_session"
 _COOKIES_JS = """
 export default function ({ data }) {
-  const year = 365 * 24 * 3600;
-  for (const [name, value] of Object.entries(data || {})) {
+  // {name: [value, seconds]}: "" deletes the cookie
+  for (const [name, [value, seconds]] of Object.entries(data || {})) {
     const current = document.cookie.split("; ").find((c) => c.startsWith(name + "="));
     const wanted = name + "=" + encodeURIComponent(value);
-    if (current !== wanted) document.cookie = wanted + "; path=/; max-age=" + year + "; SameSite=Strict";
+    if (value ? current === wanted : !current) continue;
+    const secure = location.protocol === "https:" ? "; Secure" : "";
+    document.cookie = wanted + "; path=/; max-age=" + (value ? seconds : 0) + "; SameSite=Strict" + secure;
   }
 }
 """
@@ -142,24 +167,17 @@ def _cookie(name: str) -> str:
     return unquote(value) if isinstance(value, str) else ""  # (AppTest hands out a mock)
 
 
-def browser_id() -> str:
-    """This browser's own id (a cookie), for the drafts of a user who has not given a name."""
-    if "browser_id" not in st.session_state:
-        st.session_state["browser_id"] = _cookie(BROWSER_COOKIE) or uuid.uuid4().hex
-    return st.session_state["browser_id"]
-
-
 def owner() -> str:
-    """Whose drafts these are: the user's name, else this browser."""
-    name = st.session_state.get("author", "")
-    return f"name:{name}" if name else f"browser:{browser_id()}"
+    """Whose drafts and live views these are: the signed-in user's."""
+    return f"user:{actor().user_id}"
 
 
 def remember_in_browser() -> None:
-    """Keep the name and this browser's id in cookies, so a reload or a new tab finds them (the frame
-    calls this on every run; the component writes only what changed)."""
-    _components()[0](data={USER_COOKIE: st.session_state.get("author", ""), BROWSER_COOKIE: browser_id()},
-                     key="neuroseg_cookies", height=0)
+    """Keep the sign-in in a cookie, so a reload or a new tab finds it (the frame calls this on every run;
+    the component writes only what changed). The cookie lives as long as the session in the store."""
+    token = st.session_state.get("auth_token", "")
+    hours = float(os.environ.get("NEUROSEG_SESSION_HOURS", "12"))
+    _components()[0](data={SESSION_COOKIE: [token, int(hours * 3600)]}, key="neuroseg_cookies", height=0)
 
 
 def leave_guard(armed: bool) -> None:
@@ -170,20 +188,152 @@ def leave_guard(armed: bool) -> None:
     _components()[1](data={"armed": armed, "run": time.time() * 1000}, key="neuroseg_leave_guard", height=0)
 
 
-def author_input() -> str:
-    """'Your name', remembered for the browser (a cookie) and so for reloads; saved versions carry it."""
-    if "author" not in st.session_state:
-        st.session_state["author"] = _cookie(USER_COOKIE).strip()[:100]
-    if "author_widget" not in st.session_state:
-        st.session_state["author_widget"] = st.session_state.get("author", "")
+def client_address() -> str:
+    """The browser's address: the one the server sees, or behind a reverse proxy that says so
+    (``NEUROSEG_BEHIND_PROXY=1``) the one the proxy puts in ``X-Forwarded-For``."""
+    address = ""
+    try:
+        address = st.context.ip_address or ""
+        if os.environ.get("NEUROSEG_BEHIND_PROXY") == "1":
+            forwarded = st.context.headers.get("X-Forwarded-For", "") or st.context.headers.get("X-Real-Ip", "")
+            address = forwarded.split(",")[0].strip() or address
+    except Exception:  # no browser (AppTest)
+        pass
+    return str(address)[:64]
 
-    def remember() -> None:
-        st.session_state["author"] = st.session_state["author_widget"].strip()
 
-    st.text_input("Your name", key="author_widget", on_change=remember, max_chars=100,
-                  help="Saved with every mask version you make.")
-    st.session_state["author"] = st.session_state["author_widget"].strip()
-    return st.session_state["author"]
+def _sso_configured() -> bool:
+    try:
+        return "auth" in st.secrets
+    except Exception:  # no secrets file
+        return False
+
+
+def _signed_in() -> Actor | None:
+    """The user of this browser: the session token this Streamlit session holds or the browser's cookie
+    sends, else a single sign-on that has just come back (``st.user``). None: nobody (the reason is left
+    in ``auth_message``)."""
+    svc = base_service()
+    token = st.session_state.get("auth_token") or _cookie(SESSION_COOKIE)
+    address = client_address()
+    if token:
+        try:
+            who = svc.signed_in(token, address)
+        except UserError as exc:
+            st.session_state["auth_token"] = ""
+            if "expired" in str(exc):
+                st.session_state["auth_message"] = str(exc)
+        else:
+            st.session_state["auth_token"] = token
+            return who
+    if _sso_configured() and getattr(st.user, "is_logged_in", False):
+        claims = st.user.to_dict()
+        try:
+            who, token = svc.sign_in_oidc(str(claims.get("iss", "")), str(claims.get("sub", "")),
+                                          email=str(claims.get("email", "") or ""),
+                                          name=str(claims.get("name", "") or ""),
+                                          preferred=str(claims.get("preferred_username", "") or ""), address=address)
+        except UserError as exc:
+            st.session_state["auth_message"] = str(exc)
+            return None
+        st.session_state["auth_token"] = token
+        return who
+    return None
+
+
+def signed_in_user() -> Actor | None:
+    """Who this browser is signed in as (None: nobody); what the frame asks first, on every run."""
+    who = _signed_in()
+    st.session_state["actor"] = who
+    return who
+
+
+def sign_in_gate(who: Actor | None) -> Actor:
+    """Before any page runs (``app.py``): the signed-in user, or the sign-in form and nothing else (then
+    the script stops); a user with a one-time password sees only the form that changes it."""
+    if who is None:
+        _sign_in_form()
+        st.stop()
+    st.session_state["author"] = who.username
+    if who.must_change_password:
+        _change_password_form(first=True)
+        st.stop()
+    return who
+
+
+def _sign_in_form() -> None:
+    remember_in_browser()  # (deletes a stale cookie)
+    st.title("Neuroseg")
+    st.subheader("Sign in")
+    message = st.session_state.pop("auth_message", "")
+    if message:
+        st.warning(message, icon=":material/lock_clock:")
+    with st.form("sign_in", enter_to_submit=True):
+        username = st.text_input("User name", max_chars=64, autocomplete="username")
+        password = st.text_input("Password", type="password", autocomplete="current-password")
+        submitted = st.form_submit_button("Sign in", type="primary")
+    if submitted:
+        try:
+            who, token = base_service().sign_in(username, password, client_address())
+        except UserError as exc:
+            st.error(str(exc))
+        else:
+            st.session_state["auth_token"], st.session_state["actor"] = token, who
+            st.rerun()
+    if _sso_configured():
+        st.divider()
+        label = os.environ.get("NEUROSEG_SSO_LABEL", "your institution")
+        if st.button(f"Sign in with {label}", icon=":material/badge:"):
+            st.login()
+
+
+def _change_password_form(first: bool = False) -> None:
+    who = actor()
+    if first:
+        st.title("Neuroseg")
+        st.subheader("Choose your password")
+        st.info(f"Signed in as **{who.username}** with a one-time password: choose your own to go on.")
+    with st.form("change_password", clear_on_submit=True):
+        old = st.text_input("Current password", type="password", autocomplete="current-password")
+        new = st.text_input("New password", type="password", autocomplete="new-password",
+                            help="At least 8 characters.")
+        again = st.text_input("New password again", type="password", autocomplete="new-password")
+        done = st.form_submit_button("Change password", type="primary")
+    if done:
+        if new != again:
+            st.error("The two new passwords differ.")
+            return
+        try:
+            now = service().change_password(old, new, st.session_state.get("auth_token", ""))
+        except UserError as exc:
+            st.error(str(exc))
+            return
+        st.session_state["actor"] = now
+        flash("Your password is changed; other browsers signed in as you are signed out.")
+        st.rerun()
+
+
+def account_menu() -> None:
+    """The sidebar's account box: who is signed in, their role, change password, sign out."""
+    who = actor()
+    st.caption(f"Signed in as **{who.display_name or who.username}** · {who.role}")
+    with st.popover("Account", icon=":material/person:"):
+        st.write(f"User **{who.username}**, role **{who.role}**.")
+        _change_password_form()
+        if st.button("Sign out", icon=":material/logout:"):
+            sign_out()
+
+
+def sign_out() -> None:
+    token = st.session_state.get("auth_token", "")
+    if token:
+        service().sign_out(token)
+    for key in ("auth_token", "actor", "author"):
+        st.session_state.pop(key, None)
+    st.session_state["auth_token"] = ""
+    if _sso_configured() and getattr(st.user, "is_logged_in", False):
+        st.logout()
+    st.rerun()
 
 
 def select_dataset(dataset_id: int) -> None:

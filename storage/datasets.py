@@ -32,7 +32,8 @@ def _dataset_info(session: Session, row: Dataset) -> DatasetInfo:
     labelled = session.scalar(select(func.count(func.distinct(MaskVersion.slice_index)))
                               .where(MaskVersion.dataset_id == row.id)) or 0
     return DatasetInfo(row.id, row.name, (row.z, row.y, row.x), row.dtype, row.source_name, row.pixel_size_nm,
-                       row.sha256, row.size_bytes, row.created, row.notes, int(labelled))
+                       row.sha256, row.size_bytes, row.created, row.notes, int(labelled), row.owner_id,
+                       row.owner.username if row.owner else "")
 
 
 def _display_name(source: str | os.PathLike | BinaryIO, given: str | None) -> str:

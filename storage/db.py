@@ -39,9 +39,24 @@ def upgrade(engine: Engine) -> None:
     """Apply every Alembic migration not yet applied (the first one creates the whole schema)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:  # SQLite alters a table by copying it; dropping the old copy with foreign keys on would
+            # cascade into the rows that refer to it (the masks of a dataset), so they are off meanwhile
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:  # rolls the migration back
+                        raise RuntimeError(f"the migrated store has broken references: {broken[:5]}")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint, text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from storage.records import RunStatus
@@ -18,6 +18,62 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+ROLES = ("admin", "annotator", "viewer")
+
+
+class User(Base):
+    """Who signs in: a local account (an argon2id hash of its password) or one made at the first single
+    sign-on of an identity (``oidc_issuer`` + ``oidc_subject``); the same row either way."""
+
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("oidc_issuer", "oidc_subject", name="uq_user_oidc"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    email: Mapped[str] = mapped_column(String(320), default="")
+    role: Mapped[str] = mapped_column(String(16), default="viewer")  # ROLES
+    password_hash: Mapped[str | None] = mapped_column(String(255))  # None: signs in by single sign-on only
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
+    oidc_issuer: Mapped[str | None] = mapped_column(String(500))
+    oidc_subject: Mapped[str | None] = mapped_column(String(255))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_queued_runs: Mapped[int] = mapped_column(default=1)  # training runs waiting at once (an admin raises it)
+    failed_sign_ins: Mapped[int] = mapped_column(default=0)  # wrong passwords in a row
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # slowed down until then
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_sign_in: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SignIn(Base):
+    """A signed-in browser: the SHA-256 of the token its cookie holds (never the token), until it expires
+    or signs out."""
+
+    __tablename__ = "sign_ins"
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    address: Mapped[str] = mapped_column(String(64), default="")
+    method: Mapped[str] = mapped_column(String(16), default="password")  # password | oidc
+
+
+class AuditEvent(Base):
+    """One thing someone did or tried: who (the user, and the name as it was), when, what, on what, from
+    which address, and whether it was done, refused or failed."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_time", "time"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    username: Mapped[str] = mapped_column(String(64), default="")
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    target: Mapped[str] = mapped_column(String(120), default="")  # "dataset 3", "run 7", "user bob"
+    outcome: Mapped[str] = mapped_column(String(16), default="ok")  # ok | refused | failed
+    detail: Mapped[str] = mapped_column(Text, default="")
+    address: Mapped[str] = mapped_column(String(64), default="")
 
 
 MASK_KINDS = ("uploaded", "painted", "scribble", "predicted", "predicted→painted")
@@ -45,6 +101,8 @@ class Dataset(Base):
     held_out: Mapped[list[dict[str, int]] | None] = mapped_column(JSON)
     held_out_version: Mapped[int] = mapped_column(default=0, server_default="0")
     default_checkpoint_id: Mapped[int | None]  # the promoted model: Predict and Live start from it
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    owner: Mapped[User | None] = relationship(lazy="joined")
     masks: Mapped[list[MaskVersion]] = relationship(back_populates="dataset", cascade="all, delete-orphan",
                                                     passive_deletes=True)
 
@@ -115,6 +173,8 @@ class Run(Base):
     # scores on the held-out slices of each dataset it touched: {dataset id: {version, slices, step,
     # checkpoint_id, metrics}}
     held_out: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    owner: Mapped[User | None] = relationship(lazy="joined")
     masks: Mapped[list[RunMask]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     metrics: Mapped[list[Metric]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     checkpoints: Mapped[list[Checkpoint]] = relationship(cascade="all, delete-orphan", passive_deletes=True,
@@ -174,6 +234,8 @@ class Prediction(Base):
     files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")  # name → {file, sha256}
     # how its neurons were made from the map (unet.postprocess.METHODS; earlier versions: the watershed)
     postprocess: Mapped[str] = mapped_column(String(32), default="watershed", server_default="watershed")
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    owner: Mapped[User | None] = relationship(lazy="joined")
 
 
 class LiveSlice(Base):

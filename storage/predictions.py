@@ -21,7 +21,7 @@ from unet.postprocess import DEFAULT_METHOD, METHODS
 def prediction_info(row: Prediction, run_id: int) -> PredictionInfo:
     return PredictionInfo(row.id, row.checkpoint_id, run_id, row.dataset_id, list(row.slices), RunStatus(row.status),
                           row.done, row.error, row.metrics, row.created, row.pid, row.phase or "",
-                          row.postprocess or "watershed")
+                          row.postprocess or "watershed", row.owner_id, row.owner.username if row.owner else "")
 
 
 def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, slices: list[int],

@@ -77,6 +77,8 @@ class DatasetInfo:
     created: datetime
     notes: str
     labelled_slices: int
+    owner_id: int | None = None  # the user who made it (None: made before accounts, or by the system)
+    owner: str = ""  # their user name
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ class RunInfo:
     phase: str = ""  # what the worker does now: "training", "validating slice 2 of 3"
     train_seconds: float | None = None  # training time over every start of the run (resumes included)
     kind: str = "train"  # train | live (a live session) | starter (a model that ships with the app)
+    owner_id: int | None = None  # the user who made it (None: made before accounts, or by the system)
+    owner: str = ""  # their user name
 
     @property
     def active(self) -> bool:
@@ -268,10 +272,29 @@ class PredictionInfo:
     pid: int | None = None
     phase: str = ""  # "predict <blocks in all>" (``done`` counts those written)
     postprocess: str = "watershed"  # how its neurons were made from the map (unet.postprocess.METHODS)
+    owner_id: int | None = None  # the user who made it (None: made before accounts, or by the system)
+    owner: str = ""  # their user name
 
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
+
+
+# --- users -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UserInfo:
+    id: int
+    username: str
+    display_name: str
+    email: str
+    role: str  # admin | annotator | viewer
+    single_sign_on: bool  # made by a single sign-on (signs in there, not with a password)
+    has_password: bool
+    must_change_password: bool
+    disabled: bool
+    max_queued_runs: int
+    created: datetime
+    last_sign_in: datetime | None
 
 
 # --- the store at a glance, deletions ------------------------------------------------------------------

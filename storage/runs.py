@@ -34,7 +34,8 @@ Curve = list[tuple[int, float, float]]  # (step, value, seconds since the run st
 def run_info(row: Run, train_seconds: float | None = None) -> RunInfo:
     return RunInfo(row.id, RunStatus(row.status), row.device, row.spec, row.config, row.created, row.started,
                    row.finished, row.error, row.pid, row.cancel_requested is not None, row.parent_checkpoint_id,
-                   row.phase or "", train_seconds, row.kind or "train")
+                   row.phase or "", train_seconds, row.kind or "train", row.owner_id,
+                   row.owner.username if row.owner else "")
 
 
 def run_row(session: Session, run_id: int) -> Run:

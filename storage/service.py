@@ -7,6 +7,9 @@ returns :mod:`storage.records`. Errors a user can act on come out as :class:`Use
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,7 +18,26 @@ from typing import Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 import numpy as np
 from sqlalchemy.orm import Session
 
-from storage import datasets, deletion, drafts, heldout, ingest, live, masks, predictions, queue, runs, starter
+from storage import (
+    access,
+    accounts,
+    audit,
+    datasets,
+    deletion,
+    drafts,
+    heldout,
+    ingest,
+    live,
+    masks,
+    predictions,
+    queue,
+    runs,
+    starter,
+    users,
+)
+from storage.access import RIGHTS
+from storage.accounts import SYSTEM, Actor
+from storage.audit import AuditRow
 from storage.db import open_store
 from storage.files import IntegrityError
 from storage.heldout import HeldOut, Score
@@ -39,6 +61,7 @@ from storage.records import (
     RunStatus,
     StoredDraft,
     UserError,
+    UserInfo,
 )
 from storage.runs import Curve
 from storage.settings import Settings
@@ -50,8 +73,19 @@ from unet.postprocess import DEFAULT_METHOD
 P = ParamSpec("P")
 T = TypeVar("T")
 
-__all__ = ["AlreadyLoaded", "ChannelsQuestion", "MaskConflict", "Neuroseg", "RunStatus", "UserError", "isbi_dir",
-           "settings_from_env"]
+__all__ = [
+    "RIGHTS",
+    "SYSTEM",
+    "Actor",
+    "AlreadyLoaded",
+    "ChannelsQuestion",
+    "MaskConflict",
+    "Neuroseg",
+    "RunStatus",
+    "UserError",
+    "isbi_dir",
+    "settings_from_env",
+]
 
 isbi_dir = ingest.isbi_dir
 
@@ -60,6 +94,46 @@ def settings_from_env(data_dir: str | None = None, database_url: str | None = No
     """Where the store is: the arguments, else ``$NEUROSEG_DATA_DIR`` and ``$DATABASE_URL``, else the
     embedded default (``data/`` with a SQLite file in it)."""
     return Settings.from_env(data_dir, database_url)
+
+
+def _guard(action: str, right: str, kind: str | None = None, *, owned: bool = False, creates: str | None = None,
+           record: bool = True, target: Callable[..., str] | None = None):
+    """A service method that ``right`` allows (:func:`storage.access.allow`), for the owner or an admin
+    only when ``owned`` (the first argument is the id of a ``kind``). The attempt is written to the audit
+    trail as done, refused or failed (unless ``record`` is off: what a page does on every stroke). A
+    method that ``creates`` a row makes the actor its owner."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def inner(self: Neuroseg, *args, **kwargs):
+            ident = args[0] if args else kwargs.get(f"{kind}_id") if kind else None
+            what = target(*args, **kwargs) if target else (f"{kind} {ident}" if kind and ident is not None else "")
+            try:
+                access.allow(self.actor, right, self.actor.user_id, target=what)  # the role first
+                owner_id, owner_name = self._tx(users.owner_of, kind, ident) if owned else (None, "")
+                access.allow(self.actor, right, owner_id, owner_name, what)
+            except UserError as exc:  # what it names does not exist
+                self._audit(action, what, "failed", str(exc))
+                raise
+            except access.Denied as exc:
+                self._audit(action, what, "refused", str(exc))
+                raise UserError(str(exc)) from None
+            try:
+                result = method(self, *args, **kwargs)
+            except UserError as exc:
+                if record:
+                    self._audit(action, what, "failed", str(exc))
+                raise
+            if creates and self.actor.user_id is not None:
+                self._tx(users.set_owner, creates, result.id, self.actor.user_id)
+                result = dataclasses.replace(result, owner_id=self.actor.user_id, owner=self.actor.username)
+            if record:
+                self._audit(action, f"{creates} {result.id}" if creates else what, "ok")
+            return result
+
+        return inner
+
+    return wrap
 
 
 class Neuroseg:
@@ -82,6 +156,125 @@ class Neuroseg:
             self.supervisor.start()
         self._arrays: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self.actor: Actor = SYSTEM  # who calls: the command line, the workers and tests act as the system
+        if supervise:
+            self._tx(accounts.ensure_admin)  # the first start: an admin with a one-time password (the log)
+
+    # --- who acts ---------------------------------------------------------------------------------------
+    def acting_as(self, actor: Actor) -> Neuroseg:
+        """This service for one signed-in user: the same store, caches and supervisor, every call checked
+        against ``actor``'s role and recorded under their name (what the pages use)."""
+        bound = copy.copy(self)
+        bound.actor = actor
+        return bound
+
+    def _audit(self, action: str, target: str = "", outcome: str = "ok", detail: str = "") -> None:
+        try:
+            with self.sessions.begin() as s:
+                audit.record(s, self.actor.user_id, action, target, outcome, detail, self.actor.address,
+                             username=self.actor.username)
+        except Exception:  # the trail never stops what it records (a full disk is reported by the action)
+            pass
+
+    def _author(self, given: str) -> str:
+        """What a mask version records as its author: the signed-in user (the system: what it was given)."""
+        return given if self.actor.user_id is None else self.actor.username
+
+    def _owner(self, given: str | None) -> str | None:
+        """Whose drafts and live views: the signed-in user's (the system: what it was given)."""
+        return given if self.actor.user_id is None else f"user:{self.actor.user_id}"
+
+    # --- signing in (no actor yet: these are what make one) --------------------------------------------
+    def _signing(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """An accounts call whose refusals are kept (the audit rows of a failed sign-in are committed)."""
+        with self.sessions() as s:
+            try:
+                result = fn(s, *args, **kwargs)
+            except (accounts.SignInError, ValueError, LookupError) as exc:
+                s.commit()
+                raise UserError(str(exc)) from None
+            s.commit()
+            return result
+
+    def sign_in(self, username: str, password: str, address: str = "") -> tuple[Actor, str]:
+        """(the user, the token for the browser's cookie); a refusal is a :class:`UserError` to show."""
+        return self._signing(accounts.sign_in, username, password, address)
+
+    def sign_in_oidc(self, issuer: str, subject: str, *, email: str = "", name: str = "", preferred: str = "",
+                     address: str = "") -> tuple[Actor, str]:
+        return self._signing(accounts.sign_in_oidc, issuer, subject, email=email, name=name, preferred=preferred,
+                             address=address)
+
+    def signed_in(self, token: str, address: str = "") -> Actor:
+        """The user a browser's token stands for; :class:`UserError` says why not (expired, unknown)."""
+        return self._signing(accounts.session_actor, token, address)
+
+    def sign_out(self, token: str) -> None:
+        self._signing(accounts.sign_out, token, self.actor if self.actor.user_id is not None else None)
+
+    def change_password(self, old: str, new: str, keep_token: str = "") -> Actor:
+        """The signed-in user's new password (every other browser of theirs is signed out); returns the
+        user as they are now (no longer bound to change it)."""
+        if self.actor.user_id is None:
+            raise UserError("Sign in first.")
+        self._signing(accounts.change_password, self.actor, old, new, keep_token)
+        return dataclasses.replace(self.actor, must_change_password=False)
+
+    # --- users, the audit trail and the machine (admin) ------------------------------------------------
+    def me(self) -> UserInfo | None:
+        return None if self.actor.user_id is None else self._tx(users.user_info, self.actor.user_id)
+
+    @_guard("list users", "admin", record=False)
+    def users(self) -> list[UserInfo]:
+        return self._tx(users.list_users)
+
+    @_guard("create user", "admin", target=lambda username, *a, **k: f"user {username}")
+    def create_user(self, username: str, role: str, password: str = "") -> tuple[UserInfo, str]:
+        """A local account; without a password a one-time one is made (returned, to hand over). It must
+        be changed at the first sign-in."""
+        return self._tx(users.create_local, username, role, password)
+
+    @_guard("set role", "admin", target=lambda user_id, role, *a, **k: f"user {user_id} → {role}")
+    def set_role(self, user_id: int, role: str) -> UserInfo:
+        if user_id == self.actor.user_id and role != "admin":
+            raise UserError("You cannot take the admin role from yourself: another admin can.")
+        return self._tx(users.set_role, user_id, role)
+
+    @_guard("set queue limit", "admin", target=lambda user_id, n, *a, **k: f"user {user_id} → {n} waiting")
+    def set_queue_limit(self, user_id: int, runs_waiting: int) -> UserInfo:
+        return self._tx(users.set_queue_limit, user_id, runs_waiting)
+
+    @_guard("reset password", "admin", "user")
+    def reset_password(self, user_id: int) -> str:
+        """A new one-time password for a local account (returned, to hand over); its browsers are signed out."""
+        return self._tx(users.reset_password, user_id)
+
+    @_guard("disable user", "admin", target=lambda user_id, off, *a, **k: f"user {user_id} → "
+            + ("disabled" if off else "enabled"))
+    def set_disabled(self, user_id: int, disabled: bool) -> UserInfo:
+        if user_id == self.actor.user_id and disabled:
+            raise UserError("You cannot disable your own account.")
+        return self._tx(users.set_disabled, user_id, disabled)
+
+    @_guard("audit", "admin", record=False)
+    def audit_trail(self, *, username: str = "", action: str = "", outcome: str = "", since=None, until=None,
+                    limit: int = 500) -> list[AuditRow]:
+        return self._tx(audit.events, username=username, action=action, outcome=outcome, since=since, until=until,
+                        limit=limit)
+
+    @_guard("audit", "admin", record=False)
+    def audit_choices(self) -> tuple[list[str], list[str]]:
+        """(the user names, the actions) that occur in the trail, for its filters."""
+        return self._tx(lambda s: (audit.usernames(s), audit.actions(s)))
+
+    @_guard("disk use", "admin", record=False)
+    def disk_use(self) -> users.DiskUse:
+        """Bytes on disk per dataset and per run (their folders in the store), and what is free."""
+        return self._tx(users.disk_use, self.store)
+
+    def training_queue(self) -> list[users.QueueRow]:
+        """The training runs that are running or waiting, in the order they start, with their owners."""
+        return self._tx(users.training_queue)
 
     def _tx(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(session, *args, **kwargs)`` in one transaction; what a user can act on (a refusal, a
@@ -138,26 +331,32 @@ class Neuroseg:
     def dataset(self, dataset_id: int) -> DatasetInfo:
         return self._tx(datasets.get_dataset, dataset_id)
 
+    @_guard("upload", "create", creates="dataset")
     def import_upload(self, volume: BinaryIO, labels: BinaryIO | None = None, *, name: str = "", notes: str = "",
                       author: str = "", progress: ingest.Progress | None = None,
                       channels_as_z: bool = False) -> DatasetInfo:
         """Store an uploaded volume (and its labels) as a new dataset; see :func:`storage.ingest.import_upload`."""
-        return ingest.import_upload(self.sessions, self.store, volume, labels, name=name, notes=notes, author=author,
+        return ingest.import_upload(self.sessions, self.store, volume, labels, name=name, notes=notes,
+                                    author=self._author(author),
                                     progress=progress, channels_as_z=channels_as_z)
 
+    @_guard("upload", "create", creates="dataset")
     def import_path(self, path: str, *, link: bool = False, name: str = "", author: str = "",
                     progress: ingest.Progress | None = None) -> DatasetInfo:
         """A stack already on the server (OME-Zarr, zarr or N5 folder) as a dataset, copied or linked
         read-only; see :func:`storage.ingest.import_path`."""
-        return ingest.import_path(self.sessions, self.store, path, link=link, name=name, author=author,
+        return ingest.import_path(self.sessions, self.store, path, link=link, name=name, author=self._author(author),
                                   progress=progress)
 
+    @_guard("load demo", "create", creates="dataset")
     def load_demo(self, author: str = "") -> DatasetInfo:
-        return ingest.load_demo(self.sessions, self.store, author)
+        return ingest.load_demo(self.sessions, self.store, self._author(author))
 
+    @_guard("load ISBI 2012", "create", creates="dataset")
     def load_isbi(self, author: str = "", progress: ingest.Progress | None = None) -> DatasetInfo:
-        return ingest.load_isbi(self.sessions, self.store, author, progress)
+        return ingest.load_isbi(self.sessions, self.store, self._author(author), progress)
 
+    @_guard("rename", "manage", "dataset", owned=True)
     def update(self, dataset_id: int, *, name: str | None = None, notes: str | None = None) -> DatasetInfo:
         return self._tx(datasets.update_dataset, dataset_id, name=name, notes=notes)
 
@@ -180,6 +379,7 @@ class Neuroseg:
     def deletion_preview(self, dataset_id: int) -> Deleted:
         return self._tx(lambda s: deletion.preview(self.store, deletion.plan_dataset(s, self.store, dataset_id)))
 
+    @_guard("delete", "manage", "dataset", owned=True)
     def delete_dataset(self, dataset_id: int) -> Deleted:
         return self._tx(lambda s: deletion.execute(s, self.store, deletion.plan_dataset(s, self.store, dataset_id)))
 
@@ -194,8 +394,9 @@ class Neuroseg:
     def mask(self, mask_id: int) -> np.ndarray:
         return self._tx(masks.load_mask, self.store, mask_id)
 
+    @_guard("restore", "annotate", "mask")
     def restore(self, mask_id: int, author: str = "") -> MaskInfo:
-        return self._tx(masks.restore_mask, self.store, mask_id, author=author)
+        return self._tx(masks.restore_mask, self.store, mask_id, author=self._author(author))
 
     def draft_start(self, dataset_id: int, slice_index: int, source: str = "latest", *, mask_id: int | None = None,
                     prediction_id: int | None = None) -> DraftStart:
@@ -203,25 +404,28 @@ class Neuroseg:
         of this slice), or nothing (every pixel unlabelled)."""
         return self._tx(drafts.start, self.store, dataset_id, slice_index, source, mask_id, prediction_id)
 
+    @_guard("save mask", "annotate",
+            target=lambda draft, *a, **k: f"dataset {draft.dataset_id} slice {draft.slice_index}")
     def save_draft(self, draft: DraftLike, author: str = "", owner: str | None = None) -> MaskInfo:
         """Save the draft's mask as a new version, exactly as it is, and forget the owner's kept copy. A
         newer version saved meanwhile by someone else raises :class:`MaskConflict` and the draft is kept."""
-        info = self._tx(drafts.save, self.store, draft, author, owner)
+        info = self._tx(drafts.save, self.store, draft, self._author(author), self._owner(owner))
         draft.saved(info.id, info.kind)
         return info
 
+    @_guard("keep draft", "annotate", record=False)
     def keep_draft(self, draft: DraftLike, owner: str) -> None:
         """Keep the draft in the store as it is now (or forget it when nothing is changed), so a reload, a
         new tab or a restart finds it. Called by the Annotate page after every change."""
-        self._tx(drafts.keep_edit, self.store, draft, owner)
+        self._tx(drafts.keep_edit, self.store, draft, self._owner(owner))
 
     def stored_draft(self, dataset_id: int, slice_index: int, owner: str) -> StoredDraft | None:
         """The owner's kept draft of a slice, with its two masks, or None."""
-        return self._tx(drafts.load, self.store, dataset_id, slice_index, owner)
+        return self._tx(drafts.load, self.store, dataset_id, slice_index, self._owner(owner))
 
     def drafts_of(self, owner: str) -> list[StoredDraft]:
         """Every slice on which this owner has unsaved changes kept in the store."""
-        return self._tx(drafts.of_owner, owner)
+        return self._tx(drafts.of_owner, self._owner(owner))
 
     # --- training ---------------------------------------------------------------------------------------
     def default_split(self, dataset_id: int) -> tuple[list[int], list[int]]:
@@ -237,9 +441,12 @@ class Neuroseg:
         network and this data's size (see :mod:`unet.estimate`)."""
         return self._tx(runs.training_estimate, config, val)
 
+    @_guard("train", "train", creates="run")
     def submit_training(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: TrainConfig, *,
                         preset: str = "", parent_checkpoint_id: int | None = None) -> RunInfo:
         spec = {"train": train, "val": val, "preset": preset}
+        if self.actor.user_id is not None:  # one waiting run per user unless an admin allows more
+            self._tx(users.check_queue_room, self.actor.user_id)
         run = self._tx(runs.submit_training, spec, config, parent_checkpoint_id)
         queue.start_queued(self.sessions, self.settings)
         return self.run(run.id)
@@ -267,9 +474,11 @@ class Neuroseg:
     def run_log(self, run_id: int, lines: int = 30) -> str:
         return runs.run_log(self.store, run_id, lines)
 
+    @_guard("cancel", "manage", "run", owned=True)
     def cancel_run(self, run_id: int) -> RunInfo:
         return self._tx(runs.cancel_run, run_id)
 
+    @_guard("resume", "manage", "run", owned=True)
     def resume_run(self, run_id: int) -> RunInfo:
         self._tx(runs.resume_run, run_id)
         queue.start_queued(self.sessions, self.settings)
@@ -285,6 +494,7 @@ class Neuroseg:
     def checkpoint_bytes(self, checkpoint_id: int) -> bytes:
         return self._tx(runs.checkpoint_bytes, self.store, checkpoint_id)
 
+    @_guard("delete", "manage", "checkpoint", owned=True)
     def delete_checkpoint(self, checkpoint_id: int) -> Deleted:
         return self._tx(lambda s: deletion.execute(s, self.store, deletion.plan_checkpoint(s, self.store,
                                                                                             checkpoint_id)))
@@ -299,10 +509,12 @@ class Neuroseg:
     def run_deletion_preview(self, run_id: int) -> Deleted:
         return self._tx(lambda s: deletion.preview(self.store, deletion.plan_run(s, self.store, run_id)))
 
+    @_guard("delete", "manage", "run", owned=True)
     def delete_run(self, run_id: int) -> Deleted:
         return self._tx(lambda s: deletion.execute(s, self.store, deletion.plan_run(s, self.store, run_id)))
 
     # --- predictions ------------------------------------------------------------------------------------
+    @_guard("predict", "predict", creates="prediction")
     def predict(self, checkpoint_id: int, dataset_id: int, slices: list[int],
                 postprocess: str = DEFAULT_METHOD) -> PredictionInfo:
         """Queue a prediction of ``slices`` and start its process; ``postprocess`` says how its neurons are
@@ -311,6 +523,7 @@ class Neuroseg:
         queue.launch_prediction(self.sessions, self.settings, info.id)
         return self.prediction(info.id)
 
+    @_guard("resume", "manage", "prediction", owned=True)
     def resume_prediction(self, prediction_id: int) -> PredictionInfo:
         """Start a failed (or killed) prediction again; it keeps the blocks already written."""
         self._tx(predictions.resume_prediction, prediction_id)
@@ -329,6 +542,7 @@ class Neuroseg:
         return self._cached((output, prediction_id),
                             lambda: self._tx(predictions.load_output, self.store, prediction_id, output))
 
+    @_guard("export", "export", "prediction")
     def export_prediction(self, prediction_id: int, folder: str) -> list[str]:
         """Write the prediction's outputs as OME-Zarr images into a folder on the server (a lab server
         confines it to ``$NEUROSEG_IMPORT_ROOTS``); returns the paths written."""
@@ -343,20 +557,26 @@ class Neuroseg:
         """The dataset's live session (queued, running or paused), or None."""
         return self._tx(live.current, dataset_id)
 
+    @_guard("live", "train", "dataset")
     def live_start(self, dataset_id: int, checkpoint_id: int | None, owner: str) -> tuple[LiveInfo, str]:
         """Turn Live on: join the dataset's session, resume its lost one, or start one from the checkpoint.
         Returns the session and "joined", "resumed" or "started"."""
-        info, what = self._tx(live.start, dataset_id, checkpoint_id, owner)
+        info, what = self._tx(live.start, dataset_id, checkpoint_id, self._owner(owner))
+        if what == "started" and self.actor.user_id is not None:
+            self._tx(users.set_owner, "run", info.run.id, self.actor.user_id)
         queue.start_queued(self.sessions, self.settings)
         return self._tx(live.current, dataset_id) or info, what
 
+    @_guard("live view", "train", record=False)
     def live_see(self, run_id: int, owner: str, slice_index: int) -> None:
         """``owner`` is looking at ``slice_index``: it (and the slices beside it) is re-predicted."""
-        self._tx(live.see, run_id, owner, slice_index)
+        self._tx(live.see, run_id, self._owner(owner), slice_index)
 
+    @_guard("live view", "train", record=False)
     def live_leave(self, run_id: int, owner: str) -> None:
-        self._tx(live.leave, run_id, owner)
+        self._tx(live.leave, run_id, self._owner(owner))
 
+    @_guard("stop live", "train", "run")
     def live_stop(self, run_id: int) -> RunInfo:
         """End the session for everyone; it becomes a finished run with its checkpoints."""
         return self._tx(live.stop, run_id)
@@ -368,6 +588,7 @@ class Neuroseg:
     def held_out(self, dataset_id: int) -> HeldOut | None:
         return self._tx(heldout.held_out, dataset_id)
 
+    @_guard("set held-out", "manage", "dataset", owned=True)
     def set_held_out(self, dataset_id: int, slices: list[int]) -> HeldOut | None:
         """Freeze these labelled slices (their current versions) as the dataset's held-out set: a new
         version. Runs are compared within a version."""
@@ -377,6 +598,7 @@ class Neuroseg:
         """Every run scored on the dataset's held-out slices, with its change against parent and best."""
         return self._tx(heldout.scores, dataset_id)
 
+    @_guard("score", "train", "run")
     def score_run(self, run_id: int) -> int:
         """Score a run (and its parent) on the held-out slices now, in this process (runs that end are
         scored by their worker). Returns how many scores were written."""
@@ -385,6 +607,7 @@ class Neuroseg:
         except (ValueError, LookupError, IntegrityError) as exc:
             raise UserError(str(exc)) from exc
 
+    @_guard("promote", "manage", "dataset", owned=True)
     def promote(self, dataset_id: int, checkpoint_id: int | None) -> None:
         """Make a checkpoint the dataset's default model (what Predict and Live start from)."""
         self._tx(heldout.promote, dataset_id, checkpoint_id)

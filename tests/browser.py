@@ -34,6 +34,7 @@ class ServerURL(str):
     """The base URL of a running test server, with the server's process id."""
 
     pid: int
+    data_dir: Path
 
 
 @contextlib.contextmanager
@@ -64,6 +65,7 @@ def app_server(data_dir: Path, timeout: float = 120, root: Path = ROOT) -> Itera
     threading.Thread(target=pump, daemon=True).start()
     url = ServerURL(f"http://127.0.0.1:{port}")
     url.pid = proc.pid
+    url.data_dir = data_dir
     try:
         if not listening.wait(timeout) or proc.poll() is not None:
             raise RuntimeError(f"the server did not start: {log_path.read_text(errors='replace')[-2000:]}")
@@ -92,12 +94,19 @@ def chromium() -> Iterator[object]:
             browser.close()
 
 
-def open_with_demo(page, url: str, name: str | None = "ann") -> None:
-    """Open the app, give the sidebar a name (None: none), load the demo dataset and wait until it is in."""
+def signed_in(page, url: ServerURL, username: str = "ann", role: str = "annotator"):
+    """``page`` with its browser signed in to the server at ``url`` as ``username`` (an account in the
+    server's store, made when missing)."""
+    from tests.accounts import sign_in_browser
+
+    sign_in_browser(page, url, url.data_dir, username, role)
+    return page
+
+
+def open_with_demo(page, url: ServerURL, name: str = "ann") -> None:
+    """Sign in as ``name`` (an annotator), open the app, load the demo dataset and wait until it is in."""
+    signed_in(page, url, name)
     page.goto(url)
-    if name is not None:
-        page.get_by_role("textbox", name="Your name").fill(name)
-        page.get_by_role("textbox", name="Your name").press("Enter")
     page.get_by_role("button", name="Load demo dataset").click()
     page.get_by_text("Loaded Demo: synthetic EM").wait_for()
 

@@ -212,7 +212,7 @@ def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_pat
         monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(tmp_path / "no-isbi"))
         from tests.test_pages import app
 
-        at = app("Runs")
+        at = app("Runs", user="boss", role="admin")  # promoting changes the dataset: its owner's or an admin's
         table = next(d.value for d in at.dataframe if "flag" in d.value.columns)  # the held-out table
         flags = dict(zip(table["run"], table["flag"], strict=True))
         assert flags[f"run {bad.id}"].startswith("⚠ worse than its parent")

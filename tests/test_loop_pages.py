@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from storage.service import Neuroseg
 from storage.settings import Settings
+from tests.accounts import make_user
 from tests.test_pages import PAGES, draw, texts, walk
 from unet.config import preset
 from unet.labels import MEMBRANE
@@ -37,8 +38,9 @@ def wait_exit(pid: int | None, timeout: float = 300) -> None:
         os.close(fd)
 
 
-def open_page(title: str) -> AppTest:
+def open_page(title: str, user: str = "ann", role: str = "annotator") -> AppTest:
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.session_state["auth_token"] = make_user(os.environ["NEUROSEG_DATA_DIR"], user, role)
     at.run()
     at.switch_page(PAGES[title]).run()
     assert not at.exception, at.exception

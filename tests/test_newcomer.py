@@ -15,7 +15,7 @@ import tifffile
 
 from storage.service import Neuroseg
 from storage.settings import Settings
-from tests.browser import ARTIFACTS, annotate_render, app_server, await_annotate_render, chromium
+from tests.browser import ARTIFACTS, annotate_render, app_server, await_annotate_render, chromium, signed_in
 from tests.test_loop_pages import wait_exit
 from unet.config import preset
 from unet.synthetic import make_synthetic_em
@@ -61,18 +61,19 @@ def sidebar_links(page):
     return page.locator('[data-testid="stSidebarNav"] a')
 
 
-def new_page(browser, **kwargs):
+def new_page(browser, url, **kwargs):
+    """A new browser (its own cookies), signed in to the server at ``url`` as the annotator ann."""
     from playwright.sync_api import expect
 
     expect.set_options(timeout=TIMEOUT_MS)
     page = browser.new_page(viewport={"width": 1400, "height": 1300}, **kwargs)
     page.set_default_timeout(TIMEOUT_MS)
-    return page
+    return signed_in(page, url)
 
 
 def test_a_deep_link_right_after_a_restart_opens_the_app_not_the_folder(tmp_path):
     """The first request a fresh server gets is /train (a bookmark, or a tab that reconnects): the page
-    must come up inside the app's frame (its six pages, the name box), never Streamlit's folder listing
+    must come up inside the app's frame (its six pages, the account box), never Streamlit's folder listing
     of pages/ (app, annotate, common, …), and so must the next sessions."""
     from playwright.sync_api import expect
 
@@ -82,13 +83,13 @@ def test_a_deep_link_right_after_a_restart_opens_the_app_not_the_folder(tmp_path
     with chromium() as browser:
         for first, title in (("train", "Train"), ("common", "Neuroseg")):  # twice: a restart each time
             with app_server(data_dir) as url:
-                page = new_page(browser)
+                page = new_page(browser, url)
                 page.goto(f"{url}/{first}")
                 expect(sidebar_links(page)).to_have_text(PAGES)
                 page.get_by_role("heading", name=title, exact=True).wait_for()
-                expect(page.get_by_role("textbox", name="Your name")).to_have_count(1)
+                expect(page.get_by_text("Signed in as ann")).to_have_count(1)
                 page.screenshot(path=ARTIFACTS / f"deep-link-{first}.png", full_page=True)
-                other = new_page(browser)
+                other = new_page(browser, url)
                 other.goto(f"{url}/annotate")
                 expect(sidebar_links(other)).to_have_text(PAGES)
                 other.get_by_role("heading", name="Annotate", exact=True).wait_for()
@@ -102,7 +103,7 @@ def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(t
     data_dir = tmp_path / "data"
     three_datasets(data_dir)
     with app_server(data_dir) as url, chromium() as browser:
-        page = new_page(browser)
+        page = new_page(browser, url)
         page.goto(f"{url}/datasets")
         browse = page.get_by_role("combobox", name="Browse dataset")
         browse.click()
@@ -146,7 +147,7 @@ def test_a_started_prediction_is_the_one_shown_with_its_progress_then_its_result
     data_dir = tmp_path / "data"
     trained_demo(data_dir)
     with app_server(data_dir) as url, chromium() as browser:
-        page = new_page(browser)
+        page = new_page(browser, url)
         page.goto(f"{url}/predict")
         slices = page.get_by_role("textbox", name="Slices")
         slices.fill("0")
@@ -190,10 +191,8 @@ def test_unsaved_strokes_survive_a_reload_and_a_new_tab_and_leaving_too_early_as
         page.set_default_timeout(TIMEOUT_MS)
         dialogs, answer = [], {"stay": False}
         page.on("dialog", lambda d: (dialogs.append(d.type), d.dismiss() if answer["stay"] else d.accept()))
+        signed_in(page, url)
         page.goto(url)
-        name = page.get_by_role("textbox", name="Your name")
-        name.fill("ann")
-        name.press("Enter")
         page.get_by_role("link", name="Annotate").first.click()
         canvas = page.locator("canvas.upper-canvas")
         canvas.wait_for()
@@ -206,7 +205,7 @@ def test_unsaved_strokes_survive_a_reload_and_a_new_tab_and_leaving_too_early_as
         page.wait_for_function("window.__neurosegLeaveGuard && !window.__neurosegLeaveGuard.pending")
 
         page.reload()  # F5 once the strokes are kept: no question, a new session, the same user and slice
-        expect(page.get_by_role("textbox", name="Your name")).to_have_value("ann")
+        page.get_by_text("Signed in as ann").wait_for()  # the sign-in's cookie
         page.get_by_text("Restored your unsaved changes on this slice").wait_for()
         assert unsaved_pixels(page) == painted
         assert dialogs == [], "the strokes were kept: leaving asked for nothing"
@@ -232,7 +231,8 @@ def test_unsaved_strokes_survive_a_reload_and_a_new_tab_and_leaving_too_early_as
             re.compile(rf"Unsaved: {painted:,} pixels"))  # the second stroke reached the server and is kept
         assert unsaved_pixels(page) > painted
         context.close()
-    kept = svc.drafts_of("name:ann")
+    ann = next(u for u in svc.users() if u.username == "ann")
+    kept = svc.drafts_of(f"user:{ann.id}")
     assert [(d.dataset_id, d.slice_index) for d in kept] == [(demo.id, 0)]
     assert kept[0].changed_pixels > painted
     assert [m.version for m in svc.history(demo.id, 0)] == [1], "nothing saved behind the user's back"
@@ -256,7 +256,7 @@ def test_the_server_runs_with_production_settings(tmp_path):
 
     data_dir = tmp_path / "data"
     with app_server(data_dir) as url, chromium() as browser:
-        page = new_page(browser)
+        page = new_page(browser, url)
         page.goto(url)
         page.get_by_role("heading", name="Neuroseg").wait_for()
         page.get_by_role("link", name="Datasets").first.click()
@@ -291,7 +291,7 @@ def test_viewers_of_a_prediction_do_not_hold_its_files_in_server_memory(tmp_path
     with app_server(data_dir) as url, chromium() as browser:
         pages = []
         for _ in range(3):
-            page = new_page(browser, accept_downloads=True)
+            page = new_page(browser, url, accept_downloads=True)
             page.goto(f"{url}/predict")
             page.get_by_role("button", name="Probabilities (float32 TIFF)").wait_for()
             page.get_by_text("slice 0: mask").wait_for()
@@ -318,7 +318,7 @@ def test_a_large_slice_fits_the_page_and_strokes_land_on_its_pixels(tmp_path):
     volume, labels = make_synthetic_em((2, 1024, 1024), np.random.default_rng(3), cell_size=60)
     big = svc.import_upload(tiff(volume, "big.tif"), tiff(labels, "big-labels.tif"), name="big")
     with app_server(data_dir) as url, chromium() as browser:
-        page = new_page(browser)
+        page = new_page(browser, url)
         page.set_viewport_size({"width": 1280, "height": 800})
         page.goto(f"{url}/annotate")
         page.get_by_text("at 1/2 size").wait_for()

@@ -4,6 +4,7 @@ the browser sends them."""
 
 import base64
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from storage.service import Neuroseg
 from storage.settings import Settings
+from tests.accounts import make_user
 from tests.drafts import new_draft, start_options
 from ui.paint import PALETTE, View
 from unet.labels import MEMBRANE, NEURON
@@ -26,8 +28,10 @@ def store(app_data_dir: Path) -> Neuroseg:
     return Neuroseg(Settings.from_env(app_data_dir), supervise=False)
 
 
-def app(page: str | None = None) -> AppTest:
+def app(page: str | None = None, user: str = "ann", role: str = "annotator") -> AppTest:
+    """The app signed in as ``user`` (an account made in the test's store)."""
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+    at.session_state["auth_token"] = make_user(os.environ["NEUROSEG_DATA_DIR"], user, role)
     at.run()
     if page:
         at.switch_page(PAGES[page]).run()
@@ -77,7 +81,8 @@ def test_home_with_an_empty_store(app_data_dir):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics == {"Datasets": "0", "Training runs": "0"}
     assert f"Compute device  \n**{describe_device()}**" in texts(at.markdown), "the whole name, not cut off"
-    assert [b.label for b in at.button] == ["Load demo dataset"], "no ISBI button without the ISBI files"
+    assert [b.label for b in at.main.button] == ["Load demo dataset"], "no ISBI button without the ISBI files"
+    assert "Signed in as **ann** · annotator" in texts(at.sidebar.caption)
     assert "NEUROSEG_ISBI_DIR" in texts(at.caption)
     assert len([e for e in walk(at.main) if type(e).__name__ == "PageLink"]) == 5
 
@@ -156,7 +161,7 @@ def test_upload_then_browse_rename_and_delete(app_data_dir, synthetic):
     at = app("Datasets")
     at.file_uploader[0].upload("stack.tif", tiff_bytes(volume), "image/tiff")
     at.file_uploader[1].upload("labels.tif", tiff_bytes(labels), "image/tiff")
-    at.text_input[0].set_value("Cortex A")  # the form's name field (the sidebar's 'Your name' is separate)
+    at.text_input[0].set_value("Cortex A")  # the form's name field
     at.button[0].click().run()
     assert "Stored **Cortex A**: 6 × 96 × 96 uint8, 6 labelled slices." in texts(at.success)
     table = at.dataframe[0].value
@@ -164,7 +169,7 @@ def test_upload_then_browse_rename_and_delete(app_data_dir, synthetic):
     kinds = [getattr(e, "type", "") for e in walk(at.main)]
     assert kinds.count("image") == 1 and kinds.count("plotly_chart") == 1  # the slice and its histogram
     at.slider(key=f"browse_slice_{store(app_data_dir).datasets()[0].id}").set_value(4).run()
-    assert "Slice 4: mask v1 (uploaded)" in texts(at.caption)
+    assert "Slice 4: mask v1 (uploaded, by ann)" in texts(at.caption)  # the signed-in uploader
 
     dataset_id = store(app_data_dir).datasets()[0].id
     delete = at.button(key=f"delete_{dataset_id}")
@@ -182,7 +187,6 @@ def test_annotate_paint_save_history_and_restore(app_data_dir):
     demo = svc.load_demo()
     before = svc.mask(svc.history(demo.id, 0)[-1].id)
     at = app()
-    at.text_input(key="author_widget").set_value("ann").run()  # the sidebar's 'Your name', on the home page
     at.switch_page(PAGES["Annotate"]).run()
     assert "No unsaved changes on this slice." in texts(at.markdown)
     # a membrane stroke across cells: display rows 300-329 at 3× are image rows 100-109

@@ -1,0 +1,126 @@
+"""Admin: the users and their roles (add, change a role or a queue limit, hand out a one-time password,
+disable), the audit trail with filters, the disk each dataset and run takes, and the training queue.
+Every call here is an admin's call in the service: another user who reaches this URL is refused there."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import streamlit as st
+
+from pages.common import can, start_page
+from storage.service import UserError
+
+svc = start_page("Admin")
+if not can("admin"):
+    st.error("This page is for admins.")
+    st.stop()
+
+ROLES = ("admin", "annotator", "viewer")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+users_tab, audit_tab, disk_tab, queue_tab = st.tabs(["Users", "Audit trail", "Disk use", "Training queue"])
+
+with users_tab:
+    people = svc.users()
+    st.dataframe([{"user": u.username, "name": u.display_name, "role": u.role,
+                   "signs in with": "single sign-on" if u.single_sign_on else "password",
+                   "runs waiting at most": u.max_queued_runs,
+                   "state": "disabled" if u.disabled else
+                   ("must change password" if u.must_change_password else "active"),
+                   "last sign-in": u.last_sign_in.strftime("%Y-%m-%d %H:%M") if u.last_sign_in else "never"}
+                  for u in people], hide_index=True, width="stretch")
+    handed = st.session_state.pop("admin_one_time", None)
+    if handed:
+        st.success(f"One-time password for **{handed[0]}**: `{handed[1]}`. Hand it over now: it is not shown "
+                   "again, and it must be changed at the first sign-in.", icon=":material/key:")
+
+    left, right = st.columns(2)
+    with left, st.form("add_user", clear_on_submit=True):
+        st.markdown("**Add a user**")
+        new_name = st.text_input("User name", max_chars=64, help="Letters a–z, digits, '.', '_' and '-'.")
+        new_role = st.selectbox("Role", ROLES, index=1)
+        if st.form_submit_button("Add user", type="primary"):
+            try:
+                info, password = svc.create_user(new_name, new_role)
+            except UserError as exc:
+                st.error(str(exc))
+            else:
+                st.session_state["admin_one_time"] = (info.username, password)
+                st.rerun()
+    with right:
+        st.markdown("**Change a user**")
+        by_name = {u.username: u for u in people}
+        chosen = by_name[st.selectbox("User", list(by_name), key="admin_user")]
+        role = st.selectbox("Role", ROLES, index=ROLES.index(chosen.role), key=f"admin_role_{chosen.id}")
+        limit = st.number_input("Training runs waiting at once", 1, 100, chosen.max_queued_runs,
+                                key=f"admin_limit_{chosen.id}")
+        b1, b2, b3 = st.columns(3)
+        try:
+            if b1.button("Apply", type="primary", key="admin_apply"):
+                if role != chosen.role:
+                    svc.set_role(chosen.id, role)
+                if limit != chosen.max_queued_runs:
+                    svc.set_queue_limit(chosen.id, int(limit))
+                st.rerun()
+            if not chosen.single_sign_on and b2.button("Reset password", key="admin_reset"):
+                st.session_state["admin_one_time"] = (chosen.username, svc.reset_password(chosen.id))
+                st.rerun()
+            if b3.button("Enable" if chosen.disabled else "Disable", key="admin_disable"):
+                svc.set_disabled(chosen.id, not chosen.disabled)
+                st.rerun()
+        except UserError as exc:
+            st.error(str(exc))
+
+with audit_tab:
+    names, actions = svc.audit_choices()
+    f1, f2, f3, f4 = st.columns([1, 1, 1, 2])
+    who = f1.selectbox("User", ["everyone", *names], key="audit_user")
+    what = f2.selectbox("Action", ["every action", *actions], key="audit_action")
+    outcome = f3.selectbox("Outcome", ["any", "ok", "refused", "failed"], key="audit_outcome")
+    today = dt.date.today()
+    span = f4.date_input("Between", (today - dt.timedelta(days=30), today), key="audit_span")
+    since = until = None
+    if isinstance(span, tuple | list) and len(span) == 2:
+        since = dt.datetime.combine(span[0], dt.time.min, dt.UTC)
+        until = dt.datetime.combine(span[1] + dt.timedelta(days=1), dt.time.min, dt.UTC)
+    rows = svc.audit_trail(username="" if who == "everyone" else who, action="" if what == "every action" else what,
+                           outcome="" if outcome == "any" else outcome, since=since, until=until, limit=2000)
+    st.caption(f"{len(rows)} event{'s' * (len(rows) != 1)}, newest first (at most 2000 shown).")
+    st.dataframe([{"time (UTC)": r.time.strftime("%Y-%m-%d %H:%M:%S"), "user": r.username, "action": r.action,
+                   "on": r.target, "outcome": r.outcome, "address": r.address, "detail": r.detail} for r in rows],
+                 hide_index=True, width="stretch")
+
+with disk_tab:
+    use = svc.disk_use()
+    m1, m2, m3 = st.columns(3)
+    m1.metric("The store takes", _size(use.total_bytes))
+    m2.metric("Predictions", _size(use.predictions_bytes))
+    m3.metric("Free on its disk", _size(use.free_bytes))
+    d1, d2 = st.columns(2)
+    d1.markdown("**Datasets**")
+    d1.dataframe([{"dataset": f"#{i} {name}", "owner": owner or "—", "on disk": _size(n)}
+                  for i, name, owner, n in use.datasets], hide_index=True, width="stretch")
+    d2.markdown("**Runs**")
+    d2.dataframe([{"run": f"#{i} {what}", "owner": owner or "—", "on disk": _size(n)}
+                  for i, what, owner, n in use.runs], hide_index=True, width="stretch")
+
+with queue_tab:
+    queue = svc.training_queue()
+    if not queue:
+        st.info("No training run is running or waiting.")
+    else:
+        upcoming = [q for q in queue if q.position == 1]
+        if upcoming:
+            st.write(f"Next: run #{upcoming[0].run_id} by **{upcoming[0].owner or 'system'}**.")
+        st.dataframe([{"place": "running" if q.position == 0 else f"{q.position}", "run": f"#{q.run_id}",
+                       "owner": q.owner or "—", "kind": q.kind, "recipe": q.preset, "device": q.device}
+                      for q in queue], hide_index=True, width="stretch")

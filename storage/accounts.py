@@ -1,0 +1,315 @@
+"""Who may sign in, and who is signed in: local accounts with argon2id password hashes (``argon2-cffi``),
+identities from single sign-on (OIDC, through Streamlit's ``st.login``) mapped to the same users, the
+browsers signed in (a random token in a cookie; the store keeps its SHA-256), the first admin, and the
+slowing down of wrong passwords. Every sign-in, failed or not, is in the audit trail (:mod:`storage.audit`).
+
+No Streamlit here: the pages hand over what the browser sent (the form, the cookie, the address) and show
+the :class:`~storage.records.UserError` messages raised here."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from storage import audit
+from storage.models import ROLES, AuditEvent, SignIn, User
+
+HASHER = PasswordHasher()  # argon2id, the library's (RFC 9106 "low memory") parameters
+_DUMMY_HASH = HASHER.hash("not a password anyone has")  # unknown users cost as much time as known ones
+
+USERNAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MIN_PASSWORD, MAX_PASSWORD = 8, 1024  # characters; a longer one is refused before it is hashed
+FREE_TRIES = 3  # wrong passwords in a row before each further try waits
+MAX_WAIT = timedelta(minutes=5)
+ADDRESS_WINDOW, ADDRESS_TRIES = timedelta(minutes=5), 20  # failed sign-ins from one address, any user
+SESSION_HOURS = float(os.environ.get("NEUROSEG_SESSION_HOURS", "12"))
+
+
+class SignInError(ValueError):
+    """A sign-in that did not happen, with what to tell the user (the service shows it as it is)."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who does something, as the service sees it: the signed-in user (or ``system``: the command line,
+    the workers and the tests, which act for nobody in particular) and the address they came from."""
+
+    user_id: int | None
+    username: str
+    role: str
+    address: str = ""
+    must_change_password: bool = False
+    display_name: str = ""
+
+    @property
+    def is_system(self) -> bool:
+        return self.user_id is None and self.role == "admin"
+
+
+SYSTEM = Actor(None, "system", "admin")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back without their zone; they are stored in UTC."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def actor_of(user: User, address: str = "") -> Actor:
+    return Actor(user.id, user.username, user.role, address, bool(user.must_change_password),
+                 user.display_name or user.username)
+
+
+# --- what a name and a password may be -------------------------------------------------------------------
+def check_username(name: str) -> str:
+    """The name as stored (lower case), or ValueError saying what is wrong with it."""
+    name = (name or "").strip()
+    if not name:
+        raise ValueError("Enter a user name.")
+    if len(name) > 64:
+        raise ValueError("A user name has at most 64 characters.")
+    lowered = name.lower()
+    if not USERNAME.fullmatch(lowered):
+        raise ValueError("A user name has only letters a–z, digits, '.', '_' and '-', and starts with a letter "
+                         "or a digit (no spaces, slashes or markup).")
+    return lowered
+
+
+def check_new_password(password: str, username: str = "") -> str:
+    if not password:
+        raise ValueError("Enter a password.")
+    if len(password) < MIN_PASSWORD:
+        raise ValueError(f"A password has at least {MIN_PASSWORD} characters.")
+    if len(password) > MAX_PASSWORD:
+        raise ValueError(f"A password has at most {MAX_PASSWORD} characters.")
+    if username and password.lower() == username.lower():
+        raise ValueError("The password cannot be the user name.")
+    return password
+
+
+def _verify(stored: str | None, password: str) -> bool:
+    try:
+        return HASHER.verify(stored or _DUMMY_HASH, password) and stored is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+# --- users -------------------------------------------------------------------------------------------------
+def user_by_name(session: Session, username: str) -> User | None:
+    return session.scalar(select(User).where(User.username == username.strip().lower()))
+
+
+def get_user(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise LookupError(f"user {user_id} does not exist")
+    return user
+
+
+def create_user(session: Session, username: str, role: str, password: str | None = None, *,
+                must_change: bool = True, display_name: str = "", email: str = "") -> User:
+    name = check_username(username)
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    if user_by_name(session, name) is not None:
+        raise ValueError(f"There is already a user named {name}.")
+    user = User(username=name, role=role, display_name=display_name.strip()[:200], email=email.strip()[:320],
+                password_hash=HASHER.hash(check_new_password(password, name)) if password else None,
+                must_change_password=must_change, max_queued_runs=1)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def ensure_admin(session: Session, log=None) -> str | None:
+    """On the first start (no user yet), or after the migration of a store made before accounts (an
+    ``admin`` that owns the old rows and has no password), give the admin a one-time password: the one in
+    ``$NEUROSEG_ADMIN_PASSWORD``, else a random one printed once in the server log. It must be changed at
+    the first sign-in. Returns the password made (None when nothing was to do)."""
+    log = log or (lambda message: print(f"neuroseg: {message}", file=sys.stderr, flush=True))
+    users = session.scalar(select(func.count()).select_from(User)) or 0
+    admin = None
+    if users:
+        admin = session.scalar(select(User).where(User.role == "admin", User.password_hash.is_(None),
+                                                  User.oidc_subject.is_(None), User.username == "admin"))
+        if admin is None:
+            return None
+    given = os.environ.get("NEUROSEG_ADMIN_PASSWORD", "")
+    password = given or secrets.token_urlsafe(12)
+    check_new_password(password, "admin")
+    if admin is None:
+        admin = create_user(session, "admin", "admin", password, must_change=True, display_name="Administrator")
+    else:
+        admin.password_hash, admin.must_change_password = HASHER.hash(password), True
+    audit.record(session, None, "create user", "user admin", detail="the first admin (one-time password)")
+    if given:
+        log("the admin account 'admin' signs in with the password in $NEUROSEG_ADMIN_PASSWORD; "
+            "it must be changed at the first sign-in.")
+    else:
+        log(f"created the admin account 'admin' with the one-time password {password} "
+            "(shown only this once; it must be changed at the first sign-in).")
+    return password
+
+
+# --- signing in and out ------------------------------------------------------------------------------------
+def _wait(failures: int) -> timedelta:
+    """How long an account waits after ``failures`` wrong passwords in a row: nothing for the first few,
+    then 2, 4, 8 … seconds, at most five minutes."""
+    if failures < FREE_TRIES:
+        return timedelta(0)
+    return min(timedelta(seconds=2 ** (failures - FREE_TRIES + 1)), MAX_WAIT)
+
+
+def _new_session(session: Session, user: User, address: str, method: str) -> str:
+    token = secrets.token_urlsafe(32)
+    moment = now()
+    session.add(SignIn(token_sha256=token_digest(token), user_id=user.id, created=moment,
+                       expires=moment + timedelta(hours=SESSION_HOURS), address=address[:64], method=method))
+    session.execute(delete(SignIn).where(SignIn.expires < moment))  # forget the expired ones
+    user.last_sign_in = moment
+    return token
+
+
+def sign_in(session: Session, username: str, password: str, address: str = "") -> tuple[Actor, str]:
+    """Check a name and a password; returns the user and a new session token for the browser's cookie.
+    A refusal raises :class:`SignInError` after it is recorded (the caller commits it). Wrong passwords
+    in a row make the account wait, and many failures from one address make that address wait."""
+    moment = now()
+    shown = (username or "").strip()[:64]
+    try:
+        name = check_username(username)
+    except ValueError as exc:
+        audit.record(session, None, "sign in", f"user {shown!r}", "failed", str(exc), address, username=shown)
+        raise SignInError(str(exc)) from None
+    if not password:
+        audit.record(session, None, "sign in", f"user {name}", "failed", "empty password", address, username=name)
+        raise SignInError("Enter your password.")
+    if len(password) > MAX_PASSWORD:
+        audit.record(session, None, "sign in", f"user {name}", "failed", "password too long", address, username=name)
+        raise SignInError(f"That password is longer than any password here ({MAX_PASSWORD} characters at most).")
+    recent = session.scalar(select(func.count()).select_from(AuditEvent).where(
+        AuditEvent.action == "sign in", AuditEvent.outcome == "failed", AuditEvent.address == address[:64],
+        AuditEvent.time > moment - ADDRESS_WINDOW)) or 0
+    if address and recent >= ADDRESS_TRIES:
+        audit.record(session, None, "sign in", f"user {name}", "refused", "too many failures from this address",
+                     address, username=name)
+        raise SignInError("Too many failed sign-ins from this address: wait a few minutes and try again.")
+    user = user_by_name(session, name)
+    if user is not None and aware(user.locked_until) and aware(user.locked_until) > moment:
+        seconds = int((aware(user.locked_until) - moment).total_seconds()) + 1
+        audit.record(session, user.id, "sign in", f"user {name}", "refused", "waiting after wrong passwords",
+                     address, username=name)
+        raise SignInError(f"Too many wrong passwords for {name}: wait {seconds} s and try again.")
+    good = _verify(user.password_hash if user is not None else None, password)
+    if user is None or not good or user.disabled:
+        if user is not None and not user.disabled:
+            user.failed_sign_ins += 1
+            wait = _wait(user.failed_sign_ins)
+            user.locked_until = moment + wait if wait else None
+        why = "unknown user" if user is None else ("account disabled" if user.disabled else "wrong password")
+        audit.record(session, user.id if user else None, "sign in", f"user {name}", "failed", why, address,
+                     username=name)
+        if user is not None and user.disabled and good:
+            raise SignInError("This account is disabled: ask an admin.")
+        if user is not None and user.password_hash is None and user.oidc_subject:
+            raise SignInError(f"{name} signs in with the institution's single sign-on, not a password.")
+        raise SignInError("Unknown user name or wrong password.")
+    if HASHER.check_needs_rehash(user.password_hash):
+        user.password_hash = HASHER.hash(password)
+    user.failed_sign_ins, user.locked_until = 0, None
+    token = _new_session(session, user, address, "password")
+    audit.record(session, user.id, "sign in", f"user {name}", "ok", "password", address, username=name)
+    return actor_of(user, address), token
+
+
+def sign_in_oidc(session: Session, issuer: str, subject: str, *, email: str = "", name: str = "",
+                 preferred: str = "", address: str = "") -> tuple[Actor, str]:
+    """The user of a single sign-on identity: found by (issuer, subject), or made on its first sign-in
+    with the role ``$NEUROSEG_OIDC_ROLE`` (viewer unless set: an admin gives more). Its user name comes
+    from the identity's preferred name or e-mail, made safe and unique."""
+    if not issuer or not subject:
+        raise SignInError("The sign-on provider did not say who you are (no issuer or subject).")
+    user = session.scalar(select(User).where(User.oidc_issuer == issuer, User.oidc_subject == subject))
+    if user is None:
+        base = re.sub(r"[^a-z0-9._-]+", "-", (preferred or email.split("@")[0] or name or "user").lower())
+        base = base.strip(".-_")[:56] or "user"
+        username, n = base, 1
+        while user_by_name(session, username) is not None:
+            n += 1
+            username = f"{base}-{n}"
+        role = os.environ.get("NEUROSEG_OIDC_ROLE", "viewer")
+        user = create_user(session, username, role if role in ROLES else "viewer", None, must_change=False,
+                           display_name=name, email=email)
+        user.oidc_issuer, user.oidc_subject = issuer[:500], subject[:255]
+        audit.record(session, user.id, "create user", f"user {username}", detail=f"first single sign-on ({issuer})",
+                     address=address, username=username)
+    if user.disabled:
+        audit.record(session, user.id, "sign in", f"user {user.username}", "failed", "account disabled", address,
+                     username=user.username)
+        raise SignInError("This account is disabled: ask an admin.")
+    token = _new_session(session, user, address, "oidc")
+    audit.record(session, user.id, "sign in", f"user {user.username}", "ok", "single sign-on", address,
+                 username=user.username)
+    return actor_of(user, address), token
+
+
+class SessionExpired(SignInError):
+    pass
+
+
+def session_actor(session: Session, token: str, address: str = "") -> Actor:
+    """The user a browser's token signs in, or :class:`SignInError` (an unknown token, an expired session
+    or a disabled account) with what to tell the user."""
+    row = session.get(SignIn, token_digest(token)) if token else None
+    if row is None:
+        raise SignInError("Please sign in.")
+    if aware(row.expires) <= now():
+        session.delete(row)
+        raise SessionExpired("Your session has expired: sign in again. Nothing you saved is lost, and unsaved "
+                             "annotation is kept for you.")
+    user = session.get(User, row.user_id)
+    if user is None or user.disabled:
+        session.delete(row)
+        raise SignInError("This account is disabled: ask an admin.")
+    return actor_of(user, address or row.address)
+
+
+def sign_out(session: Session, token: str, actor: Actor | None = None) -> None:
+    session.execute(delete(SignIn).where(SignIn.token_sha256 == token_digest(token)))
+    if actor is not None and actor.user_id is not None:
+        audit.record(session, actor.user_id, "sign out", f"user {actor.username}", address=actor.address,
+                     username=actor.username)
+
+
+def change_password(session: Session, actor: Actor, old: str, new: str, keep_token: str = "") -> None:
+    """The signed-in user's new password; every other browser signed in as them is signed out."""
+    user = get_user(session, actor.user_id)
+    if not _verify(user.password_hash, old or ""):
+        audit.record(session, user.id, "change password", f"user {user.username}", "failed",
+                     "wrong current password", actor.address, username=user.username)
+        raise SignInError("The current password is wrong.")
+    check_new_password(new, user.username)
+    if new == old:
+        raise ValueError("Choose a new password, not the one you have.")
+    user.password_hash, user.must_change_password = HASHER.hash(new), False
+    session.execute(delete(SignIn).where(SignIn.user_id == user.id,
+                                         SignIn.token_sha256 != token_digest(keep_token)))
+    audit.record(session, user.id, "change password", f"user {user.username}", address=actor.address,
+                 username=user.username)
