@@ -100,7 +100,7 @@ everything = [home_page, datasets, annotate, train, predict, runs, admin]
 # listed for admins only (its service calls refuse everyone else anyway).
 signed = signed_in_user()
 page = st.navigation(everything if signed is None or can("admin") else everything[:-1],
-                     position="sidebar" if signed is not None else "hidden")
+                     position="sidebar" if signed is not None and not signed.must_change_password else "hidden")
 sign_in_gate(signed)
 
 with st.sidebar:

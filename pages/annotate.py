@@ -11,7 +11,7 @@ import time
 import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, st_canvas  # needs a running Streamlit: pages only
 
-from pages.common import dataset_picker, flash, leave_guard, owner, select_dataset, start_page, volume_or_stop
+from pages.common import can, dataset_picker, flash, leave_guard, owner, select_dataset, start_page, volume_or_stop
 from storage.service import MaskConflict, UserError
 from ui.annotation import Draft, StartOption, history_rows, start_options
 from ui.figures import slice_strip
@@ -106,6 +106,8 @@ if restored_note and draft.dirty:
 def _keep(d: Draft) -> None:
     """Keep the draft in the store when it changed since it was last kept (or forget it once clean)."""
     key = (d.dataset_id, d.slice_index)
+    if not can("annotate"):  # a viewer's canvas draws nothing
+        return
     if kept_revision.get(key) != d.revision:
         try:
             svc.keep_draft(d, owner())
@@ -248,16 +250,20 @@ st.caption(f"Painting **{ {NEURON: 'neuron', MEMBRANE: 'membrane', IGNORE: 'unla
            f"{brush}-pixel brush · slice {z}: {width} × {height} pixels" + (
     f", showing rows {view.y0}–{view.y0 + view.h - 1} and columns {view.x0}–{view.x0 + view.w - 1}"
     if zoom > 1 else "") + f" at {view.describe()} · cyan: neuron, red: membrane, no tint: unlabelled")
-result = st_canvas(stroke_width=max(1, round(brush * view.ratio)), stroke_color=brush_color(tool),
-                   background_image=cache["url"], height=display_h, width=display_w, drawing_mode="freedraw",
-                   return_image_data=True, key=draft.canvas_key, max_display_height=900, update_streamlit=True)
-draft.apply(result.image_data)
+if can("annotate"):
+    result = st_canvas(stroke_width=max(1, round(brush * view.ratio)), stroke_color=brush_color(tool),
+                       background_image=cache["url"], height=display_h, width=display_w, drawing_mode="freedraw",
+                       return_image_data=True, key=draft.canvas_key, max_display_height=900, update_streamlit=True)
+    draft.apply(result.image_data)
+else:  # a viewer sees the slice and its mask, with nothing to paint on
+    st.image(cache["url"], width=display_w, caption="View only: your role cannot paint or save masks.")
 _keep(draft)  # every change goes to the store: a reload or a new tab finds it
 st.session_state["_canvas_rendered"] = (draft.canvas_key, st.session_state.get("_script_runs", 0))
 
 # --- save -----------------------------------------------------------------------------------------
 actions = st.columns([2, 2, 6], vertical_alignment="center")
-actions[0].button("Save version", type="primary", on_click=_save, key="save_mask", disabled=in_conflict)
+actions[0].button("Save version", type="primary", on_click=_save, key="save_mask",
+                  disabled=in_conflict or not can("annotate"))
 actions[1].button("Discard changes", on_click=_discard, disabled=not draft.dirty or in_conflict, key="discard_mask")
 last_saved = st.session_state.get("last_saved")
 if draft.dirty:
@@ -275,7 +281,8 @@ if live_key not in st.session_state:  # a reload finds the session this user had
     st.session_state[live_key] = session is not None and owner() in session.viewers
 with st.container(border=True, key="live_panel"):
     head = st.columns([2, 5, 3], vertical_alignment="center")
-    want = head[0].toggle("Live", key=live_key, help="Train in the background while you annotate: every version "
+    want = head[0].toggle("Live", key=live_key, disabled=not can("train"),
+                          help="Train in the background while you annotate: every version "
                           "you save is learned within seconds, and this slice is predicted again and again.")
     if want and session is None:
         checkpoints = {c.id: c for c in svc.checkpoint_choices()}

@@ -57,6 +57,10 @@ def start_page(title: str) -> Neuroseg:
     frame_guard()
     st.title(title)
     show_flashes()
+    if not can("create"):
+        st.info(f"You are signed in as a **{actor().role}**: you can look at everything and export it. An admin "
+                "can give you the annotator role to upload, annotate, train and predict.",
+                icon=":material/visibility:")
     return service()
 
 
@@ -193,7 +197,7 @@ def client_address() -> str:
     (``NEUROSEG_BEHIND_PROXY=1``) the one the proxy puts in ``X-Forwarded-For``."""
     address = ""
     try:
-        address = st.context.ip_address or ""
+        address = st.context.ip_address or "localhost"  # (Streamlit gives None for a loopback connection)
         if os.environ.get("NEUROSEG_BEHIND_PROXY") == "1":
             forwarded = st.context.headers.get("X-Forwarded-For", "") or st.context.headers.get("X-Real-Ip", "")
             address = forwarded.split(",")[0].strip() or address

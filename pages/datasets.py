@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import attempt, dataset_picker, flash, select_dataset, start_page, volume_or_stop
+from pages.common import attempt, can, dataset_picker, flash, select_dataset, start_page, volume_or_stop
 from storage.service import ChannelsQuestion, UserError
 from ui.figures import histogram
 from ui.paint import View, auto_window, middle_of, view_picture
@@ -26,7 +26,7 @@ with st.expander("Upload a stack", expanded=not datasets):
         name = c1.text_input("Name", placeholder="the file name", max_chars=200, key=f"upload_name_{form}")
         notes = c2.text_area("Notes", height=68, placeholder="sample, microscope, pixel size, …",
                              key=f"upload_notes_{form}")
-        submitted = st.form_submit_button("Upload and check", type="primary")
+        submitted = st.form_submit_button("Upload and check", type="primary", disabled=not can("create"))
     as_slices = st.session_state.pop("_channels_as_z", False)  # the user answered the channels question
     if submitted or as_slices:
         if volume is None:
@@ -66,7 +66,7 @@ with st.expander("Import a folder on the server (OME-Zarr, zarr or N5)"):
         c1, c2 = st.columns([2, 1])
         path_name = c1.text_input("Name", placeholder="the folder's name", max_chars=200, key="import_path_name")
         link = c2.toggle("Link instead of copying", key="import_link")
-        go = st.form_submit_button("Import", type="primary")
+        go = st.form_submit_button("Import", type="primary", disabled=not can("create"))
     if go:
         bar = st.progress(0.0, text=f"Opening {path} …")
         try:
@@ -90,7 +90,8 @@ if not datasets:
 st.dataframe(
     [{"id": d.id, "name": d.name, "shape (Z×Y×X)": "×".join(map(str, d.shape)), "dtype": d.dtype,
       "size (MB)": round(d.size_bytes / 1e6, 1), "labelled slices": f"{d.labelled_slices} / {d.shape[0]}",
-      "pixel (nm)": d.pixel_size_nm, "created": d.created.strftime("%Y-%m-%d %H:%M"), "file": d.source_name}
+      "pixel (nm)": d.pixel_size_nm, "created": d.created.strftime("%Y-%m-%d %H:%M"), "owner": d.owner or "—",
+      "file": d.source_name}
      for d in datasets],
     hide_index=True, key="dataset_table")
 

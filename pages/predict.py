@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import dataset_picker, flash, select_dataset, start_page, volume_or_stop
+from pages.common import can, dataset_picker, flash, select_dataset, start_page, volume_or_stop
 from storage.service import RunStatus, UserError
 from ui.paint import View
 from ui.prediction import (
@@ -71,7 +71,7 @@ with st.form("predict_form"):
         "Neurons by", POSTPROCESS_CHOICES, format_func=POSTPROCESS.get, key="predict_postprocess",
         help="How the neuron instances are made from the probability map. The first is the default: it "
              "scored best on ISBI 2012 (README, bench.quality).")
-    go = st.form_submit_button("Predict", type="primary", key="predict_go")
+    go = st.form_submit_button("Predict", type="primary", key="predict_go", disabled=not can("predict"))
 if go:
     try:
         slices = svc.parse_slices(slices_text, info.shape[0])

@@ -40,9 +40,10 @@ dataset_filter = f2.selectbox("Dataset", [None, *names], format_func=lambda i: "
                               key="runs_dataset")
 shown = [r for r in runs if (not statuses or r.status in statuses)
          and (dataset_filter is None or dataset_filter in r.dataset_ids)]
+owners = {r.id: r.owner for r in runs}
 st.dataframe([{
     "run": r.id, "status": r.status, "datasets": ", ".join(names.get(d, f"#{d} (deleted)") for d in r.dataset_ids),
-    "preset": r.preset, "device": r.device,
+    "preset": r.preset, "device": r.device, "owner": owners.get(r.id) or "—",
     "started": r.started.strftime("%Y-%m-%d %H:%M") if r.started else "", "duration": duration(r.duration_s),
     "val pixel error": best_metrics(r.id).get("val_pixel_error"), "val Rand-F": best_metrics(r.id).get("val_rand_f"),
     "val VI": best_metrics(r.id).get("val_vi"), "val V_rand": best_metrics(r.id).get("val_v_rand"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import flash, select_dataset, selected_dataset, start_page
+from pages.common import can, flash, select_dataset, selected_dataset, start_page
 from storage.service import RunStatus, UserError
 from ui.figures import run_curves_figure
 from ui.training import VAL_KEYS, checkpoint_label, describe_preset, progress_text, recipe, resume_note
@@ -174,7 +174,8 @@ else:
                 problems.append(f"device: {exc}")
         for problem in problems:
             st.error(problem)
-        if st.button("Train", type="primary", disabled=bool(problems) or not train_parts or config is None,
+        if st.button("Train", type="primary", disabled=bool(problems) or not train_parts or config is None
+                     or not can("train"),
                      key="train_submit"):
             try:
                 run = svc.submit_training(train_parts, val_parts, config, preset=preset_name,

@@ -18,7 +18,7 @@ re-predicted. The rules it keeps with the rest of the queue:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -26,7 +26,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from storage.files import FileStore
-from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunMask
+from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunMask, User
 from storage.records import ACTIVE, NotFound, RunInfo, RunStatus, UserError, aware
 from storage.runs import device_key, resume_run, run_info
 
@@ -43,6 +43,7 @@ class LiveInfo:
     learned: int  # mask versions it has taken into its training set
     viewers: list[str]  # who has the session open (seen in the last two minutes)
     paused_for: int | None  # the normal run it yields the device to, while paused
+    names: dict[str, str] = field(default_factory=dict)  # viewer ("user:<id>") → user name
 
     @property
     def run_id(self) -> int:
@@ -77,7 +78,9 @@ def live_info(session: Session, run: Run) -> LiveInfo:
     viewers = [v.owner for v in session.scalars(select(LiveViewer).where(LiveViewer.run_id == run.id))
                if aware(v.seen) >= since]
     paused = waiting_normal_run(session, run.device) if run.status == RunStatus.QUEUED else None
-    return LiveInfo(run_info(run), int(run.spec["dataset_id"]), learned, sorted(viewers), paused)
+    ids = {int(v.split(":", 1)[1]): v for v in viewers if v.startswith("user:") and v[5:].isdigit()}
+    names = {ids[u.id]: u.username for u in session.scalars(select(User).where(User.id.in_(list(ids))))}
+    return LiveInfo(run_info(run), int(run.spec["dataset_id"]), learned, sorted(viewers), paused, names)
 
 
 def current(session: Session, dataset_id: int) -> LiveInfo | None:

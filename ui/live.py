@@ -26,7 +26,8 @@ def viewer_name(owner: str) -> str:
 def status_text(info: Any, owner: str) -> str:
     """One line: which session, what it does, who shares it."""
     run = info.run
-    others = [viewer_name(v) for v in info.viewers if v != owner]
+    names = getattr(info, "names", {}) or {}
+    others = [names.get(v) or viewer_name(v) for v in info.viewers if v != owner]
     shared = f" · shared with {', '.join(others)}" if others else ""
     if run.status == "QUEUED" and info.paused_for is not None:
         what = f"paused while run #{info.paused_for} trains on {run.device}; it carries on afterwards"
