@@ -336,7 +336,8 @@ def sign_out() -> None:
         st.session_state.pop(key, None)
     st.session_state["auth_token"] = ""
     if _sso_configured() and getattr(st.user, "is_logged_in", False):
-        st.logout()
+        st.logout()  # the browser goes through the provider's sign-out and comes back as a new session
+        return
     st.rerun()
 
 

@@ -14,6 +14,7 @@ from storage.settings import Settings
 from tests.accounts import make_user
 from tests.browser import ARTIFACTS, app_server, chromium, signed_in
 
+pytestmark = pytest.mark.slow
 TIMEOUT_MS = 90_000
 ADMIN_FIRST = "the-first-admin-password"
 URLS = ("", "datasets", "annotate", "train", "predict", "runs", "admin", "common", "no-such-page")
