@@ -22,5 +22,7 @@ need_deb() {  # need_deb <package> <what it is for> <command that succeeds when 
 need_deb postgresql "the PostgreSQL store tests" compgen -G "/usr/lib/postgresql/*/bin/initdb"
 # the browser tests drive Debian's Chromium with Playwright (Playwright's own browser download is not used)
 need_deb chromium "the browser tests" command -v chromium
+# the lab deployment test starts nginx (deploy/nginx/) in front of the app, with TLS and WebSockets
+need_deb nginx-light "the reverse-proxy deployment test" command -v nginx
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest --run-slow "$@"

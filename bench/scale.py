@@ -107,11 +107,11 @@ def _browser(data: Path, dataset_id: int, side: int) -> dict:
     """Serve the app on the store and time Annotate in Chromium: click "Next ▶" five times from the middle
     of the stack, each until the next slice's caption and canvas are on screen."""
     sys.path.insert(0, str(ROOT))
-    from tests.browser import app_server, canvas_key, chromium
+    from tests.browser import app_server, canvas_key, chromium, signed_in
 
     times = []
     with app_server(data) as url, chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = signed_in(browser.new_page(viewport={"width": 1400, "height": 1000}), url)
         page.goto(f"{url}/annotate?dataset={dataset_id}")
         page.locator("canvas.upper-canvas").first.wait_for(timeout=120_000)
         for _ in range(5):

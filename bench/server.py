@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import ROOT, table, write_json
-from tests.browser import CHROMIUM, CHROMIUM_FLAGS, app_server  # the test harness's server and browser
+from tests.browser import CHROMIUM, CHROMIUM_FLAGS, app_server, signed_in  # the tests' server and browser
 
 SETUP = """
 import io, sys, numpy as np, tifffile
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
             expect.set_options(timeout=120_000)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(120_000)
+            accounts = (root / "storage" / "accounts.py").exists()  # a commit with sign-in: sign in first
+            if accounts:
+                signed_in(page, url)
             page.goto(url)
             page.get_by_role("heading", name="Neuroseg").wait_for()
             for link, heading in PAGES:  # one round to warm up (imports, caches)
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
                 ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
                 viewer = ctx.new_page()
                 viewer.set_default_timeout(120_000)
+                if accounts:
+                    signed_in(viewer, url)
                 viewer.goto(f"{url}/predict")
                 viewer.get_by_text("slice 0: mask").wait_for()
                 viewer.get_by_role("button", name=re.compile("Probabilities")).wait_for()

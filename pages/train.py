@@ -28,15 +28,30 @@ def follow(run_id: int, was_active: bool) -> None:
         head[1].progress(min(fraction, 1.0), text=progress_text(progress))
     for went_on_from, had_reached in progress.resumes:
         head[1].caption(resume_note(went_on_from, had_reached))
+    if run.status == RunStatus.QUEUED:  # a shared GPU: where this run stands, and whose runs are ahead
+        queue = svc.training_queue()
+        ahead = [q for q in queue if q.run_id != run.id and (q.position == 0 or q.position < next(
+            (p.position for p in queue if p.run_id == run.id), 0))]
+        if ahead:
+            head[1].caption("Waiting behind " + ", ".join(
+                f"run #{q.run_id} ({q.owner or 'system'}{', running' if q.position == 0 else ''})" for q in ahead))
     if run.active and run.kind == "live":
         if head[2].button("Stop", key=f"stop_live_{run.id}", disabled=run.cancel_requested,
                           help="End the live session for everyone: it becomes a run with its checkpoints."):
-            svc.live_stop(run.id)
-            st.rerun(scope="fragment")
+            try:
+                svc.live_stop(run.id)
+            except UserError as exc:
+                st.error(str(exc))
+            else:
+                st.rerun(scope="fragment")
     elif run.active:
         if head[2].button("Cancel", key=f"cancel_{run.id}", disabled=run.cancel_requested):
-            svc.cancel_run(run.id)
-            st.rerun(scope="fragment")
+            try:
+                svc.cancel_run(run.id)
+            except UserError as exc:  # someone else's run
+                st.error(str(exc))
+            else:
+                st.rerun(scope="fragment")
     elif run.status in (RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.LOST) and head[2].button(
             "Resume", key=f"resume_{run.id}", help="Continue from its latest checkpoint"):
         try:

@@ -1,5 +1,7 @@
 """``python -m storage migrate``: bring the store's schema up to date (the server also does it once when
-it starts; workers never do)."""
+it starts; workers never do). ``python -m storage reset-password <user>``: a new one-time password for a
+local account, from the server's shell (an admin who forgot theirs); ``python -m storage users`` lists
+the accounts."""
 
 from __future__ import annotations
 
@@ -12,11 +14,36 @@ from storage.settings import Settings
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m storage")
-    ap.add_argument("command", choices=["migrate"], help="migrate: apply the Alembic migrations not yet applied")
-    ap.parse_args(argv)
+    ap.add_argument("command", choices=["migrate", "users", "reset-password"],
+                    help="migrate: apply the Alembic migrations not yet applied; users: list the accounts; "
+                         "reset-password USER: a new one-time password for USER")
+    ap.add_argument("user", nargs="?", help="the user name (reset-password)")
+    args = ap.parse_args(argv)
     settings = Settings.from_env()
-    open_store(settings, migrate=True)
-    print(f"the store at {settings.data_dir} ({settings.database_url.split('://')[0]}) is up to date")
+    sessions, _store = open_store(settings, migrate=True)
+    if args.command == "migrate":
+        print(f"the store at {settings.data_dir} ({settings.database_url.split('://')[0]}) is up to date")
+        return 0
+    from storage import audit, users
+    from storage.accounts import user_by_name
+
+    with sessions.begin() as s:
+        if args.command == "users":
+            for u in users.list_users(s):
+                state = "disabled" if u.disabled else ("single sign-on" if u.single_sign_on else "password")
+                print(f"{u.username:24} {u.role:10} {state}")
+            return 0
+        found = user_by_name(s, args.user or "")
+        if found is None:
+            print(f"no user named {args.user!r}", file=sys.stderr)
+            return 2
+        try:
+            password = users.reset_password(s, found.id)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        audit.record(s, None, "reset password", f"user {found.id}", detail="from the server's shell")
+    print(f"one-time password for {found.username}: {password} (it must be changed at the next sign-in)")
     return 0
 
 

@@ -291,3 +291,26 @@ def test_audit_filters_and_a_failed_action_is_recorded_as_failed(svc):
     use = svc.disk_use()
     assert use.free_bytes > 0 and use.datasets == []
     assert np.isfinite(use.total_bytes)
+
+
+def test_an_admin_who_forgot_the_password_gets_a_one_time_one_from_the_server_shell(svc, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    user(svc, "boss", "admin")
+    env = {**os.environ, "NEUROSEG_DATA_DIR": str(tmp_path / "data")}
+    env.pop("DATABASE_URL", None)
+    listed = subprocess.run([sys.executable, "-m", "storage", "users"], capture_output=True, text=True, env=env)
+    assert listed.returncode == 0 and "boss" in listed.stdout and "admin" in listed.stdout
+    done = subprocess.run([sys.executable, "-m", "storage", "reset-password", "boss"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    password = done.stdout.split("one-time password for boss: ")[1].split()[0]
+    boss = svc.sign_in("boss", password)[0]
+    assert boss.must_change_password
+    with pytest.raises(UserError, match="wrong password"):
+        svc.sign_in("boss", GOOD)
+    missing = subprocess.run([sys.executable, "-m", "storage", "reset-password", "nobody"], capture_output=True,
+                             text=True, env=env)
+    assert missing.returncode == 2 and "no user named 'nobody'" in missing.stderr

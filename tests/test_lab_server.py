@@ -13,6 +13,8 @@ from storage.service import Neuroseg, UserError
 from storage.settings import Settings
 from tests.accounts import make_user
 from tests.browser import ARTIFACTS, app_server, chromium, signed_in
+from tests.drafts import new_draft, start_options
+from unet.config import preset
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 90_000
@@ -138,9 +140,16 @@ def test_roles_ownership_audit_and_a_password_change_in_the_browser(tmp_path, mo
         expect(vic.get_by_role("button", name="Save version")).to_be_disabled()
         vic.get_by_role("link", name="Train").first.click()
         expect(vic.get_by_role("button", name="Train", exact=True)).to_be_disabled()
-        viewer = svc.signed_in(make_user(data_dir, "vic", "viewer"))
+        # what a forged request would make the server call, as vic: refused by the service
+        as_vic = svc.acting_as(svc.signed_in(make_user(data_dir, "vic", "viewer")))
+        draft = new_draft(as_vic, demo.id, 0, start_options(svc, demo.id, 0)[0])
+        draft.working = draft.working.copy()
+        draft.working[:8, :8] = 1
         with pytest.raises(UserError, match=r"Your role \(viewer\) cannot save or restore masks"):
-            svc.acting_as(viewer).restore(svc.history(demo.id, 0)[0].id)  # what a forged request would call
+            as_vic.save_draft(draft)
+        with pytest.raises(UserError, match=r"Your role \(viewer\) cannot train"):
+            as_vic.submit_training([{"dataset_id": demo.id, "slices": [0, 1]}], [], preset("tiny"), preset="tiny")
+        assert [m.version for m in svc.history(demo.id, 0)] == [1] and svc.runs() == []
         vic.screenshot(path=ARTIFACTS / "viewer-train.png", full_page=True)
 
         # bob, another annotator: cannot delete ann's dataset
@@ -170,7 +179,8 @@ def test_roles_ownership_audit_and_a_password_change_in_the_browser(tmp_path, mo
         rows = svc.audit_trail()
         seen = {(r.username, r.action, r.outcome) for r in rows}
         assert {("admin", "change password", "ok"), ("admin", "create user", "ok"), ("ann", "change password", "ok"),
-                ("ann", "load demo", "ok"), ("vic", "restore", "refused"), ("bob", "delete", "refused"),
+                ("ann", "load demo", "ok"), ("vic", "save mask", "refused"), ("vic", "train", "refused"),
+                ("bob", "delete", "refused"),
                 ("admin", "delete", "ok")} <= seen
         assert int(caption.inner_text().split()[0]) == len(rows)
         admin.screenshot(path=ARTIFACTS / "admin-audit.png", full_page=True)

@@ -47,7 +47,9 @@ def test_live_on_paint_save_and_the_overlay_follows(tmp_path, monkeypatch):
         svc = Neuroseg(Settings.from_env(data_dir), supervise=False)
         dataset = svc.datasets()[0]
         session = svc.live(dataset.id)
-        assert session is not None and session.viewers == ["name:ann"]
+        ann = next(u for u in svc.users() if u.username == "ann")
+        assert session is not None and session.viewers == [f"user:{ann.id}"] and session.names == {
+            f"user:{ann.id}": "ann"}
         first_image = page.locator(".st-key-live_panel img").get_attribute("src")
 
         rendered = annotate_render(page)

@@ -139,7 +139,7 @@ def test_train_predict_correct_and_review(app_data_dir):
                                  preset("tiny", lr=5e-3), preset="tiny", parent_checkpoint_id=best.id)
     wait_exit(second.pid)
     assert svc.run(second.id).status == "FINISHED"
-    at = open_page("Runs")
+    at = open_page("Runs", "boss", "admin")  # the second run is the system's: an admin deletes it
     table = at.dataframe[0].value
     assert list(table["run"]) == [second.id, run.id] and list(table["status"]) == ["FINISHED", "FINISHED"]
     assert list(table["parent"]) == [f"run {run.id}", ""]
@@ -200,7 +200,7 @@ def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(app_data
     assert failed.status == "FAILED" and "does not match its recorded checksum" in failed.error
     at = open_page("Predict")
     assert f"Prediction #{job.id} failed" in texts(at.error)
-    runs_page = open_page("Runs")
+    runs_page = open_page("Runs", "boss", "admin")  # (the run is the system's: an admin's to delete from)
     runs_page.button(key=f"del_ckpt_{checkpoint.id}").click().run()
     assert f"Deleted the {checkpoint.kind} checkpoint of run {run.id}" in texts(runs_page.success)
     assert [c.id for c in svc.checkpoints(run.id)] != [] and checkpoint.id not in [
