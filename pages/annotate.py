@@ -170,7 +170,11 @@ def _discard_and_open_latest() -> None:
 
 
 def _restore(mask_id: int) -> None:
-    restored = svc.restore(mask_id, st.session_state.get("author", ""))
+    try:
+        restored = svc.restore(mask_id, st.session_state.get("author", ""))
+    except UserError as exc:
+        flash(f"Not restored: {exc}", "error")
+        return
     drafts.pop((dataset_id, z), None)
     old = next((m.version for m in svc.history(dataset_id, z) if m.id == mask_id), "?")
     flash(f"Restored v{old} as v{restored.version}.")
@@ -308,7 +312,11 @@ with st.container(border=True, key="live_panel"):
             svc.live_start(dataset_id, None, owner())  # join it
         head[1].caption(status_text(session, owner()))
         def _stop(run_id: int) -> None:
-            svc.live_stop(run_id)
+            try:
+                svc.live_stop(run_id)
+            except UserError as exc:
+                flash(f"Live did not stop: {exc}", "error")
+                return
             st.session_state[live_key] = False
             flash(f"Live session #{run_id} stops; it is a run now (Runs, Predict).")
 
@@ -389,7 +397,8 @@ else:
         pick = cols[0].selectbox("An older version", [m.id for m in older], key=f"restore_pick_{dataset_id}_{z}",
                                  format_func=lambda i: f"v{by_id[i].version} · {by_id[i].kind} · "
                                                        f"{by_id[i].author or 'anonymous'}")
-        cols[1].button("Restore it as a new version", on_click=_restore, args=(pick,), disabled=draft.dirty,
+        cols[1].button("Restore it as a new version", on_click=_restore, args=(pick,),
+                       disabled=draft.dirty or not can("annotate"),
                        key="restore", help="Save or discard your changes first." if draft.dirty else None)
 
 leave_guard(armed=True)  # after the strokes of this run are kept: see pages.common.leave_guard

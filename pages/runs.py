@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.common import attempt, start_page
+from storage.service import UserError
 from ui.figures import METRIC_NAMES, run_curves_figure
 from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration, score_rows
 
@@ -135,11 +136,26 @@ with one:
         st.json(run.config, expanded=False)
     st.markdown("**Checkpoints**")
     for c in checkpoints[run.id]:
-        cols = st.columns([3, 1, 1], vertical_alignment="center")
+        cols = st.columns([3, 1, 2, 1], vertical_alignment="center")
         cols[0].write(checkpoint_label(c, with_run=False))
         cols[1].download_button("Download", lambda c=c: svc.checkpoint_bytes(c.id), on_click="ignore",
                                 file_name=f"run-{run.id}-{c.kind}.pt", key=f"dl_ckpt_{c.id}")
-        with cols[2].popover("Delete", disabled=run.active):
+        packaged = st.session_state.get(f"bioimageio_{c.id}")
+        if packaged is None:
+            if cols[2].button("BioImage.IO package", key=f"pack_{c.id}", help="Build, validate (bioimageio.spec) "
+                              "and test (bioimageio.core) a package that ilastik, deepImageJ and napari run"):
+                with st.spinner("Packaging, validating and testing …"):
+                    try:
+                        st.session_state[f"bioimageio_{c.id}"] = svc.export_model(c.id)
+                    except UserError as exc:
+                        st.error(f"Not exported: {exc}")
+                    else:
+                        st.rerun()
+        else:
+            cols[2].download_button("Download package (.zip)", packaged[0], file_name=packaged[1],
+                                    key=f"dl_pack_{c.id}", on_click="ignore", type="primary",
+                                    help="Validated by bioimageio.spec, model test passed in bioimageio.core")
+        with cols[3].popover("Delete", disabled=run.active):
             st.warning(f"Delete the {c.kind} checkpoint of run {run.id}, and the predictions made with it?")
             if st.button("Yes, delete it", key=f"del_ckpt_{c.id}", type="primary"):
                 attempt(lambda c=c: svc.delete_checkpoint(c.id),

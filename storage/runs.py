@@ -5,9 +5,11 @@ dead worker is :mod:`storage.queue`'s job, run by :mod:`storage.supervisor`. Fun
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -274,3 +276,65 @@ def checkpoint_bytes(session: Session, store: FileStore, checkpoint_id: int) -> 
     if row is None:
         raise NotFound(f"checkpoint {checkpoint_id} does not exist")
     return store.verified(row.file, row.sha256).read_bytes()
+
+
+def export_model(session: Session, store: FileStore, checkpoint_id: int, authors: list[str]) -> tuple[bytes, str]:
+    """A checkpoint as a BioImage.IO package (bytes, file name), validated by ``bioimageio.spec`` and
+    tested by ``bioimageio.core`` (:mod:`unet.bioimageio`). Its test tensors come from the first slice
+    the run trained on (the starter model: the first dataset here, else a synthetic EM slice); it cites
+    the ISBI 2012 data for a model trained on it."""
+    from storage.datasets import load_volume
+    from unet.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, PackageError, package_bytes
+    from unet.checkpoint import load_checkpoint
+
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    run = session.get(Run, row.run_id)
+    checkpoint = load_checkpoint(store.verified(row.file, row.sha256))
+    parts = (run.spec or {}).get("train") or []
+    dataset = None
+    z = 0
+    if parts and session.get(Dataset, int(parts[0]["dataset_id"])) is not None:
+        dataset, z = session.get(Dataset, int(parts[0]["dataset_id"])), int((parts[0].get("slices") or [0])[0])
+    elif run.kind != "train":
+        dataset = session.scalars(select(Dataset).order_by(Dataset.id)).first()
+    if dataset is not None:
+        image = np.asarray(load_volume(session, store, dataset.id)[z])
+    else:
+        from unet.synthetic import make_synthetic_em
+
+        image = make_synthetic_em((1, 320, 320), np.random.default_rng(0), cell_size=20)[0][0]
+    isbi = run.kind == "starter" or (dataset is not None and "isbi" in (dataset.name + dataset.source_name).lower())
+    what = "the starter model" if run.kind == "starter" else f"run {run.id}"
+    info = ExportInfo(
+        name=f"Neuroseg {what} ({row.kind} step {row.step})",
+        description=(f"A U-Net that maps an EM slice to its neuron (1 - membrane) probability: the {row.kind} "
+                     f"checkpoint of {what}, trained with Neuroseg."),
+        authors=authors or ["Neuroseg"], cite=[UNET_CITE, ISBI_CITE] if isbi else [UNET_CITE],
+        pixel_size_nm=dataset.pixel_size_nm if dataset is not None else None,
+        documentation=_model_card(session, run, row, what))
+    try:
+        data, _ = package_bytes(checkpoint, image, info)
+    except PackageError as exc:
+        raise ValueError(str(exc)) from None
+    return data, f"neuroseg-{'starter' if run.kind == 'starter' else f'run-{run.id}'}-{row.kind}.bioimageio.zip"
+
+
+def _model_card(session: Session, run: Run, row: Checkpoint, what: str) -> str:
+    rows = session.execute(
+        select(RunMask.role, MaskVersion).join(MaskVersion, MaskVersion.id == RunMask.mask_version_id)
+        .where(RunMask.run_id == run.id).order_by(RunMask.role, MaskVersion.dataset_id, MaskVersion.slice_index)
+    ).all()
+    masks = [f"- {role}: dataset {m.dataset_id}, slice {m.slice_index}, mask version {m.version} ({m.kind})"
+             for role, m in rows]
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted((row.metrics or {}).items()) if isinstance(v, int | float))
+    return "\n".join([
+        f"# Neuroseg: {what}", "",
+        f"The {row.kind} checkpoint (step {row.step}) of {what}, exported from Neuroseg.", "",
+        "## Recipe", "", "```json", json.dumps(run.config, indent=2, default=str), "```", "",
+        "## Trained on", "", *(masks or ["(the model card of the starter model says)" if run.kind == "starter"
+                                     else "(not recorded)"]), "",
+        "## Validation", "", scores or "(none recorded)", "",
+        "## Use", "", "Input: one EM slice (any grey values; the package normalises it to zero mean and unit "
+        "variance). Output: the neuron probability (a sigmoid of the network's logits).", ""])

@@ -491,6 +491,13 @@ class Neuroseg:
         """Every checkpoint of every run, newest run first, with its validation metrics."""
         return self._tx(runs.checkpoints)
 
+    @_guard("export model", "export", "checkpoint")
+    def export_model(self, checkpoint_id: int) -> tuple[bytes, str]:
+        """The checkpoint as a BioImage.IO package (bytes, file name), validated and tested before it is
+        handed out; its authors are the signed-in user (``Neuroseg`` for the system)."""
+        author = self.actor.display_name or self.actor.username if self.actor.user_id is not None else ""
+        return self._tx(runs.export_model, self.store, checkpoint_id, [author] if author else [])
+
     def checkpoint_bytes(self, checkpoint_id: int) -> bytes:
         return self._tx(runs.checkpoint_bytes, self.store, checkpoint_id)
 

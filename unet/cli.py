@@ -5,6 +5,9 @@
     python -m unet predict --checkpoint runs/a/best.pt --volume test-volume.tif --out pred/
         # → pred/probabilities.tif, pred/mask.tif, pred/instances.tif (the app's prediction files too)
     python -m unet evaluate --prediction pred/probabilities.tif --labels train-labels.tif --slices 25-29
+    python -m unet export --checkpoint runs/a/best.pt --volume train-volume.tif --out model.zip
+        # → a BioImage.IO package, validated and tested (ilastik, deepImageJ, bioimageio.core run it)
+    python -m unet predict --model model.zip --volume test-volume.tif --out pred/
 """
 
 from __future__ import annotations
@@ -92,7 +95,12 @@ def _predict(args: argparse.Namespace) -> int:
     from unet.segment import segment_stack
 
     device = pick_device(args.device)
-    model = load_checkpoint(args.checkpoint).build_model(device)
+    if args.model:
+        from unet.bioimageio import load_package
+
+        model = load_package(args.model).build_model(device)
+    else:
+        model = load_checkpoint(args.checkpoint).build_model(device)
     volume = read_stack(args.volume)
     slices = parse_slices(args.slices, volume.shape[0])
     bars: dict[str, tqdm] = {}
@@ -151,6 +159,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from unet.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, export_package
+    from unet.checkpoint import load_checkpoint
+    from unet.io import inspect_stack, read_stack
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    volume = read_stack(args.volume)
+    if not 0 <= args.slice < volume.shape[0]:
+        raise ValueError(f"--slice {args.slice} is outside the stack (0-{volume.shape[0] - 1})")
+    info = ExportInfo(name=args.name or f"Neuroseg U-Net {Path(args.checkpoint).stem}", description=args.description,
+                      authors=args.author or ["Neuroseg"], license=args.license,
+                      cite=[UNET_CITE, ISBI_CITE] if args.isbi else [UNET_CITE],
+                      pixel_size_nm=inspect_stack(args.volume).pixel_size_nm)
+    result = export_package(checkpoint, np.asarray(volume[args.slice]), info, args.out)
+    print(f"wrote {args.out}: bioimageio.spec {'valid' if result.valid else 'INVALID'}, "
+          f"bioimageio.core model test {'passed' if result.tested else 'not run'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m unet", description="Neuroseg U-Net engine")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -178,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     p = sub.add_parser("predict", help="predict a stack to TIFFs")
-    p.add_argument("--checkpoint", required=True)
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="a checkpoint (.pt with its .json)")
+    weights.add_argument("--model", help="a BioImage.IO package (.zip) exported by Neuroseg")
     p.add_argument("--volume", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--slices", default="all")
@@ -190,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how neurons are made from the map (default {DEFAULT_METHOD})")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_predict)
+
+    x = sub.add_parser("export", help="a checkpoint as a BioImage.IO package (.zip), validated and tested")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--volume", required=True, help="a stack the model knows: its test tensors come from it")
+    x.add_argument("--slice", type=int, default=0, help="the slice the test input is cut from")
+    x.add_argument("--out", required=True, help="the package to write (.zip)")
+    x.add_argument("--name", default="", help="the model's name (default: Neuroseg U-Net <file name>)")
+    x.add_argument("--description", default="A U-Net that maps an EM slice to its neuron (1 - membrane) "
+                   "probability, trained with Neuroseg.")
+    x.add_argument("--author", action="append", help="an author's name (repeat for several)")
+    x.add_argument("--license", default="CC-BY-4.0", help="an SPDX licence id")
+    x.add_argument("--isbi", action="store_true", help="cite the ISBI 2012 data (a model trained on it)")
+    x.set_defaults(func=_export)
 
     e = sub.add_parser("evaluate", help="metrics of a prediction against labels")
     e.add_argument("--prediction", required=True, help="probabilities.tif (or a 0/255 mask)")

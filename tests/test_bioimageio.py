@@ -1,0 +1,150 @@
+"""Models that travel: a checkpoint exported as a BioImage.IO package passes ``bioimageio.spec``'s
+validation and ``bioimageio.core``'s model test (offline), its TorchScript weights give what the app's
+own inference gives, and the package read back predicts exactly what the checkpoint does (the command
+line too)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from unet.bioimageio import (
+    ISBI_CITE,
+    UNET_CITE,
+    ExportInfo,
+    PackageError,
+    ScriptedUNet,
+    export_package,
+    load_package,
+    validate,
+)
+from unet.checkpoint import load_checkpoint, save_checkpoint
+from unet.config import ModelConfig
+from unet.infer import predict_slice
+from unet.model import UNet
+from unet.synthetic import make_synthetic_em
+
+pytest.importorskip("bioimageio.core", reason="bioimageio.core is in requirements.txt")
+
+
+@pytest.fixture(scope="module")
+def stack():
+    volume, _ = make_synthetic_em((2, 200, 232), np.random.default_rng(4), cell_size=18)
+    return volume
+
+
+@pytest.fixture(scope="module", params=["same", "valid"])
+def checkpoint(request, tmp_path_factory):
+    torch.manual_seed(0)
+    config = ModelConfig(depth=2, initial_features=4, padding=request.param, batch_norm=True)
+    model = UNet(config)
+    with torch.no_grad():  # batch-norm statistics that are not the identity, as after training
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp(f"ck-{request.param}") / "best.pt"
+    save_checkpoint(path, model, meta={"step": 7, "kind": "best"})
+    return load_checkpoint(path)
+
+
+def test_an_exported_package_passes_the_spec_and_the_core_model_test(checkpoint, stack, tmp_path):
+    out = tmp_path / "model.zip"
+    info = ExportInfo("Neuroseg test model", "A tiny U-Net for EM membranes.", authors=["Ann Example"],
+                      cite=[UNET_CITE, ISBI_CITE], pixel_size_nm=4.0)
+    result = export_package(checkpoint, stack[0], info, out)
+    assert result.valid and result.tested, result.details
+    again = validate(out)  # read back from the file handed out
+    assert again.valid and again.tested, again.details
+    names = set(zipfile.ZipFile(out).namelist())
+    assert {"rdf.yaml", "weights.pt", "weights_torchscript.pt", "neuroseg_unet.py", "test_input.npy",
+            "test_output.npy", "cover.png", "README.md"} <= names
+    rdf = zipfile.ZipFile(out).read("rdf.yaml").decode()
+    assert "zero_mean_unit_variance" in rdf and "sigmoid" in rdf and "10.3389/fnana.2015.00142" in rdf
+    assert "Ann Example" in rdf and "NeurosegUNet" in rdf
+
+
+def test_torchscript_weights_give_the_apps_own_inference_and_the_package_round_trips(checkpoint, stack, tmp_path):
+    out = tmp_path / "model.zip"
+    export_package(checkpoint, stack[0], ExportInfo("Round trip model", "A tiny U-Net."), out, run_test=False)
+    scripted = torch.jit.load(io.BytesIO(zipfile.ZipFile(out).read("weights_torchscript.pt")))
+    model = checkpoint.build_model("cpu")
+    ours = predict_slice(model, stack[1])  # the app's inference: normalise, tile, blend, sigmoid
+    theirs = predict_slice(ScriptedUNet(scripted, checkpoint.model_config), stack[1])  # the package's weights
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+    back = load_package(out)  # export → read back → predict: identical
+    assert back.model_config == checkpoint.model_config
+    np.testing.assert_array_equal(predict_slice(back.build_model("cpu"), stack[1]), ours)
+
+
+def test_the_command_line_exports_and_predicts_with_a_package(checkpoint, stack, tmp_path):
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    ck = tmp_path / "ck.pt"
+    save_checkpoint(ck, checkpoint.build_model("cpu"), meta=checkpoint.meta)
+    done = subprocess.run([sys.executable, "-m", "unet", "export", "--checkpoint", str(ck), "--volume",
+                           str(tmp_path / "stack.tif"), "--out", str(tmp_path / "m.zip"), "--author", "Bo"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bioimageio.spec valid, bioimageio.core model test passed" in done.stdout
+    for how, source in (("--model", tmp_path / "m.zip"), ("--checkpoint", ck)):
+        run = subprocess.run([sys.executable, "-m", "unet", "predict", how, str(source), "--volume",
+                              str(tmp_path / "stack.tif"), "--out", str(tmp_path / how.strip("-")), "--no-instances"],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "model" / "probabilities.tif"),
+                                  tifffile.imread(tmp_path / "checkpoint" / "probabilities.tif"))
+
+
+def test_a_package_that_is_not_ours_or_not_a_package_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "junk.zip").write_bytes(b"not a zip at all")
+    with pytest.raises(PackageError, match="not a zip file"):
+        load_package(tmp_path / "junk.zip")
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as z:
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(PackageError, match=r"no rdf\.yaml"):
+        load_package(tmp_path / "empty.zip")
+    with zipfile.ZipFile(tmp_path / "foreign.zip", "w") as z:
+        z.writestr("rdf.yaml", "type: model\nformat_version: 0.5.4\nweights:\n  torchscript:\n    source: w.pt\n")
+    with pytest.raises(PackageError, match="not exported by Neuroseg"):
+        load_package(tmp_path / "foreign.zip")
+
+
+def test_a_description_the_spec_refuses_is_a_clear_error_and_writes_nothing(checkpoint, stack, tmp_path):
+    with pytest.raises(PackageError, match=r"name: .*at least 5"):
+        export_package(checkpoint, stack[0], ExportInfo("m", "d"), tmp_path / "m.zip")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_app_exports_the_starter_model_for_the_signed_in_user(tmp_path, monkeypatch):
+    from storage.service import Neuroseg
+    from storage.settings import Settings
+    from tests.test_accounts import user
+
+    monkeypatch.delenv("NEUROSEG_ADMIN_PASSWORD", raising=False)
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"))  # the server's start registers the starter model
+    try:
+        vic = user(svc, "vic", "viewer")  # looking and exporting is a viewer's right
+        svc.load_demo()
+        starter = next(c for c in svc.checkpoint_choices() if c.run_kind == "starter")
+        data, name = svc.acting_as(vic).export_model(starter.id)
+    finally:
+        svc.close()
+    assert name == "neuroseg-starter-best.bioimageio.zip" or name.startswith("neuroseg-starter-")
+    package = tmp_path / name
+    package.write_bytes(data)
+    result = validate(package)
+    assert result.valid and result.tested, result.details
+    rdf = zipfile.ZipFile(package).read("rdf.yaml").decode()
+    assert "vic" in rdf and "10.3389/fnana.2015.00142" in rdf  # the signed-in author; the ISBI data cited
+    assert [(r.username, r.action, r.outcome) for r in svc.audit_trail(action="export model")] == [
+        ("vic", "export model", "ok")]
+    back = load_package(package)
+    assert back.model_config.initial_features == 8  # the starter's width

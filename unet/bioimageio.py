@@ -1,0 +1,304 @@
+"""A model as a BioImage.IO package (bioimageio.spec 0.5): the ``.zip`` that ilastik, deepImageJ,
+napari and ``bioimageio.core`` run.
+
+The package holds ``rdf.yaml``; the weights twice, as a PyTorch state dict with the architecture's source
+(``unet/arch.py``, PyTorch only, callable ``NeurosegUNet`` with the model's config as kwargs) and as
+TorchScript; a test input (a crop of a slice from the model's own data) with the output the model gives
+for it; the pre-processing (zero mean, unit variance per image: what training did) and the
+post-processing (a sigmoid: the weights give logits, the package gives the neuron probability) in the
+spec's terms; a cover image; authors, licence and citations. :func:`export_package` validates it with
+``bioimageio.spec`` and runs ``bioimageio.core``'s model test before it returns: a package that fails is
+never handed out."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unet.checkpoint import Checkpoint
+from unet.data import normalize_image
+from unet.sizes import output_size, valid_input_sizes
+
+ARCH_FILE = Path(__file__).resolve().parent / "arch.py"
+UNET_CITE = ("Ronneberger, Fischer and Brox (2015): U-Net: Convolutional Networks for Biomedical Image "
+             "Segmentation. MICCAI 2015.", "10.1007/978-3-319-24574-4_28")
+ISBI_CITE = ("Arganda-Carreras et al. (2015): Crowdsourcing the creation of image segmentation algorithms for "
+             "connectomics. Frontiers in Neuroanatomy 9:142 (the ISBI 2012 EM segmentation challenge data, "
+             "Cardona et al. 2010).", "10.3389/fnana.2015.00142")
+
+
+class PackageError(ValueError):
+    """A package that could not be made, or that failed its validation or its test, with the reason."""
+
+
+@dataclass
+class ExportInfo:
+    """What goes into the package beyond the weights."""
+
+    name: str
+    description: str
+    authors: list[str] = field(default_factory=lambda: ["Neuroseg"])
+    license: str = "CC-BY-4.0"
+    cite: list[tuple[str, str]] = field(default_factory=lambda: [UNET_CITE])  # (text, DOI)
+    tags: list[str] = field(default_factory=lambda: ["electron-microscopy", "neurons", "membrane", "unet", "2d",
+                                                     "semantic-segmentation", "neuroseg"])
+    documentation: str = ""  # markdown: the model card
+    pixel_size_nm: float | None = None
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What the checks said: the spec's validation and the core's model test."""
+
+    valid: bool
+    tested: bool
+    details: str
+
+
+def test_crop_size(checkpoint: Checkpoint, image_shape: tuple[int, int], wanted: int = 256) -> int:
+    """A square input size the network takes (≥ ``wanted`` when the image allows, else the largest that fits)."""
+    sizes = valid_input_sizes(checkpoint.model_config, 8, max(min(image_shape), 8))
+    if not sizes:
+        raise PackageError(f"the test slice ({image_shape[0]}×{image_shape[1]}) is smaller than the network's "
+                           "smallest input")
+    bigger = [s for s in sizes if s >= wanted]
+    return bigger[0] if bigger else sizes[-1]
+
+
+def _logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x[None, None].astype(np.float32))).numpy()
+
+
+def _cover(image: np.ndarray, probability: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    def grey(a: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(a, (0.5, 99.5))
+        return (np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+    h = probability.shape[0]
+    top = (image.shape[0] - h) // 2
+    left = (image.shape[1] - probability.shape[1]) // 2
+    crop = image[top:top + h, left:left + probability.shape[1]]
+    both = np.concatenate([grey(crop), np.full((h, 8), 255, np.uint8), (probability * 255).astype(np.uint8)], 1)
+    Image.fromarray(both).resize((both.shape[1] * 2, h * 2), Image.NEAREST).save(path)
+
+
+def build_description(checkpoint: Checkpoint, test_image: np.ndarray, info: ExportInfo, folder: Path):
+    """The ``ModelDescr`` of the checkpoint with every file it names written into ``folder``."""
+    from bioimageio.spec.model import v0_5 as bio
+
+    config = checkpoint.model_config
+    if config.in_channels != 1 or config.out_channels != 1:
+        raise PackageError("only single-channel models are exported (one image in, one map out)")
+    if test_image.ndim != 2:
+        raise PackageError(f"the test image must be one 2-D slice, not {test_image.shape}")
+    size = test_crop_size(checkpoint, test_image.shape)
+    top, left = (test_image.shape[0] - size) // 2, (test_image.shape[1] - size) // 2
+    raw = np.asarray(test_image[top:top + size, left:left + size], dtype=np.float32)
+    model = checkpoint.build_model("cpu")
+    probability = 1 / (1 + np.exp(-_logits(model, normalize_image(raw))))  # what the package must give
+    np.save(folder / "test_input.npy", raw[None, None])
+    np.save(folder / "test_output.npy", probability.astype(np.float32))
+    _cover(raw, probability[0, 0], folder / "cover.png")
+
+    torch.save(checkpoint.state_dict, folder / "weights.pt")
+    scripted = torch.jit.script(model)
+    scripted.save(str(folder / "weights_torchscript.pt"))
+    shutil.copyfile(ARCH_FILE, folder / "neuroseg_unet.py")
+    (folder / "README.md").write_text(info.documentation or f"# {info.name}\n\n{info.description}\n")
+
+    sizes = valid_input_sizes(config, 8, 4096)
+    step = sizes[1] - sizes[0]
+    offset = output_size(config, sizes[0]) - sizes[0]  # the same for every valid size (0 with same padding)
+    space_scale = {"scale": info.pixel_size_nm, "unit": "nanometer"} if info.pixel_size_nm else {}
+    torch_version = bio.Version(torch.__version__.split("+")[0])
+    from pydantic import ValidationError
+
+    try:
+        return _describe(bio, checkpoint, info, folder, sizes, step, offset, space_scale, torch_version)
+    except ValidationError as exc:  # what the spec refuses (a name of fewer than 5 characters, …)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise PackageError(f"the package description is not valid: {problems}") from None
+
+
+def _describe(bio, checkpoint: Checkpoint, info: ExportInfo, folder: Path, sizes: list[int], step: int,
+              offset: int, space_scale: dict, torch_version):
+    config = checkpoint.model_config
+    return bio.ModelDescr(
+        name=" ".join(re.sub(r"[^A-Za-z0-9_+\- ()]", " ", info.name).split()),  # the characters the spec allows
+        description=info.description,
+        authors=[bio.Author(name=a) for a in info.authors],
+        cite=[bio.CiteEntry(text=text, doi=bio.Doi(doi)) for text, doi in info.cite],
+        license=bio.LicenseId(info.license),
+        tags=info.tags,
+        covers=[bio.FileDescr(source=folder / "cover.png")],
+        documentation=bio.FileDescr(source=folder / "README.md"),
+        inputs=[bio.InputTensorDescr(
+            id=bio.TensorId("raw"),
+            description="one EM slice, any grey values (normalised by the pre-processing)",
+            axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier("raw")]),
+                  bio.SpaceInputAxis(id=bio.AxisId("y"), size=bio.ParameterizedSize(min=sizes[0], step=step),
+                                     **space_scale),
+                  bio.SpaceInputAxis(id=bio.AxisId("x"), size=bio.ParameterizedSize(min=sizes[0], step=step),
+                                     **space_scale)],
+            test_tensor=bio.FileDescr(source=folder / "test_input.npy"),
+            preprocessing=[bio.ZeroMeanUnitVarianceDescr(
+                kwargs=bio.ZeroMeanUnitVarianceKwargs(axes=[bio.AxisId("y"), bio.AxisId("x")]))],
+        )],
+        outputs=[bio.OutputTensorDescr(
+            id=bio.TensorId("neuron_probability"),
+            description="probability that a pixel is inside a neuron (1 - membrane probability)",
+            axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier("neuron")]),
+                  bio.SpaceOutputAxis(id=bio.AxisId("y"), size=bio.SizeReference(
+                      tensor_id=bio.TensorId("raw"), axis_id=bio.AxisId("y"), offset=offset), **space_scale),
+                  bio.SpaceOutputAxis(id=bio.AxisId("x"), size=bio.SizeReference(
+                      tensor_id=bio.TensorId("raw"), axis_id=bio.AxisId("x"), offset=offset), **space_scale)],
+            test_tensor=bio.FileDescr(source=folder / "test_output.npy"),
+            data=bio.IntervalOrRatioDataDescr(type="float32"),
+            postprocessing=[bio.SigmoidDescr()],
+        )],
+        weights=bio.WeightsDescr(
+            pytorch_state_dict=bio.PytorchStateDictWeightsDescr(
+                source=folder / "weights.pt",
+                architecture=bio.ArchitectureFromFileDescr(source=folder / "neuroseg_unet.py",
+                                                           callable=bio.Identifier("NeurosegUNet"),
+                                                           kwargs=config.to_dict()),
+                pytorch_version=torch_version),
+            torchscript=bio.TorchscriptWeightsDescr(source=folder / "weights_torchscript.pt",
+                                                    pytorch_version=torch_version, parent="pytorch_state_dict"),
+        ),
+        config=bio.Config(neuroseg={"format": "neuroseg-unet-1", "model_config": config.to_dict(),
+                                    "meta": json.loads(json.dumps(checkpoint.meta, default=str))}),
+    )
+
+
+def validate(package: Path, *, run_test: bool = True) -> Validation:
+    """The spec's validation and (``run_test``) ``bioimageio.core``'s model test of a package (offline)."""
+    from bioimageio.spec import load_description
+
+    description = load_description(package, perform_io_checks=True)
+    summary = description.validation_summary
+    if summary.status != "valid-format" and summary.status != "passed":
+        return Validation(False, False, _summary_text(summary))
+    if not run_test:
+        return Validation(True, False, _summary_text(summary))
+    from bioimageio.core import test_model
+
+    tested = test_model(package)
+    return Validation(True, tested.status == "passed", _summary_text(tested))
+
+
+def _summary_text(summary: Any) -> str:
+    failed = [f"{d.name}: {'; '.join(str(e.msg) for e in d.errors)}" for d in summary.details if d.errors]
+    return f"{summary.status}" + (": " + " | ".join(failed) if failed else "")
+
+
+def export_package(checkpoint: Checkpoint, test_image: np.ndarray, info: ExportInfo, out: str | Path,
+                   *, run_test: bool = True) -> Validation:
+    """Write the checkpoint as a BioImage.IO ``.zip`` at ``out`` after it passed the spec's validation and
+    the core's model test; :class:`PackageError` (and no file at ``out``) when it did not."""
+    from bioimageio.spec import save_bioimageio_package
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        description = build_description(checkpoint, test_image, info, folder)
+        package = folder / "package.zip"
+        save_bioimageio_package(description, output_path=package)
+        result = validate(package, run_test=run_test)
+        if not result.valid or (run_test and not result.tested):
+            raise PackageError(f"the package did not pass its checks: {result.details}")
+        tmp_out = out.with_name(out.name + ".partial")
+        shutil.copyfile(package, tmp_out)
+        tmp_out.replace(out)
+    return result
+
+
+def package_bytes(checkpoint: Checkpoint, test_image: np.ndarray, info: ExportInfo) -> tuple[bytes, Validation]:
+    """The package as bytes (for a download), checked as by :func:`export_package`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "model.zip"
+        result = export_package(checkpoint, test_image, info, target)
+        return target.read_bytes(), result
+
+
+__all__ = [
+    "ISBI_CITE",
+    "UNET_CITE",
+    "ExportInfo",
+    "PackageError",
+    "Validation",
+    "build_description",
+    "export_package",
+    "load_package",
+    "package_bytes",
+    "validate",
+]
+
+
+class ScriptedUNet(torch.nn.Module):
+    """TorchScript weights where the engine expects a :class:`unet.model.UNet` (``config`` for the tile
+    plan, logits out): how a package's TorchScript model predicts in Neuroseg."""
+
+    def __init__(self, scripted: torch.jit.ScriptModule, config):
+        super().__init__()
+        self.scripted = scripted
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scripted(x)
+
+
+def load_package(path: str | Path) -> Checkpoint:
+    """A Neuroseg checkpoint from a BioImage.IO package that Neuroseg exported (its ``config.neuroseg``
+    and its state-dict weights, loaded with ``weights_only=True``): the same network, bit for bit.
+    :class:`PackageError` says why another package is not taken (this reads our own packages; the app's
+    import, which also takes other TorchScript models, builds on it)."""
+    import zipfile
+
+    from unet.config import ModelConfig
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            rdf_name = "rdf.yaml" if "rdf.yaml" in names else next((n for n in names if n.endswith("rdf.yaml")), "")
+            if not rdf_name:
+                raise PackageError(f"{path.name} is not a BioImage.IO package (no rdf.yaml in it)")
+            import yaml
+
+            rdf = yaml.safe_load(archive.read(rdf_name))
+            ours = ((rdf.get("config") or {}).get("neuroseg") or {}) if isinstance(rdf, dict) else {}
+            weights = ((rdf.get("weights") or {}).get("pytorch_state_dict") or {}).get("source", "")
+            if not ours or not weights:
+                raise PackageError(f"{path.name} was not exported by Neuroseg (no config.neuroseg with "
+                                   "pytorch_state_dict weights)")
+            if weights not in names:
+                raise PackageError(f"{path.name} names weights {weights!r} that are not in it")
+            state = torch.load(io.BytesIO(archive.read(weights)), map_location="cpu", weights_only=True)
+    except zipfile.BadZipFile as exc:
+        raise PackageError(f"{path.name} is not a zip file: {exc}") from None
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        if isinstance(exc, PackageError):
+            raise
+        raise PackageError(f"{path.name} could not be read: {exc}") from None
+    config = ModelConfig.from_dict(ours["model_config"])
+    meta = dict(ours.get("meta") or {})
+    meta["package"] = {"name": rdf.get("name", ""), "file": path.name}
+    checkpoint = Checkpoint(config, state, meta)
+    try:
+        checkpoint.build_model("cpu")  # the weights fit the architecture, or the reason
+    except RuntimeError as exc:
+        raise PackageError(f"{path.name}: its weights do not fit its architecture: {exc}") from None
+    return checkpoint
