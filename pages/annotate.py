@@ -30,7 +30,7 @@ if not datasets:
 drafts: dict[tuple[int, int], Draft] = st.session_state.setdefault("drafts", {})
 author = st.session_state.get("author", "")
 
-dataset_id = dataset_picker(datasets)
+dataset_id = dataset_picker(datasets, key="dataset_pick_annotate")  # (a key of its own on each page)
 info = svc.dataset(dataset_id)
 z_count, height, width = info.shape
 volume = volume_or_stop(svc, dataset_id)

@@ -37,7 +37,7 @@ checkpoints = {c.id: c for c in svc.checkpoint_choices()}
 
 top = st.columns([3, 3])
 with top[1]:
-    dataset_id = dataset_picker(datasets)
+    dataset_id = dataset_picker(datasets, key="dataset_pick_predict")  # (a key of its own on each page)
     with st.popover("Upload a new stack"), st.form("predict_upload", clear_on_submit=True):
         upload = st.file_uploader("A multi-page TIFF (Z × Y × X)", type=["tif", "tiff"], key="predict_upload_file")
         if st.form_submit_button("Upload and check", key="predict_upload_go") and upload is not None:

@@ -215,4 +215,4 @@ def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(app_data
     at.button(key="predict_upload_go").click().run()
     assert "Stored **new stack**; it is selected for prediction." in texts(at.success)
     new = svc.datasets()[-1]
-    assert new.shape == (5, 64, 80) and at.selectbox(key="dataset_pick_Dataset").value == new.id
+    assert new.shape == (5, 64, 80) and at.selectbox(key="dataset_pick_predict").value == new.id
