@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import attempt, start_page
+from pages.common import attempt, can, flash, start_page
 from storage.service import UserError
 from ui.figures import METRIC_NAMES, run_curves_figure
 from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration, score_rows
 
 svc = start_page("Runs")
+with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled=not can("create")):
+    with st.form("import_model", clear_on_submit=True):
+        package = st.file_uploader("A BioImage.IO package (.zip) exported by Neuroseg", type=["zip"],
+                                   key="import_model_file")
+        go = st.form_submit_button("Import", type="primary")
+    if go and package is not None:
+        with st.spinner("Checking the package (its validation and its own model test) …"):
+            try:
+                imported = svc.import_model(package, package.name)
+            except UserError as exc:
+                st.error(f"**{package.name}** was not imported: {exc}")
+            else:
+                flash(f"Imported **{imported.name}** as run {imported.run_id}: Predict, Live and Start from offer it.")
+                st.rerun()
 runs = svc.runs()
 if not runs:
     st.info("No runs yet: start one on **Train**.")

@@ -29,6 +29,7 @@ from storage import (
     ingest,
     live,
     masks,
+    packages,
     predictions,
     queue,
     runs,
@@ -497,6 +498,15 @@ class Neuroseg:
         handed out; its authors are the signed-in user (``Neuroseg`` for the system)."""
         author = self.actor.display_name or self.actor.username if self.actor.user_id is not None else ""
         return self._tx(runs.export_model, self.store, checkpoint_id, [author] if author else [])
+
+    @_guard("import model", "create", target=lambda upload, filename, *a, **k: f"package {filename[:60]}")
+    def import_model(self, upload: BinaryIO, filename: str) -> packages.Imported:
+        """A BioImage.IO package as a checkpoint (a finished run of kind ``imported``), after the checks of
+        :mod:`storage.packages`; a refusal says what was found and leaves no row and no file."""
+        imported = self._tx(packages.import_package, self.store, upload, filename)
+        if self.actor.user_id is not None:
+            self._tx(users.set_owner, "run", imported.run_id, self.actor.user_id)
+        return imported
 
     def checkpoint_bytes(self, checkpoint_id: int) -> bytes:
         return self._tx(runs.checkpoint_bytes, self.store, checkpoint_id)

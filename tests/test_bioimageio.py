@@ -9,6 +9,7 @@ import io
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,155 @@ def test_the_app_exports_the_starter_model_for_the_signed_in_user(tmp_path, monk
         ("vic", "export model", "ok")]
     back = load_package(package)
     assert back.model_config.initial_features == 8  # the starter's width
+
+
+# --- import ------------------------------------------------------------------------------------------------
+def _rezip(source: Path, target: Path, change) -> Path:
+    """A copy of a package with ``change(name, data) -> (name, data) | None`` applied to each member."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            changed = change(info.filename, src.read(info))
+            if changed is not None:
+                dst.writestr(changed[0], changed[1])
+    return target
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, stack):
+    torch.manual_seed(1)
+    model = UNet(ModelConfig(depth=2, initial_features=4, padding="same", batch_norm=True))
+    folder = tmp_path_factory.mktemp("exported")
+    save_checkpoint(folder / "best.pt", model, meta={"step": 3, "kind": "best"})
+    out = folder / "model.zip"
+    export_package(load_checkpoint(folder / "best.pt"), stack[0], ExportInfo("Round trip model", "A tiny U-Net."),
+                   out)
+    return out
+
+
+@pytest.fixture
+def service(tmp_path):
+    from storage.service import Neuroseg
+    from storage.settings import Settings
+
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
+    yield svc
+    svc.close()
+
+
+def _nothing_left(svc) -> None:
+    assert svc.runs() == [] and svc.checkpoint_choices() == []
+    assert not (svc.store.root / "runs").exists() or list((svc.store.root / "runs").iterdir()) == []
+    assert not (svc.store.root / "tmp").exists() or list((svc.store.root / "tmp").iterdir()) == []
+
+
+def test_export_import_predict_gives_identical_probabilities(service, exported, stack):
+    from tests.test_accounts import user
+
+    ann = user(service, "ann", "annotator")
+    with open(exported, "rb") as fh:
+        imported = service.acting_as(ann).import_model(fh, exported.name)
+    run = service.run(imported.run_id)
+    assert run.kind == "imported" and run.owner == "ann" and run.status == "FINISHED"
+    choice = next(c for c in service.checkpoint_choices() if c.id == imported.checkpoint_id)
+    from unet.checkpoint import load_checkpoint as load
+
+    stored = load(service.store.abspath(choice.file))
+    original = load_package(exported)
+    np.testing.assert_array_equal(predict_slice(stored.build_model("cpu"), stack[1]),
+                                  predict_slice(original.build_model("cpu"), stack[1]))
+    assert ("ann", "import model", "ok") in [(r.username, r.action, r.outcome) for r in service.audit_trail()]
+
+
+def _rdf_edit(edit):
+    import yaml
+
+    def change(name, data):
+        if name == "rdf.yaml":
+            rdf = yaml.safe_load(data)
+            edit(rdf)
+            return name, yaml.safe_dump(rdf).encode()
+        return name, data
+
+    return change
+
+
+def _three_d(rdf):
+    for tensor in (*rdf["inputs"], *rdf["outputs"]):
+        tensor["axes"].insert(2, {"type": "space", "id": "z", "size": 8})
+
+
+def _two_inputs(rdf):
+    rdf["inputs"].append({**rdf["inputs"][0], "id": "second"})
+
+
+def _onnx_only(rdf):
+    rdf["weights"] = {"onnx": {"source": "weights.onnx", "opset_version": 17}}
+
+
+def _wrong_output(rdf):
+    for tensor in rdf["outputs"]:
+        tensor["test_tensor"].pop("sha256", None)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("not a zip", "not a zip file"),
+    ("outside", "member outside itself: '../evil.txt'"),
+    ("absolute", "member outside itself: '/etc/evil'"),
+    ("bomb", "a zip bomb"),
+    ("no rdf", "no rdf.yaml in it"),
+    ("3-D", "3 space axes .*a 3-D model"),
+    ("two inputs", "2 inputs and 1 outputs"),
+    ("onnx", r"weights \(onnx\) are neither TorchScript nor a PyTorch state dict"),
+    ("fails its test", "fails its own model test"),
+])
+def test_each_refused_package_says_what_was_found_and_leaves_nothing(service, exported, tmp_path, case, message):
+    bad = tmp_path / "bad.zip"
+    if case == "not a zip":
+        bad.write_bytes(b"PK but not really a zip")
+    elif case in ("outside", "absolute"):
+        _rezip(exported, bad, lambda n, d: (n, d))
+        with zipfile.ZipFile(bad, "a") as z:
+            z.writestr("../evil.txt" if case == "outside" else "/etc/evil", "x")
+    elif case == "bomb":
+        _rezip(exported, bad, lambda n, d: (n, d))
+        with zipfile.ZipFile(bad, "a", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("zeros.bin", bytes(64 << 20))  # 64 MB of zeros: about 64 kB packed
+    elif case == "no rdf":
+        _rezip(exported, bad, lambda n, d: None if n == "rdf.yaml" else (n, d))
+    elif case == "3-D":
+        _rezip(exported, bad, _rdf_edit(_three_d))
+    elif case == "two inputs":
+        _rezip(exported, bad, _rdf_edit(_two_inputs))
+    elif case == "onnx":
+        _rezip(exported, bad, _rdf_edit(_onnx_only))
+    elif case == "fails its test":
+        edit = _rdf_edit(_wrong_output)
+
+        def change(name, data):
+            if name == "test_output.npy":
+                buffer = io.BytesIO()
+                np.save(buffer, np.load(io.BytesIO(data)) * 0.5)  # not what the model gives
+                return name, buffer.getvalue()
+            return edit(name, data)
+
+        _rezip(exported, bad, change)
+    from storage.service import UserError
+
+    with open(bad, "rb") as fh, pytest.raises(UserError, match=message):
+        service.import_model(fh, bad.name)
+    _nothing_left(service)
+    assert [r.outcome for r in service.audit_trail(action="import model")] == ["failed"]
+
+
+def test_the_runs_page_imports_a_package_and_says_why_it_refuses_one(app_data_dir, exported, tmp_path):
+    from tests.test_pages import app, texts
+
+    at = app("Runs")
+    at.file_uploader(key="import_model_file").upload("model.zip", exported.read_bytes(), "application/zip")
+    next(b for b in at.button if b.label == "Import").click().run()
+    assert not at.exception, at.exception
+    assert "Imported **Round trip model** as run" in texts(at.success)
+    bad = _rezip(exported, tmp_path / "bad.zip", _rdf_edit(_three_d))
+    at.file_uploader(key="import_model_file").upload("bad.zip", bad.read_bytes(), "application/zip")
+    next(b for b in at.button if b.label == "Import").click().run()
+    assert "**bad.zip** was not imported: " in texts(at.error) and "a 3-D model" in texts(at.error)
