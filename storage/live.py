@@ -113,6 +113,9 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
     if parent is None:
         raise NotFound(f"checkpoint {checkpoint_id} does not exist")
     parent_run = session.get(Run, parent.run_id)
+    if parent_run.config.get("foreign"):
+        raise ValueError(f"checkpoint {checkpoint_id} is a TorchScript model imported from another tool: a live "
+                         "session fine-tunes, and it has no state dict to fine-tune; start from a Neuroseg model")
     config = live_config(TrainConfig.from_dict(parent_run.config), trained=parent.step > 0)
     run = Run(status=RunStatus.QUEUED, kind=LIVE_KIND, spec={"dataset_id": dataset_id, "preset": "live",
                                                               "train": [], "val": []},

@@ -8,9 +8,11 @@ offer like any other, after checks that leave nothing behind when one fails:
 3. its tensors: one input and one output, each one channel and two space axes (a 3-D or multi-input model
    is refused, saying what it has);
 4. its weights: the state dict of a package Neuroseg exported (read with ``weights_only=True``; it round-
-   trips exactly). Other weights would run the package's own Python code (a state dict's architecture
-   file) or need their own pre-processing, and are refused with the reason (TorchScript packages of other
-   tools are the open part of the issue);
+   trips exactly), or the TorchScript weights of another tool's package, run with its own pre-processing
+   (zero mean and unit variance, or percentile scaling) and read as a probability or its logits
+   (:class:`unet.bioimageio.ForeignModel`; a boundary map is inverted). A state dict of another tool would
+   run the package's Python code (its architecture file) and is refused; a TorchScript import predicts
+   but cannot be fine-tuned (no state dict);
 5. ``bioimageio.core``'s model test on the package's own test tensors passes.
 """
 
@@ -205,13 +207,28 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
         description = describe_and_check(rdf)
         formats = [f for f in WEIGHT_FORMATS if getattr(description.weights, f, None) is not None]
         ours = bool((description.config.model_extra or {}).get("neuroseg") if description.config else None)
-        if not ours:
-            raise PackageRefused(f"its weights ({', '.join(formats) or 'none'}) come from another tool: Neuroseg "
-                                 "takes the packages it exported (other TorchScript models are not taken yet)")
-        try:
-            checkpoint = load_package(spooled)
-        except PackageError as exc:
-            raise PackageRefused(str(exc)) from None
+        foreign = None
+        if ours:
+            try:
+                checkpoint = load_package(spooled)
+            except PackageError as exc:
+                raise PackageRefused(str(exc)) from None
+        elif "torchscript" in formats:
+            from unet.bioimageio import foreign_plan
+
+            try:
+                config, plan = foreign_plan(description)
+            except PackageError as exc:
+                raise PackageRefused(str(exc)) from None
+            source = description.weights.torchscript.source
+            weights = unpacked / str(getattr(source, "path", source))
+            if not weights.is_file():
+                weights = rdf.parent / Path(str(source)).name
+            foreign = (config, plan, weights)
+        else:
+            raise PackageRefused(f"its weights ({', '.join(formats)}) are a state dict of another tool, whose "
+                                 "architecture is Python code in the package: Neuroseg does not run it (a "
+                                 "TorchScript export of the same model is taken)")
         from bioimageio.core import test_model
 
         tested = test_model(rdf)
@@ -220,18 +237,29 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
             raise PackageRefused("it fails its own model test: " + " | ".join(failed[:3]))
         now = datetime.now(UTC)
         name = str(description.name)
+        spec = {"preset": "imported", "train": [], "val": [], "source": filename[:200], "package": name,
+                "weights": "torchscript" if foreign else "state dict"}
+        config = ({"model": foreign[0].to_dict(), "foreign": True} if foreign else
+                  checkpoint.meta.get("train_config") or {"model": checkpoint.model_config.to_dict()})
         run = Run(kind="imported", status=RunStatus.FINISHED, device="cpu", created=now, started=now, finished=now,
-                  spec={"preset": "imported", "train": [], "val": [], "source": filename[:200], "package": name},
-                  config=checkpoint.meta.get("train_config") or {"model": checkpoint.model_config.to_dict()})
+                  spec=spec, config=config)
         session.add(run)
         session.flush()
         target = store.run_dir(run.id) / "best.pt"
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            save_checkpoint(target, checkpoint.build_model("cpu"),
-                            meta={**checkpoint.meta, "kind": "best", "imported_from": filename[:200]})
+            if foreign:
+                from unet.checkpoint import load_checkpoint, save_torchscript
+
+                save_torchscript(target, foreign[2], foreign[0], {"kind": "best", "step": 0, "package": foreign[1],
+                                                                   "imported_from": filename[:200]})
+                load_checkpoint(target).build_model("cpu")  # it loads, or the reason
+            else:
+                save_checkpoint(target, checkpoint.build_model("cpu"),
+                                meta={**checkpoint.meta, "kind": "best", "imported_from": filename[:200]})
             row = Checkpoint(run_id=run.id, kind="best", file=str(target.relative_to(store.root)),
-                             step=int(checkpoint.meta.get("step", 0) or 0), sha256=sha256_of(target), metrics={})
+                             step=0 if foreign else int(checkpoint.meta.get("step", 0) or 0), sha256=sha256_of(target),
+                             metrics={})
             session.add(row)
             session.flush()
         except BaseException:

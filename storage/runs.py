@@ -122,6 +122,9 @@ def submit_training(session: Session, spec: dict[str, Any], config: TrainConfig,
         parent = session.get(Checkpoint, parent_checkpoint_id)
         if parent is None:
             raise NotFound(f"checkpoint {parent_checkpoint_id} does not exist")
+        if session.get(Run, parent.run_id).config.get("foreign"):
+            raise ValueError(f"checkpoint {parent_checkpoint_id} is a TorchScript model imported from another tool: "
+                             "it predicts, but it has no state dict to fine-tune; start from a Neuroseg model")
         parent_model = session.get(Run, parent.run_id).config.get("model")
         if parent_model is not None and parent_model != config.model.to_dict():
             raise ValueError("the checkpoint to fine-tune from is another network (width "

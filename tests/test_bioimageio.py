@@ -301,3 +301,86 @@ def test_the_runs_page_imports_a_package_and_says_why_it_refuses_one(app_data_di
     at.file_uploader(key="import_model_file").upload("bad.zip", bad.read_bytes(), "application/zip")
     next(b for b in at.button if b.label == "Import").click().run()
     assert "**bad.zip** was not imported: " in texts(at.error) and "a 3-D model" in texts(at.error)
+
+
+class _Boundary(torch.nn.Module):
+    """Another tool's model: a membrane (boundary) probability, sigmoid inside, no post-processing."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.net = UNet(ModelConfig(depth=2, initial_features=4, padding="same"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1 - torch.sigmoid(self.net(x))
+
+
+def _scale_range(x: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.ndarray:
+    a, b = np.percentile(x, (lo, hi))
+    return ((x - a) / (b - a + 1e-6)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def foreign_package(tmp_path_factory, stack):
+    from bioimageio.spec import save_bioimageio_package
+    from bioimageio.spec.model import v0_5 as bio
+
+    folder = tmp_path_factory.mktemp("foreign")
+    model = _Boundary().eval()
+    torch.jit.script(model).save(str(folder / "model.pt"))
+    raw = stack[0][:64, :64].astype(np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(_scale_range(raw)[None, None])).numpy()
+    np.save(folder / "in.npy", raw[None, None])
+    np.save(folder / "out.npy", out)
+    (folder / "README.md").write_text("# Boundaries\n")
+    size = bio.ParameterizedSize(min=16, step=4)
+    description = bio.ModelDescr(
+        name="Another tools boundary model", description="membranes", authors=[bio.Author(name="Someone")],
+        cite=[bio.CiteEntry(text="a paper", doi=bio.Doi("10.1000/xyz123"))], license=bio.LicenseId("MIT"),
+        documentation=bio.FileDescr(source=folder / "README.md"),
+        inputs=[bio.InputTensorDescr(
+            id=bio.TensorId("image"), test_tensor=bio.FileDescr(source=folder / "in.npy"),
+            axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier("em")]),
+                  bio.SpaceInputAxis(id=bio.AxisId("y"), size=size), bio.SpaceInputAxis(id=bio.AxisId("x"), size=size)],
+            preprocessing=[bio.ScaleRangeDescr(kwargs=bio.ScaleRangeKwargs(
+                axes=[bio.AxisId("y"), bio.AxisId("x")], min_percentile=1.0, max_percentile=99.0))])],
+        outputs=[bio.OutputTensorDescr(
+            id=bio.TensorId("boundaries"), test_tensor=bio.FileDescr(source=folder / "out.npy"),
+            axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier("boundary")]),
+                  bio.SpaceOutputAxis(id=bio.AxisId("y"), size=bio.SizeReference(tensor_id=bio.TensorId("image"),
+                                                                                 axis_id=bio.AxisId("y"))),
+                  bio.SpaceOutputAxis(id=bio.AxisId("x"), size=bio.SizeReference(tensor_id=bio.TensorId("image"),
+                                                                                 axis_id=bio.AxisId("x")))])],
+        weights=bio.WeightsDescr(torchscript=bio.TorchscriptWeightsDescr(
+            source=folder / "model.pt", pytorch_version=bio.Version(torch.__version__.split("+")[0]))),
+    )
+    target = folder / "foreign.zip"
+    save_bioimageio_package(description, output_path=target)
+    assert validate(target).tested
+    return target, model
+
+
+def test_another_tools_torchscript_package_predicts_here_and_cannot_be_fine_tuned(service, foreign_package, stack):
+    from storage.service import UserError
+    from unet.checkpoint import load_checkpoint as load
+    from unet.config import preset
+
+    package, model = foreign_package
+    with open(package, "rb") as fh:
+        imported = service.import_model(fh, package.name)
+    run = service.run(imported.run_id)
+    assert run.kind == "imported" and run.spec["weights"] == "torchscript"
+    choice = next(c for c in service.checkpoint_choices() if c.id == imported.checkpoint_id)
+    stored = load(service.store.abspath(choice.file))
+    image = stack[1][:64, :64]  # one tile: the engine feeds the model exactly this slice
+    ours = predict_slice(stored.build_model("cpu"), image)  # the engine: normalise, tile, sigmoid
+    with torch.no_grad():
+        boundary = model(torch.from_numpy(_scale_range(image.astype(np.float32))[None, None]))[0, 0].numpy()
+    np.testing.assert_allclose(ours, 1 - boundary, atol=1e-4)  # a boundary map, read as neurons
+    demo = service.load_demo()
+    with pytest.raises(UserError, match="TorchScript model imported from another tool: it predicts, but"):
+        service.submit_training([{"dataset_id": demo.id, "slices": [0]}], [], preset("tiny"), preset="tiny",
+                                parent_checkpoint_id=imported.checkpoint_id)
+    with pytest.raises(UserError, match="a live session fine-tunes"):
+        service.live_start(demo.id, imported.checkpoint_id, "user:1")

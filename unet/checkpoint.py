@@ -22,11 +22,30 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any]  # train config, step, metrics, kind, … (JSON)
     optimizer_state: dict[str, Any] | None = None
+    scripted: Any = None  # a TorchScript model imported from another tool (no state dict: it cannot be trained)
 
     def build_model(self, device: str | torch.device = "cpu") -> UNet:
+        if self.scripted is not None:
+            from unet.bioimageio import ForeignModel
+
+            return ForeignModel(self.scripted, self.model_config, self.meta.get("package") or {}).to(device).eval()
         model = UNet(self.model_config)
         model.load_state_dict(self.state_dict)
         return model.to(device).eval()
+
+
+TORCHSCRIPT_FORMAT = "neuroseg-torchscript-1"
+
+
+def save_torchscript(path: str | os.PathLike, source: str | os.PathLike, model_config: ModelConfig,
+                     meta: dict[str, Any]) -> Path:
+    """Keep a TorchScript model of another tool as a checkpoint: the file as it is, and a side file whose
+    ``package`` entry says how to feed it and read its output (:class:`unet.bioimageio.ForeignModel`)."""
+    path = Path(path)
+    atomic_write(path, lambda fh: fh.write(Path(source).read_bytes()))
+    side = {"format": TORCHSCRIPT_FORMAT, "model_config": model_config.to_dict(), **meta}
+    atomic_write(side_file(path), lambda fh: fh.write(json.dumps(side, indent=2, default=str).encode()))
+    return path
 
 
 def side_file(path: str | os.PathLike) -> Path:
@@ -61,6 +80,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         model_config = ModelConfig.from_dict(meta.pop("model_config"))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{side.name}: not a valid Neuroseg checkpoint config ({exc})") from exc
+    if meta.get("format") == TORCHSCRIPT_FORMAT:  # TorchScript runs no Python of the package's
+        try:
+            scripted = torch.jit.load(str(path), map_location=map_location)
+        except Exception as exc:
+            raise ValueError(f"{path.name}: the TorchScript model could not be read ({type(exc).__name__}: {exc})"
+                             ) from exc
+        return Checkpoint(model_config, {}, meta, None, scripted.eval())
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
