@@ -83,6 +83,7 @@ def home() -> None:
         (train, "train a U-Net in the background and follow it live"),
         (predict, "segment a stack with a checkpoint, look at overlays and errors, export"),
         (runs, "every run with its data, curves and checkpoints; compare runs"),
+        (models, "every model with its card; BioImage.IO export and import"),
         *([(admin, "users and roles, the audit trail, disk use and the training queue")] if can("admin") else []),
     ):
         st.page_link(page, label=f"**{page.title}**: {text}", icon=page.icon)
@@ -94,8 +95,9 @@ annotate = st.Page("pages/annotate.py", title="Annotate", icon=":material/brush:
 train = st.Page("pages/train.py", title="Train", icon=":material/model_training:", url_path="train")
 predict = st.Page("pages/predict.py", title="Predict", icon=":material/auto_awesome:", url_path="predict")
 runs = st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs")
+models = st.Page("pages/models.py", title="Models", icon=":material/deployed_code:", url_path="models")
 admin = st.Page("pages/admin.py", title="Admin", icon=":material/admin_panel_settings:", url_path="admin")
-everything = [home_page, datasets, annotate, train, predict, runs, admin]
+everything = [home_page, datasets, annotate, train, predict, runs, models, admin]
 # Nobody signed in: every page's URL leads to the sign-in form (the menu is hidden); the Admin page is
 # listed for admins only (its service calls refuse everyone else anyway).
 signed = signed_in_user()

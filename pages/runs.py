@@ -5,26 +5,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import attempt, can, flash, start_page
-from storage.service import UserError
+from pages.common import attempt, start_page
 from ui.figures import METRIC_NAMES, run_curves_figure
 from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration, score_rows
 
 svc = start_page("Runs")
-with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled=not can("create")):
-    with st.form("import_model", clear_on_submit=True):
-        package = st.file_uploader("A BioImage.IO package (.zip) exported by Neuroseg", type=["zip"],
-                                   key="import_model_file")
-        go = st.form_submit_button("Import", type="primary")
-    if go and package is not None:
-        with st.spinner("Checking the package (its validation and its own model test) …"):
-            try:
-                imported = svc.import_model(package, package.name)
-            except UserError as exc:
-                st.error(f"**{package.name}** was not imported: {exc}")
-            else:
-                flash(f"Imported **{imported.name}** as run {imported.run_id}: Predict, Live and Start from offer it.")
-                st.rerun()
 runs = svc.runs()
 if not runs:
     st.info("No runs yet: start one on **Train**.")
@@ -154,21 +139,7 @@ with one:
         cols[0].write(checkpoint_label(c, with_run=False))
         cols[1].download_button("Download", lambda c=c: svc.checkpoint_bytes(c.id), on_click="ignore",
                                 file_name=f"run-{run.id}-{c.kind}.pt", key=f"dl_ckpt_{c.id}")
-        packaged = st.session_state.get(f"bioimageio_{c.id}")
-        if packaged is None:
-            if cols[2].button("BioImage.IO package", key=f"pack_{c.id}", help="Build, validate (bioimageio.spec) "
-                              "and test (bioimageio.core) a package that ilastik, deepImageJ and napari run"):
-                with st.spinner("Packaging, validating and testing …"):
-                    try:
-                        st.session_state[f"bioimageio_{c.id}"] = svc.export_model(c.id)
-                    except UserError as exc:
-                        st.error(f"Not exported: {exc}")
-                    else:
-                        st.rerun()
-        else:
-            cols[2].download_button("Download package (.zip)", packaged[0], file_name=packaged[1],
-                                    key=f"dl_pack_{c.id}", on_click="ignore", type="primary",
-                                    help="Validated by bioimageio.spec, model test passed in bioimageio.core")
+        cols[2].page_link("pages/models.py", label="Card and BioImage.IO export", icon=":material/deployed_code:")
         with cols[3].popover("Delete", disabled=run.active):
             st.warning(f"Delete the {c.kind} checkpoint of run {run.id}, and the predictions made with it?")
             if st.button("Yes, delete it", key=f"del_ckpt_{c.id}", type="primary"):

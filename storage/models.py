@@ -211,6 +211,8 @@ class Checkpoint(Base):
     file: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    name: Mapped[str] = mapped_column(String(200), default="", server_default="")  # given on the Models page
+    notes: Mapped[str] = mapped_column(Text, default="", server_default="")
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -206,6 +206,8 @@ class CheckpointInfo:
     run_status: RunStatus | None = None
     preset: str = ""
     run_kind: str = "train"  # "starter": the model that ships with the app
+    name: str = ""  # given on the Models page
+    notes: str = ""
 
 
 @dataclass(frozen=True)

@@ -262,7 +262,47 @@ def _checkpoint_info(c: Checkpoint, run: Run | None = None) -> CheckpointInfo:
     return CheckpointInfo(c.id, c.run_id, c.kind, c.step, c.file, c.sha256, dict(c.metrics or {}),
                           RunStatus(run.status) if run is not None else None,
                           str(run.spec.get("preset", "")) if run is not None else "",
-                          (run.kind or "train") if run is not None else "train")
+                          (run.kind or "train") if run is not None else "train", c.name or "", c.notes or "")
+
+
+def update_checkpoint(session: Session, checkpoint_id: int, name: str | None = None,
+                      notes: str | None = None) -> CheckpointInfo:
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    if name is not None:
+        row.name = " ".join(name.split())[:200]
+    if notes is not None:
+        row.notes = notes[:10_000]
+    return _checkpoint_info(row, session.get(Run, row.run_id))
+
+
+def model_card(session: Session, store: FileStore, checkpoint_id: int) -> dict[str, Any]:
+    """What the Models page shows of a checkpoint: its run, what it trained on (the exact mask versions),
+    the recipe, its scores on held-out slices, its parent and its size on disk."""
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    run = session.get(Run, row.run_id)
+    masks = session.execute(
+        select(RunMask.role, MaskVersion).join(MaskVersion, MaskVersion.id == RunMask.mask_version_id)
+        .where(RunMask.run_id == run.id).order_by(RunMask.role, MaskVersion.dataset_id, MaskVersion.slice_index)
+    ).all()
+    names = {d.id: d.name for d in session.scalars(select(Dataset))}
+    parent = session.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
+    try:
+        size = store.abspath(row.file).stat().st_size
+    except (OSError, ValueError):
+        size = 0
+    return {
+        "checkpoint": _checkpoint_info(row, run), "run": run_info(run), "size_bytes": size,
+        "trained_on": [{"role": role, "dataset": names.get(m.dataset_id, f"#{m.dataset_id} (deleted)"),
+                        "slice": m.slice_index, "version": m.version, "kind": m.kind, "author": m.author}
+                       for role, m in masks],
+        "recipe": run.config, "held_out": {k: v for k, v in (run.held_out or {}).items()},
+        "parent": {"checkpoint_id": parent.id, "run_id": parent.run_id, "kind": parent.kind} if parent else None,
+        "source": (run.spec or {}).get("source", ""),
+    }
 
 
 def checkpoints(session: Session, run_id: int | None = None) -> list[CheckpointInfo]:

@@ -499,6 +499,20 @@ class Neuroseg:
         author = self.actor.display_name or self.actor.username if self.actor.user_id is not None else ""
         return self._tx(runs.export_model, self.store, checkpoint_id, [author] if author else [])
 
+    @_guard("rename model", "manage", "checkpoint", owned=True)
+    def update_model(self, checkpoint_id: int, *, name: str | None = None, notes: str | None = None
+                     ) -> CheckpointInfo:
+        """Give a checkpoint a name and notes (its run's owner or an admin)."""
+        return self._tx(runs.update_checkpoint, checkpoint_id, name, notes)
+
+    def model_card(self, checkpoint_id: int) -> dict[str, Any]:
+        """A checkpoint's card: run, the mask versions it trained on, recipe, held-out scores, parent, size."""
+        return self._tx(runs.model_card, self.store, checkpoint_id)
+
+    def models(self) -> list[CheckpointInfo]:
+        """Every checkpoint worth keeping: the starter model, each run's best and latest, imported models."""
+        return self._tx(lambda s: runs.checkpoints(s))
+
     @_guard("import model", "create", target=lambda upload, filename, *a, **k: f"package {filename[:60]}")
     def import_model(self, upload: BinaryIO, filename: str) -> packages.Imported:
         """A BioImage.IO package as a checkpoint (a finished run of kind ``imported``), after the checks of

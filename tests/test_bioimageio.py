@@ -289,10 +289,10 @@ def test_each_refused_package_says_what_was_found_and_leaves_nothing(service, ex
     assert [r.outcome for r in service.audit_trail(action="import model")] == ["failed"]
 
 
-def test_the_runs_page_imports_a_package_and_says_why_it_refuses_one(app_data_dir, exported, tmp_path):
+def test_the_models_page_imports_exports_names_and_deletes_a_model(app_data_dir, exported, tmp_path):
     from tests.test_pages import app, texts
 
-    at = app("Runs")
+    at = app("Models")
     at.file_uploader(key="import_model_file").upload("model.zip", exported.read_bytes(), "application/zip")
     next(b for b in at.button if b.label == "Import").click().run()
     assert not at.exception, at.exception
@@ -301,6 +301,20 @@ def test_the_runs_page_imports_a_package_and_says_why_it_refuses_one(app_data_di
     at.file_uploader(key="import_model_file").upload("bad.zip", bad.read_bytes(), "application/zip")
     next(b for b in at.button if b.label == "Import").click().run()
     assert "**bad.zip** was not imported: " in texts(at.error) and "a 3-D model" in texts(at.error)
+
+    # the card of the imported model: a name and notes, an export that passes its checks, deletion
+    imported = int(at.selectbox(key="model_pick").value)
+    form_name = next(t for t in at.text_input if t.label == "Name")
+    form_name.set_value("Membranes from the round trip")
+    next(t for t in at.text_area if t.label == "Notes").set_value("exported, imported, the same")
+    next(b for b in at.button if b.label == "Save name and notes").click().run()
+    assert "Name and notes saved." in texts(at.success)
+    assert "Membranes from the round trip" in at.dataframe[0].value["name"].tolist()
+    next(b for b in at.button if b.label == "Export as BioImage.IO package").click().run()
+    assert not at.exception, at.exception
+    assert any(getattr(b, "label", "") == "Download package (.zip)" for b in at.get("download_button"))
+    next(b for b in at.button if b.label == "Yes, delete it").click().run()
+    assert f"Deleted model #{imported}" in texts(at.success)
 
 
 class _Boundary(torch.nn.Module):
@@ -379,6 +393,13 @@ def test_another_tools_torchscript_package_predicts_here_and_cannot_be_fine_tune
         boundary = model(torch.from_numpy(_scale_range(image.astype(np.float32))[None, None]))[0, 0].numpy()
     np.testing.assert_allclose(ours, 1 - boundary, atol=1e-4)  # a boundary map, read as neurons
     demo = service.load_demo()
+    from tests.test_loop_pages import wait_exit
+
+    job = service.predict(imported.checkpoint_id, demo.id, [0, 1])  # the app's prediction process runs it
+    wait_exit(service.prediction(job.id).pid)
+    done = service.prediction(job.id)
+    assert done.status == "FINISHED", done.error
+    assert service.prediction_output(job.id, "probabilities").shape == (2, 256, 256)
     with pytest.raises(UserError, match="TorchScript model imported from another tool: it predicts, but"):
         service.submit_training([{"dataset_id": demo.id, "slices": [0]}], [], preset("tiny"), preset="tiny",
                                 parent_checkpoint_id=imported.checkpoint_id)

@@ -22,7 +22,8 @@ from unet.synthetic import make_synthetic_em
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 90_000
-PAGES = [re.compile(rf"{name}$") for name in ("Home", "Datasets", "Annotate", "Train", "Predict", "Runs")]
+PAGES = [re.compile(rf"{name}$") for name in ("Home", "Datasets", "Annotate", "Train", "Predict", "Runs",
+                                                         "Models")]
 
 
 def store(data_dir: Path) -> Neuroseg:
@@ -73,7 +74,7 @@ def new_page(browser, url, **kwargs):
 
 def test_a_deep_link_right_after_a_restart_opens_the_app_not_the_folder(tmp_path):
     """The first request a fresh server gets is /train (a bookmark, or a tab that reconnects): the page
-    must come up inside the app's frame (its six pages, the account box), never Streamlit's folder listing
+    must come up inside the app's frame (its seven pages, the account box), never Streamlit's folder listing
     of pages/ (app, annotate, common, …), and so must the next sessions."""
     from playwright.sync_api import expect
 

@@ -21,7 +21,7 @@ from unet.labels import MEMBRANE, NEURON
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = {"Datasets": "pages/datasets.py", "Annotate": "pages/annotate.py", "Train": "pages/train.py",
-         "Predict": "pages/predict.py", "Runs": "pages/runs.py"}
+         "Predict": "pages/predict.py", "Runs": "pages/runs.py", "Models": "pages/models.py"}
 
 
 def store(app_data_dir: Path) -> Neuroseg:
@@ -84,7 +84,7 @@ def test_home_with_an_empty_store(app_data_dir):
     assert [b.label for b in at.main.button] == ["Load demo dataset"], "no ISBI button without the ISBI files"
     assert "Signed in as **ann** · annotator" in texts(at.sidebar.caption)
     assert "NEUROSEG_ISBI_DIR" in texts(at.caption)
-    assert len([e for e in walk(at.main) if type(e).__name__ == "PageLink"]) == 5
+    assert len([e for e in walk(at.main) if type(e).__name__ == "PageLink"]) == 6
 
 
 def test_home_loads_the_demo_and_the_isbi_sample(app_data_dir, tmp_path, monkeypatch, synthetic):

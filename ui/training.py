@@ -65,12 +65,15 @@ def duration(seconds: float | None) -> str:
 def checkpoint_label(c: Any, with_run: bool = True) -> str:
     """"run 3 (cpu-quick) · best at step 400 · pixel error 0.081 · Rand-F 0.912"; the shipped model is
     "starter model (membranes, trained on ISBI 2012)"."""
+    named = f"{c.name} · " if getattr(c, "name", "") else ""
     if getattr(c, "run_kind", "train") == "starter":
-        return "starter model (membranes, trained on ISBI 2012)"
+        return named + "starter model (membranes, trained on ISBI 2012)"
+    if getattr(c, "run_kind", "train") == "imported":
+        return named + f"imported model (run {c.run_id})"
     scores = " · ".join(f"{name} {c.metrics[key]:.3f}" for key, name in
                         (("val_pixel_error", "pixel error"), ("val_rand_f", "Rand-F")) if key in c.metrics)
     head = f"run {c.run_id} ({c.preset or 'custom'}) · " if with_run else ""
-    return f"{head}{c.kind} at step {c.step}" + (f" · {scores}" if scores else "")
+    return named + f"{head}{c.kind} at step {c.step}" + (f" · {scores}" if scores else "")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

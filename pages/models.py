@@ -1,0 +1,110 @@
+"""Models: every checkpoint worth keeping (the starter model, each run's best and latest, imported
+models) with its card (what it trained on, the recipe, held-out scores, parent, size), a name and notes,
+BioImage.IO export and import, and deletion."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages.common import attempt, can, flash, start_page
+from storage.service import UserError
+from ui.training import checkpoint_label
+
+svc = start_page("Models")
+
+with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled=not can("create")):
+    with st.form("import_model", clear_on_submit=True):
+        package = st.file_uploader("A BioImage.IO package (.zip): one exported by Neuroseg, or another tool's "
+                                   "TorchScript model of EM boundaries or foreground", type=["zip"],
+                                   key="import_model_file")
+        go = st.form_submit_button("Import", type="primary")
+    if go and package is not None:
+        with st.spinner("Checking the package (its validation and its own model test) …"):
+            try:
+                imported = svc.import_model(package, package.name)
+            except UserError as exc:
+                st.error(f"**{package.name}** was not imported: {exc}")
+            else:
+                st.session_state["model_pick"] = imported.checkpoint_id
+                flash(f"Imported **{imported.name}** as run {imported.run_id}: Predict offers it.")
+                st.rerun()
+
+models = svc.models()
+if not models:
+    st.info("No model yet: train a run on **Train**, or import a BioImage.IO package.")
+    st.stop()
+owners = {r.id: r.owner for r in svc.runs()}
+KIND = {"starter": "starter", "imported": "imported", "live": "live session"}
+st.dataframe([{"model": m.id, "name": m.name, "what": checkpoint_label(m), "kind": KIND.get(m.run_kind, m.kind),
+               "run": m.run_id, "step": m.step, "owner": owners.get(m.run_id) or "—"} for m in models],
+             hide_index=True, key="models_table")
+
+by_id = {m.id: m for m in models}
+if st.session_state.get("model_pick") not in by_id:
+    st.session_state["model_pick"] = models[0].id
+chosen = by_id[st.selectbox("Model", list(by_id), format_func=lambda i: f"#{i} · {checkpoint_label(by_id[i])}",
+                            key="model_pick")]
+card = svc.model_card(chosen.id)
+run = card["run"]
+
+st.subheader(chosen.name or checkpoint_label(chosen))
+facts = st.columns(4)
+facts[0].metric("Run", f"#{run.id}", help=f"{run.kind} run, {run.status}")
+facts[1].metric("Step", f"{chosen.step:,}")
+facts[2].metric("Size", f"{card['size_bytes'] / 1e6:.1f} MB")
+parent = card["parent"]
+facts[3].metric("Parent", f"run {parent['run_id']}" if parent else "—",
+                help=f"fine-tuned from checkpoint {parent['checkpoint_id']}" if parent else "trained from scratch")
+if card["source"]:
+    st.caption(f"Source: {card['source']}")
+if chosen.metrics:
+    st.caption("Validation: " + " · ".join(f"{k} {v:.4f}" for k, v in sorted(chosen.metrics.items())
+                                           if isinstance(v, int | float)))
+
+with st.form(f"model_name_{chosen.id}"):
+    name = st.text_input("Name", chosen.name, max_chars=200)
+    notes = st.text_area("Notes", chosen.notes)
+    if st.form_submit_button("Save name and notes"):
+        attempt(lambda: svc.update_model(chosen.id, name=name, notes=notes), lambda _: "Name and notes saved.")
+
+left, right = st.columns(2)
+with left:
+    st.markdown("**Trained on** (the exact mask versions)")
+    if card["trained_on"]:
+        st.dataframe(card["trained_on"], hide_index=True, height=220, key="model_masks")
+    else:
+        st.caption("Recorded in its model card (the starter model) or its package (an import)."
+                   if run.kind in ("starter", "imported") else "No mask versions recorded.")
+    if card["held_out"]:
+        st.markdown("**Held-out scores**")
+        st.dataframe([{"dataset": ds, **{k: v for k, v in (entry.get("metrics") or {}).items()
+                                        if isinstance(v, int | float)}} for ds, entry in card["held_out"].items()],
+                     hide_index=True, key="model_held_out")
+with right:
+    st.markdown("**Recipe**")
+    st.json(card["recipe"], expanded=False)
+
+actions = st.columns([2, 2, 1])
+packaged = st.session_state.get(f"bioimageio_{chosen.id}")
+if packaged is None:
+    if actions[0].button("Export as BioImage.IO package", key=f"pack_{chosen.id}", disabled=not can("export"),
+                         help="Build, validate (bioimageio.spec) and test (bioimageio.core) a package that ilastik, "
+                              "deepImageJ and napari run"):
+        with st.spinner("Packaging, validating and testing …"):
+            try:
+                st.session_state[f"bioimageio_{chosen.id}"] = svc.export_model(chosen.id)
+            except UserError as exc:
+                st.error(f"Not exported: {exc}")
+            else:
+                st.rerun()
+else:
+    actions[0].download_button("Download package (.zip)", packaged[0], file_name=packaged[1], type="primary",
+                               key=f"dl_pack_{chosen.id}", on_click="ignore",
+                               help="Validated by bioimageio.spec; model test passed in bioimageio.core")
+actions[1].download_button("Download checkpoint (.pt)", lambda: svc.checkpoint_bytes(chosen.id), on_click="ignore",
+                           file_name=f"run-{run.id}-{chosen.kind}.pt", key=f"dl_model_{chosen.id}")
+with actions[2].popover("Delete", disabled=run.active or run.kind == "starter"):
+    st.warning(f"Delete model #{chosen.id} ({checkpoint_label(chosen)}) and the predictions made with it?")
+    if st.button("Yes, delete it", key=f"del_model_{chosen.id}", type="primary"):
+        attempt(lambda: svc.delete_checkpoint(chosen.id), lambda removed: f"Deleted model #{chosen.id}: "
+                f"{removed.describe()}.")
