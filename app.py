@@ -98,26 +98,36 @@ runs = st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:", url_
 models = st.Page("pages/models.py", title="Models", icon=":material/deployed_code:", url_path="models")
 admin = st.Page("pages/admin.py", title="Admin", icon=":material/admin_panel_settings:", url_path="admin")
 everything = [home_page, datasets, annotate, train, predict, runs, models, admin]
-# Nobody signed in: every page's URL leads to the sign-in form (the menu is hidden); the Admin page is
-# listed for admins only (its service calls refuse everyone else anyway).
-signed = signed_in_user()
-page = st.navigation(everything if signed is None or can("admin") else everything[:-1],
-                     position="sidebar" if signed is not None and not signed.must_change_password else "hidden")
-sign_in_gate(signed)
 
-with st.sidebar:
-    account_menu()
-    remember_in_browser()
-if page.title != "Annotate":
-    in_session = {key: d for key, d in st.session_state.get("drafts", {}).items() if d.dirty}
-    try:
-        kept = [(d.dataset_id, d.slice_index) for d in service().drafts_of(owner())]
-    except UserError:
-        kept = []
-    unsaved = sorted(set(in_session) | set(kept))
-    if unsaved:
-        where = ", ".join(f"slice {z} of dataset #{ds}" for ds, z in unsaved[:5])
-        st.warning(f"Unsaved annotation on {where}{' …' if len(unsaved) > 5 else ''}. It is kept (a reload "
-                   "or a new tab finds it): open **Annotate** to save or discard it.", icon=":material/warning:")
-st.session_state["_script_runs"] = st.session_state.get("_script_runs", 0) + 1
-page.run()
+
+def frame() -> None:
+    """Every run: who is signed in, the navigation, the sign-in gate, the sidebar, then the page."""
+    # Nobody signed in: every page's URL leads to the sign-in form (the menu is hidden); the Admin page is
+    # listed for admins only (its service calls refuse everyone else anyway).
+    signed = signed_in_user()
+    page = st.navigation(everything if signed is None or can("admin") else everything[:-1],
+                         position="sidebar" if signed is not None and not signed.must_change_password else "hidden")
+    sign_in_gate(signed)
+
+    with st.sidebar:
+        account_menu()
+        remember_in_browser()
+    if page.title != "Annotate":
+        in_session = {key: d for key, d in st.session_state.get("drafts", {}).items() if d.dirty}
+        try:
+            kept = [(d.dataset_id, d.slice_index) for d in service().drafts_of(owner())]
+        except UserError:
+            kept = []
+        unsaved = sorted(set(in_session) | set(kept))
+        if unsaved:
+            where = ", ".join(f"slice {z} of dataset #{ds}" for ds, z in unsaved[:5])
+            st.warning(f"Unsaved annotation on {where}{' …' if len(unsaved) > 5 else ''}. It is kept (a reload "
+                       "or a new tab finds it): open **Annotate** to save or discard it.", icon=":material/warning:")
+    st.session_state["_script_runs"] = st.session_state.get("_script_runs", 0) + 1
+    page.run()
+
+
+if __name__ == "__main__":  # Streamlit and AppTest run this file as __main__. A multiprocessing child that
+    # re-imports its parent's main module runs it as __mp_main__ (a Dask worker started in a process where
+    # AppTest ran the app): it must draw nothing, open no store and start no supervisor.
+    frame()

@@ -258,6 +258,7 @@ def sign_in_gate(who: Actor | None) -> Actor:
     if who is None:
         _sign_in_form()
         st.stop()
+        return NOBODY  # (st.stop does not stop a script run without Streamlit)
     st.session_state["author"] = who.username
     if who.must_change_password:
         _change_password_form(first=True)

@@ -208,6 +208,22 @@ def test_export_import_predict_gives_identical_probabilities(service, exported, 
     assert ("ann", "import model", "ok") in [(r.username, r.action, r.outcome) for r in service.audit_trail()]
 
 
+def test_an_imported_package_of_ours_is_a_start_for_training_and_live(service, exported, monkeypatch):
+    from unet.config import TrainConfig
+
+    monkeypatch.setattr("storage.queue.start_queued", lambda *a, **k: [])  # recorded, not started
+    with open(exported, "rb") as fh:
+        imported = service.import_model(fh, exported.name)
+    demo = service.load_demo()
+    config = TrainConfig.from_dict(service.run(imported.run_id).config)
+    run = service.submit_training([{"dataset_id": demo.id, "slices": [0, 1]}], [], config, preset="tiny",
+                                  parent_checkpoint_id=imported.checkpoint_id)
+    assert run.parent_checkpoint_id == imported.checkpoint_id and run.status == "QUEUED"
+    service.cancel_run(run.id)
+    session, what = service.live_start(demo.id, imported.checkpoint_id, "user:1")
+    assert what == "started" and session.run.parent_checkpoint_id == imported.checkpoint_id
+
+
 def _rdf_edit(edit):
     import yaml
 
