@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import numpy as np
 import streamlit as st
 
-from storage.service import Actor, Neuroseg, UserError, settings_from_env
+from storage.service import SESSION_HOURS, Actor, Neuroseg, UserError, settings_from_env
 
 
 @st.cache_resource(show_spinner="Opening the store …")
@@ -180,8 +180,7 @@ def remember_in_browser() -> None:
     """Keep the sign-in in a cookie, so a reload or a new tab finds it (the frame calls this on every run;
     the component writes only what changed). The cookie lives as long as the session in the store."""
     token = st.session_state.get("auth_token", "")
-    hours = float(os.environ.get("NEUROSEG_SESSION_HOURS", "12"))
-    _components()[0](data={SESSION_COOKIE: [token, int(hours * 3600)]}, key="neuroseg_cookies", height=0)
+    _components()[0](data={SESSION_COOKIE: [token, int(SESSION_HOURS * 3600)]}, key="neuroseg_cookies", height=0)
 
 
 def leave_guard(armed: bool) -> None:

@@ -29,7 +29,7 @@ with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled
                 flash(f"Imported **{imported.name}** as run {imported.run_id}: Predict offers it.")
                 st.rerun()
 
-models = svc.models()
+models = svc.checkpoint_choices()
 if not models:
     st.info("No model yet: train a run on **Train**, or import a BioImage.IO package.")
     st.stop()
@@ -70,8 +70,10 @@ with st.form(f"model_name_{chosen.id}"):
 left, right = st.columns(2)
 with left:
     st.markdown("**Trained on** (the exact mask versions)")
-    if card["trained_on"]:
-        st.dataframe(card["trained_on"], hide_index=True, height=220, key="model_masks")
+    trained_on = svc.run_masks(run.id)
+    if trained_on:
+        st.dataframe([{"role": m.role, "dataset": m.dataset, "slice": m.slice, "version": m.version, "kind": m.kind,
+                       "author": m.author} for m in trained_on], hide_index=True, height=220, key="model_masks")
     else:
         st.caption("Recorded in its model card (the starter model) or its package (an import)."
                    if run.kind in ("starter", "imported") else "No mask versions recorded.")

@@ -30,8 +30,8 @@ def follow(run_id: int, was_active: bool) -> None:
         head[1].caption(resume_note(went_on_from, had_reached))
     if run.status == RunStatus.QUEUED:  # a shared GPU: where this run stands, and whose runs are ahead
         queue = svc.training_queue()
-        ahead = [q for q in queue if q.run_id != run.id and (q.position == 0 or q.position < next(
-            (p.position for p in queue if p.run_id == run.id), 0))]
+        place = next((q.position for q in queue if q.run_id == run.id), 0)
+        ahead = [q for q in queue if q.position < place]  # (running ones have place 0)
         if ahead:
             head[1].caption("Waiting behind " + ", ".join(
                 f"run #{q.run_id} ({q.owner or 'system'}{', running' if q.position == 0 else ''})" for q in ahead))

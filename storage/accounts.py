@@ -51,10 +51,6 @@ class Actor:
     must_change_password: bool = False
     display_name: str = ""
 
-    @property
-    def is_system(self) -> bool:
-        return self.user_id is None and self.role == "admin"
-
 
 SYSTEM = Actor(None, "system", "admin")
 

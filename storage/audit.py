@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.models import AuditEvent
@@ -59,6 +59,3 @@ def actions(session: Session) -> list[str]:
 def usernames(session: Session) -> list[str]:
     return sorted(session.scalars(select(AuditEvent.username).group_by(AuditEvent.username)))
 
-
-def count(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(AuditEvent)) or 0

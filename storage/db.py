@@ -35,8 +35,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def upgrade(engine: Engine) -> None:
-    """Apply every Alembic migration not yet applied (the first one creates the whole schema)."""
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply every Alembic migration not yet applied up to ``revision`` (the first one creates the whole
+    schema; tests build the stores of earlier versions with an earlier revision)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     sqlite = engine.dialect.name == "sqlite"
@@ -48,7 +49,7 @@ def upgrade(engine: Engine) -> None:
         try:
             with conn.begin():
                 config.attributes["connection"] = conn
-                command.upgrade(config, "head")
+                command.upgrade(config, revision)
                 if sqlite:
                     broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                     if broken:  # rolls the migration back

@@ -98,20 +98,6 @@ def _unpack(path: Path, folder: Path) -> Path:
     return rdfs[0]
 
 
-def _axes(tensor) -> tuple[int, list[str], list[str]]:
-    """(channels, space axis ids, other axis kinds) of a v0.5 tensor description."""
-    channels, space, other = 1, [], []
-    for axis in tensor.axes:
-        kind = getattr(axis, "type", "")
-        if kind == "channel":
-            channels = len(axis.channel_names)
-        elif kind == "space":
-            space.append(str(axis.id))
-        elif kind != "batch":
-            other.append(kind)
-    return channels, space, other
-
-
 WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript", "onnx", "keras_hdf5", "keras_v3",
                   "tensorflow_saved_model_bundle", "tensorflow_js")
 
@@ -157,7 +143,8 @@ def precheck(rdf: Path) -> None:
 
 
 def describe_and_check(rdf: Path):
-    """The model description, validated and of a shape Neuroseg runs, or :class:`PackageRefused`."""
+    """The model description, validated, of one channel in and out (after :func:`precheck`), or
+    :class:`PackageRefused`."""
     from bioimageio.spec import InvalidDescr, load_description
     from bioimageio.spec.model import v0_5
 
@@ -168,19 +155,11 @@ def describe_and_check(rdf: Path):
         raise PackageRefused("its rdf.yaml is not a valid BioImage.IO description: " + "; ".join(problems))
     if getattr(description, "type", "") != "model" or not isinstance(description, v0_5.ModelDescr):
         raise PackageRefused(f"it describes a {getattr(description, 'type', 'resource')}, not a model")
-    if len(description.inputs) != 1 or len(description.outputs) != 1:
-        raise PackageRefused(f"the model has {len(description.inputs)} inputs and {len(description.outputs)} "
-                             "outputs; Neuroseg runs models with one image in and one map out")
     for role, tensor in (("input", description.inputs[0]), ("output", description.outputs[0])):
-        channels, space, other = _axes(tensor)
-        if other:
-            raise PackageRefused(f"its {role} has {', '.join(other)} axes; Neuroseg runs 2-D models")
-        if len(space) != 2:
-            raise PackageRefused(f"its {role} has {len(space)} space axes ({', '.join(space)}): a "
-                                 f"{'3-D' if len(space) == 3 else f'{len(space)}-D'} model; Neuroseg runs 2-D "
-                                 "models")
-        if channels != 1:
-            raise PackageRefused(f"its {role} has {channels} channels; Neuroseg runs one channel in and one "
+        # (its axes were read by precheck; the channels only the description knows, also of a 0.4 package)
+        channels = [len(a.channel_names) for a in tensor.axes if getattr(a, "type", "") == "channel"]
+        if channels and channels[0] != 1:
+            raise PackageRefused(f"its {role} has {channels[0]} channels; Neuroseg runs one channel in and one "
                                  "map out")
     return description
 

@@ -278,17 +278,12 @@ def update_checkpoint(session: Session, checkpoint_id: int, name: str | None = N
 
 
 def model_card(session: Session, store: FileStore, checkpoint_id: int) -> dict[str, Any]:
-    """What the Models page shows of a checkpoint: its run, what it trained on (the exact mask versions),
-    the recipe, its scores on held-out slices, its parent and its size on disk."""
+    """What the Models page shows of a checkpoint beside its run's mask versions (:func:`run_masks`): its
+    run, the recipe, its scores on held-out slices, its parent and its size on disk."""
     row = session.get(Checkpoint, checkpoint_id)
     if row is None:
         raise NotFound(f"checkpoint {checkpoint_id} does not exist")
     run = session.get(Run, row.run_id)
-    masks = session.execute(
-        select(RunMask.role, MaskVersion).join(MaskVersion, MaskVersion.id == RunMask.mask_version_id)
-        .where(RunMask.run_id == run.id).order_by(RunMask.role, MaskVersion.dataset_id, MaskVersion.slice_index)
-    ).all()
-    names = {d.id: d.name for d in session.scalars(select(Dataset))}
     parent = session.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
     try:
         size = store.abspath(row.file).stat().st_size
@@ -296,9 +291,6 @@ def model_card(session: Session, store: FileStore, checkpoint_id: int) -> dict[s
         size = 0
     return {
         "checkpoint": _checkpoint_info(row, run), "run": run_info(run), "size_bytes": size,
-        "trained_on": [{"role": role, "dataset": names.get(m.dataset_id, f"#{m.dataset_id} (deleted)"),
-                        "slice": m.slice_index, "version": m.version, "kind": m.kind, "author": m.author}
-                       for role, m in masks],
         "recipe": run.config, "held_out": {k: v for k, v in (run.held_out or {}).items()},
         "parent": {"checkpoint_id": parent.id, "run_id": parent.run_id, "kind": parent.kind} if parent else None,
         "source": (run.spec or {}).get("source", ""),
@@ -338,9 +330,9 @@ def export_model(session: Session, store: FileStore, checkpoint_id: int, authors
     parts = (run.spec or {}).get("train") or []
     dataset = None
     z = 0
-    if parts and session.get(Dataset, int(parts[0]["dataset_id"])) is not None:
+    if parts:
         dataset, z = session.get(Dataset, int(parts[0]["dataset_id"])), int((parts[0].get("slices") or [0])[0])
-    elif run.kind != "train":
+    if dataset is None and run.kind != "train":
         dataset = session.scalars(select(Dataset).order_by(Dataset.id)).first()
     if dataset is not None:
         image = np.asarray(load_volume(session, store, dataset.id)[z])
@@ -365,12 +357,8 @@ def export_model(session: Session, store: FileStore, checkpoint_id: int, authors
 
 
 def _model_card(session: Session, run: Run, row: Checkpoint, what: str) -> str:
-    rows = session.execute(
-        select(RunMask.role, MaskVersion).join(MaskVersion, MaskVersion.id == RunMask.mask_version_id)
-        .where(RunMask.run_id == run.id).order_by(RunMask.role, MaskVersion.dataset_id, MaskVersion.slice_index)
-    ).all()
-    masks = [f"- {role}: dataset {m.dataset_id}, slice {m.slice_index}, mask version {m.version} ({m.kind})"
-             for role, m in rows]
+    masks = [f"- {m.role}: {m.dataset} (dataset {m.dataset_id}), slice {m.slice}, mask version {m.version} "
+             f"({m.kind})" for m in run_masks(session, run.id)]
     scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted((row.metrics or {}).items()) if isinstance(v, int | float))
     return "\n".join([
         f"# Neuroseg: {what}", "",

@@ -37,7 +37,7 @@ from storage import (
     users,
 )
 from storage.access import RIGHTS
-from storage.accounts import SYSTEM, Actor
+from storage.accounts import SESSION_HOURS, SYSTEM, Actor
 from storage.audit import AuditRow
 from storage.db import open_store
 from storage.files import IntegrityError
@@ -76,6 +76,7 @@ T = TypeVar("T")
 
 __all__ = [
     "RIGHTS",
+    "SESSION_HOURS",
     "SYSTEM",
     "Actor",
     "AlreadyLoaded",
@@ -506,12 +507,8 @@ class Neuroseg:
         return self._tx(runs.update_checkpoint, checkpoint_id, name, notes)
 
     def model_card(self, checkpoint_id: int) -> dict[str, Any]:
-        """A checkpoint's card: run, the mask versions it trained on, recipe, held-out scores, parent, size."""
+        """A checkpoint's card: run, recipe, held-out scores, parent, size (its masks: :meth:`run_masks`)."""
         return self._tx(runs.model_card, self.store, checkpoint_id)
-
-    def models(self) -> list[CheckpointInfo]:
-        """Every checkpoint worth keeping: the starter model, each run's best and latest, imported models."""
-        return self._tx(lambda s: runs.checkpoints(s))
 
     @_guard("import model", "create", target=lambda upload, filename, *a, **k: f"package {filename[:60]}")
     def import_model(self, upload: BinaryIO, filename: str) -> packages.Imported:

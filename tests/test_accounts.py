@@ -9,13 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import select, text, update
 
 from storage import accounts
 from storage.accounts import Actor
-from storage.db import MIGRATIONS, make_engine
+from storage.db import make_engine, upgrade
 from storage.models import SignIn
 from storage.service import Neuroseg, UserError
 from storage.settings import Settings
@@ -242,11 +240,8 @@ def test_an_existing_store_migrates_and_its_rows_get_the_first_admin_as_owner(tm
     settings = Settings.from_env(tmp_path / "data")
     settings.data_dir.mkdir(parents=True)
     engine = make_engine(settings.database_url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    upgrade(engine, "0007")
     with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0007")
         now = datetime.now(UTC)
         conn.execute(text("INSERT INTO datasets (id, name, z, y, x, dtype, source_name, sha256, size_bytes, created,"
                           " notes, volume_format) VALUES (1, 'old', 2, 8, 8, 'uint8', 'old.tif', 'x', 128, :t, '',"

@@ -20,8 +20,8 @@ from unet.bioimageio import (
     ISBI_CITE,
     UNET_CITE,
     ExportInfo,
+    ForeignModel,
     PackageError,
-    ScriptedUNet,
     export_package,
     load_package,
     validate,
@@ -78,7 +78,8 @@ def test_torchscript_weights_give_the_apps_own_inference_and_the_package_round_t
     scripted = torch.jit.load(io.BytesIO(zipfile.ZipFile(out).read("weights_torchscript.pt")))
     model = checkpoint.build_model("cpu")
     ours = predict_slice(model, stack[1])  # the app's inference: normalise, tile, blend, sigmoid
-    theirs = predict_slice(ScriptedUNet(scripted, checkpoint.model_config), stack[1])  # the package's weights
+    package = ForeignModel(scripted, checkpoint.model_config, {"sigmoid": True})  # logits in, as ours
+    theirs = predict_slice(package, stack[1])  # the package's weights
     np.testing.assert_allclose(theirs, ours, atol=1e-5)
 
     back = load_package(out)  # export → read back → predict: identical

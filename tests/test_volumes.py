@@ -8,13 +8,11 @@ import tracemalloc
 import numpy as np
 import pytest
 import tifffile
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 from zarr.storage import LocalStore
 
 from storage import datasets
-from storage.db import MIGRATIONS, make_engine, open_store
+from storage.db import make_engine, open_store, upgrade
 from storage.files import FileStore, IntegrityError, sha256_of
 from storage.settings import Settings
 from storage.volumes import CHUNK, DiskFull, Volume, level_shapes, remove_partials, write_volume
@@ -122,11 +120,7 @@ def test_a_store_of_an_earlier_version_is_converted_on_start_without_losing_a_by
     settings = _settings(tmp_path)
     settings.data_dir.mkdir(parents=True)
     engine = make_engine(settings.database_url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0005")
+    upgrade(engine, "0005")
     old = FileStore(settings.data_dir)
     volumes = {1: _stack((5, 700, 600), seed=4), 2: _stack((2, 32, 32), seed=5)}
     with engine.begin() as conn:

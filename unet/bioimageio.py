@@ -247,19 +247,6 @@ __all__ = [
 ]
 
 
-class ScriptedUNet(torch.nn.Module):
-    """TorchScript weights where the engine expects a :class:`unet.model.UNet` (``config`` for the tile
-    plan, logits out): how a package's TorchScript model predicts in Neuroseg."""
-
-    def __init__(self, scripted: torch.jit.ScriptModule, config):
-        super().__init__()
-        self.scripted = scripted
-        self.config = config
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scripted(x)
-
-
 def load_package(path: str | Path) -> Checkpoint:
     """A Neuroseg checkpoint from a BioImage.IO package that Neuroseg exported (its ``config.neuroseg``
     and its state-dict weights, loaded with ``weights_only=True``): the same network, bit for bit.
