@@ -98,10 +98,16 @@ def test_a_deep_link_right_after_a_restart_opens_the_app_not_the_folder(tmp_path
                 page.close()
 
 
-@pytest.mark.xfail(strict=False, reason="an open bug: under CI load (3 of 7 full runs since the sign-in came) the "
-                   "Annotate page came back with the first dataset after a page switch and the click on Train was "
-                   "lost; it passes alone and under two busy loops. Kept running so the next session sees it")
+def open_page(page, title: str) -> None:
+    """Go to a page by its sidebar link and wait until that page is drawn (its heading): until then the
+    browser still shows the last page, whose widgets a locator could find and click."""
+    page.locator('[data-testid="stSidebarNav"] a').filter(has_text=re.compile(rf"{title}$")).click()
+    page.get_by_role("heading", name=title, exact=True).wait_for()
+
+
 def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(tmp_path):
+    """beta (not the newest, which is the default) is chosen on Datasets and stays chosen on every page,
+    after a reload too; a choice on Annotate (alpha) is then the shared one."""
     from playwright.sync_api import expect
 
     data_dir = tmp_path / "data"
@@ -109,40 +115,41 @@ def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(t
     with app_server(data_dir) as url, chromium() as browser:
         page = new_page(browser, url)
         page.goto(f"{url}/datasets")
-        browse = page.get_by_role("combobox", name="Browse dataset")
+        browse = page.get_by_role("combobox", name="Browse dataset", exact=True)
+        expect(browse).to_have_value(re.compile(r"gamma"))  # the newest: the default
         browse.click()
-        page.get_by_role("option", name=re.compile("gamma")).click()
-        expect(browse).to_have_value(re.compile(r"gamma"))
-        page.get_by_text("slice 0 of 3 (96 × 128 pixels").wait_for()  # gamma is browsed
+        page.get_by_role("option", name=re.compile("beta")).click()
+        expect(browse).to_have_value(re.compile(r"beta"))
+        page.get_by_text("slice 0 of 3 (96 × 112 pixels").wait_for()  # beta is browsed
 
-        page.get_by_role("link", name="Annotate").first.click()
-        expect(page.get_by_role("combobox", name="Dataset")).to_have_value(re.compile(r"gamma"))
-        page.get_by_text("Slice 0: 96 × 128 pixels").wait_for()
-        page.get_by_role("link", name="Train").first.click()
+        open_page(page, "Annotate")
+        expect(page.get_by_role("combobox", name="Dataset", exact=True)).to_have_value(re.compile(r"beta"))
+        page.get_by_text("Slice 0: 96 × 112 pixels").wait_for()
+        open_page(page, "Train")
         try:
-            page.get_by_text("Training slices of gamma").wait_for()
+            page.get_by_text("Training slices of beta").wait_for()
         finally:
             page.screenshot(path=ARTIFACTS / "train-selected.png", full_page=True)
-        expect(page.get_by_text("Training slices of alpha")).to_have_count(0)
-        page.get_by_role("link", name="Predict").first.click()
-        expect(page.get_by_role("combobox", name="Dataset")).to_have_value(re.compile(r"gamma"))
-        page.get_by_role("link", name="Runs").first.click()
+        expect(page.get_by_text(re.compile("Training slices of (alpha|gamma)"))).to_have_count(0)
+        open_page(page, "Predict")
+        expect(page.get_by_role("combobox", name="Dataset", exact=True)).to_have_value(re.compile(r"beta"))
+        open_page(page, "Runs")
         page.get_by_text("No runs yet").wait_for()
-        page.get_by_role("link", name="Datasets").first.click()
-        expect(page.get_by_role("combobox", name="Browse dataset")).to_have_value(re.compile(r"gamma"))
+        open_page(page, "Datasets")
+        expect(page.get_by_role("combobox", name="Browse dataset", exact=True)).to_have_value(re.compile(r"beta"))
 
         page.reload()  # F5: the URL carries the selection
-        expect(page.get_by_role("combobox", name="Browse dataset")).to_have_value(re.compile(r"gamma"))
+        expect(page.get_by_role("combobox", name="Browse dataset", exact=True)).to_have_value(re.compile(r"beta"))
 
         # a choice on another page is the new shared one
-        page.get_by_role("link", name="Annotate").first.click()
-        picker = page.get_by_role("combobox", name="Dataset")
-        expect(picker).to_have_value(re.compile(r"gamma"))
+        open_page(page, "Annotate")
+        picker = page.get_by_role("combobox", name="Dataset", exact=True)
+        expect(picker).to_have_value(re.compile(r"beta"))
         picker.click()
-        page.get_by_role("option", name=re.compile("beta")).click()
-        page.get_by_text("Slice 0: 96 × 112 pixels").wait_for()
-        page.get_by_role("link", name="Datasets").first.click()
-        expect(page.get_by_role("combobox", name="Browse dataset")).to_have_value(re.compile(r"beta"))
+        page.get_by_role("option", name=re.compile("alpha")).click()
+        page.get_by_text("Slice 0: 96 × 96 pixels").wait_for()
+        open_page(page, "Datasets")
+        expect(page.get_by_role("combobox", name="Browse dataset", exact=True)).to_have_value(re.compile(r"alpha"))
 
 
 def test_a_started_prediction_is_the_one_shown_with_its_progress_then_its_result(tmp_path):
