@@ -15,6 +15,7 @@ Data: Cardona et al. 2010, PLoS Biol 8(10):e1000502; Arganda-Carreras et al. 201
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -62,8 +63,8 @@ GRID = {
     "watershed": [{"threshold": t, "h": h} for t in (0.3, 0.4, 0.5, 0.6, 0.7)
                   for h in (1.0, 2.0, 4.0, 8.0, 12.0, 16.0)],
     "threshold": [{"threshold": t, "smooth": s} for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for s in (0.0, 1.0, 2.0, 3.0)],
-    "agglomerate": [{"threshold": t, "h": h, "smooth": s} for t in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
-                    for h in (0.01, 0.02, 0.05) for s in (1.0, 2.0, 3.0)],
+    "agglomerate": [{"threshold": t, "h": h, "smooth": s} for t in (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+                    for h in (0.005, 0.01, 0.02, 0.05) for s in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)],
 }
 
 
@@ -102,7 +103,8 @@ def compare_postprocessing(probs: np.ndarray, targets: np.ndarray) -> list[dict]
     return rows
 
 
-def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | None, seed: int) -> dict:
+def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | None, seed: int, tta: bool = False,
+             save_model: str | None = None) -> dict:
     overrides = {"max_seconds": budget_s, "seed": seed}
     if steps:
         overrides["steps"] = steps
@@ -116,6 +118,11 @@ def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | No
         from unet.checkpoint import load_checkpoint
 
         model = load_checkpoint(f"{tmp}/latest.pt").build_model(result.device)
+        if save_model:  # the weights and their config side file
+            from unet.checkpoint import side_file
+
+            shutil.copyfile(f"{tmp}/latest.pt", save_model)
+            shutil.copyfile(side_file(f"{tmp}/latest.pt"), side_file(save_model))
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     probs = predict_stack(model, volume[TEST])
@@ -124,9 +131,15 @@ def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | No
     out = evaluate(probs, targets[TEST])
     curve = [{"seconds": v["seconds"], "step": v["step"], "pixel_error": v.get("val_pixel_error"),
               "rand_f": v.get("val_rand_f"), "vi": v.get("val_vi")} for v in result.validations]
-    return {**out, "seconds": train_s, "train_seconds": train_s, "infer_seconds": infer_s,
-            "steps": result.steps_done, "preset": preset_name, "device": result.device, "curve": curve,
-            "_probs": np.concatenate([tune, probs])}
+    found = {**out, "seconds": train_s, "train_seconds": train_s, "infer_seconds": infer_s,
+             "steps": result.steps_done, "preset": preset_name, "device": result.device, "curve": curve,
+             "_probs": np.concatenate([tune, probs])}
+    if tta:  # the same weights through the 8 flips/rotations (Predict's "test-time augmentation")
+        t1 = time.perf_counter()
+        probs_tta = predict_stack(model, volume[TEST], tta=True)
+        found["tta"] = {**evaluate(probs_tta, targets[TEST]), "infer_seconds": time.perf_counter() - t1}
+        found["_probs_tta"] = np.concatenate([predict_stack(model, volume[TUNE], tta=True), probs_tta])
+    return found
 
 
 def _rf_features(image: np.ndarray) -> np.ndarray:
@@ -210,7 +223,8 @@ def linking(probs: np.ndarray, targets: np.ndarray, all_targets: np.ndarray) -> 
 def postprocessing_table(probs: dict[str, np.ndarray], targets: np.ndarray, preset_name: str) -> dict:
     """Compare the post-processings on each method's probabilities of slices 20-29; print a table."""
     results, rows = {}, []
-    for key, name in (("unet", f"U-Net {preset_name}"), ("random_forest", "random forest")):
+    for key, name in (("unet", f"U-Net {preset_name}"), ("unet_tta", f"U-Net {preset_name} + TTA"),
+                      ("random_forest", "random forest")):
         if key in probs:
             print(f"\npost-processing of the {name}'s probabilities …", flush=True)
             results[key] = compare_postprocessing(probs[key], targets[TUNE + TEST])
@@ -233,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["unet", "rf"], help="run one method only")
+    ap.add_argument("--tta", action="store_true", help="also score the U-Net's maps predicted through the 8 "
+                    "flips/rotations (test-time augmentation, Predict's option), the mean of the eight")
+    ap.add_argument("--save-model", default=None, help="keep the U-Net's last weights here (.pt)")
     ap.add_argument("--save-probs", default=None, help="keep each method's probabilities of slices 20-29 (.npz)")
     ap.add_argument("--probs", default=None, help="compare post-processings on probabilities saved before "
                     "(--save-probs) instead of training")
@@ -260,13 +277,18 @@ def main(argv: list[str] | None = None) -> int:
         results["random_forest"] = run_random_forest(volume, targets, budget_s, args.seed)
     if args.only != "rf":
         print(f"U-Net ({args.preset}) …", flush=True)
-        results["unet"] = run_unet(volume, targets, budget_s, args.preset, args.steps, args.seed)
+        results["unet"] = run_unet(volume, targets, budget_s, args.preset, args.steps, args.seed,
+                                   tta=args.tta, save_model=args.save_model)
 
     probs = {key: results[key].pop("_probs") for key in ("unet", "random_forest") if key in results}
+    if "_probs_tta" in results.get("unet", {}):
+        probs["unet_tta"] = results["unet"].pop("_probs_tta")
     if args.save_probs:
         np.savez_compressed(args.save_probs, **probs)
     rows = [{"method": name, **results[key]} for key, name in
             (("unet", f"U-Net {args.preset}"), ("random_forest", "random forest")) if key in results]
+    if "tta" in results.get("unet", {}):
+        rows.insert(1, {"method": f"U-Net {args.preset} + TTA", **results["unet"]["tta"]})
     print()
     print(table(rows, [("method", "method", ""), ("pixel_error", "pixel error ↓", ".4f"),
                        ("rand_f", "Rand-F ↑", ".4f"), ("vi", "VI ↓", ".3f"), ("dice", "Dice ↑", ".4f"),
