@@ -3,10 +3,12 @@
     python -m bench.quality --budget-min 10 [--preset cpu-quick] [--json out.json] [--data DIR]
 
 Both learn from slices 0–24 of ``train-volume.tif`` with the same wall-clock budget and are evaluated on
-slices 25–29 through the same post-processing (threshold 0.5 for the pixel error, the seeded watershed
-of :func:`unet.postprocess.instances` for Rand-F and VI). The U-Net is evaluated with its *last* weights
-(not the checkpoint that scored best on 25–29, which would peek at the test slices); its validation
-curve on 25–29 is recorded against wall-clock time so minutes-to-quality are visible.
+slices 25–29 through the same post-processing (threshold 0.5 for the pixel error, the app's default way to
+neurons, :data:`unet.postprocess.DEFAULT_METHOD`, for Rand-F, VI and CREMI's scores; V_rand and V_info of
+the maps at their best threshold). Then each post-processing is tuned on slices 20–24 and scored on 25–29,
+on the same maps (``--tta``: also on the maps through the 8 flips/rotations). The U-Net is evaluated with
+its *last* weights (not the checkpoint that scored best on 25–29, which would peek at the test slices);
+its validation curve on 25–29 is recorded against wall-clock time so minutes-to-quality are visible.
 
 Data: Cardona et al. 2010, PLoS Biol 8(10):e1000502; Arganda-Carreras et al. 2015, Front. Neuroanat.
 9:142. Not shipped: read from ../shared/data/isbi2012/ or --data or $NEUROSEG_ISBI_DIR.
