@@ -101,7 +101,7 @@ def test_a_deep_link_right_after_a_restart_opens_the_app_not_the_folder(tmp_path
 def open_page(page, title: str) -> None:
     """Go to a page by its sidebar link and wait until that page is drawn (its heading): until then the
     browser still shows the last page, whose widgets a locator could find and click."""
-    page.locator('[data-testid="stSidebarNav"] a').filter(has_text=re.compile(rf"{title}$")).click()
+    sidebar_links(page).filter(has_text=re.compile(rf"{title}$")).click()
     page.get_by_role("heading", name=title, exact=True).wait_for()
 
 

@@ -71,11 +71,9 @@ METHODS = ("agglomerate", "watershed", "threshold")
 #: The post-processing the app and the command line use unless told otherwise: on ISBI 2012 slices 25-29
 #: it beat the seeded watershed on V_rand, V_info, adapted Rand error and VI (README, ``bench.quality``).
 DEFAULT_METHOD = "agglomerate"
-#: The new methods' parameters, chosen on ISBI 2012 slices 20-24 by ``bench.quality`` (best V_rand of the
-#: U-Net's maps as Predict makes them by default, without test-time augmentation); the watershed keeps the
-#: defaults it always had (its tuned ones lost on V_info and VI on 25-29).
-TUNED: dict[str, dict[str, float]] = {"agglomerate": {"threshold": 0.5, "h": 0.02, "smooth": 3.0},
-                                      "threshold": {"threshold": 0.8, "smooth": 1.0}, "watershed": {}}
+# The defaults of agglomerate() and threshold_components() are the parameters bench.quality chose on ISBI
+# 2012 slices 20-24 (best V_rand of the U-Net's maps as Predict makes them by default, without test-time
+# augmentation); instances() keeps the defaults it always had (its tuned ones lost on V_info and VI on 25-29).
 
 
 def fragments(prob: np.ndarray, smooth: float = 1.0, h: float = 0.05) -> np.ndarray:
@@ -139,10 +137,8 @@ def threshold_components(prob: np.ndarray, threshold: float = 0.8, smooth: float
 
 
 def segment(prob: np.ndarray, method: str = DEFAULT_METHOD, **params) -> np.ndarray:
-    """Neuron instances of one slice by ``method`` (one of :data:`METHODS`) with its :data:`TUNED`
-    parameters, or those given."""
-    if method in TUNED:
-        params = {**TUNED[method], **params}
+    """Neuron instances of one slice by ``method`` (one of :data:`METHODS`) with its tuned defaults, or the
+    parameters given."""
     if method == "agglomerate":
         return agglomerate(prob, **params)
     if method == "watershed":
