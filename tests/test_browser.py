@@ -60,7 +60,7 @@ def test_draw_a_stroke_and_save_it(tmp_path):
         for x in range(110, 601, 10):
             page.mouse.move(box["x"] + x, box["y"] + 300)
         page.mouse.up()
-        page.get_by_text("Unsaved:").wait_for()  # the page ran with the stroke: it says how many pixels
+        page.get_by_text("Unsaved:").first.wait_for()  # the page ran with the stroke: it says how many pixels
         page.screenshot(path=ARTIFACTS / "annotate-stroke.png", full_page=True)
         before_save = canvas_key(page)
         page.get_by_role("button", name="Save version").click()
@@ -91,12 +91,12 @@ def test_draw_a_stroke_and_save_it(tmp_path):
         page.mouse.down()
         page.mouse.move(box["x"] + 300, box["y"] + 600)
         page.mouse.up()
-        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_text("Unsaved:").first.wait_for()
         page.get_by_role("link", name="Datasets").first.click()
         page.get_by_text("Unsaved annotation on slice 0").wait_for()
         page.screenshot(path=ARTIFACTS / "datasets-unsaved-warning.png", full_page=True)
         page.get_by_role("link", name="Annotate").first.click()
-        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_text("Unsaved:").first.wait_for()
         assert [m.version for m in svc.history(dataset.id, 0)] == [1, 2], "nothing saved behind the user's back"
 
 
@@ -125,7 +125,7 @@ def test_the_whole_loop_in_the_browser(tmp_path):
         page.mouse.down()
         page.mouse.move(box["x"] + 400, box["y"] + 220, steps=10)
         page.mouse.up()
-        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_text("Unsaved:").first.wait_for()
         page.get_by_role("button", name="Save version").click()
         page.get_by_text("Saved slice 0 as v2").wait_for()
 

@@ -63,7 +63,7 @@ def test_live_on_paint_save_and_the_overlay_follows(tmp_path, monkeypatch):
         for x in range(110, 601, 10):
             page.mouse.move(box["x"] + x, box["y"] + 300)
         page.mouse.up()
-        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_text("Unsaved:").first.wait_for()
         page.get_by_role("button", name="Save version").click()
         page.get_by_text("Saved slice 0 as v2").wait_for()
         saved = svc.history(dataset.id, 0)[-1]
@@ -89,7 +89,7 @@ def test_live_on_paint_save_and_the_overlay_follows(tmp_path, monkeypatch):
             except NotYet:
                 if attempt == 2:
                     raise
-        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_text("Unsaved:").first.wait_for()
 
         page.get_by_role("button", name="Stop (for everyone)").click()
         page.get_by_text(re.compile(r"Live session #\d+ stops")).wait_for()

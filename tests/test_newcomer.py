@@ -210,7 +210,7 @@ def test_unsaved_strokes_survive_a_reload_and_a_new_tab_and_leaving_too_early_as
         page.get_by_text("No unsaved changes on this slice.").wait_for()
         canvas.scroll_into_view_if_needed()
         stroke(page, canvas, 300, 100, 500)
-        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_text("Unsaved:").first.wait_for()
         painted = unsaved_pixels(page)
         assert painted > 100
         page.wait_for_function("window.__neurosegLeaveGuard && !window.__neurosegLeaveGuard.pending")
@@ -348,7 +348,7 @@ def test_a_large_slice_fits_the_page_and_strokes_land_on_its_pixels(tmp_path):
         assert (round(box["width"]), round(box["height"])) == (512, 512)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "no sideways scrolling"
         stroke(page, canvas, 100, 50, 300)  # display row 100 = image rows 200-201, columns 100 → 600
-        page.get_by_text("Unsaved:").wait_for()
+        page.get_by_text("Unsaved:").first.wait_for()
         page.get_by_role("button", name="Save version").click()
         page.get_by_text("Saved slice 0 as v2").wait_for()
         page.screenshot(path=ARTIFACTS / "annotate-1024.png", full_page=True)
