@@ -114,3 +114,18 @@ def test_an_error_opens_zoomed_on_its_place():
     assert focus([0, 0, 256, 256], (256, 256)) == (1, 50, 50)  # the whole slice: no zoom
     assert focus([100, 200, 120, 230], (512, 512)) == (8, 21, 42)  # small: zoomed in, centred on it
     assert focus([0, 0, 100, 100], (512, 512)) == (2, 10, 10)
+
+
+def test_the_label_offset_bench_finds_labels_moved_against_their_image():
+    """bench.offset registers a stack's membrane labels to its image: labels moved one pixel down and two
+    left read as an offset of (+1, −2) against the same labels where they were drawn."""
+    from bench.offset import slice_offset
+    from unet.labels import labels_to_target
+    from unet.synthetic import make_synthetic_em
+
+    volume, labels = make_synthetic_em((1, 128, 128), np.random.default_rng(3))
+    target = labels_to_target(labels)[0]
+    dy0, dx0 = slice_offset(volume[0], target)
+    dy, dx = slice_offset(volume[0], np.roll(target, (1, -2), axis=(0, 1)))
+    assert dy - dy0 == pytest.approx(1.0, abs=0.2) and dx - dx0 == pytest.approx(-2.0, abs=0.2)
+    assert abs(dy0) < 0.5 and abs(dx0) < 0.5  # the synthetic labels are drawn where the membranes are
