@@ -85,6 +85,7 @@ def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin
          twin_steps: int) -> Path:
     """Write the full model's last weights (no optimiser state) and its model card into ``out``."""
     from unet.checkpoint import load_checkpoint, save_checkpoint
+    from unet.postprocess import DEFAULT_METHOD
 
     ckpt = load_checkpoint(trained)
     model = ckpt.build_model("cpu")
@@ -103,6 +104,8 @@ def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin
                 "width-8 network has levelled off on CPU budgets: the second cycle moved it from 0.074 / 0.937 "
                 "to the figures above. A wider network trained on a GPU is the way to the target; until then "
                 "this one still gives a first prediction in seconds and a start for the live loop."),
+        postprocess={"agglomerate": "the agglomeration", "watershed": "the seeded watershed"}.get(
+            DEFAULT_METHOD, DEFAULT_METHOD),
         twin_steps=twin_steps, machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         recipe=json.dumps(ckpt.meta.get("train_config"), indent=2), **twin))
     return path
@@ -126,7 +129,7 @@ prediction on a new stack takes seconds and no painting. Every page that picks a
   gamma and noise changes (other labs' stacks differ most in those). Last weights, no checkpoint picked.
 - **Made by**: `python -m bench.starter {command}` ({machine}).
 - **How well**: its twin, trained the same way ({twin_steps:,} steps) on slices 0–24 only and scored on
-  25–29 (threshold 0.5 for the pixel error, the seeded watershed for Rand-F and VI):
+  25–29 (threshold 0.5 for the pixel error, {postprocess} for Rand-F and VI):
   pixel error **{pixel_error:.3f}**, Rand-F **{rand_f:.3f}**, VI **{vi:.3f}** (Dice {dice:.3f}).
 - **Target**: {target}
 - **Limits**: one tissue, one microscope, one section thickness. On another lab's stack it is a start,

@@ -41,6 +41,9 @@ BURST_S = 2.0  # training between two looks at the store
 CHECKPOINT_EVERY_S = 60.0
 # from a trained start, the unpainted pixels keep its answer at this weight (unet.live); $NEUROSEG_LIVE_DISTILL
 DISTILL = float(os.environ.get("NEUROSEG_LIVE_DISTILL") or 0.3)
+# from random weights, the overlay and "best" come from a moving average of the weights at this decay (a
+# horizon of about 50 steps), which damps the swings between rounds (unet.live); $NEUROSEG_LIVE_EMA, 0 for none
+EMA = float(os.environ.get("NEUROSEG_LIVE_EMA") or 0.98)
 NEIGHBOURS_EVERY = 3  # turns between two predictions of the slices beside the viewers' own
 # CPU threads of a live session: all cores but one, so the server answers the annotator while it trains
 # (two busy processes with two threads each on two cores made each step 20× slower); $NEUROSEG_LIVE_THREADS
@@ -139,7 +142,7 @@ class LiveLoop:
         _start_segment(self.sessions, self.run_id, out_dir, resume)
         trainer = LiveTrainer(self.config, out_dir, init_from=None if resume else self.parent_file, resume=resume,
                               reporter=self.reporter, distill=DISTILL if self.trained_start else 0.0,
-                              reference=self.parent_file)
+                              reference=self.parent_file, ema=0.0 if self.trained_start else EMA)
         done: dict[int, tuple[int, int]] = {}
         first, last_save = True, time.monotonic()
         for turn in itertools.count():

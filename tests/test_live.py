@@ -294,3 +294,44 @@ def test_accept_copies_the_prediction_into_the_edit_but_keeps_the_users_strokes(
     text = status_text(Info(), "name:ann")
     assert text.startswith("Live session #7 (3 saved mask(s) learned) · paused while run #9 trains on cpu")
     assert text.endswith("shared with bob, someone without a name")
+
+
+def test_the_live_rate_is_a_fine_tuning_rate_from_a_trained_start_and_a_held_rate_from_scratch():
+    """Held flat with no end, a live session runs below the recipe's own peak: 2e-4 from trained weights,
+    1e-3 from random ones (cpu-quick's 3e-3 made a from-scratch network swing between rounds), and never
+    above a recipe that asks for less."""
+    base = preset("cpu-quick")
+    assert base.lr == 3e-3
+    assert live_config(base).lr == 2e-4
+    assert live_config(base, trained=False).lr == 1e-3
+    assert live_config(replace(base, lr=5e-4), trained=False).lr == 5e-4
+    assert live_config(base, trained=False).warmup_steps == 20 and live_config(base).max_seconds is None
+
+
+def test_a_live_session_with_a_moving_average_predicts_and_keeps_the_average(tmp_path):
+    """With ``ema`` the overlay comes from the moving average of the weights and ``best.pt`` (what Predict
+    and the Runs page use) holds that average; ``latest.pt`` keeps the newest weights to resume from."""
+    import torch
+
+    from unet.checkpoint import load_checkpoint
+    from unet.infer import predict_slice
+
+    torch.manual_seed(0)
+    volume, labels = make_synthetic_em((1, 64, 64), np.random.default_rng(5), cell_size=16)
+    base = preset("cpu-quick")
+    config = replace(base, model=replace(base.model, initial_features=4, depth=2), patch_size=32, batch_size=2,
+                     device="cpu")
+    trainer = LiveTrainer(live_config(config, trained=False), tmp_path, ema=0.9)
+    trainer.set_slices({0: (volume[0], labels_to_target(labels)[0])}, new=[0])
+    assert trainer.train_for(60, max_steps=15) == 15
+    image = volume[0]
+    shown = trainer.predict(image)
+    averaged = predict_slice(trainer.average.module, image)
+    newest = predict_slice(trainer.trainer.model, image)
+    assert np.array_equal(shown, averaged) and not np.allclose(shown, newest, atol=1e-4)
+    trainer.save()
+    best = load_checkpoint(tmp_path / "best.pt").build_model("cpu")
+    latest = load_checkpoint(tmp_path / "latest.pt").build_model("cpu")
+    assert np.allclose(predict_slice(best, image), averaged, atol=1e-6)
+    assert np.allclose(predict_slice(latest, image), newest, atol=1e-6)
+    assert trainer.trainer.model.training  # predicting leaves the trainer's own weights training

@@ -1,0 +1,120 @@
+"""The live loop's learner on its own, for choosing its recipe: ``bench.loop``'s simulated annotator and
+scores, with the :class:`~unet.live.LiveTrainer` driven directly (no store, no worker process) for a fixed
+number of steps a round, so that recipes compare step for step and several slice orders run side by side.
+
+    python -m bench.livesim [--start random|CHECKPOINT.pt] [--lr 1e-3] [--ema 0.98] [--steps 190]
+                            [--seeds 0,1,2] [--rounds 10] [--k 10] [--radius 8] [--json FILE]
+
+190 steps a round is what a live session from random weights trains in ``bench.loop``'s 30 seconds on one
+thread of the 2-core VM. Printed per seed and round: pixel error, Rand-F and VI on the held-out slices,
+and their means over rounds 6–10 (one round's score swings too much to compare recipes on).
+Default data: the ISBI 2012 training stack (annotate 0–24, score 25–29).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import isbi_dir, table, write_json
+from bench.loop import paint, score, wrong_regions
+
+KEYS = ("pixel_error", "rand_f", "vi")
+
+
+def one_order(volume: np.ndarray, targets: np.ndarray, seed: int, args, work: Path) -> list[dict]:
+    import torch
+
+    from unet.checkpoint import load_checkpoint, save_checkpoint
+    from unet.config import TrainConfig, preset
+    from unet.labels import IGNORE
+    from unet.live import LiveTrainer, live_config
+    from unet.model import UNet
+
+    torch.manual_seed(seed)
+    if args.start == "random":
+        base, start = preset("cpu-quick"), work / f"random-{seed}.pt"
+        save_checkpoint(start, UNet(base.model), meta={"kind": "starter", "step": 0, "train_config": base.to_dict()})
+        trained = False
+    else:
+        start = Path(args.start)
+        meta = load_checkpoint(start).meta
+        base, trained = TrainConfig.from_dict(meta["train_config"]), int(meta.get("step", 0)) > 0
+    config = live_config(replace(base, device="cpu"), trained=trained, **({"lr": args.lr} if trained else
+                                                                           {"scratch_lr": args.lr}))
+    learner = LiveTrainer(config, work / f"run-{seed}", init_from=start, ema=args.ema)
+    annotate = list(range(int(args.annotate.split("-")[0]), int(args.annotate.split("-")[1]) + 1))
+    held = list(range(int(args.held_out.split("-")[0]), int(args.held_out.split("-")[1]) + 1))
+    np.random.default_rng(seed).shuffle(annotate)
+    painted = {z: np.zeros(volume.shape[1:], bool) for z in annotate}
+    slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    rows = []
+    for r in range(args.rounds):
+        z = annotate[r % len(annotate)]
+        prob = learner.predict(volume[z]) if learner.ready else np.full(volume.shape[1:], 0.5, np.float32)
+        paint(painted[z], wrong_regions(prob, targets[z], painted[z], args.k, args.radius), args.radius)
+        slices[z] = (volume[z], np.where(painted[z], targets[z], IGNORE).astype(np.uint8))
+        learner.set_slices(slices, new=[z])
+        learner.train_for(1e9, max_steps=args.steps)
+        m = score([learner.predict(volume[h]) for h in held], [targets[h] for h in held])
+        rows.append({"seed": seed, "round": r + 1, "step": learner.steps, **m})
+        print(f"seed {seed} round {r + 1:2d}: " + ", ".join(f"{k} {m[k]:.3f}" for k in KEYS), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.livesim", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--volume", help="the stack (default: the ISBI 2012 training volume)")
+    ap.add_argument("--labels", help="its full labels (default: the ISBI 2012 training labels)")
+    ap.add_argument("--annotate", default="0-24")
+    ap.add_argument("--held-out", default="25-29")
+    ap.add_argument("--start", default="random", help="random or a checkpoint file")
+    ap.add_argument("--lr", type=float, default=None, help="the live rate (default: live_config's)")
+    ap.add_argument("--ema", type=float, default=0.0, help="moving-average decay of the predicting weights")
+    ap.add_argument("--steps", type=int, default=190, help="training steps a round")
+    ap.add_argument("--seeds", default="0,1,2", help="orders of the slices to annotate")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--radius", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.lr is None:
+        args.lr = 2e-4 if args.start != "random" else 1e-3
+    import torch
+
+    from unet.io import read_labels, read_stack
+    from unet.labels import labels_to_target
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+    volume_path = Path(args.volume) if args.volume else isbi_dir() / "train-volume.tif"
+    labels_path = Path(args.labels) if args.labels else isbi_dir() / "train-labels.tif"
+    if not volume_path.is_file() or not labels_path.is_file():
+        print(f"no stack at {volume_path} / {labels_path}: pass --volume and --labels", file=sys.stderr)
+        return 2
+    volume = read_stack(volume_path)
+    targets = labels_to_target(read_labels(labels_path, volume.shape))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="neuroseg-livesim-") as work:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            rows += one_order(volume, targets, seed, args, Path(work))
+    late = [r for r in rows if r["round"] > args.rounds // 2]
+    summary = [{"seed": s, **{k: float(np.mean([r[k] for r in late if r["seed"] == s])) for k in KEYS}}
+               for s in sorted({r["seed"] for r in rows})]
+    summary.append({"seed": "mean", **{k: float(np.mean([r[k] for r in summary])) for k in KEYS}})
+    print(f"\nrounds {args.rounds // 2 + 1}-{args.rounds}, start {args.start}, lr {args.lr:g}, ema {args.ema:g}, "
+          f"{args.steps} steps a round")
+    print(table(summary, [("seed", "seed", ""), ("pixel_error", "pixel error", ".3f"), ("rand_f", "Rand-F", ".3f"),
+                          ("vi", "VI", ".3f")]))
+    write_json(args.json, {"start": args.start, "lr": args.lr, "ema": args.ema, "steps_per_round": args.steps,
+                           "k": args.k, "radius": args.radius, "rounds": rows, "late_means": summary})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
