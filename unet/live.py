@@ -54,9 +54,10 @@ def live_config(base: TrainConfig, *, lr: float = 2e-4, device: str | None = Non
     pixel error 0.119, 0.108, 0.107, 0.137); at 2e-4 it stayed nearer (0.079, 0.077, 0.103, 0.095).
 
     The rate from scratch: held flat, a from-scratch recipe's own peak (``cpu-quick``'s 3e-3, meant to be
-    annealed) let the network swing from round to round on such strokes and fall back to one class (the
-    same simulated annotator, 190 steps a round, two orders of the slices; rounds 6–10 averaged Rand-F
-    0.587 and 0.555, VI 1.88 and 2.05); at 1e-3 it held (Rand-F 0.772 and 0.784, VI 1.01 and 0.78)."""
+    annealed) let the network swing from round to round on such strokes and fall back to one class
+    (``bench.livesim`` on ISBI, 190 steps a round, three orders of the slices; rounds 6–10 averaged
+    Rand-F 0.567, VI 2.01); at 1e-3 it held better (Rand-F 0.772, VI 0.93), and better still predicting
+    from a moving average of the weights (0.799, 0.75)."""
     rate = min(lr, base.lr) if trained else min(scratch_lr, base.lr)
     return replace(base, lr=rate, warmup_steps=20, steps=10**12,
                    max_seconds=None, val_every=10**12, checkpoint_every=10**12, early_stop_patience=0,
