@@ -15,6 +15,23 @@ def isbi_dir(override: str | None = None) -> Path:
     return Path(override or os.environ.get(ISBI_ENV) or ROOT.parent / "shared" / "data" / "isbi2012")
 
 
+def labelled_stack(volume: str | None, labels: str | None):
+    """A stack and its full labels as training targets, ``(volume_path, volume, targets)``: the files given,
+    else the ISBI 2012 training stack; None (after saying why on stderr) when either file is missing."""
+    import sys
+
+    from unet.io import read_labels, read_stack
+    from unet.labels import labels_to_target
+
+    volume_path = Path(volume or isbi_dir() / "train-volume.tif")
+    labels_path = Path(labels or isbi_dir() / "train-labels.tif")
+    if not volume_path.is_file() or not labels_path.is_file():
+        print(f"no stack at {volume_path} / {labels_path}: pass --volume and --labels", file=sys.stderr)
+        return None
+    stack = read_stack(volume_path)
+    return volume_path, stack, labels_to_target(read_labels(labels_path, stack.shape))
+
+
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """A plain-text table: ``columns`` are (key, header, format)."""
     cells = [[h for _, h, _ in columns]]

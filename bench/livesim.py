@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import isbi_dir, table, write_json
+from bench.common import labelled_stack, table, write_json
 from bench.loop import paint, score, wrong_regions
 
 KEYS = ("pixel_error", "rand_f", "vi")
@@ -33,6 +33,7 @@ def one_order(volume: np.ndarray, targets: np.ndarray, seed: int, args, work: Pa
 
     from unet.checkpoint import load_checkpoint, save_checkpoint
     from unet.config import TrainConfig, preset
+    from unet.io import parse_slices
     from unet.labels import IGNORE
     from unet.live import LiveTrainer, live_config
     from unet.model import UNet
@@ -46,11 +47,11 @@ def one_order(volume: np.ndarray, targets: np.ndarray, seed: int, args, work: Pa
         start = Path(args.start)
         meta = load_checkpoint(start).meta
         base, trained = TrainConfig.from_dict(meta["train_config"]), int(meta.get("step", 0)) > 0
-    config = live_config(replace(base, device="cpu"), trained=trained, **({"lr": args.lr} if trained else
-                                                                           {"scratch_lr": args.lr}))
+    rate = {} if args.lr is None else {"lr": args.lr} if trained else {"scratch_lr": args.lr}
+    config = live_config(replace(base, device="cpu"), trained=trained, **rate)
     learner = LiveTrainer(config, work / f"run-{seed}", init_from=start, ema=args.ema)
-    annotate = list(range(int(args.annotate.split("-")[0]), int(args.annotate.split("-")[1]) + 1))
-    held = list(range(int(args.held_out.split("-")[0]), int(args.held_out.split("-")[1]) + 1))
+    annotate = parse_slices(args.annotate, volume.shape[0])
+    held = parse_slices(args.held_out, volume.shape[0])
     np.random.default_rng(seed).shuffle(annotate)
     painted = {z: np.zeros(volume.shape[1:], bool) for z in annotate}
     slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -63,7 +64,7 @@ def one_order(volume: np.ndarray, targets: np.ndarray, seed: int, args, work: Pa
         learner.set_slices(slices, new=[z])
         learner.train_for(1e9, max_steps=args.steps)
         m = score([learner.predict(volume[h]) for h in held], [targets[h] for h in held])
-        rows.append({"seed": seed, "round": r + 1, "step": learner.steps, **m})
+        rows.append({"seed": seed, "round": r + 1, "step": learner.steps, "lr": config.lr, **m})
         print(f"seed {seed} round {r + 1:2d}: " + ", ".join(f"{k} {m[k]:.3f}" for k in KEYS), flush=True)
     return rows
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--annotate", default="0-24")
     ap.add_argument("--held-out", default="25-29")
     ap.add_argument("--start", default="random", help="random or a checkpoint file")
-    ap.add_argument("--lr", type=float, default=None, help="the live rate (default: live_config's)")
+    ap.add_argument("--lr", type=float, default=None, help="the live rate (default: live_config's, 1e-3 from "
+                    "random weights, 2e-4 from trained ones)")
     ap.add_argument("--ema", type=float, default=0.0, help="moving-average decay of the predicting weights")
     ap.add_argument("--steps", type=int, default=190, help="training steps a round")
     ap.add_argument("--seeds", default="0,1,2", help="orders of the slices to annotate")
@@ -84,21 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--radius", type=int, default=8)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if args.lr is None:
-        args.lr = 2e-4 if args.start != "random" else 1e-3
     import torch
 
-    from unet.io import read_labels, read_stack
-    from unet.labels import labels_to_target
-
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
-    volume_path = Path(args.volume) if args.volume else isbi_dir() / "train-volume.tif"
-    labels_path = Path(args.labels) if args.labels else isbi_dir() / "train-labels.tif"
-    if not volume_path.is_file() or not labels_path.is_file():
-        print(f"no stack at {volume_path} / {labels_path}: pass --volume and --labels", file=sys.stderr)
+    found = labelled_stack(args.volume, args.labels)
+    if found is None:
         return 2
-    volume = read_stack(volume_path)
-    targets = labels_to_target(read_labels(labels_path, volume.shape))
+    _, volume, targets = found
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="neuroseg-livesim-") as work:
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -107,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = [{"seed": s, **{k: float(np.mean([r[k] for r in late if r["seed"] == s])) for k in KEYS}}
                for s in sorted({r["seed"] for r in rows})]
     summary.append({"seed": "mean", **{k: float(np.mean([r[k] for r in summary])) for k in KEYS}})
-    print(f"\nrounds {args.rounds // 2 + 1}-{args.rounds}, start {args.start}, lr {args.lr:g}, ema {args.ema:g}, "
+    lr = rows[0]["lr"]
+    print(f"\nrounds {args.rounds // 2 + 1}-{args.rounds}, start {args.start}, lr {lr:g}, ema {args.ema:g}, "
           f"{args.steps} steps a round")
     print(table(summary, [("seed", "seed", ""), ("pixel_error", "pixel error", ".3f"), ("rand_f", "Rand-F", ".3f"),
                           ("vi", "VI", ".3f")]))
-    write_json(args.json, {"start": args.start, "lr": args.lr, "ema": args.ema, "steps_per_round": args.steps,
+    write_json(args.json, {"start": args.start, "lr": lr, "ema": args.ema, "steps_per_round": args.steps,
                            "k": args.k, "radius": args.radius, "rounds": rows, "late_means": summary})
     return 0
 

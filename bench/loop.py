@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, isbi_dir, table, write_json
+from bench.common import ROOT, labelled_stack, table, write_json
 
 POLL_S = 0.1
 
@@ -240,8 +240,7 @@ def forest_loop(args, volume: np.ndarray, targets: np.ndarray, order: list[int],
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unet.io import parse_slices, read_labels, read_stack
-    from unet.labels import labels_to_target
+    from unet.io import parse_slices
 
     ap = argparse.ArgumentParser(prog="python -m bench.loop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--volume", help="the stack (default: the ISBI 2012 training volume)")
@@ -257,14 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-forest", action="store_true")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "loop.json"))
     args = ap.parse_args(argv)
-    data = isbi_dir()
-    volume_path = Path(args.volume or data / "train-volume.tif")
-    labels_path = Path(args.labels or data / "train-labels.tif")
-    if not volume_path.is_file() or not labels_path.is_file():
-        print(f"no stack at {volume_path} / {labels_path}: pass --volume and --labels", file=sys.stderr)
+    found = labelled_stack(args.volume, args.labels)
+    if found is None:
         return 2
-    volume = read_stack(volume_path)
-    targets = labels_to_target(read_labels(labels_path, volume.shape))
+    volume_path, volume, targets = found
     order = parse_slices(args.annotate, volume.shape[0])
     np.random.default_rng(args.seed).shuffle(order)
     held = parse_slices(args.held_out, volume.shape[0])

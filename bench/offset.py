@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import isbi_dir, table, write_json
+from bench.common import labelled_stack, table, write_json
 
 
 def slice_offset(image: np.ndarray, target: np.ndarray, sigma: float = 1.0) -> tuple[float, float]:
@@ -68,14 +68,6 @@ def model_scores(checkpoint: Path, volume: np.ndarray, targets: np.ndarray, slic
             "wrong_within_1px_of_border": float(np.mean(near))}
 
 
-def parse_slices(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.offset", description=__doc__.split("\n\n")[0])
     ap.add_argument("--volume", help="the stack (default: the ISBI 2012 training volume)")
@@ -84,16 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score", default="25-29", help="the slices the checkpoint is scored on")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
-    from unet.io import read_labels, read_stack
-    from unet.labels import labels_to_target
+    from unet.io import parse_slices
 
-    volume_path = Path(args.volume) if args.volume else isbi_dir() / "train-volume.tif"
-    labels_path = Path(args.labels) if args.labels else isbi_dir() / "train-labels.tif"
-    if not volume_path.is_file() or not labels_path.is_file():
-        print(f"no stack at {volume_path} / {labels_path}: pass --volume and --labels", file=sys.stderr)
+    found = labelled_stack(args.volume, args.labels)
+    if found is None:
         return 2
-    volume = read_stack(volume_path)
-    targets = labels_to_target(read_labels(labels_path, volume.shape))
+    volume_path, volume, targets = found
     rows = [{"slice": z, **dict(zip(("dy", "dx"), slice_offset(volume[z], targets[z]), strict=True))}
             for z in range(volume.shape[0])]
     print(table(rows, [("slice", "slice", "d"), ("dy", "dy px", "+.2f"), ("dx", "dx px", "+.2f")]))
@@ -104,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"volume": str(volume_path), "shape": list(volume.shape), "median_offset": [dy, dx],
                "spread": spread, "slices": rows, "machine": f"{platform.machine()}"}
     if args.checkpoint:
-        scores = model_scores(Path(args.checkpoint), volume, targets, parse_slices(args.score), (dy, dx))
+        scored = parse_slices(args.score, volume.shape[0])
+        scores = model_scores(Path(args.checkpoint), volume, targets, scored, (dy, dx))
         print(f"{args.checkpoint} on {args.score}: pixel error {scores['pixel_error']:.4f} as predicted, "
               f"{scores['pixel_error_moved']:.4f} moved by the offset; "
               f"{scores['wrong_within_1px_of_border']:.0%} of its wrong pixels within 1 px of a label border")
