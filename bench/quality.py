@@ -145,12 +145,10 @@ def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | No
 
 
 def _rf_features(image: np.ndarray) -> np.ndarray:
-    from skimage.feature import multiscale_basic_features
+    """The forest's features (:func:`unet.forest.pixel_features`: the live loop's teacher uses the same)."""
+    from unet.forest import pixel_features
 
-    x = image.astype(np.float32)
-    x = (x - x.mean()) / (x.std() + 1e-6)
-    return multiscale_basic_features(x, intensity=True, edges=True, texture=True, sigma_min=0.7,
-                                     sigma_max=16, num_sigma=6, workers=2).astype(np.float32)
+    return pixel_features(image, workers=2)
 
 
 def run_random_forest(volume, targets, budget_s: float, seed: int, max_trees: int = 100) -> dict:

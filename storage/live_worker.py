@@ -3,7 +3,8 @@ of kind ``live``; what a live session is: :mod:`storage.live`).
 
 A loop, each turn a few seconds long: take every mask version of the dataset saved since the last turn
 into the training set (recorded on the run as it joins; held-out slices never join), train for a burst
-(:class:`unet.live.LiveTrainer`, replaying the older slices), re-predict the slices its viewers look at
+(:class:`unet.live.LiveTrainer`, replaying the older slices; from random weights, with a random forest
+on the same strokes as teacher), re-predict the slices its viewers look at
 (and the ones beside them), checkpoint every minute. It ends when the session is stopped (FINISHED, with
 a last checkpoint and its held-out scores), pauses when a normal run is queued on its device (QUEUED
 again; the queue restarts it afterwards), and keeps a heartbeat like a training worker."""
@@ -34,6 +35,7 @@ from storage.records import RunStatus
 from storage.settings import Settings
 from storage.train_worker import DatabaseReporter, _heartbeat, _start_segment
 from unet.config import TrainConfig
+from unet.forest import PixelForest
 from unet.io import atomic_write
 from unet.live import LiveTrainer
 
@@ -44,6 +46,9 @@ DISTILL = float(os.environ.get("NEUROSEG_LIVE_DISTILL") or 0.3)
 # from random weights, the overlay and "best" come from a moving average of the weights at this decay (a
 # horizon of about 50 steps), which damps the swings between rounds (unet.live); $NEUROSEG_LIVE_EMA, 0 for none
 EMA = float(os.environ.get("NEUROSEG_LIVE_EMA") or 0.98)
+# from random weights, the unpainted pixels learn the answer of a random forest trained on the same strokes
+# (unet.forest), at the weight DISTILL; $NEUROSEG_LIVE_FOREST=0 for none
+FOREST = os.environ.get("NEUROSEG_LIVE_FOREST", "1") != "0"
 NEIGHBOURS_EVERY = 3  # turns between two predictions of the slices beside the viewers' own
 # CPU threads of a live session: all cores but one, so the server answers the annotator while it trains
 # (two busy processes with two threads each on two cores made each step 20× slower); $NEUROSEG_LIVE_THREADS
@@ -140,9 +145,12 @@ class LiveLoop:
         out_dir = self.store.run_dir(self.run_id)
         resume = (out_dir / "latest.pt").exists()
         _start_segment(self.sessions, self.run_id, out_dir, resume)
+        if self.trained_start:  # the starting model teaches
+            teacher, distill, ema = self.parent_file, DISTILL, 0.0
+        else:  # a forest on the same strokes teaches, and a moving average predicts
+            teacher, distill, ema = (PixelForest(), DISTILL, EMA) if FOREST else (None, 0.0, EMA)
         trainer = LiveTrainer(self.config, out_dir, init_from=None if resume else self.parent_file, resume=resume,
-                              reporter=self.reporter, distill=DISTILL if self.trained_start else 0.0,
-                              reference=self.parent_file, ema=0.0 if self.trained_start else EMA)
+                              reporter=self.reporter, distill=distill, reference=teacher, ema=ema)
         done: dict[int, tuple[int, int]] = {}
         first, last_save = True, time.monotonic()
         for turn in itertools.count():
@@ -166,7 +174,8 @@ class LiveLoop:
                 print(f"live {self.run_id}: paused for run {waiting} at step {trainer.steps}", flush=True)
                 return
             if trainer.ready:
-                self.reporter.on_phase(f"learning from {len(self.slices)} slice(s) · step {trainer.steps}")
+                taught = " · a forest of the strokes fills in the rest" if trainer.forest is not None else ""
+                self.reporter.on_phase(f"learning from {len(self.slices)} slice(s){taught} · step {trainer.steps}")
                 trainer.train_for(BURST_S, should_stop=self.reporter.should_stop)
             else:
                 self.reporter.on_phase("waiting for a saved mask · predicting with the starting weights")

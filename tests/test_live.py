@@ -23,7 +23,8 @@ from tests.drafts import new_draft, start_options
 from tests.test_jobs import wait_for
 from tests.test_starter import tiny_starter
 from unet.config import preset
-from unet.labels import labels_to_target
+from unet.forest import PixelForest
+from unet.labels import IGNORE, MEMBRANE, NEURON, labels_to_target
 from unet.live import LiveTrainer, live_config
 from unet.metrics import pixel_error
 from unet.synthetic import make_synthetic_em
@@ -79,11 +80,64 @@ def test_replaying_the_older_slices_keeps_a_fine_tune_from_forgetting(tmp_path):
     assert kept[0.3] < 0.08 and kept[0.0] > kept[0.3] + 0.04, kept
 
 
+def test_a_forest_on_the_strokes_teaches_a_network_from_scratch(tmp_path):
+    """From random weights and a few painted disks (7% of one slice), the forest trained on them fills in
+    the unpainted pixels: the network taught by it is right on the next slice, the one without a teacher
+    is not."""
+    import torch
+    from skimage.draw import disk
+
+    volume, labels = make_synthetic_em((2, 96, 96), np.random.default_rng(4), cell_size=20)
+    targets = labels_to_target(labels)
+    image, full = volume[0], targets[0]
+    painted = np.zeros(full.shape, bool)
+    for cy, cx in np.random.default_rng(0).integers(8, 88, size=(6, 2)):
+        painted[disk((cy, cx), 6, shape=full.shape)] = True
+    strokes = np.where(painted, full, IGNORE).astype(np.uint8)
+    assert {MEMBRANE, NEURON} <= set(np.unique(strokes))
+
+    forest = PixelForest(trees=10)
+    assert forest.fit({"a": (image, strokes)}) and not forest.fit({"a": (image, strokes)})  # refit on change only
+    assert pixel_error(forest.predict(volume[1]) > 0.5, targets[1]) < 0.1
+    one_class = PixelForest(trees=10)
+    one_class.fit({"a": (image, np.where(full == MEMBRANE, MEMBRANE, IGNORE).astype(np.uint8))})
+    assert one_class.predict(image) is None  # nothing to tell apart yet
+
+    base = preset("cpu-quick")
+    config = replace(base, model=replace(base.model, initial_features=4, depth=2), patch_size=48, batch_size=4,
+                     device="cpu")
+    errors = {}
+    for taught in (True, False):
+        torch.manual_seed(0)
+        learner = LiveTrainer(live_config(config, trained=False), tmp_path / f"taught-{taught}",
+                              distill=0.3 if taught else 0.0, reference=PixelForest(trees=10) if taught else None)
+        learner.set_slices({"a": (image, strokes)}, new=["a"])
+        if taught:  # unpainted pixels carry the forest's mask, painted ones the strokes
+            pad = learner.sampler.pad
+            target = learner.sampler.targets[0][pad:-pad, pad:-pad]
+            teacher = np.where(learner.forest.predict(image) > 0.5, NEURON, MEMBRANE)
+            assert np.array_equal(target[~painted], teacher[~painted])
+            assert np.array_equal(target[painted], strokes[painted])
+        learner.train_for(600, max_steps=200)
+        errors[taught] = pixel_error(learner.predict(volume[1]) > 0.5, targets[1])
+    assert errors[True] < 0.15 and errors[False] > errors[True] + 0.15, errors
+
+
 @pytest.fixture
 def live_env(tmp_path, monkeypatch):
     """A service on a fresh store with a tiny starter model and an unlabelled synthetic stack."""
+    yield from _live_env(tmp_path, monkeypatch, step=1)
+
+
+@pytest.fixture
+def scratch_env(tmp_path, monkeypatch):
+    """The same, the model's weights random (a start of step 0: nothing learned)."""
+    yield from _live_env(tmp_path, monkeypatch, step=0)
+
+
+def _live_env(tmp_path, monkeypatch, step: int):
     folder = tmp_path / "models"
-    tiny_starter(folder, monkeypatch, step=1, patch_size=48)
+    tiny_starter(folder, monkeypatch, step=step, patch_size=48)
     svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
     with svc.sessions.begin() as s:
         starter.register(s, svc.store, folder)
@@ -147,6 +201,37 @@ def test_live_takes_in_a_mask_saved_after_it_started_and_stop_leaves_an_ordinary
     assert run.id in {c.run_id for c in svc.checkpoint_choices()}  # … and Predict
     assert {m.slice for m in svc.run_masks(run.id)} == {0, 4}
     assert svc.curves(run.id)["loss"]  # its curves, as any run's
+
+
+def test_from_random_weights_the_worker_learns_strokes_with_a_forest_as_teacher(scratch_env):
+    """A session from random weights, the live worker a real process: a few painted disks saved after it
+    started join, a forest of them teaches the rest (its phase says so), and the session ends as a run
+    whose weights were trained that way."""
+    from skimage.draw import disk
+
+    from unet.checkpoint import load_checkpoint
+
+    svc, ds, targets, start_id = scratch_env
+    session, _ = svc.live_start(ds, start_id, "ann")
+    svc.live_see(session.run_id, "ann", 1)
+    wait_for(lambda: live_slice(svc, session.run_id, 1), what="a first live prediction from random weights")
+    painted = np.zeros(targets[1].shape, bool)
+    for cy, cx in ((16, 16), (32, 40), (48, 24), (20, 50)):
+        painted[disk((cy, cx), 6, shape=painted.shape)] = True
+    strokes = save(svc, ds, 1, np.where(painted, targets[1], IGNORE))
+    wait_for(lambda: (v := live_slice(svc, session.run_id, 1)) and v[1] >= strokes.id,
+             what="a live prediction from weights that learned the strokes")
+    phase = wait_for(lambda: "forest" in (p := svc.run(session.run_id).phase or "") and p,
+                     what="the phase to name the forest")
+    assert phase.startswith("learning from 1 slice(s)")
+    pid = svc.run(session.run_id).pid
+    svc.live_stop(session.run_id)
+    wait_exit(pid)
+    run = svc.run(session.run_id)
+    assert run.status == "FINISHED" and {m.slice for m in svc.run_masks(run.id)} == {1}
+    best = next(c for c in svc.checkpoints(run.id) if c.kind == "best")
+    meta = load_checkpoint(svc.store.abspath(best.file)).meta
+    assert meta["step"] > 0 and meta["train_config"]["loss"] == "bce"  # the taught pixels' weighted loss
 
 
 def test_two_users_share_one_session_and_a_normal_run_takes_the_device_first(live_env):

@@ -16,6 +16,13 @@ checkpoints now and then (:meth:`LiveTrainer.save`). It is the ordinary :class:`
   starter) has no older slices of this stack to replay, and strokes painted only where it is wrong pull
   it off course. So the pixels nobody painted keep the starting model's own answer as their target, at
   a weight of ``distill`` against the painted pixels' 1 (learning without forgetting).
+- **A forest as teacher** (``reference=PixelForest()``, from random weights): a network learning from
+  scratch has no answer of its own to keep, but an ilastik-style random forest (:mod:`unet.forest`)
+  trained on the same strokes in a second or two already draws most membranes. It is refitted whenever
+  the painted pixels change, and the pixels nobody painted take its answer as their target at the weight
+  ``distill``, as a starting model's answer does above (Shallow2Deep's pseudo-labels, in its simplest
+  form). The network soon does better than its teacher: it sees context the filters do not
+  (``bench.livesim``).
 - **Moving average** (``ema``, from random weights): held flat and fed strokes painted where it is wrong,
   a network learning from scratch swings from one burst to the next; the overlay and ``best`` then come
   from an exponential moving average of its weights (``torch.optim.swa_utils.AveragedModel``), while
@@ -35,12 +42,16 @@ import torch
 
 from unet.config import TrainConfig
 from unet.data import PatchSampler, TrainData, normalize_image
+from unet.forest import PixelForest
 from unet.infer import predict_slice
 from unet.labels import IGNORE, MEMBRANE, NEURON, border_weights
 from unet.train import NullReporter, Reporter, Trainer
 
 NEW_SHARE = 0.5  # of the patches, drawn from the newest slices
 RECENT = 2  # how many of the newest slices count as new
+# after a refit, the forest teacher's answers on older slices are renewed (stalest first) for at most this
+# long per save; the slices that just arrived get theirs whatever it costs (a 1024² slice: about 1.4 s)
+TEACHER_REFRESH_S = 3.0
 
 
 def live_config(base: TrainConfig, *, lr: float = 2e-4, device: str | None = None,
@@ -73,11 +84,14 @@ class LiveTrainer:
         init_from: the checkpoint to fine-tune (ignored when resuming).
         replay: sample older slices too (see the module's note); False trains on the newest ones only.
         reporter: told every step and checkpoint, as a training run's is.
+        distill: the weight of the teacher's answer on unpainted pixels (0: painted pixels only).
+        reference: the teacher: a checkpoint (the starting model) or a :class:`~unet.forest.PixelForest`.
+        ema: the decay of the moving average that predicts (0: the newest weights predict).
     """
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, *, init_from: str | os.PathLike | None = None,
                  resume: bool = False, replay: bool = True, reporter: Reporter | None = None,
-                 distill: float = 0.0, reference: str | os.PathLike | None = None, ema: float = 0.0):
+                 distill: float = 0.0, reference: str | os.PathLike | PixelForest | None = None, ema: float = 0.0):
         self.replay = replay
         self.keys: list[Hashable] = []
         self.order: dict[Hashable, int] = {}  # when each slice (last) arrived: newest is highest
@@ -92,14 +106,22 @@ class LiveTrainer:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             self.average = AveragedModel(self.trainer.model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
-        self.distill, self.reference = distill, None
+        self.distill, self.reference, self.forest = distill, None, None
         self._pseudo: dict[Hashable, np.ndarray] = {}
-        if distill > 0 and reference is not None:
+        self._stale: dict[Hashable, int] = {}  # slices whose forest answer predates the forest (→ its age)
+        if distill > 0 and isinstance(reference, PixelForest):
+            self.forest = reference
+        elif distill > 0 and reference is not None:
             from unet.checkpoint import load_checkpoint
 
             self.reference = load_checkpoint(reference).build_model(str(self.trainer.device)).eval()
-            # the unpainted pixels' targets are weighted, and only the BCE takes weights
+        if self.taught:  # the unpainted pixels' targets are weighted, and only the BCE takes weights
             self.trainer.config = replace(self.trainer.config, loss="bce")
+
+    @property
+    def taught(self) -> bool:
+        """Whether unpainted pixels learn a teacher's answer (a starting model's or a forest's)."""
+        return self.reference is not None or self.forest is not None
 
     @property
     def steps(self) -> int:
@@ -136,14 +158,16 @@ class LiveTrainer:
         weights = ([border_weights(t, config.border_weight, config.border_sigma) for t in painted]
                    if config.border_weight > 0 else None)
         targets = painted
-        if self.reference is not None:  # the starting model's answer on what nobody painted, weighted down
+        if self.forest is not None:
+            self._teach(labelled, keys)
+        if self.taught:  # the teacher's answer on what nobody painted, weighted down
             targets = [np.where(t != IGNORE, t, self._pseudo_target(k, labelled[k][0])).astype(np.uint8)
                        for k, t in zip(keys, painted, strict=True)]
             weights = [np.where(t != IGNORE, 1.0, self.distill).astype(np.float32) * (1 if weights is None else w)
                        for t, w in zip(painted, weights or [None] * len(painted), strict=True)]
         sampler = PatchSampler(images, targets, config.patch_size, self.trainer.out_size, config.augment,
                                self.trainer.rng, weights)
-        if self.reference is not None:  # windows still go where the user painted
+        if self.taught:  # windows still go where the user painted
             sampler.labelled = [np.flatnonzero(t.ravel() != IGNORE) for t in painted]
             counts = np.array([len(i) for i in sampler.labelled], np.float64)
             sampler.p = counts / counts.sum()
@@ -159,11 +183,41 @@ class LiveTrainer:
                 sampler.p = NEW_SHARE * recent + (1 - NEW_SHARE) * older / older.sum()
         self.sampler, self.keys = sampler, keys
 
+    def _teach(self, labelled: dict[Hashable, tuple[np.ndarray, np.ndarray]], keys: list[Hashable]) -> None:
+        """Refit the forest on the painted pixels; then its answers on the slices are out of date. Those of
+        the slices that just arrived are renewed at once (in :meth:`_pseudo_target`), the others here, stalest
+        first, for at most :data:`TEACHER_REFRESH_S`: on a large stack the rest wait for the next saves."""
+        for key in list(self._pseudo):
+            if key not in labelled:
+                self._pseudo.pop(key)
+                self._stale.pop(key, None)
+        if not self.forest.fit({k: (labelled[k][0], labelled[k][1]) for k in keys}):
+            return
+        for key in self._pseudo:
+            self._stale[key] = self._stale.get(key, 0) + 1
+        for key in [k for k in keys if self.order[k] > 0][-RECENT:]:  # the newest: renewed anyway
+            self._pseudo.pop(key, None)
+            self._stale.pop(key, None)
+        end = time.monotonic() + TEACHER_REFRESH_S
+        for key in sorted(self._stale, key=lambda k: -self._stale[k]):
+            if time.monotonic() >= end:
+                break
+            self._pseudo.pop(key, None)
+            del self._stale[key]
+            self._pseudo_target(key, labelled[key][0])
+
     def _pseudo_target(self, key: Hashable, image: np.ndarray) -> np.ndarray:
-        """The starting model's mask of a slice (computed once per slice)."""
+        """The teacher's mask of a slice: the starting model's (computed once per slice) or the forest's
+        (until the forest is refitted; IGNORE everywhere while it cannot tell the classes apart)."""
         if key not in self._pseudo:
-            with torch.no_grad():
-                prob = predict_slice(self.reference, image, device=self.trainer.device, amp=self.trainer.amp)
+            if self.forest is not None:
+                prob = self.forest.predict(image)
+                if prob is None:
+                    self._pseudo[key] = np.full(np.shape(image), IGNORE, np.uint8)
+                    return self._pseudo[key]
+            else:
+                with torch.no_grad():
+                    prob = predict_slice(self.reference, image, device=self.trainer.device, amp=self.trainer.amp)
             self._pseudo[key] = np.where(prob > 0.5, NEURON, MEMBRANE).astype(np.uint8)
         return self._pseudo[key]
 
