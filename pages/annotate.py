@@ -15,7 +15,7 @@ from pages.common import can, dataset_picker, flash, leave_guard, owner, select_
 from storage.service import MaskConflict, UserError
 from ui.annotation import Draft, StartOption, history_rows, start_options
 from ui.figures import slice_strip
-from ui.live import REFRESH_S, predicted_mask, prediction_caption, status_text
+from ui.live import REFRESH_S, SCRATCH, predicted_mask, prediction_caption, status_text
 from ui.paint import IGNORE, MEMBRANE, NEURON, View, brush_color, png_data_url, slice_window, view_picture
 from ui.prediction import compose
 from ui.training import checkpoint_label, default_checkpoint
@@ -290,23 +290,25 @@ with st.container(border=True, key="live_panel"):
                           "you save is learned within seconds, and this slice is predicted again and again.")
     if want and session is None:
         checkpoints = {c.id: c for c in svc.checkpoint_choices()}
-        if not checkpoints:
-            head[1].warning("No model to start from yet: train a run first (or ship the starter model).")
-        else:
-            ids = list(checkpoints)
-            first = default_checkpoint(list(checkpoints.values()), svc.runs(), dataset_id,
-                                       svc.default_model(dataset_id))
-            start_id = head[1].selectbox("Start from", ids, index=ids.index(first) if first in ids else 0,
-                                         key=f"live_start_{dataset_id}",
-                                         format_func=lambda i: checkpoint_label(checkpoints[i]))
-            if head[2].button("Start live session", type="primary", key="live_go"):
-                try:
-                    session, what = svc.live_start(dataset_id, start_id, owner())
-                except UserError as exc:
-                    st.error(f"Live could not start: {exc}")
-                else:
-                    flash(f"Live session #{session.run_id} {what}.")
-                    st.rerun()
+        ids = [*checkpoints, SCRATCH]
+        first = default_checkpoint(list(checkpoints.values()), svc.runs(), dataset_id,
+                                   svc.default_model(dataset_id))
+        start_id = head[1].selectbox(
+            "Start from", ids, index=ids.index(first) if first in ids else 0, key=f"live_start_{dataset_id}",
+            format_func=lambda i: "random initialisation (a forest of your strokes teaches it)" if i == SCRATCH
+            else checkpoint_label(checkpoints[i]),
+            help="A trained model predicts well from the first second and learns your corrections. From random "
+                 "initialisation the network learns only from what you paint; until it knows better, a random "
+                 "forest trained on your strokes (as in ilastik) answers for the pixels nobody painted.")
+        if head[2].button("Start live session", type="primary", key="live_go"):
+            try:
+                session, what = svc.live_start(dataset_id, None if start_id == SCRATCH else start_id, owner(),
+                                               scratch=start_id == SCRATCH)
+            except UserError as exc:
+                st.error(f"Live could not start: {exc}")
+            else:
+                flash(f"Live session #{session.run_id} {what}.")
+                st.rerun()
     elif want and session is not None:
         if owner() not in session.viewers:
             svc.live_start(dataset_id, None, owner())  # join it

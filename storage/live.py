@@ -32,6 +32,8 @@ from storage.runs import device_key, resume_run, run_info
 
 VIEWER_TTL = timedelta(seconds=120)  # a viewer not seen for this long is no longer predicted for
 LIVE_KIND = "live"
+# the network of a session from random weights: the starter's (width 8), the one bench.loop measured
+SCRATCH_PRESET = "cpu-quick"
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,13 @@ def current(session: Session, dataset_id: int) -> LiveInfo | None:
     return live_info(session, runs[0]) if runs else None
 
 
-def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: str) -> tuple[LiveInfo, str]:
+def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: str,
+          scratch: bool = False) -> tuple[LiveInfo, str]:
     """Turn Live on for ``owner``: join the dataset's session, resume its lost one, or start one from
-    ``checkpoint_id``. Returns the session and what happened ("joined", "resumed", "started")."""
-    from unet.config import TrainConfig
+    ``checkpoint_id`` (``scratch``: from random weights of :data:`SCRATCH_PRESET`'s network, which a random
+    forest of the strokes teaches; :mod:`unet.live`). Returns the session and what happened ("joined",
+    "resumed", "started")."""
+    from unet.config import TrainConfig, preset
     from unet.live import live_config
 
     if session.get(Dataset, dataset_id) is None:
@@ -102,21 +107,28 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
         see(session, joined[0].id, owner, None)
         return live_info(session, joined[0]), "joined"
     lost = _live_runs(session, dataset_id, [RunStatus.LOST])
-    if lost and checkpoint_id in (None, lost[-1].parent_checkpoint_id):
+    if scratch:
+        checkpoint_id = None
+    if lost and (lost[-1].parent_checkpoint_id is None if scratch else
+                 checkpoint_id in (None, lost[-1].parent_checkpoint_id)):
         run = lost[-1]
         resume_run(session, run.id)
         see(session, run.id, owner, None)
         return live_info(session, run), "resumed"
-    if checkpoint_id is None:
-        raise UserError("choose the model the live session starts from")
-    parent = session.get(Checkpoint, checkpoint_id)
-    if parent is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
-    parent_run = session.get(Run, parent.run_id)
-    if parent_run.config.get("foreign"):
-        raise ValueError(f"checkpoint {checkpoint_id} is a TorchScript model imported from another tool: a live "
-                         "session fine-tunes, and it has no state dict to fine-tune; start from a Neuroseg model")
-    config = live_config(TrainConfig.from_dict(parent_run.config), trained=parent.step > 0)
+    if scratch:
+        config = live_config(preset(SCRATCH_PRESET), trained=False)
+    else:
+        if checkpoint_id is None:
+            raise UserError("choose the model the live session starts from")
+        parent = session.get(Checkpoint, checkpoint_id)
+        if parent is None:
+            raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+        parent_run = session.get(Run, parent.run_id)
+        if parent_run.config.get("foreign"):
+            raise ValueError(f"checkpoint {checkpoint_id} is a TorchScript model imported from another tool: a "
+                             "live session fine-tunes, and it has no state dict to fine-tune; start from a Neuroseg "
+                             "model")
+        config = live_config(TrainConfig.from_dict(parent_run.config), trained=parent.step > 0)
     run = Run(status=RunStatus.QUEUED, kind=LIVE_KIND, spec={"dataset_id": dataset_id, "preset": "live",
                                                               "train": [], "val": []},
               config=config.to_dict(), device=device_key(config), parent_checkpoint_id=checkpoint_id,

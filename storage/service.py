@@ -586,10 +586,12 @@ class Neuroseg:
         return self._tx(live.current, dataset_id)
 
     @_guard("live", "train", "dataset")
-    def live_start(self, dataset_id: int, checkpoint_id: int | None, owner: str) -> tuple[LiveInfo, str]:
-        """Turn Live on: join the dataset's session, resume its lost one, or start one from the checkpoint.
-        Returns the session and "joined", "resumed" or "started"."""
-        info, what = self._tx(live.start, dataset_id, checkpoint_id, self._owner(owner))
+    def live_start(self, dataset_id: int, checkpoint_id: int | None, owner: str,
+                   scratch: bool = False) -> tuple[LiveInfo, str]:
+        """Turn Live on: join the dataset's session, resume its lost one, or start one from the checkpoint
+        (``scratch``: from random weights, taught by a forest of the strokes). Returns the session and
+        "joined", "resumed" or "started"."""
+        info, what = self._tx(live.start, dataset_id, checkpoint_id, self._owner(owner), scratch)
         if what == "started" and self.actor.user_id is not None:
             self._tx(users.set_owner, "run", info.run.id, self.actor.user_id)
         queue.start_queued(self.sessions, self.settings)

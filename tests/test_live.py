@@ -126,18 +126,8 @@ def test_a_forest_on_the_strokes_teaches_a_network_from_scratch(tmp_path):
 @pytest.fixture
 def live_env(tmp_path, monkeypatch):
     """A service on a fresh store with a tiny starter model and an unlabelled synthetic stack."""
-    yield from _live_env(tmp_path, monkeypatch, step=1)
-
-
-@pytest.fixture
-def scratch_env(tmp_path, monkeypatch):
-    """The same, the model's weights random (a start of step 0: nothing learned)."""
-    yield from _live_env(tmp_path, monkeypatch, step=0)
-
-
-def _live_env(tmp_path, monkeypatch, step: int):
     folder = tmp_path / "models"
-    tiny_starter(folder, monkeypatch, step=step, patch_size=48)
+    tiny_starter(folder, monkeypatch, step=1, patch_size=48)
     svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
     with svc.sessions.begin() as s:
         starter.register(s, svc.store, folder)
@@ -203,16 +193,17 @@ def test_live_takes_in_a_mask_saved_after_it_started_and_stop_leaves_an_ordinary
     assert svc.curves(run.id)["loss"]  # its curves, as any run's
 
 
-def test_from_random_weights_the_worker_learns_strokes_with_a_forest_as_teacher(scratch_env):
-    """A session from random weights, the live worker a real process: a few painted disks saved after it
-    started join, a forest of them teaches the rest (its phase says so), and the session ends as a run
-    whose weights were trained that way."""
+def test_from_random_weights_the_worker_learns_strokes_with_a_forest_as_teacher(live_env):
+    """A session from random initialisation (Annotate's last "Start from" choice), the live worker a real
+    process: a few painted disks saved after it started join, a forest of them teaches the rest (its phase
+    says so), and the session ends as a run without a parent whose weights were trained that way."""
     from skimage.draw import disk
 
     from unet.checkpoint import load_checkpoint
 
-    svc, ds, targets, start_id = scratch_env
-    session, _ = svc.live_start(ds, start_id, "ann")
+    svc, ds, targets, _ = live_env
+    session, what = svc.live_start(ds, None, "ann", scratch=True)
+    assert what == "started" and session.run.parent_checkpoint_id is None
     svc.live_see(session.run_id, "ann", 1)
     wait_for(lambda: live_slice(svc, session.run_id, 1), what="a first live prediction from random weights")
     painted = np.zeros(targets[1].shape, bool)
@@ -232,6 +223,8 @@ def test_from_random_weights_the_worker_learns_strokes_with_a_forest_as_teacher(
     best = next(c for c in svc.checkpoints(run.id) if c.kind == "best")
     meta = load_checkpoint(svc.store.abspath(best.file)).meta
     assert meta["step"] > 0 and meta["train_config"]["loss"] == "bce"  # the taught pixels' weighted loss
+    assert meta["train_config"]["model"]["initial_features"] == 8  # cpu-quick's network, not the tiny starter's
+    assert svc.live_start(ds, None, "ann", scratch=True)[1] == "started"  # a new session, not the old one
 
 
 def test_two_users_share_one_session_and_a_normal_run_takes_the_device_first(live_env):

@@ -11,6 +11,7 @@ import numpy as np
 from unet.labels import MEMBRANE, NEURON
 
 REFRESH_S = 2.0  # how often the page looks for a newer live prediction
+SCRATCH = 0  # the "Start from" choice of a live session from random weights (checkpoint ids start at 1)
 
 
 def predicted_mask(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
