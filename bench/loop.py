@@ -94,20 +94,14 @@ def score(probs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, float
 
 # --- the U-Net through the app ----------------------------------------------------------------------
 def _start_folder(start: str, work: Path) -> Path:
-    """A folder with the checkpoint the session starts from, registered by the service as its starter."""
-    from unet.checkpoint import save_checkpoint, side_file
-    from unet.config import preset
-    from unet.model import UNet
+    """A folder with the checkpoint the session starts from, registered by the service as its starter (none
+    from random weights: the session starts as Annotate's "random initialisation" does)."""
+    from unet.checkpoint import side_file
 
     folder = work / "start"
     folder.mkdir(parents=True, exist_ok=True)
     if start == "random":
-        import torch
-
-        torch.manual_seed(0)
-        config = preset("cpu-quick")
-        save_checkpoint(folder / "random.pt", UNet(config.model),
-                        meta={"kind": "starter", "step": 0, "train_config": config.to_dict(), "trained_on": "nothing"})
+        pass
     elif start == "starter":
         from storage.starter import shipped
 
@@ -147,8 +141,10 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
     try:
         with svc.sessions.begin() as s:
             ds = datasets.import_dataset(s, svc.store, volume_path, name="loop").id
-        start_id = svc.checkpoint_choices()[0].id
-        session, _ = svc.live_start(ds, start_id, "annotator")
+        if args.start == "random":
+            session, _ = svc.live_start(ds, None, "annotator", scratch=True)
+        else:
+            session, _ = svc.live_start(ds, svc.checkpoint_choices()[0].id, "annotator")
         run_id = session.run_id
         _wait("the live worker", lambda: svc.run(run_id).status == "RUNNING")
         painted = {z: np.zeros(targets.shape[1:], bool) for z in order}
