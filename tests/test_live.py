@@ -123,6 +123,29 @@ def test_a_forest_on_the_strokes_teaches_a_network_from_scratch(tmp_path):
     assert errors[True] < 0.15 and errors[False] > errors[True] + 0.15, errors
 
 
+def test_the_forest_reads_a_large_slice_tile_by_tile_and_only_near_the_strokes():
+    """Features computed tile by tile (with the filters' margin) are those of the whole slice, and a
+    prediction asked only near the strokes leaves the far tiles out (memory and time do not grow with the
+    slice)."""
+    from unet.forest import TILE, pixel_features, tile_features, tiles
+
+    volume, labels = make_synthetic_em((1, 300, 1100), np.random.default_rng(6), cell_size=24)
+    image, target = volume[0], labels_to_target(labels)[0]
+    whole = pixel_features(image)
+    mean, std = float(image.astype(np.float32).mean()), float(image.astype(np.float32).std())
+    for tile in tiles(image.shape, 128):
+        assert np.allclose(tile_features(image, tile, mean, std), whole[tile], atol=1e-4), tile
+    strokes = np.full(target.shape, IGNORE, np.uint8)
+    strokes[20:80, 20:200] = target[20:80, 20:200]  # in the first tile only
+    forest = PixelForest(trees=10)
+    forest.fit({0: (image, strokes)})
+    near = forest.predict(image, near=strokes != IGNORE, reach=48)
+    assert not np.isnan(near[:, :TILE]).any() and np.isnan(near[:, TILE:]).all()
+    everywhere = forest.predict(image)
+    assert np.array_equal(near[:, :TILE], everywhere[:, :TILE]) and not np.isnan(everywhere).any()
+    assert pixel_error(everywhere > 0.5, target) < 0.15
+
+
 @pytest.fixture
 def live_env(tmp_path, monkeypatch):
     """A service on a fresh store with a tiny starter model and an unlabelled synthetic stack."""
