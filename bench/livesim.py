@@ -68,6 +68,7 @@ def one_order(volume: np.ndarray, targets: np.ndarray, seed: int, args, work: Pa
         paint(painted[z], wrong_regions(prob, targets[z], painted[z], args.k, args.radius), args.radius)
         slices[z] = (volume[z], np.where(painted[z], targets[z], IGNORE).astype(np.uint8))
         learner.set_slices(slices, new=[z])
+        learner.refresh_teacher(1e9)  # the worker renews the forest's answers on older slices between bursts
         learner.train_for(1e9, max_steps=args.steps)
         m = score([learner.predict(volume[h]) for h in held], [targets[h] for h in held])
         rows.append({"seed": seed, "round": r + 1, "step": learner.steps, "lr": config.lr, **m})

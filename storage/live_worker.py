@@ -49,6 +49,7 @@ EMA = float(os.environ.get("NEUROSEG_LIVE_EMA") or 0.98)
 # from random weights, the unpainted pixels learn the answer of a random forest trained on the same strokes
 # (unet.forest), at the weight DISTILL; $NEUROSEG_LIVE_FOREST=0 for none
 FOREST = os.environ.get("NEUROSEG_LIVE_FOREST", "1") != "0"
+TEACHER_REFRESH_S = 1.0  # a turn's time for renewing the forest's answers on older slices after a refit
 NEIGHBOURS_EVERY = 3  # turns between two predictions of the slices beside the viewers' own
 # CPU threads of a live session: all cores but one, so the server answers the annotator while it trains
 # (two busy processes with two threads each on two cores made each step 20× slower); $NEUROSEG_LIVE_THREADS
@@ -181,6 +182,7 @@ class LiveLoop:
                 self.reporter.on_phase("waiting for a saved mask · predicting with the starting weights")
             if self.predict(trainer, done, turn) == 0 and not trainer.ready:
                 time.sleep(1.0)  # nothing to learn from and nothing new to show: look again in a second
+            trainer.refresh_teacher(TEACHER_REFRESH_S)  # after the viewers' slices: a save shows first
             if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
                 trainer.save()
                 last_save = time.monotonic()

@@ -85,15 +85,12 @@ def test_a_forest_on_the_strokes_teaches_a_network_from_scratch(tmp_path):
     the unpainted pixels: the network taught by it is right on the next slice, the one without a teacher
     is not."""
     import torch
-    from skimage.draw import disk
 
     volume, labels = make_synthetic_em((2, 96, 96), np.random.default_rng(4), cell_size=20)
     targets = labels_to_target(labels)
     image, full = volume[0], targets[0]
-    painted = np.zeros(full.shape, bool)
-    for cy, cx in np.random.default_rng(0).integers(8, 88, size=(6, 2)):
-        painted[disk((cy, cx), 6, shape=full.shape)] = True
-    strokes = np.where(painted, full, IGNORE).astype(np.uint8)
+    strokes = disk_strokes(full, seed=0)
+    painted = strokes != IGNORE
     assert {MEMBRANE, NEURON} <= set(np.unique(strokes))
 
     forest = PixelForest(trees=10)
@@ -121,6 +118,44 @@ def test_a_forest_on_the_strokes_teaches_a_network_from_scratch(tmp_path):
         learner.train_for(600, max_steps=200)
         errors[taught] = pixel_error(learner.predict(volume[1]) > 0.5, targets[1])
     assert errors[True] < 0.15 and errors[False] > errors[True] + 0.15, errors
+
+
+def disk_strokes(target: np.ndarray, seed: int, disks: int = 6, radius: int = 6) -> np.ndarray:
+    """The target inside a few random disks, IGNORE elsewhere (strokes of a brush)."""
+    from skimage.draw import disk
+
+    h, w = target.shape
+    painted = np.zeros(target.shape, bool)
+    for cy, cx in np.random.default_rng(seed).integers(8, min(h, w) - 8, size=(disks, 2)):
+        painted[disk((cy, cx), radius, shape=target.shape)] = True
+    return np.where(painted, target, IGNORE).astype(np.uint8)
+
+
+def test_after_a_save_the_forest_answers_on_older_slices_are_renewed_between_bursts(tmp_path):
+    """A new save refits the forest; the older slice keeps its out-of-date answer (so the new one trains at
+    once) until refresh_teacher renews it with the new forest's."""
+    volume, labels = make_synthetic_em((2, 96, 96), np.random.default_rng(4), cell_size=20)
+    targets = labels_to_target(labels)
+    a, b = (volume[0], disk_strokes(targets[0], seed=0)), (volume[1], disk_strokes(targets[1], seed=1))
+    base = preset("cpu-quick")
+    config = replace(base, model=replace(base.model, initial_features=4, depth=2), patch_size=48, batch_size=4,
+                     device="cpu")
+    learner = LiveTrainer(live_config(config, trained=False), tmp_path, distill=0.3, reference=PixelForest(trees=10))
+
+    def target_of(key):
+        pad = learner.sampler.pad
+        return learner.sampler.targets[learner.keys.index(key)][pad:-pad, pad:-pad].copy()
+
+    learner.set_slices({"a": a}, new=["a"])
+    before = target_of("a")
+    learner.set_slices({"a": a, "b": b}, new=["b"])
+    assert np.array_equal(target_of("a"), before)  # out of date, not yet renewed
+    assert learner.refresh_teacher(10.0) == 1 and learner.refresh_teacher(10.0) == 0
+    unpainted = a[1] == IGNORE
+    teacher = np.where(learner.forest.predict(a[0]) > 0.5, NEURON, MEMBRANE)
+    assert np.array_equal(target_of("a")[unpainted], teacher[unpainted])  # the new forest's answer
+    assert not np.array_equal(target_of("a"), before)
+    assert np.array_equal(target_of("a")[~unpainted], a[1][~unpainted])  # the strokes themselves stay
 
 
 def test_the_forest_reads_a_large_slice_tile_by_tile_and_only_near_the_strokes():

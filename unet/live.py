@@ -49,9 +49,6 @@ from unet.train import NullReporter, Reporter, Trainer
 
 NEW_SHARE = 0.5  # of the patches, drawn from the newest slices
 RECENT = 2  # how many of the newest slices count as new
-# after a refit, the forest teacher's answers on older slices are renewed (stalest first) for at most this
-# long per save; the slices that just arrived get theirs whatever it costs (a 1024² slice: about 1.4 s)
-TEACHER_REFRESH_S = 3.0
 
 
 def live_config(base: TrainConfig, *, lr: float = 2e-4, device: str | None = None,
@@ -111,6 +108,7 @@ class LiveTrainer:
         self.distill, self.reference, self.forest = distill, None, None
         self._pseudo: dict[Hashable, np.ndarray] = {}
         self._stale: dict[Hashable, int] = {}  # slices whose forest answer predates the forest (→ its age)
+        self._labelled: dict[Hashable, tuple[np.ndarray, np.ndarray]] = {}  # key → (image, painted)
         if distill > 0 and isinstance(reference, PixelForest):
             self.forest = reference
         elif distill > 0 and reference is not None:
@@ -161,7 +159,7 @@ class LiveTrainer:
                    if config.border_weight > 0 else None)
         targets = painted
         if self.forest is not None:
-            self._teach(labelled, keys)
+            self._teach(labelled, keys, new)
         if self.taught:  # the teacher's answer on what nobody painted, weighted down
             targets = [np.where(t != IGNORE, t, self._pseudo_target(k, labelled[k][0], t)).astype(np.uint8)
                        for k, t in zip(keys, painted, strict=True)]
@@ -183,12 +181,13 @@ class LiveTrainer:
                 sampler.p = recent
             else:
                 sampler.p = NEW_SHARE * recent + (1 - NEW_SHARE) * older / older.sum()
-        self.sampler, self.keys = sampler, keys
+        self.sampler, self.keys, self._labelled = sampler, keys, labelled
 
-    def _teach(self, labelled: dict[Hashable, tuple[np.ndarray, np.ndarray]], keys: list[Hashable]) -> None:
-        """Refit the forest on the painted pixels; then its answers on the slices are out of date. Those of
-        the slices that just arrived are renewed at once (in :meth:`_pseudo_target`), the others here, stalest
-        first, for at most :data:`TEACHER_REFRESH_S`: on a large stack the rest wait for the next saves."""
+    def _teach(self, labelled: dict[Hashable, tuple[np.ndarray, np.ndarray]], keys: list[Hashable],
+               new: list[Hashable]) -> None:
+        """Refit the forest on the painted pixels. Its answers on the slices that just arrived are made at
+        once (in :meth:`_pseudo_target`); those on the older slices are out of date, and
+        :meth:`refresh_teacher` renews them between bursts, so that a save reaches the overlay first."""
         for key in list(self._pseudo):
             if key not in labelled:
                 self._pseudo.pop(key)
@@ -197,16 +196,28 @@ class LiveTrainer:
             return
         for key in self._pseudo:
             self._stale[key] = self._stale.get(key, 0) + 1
-        for key in [k for k in keys if self.order[k] > 0][-RECENT:]:  # the newest: renewed anyway
+        for key in new:
             self._pseudo.pop(key, None)
             self._stale.pop(key, None)
-        end = time.monotonic() + TEACHER_REFRESH_S
+
+    def refresh_teacher(self, seconds: float) -> int:
+        """Renew the forest's out-of-date answers on older slices, stalest first, for about ``seconds`` (at
+        least one); returns how many slices were renewed. A 512² slice takes about 0.35 s on one thread."""
+        if self.forest is None or self.sampler is None or not self._stale:
+            return 0
+        end, done = time.monotonic() + seconds, 0
         for key in sorted(self._stale, key=lambda k: -self._stale[k]):
-            if time.monotonic() >= end:
+            if done and time.monotonic() >= end:
                 break
-            self._pseudo.pop(key, None)
             del self._stale[key]
-            self._pseudo_target(key, labelled[key][0], labelled[key][1])
+            self._pseudo.pop(key, None)
+            if key not in self._labelled:
+                continue
+            image, painted = self._labelled[key]
+            target = np.where(painted != IGNORE, painted, self._pseudo_target(key, image, painted)).astype(np.uint8)
+            self.sampler.targets[self.keys.index(key)] = np.pad(target, self.sampler.pad, constant_values=IGNORE)
+            done += 1
+        return done
 
     def _pseudo_target(self, key: Hashable, image: np.ndarray, painted: np.ndarray) -> np.ndarray:
         """The teacher's mask of a slice: the starting model's (computed once per slice) or the forest's
