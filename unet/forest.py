@@ -80,7 +80,7 @@ class PixelForest:
     def __init__(self, trees: int = 30, per_slice: int = 10_000, seed: int = 0):
         self.trees, self.per_slice, self.seed = trees, per_slice, seed
         self.forest = None
-        self._pixels: dict[Hashable, tuple[int, np.ndarray, np.ndarray]] = {}  # key → (target hash, x, y)
+        self._pixels: dict[Hashable, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # key → (target, x, y)
 
     @property
     def fitted(self) -> bool:
@@ -88,8 +88,9 @@ class PixelForest:
 
     def fit(self, slices: Mapping[Hashable, tuple[np.ndarray, np.ndarray]]) -> bool:
         """Train on the painted pixels (targets NEURON / MEMBRANE; IGNORE is unpainted) of ``key → (image,
-        target)``. Returns whether the forest changed: it does not when no painted pixel did, and it stays
-        unfitted while only one class is painted."""
+        target)``. Returns whether the forest changed: it does not when no painted pixel did (the same
+        target array, or an equal one: change a target by passing a new array), and it stays unfitted while
+        only one class is painted."""
         from sklearn.ensemble import RandomForestClassifier
 
         changed = set(self._pixels) - set(slices)
@@ -97,10 +98,10 @@ class PixelForest:
             del self._pixels[key]
         for key, (image, target) in slices.items():
             target = np.asarray(target)
-            tag = hash(target.tobytes())
-            if key in self._pixels and self._pixels[key][0] == tag:
+            known = self._pixels.get(key)
+            if known is not None and (known[0] is target or np.array_equal(known[0], target)):
                 continue
-            self._pixels[key] = (tag, *self._painted_features(image, target))
+            self._pixels[key] = (target, *self._painted_features(image, target))
             changed.add(key)
         if not changed:
             return False
