@@ -3,6 +3,8 @@ whole ISBI 2012 training stack, and its twin, trained the same way without slice
 so the model card can say how the recipe does on slices it never saw.
 
     python -m bench.starter --minutes 40 [--then 50] [--data DIR] [--out models/starter] [--json FILE]
+    python -m bench.starter --only twin --minutes 40 --then 60 --stage 2 --work DIR   (the twin alone)
+    python -m bench.starter --score DIR/twin/stage2/latest.pt --json FILE             (score a twin)
 
 The two train at the same time, one CPU thread each, with the same recipe and seed: ``cpu-quick``'s
 network (width 8, depth 4, same padding, batch norm; 0.49 M parameters, 2 MB of weights) with stronger
@@ -68,17 +70,36 @@ def train_one(which: str, minutes: float, data: Path, out: Path, stage: int = 1)
     print(f"{which} stage {stage}: {result.reason} after {result.steps_done} steps", flush=True)
 
 
-def score_twin(data: Path, checkpoint: Path) -> dict[str, float]:
+def score_twin(data: Path, checkpoint: Path, postprocess: str | None = None, tta: bool = False) -> dict[str, float]:
+    """A twin's scores on 25–29 (``postprocess``: the default method unless named; ``tta``: the 8 flips)."""
     from unet.checkpoint import load_checkpoint
     from unet.io import read_labels, read_stack
     from unet.labels import labels_to_target
+    from unet.postprocess import DEFAULT_METHOD
     from unet.segment import segment_stack
 
     volume = read_stack(data / "train-volume.tif")
     targets = labels_to_target(read_labels(data / "train-labels.tif", volume.shape))
     model = load_checkpoint(checkpoint).build_model("cpu")
-    result = segment_stack(model, volume, HELD_OUT, targets={z: targets[z] for z in HELD_OUT}, with_instances=False)
+    result = segment_stack(model, volume, HELD_OUT, targets={z: targets[z] for z in HELD_OUT}, with_instances=False,
+                           postprocess=postprocess or DEFAULT_METHOD, tta=tta)
     return {k: result.metrics["mean"][k] for k in ("pixel_error", "rand_f", "vi", "dice")}
+
+
+def score_only(data: Path, checkpoint: Path, json_path: str) -> int:
+    """``--score``: a twin's weights scored on 25–29 with both ways to instances, with and without the 8
+    flips of test-time augmentation."""
+    from unet.checkpoint import load_checkpoint
+
+    rows = [{"postprocess": method, "tta": "8 flips" if tta else "no",
+             **score_twin(data, checkpoint, method, tta)}
+            for method in ("agglomerate", "watershed") for tta in (False, True)]
+    print(f"{checkpoint} ({int(load_checkpoint(checkpoint).meta.get('step', 0)):,} steps) on ISBI 25-29")
+    print(table(rows, [("postprocess", "instances", "s"), ("tta", "TTA", "s"), ("pixel_error", "pixel error", ".4f"),
+                       ("rand_f", "Rand-F", ".4f"), ("vi", "VI", ".3f")]))
+    write_json(json_path, {"checkpoint": str(checkpoint), "step": int(load_checkpoint(checkpoint).meta.get("step", 0)),
+                           "machine": platform.node(), "cpus": os.cpu_count(), "scores": rows})
+    return 0
 
 
 def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin: dict[str, float],
@@ -98,17 +119,25 @@ def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin
         schedule=f"{minutes:g} minutes" + (f" plus a second cycle of {then:g} minutes from those weights at a "
                                            f"peak learning rate of {THEN_LR:g} (a warm restart)" if then else ""),
         command=f"--minutes {minutes:g}" + (f" --then {then:g}" if then else ""),
-        target=("met: the twin's pixel error is at most 0.07 and its Rand-F at least 0.95."
-                if twin["pixel_error"] <= TARGET[0] and twin["rand_f"] >= TARGET[1] else
-                "**not met** (Neuroseg asks a starter's twin for pixel error ≤ 0.07 and Rand-F ≥ 0.95). This "
-                "width-8 network has levelled off on CPU budgets: the second cycle moved it from 0.074 / 0.937 "
-                "to the figures above. A wider network trained on a GPU is the way to the target; until then "
-                "this one still gives a first prediction in seconds and a start for the live loop."),
+        target=target_text(twin),
         postprocess={"agglomerate": "the agglomeration", "watershed": "the seeded watershed"}.get(
             DEFAULT_METHOD, DEFAULT_METHOD),
         twin_steps=twin_steps, machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         recipe=json.dumps(ckpt.meta.get("train_config"), indent=2), **twin))
     return path
+
+
+def target_text(twin: dict[str, float]) -> str:
+    """The card's verdict on the twin's scores against :data:`TARGET`, each half on its own."""
+    pixel, rand = twin["pixel_error"] <= TARGET[0], twin["rand_f"] >= TARGET[1]
+    if pixel and rand:
+        return "met: the twin's pixel error is at most 0.07 and its Rand-F at least 0.95."
+    verdict = "**half met**" if pixel or rand else "**not met**"
+    return (f"{verdict} (Neuroseg asks a starter's twin for pixel error ≤ 0.07 and Rand-F ≥ 0.95): pixel error "
+            f"{twin['pixel_error']:.3f}, Rand-F {twin['rand_f']:.3f}. This width-8 network has levelled off on CPU "
+            "budgets; most of the pixel error's gap is the ISBI labels' half-pixel offset from the membranes "
+            "(README, `bench.offset`). A wider network trained on a GPU is the way to the target; until then this "
+            "one still gives a first prediction in seconds and a start for the live loop.")
 
 
 CARD = """# Starter model: `{name}`
@@ -166,12 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                     "a finished stage 1 of the same --minutes found there is reused")
     ap.add_argument("--only", choices=["twin", "full"], help="train one of the two, then stop")
     ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--score", metavar="CHECKPOINT", help="only score a twin's weights on 25-29 (both ways to "
+                    "instances, with and without test-time augmentation), e.g. WORK/twin/stage2/latest.pt")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "starter.json"), help="the figures")
     args = ap.parse_args(argv)
     data = isbi_dir(args.data)
     if not (data / "train-volume.tif").is_file():
         print(f"the ISBI 2012 training stack is not in {data}: pass --data or set NEUROSEG_ISBI_DIR", file=sys.stderr)
         return 2
+    if args.score:
+        return score_only(data, Path(args.score), args.json)
     work = Path(args.work or f"/tmp/neuroseg-starter-{os.getpid()}")
     if args.only:
         if args.stage == 1 or not _stage1_done(work, args.only, args.minutes):
