@@ -283,3 +283,27 @@ def test_a_folder_on_the_server_is_imported_from_the_datasets_page(app_data_dir,
     assert info.name == "Lab sample" and info.shape == (3, 40, 50)
     assert "Linked **Lab sample**" in texts(at.success) + texts(at.toast) + " ".join(m.value for m in at.markdown)
     np.testing.assert_array_equal(stored.volume(info.id)[2], volume[2])
+
+
+def test_live_starts_from_random_initialisation_when_no_model_exists(app_data_dir, tmp_path, monkeypatch):
+    """With no model at all (no starter shipped, no run), Live still starts: from random initialisation,
+    the one "Start from" choice, a session without a parent."""
+    from tests.test_live import wait_exit
+
+    monkeypatch.setenv("NEUROSEG_STARTER_DIR", str(tmp_path / "no-starter"))
+    svc = store(app_data_dir)
+    demo = svc.load_demo()
+    assert svc.checkpoint_choices() == []
+    at = app("Annotate")
+    at.toggle(key=f"live_on_{demo.id}").set_value(True).run()
+    assert not at.exception, at.exception
+    start = at.selectbox(key=f"live_start_{demo.id}")
+    assert start.options == ["random initialisation (a forest of your strokes teaches it)"]
+    at.button(key="live_go").click().run()
+    assert not at.exception, at.exception
+    session = svc.live(demo.id)
+    assert session is not None and session.run.parent_checkpoint_id is None
+    assert session.run.config["model"]["initial_features"] == 8
+    svc.cancel_run(session.run_id)  # leave no worker behind
+    if (pid := svc.run(session.run_id).pid) is not None:
+        wait_exit(pid)
