@@ -100,9 +100,7 @@ def _start_folder(start: str, work: Path) -> Path:
 
     folder = work / "start"
     folder.mkdir(parents=True, exist_ok=True)
-    if start == "random":
-        pass
-    elif start == "starter":
+    if start == "starter":
         from storage.starter import shipped
 
         path = shipped()
@@ -110,7 +108,7 @@ def _start_folder(start: str, work: Path) -> Path:
             raise SystemExit("no starter model is shipped (models/starter/*.pt): train it with bench.starter")
         shutil.copy(path, folder / path.name)
         shutil.copy(side_file(path), side_file(folder / path.name))
-    else:
+    elif start != "random":
         path = Path(start)
         shutil.copy(path, folder / path.name)
         if side_file(path).exists():

@@ -30,11 +30,8 @@ def pixel_features(image: np.ndarray, workers: int = 1) -> np.ndarray:
     """``(H, W, 24)`` float32 features of one slice, normalised to zero mean and unit deviation first so that
     the forest does not depend on the stack's grey levels. All of it at once: for a large slice,
     :func:`tile_features` computes the same values one tile at a time."""
-    from skimage.feature import multiscale_basic_features
-
-    x = np.asarray(image, np.float32)
-    x = (x - x.mean()) / (x.std() + 1e-6)
-    return multiscale_basic_features(x, workers=workers, **FEATURES).astype(np.float32)
+    h, w = np.shape(image)
+    return tile_features(image, (slice(0, h), slice(0, w)), *_stats(image), workers=workers)
 
 
 def tiles(shape: tuple[int, int], size: int = TILE) -> list[tuple[slice, slice]]:
@@ -43,7 +40,8 @@ def tiles(shape: tuple[int, int], size: int = TILE) -> list[tuple[slice, slice]]
             for y in range(0, shape[0], size) for x in range(0, shape[1], size)]
 
 
-def tile_features(image: np.ndarray, tile: tuple[slice, slice], mean: float, std: float) -> np.ndarray:
+def tile_features(image: np.ndarray, tile: tuple[slice, slice], mean: float, std: float,
+                  workers: int = 1) -> np.ndarray:
     """:func:`pixel_features` of one tile (the slice's ``mean`` and ``std`` normalise it), read with
     :data:`MARGIN` pixels around it so that it matches the whole slice's features."""
     from skimage.feature import multiscale_basic_features
@@ -53,7 +51,7 @@ def tile_features(image: np.ndarray, tile: tuple[slice, slice], mean: float, std
     y0, x0 = max(ys.start - MARGIN, 0), max(xs.start - MARGIN, 0)
     y1, x1 = min(ys.stop + MARGIN, h), min(xs.stop + MARGIN, w)
     x = (np.asarray(image[y0:y1, x0:x1], np.float32) - mean) / (std + 1e-6)
-    features = multiscale_basic_features(x, **FEATURES)
+    features = multiscale_basic_features(x, workers=workers, **FEATURES)
     return features[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0].astype(np.float32)
 
 
@@ -81,10 +79,6 @@ class PixelForest:
         self.trees, self.per_slice, self.seed = trees, per_slice, seed
         self.forest = None
         self._pixels: dict[Hashable, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # key → (target, x, y)
-
-    @property
-    def fitted(self) -> bool:
-        return self.forest is not None
 
     def fit(self, slices: Mapping[Hashable, tuple[np.ndarray, np.ndarray]]) -> bool:
         """Train on the painted pixels (targets NEURON / MEMBRANE; IGNORE is unpainted) of ``key → (image,

@@ -159,7 +159,7 @@ class LiveTrainer:
                    if config.border_weight > 0 else None)
         targets = painted
         if self.forest is not None:
-            self._teach(labelled, keys, new)
+            self._teach(labelled, new)
         if self.taught:  # the teacher's answer on what nobody painted, weighted down
             targets = [np.where(t != IGNORE, t, self._pseudo_target(k, labelled[k][0], t)).astype(np.uint8)
                        for k, t in zip(keys, painted, strict=True)]
@@ -183,8 +183,7 @@ class LiveTrainer:
                 sampler.p = NEW_SHARE * recent + (1 - NEW_SHARE) * older / older.sum()
         self.sampler, self.keys, self._labelled = sampler, keys, labelled
 
-    def _teach(self, labelled: dict[Hashable, tuple[np.ndarray, np.ndarray]], keys: list[Hashable],
-               new: list[Hashable]) -> None:
+    def _teach(self, labelled: dict[Hashable, tuple[np.ndarray, np.ndarray]], new: list[Hashable]) -> None:
         """Refit the forest on the painted pixels. Its answers on the slices that just arrived are made at
         once (in :meth:`_pseudo_target`); those on the older slices are out of date, and
         :meth:`refresh_teacher` renews them between bursts, so that a save reaches the overlay first."""
@@ -192,7 +191,7 @@ class LiveTrainer:
             if key not in labelled:
                 self._pseudo.pop(key)
                 self._stale.pop(key, None)
-        if not self.forest.fit({k: (labelled[k][0], labelled[k][1]) for k in keys}):
+        if not self.forest.fit(labelled):
             return
         for key in self._pseudo:
             self._stale[key] = self._stale.get(key, 0) + 1
