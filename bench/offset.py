@@ -4,12 +4,14 @@ membranes in its images, and, given a model, how much of its pixel error that of
     python -m bench.offset [--volume V.tif --labels L.tif] [--checkpoint C.pt] [--score 25-29] [--json FILE]
 
 Per slice, the membrane mask is registered to the inverted, lightly smoothed image by phase correlation
-(scikit-image's ``phase_cross_correlation``, 1/20 px). A consistent offset is an annotation convention, not
-tissue: a network trained with rotations and flips cannot learn a fixed offset (it turns with the patch),
-so it predicts the membranes where the image has them, and every border pixel of the offset counts as an
-error against the labels. With ``--checkpoint`` the model predicts the ``--score`` slices and the table
-gives its pixel error as predicted, with the prediction moved by the measured offset, and the share of its
-wrong pixels that lie within one pixel of a label border.
+(:func:`unet.labels.slice_label_offset`: scikit-image's ``phase_cross_correlation``, 1/20 px). A
+consistent offset is an annotation convention, not tissue: a network trained with rotations and flips
+cannot learn a fixed offset (it turns with the patch), so it predicts the membranes where the image has
+them, and every border pixel of the offset counts as an error against the labels, unless it trained with
+``keep_label_offset`` (the flips keep the offset, and it draws them where the labels do). With
+``--checkpoint`` the model predicts the ``--score`` slices and the table gives its pixel error as
+predicted, with the prediction moved by the measured offset, and the share of its wrong pixels that lie
+within one pixel of a label border.
 
 Default data: the ISBI 2012 training stack (Cardona et al. 2010; Arganda-Carreras et al. 2015), read from
 ../shared/data/isbi2012/ or $NEUROSEG_ISBI_DIR; any stack with full labels works.
@@ -25,22 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import labelled_stack, table, write_json
-
-
-def slice_offset(image: np.ndarray, target: np.ndarray, sigma: float = 1.0) -> tuple[float, float]:
-    """The (dy, dx) that moves ``image``'s membranes onto the membrane labels of ``target`` (0 membrane,
-    1 neuron; unlabelled pixels count as neither)."""
-    from scipy import ndimage
-    from skimage.registration import phase_cross_correlation
-
-    from unet.labels import MEMBRANE
-
-    dark = -ndimage.gaussian_filter(image.astype(np.float32), sigma)
-    membrane = (target == MEMBRANE).astype(np.float32)
-    shift, _, _ = phase_cross_correlation((membrane - membrane.mean()) / (membrane.std() + 1e-9),
-                                          (dark - dark.mean()) / (dark.std() + 1e-9),
-                                          upsample_factor=20, normalization=None)
-    return float(shift[0]), float(shift[1])
 
 
 def model_scores(checkpoint: Path, volume: np.ndarray, targets: np.ndarray, slices: list[int],
@@ -77,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
     from unet.io import parse_slices
+    from unet.labels import slice_label_offset
 
     found = labelled_stack(args.volume, args.labels)
     if found is None:
         return 2
     volume_path, volume, targets = found
-    rows = [{"slice": z, **dict(zip(("dy", "dx"), slice_offset(volume[z], targets[z]), strict=True))}
+    rows = [{"slice": z, **dict(zip(("dy", "dx"), slice_label_offset(volume[z], targets[z]), strict=True))}
             for z in range(volume.shape[0])]
     print(table(rows, [("slice", "slice", "d"), ("dy", "dy px", "+.2f"), ("dx", "dx px", "+.2f")]))
     dy, dx = (float(np.median([r[k] for r in rows])) for k in ("dy", "dx"))

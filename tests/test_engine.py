@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unet.checkpoint import load_checkpoint, save_checkpoint
-from unet.config import ModelConfig, preset
+from unet.config import AugmentConfig, ModelConfig, preset
 from unet.data import TrainData
 from unet.infer import predict_slice, predict_stack
 from unet.labels import IGNORE, NEURON, labels_to_target
@@ -219,3 +219,53 @@ def test_test_time_augmentation_is_invariant_to_the_square_symmetries():
     np.testing.assert_allclose(np.rot90(base), rotated, atol=1e-5)
     plain = predict_slice(model, np.rot90(image).copy(), tta=False)
     assert np.abs(np.rot90(base) - plain).max() > 1e-4  # without TTA an untrained net is not invariant
+
+
+class _DrawsOffset(UNet):
+    """A stand-in for a network that learned a drawing convention: its "membranes" are its input moved
+    by ``drawn`` px, in whatever frame it is shown."""
+
+    def __init__(self, drawn):
+        super().__init__(ModelConfig(depth=2, initial_features=4, padding="same"))
+        self.drawn = drawn
+
+    def forward(self, x):
+        from unet.infer import _shift
+
+        return 2 * _shift(x, *self.drawn)
+
+
+def test_test_time_flips_keep_a_learned_drawing_convention():
+    from scipy import ndimage as ndi
+
+    image = ndi.gaussian_filter(np.random.default_rng(4).normal(size=(96, 96)), 3).astype(np.float32)
+    model = _DrawsOffset((-0.6, 0.3)).eval()
+    plain = predict_slice(model, image)
+    inner = (slice(8, -8), slice(8, -8))
+    blurred = np.abs(predict_slice(model, image, tta=True) - plain)[inner].max()
+    model.label_offset = (-0.6, 0.3)
+    kept = np.abs(predict_slice(model, image, tta=True) - plain)[inner].max()
+    assert kept < 0.04 and blurred > 0.15  # flipped back, every flip draws the borders where the plain pass does
+
+
+def test_a_checkpoint_keeps_the_labels_convention_and_a_fine_tune_inherits_it(tmp_path):
+    from scipy import ndimage as ndi
+
+    from unet.synthetic import make_synthetic_em
+
+    volume, labels = make_synthetic_em((2, 128, 128), np.random.default_rng(3), noise=4.0)
+    moved = np.stack([np.clip(ndi.shift(v.astype(np.float32), (0.6, -0.3), order=3, mode="reflect"), 0, 255)
+                      for v in volume]).astype(np.uint8)  # the labels sit (-0.6, +0.3) from the membranes
+    train(preset("tiny", steps=2), TrainData.from_stack(moved, labels, [0, 1], []), out_dir=tmp_path / "full")
+    ckpt = load_checkpoint(tmp_path / "full" / "latest.pt")
+    dy, dx = ckpt.meta["label_offset"]
+    assert abs(dy + 0.6) < 0.1 and abs(dx - 0.3) < 0.1
+    assert ckpt.build_model().label_offset == (dy, dx)
+    strokes = labels_to_target(labels)
+    strokes[:, 20:] = IGNORE  # scribbles: nothing to measure, so the starting weights' convention is kept
+    train(preset("tiny", steps=2), TrainData.from_stack(moved, strokes, [0, 1], [], encoded=True),
+          out_dir=tmp_path / "tuned", init_from=tmp_path / "full" / "latest.pt")
+    assert load_checkpoint(tmp_path / "tuned" / "latest.pt").meta["label_offset"] == [dy, dx]
+    train(preset("tiny", steps=2, augment=AugmentConfig(keep_label_offset=False)),
+          TrainData.from_stack(moved, labels, [0, 1], []), out_dir=tmp_path / "off")
+    assert load_checkpoint(tmp_path / "off" / "latest.pt").meta["label_offset"] == [0.0, 0.0]

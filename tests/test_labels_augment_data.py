@@ -1,12 +1,23 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
-from unet.augment import augment_patch, dihedral
+from unet.augment import augment_patch, dihedral, dihedral_vector
 from unet.config import AugmentConfig
 from unet.data import PatchSampler, TrainData, normalize_image
-from unet.labels import IGNORE, MEMBRANE, NEURON, border_weights, labels_to_target, target_to_instances
+from unet.labels import (
+    IGNORE,
+    MEMBRANE,
+    NEURON,
+    border_weights,
+    label_offset,
+    labels_to_target,
+    slice_label_offset,
+    target_to_instances,
+)
 from unet.losses import masked_bce, masked_dice, segmentation_loss
+from unet.synthetic import make_synthetic_em
 
 
 @pytest.mark.parametrize("labels", [
@@ -61,6 +72,55 @@ def test_dihedral_moves_image_and_target_together():
         for flip in (False, True):
             im, t = dihedral([image, target], k, flip)
             np.testing.assert_array_equal(im > 10, t == 1)
+
+
+@pytest.mark.parametrize("k", range(4))
+@pytest.mark.parametrize("flip", [False, True])
+def test_dihedral_vector_is_where_dihedral_moves_a_pixel(k, flip):
+    a = np.zeros((9, 9))
+    a[4 + 1, 4 + 3] = 1  # one pixel at (1, 3) from the centre
+    y, x = np.argwhere(dihedral([a], k, flip)[0] == 1)[0]
+    assert (y - 4, x - 4) == dihedral_vector((1, 3), k, flip)
+
+
+def _drawn_off(offset, shape=(3, 160, 160)):
+    """A synthetic stack whose labels sit ``offset`` px from its membranes (the image moved by −offset)."""
+    volume, labels = make_synthetic_em(shape, np.random.default_rng(3), noise=4.0)
+    images = [normalize_image(ndi.shift(v.astype(np.float32), (-offset[0], -offset[1]), order=3, mode="reflect"))
+              for v in volume]
+    return images, [labels_to_target(t) for t in labels]
+
+
+def test_label_offset_measures_the_drawing_convention():
+    images, targets = _drawn_off((0.0, 0.0))
+    assert label_offset(images, targets) == (0.0, 0.0)  # labels drawn on the membranes
+    images, targets = _drawn_off((-0.6, 0.3))
+    dy, dx = label_offset(images, targets)
+    assert abs(dy + 0.6) < 0.1 and abs(dx - 0.3) < 0.1
+    sparse = [np.full_like(t, IGNORE) for t in targets]
+    for s, t in zip(sparse, targets, strict=True):
+        s[40:60] = t[40:60]  # a band of strokes: says nothing about the convention
+    assert label_offset(images, sparse) is None
+    disagree = [images[0], ndi.shift(images[1], (-1.5, 0), order=3, mode="reflect"), images[2]]
+    assert label_offset(disagree, targets) is None  # one slice drawn another way: no one convention
+
+
+def test_flips_keep_the_labels_drawing_convention():
+    """Every flipped or turned patch shows the labels where the stack's annotators draw them; without
+    the correction a turned patch shows them elsewhere."""
+    offset = (-0.6, 0.3)
+    images, targets = _drawn_off(offset)
+    config = AugmentConfig(flips=True, elastic_p=0.0, intensity_p=0.0, noise_p=0.0)
+    kept, turned = [], []
+    for seed in range(12):
+        image, target, _ = augment_patch(images[0], targets[0], None, config, np.random.default_rng(seed), offset)
+        kept.append(slice_label_offset(image, target))
+        image, target, _ = augment_patch(images[0], targets[0], None, config, np.random.default_rng(seed))
+        turned.append(slice_label_offset(image, target))
+    assert np.abs(np.array(kept) - offset).max() < 0.15
+    assert np.abs(np.array(turned) - offset).max() > 0.5
+    sampler = PatchSampler(images, targets, 64, 64, config, np.random.default_rng(0))
+    assert np.allclose(sampler.label_offset, offset, atol=0.1)  # measured on the training slices
 
 
 def test_elastic_and_intensity_keep_image_and_labels_aligned():

@@ -471,3 +471,32 @@ def test_a_live_session_with_a_moving_average_predicts_and_keeps_the_average(tmp
     assert np.allclose(predict_slice(best, image), averaged, atol=1e-6)
     assert np.allclose(predict_slice(latest, image), newest, atol=1e-6)
     assert trainer.trainer.model.training  # predicting leaves the trainer's own weights training
+
+
+def test_a_live_session_keeps_its_starts_drawing_convention_until_a_slice_is_painted_all_over(tmp_path):
+    """Strokes say nothing about where borders are drawn, so the flips keep the starting weights' convention;
+    a fully painted slice shows the lab's own, measured on what was painted (never on a teacher's answers),
+    and the session's checkpoints record it."""
+    from scipy import ndimage as ndi
+
+    from unet.checkpoint import load_checkpoint
+    from unet.data import TrainData
+    from unet.train import train
+
+    volume, labels = make_synthetic_em((2, 128, 128), np.random.default_rng(3), noise=4.0)
+    base = preset("tiny")
+    drawn = np.stack([np.clip(ndi.shift(v.astype(np.float32), (0.6, -0.3), order=3, mode="reflect"), 0, 255)
+                      for v in volume]).astype(np.uint8)  # these labels sit (-0.6, +0.3) from the membranes
+    train(replace(base, steps=1), TrainData.from_stack(drawn, labels, [0, 1], []), out_dir=tmp_path / "start")
+    parent = tuple(load_checkpoint(tmp_path / "start" / "latest.pt").meta["label_offset"])
+    assert abs(parent[0] + 0.6) < 0.1
+    learner = LiveTrainer(live_config(base), tmp_path / "live", init_from=tmp_path / "start" / "latest.pt",
+                          distill=0.3, reference=tmp_path / "start" / "latest.pt")
+    targets = labels_to_target(labels)
+    learner.set_slices({0: (volume[0], disk_strokes(targets[0], seed=0))}, new=[0])
+    assert learner.trainer.label_offset == parent  # the teacher fills the slice in; its answer is not measured
+    learner.set_slices({0: (volume[0], disk_strokes(targets[0], seed=0)), 1: (volume[1], targets[1])}, new=[1])
+    assert max(map(abs, learner.trainer.label_offset)) < 0.1  # this lab draws on the membranes
+    learner.train_for(0.0, max_steps=1)
+    learner.save()
+    assert load_checkpoint(tmp_path / "live" / "latest.pt").meta["label_offset"] == list(learner.trainer.label_offset)

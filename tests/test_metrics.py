@@ -119,8 +119,8 @@ def test_an_error_opens_zoomed_on_its_place():
 def test_the_label_offset_bench_finds_labels_moved_against_their_image():
     """bench.offset registers a stack's membrane labels to its image: labels moved one pixel down and two
     left read as an offset of (+1, −2) against the same labels where they were drawn."""
-    from bench.offset import slice_offset
     from unet.labels import labels_to_target
+    from unet.labels import slice_label_offset as slice_offset
     from unet.synthetic import make_synthetic_em
 
     volume, labels = make_synthetic_em((1, 128, 128), np.random.default_rng(3))

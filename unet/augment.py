@@ -22,6 +22,15 @@ def dihedral(arrays: list[np.ndarray], k: int, flip: bool) -> list[np.ndarray]:
     return out
 
 
+def dihedral_vector(vector: tuple[float, float], k: int, flip: bool) -> tuple[float, float]:
+    """Where :func:`dihedral` ``(k, flip)`` takes a displacement ``(dy, dx)``: each quarter turn maps it
+    to ``(−dx, dy)``, the left-right flip to ``(dy, −dx)``."""
+    dy, dx = vector
+    for _ in range(k % 4):
+        dy, dx = -dx, dy
+    return (dy, -dx) if flip else (dy, dx)
+
+
 def elastic_fields(shape: tuple[int, int], rng: np.random.Generator, sigma: float,
                    grid: int) -> tuple[np.ndarray, np.ndarray]:
     """Smooth random displacement fields: normal displacements with std ``sigma`` pixels on a coarse
@@ -59,12 +68,23 @@ def intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def augment_patch(image: np.ndarray, target: np.ndarray, weights: np.ndarray | None,
-                  config: AugmentConfig, rng: np.random.Generator
+                  config: AugmentConfig, rng: np.random.Generator, label_offset: tuple[float, float] = (0.0, 0.0)
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Apply the configured augmentations to one patch (2-D arrays of equal shape)."""
+    """Apply the configured augmentations to one patch (2-D arrays of equal shape).
+
+    ``label_offset`` is the labels' drawing convention (:func:`unet.labels.label_offset`: where the labels
+    sit against the image's membranes). A flip or quarter turn turns that offset with the patch, so a
+    network would see it in eight directions and learn none; the image is moved back by the difference
+    (cubic spline), so every patch shows the labels where the annotators draw them."""
     arrays = [image, target] + ([weights] if weights is not None else [])
     if config.flips:
-        arrays = dihedral(arrays, int(rng.integers(4)), bool(rng.integers(2)))
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        arrays = dihedral(arrays, k, flip)
+        if label_offset != (0.0, 0.0):
+            turned = dihedral_vector(label_offset, k, flip)
+            move = (turned[0] - label_offset[0], turned[1] - label_offset[1])
+            if move != (0.0, 0.0):
+                arrays[0] = ndi.shift(arrays[0], move, order=3, mode="reflect")
     image, target = arrays[0], arrays[1]
     weights = arrays[2] if weights is not None else None
     if config.elastic_p and config.elastic_sigma > 0 and rng.random() < config.elastic_p:

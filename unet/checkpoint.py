@@ -31,6 +31,7 @@ class Checkpoint:
             return ForeignModel(self.scripted, self.model_config, self.meta.get("package") or {}).to(device).eval()
         model = UNet(self.model_config)
         model.load_state_dict(self.state_dict)
+        model.label_offset = tuple(self.meta.get("label_offset") or (0.0, 0.0))  # what test-time flips keep
         return model.to(device).eval()
 
 

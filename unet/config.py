@@ -84,6 +84,9 @@ class AugmentConfig:
             pixels of displacement on a coarse grid of ``elastic_grid`` points per side).
         intensity_p: share with brightness, contrast and gamma changed.
         noise_p: share with Gaussian noise of ``noise_std`` (normalised image units) added.
+        keep_label_offset: with ``flips``, measure the training labels' drawing convention (where fully
+            labelled slices put the membranes against the image, :func:`unet.labels.label_offset`) and
+            keep it the same in every flipped or turned patch, so the network learns it.
     """
 
     flips: bool = True  # the 8 flips/90° rotations of the square
@@ -93,6 +96,7 @@ class AugmentConfig:
     intensity_p: float = 0.8  # brightness / contrast / gamma
     noise_p: float = 0.3  # additive Gaussian noise
     noise_std: float = 0.08  # in units of the normalised image
+    keep_label_offset: bool = True  # flips keep the labels' sub-pixel drawing convention
 
     def __post_init__(self) -> None:
         for name in ("elastic_p", "intensity_p", "noise_p"):

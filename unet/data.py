@@ -10,6 +10,7 @@ import numpy as np
 from unet.augment import augment_patch
 from unet.config import AugmentConfig
 from unet.labels import IGNORE, labels_to_target
+from unet.labels import label_offset as label_offset_of
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
@@ -73,8 +74,14 @@ class PatchSampler:
 
     def __init__(self, images: list[np.ndarray], targets: list[np.ndarray], in_size: int, out_size: int,
                  augment: AugmentConfig, rng: np.random.Generator,
-                 weights: list[np.ndarray] | None = None):
+                 weights: list[np.ndarray] | None = None, label_offset: tuple[float, float] | None = None):
+        """``label_offset``: the labels' drawing convention kept through flips (see :func:`augment_patch`);
+        None measures it on ``images`` and ``targets`` when ``augment`` asks for it (:attr:`label_offset`;
+        (0, 0) when there is nothing to measure)."""
         self.in_size, self.out_size = in_size, out_size
+        if label_offset is None and augment.flips and augment.keep_label_offset:
+            label_offset = label_offset_of(images, targets)
+        self.label_offset = tuple(label_offset) if label_offset is not None else (0.0, 0.0)
         self.offset = (in_size - out_size) // 2
         self.augment, self.rng = augment, rng
         pad = in_size
@@ -117,8 +124,8 @@ class PatchSampler:
             window = (slice(top, top + n), slice(left, left + n))
             weights = self.weights[k][window] if self.weights is not None else None
             image, target, weights = augment_patch(
-                self.images[k][window], self.targets[k][window], weights, self.augment, self.rng
-            )
+                self.images[k][window], self.targets[k][window], weights, self.augment, self.rng,
+                self.label_offset)
             xs[b, 0] = image
             ys[b, 0] = target[off : off + o, off : off + o]
             if ws is not None and weights is not None:

@@ -65,6 +65,29 @@ def _invert(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return torch.rot90(x, -k, dims=(-2, -1))
 
 
+def _shift(x: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
+    """``x`` (B, C, H, W) moved by a sub-pixel ``(dy, dx)``: bilinear, the edge repeated."""
+    h, w = x.shape[-2:]
+    ys = torch.arange(h, dtype=torch.float32, device=x.device) - dy
+    xs = torch.arange(w, dtype=torch.float32, device=x.device) - dx
+    gy, gx = torch.meshgrid(2 * ys / max(h - 1, 1) - 1, 2 * xs / max(w - 1, 1) - 1, indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1).expand(x.shape[0], h, w, 2)
+    return torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                                           align_corners=True).to(x.dtype)
+
+
+def _convention_move(offset: tuple[float, float], k: int, flip: bool) -> tuple[float, float]:
+    """What a test-time flip does to a network that learned the labels' drawing convention ``offset``
+    (:func:`unet.augment.augment_patch`): it draws the flipped tile's borders at ``offset`` there, which
+    is ``T⁻¹(offset)`` once flipped back; the returned move puts them back at ``offset``."""
+    dy, dx = offset
+    if flip:
+        dx = -dx
+    for _ in range(k % 4):  # the inverse quarter turn
+        dy, dx = dx, -dy
+    return offset[0] - dy, offset[1] - dx
+
+
 @torch.inference_mode()
 def _forward(model: UNet, batch: torch.Tensor, tta: bool, amp: torch.dtype | None) -> torch.Tensor:
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +98,13 @@ def _forward(model: UNet, batch: torch.Tensor, tta: bool, amp: torch.dtype | Non
 
     if not tta:
         return run(batch)
+    offset = tuple(getattr(model, "label_offset", None) or (0.0, 0.0))
     total = None
     for k, flip in D4:
         out = _invert(run(_apply(batch, k, flip)), k, flip)
+        move = _convention_move(offset, k, flip)
+        if max(abs(move[0]), abs(move[1])) > 1e-6:
+            out = _shift(out, *move)
         total = out if total is None else total + out
     return total / len(D4)
 

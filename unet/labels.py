@@ -89,3 +89,59 @@ def border_weights(target: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> 
         weights[membrane] += np.nan_to_num(border[membrane], nan=0.0, posinf=0.0)
     weights[target == IGNORE] = 0
     return weights
+
+
+def slice_label_offset(image: np.ndarray, target: np.ndarray, sigma: float = 1.0) -> tuple[float, float]:
+    """The sub-pixel ``(dy, dx)`` that moves ``image``'s membranes (its dark lines) onto the membrane labels
+    of ``target``, by phase correlation to 1/20 px (scikit-image's ``phase_cross_correlation``). Labels
+    drawn exactly on the membranes give (0, 0); ISBI 2012's sit about 0.6 px above theirs."""
+    from skimage.registration import phase_cross_correlation
+
+    dark = -ndi.gaussian_filter(image.astype(np.float32), sigma)
+    membrane = (target == MEMBRANE).astype(np.float32)
+    shift, _, _ = phase_cross_correlation((membrane - membrane.mean()) / (membrane.std() + 1e-9),
+                                          (dark - dark.mean()) / (dark.std() + 1e-9),
+                                          upsample_factor=20, normalization=None)
+    return float(shift[0]), float(shift[1])
+
+
+#: What :func:`label_offset` asks of a slice before it measures it, and of the slices' answers.
+DENSE = 0.9  # share of the slice's pixels labelled
+SPREAD = 0.25  # px: the slices' offsets must agree this well (standard deviation per axis)
+SMALLEST = 0.05  # px: a smaller offset is no offset
+
+
+def is_dense(target: np.ndarray) -> bool:
+    """Whether a slice is labelled all over (:data:`DENSE`) with both classes: what :func:`label_offset`
+    measures. Scribbles say nothing about where a border is drawn."""
+    return bool(np.mean(target != IGNORE) >= DENSE and 0 < np.mean(target == MEMBRANE) < 1)
+
+
+def agreed_offset(found: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """One convention from the slices' offsets: their median, None when there are none or they disagree
+    (:data:`SPREAD`), (0, 0) when under :data:`SMALLEST`."""
+    if not found:
+        return None
+    values = np.array(found, np.float64)
+    if len(values) > 1 and values.std(axis=0).max() > SPREAD:
+        return None
+    dy, dx = np.median(values, axis=0)
+    if max(abs(dy), abs(dx)) < SMALLEST:
+        return (0.0, 0.0)
+    return (round(float(dy), 3), round(float(dx), 3))
+
+
+def central(image: np.ndarray, target: np.ndarray, crop: int = 1024) -> tuple[float, float]:
+    """:func:`slice_label_offset` on the central ``crop``² window (the convention is the same all over)."""
+    y0, x0 = max((target.shape[0] - crop) // 2, 0), max((target.shape[1] - crop) // 2, 0)
+    window = (slice(y0, y0 + crop), slice(x0, x0 + crop))
+    return slice_label_offset(image[window], target[window])
+
+
+def label_offset(images: list[np.ndarray], targets: list[np.ndarray], most: int = 8) -> tuple[float, float] | None:
+    """The labels' drawing convention: where the fully labelled slices (:func:`is_dense`; at most ``most`` of
+    them, spread over the list) put the membranes against the image, as :func:`agreed_offset` of their
+    :func:`central` offsets. None when no slice is fully labelled or they disagree: nothing to keep."""
+    dense = [k for k, t in enumerate(targets) if is_dense(t)]
+    step = max(len(dense) // most, 1)
+    return agreed_offset([central(images[k], targets[k]) for k in dense[::step][:most]])

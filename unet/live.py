@@ -44,7 +44,7 @@ from unet.config import TrainConfig
 from unet.data import PatchSampler, TrainData, normalize_image
 from unet.forest import PixelForest
 from unet.infer import predict_slice
-from unet.labels import IGNORE, MEMBRANE, NEURON, border_weights
+from unet.labels import IGNORE, MEMBRANE, NEURON, agreed_offset, border_weights, central, is_dense
 from unet.train import NullReporter, Reporter, Trainer
 
 NEW_SHARE = 0.5  # of the patches, drawn from the newest slices
@@ -99,6 +99,8 @@ class LiveTrainer:
         self.trainer = Trainer(config, dummy, reporter or NullReporter(), out_dir)
         self.trainer.restore(resume=resume and (Path(out_dir) / "latest.pt").exists(), init_from=init_from)
         self.sampler: PatchSampler | None = None
+        self.inherited_offset = self.trainer.label_offset  # the starting weights' drawing convention
+        self._offsets: dict[Hashable, tuple[np.ndarray, tuple[float, float]]] = {}  # key → (painted, offset)
         self.trainer.batches = self._batches()
         self.average = None  # the exponential moving average of the weights, what predicts and is "best"
         if ema > 0:
@@ -165,8 +167,12 @@ class LiveTrainer:
                        for k, t in zip(keys, painted, strict=True)]
             weights = [np.where(t != IGNORE, 1.0, self.distill).astype(np.float32) * (1 if weights is None else w)
                        for t, w in zip(painted, weights or [None] * len(painted), strict=True)]
+        offset = self._label_offset(keys, images, painted)
         sampler = PatchSampler(images, targets, config.patch_size, self.trainer.out_size, config.augment,
-                               self.trainer.rng, weights)
+                               self.trainer.rng, weights, offset)
+        self.trainer.label_offset = self.trainer.model.label_offset = offset
+        if self.average is not None:
+            self.average.module.label_offset = offset
         if self.taught:  # windows still go where the user painted
             sampler.labelled = [np.flatnonzero(t.ravel() != IGNORE) for t in painted]
             counts = np.array([len(i) for i in sampler.labelled], np.float64)
@@ -182,6 +188,26 @@ class LiveTrainer:
             else:
                 sampler.p = NEW_SHARE * recent + (1 - NEW_SHARE) * older / older.sum()
         self.sampler, self.keys, self._labelled = sampler, keys, labelled
+
+    def _label_offset(self, keys: list[Hashable], images: list[np.ndarray],
+                      painted: list[np.ndarray]) -> tuple[float, float]:
+        """The drawing convention the flips keep (as :meth:`unet.train.Trainer._label_offset`): the one the
+        fully painted slices show (each measured once, the newest eight), else the starting weights'.
+        Measured on what was painted, never on a teacher's answers."""
+        augment = self.trainer.config.augment
+        if not (augment.flips and augment.keep_label_offset):
+            return (0.0, 0.0)
+        found = []
+        for key, image, target in zip(keys, images, painted, strict=True):
+            if not is_dense(target):
+                self._offsets.pop(key, None)
+                continue
+            cached = self._offsets.get(key)
+            if cached is None or not np.array_equal(cached[0], target):
+                cached = self._offsets[key] = (target, central(image, target))
+            found.append(cached[1])
+        measured = agreed_offset(found[-8:])
+        return measured if measured is not None else self.inherited_offset
 
     def _teach(self, labelled: dict[Hashable, tuple[np.ndarray, np.ndarray]], new: list[Hashable]) -> None:
         """Refit the forest on the painted pixels. Its answers on the slices that just arrived are made at

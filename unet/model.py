@@ -46,6 +46,10 @@ class UNet(NeurosegUNet):
         torch.Size([1, 1, 64, 64])
     """
 
+    #: The labels' drawing convention the weights learned (``(dy, dx)`` px, :func:`unet.labels.label_offset`);
+    #: test-time flips keep it (:func:`unet.infer.predict_slice`). Set from the checkpoint.
+    label_offset = (0.0, 0.0)
+
     def __init__(self, config: ModelConfig | None = None):
         config = config or ModelConfig()
         super().__init__(**config.to_dict())

@@ -25,7 +25,7 @@ from unet.config import TrainConfig
 from unet.data import PatchSampler, TrainData
 from unet.device import amp_dtype, autocast, pick_device
 from unet.infer import Interrupted, predict_slice
-from unet.labels import IGNORE, border_weights
+from unet.labels import IGNORE, border_weights, label_offset
 from unet.losses import segmentation_loss
 from unet.metrics import evaluate_slice, mean_metrics
 from unet.model import UNet, check_input_size
@@ -258,6 +258,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.rng = np.random.default_rng(config.seed)
         self.step_count, self.seconds_before = 0, 0.0
+        self.label_offset = (0.0, 0.0)  # the labels' drawing convention the flips keep (restore measures it)
         self.history: list[dict[str, float]] = []
         self.validations: list[dict[str, float]] = []
         self.best: dict[str, float] | None = None
@@ -273,6 +274,7 @@ class Trainer:
         sampling state carry on). ``init_from``: start from another checkpoint's weights (fine-tuning; the
         architecture must match). Then move everything to the device."""
         latest_path = self.out_dir / "latest.pt"
+        inherited = None  # the labels' drawing convention the weights were trained to (their checkpoint's)
         if resume and latest_path.exists():
             ckpt = load_checkpoint(latest_path)
             if ckpt.model_config != self.config.model:
@@ -286,12 +288,16 @@ class Trainer:
             self.best, self.stale = meta.get("best"), int(meta.get("stale", 0))
             if meta.get("rng_state"):
                 self.rng.bit_generator.state = meta["rng_state"]
+            inherited = meta.get("label_offset")
         elif init_from is not None:
             parent = load_checkpoint(init_from)
             if parent.model_config != self.config.model:
                 raise ValueError(f"cannot fine-tune from {Path(init_from).name}: it is a {parent.model_config} "
                                  f"network, the run asks for {self.config.model}")
             self.model.load_state_dict(parent.state_dict)
+            inherited = parent.meta.get("label_offset")
+        self.label_offset = self._label_offset(inherited)
+        self.model.label_offset = self.label_offset
         if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # keeps the parameters
         self.model.to(self.device)
@@ -311,11 +317,23 @@ class Trainer:
             weights = [border_weights(t, self.config.border_weight, self.config.border_sigma)
                        for t in self.data.train_targets]
         sampler = PatchSampler(self.data.train_images, self.data.train_targets, self.config.patch_size,
-                               self.out_size, self.config.augment, self.rng, weights)
+                               self.out_size, self.config.augment, self.rng, weights, self.label_offset)
         self.batches = _batches(sampler, self.config.batch_size, self.device, self.config.seed)
         if self.world > 1:  # every process draws the same global batch (same seed) and trains on its share
             self.batches = _share(self.batches, self.rank, self.world)
         self._started = time.perf_counter()
+
+    def _label_offset(self, inherited) -> tuple[float, float]:
+        """The drawing convention the flips keep (:func:`unet.augment.augment_patch`): the training labels'
+        own where their fully labelled slices show one, else the starting weights' (scribbles say nothing
+        about it, and the weights already follow theirs), else none."""
+        augment = self.config.augment
+        if not (augment.flips and augment.keep_label_offset):
+            return (0.0, 0.0)
+        measured = label_offset(self.data.train_images, self.data.train_targets)
+        if measured is None and inherited:
+            measured = (float(inherited[0]), float(inherited[1]))
+        return measured or (0.0, 0.0)
 
     def step(self) -> float:
         """One optimiser step on a fresh batch; returns the loss. A loss that is not finite raises
@@ -383,7 +401,8 @@ class Trainer:
         if self.rank != 0:
             return self.out_dir / f"{kind}.pt"
         meta: dict[str, Any] = {"kind": kind, "step": self.step_count, "seconds": self.elapsed(), "metrics": metrics,
-                                "train_config": self.config.to_dict(), "device": str(self.device)}
+                                "train_config": self.config.to_dict(), "device": str(self.device),
+                                "label_offset": list(self.label_offset)}
         if kind == "latest":
             meta.update(history=self.history, validations=self.validations, best=self.best, stale=self.stale,
                         rng_state=self.rng.bit_generator.state)
