@@ -71,11 +71,16 @@ with st.form("predict_form"):
         "Neurons by", POSTPROCESS_CHOICES, format_func=POSTPROCESS.get, key="predict_postprocess",
         help="How the neuron instances are made from the probability map. The first is the default: it "
              "scored best on ISBI 2012 (README, bench.quality).")
+    tta = st.checkbox(
+        "Average 8 flips (test-time augmentation)", key="predict_tta",
+        help="The network answers each tile flipped and turned eight ways, and the answers are averaged: "
+             "fewer errors at the borders (the starter's twin on ISBI: pixel error 0.068 instead of 0.071), "
+             "for 8× the prediction time.")
     go = st.form_submit_button("Predict", type="primary", key="predict_go", disabled=not can("predict"))
 if go:
     try:
         slices = svc.parse_slices(slices_text, info.shape[0])
-        job = svc.predict(checkpoint_id, dataset_id, slices, postprocess=postprocess)
+        job = svc.predict(checkpoint_id, dataset_id, slices, postprocess=postprocess, tta=tta)
     except (ValueError, UserError) as exc:
         st.error(f"Not started: {exc}")
     else:
@@ -100,7 +105,8 @@ def _picked() -> None:
 
 pick = st.selectbox("Prediction", ids, key=pick_key, on_change=_picked,
                     format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s) · "
-                                               f"neurons by {p.postprocess}" for p in predictions if p.id == i))
+                                               f"neurons by {p.postprocess}" + (" · 8 flips" if p.tta else "")
+                                               for p in predictions if p.id == i))
 st.session_state["prediction_id"] = pick
 
 

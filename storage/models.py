@@ -236,6 +236,8 @@ class Prediction(Base):
     files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")  # name → {file, sha256}
     # how its neurons were made from the map (unet.postprocess.METHODS; earlier versions: the watershed)
     postprocess: Mapped[str] = mapped_column(String(32), default="watershed", server_default="watershed")
+    # the network's answers averaged over the 8 flips of each tile (test-time augmentation)
+    tta: Mapped[bool] = mapped_column(Boolean, default=False)
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
     owner: Mapped[User | None] = relationship(lazy="joined")
 

@@ -54,6 +54,7 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             dataset = s.get(Dataset, row.dataset_id)
             slices = list(row.slices)
             method = row.postprocess or "watershed"
+            tta = bool(row.tta)
             targets = {}
             for z in slices:
                 mask = latest_mask(s, row.dataset_id, z)
@@ -64,7 +65,7 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                                  "(its conversion failed: the server's log says why)")
         folder = store.abspath(store.prediction_folder(prediction_id))
         job = BlockJob(checkpoint=str(path), volume=str(volume.path), out=str(folder), slices=tuple(slices),
-                       linked=isinstance(volume, External), method=method)
+                       linked=isinstance(volume, External), method=method, tta=tta)
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
                              progress=lambda done, total: phase("predict", done, total))
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}

@@ -21,11 +21,12 @@ from unet.postprocess import DEFAULT_METHOD, METHODS
 def prediction_info(row: Prediction, run_id: int) -> PredictionInfo:
     return PredictionInfo(row.id, row.checkpoint_id, run_id, row.dataset_id, list(row.slices), RunStatus(row.status),
                           row.done, row.error, row.metrics, row.created, row.pid, row.phase or "",
-                          row.postprocess or "watershed", row.owner_id, row.owner.username if row.owner else "")
+                          row.postprocess or "watershed", row.owner_id, row.owner.username if row.owner else "",
+                          bool(row.tta))
 
 
 def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, slices: list[int],
-                      postprocess: str = DEFAULT_METHOD) -> PredictionInfo:
+                      postprocess: str = DEFAULT_METHOD, tta: bool = False) -> PredictionInfo:
     if postprocess not in METHODS:
         raise ValueError(f"unknown post-processing {postprocess!r}: choose one of {', '.join(METHODS)}")
     checkpoint = session.get(Checkpoint, checkpoint_id)
@@ -38,7 +39,8 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
     if slices[0] < 0 or slices[-1] >= dataset.z:
         raise ValueError(f"slices must be within 0-{dataset.z - 1}")
     row = Prediction(checkpoint_id=checkpoint_id, dataset_id=dataset_id, slices=slices, status=RunStatus.QUEUED,
-                     done=0, file="", sha256="", files={}, postprocess=postprocess)
+                     done=0, file="", sha256="", files={}, postprocess=postprocess,
+                     tta=bool(tta))
     session.add(row)
     session.flush()
     return prediction_info(row, checkpoint.run_id)

@@ -276,6 +276,7 @@ class PredictionInfo:
     postprocess: str = "watershed"  # how its neurons were made from the map (unet.postprocess.METHODS)
     owner_id: int | None = None  # the user who made it (None: made before accounts, or by the system)
     owner: str = ""  # their user name
+    tta: bool = False  # the network's answers averaged over the 8 flips of each tile
 
     @property
     def active(self) -> bool:

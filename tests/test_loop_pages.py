@@ -133,6 +133,21 @@ def test_train_predict_correct_and_review(app_data_dir):
     assert (saved.version, saved.kind) == (2, "predicted→painted")
     assert (svc.mask(saved.id)[:15, :15] == MEMBRANE).all()
 
+    # the same slice again, averaged over the 8 flips: a prediction of its own, marked so, with another map
+    flips_at = open_page("Predict")
+    flips_at.text_input(key="predict_slices").set_value("0")
+    flips_at.checkbox(key="predict_tta").check()
+    flips_at.button(key="predict_go").click().run()
+    flipped = svc.predictions(dataset_id=demo.id)[-1]
+    assert flipped.id != job.id and flipped.tta and not svc.prediction(job.id).tta
+    wait_exit(flipped.pid)
+    flips_at.run()
+    assert svc.prediction(flipped.id).status == "FINISHED" and not flips_at.exception
+    assert "8 flips" in flips_at.selectbox(key=f"pick_{demo.id}").format_func(flipped.id)
+    plain = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "probabilities")))[0]
+    averaged = tifffile.imread(io.BytesIO(svc.prediction_file(flipped.id, "probabilities")))[0]
+    assert np.abs(averaged - plain).max() > 1e-3
+
     # --- a second run, fine-tuned from the first, then Runs: lineage, compare, delete -----------------------
     best = next(c for c in svc.checkpoints(run.id) if c.kind == "best")
     second = svc.submit_training([{"dataset_id": demo.id, "slices": [0, 1]}], [{"dataset_id": demo.id, "slices": [7]}],
