@@ -113,7 +113,7 @@ def score_only(data: Path, checkpoint: Path, json_path: str) -> int:
 
 
 def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin: dict[str, float],
-         twin_steps: int, finish: float = 0.0) -> Path:
+         twin_steps: int, finish: float = 0.0, flips: dict[str, float] | None = None) -> Path:
     """Write the full model's last weights (no optimiser state) and its model card into ``out``."""
     from unet.checkpoint import load_checkpoint, save_checkpoint
     from unet.postprocess import DEFAULT_METHOD
@@ -134,7 +134,9 @@ def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin
         command=f"--minutes {minutes:g}" + (f" --then {then:g}" if then else "")
         + (f" --finish {finish:g}" if finish else ""),
         offset=convention_text(meta["label_offset"]),
-        target=target_text(twin),
+        flips_line=(f"; with the 8 test-time flips, pixel error **{flips['pixel_error']:.4f}**, Rand-F "
+                    f"**{flips['rand_f']:.3f}**, VI **{flips['vi']:.3f}**" if flips else ""),
+        target=target_text(twin, flips),
         postprocess={"agglomerate": "the agglomeration", "watershed": "the seeded watershed"}.get(
             DEFAULT_METHOD, DEFAULT_METHOD),
         twin_steps=twin_steps, machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -152,17 +154,22 @@ def convention_text(offset) -> str:
             "its test-time flips. A fine-tune keeps it until a fully painted slice shows the lab's own convention.")
 
 
-def target_text(twin: dict[str, float]) -> str:
-    """The card's verdict on the twin's scores against :data:`TARGET`, each half on its own."""
+def target_text(twin: dict[str, float], flips: dict[str, float] | None = None) -> str:
+    """The card's verdict on the twin's scores against :data:`TARGET`, each half on its own; ``flips``: its
+    scores with test-time augmentation (Predict's "8 flips" option)."""
     pixel, rand = twin["pixel_error"] <= TARGET[0], twin["rand_f"] >= TARGET[1]
     if pixel and rand:
         return "met: the twin's pixel error is at most 0.07 and its Rand-F at least 0.95."
+    if flips and flips["pixel_error"] <= TARGET[0] and flips["rand_f"] >= TARGET[1]:
+        return (f"met **with the 8 test-time flips** (Predict's option; 8× the prediction time): pixel error "
+                f"{flips['pixel_error']:.3f}, Rand-F {flips['rand_f']:.3f}. Without them the Rand-F is met "
+                f"({twin['rand_f']:.3f}) and the pixel error is {twin['pixel_error']:.4f}, just over the 0.07 "
+                "Neuroseg asks of a starter's twin.")
     verdict = "**half met**" if pixel or rand else "**not met**"
     return (f"{verdict} (Neuroseg asks a starter's twin for pixel error ≤ 0.07 and Rand-F ≥ 0.95): pixel error "
             f"{twin['pixel_error']:.3f}, Rand-F {twin['rand_f']:.3f}. This width-8 network has levelled off on CPU "
-            "budgets; most of the pixel error's gap is the ISBI labels' half-pixel offset from the membranes "
-            "(README, `bench.offset`). A wider network trained on a GPU is the way to the target; until then this "
-            "one still gives a first prediction in seconds and a start for the live loop.")
+            "budgets. A wider network trained on a GPU is the way to the target; until then this one still gives "
+            "a first prediction in seconds and a start for the live loop.")
 
 
 CARD = """# Starter model: `{name}`
@@ -185,7 +192,7 @@ prediction on a new stack takes seconds and no painting. Every page that picks a
 - **Made by**: `python -m bench.starter {command}` ({machine}).
 - **How well**: its twin, trained the same way ({twin_steps:,} steps) on slices 0–24 only and scored on
   25–29 (threshold 0.5 for the pixel error, {postprocess} for Rand-F and VI):
-  pixel error **{pixel_error:.3f}**, Rand-F **{rand_f:.3f}**, VI **{vi:.3f}** (Dice {dice:.3f}).
+  pixel error **{pixel_error:.4f}**, Rand-F **{rand_f:.3f}**, VI **{vi:.3f}** (Dice {dice:.3f}){flips_line}.
 - **Target**: {target}
 - **Limits**: one tissue, one microscope, one section thickness. On another lab's stack it is a start,
   not an answer: correct a few slices and fine-tune (Live on the Annotate page).
@@ -256,18 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     from unet.checkpoint import load_checkpoint
 
     last = {w: stage_dir(work, w, last_stage) / "latest.pt" for w in ("twin", "full")}
-    twin = score_twin(data, last["twin"])
+    twin, flips = score_twin(data, last["twin"]), score_twin(data, last["twin"], tta=True)
     steps = {w: sum(int(load_checkpoint(stage_dir(work, w, s) / "latest.pt").meta["step"])
                     for s in range(1, last_stage + 1)) for w in ("twin", "full")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = ship(last["full"], out, args.minutes, args.then, steps["full"], twin, steps["twin"], args.finish)
-    rows = [{"model": "twin (0-24) on 25-29", "steps": steps["twin"], **twin}]
+    path = ship(last["full"], out, args.minutes, args.then, steps["full"], twin, steps["twin"], args.finish,
+                flips)
+    rows = [{"model": "twin (0-24) on 25-29", "steps": steps["twin"], **twin},
+            {"model": "the same, 8 test-time flips", "steps": steps["twin"], **flips}]
     print(table(rows, [("model", "model", "s"), ("steps", "steps", "d"), ("pixel_error", "pixel error", ".4f"),
                        ("rand_f", "Rand-F", ".4f"), ("vi", "VI", ".3f")]))
     print(f"shipped {path} ({path.stat().st_size / 1e6:.1f} MB) after {time.monotonic() - start:.0f} s")
     write_json(args.json, {"minutes": args.minutes, "then_minutes": args.then, "finish_minutes": args.finish,
                            "steps": steps, "twin_held_out": twin,
+                           "twin_held_out_flips": flips,
                            "machine": platform.node(), "cpus": os.cpu_count(),
                            "model": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)})
     return 0
