@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="the folder of train-volume.tif and train-labels.tif")
     ap.add_argument("--out", default=str(ROOT / "models" / "starter"), help="where the shipped model goes")
     ap.add_argument("--work", default=None, help="where both are trained (default: a folder under /tmp); "
-                    "a finished stage 1 of the same --minutes found there is reused")
+                    "the finished earlier stages of the same recipe found there are reused")
     ap.add_argument("--finish", type=float, default=0.0,
                     help="stage 3: minutes of a third cycle from stage 2's weights that keeps the labels' drawing "
                     "convention through the flips (0: none; needs --then)")

@@ -10,7 +10,6 @@ import numpy as np
 from unet.augment import augment_patch
 from unet.config import AugmentConfig
 from unet.labels import IGNORE, labels_to_target
-from unet.labels import label_offset as label_offset_of
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
@@ -74,14 +73,11 @@ class PatchSampler:
 
     def __init__(self, images: list[np.ndarray], targets: list[np.ndarray], in_size: int, out_size: int,
                  augment: AugmentConfig, rng: np.random.Generator,
-                 weights: list[np.ndarray] | None = None, label_offset: tuple[float, float] | None = None):
-        """``label_offset``: the labels' drawing convention kept through flips (see :func:`augment_patch`);
-        None measures it on ``images`` and ``targets`` when ``augment`` asks for it (:attr:`label_offset`;
-        (0, 0) when there is nothing to measure)."""
+                 weights: list[np.ndarray] | None = None, label_offset: tuple[float, float] = (0.0, 0.0)):
+        """``label_offset``: the labels' drawing convention kept through flips (see :func:`augment_patch`;
+        the trainers measure or inherit it)."""
         self.in_size, self.out_size = in_size, out_size
-        if label_offset is None and augment.flips and augment.keep_label_offset:
-            label_offset = label_offset_of(images, targets)
-        self.label_offset = tuple(label_offset) if label_offset is not None else (0.0, 0.0)
+        self.label_offset = tuple(label_offset)
         self.offset = (in_size - out_size) // 2
         self.augment, self.rng = augment, rng
         pad = in_size

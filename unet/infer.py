@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from unet.augment import dihedral_vector
 from unet.data import normalize_image
 from unet.model import UNet
 from unet.sizes import output_size, valid_input_sizes
@@ -79,12 +80,9 @@ def _shift(x: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
 def _convention_move(offset: tuple[float, float], k: int, flip: bool) -> tuple[float, float]:
     """What a test-time flip does to a network that learned the labels' drawing convention ``offset``
     (:func:`unet.augment.augment_patch`): it draws the flipped tile's borders at ``offset`` there, which
-    is ``T⁻¹(offset)`` once flipped back; the returned move puts them back at ``offset``."""
-    dy, dx = offset
-    if flip:
-        dx = -dx
-    for _ in range(k % 4):  # the inverse quarter turn
-        dy, dx = dx, -dy
+    is ``T⁻¹(offset)`` once flipped back; the returned move puts them back at ``offset``. (A turn with the
+    flip is its own inverse; without it, the inverse turns the other way.)"""
+    dy, dx = dihedral_vector(offset, k if flip else -k % 4, flip)
     return offset[0] - dy, offset[1] - dx
 
 
