@@ -444,6 +444,15 @@ def test_the_live_rate_is_a_fine_tuning_rate_from_a_trained_start_and_a_held_rat
     assert live_config(base, trained=False).warmup_steps == 20 and live_config(base).max_seconds is None
 
 
+def test_a_live_session_runs_where_the_machine_is_fastest_not_where_its_start_was_trained():
+    """The starter's recipe (cpu-quick) names the CPU it trained on; a live session from it takes the
+    machine's accelerator when there is one ("auto"), and a device named for the session wins."""
+    base = preset("cpu-quick")
+    assert base.device == "cpu"
+    assert live_config(base).device == "auto" and live_config(base, trained=False).device == "auto"
+    assert live_config(base, device="cuda:1").device == "cuda:1"
+
+
 def test_a_live_session_with_a_moving_average_predicts_and_keeps_the_average(tmp_path):
     """With ``ema`` the overlay comes from the moving average of the weights and ``best.pt`` (what Predict
     and the Runs page use) holds that average; ``latest.pt`` keeps the newest weights to resume from."""

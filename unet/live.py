@@ -55,7 +55,10 @@ def live_config(base: TrainConfig, *, lr: float = 2e-4, device: str | None = Non
                 trained: bool = True, scratch_lr: float = 1e-3) -> TrainConfig:
     """The recipe of a live session from the recipe of the model it starts from: the same network, patches
     and augmentation, a learning rate held flat after 20 warm-up steps (a fine-tuning rate, at most ``lr``,
-    from ``trained`` weights; at most ``scratch_lr`` from untrained ones), no validation, no end.
+    from ``trained`` weights; at most ``scratch_lr`` from untrained ones), no validation, no end,
+    on the machine's accelerator when it has one (``device`` "auto" unless named: the recipe a model was
+    trained with names where that run trained, the starter's the CPU, which says nothing about where a
+    live session should run; on its device it yields to normal runs).
 
     The fine-tuning rate: strokes painted where a model is wrong are no sample of the stack, and at 1e-3
     they pulled the starter model off course (bench.loop on ISBI, K=10 disks of radius 8, four rounds:
@@ -71,7 +74,7 @@ def live_config(base: TrainConfig, *, lr: float = 2e-4, device: str | None = Non
     rate = min(lr, base.lr) if trained else min(scratch_lr, base.lr)
     return replace(base, lr=rate, warmup_steps=20, steps=10**12,
                    max_seconds=None, val_every=10**12, checkpoint_every=10**12, early_stop_patience=0,
-                   device=device or base.device)
+                   device=device or "auto")
 
 
 class LiveTrainer:
