@@ -348,7 +348,7 @@ def export_model(session: Session, store: FileStore, checkpoint_id: int, authors
                      f"checkpoint of {what}, trained with Neuroseg."),
         authors=authors or ["Neuroseg"], cite=[UNET_CITE, ISBI_CITE] if isbi else [UNET_CITE],
         pixel_size_nm=dataset.pixel_size_nm if dataset is not None else None,
-        documentation=_model_card(session, run, row, what))
+        documentation=_model_card(session, run, row, what, checkpoint.meta.get("label_offset")))
     try:
         data, _ = package_bytes(checkpoint, image, info)
     except PackageError as exc:
@@ -356,7 +356,7 @@ def export_model(session: Session, store: FileStore, checkpoint_id: int, authors
     return data, f"neuroseg-{'starter' if run.kind == 'starter' else f'run-{run.id}'}-{row.kind}.bioimageio.zip"
 
 
-def _model_card(session: Session, run: Run, row: Checkpoint, what: str) -> str:
+def _model_card(session: Session, run: Run, row: Checkpoint, what: str, label_offset=None) -> str:
     masks = [f"- {m.role}: {m.dataset} (dataset {m.dataset_id}), slice {m.slice}, mask version {m.version} "
              f"({m.kind})" for m in run_masks(session, run.id)]
     scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted((row.metrics or {}).items()) if isinstance(v, int | float))
@@ -368,4 +368,16 @@ def _model_card(session: Session, run: Run, row: Checkpoint, what: str) -> str:
                                      else "(not recorded)"]), "",
         "## Validation", "", scores or "(none recorded)", "",
         "## Use", "", "Input: one EM slice (any grey values; the package normalises it to zero mean and unit "
-        "variance). Output: the neuron probability (a sigmoid of the network's logits).", ""])
+        "variance). Output: the neuron probability (a sigmoid of the network's logits).", "",
+        "## Drawing convention", "", _convention(label_offset), ""])
+
+
+def _convention(label_offset) -> str:
+    """The exported card's words for where the model draws borders (``meta["label_offset"]``)."""
+    dy, dx = (float(v) for v in (label_offset or (0.0, 0.0)))
+    if not (dy or dx):
+        return "Borders are drawn where the image shows the membranes."
+    return (f"Its training labels sat {abs(dy):.2f} px {'above' if dy < 0 else 'below'} and {abs(dx):.2f} px "
+            f"{'left of' if dx < 0 else 'right of'} the membranes in the image, and the model learned to draw "
+            "borders there (its training flips kept that offset). Compare it with labels drawn the same way; "
+            "if you flip or rotate the input to average predictions, move each answer back by that offset.")

@@ -146,6 +146,9 @@ def test_the_app_exports_the_starter_model_for_the_signed_in_user(tmp_path, monk
     assert result.valid and result.tested, result.details
     rdf = zipfile.ZipFile(package).read("rdf.yaml").decode()
     assert "vic" in rdf and "10.3389/fnana.2015.00142" in rdf  # the signed-in author; the ISBI data cited
+    card = zipfile.ZipFile(package).read("README.md").decode()
+    convention = card.split("## Drawing convention")[1]  # ISBI's labels sit above the membranes: a consumer
+    assert "px above" in convention and "move each answer back" in convention  # must know where it draws
     assert [(r.username, r.action, r.outcome) for r in svc.audit_trail(action="export model")] == [
         ("vic", "export model", "ok")]
     back = load_package(package)
