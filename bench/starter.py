@@ -38,13 +38,14 @@ THEN_LR = 1e-3  # the second stage's peak learning rate (a third of cpu-quick's 
 FINISH_LR = 3e-4  # the third stage's
 
 
-def recipe(minutes: float, stage: int = 1):
+def recipe(minutes: float, stage: int = 1, convention_from: int = 1):
     """Stage 1: ``cpu-quick``'s network from random weights, the learning rate annealed over ``minutes``.
     Stage 2 (``--then``): a second cosine cycle from stage 1's last weights at a lower peak (a warm
-    restart), which is where the borders sharpen. Stage 3 (``--finish``): a third, gentler cycle in which
-    the flips keep the labels' drawing convention (``keep_label_offset``: ISBI's labels sit about 0.6 px
-    above the membranes, and a network that sees that offset turned eight ways learns none of it). The
-    shipped weights had stages 1 and 2 before that option existed, so the recipe keeps them without it."""
+    restart), which is where the borders sharpen. Stage 3 (``--finish``): a third, gentler cycle. From
+    stage ``convention_from`` on, the flips keep the labels' drawing convention (``keep_label_offset``:
+    ISBI's labels sit about 0.6 px above the membranes, and a network that sees that offset turned eight
+    ways learns none of it). Weights trained before that option existed had it only in stage 3
+    (``--convention-from 3`` reproduces them)."""
     from dataclasses import replace
 
     from unet.config import preset
@@ -54,10 +55,10 @@ def recipe(minutes: float, stage: int = 1):
              3: {"lr": FINISH_LR, "warmup_steps": 20, "seed": 2}}[stage]
     return preset("cpu-quick", steps=200_000, max_seconds=minutes * 60, checkpoint_every=500, val_every=10**9,
                   augment=replace(base.augment, intensity_p=0.9, noise_p=0.5, elastic_p=0.6,
-                                  keep_label_offset=stage == 3), **extra)
+                                  keep_label_offset=stage >= convention_from), **extra)
 
 
-def train_one(which: str, minutes: float, data: Path, out: Path, stage: int = 1) -> None:
+def train_one(which: str, minutes: float, data: Path, out: Path, stage: int = 1, convention_from: int = 1) -> None:
     """Train the twin (slices 0–24) or the full model (0–29) into ``out/which`` (stage 1) or, from the stage
     before, into ``out/which/stage2`` or ``stage3``."""
     import torch
@@ -70,7 +71,8 @@ def train_one(which: str, minutes: float, data: Path, out: Path, stage: int = 1)
     volume = read_stack(data / "train-volume.tif")
     labels = read_labels(data / "train-labels.tif", volume.shape)
     slices = [z for z in ALL if which == "full" or z not in HELD_OUT]
-    result = train(recipe(minutes, stage), TrainData.from_stack(volume, labels, slices, []), NullReporter(),
+    result = train(recipe(minutes, stage, convention_from), TrainData.from_stack(volume, labels, slices, []),
+                   NullReporter(),
                    out_dir=stage_dir(out, which, stage),
                    init_from=stage_dir(out, which, stage - 1) / "latest.pt" if stage > 1 else None)
     print(f"{which} stage {stage}: {result.reason} after {result.steps_done} steps", flush=True)
@@ -113,7 +115,8 @@ def score_only(data: Path, checkpoint: Path, json_path: str) -> int:
 
 
 def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin: dict[str, float],
-         twin_steps: int, finish: float = 0.0, flips: dict[str, float] | None = None) -> Path:
+         twin_steps: int, finish: float = 0.0, flips: dict[str, float] | None = None,
+         convention_from: int = 1) -> Path:
     """Write the full model's last weights (no optimiser state) and its model card into ``out``."""
     from unet.checkpoint import load_checkpoint, save_checkpoint
     from unet.postprocess import DEFAULT_METHOD
@@ -127,13 +130,11 @@ def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin
     params = sum(p.numel() for p in model.parameters())
     (out / "MODEL_CARD.md").write_text(CARD.format(
         name=NAME, params=params, size_mb=path.stat().st_size / 1e6, steps=steps,
-        schedule=f"{minutes:g} minutes" + (f" plus a second cycle of {then:g} minutes from those weights at a "
-                                           f"peak learning rate of {THEN_LR:g} (a warm restart)" if then else "")
-        + (f", then a third of {finish:g} minutes at {FINISH_LR:g} in which the flips keep the labels' drawing "
-           "convention" if finish else ""),
+        schedule=schedule_text(minutes, then, finish, convention_from),
         command=f"--minutes {minutes:g}" + (f" --then {then:g}" if then else "")
-        + (f" --finish {finish:g}" if finish else ""),
-        offset=convention_text(meta["label_offset"]),
+        + (f" --finish {finish:g}" if finish else "")
+        + (f" --convention-from {convention_from}" if convention_from != 1 else ""),
+        offset=convention_text(meta["label_offset"], convention_from),
         flips_line=(f"; with the 8 test-time flips, pixel error **{flips['pixel_error']:.4f}**, Rand-F "
                     f"**{flips['rand_f']:.3f}**, VI **{flips['vi']:.3f}**" if flips else ""),
         target=target_text(twin, flips),
@@ -144,13 +145,31 @@ def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin
     return path
 
 
-def convention_text(offset) -> str:
+def schedule_text(minutes: float, then: float, finish: float, convention_from: int = 1) -> str:
+    """The card's words for the cycles and for which of them kept the labels' drawing convention."""
+    cycles = [f"{minutes:g} minutes"]
+    if then:
+        cycles.append(f"a second cycle of {then:g} minutes from those weights at a peak learning rate of "
+                      f"{THEN_LR:g} (a warm restart)")
+    if finish:
+        cycles.append(f"a third of {finish:g} minutes at {FINISH_LR:g}")
+    text = " plus ".join(cycles[:2]) + (f", then {cycles[2]}" if len(cycles) > 2 else "")
+    if convention_from == 1:
+        return text + ", the flips keeping the labels' drawing convention throughout"
+    if convention_from <= len(cycles):
+        which = {2: "the second and third cycles" if finish else "the second cycle", 3: "the third cycle"}
+        return text + f", the flips keeping the labels' drawing convention in {which[convention_from]}"
+    return text
+
+
+def convention_text(offset, convention_from: int = 1) -> str:
     dy, dx = offset
     if not (dy or dx):
         return "none kept: the network draws borders where the image has them."
     return (f"the ISBI labels sit {abs(dy):.2f} px {'above' if dy < 0 else 'below'} and {abs(dx):.2f} px "
             f"{'left of' if dx < 0 else 'right of'} the membranes in the image (`bench.offset`), and this network "
-            "learned to draw them so: the flips of its last cycle kept that offset (`keep_label_offset`), and so do "
+            f"learned to draw them so: the flips of {'its training' if convention_from == 1 else 'its later cycles'} "
+            "kept that offset (`keep_label_offset`), and so do "
             "its test-time flips. A fine-tune keeps it until a fully painted slice shows the lab's own convention.")
 
 
@@ -185,8 +204,8 @@ prediction on a new stack takes seconds and no painting. Every page that picks a
 - **Data**: the ISBI 2012 EM segmentation challenge training stack (30 × 512², Drosophila first-instar
   larva ventral nerve cord, ssTEM, 4 × 4 × 50 nm). Cardona et al. 2010, PLoS Biol 8(10):e1000502;
   Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142. The data is not in the repository.
-- **Recipe**: {schedule} on one CPU thread ({steps:,} steps of 4 patches of 160²), the learning
-  rate annealed over each cycle; flips and rotations, elastic deformation, strong brightness, contrast,
+- **Recipe**: {schedule}; on one CPU thread ({steps:,} steps of 4 patches of 160²), the learning
+  rate annealed over each cycle's time; flips and rotations, elastic deformation, strong brightness, contrast,
   gamma and noise changes (other labs' stacks differ most in those). Last weights, no checkpoint picked.
 - **Drawing convention**: {offset}
 - **Made by**: `python -m bench.starter {command}` ({machine}).
@@ -205,7 +224,7 @@ Recipe as stored with the weights:
 """
 
 
-def _stage_done(work: Path, which: str, stage: int, minutes: float) -> bool:
+def _stage_done(work: Path, which: str, stage: int, minutes: float, convention: bool) -> bool:
     """Whether ``work`` already holds this stage of this recipe, finished (a longer run reuses it)."""
     from unet.checkpoint import load_checkpoint
 
@@ -213,8 +232,9 @@ def _stage_done(work: Path, which: str, stage: int, minutes: float) -> bool:
     if not path.is_file():
         return False
     meta = load_checkpoint(path).meta
-    return (meta.get("train_config") or {}).get("max_seconds") == minutes * 60 and \
-        float(meta.get("seconds", 0)) >= minutes * 60
+    config = meta.get("train_config") or {}
+    return config.get("max_seconds") == minutes * 60 and float(meta.get("seconds", 0)) >= minutes * 60 and \
+        bool((config.get("augment") or {}).get("keep_label_offset")) == convention
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finish", type=float, default=0.0,
                     help="stage 3: minutes of a third cycle from stage 2's weights that keeps the labels' drawing "
                     "convention through the flips (0: none; needs --then)")
+    ap.add_argument("--convention-from", type=int, choices=[1, 2, 3], default=1,
+                    help="the first cycle whose flips keep the labels' drawing convention (default 1: all; the "
+                    "weights shipped before the option existed were trained with 3)")
     ap.add_argument("--only", choices=["twin", "full"], help="train one of the two, then stop")
     ap.add_argument("--stage", type=int, choices=[1, 2, 3], default=1, help=argparse.SUPPRESS)
     ap.add_argument("--score", metavar="CHECKPOINT", help="only score a twin's weights on 25-29 (both ways to "
@@ -247,15 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     minutes = {1: args.minutes, 2: args.then, 3: args.finish}
     if args.only:
         for stage in range(1, args.stage + 1):  # the last stage always trains; earlier ones are reused
-            if stage == args.stage or not _stage_done(work, args.only, stage, minutes[stage]):
-                train_one(args.only, minutes[stage], data, work, stage=stage)
+            if stage == args.stage or not _stage_done(work, args.only, stage, minutes[stage],
+                                                      stage >= args.convention_from):
+                train_one(args.only, minutes[stage], data, work, stage=stage, convention_from=args.convention_from)
         return 0
     start = time.monotonic()
     last_stage = 3 if args.finish > 0 else 2 if args.then > 0 else 1
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "bench.starter", "--only", which, "--minutes",
                                str(args.minutes), "--then", str(args.then), "--finish", str(args.finish),
-                               "--stage", str(last_stage), "--data", str(data), "--work", str(work)],
+                               "--stage", str(last_stage), "--convention-from", str(args.convention_from),
+                               "--data", str(data), "--work", str(work)],
                               cwd=ROOT, env=env)
              for which in ("twin", "full")]
     if any(p.wait() != 0 for p in procs):
@@ -269,13 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = ship(last["full"], out, args.minutes, args.then, steps["full"], twin, steps["twin"], args.finish,
-                flips)
+                flips, args.convention_from)
     rows = [{"model": "twin (0-24) on 25-29", "steps": steps["twin"], **twin},
             {"model": "the same, 8 test-time flips", "steps": steps["twin"], **flips}]
     print(table(rows, [("model", "model", "s"), ("steps", "steps", "d"), ("pixel_error", "pixel error", ".4f"),
                        ("rand_f", "Rand-F", ".4f"), ("vi", "VI", ".3f")]))
     print(f"shipped {path} ({path.stat().st_size / 1e6:.1f} MB) after {time.monotonic() - start:.0f} s")
     write_json(args.json, {"minutes": args.minutes, "then_minutes": args.then, "finish_minutes": args.finish,
+                           "convention_from": args.convention_from,
                            "steps": steps, "twin_held_out": twin,
                            "twin_held_out_flips": flips,
                            "machine": platform.node(), "cpus": os.cpu_count(),
