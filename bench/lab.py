@@ -36,21 +36,15 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ROOT, labelled_stack, table, write_json
-from bench.loop import _start_folder, _wait, score
-
-POLL_S = 0.5
+from bench.loop import _start_folder, _wait, open_live, save_mask, score
 
 
 def predict(checkpoint: Path, volume: np.ndarray, slices: list[int]) -> list[np.ndarray]:
     """A checkpoint's neuron probabilities of ``slices`` (what Predict does, without test-time flips)."""
-    import torch
-
     from unet.checkpoint import load_checkpoint
-    from unet.infer import predict_slice
+    from unet.infer import predict_stack
 
-    model = load_checkpoint(checkpoint).build_model("cpu").eval()
-    with torch.inference_mode():
-        return [predict_slice(model, volume[z], device=torch.device("cpu")) for z in slices]
+    return list(predict_stack(load_checkpoint(checkpoint).build_model("cpu"), volume, slices))
 
 
 def forest_scores(volume: np.ndarray, targets: np.ndarray, corrected: list[int], held: list[int],
@@ -87,30 +81,14 @@ def forest_scores(volume: np.ndarray, targets: np.ndarray, corrected: list[int],
 def live_scores(args, volume_path: Path, volume: np.ndarray, targets: np.ndarray, corrected: list[int],
                 held: list[int]) -> dict:
     """The live session from ``--start`` after the corrected slices are saved, scored at each checkpoint."""
-    from storage import datasets
-    from storage.service import Neuroseg
-    from storage.settings import Settings
-    from ui.annotation import Draft
     from unet.checkpoint import load_checkpoint, side_file
 
     work = Path(tempfile.mkdtemp(prefix="neuroseg-lab-"))
-    os.environ["NEUROSEG_STARTER_DIR"] = str(_start_folder(args.start, work))
-    svc = Neuroseg(Settings.from_env(work / "data"))
+    svc = None
     try:
-        with svc.sessions.begin() as s:
-            ds = datasets.import_dataset(s, svc.store, volume_path, name="lab").id
-        start = svc.checkpoint_choices()[0]
-        session, _ = svc.live_start(ds, start.id, "annotator")
-        run_id = session.run_id
-        _wait("the live worker", lambda: svc.run(run_id).status == "RUNNING")
-        saved = None
+        svc, ds, run_id = open_live(args.start, volume_path, work)
         for z in corrected:
-            draft = Draft.begin(svc.draft_start(ds, z, "nothing"))
-            edit = targets[z].astype(np.uint8)
-            edit.setflags(write=False)
-            draft.working = edit
-            draft.revision += 1
-            saved = svc.save_draft(draft, "annotator", owner="annotator")
+            saved = save_mask(svc, ds, z, targets[z])
         t_saved = time.monotonic()
         svc.live_see(run_id, "annotator", corrected[-1])
         _wait("the live overlay to include both saves", lambda: (
@@ -128,7 +106,10 @@ def live_scores(args, volume_path: Path, volume: np.ndarray, targets: np.ndarray
 
         while True:
             left = deadline - time.monotonic()
-            last = left <= 0 or not _poll(fresh, left)
+            try:
+                last = left <= 0 or not _wait("a checkpoint", fresh, timeout=left)
+            except TimeoutError:
+                last = True
             if last:
                 svc.live_stop(run_id)
                 _wait("the session to end", lambda: not svc.run(run_id).active, timeout=120)
@@ -146,17 +127,9 @@ def live_scores(args, volume_path: Path, volume: np.ndarray, targets: np.ndarray
                 break
         return {"run_id": run_id, "learned_both_s": learned_s, "checkpoints": rows}
     finally:
-        svc.close()
+        if svc is not None:
+            svc.close()
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _poll(ready, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            return True
-        time.sleep(POLL_S)
-    return False
 
 
 def ahead(unet: dict, forest: dict) -> bool:

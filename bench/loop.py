@@ -126,25 +126,45 @@ def _wait(what: str, get, timeout: float = 600.0):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], held: list[int]) -> dict:
+def open_live(start: str, volume_path: Path, work: Path):
+    """A service on a new store in ``work``, the stack imported as a dataset and a live session on it from
+    ``start`` (random, starter or a checkpoint file), its worker running: ``(svc, dataset_id, run_id)``."""
     from storage import datasets
     from storage.service import Neuroseg
     from storage.settings import Settings
+
+    os.environ["NEUROSEG_STARTER_DIR"] = str(_start_folder(start, work))
+    svc = Neuroseg(Settings.from_env(work / "data"))
+    with svc.sessions.begin() as s:
+        ds = datasets.import_dataset(s, svc.store, volume_path, name=work.name).id
+    if start == "random":
+        session, _ = svc.live_start(ds, None, "annotator", scratch=True)
+    else:
+        session, _ = svc.live_start(ds, svc.checkpoint_choices()[0].id, "annotator")
+    _wait("the live worker", lambda: svc.run(session.run_id).status == "RUNNING")
+    return svc, ds, session.run_id
+
+
+def save_mask(svc, ds: int, z: int, mask: np.ndarray):
+    """Save ``mask`` (training targets, IGNORE where unlabelled) as slice z's next mask version, as the
+    Annotate page's Save does with a draft."""
     from ui.annotation import Draft
+
+    draft = Draft.begin(svc.draft_start(ds, z, "latest" if svc.history(ds, z) else "nothing"))
+    edit = mask.astype(np.uint8)
+    edit.setflags(write=False)
+    draft.working = edit
+    draft.revision += 1
+    return svc.save_draft(draft, "annotator", owner="annotator")
+
+
+def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], held: list[int]) -> dict:
     from unet.labels import IGNORE
 
     work = Path(tempfile.mkdtemp(prefix="neuroseg-loop-"))
-    os.environ["NEUROSEG_STARTER_DIR"] = str(_start_folder(args.start, work))
-    svc = Neuroseg(Settings.from_env(work / "data"))
+    svc = None
     try:
-        with svc.sessions.begin() as s:
-            ds = datasets.import_dataset(s, svc.store, volume_path, name="loop").id
-        if args.start == "random":
-            session, _ = svc.live_start(ds, None, "annotator", scratch=True)
-        else:
-            session, _ = svc.live_start(ds, svc.checkpoint_choices()[0].id, "annotator")
-        run_id = session.run_id
-        _wait("the live worker", lambda: svc.run(run_id).status == "RUNNING")
+        svc, ds, run_id = open_live(args.start, volume_path, work)
         painted = {z: np.zeros(targets.shape[1:], bool) for z in order}
         rows, latencies = [], []
         began = time.monotonic()
@@ -163,12 +183,7 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
             seen = _wait(f"a live prediction of slice {z}", fresh(z, t_look))
             centres = wrong_regions(seen.probabilities, targets[z], painted[z], args.k, args.radius)
             paint(painted[z], centres, args.radius)
-            draft = Draft.begin(svc.draft_start(ds, z, "latest" if svc.history(ds, z) else "nothing"))
-            edit = np.where(painted[z], targets[z], IGNORE).astype(np.uint8)
-            edit.setflags(write=False)
-            draft.working = edit
-            draft.revision += 1
-            saved = svc.save_draft(draft, "annotator", owner="annotator")
+            saved = save_mask(svc, ds, z, np.where(painted[z], targets[z], IGNORE))
             t_save = time.monotonic()
             _wait("the live overlay to include the save", lambda z=z, mask=saved.id: (
                 p := svc.live_prediction(run_id, z)) is not None and p.masks_seen >= mask)
@@ -193,7 +208,8 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
         return {"rounds": rows, "save_to_overlay_s": {"median": statistics.median(latencies), "max": max(latencies),
                                                        "all": latencies}}
     finally:
-        svc.close()
+        if svc is not None:
+            svc.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -163,11 +163,12 @@ def schedule_text(minutes: float, then: float, finish: float, convention_from: i
 
 
 def convention_text(offset, convention_from: int = 1) -> str:
-    dy, dx = offset
-    if not (dy or dx):
+    from unet.labels import offset_words
+
+    where = offset_words(offset)
+    if where is None:
         return "none kept: the network draws borders where the image has them."
-    return (f"the ISBI labels sit {abs(dy):.2f} px {'above' if dy < 0 else 'below'} and {abs(dx):.2f} px "
-            f"{'left of' if dx < 0 else 'right of'} the membranes in the image (`bench.offset`), and this network "
+    return (f"the ISBI labels sit {where} the membranes in the image (`bench.offset`), and this network "
             f"learned to draw them so: the flips of {'its training' if convention_from == 1 else 'its later cycles'} "
             "kept that offset (`keep_label_offset`), and so do "
             "its test-time flips. A fine-tune keeps it until a fully painted slice shows the lab's own convention.")

@@ -374,10 +374,11 @@ def _model_card(session: Session, run: Run, row: Checkpoint, what: str, label_of
 
 def _convention(label_offset) -> str:
     """The exported card's words for where the model draws borders (``meta["label_offset"]``)."""
-    dy, dx = (float(v) for v in (label_offset or (0.0, 0.0)))
-    if not (dy or dx):
+    from unet.labels import offset_words
+
+    where = offset_words(label_offset)
+    if where is None:
         return "Borders are drawn where the image shows the membranes."
-    return (f"Its training labels sat {abs(dy):.2f} px {'above' if dy < 0 else 'below'} and {abs(dx):.2f} px "
-            f"{'left of' if dx < 0 else 'right of'} the membranes in the image, and the model learned to draw "
+    return (f"Its training labels sat {where} the membranes in the image, and the model learned to draw "
             "borders there (its training flips kept that offset). Compare it with labels drawn the same way; "
             "if you flip or rotate the input to average predictions, move each answer back by that offset.")

@@ -117,6 +117,16 @@ def is_dense(target: np.ndarray) -> bool:
     return bool(np.mean(target != IGNORE) >= DENSE and 0 < np.mean(target == MEMBRANE) < 1)
 
 
+def offset_words(offset) -> str | None:
+    """Where labels drawn with ``offset`` (dy, dx) sit against the membranes, in words ("0.57 px above and
+    0.17 px left of"); None for no offset."""
+    dy, dx = (float(v) for v in (offset or (0.0, 0.0)))
+    if not (dy or dx):
+        return None
+    return (f"{abs(dy):.2f} px {'above' if dy < 0 else 'below'} and {abs(dx):.2f} px "
+            f"{'left of' if dx < 0 else 'right of'}")
+
+
 def agreed_offset(found: list[tuple[float, float]]) -> tuple[float, float] | None:
     """One convention from the slices' offsets: their median, None when there are none or they disagree
     (:data:`SPREAD`), (0, 0) when under :data:`SMALLEST`."""
