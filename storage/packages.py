@@ -1,19 +1,45 @@
 """BioImage.IO packages in and out of the store. Out: :func:`storage.runs.export_model`. In: an uploaded
 ``.zip`` becomes a checkpoint (a finished run of kind ``imported``) that Predict, Live and "Start from"
-offer like any other, after checks that leave nothing behind when one fails:
+offer like any other, after checks that leave nothing behind when one fails. A package is hostile until
+shown otherwise: its Python is never imported, no URL it names is fetched, and its TorchScript is loaded
+in the server only after a sandboxed child process accepted it.
 
 1. the zip itself: no member outside the package (absolute paths, ``..``, links), at most 2,000 members,
    at most 4 GB unpacked and no member that unpacks to more than 200 times its size (a zip bomb);
-2. ``bioimageio.spec`` validates its ``rdf.yaml`` (a model description);
-3. its tensors: one input and one output, each one channel and two space axes (a 3-D or multi-input model
+2. its ``rdf.yaml`` is at most 1 MiB and its YAML tokens (scanned, nothing built) hold no anchor or alias
+   (a "billion laughs" of a few kB would keep validation busy for hours) and nest at most 64 deep; only
+   then ``bioimageio.spec`` validates it (a model description) with ``perform_io_checks=False``:
+   it fetches nothing (a URL there would be a request from the server to wherever it points);
+3. every file it names is a regular file inside the package with the SHA-256 the description gives
+   (:func:`unet.bioimageio.package_files`; what the spec's I/O checks would have done, locally); a cover or
+   documentation by URL stays unread, weights or test tensors by URL are refused;
+4. its tensors: one input and one output, each one channel and two space axes (a 3-D or multi-input model
    is refused, saying what it has);
-4. its weights: the state dict of a package Neuroseg exported (read with ``weights_only=True``; it round-
-   trips exactly), or the TorchScript weights of another tool's package, run with its own pre-processing
-   (zero mean and unit variance, or percentile scaling) and read as a probability or its logits
-   (:class:`unet.bioimageio.ForeignModel`; a boundary map is inverted). A state dict of another tool would
-   run the package's Python code (its architecture file) and is refused; a TorchScript import predicts
-   but cannot be fine-tuned (no state dict);
-5. ``bioimageio.core``'s model test on the package's own test tensors passes.
+5. its weights, and its own model test:
+   - a package Neuroseg exported (``config.neuroseg``): its state dict, read with ``weights_only=True``,
+     goes into our own architecture (never the package's ``.py``, which may be anything), and our model
+     must give its test output for its test input (:func:`unet.bioimageio.check_test_tensors`);
+   - a package of ours must ask for a network of at most 256 initial features and 16 channels each way
+     (:class:`unet.config.ModelConfig`), whose state dict's keys and shapes are checked against the
+     architecture built on the ``meta`` device (nothing allocated) and which has at most 200 M parameters
+     (:func:`unet.checkpoint.check_state_dict`), before the network is built for real;
+   - another tool's TorchScript: :func:`unet.torchscript_guard.check` loads it in a child process (no
+     network, bounded memory, time and file writes, as ``nobody`` when the server is root), after reading
+     its archive with PyTorch's own zip reader and Python's (they must agree; no ``__setstate__``), refuses
+     any operator outside its allowlist (``aten::from_file`` reads server files, ``aten::save`` writes them)
+     and runs its test there, with its own pre-processing (zero mean and unit variance, or percentile
+     scaling); it is then read as a probability or its logits (:class:`unet.bioimageio.ForeignModel`; a
+     boundary map is inverted) and predicts but cannot be fine-tuned (no state dict); the verdict is kept
+     beside the stored file, which :func:`unet.checkpoint.load_checkpoint` checks the same way when it has
+     none (a model imported before the check);
+   - another tool's state dict would run the package's Python code (its architecture file) and is refused.
+
+``bioimageio.core``'s ``test_model`` is not called on an upload: on state-dict weights it imports the
+package's architecture file into the calling process.
+
+What remains: a foreign TorchScript model that passed runs, in the prediction worker, on real slices
+without the check's bounds (its operators are tensor arithmetic, but its memory and time there are not
+limited, and it runs in the worker's process as the server's user).
 """
 
 from __future__ import annotations
@@ -104,13 +130,18 @@ WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript", "onnx", "keras_hdf5", "ke
 
 def precheck(rdf: Path) -> None:
     """What the rdf.yaml says before anything is loaded: a model, one input and one output of two space
-    axes and one channel, weights in a format Neuroseg runs; :class:`PackageRefused` says what it found."""
-    import yaml
+    axes and one channel, weights in a format Neuroseg runs; :class:`PackageRefused` says what it found.
+    The file is read only when it is at most 1 MiB and has no YAML anchor or alias
+    (:func:`unet.bioimageio.read_rdf`): nothing else (nor ``bioimageio.spec`` after it) parses it before."""
+    from unet.bioimageio import MAX_RDF_BYTES, PackageError, read_rdf
 
+    size = rdf.stat().st_size
+    if size > MAX_RDF_BYTES:
+        raise PackageRefused(f"its rdf.yaml has {size:,} bytes (at most {MAX_RDF_BYTES:,} are read)")
     try:
-        data = yaml.safe_load(rdf.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise PackageRefused(f"its rdf.yaml cannot be read: {exc}") from None
+        data = read_rdf(rdf.read_bytes())
+    except PackageError as exc:
+        raise PackageRefused(str(exc)) from None
     if not isinstance(data, dict) or data.get("type") != "model":
         raise PackageRefused(f"it describes a {data.get('type') if isinstance(data, dict) else 'nothing'}, "
                              "not a model")
@@ -143,12 +174,12 @@ def precheck(rdf: Path) -> None:
 
 
 def describe_and_check(rdf: Path):
-    """The model description, validated, of one channel in and out (after :func:`precheck`), or
-    :class:`PackageRefused`."""
+    """The model description, validated without any I/O (no URL it names is fetched; :func:`import_package`
+    checks its files itself), of one channel in and out (after :func:`precheck`), or :class:`PackageRefused`."""
     from bioimageio.spec import InvalidDescr, load_description
     from bioimageio.spec.model import v0_5
 
-    description = load_description(rdf, perform_io_checks=True, format_version="latest")
+    description = load_description(rdf, perform_io_checks=False, format_version="latest")  # (no fetch)
     if isinstance(description, InvalidDescr):
         problems = [f"{'.'.join(map(str, e.loc))}: {e.msg}" for d in description.validation_summary.details
                     for e in d.errors][:5]
@@ -164,11 +195,15 @@ def describe_and_check(rdf: Path):
     return description
 
 
-def import_package(session: Session, store: FileStore, upload: BinaryIO, filename: str) -> Imported:
+def import_package(session: Session, store: FileStore, upload: BinaryIO, filename: str, *,
+                   memory_mb: int | None = None, seconds: int | None = None) -> Imported:
     """Check an uploaded package (see the module) and keep it as a checkpoint; nothing stays when a check
-    fails (the caller's transaction is rolled back, the unpacked files are removed)."""
-    from unet.bioimageio import PackageError, load_package
+    fails (the caller's transaction is rolled back, the unpacked files are removed). ``memory_mb`` and
+    ``seconds`` bound the check of a foreign TorchScript model (:mod:`unet.torchscript_guard`'s defaults)."""
+    from unet.bioimageio import PackageError, check_test_tensors, load_package, local_file, package_files
     from unet.checkpoint import save_checkpoint
+    from unet.torchscript_guard import TorchScriptRefused
+    from unet.torchscript_guard import check as check_torchscript
 
     with tempfile.TemporaryDirectory(dir=store.root / "tmp" if (store.root / "tmp").is_dir() else None) as tmp:
         folder = Path(tmp)
@@ -187,33 +222,33 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
         formats = [f for f in WEIGHT_FORMATS if getattr(description.weights, f, None) is not None]
         ours = bool((description.config.model_extra or {}).get("neuroseg") if description.config else None)
         foreign = None
-        if ours:
-            try:
+        try:
+            package_files(description, unpacked)  # every file it holds is the one it describes
+            tensors = (description.inputs[0].test_tensor, description.outputs[0].test_tensor)
+            if any(t is None for t in tensors):
+                raise PackageRefused("it has no test input and output: Neuroseg takes a model only after it gave "
+                                     "its own test output")
+            test_input, test_output = (local_file(t, unpacked) for t in tensors)
+            if ours:  # our architecture, its weights (weights_only): no Python of the package's runs
                 checkpoint = load_package(spooled)
-            except PackageError as exc:
-                raise PackageRefused(str(exc)) from None
-        elif "torchscript" in formats:
-            from unet.bioimageio import foreign_plan
+                check_test_tensors(checkpoint, test_input, test_output)
+            elif "torchscript" in formats:
+                from unet.bioimageio import foreign_plan
 
-            try:
                 config, plan = foreign_plan(description)
-            except PackageError as exc:
-                raise PackageRefused(str(exc)) from None
-            source = description.weights.torchscript.source
-            weights = unpacked / str(getattr(source, "path", source))
-            if not weights.is_file():
-                weights = rdf.parent / Path(str(source)).name
-            foreign = (config, plan, weights)
-        else:
-            raise PackageRefused(f"its weights ({', '.join(formats)}) are a state dict of another tool, whose "
-                                 "architecture is Python code in the package: Neuroseg does not run it (a "
-                                 "TorchScript export of the same model is taken)")
-        from bioimageio.core import test_model
-
-        tested = test_model(rdf)
-        if tested.status != "passed":
-            failed = [f"{d.name}: {'; '.join(str(e.msg) for e in d.errors)}" for d in tested.details if d.errors]
-            raise PackageRefused("it fails its own model test: " + " | ".join(failed[:3]))
+                weights = local_file(description.weights.torchscript, unpacked)
+                checked = sha256_of(weights)
+                verdict = check_torchscript(weights, test_input, test_output, plan, memory_mb=memory_mb,
+                                            seconds=seconds)
+                if verdict.sha256 != checked:
+                    raise PackageRefused("its TorchScript file changed while it was checked")
+                foreign = (config, plan, weights, checked, verdict.ops)
+            else:
+                raise PackageRefused(f"its weights ({', '.join(formats)}) are a state dict of another tool, whose "
+                                     "architecture is Python code in the package: Neuroseg does not run it (a "
+                                     "TorchScript export of the same model is taken)")
+        except (PackageError, TorchScriptRefused) as exc:
+            raise PackageRefused(str(exc)) from None
         now = datetime.now(UTC)
         name = str(description.name)
         spec = {"preset": "imported", "train": [], "val": [], "source": filename[:200], "package": name,
@@ -228,11 +263,14 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             if foreign:
-                from unet.checkpoint import load_checkpoint, save_torchscript
+                from unet.checkpoint import load_checkpoint, record_torchscript_check, save_torchscript
 
                 save_torchscript(target, foreign[2], foreign[0], {"kind": "best", "step": 0, "package": foreign[1],
                                                                    "imported_from": filename[:200]})
-                load_checkpoint(target).build_model("cpu")  # it loads, or the reason
+                if sha256_of(target) != foreign[3]:
+                    raise PackageRefused("its TorchScript file changed after it was checked")
+                record_torchscript_check(target, foreign[3], foreign[4])  # (loads do not check it again)
+                load_checkpoint(target).build_model("cpu")  # (accepted by the check): it loads, or the reason
             else:
                 save_checkpoint(target, checkpoint.build_model("cpu"),
                                 meta={**checkpoint.meta, "kind": "best", "imported_from": filename[:200]})

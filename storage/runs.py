@@ -357,13 +357,20 @@ def export_model(session: Session, store: FileStore, checkpoint_id: int, authors
 
 
 def _model_card(session: Session, run: Run, row: Checkpoint, what: str, label_offset=None) -> str:
-    masks = [f"- {m.role}: {m.dataset} (dataset {m.dataset_id}), slice {m.slice}, mask version {m.version} "
-             f"({m.kind})" for m in run_masks(session, run.id)]
+    """The exported README (Markdown, which model hubs render with HTML): every piece of user text (the
+    model's name and notes, dataset names) through ``card_text``, the recipe in a code block no text in it
+    can close, so that no tag, image or link reaches a reader from what a user typed."""
+    from unet.bioimageio import card_text, code_block
+
+    masks = [f"- {m.role}: {card_text(m.dataset)} (dataset {m.dataset_id}), slice {m.slice}, mask version "
+             f"{m.version} ({m.kind})" for m in run_masks(session, run.id)]
     scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted((row.metrics or {}).items()) if isinstance(v, int | float))
+    named = [f"**{card_text(row.name)}**", ""] if row.name else []
+    notes = ["## Notes", "", card_text(row.notes, lines=True), ""] if row.notes else []
     return "\n".join([
-        f"# Neuroseg: {what}", "",
-        f"The {row.kind} checkpoint (step {row.step}) of {what}, exported from Neuroseg.", "",
-        "## Recipe", "", "```json", json.dumps(run.config, indent=2, default=str), "```", "",
+        f"# Neuroseg: {what}", "", *named,
+        f"The {row.kind} checkpoint (step {row.step}) of {what}, exported from Neuroseg.", "", *notes,
+        "## Recipe", "", code_block(json.dumps(run.config, indent=2, default=str), "json"), "",
         "## Trained on", "", *(masks or ["(the model card of the starter model says)" if run.kind == "starter"
                                      else "(not recorded)"]), "",
         "## Validation", "", scores or "(none recorded)", "",

@@ -1,7 +1,9 @@
 """Models that travel: a checkpoint exported as a BioImage.IO package passes ``bioimageio.spec``'s
 validation and ``bioimageio.core``'s model test (offline), its TorchScript weights give what the app's
 own inference gives, and the package read back predicts exactly what the checkpoint does (the command
-line too)."""
+line too). An import checks a package with our own code (its files and their sha256, our model on its test
+tensors, another tool's TorchScript in :mod:`unet.torchscript_guard`'s child process); hostile packages
+are in ``test_hostile_packages.py``."""
 
 from __future__ import annotations
 
@@ -166,16 +168,19 @@ def _rezip(source: Path, target: Path, change) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, stack):
+def small_export(folder: Path, image: np.ndarray) -> Path:
+    """A tiny U-Net (same padding, batch norm) exported as a package into ``folder``: its path."""
     torch.manual_seed(1)
     model = UNet(ModelConfig(depth=2, initial_features=4, padding="same", batch_norm=True))
-    folder = tmp_path_factory.mktemp("exported")
     save_checkpoint(folder / "best.pt", model, meta={"step": 3, "kind": "best"})
     out = folder / "model.zip"
-    export_package(load_checkpoint(folder / "best.pt"), stack[0], ExportInfo("Round trip model", "A tiny U-Net."),
-                   out)
+    export_package(load_checkpoint(folder / "best.pt"), image, ExportInfo("Round trip model", "A tiny U-Net."), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, stack):
+    return small_export(tmp_path_factory.mktemp("exported"), stack[0])
 
 
 @pytest.fixture
@@ -247,7 +252,10 @@ def _three_d(rdf):
 
 
 def _two_inputs(rdf):
-    rdf["inputs"].append({**rdf["inputs"][0], "id": "second"})
+    import copy
+
+    # (a deep copy: yaml.safe_dump writes an object met twice as an anchor and an alias, which an import refuses)
+    rdf["inputs"].append({**copy.deepcopy(rdf["inputs"][0]), "id": "second"})
 
 
 def _onnx_only(rdf):
@@ -269,6 +277,7 @@ def _wrong_output(rdf):
     ("two inputs", "2 inputs and 1 outputs"),
     ("onnx", r"weights \(onnx\) are neither TorchScript nor a PyTorch state dict"),
     ("fails its test", "fails its own model test"),
+    ("changed file", "'test_output.npy' is not the file its rdf.yaml describes"),
 ])
 def test_each_refused_package_says_what_was_found_and_leaves_nothing(service, exported, tmp_path, case, message):
     bad = tmp_path / "bad.zip"
@@ -290,6 +299,8 @@ def test_each_refused_package_says_what_was_found_and_leaves_nothing(service, ex
         _rezip(exported, bad, _rdf_edit(_two_inputs))
     elif case == "onnx":
         _rezip(exported, bad, _rdf_edit(_onnx_only))
+    elif case == "changed file":  # its sha256 in rdf.yaml still that of the original
+        _rezip(exported, bad, lambda n, d: (n, d[:-4] + bytes(4)) if n == "test_output.npy" else (n, d))
     elif case == "fails its test":
         edit = _rdf_edit(_wrong_output)
 
@@ -354,23 +365,19 @@ def _scale_range(x: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.ndarray
     return ((x - a) / (b - a + 1e-6)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def foreign_package(tmp_path_factory, stack):
+def torchscript_package(folder: Path, model_file: Path, raw: np.ndarray, out: np.ndarray,
+                        name: str = "Another tools boundary model") -> Path:
+    """Another tool's package around a saved TorchScript file: percentile scaling in, a boundary map out,
+    ``raw`` (Y×X) and ``out`` (1×1×Y×X) as its test tensors; the zip's path."""
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model import v0_5 as bio
 
-    folder = tmp_path_factory.mktemp("foreign")
-    model = _Boundary().eval()
-    torch.jit.script(model).save(str(folder / "model.pt"))
-    raw = stack[0][:64, :64].astype(np.float32)
-    with torch.no_grad():
-        out = model(torch.from_numpy(_scale_range(raw)[None, None])).numpy()
-    np.save(folder / "in.npy", raw[None, None])
+    np.save(folder / "in.npy", raw[None, None].astype(np.float32))
     np.save(folder / "out.npy", out)
     (folder / "README.md").write_text("# Boundaries\n")
     size = bio.ParameterizedSize(min=16, step=4)
     description = bio.ModelDescr(
-        name="Another tools boundary model", description="membranes", authors=[bio.Author(name="Someone")],
+        name=name, description="membranes", authors=[bio.Author(name="Someone")],
         cite=[bio.CiteEntry(text="a paper", doi=bio.Doi("10.1000/xyz123"))], license=bio.LicenseId("MIT"),
         documentation=bio.FileDescr(source=folder / "README.md"),
         inputs=[bio.InputTensorDescr(
@@ -387,10 +394,22 @@ def foreign_package(tmp_path_factory, stack):
                   bio.SpaceOutputAxis(id=bio.AxisId("x"), size=bio.SizeReference(tensor_id=bio.TensorId("image"),
                                                                                  axis_id=bio.AxisId("x")))])],
         weights=bio.WeightsDescr(torchscript=bio.TorchscriptWeightsDescr(
-            source=folder / "model.pt", pytorch_version=bio.Version(torch.__version__.split("+")[0]))),
+            source=model_file, pytorch_version=bio.Version(torch.__version__.split("+")[0]))),
     )
-    target = folder / "foreign.zip"
+    target = folder / f"{model_file.stem}.zip"
     save_bioimageio_package(description, output_path=target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def foreign_package(tmp_path_factory, stack):
+    folder = tmp_path_factory.mktemp("foreign")
+    model = _Boundary().eval()
+    torch.jit.script(model).save(str(folder / "model.pt"))
+    raw = stack[0][:64, :64].astype(np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(_scale_range(raw)[None, None])).numpy()
+    target = torchscript_package(folder, folder / "model.pt", raw, out)
     assert validate(target).tested
     return target, model
 
@@ -406,6 +425,10 @@ def test_another_tools_torchscript_package_predicts_here_and_cannot_be_fine_tune
     run = service.run(imported.run_id)
     assert run.kind == "imported" and run.spec["weights"] == "torchscript"
     choice = next(c for c in service.checkpoint_choices() if c.id == imported.checkpoint_id)
+    from unet.checkpoint import checked_file
+
+    kept = checked_file(service.store.abspath(choice.file))  # the import's verdict, kept: loads do not redo it
+    assert kept.is_file() and choice.sha256 in kept.read_text()
     stored = load(service.store.abspath(choice.file))
     image = stack[1][:64, :64]  # one tile: the engine feeds the model exactly this slice
     ours = predict_slice(stored.build_model("cpu"), image)  # the engine: normalise, tile, sigmoid

@@ -6,12 +6,24 @@ The package holds ``rdf.yaml``; the weights twice, as a PyTorch state dict with 
 TorchScript; a test input (a crop of a slice from the model's own data) with the output the model gives
 for it; the pre-processing (zero mean, unit variance per image: what training did) and the
 post-processing (a sigmoid: the weights give logits, the package gives the neuron probability) in the
-spec's terms; a cover image; authors, licence and citations. :func:`export_package` validates it with
-``bioimageio.spec`` and runs ``bioimageio.core``'s model test before it returns: a package that fails is
-never handed out."""
+spec's terms; a cover image; authors, licence and citations; a model card in which every piece of user
+text is escaped (:func:`card_text`: no HTML, no Markdown image or link comes from a name or a note).
+:func:`export_package` validates it with ``bioimageio.spec`` (reading no URL: :func:`package_files` checks
+the files it names) and runs ``bioimageio.core``'s model test before it returns: a package that fails is
+never handed out.
+
+Reading a package back (:func:`load_package`, :func:`check_test_tensors`) never imports its Python: its
+``rdf.yaml`` is read only when small and free of YAML anchors and aliases (:func:`read_rdf`), its model
+config must be within :class:`unet.config.ModelConfig`'s caps, its state dict must fit the architecture
+built on the ``meta`` device (keys, shapes, at most 200 M parameters:
+:func:`unet.checkpoint.check_state_dict`) before the network is built for real, the state dict is read
+with ``weights_only=True`` into our own architecture and our model is run on the package's test input.
+Another tool's TorchScript is run only after :mod:`unet.torchscript_guard` accepted it; what remains is
+that an accepted one then runs unbounded (memory, time) in the prediction worker on real slices."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import re
@@ -24,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet.checkpoint import Checkpoint
+from unet.checkpoint import Checkpoint, check_state_dict
 from unet.data import normalize_image
 from unet.sizes import output_size, valid_input_sizes
 
@@ -62,6 +74,32 @@ class Validation:
     valid: bool
     tested: bool
     details: str
+
+
+# (what Markdown reads as syntax; & < > become HTML character references instead)
+_MARKDOWN = re.compile(r"([\\`*_\[\]()!#|~${}])")
+_LINE_START = re.compile(r"^([ \t]*)([-+=]|\d+(?=\.))(\.?)", re.MULTILINE)
+_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def card_text(text: object, *, lines: bool = False) -> str:
+    """User text (a model's name and notes, a dataset's name) for the exported model card, which model hubs
+    render as Markdown with HTML: shown as the characters typed. ``& < >`` become character references (no
+    tag survives), every Markdown metacharacter is backslash-escaped (``![x](http://…)`` is text, not an
+    image a reader's browser would load, nor a link), list and heading markers at a line's start too;
+    bidirectional and control characters are dropped. One line unless ``lines``."""
+    cleaned = _CONTROLS.sub("", "" if text is None else str(text))
+    if not lines:
+        cleaned = " ".join(cleaned.split())
+    escaped = _MARKDOWN.sub(r"\\\1", html.escape(cleaned, quote=False))
+    return _LINE_START.sub(lambda m: m[1] + (m[2] + "\\." if m[3] else "\\" + m[2]), escaped)
+
+
+def code_block(text: str, language: str = "") -> str:
+    """``text`` as a fenced Markdown code block whose fence no run of backticks in it can close."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
 
 
 def test_crop_size(checkpoint: Checkpoint, image_shape: tuple[int, int], wanted: int = 256) -> int:
@@ -116,7 +154,8 @@ def build_description(checkpoint: Checkpoint, test_image: np.ndarray, info: Expo
     scripted = torch.jit.script(model)
     scripted.save(str(folder / "weights_torchscript.pt"))
     shutil.copyfile(ARCH_FILE, folder / "neuroseg_unet.py")
-    (folder / "README.md").write_text(info.documentation or f"# {info.name}\n\n{info.description}\n")
+    (folder / "README.md").write_text(info.documentation or  # (documentation is Markdown made by the caller)
+                                      f"# {card_text(info.name)}\n\n{card_text(info.description, lines=True)}\n")
 
     sizes = valid_input_sizes(config, 8, 4096)
     step = sizes[1] - sizes[0]
@@ -184,19 +223,95 @@ def _describe(bio, checkpoint: Checkpoint, info: ExportInfo, folder: Path, sizes
 
 
 def validate(package: Path, *, run_test: bool = True) -> Validation:
-    """The spec's validation and (``run_test``) ``bioimageio.core``'s model test of a package (offline)."""
+    """The spec's validation and (``run_test``) ``bioimageio.core``'s model test of a package this process
+    built. Nothing is fetched: the description is read with ``perform_io_checks=False`` and
+    :func:`package_files` checks what it names instead (each file in the package, with its sha256; a URL
+    makes the package invalid). The core's test imports the architecture file of state-dict weights, so it
+    runs only when that file is ``unet/arch.py`` byte for byte (our own code); the app never calls this on
+    an uploaded package (:mod:`storage.packages` checks those without running their Python)."""
     from bioimageio.spec import load_description
 
-    description = load_description(package, perform_io_checks=True)
+    description = load_description(package, perform_io_checks=False)
     summary = description.validation_summary
     if summary.status != "valid-format" and summary.status != "passed":
         return Validation(False, False, _summary_text(summary))
+    import zipfile
+
+    package = Path(package)
+    root = None if zipfile.is_zipfile(package) else package if package.is_dir() else package.parent
+    try:
+        files = package_files(description, root)
+    except PackageError as exc:
+        return Validation(False, False, str(exc))
+    remote = sorted(str(f) for f in files.values() if isinstance(f, str))
+    if remote:
+        return Validation(False, False, f"it names files outside itself: {', '.join(remote[:3])}")
     if not run_test:
         return Validation(True, False, _summary_text(summary))
+    state_dict = getattr(description.weights, "pytorch_state_dict", None)
+    if state_dict is not None:
+        arch = getattr(state_dict.architecture, "source", None)
+        if arch is None or local_file(state_dict.architecture, root).read_bytes() != ARCH_FILE.read_bytes():
+            return Validation(True, False, "not tested: its architecture is not Neuroseg's file (unet/arch.py), "
+                                           "and the model test would run it")
     from bioimageio.core import test_model
 
     tested = test_model(package)
     return Validation(True, tested.status == "passed", _summary_text(tested))
+
+
+def local_file(descr: Any, root: Path | None = None) -> Any:
+    """The file a ``FileDescr`` of a package names, checked and never fetched: a member of the package's
+    zip, or a regular file inside ``root`` (the unpacked package; an absolute path or ``..`` elsewhere is
+    refused), whose SHA-256 is the one the description gives (when it gives one). A URL is refused:
+    Neuroseg reads nothing from the network for a package. :class:`PackageError` says which file."""
+    import hashlib
+
+    from bioimageio.spec.common import RelativeFilePath, ZipPath
+
+    source = descr.source
+    named = str(source)
+    if isinstance(source, RelativeFilePath):
+        source = source.absolute()
+    if isinstance(source, Path):
+        resolved = source.resolve()
+        if root is None or not resolved.is_relative_to(Path(root).resolve()):
+            raise PackageError(f"it names a file outside itself: {named!r}")
+        if not resolved.is_file():
+            raise PackageError(f"it names {named!r}, which is not a file in it")
+        source = resolved
+    elif not isinstance(source, ZipPath):
+        raise PackageError(f"it names {named!r} by URL: Neuroseg fetches nothing for a package")
+    elif not source.is_file():
+        raise PackageError(f"it names {named!r}, which is not a file in it")
+    if descr.sha256 is not None:
+        with source.open("rb") as fh:
+            actual = hashlib.file_digest(fh, "sha256").hexdigest()
+        if actual != str(descr.sha256):
+            raise PackageError(f"{named!r} is not the file its rdf.yaml describes (its sha256 differs)")
+    return source
+
+
+def package_files(description: Any, root: Path | None = None) -> dict[str, Any]:
+    """Every file a description names (``bioimageio.spec.get_package_content``), by its name in the package:
+    each local one checked by :func:`local_file` (inside the package, its sha256), each URL given back as
+    its text, unfetched, for the caller to judge (a cover or documentation by URL is harmless unread; weights
+    or test tensors by URL are refused where they are read)."""
+    from bioimageio.spec import get_package_content, get_validation_context
+    from bioimageio.spec.common import FileDescr, RelativeFilePath, ZipPath
+
+    try:  # (with I/O checks on, as they are by default, listing would download each URL to hash it)
+        with get_validation_context().replace(perform_io_checks=False):
+            content = get_package_content(description)
+    except (ValueError, TypeError, OSError) as exc:
+        raise PackageError(f"its files cannot be listed: {exc}") from None
+    files: dict[str, Any] = {}
+    for name, descr in content.items():
+        if not isinstance(descr, FileDescr):
+            continue  # (the description itself)
+        local = isinstance(descr.source, RelativeFilePath | Path | ZipPath)
+        files[str(name)] = local_file(descr, root) if local else str(descr.source)
+    return files
 
 
 def _summary_text(summary: Any) -> str:
@@ -240,11 +355,57 @@ __all__ = [
     "PackageError",
     "Validation",
     "build_description",
+    "card_text",
+    "check_test_tensors",
+    "code_block",
     "export_package",
     "load_package",
+    "local_file",
     "package_bytes",
+    "package_files",
+    "read_rdf",
     "validate",
 ]
+
+
+MAX_RDF_BYTES = 1 << 20  # of a package's rdf.yaml (ours are a few kB)
+MAX_RDF_NESTING = 64  # collections inside collections in it (ours nest fewer than ten)
+
+
+def read_rdf(data: bytes, name: str = "rdf.yaml") -> Any:
+    """A package's ``rdf.yaml`` read as plain data, or :class:`PackageError` with the reason: at most
+    :data:`MAX_RDF_BYTES`, UTF-8, and its YAML tokens scanned before any parser builds anything (the scan
+    builds nothing: it is linear in the text): no anchor or alias (``&a`` / ``*a``, which let a few kB stand
+    for billions of values, "billion laughs"), no collection nested more than :data:`MAX_RDF_NESTING` deep.
+    Only then ``yaml.safe_load`` (and later ``bioimageio.spec``) reads it."""
+    import yaml
+
+    if len(data) > MAX_RDF_BYTES:
+        raise PackageError(f"its {name} has {len(data):,} bytes (at most {MAX_RDF_BYTES:,} are read)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PackageError(f"its {name} is not UTF-8 text ({exc})") from None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    opening = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+               yaml.FlowSequenceStartToken)
+    closing = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+    try:
+        depth = 0
+        for token in yaml.scan(text, Loader=loader):
+            if isinstance(token, yaml.AliasToken | yaml.AnchorToken):
+                kind = "alias" if isinstance(token, yaml.AliasToken) else "anchor"
+                line = getattr(getattr(token, "start_mark", None), "line", -1) + 1
+                raise PackageError(f"its {name} uses a YAML {kind}{f' (line {line})' if line > 0 else ''}: Neuroseg "
+                                   "reads no anchors or aliases (a few of them can stand for billions of values)")
+            depth += isinstance(token, opening) - isinstance(token, closing)
+            if depth > MAX_RDF_NESTING:
+                raise PackageError(f"its {name} nests more than {MAX_RDF_NESTING} levels deep")
+        return yaml.load(text, Loader=loader)  # (a safe loader: plain data only)
+    except yaml.YAMLError as exc:
+        raise PackageError(f"its {name} cannot be read: {exc}") from None
+    except RecursionError:
+        raise PackageError(f"its {name} nests too deep to be read") from None
 
 
 def load_package(path: str | Path) -> Checkpoint:
@@ -263,9 +424,10 @@ def load_package(path: str | Path) -> Checkpoint:
             rdf_name = "rdf.yaml" if "rdf.yaml" in names else next((n for n in names if n.endswith("rdf.yaml")), "")
             if not rdf_name:
                 raise PackageError(f"{path.name} is not a BioImage.IO package (no rdf.yaml in it)")
-            import yaml
-
-            rdf = yaml.safe_load(archive.read(rdf_name))
+            if archive.getinfo(rdf_name).file_size > MAX_RDF_BYTES:
+                raise PackageError(f"{path.name}: its rdf.yaml has {archive.getinfo(rdf_name).file_size:,} bytes "
+                                   f"(at most {MAX_RDF_BYTES:,} are read)")
+            rdf = read_rdf(archive.read(rdf_name))
             ours = ((rdf.get("config") or {}).get("neuroseg") or {}) if isinstance(rdf, dict) else {}
             weights = ((rdf.get("weights") or {}).get("pytorch_state_dict") or {}).get("source", "")
             if not ours or not weights:
@@ -273,22 +435,59 @@ def load_package(path: str | Path) -> Checkpoint:
                                    "pytorch_state_dict weights)")
             if weights not in names:
                 raise PackageError(f"{path.name} names weights {weights!r} that are not in it")
+            try:  # (before the weights are read: a config of a huge network is refused at once)
+                if not isinstance(ours, dict) or not isinstance(ours.get("model_config"), dict):
+                    raise TypeError("config.neuroseg.model_config is not a mapping")
+                config = ModelConfig.from_dict(ours["model_config"])
+            except (ValueError, TypeError) as exc:
+                raise PackageError(f"{path.name}: its model config is not one Neuroseg builds ({exc})") from None
             state = torch.load(io.BytesIO(archive.read(weights)), map_location="cpu", weights_only=True)
     except zipfile.BadZipFile as exc:
         raise PackageError(f"{path.name} is not a zip file: {exc}") from None
-    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+    except (OSError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
         if isinstance(exc, PackageError):
             raise
         raise PackageError(f"{path.name} could not be read: {exc}") from None
-    config = ModelConfig.from_dict(ours["model_config"])
-    meta = dict(ours.get("meta") or {})
-    meta["package"] = {"name": rdf.get("name", ""), "file": path.name}
+    try:  # keys, shapes and size against the architecture built on the meta device: nothing allocated yet
+        check_state_dict(config, state)
+    except ValueError as exc:
+        raise PackageError(f"{path.name}: {exc}") from None
+    meta = dict(ours["meta"]) if isinstance(ours.get("meta"), dict) else {}
+    meta["package"] = {"name": str(rdf.get("name", ""))[:200], "file": path.name}
     checkpoint = Checkpoint(config, state, meta)
     try:
         checkpoint.build_model("cpu")  # the weights fit the architecture, or the reason
     except RuntimeError as exc:
         raise PackageError(f"{path.name}: its weights do not fit its architecture: {exc}") from None
     return checkpoint
+
+
+MAX_TEST_PIXELS = 1024 * 1024  # of a test input our model is run on in the server (an export writes ~256²)
+
+
+def check_test_tensors(checkpoint: Checkpoint, test_input: Path, test_output: Path) -> float:
+    """The model test of a package Neuroseg exported, with our own code: the checkpoint read from it (our
+    architecture, its state dict) predicts its test input as an export computed its test output (zero mean
+    and unit variance, the network, a sigmoid), within bioimageio.core's default tolerances. Returns the
+    largest difference; :class:`PackageError` ("it fails its own model test: …") otherwise. This replaces
+    ``bioimageio.core.test_model``, which would import the package's architecture file."""
+    from unet.torchscript_guard import TorchScriptRefused, compare, read_tensor
+
+    try:
+        raw = read_tensor(test_input, max_elements=MAX_TEST_PIXELS, what="test input")
+        expected = read_tensor(test_output, max_elements=MAX_TEST_PIXELS, what="test output")
+        if raw.ndim != 4 or raw.shape[:2] != (1, 1):
+            raise PackageError(f"it fails its own model test: its test input has the shape {list(raw.shape)}, "
+                               "not one image of one channel")
+        with np.errstate(over="ignore"):
+            probability = 1 / (1 + np.exp(-_logits(checkpoint.build_model("cpu"), normalize_image(raw[0, 0]))))
+        return compare(probability, expected)
+    except TorchScriptRefused as exc:
+        raise PackageError(str(exc)) from None
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, PackageError):
+            raise
+        raise PackageError(f"it fails its own model test: {str(exc).splitlines()[0][:300]}") from None
 
 
 # --- TorchScript models of other tools ----------------------------------------------------------------------
@@ -313,17 +512,9 @@ class ForeignModel(torch.nn.Module):
         self._anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # (the engine reads its device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for step in self.pre:
-            flat = x.flatten(2)
-            if step["id"] == "zero_mean_unit_variance":
-                mean = flat.mean(-1)[..., None, None]
-                std = flat.std(-1, unbiased=False)[..., None, None]
-                x = (x - mean) / (std + float(step.get("eps", 1e-6)))
-            elif step["id"] == "scale_range":
-                lo = torch.quantile(flat, float(step.get("min_percentile", 0.0)) / 100, dim=-1)[..., None, None]
-                hi = torch.quantile(flat, float(step.get("max_percentile", 100.0)) / 100, dim=-1)[..., None, None]
-                x = (x - lo) / (hi - lo + float(step.get("eps", 1e-6)))
-        y = self.scripted(x)
+        from unet.torchscript_guard import preprocess  # (the same steps its import check ran)
+
+        y = self.scripted(preprocess(x, self.pre))
         if y.ndim == 4 and y.shape[1] != 1:
             y = y[:, :1]
         if self.sigmoid:

@@ -1,8 +1,24 @@
 """Checkpoints: a state-dict file (``.pt``, tensors only) and a JSON side file with the configs, step
-and metrics. Loading uses ``torch.load(..., weights_only=True)``: no pickled code ever runs."""
+and metrics. Loading uses ``torch.load(..., weights_only=True)``: no pickled code ever runs.
+
+A TorchScript checkpoint (a model imported from another tool, :func:`save_torchscript`) is code: before
+the server loads one, :func:`load_checkpoint` has :func:`unet.torchscript_guard.check` scan its archive
+and hold its operators against the allowlist in a sandboxed child process, once per file: the verdict is
+kept beside it (``<file>.checked.json``: the file's sha256 and the check's fingerprint) and the bytes
+loaded are the bytes hashed. A model imported before that check existed is checked on its first load the
+same way; one that fails is refused with the reason. What remains: an accepted model runs unbounded in
+the process that loaded it (the prediction worker) on real slices. Our own state-dict checkpoints are not
+TorchScript and load as before.
+
+:func:`check_state_dict` holds a state dict against a config's architecture built on the ``meta`` device
+(its keys, shapes and parameter count) before anything is allocated: for weights that came from outside
+(:func:`unet.bioimageio.load_package`)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -53,6 +69,72 @@ def side_file(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+MAX_PARAMETERS = 200_000_000  # of weights from outside (the full-width gpu-full network has about 31 M)
+
+
+def check_state_dict(model_config: ModelConfig, state_dict: Any, *, max_parameters: int = MAX_PARAMETERS) -> None:
+    """``ValueError`` unless ``state_dict`` has exactly the keys and tensor shapes of the U-Net of
+    ``model_config`` and that network has at most ``max_parameters`` parameters; the network is built on the
+    ``meta`` device (shapes only: nothing is allocated), so a config of a huge network costs nothing here."""
+    with torch.device("meta"):
+        reference = UNet(model_config)
+    count = sum(p.numel() for p in reference.parameters())
+    if count > max_parameters:
+        raise ValueError(f"its network would have {count:,} parameters (at most {max_parameters:,} are loaded)")
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError("its weights are not a state dict of tensors")
+    missing, extra = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise ValueError(f"its weights do not fit its architecture: {len(missing)} missing "
+                         f"({', '.join(missing[:3])}), {len(extra)} unexpected ({', '.join(map(str, extra[:3]))})")
+    for key, shape in expected.items():
+        if tuple(state_dict[key].shape) != shape:
+            raise ValueError(f"its weights do not fit its architecture: {key} has the shape "
+                             f"{list(state_dict[key].shape)}, the architecture {list(shape)}")
+
+
+def checked_file(path: str | os.PathLike) -> Path:
+    """Where the verdict of :mod:`unet.torchscript_guard` on a stored TorchScript checkpoint is kept."""
+    path = Path(path)
+    return path.with_name(path.name + ".checked.json")
+
+
+def record_torchscript_check(path: str | os.PathLike, sha256: str, ops: list[str] | tuple[str, ...] = ()) -> None:
+    """Keep the guard's acceptance of the TorchScript file at ``path`` (whose sha256 is ``sha256``) beside it,
+    so that :func:`load_checkpoint` does not check it again. Best effort: a store that cannot be written
+    means the next load checks again."""
+    from unet.torchscript_guard import fingerprint
+
+    kept = {"sha256": sha256, "check": fingerprint(), "ops": list(ops)}
+    with contextlib.suppress(OSError):
+        atomic_write(checked_file(path), lambda fh: fh.write(json.dumps(kept, indent=2).encode()))
+
+
+def _checked_torchscript(path: Path) -> bytes:
+    """The bytes of a stored TorchScript checkpoint that :func:`unet.torchscript_guard.check` accepted (its
+    archive and its operators; the kept verdict when it is for these bytes and this check), or
+    ``ValueError`` with the reason."""
+    from unet import torchscript_guard as guard
+
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        kept = json.loads(checked_file(path).read_text())
+    except (OSError, ValueError):
+        kept = None
+    if isinstance(kept, dict) and kept.get("sha256") == digest and kept.get("check") == guard.fingerprint():
+        return data
+    try:
+        verdict = guard.check(path)
+    except guard.TorchScriptRefused as exc:
+        raise ValueError(f"{path.name}: this TorchScript model is not loaded: {exc}") from None
+    if verdict.sha256 != digest:
+        raise ValueError(f"{path.name}: the TorchScript file changed while it was checked; it is not loaded")
+    record_torchscript_check(path, digest, verdict.ops)
+    return data
+
+
 def save_checkpoint(path: str | os.PathLike, model: UNet, *, meta: dict[str, Any] | None = None,
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write ``path`` (.pt) and its JSON side file, each atomically (JSON last: a checkpoint without its
@@ -68,8 +150,9 @@ def save_checkpoint(path: str | os.PathLike, model: UNet, *, meta: dict[str, Any
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint written by :func:`save_checkpoint`. Raises ``ValueError`` with the reason
-    when the file is missing, damaged or not ours."""
+    """Load a checkpoint written by :func:`save_checkpoint` (or :func:`save_torchscript`: loaded only after
+    the guard accepted it, see the module). Raises ``ValueError`` with the reason when the file is missing,
+    damaged, not ours, or a TorchScript model the guard refuses."""
     path = Path(path)
     side = side_file(path)
     if not path.is_file():
@@ -81,9 +164,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         model_config = ModelConfig.from_dict(meta.pop("model_config"))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{side.name}: not a valid Neuroseg checkpoint config ({exc})") from exc
-    if meta.get("format") == TORCHSCRIPT_FORMAT:  # TorchScript runs no Python of the package's
+    if meta.get("format") == TORCHSCRIPT_FORMAT:  # code: checked in a sandbox first (once per file)
+        data = _checked_torchscript(path)
         try:
-            scripted = torch.jit.load(str(path), map_location=map_location)
+            scripted = torch.jit.load(io.BytesIO(data), map_location=map_location)  # (the bytes checked)
         except Exception as exc:
             raise ValueError(f"{path.name}: the TorchScript model could not be read ({type(exc).__name__}: {exc})"
                              ) from exc

@@ -20,6 +20,9 @@ Amp = Literal["auto", "off", "bf16", "fp16"]
 
 _T = TypeVar("_T")
 
+MAX_WIDTH = 256  # ModelConfig.initial_features (the full-width network is 64)
+MAX_CHANNELS = 16  # ModelConfig.in_channels and out_channels (EM: 1 and 1)
+
 
 def _from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -38,7 +41,7 @@ class ModelConfig:
         out_channels: channels of the logits (1: neuron vs membrane).
         depth: contracting blocks (1-6); the input shrinks by ``2**depth`` at the bottleneck.
         initial_features: the brief's "hidden channels": the width after the first 1×1 convolution;
-            each contracting block doubles it.
+            each contracting block doubles it (at most 256; channels at most 16 each way).
         padding: ``"valid"`` is the original paper (512² in → 373² out at depth 4); ``"same"`` keeps the
             size when it is divisible by ``2**depth``.
         batch_norm: a batch norm after every 3×3 convolution.
@@ -61,6 +64,10 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.depth > 6:
             raise ValueError(f"ModelConfig.depth must be at most 6, got {self.depth}")
+        for name, most in (("initial_features", MAX_WIDTH), ("in_channels", MAX_CHANNELS),
+                           ("out_channels", MAX_CHANNELS)):
+            if getattr(self, name) > most:  # (a config from outside must not ask for a network of any size)
+                raise ValueError(f"ModelConfig.{name} must be at most {most}, got {getattr(self, name)}")
         if self.padding not in ("valid", "same"):
             raise ValueError(f"ModelConfig.padding must be 'valid' or 'same', got {self.padding!r}")
         if not isinstance(self.batch_norm, bool):
