@@ -24,6 +24,7 @@ from ui.prediction import (
     sections,
 )
 from ui.prediction import progress as job_progress
+from ui.text import plain
 from ui.training import checkpoint_label, default_checkpoint
 
 svc = start_page("Predict")
@@ -47,10 +48,10 @@ with top[1]:
                                         progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
             except UserError as exc:
                 bar.empty()
-                st.error(f"**{upload.name}** was not stored: {str(exc).rstrip('.')}.")
+                st.error(f"**{plain(upload.name)}** was not stored: {str(exc).rstrip('.')}.")
             else:
                 select_dataset(new.id)
-                flash(f"Stored **{new.name}**; it is selected for prediction.")
+                flash(f"Stored **{plain(new.name)}**; it is selected for prediction.")
                 st.rerun()
 with top[0]:
     if not checkpoints:
@@ -245,17 +246,29 @@ for col, (output, label) in zip(actions, downloads, strict=False):
                         on_click="ignore")
 
 
+_, export_root = svc.server_folders()
 with st.expander("Export as OME-Zarr to a folder on the server (napari, neuroglancer)"):
-    with st.form("export_form"):
-        target = st.text_input("Folder", placeholder="/data/exports", key="export_folder")
-        go = st.form_submit_button("Export")
-    if go:
-        try:
-            written = svc.export_prediction(job.id, target)
-        except UserError as exc:
-            st.error(f"Nothing was exported: {exc}.")
-        else:
-            st.success("Written: " + ", ".join(f"`{p}`" for p in written))
+    if export_root is None:  # off unless an admin names the one folder: an export writes on the server
+        st.info("Exporting to a folder on the server is **off** on this server: download the outputs as TIFF "
+                "files above. An admin turns it on by naming the folder exports go into in the environment "
+                "variable `NEUROSEG_EXPORT_ROOT` and restarting Neuroseg.", icon=":material/block:")
+    elif not can("create"):
+        st.info("Exporting to the server needs the annotator role (it writes there): download the outputs as "
+                "TIFF files above.", icon=":material/visibility:")
+    else:
+        st.caption(f"Exports go into `{export_root}`, or a folder inside it that you name, as "
+                   f"`prediction-{job.id}-<output>.ome.zarr`.")
+        with st.form("export_form"):
+            target = st.text_input("Folder inside the export folder (optional)", placeholder="lab/2026-12",
+                                   key="export_folder")
+            go = st.form_submit_button("Export")
+        if go:
+            try:
+                written = svc.export_prediction(job.id, target)
+            except UserError as exc:
+                st.error(f"Nothing was exported: {str(exc).rstrip('.')}.")
+            else:
+                st.success("Written: " + ", ".join(f"`{p}`" for p in written))
 
 
 def _correct(slice_index: int | None = None) -> None:

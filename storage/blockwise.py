@@ -76,6 +76,7 @@ class BlockJob:
     tta: bool = False
     device: str = "auto"  # "auto": the worker's GPU when it has one, else the CPU
     linked: bool = False  # the volume is a stack on the server read where it lies (storage.volumes.External)
+    protected: tuple[str, ...] = ()  # what a linked stack's files may never be (the data folder, the database)
     threads: int = 0  # CPU threads per worker (0: leave torch's default)
     tile: int = TILE  # the largest slice edge predicted whole; larger slices are cut into tiles of this edge
     halo: int = HALO
@@ -247,7 +248,9 @@ def _worker_device() -> str:
 
 
 def _volume(job: BlockJob):
-    return External(job.volume) if job.linked else Volume(job.volume)
+    if job.linked:
+        return External(job.volume, linked=True, protected=[Path(p) for p in job.protected])
+    return Volume(job.volume)
 
 
 def _errors(instances: np.ndarray | None, target: np.ndarray | None, offset: tuple[int, int] = (0, 0)) -> list:

@@ -9,6 +9,8 @@ import errno
 import hashlib
 import os
 import shutil
+import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -17,12 +19,13 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from storage.files import FileStore, IntegrityError
+from storage import text
+from storage.files import FileStore, IntegrityError, import_roots
 from storage.masks import add_mask
 from storage.models import Dataset, MaskVersion, Run, RunMask
 from storage.records import DatasetInfo, NotFound
-from storage.volumes import FORMAT, External, Volume, VolumeWriter, write_volume
-from unet.io import DEFAULT_MAX_BYTES, iter_slices
+from storage.volumes import FORMAT, External, Refused, Volume, VolumeWriter, check_folder, write_volume
+from unet.io import Limits, iter_slices
 from unet.labels import labels_to_target
 
 LINK = "link"  # a dataset whose stack is read where it lies on the server (volume_format)
@@ -40,8 +43,7 @@ def _display_name(source: str | os.PathLike | BinaryIO, given: str | None) -> st
     """The name shown in the app: what the user gave, else the file's base name; never used on disk."""
     raw = given or (Path(source).name if isinstance(source, str | os.PathLike)
                     else Path(getattr(source, "name", "") or "upload").name)
-    cleaned = " ".join(raw.replace("\x00", "").split())[:200]
-    return cleaned or "untitled"
+    return text.clean_name(raw, cut=True) or "untitled"  # (no bidi or control characters, at most 120)
 
 
 def _check_room(store: FileStore, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
@@ -53,12 +55,42 @@ def _check_room(store: FileStore, shape: tuple[int, ...], dtype: np.dtype | str)
                                     f"{free / 2**30:.1f} GiB free")
 
 
+def protected_paths(session: Session, store: FileStore) -> list[Path]:
+    """What no import may read nor hold: the data directory, and the database file with its folder (its
+    journal and WAL beside it) when it is a SQLite file elsewhere. Why: a server that reads its own
+    database file drops SQLite's locks on it, and later commits are lost."""
+    paths = [store.root]
+    url = session.get_bind().url
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:" \
+            and not url.database.startswith("file:"):
+        database = Path(url.database).expanduser().resolve()
+        paths += [database, database.parent, Path(f"{database}-wal"), Path(f"{database}-shm"),
+                  Path(f"{database}-journal")]
+    return paths
+
+
+def _claim_folder(store: FileStore, dataset_id: int) -> None:
+    """Make room for a new row's files: a folder ``datasets/<id>/`` already on disk belongs to no row (this
+    transaction holds the new id), so a crash left it behind after its row was rolled back, and SQLite has
+    handed the id out again. It is moved aside into ``orphans/`` (never deleted unread: it may be worth a
+    look) so the new dataset starts in an empty folder instead of failing with "Directory not empty"."""
+    folder = store.abspath(store.dataset_dir(dataset_id))
+    if not os.path.lexists(folder):
+        return
+    aside = store.root / "orphans" / f"dataset-{int(dataset_id)}-{uuid.uuid4().hex[:8]}"
+    aside.parent.mkdir(exist_ok=True)
+    os.replace(folder, aside)
+    print(f"neuroseg: datasets/{int(dataset_id)} was left by a crash (no row owns it): moved to "
+          f"{aside.relative_to(store.root)}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def _new_volume(session: Session, store: FileStore, row: Dataset) -> Iterator[VolumeWriter]:
     """The writer of a new dataset's volume; when the block ends the volume is finished and recorded on the
     row, and when it fails nothing of the dataset is left on disk."""
     writer = None
     try:
+        _claim_folder(store, row.id)
         writer = VolumeWriter(store.abspath(store.volume_path(row.id)), (row.z, row.y, row.x), row.dtype,
                               row.pixel_size_nm)
         yield writer
@@ -73,7 +105,7 @@ def _new_volume(session: Session, store: FileStore, row: Dataset) -> Iterator[Vo
 
 def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike | BinaryIO,
                    labels: str | os.PathLike | BinaryIO | None = None, *, name: str | None = None,
-                   author: str = "", max_bytes: int = DEFAULT_MAX_BYTES, source_name: str | None = None,
+                   author: str = "", max_bytes: int | None = None, source_name: str | None = None,
                    progress: Callable[[str, float], None] | None = None, channels_as_z: bool = False) -> DatasetInfo:
     """Check a volume's header (and its labels'), then convert it slice by slice into the OME-Zarr store
     (:mod:`storage.volumes`): the stack is never held whole, so it may be larger than memory. A file that
@@ -81,11 +113,12 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
     ``progress(stage, fraction)`` is told what is happening."""
     report = progress or (lambda _stage, _fraction: None)
     report("reading and checking the volume", 0.0)
-    info, planes = iter_slices(volume, "volume", channels_as_z, max_bytes)  # ValueError with the reason
+    limits = Limits.from_env()  # the header's shape and type are checked against them before a pixel is read
+    info, planes = iter_slices(volume, "volume", channels_as_z, max_bytes, limits)  # ValueError with the reason
     label_planes = None
     if labels is not None:
         report("checking the labels", 0.02)
-        label_info, label_planes = iter_slices(labels, "labels", channels_as_z, max_bytes)
+        label_info, label_planes = iter_slices(labels, "labels", channels_as_z, max_bytes, limits)
         if label_info.shape != info.shape:
             raise ValueError(
                 f"{_display_name(labels, None)}: labels have shape {label_info.shape} but the image stack has shape "
@@ -167,10 +200,18 @@ def import_external(session: Session, store: FileStore, path: str | os.PathLike,
                     progress: Callable[[str, float], None] | None = None) -> DatasetInfo:
     """A stack already on the server (an OME-Zarr, zarr or N5 folder, :class:`~storage.volumes.External`)
     as a new dataset: copied slice by slice into the store, or with ``link`` read where it lies (nothing
-    is ever written there; the dataset breaks if the folder goes). Bad input raises ValueError."""
+    is ever written there; the dataset breaks if the folder goes). Bad input raises ValueError. The folder
+    must have been checked and walked first (:func:`storage.ingest.import_path` does it); here what its
+    metadata declares is checked against the limits (:class:`unet.io.Limits`) before a pixel is read."""
     report = progress or (lambda _stage, _fraction: None)
-    source = External(path)
+    limits = Limits.from_env()
+    source = External(path, limits=limits, linked=link, protected=protected_paths(session, store))
     z_count, y, x = source.shape
+    if not link and z_count * y * x * source.dtype.itemsize > limits.stack_bytes:
+        raise ValueError(f"{path}: {z_count} × {y} × {x} {source.dtype.name} is "
+                         f"{z_count * y * x * source.dtype.itemsize / 2**30:.1f} GiB, more than the "
+                         f"{limits.stack_bytes / 2**30:.1f} GiB a stored stack may have ($NEUROSEG_MAX_STACK_BYTES); "
+                         "link it instead, or crop it")
     shown = _display_name(Path(str(path).rstrip("/")).name, name)
     row = Dataset(name=shown, z=z_count, y=y, x=x, dtype=source.dtype.name,
                   source_name=f"{source.kind}: {source.path}"[:255],
@@ -181,6 +222,7 @@ def import_external(session: Session, store: FileStore, path: str | os.PathLike,
         source[0], source[z_count - 1]
         session.add(row)
         session.flush()
+        _claim_folder(store, row.id)  # its masks go there
         report("linked", 1.0)
         return _dataset_info(session, row)
     _check_room(store, source.shape, source.dtype)
@@ -212,8 +254,16 @@ def load_volume(session: Session, store: FileStore, dataset_id: int) -> Volume |
     A volume an earlier version stored as TIFF and not converted yet is read whole, as it was then."""
     row = dataset_row(session, dataset_id)
     if row.volume_format == LINK:
+        # checked again on every read, cheaply: the folder may have become a link, or left the import
+        # folders (or they were turned off); each file is checked again as it is opened (storage.volumes)
         try:
-            return External(row.linked_path)
+            protected = protected_paths(session, store)
+            folder = check_folder(row.linked_path or "", import_roots(), protected)
+            return External(folder, linked=True, protected=protected)  # never opened, whatever the folder holds
+        except Refused:
+            raise IntegrityError(f"the linked stack of dataset #{row.id} may not be read now: its folder is no "
+                                 "longer a plain folder inside the import folders this server allows "
+                                 "($NEUROSEG_IMPORT_ROOTS)") from None
         except ValueError as exc:
             raise IntegrityError(f"the linked stack of dataset #{row.id} cannot be read: {exc}") from None
     if row.volume_format != FORMAT:

@@ -4,10 +4,13 @@ typed), written atomically (temporary file, fsync, rename) and checked against t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import os
 import shutil
-import time
+import stat
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,30 @@ from unet.io import write_tiff_atomic
 
 class IntegrityError(RuntimeError):
     """A stored file is missing or its bytes are not the ones recorded."""
+
+
+IMPORT_ROOTS_ENV = "NEUROSEG_IMPORT_ROOTS"
+EXPORT_ROOT_ENV = "NEUROSEG_EXPORT_ROOT"
+
+
+def import_roots() -> list[Path]:
+    """The folders a user may import stacks from (``$NEUROSEG_IMPORT_ROOTS``, separated by ``:``),
+    resolved; none (the default) turns importing from the server off. Why off by default: the server's
+    user can read far more than its users should (keys, other labs' data, Neuroseg's own database)."""
+    raw = os.environ.get(IMPORT_ROOTS_ENV, "")
+    return [Path(r).expanduser().resolve() for r in raw.split(os.pathsep) if r.strip()]
+
+
+def export_root() -> Path | None:
+    """The one folder exports to the server go into (``$NEUROSEG_EXPORT_ROOT``, resolved); None (the
+    default) turns them off: a download is all a user gets."""
+    raw = os.environ.get(EXPORT_ROOT_ENV, "").strip()
+    return Path(raw).expanduser().resolve() if raw else None
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (both already resolved)."""
+    return path == folder or folder in path.parents
 
 
 def sha256_of(path: Path) -> str:
@@ -78,18 +105,56 @@ class FileStore:
         return self.root / self.prediction_folder(prediction_id) / "predict.log"
 
     def tmp_file(self, suffix: str = ".tif") -> Path:
-        """A fresh temporary file's path (an upload being received); see :meth:`remove_stale_tmp`."""
+        """A fresh temporary file's path, not locked: :meth:`clean_spool` removes it at the next start
+        unless it is gone by then (the store's own code uses :meth:`spool`)."""
         folder = self.root / "tmp"
         folder.mkdir(exist_ok=True)
         return folder / f"{uuid.uuid4().hex}{suffix}"
 
-    def remove_stale_tmp(self, older_than_s: float = 24 * 3600) -> None:
-        """Temporary upload copies left behind by a killed server (a day old: another server on the same
-        data directory may be receiving one right now)."""
-        for path in (self.root / "tmp").glob("*.tif"):
+    @contextlib.contextmanager
+    def spool(self, suffix: str = ".tif") -> Iterator[Path]:
+        """A fresh temporary file (an upload being received, a TIFF being made for a download), removed when
+        the block ends. The file is locked (``flock``, shared) as long as it is in use, so that
+        :meth:`clean_spool` at a server's start removes every spool file a killed process left, and none
+        that another server on the same data directory is still using."""
+        folder = self.root / "tmp"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{uuid.uuid4().hex}{suffix}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield path
+        finally:
             with contextlib.suppress(OSError):
-                if time.time() - path.stat().st_mtime > older_than_s:
-                    path.unlink()
+                path.unlink()
+            os.close(fd)
+
+    def clean_spool(self) -> int:
+        """Remove the spool files no process uses (left by a killed server or worker: an upload of gigabytes
+        each); returns how many went. A file another process holds locked (:meth:`spool`) is kept. Called
+        at every server start."""
+        gone = 0
+        folder = self.root / "tmp"
+        if not folder.is_dir():
+            return 0
+        for entry in os.scandir(folder):
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if not stat.S_ISREG(mode) or entry.stat(follow_symlinks=False).st_nlink > 1:
+                    if not stat.S_ISDIR(mode):  # a link is removed, never opened: only the store writes here
+                        os.unlink(entry.path)
+                        gone += 1
+                    continue
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
+                    os.unlink(entry.path)
+                    gone += 1
+                finally:
+                    os.close(fd)
+            except OSError:
+                continue
+        return gone
 
     def abspath(self, relative: str) -> Path:
         path = (self.root / relative).resolve()
@@ -125,6 +190,7 @@ class FileStore:
         if not path.is_file():
             return 0
         path.unlink()
+        path.with_name(path.name + ".checked.json").unlink(missing_ok=True)  # a TorchScript file's verdict
         return 1
 
     def delete_tree(self, relative: str) -> int:

@@ -4,8 +4,10 @@ Refusals raise :class:`~storage.records.UserError`; nothing is stored then."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -14,9 +16,10 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import datasets
-from storage.files import FileStore
+from storage.files import IMPORT_ROOTS_ENV, FileStore, import_roots
 from storage.records import AlreadyLoaded, ChannelsQuestion, DatasetInfo, UserError
 from storage.settings import PROJECT_ROOT
+from storage.volumes import Refused, check_folder, check_tree
 from unet.io import ChannelsMaybeSlices
 
 Progress = Callable[[str, float], None]
@@ -40,9 +43,9 @@ def disk_message(exc: OSError) -> str:
     return f"could not write to the data directory: {exc.strerror or exc} (nothing was stored)"
 
 
-def _spool(store: FileStore, upload: BinaryIO, progress: Progress, what: str, start: float, span: float) -> Path:
-    """Copy an upload to a temporary file once (then it is read from disk, not from memory)."""
-    path = store.tmp_file()
+def _spool(path: Path, upload: BinaryIO, progress: Progress, what: str, start: float, span: float) -> Path:
+    """Copy an upload to a spool file (:meth:`FileStore.spool`) once (then it is read from disk, not from
+    memory)."""
     total = getattr(upload, "size", None) or 0
     upload.seek(0)
     done = 0
@@ -61,12 +64,13 @@ def import_upload(sessions: sessionmaker[Session], store: FileStore, volume: Bin
     """Store an uploaded volume (and its labels) as a new dataset. A grey file of "channels" raises
     :class:`ChannelsQuestion`; ``channels_as_z=True`` then reads them as Z slices."""
     report = progress or (lambda _stage, _fraction: None)
-    spooled: list[Path] = []
-    try:
+    with contextlib.ExitStack() as spools:  # the spool files go when this ends (or at the next start)
+        spooled: list[Path] = []
         try:
-            spooled.append(_spool(store, volume, report, "volume", 0.0, 0.15 if labels is not None else 0.2))
+            spooled.append(_spool(spools.enter_context(store.spool()), volume, report, "volume", 0.0,
+                                  0.15 if labels is not None else 0.2))
             if labels is not None:
-                spooled.append(_spool(store, labels, report, "labels", 0.15, 0.05))
+                spooled.append(_spool(spools.enter_context(store.spool()), labels, report, "labels", 0.15, 0.05))
         except OSError as exc:
             raise UserError(disk_message(exc)) from exc
         display = name.strip() or Path(getattr(volume, "name", "") or "upload").stem
@@ -74,9 +78,6 @@ def import_upload(sessions: sessionmaker[Session], store: FileStore, volume: Bin
                             notes=notes, author=author, progress=lambda stage, f: report(stage, 0.2 + 0.8 * f),
                             source_name=getattr(volume, "name", ""), labels_name=getattr(labels, "name", ""),
                             channels_as_z=channels_as_z)
-    finally:
-        for path in spooled:
-            path.unlink(missing_ok=True)
 
 
 def import_files(sessions: sessionmaker[Session], store: FileStore, volume: Path, labels: Path | None, name: str, *,
@@ -102,33 +103,47 @@ def import_files(sessions: sessionmaker[Session], store: FileStore, volume: Path
         raise UserError(disk_message(exc)) from exc
 
 
-IMPORT_ROOTS_ENV = "NEUROSEG_IMPORT_ROOTS"
+IMPORT_OFF = ("importing folders on the server is off on this server: an admin turns it on by naming the folders "
+              f"it may import from in ${IMPORT_ROOTS_ENV} (separated by ':') and restarting Neuroseg")
 
 
-def allowed_path(store: FileStore, path: str) -> Path:
-    """The folder a user asked to import, if this server lets them: never inside the data directory, and
-    inside one of ``$NEUROSEG_IMPORT_ROOTS`` (folders separated by ``:``) when a lab server sets it;
-    otherwise anywhere the server's user may read (the single-user app on a workstation)."""
+def allowed_path(store: FileStore, path: str, protected: list[Path] | None = None) -> Path:
+    """The folder a user asked to import, resolved, if this server lets them read it: importing is on
+    (``$NEUROSEG_IMPORT_ROOTS`` names folders; off by default), the path is absolute and resolves inside
+    one of them, is not a link, neither lies in nor holds the data directory or the database
+    (``protected``), and the folder's whole tree holds plain folders and plain single-name files only
+    (:func:`storage.volumes.check_tree`, walked before zarr or the N5 reader opens a file). Every refusal
+    says the same words (:data:`storage.volumes.REFUSED`): which server paths exist is none of a user's
+    business."""
+    roots = import_roots()
+    if not roots:
+        raise UserError(IMPORT_OFF)
     if not path.strip():
         raise UserError("type the path of a folder on the server")
-    resolved = Path(path.strip()).expanduser().resolve()
-    if resolved == store.root or store.root in resolved.parents:
-        raise UserError(f"{resolved} is inside Neuroseg's own data directory; import from elsewhere")
-    roots = [Path(r).expanduser().resolve() for r in os.environ.get(IMPORT_ROOTS_ENV, "").split(os.pathsep) if r]
-    if roots and not any(resolved == r or r in resolved.parents for r in roots):
-        raise UserError(f"this server imports only from {', '.join(map(str, roots))} (${IMPORT_ROOTS_ENV})")
-    return resolved
+    try:
+        folder = check_folder(path.strip(), roots, [store.root, *(protected or [])])
+        check_tree(folder, [store.root, *(protected or [])])
+    except Refused as exc:
+        print(f"neuroseg: import of {path.strip()!r} refused: {exc.reason}", file=sys.stderr, flush=True)
+        raise UserError(str(exc)) from None
+    return folder
 
 
 def import_path(sessions: sessionmaker[Session], store: FileStore, path: str, *, link: bool = False, name: str = "",
                 author: str = "", progress: Progress | None = None) -> DatasetInfo:
     """An OME-Zarr, zarr or N5 folder on the server as a new dataset, copied or (``link``) read in place
-    (:func:`storage.datasets.import_external`); refusals raise :class:`UserError`, nothing is stored then."""
-    folder = allowed_path(store, path)
+    (:func:`storage.datasets.import_external`), once :func:`allowed_path` lets it be read; refusals raise
+    :class:`UserError`, nothing is stored then."""
+    with sessions() as s:
+        protected = datasets.protected_paths(s, store)
+    folder = allowed_path(store, path, protected)  # outside any transaction: the walk may take a while
     try:
         with sessions.begin() as s:
             return datasets.import_external(s, store, folder, link=link, name=name.strip() or None, author=author,
                                             progress=progress)
+    except Refused as exc:  # a file changed since the walk
+        print(f"neuroseg: import of {path.strip()!r} refused: {exc.reason}", file=sys.stderr, flush=True)
+        raise UserError(str(exc)) from None
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     except OSError as exc:
@@ -152,16 +167,13 @@ def load_demo(sessions: sessionmaker[Session], store: FileStore, author: str = "
 
     _refuse_second_copy(sessions, DEMO_NAME, DEMO_SOURCE)
     volume, labels = make_synthetic_em(DEMO_SHAPE, np.random.default_rng(2012))
-    paths = [store.tmp_file(), store.tmp_file()]
-    try:
-        write_tiff_atomic(paths[0], volume)
-        write_tiff_atomic(paths[1], labels)
-        return import_files(sessions, store, paths[0], paths[1], DEMO_NAME, author=author, source_name=DEMO_SOURCE,
+    with store.spool() as volume_path, store.spool() as labels_path:
+        write_tiff_atomic(volume_path, volume)
+        write_tiff_atomic(labels_path, labels)
+        return import_files(sessions, store, volume_path, labels_path, DEMO_NAME, author=author,
+                            source_name=DEMO_SOURCE,
                             notes="A synthetic stack made by unet.synthetic: Voronoi cells with dark membranes, "
                                   "organelles and noise, with exact labels.")
-    finally:
-        for path in paths:
-            path.unlink(missing_ok=True)
 
 
 def load_isbi(sessions: sessionmaker[Session], store: FileStore, author: str = "",

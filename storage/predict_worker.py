@@ -14,7 +14,7 @@ import sys
 from sqlalchemy import update
 
 from storage.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
-from storage.datasets import load_volume
+from storage.datasets import load_volume, protected_paths
 from storage.db import open_store
 from storage.files import IntegrityError
 from storage.masks import latest_mask, load_mask
@@ -51,6 +51,7 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             checkpoint = s.get(Checkpoint, row.checkpoint_id)
             path = store.verified(checkpoint.file, checkpoint.sha256)
             volume = load_volume(s, store, row.dataset_id)
+            protected = protected_paths(s, store)
             dataset = s.get(Dataset, row.dataset_id)
             slices = list(row.slices)
             method = row.postprocess or "watershed"
@@ -65,7 +66,8 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                                  "(its conversion failed: the server's log says why)")
         folder = store.abspath(store.prediction_folder(prediction_id))
         job = BlockJob(checkpoint=str(path), volume=str(volume.path), out=str(folder), slices=tuple(slices),
-                       linked=isinstance(volume, External), method=method, tta=tta)
+                       linked=isinstance(volume, External), method=method, tta=tta,
+                       protected=tuple(str(p) for p in protected))
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
                              progress=lambda done, total: phase("predict", done, total))
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}

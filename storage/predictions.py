@@ -4,6 +4,10 @@ records one (QUEUED); :func:`storage.queue.launch_prediction` starts its process
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.datasets import dataset_row
-from storage.files import FileStore
+from storage.files import EXPORT_ROOT_ENV, FileStore, export_root, inside
 from storage.models import Checkpoint, Prediction
 from storage.records import NotFound, PredictionInfo, RunStatus
+from storage.settings import PROJECT_ROOT
 from storage.volumes import Volume, export_tiff
 from unet.postprocess import DEFAULT_METHOD, METHODS
 
@@ -90,25 +95,71 @@ def prediction_file(session: Session, store: FileStore, prediction_id: int, outp
     row, entry = _finished(session, prediction_id, output)
     if entry["file"].endswith(".tif"):
         return store.verified(entry["file"], entry["sha256"]).read_bytes()
-    tmp = store.tmp_file()
-    try:
+    with store.spool() as tmp:
         pixel_size = dataset_row(session, row.dataset_id).pixel_size_nm
         export_tiff(load_output(session, store, prediction_id, output), tmp, pixel_size)
         return tmp.read_bytes()
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def export_prediction(session: Session, store: FileStore, prediction_id: int, folder: Path) -> list[Path]:
-    """Copy a finished prediction's outputs into ``folder`` on the server as OME-Zarr images (napari and
-    neuroglancer open them; chunk by chunk, never whole), ``prediction-<id>-<output>.ome.zarr``, each
-    written beside its final name and renamed when complete. Returns the folders written."""
+EXPORT_OFF = (f"exporting to a folder on the server is off on this server (an admin turns it on by naming the one "
+              f"folder exports go into in ${EXPORT_ROOT_ENV}); download the outputs as TIFF files instead")
+_FOLDER_NAME = re.compile(r"[\w-][\w .-]*")
+
+
+def export_folder(store: FileStore, subfolder: str = "") -> Path:
+    """The folder an export goes into: ``$NEUROSEG_EXPORT_ROOT`` (off when unset), or the ``subfolder``
+    of it a user names (made when missing). Why so narrow: an export writes wherever the server may write,
+    the app's own code included. The user names folders inside the root only: plain names (no ``..``, no
+    hidden names), an absolute path only when it lies inside the root, each folder on the way a real one
+    (never a link), and never the data directory or the app. ValueError says why not."""
+    root = export_root()
+    if root is None:
+        raise ValueError(EXPORT_OFF)
+    text = subfolder.strip()
+    given = Path(text)
+    if given.is_absolute():
+        given = Path(os.path.normpath(given))
+        if not inside(given, root):
+            raise ValueError(f"exports go into {root} ($NEUROSEG_EXPORT_ROOT) or a folder inside it")
+        given = given.relative_to(root)
+    parts = given.parts if text else ()
+    if any(not _FOLDER_NAME.fullmatch(part) for part in parts):
+        raise ValueError("name a folder inside the export folder with plain names (letters, digits, spaces, '-', "
+                         "'_' and '.', no '..' and no hidden names), such as lab/2026-12")
+    try:
+        if not stat.S_ISDIR(os.lstat(root).st_mode):
+            raise FileNotFoundError(root)
+    except FileNotFoundError:
+        raise ValueError(f"the export folder {root} ($NEUROSEG_EXPORT_ROOT) is not a folder on the server: ask an "
+                         "admin") from None
+    folder = root
+    for part in parts:
+        folder = folder / part
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o755)
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):  # a link (or a file) on the way: never followed
+            raise ValueError(f"{folder.relative_to(root)} is not a folder inside the export folder (a link or a "
+                             "file); choose another")
+    if Path(os.path.realpath(folder)) != folder or any(
+            inside(folder, guarded) or inside(guarded, folder) for guarded in (store.root, PROJECT_ROOT)):
+        raise ValueError(f"{folder} may not receive exports (it holds or lies in Neuroseg's own files)")
+    return folder
+
+
+def export_prediction(session: Session, store: FileStore, prediction_id: int, subfolder: str = "") -> list[Path]:
+    """Copy a finished prediction's outputs into the export folder (:func:`export_folder`) as OME-Zarr
+    images (napari and neuroglancer open them; chunk by chunk, never whole), named from its id only:
+    ``prediction-<id>-<output>.ome.zarr``, each written beside its final name and renamed when complete.
+    Returns the folders written."""
+    return _export(session, store, prediction_id, export_folder(store, subfolder))
+
+
+def _export(session: Session, store: FileStore, prediction_id: int, folder: Path) -> list[Path]:
     import shutil
 
     row = session.get(Prediction, prediction_id)
     if row is None or row.status != RunStatus.FINISHED:
         raise NotFound(f"prediction {prediction_id} has no finished outputs")
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name in row.files:
         load_output(session, store, prediction_id, name)  # refuses a damaged or missing output by name

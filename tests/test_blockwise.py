@@ -240,14 +240,16 @@ def test_a_prediction_exports_as_ome_zarr_that_napari_reads(tmp_path, monkeypatc
         info = svc.load_demo()
         job = svc.predict(svc.checkpoint_choices()[0].id, info.id, [0, 4])
         wait_for(lambda: svc.prediction(job.id).status == "FINISHED", timeout=180)
-        written = svc.export_prediction(job.id, str(tmp_path / "exports"))
+        (tmp_path / "exports").mkdir()
+        monkeypatch.setenv("NEUROSEG_EXPORT_ROOT", str(tmp_path / "exports"))  # off unless an admin names it
+        written = svc.export_prediction(job.id, "")
         assert sorted(p.rsplit("/", 1)[1] for p in written) == [
             f"prediction-{job.id}-{name}.ome.zarr" for name in ("instances", "mask", "neurons", "probabilities")]
         node = next(iter(Reader(parse_url(str(tmp_path / "exports" / f"prediction-{job.id}-mask.ome.zarr")))()))
         np.testing.assert_array_equal(np.asarray(node.data[0]), svc.prediction_output(job.id, "mask")[...])
         with pytest.raises(UserError, match="exists already"):
             svc.export_prediction(job.id, str(tmp_path / "exports"))
-        with pytest.raises(UserError, match="own data directory"):
+        with pytest.raises(UserError, match="exports go into"):
             svc.export_prediction(job.id, str(svc.store.root / "x"))
     finally:
         svc.close()

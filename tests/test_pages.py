@@ -263,16 +263,20 @@ def test_a_conflict_offers_one_choice_beside_its_message(app_data_dir):
     assert (saved[:10, :10] == MEMBRANE).all() and (saved[205:215, 205:215] == NEURON).all()
 
 
-def test_a_folder_on_the_server_is_imported_from_the_datasets_page(app_data_dir, tmp_path):
-    from storage.volumes import write_volume
+def test_a_folder_on_the_server_is_imported_from_the_datasets_page(app_data_dir, tmp_path, monkeypatch):
+    from storage.volumes import REFUSED, write_volume
 
     volume = np.random.default_rng(4).integers(0, 255, (3, 40, 50), dtype=np.uint8)
     folder = tmp_path / "lab" / "sample.ome.zarr"
     write_volume(folder, iter(volume), volume.shape, volume.dtype)
-    at = app("Datasets")
+    monkeypatch.delenv("NEUROSEG_IMPORT_ROOTS", raising=False)
+    at = app("Datasets")  # off by default: the page says so and how an admin turns it on, and offers no form
+    assert "NEUROSEG_IMPORT_ROOTS" in texts(at.info) and not [t for t in at.text_input if t.key == "import_path"]
+    monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
+    at.run()
     at.text_input(key="import_path").set_value(str(tmp_path / "lab" / "nothing.zarr"))
     at.button(key="FormSubmitter:import_path_form-Import").click().run()
-    assert "was not imported: " in texts(at.error) and "there is nothing at this path" in texts(at.error)
+    assert "was not imported: " in texts(at.error) and REFUSED in texts(at.error)
     at.text_input(key="import_path").set_value(str(folder))
     at.text_input(key="import_path_name").set_value("Lab sample")
     at.toggle(key="import_link").set_value(True)

@@ -21,6 +21,45 @@ VOLUME_DTYPES = (np.uint8, np.uint16, np.float32)
 LABEL_DTYPES = (np.bool_, np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64, np.uint64)
 #: Refuse stacks whose pixels would need more memory than this (override per call).
 DEFAULT_MAX_BYTES = 16 * 1024**3
+#: A stack whose slices are not one page each is read whole: only up to this many bytes of pixels.
+WHOLE_READ_BYTES = 1024**3
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a stack may declare before a byte of its pixels is read, checked from its header (TIFF) or its
+    metadata (zarr, N5, OME-Zarr). Why: a file of a few kilobytes can declare terabytes, and a server that
+    believes it fills its memory for every visitor. Each limit is set by the environment (a lab server
+    with large slices raises them), else its default:
+
+    - ``NEUROSEG_MAX_STACK_BYTES`` (16 GiB): the pixels of a stack stored in the data directory;
+    - ``NEUROSEG_MAX_SLICE_PIXELS`` (8192 × 8192): Y × X of one slice, which pages and training read and
+      whose masks are kept whole (an 8192² float32 slice is 256 MiB);
+    - ``NEUROSEG_MAX_LINKED_SLICE_PIXELS`` (4096 × 4096): Y × X of a stack linked where it lies; it has no
+      overview pyramid, so every page visit reads a whole slice (at most 64 MiB as float32);
+    - ``NEUROSEG_MAX_CHUNK_BYTES`` (64 MiB): one chunk of a zarr or N5 array, decompressed whole to read
+      even one of its pixels.
+    """
+
+    stack_bytes: int = DEFAULT_MAX_BYTES
+    slice_pixels: int = 8192 * 8192
+    linked_slice_pixels: int = 4096 * 4096
+    chunk_bytes: int = 64 * 1024**2
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        """The limits this process runs with (read on every call: an admin's change needs no new code)."""
+        names = {"stack_bytes": "NEUROSEG_MAX_STACK_BYTES", "slice_pixels": "NEUROSEG_MAX_SLICE_PIXELS",
+                 "linked_slice_pixels": "NEUROSEG_MAX_LINKED_SLICE_PIXELS", "chunk_bytes": "NEUROSEG_MAX_CHUNK_BYTES"}
+        values = {}
+        for field, env in names.items():
+            raw = os.environ.get(env, "").strip().replace("_", "")
+            if raw:
+                try:
+                    values[field] = max(1, int(raw))
+                except ValueError:
+                    raise ValueError(f"${env} must be a whole number, not {raw!r}") from None
+        return cls(**values)
 
 Source = str | os.PathLike | BinaryIO
 
@@ -145,28 +184,64 @@ def inspect_stack(source: Source, channels_as_z: bool = False) -> StackInfo:
         source.seek(0)  # type: ignore[union-attr]
     try:
         with tifffile.TiffFile(source) as tif:
-            if not tif.series or len(tif.pages) == 0:
-                raise ValueError(f"{what}: the TIFF holds no image (is the file truncated or damaged?)")
+            if len(tif.pages) == 0 or not tif.series:
+                raise _Empty
             series = tif.series[0]
-            shape = _zyx_shape(tuple(series.shape), series.axes, what, channels_as_z)
-            return StackInfo(shape, str(np.dtype(series.dtype)), series.axes, _pixel_size_nm(tif))
+            raw_shape, axes, dtype = tuple(int(n) for n in series.shape), str(series.axes), np.dtype(series.dtype)
+            images = _imagej_images(tif)
+            pixel_size = _pixel_size_nm(tif)
+    except _Empty:
+        raise ValueError(f"{what}: the TIFF holds no image (is the file truncated or damaged?)") from None
     except tifffile.TiffFileError as exc:
         if "not a TIFF" in str(exc):
             raise ValueError(_not_a_tiff(source, what)) from exc
         raise ValueError(f"{what}: the TIFF header could not be read; the file is probably damaged") from exc
-    except ValueError:
-        raise
-    except Exception as exc:  # tifffile raises many kinds of errors on broken headers
-        raise ValueError(f"{what}: the TIFF header could not be read ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # tifffile raises many kinds of errors on broken headers and OME-XML
+        raise ValueError(f"{what}: the TIFF header or its metadata (OME-XML, ImageJ) could not be read "
+                         f"({type(exc).__name__}: {exc}); the file is damaged, or was written by a tool that "
+                         "got its metadata wrong: save it again as a plain multi-page TIFF (Fiji: File › Save As "
+                         "› Tiff…)") from None
+    # the pixel type and the shape come from tifffile's reading of the header (checked below), never trusted
+    planes = int(np.prod([n for n, a in zip(raw_shape, axes, strict=False) if a not in "YXS"], dtype=np.int64))
+    if images is not None and images > planes:
+        raise ValueError(f"{what}: the ImageJ header says the stack holds {images} images but the file holds "
+                         f"{planes}: the file is truncated (copied or saved only in part). Copy or save it again")
+    shape = _zyx_shape(raw_shape, axes, what, channels_as_z)
+    return StackInfo(shape, str(dtype), axes, pixel_size)
 
 
-def _check_size(source: Source, info: StackInfo, what: str, dtype: np.dtype, max_bytes: int) -> None:
-    """Refuse a header that declares more pixels than allowed, or far more than its file could hold."""
+class _Empty(Exception):
+    pass
+
+
+def _imagej_images(tif: tifffile.TiffFile) -> int | None:
+    """How many images an ImageJ header says the file holds (None: not ImageJ, or it does not say). Why:
+    tifffile reads a truncated ImageJ stack as the pages that are left, and it would be stored as fewer
+    slices without a word."""
+    if not tif.is_imagej:
+        return None
+    value = (tif.imagej_metadata or {}).get("images")
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        raise ValueError(f"the ImageJ header's image count is not a number ({value!r})") from None
+
+
+def _check_size(source: Source, info: StackInfo, what: str, dtype: np.dtype, max_bytes: int,
+                max_slice_pixels: int | None = None) -> None:
+    """Refuse a header that declares more pixels than allowed (in all, or in one slice, which is read
+    whole), or far more than its file could hold: before any pixel is read."""
     nbytes = int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize
     if nbytes > max_bytes:
         raise ValueError(
             f"{what}: the header declares {info.shape} {dtype.name} = {nbytes / 1024**3:.1f} GiB of pixels, "
             f"more than the {max_bytes / 1024**3:.1f} GiB allowed"
+        )
+    y, x = info.shape[1:]
+    if max_slice_pixels is not None and y * x > max_slice_pixels:
+        raise ValueError(
+            f"{what}: the header declares slices of {y} × {x} pixels, more than the {max_slice_pixels:,} pixels "
+            "a slice may have on this server ($NEUROSEG_MAX_SLICE_PIXELS); crop or bin the stack first"
         )
     if isinstance(source, str | os.PathLike):
         size = os.path.getsize(source)
@@ -227,25 +302,39 @@ def _check_dtype(info: StackInfo, what: str, dtypes: tuple, kind: str) -> np.dty
 
 
 def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = False,
-                max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[StackInfo, Iterator[np.ndarray]]:
+                max_bytes: int | None = None, limits: Limits | None = None) -> tuple[StackInfo, Iterator[np.ndarray]]:
     """The header of a stack and its ``(Y, X)`` slices one at a time, read page by page, so a stack larger
     than memory can be converted. ``kind`` is "volume" (uint8, uint16, float32) or "labels" (integers,
-    bool). The header is checked before anything is read; a slice that cannot be read (a truncated file)
-    or holds NaN raises ``ValueError`` naming it. Files whose slices are not one page each (rare: channels
-    stored after the image plane) are read whole, within ``max_bytes``."""
+    bool). The header is checked before anything is read, against ``limits`` (:class:`Limits`, from the
+    environment when not given; ``max_bytes`` overrides its stack size): a slice is read whole, so its
+    size is bounded too. A slice that cannot be read (a truncated file) or holds NaN raises ``ValueError``
+    naming it. Files whose slices are not one page each (rare: channels stored after the image plane) are
+    read whole, only up to :data:`WHOLE_READ_BYTES`."""
     what = _describe(source)
+    limits = limits or Limits.from_env()
+    max_bytes = limits.stack_bytes if max_bytes is None else max_bytes
     info = inspect_stack(source, channels_as_z)
     dtypes, name = (VOLUME_DTYPES, "an image stack") if kind == "volume" else (LABEL_DTYPES, "labels")
-    _check_size(source, info, what, _check_dtype(info, what, dtypes, name), max_bytes)
+    dtype = _check_dtype(info, what, dtypes, name)
+    _check_size(source, info, what, dtype, max_bytes, limits.slice_pixels)
     z, y, x = info.shape
 
     def pages() -> Iterator[np.ndarray]:
         if hasattr(source, "seek"):
             source.seek(0)  # type: ignore[union-attr]
         with tifffile.TiffFile(source) as tif:
-            series = tif.series[0]
-            planes = list(series.pages)
+            try:
+                series = tif.series[0]
+                planes = list(series.pages)
+            except Exception as exc:  # the header was read once already: this is a file changed meanwhile
+                raise ValueError(f"{what}: the TIFF header could not be read again ({type(exc).__name__}: "
+                                 f"{exc})") from None
             if len(planes) != z or any(p is None or int(np.prod(p.shape)) != y * x for p in planes[:1]):
+                whole_bytes = z * y * x * dtype.itemsize
+                if whole_bytes > min(max_bytes, WHOLE_READ_BYTES):
+                    raise ValueError(f"{what}: its slices are not stored one page each, so it would be read whole "
+                                     f"({whole_bytes / 1024**3:.1f} GiB): save it again as a plain multi-page "
+                                     "TIFF (Fiji: File › Save As › Tiff…)")
                 whole = _read(source, what, dtypes, max_bytes, name, channels_as_z)
                 yield from whole
                 return
