@@ -18,6 +18,7 @@ from pages.common import (
     signed_in_user,
 )
 from storage.service import AlreadyLoaded, UserError, isbi_dir
+from ui.text import plain
 
 st.set_page_config(page_title="Neuroseg", page_icon="🧠", layout="wide")
 
@@ -29,13 +30,17 @@ def _load(which: str) -> None:
             info = svc.load_demo() if which == "demo" else svc.load_isbi()
     except AlreadyLoaded as exc:
         select_dataset(exc.dataset_id)
-        flash(f"Not loaded again: {exc}; it is selected.", "info")
+        try:  # its name as it is now, shown as text (another user may have renamed it)
+            shown = f"**{plain(svc.dataset(exc.dataset_id).name)}** (#{exc.dataset_id})"
+        except UserError:
+            shown = f"#{exc.dataset_id}"
+        flash(f"Not loaded again: the {which} dataset is already loaded as {shown}; it is selected.", "info")
         return
     except UserError as exc:
         flash(f"The {which} dataset was not loaded: {exc}", "error")
         return
     select_dataset(info.id)
-    flash(f"Loaded **{info.name}** ({info.shape[0]} slices of {info.shape[1]}×{info.shape[2]}, "
+    flash(f"Loaded **{plain(info.name)}** ({info.shape[0]} slices of {info.shape[1]}×{info.shape[2]}, "
           f"{info.labelled_slices} with labels). Open **Annotate** to paint, or **Datasets** to browse it.")
 
 
@@ -54,7 +59,6 @@ def home() -> None:
     c2.metric("Training runs", overview.runs, help=f"{overview.active_runs} queued or running")
     c3.markdown(f"Compute device  \n**{overview.device}**", help="Where training and prediction run. "
                 "A GPU is used when PyTorch finds one.")
-    st.caption(f"Store: `{svc.settings.data_dir}`")
     if svc.starter_note:
         st.warning(svc.starter_note, icon=":material/warning:")
 
@@ -71,7 +75,8 @@ def home() -> None:
     if isbi_dir() is not None:
         b2.button("Load ISBI 2012 sample", on_click=_load, args=("ISBI 2012",), width="stretch",
                   disabled=not can("create"),
-                  help=f"The ISBI 2012 training stack (30 × 512 × 512, with labels) from {isbi_dir()}.")
+                  help="The ISBI 2012 training stack (30 × 512 × 512, with labels), from the folder the server "
+                  "keeps it in.")
     else:
         b2.caption("The ISBI 2012 sample appears here when its files are in `../shared/data/isbi2012/` "
                    "(or a folder named by `NEUROSEG_ISBI_DIR`).")

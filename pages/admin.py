@@ -10,6 +10,7 @@ import streamlit as st
 
 from pages.common import can, start_page
 from storage.service import UserError
+from ui.text import plain
 
 svc = start_page("Admin")
 if not can("admin"):
@@ -40,7 +41,7 @@ with users_tab:
                   for u in people], hide_index=True, width="stretch")
     handed = st.session_state.pop("admin_one_time", None)
     if handed:
-        st.success(f"One-time password for **{handed[0]}**: `{handed[1]}`. Hand it over now: it is not shown "
+        st.success(f"One-time password for **{plain(handed[0])}**: `{handed[1]}`. Hand it over now: it is not shown "
                    "again, and it must be changed at the first sign-in.", icon=":material/key:")
 
     left, right = st.columns(2)
@@ -120,7 +121,7 @@ with queue_tab:
     else:
         upcoming = [q for q in queue if q.position == 1]
         if upcoming:
-            st.write(f"Next: run #{upcoming[0].run_id} by **{upcoming[0].owner or 'system'}**.")
+            st.write(f"Next: run #{upcoming[0].run_id} by **{plain(upcoming[0].owner or 'system')}**.")
         st.dataframe([{"place": "running" if q.position == 0 else f"{q.position}", "run": f"#{q.run_id}",
                        "owner": q.owner or "—", "kind": q.kind, "recipe": q.preset, "device": q.device}
                       for q in queue], hide_index=True, width="stretch")

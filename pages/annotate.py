@@ -18,6 +18,7 @@ from ui.figures import slice_strip
 from ui.live import REFRESH_S, SCRATCH, predicted_mask, prediction_caption, status_text
 from ui.paint import IGNORE, MEMBRANE, NEURON, View, brush_color, png_data_url, slice_window, view_picture
 from ui.prediction import compose
+from ui.text import plain
 from ui.training import checkpoint_label, default_checkpoint
 
 svc = start_page("Annotate")
@@ -185,7 +186,7 @@ if in_conflict:
     newest = history[-1] if history else None
     with st.container(border=True):
         st.error(f"Not saved: slice {z} now has **v{newest.version if newest else 0}**"
-                 f"{' by ' + newest.author if newest and newest.author else ''}, saved after your edit began. "
+                 f"{' by ' + plain(newest.author) if newest and newest.author else ''}, saved after your edit began. "
                  f"Your {draft.changed_pixels:,} changed pixels are kept. Choose one:", icon=":material/sync_problem:")
         c1, c2 = st.columns(2)
         c1.button(f"Move my changes onto v{newest.version if newest else 0} (then look and save)", type="primary",
@@ -272,7 +273,7 @@ actions[1].button("Discard changes", on_click=_discard, disabled=not draft.dirty
 last_saved = st.session_state.get("last_saved")
 if draft.dirty:
     actions[2].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** (kept in the store) · will be saved "
-                        f"as *{draft.kind}* by *{author or 'anonymous'}*")
+                        f"as *{draft.kind}* by *{plain(author or 'anonymous')}*")
 elif last_saved is not None and last_saved[0] == draft.uid:
     actions[2].success(last_saved[1], icon=":material/check:")
 else:

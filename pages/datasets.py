@@ -6,9 +6,10 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.common import attempt, can, dataset_picker, flash, select_dataset, start_page, volume_or_stop
-from storage.service import ChannelsQuestion, UserError
+from storage.service import NAME_MAX, ChannelsQuestion, UserError
 from ui.figures import histogram
 from ui.paint import View, auto_window, middle_of, view_picture
+from ui.text import plain
 
 svc = start_page("Datasets")
 
@@ -32,7 +33,7 @@ with st.expander("Upload a stack", expanded=not datasets):
         if volume is None:
             st.error("Choose a volume TIFF first.")
         else:
-            what = f"{volume.name} and {labels.name}" if labels is not None else volume.name
+            what = plain(f"{volume.name} and {labels.name}" if labels is not None else volume.name)
             bar = st.progress(0.0, text=f"Receiving {volume.name} …")
             try:
                 info = svc.import_upload(volume, labels, name=name, notes=notes, channels_as_z=as_slices,
@@ -53,34 +54,44 @@ with st.expander("Upload a stack", expanded=not datasets):
                 bar.empty()
                 select_dataset(info.id)
                 st.session_state["upload_form"] = form + 1
-                flash(f"Stored **{info.name}**: {info.shape[0]} × {info.shape[1]} × {info.shape[2]} {info.dtype}"
+                flash(f"Stored **{plain(info.name)}**: {info.shape[0]} × {info.shape[1]} × {info.shape[2]} {info.dtype}"
                       f"{f', {info.labelled_slices} labelled slices' if info.labelled_slices else ''}.")
                 st.rerun()
 
+import_roots, _ = svc.server_folders()
 with st.expander("Import a folder on the server (OME-Zarr, zarr or N5)"):
     st.caption("For stacks too large to upload: the folder is read slice by slice and copied into Neuroseg's "
                "store, or linked where it lies (read-only: Neuroseg never writes there, and the dataset breaks "
                "if the folder is moved).")
-    with st.form("import_path_form"):
-        path = st.text_input("Path on the server", placeholder="/data/em/sample.ome.zarr", key="import_path")
-        c1, c2 = st.columns([2, 1])
-        path_name = c1.text_input("Name", placeholder="the folder's name", max_chars=200, key="import_path_name")
-        link = c2.toggle("Link instead of copying", key="import_link")
-        go = st.form_submit_button("Import", type="primary", disabled=not can("create"))
-    if go:
-        bar = st.progress(0.0, text=f"Opening {path} …")
-        try:
-            info = svc.import_path(path, link=link, name=path_name, author=st.session_state.get("author", ""),
-                                   progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
-        except UserError as exc:
-            bar.empty()
-            st.error(f"**{path}** was not imported: {str(exc).rstrip('.')}.")
-        else:
-            bar.empty()
-            select_dataset(info.id)
-            flash(f"{'Linked' if link else 'Imported'} **{info.name}**: {info.shape[0]} × {info.shape[1]} × "
-                  f"{info.shape[2]} {info.dtype}.")
-            st.rerun()
+    if not import_roots:  # off unless an admin names the folders: the server may read far more than users should
+        st.info("Importing folders on the server is **off** on this server. An admin turns it on by naming the "
+                "folders it may import from in the environment variable `NEUROSEG_IMPORT_ROOTS` (separated by "
+                "`:`) and restarting Neuroseg.", icon=":material/block:")
+    elif can("create"):
+        st.caption("This server imports from: " + ", ".join(f"`{root}`" for root in import_roots) + ". Folders "
+                   "holding links or special files are refused.")
+    if import_roots:
+        with st.form("import_path_form"):
+            path = st.text_input("Path on the server", placeholder="/data/em/sample.ome.zarr", key="import_path")
+            c1, c2 = st.columns([2, 1])
+            path_name = c1.text_input("Name", placeholder="the folder's name", max_chars=NAME_MAX,
+                                      key="import_path_name")
+            link = c2.toggle("Link instead of copying", key="import_link")
+            go = st.form_submit_button("Import", type="primary", disabled=not can("create"))
+        if go:
+            bar = st.progress(0.0, text="Checking the folder …")
+            try:
+                info = svc.import_path(path, link=link, name=path_name, author=st.session_state.get("author", ""),
+                                       progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
+            except UserError as exc:
+                bar.empty()
+                st.error(f"The folder was not imported: {plain(str(exc).rstrip('.'))}.")
+            else:
+                bar.empty()
+                select_dataset(info.id)
+                flash(f"{'Linked' if link else 'Imported'} **{plain(info.name)}**: {info.shape[0]} × "
+                      f"{info.shape[1]} × {info.shape[2]} {info.dtype}.")
+                st.rerun()
 
 if not datasets:
     st.info("No datasets yet: upload a stack above, or load the demo dataset from the home page.")
@@ -121,7 +132,7 @@ with right:
         st.caption(f"Slice {z} has no mask yet.")
     else:
         st.caption(f"Slice {z}: mask v{mask_info.version} ({mask_info.kind}"
-                   f"{', by ' + mask_info.author if mask_info.author else ''}), "
+                   f"{', by ' + plain(mask_info.author) if mask_info.author else ''}), "
                    f"{mask_info.labelled_pixels:,} labelled pixels. Cyan: neuron, red: membrane.")
 with left:
     mask = svc.mask(mask_info.id) if (mask_info is not None and show_mask) else None
@@ -149,14 +160,14 @@ with st.expander("Held-out slices" + (f" (version {frozen.version}: slices "
 
 # --- edit and delete ------------------------------------------------------------------------------
 with st.expander("Name and notes"), st.form(f"edit_{dataset_id}"):
-    new_name = st.text_input("Name", info.name, max_chars=200)
+    new_name = st.text_input("Name", info.name, max_chars=NAME_MAX)
     new_notes = st.text_area("Notes", info.notes)
     if st.form_submit_button("Save name and notes"):
         attempt(lambda: svc.update(dataset_id, name=new_name, notes=new_notes), lambda _: "Name and notes saved.")
 
 with st.expander("Delete this dataset"):
     preview = svc.deletion_preview(dataset_id)
-    st.warning(f"Deleting **{info.name}** removes {preview.describe()}: the stack, every mask version of every "
+    st.warning(f"Deleting **{plain(info.name)}** removes {preview.describe()}: the stack, every mask version of every "
                "slice, and the runs that trained on it with their checkpoints. This cannot be undone.")
     confirm = st.text_input("Type the dataset's name to confirm", key=f"confirm_delete_{dataset_id}")
     if st.button("Delete dataset", type="primary", disabled=confirm.strip() != info.name,
@@ -171,5 +182,5 @@ with st.expander("Delete this dataset"):
             drafts = st.session_state.get("drafts", {})
             for key in [k for k in drafts if k[0] == dataset_id]:
                 del drafts[key]
-            flash(f"Deleted **{info.name}**: {removed.describe()}.")
+            flash(f"Deleted **{plain(info.name)}**: {removed.describe()}.")
             st.rerun()

@@ -7,7 +7,8 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.common import attempt, can, flash, start_page
-from storage.service import UserError
+from storage.service import NAME_MAX, UserError
+from ui.text import plain
 from ui.training import checkpoint_label
 
 svc = start_page("Models")
@@ -23,10 +24,10 @@ with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled
             try:
                 imported = svc.import_model(package, package.name)
             except UserError as exc:
-                st.error(f"**{package.name}** was not imported: {exc}")
+                st.error(f"**{plain(package.name)}** was not imported: {exc}")
             else:
                 st.session_state["model_pick"] = imported.checkpoint_id
-                flash(f"Imported **{imported.name}** as run {imported.run_id}: Predict offers it.")
+                flash(f"Imported **{plain(imported.name)}** as run {imported.run_id}: Predict offers it.")
                 st.rerun()
 
 models = svc.checkpoint_choices()
@@ -47,7 +48,7 @@ chosen = by_id[st.selectbox("Model", list(by_id), format_func=lambda i: f"#{i} �
 card = svc.model_card(chosen.id)
 run = card["run"]
 
-st.subheader(chosen.name or checkpoint_label(chosen))
+st.subheader(plain(chosen.name or checkpoint_label(chosen)))
 facts = st.columns(4)
 facts[0].metric("Run", f"#{run.id}", help=f"{run.kind} run, {run.status}")
 facts[1].metric("Step", f"{chosen.step:,}")
@@ -56,13 +57,13 @@ parent = card["parent"]
 facts[3].metric("Parent", f"run {parent['run_id']}" if parent else "—",
                 help=f"fine-tuned from checkpoint {parent['checkpoint_id']}" if parent else "trained from scratch")
 if card["source"]:
-    st.caption(f"Source: {card['source']}")
+    st.caption(f"Source: {plain(card['source'])}")
 if chosen.metrics:
     st.caption("Validation: " + " · ".join(f"{k} {v:.4f}" for k, v in sorted(chosen.metrics.items())
                                            if isinstance(v, int | float)))
 
 with st.form(f"model_name_{chosen.id}"):
-    name = st.text_input("Name", chosen.name, max_chars=200)
+    name = st.text_input("Name", chosen.name, max_chars=NAME_MAX)
     notes = st.text_area("Notes", chosen.notes)
     if st.form_submit_button("Save name and notes"):
         attempt(lambda: svc.update_model(chosen.id, name=name, notes=notes), lambda _: "Name and notes saved.")
@@ -106,7 +107,7 @@ else:
 actions[1].download_button("Download checkpoint (.pt)", lambda: svc.checkpoint_bytes(chosen.id), on_click="ignore",
                            file_name=f"run-{run.id}-{chosen.kind}.pt", key=f"dl_model_{chosen.id}")
 with actions[2].popover("Delete", disabled=run.active or run.kind == "starter"):
-    st.warning(f"Delete model #{chosen.id} ({checkpoint_label(chosen)}) and the predictions made with it?")
+    st.warning(f"Delete model #{chosen.id} ({plain(checkpoint_label(chosen))}) and the predictions made with it?")
     if st.button("Yes, delete it", key=f"del_model_{chosen.id}", type="primary"):
         attempt(lambda: svc.delete_checkpoint(chosen.id), lambda removed: f"Deleted model #{chosen.id}: "
                 f"{removed.describe()}.")

@@ -7,6 +7,7 @@ import streamlit as st
 
 from pages.common import attempt, start_page
 from ui.figures import METRIC_NAMES, run_curves_figure
+from ui.text import plain
 from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration, score_rows
 
 svc = start_page("Runs")
@@ -89,9 +90,9 @@ if held:
                                          key=f"promote_pick_{scored_on}")
                 if cols[1].button("Promote", key="promote", disabled=pick == promoted,
                                   help="Make it the model Predict and Live offer first for this dataset."):
-                    attempt(lambda: svc.promote(scored_on, pick),
-                            lambda _: f"Promoted {checkpoint_label(next(c for c in candidates if c.id == pick))} "
-                                      f"to be the default model of {names[scored_on]}.")
+                    promoted_label = plain(checkpoint_label(next(c for c in candidates if c.id == pick)))
+                    attempt(lambda: svc.promote(scored_on, pick), lambda _: f"Promoted {promoted_label} to be the "
+                            f"default model of {plain(names[scored_on])}.")
                 if promoted is not None:
                     st.caption(f"Current default: checkpoint #{promoted}.")
 
@@ -109,7 +110,7 @@ with one:
         st.error(run.error.strip().splitlines()[-1])
     if run.id in flagged:
         st.warning(f"Run {run.id} scores worse than its parent on the held-out slices of "
-                   f"{', '.join(flagged[run.id])}: see the table above before you use it.",
+                   f"{', '.join(map(plain, flagged[run.id]))}: see the table above before you use it.",
                    icon=":material/trending_down:")
     unscored = [d for d in run.dataset_ids if d in held] if run.status == "FINISHED" else []
     if unscored and st.button("Score on the held-out slices", key=f"score_{run.id}",
@@ -136,7 +137,7 @@ with one:
     st.markdown("**Checkpoints**")
     for c in checkpoints[run.id]:
         cols = st.columns([3, 1, 2, 1], vertical_alignment="center")
-        cols[0].write(checkpoint_label(c, with_run=False))
+        cols[0].write(plain(checkpoint_label(c, with_run=False)))
         cols[1].download_button("Download", lambda c=c: svc.checkpoint_bytes(c.id), on_click="ignore",
                                 file_name=f"run-{run.id}-{c.kind}.pt", key=f"dl_ckpt_{c.id}")
         cols[2].page_link("pages/models.py", label="Card and BioImage.IO export", icon=":material/deployed_code:")

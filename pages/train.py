@@ -7,6 +7,7 @@ import streamlit as st
 from pages.common import can, flash, select_dataset, selected_dataset, start_page
 from storage.service import RunStatus, UserError
 from ui.figures import run_curves_figure
+from ui.text import plain
 from ui.training import VAL_KEYS, checkpoint_label, describe_preset, progress_text, recipe, resume_note
 
 svc = start_page("Train")
@@ -34,7 +35,8 @@ def follow(run_id: int, was_active: bool) -> None:
         ahead = [q for q in queue if q.position < place]  # (running ones have place 0)
         if ahead:
             head[1].caption("Waiting behind " + ", ".join(
-                f"run #{q.run_id} ({q.owner or 'system'}{', running' if q.position == 0 else ''})" for q in ahead))
+                f"run #{q.run_id} ({plain(q.owner or 'system')}{', running' if q.position == 0 else ''})"
+                for q in ahead))
     if run.active and run.kind == "live":
         if head[2].button("Stop", key=f"stop_live_{run.id}", disabled=run.cancel_requested,
                           help="End the live session for everyone: it becomes a run with its checkpoints."):
@@ -112,24 +114,24 @@ else:
             info = next(d for d in datasets if d.id == dataset_id)
             default_train, default_val = svc.default_split(dataset_id)
             c1, c2 = st.columns(2)
-            t_text = c1.text_input(f"Training slices of {info.name}", ",".join(map(str, default_train)),
+            t_text = c1.text_input(f"Training slices of {plain(info.name)}", ",".join(map(str, default_train)),
                                    key=f"train_slices_{dataset_id}", help="e.g. 0-24 or 0,2,5-9")
-            v_text = c2.text_input(f"Validation slices of {info.name}", ",".join(map(str, default_val)),
+            v_text = c2.text_input(f"Validation slices of {plain(info.name)}", ",".join(map(str, default_val)),
                                    key=f"val_slices_{dataset_id}")
             try:
                 t_slices = svc.parse_slices(t_text, info.shape[0]) if t_text.strip() else []
                 v_slices = svc.parse_slices(v_text, info.shape[0]) if v_text.strip() else []
             except ValueError as exc:
-                problems.append(f"{info.name}: {exc}")
+                problems.append(f"{plain(info.name)}: {exc}")
                 continue
             if set(t_slices) & set(v_slices):
-                problems.append(f"{info.name}: slices {sorted(set(t_slices) & set(v_slices))} are on both sides")
+                problems.append(f"{plain(info.name)}: slices {sorted(set(t_slices) & set(v_slices))} are on both sides")
             if t_slices:
                 train_parts.append({"dataset_id": dataset_id, "slices": t_slices})
             if v_slices:
                 val_parts.append({"dataset_id": dataset_id, "slices": v_slices})
         plan = svc.train_plan(train_parts, val_parts)
-        problems += [f"{r.dataset}: slice {r.slice} has no mask yet" for r in plan if r.version == "none"]
+        problems += [f"{plain(r.dataset)}: slice {r.slice} has no mask yet" for r in plan if r.version == "none"]
         if plan:
             sides = {role: sum(r.labelled_pixels for r in plan if r.role == role) for role in ("train", "val")}
             st.caption(f"Training: {sum(r.role == 'train' for r in plan)} slices, {sides['train']:,} labelled "

@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from storage import audit
 from storage.models import ROLES, AuditEvent, SignIn, User
+from storage.text import clean_name
 
 HASHER = PasswordHasher()  # argon2id, the library's (RFC 9106 "low memory") parameters
 _DUMMY_HASH = HASHER.hash("not a password anyone has")  # unknown users cost as much time as known ones
@@ -50,6 +51,7 @@ class Actor:
     address: str = ""
     must_change_password: bool = False
     display_name: str = ""
+    token_sha256: str = ""  # the browser's sign-in (the SHA-256 of its token): checked on every guarded call
 
 
 SYSTEM = Actor(None, "system", "admin")
@@ -68,9 +70,34 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
-def actor_of(user: User, address: str = "") -> Actor:
+def actor_of(user: User, address: str = "", token: str = "") -> Actor:
     return Actor(user.id, user.username, user.role, address, bool(user.must_change_password),
-                 user.display_name or user.username)
+                 user.display_name or user.username, token_digest(token) if token else "")
+
+
+def current_actor(session: Session, actor: Actor) -> Actor:
+    """``actor`` as the store says it is now, read in one small query on every guarded call (a page's
+    callback runs before its sign-in check, so what the browser's session remembers may be old): the user
+    still exists and is not disabled, their role and one-time-password state are the current ones (a
+    demoted user has the new role's rights at once), and the browser's sign-in, when the actor carries one,
+    is still there (not signed out, revoked or expired). :class:`SignInError` says why not. The system
+    (no user) is what it is."""
+    if actor.user_id is None:
+        return actor
+    query = select(User.role, User.disabled, User.must_change_password)
+    if actor.token_sha256:
+        query = query.add_columns(SignIn.expires).outerjoin(
+            SignIn, (SignIn.user_id == User.id) & (SignIn.token_sha256 == actor.token_sha256))
+    row = session.execute(query.where(User.id == actor.user_id)).first()
+    if row is None:
+        raise SignInError("This account no longer exists: sign in again.")
+    if row.disabled:
+        raise SignInError("This account is disabled: ask an admin.")
+    if actor.token_sha256 and (row.expires is None or aware(row.expires) <= now()):
+        raise SignInError("You are signed out (your session ended or was revoked): sign in again.")
+    if row.role == actor.role and bool(row.must_change_password) == actor.must_change_password:
+        return actor
+    return replace(actor, role=row.role, must_change_password=bool(row.must_change_password))
 
 
 # --- what a name and a password may be -------------------------------------------------------------------
@@ -126,7 +153,8 @@ def create_user(session: Session, username: str, role: str, password: str | None
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
     if user_by_name(session, name) is not None:
         raise ValueError(f"There is already a user named {name}.")
-    user = User(username=name, role=role, display_name=display_name.strip()[:200], email=email.strip()[:320],
+    user = User(username=name, role=role, display_name=clean_name(display_name, cut=True),
+                email=clean_name(email, cut=True, limit=320),
                 password_hash=HASHER.hash(check_new_password(password, name)) if password else None,
                 must_change_password=must_change, max_queued_runs=1)
     session.add(user)
@@ -165,6 +193,32 @@ def ensure_admin(session: Session, log=None) -> str | None:
 
 
 # --- signing in and out ------------------------------------------------------------------------------------
+# What a refused sign-in says, the same whether the name is an account or not (a user of single sign-on
+# finds its button on the same form).
+WRONG_MESSAGE = "Unknown user name or wrong password."
+WAIT_MESSAGE = "Too many wrong passwords for this user name: wait {seconds} s and try again."
+UNKNOWN = "unknown user"  # the audit trail's detail of a sign-in with a name that is no account
+
+
+def shared_address(address: str) -> bool:
+    """An address many users share as far as the server can tell: none, or the loopback (everyone on the
+    server itself, or behind a proxy that does not say who). Failures from it count per user name."""
+    address = (address or "").strip().lower()
+    return address in ("", "localhost", "::1", "0:0:0:0:0:0:0:1") or address.startswith(("127.", "::ffff:127."))
+
+
+def _locked_until(session: Session, user: User | None, name: str) -> datetime | None:
+    """Until when a name must wait after wrong passwords in a row: an account's own count, and for a name
+    that is no account the same count kept in the audit trail, so both answer alike and at the same time."""
+    if user is not None:
+        return aware(user.locked_until)
+    count, last = session.execute(select(func.count(), func.max(AuditEvent.time)).where(
+        AuditEvent.action == "sign in", AuditEvent.outcome == "failed", AuditEvent.username == name,
+        AuditEvent.user_id.is_(None), AuditEvent.detail == UNKNOWN)).one()
+    wait = _wait(count or 0)
+    return aware(last) + wait if wait and last is not None else None
+
+
 def _wait(failures: int) -> timedelta:
     """How long an account waits after ``failures`` wrong passwords in a row: nothing for the first few,
     then 2, 4, 8 … seconds, at most five minutes."""
@@ -200,39 +254,40 @@ def sign_in(session: Session, username: str, password: str, address: str = "") -
     if len(password) > MAX_PASSWORD:
         audit.record(session, None, "sign in", f"user {name}", "failed", "password too long", address, username=name)
         raise SignInError(f"That password is longer than any password here ({MAX_PASSWORD} characters at most).")
-    recent = session.scalar(select(func.count()).select_from(AuditEvent).where(
+    failures = select(func.count()).select_from(AuditEvent).where(
         AuditEvent.action == "sign in", AuditEvent.outcome == "failed", AuditEvent.address == address[:64],
-        AuditEvent.time > moment - ADDRESS_WINDOW)) or 0
-    if address and recent >= ADDRESS_TRIES:
+        AuditEvent.time > moment - ADDRESS_WINDOW)
+    if shared_address(address):  # everyone on this machine (or behind it): each name counts its own
+        failures = failures.where(AuditEvent.username == name)
+    if (session.scalar(failures) or 0) >= ADDRESS_TRIES:
         audit.record(session, None, "sign in", f"user {name}", "refused", "too many failures from this address",
                      address, username=name)
         raise SignInError("Too many failed sign-ins from this address: wait a few minutes and try again.")
     user = user_by_name(session, name)
-    if user is not None and aware(user.locked_until) and aware(user.locked_until) > moment:
-        seconds = int((aware(user.locked_until) - moment).total_seconds()) + 1
-        audit.record(session, user.id, "sign in", f"user {name}", "refused", "waiting after wrong passwords",
-                     address, username=name)
-        raise SignInError(f"Too many wrong passwords for {name}: wait {seconds} s and try again.")
+    locked = _locked_until(session, user, name)
+    if locked is not None and locked > moment:
+        seconds = int((locked - moment).total_seconds()) + 1
+        audit.record(session, user.id if user else None, "sign in", f"user {name}", "refused",
+                     "waiting after wrong passwords", address, username=name)
+        raise SignInError(WAIT_MESSAGE.format(seconds=seconds))
     good = _verify(user.password_hash if user is not None else None, password)
     if user is None or not good or user.disabled:
-        if user is not None and not user.disabled:
+        if user is not None:  # (a disabled account waits too: it answers as an unknown name does)
             user.failed_sign_ins += 1
             wait = _wait(user.failed_sign_ins)
             user.locked_until = moment + wait if wait else None
-        why = "unknown user" if user is None else ("account disabled" if user.disabled else "wrong password")
+        why = UNKNOWN if user is None else ("account disabled" if user.disabled else "wrong password")
         audit.record(session, user.id if user else None, "sign in", f"user {name}", "failed", why, address,
                      username=name)
         if user is not None and user.disabled and good:
             raise SignInError("This account is disabled: ask an admin.")
-        if user is not None and user.password_hash is None and user.oidc_subject:
-            raise SignInError(f"{name} signs in with the institution's single sign-on, not a password.")
-        raise SignInError("Unknown user name or wrong password.")
+        raise SignInError(WRONG_MESSAGE)
     if HASHER.check_needs_rehash(user.password_hash):
         user.password_hash = HASHER.hash(password)
     user.failed_sign_ins, user.locked_until = 0, None
     token = _new_session(session, user, address, "password")
     audit.record(session, user.id, "sign in", f"user {name}", "ok", "password", address, username=name)
-    return actor_of(user, address), token
+    return actor_of(user, address, token), token
 
 
 def sign_in_oidc(session: Session, issuer: str, subject: str, *, email: str = "", name: str = "",
@@ -263,7 +318,7 @@ def sign_in_oidc(session: Session, issuer: str, subject: str, *, email: str = ""
     token = _new_session(session, user, address, "oidc")
     audit.record(session, user.id, "sign in", f"user {user.username}", "ok", "single sign-on", address,
                  username=user.username)
-    return actor_of(user, address), token
+    return actor_of(user, address, token), token
 
 
 class SessionExpired(SignInError):
@@ -284,7 +339,7 @@ def session_actor(session: Session, token: str, address: str = "") -> Actor:
     if user is None or user.disabled:
         session.delete(row)
         raise SignInError("This account is disabled: ask an admin.")
-    return actor_of(user, address or row.address)
+    return actor_of(user, address or row.address, token)
 
 
 def sign_out(session: Session, token: str, actor: Actor | None = None) -> None:
@@ -295,7 +350,9 @@ def sign_out(session: Session, token: str, actor: Actor | None = None) -> None:
 
 
 def change_password(session: Session, actor: Actor, old: str, new: str, keep_token: str = "") -> None:
-    """The signed-in user's new password; every other browser signed in as them is signed out."""
+    """The signed-in user's new password; every other browser signed in as them is signed out. A disabled
+    account, or a browser whose sign-in has ended, cannot (:func:`current_actor`)."""
+    current_actor(session, actor)
     user = get_user(session, actor.user_id)
     if not _verify(user.password_hash, old or ""):
         audit.record(session, user.id, "change password", f"user {user.username}", "failed",

@@ -13,6 +13,7 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
@@ -25,6 +26,7 @@ from storage import (
     datasets,
     deletion,
     drafts,
+    files,
     heldout,
     ingest,
     live,
@@ -34,6 +36,7 @@ from storage import (
     queue,
     runs,
     starter,
+    text,
     users,
 )
 from storage.access import RIGHTS
@@ -67,6 +70,7 @@ from storage.records import (
 from storage.runs import Curve
 from storage.settings import Settings
 from storage.supervisor import Supervisor
+from storage.text import NAME_MAX, NOTES_MAX
 from storage.volumes import Volume
 from unet.config import PRESETS, TrainConfig
 from unet.postprocess import DEFAULT_METHOD
@@ -75,6 +79,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 __all__ = [
+    "NAME_MAX",
+    "NOTES_MAX",
     "RIGHTS",
     "SESSION_HOURS",
     "SYSTEM",
@@ -98,12 +104,25 @@ def settings_from_env(data_dir: str | None = None, database_url: str | None = No
     return Settings.from_env(data_dir, database_url)
 
 
+def _cleaned(clean: Callable[..., str], value: str | None, *args: Any) -> str | None:
+    """What a user typed as the store keeps it (:mod:`storage.text`), or :class:`UserError` saying why not."""
+    if value is None:
+        return None
+    try:
+        return clean(value, *args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _guard(action: str, right: str, kind: str | None = None, *, owned: bool = False, creates: str | None = None,
            record: bool = True, target: Callable[..., str] | None = None):
     """A service method that ``right`` allows (:func:`storage.access.allow`), for the owner or an admin
-    only when ``owned`` (the first argument is the id of a ``kind``). The attempt is written to the audit
-    trail as done, refused or failed (unless ``record`` is off: what a page does on every stroke). A
-    method that ``creates`` a row makes the actor its owner."""
+    only when ``owned`` (the first argument is the id of a ``kind``). The actor is read again from the
+    store first (:meth:`Neuroseg._acting`: a disabled, removed or signed-out user is refused, a changed role
+    counts at once), so a page's callback that runs before its sign-in check cannot act on an old sign-in.
+    The attempt is written to the audit trail as done, refused or failed (unless ``record`` is off: what a
+    page does on every stroke; a refusal is always written). A method that ``creates`` a row makes the
+    actor its owner."""
 
     def wrap(method):
         @functools.wraps(method)
@@ -111,17 +130,20 @@ def _guard(action: str, right: str, kind: str | None = None, *, owned: bool = Fa
             ident = args[0] if args else kwargs.get(f"{kind}_id") if kind else None
             what = target(*args, **kwargs) if target else (f"{kind} {ident}" if kind and ident is not None else "")
             try:
-                access.allow(self.actor, right, self.actor.user_id, target=what)  # the role first
+                actor = self._acting()  # who it is now: still there, enabled, signed in, and their role
+                access.allow(actor, right, actor.user_id, target=what)  # the role first
                 owner_id, owner_name = self._tx(users.owner_of, kind, ident) if owned else (None, "")
-                access.allow(self.actor, right, owner_id, owner_name, what)
+                access.allow(actor, right, owner_id, owner_name, what)
             except UserError as exc:  # what it names does not exist
                 self._audit(action, what, "failed", str(exc))
                 raise
             except access.Denied as exc:
                 self._audit(action, what, "refused", str(exc))
                 raise UserError(str(exc)) from None
+            # a role changed meanwhile: the method sees the current one
+            bound = self if actor is self.actor else self.acting_as(actor)
             try:
-                result = method(self, *args, **kwargs)
+                result = method(bound, *args, **kwargs)
             except UserError as exc:
                 if record:
                     self._audit(action, what, "failed", str(exc))
@@ -145,7 +167,7 @@ class Neuroseg:
     def __init__(self, settings: Settings | None = None, *, supervise: bool = True):
         self.settings = settings or Settings.from_env()
         self.sessions, self.store = open_store(self.settings, migrate=True)
-        self.store.remove_stale_tmp()
+        self.store.clean_spool()  # uploads a killed server was receiving (gigabytes each); none still in use
         self.supervisor = Supervisor(self.sessions, self.settings)
         self.starter_note = ""  # what became of the shipped starter model (a refusal, for a damaged file)
         if supervise:
@@ -169,6 +191,17 @@ class Neuroseg:
         bound = copy.copy(self)
         bound.actor = actor
         return bound
+
+    def _acting(self) -> Actor:
+        """The actor as the store says it is now (:func:`storage.accounts.current_actor`, one small query):
+        :class:`storage.access.Denied` when the user is gone or disabled, or the browser's sign-in ended."""
+        if self.actor.user_id is None:  # the system, or nobody signed in (whom every right refuses)
+            return self.actor
+        try:
+            with self.sessions.begin() as s:
+                return accounts.current_actor(s, self.actor)
+        except accounts.SignInError as exc:
+            raise access.Denied(str(exc)) from None
 
     def _audit(self, action: str, target: str = "", outcome: str = "ok", detail: str = "") -> None:
         try:
@@ -337,16 +370,30 @@ class Neuroseg:
     def import_upload(self, volume: BinaryIO, labels: BinaryIO | None = None, *, name: str = "", notes: str = "",
                       author: str = "", progress: ingest.Progress | None = None,
                       channels_as_z: bool = False) -> DatasetInfo:
-        """Store an uploaded volume (and its labels) as a new dataset; see :func:`storage.ingest.import_upload`."""
+        """Store an uploaded volume (and its labels) as a new dataset; see :func:`storage.ingest.import_upload`.
+        A name typed is refused when too long; one taken from the file's name is cut (:mod:`storage.text`)."""
+        name = _cleaned(text.clean_name, name, "A dataset's name") or text.clean_name(
+            Path(getattr(volume, "name", "") or "upload").stem, cut=True) or "upload"
+        notes = _cleaned(text.clean_notes, notes)
         return ingest.import_upload(self.sessions, self.store, volume, labels, name=name, notes=notes,
                                     author=self._author(author),
                                     progress=progress, channels_as_z=channels_as_z)
+
+    @staticmethod
+    def server_folders() -> tuple[list[str], str | None]:
+        """(the folders stacks may be imported from, the folder exports go into): what the admin set in
+        ``$NEUROSEG_IMPORT_ROOTS`` and ``$NEUROSEG_EXPORT_ROOT``; empty and None when they are off (the
+        default), so a page can say so instead of offering a form that is always refused."""
+        root = files.export_root()
+        return [str(r) for r in files.import_roots()], str(root) if root else None
 
     @_guard("upload", "create", creates="dataset")
     def import_path(self, path: str, *, link: bool = False, name: str = "", author: str = "",
                     progress: ingest.Progress | None = None) -> DatasetInfo:
         """A stack already on the server (OME-Zarr, zarr or N5 folder) as a dataset, copied or linked
-        read-only; see :func:`storage.ingest.import_path`."""
+        read-only; only from the folders ``$NEUROSEG_IMPORT_ROOTS`` names (off when unset), and every
+        refusal of a path says the same words; see :func:`storage.ingest.import_path`."""
+        name = _cleaned(text.clean_name, name, "A dataset's name")
         return ingest.import_path(self.sessions, self.store, path, link=link, name=name, author=self._author(author),
                                   progress=progress)
 
@@ -360,7 +407,9 @@ class Neuroseg:
 
     @_guard("rename", "manage", "dataset", owned=True)
     def update(self, dataset_id: int, *, name: str | None = None, notes: str | None = None) -> DatasetInfo:
-        return self._tx(datasets.update_dataset, dataset_id, name=name, notes=notes)
+        """Rename a dataset and set its notes (:mod:`storage.text`: no controls, within the length limits)."""
+        return self._tx(datasets.update_dataset, dataset_id, name=_cleaned(text.clean_name, name, "A dataset's name"),
+                        notes=_cleaned(text.clean_notes, notes))
 
     def volume(self, dataset_id: int) -> Volume | np.ndarray:
         """The stack, read lazily: ``volume[z]`` reads one slice (or ``volume.levels[k][z]`` one slice of the
@@ -503,8 +552,10 @@ class Neuroseg:
     @_guard("rename model", "manage", "checkpoint", owned=True)
     def update_model(self, checkpoint_id: int, *, name: str | None = None, notes: str | None = None
                      ) -> CheckpointInfo:
-        """Give a checkpoint a name and notes (its run's owner or an admin)."""
-        return self._tx(runs.update_checkpoint, checkpoint_id, name, notes)
+        """Give a checkpoint a name and notes (its run's owner or an admin; :mod:`storage.text`: no controls,
+        within the length limits)."""
+        return self._tx(runs.update_checkpoint, checkpoint_id, _cleaned(text.clean_name, name, "A model's name"),
+                        _cleaned(text.clean_notes, notes))
 
     def model_card(self, checkpoint_id: int) -> dict[str, Any]:
         """A checkpoint's card: run, recipe, held-out scores, parent, size (its masks: :meth:`run_masks`)."""
@@ -571,12 +622,13 @@ class Neuroseg:
         return self._cached((output, prediction_id),
                             lambda: self._tx(predictions.load_output, self.store, prediction_id, output))
 
-    @_guard("export", "export", "prediction")
-    def export_prediction(self, prediction_id: int, folder: str) -> list[str]:
-        """Write the prediction's outputs as OME-Zarr images into a folder on the server (a lab server
-        confines it to ``$NEUROSEG_IMPORT_ROOTS``); returns the paths written."""
-        target = ingest.allowed_path(self.store, folder)
-        return [str(p) for p in self._tx(predictions.export_prediction, self.store, prediction_id, target)]
+    @_guard("export to server", "create", "prediction")
+    def export_prediction(self, prediction_id: int, folder: str = "") -> list[str]:
+        """Write the prediction's outputs as OME-Zarr images into ``$NEUROSEG_EXPORT_ROOT`` or the subfolder
+        of it named by ``folder`` (off when unset: the downloads are what a user gets), under names made
+        from the prediction's id; returns the paths written. It needs the right to create (viewers export
+        by downloading): it writes on the server. See :func:`storage.predictions.export_folder`."""
+        return [str(p) for p in self._tx(predictions.export_prediction, self.store, prediction_id, folder)]
 
     def prediction_file(self, prediction_id: int, output: str) -> bytes:
         return self._tx(predictions.prediction_file, self.store, prediction_id, output)

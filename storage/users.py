@@ -83,6 +83,8 @@ def set_disabled(session: Session, user_id: int, disabled: bool) -> UserInfo:
     user.disabled = bool(disabled)
     if disabled:
         session.execute(delete(SignIn).where(SignIn.user_id == user.id))
+    else:  # wrong passwords tried while it was disabled do not keep it waiting
+        user.failed_sign_ins, user.locked_until = 0, None
     return _info(user)
 
 

@@ -111,7 +111,7 @@ def test_wrong_passwords_in_a_row_make_the_account_wait(svc):
     for _ in range(accounts.FREE_TRIES):
         with pytest.raises(UserError, match="wrong password"):
             svc.sign_in("ann", "not-the-password")
-    with pytest.raises(UserError, match=r"Too many wrong passwords for ann: wait \d+ s"):
+    with pytest.raises(UserError, match=r"Too many wrong passwords for this user name: wait \d+ s"):
         svc.sign_in("ann", GOOD)  # even the right one, until the wait is over
     svc._tx(lambda s: setattr(accounts.user_by_name(s, "ann"), "locked_until", datetime.now(UTC)))
     assert svc.sign_in("ann", GOOD)[0].username == "ann"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from ui.text import plain_html
+
 # Colours of the slice strip: which kind of mask a slice's latest version is.
 KIND_COLOURS = {
     "none": "#d9d9d9",
@@ -65,7 +67,7 @@ def run_curves_figure(curves_by_run: dict[int, dict[str, list[tuple[int, float, 
                 name = METRIC_NAMES.get(key, key)
                 fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points],
                                          mode="lines+markers" if len(points) < 30 else "lines",
-                                         name=f"run {run_id}: {name}" if many else name))
-    fig.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="step",
+                                         name=plain_html(f"run {run_id}: {name}" if many else name)))
+    fig.update_layout(title=plain_html(title), height=320, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="step",
                       legend=dict(orientation="h", y=-0.25))
     return fig

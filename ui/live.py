@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ui.text import plain
 from unet.labels import MEMBRANE, NEURON
 
 REFRESH_S = 2.0  # how often the page looks for a newer live prediction
@@ -28,7 +29,7 @@ def status_text(info: Any, owner: str) -> str:
     """One line: which session, what it does, who shares it."""
     run = info.run
     names = getattr(info, "names", {}) or {}
-    others = [names.get(v) or viewer_name(v) for v in info.viewers if v != owner]
+    others = [plain(names.get(v) or viewer_name(v)) for v in info.viewers if v != owner]  # (shown as Markdown)
     shared = f" · shared with {', '.join(others)}" if others else ""
     if run.status == "QUEUED" and info.paused_for is not None:
         what = f"paused while run #{info.paused_for} trains on {run.device}; it carries on afterwards"

@@ -1,0 +1,299 @@
+"""What a hostile test found, over a real SQLite store in tmp_path: a disabled, demoted or signed-out user's
+old sign-in acting from a page's callback (refused in the service and audited), names that load images in
+other users' browsers (rendered as text), names reversed by bidirectional controls and notes of any length
+(cleaned and limited in the service), sign-in messages that tell which accounts exist and one throttle for
+everyone on the loopback, and Home showing the data directory."""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from markdown_it import MarkdownIt
+from sqlalchemy import select, update
+from streamlit.testing.v1 import AppTest
+
+from storage import accounts, audit, starter
+from storage.accounts import Actor
+from storage.models import SignIn
+from storage.service import Neuroseg, UserError
+from storage.settings import Settings
+from storage.text import NAME_MAX, NOTES_MAX
+from tests.accounts import make_user
+from tests.drafts import new_draft, start_options
+from ui.text import plain, plain_html
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = "a-good-password"
+EVIL = "![x](http://127.0.0.1:1/x.png)"
+
+
+@pytest.fixture
+def svc(tmp_path, monkeypatch):
+    monkeypatch.delenv("NEUROSEG_ADMIN_PASSWORD", raising=False)
+    service = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
+    yield service
+    service.close()
+
+
+def user(svc: Neuroseg, name: str, role: str, address: str = "10.0.0.7") -> Actor:
+    svc.create_user(name, role, GOOD)
+    svc._tx(lambda s: setattr(accounts.user_by_name(s, name), "must_change_password", False))
+    return svc.sign_in(name, GOOD, address)[0]
+
+
+def painted(svc: Neuroseg, dataset_id: int):
+    draft = new_draft(svc, dataset_id, 0, start_options(svc, dataset_id, 0)[0])
+    draft.working = draft.working.copy()
+    draft.working[:5, :5] = 2
+    return draft
+
+
+def refused(svc: Neuroseg, username: str) -> list[tuple[str, str]]:
+    return [(r.action, r.detail) for r in svc.audit_trail(username=username, outcome="refused")][::-1]
+
+
+# --- 1. the account is read again on every guarded call ------------------------------------------------
+def test_a_disabled_users_old_service_writes_nothing_and_the_refusals_are_audited(svc):
+    ann = user(svc, "ann", "annotator")
+    demo = svc.load_demo()
+    as_ann = svc.acting_as(ann)  # what a page's callback holds: made before the admin disables ann
+    draft = painted(as_ann, demo.id)
+    as_ann.keep_draft(draft, "user:x")  # works while ann is enabled
+    svc.set_disabled(ann.user_id, True)
+    for call in (lambda: as_ann.save_draft(draft), lambda: as_ann.keep_draft(draft, "user:x"),
+                 lambda: as_ann.update(demo.id, name="ann was here")):
+        with pytest.raises(UserError, match="This account is disabled"):
+            call()
+    assert [m.version for m in svc.history(demo.id, 0)] == [1], "no mask version written"
+    assert svc.dataset(demo.id).name == demo.name
+    assert [a for a, _ in refused(svc, "ann")] == ["save mask", "keep draft", "rename"]
+    assert all("disabled" in detail for _, detail in refused(svc, "ann"))
+    with pytest.raises(UserError, match="This account is disabled"):
+        svc.acting_as(ann).change_password(GOOD, "another-good-password")
+
+
+def test_a_demoted_user_has_the_new_roles_rights_at_once_and_a_promoted_one_too(svc):
+    ann, vic = user(svc, "ann", "annotator"), user(svc, "vic", "viewer")
+    demo = svc.load_demo()
+    as_ann, as_vic = svc.acting_as(ann), svc.acting_as(vic)
+    svc.set_role(ann.user_id, "viewer")
+    with pytest.raises(UserError, match=r"Your role \(viewer\) cannot save or restore masks"):
+        as_ann.save_draft(painted(as_ann, demo.id))
+    assert [m.version for m in svc.history(demo.id, 0)] == [1]
+    assert refused(svc, "ann")[0][0] == "save mask"
+    svc.set_role(vic.user_id, "annotator")  # vic's old sign-in says viewer: the store says annotator
+    assert as_vic.save_draft(painted(as_vic, demo.id)).author == "vic"
+
+
+def test_a_signed_out_or_expired_sign_in_is_refused_while_the_users_other_browsers_go_on(svc):
+    ann = user(svc, "ann", "annotator")
+    other, token = svc.sign_in("ann", GOOD, "10.0.0.8")
+    demo = svc.load_demo()
+    as_other = svc.acting_as(other)
+    assert other.token_sha256 == accounts.token_digest(token) and token not in repr(other)
+    as_other.sign_out(token)
+    with pytest.raises(UserError, match="You are signed out"):
+        as_other.save_draft(painted(as_other, demo.id))
+    with pytest.raises(UserError, match="You are signed out"):
+        as_other.keep_draft(painted(as_other, demo.id), "user:x")
+    assert svc.acting_as(ann).save_draft(painted(svc.acting_as(ann), demo.id)).version == 2  # ann's first browser
+    svc._tx(lambda s: s.execute(update(SignIn).values(expires=datetime.now(UTC) - timedelta(seconds=1))))
+    with pytest.raises(UserError, match="You are signed out"):
+        svc.acting_as(ann).update(demo.id, name="late")
+    assert [m.version for m in svc.history(demo.id, 0)] == [1, 2]
+    assert [a for a, _ in refused(svc, "ann")] == ["save mask", "keep draft", "rename"]
+
+
+def test_a_callback_of_a_disabled_user_on_the_annotate_page_saves_nothing(app_data_dir):
+    from tests.test_pages import draw
+
+    svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
+    demo = svc.load_demo()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+    at.session_state["auth_token"] = make_user(app_data_dir, "ann", "annotator")
+    at.run()
+    at.switch_page("pages/annotate.py").run()
+    draw(at, slice(300, 330), slice(90, 690), 2)
+    assert "**Unsaved:" in " ".join(m.value for m in at.markdown)
+    ann = next(u for u in svc.users() if u.username == "ann")
+    svc.set_disabled(ann.id, True)
+    since = svc.audit_trail(limit=1)[0].id
+    # the callback runs before any sign-in check (and AppTest runs the switched page without the frame:
+    # the whole page acts on the old sign-in in the session state)
+    at.button(key="save_mask").click().run()
+    assert [m.version for m in svc.history(demo.id, 0)] == [1], "nothing saved"
+    after = [(r.action, r.outcome, r.detail) for r in svc.audit_trail(username="ann") if r.id > since][::-1]
+    assert after[0] == ("save mask", "refused", "This account is disabled: ask an admin.")
+    assert {outcome for _, outcome, _ in after} == {"refused"}, after
+    svc.close()
+
+
+# --- 2. names are text wherever Streamlit renders Markdown ---------------------------------------------
+HOSTILE = [EVIL, "[click](javascript:alert(1))", "<img src=x onerror=alert(1)>", "<http://evil.example/>",
+           "**bold** _it_ `code` ~~gone~~", "# heading", "- item", "1. first", "> quote", "a | b | c",
+           "$x^2$", ":red[colour] :material/home:", "+ one", "-.5 degrees", "2024. year", "back\\slash \\![x](y)",
+           "&amp; &lt;b&gt; &#33;", "x\\", "=== ---"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_plain_renders_as_the_very_characters_typed(text):
+    escaped = plain(text)
+    assert "![" not in escaped and "](" not in escaped and "<" not in escaped
+    md = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    rendered = md.render(escaped)
+    literal = html.escape(text, quote=False).replace('"', "&quot;")
+    assert rendered == f"<p>{literal}</p>\n", rendered
+
+
+def test_plain_drops_what_turns_text_around_and_plotly_gets_html_escapes():
+    assert plain("a\u202eb\u2066c\x00d\u200f") == "abcd"
+    assert plain("Demo: synthetic EM") == "Demo: synthetic EM"  # ordinary names stay as they are
+    assert plain_html("<a href='x'>") == "&lt;a href=&#x27;x&#x27;&gt;"
+    notes = MarkdownIt("commonmark").render(plain("line\n- item\n# head\n===\n![x](y) <b>\n  2. two"))
+    assert not re.search(r"<(img|a|ul|ol|li|h\d|b)\b", notes), notes
+
+
+def test_a_hostile_dataset_name_is_shown_as_text_on_the_datasets_page(app_data_dir):
+    svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
+    demo = svc.load_demo()
+    svc.update(demo.id, name=EVIL)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+    at.session_state["auth_token"] = make_user(app_data_dir, "ann", "annotator")
+    at.run()
+    at.switch_page("pages/datasets.py").run()
+    assert not at.exception, at.exception
+    shown = [str(e.value) for kind in ("markdown", "caption", "success", "info", "warning", "error", "subheader")
+             for e in getattr(at, kind)]
+    shown += [str(getattr(e, "label", "") or "") for e in _walk(at.main)]
+    assert any(plain(EVIL) in s for s in shown), "the warning before a delete names it, escaped"
+    assert not [s for s in shown if "![" in s or "](" in s]
+    svc.close()
+
+
+def _walk(node):
+    yield node
+    for child in getattr(node, "children", {}).values():
+        yield from _walk(child)
+
+
+# --- 3. what the store keeps: no controls, limited lengths ----------------------------------------------
+def test_names_and_notes_lose_bidi_and_control_characters_and_have_length_limits(svc):
+    demo = svc.load_demo()
+    info = svc.update(demo.id, name="  evil\u202egnp.exe \t\n name\u2066 ", notes="line 1\u202e\r\nline\x002\tend\x1b ")
+    assert (info.name, info.notes) == ("evilgnp.exe name", "line 1\nline2\tend")
+    with pytest.raises(UserError, match=f"A dataset's name has at most {NAME_MAX} characters"):
+        svc.update(demo.id, name="n" * (NAME_MAX + 1))
+    with pytest.raises(UserError, match="Notes have at most 10,000 characters"):
+        svc.update(demo.id, notes="x" * 3_000_000)
+    assert svc.update(demo.id, notes="y" * NOTES_MAX).notes == "y" * NOTES_MAX
+    assert svc.dataset(demo.id).name == "evilgnp.exe name"
+    assert [r.outcome for r in svc.audit_trail(action="rename")][:2] == ["ok", "failed"]
+
+    volume = io.BytesIO()
+    tifffile.imwrite(volume, np.zeros((2, 16, 16), np.uint8))
+    volume.name = "\u202e" + "long " * 100 + ".tif"  # a file's name: cut, not refused
+    uploaded = svc.import_upload(_named(volume))
+    assert len(uploaded.name) <= NAME_MAX and uploaded.name.startswith("long long") and "\u202e" not in uploaded.name
+    with pytest.raises(UserError, match="A dataset's name has at most"):
+        svc.import_upload(_named(volume), name="typed " * 30)
+    with pytest.raises(UserError, match="Notes have at most"):
+        svc.import_upload(_named(volume), notes="z" * (NOTES_MAX + 1))
+
+    model = svc._tx(starter.register, svc.store)
+    if model.refused or model.checkpoint_id is None:
+        pytest.skip(f"no starter model to rename: {model.message}")
+    named = svc.update_model(model.checkpoint_id, name="model\u202e 1", notes="n\u2069otes\x07")
+    assert (named.name, named.notes) == ("model 1", "notes")
+    with pytest.raises(UserError, match="A model's name has at most"):
+        svc.update_model(model.checkpoint_id, name="m" * 500)
+    with pytest.raises(UserError, match="Notes have at most"):
+        svc.update_model(model.checkpoint_id, notes="m" * (NOTES_MAX + 1))
+
+
+def _named(buffer: io.BytesIO) -> io.BytesIO:
+    copy = io.BytesIO(buffer.getvalue())
+    copy.name = buffer.name
+    return copy
+
+
+def test_a_display_name_from_single_sign_on_is_cleaned_and_cut(svc):
+    who, _ = svc.sign_in_oidc("https://idp.example", "sub-1", name="Eve \u202elivE" + "e" * 500,
+                              email="eve@example.org", preferred="eve")
+    assert "\u202e" not in who.display_name and len(who.display_name) == NAME_MAX
+
+
+# --- 4. sign-in answers that tell nothing, and a throttle per user on the loopback ----------------------
+def test_the_sign_in_answers_are_the_same_for_an_account_and_a_name_that_is_none(svc):
+    user(svc, "ann", "annotator")
+    user(svc, "dora", "annotator")
+    svc.set_disabled(next(u.id for u in svc.users() if u.username == "dora"), True)
+
+    def answers(name: str) -> list[str]:
+        out = []
+        for _ in range(accounts.FREE_TRIES + 1):
+            with pytest.raises(UserError) as refusal:
+                svc.sign_in(name, "not-the-password", "10.0.0.9")
+            out.append(re.sub(r"\d+ s", "N s", str(refusal.value)))
+        return out
+
+    ann, nobody, dora = answers("ann"), answers("nobody"), answers("dora")
+    assert ann == nobody == dora
+    assert ann[0] == "Unknown user name or wrong password."
+    assert ann[-1] == "Too many wrong passwords for this user name: wait N s and try again."
+    assert "ann" not in ann[-1]
+
+
+def test_failures_on_the_loopback_count_per_user_name_and_elsewhere_per_address(svc):
+    user(svc, "ann", "annotator", "127.0.0.1")
+    user(svc, "bob", "annotator", "127.0.0.1")
+
+    def failures(address: str, *names: str) -> None:
+        def add(s) -> None:
+            for i in range(accounts.ADDRESS_TRIES):
+                name = names[i % len(names)]
+                audit.record(s, None, "sign in", f"user {name}", "failed", "wrong password", address, username=name)
+        svc._tx(add)
+
+    failures("127.0.0.1", "ann")  # someone on the server itself tries ann's password over and over
+    with pytest.raises(UserError, match="Too many failed sign-ins"):
+        svc.sign_in("ann", GOOD, "127.0.0.1")
+    assert svc.sign_in("bob", GOOD, "127.0.0.1")[0].username == "bob"  # bob, on the same machine, is not locked out
+    failures("localhost", "mallory")
+    assert svc.sign_in("bob", GOOD, "localhost")[0].username == "bob"
+    failures("", "mallory")
+    assert svc.sign_in("ann", GOOD, "")[0].username == "ann"
+    failures("10.1.2.3", "a", "b", "c")  # a real address: it waits, whichever name
+    with pytest.raises(UserError, match="Too many failed sign-ins from this address"):
+        svc.sign_in("bob", GOOD, "10.1.2.3")
+    assert {accounts.shared_address(a) for a in ("", "localhost", "127.0.0.1", "::1", "127.1.2.3")} == {True}
+    assert not accounts.shared_address("10.0.0.1")
+
+
+# --- 5. Home does not show where the store is ---------------------------------------------------------
+def test_home_does_not_show_the_data_directory(app_data_dir):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+    at.session_state["auth_token"] = make_user(app_data_dir, "ann", "annotator")
+    at.run()
+    assert not at.exception and at.title[0].value == "Neuroseg"
+    where = str(Path(os.environ["NEUROSEG_DATA_DIR"]).resolve())
+    everything = [str(e.proto) for root in (at.main, at.sidebar) for e in _walk(root) if hasattr(e, "proto")]
+    assert everything and not [p for p in everything if where in p or str(app_data_dir) in p]
+
+
+def test_only_wrong_passwords_make_a_name_wait_whether_it_is_an_account_or_not(svc):
+    user(svc, "ann", "annotator")
+    for name in ("ann", "ghost"):
+        for _ in range(accounts.FREE_TRIES + 1):  # empty passwords are not wrong ones: no wait after them
+            with pytest.raises(UserError, match="Enter your password"):
+                svc.sign_in(name, "", "10.0.0.1")
+        with pytest.raises(UserError, match="Unknown user name or wrong password"):
+            svc.sign_in(name, "not-the-password", "10.0.0.1")
+    assert svc._tx(lambda s: len(s.scalars(select(SignIn)).all())) == 1  # ann's own sign-in only

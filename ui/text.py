@@ -1,0 +1,32 @@
+"""User-given text (dataset and model names, notes, user and display names, a package's source) in the
+pages' Markdown-rendering calls (``st.markdown``, ``st.write``, captions, alerts, flashes, tooltips and
+widget labels, which render images and links too): :func:`plain` makes Streamlit show the very characters
+typed, so ``![x](http://…)`` is text, not an image another user's browser would load. Selectbox options
+and table cells are plain text already and need nothing. :func:`plain_html` does the same for Plotly's
+titles and labels (a subset of HTML)."""
+
+from __future__ import annotations
+
+import html
+import re
+
+# bidirectional controls (they reverse what follows them on screen) and control characters but \t and \n
+_INVISIBLE = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# what Markdown (CommonMark, GitHub's, Streamlit's LaTeX and colour directives) reads as syntax; & < > are
+# written as HTML character references instead (text in Markdown, and in HTML where HTML is allowed)
+_MARKDOWN = re.compile(r"([\\`*_\[\]()!#|~${}])")
+# what starts a list item, a heading underline or a rule only at the start of a line: "- ", "+ ", "1. ", "==="
+_LINE_START = re.compile(r"^([ \t]*)(?:([-+=])|(\d+)\.)", re.MULTILINE)
+
+
+def plain(text: object) -> str:
+    """``text`` for a Markdown-rendering call, shown literally: every Markdown metacharacter
+    backslash-escaped, ``& < >`` as character references, bidirectional and control characters dropped."""
+    cleaned = _INVISIBLE.sub("", "" if text is None else str(text))
+    escaped = _MARKDOWN.sub(r"\\\1", html.escape(cleaned, quote=False))
+    return _LINE_START.sub(lambda m: m[1] + ("\\" + m[2] if m[2] else m[3] + "\\."), escaped)
+
+
+def plain_html(text: object) -> str:
+    """``text`` for Plotly's titles, trace names and hover labels (which read a subset of HTML)."""
+    return html.escape(_INVISIBLE.sub("", "" if text is None else str(text)), quote=True)
