@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/venv.sh requirements.txt
-exec .venv/bin/streamlit run app.py "$@"
+exec .venv/bin/streamlit run web/asgi.py "$@"

@@ -15,7 +15,9 @@ from urllib.parse import unquote
 import numpy as np
 import streamlit as st
 
+import web.sessions as sessions
 from storage.service import SESSION_HOURS, Actor, Neuroseg, UserError, settings_from_env
+from ui.text import plain
 
 
 @st.cache_resource(show_spinner="Opening the store …")
@@ -105,16 +107,18 @@ def frame_guard() -> None:
 
 
 T = TypeVar("T")
-SESSION_COOKIE = "neuroseg_session"
+SESSION_COOKIE = sessions.COOKIE
 _COOKIES_JS = """
 export default function ({ data }) {
-  // {name: [value, seconds]}: "" deletes the cookie
-  for (const [name, [value, seconds]] of Object.entries(data || {})) {
-    const current = document.cookie.split("; ").find((c) => c.startsWith(name + "="));
-    const wanted = name + "=" + encodeURIComponent(value);
-    if (value ? current === wanted : !current) continue;
-    const secure = location.protocol === "https:" ? "; Secure" : "";
-    document.cookie = wanted + "; path=/; max-age=" + (value ? seconds : 0) + "; SameSite=Strict" + secure;
+  // {name: [value, seconds]}: the server keeps the sign-in as an HttpOnly cookie (web/guard.py), which no
+  // script reads, also not one on another port of this host; "" deletes it. Sent once per value.
+  const sent = window.__neurosegCookies || (window.__neurosegCookies = {});
+  for (const [name, [value]] of Object.entries(data || {})) {
+    if (sent[name] === value) continue;
+    sent[name] = value;
+    fetch(new URL("_neuroseg/cookie", window.location.origin + "/"), {
+      method: "POST", credentials: "same-origin", headers: { "X-Neuroseg-Token": value },
+    }).catch(() => { delete sent[name]; });
   }
 }
 """
@@ -245,10 +249,26 @@ def _signed_in() -> Actor | None:
 
 
 def signed_in_user() -> Actor | None:
-    """Who this browser is signed in as (None: nobody); what the frame asks first, on every run."""
+    """Who this browser is signed in as (None: nobody); what the frame asks first, on every run. The
+    Streamlit session is bound to the sign-in for the checks in front of the server (:mod:`web.guard`:
+    uploads, reconnects, media), and unbound when nobody is signed in."""
     who = _signed_in()
     st.session_state["actor"] = who
+    _bind_session(st.session_state.get("auth_token", "") if who is not None else "")
     return who
+
+
+def _bind_session(token: str) -> None:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None:
+        return
+    sessions.install_verifier(base_service().signed_in)
+    if token:
+        sessions.bind(ctx.session_id, token)
+    else:
+        sessions.unbind(ctx.session_id)
 
 
 def sign_in_gate(who: Actor | None) -> Actor:
@@ -296,7 +316,7 @@ def _change_password_form(first: bool = False) -> None:
     if first:
         st.title("Neuroseg")
         st.subheader("Choose your password")
-        st.info(f"Signed in as **{who.username}** with a one-time password: choose your own to go on.")
+        st.info(f"Signed in as **{plain(who.username)}** with a one-time password: choose your own to go on.")
     with st.form("change_password", clear_on_submit=True):
         old = st.text_input("Current password", type="password", autocomplete="current-password")
         new = st.text_input("New password", type="password", autocomplete="new-password",
@@ -320,9 +340,9 @@ def _change_password_form(first: bool = False) -> None:
 def account_menu() -> None:
     """The sidebar's account box: who is signed in, their role, change password, sign out."""
     who = actor()
-    st.caption(f"Signed in as **{who.display_name or who.username}** · {who.role}")
+    st.caption(f"Signed in as **{plain(who.display_name or who.username)}** · {who.role}")
     with st.popover("Account", icon=":material/person:"):
-        st.write(f"User **{who.username}**, role **{who.role}**.")
+        st.write(f"User **{plain(who.username)}**, role **{who.role}**.")
         _change_password_form()
         if st.button("Sign out", icon=":material/logout:"):
             sign_out()

@@ -40,15 +40,17 @@ class ServerURL(str):
 @contextlib.contextmanager
 def app_server(data_dir: Path, timeout: float = 120, root: Path = ROOT, *, port: int | None = None,
                args: tuple[str, ...] = ()) -> Iterator[ServerURL]:
-    """``streamlit run app.py`` as ``./run.sh`` starts it (the checkout's ``.streamlit/config.toml``;
-    only the port is chosen here), with its store in ``data_dir``; yields the base URL once the server
-    says it listens (its output is awaited line by line and kept in ``streamlit.log`` beside
-    ``data_dir``). ``root`` serves another checkout (``bench.server`` measures an older commit so);
-    ``args`` go to ``streamlit run`` (``--secrets.files …``)."""
+    """``streamlit run web/asgi.py`` (``app.py`` behind :mod:`web.guard`) as ``./run.sh`` starts it (the
+    checkout's ``.streamlit/config.toml``; only the port is chosen here), with its store in ``data_dir``;
+    yields the base URL once the server says it listens (its output is awaited line by line and kept in
+    ``streamlit.log`` beside ``data_dir``). ``root`` serves another checkout (``bench.server`` measures an
+    older commit so); ``args`` go to ``streamlit run`` (``--secrets.files …``)."""
     port = port or free_port()
     env = {**os.environ, "NEUROSEG_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root)}
     env.pop("DATABASE_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(root / "app.py"),
+    script = root / "web" / "asgi.py"
+    script = script if script.is_file() else root / "app.py"  # (an older checkout, for bench.server)
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script),
                              "--server.port", str(port), *args],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

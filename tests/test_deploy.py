@@ -1,12 +1,15 @@
 """The lab set-up of the README, tested to start: nginx with ``deploy/nginx/neuroseg.conf.template``
-(rendered as the README says) in front of ``streamlit run app.py``, TLS with a certificate made here,
-WebSockets through the proxy (the page runs, a user signs in), the client's address from the proxy in the
-audit trail, plain HTTP redirected, and Streamlit's XSRF protection on."""
+(rendered as the README says) in front of ``streamlit run web/asgi.py``, TLS with a certificate made here,
+WebSockets through the proxy (the page runs, a user signs in, a signed-in upload passes; another origin, an
+anonymous upload and the app's own upload check's URL are refused by nginx itself), the client's address
+from the proxy in the audit trail, plain HTTP redirected, and Streamlit's XSRF protection on."""
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -17,7 +20,9 @@ import urllib.request
 from pathlib import Path
 from string import Template
 
+import numpy as np
 import pytest
+import tifffile
 
 from storage.service import Neuroseg
 from storage.settings import Settings
@@ -61,6 +66,15 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30) -> No
         except OSError:
             time.sleep(0.1)  # a port that is not open yet: nothing to await but the next try
     raise TimeoutError(f"nginx did not listen on {port}")
+
+
+def _status(url: str, context: ssl.SSLContext, headers: dict[str, str], method: str = "GET") -> int:
+    request = urllib.request.Request(url, headers=headers, method=method, data=b"x" if method == "PUT" else None)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_the_app_runs_behind_nginx_with_tls_and_websockets(tmp_path, monkeypatch):
@@ -129,10 +143,28 @@ http {{
                 page.get_by_text("Signed in as ann").wait_for()
                 page.get_by_role("link", name="Datasets").first.click()
                 page.get_by_role("heading", name="Datasets").wait_for()
+                deadline = time.monotonic() + 30  # the page asks the server for its HttpOnly cookie
+                while "neuroseg_session" not in {c["name"] for c in page.context.cookies()}:
+                    assert time.monotonic() < deadline, "no sign-in cookie was set through the proxy"
+                    page.wait_for_timeout(100)
                 cookies = {c["name"]: c for c in page.context.cookies()}
                 assert "_streamlit_xsrf" in cookies, "XSRF protection is on"
                 assert cookies["neuroseg_session"]["secure"], "the sign-in cookie is HTTPS-only behind TLS"
+                assert cookies["neuroseg_session"]["httpOnly"], "and no script reads it"
+                # a signed-in browser's upload passes nginx's check of the session (auth_request)
+                buffer = io.BytesIO()
+                tifffile.imwrite(buffer, np.zeros((2, 32, 32), np.uint8), photometric="minisblack")
+                page.locator("input[type=file]").first.set_input_files(
+                    {"name": "proxied.tif", "mimeType": "image/tiff", "buffer": buffer.getvalue()})
+                page.get_by_role("button", name="Upload and check").click()
+                page.get_by_text(re.compile(r"^Stored proxied")).wait_for()
                 page.screenshot(path=ARTIFACTS / "behind-nginx.png", full_page=True)
+            # nginx itself refuses a page of another origin, an anonymous upload and its own check's URL
+            base = f"https://localhost:{https_port}"
+            assert _status(base + "/", context, {"Origin": "https://evil.example"}) == 403
+            assert _status(base + "/", context, {"Origin": f"https://localhost:{https_port}"}) == 200
+            assert _status(base + "/_stcore/upload_file/some-session/some-file", context, {}, "PUT") == 403
+            assert _status(base + "/_neuroseg/upload-check", context, {}) == 404
         finally:
             nginx.terminate()
             nginx.wait(timeout=15)

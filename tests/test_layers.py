@@ -5,7 +5,9 @@ inside functions):
   standard library, ``storage.service``, ``ui`` and ``pages.common``;
 - ``ui/`` imports neither Streamlit nor the database, nor ``storage`` (the engine is fine);
 - ``storage/`` never imports Streamlit, the pages or ``ui``;
-- ``unet/`` imports neither Streamlit nor SQLAlchemy, nor any other layer of the app."""
+- ``unet/`` imports neither Streamlit nor SQLAlchemy, nor any other layer of the app;
+- ``web/`` (the HTTP checks in front of Streamlit) reaches the store only through ``storage.service``, and
+  neither the engine, ``ui``, nor the pages; pages may use ``web.sessions`` (which session is signed in)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,10 @@ FORBIDDEN = {
     "ui": (*STREAMLIT, *DATABASE, "storage", "pages", "app"),
 }
 # what a page may import: everything else is refused
-PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "pages.common")
+PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "pages.common", "web.sessions")
+# what the HTTP layer may import from the app: the service, and itself
+WEB_ALLOWED_APP = ("storage.service", "web")
+APP_PACKAGES = ("storage", "unet", "ui", "pages", "app", "web")
 
 
 def imports(path: Path) -> set[str]:
@@ -94,3 +99,17 @@ def test_layer_imports(package):
     assert files, f"{package}/ has no modules?"
     problems = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in layer_violations(package, f)]
     assert not problems, "\n".join(problems)
+
+
+def web_violations(path: Path) -> list[str]:
+    return [name for name in sorted(imports(path)) if _under(name, APP_PACKAGES) and not _under(name, WEB_ALLOWED_APP)]
+
+
+def test_the_http_layer_reaches_the_store_only_through_the_service(tmp_path):
+    files = sorted((ROOT / "web").rglob("*.py"))
+    assert files, "web/ has no modules?"
+    problems = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in web_violations(f)]
+    assert not problems, "\n".join(problems)
+    bad = tmp_path / "bad.py"
+    bad.write_text("from storage.accounts import session_actor\nfrom storage.service import RIGHTS\nimport unet.io\n")
+    assert web_violations(bad) == ["storage.accounts", "unet.io"]

@@ -1,0 +1,371 @@
+"""Probes of a hostile user against a real server (``streamlit run web/asgi.py``, as ``./run.sh`` starts it)
+with raw HTTP and websocket clients beside a signed-in Chromium: a page on another port, a DNS-rebinding
+host name, an anonymous session's upload, a stolen session id, and ``/media`` after the session closed.
+Each probe is refused; each refusal is shown to differ from the signed-in browser's own request only in
+what it lacks (a positive control in the same test). One server serves the whole module."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import socket
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from storage.service import Neuroseg
+from storage.settings import Settings
+from tests.accounts import PASSWORD, SESSION_COOKIE
+from tests.browser import ServerURL, app_server, chromium, signed_in
+
+pytestmark = pytest.mark.slow  # one real server and one Chromium for the module (about 40 s)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[ServerURL]:
+    folder = tmp_path_factory.mktemp("hostile-server")
+    # server-folder import on, from a folder that also holds the store: the harder case
+    before = os.environ.get("NEUROSEG_IMPORT_ROOTS")
+    os.environ["NEUROSEG_IMPORT_ROOTS"] = str(folder)
+    try:
+        with app_server(folder / "data") as url:
+            yield url
+    finally:
+        if before is None:
+            os.environ.pop("NEUROSEG_IMPORT_ROOTS", None)
+        else:
+            os.environ["NEUROSEG_IMPORT_ROOTS"] = before
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+def _stream_url(url: str) -> str:
+    return url.replace("http://", "ws://") + "/_stcore/stream"
+
+
+def _xsrf(url: str) -> str:
+    with urllib.request.urlopen(url + "/_stcore/health", timeout=30) as response:  # (it sets the cookie)
+        cookies = response.headers.get_all("Set-Cookie") or []
+    for cookie in cookies:
+        if cookie.startswith("_streamlit_xsrf="):
+            return cookie.split(";", 1)[0].split("=", 1)[1]
+    raise AssertionError(f"no XSRF cookie in {cookies}")
+
+
+def _session_id(messages) -> str:
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    for payload in messages:
+        if isinstance(payload, bytes | bytearray):
+            msg = ForwardMsg.FromString(bytes(payload))
+            if msg.HasField("new_session"):
+                return msg.new_session.initialize.session_id
+    return ""
+
+
+def open_stream(url: str, **kwargs) -> str:
+    """The id of the session the server gives a raw websocket (closed again at once; see :func:`stream`)."""
+    with stream(url, **kwargs) as session:
+        return session
+
+
+@contextlib.contextmanager
+def stream(url: str, *, origin: str | None = None, resume: str = "", cookie: str = "",
+           host: str | None = None) -> Iterator[str]:
+    """A raw websocket to the server as a script (or a page elsewhere) would open it: yields the id of the
+    session the server gave it, while the websocket is open."""
+    from websockets.sync.client import connect
+
+    headers = {"Cookie": f"{SESSION_COOKIE}={cookie}"} if cookie else {}
+    protocols = ["streamlit", "xsrf", resume] if resume else ["streamlit"]
+    # another host name (DNS rebinding): the request goes to this server, asking for that name
+    address = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((address[0], int(address[1])), timeout=30)
+    target = _stream_url(f"http://{host}" if host else url)
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+
+    with connect(target, sock=sock, subprotocols=protocols, origin=origin, additional_headers=headers,
+                 open_timeout=30) as connection:
+        rerun = BackMsg()
+        rerun.rerun_script.query_string = ""
+        rerun.rerun_script.page_script_hash = ""
+        connection.send(rerun.SerializeToString())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = _session_id([connection.recv(timeout=60)])
+            if found:
+                yield found
+                return
+    raise AssertionError("the server sent no session")
+
+
+def _refused(exc_info) -> int:
+    response = getattr(exc_info.value, "response", None)
+    return getattr(response, "status_code", 0)
+
+
+def test_a_page_on_another_port_or_host_cannot_open_the_websocket(server):
+    from websockets.exceptions import InvalidStatus
+
+    port = server.rsplit(":", 1)[1]
+    with pytest.raises(InvalidStatus) as other_port:
+        open_stream(server, origin="http://localhost:9999")
+    assert _refused(other_port) == 403
+    with pytest.raises(InvalidStatus) as other_site:
+        open_stream(server, origin="http://evil.example")
+    assert _refused(other_site) == 403
+    # DNS rebinding: a name that resolves to this machine is same-origin with itself, but not this server
+    with pytest.raises(InvalidStatus) as rebound:
+        open_stream(server, origin=f"http://evil.example:{port}", host=f"evil.example:{port}")
+    assert _refused(rebound) == 403
+    # the server's own page (positive control): the same client with the server's own origin is served
+    assert open_stream(server, origin=f"http://127.0.0.1:{port}")
+
+
+def _put_file(url: str, session: str, xsrf: str, data: bytes, cookie: str = "") -> tuple[int, bytes]:
+    boundary = "neurosegboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.tif\"\r\n"
+            f"Content-Type: image/tiff\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    cookies = f"_streamlit_xsrf={xsrf}" + (f"; {SESSION_COOKIE}={cookie}" if cookie else "")
+    request = urllib.request.Request(f"{url}/_stcore/upload_file/{session}/probe-file", data=body, method="PUT",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                              "X-Xsrftoken": xsrf, "Cookie": cookies})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _tiff(shape=(2, 32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8),
+                     photometric="minisblack")
+    return buffer.getvalue()
+
+
+def _browser_session(page) -> list[str]:
+    """The ids of the sessions the server gives this page (read from its websocket, as a script could)."""
+    ids: list[str] = []
+
+    def on_socket(ws) -> None:
+        ws.on("framereceived", lambda payload: ids.append(_session_id([payload])) if isinstance(
+            payload, bytes | bytearray) else None)
+
+    page.on("websocket", on_socket)
+    return ids
+
+
+def _signed_in_page(browser, server, username="ann", role="annotator"):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(90_000)
+    ids = _browser_session(page)
+    signed_in(page, server, username, role)
+    page.goto(server + "/datasets")
+    page.get_by_role("heading", name="Datasets").wait_for()
+    session = next(i for i in ids if i)
+    token = next(c["value"] for c in context.cookies() if c["name"] == SESSION_COOKIE)
+    xsrf = next(c["value"] for c in context.cookies() if c["name"] == "_streamlit_xsrf")
+    return context, page, session, token, xsrf
+
+
+def test_only_a_signed_in_session_uploads(server, browser):
+    xsrf = _xsrf(server)
+    with stream(server) as anonymous:
+        status, body = _put_file(server, anonymous, xsrf, _tiff())
+    assert status == 403 and body == b"forbidden\n", (status, body)  # the guard's, not Streamlit's XSRF 403
+    context, page, session, token, browser_xsrf = _signed_in_page(browser, server)
+    try:
+        # the signed-in session's own upload (positive control: the same request, from a signed-in session)
+        status, body = _put_file(server, session, browser_xsrf, _tiff(), token)
+        assert status in (200, 204), (status, body)
+        # whoever knows that session's id, but not its sign-in, cannot send files into it
+        status, _ = _put_file(server, session, xsrf, _tiff())
+        assert status == 403
+        status, _ = _put_file(server, session, xsrf, _tiff(), "some-other-token")
+        assert status == 403
+        # a viewer may not upload either (nothing they could store)
+        viewer_context, _page, viewer_session, viewer_token, viewer_xsrf = _signed_in_page(
+            browser, server, "vic", "viewer")
+        status, _ = _put_file(server, viewer_session, viewer_xsrf, _tiff(), viewer_token)
+        assert status == 403
+        viewer_context.close()
+        # and in the page, a real upload through the form is stored (the form is open on an empty store)
+        page.locator("input[type=file]").first.set_input_files(
+            {"name": "probe.tif", "mimeType": "image/tiff", "buffer": _tiff((4, 40, 40))})
+        page.get_by_role("button", name="Upload and check").click()
+        page.get_by_text(re.compile(r"^Stored probe")).wait_for()
+    finally:
+        context.close()
+    svc = Neuroseg(Settings.from_env(server.data_dir), supervise=False)
+    try:
+        assert [d.shape for d in svc.datasets()] == [(4, 40, 40)], "only the signed-in form's upload is stored"
+    finally:
+        svc.close()
+
+
+def test_a_session_id_is_not_a_credential(server, browser):
+    context, _page, session, token, _xsrf_value = _signed_in_page(browser, server)
+    try:
+        given = open_stream(server, resume=session)  # a stolen id, without the sign-in cookie
+        assert given and given != session, "the thief got a new, signed-out session"
+        given = open_stream(server, resume=session, cookie=token)  # the browser itself
+        assert given == session, "the browser that holds the sign-in resumes its own session"
+    finally:
+        context.close()
+
+
+def _status(url: str, cookie: str = "") -> int:
+    request = urllib.request.Request(url, headers={"Cookie": f"{SESSION_COOKIE}={cookie}"} if cookie else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_media_is_served_only_to_the_signed_in(server, browser):
+    svc = Neuroseg(Settings.from_env(server.data_dir), supervise=False)
+    try:
+        if not any(d.name.startswith("Demo") for d in svc.datasets()):
+            from storage.accounts import SYSTEM
+
+            svc.acting_as(SYSTEM).load_demo()
+    finally:
+        svc.close()
+    context, page, _session, token, _xsrf_value = _signed_in_page(browser, server, "mia")
+    source = page.locator("img[src*='/media/']").first.get_attribute("src")
+    media = server + source[source.index("/media/"):]
+    assert _status(media, token) == 200, "the signed-in browser's cookie"
+    assert _status(media) == 200, "while the signed-in session that shows it is open"
+    context.close()  # the session closes: its pictures are no longer anyone's
+    deadline = time.monotonic() + 60
+    while _status(media) != 403:
+        assert time.monotonic() < deadline, "the closed session's media was still served"
+        time.sleep(0.2)  # the server notices the closed websocket in its own time: nothing to await here
+    assert _status(media, "not-a-token") == 403
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _import_in_page(page, path: str, link: bool) -> None:
+    page.get_by_text("Import a folder on the server").click()
+    page.get_by_role("textbox", name="Path on the server").fill(path)
+    label = page.locator("label", has_text="Link instead of copying")
+    if label.locator("input").is_checked() != link:
+        label.click()
+    page.get_by_role("button", name="Import", exact=True).click()
+    page.get_by_text("The folder was not imported").wait_for()
+
+
+def test_a_symlinked_chunk_and_a_declared_giant_are_refused_by_the_server_which_keeps_its_commits(server, browser):
+    """The two high findings through the page: a zarr whose only chunk is a link to the server's own
+    database, and an 8 KB folder declaring 2 × 16000 × 16000 pixels, linked. Both are refused with the
+    same neutral words, the server's peak memory stays under 1 GB, and the database keeps every commit
+    made after the attempt, also across a checkpoint of its WAL by another process."""
+    database = server.data_dir / "neuroseg.db"
+    lab = server.data_dir.parent / "lab"
+    linked = lab / "linked.zarr"
+    zarr.create_array(str(linked), shape=(1, 64, 64), chunks=(1, 64, 64), dtype="uint8", zarr_format=3)[...] = 7
+    chunk = next(p for p in linked.rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
+    chunk.symlink_to(database)
+    giant = lab / "giant.zarr"
+    zarr.create_array(str(giant), shape=(2, 16000, 16000), chunks=(1, 16000, 16000), dtype="uint8",
+                      zarr_format=3)  # metadata only: no chunk is ever written
+    assert sum(p.stat().st_size for p in giant.rglob("*") if p.is_file()) < 8192
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(90_000)
+    signed_in(page, server, "ida")
+    page.goto(server + "/datasets")
+    page.get_by_role("heading", name="Datasets").wait_for()
+    before = {d.name for d in _datasets(server)}
+    for path, link in ((linked, False), (linked, True), (giant, True), (giant, False)):
+        _import_in_page(page, str(path), link)
+        page.reload()
+        page.get_by_role("heading", name="Datasets").wait_for()
+    assert {d.name for d in _datasets(server)} == before, "nothing was stored"
+    assert _peak_rss_mb(server.pid) < 1024
+    # another process checkpoints the WAL (what lost the server's later commits when it had read its own
+    # database through the link), then the server writes again: a real upload through the page
+    with sqlite3.connect(database) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    if not page.get_by_role("button", name="Upload and check").is_visible():  # (open on an empty store)
+        page.get_by_text("Upload a stack", exact=True).click()
+    page.locator("input[type=file]").first.set_input_files(
+        {"name": "after.tif", "mimeType": "image/tiff", "buffer": _tiff((2, 24, 24))})
+    page.get_by_role("button", name="Upload and check").click()
+    page.get_by_text(re.compile(r"^Stored after")).wait_for()
+    context.close()
+    assert {d.name for d in _datasets(server)} == before | {"after"}
+    svc = Neuroseg(Settings.from_env(server.data_dir), supervise=False)
+    try:
+        from storage.accounts import SYSTEM
+
+        refused = [a for a in svc.acting_as(SYSTEM).audit_trail(username="ida") if a.outcome != "ok"]
+        assert len(refused) >= 4, "each refused import is in the audit trail, written by the server"
+    finally:
+        svc.close()
+    with sqlite3.connect(database) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def _datasets(server: ServerURL):
+    svc = Neuroseg(Settings.from_env(server.data_dir), supervise=False)
+    try:
+        return svc.datasets()
+    finally:
+        svc.close()
+
+
+def test_the_sign_in_cookie_is_set_by_the_server_where_no_script_reads_it(server, browser):
+    """A page on another port of this host shares its cookies: the sign-in cookie is HttpOnly (set by the
+    server from the sign-in form's run), so no script there, nor here, reads the token."""
+    from tests.accounts import make_user
+
+    make_user(server.data_dir, "kit")
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(90_000)
+    page.goto(server + "/")
+    page.get_by_role("textbox", name="User name").fill("kit")
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_text("Signed in as kit").wait_for()
+    deadline = time.monotonic() + 30
+    while not any(c["name"] == SESSION_COOKIE for c in context.cookies()):
+        assert time.monotonic() < deadline, "the server set no sign-in cookie"
+        page.wait_for_timeout(100)  # the page's request to the server, not observable otherwise
+    cookie = next(c for c in context.cookies() if c["name"] == SESSION_COOKIE)
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert SESSION_COOKIE not in page.evaluate("document.cookie")
+    page.reload()  # and it still signs the browser in
+    page.get_by_text("Signed in as kit").wait_for()
+    # a forged token is not made into a cookie
+    request = urllib.request.Request(server + "/_neuroseg/cookie", method="POST", data=b"",
+                                     headers={"X-Neuroseg-Token": "forged"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 403
+    context.close()
