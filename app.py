@@ -6,11 +6,11 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.common import (
+    WAITING,
     account_menu,
     can,
     flash,
     owner,
-    remember_in_browser,
     select_dataset,
     service,
     show_flashes,
@@ -110,13 +110,13 @@ def frame() -> None:
     # Nobody signed in: every page's URL leads to the sign-in form (the menu is hidden); the Admin page is
     # listed for admins only (its service calls refuse everyone else anyway).
     signed = signed_in_user()
-    page = st.navigation(everything if signed is None or can("admin") else everything[:-1],
-                         position="sidebar" if signed is not None and not signed.must_change_password else "hidden")
+    nobody = signed is None or signed is WAITING
+    page = st.navigation(everything if nobody or can("admin") else everything[:-1],
+                         position="sidebar" if not nobody and not signed.must_change_password else "hidden")
     sign_in_gate(signed)
 
     with st.sidebar:
         account_menu()
-        remember_in_browser()
     if page.title != "Annotate":
         in_session = {key: d for key, d in st.session_state.get("drafts", {}).items() if d.dirty}
         try:

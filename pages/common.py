@@ -7,6 +7,7 @@ or a cookie (the sign-in)."""
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -109,16 +110,26 @@ def frame_guard() -> None:
 T = TypeVar("T")
 SESSION_COOKIE = sessions.COOKIE
 _COOKIES_JS = """
-export default function ({ data }) {
-  // {name: [value, seconds]}: the server keeps the sign-in as an HttpOnly cookie (web/guard.py), which no
-  // script reads, also not one on another port of this host; "" deletes it. Sent once per value.
-  const sent = window.__neurosegCookies || (window.__neurosegCookies = {});
-  for (const [name, [value]] of Object.entries(data || {})) {
-    if (sent[name] === value) continue;
-    sent[name] = value;
+// The sign-in lives in two halves: an HttpOnly cookie the server sets (POST /_neuroseg/cookie, web/guard.py),
+// which no script reads but every port of this host receives, and a key in this origin's own storage
+// (scheme, host and port), which no other port can read. A new session that has only the cookie asks for
+// the key ("ask") and signs in when it matches (storage.accounts.browser_key).
+export default function ({ data, setStateValue }) {
+  const d = data || {};
+  const kept = window.__neurosegSignIn || (window.__neurosegSignIn = { token: undefined, answered: null });
+  if (typeof d.token === "string" && kept.token !== d.token) {  // null: leave the cookie as it is
+    kept.token = d.token;
+    if (d.token && d.key) localStorage.setItem("neuroseg_key", d.key);
+    if (!d.token) localStorage.removeItem("neuroseg_key");
     fetch(new URL("_neuroseg/cookie", window.location.origin + "/"), {
-      method: "POST", credentials: "same-origin", headers: { "X-Neuroseg-Token": value },
-    }).catch(() => { delete sent[name]; });
+      method: "POST", credentials: "same-origin", headers: { "X-Neuroseg-Token": d.token },
+    }).catch(() => { kept.token = undefined; });
+  }
+  // answer the question once per element: a new session's first run is drawn again once its page is
+  // known, and an answer given to the element it replaced is dropped, so the new one answers again
+  if (d.ask && kept.answered !== setStateValue) {
+    kept.answered = setStateValue;
+    setStateValue("proof", (localStorage.getItem("neuroseg_key") || "-") + " " + d.ask);
   }
 }
 """
@@ -180,11 +191,19 @@ def owner() -> str:
     return f"user:{actor().user_id}"
 
 
-def remember_in_browser() -> None:
-    """Keep the sign-in in a cookie, so a reload or a new tab finds it (the frame calls this on every run;
-    the component writes only what changed). The cookie lives as long as the session in the store."""
-    token = st.session_state.get("auth_token", "")
-    _components()[0](data={SESSION_COOKIE: [token, int(SESSION_HOURS * 3600)]}, key="neuroseg_cookies", height=0)
+def remember_in_browser(need_proof: bool) -> str | None:
+    """Keep the sign-in in the browser (an HttpOnly cookie and this origin's key, so a reload or a new tab
+    finds it), or forget it after a sign-out; with ``need_proof`` ask the page for its key. Called once at
+    the start of every run; returns the key the page sent in this run (None: none sent)."""
+    token = st.session_state.get("auth_token")  # None: nothing to change; "": signed out
+    ask = st.session_state.setdefault("_sign_in_ask", secrets.token_hex(8)) if need_proof else ""
+    data = {"token": token, "key": base_service().browser_key(token) if token else "", "ask": ask,
+            "hours": SESSION_HOURS}
+    with st.sidebar:  # (out of the page's own elements, as a widget of the frame)
+        result = _components()[0](data=data, key="neuroseg_cookies", height=0, on_proof_change=lambda: None)
+    answer = getattr(result, "proof", None)  # "<key> <ask>": the answer to this session's question only
+    parts = answer.split(" ") if isinstance(answer, str) else []
+    return parts[0] if ask and len(parts) == 2 and parts[1] == ask else None
 
 
 def leave_guard(armed: bool) -> None:
@@ -216,22 +235,34 @@ def _sso_configured() -> bool:
         return False
 
 
+WAITING = Actor(None, "waiting", "none")  # a cookie, and the page's key is on its way
+
+
 def _signed_in() -> Actor | None:
-    """The user of this browser: the session token this Streamlit session holds or the browser's cookie
-    sends, else a single sign-on that has just come back (``st.user``). None: nobody (the reason is left
-    in ``auth_message``)."""
+    """The user of this browser: the session token this Streamlit session holds, or the browser's cookie
+    with this origin's key (:func:`remember_in_browser`), else a single sign-on that has just come back
+    (``st.user``). None: nobody (the reason is left in ``auth_message``); :data:`WAITING`: the page has not
+    sent its key yet."""
     svc = base_service()
-    token = st.session_state.get("auth_token") or _cookie(SESSION_COOKIE)
     address = client_address()
-    if token:
+    token = st.session_state.get("auth_token") or ""
+    cookie = "" if token else _cookie(SESSION_COOKIE)
+    answered = st.session_state.get("_sign_in_answered", False)
+    proof = remember_in_browser(bool(cookie) and not answered)
+    if cookie:
+        if proof is None and not answered:
+            return WAITING
+        st.session_state["_sign_in_answered"] = True
+    if token or cookie:
         try:
-            who = svc.signed_in(token, address)
+            who = svc.signed_in(token, address) if token else svc.signed_in(cookie, address, proof=proof or "-")
         except UserError as exc:
-            st.session_state["auth_token"] = ""
+            if token:
+                st.session_state["auth_token"] = ""  # (the page deletes the cookie at the next run)
             if "expired" in str(exc):
                 st.session_state["auth_message"] = str(exc)
         else:
-            st.session_state["auth_token"] = token
+            st.session_state["auth_token"] = token or cookie
             return who
     if _sso_configured() and getattr(st.user, "is_logged_in", False):
         claims = st.user.to_dict()
@@ -249,12 +280,13 @@ def _signed_in() -> Actor | None:
 
 
 def signed_in_user() -> Actor | None:
-    """Who this browser is signed in as (None: nobody); what the frame asks first, on every run. The
-    Streamlit session is bound to the sign-in for the checks in front of the server (:mod:`web.guard`:
-    uploads, reconnects, media), and unbound when nobody is signed in."""
+    """Who this browser is signed in as (None: nobody; :data:`WAITING`: its key is on the way); what the
+    frame asks first, on every run. The Streamlit session is bound to the sign-in for the checks in front
+    of the server (:mod:`web.guard`: uploads, reconnects, media), and unbound when nobody is signed in."""
     who = _signed_in()
-    st.session_state["actor"] = who
-    _bind_session(st.session_state.get("auth_token", "") if who is not None else "")
+    signed = who is not None and who is not WAITING
+    st.session_state["actor"] = who if signed else None
+    _bind_session(st.session_state.get("auth_token", "") if signed else "")
     return who
 
 
@@ -274,6 +306,10 @@ def _bind_session(token: str) -> None:
 def sign_in_gate(who: Actor | None) -> Actor:
     """Before any page runs (``app.py``): the signed-in user, or the sign-in form and nothing else (then
     the script stops); a user with a one-time password sees only the form that changes it."""
+    if who is WAITING:  # the page sends its key in a moment, and this runs again
+        st.caption("Signing in …")
+        st.stop()
+        return NOBODY
     if who is None:
         _sign_in_form()
         st.stop()
@@ -286,7 +322,6 @@ def sign_in_gate(who: Actor | None) -> Actor:
 
 
 def _sign_in_form() -> None:
-    remember_in_browser()  # (deletes a stale cookie)
     st.title("Neuroseg")
     st.subheader("Sign in")
     message = st.session_state.pop("auth_message", "")

@@ -9,12 +9,14 @@ the :class:`~storage.records.UserError` messages raised here."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
 import secrets
 import sys
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -68,6 +70,34 @@ def aware(moment: datetime | None) -> datetime | None:
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def browser_secret(folder: Path) -> bytes:
+    """This store's key for :func:`browser_key` (made once, readable by the server's user only)."""
+    path = folder / "browser.key"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        pass
+    tmp = folder / f".browser.key.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    try:
+        os.link(tmp, path)  # the first server to get here decides; the others read its key
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def browser_key(secret: bytes, token: str) -> str:
+    """The second half of a browser's sign-in. The token travels in a cookie, and a cookie goes to every
+    port of its host (a page served on another localhost port receives it); this key is kept in the
+    browser's storage of this origin only (scheme, host and port), and a page proves it before a cookie
+    alone signs a new session in. Derived from the token, so the store keeps nothing more."""
+    return hmac.new(secret, token_digest(token).encode(), hashlib.sha256).hexdigest()
 
 
 def actor_of(user: User, address: str = "", token: str = "") -> Actor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hmac
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -167,6 +168,7 @@ class Neuroseg:
     def __init__(self, settings: Settings | None = None, *, supervise: bool = True):
         self.settings = settings or Settings.from_env()
         self.sessions, self.store = open_store(self.settings, migrate=True)
+        self._browser_secret: bytes | None = None
         self.store.clean_spool()  # uploads a killed server was receiving (gigabytes each); none still in use
         self.supervisor = Supervisor(self.sessions, self.settings)
         self.starter_note = ""  # what became of the shipped starter model (a refusal, for a damaged file)
@@ -240,9 +242,20 @@ class Neuroseg:
         return self._signing(accounts.sign_in_oidc, issuer, subject, email=email, name=name, preferred=preferred,
                              address=address)
 
-    def signed_in(self, token: str, address: str = "") -> Actor:
-        """The user a browser's token stands for; :class:`UserError` says why not (expired, unknown)."""
+    def signed_in(self, token: str, address: str = "", *, proof: str | None = None) -> Actor:
+        """The user a browser's token stands for; :class:`UserError` says why not (expired, unknown). With
+        ``proof`` (a new browser session that has only the cookie) the browser's key of this origin must
+        match too (:func:`storage.accounts.browser_key`): a cookie alone, which every port of the host
+        receives, signs nobody in."""
+        if proof is not None and not hmac.compare_digest(str(proof), self.browser_key(token)):
+            raise UserError("Please sign in.")
         return self._signing(accounts.session_actor, token, address)
+
+    def browser_key(self, token: str) -> str:
+        """What the browser keeps beside its sign-in cookie, in this origin's own storage."""
+        if self._browser_secret is None:
+            self._browser_secret = accounts.browser_secret(self.store.root)
+        return accounts.browser_key(self._browser_secret, token)
 
     def sign_out(self, token: str) -> None:
         self._signing(accounts.sign_out, token, self.actor if self.actor.user_id is not None else None)

@@ -35,7 +35,18 @@ def make_user(data_dir: Path | str, username: str = "ann", role: str = "annotato
 
 
 def sign_in_browser(page, url: str, data_dir: Path | str, username: str = "ann", role: str = "annotator") -> str:
-    """Sign ``page``'s browser context in as ``username`` (the session cookie the app would set)."""
+    """Sign ``page``'s browser context in as ``username``: what the app keeps after a sign-in, the session
+    cookie and this origin's key in the page's storage (:func:`storage.accounts.browser_key`)."""
     token = make_user(data_dir, username, role)
-    page.context.add_cookies([{"name": SESSION_COOKIE, "value": token, "url": str(url)}])
+    keep_in_browser(page, url, data_dir, token)
     return token
+
+
+def keep_in_browser(page, url: str, data_dir: Path | str, token: str) -> None:
+    """The browser of ``page`` holds the sign-in ``token``: its cookie, and the key in this origin's storage."""
+    from storage.accounts import browser_key, browser_secret
+
+    key = browser_key(browser_secret(Path(data_dir)), token)
+    page.context.add_cookies([{"name": SESSION_COOKIE, "value": token, "url": str(url)}])
+    origin = str(url).rstrip("/")
+    page.context.add_init_script(f"if (location.origin === {origin!r}) localStorage.setItem('neuroseg_key', {key!r});")

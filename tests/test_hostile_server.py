@@ -77,6 +77,13 @@ def _session_id(messages) -> str:
     return ""
 
 
+def _finished(payload) -> bool:
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    return isinstance(payload, bytes | bytearray) and ForwardMsg.FromString(bytes(payload)).HasField(
+        "script_finished")
+
+
 def open_stream(url: str, **kwargs) -> str:
     """The id of the session the server gives a raw websocket (closed again at once; see :func:`stream`)."""
     with stream(url, **kwargs) as session:
@@ -104,10 +111,11 @@ def stream(url: str, *, origin: str | None = None, resume: str = "", cookie: str
         rerun.rerun_script.query_string = ""
         rerun.rerun_script.page_script_hash = ""
         connection.send(rerun.SerializeToString())
-        deadline = time.monotonic() + 60
+        deadline, found = time.monotonic() + 60, ""
         while time.monotonic() < deadline:
-            found = _session_id([connection.recv(timeout=60)])
-            if found:
+            payload = connection.recv(timeout=60)
+            found = found or _session_id([payload])
+            if found and _finished(payload):  # the session exists and its first script run is over
                 yield found
                 return
     raise AssertionError("the server sent no session")
@@ -134,6 +142,10 @@ def test_a_page_on_another_port_or_host_cannot_open_the_websocket(server):
     assert _refused(rebound) == 403
     # the server's own page (positive control): the same client with the server's own origin is served
     assert open_stream(server, origin=f"http://127.0.0.1:{port}")
+    # and no other page frames the app (clickjacking from another port, which is "same-site")
+    with urllib.request.urlopen(server + "/", timeout=30) as response:
+        assert response.headers["Content-Security-Policy"] == "frame-ancestors 'self'"
+        assert response.headers["X-Frame-Options"] == "SAMEORIGIN"
 
 
 def _put_file(url: str, session: str, xsrf: str, data: bytes, cookie: str = "") -> tuple[int, bytes]:
@@ -369,3 +381,16 @@ def test_the_sign_in_cookie_is_set_by_the_server_where_no_script_reads_it(server
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 403
     context.close()
+
+
+def test_the_sign_in_cookie_alone_signs_nobody_in(server, browser):
+    """Every port of a host receives its cookies, so a server on another port learns the sign-in cookie.
+    Replayed by a script (no Origin), it opens a session that is not signed in: the page's key, kept in
+    this origin's own storage, is missing. The same session cannot take an upload with that cookie."""
+    context, _page, _session, token, xsrf = _signed_in_page(browser, server, "lea")
+    try:
+        with stream(server, cookie=token) as stolen:
+            status, _ = _put_file(server, stolen, xsrf, _tiff(), token)
+        assert status == 403, "the cookie alone did not sign the replaying session in"
+    finally:
+        context.close()

@@ -11,7 +11,7 @@ import pytest
 
 from storage.service import Neuroseg, UserError
 from storage.settings import Settings
-from tests.accounts import make_user
+from tests.accounts import keep_in_browser, make_user
 from tests.browser import ARTIFACTS, app_server, chromium, signed_in
 from tests.drafts import new_draft, start_options
 from unet.config import preset
@@ -69,7 +69,7 @@ def test_an_anonymous_visitor_sees_only_the_sign_in_form_and_bad_sign_ins_say_wh
 
         # an expired session: the sign-in form again, with a message that says so
         token = make_user(data_dir, "ann")
-        page.context.add_cookies([{"name": "neuroseg_session", "value": token, "url": str(url)}])
+        keep_in_browser(page, url, data_dir, token)
         page.goto(f"{url}/datasets")
         page.get_by_text("Browse dataset").wait_for()
         from sqlalchemy import update

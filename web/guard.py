@@ -11,7 +11,8 @@ it, and serves ``/media`` files to whoever has the URL. Here:
   and so carries no victim's cookie.
 - **Host.** While the server listens on loopback only (the default), a request for any other host name
   is refused: a DNS-rebinding page (``evil.example`` resolved to 127.0.0.1) is same-origin with itself.
-  ``$NEUROSEG_ALLOWED_HOSTS`` adds names; behind the reverse proxy (``NEUROSEG_BEHIND_PROXY=1``) nginx's
+  ``$NEUROSEG_ALLOWED_HOSTS`` adds names (and, on a server shared with ``--server.address``, is the list
+  of names it answers to); behind the reverse proxy (``NEUROSEG_BEHIND_PROXY=1``) nginx's
   ``server_name`` decides.
 - **Uploads.** ``PUT``/``DELETE`` on ``/_stcore/upload_file/<session>/…`` pass only for a session that is
   signed in now, by an account whose role may create (:mod:`web.sessions`), from the browser that holds
@@ -23,6 +24,8 @@ it, and serves ``/media`` files to whoever has the URL. Here:
   host's cookies, cannot read it.
 - **Reconnects.** A websocket that asks to resume a signed-in session must send that session's sign-in
   cookie; otherwise it gets a new, signed-out session (the session id is not a credential).
+- **Frames.** Every response says ``frame-ancestors 'self'`` (and ``X-Frame-Options: SAMEORIGIN``): no other
+  page, also not one on another port, shows the app in a frame to click in it.
 - **Media.** ``/media/…`` (the images and downloads the pages show) is served to a browser with a valid
   sign-in cookie, or while a session that shows the file is signed in; a closed session's files are not.
 """
@@ -88,9 +91,10 @@ def host_allowed(host: str) -> bool:
     except Exception:  # (no Streamlit config: a unit test)
         address = "127.0.0.1"
     name = _split_host(host)
-    if address not in ("127.0.0.1", "localhost", "::1"):
-        return True  # shared on a network on purpose: the name the lab uses is theirs to choose
-    return name in LOOPBACK_NAMES or name in _env_list("NEUROSEG_ALLOWED_HOSTS")
+    listed = _env_list("NEUROSEG_ALLOWED_HOSTS")
+    if address not in ("127.0.0.1", "localhost", "::1") and not listed:
+        return True  # shared on a network on purpose, naming no host: any name the lab uses
+    return name in LOOPBACK_NAMES or name in listed
 
 
 def cookie_token(headers: Headers) -> str:
@@ -167,6 +171,23 @@ async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
+FRAME_HEADERS = [(b"content-security-policy", b"frame-ancestors 'self'"), (b"x-frame-options", b"SAMEORIGIN")]
+
+
+def _framed_by_self_only(send: Send) -> Send:
+    """``send`` with headers that keep the app out of other sites' frames (clickjacking a signed-in user:
+    a page on another port is "same-site" and its frame gets the cookie)."""
+
+    async def sending(message: MutableMapping[str, Any]) -> None:
+        if message.get("type") == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            message = {**message, "headers": [*message.get("headers", []),
+                                              *[h for h in FRAME_HEADERS if h[0] not in names]]}
+        await send(message)
+
+    return sending
+
+
 class Guard:
     """ASGI middleware: the checks of this module, in front of Streamlit's own routes."""
 
@@ -209,6 +230,8 @@ class Guard:
             if not await _off_loop(_media_allowed, cookie_token(headers), file_id):
                 await self._refuse(scope, receive, send, "media for a browser that is not signed in")
                 return
+        if scope["type"] == "http":
+            send = _framed_by_self_only(send)
         await self.app(scope, receive, send)
 
     async def _set_cookie(self, scope: Scope, receive: Receive, send: Send, headers: Headers, method: str) -> None:
