@@ -201,7 +201,7 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
     fails (the caller's transaction is rolled back, the unpacked files are removed). ``memory_mb`` and
     ``seconds`` bound the check of a foreign TorchScript model (:mod:`unet.torchscript_guard`'s defaults)."""
     from unet.bioimageio import PackageError, check_test_tensors, load_package, local_file, package_files
-    from unet.checkpoint import save_checkpoint
+    from unet.checkpoint import save_checkpoint, without_reserved
     from unet.torchscript_guard import TorchScriptRefused
     from unet.torchscript_guard import check as check_torchscript
 
@@ -253,8 +253,11 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
         name = str(description.name)
         spec = {"preset": "imported", "train": [], "val": [], "source": filename[:200], "package": name,
                 "weights": "torchscript" if foreign else "state dict"}
-        config = ({"model": foreign[0].to_dict(), "foreign": True} if foreign else
-                  checkpoint.meta.get("train_config") or {"model": checkpoint.model_config.to_dict()})
+        if foreign:
+            config = {"model": foreign[0].to_dict(), "foreign": True}
+        else:  # its recipe, but always the network that was checked (a package's meta says what it likes)
+            recipe = checkpoint.meta.get("train_config")
+            config = {**(recipe if isinstance(recipe, dict) else {}), "model": checkpoint.model_config.to_dict()}
         run = Run(kind="imported", status=RunStatus.FINISHED, device="cpu", created=now, started=now, finished=now,
                   spec=spec, config=config)
         session.add(run)
@@ -272,8 +275,9 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
                 record_torchscript_check(target, foreign[3], foreign[4])  # (loads do not check it again)
                 load_checkpoint(target).build_model("cpu")  # (accepted by the check): it loads, or the reason
             else:
-                save_checkpoint(target, checkpoint.build_model("cpu"),
-                                meta={**checkpoint.meta, "kind": "best", "imported_from": filename[:200]})
+                save_checkpoint(target, checkpoint.build_model("cpu"),  # (its meta never says what is built)
+                                meta={**without_reserved(checkpoint.meta), "kind": "best",
+                                      "imported_from": filename[:200]})
             row = Checkpoint(run_id=run.id, kind="best", file=str(target.relative_to(store.root)),
                              step=0 if foreign else int(checkpoint.meta.get("step", 0) or 0), sha256=sha256_of(target),
                              metrics={})

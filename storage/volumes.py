@@ -948,7 +948,10 @@ class External:
     def _check_declared(self, where: str, linked: bool) -> None:
         """Refuse what the metadata declares beyond the limits, before anything but metadata is read: a few
         kilobytes of JSON can declare terabytes (a server read 9.9 GB for one 8 KB folder)."""
-        limits, (y, x) = self.limits, self.shape[1:]
+        limits, (z, y, x) = self.limits, self.shape
+        if z > limits.slices:  # (pages and predictions list slices one by one)
+            raise ValueError(f"{where}: {z:,} slices, more than the {limits.slices:,} a stack may have on this server "
+                             "($NEUROSEG_MAX_SLICES)")
         if y * x > limits.slice_pixels:
             raise ValueError(f"{where}: slices of {y} × {x} pixels, more than the {limits.slice_pixels:,} a slice "
                              "may have on this server ($NEUROSEG_MAX_SLICE_PIXELS)")

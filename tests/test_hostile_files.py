@@ -42,7 +42,8 @@ class Upload(io.BytesIO):
 @pytest.fixture
 def svc(tmp_path, monkeypatch):
     for name in ("NEUROSEG_IMPORT_ROOTS", "NEUROSEG_EXPORT_ROOT", "NEUROSEG_MAX_SLICE_PIXELS",
-                 "NEUROSEG_MAX_LINKED_SLICE_PIXELS", "NEUROSEG_MAX_CHUNK_BYTES", "NEUROSEG_MAX_STACK_BYTES"):
+                 "NEUROSEG_MAX_LINKED_SLICE_PIXELS", "NEUROSEG_MAX_CHUNK_BYTES", "NEUROSEG_MAX_STACK_BYTES",
+                 "NEUROSEG_MAX_SLICES"):
         monkeypatch.delenv(name, raising=False)
     service = Neuroseg(settings_from_env(str(tmp_path / "data"), None), supervise=False)
     yield service
@@ -400,6 +401,43 @@ def test_a_declared_giant_is_refused_before_any_read(svc, tmp_path, monkeypatch)
     zarr_stack(small, shape=(2, 20, 20))
     with pytest.raises(UserError, match="20 × 20 pixels, more than the 100"):
         svc.import_path(str(small))
+
+
+def test_a_declared_depth_is_limited_before_any_read_and_slice_lists_are_bounded(svc, tmp_path, monkeypatch):
+    """An 8 KB zarr declaring 10¹² slices of 64 × 64 is refused in both modes from its metadata (Predict's
+    "all" used to list every one of them), and no slice list is built beyond the limit."""
+    from unet.io import Limits, parse_slices
+
+    monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
+    deep = tmp_path / "lab" / "deep.zarr"
+    _declared(deep, (10**12, 64, 64), (1, 64, 64))
+    for link in (True, False):
+        with pytest.raises(UserError, match=r"1,000,000,000,000 slices, more than the 100,000.*NEUROSEG_MAX_SLICES"):
+            svc.import_path(str(deep), link=link)
+    with pytest.raises(ValueError, match="NEUROSEG_MAX_SLICES"):
+        External(deep, linked=True, limits=Limits())
+    assert chunk_files(deep) == [] and svc.datasets() == [] and stored_dataset_folders(svc) == []
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)  # a list of 10¹² ints fails at once, not in swap
+    with open("/proc/self/status") as status:
+        held = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    limit = held + (512 << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    try:
+        for text in ("0-5", "all"):
+            with pytest.raises(ValueError, match=r"1,000,000,000,000 slices, more than the 100,000"):
+                parse_slices(text, 10**12)
+        with pytest.raises(ValueError, match="name more than the 100,000 slices"):
+            parse_slices(",".join(["0-99999"] * 3), 100_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert parse_slices("all", 100_000)[-1] == 99_999
+    monkeypatch.setenv("NEUROSEG_MAX_SLICES", "3")  # the limit is the admin's
+    shallow = tmp_path / "lab" / "shallow.zarr"
+    zarr_stack(shallow, shape=(4, 16, 16))
+    with pytest.raises(UserError, match="4 slices, more than the 3"):
+        svc.import_path(str(shallow), link=True)
+    with pytest.raises(ValueError, match="4 slices, more than the 3"):
+        parse_slices("all", 4)
 
 
 def test_bad_ome_zarr_metadata_is_a_clear_refusal(svc, tmp_path, monkeypatch):

@@ -488,6 +488,36 @@ def test_the_import_says_why_a_huge_network_is_refused_and_keeps_nothing(service
     _no_tmp_left(service)
 
 
+def test_a_packages_meta_never_says_what_network_is_built(service, annotator, exported, tmp_path):
+    """A tiny valid package whose ``config.neuroseg.meta`` names a ~8 G-parameter network (as the side
+    file's ``model_config``, its ``format`` and its recipe's model) is stored as the tiny network it holds;
+    a side file that says otherwise (written before this was fixed) is refused before anything is built."""
+    from unet.checkpoint import TORCHSCRIPT_FORMAT, load_checkpoint, side_file
+
+    small = load_package(exported).model_config
+    giant = {**small.to_dict(), "depth": 6, "initial_features": 256}
+
+    def edit(rdf):
+        rdf["config"]["neuroseg"]["meta"].update(model_config=dict(giant), format=TORCHSCRIPT_FORMAT,
+                                                 train_config={"model": dict(giant), "steps": 5})
+
+    package = _rezip(exported, tmp_path / "meta.zip", _rdf_edit(edit))
+    started = time.monotonic()
+    with _address_space(1024):
+        imported = _import(annotator, package)
+        stored = service.store.abspath(next(c for c in service.checkpoint_choices()
+                                            if c.id == imported.checkpoint_id).file)
+        checkpoint = load_checkpoint(stored)
+        assert checkpoint.model_config == small and checkpoint.meta["format"] == "neuroseg-unet-1"
+        checkpoint.build_model("cpu")
+        assert service.run(imported.run_id).config["model"] == small.to_dict()
+        side = json.loads(side_file(stored).read_text())
+        side_file(stored).write_text(json.dumps({**side, "model_config": giant}))
+        with pytest.raises(ValueError, match=r"would have [\d,]+ parameters \(at most 200,000,000"):
+            load_checkpoint(stored)
+    assert time.monotonic() - started < 30
+
+
 # --- YAML that expands --------------------------------------------------------------------------------------------
 def _laughs(levels: int) -> str:
     """The review's rdf.yaml: ten aliases of ten aliases of … (10^levels values in a few hundred bytes)."""

@@ -60,9 +60,18 @@ def save_torchscript(path: str | os.PathLike, source: str | os.PathLike, model_c
     ``package`` entry says how to feed it and read its output (:class:`unet.bioimageio.ForeignModel`)."""
     path = Path(path)
     atomic_write(path, lambda fh: fh.write(Path(source).read_bytes()))
-    side = {"format": TORCHSCRIPT_FORMAT, "model_config": model_config.to_dict(), **meta}
+    side = {**without_reserved(meta), "format": TORCHSCRIPT_FORMAT, "model_config": model_config.to_dict()}
     atomic_write(side_file(path), lambda fh: fh.write(json.dumps(side, indent=2, default=str).encode()))
     return path
+
+
+RESERVED_KEYS = ("format", "model_config")  # of a side file: what the loader reads to decide what to build
+
+
+def without_reserved(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` less the side file's :data:`RESERVED_KEYS`: a meta that came from outside (a package's
+    ``config.neuroseg.meta``) never says what the loader builds (the savers also write them after it)."""
+    return {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
 
 
 def side_file(path: str | os.PathLike) -> Path:
@@ -144,7 +153,7 @@ def save_checkpoint(path: str | os.PathLike, model: UNet, *, meta: dict[str, Any
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
     atomic_write(path, lambda fh: torch.save(payload, fh))
-    side = {"format": "neuroseg-unet-1", "model_config": model.config.to_dict(), **(meta or {})}
+    side = {**without_reserved(meta or {}), "format": "neuroseg-unet-1", "model_config": model.config.to_dict()}
     atomic_write(side_file(path), lambda fh: fh.write(json.dumps(side, indent=2, default=str).encode()))
     return path
 
@@ -178,5 +187,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path.name}: the checkpoint could not be read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"{path.name}: not a Neuroseg checkpoint (no model weights inside)")
+    try:  # its side file's network (size, keys, shapes) on the meta device before anything builds it for real
+        check_state_dict(model_config, payload["model"])
+    except ValueError as exc:
+        raise ValueError(f"{path.name}: {exc}") from None
     return Checkpoint(model_config, payload["model"], meta, payload.get("optimizer"))
 

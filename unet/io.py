@@ -38,19 +38,23 @@ class Limits:
     - ``NEUROSEG_MAX_LINKED_SLICE_PIXELS`` (4096 × 4096): Y × X of a stack linked where it lies; it has no
       overview pyramid, so every page visit reads a whole slice (at most 64 MiB as float32);
     - ``NEUROSEG_MAX_CHUNK_BYTES`` (64 MiB): one chunk of a zarr or N5 array, decompressed whole to read
-      even one of its pixels.
+      even one of its pixels;
+    - ``NEUROSEG_MAX_SLICES`` (100,000): Z of a stack, whose slices pages list one by one (an 8 KB zarr
+      can declare 10¹² of them).
     """
 
     stack_bytes: int = DEFAULT_MAX_BYTES
     slice_pixels: int = 8192 * 8192
     linked_slice_pixels: int = 4096 * 4096
     chunk_bytes: int = 64 * 1024**2
+    slices: int = 100_000
 
     @classmethod
     def from_env(cls) -> Limits:
         """The limits this process runs with (read on every call: an admin's change needs no new code)."""
         names = {"stack_bytes": "NEUROSEG_MAX_STACK_BYTES", "slice_pixels": "NEUROSEG_MAX_SLICE_PIXELS",
-                 "linked_slice_pixels": "NEUROSEG_MAX_LINKED_SLICE_PIXELS", "chunk_bytes": "NEUROSEG_MAX_CHUNK_BYTES"}
+                 "linked_slice_pixels": "NEUROSEG_MAX_LINKED_SLICE_PIXELS", "chunk_bytes": "NEUROSEG_MAX_CHUNK_BYTES",
+                 "slices": "NEUROSEG_MAX_SLICES"}
         values = {}
         for field, env in names.items():
             raw = os.environ.get(env, "").strip().replace("_", "")
@@ -415,11 +419,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
 def parse_slices(text: str, n_slices: int) -> list[int]:
     """Parse ``"0-24"``, ``"0,3,5-7"`` or ``"all"`` into sorted slice indices within ``[0, n_slices)``.
-    Ranges are inclusive, as a person reads them."""
+    Ranges are inclusive, as a person reads them. ``ValueError`` before any list is built when the stack
+    has more slices than :class:`Limits` allows (``$NEUROSEG_MAX_SLICES``), or the ranges name more."""
+    limit = Limits.from_env().slices
+    if n_slices > limit:
+        raise ValueError(f"the stack has {n_slices:,} slices, more than the {limit:,} a stack may have on this "
+                         "server ($NEUROSEG_MAX_SLICES)")
     text = text.strip().lower()
     if text in ("all", "*", ""):
         return list(range(n_slices))
     picked: set[int] = set()
+    named = 0
     for part in text.split(","):
         part = part.strip()
         try:
@@ -433,5 +443,8 @@ def parse_slices(text: str, n_slices: int) -> list[int]:
             raise ValueError(f"slice range {part!r} runs backwards")
         if lo < 0 or hi >= n_slices:
             raise ValueError(f"slice range {part!r} is outside the stack's slices 0-{n_slices - 1}")
+        named += hi - lo + 1
+        if named > limit:  # (overlapping ranges repeated: each one is bounded, their number is not)
+            raise ValueError(f"the slice ranges name more than the {limit:,} slices a stack may have")
         picked.update(range(lo, hi + 1))
     return sorted(picked)
