@@ -1,10 +1,11 @@
 """What the server costs per user: CPU seconds per page switch and resident memory per open session.
 
-A real server (``streamlit run app.py`` with the checkout's own ``.streamlit/config.toml``, as
-``./run.sh`` starts it) over a store holding a 20-slice stack, a tiny run and its prediction of every
-slice; Debian's Chromium (Playwright) as the users. One session walks the six pages round after round:
-the server's own CPU time (``/proc/<pid>/stat``, workers excluded) per switch. Then more sessions open
-the prediction viewer one by one: the server's resident memory after each, and after they close.
+A real server (``streamlit run web/asgi.py``, or ``app.py`` in a checkout from before the guard, with the
+checkout's own ``.streamlit/config.toml``, as ``./run.sh`` starts it) over a store holding a 20-slice
+stack, a tiny run and its prediction of every slice; Debian's Chromium (Playwright) as the users. One
+session walks the six pages round after round: the server's own CPU time (``/proc/<pid>/stat``, workers
+excluded) per switch. Then more sessions open the prediction viewer one by one: the server's resident
+memory after each, and after they close.
 
 Run by hand: ``python -m bench.server [--root CHECKOUT] [--size 1024] [--sessions 4] [--json FILE]``.
 ``--root`` measures another checkout (an older commit in a worktree) with this script, for before/after.
