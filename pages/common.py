@@ -116,20 +116,37 @@ _COOKIES_JS = """
 // the key ("ask") and signs in when it matches (storage.accounts.browser_key).
 export default function ({ data, setStateValue }) {
   const d = data || {};
-  const kept = window.__neurosegSignIn || (window.__neurosegSignIn = { token: undefined, answered: null });
+  const kept = window.__neurosegSignIn || (window.__neurosegSignIn = { token: undefined, ask: "", sent: 0 });
   if (typeof d.token === "string" && kept.token !== d.token) {  // null: leave the cookie as it is
     kept.token = d.token;
     if (d.token && d.key) localStorage.setItem("neuroseg_key", d.key);
     if (!d.token) localStorage.removeItem("neuroseg_key");
-    fetch(new URL("_neuroseg/cookie", window.location.origin + "/"), {
-      method: "POST", credentials: "same-origin", headers: { "X-Neuroseg-Token": d.token },
-    }).catch(() => { kept.token = undefined; });
+    const keep = (token, tries) => fetch(new URL("_neuroseg/cookie", window.location.origin + "/"), {
+      method: "POST", credentials: "same-origin", headers: { "X-Neuroseg-Token": token },
+    }).then((r) => { if (!r.ok) throw new Error(String(r.status)); }).catch(() => {
+      // (a refused token is not tried again; a busy or restarting server is, a few times)
+      if (kept.token === token && tries < 5) setTimeout(() => keep(token, tries + 1), 500 * 2 ** tries);
+    });
+    keep(d.token, 0);
   }
-  // answer the question once per element: a new session's first run is drawn again once its page is
-  // known, and an answer given to the element it replaced is dropped, so the new one answers again
-  if (d.ask && kept.answered !== setStateValue) {
-    kept.answered = setStateValue;
-    setStateValue("proof", (localStorage.getItem("neuroseg_key") || "-") + " " + d.ask);
+  // Answer the question until the server stops asking: an answer sent while a session's first run is
+  // drawn again (once its page is known) can be dropped with the element it went to, and the element that
+  // replaces it may not be drawn again, so the answer is repeated (each one new: "<key> <ask> <n>") every
+  // 1.5 s while the latest render still asks.
+  kept.setStateValue = setStateValue;
+  kept.ask = d.ask || "";
+  const answer = () => {
+    if (!kept.ask) return;
+    kept.sent += 1;
+    kept.setStateValue("proof", (localStorage.getItem("neuroseg_key") || "-") + " " + kept.ask + " " + kept.sent);
+  };
+  if (kept.ask && kept.answering !== kept.ask) {
+    kept.answering = kept.ask;
+    answer();
+    clearInterval(kept.timer);
+    kept.timer = setInterval(() => {
+      if (kept.ask) answer(); else { clearInterval(kept.timer); kept.answering = ""; }
+    }, 1500);
   }
 }
 """
@@ -201,9 +218,9 @@ def remember_in_browser(need_proof: bool) -> str | None:
             "hours": SESSION_HOURS}
     with st.sidebar:  # (out of the page's own elements, as a widget of the frame)
         result = _components()[0](data=data, key="neuroseg_cookies", height=0, on_proof_change=lambda: None)
-    answer = getattr(result, "proof", None)  # "<key> <ask>": the answer to this session's question only
+    answer = getattr(result, "proof", None)  # "<key> <ask> <n>": the answer to this session's question only
     parts = answer.split(" ") if isinstance(answer, str) else []
-    return parts[0] if ask and len(parts) == 2 and parts[1] == ask else None
+    return parts[0] if ask and len(parts) == 3 and parts[1] == ask else None
 
 
 def leave_guard(armed: bool) -> None:

@@ -94,8 +94,22 @@ def chromium() -> Iterator[object]:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
             yield browser
+        except BaseException:
+            _print_pages(browser)
+            raise
         finally:
             browser.close()
+
+
+def _print_pages(browser) -> None:
+    """What each open page showed when a browser test failed (CI keeps only the test's output)."""
+    for context in browser.contexts:
+        for page in context.pages:
+            try:
+                text = page.inner_text("body", timeout=2000)
+            except Exception as exc:  # a closed or hung page
+                text = f"(unreadable: {exc})"
+            print(f"--- {page.url}\n{text[:1500]}", flush=True)
 
 
 def signed_in(page, url: ServerURL, username: str = "ann", role: str = "annotator"):
