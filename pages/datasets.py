@@ -10,6 +10,7 @@ from storage.service import NAME_MAX, ChannelsQuestion, UserError
 from ui.figures import histogram
 from ui.paint import View, auto_window, middle_of, view_picture
 from ui.text import plain
+from ui.training import seen_words
 
 svc = start_page("Datasets")
 
@@ -155,8 +156,11 @@ with st.expander("Held-out slices" + (f" (version {frozen.version}: slices "
         if st.form_submit_button("Freeze these as the held-out slices" if not frozen else "Change the held-out slices"):
             attempt(lambda: svc.set_held_out(dataset_id, pick),
                     lambda h: (f"Held-out slices, version {h.version}: {', '.join(map(str, h.slices))}. Runs that "
-                               "end from now on are scored there." if h else "This dataset has no held-out slices "
-                               "now."))
+                               "end from now on are scored there." + seen_words(h) if h else
+                               "This dataset has no held-out slices now."))
+    seen = svc.held_out_seen(dataset_id) if frozen else None
+    if seen is not None and seen.seen_by:
+        st.warning(seen_words(seen).strip(), icon=":material/visibility:")
 
 # --- edit and delete ------------------------------------------------------------------------------
 with st.expander("Name and notes"), st.form(f"edit_{dataset_id}"):

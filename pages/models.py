@@ -80,9 +80,13 @@ with left:
                    if run.kind in ("starter", "imported") else "No mask versions recorded.")
     if card["held_out"]:
         st.markdown("**Held-out scores**")
-        st.dataframe([{"dataset": ds, **{k: v for k, v in (entry.get("metrics") or {}).items()
-                                        if isinstance(v, int | float)}} for ds, entry in card["held_out"].items()],
-                     hide_index=True, key="model_held_out")
+        st.dataframe([{"dataset": ds, "measured on slices": ", ".join(map(str, entry["slices"])) or "none",
+                       "left out (it trained on them)": ", ".join(map(str, entry["seen"])),
+                       **{k: round(v, 4) for k, v in entry["metrics"].items() if isinstance(v, int | float)}}
+                      for ds, entry in card["held_out"].items()], hide_index=True, key="model_held_out")
+        if any(entry["seen"] for entry in card["held_out"].values()):
+            st.caption("Held-out slices this model, or a model it was fine-tuned from, trained on "
+                       "are left out of its score: a score on them says nothing about unseen data.")
 with right:
     st.markdown("**Recipe**")
     st.json(card["recipe"], expanded=False)

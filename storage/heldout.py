@@ -11,7 +11,7 @@ model: Predict and Live start from it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -19,13 +19,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.files import FileStore
 from storage.masks import latest_mask, load_mask
-from storage.models import Checkpoint, Dataset, Run
+from storage.models import Checkpoint, Dataset, MaskVersion, Run, RunMask
 from storage.records import NotFound, RunStatus, UserError
+from unet.metrics import mean_metrics
 from unet.postprocess import DEFAULT_METHOD
 
 # how much worse than its parent or the best a run may score before it is flagged (noise on a few slices)
 TOLERANCE = {"pixel_error": 0.002, "rand_f": 0.005, "vi": 0.02}
 HIGHER_IS_BETTER = {"pixel_error": False, "rand_f": True, "vi": False}
+DECIDES = "rand_f"  # which metric picks the best run (pixel error breaks a tie): the field's ISBI score
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class HeldOut:
     version: int
     slices: list[int]
     mask_ids: list[int]
+    seen_by: dict[int, list[int]] = field(default_factory=dict)  # slice → runs whose lineage trained on it
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,14 @@ class Score:
     best_run_id: int | None
     worse_than_parent: list[str]  # metrics beyond tolerance
     worse_than_best: list[str]
+    slices: tuple[int, ...] = ()  # the held-out slices this score is measured on
+    seen: tuple[int, ...] = ()  # held-out slices left out: the run or a run it descends from trained on them
+    decides: str = DECIDES  # the metric that chose the best run
+
+    @property
+    def honest(self) -> bool:
+        """Measured on every held-out slice, none of which the run's lineage saw (may be the best)."""
+        return not self.seen and bool(self.slices)
 
     @property
     def flagged(self) -> bool:
@@ -85,7 +96,15 @@ def set_held_out(session: Session, dataset_id: int, slices: list[int]) -> HeldOu
     dataset.held_out = frozen or None
     dataset.held_out_version = (dataset.held_out_version or 0) + 1
     session.flush()
-    return held_out(session, dataset_id)
+    return held_out_seen(session, dataset_id)
+
+
+def held_out_seen(session: Session, dataset_id: int) -> HeldOut | None:
+    """The held-out set with, for each of its slices, the runs that saw it (their scores leave it out)."""
+    frozen = held_out(session, dataset_id)
+    if frozen is None:
+        return None
+    return HeldOut(frozen.version, frozen.slices, frozen.mask_ids, runs_that_saw(session, dataset_id, frozen.slices))
 
 
 def _labelled(session: Session, dataset_id: int) -> list[int]:
@@ -102,6 +121,44 @@ def refuse_training_on_held_out(session: Session, spec: dict[str, Any]) -> None:
             name = session.get(Dataset, part["dataset_id"]).name
             raise UserError(f"slice(s) {', '.join(map(str, clash))} of '{name}' are held out for scoring: leave "
                             "them out of training (or change the held-out slices on Datasets)")
+
+
+def lineage_runs(session: Session, run: Run) -> list[Run]:
+    """The run, the run it was fine-tuned from, that run's parent, and so on."""
+    out, seen, current = [], set(), run
+    while current is not None and current.id not in seen:
+        seen.add(current.id)
+        out.append(current)
+        current = _parent_run(session, current)
+    return out
+
+
+def seen_slices(session: Session, run: Run, dataset_id: int) -> set[int]:
+    """The dataset's slices that the run or a run it descends from trained on (any version of their masks):
+    a score on them is not a score on unseen data. (Validating on a slice only picks the checkpoint: the
+    held-out slices are every run's validation set by default, :func:`storage.runs.default_split`.)"""
+    ids = [r.id for r in lineage_runs(session, run)]
+    return set(session.scalars(select(MaskVersion.slice_index).join(RunMask, RunMask.mask_version_id == MaskVersion.id)
+                               .where(RunMask.run_id.in_(ids), RunMask.role == "train",
+                                      MaskVersion.dataset_id == dataset_id)))
+
+
+def runs_that_saw(session: Session, dataset_id: int, slices: list[int]) -> dict[int, list[int]]:
+    """slice → the runs that trained on it, directly or through a run they descend from."""
+    direct: dict[int, set[int]] = {}  # run → the slices it saw itself
+    for run_id, z in session.execute(select(RunMask.run_id, MaskVersion.slice_index)
+                                     .join(MaskVersion, RunMask.mask_version_id == MaskVersion.id)
+                                     .where(RunMask.role == "train", MaskVersion.dataset_id == dataset_id,
+                                            MaskVersion.slice_index.in_(list(slices)))):
+        direct.setdefault(run_id, set()).add(z)
+    out: dict[int, list[int]] = {}
+    if not direct:
+        return out
+    for run in session.scalars(select(Run).order_by(Run.id)):
+        saw = set().union(*(direct.get(r.id, set()) for r in lineage_runs(session, run)))
+        for z in sorted(saw):
+            out.setdefault(z, []).append(run.id)
+    return out
 
 
 def _datasets_of(run: Run) -> list[int]:
@@ -125,13 +182,15 @@ def _score_checkpoint(session: Session, store: FileStore, checkpoint: Checkpoint
     targets = {z: load_mask(session, store, m) for z, m in zip(frozen.slices, frozen.mask_ids, strict=True)}
     model = load_checkpoint(store.verified(checkpoint.file, checkpoint.sha256)).build_model(device)
     result = segment_stack(model, volume, frozen.slices, targets=targets, with_instances=False)
-    return {k: float(v) for k, v in (result.metrics or {}).get("mean", {}).items()}
+    return {z: {k: float(v) for k, v in m.items()} for z, m in (result.metrics or {}).get("slices", {}).items()}
 
 
-def _record(run: Run, dataset_id: int, frozen: HeldOut, checkpoint: Checkpoint, metrics: dict[str, float]) -> None:
+def _record(run: Run, dataset_id: int, frozen: HeldOut, checkpoint: Checkpoint,
+            per_slice: dict[str, dict[str, float]]) -> None:
     scores = dict(run.held_out or {})
     scores[str(dataset_id)] = {"version": frozen.version, "slices": frozen.slices, "step": checkpoint.step,
-                               "checkpoint_id": checkpoint.id, "metrics": metrics, "postprocess": DEFAULT_METHOD}
+                               "checkpoint_id": checkpoint.id, "per_slice": per_slice,
+                               "metrics": mean_metrics(list(per_slice.values())), "postprocess": DEFAULT_METHOD}
     run.held_out = scores  # a new dict: the JSON column sees the change
 
 
@@ -167,13 +226,19 @@ def _parent_run(session: Session, run: Run) -> Run | None:
     return session.get(Run, parent.run_id) if parent is not None else None
 
 
-def _score_of(run: Run, dataset_id: int, version: int) -> dict[str, float] | None:
-    """The run's score on this held-out version, made with today's post-processing (Rand-F and VI depend
-    on how instances are made: a score from before the default changed is not compared, it is redone)."""
+def _score_of(run: Run, dataset_id: int, version: int) -> dict[str, dict[str, float]] | None:
+    """The run's scores slice by slice on this held-out version, made with today's post-processing (Rand-F
+    and VI depend on how instances are made: a score from before the default changed is not compared, it
+    is redone; so is one kept only as a mean, from before scores were kept slice by slice)."""
     entry = (run.held_out or {}).get(str(dataset_id))
-    if not entry or entry.get("version") != version or not entry.get("metrics"):
+    if not entry or entry.get("version") != version or not entry.get("per_slice"):
         return None
-    return entry["metrics"] if entry.get("postprocess", "watershed") == DEFAULT_METHOD else None
+    return entry["per_slice"] if entry.get("postprocess", "watershed") == DEFAULT_METHOD else None
+
+
+def _mean_on(per_slice: dict[str, dict[str, float]] | None, slices: list[int]) -> dict[str, float] | None:
+    rows = [per_slice[str(z)] for z in slices if per_slice and str(z) in per_slice]
+    return mean_metrics(rows) if rows and len(rows) == len(slices) else None
 
 
 def worse(metrics: dict[str, float], reference: dict[str, float] | None) -> list[str]:
@@ -189,28 +254,54 @@ def worse(metrics: dict[str, float], reference: dict[str, float] | None) -> list
     return out
 
 
+def run_scores(session: Session, run: Run) -> dict[str, dict[str, Any]]:
+    """A run's held-out scores (dataset id → measured on which slices, which it saw and left out, the
+    metrics on the rest), as its model card shows them: never a mean over slices its lineage saw."""
+    out = {}
+    for key, entry in (run.held_out or {}).items():
+        per_slice = entry.get("per_slice") or {}
+        if not per_slice:
+            continue
+        seen = seen_slices(session, run, int(key)) & {int(z) for z in per_slice}
+        clean = sorted(int(z) for z in per_slice if int(z) not in seen)
+        out[key] = {"version": entry.get("version"), "slices": clean, "seen": sorted(seen),
+                    "metrics": _mean_on(per_slice, clean) or {}}
+    return out
+
+
 def _rank(metrics: dict[str, float]) -> tuple[float, float]:
-    return (metrics.get("rand_f", 0.0), -metrics.get("pixel_error", 1.0))
+    value = metrics.get(DECIDES, 0.0)
+    return (value if HIGHER_IS_BETTER[DECIDES] else -value, -metrics.get("pixel_error", 1.0))
 
 
 def scores(session: Session, dataset_id: int) -> list[Score]:
-    """Every run's score on the dataset's current held-out version, newest first, with its comparisons."""
+    """Every run's score on the dataset's current held-out version, newest first, with its comparisons.
+    Each score leaves out the held-out slices the run's lineage saw; the best is chosen among runs that
+    saw none, and a run is compared with its parent and the best on the slices the run never saw."""
     frozen = held_out(session, dataset_id)
     if frozen is None:
         return []
     runs = list(session.scalars(select(Run).order_by(Run.id.desc())))
-    scored = {r.id: m for r in runs if (m := _score_of(r, dataset_id, frozen.version)) is not None}
+    per_slice = {r.id: m for r in runs if (m := _score_of(r, dataset_id, frozen.version)) is not None}
+    seen = {r.id: sorted(seen_slices(session, r, dataset_id) & set(frozen.slices)) for r in runs if r.id in per_slice}
+    clean = {i: [z for z in frozen.slices if z not in seen[i]] for i in per_slice}
     finished = {r.id for r in runs if r.status == RunStatus.FINISHED or r.kind == "starter"}
-    best_id = max((i for i in scored if i in finished), key=lambda i: _rank(scored[i]), default=None)
+    full = {i: m for i in per_slice if i in finished and not seen[i]
+            and (m := _mean_on(per_slice[i], frozen.slices)) is not None}
+    best_id = max(full, key=lambda i: _rank(full[i]), default=None)
     out = []
     for run in runs:
-        if run.id not in scored:
+        if run.id not in per_slice:
             continue
+        slices = clean[run.id]
+        metrics = _mean_on(per_slice[run.id], slices) or {}
         parent = _parent_run(session, run)
-        parent_metrics = scored.get(parent.id) if parent is not None else None
-        best = scored.get(best_id) if best_id is not None and best_id != run.id else None
-        out.append(Score(run.id, dataset_id, frozen.version, scored[run.id], parent_metrics, best,
-                         best_id, worse(scored[run.id], parent_metrics), worse(scored[run.id], best)))
+        parent_metrics = _mean_on(per_slice.get(parent.id), slices) if parent is not None and slices else None
+        best = (_mean_on(per_slice[best_id], slices) if best_id is not None and best_id != run.id and slices
+                else None)
+        out.append(Score(run.id, dataset_id, frozen.version, metrics, parent_metrics, best,
+                         best_id, worse(metrics, parent_metrics), worse(metrics, best), tuple(slices),
+                         tuple(seen[run.id])))
     return out
 
 

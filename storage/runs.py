@@ -280,6 +280,8 @@ def update_checkpoint(session: Session, checkpoint_id: int, name: str | None = N
 def model_card(session: Session, store: FileStore, checkpoint_id: int) -> dict[str, Any]:
     """What the Models page shows of a checkpoint beside its run's mask versions (:func:`run_masks`): its
     run, the recipe, its scores on held-out slices, its parent and its size on disk."""
+    from storage.heldout import run_scores
+
     row = session.get(Checkpoint, checkpoint_id)
     if row is None:
         raise NotFound(f"checkpoint {checkpoint_id} does not exist")
@@ -291,7 +293,7 @@ def model_card(session: Session, store: FileStore, checkpoint_id: int) -> dict[s
         size = 0
     return {
         "checkpoint": _checkpoint_info(row, run), "run": run_info(run), "size_bytes": size,
-        "recipe": run.config, "held_out": {k: v for k, v in (run.held_out or {}).items()},
+        "recipe": run.config, "held_out": run_scores(session, run),
         "parent": {"checkpoint_id": parent.id, "run_id": parent.run_id, "kind": parent.kind} if parent else None,
         "source": (run.spec or {}).get("source", ""),
     }

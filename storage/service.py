@@ -690,6 +690,10 @@ class Neuroseg:
         version. Runs are compared within a version."""
         return self._tx(heldout.set_held_out, dataset_id, slices)
 
+    def held_out_seen(self, dataset_id: int) -> HeldOut | None:
+        """The held-out set with the runs that trained on each of its slices."""
+        return self._tx(heldout.held_out_seen, dataset_id)
+
     def held_out_scores(self, dataset_id: int) -> list[Score]:
         """Every run scored on the dataset's held-out slices, with its change against parent and best."""
         return self._tx(heldout.scores, dataset_id)

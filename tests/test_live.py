@@ -352,7 +352,7 @@ def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_pat
         table = next(d.value for d in at.dataframe if "flag" in d.value.columns)  # the held-out table
         flags = dict(zip(table["run"], table["flag"], strict=True))
         assert flags[f"run {bad.id}"].startswith("⚠ worse than its parent")
-        assert flags[f"run {good.id}"] == "★ best"
+        assert flags[f"run {good.id}"] == "★ best by Rand-F"
         assert any(f"run {bad.id}** scores worse than its parent" in w.value for w in at.warning)
         assert at.selectbox(key=f"promote_pick_{ds}").value == good_best.id  # the best is offered first
         at.button(key="promote").click().run()

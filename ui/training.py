@@ -122,12 +122,23 @@ def _delta(value: float | None, reference: dict[str, float] | None, key: str) ->
     return f"{value - reference[key]:+.4f}"
 
 
+def seen_words(frozen: Any) -> str:
+    """What freezing these slices means for runs that already trained on them (``HeldOut.seen_by``)."""
+    if not frozen.seen_by:
+        return ""
+    parts = [f"slice {z} by run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))}"
+             for z, runs in sorted(frozen.seen_by.items())]
+    return (" Already trained on: " + "; ".join(parts) + ". Their held-out scores leave those "
+            "slices out, and they are not compared for the best.")
+
+
 def score_rows(scores: list[Any], name: Callable[[int], str]) -> list[dict[str, Any]]:
     """Held-out scores as table rows: each metric, its change against the parent and the best, and a flag
     when the run is worse than its parent (⚠) or than the best (▼) beyond the tolerance."""
     rows = []
     for s in scores:
-        row: dict[str, Any] = {"run": name(s.run_id)}
+        row: dict[str, Any] = {"run": name(s.run_id), "measured on slices": ", ".join(map(str, s.slices)) or "none",
+                               "left out: it trained on them": ", ".join(map(str, s.seen))}
         for key, label in SCORE_KEYS:
             value = s.metrics.get(key)
             row[label] = round(value, 4) if value is not None else None
@@ -140,7 +151,10 @@ def score_rows(scores: list[Any], name: Callable[[int], str]) -> list[dict[str, 
         if s.worse_than_best:
             flags.append(f"▼ below the best ({name(s.best_run_id)})")
         if s.best_run_id == s.run_id:
-            flags.append("★ best")
+            flags.append(f"★ best by {dict(SCORE_KEYS)[s.decides]}")
+        if s.seen:
+            flags.append("saw " + ("every held-out slice: no score" if not s.slices else
+                                   "some held-out slices: not compared for the best"))
         row["flag"] = "; ".join(flags)
         rows.append(row)
     return rows
