@@ -22,6 +22,8 @@ from ui.prediction import (
     metric_rows,
     neuron_rows,
     sections,
+    seen_word,
+    split_scores,
 )
 from ui.prediction import progress as job_progress
 from ui.text import plain
@@ -176,14 +178,36 @@ def viewer(job) -> int:
 
     metrics = job.metrics or {}
     if metrics.get("slices"):
+        trained = set(svc.trained_on(job.checkpoint_id, dataset_id))
+        frozen = svc.held_out(dataset_id)
+        held = set(frozen.slices) if frozen else set()
+        unseen, unseen_mean, seen, seen_mean = split_scores(metrics, trained)
+
+        def slices_words(zs: list[int]) -> str:
+            return f"slice{'s' if len(zs) > 1 else ''} {', '.join(map(str, zs[:12]))}{' …' if len(zs) > 12 else ''}"
+
+        if unseen:
+            st.markdown(f"**On the {len(unseen)} labelled slice{'s' if len(unseen) > 1 else ''} this model never "
+                        f"trained on** ({slices_words(unseen)}): its accuracy on data it has not seen.")
+            cols = st.columns(len(CARDS))
+            for col, key in zip(cols, CARDS, strict=True):
+                value = unseen_mean.get(key)
+                col.metric(METRICS[key], "–" if value is None else f"{value:.3f}",
+                           help=(f"on the {len(seen)} slices it trained on: {seen_mean[key]:.3f} (flattering)"
+                                 if seen and key in seen_mean else None))
+        else:
+            st.warning(f"This model trained on every labelled slice predicted here ({slices_words(seen)}): its "
+                       "scores below flatter it. Label a slice it has not seen, or hold one out on **Datasets**, "
+                       "to measure it.", icon=":material/visibility:")
+        if seen:
+            st.caption(f"Trained on {slices_words(seen)}: mean " + " · ".join(
+                f"{METRICS[k]} {seen_mean[k]:.3f}" for k in CARDS[:2] if k in seen_mean) + " (not its accuracy).")
         this = metrics["slices"].get(str(z))
-        cols = st.columns(len(CARDS))
-        for col, key in zip(cols, CARDS, strict=True):
-            value = this.get(key) if this else None
-            col.metric(f"{METRICS[key]} (slice {z})", "–" if value is None else f"{value:.3f}",
-                       help=f"stack mean: {metrics['mean'].get(key, float('nan')):.3f}")
+        if this:
+            st.caption(f"Slice {z} ({seen_word(z, trained, held)}): " + " · ".join(
+                f"{METRICS[k]} {this[k]:.3f}" for k in CARDS if k in this))
         with st.expander("Metrics per slice (against each slice's latest mask)"):
-            st.dataframe(metric_rows(metrics), hide_index=True, key="pred_metrics")
+            st.dataframe(metric_rows(metrics, trained, held), hide_index=True, key="pred_metrics")
     else:
         st.caption("No masks on the predicted slices: no metrics.")
     if "neurons" in metrics:

@@ -143,6 +143,13 @@ def seen_slices(session: Session, run: Run, dataset_id: int) -> set[int]:
                                       MaskVersion.dataset_id == dataset_id)))
 
 
+def checkpoint_trained_on(session: Session, checkpoint_id: int, dataset_id: int) -> list[int]:
+    """The dataset's slices a checkpoint's run, or a run it descends from, trained on."""
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    run = session.get(Run, checkpoint.run_id) if checkpoint is not None else None
+    return sorted(seen_slices(session, run, dataset_id)) if run is not None else []
+
+
 def runs_that_saw(session: Session, dataset_id: int, slices: list[int]) -> dict[int, list[int]]:
     """slice → the runs that trained on it, directly or through a run they descend from."""
     direct: dict[int, set[int]] = {}  # run → the slices it saw itself

@@ -694,6 +694,11 @@ class Neuroseg:
         """The held-out set with the runs that trained on each of its slices."""
         return self._tx(heldout.held_out_seen, dataset_id)
 
+    def trained_on(self, checkpoint_id: int, dataset_id: int) -> list[int]:
+        """The dataset's slices this checkpoint (its run, or a run it was fine-tuned from) trained on: its
+        scores there say little about unseen data."""
+        return self._tx(heldout.checkpoint_trained_on, checkpoint_id, dataset_id)
+
     def held_out_scores(self, dataset_id: int) -> list[Score]:
         """Every run scored on the dataset's held-out slices, with its change against parent and best."""
         return self._tx(heldout.scores, dataset_id)

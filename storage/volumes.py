@@ -281,21 +281,30 @@ class Volume(_Level):
 
 def export_tiff(volume: _Level | np.ndarray, path: str | os.PathLike, pixel_size_nm: float | None = None) -> Path:
     """Write a stored image as an ImageJ TIFF (Fiji opens it as a Z stack), one slice in memory at a time,
-    atomically. ImageJ knows uint8, uint16 and float32: int32 instances are written as float32."""
+    atomically. ImageJ knows uint8, uint16 and float32: integer labels (instances) stay integers, uint16
+    when every label fits (an ImageJ stack), else a plain uint32 TIFF (Fiji opens it with Bio-Formats)."""
     import tifffile
 
     from unet.io import atomic_write
 
     dtype = np.dtype(volume.dtype)
-    if dtype not in (np.uint8, np.uint16, np.float32):
+    imagej = True
+    if dtype.kind in "iu" and dtype not in (np.uint8, np.uint16):
+        top = max((int(np.asarray(volume[z]).max(initial=0)) for z in range(volume.shape[0])), default=0)
+        dtype, imagej = (np.dtype(np.uint16), True) if top <= np.iinfo(np.uint16).max else (np.dtype(np.uint32), False)
+    elif dtype not in (np.uint8, np.uint16, np.float32):
         dtype = np.dtype(np.float32)
     kwargs: dict[str, Any] = {"metadata": {"axes": "ZYX"}}
     if pixel_size_nm:
         kwargs["resolution"] = (1e3 / pixel_size_nm, 1e3 / pixel_size_nm)
         kwargs["metadata"]["unit"] = "micron"
+        if not imagej:
+            kwargs["resolutionunit"] = "CENTIMETER"
+            kwargs["resolution"] = (1e7 / pixel_size_nm, 1e7 / pixel_size_nm)
+            kwargs["metadata"] = {"axes": "ZYX"}
 
     def write(fh) -> None:
-        with tifffile.TiffWriter(fh, imagej=True) as tif:
+        with tifffile.TiffWriter(fh, imagej=imagej) as tif:
             tif.write((np.asarray(volume[z]).astype(dtype, copy=False) for z in range(volume.shape[0])),
                       shape=tuple(volume.shape), dtype=dtype, **kwargs)
 

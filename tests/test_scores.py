@@ -63,6 +63,19 @@ def test_held_out_scores_leave_out_the_slices_a_lineage_trained_on(tmp_path, syn
         assert "★ best by Rand-F" in flags[f"run {b.id}"]
         assert "saw some held-out slices" in flags[f"run {a.id}"] and "★" not in flags[f"run {a.id}"]
         assert measured[f"run {a.id}"] == "5" and measured[f"run {b.id}"] == "2, 5"
+        # Predict's headline is on the slices the model never trained on; the others are beside it, marked
+        job = svc.predict(next(c.id for c in svc.checkpoints(b.id) if c.kind == "best"), ds, list(range(6)))
+        wait_for(lambda: svc.prediction(job.id).status == "FINISHED", what="the prediction")
+        at = app("Predict")
+        assert any("On the 4 labelled slices this model never trained on** (slices 2, 3, 4, 5)" in m.value
+                   for m in at.markdown), [m.value for m in at.markdown]
+        metrics = svc.prediction(job.id).metrics["slices"]
+        unseen = sum(metrics[str(z)]["pixel_error"] for z in (2, 3, 4, 5)) / 4
+        assert next(m.value for m in at.metric if m.label == "pixel error") == f"{unseen:.3f}"
+        assert any("Trained on slices 0, 1: mean" in c.value for c in at.caption)
+        rows = next(d.value for d in at.dataframe if "the model" in d.value.columns)
+        assert list(rows["the model"]) == ["trained on", "trained on", "held out", "never trained on",
+                                           "never trained on", "held out", "4 slices", "2 slices"]
         at = app("Datasets")  # (the newest dataset, this one, is shown)
         assert any(f"slice 2 by runs {a.id}, {c.id}" in w.value for w in at.warning), [w.value for w in at.warning]
     finally:

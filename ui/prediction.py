@@ -130,11 +130,41 @@ def neuron_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"neuron": label, "voxels": voxels} for label, voxels in info.get("largest", [])]
 
 
-def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """The per-slice scores and their mean as table rows (none without scores)."""
+def seen_word(z: int, trained: set[int], held: set[int]) -> str:
+    """Whether the model saw a slice: what a score on it means."""
+    if z in trained:
+        return "trained on"
+    return "held out" if z in held else "never trained on"
+
+
+def split_scores(metrics: dict[str, Any], trained: set[int]) -> tuple[list[int], dict[str, float], list[int],
+                                                                       dict[str, float]]:
+    """(slices the model never trained on, their mean; slices it trained on, their mean): the first is the
+    model's accuracy, the second flatters it."""
+    from unet.metrics import mean_metrics
+
+    slices = sorted(int(z) for z in (metrics.get("slices") or {}))
+    unseen = [z for z in slices if z not in trained]
+    seen = [z for z in slices if z in trained]
+
+    def mean(zs: list[int]) -> dict[str, float]:
+        return mean_metrics([metrics["slices"][str(z)] for z in zs]) if zs else {}
+
+    return unseen, mean(unseen), seen, mean(seen)
+
+
+def metric_rows(metrics: dict[str, Any], trained: set[int] = frozenset(), held: set[int] = frozenset()
+                ) -> list[dict[str, Any]]:
+    """The per-slice scores, each with whether the model saw the slice, and the means of the slices it
+    never trained on and of those it did (none without scores)."""
     if not metrics.get("slices"):
         return []
-    rows = [{"slice": str(s), **{METRICS[k]: round(v, 4) for k, v in m.items() if k in METRICS}}
+    rows = [{"slice": str(s), "the model": seen_word(int(s), trained, held),
+             **{METRICS[k]: round(v, 4) for k, v in m.items() if k in METRICS}}
             for s, m in sorted(metrics["slices"].items(), key=lambda kv: int(kv[0]))]
-    rows.append({"slice": "mean", **{METRICS[k]: round(v, 4) for k, v in metrics["mean"].items() if k in METRICS}})
+    unseen, unseen_mean, seen, seen_mean = split_scores(metrics, trained)
+    for label, zs, mean in (("mean, never trained on", unseen, unseen_mean), ("mean, trained on", seen, seen_mean)):
+        if zs:
+            rows.append({"slice": label, "the model": f"{len(zs)} slice{'s' if len(zs) > 1 else ''}",
+                         **{METRICS[k]: round(v, 4) for k, v in mean.items() if k in METRICS}})
     return rows
