@@ -68,9 +68,9 @@ elif stage == "predict":
     job = svc.prediction(info.id)
     assert job.status == "FINISHED", job.error
 elif stage == "export":
-    from storage.volumes import export_tiff
+    from unet.io import write_tiff_slices
     job = svc.predictions()[-1]
-    export_tiff(svc.prediction_output(job.id, "mask"), Path(arg))
+    write_tiff_slices(svc.prediction_output(job.id, "mask"), Path(arg))
 out["seconds"] = time.perf_counter() - t
 with open("/proc/self/status") as fh:  # this process's own peak (ru_maxrss would count the parent's too)
     out["peak_rss_mb"] = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024

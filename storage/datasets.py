@@ -144,11 +144,11 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
 
 def convert_legacy_predictions(session: Session, store: FileStore, log: Callable[[str], None] = print) -> int:
     """Move the TIFF outputs of predictions made by earlier versions into OME-Zarr outputs like the new
-    ones (:mod:`storage.blockwise`), without losing a byte: each TIFF's checksum is verified, it is
+    ones (:mod:`unet.blockwise`), without losing a byte: each TIFF's checksum is verified, it is
     converted slice by slice, the slices read back are compared with the TIFF's, then the row switches and
     the TIFF goes. A failure leaves the prediction as it was (still readable) and says why."""
-    from storage.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
     from storage.models import Prediction
+    from unet.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
 
     done = 0
     for row in session.scalars(select(Prediction).order_by(Prediction.id)):

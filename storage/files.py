@@ -97,7 +97,7 @@ class FileStore:
         return f"predictions/{int(prediction_id)}"
 
     def prediction_output(self, prediction_id: int, output: str) -> str:
-        """One output of a prediction: an OME-Zarr image (:mod:`storage.blockwise`); earlier versions wrote
+        """One output of a prediction: an OME-Zarr image (:mod:`unet.blockwise`); earlier versions wrote
         ``<output>.tif``, recorded as such on their rows."""
         return f"{self.prediction_folder(prediction_id)}/{output}.ome.zarr"
 

@@ -1,6 +1,6 @@
 """The prediction process: ``python -m storage.predict_worker --prediction-id N`` (started by
 :func:`storage.queue.launch_prediction`). It predicts the stack block by block
-(:mod:`storage.blockwise`, on Dask; the same network, mask and watershed as ``python -m unet predict``)
+(:mod:`unet.blockwise`, on Dask; the same network, mask and watershed as ``python -m unet predict``)
 into OME-Zarr outputs, resuming from the blocks an earlier attempt wrote, tells its phase to
 the page as it goes (``done`` counts the blocks written), stores the outputs and the scores against each
 predicted slice's latest mask, and records how it ended (:mod:`storage.outcome`, shared
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 from sqlalchemy import update
 
-from storage.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
 from storage.datasets import load_volume, protected_paths
 from storage.db import open_store
 from storage.files import IntegrityError
@@ -23,7 +23,8 @@ from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.procs import start_time
 from storage.records import RunStatus
 from storage.settings import Settings
-from storage.volumes import External, Volume
+from storage.volumes import External, Volume, open_block_volume
+from unet.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
 
 
 def run_prediction(prediction_id: int, settings: Settings) -> int:
@@ -66,8 +67,9 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                                  "(its conversion failed: the server's log says why)")
         folder = store.abspath(store.prediction_folder(prediction_id))
         job = BlockJob(checkpoint=str(path), volume=str(volume.path), out=str(folder), slices=tuple(slices),
-                       linked=isinstance(volume, External), method=method, tta=tta,
-                       protected=tuple(str(p) for p in protected))
+                       method=method, tta=tta,
+                       opener=partial(open_block_volume, linked=isinstance(volume, External),
+                                      protected=tuple(str(p) for p in protected)))
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
                              progress=lambda done, total: phase("predict", done, total))
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}

@@ -19,7 +19,8 @@ from storage.files import EXPORT_ROOT_ENV, FileStore, export_root, inside
 from storage.models import Checkpoint, Prediction
 from storage.records import NotFound, PredictionInfo, RunStatus
 from storage.settings import PROJECT_ROOT
-from storage.volumes import Volume, export_tiff
+from storage.volumes import Volume
+from unet.io import write_tiff_slices
 from unet.postprocess import DEFAULT_METHOD, METHODS
 
 
@@ -53,7 +54,7 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
 
 def resume_prediction(session: Session, prediction_id: int) -> PredictionInfo:
     """Queue a FAILED prediction again (its process was killed, or failed); the blocks it wrote are kept
-    and the new process does only the rest (:mod:`storage.blockwise`)."""
+    and the new process does only the rest (:mod:`unet.blockwise`)."""
     row = session.get(Prediction, prediction_id)
     if row is None:
         raise NotFound(f"prediction {prediction_id} does not exist")
@@ -97,7 +98,7 @@ def prediction_file(session: Session, store: FileStore, prediction_id: int, outp
         return store.verified(entry["file"], entry["sha256"]).read_bytes()
     with store.spool() as tmp:
         pixel_size = dataset_row(session, row.dataset_id).pixel_size_nm
-        export_tiff(load_output(session, store, prediction_id, output), tmp, pixel_size)
+        write_tiff_slices(load_output(session, store, prediction_id, output), tmp, pixel_size)
         return tmp.read_bytes()
 
 

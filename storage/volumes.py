@@ -45,9 +45,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from storage.files import IntegrityError, import_roots, inside
-from unet.io import Limits
+from unet.io import CHUNK, Limits
 
-CHUNK = 512  # pixels per side of a chunk in Y and X
 COARSEST = 512  # the pyramid stops when a level's longest side is at most this
 FORMAT = "ome-zarr"
 
@@ -277,38 +276,6 @@ class Volume(_Level):
         for plane in self.iter_slices():
             digest.update(np.ascontiguousarray(plane).data)
         return digest.hexdigest()
-
-
-def export_tiff(volume: _Level | np.ndarray, path: str | os.PathLike, pixel_size_nm: float | None = None) -> Path:
-    """Write a stored image as an ImageJ TIFF (Fiji opens it as a Z stack), one slice in memory at a time,
-    atomically. ImageJ knows uint8, uint16 and float32: integer labels (instances) stay integers, uint16
-    when every label fits (an ImageJ stack), else a plain uint32 TIFF (Fiji opens it with Bio-Formats)."""
-    import tifffile
-
-    from unet.io import atomic_write
-
-    dtype = np.dtype(volume.dtype)
-    imagej = True
-    if dtype.kind in "iu" and dtype not in (np.uint8, np.uint16):
-        top = max((int(np.asarray(volume[z]).max(initial=0)) for z in range(volume.shape[0])), default=0)
-        dtype, imagej = (np.dtype(np.uint16), True) if top <= np.iinfo(np.uint16).max else (np.dtype(np.uint32), False)
-    elif dtype not in (np.uint8, np.uint16, np.float32):
-        dtype = np.dtype(np.float32)
-    kwargs: dict[str, Any] = {"metadata": {"axes": "ZYX"}}
-    if pixel_size_nm:
-        kwargs["resolution"] = (1e3 / pixel_size_nm, 1e3 / pixel_size_nm)
-        kwargs["metadata"]["unit"] = "micron"
-        if not imagej:
-            kwargs["resolutionunit"] = "CENTIMETER"
-            kwargs["resolution"] = (1e7 / pixel_size_nm, 1e7 / pixel_size_nm)
-            kwargs["metadata"] = {"axes": "ZYX"}
-
-    def write(fh) -> None:
-        with tifffile.TiffWriter(fh, imagej=imagej) as tif:
-            tif.write((np.asarray(volume[z]).astype(dtype, copy=False) for z in range(volume.shape[0])),
-                      shape=tuple(volume.shape), dtype=dtype, **kwargs)
-
-    return atomic_write(path, write)
 
 
 # --- stacks on the server, read where they lie ----------------------------------------------------------
@@ -1104,3 +1071,11 @@ def write_volume(path: str | os.PathLike, slices: Iterator[np.ndarray] | np.ndar
         raise
     return writer.finish()
 
+
+def open_block_volume(path: str, linked: bool = False, protected: tuple[str, ...] = ()) -> Volume | External:
+    """A dataset's volume for the blockwise engine (``unet.blockwise.BlockJob.opener``, bound with
+    ``functools.partial``): its OME-Zarr volume in the store, or a linked stack on the server read through
+    the guarded reader with the store's protected files in hand."""
+    if linked:
+        return External(path, linked=True, protected=[Path(p) for p in protected])
+    return Volume(path)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from storage.blockwise import BlockJob, finished_blocks, output_path, run_blocks
 from storage.volumes import Volume, write_volume
+from unet.blockwise import BlockJob, finished_blocks, output_path, run_blocks
 from unet.checkpoint import save_checkpoint
 from unet.config import preset
 from unet.model import UNet
@@ -62,7 +62,7 @@ def test_a_two_worker_dask_cluster_predicts_what_one_process_does(setup):
 
 KILLED_AFTER_TWO = """
 import json, os, signal, sys
-from storage.blockwise import BlockJob, run_blocks
+from unet.blockwise import BlockJob, run_blocks
 fields = json.loads(sys.argv[1])
 job = BlockJob(**{**fields, "slices": tuple(fields["slices"])})
 def progress(done, total):
@@ -150,7 +150,7 @@ def test_a_slice_larger_than_a_tile_is_predicted_in_tiles_and_stitched_into_the_
 
 KILLED_AFTER_A_SLICE_OF_TILES = """
 import json, os, signal, sys
-from storage.blockwise import BlockJob, run_blocks
+from unet.blockwise import BlockJob, run_blocks
 fields = json.loads(sys.argv[1])
 job = BlockJob(**{**fields, "slices": tuple(fields["slices"])})
 def progress(done, total):
@@ -258,7 +258,7 @@ def test_a_prediction_exports_as_ome_zarr_that_napari_reads(tmp_path, monkeypatc
 def test_an_output_slice_of_zeros_is_stored_chunk_by_chunk(tmp_path):
     """zarr skips chunks that hold only the fill value unless told otherwise, and the setting does not
     travel with the array: a mask slice that is all membrane must still be readable (not "missing")."""
-    from storage.blockwise import create_output, write_slice
+    from unet.blockwise import create_output, write_slice
 
     path = tmp_path / "mask.ome.zarr"
     create_output(path, "mask", (2, 700, 600), [0, 1])

@@ -40,7 +40,9 @@ def test_train_predict_evaluate(tmp_path, synthetic):
     assert probs.dtype == np.float32 and probs.min() >= 0 and probs.max() <= 1
     masks = tifffile.imread(tmp_path / "pred" / "mask.tif")
     assert set(np.unique(masks).tolist()) <= {0, 255}
-    assert tifffile.imread(tmp_path / "pred" / "instances.tif").max() >= 1
+    instances = tifffile.imread(tmp_path / "pred" / "instances.tif")
+    assert instances.max() >= 1 and instances.dtype == np.uint16  # integer labels
+    assert not (tmp_path / "pred" / ".neuroseg-blocks").exists()  # the engine's work folder is gone
 
     out = run("evaluate", "--prediction", str(tmp_path / "pred" / "probabilities.tif"),
               "--labels", str(tmp_path / "labels.tif"), "--slices", "4-5", "--json", str(tmp_path / "m.json"))
@@ -48,6 +50,59 @@ def test_train_predict_evaluate(tmp_path, synthetic):
     metrics = json.loads((tmp_path / "m.json").read_text())["mean"]
     assert 0 <= metrics["pixel_error"] <= 1 and 0 <= metrics["rand_f"] <= 1
     assert 0 <= metrics["v_rand"] <= 1 and 0 <= metrics["v_info"] <= 1 and metrics["vi_split"] >= 0
+
+
+KILLED_AFTER_TWO_BLOCKS = """
+import os, signal, sys
+import unet.blockwise
+from unet.cli import main
+engine = unet.blockwise.run_blocks
+def killed_after_two(job, shape, progress=None, **kw):
+    def report(done, total):
+        progress(done, total)
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # right after its second block was written
+    return engine(job, shape, progress=report, **kw)
+unet.blockwise.run_blocks = killed_after_two
+main(sys.argv[1:])
+"""
+
+
+def test_a_stopped_prediction_resumes_from_the_blocks_it_wrote(tmp_path, synthetic):
+    """``python -m unet predict`` is the app's blockwise engine (bounded memory): killed half-way, the same
+    command goes on from the blocks already written, and ends with the outputs of a run never stopped;
+    other options start afresh."""
+    from unet.checkpoint import save_checkpoint
+    from unet.config import preset
+    from unet.model import UNet
+
+    config = preset("tiny")
+    save_checkpoint(tmp_path / "m.pt", UNet(config.model), meta={"kind": "best", "step": 1,
+                                                                 "train_config": config.to_dict()})
+    volume, _ = synthetic
+    tifffile.imwrite(tmp_path / "v.tif", volume, photometric="minisblack")
+    args = ["predict", "--checkpoint", str(tmp_path / "m.pt"), "--volume", str(tmp_path / "v.tif"), "--workers", "1",
+            "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_BLOCKS, *args, "--out", str(tmp_path / "a")],
+                            cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -9
+    blocks = tmp_path / "a" / ".neuroseg-blocks" / "blocks"
+    assert sorted(p.name for p in blocks.glob("?.json")) == ["0.json", "1.json"]
+    resumed = run(*args, "--out", str(tmp_path / "a"))
+    assert "resuming the prediction" in resumed.stdout
+    run(*args, "--out", str(tmp_path / "b"))
+    for name in ("probabilities", "mask", "instances", "neurons"):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "a" / f"{name}.tif"),
+                                      tifffile.imread(tmp_path / "b" / f"{name}.tif"))
+    # another threshold in the same folder: the blocks of the other prediction are not reused
+    stopped = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_BLOCKS, *args, "--out", str(tmp_path / "b")],
+                            cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert stopped.returncode == -9
+    again = run(*args, "--threshold", "0.7", "--out", str(tmp_path / "b"))
+    assert "holds another prediction" in again.stdout and "resuming" not in again.stdout
+    assert (tifffile.imread(tmp_path / "b" / "mask.tif") > 0).sum() < (tifffile.imread(tmp_path / "a" / "mask.tif")
+                                                                       > 0).sum()
 
 
 def test_cli_reports_bad_input_clearly(tmp_path):

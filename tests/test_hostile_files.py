@@ -671,9 +671,9 @@ def finished(svc, tmp_path, monkeypatch):
     """A finished prediction of the demo (its outputs written as the worker writes them), made without a
     worker; returns its id."""
     from storage import predictions
-    from storage.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
     from storage.models import Prediction
     from tests.test_starter import tiny_starter
+    from unet.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
 
     tiny_starter(tmp_path / "models", monkeypatch)
     from storage import starter
@@ -731,7 +731,10 @@ def test_exports_go_only_into_the_export_folder_and_only_for_those_who_may_write
 def test_a_prediction_reads_a_linked_stack_through_the_same_guard(tmp_path, monkeypatch):
     """The prediction's blocks (another process) read a linked stack with the store's protected files in
     hand: a chunk that is a hard link to one of them is refused there too."""
-    from storage.blockwise import BlockJob, _volume
+    from functools import partial
+
+    from storage.volumes import open_block_volume
+    from unet.blockwise import BlockJob, _volume
 
     monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
     folder = tmp_path / "lab" / "stack.zarr"
@@ -739,8 +742,8 @@ def test_a_prediction_reads_a_linked_stack_through_the_same_guard(tmp_path, monk
     precious = tmp_path / "data" / "neuroseg.db"
     precious.parent.mkdir(parents=True)
     precious.write_bytes(b"SQLite format 3\0" + bytes(4080))
-    job = BlockJob(checkpoint="unused.pt", volume=str(folder), out=str(tmp_path / "out"), slices=(0,), linked=True,
-                   protected=(str(precious), str(precious.parent)))
+    job = BlockJob(checkpoint="unused.pt", volume=str(folder), out=str(tmp_path / "out"), slices=(0,),
+                   opener=partial(open_block_volume, linked=True, protected=(str(precious), str(precious.parent))))
     np.testing.assert_array_equal(_volume(job)[0], data[0])
     chunk = chunk_files(folder)[0]
     os.unlink(chunk)

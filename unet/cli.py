@@ -3,7 +3,8 @@
     python -m unet train --volume train-volume.tif --labels train-labels.tif \\
         --train-slices 0-24 --val-slices 25-29 --preset cpu-quick --out runs/a
     python -m unet predict --checkpoint runs/a/best.pt --volume test-volume.tif --out pred/
-        # → pred/probabilities.tif, pred/mask.tif, pred/instances.tif (the app's prediction files too)
+        # → pred/probabilities.tif, pred/mask.tif, pred/instances.tif, pred/neurons.tif (the app's outputs),
+        #   block by block in bounded memory (unet.blockwise); stopped, the same command resumes it
     python -m unet evaluate --prediction pred/probabilities.tif --labels train-labels.tif --slices 25-29
     python -m unet export --checkpoint runs/a/best.pt --volume train-volume.tif --out model.zip
         # → a BioImage.IO package, validated and tested (ilastik, deepImageJ, bioimageio.core run it)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,38 +89,79 @@ def _train_here(args: argparse.Namespace, rank: int, world: int) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """Predict a stack block by block with the app's engine (:mod:`unet.blockwise`): memory bounded by a
+    block, never the stack; a run that is stopped resumes from the blocks it wrote (the same command
+    again). The outputs are TIFFs (or OME-Zarr images, ``--format ome-zarr``), written slice by slice."""
+    import hashlib
+    import shutil
+
     from tqdm import tqdm
 
-    from unet.checkpoint import load_checkpoint
-    from unet.device import pick_device
-    from unet.io import inspect_stack, parse_slices, read_stack
-    from unet.segment import segment_stack
+    from unet.blockwise import BlockJob, link_neurons, output_path, run_blocks
+    from unet.io import open_stack, parse_slices, write_tiff_slices
+    from unet.segment import output_file
 
-    device = pick_device(args.device)
-    if args.model:
-        from unet.bioimageio import load_package
-
-        model = load_package(args.model).build_model(device)
-    else:
-        model = load_checkpoint(args.checkpoint).build_model(device)
-    volume = read_stack(args.volume)
+    weights = Path(args.model or args.checkpoint).resolve()
+    if not weights.is_file():
+        raise ValueError(f"{weights} does not exist")
+    source = Path(args.volume).resolve()
+    volume = open_stack(source)  # the header checked; nothing read yet
     slices = parse_slices(args.slices, volume.shape[0])
-    bars: dict[str, tqdm] = {}
+    pixel_size = None
+    if source.is_file():
+        from unet.io import inspect_stack
 
-    def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, unit="slice", desc=stage))
-        bar.n = done
-        bar.refresh()
+        pixel_size = inspect_stack(source).pixel_size_nm
+    out = Path(args.out)
+    work = out / ".neuroseg-blocks"  # the engine's outputs and markers: what a resumed run reuses
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for part in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(part)
+    stat = source.stat()
+    identity = {"weights": digest.hexdigest(), "volume": [str(source), stat.st_size, stat.st_mtime_ns],
+                "slices": slices, "threshold": args.threshold, "instances": not args.no_instances, "tta": args.tta,
+                "postprocess": args.postprocess, "tile": args.tile or 0}
+    recorded = work / "job.json"
+    if recorded.is_file():
+        if json.loads(recorded.read_text()) == identity:
+            print(f"resuming the prediction in {work} (the blocks already written are kept)")
+        else:
+            print(f"{work} holds another prediction (other weights, stack or options): starting afresh")
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(identity))
+    job = BlockJob(checkpoint=str(weights), volume=str(source), out=str(work), slices=tuple(slices),
+                   threshold=args.threshold, with_instances=not args.no_instances, tta=args.tta,
+                   device=args.device, method=args.postprocess, package=bool(args.model),
+                   network_tile=args.tile or 0)
+    shape = tuple(int(n) for n in volume.shape[1:])
+    with tqdm(unit="block", desc="predict", dynamic_ncols=True) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
 
-    try:
-        result = segment_stack(model, volume, slices, threshold=args.threshold, with_instances=not args.no_instances,
-                               progress=progress, device=device, tile=args.tile, tta=args.tta,
-                               postprocess=args.postprocess)
-    finally:
-        for bar in bars.values():
-            bar.close()
-    written = result.write(args.out, pixel_size_nm=inspect_stack(args.volume).pixel_size_nm)
-    print(f"wrote {len(slices)} slices to {args.out} ({', '.join(p.name for p in written.values())})")
+        run_blocks(job, shape, progress=progress, pixel_size_nm=pixel_size, workers=args.workers)
+    if job.with_instances:
+        neurons = link_neurons(job, shape)
+        print(f"{neurons['count']} neurons linked through the predicted slices")
+    names = job.all_outputs
+    written = []
+    for name in names:
+        if args.format == "ome-zarr":
+            target = output_path(out, name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(output_path(work, name), target)
+        else:
+            import zarr
+
+            array = zarr.open_array(output_path(work, name), path="0", mode="r")
+            target = write_tiff_slices(array, out / (output_file(name) if name != "neurons" else "neurons.tif"),
+                                       pixel_size)
+        written.append(target.name)
+    shutil.rmtree(work)
+    print(f"wrote {len(slices)} slices to {out} ({', '.join(written)})")
     return 0
 
 
@@ -218,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", choices=METHODS, default=DEFAULT_METHOD,
                    help=f"how neurons are made from the map (default {DEFAULT_METHOD})")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, help="worker processes (default: one per GPU, or per core as the memory "
+                   "allows; 1 runs the blocks in this process)")
+    p.add_argument("--format", choices=("tiff", "ome-zarr"), default="tiff",
+                   help="the outputs as ImageJ TIFFs (default) or OME-Zarr images (for stacks too big for a TIFF)")
     p.set_defaults(func=_predict)
 
     x = sub.add_parser("export", help="a checkpoint as a BioImage.IO package (.zip), validated and tested")

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
@@ -23,6 +23,7 @@ LABEL_DTYPES = (np.bool_, np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.
 DEFAULT_MAX_BYTES = 16 * 1024**3
 #: A stack whose slices are not one page each is read whole: only up to this many bytes of pixels.
 WHOLE_READ_BYTES = 1024**3
+CHUNK = 512  # pixels per side of a chunk in Y and X (stored volumes and blockwise outputs)
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,69 @@ def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = Fals
     return info, pages()
 
 
+class TiffSlices:
+    """A TIFF stack read one slice (one page) at a time, as ``stack[z]`` or ``stack[z, rows, cols]``: the
+    whole stack is never in memory (:func:`iter_slices`'s header checks first). The slice read last is
+    kept, so the tiles and row bands of one slice read its page once."""
+
+    def __init__(self, path: str | os.PathLike, limits: Limits | None = None):
+        self.path = str(path)
+        info, _ = iter_slices(self.path, limits=limits)  # checks the header; reads nothing yet
+        self.shape, self.dtype = info.shape, np.dtype(info.dtype)
+        self.ndim = 3
+        self._tif = tifffile.TiffFile(self.path)
+        pages = list(self._tif.series[0].pages)
+        if len(pages) != self.shape[0]:
+            self._tif.close()
+            raise ValueError(f"{Path(self.path).name}: its slices are not stored one page each; save it again as "
+                             "a plain multi-page TIFF (Fiji: File › Save As › Tiff…) or as OME-Zarr")
+        self._pages = pages
+        self._kept: tuple[int, np.ndarray] | None = None
+
+    def _slice(self, z: int) -> np.ndarray:
+        z = int(z)
+        if not -self.shape[0] <= z < self.shape[0]:
+            raise IndexError(f"slice {z} is not in a stack of {self.shape[0]}")
+        z %= self.shape[0]
+        if self._kept is None or self._kept[0] != z:
+            try:
+                plane = np.asarray(self._pages[z].asarray(maxworkers=1)).reshape(self.shape[1:])
+            except Exception as exc:
+                raise ValueError(f"{Path(self.path).name}: slice {z + 1} of {self.shape[0]} could not be read; the "
+                                 f"file is probably truncated or damaged ({type(exc).__name__}: {exc})") from exc
+            self._kept = (z, plane)
+        return self._kept[1]
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self._slice(key)
+        return self._slice(key[0])[key[1:]]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def open_stack(path: str | os.PathLike):
+    """A stack on disk as an array read slice by slice: a TIFF (:class:`TiffSlices`), or a zarr or
+    OME-Zarr folder (its full-resolution array). Opened once per process."""
+    key = str(Path(path).resolve())
+    if key not in _OPENED:
+        if Path(key).is_dir():
+            import zarr
+
+            found = zarr.open(key, mode="r")
+            array = found if isinstance(found, zarr.Array) else found["0"]
+            if array.ndim != 3:
+                raise ValueError(f"{Path(key).name}: a stack of (Z, Y, X) is expected, not shape {array.shape}")
+            _OPENED[key] = array
+        else:
+            _OPENED[key] = TiffSlices(key)
+    return _OPENED[key]
+
+
+_OPENED: dict[str, object] = {}
+
+
 def read_labels(source: Source, volume_shape: tuple[int, ...] | None = None,
                 max_bytes: int = DEFAULT_MAX_BYTES, channels_as_z: bool = False) -> np.ndarray:
     """Read a label stack as ``(Z, Y, X)``: binary (0/255, 0/1, bool) or instance labels. When
@@ -396,6 +460,34 @@ def write_tiff_atomic(path: str | os.PathLike, data: np.ndarray, *, pixel_size_n
         kwargs["resolution"] = (1e3 / pixel_size_nm, 1e3 / pixel_size_nm)
         kwargs["metadata"]["unit"] = "micron"
     return atomic_write(path, lambda fh: tifffile.imwrite(fh, data, **kwargs))
+
+
+def write_tiff_slices(volume, path: str | os.PathLike, pixel_size_nm: float | None = None) -> Path:
+    """Write a stored image as an ImageJ TIFF (Fiji opens it as a Z stack), one slice in memory at a time,
+    atomically. ImageJ knows uint8, uint16 and float32: integer labels (instances) stay integers, uint16
+    when every label fits (an ImageJ stack), else a plain uint32 TIFF (Fiji opens it with Bio-Formats)."""
+    dtype = np.dtype(volume.dtype)
+    imagej = True
+    if dtype.kind in "iu" and dtype not in (np.uint8, np.uint16):
+        top = max((int(np.asarray(volume[z]).max(initial=0)) for z in range(volume.shape[0])), default=0)
+        dtype, imagej = (np.dtype(np.uint16), True) if top <= np.iinfo(np.uint16).max else (np.dtype(np.uint32), False)
+    elif dtype not in (np.uint8, np.uint16, np.float32):
+        dtype = np.dtype(np.float32)
+    kwargs: dict[str, Any] = {"metadata": {"axes": "ZYX"}}
+    if pixel_size_nm:
+        kwargs["resolution"] = (1e3 / pixel_size_nm, 1e3 / pixel_size_nm)
+        kwargs["metadata"]["unit"] = "micron"
+        if not imagej:
+            kwargs["resolutionunit"] = "CENTIMETER"
+            kwargs["resolution"] = (1e7 / pixel_size_nm, 1e7 / pixel_size_nm)
+            kwargs["metadata"] = {"axes": "ZYX"}
+
+    def write(fh) -> None:
+        with tifffile.TiffWriter(fh, imagej=imagej) as tif:
+            tif.write((np.asarray(volume[z]).astype(dtype, copy=False) for z in range(volume.shape[0])),
+                      shape=tuple(volume.shape), dtype=dtype, **kwargs)
+
+    return atomic_write(path, write)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:

@@ -1,6 +1,9 @@
 """Blockwise prediction in bounded memory, on Dask: a stack of any size is predicted one block at a time,
 each finished block written to the prediction's OME-Zarr outputs at once, so memory depends on a block's
-size and never on the stack's; a prediction that is killed resumes from the blocks already written.
+size and never on the stack's; a prediction that is killed resumes from the blocks already written. The
+engine of both the app's predictions (``storage.predict_worker``, which opens a dataset's volume through
+the store's guarded readers: ``BlockJob.opener``) and ``python -m unet predict`` (a TIFF or zarr file read
+slice by slice, :func:`unet.io.open_stack`).
 
 Blocks. A slice up to ``tile``² pixels (2048² by default) is one block: the engine normalises it as a
 whole (``unet.data.normalize_image``) and the network runs on overlapping tiles inside it (the
@@ -39,7 +42,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +51,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from storage.volumes import CHUNK, External, Volume
-from unet.io import atomic_write
+from unet.io import CHUNK, atomic_write, open_stack
 
 OUTPUT_DTYPES = {"probabilities": np.float32, "mask": np.uint8, "instances": np.int32, "neurons": np.int32}
 SCHEDULER_ENV = "NEUROSEG_DASK_SCHEDULER"
@@ -67,16 +69,19 @@ Progress = Callable[[int, int], None]
 class BlockJob:
     """What every block of one prediction needs (plain values: it travels to the Dask workers)."""
 
-    checkpoint: str  # the checkpoint file
-    volume: str  # the dataset's OME-Zarr volume
+    checkpoint: str  # the checkpoint file (or, with ``package``, a BioImage.IO package exported by Neuroseg)
+    volume: str  # the stack: the dataset's OME-Zarr volume, or a file ``opener`` opens
     out: str  # the prediction's folder: <output>.ome.zarr and blocks/
     slices: tuple[int, ...]  # output slice i is slice slices[i] of the volume
     threshold: float = 0.5
     with_instances: bool = True
     tta: bool = False
     device: str = "auto"  # "auto": the worker's GPU when it has one, else the CPU
-    linked: bool = False  # the volume is a stack on the server read where it lies (storage.volumes.External)
-    protected: tuple[str, ...] = ()  # what a linked stack's files may never be (the data folder, the database)
+    # opens ``volume`` as an array of (Z, Y, X) in each process that reads it (a picklable function: it
+    # travels to the Dask workers); None: :func:`unet.io.open_stack` (a TIFF or zarr file, slice by slice)
+    opener: Callable[[str], Any] | None = None
+    package: bool = False  # ``checkpoint`` is a BioImage.IO package (its weights, never its code)
+    network_tile: int = 0  # the network's input tile (0: the engine's choice, unet.infer.choose_tile)
     threads: int = 0  # CPU threads per worker (0: leave torch's default)
     tile: int = TILE  # the largest slice edge predicted whole; larger slices are cut into tiles of this edge
     halo: int = HALO
@@ -223,7 +228,12 @@ def _model(job: BlockJob):
     device = str(pick_device(job.device if job.device != "auto" else _worker_device()))
     key = (job.checkpoint, device)
     if key not in _MODELS:
-        _MODELS[key] = load_checkpoint(job.checkpoint, map_location=device).build_model(device).eval()
+        if job.package:
+            from unet.bioimageio import load_package
+
+            _MODELS[key] = load_package(job.checkpoint).build_model(device).eval()
+        else:
+            _MODELS[key] = load_checkpoint(job.checkpoint, map_location=device).build_model(device).eval()
     return _MODELS[key], device
 
 
@@ -248,9 +258,7 @@ def _worker_device() -> str:
 
 
 def _volume(job: BlockJob):
-    if job.linked:
-        return External(job.volume, linked=True, protected=[Path(p) for p in job.protected])
-    return Volume(job.volume)
+    return (job.opener or open_stack)(job.volume)
 
 
 def _errors(instances: np.ndarray | None, target: np.ndarray | None, offset: tuple[int, int] = (0, 0)) -> list:
@@ -276,7 +284,7 @@ def run_block(job: BlockJob, index: int, target: np.ndarray | None = None) -> di
     model, device = _model(job)
     z = job.slices[index]
     image = _volume(job)[z]
-    prob = predict_slice(model, image, device=device, tta=job.tta).astype(np.float32)
+    prob = predict_slice(model, image, device=device, tta=job.tta, tile=job.network_tile or None).astype(np.float32)
     results = {"probabilities": prob, "mask": to_mask(prob, job.threshold) * np.uint8(255)}
     if job.with_instances:
         results["instances"] = segment(prob, job.method).astype(np.int32)
@@ -385,7 +393,8 @@ def run_tile(job: BlockJob, block: Block, target: np.ndarray | None = None) -> d
     ey0, ey1 = max(0, hy0 - context), min(shape[0], hy1 + context)
     ex0, ex1 = max(0, hx0 - context), min(shape[1], hx1 + context)
     image = (volume[z, ey0:ey1, ex0:ex1].astype(np.float32) - np.float32(mean)) / np.float32(std if std > 1e-6 else 1)
-    prob = predict_slice(model, image, device=device, tta=job.tta, normalized=True).astype(np.float32)
+    prob = predict_slice(model, image, device=device, tta=job.tta, normalized=True,
+                         tile=job.network_tile or None).astype(np.float32)
     del image
     prob = np.ascontiguousarray(prob[hy0 - ey0:hy1 - ey0, hx0 - ex0:hx1 - ex0])
     core = (slice(y0 - hy0, y1 - hy0), slice(x0 - hx0, x1 - hx0))
@@ -601,7 +610,7 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
     cluster = None
     if not scheduler:
         threads = max(1, (os.cpu_count() or 1) // n)
-        job = BlockJob(**{**asdict(job), "threads": job.threads or threads})
+        job = replace(job, threads=job.threads or threads)
         # on loopback only, its HTTP endpoint on a free port (no dashboard is installed)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address="127.0.0.1:0", silence_logs=40, memory_limit=0)
