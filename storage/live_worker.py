@@ -2,12 +2,20 @@
 of kind ``live``; what a live session is: :mod:`storage.live`).
 
 A loop, each turn a few seconds long: take every mask version of the dataset saved since the last turn
-into the training set (recorded on the run as it joins; held-out slices never join), train for a burst
+into the training set (recorded on the run as it joins; held-out slices never join), train
 (:class:`unet.live.LiveTrainer`, replaying the older slices; from random weights, with a random forest
-on the same strokes as teacher), re-predict the slices its viewers look at
-(and the ones beside them), checkpoint every minute. It ends when the session is stopped (FINISHED, with
-a last checkpoint and its held-out scores), pauses when a normal run is queued on its device (QUEUED
-again; the queue restarts it afterwards), and keeps a heartbeat like a training worker."""
+on the same strokes as teacher), re-predict the slices its viewers look at (and, when nothing else
+waits, the ones beside them), checkpoint every minute.
+
+What a save waits for is kept short, and training keeps most of the CPU: the store is looked at every
+quarter second while training and predicting (:meth:`LiveLoop.news`), so a save, or a viewer turning to
+another slice, ends what runs; a save is learned for :data:`LEARN_S` and the viewer's slice is predicted
+at once with those weights. Otherwise the viewers' slices are re-predicted after :data:`PREDICT_EVERY_S`
+of training, and the slices beside them only when their prediction misses a save and nothing waits.
+
+It ends when the session is stopped (FINISHED, with a last checkpoint and its held-out scores), pauses
+when a normal run is queued on its device (QUEUED again; the queue restarts it afterwards), and keeps a
+heartbeat like a training worker."""
 
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ import time
 from datetime import UTC, datetime
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import open_store
@@ -36,10 +44,13 @@ from storage.settings import Settings
 from storage.train_worker import DatabaseReporter, _heartbeat, _start_segment
 from unet.config import TrainConfig
 from unet.forest import PixelForest
+from unet.infer import Interrupted
 from unet.io import atomic_write
 from unet.live import LiveTrainer
 
-BURST_S = 2.0  # training between two looks at the store
+LEARN_S = 1.0  # training on a new save before the viewer's slice is predicted with it
+PREDICT_EVERY_S = 6.0  # otherwise, training between two predictions of the viewers' slices
+NEWS_EVERY_S = 0.25  # how often training and predicting look at the store for a save or a new slice
 CHECKPOINT_EVERY_S = 60.0
 # from a trained start, the unpainted pixels keep its answer at this weight (unet.live); $NEUROSEG_LIVE_DISTILL
 DISTILL = float(os.environ.get("NEUROSEG_LIVE_DISTILL") or 0.3)
@@ -50,7 +61,6 @@ EMA = float(os.environ.get("NEUROSEG_LIVE_EMA") or 0.98)
 # (unet.forest), at the weight DISTILL; $NEUROSEG_LIVE_FOREST=0 for none
 FOREST = os.environ.get("NEUROSEG_LIVE_FOREST", "1") != "0"
 TEACHER_REFRESH_S = 1.0  # a turn's time for renewing the forest's answers on older slices after a refit
-NEIGHBOURS_EVERY = 3  # turns between two predictions of the slices beside the viewers' own
 # CPU threads of a live session: all cores but one, so the server answers the annotator while it trains
 # (two busy processes with two threads each on two cores made each step 20× slower); $NEUROSEG_LIVE_THREADS
 LIVE_THREADS = int(os.environ.get("NEUROSEG_LIVE_THREADS") or max(1, (os.cpu_count() or 2) - 1))
@@ -76,7 +86,31 @@ class LiveLoop:
         self.slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.slices_ids: dict[int, int] = {}  # slice → the mask version it trains on
         self.masks_seen = 0
+        self.latest_mask = 0  # the newest mask version of the dataset absorbed (held-out ones included)
+        self.focus: tuple[list[int], list[int]] = ([], [])  # the viewers' slices, and the ones beside them
         self.watched = time.monotonic()  # when a viewer was last seen
+        self._looked = 0.0
+        self._saved = False
+        self._own: list[int] = []  # the viewers' slices when the store was last looked at
+
+    def news(self) -> bool:
+        """Whether something should end the training or prediction under way: a stop, a mask version saved
+        since the last absorb (:meth:`saved`), or a viewer on a slice not looked at before (the store is
+        read at most every :data:`NEWS_EVERY_S`)."""
+        if self.reporter.should_stop() or self.saved():
+            return True
+        return bool(set(self._own) - set(self.focus[0]))
+
+    def saved(self) -> bool:
+        """A mask version of the dataset saved since the last absorb (read at most every NEWS_EVERY_S)."""
+        now = time.monotonic()
+        if not self._saved and now - self._looked >= NEWS_EVERY_S:
+            self._looked = now
+            with self.sessions.begin() as s:
+                newest = s.scalar(select(func.max(MaskVersion.id)).where(MaskVersion.dataset_id == self.dataset_id))
+                self._own, _ = focus_slices(s, self.run_id, self.volume.shape[0])
+            self._saved = (newest or 0) > self.latest_mask
+        return self._saved
 
     def absorb(self, trainer: LiveTrainer, first: bool) -> list[int]:
         """Take the newest mask versions into the training set; returns the slices that changed."""
@@ -84,6 +118,9 @@ class LiveLoop:
             frozen = held_out(s, self.dataset_id)
             latest = {z: m for z, m in slice_kinds(s, self.dataset_id).items()  # held-out slices never train
                       if frozen is None or z not in frozen.slices}
+            self._saved = False
+            self.latest_mask = s.scalar(select(func.max(MaskVersion.id))
+                                        .where(MaskVersion.dataset_id == self.dataset_id)) or 0
             changed = [z for z, m in latest.items() if z not in self.slices or
                        self.slices_ids.get(z) != m.id]
             gone = [z for z in self.slices if z not in latest]  # held out since, or its dataset changed
@@ -109,20 +146,27 @@ class LiveLoop:
         trainer.set_slices(self.slices, new=sorted(news, key=lambda z: self.slices_ids[z]))
         return changed
 
-    def predict(self, trainer: LiveTrainer, done: dict[int, tuple[int, int]], turn: int) -> int:
-        """Re-predict the viewers' slices whose newest live prediction is older than these weights: their
-        own slices every turn, the ones beside them every third turn (on a CPU a 1024² slice takes about
-        as long as a burst of training)."""
+    def predict(self, trainer: LiveTrainer, done: dict[int, tuple[int, int]], *, beside: bool,
+                should_stop) -> int:
+        """Re-predict the viewers' slices whose newest live prediction is older than these weights (and with
+        ``beside``, the slices next to them whose prediction misses a save), until ``should_stop``; returns
+        how many were written."""
         with self.sessions.begin() as s:
-            own, beside = focus_slices(s, self.run_id, self.volume.shape[0])
+            self.focus = focus_slices(s, self.run_id, self.volume.shape[0])
+        own, near = self.focus
         if own:
             self.watched = time.monotonic()
-        order = own + (beside if turn % NEIGHBOURS_EVERY == 0 else [])
+        order = [z for z in own if done.get(z) != (trainer.steps, self.masks_seen)]
+        if beside:
+            order += [z for z in near if done.get(z, (0, -1))[1] != self.masks_seen]
         count = 0
         for z in order:
-            if done.get(z) == (trainer.steps, self.masks_seen):
-                continue
-            prob = trainer.predict(self.volume[z])
+            if should_stop():
+                break
+            try:
+                prob = trainer.predict(self.volume[z], should_stop=should_stop)
+            except Interrupted:  # a save or another slice came: it goes first
+                break
             relative = self.store.live_slice(self.run_id, z)
             quantised = np.round(prob * 255).astype(np.uint8)
             atomic_write(self.store.abspath(relative), lambda fh, q=quantised: np.save(fh, q))
@@ -134,8 +178,6 @@ class LiveLoop:
                 row.step, row.masks_seen, row.created = trainer.steps, self.masks_seen, datetime.now(UTC)
             done[z] = (trainer.steps, self.masks_seen)
             count += 1
-            if self.reporter.should_stop():
-                break
         return count
 
     def run(self, outcome: Outcome) -> None:
@@ -154,13 +196,14 @@ class LiveLoop:
                               reporter=self.reporter, distill=distill, reference=teacher, ema=ema)
         done: dict[int, tuple[int, int]] = {}
         first, last_save = True, time.monotonic()
-        for turn in itertools.count():
+        stopping = self.reporter.should_stop
+        for _turn in itertools.count():
             changed = self.absorb(trainer, first)
             if changed and not first:
                 print(f"live {self.run_id}: took in slice(s) {changed} at step {trainer.steps}", flush=True)
             first = False
             idle = time.monotonic() - self.watched > IDLE_STOP_S
-            if self.reporter.should_stop() or idle:
+            if stopping() or idle:
                 self.reporter.on_phase("stopping: saving the weights")
                 trainer.save()
                 if idle:
@@ -177,12 +220,25 @@ class LiveLoop:
             if trainer.ready:
                 taught = " · a forest of the strokes fills in the rest" if trainer.forest is not None else ""
                 self.reporter.on_phase(f"learning from {len(self.slices)} slice(s){taught} · step {trainer.steps}")
-                trainer.train_for(BURST_S, should_stop=self.reporter.should_stop)
+                if changed:  # a save: learn it, then show the viewer's slice with it at once
+                    trainer.train_for(LEARN_S, should_stop=stopping)
+                else:  # until it is time to show the viewers their slices again, or something new comes
+                    trainer.train_for(PREDICT_EVERY_S, should_stop=self.news)
             else:
                 self.reporter.on_phase("waiting for a saved mask · predicting with the starting weights")
-            if self.predict(trainer, done, turn) == 0 and not trainer.ready:
-                time.sleep(1.0)  # nothing to learn from and nothing new to show: look again in a second
-            trainer.refresh_teacher(TEACHER_REFRESH_S)  # after the viewers' slices: a save shows first
+            if self.saved() and not stopping():
+                continue  # (a save came meanwhile: take it in first)
+            shown = self.predict(trainer, done, beside=False, should_stop=self.news)
+            if self.saved() or stopping():
+                continue
+            # nothing waits: the slices beside the viewers' (where they miss a save), then the teacher
+            shown += self.predict(trainer, done, beside=True, should_stop=self.news)
+            if not self.news():
+                trainer.refresh_teacher(TEACHER_REFRESH_S)
+            if shown == 0 and not trainer.ready:  # nothing to learn from and nothing new to show
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline and not self.news():
+                    time.sleep(NEWS_EVERY_S)
             if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
                 trainer.save()
                 last_save = time.monotonic()

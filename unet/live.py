@@ -293,12 +293,14 @@ class LiveTrainer:
         return self.average.module if self.average is not None else self.trainer.model
 
     @torch.no_grad()
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        """The neuron probability of one slice (float32, the slice's shape), with today's weights."""
+    def predict(self, image: np.ndarray, should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """The neuron probability of one slice (float32, the slice's shape), with today's weights;
+        ``should_stop`` is asked between batches of tiles (:class:`unet.infer.Interrupted` when it says so)."""
         model = self.predictor
         model.eval()
         try:
-            return predict_slice(model, image, device=self.trainer.device, amp=self.trainer.amp)
+            return predict_slice(model, image, device=self.trainer.device, amp=self.trainer.amp,
+                                 should_stop=should_stop)
         finally:
             self.trainer.model.train()
 
