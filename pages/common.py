@@ -344,6 +344,10 @@ def _sign_in_form() -> None:
     message = st.session_state.pop("auth_message", "")
     if message:
         st.warning(message, icon=":material/lock_clock:")
+    if base_service().awaiting_first_admin():
+        st.info("**First start.** Sign in as **admin** with the one-time password printed in the terminal that "
+                "started the server (`./run.sh`), beside its URL. Lost it? In the Neuroseg folder on the server, "
+                "`.venv/bin/python -m storage reset-password admin` prints a new one.", icon=":material/key:")
     with st.form("sign_in", enter_to_submit=True):
         username = st.text_input("User name", max_chars=64, autocomplete="username")
         password = st.text_input("Password", type="password", autocomplete="current-password")

@@ -222,6 +222,14 @@ def ensure_admin(session: Session, log=None) -> str | None:
     return password
 
 
+def awaiting_first_admin(session: Session) -> bool:
+    """A store nobody has set up yet: the first admin alone, still with the one-time password of the first
+    start (the sign-in page then says where that password is)."""
+    users = list(session.scalars(select(User).limit(2)))
+    return (len(users) == 1 and users[0].username == "admin" and users[0].must_change_password
+            and users[0].password_hash is not None)
+
+
 # --- signing in and out ------------------------------------------------------------------------------------
 # What a refused sign-in says, the same whether the name is an account or not (a user of single sign-on
 # finds its button on the same form).

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import hmac
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -97,6 +98,30 @@ __all__ = [
 ]
 
 isbi_dir = ingest.isbi_dir
+
+
+def first_start(settings: Settings | None = None) -> str:
+    """Before the server takes requests (``web/asgi.py``): bring the store up to date and, on its first
+    start, make the admin with a one-time password. Returns what to print beside the server's URL ("" when
+    nothing was made)."""
+    from storage.db import open_store
+
+    settings = settings or Settings.from_env()
+    sessions, _store = open_store(settings, migrate=True)
+    said: list[str] = []
+    try:
+        with sessions.begin() as s:
+            password = accounts.ensure_admin(s, log=said.append)
+    finally:
+        sessions.kw["bind"].dispose()
+    if password is None:
+        return ""
+    if os.environ.get("NEUROSEG_ADMIN_PASSWORD"):
+        return ("Sign in as admin with the password in $NEUROSEG_ADMIN_PASSWORD; you choose your own at the first "
+                "sign-in.")
+    return (f"First start: sign in as admin with the one-time password  {password}\n"
+            "(shown only this once; you choose your own at the first sign-in. Lost it? Run\n"
+            " .venv/bin/python -m storage reset-password admin  in this folder.)")
 
 
 def settings_from_env(data_dir: str | None = None, database_url: str | None = None) -> Settings:
@@ -681,6 +706,10 @@ class Neuroseg:
         return self._tx(live.prediction, self.store, run_id, slice_index)
 
     # --- held-out slices and the default model --------------------------------------------------------
+    def awaiting_first_admin(self) -> bool:
+        """Nobody has set this store up yet (the sign-in page says where the first password is)."""
+        return self._tx(accounts.awaiting_first_admin)
+
     def held_out(self, dataset_id: int) -> HeldOut | None:
         return self._tx(heldout.held_out, dataset_id)
 

@@ -67,6 +67,35 @@ def test_the_first_start_makes_an_admin_whose_one_time_password_must_be_changed(
     assert [u.username for u in again.users()] == ["admin"]
 
 
+def test_the_first_start_prints_the_sign_in_beside_the_url_and_the_sign_in_page_says_where(tmp_path, monkeypatch):
+    """``./run.sh``'s server prints the admin's one-time password when it starts, before any request, next
+    to the URL; the sign-in page of a store nobody has set up says where it is and how to make a new one."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.browser import ROOT, app_server
+
+    monkeypatch.delenv("NEUROSEG_ADMIN_PASSWORD", raising=False)
+    data = tmp_path / "data"
+    with app_server(data, args=("--server.headless", "true")) as url:
+        log = (tmp_path / "streamlit.log").read_text()
+    banner = log[:log.index("URL:")]  # printed before Streamlit's URL lines, no request made yet
+    assert f"Neuroseg at http://localhost:{url.rsplit(':', 1)[1]}" in banner
+    password = banner.split("one-time password")[1].split()[0]
+    assert "reset-password admin" in banner
+    monkeypatch.setenv("NEUROSEG_DATA_DIR", str(data))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert any("**First start.** Sign in as **admin**" in i.value for i in at.info)
+    server = Neuroseg(Settings.from_env(data), supervise=False)
+    try:
+        admin, token = server.sign_in("admin", password)
+        server.acting_as(admin).change_password(password, "the admin's own password", token)
+        assert not server.awaiting_first_admin()
+    finally:
+        server.close()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert at.text_input[0].label == "User name" and not any("First start" in i.value for i in at.info)
+
+
 def test_the_admin_password_can_come_from_the_environment(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("NEUROSEG_ADMIN_PASSWORD", "from-the-environment")
     server = Neuroseg(Settings.from_env(tmp_path / "data"))

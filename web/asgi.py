@@ -15,6 +15,29 @@ if str(ROOT) not in sys.path:  # (Streamlit puts this file's folder on the path,
 from starlette.middleware import Middleware  # noqa: E402
 from streamlit.starlette import App  # noqa: E402
 
+from storage.service import first_start  # noqa: E402
 from web.guard import Guard  # noqa: E402
 
+
+def _announce() -> None:
+    """The first start's sign-in, printed beside the URL Streamlit prints next (a new user should not have
+    to find it in a log after their first request)."""
+    note = first_start()
+    if not note:
+        return
+    try:
+        from streamlit import config
+
+        address = config.get_option("server.address") or "localhost"
+        port = config.get_option("server.port")
+        where = f"http://{address}:{port}"
+    except Exception:  # (no Streamlit configuration: the URL is Streamlit's to say)
+        where = "the URL below"
+    lines = [f"Neuroseg at {where}", *note.splitlines()]
+    width = max(len(line) for line in lines)
+    print("\n  " + "─" * width + "\n" + "\n".join(f"  {line}" for line in lines) + "\n  " + "─" * width + "\n",
+          flush=True)
+
+
+_announce()
 app = App(ROOT / "app.py", middleware=[Middleware(Guard)])
