@@ -8,9 +8,11 @@ untrained ``tiny`` network (the same weights every run). Then, each in a fresh p
 tree is sampled for its resident memory every 0.2 s (the peak of the sum):
 
 - **cli**: ``python -m unet predict --checkpoint tiny.pt --volume stack.tif --out …`` (TIFF outputs,
-  instances and 3D neurons included), of every slice or of ``--predict`` slices spread over the stack;
+  instances and 3D neurons included), of every slice or of ``--predict`` slices spread over the stack; the
+  whole command (start-up and writing the TIFFs included), and until its neurons are linked (the engine);
 - **app** (unless ``--skip-app``): the same slices as the app predicts them: the TIFF imported into a
-  store, then the prediction process (``storage.predict_worker``), with the same number of workers.
+  store (not timed), then the prediction process (``storage.predict_worker``, neurons linked included),
+  with the same number of workers.
 
 It prints a table (seconds, megavoxels per second, peak RSS of the process tree) and writes JSON. Figures
 are this machine's own; nothing here is a test.
@@ -83,16 +85,19 @@ def _measure(cmd: list[str], env: dict[str, str], start_mark: str | None = None)
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     lines = []
+    engine_done = None
     for line in proc.stdout:
         lines.append(line)
         if start_mark and line.strip() == start_mark:
             t0 = time.perf_counter()
+        if "neurons linked" in line:  # the command line's engine is done; its TIFFs are written next
+            engine_done = time.perf_counter() - t0
     rc = proc.wait()
     seconds = time.perf_counter() - t0
     done.set()
     if rc != 0:
         raise RuntimeError(f"{cmd[:4]} failed ({rc}):\n{''.join(lines)[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mb": peak[0] / 2**20}
+    return {"seconds": seconds, "engine_seconds": engine_done, "peak_rss_mb": peak[0] / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     cli = _measure([sys.executable, "-m", "unet", "predict", "--checkpoint", str(work / "models" / "tiny.pt"),
                     "--volume", str(tiff), "--out", str(out), "--slices", ",".join(map(str, chosen)),
                     "--workers", str(args.workers), "--device", "cpu"], env)
-    rows.append({"path": "python -m unet predict", **cli, "mvox_s": voxels / 1e6 / cli["seconds"]})
+    rows.append({"path": "python -m unet predict", **cli, "mvox_s": voxels / 1e6 / cli["seconds"],
+                 "engine_mvox_s": voxels / 1e6 / cli["engine_seconds"] if cli["engine_seconds"] else None})
     shutil.rmtree(out, ignore_errors=True)
     if not args.skip_app:
         data = work / "app-data"
@@ -137,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(chosen)} of {z} slices of {args.side}² (uint8, {tiff.stat().st_size / 1e9:.2f} GB TIFF), tiny "
           f"network, {args.workers} worker(s), {os.cpu_count()} cores")
     print(table(rows, [("path", "path", ""), ("seconds", "s", ".0f"), ("mvox_s", "Mvox/s", ".2f"),
+                       ("engine_seconds", "until predicted s", ".0f"), ("engine_mvox_s", "predicted Mvox/s", ".2f"),
                        ("peak_rss_mb", "peak RSS MB", ".0f")]))
     write_json(args.json, {"machine": platform.platform(), "cores": os.cpu_count(), "slices": z, "side": args.side,
                            "predicted": len(chosen), "workers": args.workers,
