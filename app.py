@@ -62,13 +62,16 @@ def home() -> None:
     if svc.starter_note:
         st.warning(svc.starter_note, icon=":material/warning:")
 
-    st.subheader("Try it")
     if overview.datasets == 0:
+        st.subheader("Try it")
         st.write("The store is empty. Load a dataset to try everything in a minute, or upload your own stack.")
+        samples = st.container()
+    else:  # (the store has data: the samples stay out of the way)
+        samples = st.expander("Sample datasets", icon=":material/science:")
     if not can("create"):
         st.info(f"Your role ({service().actor.role}) can look at everything and export it; an admin can give "
                 "you the annotator role to upload, annotate, train and predict.", icon=":material/visibility:")
-    b1, b2 = st.columns(2)
+    b1, b2 = samples.columns(2)
     b1.button("Load demo dataset", on_click=_load, args=("demo",), disabled=not can("create"),
               help="A synthetic EM stack (8 × 256 × 256) "
               "with exact labels, made on the spot.", width="stretch")

@@ -8,7 +8,7 @@ import datetime as dt
 
 import streamlit as st
 
-from pages.common import can, start_page
+from pages.common import can, flash, start_page
 from storage.service import UserError
 from ui.text import plain
 
@@ -67,10 +67,15 @@ with users_tab:
         b1, b2, b3 = st.columns(3)
         try:
             if b1.button("Apply", type="primary", key="admin_apply"):
+                changed = []
                 if role != chosen.role:
                     svc.set_role(chosen.id, role)
+                    changed.append(f"role {role}")
                 if limit != chosen.max_queued_runs:
                     svc.set_queue_limit(chosen.id, int(limit))
+                    changed.append(f"at most {int(limit)} training run{'s' * (int(limit) != 1)} waiting")
+                flash(f"**{plain(chosen.username)}**: " + (", ".join(changed) if changed else "nothing to change")
+                      + ".", "success" if changed else "info")
                 st.rerun()
             if not chosen.single_sign_on and b2.button("Reset password", key="admin_reset"):
                 st.session_state["admin_one_time"] = (chosen.username, svc.reset_password(chosen.id))
@@ -81,7 +86,8 @@ with users_tab:
         except UserError as exc:
             st.error(str(exc))
 
-with audit_tab:
+@st.fragment(run_every=15)  # (events of other users appear without a click)
+def audit_trail() -> None:
     names, actions = svc.audit_choices()
     f1, f2, f3, f4 = st.columns([1, 1, 1, 2])
     who = f1.selectbox("User", ["everyone", *names], key="audit_user")
@@ -99,6 +105,10 @@ with audit_tab:
     st.dataframe([{"time (UTC)": r.time.strftime("%Y-%m-%d %H:%M:%S"), "user": r.username, "action": r.action,
                    "on": r.target, "outcome": r.outcome, "address": r.address, "detail": r.detail} for r in rows],
                  hide_index=True, width="stretch")
+
+
+with audit_tab:
+    audit_trail()
 
 with disk_tab:
     use = svc.disk_use()

@@ -163,18 +163,24 @@ with st.expander("Held-out slices" + (f" (version {frozen.version}: slices "
         st.warning(seen_words(seen).strip(), icon=":material/visibility:")
 
 # --- edit and delete ------------------------------------------------------------------------------
+refused = svc.refusal("manage", "dataset", dataset_id)  # (the service checks each call again)
 with st.expander("Name and notes"), st.form(f"edit_{dataset_id}"):
-    new_name = st.text_input("Name", info.name, max_chars=NAME_MAX)
-    new_notes = st.text_area("Notes", info.notes)
-    if st.form_submit_button("Save name and notes"):
+    if refused:
+        st.caption(refused)
+    new_name = st.text_input("Name", info.name, max_chars=NAME_MAX, disabled=bool(refused))
+    new_notes = st.text_area("Notes", info.notes, disabled=bool(refused))
+    if st.form_submit_button("Save name and notes", disabled=bool(refused)):
         attempt(lambda: svc.update(dataset_id, name=new_name, notes=new_notes), lambda _: "Name and notes saved.")
 
 with st.expander("Delete this dataset"):
     preview = svc.deletion_preview(dataset_id)
     st.warning(f"Deleting **{plain(info.name)}** removes {preview.describe()}: the stack, every mask version of every "
                "slice, and the runs that trained on it with their checkpoints. This cannot be undone.")
-    confirm = st.text_input("Type the dataset's name to confirm", key=f"confirm_delete_{dataset_id}")
-    if st.button("Delete dataset", type="primary", disabled=confirm.strip() != info.name,
+    if refused:
+        st.caption(refused)
+    confirm = st.text_input("Type the dataset's name to confirm", key=f"confirm_delete_{dataset_id}",
+                            disabled=bool(refused))
+    if st.button("Delete dataset", type="primary", disabled=bool(refused) or confirm.strip() != info.name,
                  key=f"delete_{dataset_id}"):
         try:
             removed = svc.delete_dataset(dataset_id)

@@ -94,12 +94,20 @@ with right:
 actions = st.columns([2, 2, 1])
 packaged = st.session_state.get(f"bioimageio_{chosen.id}")
 if packaged is None:
+    source = svc.export_source(chosen.id)
+    SYNTHETIC = "a synthetic EM slice (nothing of your data leaves)"
+    choices = [SYNTHETIC] + ([f"a crop of slice {source[2]} of {plain(source[0])} (it leaves the lab with the "
+                              "package: mind unpublished data)"] if source else [])
+    picked = st.radio("The package's test image and cover picture", choices, key=f"pack_source_{chosen.id}",
+                      help="A BioImage.IO package carries a test input, the model's answer to it and a cover "
+                           "picture. Anyone you give the package to sees them.")
     if actions[0].button("Export as BioImage.IO package", key=f"pack_{chosen.id}", disabled=not can("export"),
                          help="Build, validate (bioimageio.spec) and test (bioimageio.core) a package that ilastik, "
                               "deepImageJ and napari run"):
         with st.spinner("Packaging, validating and testing …"):
             try:
-                st.session_state[f"bioimageio_{chosen.id}"] = svc.export_model(chosen.id)
+                st.session_state[f"bioimageio_{chosen.id}"] = svc.export_model(chosen.id,
+                                                                               with_data=picked != SYNTHETIC)
             except UserError as exc:
                 st.error(f"Not exported: {exc}")
             else:
@@ -110,7 +118,9 @@ else:
                                help="Validated by bioimageio.spec; model test passed in bioimageio.core")
 actions[1].download_button("Download checkpoint (.pt)", lambda: svc.checkpoint_bytes(chosen.id), on_click="ignore",
                            file_name=f"run-{run.id}-{chosen.kind}.pt", key=f"dl_model_{chosen.id}")
-with actions[2].popover("Delete", disabled=run.active or run.kind == "starter"):
+refused = svc.refusal("manage", "checkpoint", chosen.id)  # (the service checks the call again)
+with actions[2].popover("Delete", disabled=run.active or run.kind == "starter" or bool(refused),
+                        help=refused or None):
     st.warning(f"Delete model #{chosen.id} ({plain(checkpoint_label(chosen))}) and the predictions made with it?")
     if st.button("Yes, delete it", key=f"del_model_{chosen.id}", type="primary"):
         attempt(lambda: svc.delete_checkpoint(chosen.id), lambda removed: f"Deleted model #{chosen.id}: "

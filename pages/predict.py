@@ -19,6 +19,7 @@ from ui.prediction import (
     describe_error,
     focus,
     largest_errors,
+    legend_bar,
     metric_rows,
     neuron_rows,
     sections,
@@ -164,6 +165,8 @@ def viewer(job) -> int:
     rgb, shown = compose(image, probs[(index, *step)], layers, opacity, target=target,
                          instances=svc.prediction_output(job.id, "instances")[(index, *step)]
                          if "instances" in layers else None)
+    if "probability" in layers:
+        controls.image(legend_bar(), caption="probability: 0 membrane → 1 neuron", width="stretch")
     if "errors" in layers:
         controls.caption("Slice has no mask: no error map." if target is None else
                          "Errors: magenta = false neuron (neuron predicted on membrane), green = missed neuron.")

@@ -42,6 +42,14 @@ dataset_filter = f2.selectbox("Dataset", [None, *names], format_func=lambda i: "
 shown = [r for r in runs if (not statuses or r.status in statuses)
          and (dataset_filter is None or dataset_filter in r.dataset_ids)]
 owners = {r.id: r.owner for r in runs}
+held = {d: h for d in names if (h := svc.held_out(d)) is not None}
+# each run's held-out score (of the dataset chosen above, else of the first it was scored on), honest only:
+# a run that trained on a held-out slice has no figure here (the held-out table below says why)
+held_out_of: dict[int, dict] = {}
+for d in ([dataset_filter] if dataset_filter in held else list(held)):
+    for score in svc.held_out_scores(d):
+        if score.slices and not score.seen:
+            held_out_of.setdefault(score.run_id, score.metrics)
 st.dataframe([{
     "run": r.id, "status": r.status, "datasets": ", ".join(names.get(d, f"#{d} (deleted)") for d in r.dataset_ids),
     "preset": r.preset, "device": r.device, "owner": owners.get(r.id) or "—",
@@ -49,11 +57,15 @@ st.dataframe([{
     "val pixel error": best_metrics(r.id).get("val_pixel_error"), "val Rand-F": best_metrics(r.id).get("val_rand_f"),
     "val VI": best_metrics(r.id).get("val_vi"), "val V_rand": best_metrics(r.id).get("val_v_rand"),
     "val V_info": best_metrics(r.id).get("val_v_info"),
+    "held-out pixel error": held_out_of.get(r.id, {}).get("pixel_error"),
+    "held-out Rand-F": held_out_of.get(r.id, {}).get("rand_f"),
     "parent": run_name(parent_run[r.id]) if parent_run[r.id] else ""} for r in shown],
     hide_index=True, key="runs_table")
 
+st.caption("**val**: the run's own validation slices (a live session has none); **held-out**: the dataset's "
+           "held-out slices, for runs that never trained on them.")
+
 # --- held-out scores: a retrained model that got worse is flagged ---------------------------------
-held = {d: h for d in names if (h := svc.held_out(d)) is not None}
 flagged: dict[int, list[str]] = {}  # run → what it is flagged for, on which dataset
 if held:
     with st.container(border=True, key="held_out_scores"):
@@ -141,7 +153,8 @@ with one:
         cols[1].download_button("Download", lambda c=c: svc.checkpoint_bytes(c.id), on_click="ignore",
                                 file_name=f"run-{run.id}-{c.kind}.pt", key=f"dl_ckpt_{c.id}")
         cols[2].page_link("pages/models.py", label="Card and BioImage.IO export", icon=":material/deployed_code:")
-        with cols[3].popover("Delete", disabled=run.active):
+        refused = svc.refusal("manage", "checkpoint", c.id)  # (the service checks the call again)
+        with cols[3].popover("Delete", disabled=run.active or bool(refused), help=refused or None):
             st.warning(f"Delete the {c.kind} checkpoint of run {run.id}, and the predictions made with it?")
             if st.button("Yes, delete it", key=f"del_ckpt_{c.id}", type="primary"):
                 attempt(lambda c=c: svc.delete_checkpoint(c.id),
@@ -161,10 +174,13 @@ with one:
         preview = svc.run_deletion_preview(run.id)
         st.warning(f"Deleting run {run.id} removes {preview.describe()}: its metrics, checkpoints, log and the "
                    "predictions made with it. Its datasets and mask versions stay.")
-        if run.active:
+        refused = svc.refusal("manage", "run", run.id)  # (the service checks the call again)
+        if refused:
+            st.caption(refused)
+        elif run.active:
             st.caption("Cancel the run first (on **Train**).")
-        sure = st.checkbox(f"Yes, delete run {run.id}", key=f"sure_{run.id}")
-        if st.button("Delete run", type="primary", disabled=not sure or run.active,
+        sure = st.checkbox(f"Yes, delete run {run.id}", key=f"sure_{run.id}", disabled=bool(refused))
+        if st.button("Delete run", type="primary", disabled=not sure or run.active or bool(refused),
                      key=f"delete_run_{run.id}"):
             attempt(lambda: svc.delete_run(run.id), lambda removed: f"Deleted run {run.id}: {removed.describe()}.")
 

@@ -293,7 +293,7 @@ def model_card(session: Session, store: FileStore, checkpoint_id: int) -> dict[s
         size = 0
     return {
         "checkpoint": _checkpoint_info(row, run), "run": run_info(run), "size_bytes": size,
-        "recipe": run.config, "held_out": run_scores(session, run),
+        "recipe": shown_recipe(run, row.step), "held_out": run_scores(session, run),
         "parent": {"checkpoint_id": parent.id, "run_id": parent.run_id, "kind": parent.kind} if parent else None,
         "source": (run.spec or {}).get("source", ""),
     }
@@ -315,11 +315,42 @@ def checkpoint_bytes(session: Session, store: FileStore, checkpoint_id: int) -> 
     return store.verified(row.file, row.sha256).read_bytes()
 
 
-def export_model(session: Session, store: FileStore, checkpoint_id: int, authors: list[str]) -> tuple[bytes, str]:
+def shown_recipe(run: Run, step: int | None = None) -> dict[str, Any]:
+    """A run's recipe as a card shows it: a live session trains until it is stopped, so its step budget
+    and its validation and checkpoint intervals (placeholders of 10¹²) are said in words."""
+    recipe = dict(run.config or {})
+    if run.kind == "live":
+        for key in ("steps", "val_every", "checkpoint_every"):
+            if isinstance(recipe.get(key), int) and recipe[key] >= 10**9:
+                recipe[key] = "until stopped (a live session)" if key == "steps" else "—"
+        if step is not None:
+            recipe["steps_done"] = step
+    return recipe
+
+
+def export_source(session: Session, checkpoint_id: int) -> tuple[Dataset, int] | None:
+    """The dataset and slice a package's test image and cover would be cut from, with the user's consent:
+    the first slice the run trained on (None: it trained on no dataset here)."""
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    first = session.execute(select(MaskVersion.dataset_id, MaskVersion.slice_index)
+                            .join(RunMask, RunMask.mask_version_id == MaskVersion.id)
+                            .where(RunMask.run_id == row.run_id, RunMask.role == "train")
+                            .order_by(MaskVersion.dataset_id, MaskVersion.slice_index)).first()
+    if first is None:
+        return None
+    dataset = session.get(Dataset, first[0])
+    return (dataset, int(first[1])) if dataset is not None else None
+
+
+def export_model(session: Session, store: FileStore, checkpoint_id: int, authors: list[str],
+                 with_data: bool = False) -> tuple[bytes, str]:
     """A checkpoint as a BioImage.IO package (bytes, file name), validated by ``bioimageio.spec`` and
-    tested by ``bioimageio.core`` (:mod:`unet.bioimageio`). Its test tensors come from the first slice
-    the run trained on (the starter model: the first dataset here, else a synthetic EM slice); it cites
-    the ISBI 2012 data for a model trained on it."""
+    tested by ``bioimageio.core`` (:mod:`unet.bioimageio`). Its test tensors and cover are a synthetic EM
+    slice, or with ``with_data`` (the user agreed: unpublished data leaves with the package) a crop of the
+    first slice the run trained on (:func:`export_source`); it cites the ISBI 2012 data for a model
+    trained on it."""
     from storage.datasets import load_volume
     from unet.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, PackageError, package_bytes
     from unet.checkpoint import load_checkpoint
@@ -329,15 +360,10 @@ def export_model(session: Session, store: FileStore, checkpoint_id: int, authors
         raise NotFound(f"checkpoint {checkpoint_id} does not exist")
     run = session.get(Run, row.run_id)
     checkpoint = load_checkpoint(store.verified(row.file, row.sha256))
-    parts = (run.spec or {}).get("train") or []
-    dataset = None
-    z = 0
-    if parts:
-        dataset, z = session.get(Dataset, int(parts[0]["dataset_id"])), int((parts[0].get("slices") or [0])[0])
-    if dataset is None and run.kind != "train":
-        dataset = session.scalars(select(Dataset).order_by(Dataset.id)).first()
-    if dataset is not None:
-        image = np.asarray(load_volume(session, store, dataset.id)[z])
+    source = export_source(session, checkpoint_id)
+    dataset = source[0] if source is not None else None
+    if with_data and source is not None:
+        image = np.asarray(load_volume(session, store, dataset.id)[source[1]])
     else:
         from unet.synthetic import make_synthetic_em
 
@@ -372,7 +398,7 @@ def _model_card(session: Session, run: Run, row: Checkpoint, what: str, label_of
     return "\n".join([
         f"# Neuroseg: {what}", "", *named,
         f"The {row.kind} checkpoint (step {row.step}) of {what}, exported from Neuroseg.", "", *notes,
-        "## Recipe", "", code_block(json.dumps(run.config, indent=2, default=str), "json"), "",
+        "## Recipe", "", code_block(json.dumps(shown_recipe(run, row.step), indent=2, default=str), "json"), "",
         "## Trained on", "", *(masks or ["(the model card of the starter model says)" if run.kind == "starter"
                                      else "(not recorded)"]), "",
         "## Validation", "", scores or "(none recorded)", "",

@@ -230,6 +230,20 @@ class Neuroseg:
         except accounts.SignInError as exc:
             raise access.Denied(str(exc)) from None
 
+    def refusal(self, right: str, kind: str | None = None, ident: int | None = None) -> str:
+        """Why the signed-in user may not use ``right`` (on the ``kind`` row ``ident``, owner or admin
+        only): "" when they may. The service's own check asked beforehand, so a page shows what would be
+        refused as disabled, with the reason; the call itself is checked again."""
+        try:
+            actor = self._acting()
+            access.allow(actor, right, actor.user_id)
+            if kind is not None:
+                owner_id, owner_name = self._tx(users.owner_of, kind, ident)
+                access.allow(actor, right, owner_id, owner_name, f"{kind} {ident}")
+        except (access.Denied, UserError) as exc:
+            return str(exc)
+        return ""
+
     def _audit(self, action: str, target: str = "", outcome: str = "ok", detail: str = "") -> None:
         try:
             with self.sessions.begin() as s:
@@ -581,11 +595,21 @@ class Neuroseg:
         return self._tx(runs.checkpoints)
 
     @_guard("export model", "export", "checkpoint")
-    def export_model(self, checkpoint_id: int) -> tuple[bytes, str]:
+    def export_model(self, checkpoint_id: int, with_data: bool = False) -> tuple[bytes, str]:
         """The checkpoint as a BioImage.IO package (bytes, file name), validated and tested before it is
-        handed out; its authors are the signed-in user (``Neuroseg`` for the system)."""
+        handed out; its authors are the signed-in user (``Neuroseg`` for the system). Its test image and
+        cover are synthetic unless ``with_data``: then a crop of a slice it trained on
+        (:meth:`export_source`), which leaves the lab with the package."""
         author = self.actor.display_name or self.actor.username if self.actor.user_id is not None else ""
-        return self._tx(runs.export_model, self.store, checkpoint_id, [author] if author else [])
+        return self._tx(runs.export_model, self.store, checkpoint_id, [author] if author else [], with_data)
+
+    def export_source(self, checkpoint_id: int) -> tuple[str, int, int] | None:
+        """(dataset name, dataset id, slice) a package's test image would be cut from, if the user agrees."""
+        def read(s):
+            found = runs.export_source(s, checkpoint_id)
+            return (found[0].name, found[0].id, found[1]) if found else None
+
+        return self._tx(read)
 
     @_guard("rename model", "manage", "checkpoint", owned=True)
     def update_model(self, checkpoint_id: int, *, name: str | None = None, notes: str | None = None

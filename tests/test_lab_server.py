@@ -155,11 +155,13 @@ def test_roles_ownership_audit_and_a_password_change_in_the_browser(tmp_path, mo
         # bob, another annotator: cannot delete ann's dataset
         bob = signed_in(new_page(browser), url, "bob")
         bob.goto(f"{url}/datasets?dataset={demo.id}")
-        bob.get_by_text("Delete this dataset").click()
-        bob.get_by_label("Type the dataset's name to confirm").fill(demo.name)
-        bob.get_by_label("Type the dataset's name to confirm").press("Enter")
-        bob.get_by_role("button", name="Delete dataset").click()
-        bob.get_by_text(f"Dataset {demo.id} belongs to ann: only its owner or an admin").wait_for()
+        bob.get_by_text("Delete this dataset").click()  # the form says why it is off, before any click
+        bob.get_by_text(f"Dataset {demo.id} belongs to ann: only its owner or an admin").last.wait_for()
+        expect(bob.get_by_role("button", name="Delete dataset")).to_be_disabled()
+        expect(bob.get_by_label("Type the dataset's name to confirm")).to_be_disabled()
+        as_bob = svc.acting_as(svc.signed_in(make_user(data_dir, "bob")))  # what a forged request would call
+        with pytest.raises(UserError, match=f"Dataset {demo.id} belongs to ann"):
+            as_bob.delete_dataset(demo.id)
         assert [d.id for d in svc.datasets()] == [demo.id]
 
         # the admin can

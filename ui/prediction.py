@@ -130,6 +130,12 @@ def neuron_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"neuron": label, "voxels": voxels} for label, voxels in info.get("largest", [])]
 
 
+def legend_bar(width: int = 256, height: int = 14) -> np.ndarray:
+    """The probability overlay's colours from 0 to 1, as a picture to put beside it (RGB uint8)."""
+    return np.ascontiguousarray(np.broadcast_to(heatmap(np.linspace(0, 1, width, dtype=np.float32)),
+                                                (height, width, 3)))
+
+
 def seen_word(z: int, trained: set[int], held: set[int]) -> str:
     """Whether the model saw a slice: what a score on it means."""
     if z in trained:
