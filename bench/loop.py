@@ -12,7 +12,9 @@ of each; everything else stays unlabelled. The U-Net side does this through the 
 and service, a live session (:mod:`storage.live_worker`, a separate process) started from ``--start``,
 the painted masks saved as mask versions, the session left to train for ``--seconds``, and the held-out
 slices scored from the session's own live predictions (the bench asks for them as a viewer would). The
-time from each save until the live overlay of the slice comes from weights that learned it is measured.
+time from each save until the live overlay of the slice comes from weights that learned it is measured;
+with ``--page`` one Annotate page is open in Chromium all along (the server as ``./run.sh`` runs it),
+following the annotator's slice with Live on, as a user has it.
 The forest side is retrained (100 trees, scikit-image features as in :mod:`bench.quality`) on all painted
 pixels after each round and predicts the same slices. Both print and write per round: pixel error, Rand-F
 and VI on the held-out slices, painted pixels so far and wall-clock seconds.
@@ -24,6 +26,7 @@ slice's features at once, and the live session predicts one slice at a time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -126,15 +129,21 @@ def _wait(what: str, get, timeout: float = 600.0):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def open_live(start: str, volume_path: Path, work: Path):
+def open_live(start: str, volume_path: Path, work: Path, supervise: bool = True):
     """A service on a new store in ``work``, the stack imported as a dataset and a live session on it from
-    ``start`` (random, starter or a checkpoint file), its worker running: ``(svc, dataset_id, run_id)``."""
+    ``start`` (random, starter or a checkpoint file), its worker running: ``(svc, dataset_id, run_id)``.
+    ``supervise=False`` when a server on the same store supervises the jobs (``--page``)."""
     from storage import datasets
     from storage.service import Neuroseg
     from storage.settings import Settings
 
     os.environ["NEUROSEG_STARTER_DIR"] = str(_start_folder(start, work))
-    svc = Neuroseg(Settings.from_env(work / "data"))
+    svc = Neuroseg(Settings.from_env(work / "data"), supervise=supervise)
+    if not supervise:
+        from storage import starter
+
+        with svc.sessions.begin() as s:
+            starter.register(s, svc.store)
     with svc.sessions.begin() as s:
         ds = datasets.import_dataset(s, svc.store, volume_path, name=work.name).id
     if start == "random":
@@ -163,8 +172,14 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
 
     work = Path(tempfile.mkdtemp(prefix="neuroseg-loop-"))
     svc = None
+    page = None
+    stack = contextlib.ExitStack()
     try:
-        svc, ds, run_id = open_live(args.start, volume_path, work)
+        if args.page:  # the app as ./run.sh serves it, with its own supervisor, and one Annotate page
+            (work / "data").mkdir(parents=True, exist_ok=True)
+            os.environ["NEUROSEG_STARTER_DIR"] = str(_start_folder(args.start, work))
+            page = stack.enter_context(annotate_page(work / "data"))
+        svc, ds, run_id = open_live(args.start, volume_path, work, supervise=page is None)
         painted = {z: np.zeros(targets.shape[1:], bool) for z in order}
         rows, latencies = [], []
         began = time.monotonic()
@@ -179,6 +194,8 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
         for r in range(args.rounds):
             z = order[r % len(order)]
             t_look = time.time()
+            if page is not None:
+                page(ds, z)  # the page follows the annotator to the slice, with Live on
             svc.live_see(run_id, "annotator", z)
             seen = _wait(f"a live prediction of slice {z}", fresh(z, t_look))
             centres = wrong_regions(seen.probabilities, targets[z], painted[z], args.k, args.radius)
@@ -210,7 +227,31 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
     finally:
         if svc is not None:
             svc.close()
+        stack.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def annotate_page(data: Path):
+    """The app served on the store in ``data`` (``streamlit run web/asgi.py``, as ``./run.sh`` does) and one
+    Chromium page signed in as an annotator; yields ``follow(dataset, z)``, which opens Annotate on slice z
+    (``?slice=``) with Live on, as a user does who moves to the slice they correct."""
+    sys.path.insert(0, str(ROOT))
+    from tests.browser import app_server, chromium, signed_in
+
+    with app_server(data) as url, chromium() as browser:
+        page = signed_in(browser.new_page(viewport={"width": 1400, "height": 1000}), url, "ann")
+        page.set_default_timeout(120_000)
+
+        def follow(dataset: int, z: int) -> None:
+            page.goto(f"{url}/annotate?dataset={dataset}&slice={z}")
+            page.locator("canvas.upper-canvas").first.wait_for()
+            live = page.get_by_role("checkbox", name="Live")
+            if not live.is_checked():
+                live.check()
+            page.locator(".st-key-live_panel").get_by_text(f"slice {z}").first.wait_for()
+
+        yield follow
 
 
 # --- the random forest ------------------------------------------------------------------------------
@@ -264,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="training time per round (from the save)")
     ap.add_argument("--seed", type=int, default=0, help="the order in which slices are annotated")
     ap.add_argument("--skip-forest", action="store_true")
+    ap.add_argument("--page", action="store_true", help="keep one Annotate page open in Chromium (the app served "
+                    "as ./run.sh serves it), following the annotator's slice with Live on")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "loop.json"))
     args = ap.parse_args(argv)
     found = labelled_stack(args.volume, args.labels)
@@ -277,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--annotate and --held-out overlap", file=sys.stderr)
         return 2
     result = {"volume": str(volume_path), "shape": list(volume.shape), "start": args.start, "k": args.k,
+              "page": args.page,
               "radius": args.radius, "seconds_per_round": args.seconds, "held_out": held,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     result["unet"] = unet_loop(args, volume_path, targets, order, held)

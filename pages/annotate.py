@@ -40,8 +40,13 @@ volume = volume_or_stop(svc, dataset_id)
 # --- which slice ----------------------------------------------------------------------------------
 slice_key = f"annotate_slice_{dataset_id}"
 positions: dict[int, int] = st.session_state.setdefault("slice_of", {})
-if slice_key not in st.session_state:
-    st.session_state[slice_key] = min(positions.get(dataset_id, 0), z_count - 1)
+if slice_key not in st.session_state:  # the URL's slice (a reload, a bookmark), else where this tab was
+    try:
+        asked = int(st.query_params.get("slice", ""))
+    except ValueError:
+        asked = None
+    start = asked if asked is not None and 0 <= asked < z_count else positions.get(dataset_id, 0)
+    st.session_state[slice_key] = min(start, z_count - 1)
 
 
 def _step(delta: int) -> None:
@@ -59,6 +64,8 @@ with nav[1]:
     z = st.slider("Slice", 0, z_count - 1, key=slice_key) if z_count > 1 else 0
 nav[2].button("Next ▶", on_click=_step, args=(1,), disabled=z >= z_count - 1, key="next_slice")
 positions[dataset_id] = z
+if st.query_params.get("slice") != str(z):  # in the URL too: a reload or a bookmark opens this slice
+    st.query_params["slice"] = str(z)
 
 kinds = svc.slice_kinds(dataset_id)
 strip = ["unsaved" if (d := drafts.get((dataset_id, i))) is not None and d.dirty

@@ -102,9 +102,9 @@ def test_train_predict_correct_and_review(app_data_dir):
                                                  "errors"]).run()
     assert not at.exception and "magenta = false neuron" in texts(at.caption)
     at.toggle(key="pred_side").set_value(True).run()
-    assert sum(getattr(e, "type", "") == "image" for e in walk(at.main)) == 2
+    assert sum(getattr(e, "type", "") == "image" for e in walk(at.main)) == 3  # two pictures, the colour legend
     at.toggle(key=f"neuron_sections_{job.id}").set_value(True).run()  # the XZ and YZ sections, when asked
-    assert not at.exception and sum(getattr(e, "type", "") == "image" for e in walk(at.main)) == 4
+    assert not at.exception and sum(getattr(e, "type", "") == "image" for e in walk(at.main)) == 5
     probabilities = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "probabilities")))
     assert probabilities.shape == (2, 256, 256) and probabilities.dtype == np.float32
     assert probabilities.min() >= 0 and probabilities.max() <= 1

@@ -20,8 +20,8 @@ from web.guard import Guard  # noqa: E402
 
 
 def _announce() -> None:
-    """The first start's sign-in, printed beside the URL Streamlit prints next (a new user should not have
-    to find it in a log after their first request)."""
+    """The first start's sign-in, printed right under the URL Streamlit has just printed (a new user should
+    not have to find it in a log after their first request)."""
     note = first_start()
     if not note:
         return
@@ -29,6 +29,7 @@ def _announce() -> None:
         from streamlit import config
 
         address = config.get_option("server.address") or "localhost"
+        address = "localhost" if address in ("127.0.0.1", "::1", "0.0.0.0", "::") else address
         port = config.get_option("server.port")
         where = f"http://{address}:{port}"
     except Exception:  # (no Streamlit configuration: the URL is Streamlit's to say)
