@@ -10,6 +10,7 @@ from pages.common import (
     account_menu,
     can,
     flash,
+    keep_sign_in,
     owner,
     select_dataset,
     service,
@@ -116,6 +117,7 @@ def frame() -> None:
     nobody = signed is None or signed is WAITING
     page = st.navigation(everything if nobody or can("admin") else everything[:-1],
                          position="sidebar" if not nobody and not signed.must_change_password else "hidden")
+    keep_sign_in(signed)  # (after the navigation: the browser knows its page before it answers)
     sign_in_gate(signed)
 
     with st.sidebar:

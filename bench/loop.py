@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -102,6 +103,8 @@ def _start_folder(start: str, work: Path) -> Path:
     from unet.checkpoint import side_file
 
     folder = work / "start"
+    if folder.is_dir() and any(folder.iterdir()):  # (made already: --page starts the server first)
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     if start == "starter":
         from storage.starter import shipped
@@ -241,15 +244,21 @@ def annotate_page(data: Path):
 
     with app_server(data) as url, chromium() as browser:
         page = signed_in(browser.new_page(viewport={"width": 1400, "height": 1000}), url, "ann")
-        page.set_default_timeout(120_000)
+        page.set_default_timeout(60_000)
 
         def follow(dataset: int, z: int) -> None:
             page.goto(f"{url}/annotate?dataset={dataset}&slice={z}")
-            page.locator("canvas.upper-canvas").first.wait_for()
-            live = page.get_by_role("checkbox", name="Live")
-            if not live.is_checked():
-                live.check()
-            page.locator(".st-key-live_panel").get_by_text(f"slice {z}").first.wait_for()
+            try:
+                page.locator("canvas.upper-canvas").first.wait_for()
+            except Exception:
+                raise RuntimeError(f"Annotate did not show its canvas: {page.inner_text('body')[:1500]}") from None
+            caption = re.compile(rf"live prediction of slice {z}\b", re.IGNORECASE)
+            on = page.locator(".st-key-live_panel").get_by_text(caption)
+            try:  # (Live stays on for this user once they turned it on: a new tab finds it on)
+                on.first.wait_for(timeout=5000)
+            except Exception:
+                page.get_by_text("Live", exact=True).click()  # the toggle
+                on.first.wait_for()
 
         yield follow
 

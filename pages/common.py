@@ -257,7 +257,7 @@ WAITING = Actor(None, "waiting", "none")  # a cookie, and the page's key is on i
 
 def _signed_in() -> Actor | None:
     """The user of this browser: the session token this Streamlit session holds, or the browser's cookie
-    with this origin's key (:func:`remember_in_browser`), else a single sign-on that has just come back
+    with this origin's key (sent by the page: :func:`keep_sign_in`), else a single sign-on that has just come back
     (``st.user``). None: nobody (the reason is left in ``auth_message``); :data:`WAITING`: the page has not
     sent its key yet."""
     svc = base_service()
@@ -265,7 +265,7 @@ def _signed_in() -> Actor | None:
     token = st.session_state.get("auth_token") or ""
     cookie = "" if token else _cookie(SESSION_COOKIE)
     answered = st.session_state.get("_sign_in_answered", False)
-    proof = remember_in_browser(bool(cookie) and not answered)
+    proof = st.session_state.pop("_sign_in_proof", None)  # the page's key (:func:`keep_sign_in`)
     if cookie:
         if proof is None and not answered:
             return WAITING
@@ -296,10 +296,23 @@ def _signed_in() -> Actor | None:
     return None
 
 
+def keep_sign_in(who: Actor | None) -> None:
+    """What the frame does right after ``st.navigation``: keep the sign-in in the browser
+    (:func:`remember_in_browser`) and, while a cookie waits for this origin's key (:data:`WAITING`), ask
+    the page for it; when the key has come, run again to sign in with it. Why after the navigation: the
+    page answers at once, and an answer sent before the browser knows which page it is on reruns the
+    default page (a reload of /train would land on Home)."""
+    proof = remember_in_browser(who is WAITING)
+    if who is WAITING and proof is not None:
+        st.session_state["_sign_in_proof"] = proof
+        st.rerun()
+
+
 def signed_in_user() -> Actor | None:
-    """Who this browser is signed in as (None: nobody; :data:`WAITING`: its key is on the way); what the
-    frame asks first, on every run. The Streamlit session is bound to the sign-in for the checks in front
-    of the server (:mod:`web.guard`: uploads, reconnects, media), and unbound when nobody is signed in."""
+    """Who this browser is signed in as (None: nobody; :data:`WAITING`: its key is on the way, see
+    :func:`keep_sign_in`); what the frame asks first, on every run. The Streamlit session is bound to the
+    sign-in for the checks in front of the server (:mod:`web.guard`: uploads, reconnects, media), and
+    unbound when nobody is signed in."""
     who = _signed_in()
     signed = who is not None and who is not WAITING
     st.session_state["actor"] = who if signed else None
