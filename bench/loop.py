@@ -3,7 +3,7 @@ from exactly the same kind of strokes.
 
     python -m bench.loop [--volume V.tif --labels L.tif] [--annotate 0-24] [--held-out 25-29]
                          [--start random|starter|CHECKPOINT.pt] [--rounds 10] [--k 10] [--radius 8]
-                         [--seconds 30] [--json FILE] [--skip-forest]
+                         [--seconds 30] [--paint-seconds 0] [--page] [--json FILE] [--skip-forest]
 
 Each round the annotator takes the next slice to annotate (a fixed shuffled order of ``--annotate``),
 looks at the model's prediction of it, finds the K largest wrongly predicted regions against the full
@@ -203,6 +203,8 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
             seen = _wait(f"a live prediction of slice {z}", fresh(z, t_look))
             centres = wrong_regions(seen.probabilities, targets[z], painted[z], args.k, args.radius)
             paint(painted[z], centres, args.radius)
+            if args.paint_seconds > 0:
+                time.sleep(args.paint_seconds)  # the strokes take a person this long; the session trains on
             saved = save_mask(svc, ds, z, np.where(painted[z], targets[z], IGNORE))
             t_save = time.monotonic()
             _wait("the live overlay to include the save", lambda z=z, mask=saved.id: (
@@ -314,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="training time per round (from the save)")
     ap.add_argument("--seed", type=int, default=0, help="the order in which slices are annotated")
     ap.add_argument("--skip-forest", action="store_true")
+    ap.add_argument("--paint-seconds", type=float, default=0.0, help="the annotator's time from seeing the "
+                    "slice's prediction to saving the strokes (a person painting K disks takes several seconds)")
     ap.add_argument("--page", action="store_true", help="keep one Annotate page open in Chromium (the app served "
                     "as ./run.sh serves it), following the annotator's slice with Live on")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "loop.json"))
@@ -329,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--annotate and --held-out overlap", file=sys.stderr)
         return 2
     result = {"volume": str(volume_path), "shape": list(volume.shape), "start": args.start, "k": args.k,
-              "page": args.page,
+              "page": args.page, "paint_seconds": args.paint_seconds,
               "radius": args.radius, "seconds_per_round": args.seconds, "held_out": held,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     result["unet"] = unet_loop(args, volume_path, targets, order, held)

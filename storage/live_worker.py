@@ -231,7 +231,15 @@ class LiveLoop:
             shown = self.predict(trainer, done, beside=False, should_stop=self.news)
             if self.saved() or stopping():
                 continue
-            # nothing waits: the slices beside the viewers' (where they miss a save), then the teacher
+            # nothing waits: the starting model's answer on the viewers' slices, ready for their save (it
+            # teaches the unpainted pixels); the slices beside theirs (where they miss a save); the forest
+            for z in self.focus[0]:
+                try:
+                    trainer.prepare(z, self.volume[z], should_stop=self.news)
+                except Interrupted:
+                    break
+            if self.news():
+                continue
             shown += self.predict(trainer, done, beside=True, should_stop=self.news)
             if not self.news():
                 trainer.refresh_teacher(TEACHER_REFRESH_S)

@@ -265,6 +265,19 @@ class LiveTrainer:
             self._pseudo[key] = np.where(prob > 0.5, NEURON, MEMBRANE).astype(np.uint8)
         return self._pseudo[key]
 
+    def prepare(self, key: Hashable, image: np.ndarray, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Compute the starting model's answer on a slice ahead of its first save (a viewer looks at it),
+        so that the save is learned without waiting for it; returns whether it was computed now. Only for
+        a trained start (the forest's answers depend on the strokes); ``should_stop`` as in
+        :meth:`predict` (:class:`unet.infer.Interrupted`: nothing is kept)."""
+        if self.forest is not None or self.reference is None or key in self._pseudo:
+            return False
+        with torch.no_grad():
+            prob = predict_slice(self.reference, image, device=self.trainer.device, amp=self.trainer.amp,
+                                 should_stop=should_stop)
+        self._pseudo[key] = np.where(prob > 0.5, NEURON, MEMBRANE).astype(np.uint8)
+        return True
+
     @property
     def ready(self) -> bool:
         """Whether there is anything to train on."""
