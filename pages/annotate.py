@@ -225,14 +225,19 @@ if choice != current:
 
 # --- tools ----------------------------------------------------------------------------------------
 tools = st.columns([3, 3, 3, 3])
+# The tools keep their settings through visits to other pages (Streamlit forgets a widget's state once a
+# run leaves it out): each is kept under a key of its own and given back here. Predict's "Open" of an
+# error sets the zoom and the region before this runs.
+TOOL_DEFAULTS = {"annotate_tool": NEURON, "annotate_brush": 5, "annotate_opacity": 0.35, "annotate_zoom": 1,
+                 "annotate_cy": 50, "annotate_cx": 50}
+for key, default in TOOL_DEFAULTS.items():
+    if key not in st.session_state:
+        st.session_state[key] = st.session_state.get(f"_kept_{key}", default)
 tool = tools[0].radio("Paint", [NEURON, MEMBRANE, IGNORE], key="annotate_tool",
                       format_func={NEURON: ":blue[**Neuron**] (cyan)", MEMBRANE: ":red[**Membrane**] (red)",
                                    IGNORE: ":orange[**Unlabelled**] (erase to unknown)"}.get)
-brush = tools[1].slider("Brush size (image pixels)", 1, 40, 5, key="annotate_brush")
-opacity = tools[1].slider("Mask opacity", 0.0, 1.0, 0.35, 0.05, key="annotate_opacity")
-# (defaults through the session: Predict's "Open" of an error sets the zoom and the region before this runs)
-for key, default in (("annotate_zoom", 1), ("annotate_cy", 50), ("annotate_cx", 50)):
-    st.session_state.setdefault(key, default)
+brush = tools[1].slider("Brush size (image pixels)", 1, 40, key="annotate_brush")
+opacity = tools[1].slider("Mask opacity", 0.0, 1.0, step=0.05, key="annotate_opacity")
 zoom = tools[2].select_slider("Zoom", [1, 2, 4, 8], key="annotate_zoom",
                               help="Show a region larger, for fine membranes. Your strokes are kept when you move.")
 centre = (0.5, 0.5)
@@ -243,6 +248,9 @@ else:
     tools[3].caption("Undo, redo and reset are in the canvas's toolbar. Unlabelled pixels are ignored by "
                      "training, so a few strokes on nothing are already training data.")
 
+for key in TOOL_DEFAULTS:
+    if key in st.session_state:
+        st.session_state[f"_kept_{key}"] = st.session_state[key]
 view = View.fit((height, width), zoom, centre)
 last_canvas = st.session_state.get("_canvas_rendered")
 if last_canvas != (draft.canvas_key, st.session_state.get("_script_runs", 0) - 1):

@@ -311,3 +311,16 @@ def test_live_starts_from_random_initialisation_when_no_model_exists(app_data_di
     svc.cancel_run(session.run_id)  # leave no worker behind
     if (pid := svc.run(session.run_id).pid) is not None:
         wait_exit(pid)
+
+
+def test_the_brush_opacity_and_zoom_are_kept_through_a_visit_to_another_page(app_data_dir):
+    store(app_data_dir).load_demo()
+    at = app("Annotate")
+    at.slider(key="annotate_brush").set_value(17)
+    at.slider(key="annotate_opacity").set_value(0.6)
+    at.select_slider(key="annotate_zoom").set_value(4).run()
+    at.switch_page(PAGES["Datasets"]).run()
+    at.switch_page(PAGES["Annotate"]).run()
+    assert not at.exception, at.exception
+    assert at.slider(key="annotate_brush").value == 17 and at.slider(key="annotate_opacity").value == 0.6
+    assert at.select_slider(key="annotate_zoom").value == 4
