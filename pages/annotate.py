@@ -328,7 +328,7 @@ with st.container(border=True, key="live_panel"):
     elif want and session is not None:
         if owner() not in session.viewers:
             svc.live_start(dataset_id, None, owner())  # join it
-        head[1].caption(status_text(session, owner()))
+        # (its status line is drawn by the view below, which refreshes: never older than the prediction)
         def _stop(run_id: int) -> None:
             try:
                 svc.live_stop(run_id)
@@ -343,8 +343,12 @@ with st.container(border=True, key="live_panel"):
     elif session is not None:
         if owner() in session.viewers:
             svc.live_leave(session.run_id, owner())  # turned off here: others may still watch it
-        head[1].caption(status_text(session, owner()) + " · turn Live on to see its predictions (it ends by "
-                        "itself when nobody has watched it for 10 minutes)")
+        if session.run.cancel_requested:  # stopped: no use turning Live on for it
+            head[1].caption(f"Live session #{session.run.id} is stopping: it saves its weights and becomes a run "
+                            "(Runs, Predict). Turn Live on to start a new one.")
+        else:
+            head[1].caption(status_text(session, owner()) + " · turn Live on to see its predictions (it ends by "
+                            "itself when nobody has watched it for 10 minutes)")
     else:
         head[1].caption("Off. Turn it on to fine-tune a model on this dataset while you annotate.")
 
@@ -365,6 +369,9 @@ with st.container(border=True, key="live_panel"):
 
         @st.fragment(run_every=REFRESH_S)
         def live_view() -> None:
+            now = svc.live(dataset_id)  # the session as it is now: the status line and the picture agree
+            st.caption(status_text(now, owner()) if now is not None else
+                       f"Live session #{session.run_id} has ended: it is a run now (Runs, Predict).")
             told = st.session_state.get("_live_told")
             if told is None or told[:2] != (session.run_id, z) or time.monotonic() - told[2] > 30:
                 svc.live_see(session.run_id, owner(), z)  # this slice (and its neighbours) next
