@@ -15,7 +15,15 @@ import tifffile
 
 from storage.service import Neuroseg
 from storage.settings import Settings
-from tests.browser import ARTIFACTS, annotate_render, app_server, await_annotate_render, chromium, signed_in
+from tests.browser import (
+    ARTIFACTS,
+    annotate_render,
+    app_server,
+    await_annotate_render,
+    chromium,
+    free_port,
+    signed_in,
+)
 from tests.test_loop_pages import wait_exit
 from unet.config import preset
 from unet.synthetic import make_synthetic_em
@@ -103,6 +111,36 @@ def open_page(page, title: str) -> None:
     browser still shows the last page, whose widgets a locator could find and click."""
     sidebar_links(page).filter(has_text=re.compile(rf"{title}$")).click()
     page.get_by_role("heading", name=title, exact=True).wait_for()
+
+
+SEEN_NAV = """
+window.__navSeen = window.__navSeen || new Set();
+const links = '[data-testid="stSidebarNav"] a, [data-testid="stSidebarNavItems"] a';
+new MutationObserver(() => document.querySelectorAll(links).forEach((a) => window.__navSeen.add(a.innerText.trim())))
+  .observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def test_an_open_tab_never_shows_the_folder_of_pages_across_a_restart(tmp_path):
+    """A tab open on Train while the server restarts reconnects to the new server: every page list it shows
+    meanwhile is the app's (never Streamlit's listing of pages/: app, common, …), and it comes back on Train."""
+    from playwright.sync_api import expect
+
+    data_dir = tmp_path / "data"
+    three_datasets(data_dir)
+    port = free_port()
+    with chromium() as browser:
+        with app_server(data_dir, port=port) as url:
+            page = new_page(browser, url)
+            page.goto(f"{url}/train")
+            page.get_by_role("heading", name="Train", exact=True).wait_for()
+            page.evaluate(SEEN_NAV)
+        with app_server(data_dir, port=port) as url:  # the same address: the tab reconnects by itself
+            expect(sidebar_links(page)).to_have_text(PAGES)
+            page.get_by_role("heading", name="Train", exact=True).wait_for()
+            seen = set(page.evaluate("Array.from(window.__navSeen)"))
+    names = ("Home", "Datasets", "Annotate", "Train", "Predict", "Runs", "Models")
+    assert seen and all(text.endswith(names) for text in seen), seen  # (a link's text ends with its page's name)
 
 
 def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(tmp_path):

@@ -40,5 +40,16 @@ def _announce() -> None:
           flush=True)
 
 
+def _no_folder_pages() -> None:
+    """Never Streamlit's old folder mode, in which every file of ``pages/`` is a page (app, admin, common,
+    …): it is decided once per server, on the first session, and a tab that reconnects to a restarted
+    server showed that list until the app's first run drew its own navigation. The app's pages are its
+    ``st.navigation`` (``app.py``)."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    PagesManager.uses_pages_directory = False
+
+
+_no_folder_pages()
 _announce()
 app = App(ROOT / "app.py", middleware=[Middleware(Guard)])
