@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import ROOT, table, write_json
+from bench.common import ROOT, spread, table, write_json
 
 APP = r"""
 import sys
@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if not tiff.is_file() or tiff.stat().st_size < args.slices * args.side ** 2:
         print(f"writing {args.slices} × {args.side}² …", flush=True)
         _write_stack(tiff, args.slices, args.side)
-    z, n = args.slices, args.predict
-    chosen = (list(range(z)) if not n or n >= z else [z // 2] if n == 1 else
-              sorted({round(i * (z - 1) / (n - 1)) for i in range(n)}))
+    z = args.slices
+    chosen = spread(z, args.predict)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NEUROSEG_PREDICT_WORKERS": str(args.workers)}
     voxels = len(chosen) * args.side ** 2
     rows = []

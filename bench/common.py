@@ -48,3 +48,10 @@ def write_json(path: str | None, payload: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2))
         print(f"wrote {path}")
+
+
+def spread(z: int, n: int) -> list[int]:
+    """``n`` slices spread evenly over a stack of ``z`` (all of them when ``n`` is 0 or at least ``z``)."""
+    if not n or n >= z:
+        return list(range(z))
+    return [z // 2] if n == 1 else sorted({round(i * (z - 1) / (n - 1)) for i in range(n)})

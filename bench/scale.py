@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, table, write_json
+from bench.common import ROOT, spread, table, write_json
 
 STAGE = r"""
 import json, sys, time
@@ -191,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         with svc.sessions.begin() as s:
             starter.register(s, svc.store)
         with svc.sessions.begin() as s:
-            n = args.predict_blocks
-            chosen = (list(range(z)) if not n or n >= z else [z // 2] if n == 1 else
-                      sorted({round(i * (z - 1) / (n - 1)) for i in range(n)}))
+            chosen = spread(z, args.predict_blocks)
             predictions.submit_prediction(s, svc.checkpoint_choices()[0].id, imported["dataset"], chosen)
         svc.close()
         predicted = _stage("predict", data, "")

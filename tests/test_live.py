@@ -308,17 +308,23 @@ def test_two_users_share_one_session_and_a_normal_run_takes_the_device_first(liv
     assert svc.run(mine.run_id).pid != live_pid
 
 
+def upload(svc, folder, stack, name: str) -> int:
+    """A stack and its labels written as TIFFs and uploaded as a dataset: its id."""
+    volume, labels = stack
+    tifffile.imwrite(folder / "v.tif", volume, photometric="minisblack")
+    tifffile.imwrite(folder / "l.tif", labels, photometric="minisblack")
+    with open(folder / "v.tif", "rb") as v, open(folder / "l.tif", "rb") as lab:
+        return svc.import_upload(v, lab, name=name).id
+
+
 def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_path, synthetic, monkeypatch):
     """Held-out slices are frozen, never train, score every run that ends (and its parent); a fine-tune on
     bad corrections (neuron and membrane swapped) is flagged against its parent, and the better run can
     be promoted to the dataset's default model."""
     svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
     try:
-        volume, labels = synthetic
-        tifffile.imwrite(tmp_path / "v.tif", volume, photometric="minisblack")
-        tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
-        with open(tmp_path / "v.tif", "rb") as v, open(tmp_path / "l.tif", "rb") as lab:
-            ds = svc.import_upload(v, lab, name="held out").id
+        _, labels = synthetic
+        ds = upload(svc, tmp_path, synthetic, "held out")
         frozen = svc.set_held_out(ds, [5])
         assert (frozen.version, frozen.slices) == (1, [5])
         assert svc.default_split(ds) == ([0, 1, 2, 3, 4], [5])

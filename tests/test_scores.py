@@ -4,22 +4,17 @@ saw none of them, by a metric the page names."""
 
 from __future__ import annotations
 
-import tifffile
-
 from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.test_jobs import wait_for
+from tests.test_live import upload
 from unet.config import preset
 
 
 def test_held_out_scores_leave_out_the_slices_a_lineage_trained_on(tmp_path, synthetic, monkeypatch):
     svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
     try:
-        volume, labels = synthetic
-        tifffile.imwrite(tmp_path / "v.tif", volume, photometric="minisblack")
-        tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
-        with open(tmp_path / "v.tif", "rb") as v, open(tmp_path / "l.tif", "rb") as lab:
-            ds = svc.import_upload(v, lab, name="tainted").id
+        ds = upload(svc, tmp_path, synthetic, "tainted")
         recipe = preset("tiny", steps=8, patch_size=48, val_every=1000, checkpoint_every=1000)
 
         # run A trains on 0–3; only then are 2 and 5 frozen as held out (the new user's journey)
