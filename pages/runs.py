@@ -43,11 +43,12 @@ shown = [r for r in runs if (not statuses or r.status in statuses)
          and (dataset_filter is None or dataset_filter in r.dataset_ids)]
 owners = {r.id: r.owner for r in runs}
 held = {d: h for d in names if (h := svc.held_out(d)) is not None}
+scores_of = {d: svc.held_out_scores(d) for d in held}  # (read once: the table and the section below)
 # each run's held-out score (of the dataset chosen above, else of the first it was scored on), honest only:
 # a run that trained on a held-out slice has no figure here (the held-out table below says why)
 held_out_of: dict[int, dict] = {}
 for d in ([dataset_filter] if dataset_filter in held else list(held)):
-    for score in svc.held_out_scores(d):
+    for score in scores_of[d]:
         if score.slices and not score.seen:
             held_out_of.setdefault(score.run_id, score.metrics)
 st.dataframe([{
@@ -74,7 +75,7 @@ if held:
                                  else 0, format_func=lambda i: f"{names[i]} (slices "
                                  f"{', '.join(map(str, held[i].slices))}, version {held[i].version})",
                                  key="runs_scores_dataset")
-        scores = svc.held_out_scores(scored_on)
+        scores = scores_of[scored_on]
         for s in scores:
             if s.worse_than_parent:
                 flagged.setdefault(s.run_id, []).append(names[scored_on])
