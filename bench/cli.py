@@ -1,7 +1,7 @@
 """``python -m unet predict`` on a stack bigger than a laptop's patience, against the app's blockwise path.
 
-    python -m bench.cli [--slices 100] [--side 4096] [--predict N] [--workers 1] [--skip-app] [--work DIR]
-                        [--json FILE]
+    python -m bench.cli [--slices 100] [--side 4096] [--predict N] [--workers 1] [--repeat 1] [--skip-app]
+                        [--work DIR] [--json FILE]
 
 A synthetic uint8 EM stack of ``--slices`` × ``--side``² (100 × 4096²: a 1.6 GB TIFF, page by page) and an
 untrained ``tiny`` network (the same weights every run). Then, each in a fresh process whose whole process
@@ -9,14 +9,16 @@ tree is sampled for its resident memory every 0.2 s (the peak of the sum):
 
 - **cli**: ``python -m unet predict --checkpoint tiny.pt --volume stack.tif --out …`` (TIFF outputs,
   instances and 3D neurons included), of every slice or of ``--predict`` slices spread over the stack; the
-  whole command (start-up and writing the TIFFs included), and until its neurons are linked (the engine);
+  whole command (start-up and writing the TIFFs included), and the engine alone: from its "predicting …"
+  line (imports, weights and stack header done) until its neurons are linked;
 - **app** (unless ``--skip-app``): the same slices as the app predicts them: the TIFF imported into a
   store (not timed), then the prediction process (``storage.predict_worker``, neurons linked included),
   with the same number of workers.
 
-It prints a table (seconds, megavoxels per second, peak RSS of the process tree) and writes JSON. Figures
-are this machine's own; nothing here is a test.
-"""
+With ``--repeat N`` each path runs N times, alternating which goes first, after the page cache's dirty pages
+are written (``os.sync``), so neither pays for the other's writes; the table gives every run and the median of
+each path. It prints a table (seconds, megavoxels per second, peak RSS of the process tree) and writes JSON.
+Figures are this machine's own; nothing here is a test."""
 
 from __future__ import annotations
 
@@ -85,13 +87,15 @@ def _measure(cmd: list[str], env: dict[str, str], start_mark: str | None = None)
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     lines = []
-    engine_done = None
+    engine_start = engine_done = None
     for line in proc.stdout:
         lines.append(line)
         if start_mark and line.strip() == start_mark:
             t0 = time.perf_counter()
-        if "neurons linked" in line:  # the command line's engine is done; its TIFFs are written next
-            engine_done = time.perf_counter() - t0
+        if line.startswith("predicting "):  # the command line has its imports, weights and stack header
+            engine_start = time.perf_counter()
+        if "neurons linked" in line and engine_start is not None:  # its engine is done; its TIFFs come next
+            engine_done = time.perf_counter() - engine_start
     rc = proc.wait()
     seconds = time.perf_counter() - t0
     done.set()
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side", type=int, default=4096)
     ap.add_argument("--predict", type=int, default=0, help="predict this many slices, spread over the stack (0: all)")
     ap.add_argument("--workers", type=int, default=1, help="worker processes of both paths")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each path, alternating which goes first")
     ap.add_argument("--skip-app", action="store_true", help="only the command line")
     ap.add_argument("--work", help="a scratch folder with room for the stack (default: a temporary one)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "cli-predict.json"))
@@ -125,27 +130,47 @@ def main(argv: list[str] | None = None) -> int:
     voxels = len(chosen) * args.side ** 2
     rows = []
     out = work / "cli-out"
-    shutil.rmtree(out, ignore_errors=True)
-    cli = _measure([sys.executable, "-m", "unet", "predict", "--checkpoint", str(work / "models" / "tiny.pt"),
-                    "--volume", str(tiff), "--out", str(out), "--slices", ",".join(map(str, chosen)),
-                    "--workers", str(args.workers), "--device", "cpu"], env)
-    rows.append({"path": "python -m unet predict", **cli, "mvox_s": voxels / 1e6 / cli["seconds"],
-                 "engine_mvox_s": voxels / 1e6 / cli["engine_seconds"] if cli["engine_seconds"] else None})
-    shutil.rmtree(out, ignore_errors=True)
-    if not args.skip_app:
+
+    def run_cli() -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+        cli = _measure([sys.executable, "-m", "unet", "predict", "--checkpoint", str(work / "models" / "tiny.pt"),
+                        "--volume", str(tiff), "--out", str(out), "--slices", ",".join(map(str, chosen)),
+                        "--workers", str(args.workers), "--device", "cpu"], env)
+        shutil.rmtree(out, ignore_errors=True)
+        return {"path": "python -m unet predict", **cli, "mvox_s": voxels / 1e6 / cli["seconds"],
+                "engine_mvox_s": voxels / 1e6 / cli["engine_seconds"] if cli["engine_seconds"] else None}
+
+    def run_app() -> dict:
         data = work / "app-data"
         shutil.rmtree(data, ignore_errors=True)
+        os.sync()
         app = _measure([sys.executable, "-c", APP, str(data), str(tiff), ",".join(map(str, chosen))],
                        {**env, "NEUROSEG_STARTER_DIR": str(work / "models")}, start_mark="PREDICT")
-        rows.append({"path": "the app (predict_worker)", **app, "mvox_s": voxels / 1e6 / app["seconds"]})
         shutil.rmtree(data, ignore_errors=True)
+        return {"path": "the app (predict_worker)", **app, "mvox_s": voxels / 1e6 / app["seconds"]}
+
+    for i in range(max(1, args.repeat)):
+        order = [run_cli] if args.skip_app else [run_cli, run_app] if i % 2 == 0 else [run_app, run_cli]
+        for run in order:
+            rows.append({**run(), "run": i + 1})
+            print(rows[-1], flush=True)
+    if args.repeat > 1:
+        import statistics
+
+        for path in dict.fromkeys(r["path"] for r in rows):
+            mine = [r for r in rows if r["path"] == path]
+            rows.append({"path": f"{path}: median", "run": "median",
+                         **{k: statistics.median(r[k] for r in mine) for k in
+                            ("seconds", "mvox_s", "peak_rss_mb") + (("engine_seconds", "engine_mvox_s")
+                                                                    if mine[0].get("engine_seconds") else ())}})
     print(f"{len(chosen)} of {z} slices of {args.side}² (uint8, {tiff.stat().st_size / 1e9:.2f} GB TIFF), tiny "
           f"network, {args.workers} worker(s), {os.cpu_count()} cores")
-    print(table(rows, [("path", "path", ""), ("seconds", "s", ".0f"), ("mvox_s", "Mvox/s", ".2f"),
+    print(table(rows, [("path", "path", ""), ("run", "run", ""), ("seconds", "s", ".0f"), ("mvox_s", "Mvox/s", ".2f"),
                        ("engine_seconds", "until predicted s", ".0f"), ("engine_mvox_s", "predicted Mvox/s", ".2f"),
                        ("peak_rss_mb", "peak RSS MB", ".0f")]))
     write_json(args.json, {"machine": platform.platform(), "cores": os.cpu_count(), "slices": z, "side": args.side,
-                           "predicted": len(chosen), "workers": args.workers,
+                           "predicted": len(chosen), "workers": args.workers, "repeat": args.repeat,
                            "tiff_bytes": tiff.stat().st_size, "rows": rows})
     return 0
 

@@ -177,6 +177,12 @@ def _discard_and_open_latest() -> None:
     st.session_state.pop("conflict", None)
 
 
+def _undo(forward: bool = False) -> None:
+    _pending_strokes(draft)  # (a stroke the canvas sent with this click is a change to undo too)
+    if draft.redo() if forward else draft.undo():
+        _keep(draft)
+
+
 def _restore(mask_id: int) -> None:
     try:
         restored = svc.restore(mask_id, st.session_state.get("author", ""))
@@ -245,8 +251,9 @@ if zoom > 1:
     centre = (tools[3].slider("Region: down (%)", 0, 100, key="annotate_cy") / 100,
               tools[3].slider("Region: across (%)", 0, 100, key="annotate_cx") / 100)
 else:
-    tools[3].caption("Undo, redo and reset are in the canvas's toolbar. Unlabelled pixels are ignored by "
-                     "training, so a few strokes on nothing are already training data.")
+    tools[3].caption("Undo and Redo (under the canvas) step through every change of this edit, across zoom, "
+                     "opacity and Accept. Unlabelled pixels are ignored by training, so a few strokes on nothing "
+                     "are already training data.")
 
 for key in TOOL_DEFAULTS:
     if key in st.session_state:
@@ -281,18 +288,23 @@ _keep(draft)  # every change goes to the store: a reload or a new tab finds it
 st.session_state["_canvas_rendered"] = (draft.canvas_key, st.session_state.get("_script_runs", 0))
 
 # --- save -----------------------------------------------------------------------------------------
-actions = st.columns([2, 2, 6], vertical_alignment="center")
+actions = st.columns([2, 2, 1, 1, 6], vertical_alignment="center")
 actions[0].button("Save version", type="primary", on_click=_save, key="save_mask",
                   disabled=in_conflict or not can("annotate"))
 actions[1].button("Discard changes", on_click=_discard, disabled=not draft.dirty or in_conflict, key="discard_mask")
+actions[2].button("Undo", icon=":material/undo:", on_click=_undo, key="undo_edit", disabled=not draft.can_undo,
+                  help="Take back the last change of this edit: a stroke, an Accept, a Discard (kept across zoom "
+                       "and opacity changes and visits to other slices, until you save).")
+actions[3].button("Redo", icon=":material/redo:", on_click=_undo, args=(True,), key="redo_edit",
+                  disabled=not draft.can_redo)
 last_saved = st.session_state.get("last_saved")
 if draft.dirty:
-    actions[2].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** (kept in the store) · will be saved "
+    actions[4].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** (kept in the store) · will be saved "
                         f"as *{draft.kind}* by *{plain(author or 'anonymous')}*")
 elif last_saved is not None and last_saved[0] == draft.uid:
-    actions[2].success(last_saved[1], icon=":material/check:")
+    actions[4].success(last_saved[1], icon=":material/check:")
 else:
-    actions[2].markdown("No unsaved changes on this slice.")
+    actions[4].markdown("No unsaved changes on this slice.")
 
 # --- live: training that follows the annotator ---------------------------------------------------------
 session = svc.live(dataset_id)

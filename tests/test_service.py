@@ -172,6 +172,46 @@ def test_strokes_survive_a_remounted_canvas_and_a_change_of_view(svc):
     assert not draft.dirty
 
 
+def test_undo_outlives_the_canvas_and_walks_the_toolbars_history_too():
+    draft = Draft.blank(1, 0, (64, 64), None)
+    whole = View.fit((64, 64))
+    draft.set_view(whole)
+    first = paint(whole, NEURON, slice(0, 40), slice(0, 40))
+    both = first.copy()
+    both[200:240, 200:240] = (*PALETTE[MEMBRANE], 153)
+    draft.apply(first)
+    after_first = np.array(draft.working)
+    draft.apply(both)
+    after_both = np.array(draft.working)
+    assert draft.can_undo and not draft.can_redo
+
+    draft.apply(first)  # the canvas toolbar's undo: a step back, not a third change
+    np.testing.assert_array_equal(draft.working, after_first)
+    assert draft.can_redo and len(draft.done) == 1
+    draft.apply(both)  # … and its redo
+    np.testing.assert_array_equal(draft.working, after_both)
+    assert not draft.can_redo
+
+    key = draft.canvas_key
+    draft.set_view(View.fit((64, 64), zoom=2))  # zooming remounts the canvas: the history stays
+    assert draft.canvas_key != key
+    assert draft.undo()
+    np.testing.assert_array_equal(draft.working, after_first)
+    np.testing.assert_array_equal(draft.view_base, after_first)  # the new canvas shows it, empty of strokes
+    assert draft.undo() and not draft.dirty and not draft.undo()
+    assert draft.redo() and draft.redo() and not draft.redo()
+    np.testing.assert_array_equal(draft.working, after_both)
+
+    draft.discard()  # a discard is a change like any other: undo brings the strokes back
+    assert not draft.dirty and draft.undo()
+    np.testing.assert_array_equal(draft.working, after_both)
+    assert draft.undo() and draft.apply(paint(draft.view, MEMBRANE, slice(0, 96), slice(0, 96))) is None
+    assert not draft.can_redo, "a new change after an undo drops what redo would have made"
+
+    draft.saved(7, "scribble")
+    assert not draft.can_undo, "a saved version is where undo starts afresh"
+
+
 def test_a_draft_that_starts_from_nothing_on_an_empty_slice(svc, synthetic):
     volume, _ = synthetic
     info = svc.import_upload(Upload("stack.tif", tiff_bytes(volume)))

@@ -1,12 +1,15 @@
 """The state of an edit on the Annotate page, kept out of Streamlit so that plain tests can drive it.
 
-A :class:`Draft` is one slice being edited: the mask it started from, the mask as it is now, and the
-view the canvas shows. The canvas returns all strokes drawn since it was mounted; ``apply`` merges
-them into the mask the canvas was mounted over (``view_base``), so undo and redo in the canvas's toolbar
-just work. When the view changes (zoom, region), the strokes so far are baked into the mask and the
-canvas starts empty over the new view (a new ``canvas_key``). Drafts live in the browser session and,
-as the user paints, in the store (``revision`` counts the changes, so the page keeps each one once):
-going to another slice or page, reloading or opening a new tab loses nothing."""
+A :class:`Draft` is one slice being edited: the mask it started from, the mask as it is now, and the view the
+canvas shows. The canvas returns all strokes drawn since it was mounted; ``apply`` merges them into the mask
+the canvas was mounted over (``view_base``), so undo and redo in the canvas's toolbar just work. When the view
+changes (zoom, region), the strokes so far are baked into the mask and the canvas starts empty over the new
+view (a new ``canvas_key``). Every change of the edit is also kept as a step of the draft's own history
+(``undo``/``redo``), which outlives the canvas: a change of zoom, region or opacity, a visit to another slice,
+an Accept or a Discard can all be undone, and the canvas toolbar's undo walks the same history (a stroke
+undone there is a step back, not a new change). Drafts live in the browser session and, as the user paints, in
+the store (``revision`` counts the changes, so the page keeps each one once): going to another slice or page,
+reloading or opening a new tab loses nothing."""
 
 from __future__ import annotations
 
@@ -70,6 +73,46 @@ def history_rows(history: Sequence[Any]) -> list[dict[str, Any]]:
              "saved": m.created.strftime("%Y-%m-%d %H:%M:%S")} for m in reversed(history)]
 
 
+#: How much one draft's undo history may hold (bytes of changed pixels, their indices included) and how many
+#: steps: the oldest steps are forgotten first. A stroke is a few thousand pixels; an Accept of a 4096²
+#: slice is the largest step (~16 M pixels, ~150 MB), so it is kept only when alone.
+UNDO_BYTES = 64 * 2**20
+UNDO_STEPS = 200
+
+
+@dataclass(frozen=True)
+class Step:
+    """One change of a draft: which pixels (flat indices) went from ``before`` to ``after``."""
+
+    where: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+
+    @classmethod
+    def between(cls, old: np.ndarray, new: np.ndarray) -> Step:
+        where = np.flatnonzero(old != new)
+        return cls(where, old.ravel()[where], new.ravel()[where])
+
+    @property
+    def nbytes(self) -> int:
+        return self.where.nbytes + self.before.nbytes + self.after.nbytes
+
+    def apply(self, mask: np.ndarray, backwards: bool = False) -> np.ndarray:
+        out = mask.copy()
+        out.ravel()[self.where] = self.before if backwards else self.after
+        out.setflags(write=False)
+        return out
+
+    def undoes(self, old: np.ndarray, new: np.ndarray) -> bool:
+        """Whether going from ``old`` to ``new`` is exactly this step taken back (or, for a step of the redo
+        list, taken again: call it on that step's reverse)."""
+        changed = np.flatnonzero(old != new)
+        return np.array_equal(changed, self.where) and np.array_equal(new.ravel()[changed], self.before)
+
+    def reverse(self) -> Step:
+        return Step(self.where, self.after, self.before)
+
+
 @dataclass
 class Draft:
     dataset_id: int
@@ -86,6 +129,8 @@ class Draft:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     prediction_id: int | None = None  # the prediction the edit started from (source "prediction")
     revision: int = 0  # bumped whenever ``working`` changes
+    done: list[Step] = field(default_factory=list, repr=False)  # the steps that undo takes back, newest last
+    undone: list[Step] = field(default_factory=list, repr=False)  # the steps that redo takes again
 
     def __post_init__(self) -> None:
         self.original = np.ascontiguousarray(self.original, dtype=np.uint8)
@@ -164,11 +209,63 @@ class Draft:
         if np.array_equal(merged, self.working):
             return
         merged.setflags(write=False)
+        if self.done and self.done[-1].undoes(self.working, merged):  # the canvas toolbar's undo
+            self.undone.append(self.done.pop())
+        elif self.undone and self.undone[-1].reverse().undoes(self.working, merged):  # … and its redo
+            self.done.append(self.undone.pop())
+        else:
+            self._record(merged)
         self.working = merged
         self.revision += 1
 
+    def _record(self, new: np.ndarray) -> None:
+        """Keep the change from ``working`` to ``new`` as a step undo can take back (redo's list is dropped,
+        as a new change after an undo drops it in any editor)."""
+        self.done.append(Step.between(self.working, new))
+        self.undone.clear()
+        total = sum(step.nbytes for step in self.done)
+        while len(self.done) > 1 and (total > UNDO_BYTES or len(self.done) > UNDO_STEPS):
+            total -= self.done.pop(0).nbytes
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self.done)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self.undone)
+
+    def undo(self) -> bool:
+        """Take the newest change back (a new, empty canvas over the result). False when there is none."""
+        if not self.done:
+            return False
+        step = self.done.pop()
+        self.undone.append(step)
+        self._jump(step.apply(self.working, backwards=True))
+        return True
+
+    def redo(self) -> bool:
+        """Make the newest undone change again. False when there is none."""
+        if not self.undone:
+            return False
+        step = self.undone.pop()
+        self.done.append(step)
+        self._jump(step.apply(self.working))
+        return True
+
+    def _jump(self, mask: np.ndarray) -> None:
+        self.working = self.view_base = mask
+        self.generation += 1
+        self.revision += 1
+
+    def forget_history(self) -> None:
+        self.done.clear()
+        self.undone.clear()
+
     def discard(self) -> None:
-        """Back to where the edit started (a new, empty canvas)."""
+        """Back to where the edit started (a new, empty canvas); undo brings the changes back."""
+        if self.working is not self.original and not np.array_equal(self.working, self.original):
+            self._record(self.original)
         self.working = self.view_base = self.original
         self.generation += 1
         self.revision += 1
@@ -182,6 +279,7 @@ class Draft:
         original = np.ascontiguousarray(mask, dtype=np.uint8)
         original.setflags(write=False)
         self.original, self.working, self.view_base = original, rebased, rebased
+        self.forget_history()  # (its steps were taken on the version it left)
         self.source, self.source_mask_id, self.latest_id = "latest", mask_id, mask_id
         self.kind = kind_after_edit("latest", kind) if self.kind != "predicted→painted" else self.kind
         self.generation += 1
@@ -203,6 +301,8 @@ class Draft:
         accepted = np.where(take, predicted, self.working).astype(np.uint8)
         changed = int(np.count_nonzero(accepted != self.working))
         accepted.setflags(write=False)
+        if changed:
+            self._record(accepted)  # undo takes the whole Accept back
         self.working = self.view_base = accepted
         self.kind = "predicted→painted"
         self.generation += 1
@@ -210,7 +310,8 @@ class Draft:
         return changed
 
     def saved(self, mask_id: int, kind: str) -> None:
-        """After a save: the saved version is the new starting point."""
+        """After a save: the saved version is the new starting point (undo starts afresh from it)."""
+        self.forget_history()
         self.original = self.working
         self.view_base = self.working
         self.source, self.source_mask_id, self.latest_id = "latest", mask_id, mask_id

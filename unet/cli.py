@@ -136,6 +136,7 @@ def _predict(args: argparse.Namespace) -> int:
                    device=args.device, method=args.postprocess, package=bool(args.model),
                    network_tile=args.tile or 0)
     shape = tuple(int(n) for n in volume.shape[1:])
+    print(f"predicting {len(slices)} slice(s) of {shape[1]} × {shape[0]} from {source.name}", flush=True)
     with tqdm(unit="block", desc="predict", dynamic_ncols=True) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -145,7 +146,7 @@ def _predict(args: argparse.Namespace) -> int:
         run_blocks(job, shape, progress=progress, pixel_size_nm=pixel_size, workers=args.workers)
     if job.with_instances:
         neurons = link_neurons(job, shape)
-        print(f"{neurons['count']} neurons linked through the predicted slices")
+        print(f"{neurons['count']} neurons linked through the predicted slices", flush=True)
     names = job.all_outputs
     written = []
     for name in names:
