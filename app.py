@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from pages.canvas_aids import window_room
 from pages.common import (
     WAITING,
     account_menu,
@@ -122,6 +123,7 @@ def frame() -> None:
 
     with st.sidebar:
         account_menu()
+        window_room()  # (after the navigation, like the sign-in: see keep_sign_in)
     if page.title != "Annotate":
         in_session = {key: d for key, d in st.session_state.get("drafts", {}).items() if d.dirty}
         try:

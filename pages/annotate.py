@@ -11,11 +11,21 @@ import time
 import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, st_canvas  # needs a running Streamlit: pages only
 
+from pages.canvas_aids import DEFAULT_ROOM, live_overlay
 from pages.common import can, dataset_picker, flash, leave_guard, owner, select_dataset, start_page, volume_or_stop
 from storage.service import MaskConflict, UserError
 from ui.annotation import Draft, StartOption, history_rows, start_options
 from ui.figures import slice_strip
-from ui.live import REFRESH_S, SCRATCH, predicted_mask, prediction_caption, status_text
+from ui.live import (
+    OVERLAYS,
+    REFRESH_S,
+    SCRATCH,
+    overlay_picture,
+    predicted_mask,
+    prediction_caption,
+    status_text,
+    under,
+)
 from ui.paint import IGNORE, MEMBRANE, NEURON, View, brush_color, png_data_url, slice_window, view_picture
 from ui.prediction import compose
 from ui.text import plain
@@ -258,7 +268,8 @@ else:
 for key in TOOL_DEFAULTS:
     if key in st.session_state:
         st.session_state[f"_kept_{key}"] = st.session_state[key]
-view = View.fit((height, width), zoom, centre)
+room_w, room_h = st.session_state.get("_room") or DEFAULT_ROOM  # (the frame has the browser say it)
+view = View.fit((height, width), zoom, centre, target=max(384, min(room_w, 2048)))  # as wide as the page
 last_canvas = st.session_state.get("_canvas_rendered")
 if last_canvas != (draft.canvas_key, st.session_state.get("_script_runs", 0) - 1):
     draft.remount()  # the canvas was not on screen in the last run: its strokes are gone from it, bake them
@@ -280,7 +291,8 @@ st.caption(f"Painting **{ {NEURON: 'neuron', MEMBRANE: 'membrane', IGNORE: 'unla
 if can("annotate"):
     result = st_canvas(stroke_width=max(1, round(brush * view.ratio)), stroke_color=brush_color(tool),
                        background_image=cache["url"], height=display_h, width=display_w, drawing_mode="freedraw",
-                       return_image_data=True, key=draft.canvas_key, max_display_height=900, update_streamlit=True)
+                       return_image_data=True, key=draft.canvas_key, max_display_height=max(480, room_h - 120),
+                       update_streamlit=True)
     draft.apply(result.image_data)
 else:  # a viewer sees the slice and its mask, with nothing to paint on
     st.image(cache["url"], width=display_w, caption="View only: your role cannot paint or save masks.")
@@ -363,9 +375,17 @@ with st.container(border=True, key="live_panel"):
                             "itself when nobody has watched it for 10 minutes)")
     else:
         head[1].caption("Off. Turn it on to fine-tune a model on this dataset while you annotate.")
+    if not (want and session is not None):
+        live_overlay(draft.canvas_key, None)  # (a prediction laid over the canvas earlier goes)
 
     if want and session is not None:
-        layer = head[0].radio("Show", ["mask", "probability"], horizontal=True, key="live_layer")
+        shown_on = st.columns([2, 8], vertical_alignment="center")
+        on_canvas = shown_on[0].toggle("On the canvas", key="live_on_canvas", value=True, disabled=not can("annotate"),
+                                       help="Lay the live prediction over the slice you paint on (it lets every "
+                                            "stroke through); off: show it as a picture under the canvas.")
+        how = shown_on[1].radio("Show the prediction as", list(OVERLAYS), format_func=OVERLAYS.get, horizontal=True,
+                                key="live_show")
+        on_canvas = on_canvas and can("annotate")  # (a viewer has no canvas)
 
         def accept(region: tuple[int, int, int, int] | None) -> None:
             _pending_strokes(draft)
@@ -391,14 +411,25 @@ with st.container(border=True, key="live_panel"):
             seen = svc.live_prediction(session.run_id, z)
             if seen is None:
                 st.caption(f"Waiting for the first live prediction of slice {z} …")
+                live_overlay(draft.canvas_key, None)
                 return
             # the view's region only, every s-th pixel when the view shows the slice shrunk (never the whole slice)
-            s = view.shrink
-            region = (slice(view.y0, view.y0 + view.h, s), slice(view.x0, view.x0 + view.w, s))
-            part = volume[(z, *region)]
-            _, shown = compose(part, seen.probabilities[region], [layer], opacity)
-            local = View(0, 0, part.shape[0], part.shape[1], view.scale, 1)
-            st.image(local.render(shown), caption=prediction_caption(seen), width=min(display_w, 900))
+            made = st.session_state.get("_live_picture")
+            key = (session.run_id, z, seen.step, seen.masks_seen, view, how, opacity, on_canvas)
+            if made is None or made[0] != key:  # encoded once per prediction and view, not every 2 s
+                s = view.shrink
+                region = (slice(view.y0, view.y0 + view.h, s), slice(view.x0, view.x0 + view.w, s))
+                picture = overlay_picture(seen.probabilities[region], how, opacity)
+                if not on_canvas:  # a picture of its own: the slice under it
+                    grey, _ = compose(volume[(z, *region)], seen.probabilities[region], [], opacity)
+                    picture = View(0, 0, *grey.shape[:2], view.scale, 1).render(under(grey, picture))
+                made = st.session_state["_live_picture"] = (key, png_data_url(picture))
+            if on_canvas:
+                live_overlay(draft.canvas_key, made[1], stamp=str(seen.step))
+                st.caption(prediction_caption(seen) + " · on the canvas (" + OVERLAYS[how] + ")")
+            else:
+                live_overlay(draft.canvas_key, None)
+                st.image(made[1], caption=prediction_caption(seen), width=min(display_w, 900))
 
         live_view()
         # outside the fragment that refreshes every 2 s: a click never lands on a button being redrawn

@@ -99,6 +99,30 @@ def test_draw_a_stroke_and_save_it(tmp_path):
         page.get_by_text("Unsaved:").first.wait_for()
         assert [m.version for m in svc.history(dataset.id, 0)] == [1, 2], "nothing saved behind the user's back"
 
+        # undo outlives a change of opacity (a new picture under the canvas) and of zoom (a new canvas)
+        from playwright.sync_api import expect
+
+        # (a button with a tooltip is drawn twice, once hidden)
+        undo, redo = page.locator(".st-key-undo_edit button:visible"), page.locator(".st-key-redo_edit button:visible")
+        rendered = annotate_render(page)
+        page.get_by_role("slider", name="Mask opacity").focus()
+        page.keyboard.press("ArrowRight")
+        await_annotate_render(page, rendered)
+        undo.click()
+        expect(redo).to_be_enabled()  # the stroke is taken back: nothing unsaved
+        expect(page.get_by_text("Unsaved:")).to_have_count(0)
+        redo.click()
+        page.get_by_text("Unsaved:").first.wait_for()
+        expect(redo).to_be_disabled()
+        page.get_by_role("slider", name="Zoom").focus()
+        page.keyboard.press("ArrowRight")
+        page.get_by_text("showing rows").wait_for()
+        undo.click()
+        expect(redo).to_be_enabled()
+        expect(page.get_by_text("Unsaved:")).to_have_count(0)
+        ann = next(u for u in svc.users() if u.username == "ann")
+        assert svc.stored_draft(dataset.id, 0, f"user:{ann.id}") is None, "the undone edit is not kept"
+
 
 def test_the_whole_loop_in_the_browser(tmp_path):
     """Demo → one stroke saved → a tiny run started on Train and seen finishing → Predict shows an overlay

@@ -438,6 +438,23 @@ def test_accept_copies_the_prediction_into_the_edit_but_keeps_the_users_strokes(
     assert text.endswith("shared with bob, someone without a name")
 
 
+def test_the_live_overlay_covers_only_what_it_shows():
+    from ui.live import OVERLAYS, overlay_picture
+
+    prob = np.zeros((8, 8), np.float32)
+    prob[2:6, 2:6] = 0.9  # one neuron in membrane
+    outline = overlay_picture(prob, "outlines", 0.35)
+    assert outline.shape == (8, 8, 4) and outline.dtype == np.uint8
+    drawn = outline[..., 3] > 0
+    assert drawn.any() and not drawn[3:5, 3:5].any() and not drawn[7, :].any(), "only the neuron's edge"
+    membranes = overlay_picture(prob, "membranes", 0.35)
+    assert (membranes[..., 3] > 0).sum() == 64 - 16 and membranes[0, 0, 3] == round(0.35 * 255)
+    heat = overlay_picture(prob, "probability", 1.0)
+    assert (heat[..., 3] == 255).all() and not np.array_equal(heat[0, 0, :3], heat[3, 3, :3])
+    assert not overlay_picture(prob, "membranes", 0.0)[..., 3].any(), "opacity 0 hides it"
+    assert set(OVERLAYS) == {"outlines", "membranes", "probability"}
+
+
 def test_the_live_rate_is_a_fine_tuning_rate_from_a_trained_start_and_a_held_rate_from_scratch():
     """Held flat with no end, a live session runs below the recipe's own peak: 2e-4 from trained weights,
     1e-3 from random ones (cpu-quick's 3e-3 made a from-scratch network swing between rounds), and never

@@ -11,7 +11,15 @@ from sqlalchemy import select
 from storage.models import LiveSlice
 from storage.service import Neuroseg
 from storage.settings import Settings
-from tests.browser import ARTIFACTS, annotate_render, app_server, await_annotate_render, chromium, open_with_demo
+from tests.browser import (
+    ARTIFACTS,
+    annotate_render,
+    app_server,
+    await_annotate_render,
+    canvas_key,
+    chromium,
+    open_with_demo,
+)
 from tests.test_jobs import wait_for
 from tests.test_starter import tiny_starter
 
@@ -50,7 +58,13 @@ def test_live_on_paint_save_and_the_overlay_follows(tmp_path, monkeypatch):
         ann = next(u for u in svc.users() if u.username == "ann")
         assert session is not None and session.viewers == [f"user:{ann.id}"] and session.names == {
             f"user:{ann.id}": "ann"}
-        first_image = page.locator(".st-key-live_panel img").get_attribute("src")
+        # the prediction lies on the canvas itself (inside its box, under the strokes), not below it
+        overlay = page.locator("img.neuroseg-live-overlay")
+        overlay.wait_for()
+        first_image = overlay.get_attribute("src")
+        assert overlay.evaluate("img => getComputedStyle(img).pointerEvents") == "none"
+        canvas_box, overlay_box = page.locator("canvas.upper-canvas").bounding_box(), overlay.bounding_box()
+        assert all(abs(canvas_box[k] - overlay_box[k]) < 1 for k in ("x", "y", "width", "height"))
 
         rendered = annotate_render(page)
         page.get_by_text("Membrane", exact=False).first.click()
@@ -71,10 +85,16 @@ def test_live_on_paint_save_and_the_overlay_follows(tmp_path, monkeypatch):
         # the worker learns the save and predicts slice 0 again with those weights; the page shows it
         wait_for(lambda: (row := live_row(svc, session.run_id, 0)) and row[1] >= saved.id,
                  what="a live prediction from weights that learned the save")
-        shown = page.locator(".st-key-live_panel img").get_attribute("src")
-        page.wait_for_function("src => document.querySelector('.st-key-live_panel img').src !== src", arg=shown)
-        # (what was shown when the worker had learned the save may still have been the first picture)
-        assert page.locator(".st-key-live_panel img").get_attribute("src") != first_image
+        from playwright.sync_api import expect
+
+        # the overlay of the canvas that replaced the one the save unmounted, from weights that learned the save
+        overlay = page.locator("img.neuroseg-live-overlay")
+        expect(overlay).to_have_count(1)
+        page.wait_for_function("([k, step]) => { const img = [...document.querySelectorAll('.st-key-' + k + ' div')]"
+                               ".map(el => el.shadowRoot && el.shadowRoot.querySelector('img.neuroseg-live-overlay'))"
+                               ".find(Boolean); return img && Number(img.dataset.stamp) >= step; }",
+                               arg=[canvas_key(page), live_row(svc, session.run_id, 0)[0]])
+        assert overlay.get_attribute("src") != first_image
         page.get_by_text(re.compile(r"Live session #\d+ \(\d+ saved mask\(s\) learned\)")).wait_for()
         page.screenshot(path=ARTIFACTS / "annotate-live-after-save.png", full_page=True)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ui.paint import boundaries, heatmap
 from ui.text import plain
 from unet.labels import MEMBRANE, NEURON
 
@@ -18,6 +19,34 @@ SCRATCH = 0  # the "Start from" choice of a live session from random weights (ch
 def predicted_mask(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """NEURON where the neuron probability is above ``threshold``, MEMBRANE elsewhere (a full label)."""
     return np.where(probabilities > threshold, NEURON, MEMBRANE).astype(np.uint8)
+
+
+#: How the live prediction can be laid over the canvas, as the page offers them.
+OVERLAYS = {"outlines": "outlines (yellow: where it puts membranes)", "membranes": "membranes (yellow fill)",
+            "probability": "probability (heatmap)"}
+_YELLOW = (255, 230, 0)
+
+
+def overlay_picture(probabilities: np.ndarray, how: str, opacity: float, threshold: float = 0.5) -> np.ndarray:
+    """The live prediction as an RGBA picture to lay over the canvas (the slice and the user's mask show
+    through): "outlines" draws the edges of the predicted neurons, "membranes" fills what it calls membrane,
+    "probability" is the heatmap; ``opacity`` (the page's mask opacity) sets how much it covers."""
+    prob = np.asarray(probabilities, np.float32)
+    rgba = np.zeros((*prob.shape, 4), np.uint8)
+    alpha = round(255 * min(1.0, max(0.0, opacity)))
+    if how == "probability":
+        rgba[..., :3] = heatmap(prob)
+        rgba[..., 3] = alpha
+        return rgba
+    where = boundaries((prob > threshold).astype(np.uint8)) if how == "outlines" else prob <= threshold
+    rgba[where] = (*_YELLOW, max(alpha, 200) if how == "outlines" else alpha)
+    return rgba
+
+
+def under(rgb: np.ndarray, rgba: np.ndarray) -> np.ndarray:
+    """``rgba`` laid over ``rgb`` (both of one shape), as the browser lays the overlay over the canvas."""
+    a = rgba[..., 3:].astype(np.float32) / 255
+    return (rgb * (1 - a) + rgba[..., :3] * a + 0.5).astype(np.uint8)
 
 
 def viewer_name(owner: str) -> str:
