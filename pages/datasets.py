@@ -143,8 +143,11 @@ with left:
 
 # --- held-out slices ------------------------------------------------------------------------------
 frozen = svc.held_out(dataset_id)
+seen = svc.held_out_seen(dataset_id) if frozen else None
+tainted = seen is not None and bool(seen.seen_by)  # (open, and said in its title: runs trained on them)
 with st.expander("Held-out slices" + (f" (version {frozen.version}: slices "
-                                      f"{', '.join(map(str, frozen.slices))})" if frozen else " (none)")):
+                                      f"{', '.join(map(str, frozen.slices))})" if frozen else " (none)")
+                 + (" · some runs trained on them" if tainted else ""), expanded=tainted):
     st.caption("Labelled slices set aside to score every run on this dataset, live sessions included, with the "
                "same metrics, so a retrained model that got worse is flagged on **Runs**. Their mask versions "
                "are frozen now (a later edit of the slice does not move the goalposts) and they never train. "
@@ -158,8 +161,7 @@ with st.expander("Held-out slices" + (f" (version {frozen.version}: slices "
                     lambda h: (f"Held-out slices, version {h.version}: {', '.join(map(str, h.slices))}. Runs that "
                                "end from now on are scored there." + seen_words(h) if h else
                                "This dataset has no held-out slices now."))
-    seen = svc.held_out_seen(dataset_id) if frozen else None
-    if seen is not None and seen.seen_by:
+    if tainted:
         st.warning(seen_words(seen).strip(), icon=":material/visibility:")
 
 # --- edit and delete ------------------------------------------------------------------------------

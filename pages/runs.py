@@ -8,7 +8,7 @@ import streamlit as st
 from pages.common import attempt, start_page
 from ui.figures import METRIC_NAMES, run_curves_figure
 from ui.text import plain
-from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration, score_rows
+from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration, score_rows, score_summary
 
 svc = start_page("Runs")
 runs = svc.runs()
@@ -84,6 +84,7 @@ if held:
                        "older run can be scored from its page below.")
         else:
             st.dataframe(score_rows(scores, run_name), hide_index=True, key="held_out_table")
+            st.markdown(score_summary(scores, run_name))
             bad = [s for s in scores if s.flagged]
             if bad:
                 st.warning(" ".join(f"**{run_name(s.run_id)}** scores worse than its parent "

@@ -1,8 +1,16 @@
 """Scores a lab can trust: a held-out score never includes a slice the run, or a run it was fine-tuned
 from, trained on; freezing such a slice names the runs it taints; the best run is chosen among runs that
-saw none of them, by a metric the page names."""
+saw none of them, by a metric the page names; Predict's headline is on the slices the model never trained
+on. One store is built once for the module (three real runs and a prediction); the service, the pages
+(AppTest) and a real browser each check it."""
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
 
 from storage.service import Neuroseg
 from storage.settings import Settings
@@ -11,67 +19,120 @@ from tests.test_live import upload
 from unet.config import preset
 
 
-def test_held_out_scores_leave_out_the_slices_a_lineage_trained_on(tmp_path, synthetic, monkeypatch):
-    svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
+@dataclass
+class Journey:
+    data_dir: Path
+    svc: Neuroseg
+    ds: int
+    a: int  # trained on 0–3 before 2 and 5 were frozen as held out
+    b: int  # trained on 0, 1: never saw a held-out slice
+    c: int  # fine-tuned from a on 0, 1: saw slice 2 through its parent
+    frozen_seen_by: dict
+    prediction: int  # b's best checkpoint on every slice
+
+
+@pytest.fixture(scope="module")
+def journey(tmp_path_factory, synthetic):
+    """The new user's journey: run A trains on 0–3; only then are 2 and 5 frozen as held out; then B (on
+    0, 1) and C (fine-tuned from A on 0, 1) train, and B's best predicts the whole stack."""
+    folder = tmp_path_factory.mktemp("journey")
+    svc = Neuroseg(Settings.from_env(folder / "data"), supervise=False)
+    ds = upload(svc, folder, synthetic, "tainted")
+    recipe = preset("tiny", steps=8, patch_size=48, val_every=1000, checkpoint_every=1000)
+    a = svc.submit_training([{"dataset_id": ds, "slices": [0, 1, 2, 3]}], [{"dataset_id": ds, "slices": [4]}],
+                            recipe, preset="tiny")
+    wait_for(lambda: svc.run(a.id).status == "FINISHED", what="run A")
+    frozen = svc.set_held_out(ds, [2, 5])
+    svc.score_run(a.id)
+    b = svc.submit_training([{"dataset_id": ds, "slices": [0, 1]}], [], recipe, preset="tiny")
+    best_a = next(c.id for c in svc.checkpoints(a.id) if c.kind == "best")
+    c = svc.submit_training([{"dataset_id": ds, "slices": [0, 1]}], [], recipe, preset="tiny",
+                            parent_checkpoint_id=best_a)
+    wait_for(lambda: {svc.run(b.id).status, svc.run(c.id).status} == {"FINISHED"}, what="runs B and C")
+    job = svc.predict(next(k.id for k in svc.checkpoints(b.id) if k.kind == "best"), ds, list(range(6)))
+    wait_for(lambda: svc.prediction(job.id).status == "FINISHED", what="the prediction")
     try:
-        ds = upload(svc, tmp_path, synthetic, "tainted")
-        recipe = preset("tiny", steps=8, patch_size=48, val_every=1000, checkpoint_every=1000)
-
-        # run A trains on 0–3; only then are 2 and 5 frozen as held out (the new user's journey)
-        a = svc.submit_training([{"dataset_id": ds, "slices": [0, 1, 2, 3]}], [{"dataset_id": ds, "slices": [4]}],
-                                recipe, preset="tiny")
-        wait_for(lambda: svc.run(a.id).status == "FINISHED", what="run A")
-        frozen = svc.set_held_out(ds, [2, 5])
-        assert frozen.seen_by == {2: [a.id]}  # freezing names the run it taints
-        assert svc.score_run(a.id) == 1
-        [score_a] = svc.held_out_scores(ds)
-        assert (score_a.slices, score_a.seen) == ((5,), (2,))
-        assert not score_a.honest and score_a.best_run_id is None  # a tainted run is never the best
-        card = svc.model_card(next(c.id for c in svc.checkpoints(a.id) if c.kind == "best"))
-        assert card["held_out"][str(ds)]["seen"] == [2] and card["held_out"][str(ds)]["slices"] == [5]
-        assert card["held_out"][str(ds)]["metrics"] == score_a.metrics  # the card repeats the honest figure
-
-        # B never saw a held-out slice: it is the best; C, fine-tuned from A, saw slice 2 through its parent
-        b = svc.submit_training([{"dataset_id": ds, "slices": [0, 1]}], [], recipe, preset="tiny")
-        best_a = next(c.id for c in svc.checkpoints(a.id) if c.kind == "best")
-        c = svc.submit_training([{"dataset_id": ds, "slices": [0, 1]}], [], recipe, preset="tiny",
-                                parent_checkpoint_id=best_a)
-        wait_for(lambda: {svc.run(b.id).status, svc.run(c.id).status} == {"FINISHED"}, what="runs B and C")
-        scores = {s.run_id: s for s in svc.held_out_scores(ds)}
-        assert set(scores) == {a.id, b.id, c.id}
-        assert scores[b.id].honest and (scores[b.id].slices, scores[b.id].seen) == ((2, 5), ())
-        assert {s.best_run_id for s in scores.values()} == {b.id}
-        assert (scores[c.id].slices, scores[c.id].seen) == ((5,), (2,))
-        assert scores[c.id].parent == scores[a.id].metrics  # compared with its parent on slice 5 only
-        assert svc.held_out_seen(ds).seen_by == {2: [a.id, c.id]}
-
-        # the pages say so: Runs names the metric that picks the best and marks the tainted runs;
-        # Datasets names the runs that trained on a held-out slice
-        monkeypatch.setenv("NEUROSEG_DATA_DIR", str(tmp_path / "data"))
-        monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(tmp_path / "no-isbi"))
-        from tests.test_pages import app
-
-        at = app("Runs")
-        table = next(d.value for d in at.dataframe if "flag" in d.value.columns)
-        flags = dict(zip(table["run"], table["flag"], strict=True))
-        measured = dict(zip(table["run"], table["measured on slices"], strict=True))
-        assert "★ best by Rand-F" in flags[f"run {b.id}"]
-        assert "saw some held-out slices" in flags[f"run {a.id}"] and "★" not in flags[f"run {a.id}"]
-        assert measured[f"run {a.id}"] == "5" and measured[f"run {b.id}"] == "2, 5"
-        # Predict's headline is on the slices the model never trained on; the others are beside it, marked
-        job = svc.predict(next(c.id for c in svc.checkpoints(b.id) if c.kind == "best"), ds, list(range(6)))
-        wait_for(lambda: svc.prediction(job.id).status == "FINISHED", what="the prediction")
-        at = app("Predict")
-        assert any("On the 4 labelled slices this model never trained on** (slices 2, 3, 4, 5)" in m.value
-                   for m in at.markdown), [m.value for m in at.markdown]
-        metrics = svc.prediction(job.id).metrics["slices"]
-        unseen = sum(metrics[str(z)]["pixel_error"] for z in (2, 3, 4, 5)) / 4
-        assert next(m.value for m in at.metric if m.label == "pixel error") == f"{unseen:.3f}"
-        assert any("Trained on slices 0, 1: mean" in c.value for c in at.caption)
-        rows = next(d.value for d in at.dataframe if "the model" in d.value.columns)
-        assert list(rows["the model"]) == ["trained on", "trained on", "held out", "never trained on",
-                                           "never trained on", "held out", "4 slices", "2 slices"]
-        at = app("Datasets")  # (the newest dataset, this one, is shown)
-        assert any(f"slice 2 by runs {a.id}, {c.id}" in w.value for w in at.warning), [w.value for w in at.warning]
+        yield Journey(folder / "data", svc, ds, a.id, b.id, c.id, frozen.seen_by, job.id)
     finally:
         svc.close()
+
+
+def test_held_out_scores_leave_out_the_slices_a_lineage_trained_on(journey, monkeypatch):
+    svc, ds, a, b, c = journey.svc, journey.ds, journey.a, journey.b, journey.c
+    assert journey.frozen_seen_by == {2: [a]}  # freezing names the run it taints (only A had trained then)
+    scores = {s.run_id: s for s in svc.held_out_scores(ds)}
+    assert set(scores) == {a, b, c}
+    assert (scores[a].slices, scores[a].seen) == ((5,), (2,))
+    assert not scores[a].honest and scores[a].best_run_id != a  # a tainted run is never the best
+    card = svc.model_card(next(k.id for k in svc.checkpoints(a) if k.kind == "best"))
+    assert card["held_out"][str(ds)]["seen"] == [2] and card["held_out"][str(ds)]["slices"] == [5]
+    assert card["held_out"][str(ds)]["metrics"] == scores[a].metrics  # the card repeats the honest figure
+    # B never saw a held-out slice: it is the best; C, fine-tuned from A, saw slice 2 through its parent
+    assert scores[b].honest and (scores[b].slices, scores[b].seen) == ((2, 5), ())
+    assert {s.best_run_id for s in scores.values()} == {b}
+    assert (scores[c].slices, scores[c].seen) == ((5,), (2,))
+    assert scores[c].parent == scores[a].metrics  # compared with its parent on slice 5 only
+    assert svc.held_out_seen(ds).seen_by == {2: [a, c]}
+
+    # the pages say so: Runs names the metric that picks the best and marks the tainted runs;
+    # Datasets names the runs that trained on a held-out slice
+    monkeypatch.setenv("NEUROSEG_DATA_DIR", str(journey.data_dir))
+    monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(journey.data_dir.parent / "no-isbi"))
+    from tests.test_pages import app
+
+    at = app("Runs")
+    table = next(d.value for d in at.dataframe if "flag" in d.value.columns)
+    flags = dict(zip(table["run"], table["flag"], strict=True))
+    measured = dict(zip(table["run"], table["measured on slices"], strict=True))
+    assert "★ best by Rand-F" in flags[f"run {b}"]
+    assert "saw some held-out slices" in flags[f"run {a}"] and "★" not in flags[f"run {a}"]
+    assert measured[f"run {a}"] == "5" and measured[f"run {b}"] == "2, 5"
+    # Predict's headline is on the slices the model never trained on; the others are beside it, marked
+    at = app("Predict")
+    assert any("On the 4 labelled slices this model never trained on** (slices 2, 3, 4, 5)" in m.value
+               for m in at.markdown), [m.value for m in at.markdown]
+    metrics = svc.prediction(journey.prediction).metrics["slices"]
+    unseen = sum(metrics[str(z)]["pixel_error"] for z in (2, 3, 4, 5)) / 4
+    assert next(m.value for m in at.metric if m.label == "pixel error") == f"{unseen:.3f}"
+    assert any("Trained on slices 0, 1: mean" in m.value for m in at.caption)
+    rows = next(d.value for d in at.dataframe if "the model" in d.value.columns)
+    assert list(rows["the model"]) == ["trained on", "trained on", "held out", "never trained on",
+                                       "never trained on", "held out", "4 slices", "2 slices"]
+    at = app("Datasets")  # (the newest dataset, this one, is shown)
+    assert any(f"slice 2 by runs {a}, {c}" in w.value for w in at.warning), [w.value for w in at.warning]
+
+
+@pytest.mark.slow
+def test_in_the_browser_the_best_is_untainted_and_predicts_headline_is_on_unseen_slices(journey):
+    """What a user reads, in a real browser: Runs says which run is best, by which metric, and which runs
+    were left out because they trained on a held-out slice; Predict's headline is on never-trained slices."""
+    from playwright.sync_api import expect
+
+    from tests.browser import app_server, chromium, signed_in
+
+    a, b, c = journey.a, journey.b, journey.c
+    metrics = journey.svc.prediction(journey.prediction).metrics["slices"]
+    unseen = sum(metrics[str(z)]["pixel_error"] for z in (2, 3, 4, 5)) / 4
+    with app_server(journey.data_dir) as url, chromium() as browser:
+        page = signed_in(browser.new_context().new_page(), url, "rita", "annotator")
+        page.set_default_timeout(90_000)
+        page.goto(f"{url}/runs")
+        summary = page.locator('[data-testid="stMarkdownContainer"]').filter(has_text="Best by Rand-F")
+        summary.wait_for()
+        expect(summary).to_contain_text(f"Best by Rand-F: run {b} (Rand-F ")
+        expect(summary).to_contain_text("on held-out slices 2, 5, none of which it trained on")
+        expect(summary).to_contain_text(f"run {a} (trained on 2; its figures count only slices 5)")
+        expect(summary).to_contain_text(f"run {c} (trained on 2; its figures count only slices 5)")
+
+        page.goto(f"{url}/predict")
+        headline = page.locator('[data-testid="stMarkdownContainer"]').filter(
+            has_text="this model never trained on").first
+        headline.wait_for()
+        expect(headline).to_contain_text("On the 4 labelled slices this model never trained on (slices 2, 3, 4, 5)")
+        card = page.locator('[data-testid="stMetric"]').filter(has_text="pixel error").first
+        expect(card).to_contain_text(f"{unseen:.3f}")
+        page.get_by_text(re.compile(r"Trained on slices 0, 1: mean")).first.wait_for()
+
+        page.goto(f"{url}/datasets")
+        page.get_by_text("some runs trained on them").first.wait_for()  # the held-out section opens and says so
+        page.get_by_text(f"slice 2 by runs {a}, {c}", exact=False).first.wait_for()

@@ -132,6 +132,30 @@ def seen_words(frozen: Any) -> str:
             "slices out, and they are not compared for the best.")
 
 
+def score_summary(scores: list[Any], name: Callable[[int], str]) -> str:
+    """The held-out table in a sentence or two (Markdown): which run is best, by which metric, on which
+    slices, and which runs were left out of the choice because they trained on a held-out slice."""
+    if not scores:
+        return ""
+    labels = dict(SCORE_KEYS)
+    best = next((s for s in scores if s.best_run_id == s.run_id), None)
+    parts = []
+    if best is not None:
+        value = best.metrics.get(best.decides)
+        parts.append(f"★ **Best by {labels[best.decides]}: {name(best.run_id)}**"
+                     + (f" ({labels[best.decides]} {value:.4f}" if value is not None else " (")
+                     + f" on held-out slices {', '.join(map(str, best.slices))}, none of which it trained on).")
+    else:
+        parts.append("No run is marked best: every scored run trained on a held-out slice.")
+    tainted = [s for s in scores if s.seen]
+    if tainted:
+        parts.append("Left out of the choice, because they trained on held-out slices: " + "; ".join(
+            f"**{name(s.run_id)}** (trained on {', '.join(map(str, s.seen))}; "
+            + (f"its figures count only slices {', '.join(map(str, s.slices))})" if s.slices else "no figures)")
+            for s in tainted) + ".")
+    return " ".join(parts)
+
+
 def score_rows(scores: list[Any], name: Callable[[int], str]) -> list[dict[str, Any]]:
     """Held-out scores as table rows: each metric, its change against the parent and the best, and a flag
     when the run is worse than its parent (⚠) or than the best (▼) beyond the tolerance."""
