@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in dict.fromkeys(r["path"] for r in rows):
             mine = [r for r in rows if r["path"] == path]
             rows.append({"path": f"{path}: median", "run": "median",
-                         **{k: statistics.median(r[k] for r in mine) for k in
-                            ("seconds", "mvox_s", "peak_rss_mb") + (("engine_seconds", "engine_mvox_s")
-                                                                    if mine[0].get("engine_seconds") else ())}})
+                         **{k: statistics.median(values) for k in ("seconds", "mvox_s", "peak_rss_mb",
+                                                                   "engine_seconds", "engine_mvox_s")
+                            if (values := [r[k] for r in mine if r.get(k) is not None])}})
     print(f"{len(chosen)} of {z} slices of {args.side}² (uint8, {tiff.stat().st_size / 1e9:.2f} GB TIFF), tiny "
           f"network, {args.workers} worker(s), {os.cpu_count()} cores")
     print(table(rows, [("path", "path", ""), ("run", "run", ""), ("seconds", "s", ".0f"), ("mvox_s", "Mvox/s", ".2f"),

@@ -3,7 +3,7 @@ from exactly the same kind of strokes.
 
     python -m bench.loop [--volume V.tif --labels L.tif] [--annotate 0-24] [--held-out 25-29]
                          [--start random|starter|CHECKPOINT.pt] [--rounds 10] [--k 10] [--radius 8]
-                         [--seconds 30] [--paint-seconds 0] [--page] [--json FILE] [--skip-forest]
+                         [--seconds 30] [--paint-seconds 0] [--page] [--zoom 1] [--json FILE] [--skip-forest]
 
 Each round the annotator takes the next slice to annotate (a fixed shuffled order of ``--annotate``),
 looks at the model's prediction of it, finds the K largest wrongly predicted regions against the full
@@ -14,7 +14,9 @@ the painted masks saved as mask versions, the session left to train for ``--seco
 slices scored from the session's own live predictions (the bench asks for them as a viewer would). The
 time from each save until the live overlay of the slice comes from weights that learned it is measured;
 with ``--page`` one Annotate page is open in Chromium all along (the server as ``./run.sh`` runs it),
-following the annotator's slice with Live on, as a user has it.
+following the annotator's slice with Live on, as a user has it. With ``--zoom N`` the annotator (and the
+page) look at the middle 1/N × 1/N of each slice, as Annotate's zoom shows it, and paint only there: the
+live session predicts that region first.
 The forest side is retrained (100 trees, scikit-image features as in :mod:`bench.quality`) on all painted
 pixels after each round and predicts the same slices. Both print and write per round: pixel error, Rand-F
 and VI on the held-out slices, painted pixels so far and wall-clock seconds.
@@ -181,7 +183,7 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
         if args.page:  # the app as ./run.sh serves it, with its own supervisor, and one Annotate page
             (work / "data").mkdir(parents=True, exist_ok=True)
             os.environ["NEUROSEG_STARTER_DIR"] = str(_start_folder(args.start, work))
-            page = stack.enter_context(annotate_page(work / "data"))
+            page = stack.enter_context(annotate_page(work / "data", args.zoom))
         svc, ds, run_id = open_live(args.start, volume_path, work, supervise=page is None)
         painted = {z: np.zeros(targets.shape[1:], bool) for z in order}
         rows, latencies = [], []
@@ -194,14 +196,20 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
                 return p if p is not None and p.created.timestamp() >= since else None
             return get
 
+        from ui.paint import View
+
+        view = View.fit(targets.shape[1:], args.zoom)  # (the page's region at this zoom, centred)
+        region = (view.y0, view.x0, view.h, view.w) if args.zoom > 1 else None
+        outside = np.ones(targets.shape[1:], bool)
+        outside[view.y0:view.y0 + view.h, view.x0:view.x0 + view.w] = False
         for r in range(args.rounds):
             z = order[r % len(order)]
             t_look = time.time()
             if page is not None:
                 page(ds, z)  # the page follows the annotator to the slice, with Live on
-            svc.live_see(run_id, "annotator", z)
+            svc.live_see(run_id, "annotator", z, region)
             seen = _wait(f"a live prediction of slice {z}", fresh(z, t_look))
-            centres = wrong_regions(seen.probabilities, targets[z], painted[z], args.k, args.radius)
+            centres = wrong_regions(seen.probabilities, targets[z], painted[z] | outside, args.k, args.radius)
             paint(painted[z], centres, args.radius)
             if args.paint_seconds > 0:
                 time.sleep(args.paint_seconds)  # the strokes take a person this long; the session trains on
@@ -237,10 +245,11 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
 
 
 @contextlib.contextmanager
-def annotate_page(data: Path):
+def annotate_page(data: Path, zoom: int = 1):
     """The app served on the store in ``data`` (``streamlit run web/asgi.py``, as ``./run.sh`` does) and one
     Chromium page signed in as an annotator; yields ``follow(dataset, z)``, which opens Annotate on slice z
-    (``?slice=``) with Live on, as a user does who moves to the slice they correct."""
+    (``?slice=``) with Live on, as a user does who moves to the slice they correct, zoomed in ``zoom`` times
+    on the slice's middle (Annotate keeps its zoom from one visit to the next)."""
     sys.path.insert(0, str(ROOT))
     from tests.browser import app_server, chromium, signed_in
 
@@ -261,6 +270,11 @@ def annotate_page(data: Path):
             except Exception:
                 page.get_by_text("Live", exact=True).click()  # the toggle
                 on.first.wait_for()
+            if zoom > 1 and not page.get_by_text("showing rows").count():
+                page.get_by_role("slider", name="Zoom").focus()
+                for _ in range(zoom.bit_length() - 1):  # 1 → 2 → 4 → 8
+                    page.keyboard.press("ArrowRight")
+                page.get_by_text("showing rows").first.wait_for()
 
         yield follow
 
@@ -320,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                     "slice's prediction to saving the strokes (a person painting K disks takes several seconds)")
     ap.add_argument("--page", action="store_true", help="keep one Annotate page open in Chromium (the app served "
                     "as ./run.sh serves it), following the annotator's slice with Live on")
+    ap.add_argument("--zoom", type=int, default=1, choices=(1, 2, 4, 8), help="look at and paint only the "
+                    "middle 1/N of each slice, as Annotate's zoom shows it (the live session predicts it first)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "loop.json"))
     args = ap.parse_args(argv)
     found = labelled_stack(args.volume, args.labels)
@@ -333,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--annotate and --held-out overlap", file=sys.stderr)
         return 2
     result = {"volume": str(volume_path), "shape": list(volume.shape), "start": args.start, "k": args.k,
-              "page": args.page, "paint_seconds": args.paint_seconds,
+              "page": args.page, "paint_seconds": args.paint_seconds, "zoom": args.zoom,
               "radius": args.radius, "seconds_per_round": args.seconds, "held_out": held,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     result["unet"] = unet_loop(args, volume_path, targets, order, held)

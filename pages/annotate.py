@@ -14,7 +14,7 @@ from streamlit_drawable_canvas import CanvasResult, st_canvas  # needs a running
 from pages.canvas_aids import DEFAULT_ROOM, live_overlay
 from pages.common import can, dataset_picker, flash, leave_guard, owner, select_dataset, start_page, volume_or_stop
 from storage.service import MaskConflict, UserError
-from ui.annotation import Draft, StartOption, history_rows, start_options
+from ui.annotation import Draft, StartOption, history_rows, start_options, trim_histories
 from ui.figures import slice_strip
 from ui.live import (
     OVERLAYS,
@@ -22,6 +22,7 @@ from ui.live import (
     SCRATCH,
     overlay_picture,
     predicted_mask,
+    predicted_region,
     prediction_caption,
     status_text,
     under,
@@ -297,6 +298,7 @@ if can("annotate"):
 else:  # a viewer sees the slice and its mask, with nothing to paint on
     st.image(cache["url"], width=display_w, caption="View only: your role cannot paint or save masks.")
 _keep(draft)  # every change goes to the store: a reload or a new tab finds it
+trim_histories(list(drafts.values()), draft)  # (a session's undo stays within its memory budget)
 st.session_state["_canvas_rendered"] = (draft.canvas_key, st.session_state.get("_script_runs", 0))
 
 # --- save -----------------------------------------------------------------------------------------
@@ -393,9 +395,16 @@ with st.container(border=True, key="live_panel"):
             if seen is None:
                 flash("No live prediction of this slice yet: wait a few seconds.", "info")
                 return
+            asked = region
+            region = predicted_region(seen, region)  # (only what the session has predicted)
+            if region is not None and min(region[2:]) <= 0:
+                flash("The live session has not predicted this part of the slice yet: wait a few seconds.", "info")
+                return
             changed = draft.accept(predicted_mask(seen.probabilities), region)
             _keep(draft)
-            flash(f"Took the live prediction (step {seen.step:,}) into your edit: {changed:,} pixels changed. "
+            only = (" (only the zoomed region: the rest of the slice has not been predicted yet)"
+                    if region is not None and region != asked else "")
+            flash(f"Took the live prediction (step {seen.step:,}) into your edit{only}: {changed:,} pixels changed. "
                   "Correct what is wrong, then save.")
             st.rerun()  # the whole page: the canvas shows the edit
 
@@ -405,9 +414,10 @@ with st.container(border=True, key="live_panel"):
             st.caption(status_text(now, owner()) if now is not None else
                        f"Live session #{session.run_id} has ended: it is a run now (Runs, Predict).")
             told = st.session_state.get("_live_told")
-            if told is None or told[:2] != (session.run_id, z) or time.monotonic() - told[2] > 30:
-                svc.live_see(session.run_id, owner(), z)  # this slice (and its neighbours) next
-                st.session_state["_live_told"] = (session.run_id, z, time.monotonic())
+            on_screen = (view.y0, view.x0, view.h, view.w) if zoom > 1 else None  # zoomed: that region first
+            if told is None or told[:3] != (session.run_id, z, on_screen) or time.monotonic() - told[3] > 30:
+                svc.live_see(session.run_id, owner(), z, on_screen)  # this slice (and its neighbours) next
+                st.session_state["_live_told"] = (session.run_id, z, on_screen, time.monotonic())
             seen = svc.live_prediction(session.run_id, z)
             if seen is None:
                 st.caption(f"Waiting for the first live prediction of slice {z} …")

@@ -27,7 +27,8 @@ const measure = () => {
   if (!main) return "";
   const css = getComputedStyle(main);
   const inner = main.clientWidth - parseFloat(css.paddingLeft || "0") - parseFloat(css.paddingRight || "0");
-  return Math.floor(inner / 32) * 32 + "x" + Math.floor(window.innerHeight / 32) * 32;
+  const w = Math.floor(inner / 32) * 32, h = Math.floor(window.innerHeight / 32) * 32;
+  return w >= 224 && h >= 224 ? w + "x" + h : "";  // (a hidden or tiny column: nothing to say)
 };
 const report = () => {
   const now = measure();

@@ -30,6 +30,35 @@ from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunM
 from storage.records import ACTIVE, NotFound, RunInfo, RunStatus, UserError, aware
 from storage.runs import device_key, resume_run, run_info
 
+Region = tuple[int, int, int, int]  # (y0, x0, h, w) of a slice
+
+
+def region_text(region: Region | None, partial: bool = False) -> str | None:
+    """A region as the store keeps it: "y0,x0,h,w", with ",partial" when the rest of the slice has never
+    been predicted."""
+    return None if region is None else ",".join(str(int(v)) for v in region) + (",partial" if partial else "")
+
+
+def parse_region(text: str | None) -> Region | None:
+    """A region as kept in the store, or None (also for anything that does not read as four integers)."""
+    try:
+        y0, x0, h, w = (int(v) for v in (text or "").split(",")[:4])
+    except ValueError:
+        return None
+    return (y0, x0, h, w) if min(y0, x0) >= 0 and min(h, w) > 0 else None
+
+
+def clean_region(region) -> Region | None:
+    """A region a page asked for, as four non-negative integers (a slice is never larger than 2³¹), or
+    None for the whole slice (also for anything else)."""
+    try:
+        y0, x0, h, w = (int(v) for v in region)
+    except (TypeError, ValueError):
+        return None
+    limit = 2**31 - 1
+    return (y0, x0, h, w) if min(y0, x0) >= 0 and max(y0, x0, h, w) <= limit and min(h, w) > 0 else None
+
+
 VIEWER_TTL = timedelta(seconds=120)  # a viewer not seen for this long is no longer predicted for
 LIVE_KIND = "live"
 # the network of a session from random weights: the starter's (width 8), the one bench.loop measured
@@ -60,6 +89,8 @@ class LivePrediction:
     masks_seen: int
     created: datetime
     probabilities: np.ndarray  # float32 in [0, 1], the neuron probability
+    region: Region | None = None  # only this region is from ``step``'s weights (None: the whole slice)
+    partial: bool = False  # the rest of the slice has never been predicted (it reads 0.5: not an answer)
 
 
 def _live_runs(session: Session, dataset_id: int, statuses=ACTIVE) -> list[Run]:
@@ -145,16 +176,19 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
     return live_info(session, run), "started"
 
 
-def see(session: Session, run_id: int, owner: str, slice_index: int | None) -> None:
-    """``owner`` looks at ``slice_index`` of the session (None: keep the slice, just say still here)."""
+def see(session: Session, run_id: int, owner: str, slice_index: int | None, region: Region | None = None) -> None:
+    """``owner`` looks at ``slice_index`` of the session (None: keep the slice, just say still here), at
+    ``region`` of it (zoomed in: predicted first) or at all of it (None)."""
     row = session.get(LiveViewer, (run_id, owner))
     now = datetime.now(UTC)
     if row is None:
-        session.add(LiveViewer(run_id=run_id, owner=owner, slice_index=slice_index or 0, seen=now))
+        session.add(LiveViewer(run_id=run_id, owner=owner, slice_index=slice_index or 0, seen=now,
+                               region=region_text(clean_region(region))))
     else:
         row.seen = now
         if slice_index is not None:
             row.slice_index = slice_index
+            row.region = region_text(clean_region(region))
     session.flush()
 
 
@@ -188,6 +222,23 @@ def focus_slices(session: Session, run_id: int, n_slices: int) -> tuple[list[int
     return own, beside
 
 
+def viewed_regions(session: Session, run_id: int) -> dict[int, Region]:
+    """The viewers' slices that are seen only in part (zoomed in): slice → the region around every viewer's
+    part of it. A slice that anyone sees whole is not here."""
+    since = datetime.now(UTC) - VIEWER_TTL
+    parts: dict[int, list[Region | None]] = {}
+    for v in session.scalars(select(LiveViewer).where(LiveViewer.run_id == run_id)):
+        if aware(v.seen) >= since:
+            parts.setdefault(v.slice_index, []).append(parse_region(v.region))
+    out = {}
+    for z, regions in parts.items():
+        if regions and None not in regions:
+            y0, x0 = min(r[0] for r in regions), min(r[1] for r in regions)
+            y1, x1 = max(r[0] + r[2] for r in regions), max(r[1] + r[3] for r in regions)
+            out[z] = (y0, x0, y1 - y0, x1 - x0)
+    return out
+
+
 def prediction(session: Session, store: FileStore, run_id: int, slice_index: int) -> LivePrediction | None:
     """The newest live prediction of a slice, or None (not predicted yet, or its file is being replaced)."""
     row = session.get(LiveSlice, (run_id, slice_index))
@@ -198,4 +249,5 @@ def prediction(session: Session, store: FileStore, run_id: int, slice_index: int
     except (OSError, ValueError):
         return None
     return LivePrediction(run_id, slice_index, row.step, row.masks_seen, aware(row.created),
-                          data.astype(np.float32) / 255.0)
+                          data.astype(np.float32) / 255.0, parse_region(row.region),
+                          (row.region or "").endswith(",partial"))

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.db import open_store
 from storage.files import FileStore
 from storage.heldout import held_out
-from storage.live import focus_slices, waiting_normal_run
+from storage.live import Region, focus_slices, region_text, viewed_regions, waiting_normal_run
 from storage.masks import load_mask, slice_kinds
 from storage.models import Checkpoint, LiveSlice, MaskVersion, Run, RunMask
 from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
@@ -51,6 +51,9 @@ from unet.live import LiveTrainer
 LEARN_S = 1.0  # training on a new save before the viewer's slice is predicted with it
 PREDICT_EVERY_S = 6.0  # otherwise, training between two predictions of the viewers' slices
 NEWS_EVERY_S = 0.25  # how often training and predicting look at the store for a save or a new slice
+# a zoomed viewer's region is predicted first, with this margin of context around it (pixels): the network
+# answers its middle as it would in the whole slice; the rest of the slice comes when nothing else waits
+REGION_HALO = 64
 CHECKPOINT_EVERY_S = 60.0
 # from a trained start, the unpainted pixels keep its answer at this weight (unet.live); $NEUROSEG_LIVE_DISTILL
 DISTILL = float(os.environ.get("NEUROSEG_LIVE_DISTILL") or 0.3)
@@ -92,6 +95,9 @@ class LiveLoop:
         self._looked = 0.0
         self._saved = False
         self._own: list[int] = []  # the viewers' slices when the store was last looked at
+        self.parts: dict[int, tuple[tuple[int, int], Region]] = {}  # slice → (weights, region) predicted last
+        self._partial: dict[int, bool] = {}  # slice → only regions of it were ever predicted (the rest is 128)
+        self._stats: dict[int, tuple[float, float]] = {}  # slice → its mean and standard deviation
 
     def news(self) -> bool:
         """Whether something should end the training or prediction under way: a stop, a mask version saved
@@ -148,37 +154,86 @@ class LiveLoop:
 
     def predict(self, trainer: LiveTrainer, done: dict[int, tuple[int, int]], *, beside: bool,
                 should_stop) -> int:
-        """Re-predict the viewers' slices whose newest live prediction is older than these weights (and with
-        ``beside``, the slices next to them whose prediction misses a save), until ``should_stop``; returns
-        how many were written."""
+        """Re-predict the viewers' slices whose newest live prediction is older than these weights: only the
+        region on screen of a slice that every viewer sees zoomed in. With ``beside`` (nothing else waits),
+        also the whole of such a slice and the slices next to the viewers', where their prediction misses a
+        save. Stops when ``should_stop`` says so; returns how many were written."""
         with self.sessions.begin() as s:
             self.focus = focus_slices(s, self.run_id, self.volume.shape[0])
+            regions = viewed_regions(s, self.run_id)
         own, near = self.focus
         if own:
             self.watched = time.monotonic()
-        order = [z for z in own if done.get(z) != (trainer.steps, self.masks_seen)]
+        now = (trainer.steps, self.masks_seen)
+        jobs: list[tuple[int, Region | None]] = []
+        for z in own:
+            region = regions.get(z)
+            if region is None:
+                if done.get(z) != now:
+                    jobs.append((z, None))
+            elif not beside:
+                if done.get(z) != now and self.parts.get(z) != (now, region):
+                    jobs.append((z, region))
+            elif done.get(z, (0, -1))[1] != self.masks_seen:
+                jobs.append((z, None))
         if beside:
-            order += [z for z in near if done.get(z, (0, -1))[1] != self.masks_seen]
+            jobs += [(z, None) for z in near if done.get(z, (0, -1))[1] != self.masks_seen]
         count = 0
-        for z in order:
+        for z, region in jobs:
             if should_stop():
                 break
+            relative = self.store.live_slice(self.run_id, z)
             try:
-                prob = trainer.predict(self.volume[z], should_stop=should_stop)
+                partial = False
+                if region is None:
+                    prob = np.round(trainer.predict(self.volume[z], should_stop=should_stop) * 255).astype(np.uint8)
+                else:
+                    prob, region, partial = self._predict_region(trainer, z, region, relative, should_stop)
             except Interrupted:  # a save or another slice came: it goes first
                 break
-            relative = self.store.live_slice(self.run_id, z)
-            quantised = np.round(prob * 255).astype(np.uint8)
-            atomic_write(self.store.abspath(relative), lambda fh, q=quantised: np.save(fh, q))
+            atomic_write(self.store.abspath(relative), lambda fh, q=prob: np.save(fh, q))
             with self.sessions.begin() as s:
                 row = s.get(LiveSlice, (self.run_id, z))
                 if row is None:
                     row = LiveSlice(run_id=self.run_id, slice_index=z, file=relative, step=0, masks_seen=0)
                     s.add(row)
                 row.step, row.masks_seen, row.created = trainer.steps, self.masks_seen, datetime.now(UTC)
-            done[z] = (trainer.steps, self.masks_seen)
+                row.region = region_text(region, partial)
+            self._partial[z] = partial
+            if region is None:
+                done[z] = now
+            else:
+                self.parts[z] = (now, regions[z])
             count += 1
         return count
+
+    def _predict_region(self, trainer: LiveTrainer, z: int, region: Region, relative: str,
+                        should_stop) -> tuple[np.ndarray, Region, bool]:
+        """Slice ``z``'s live prediction (uint8) with ``region`` predicted by today's weights (with
+        :data:`REGION_HALO` of context) and the rest as it was (unknown, 128, where never predicted), the
+        region as it fits the slice, and whether the rest has never been predicted."""
+        height, width = (int(n) for n in self.volume.shape[1:])
+        y0, x0 = min(max(0, region[0]), height - 1), min(max(0, region[1]), width - 1)
+        y1, x1 = min(height, y0 + max(1, region[2])), min(width, x0 + max(1, region[3]))
+        ya, xa = max(0, y0 - REGION_HALO), max(0, x0 - REGION_HALO)
+        yb, xb = min(height, y1 + REGION_HALO), min(width, x1 + REGION_HALO)
+        if z not in self._stats:  # the region is normalised as its whole slice is (training normalises so)
+            image = np.asarray(self.volume[z], dtype=np.float32)
+            self._stats[z] = (float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64)) or 1.0)
+        mean, std = self._stats[z]
+        crop = (np.asarray(self.volume[z, ya:yb, xa:xb], dtype=np.float32) - mean) / std
+        part = trainer.predict(crop, should_stop=should_stop, normalized=True)
+        try:
+            whole = np.load(self.store.abspath(relative), allow_pickle=False)
+        except (OSError, ValueError):
+            whole = None
+        partial = whole is None or whole.shape != (height, width) or whole.dtype != np.uint8
+        if partial:  # never predicted whole: the rest is unknown (and said so: Accept leaves it alone)
+            whole = np.full((height, width), 128, np.uint8)
+        elif self._partial.get(z):
+            partial = True  # (still a region only, of an earlier step)
+        whole[y0:y1, x0:x1] = np.round(part[y0 - ya:y1 - ya, x0 - xa:x1 - xa] * 255).astype(np.uint8)
+        return whole, (y0, x0, y1 - y0, x1 - x0), partial
 
     def run(self, outcome: Outcome) -> None:
         if self.device == "cpu":  # leave a core to the server (and the user's page): see LIVE_THREADS

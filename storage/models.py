@@ -253,6 +253,8 @@ class LiveSlice(Base):
     masks_seen: Mapped[int]  # the highest mask version id in its training set when it predicted
     file: Mapped[str] = mapped_column(String(255))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # "y0,x0,h,w": only this region is from these weights (a zoomed viewer's, predicted first); None: all of it
+    region: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class LiveViewer(Base):
@@ -264,3 +266,4 @@ class LiveViewer(Base):
     owner: Mapped[str] = mapped_column(String(200), primary_key=True)
     slice_index: Mapped[int]
     seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    region: Mapped[str | None] = mapped_column(String(64), default=None)  # "y0,x0,h,w" on screen; None: all

@@ -713,9 +713,11 @@ class Neuroseg:
         return self._tx(live.current, dataset_id) or info, what
 
     @_guard("live view", "train", record=False)
-    def live_see(self, run_id: int, owner: str, slice_index: int) -> None:
-        """``owner`` is looking at ``slice_index``: it (and the slices beside it) is re-predicted."""
-        self._tx(live.see, run_id, self._owner(owner), slice_index)
+    def live_see(self, run_id: int, owner: str, slice_index: int,
+                 region: tuple[int, int, int, int] | None = None) -> None:
+        """``owner`` is looking at ``slice_index`` (at ``region`` = (y0, x0, h, w) of it when zoomed in: that
+        region is predicted first): it (and the slices beside it) is re-predicted."""
+        self._tx(live.see, run_id, self._owner(owner), slice_index, region)
 
     @_guard("live view", "train", record=False)
     def live_leave(self, run_id: int, owner: str) -> None:

@@ -2,7 +2,7 @@
 inside functions):
 
 - pages (``app.py`` and ``pages/``) import only Streamlit (and its canvas component), Plotly, NumPy, the
-  standard library, ``storage.service``, ``ui`` and ``pages.common``;
+  standard library, ``storage.service``, ``ui`` and the pages' own helpers ``pages.common`` and ``pages.canvas_aids``;
 - ``ui/`` imports neither Streamlit nor the database, nor ``storage`` (the engine is fine);
 - ``storage/`` never imports Streamlit, the pages or ``ui``;
 - ``unet/`` imports neither Streamlit nor SQLAlchemy, nor any other layer of the app;
@@ -28,7 +28,8 @@ FORBIDDEN = {
     "ui": (*STREAMLIT, *DATABASE, "storage", "pages", "app"),
 }
 # what a page may import: everything else is refused
-PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "pages.common", "web.sessions")
+PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "pages.common", "pages.canvas_aids",
+                "web.sessions")
 # what the HTTP layer may import from the app: the service, and itself
 WEB_ALLOWED_APP = ("storage.service", "web")
 APP_PACKAGES = ("storage", "unet", "ui", "pages", "app", "web")

@@ -228,11 +228,21 @@ def test_live_takes_in_a_mask_saved_after_it_started_and_stop_leaves_an_ordinary
     prediction = svc.live_prediction(session.run_id, 2)
     assert prediction.probabilities.shape == (64, 64) and 0 <= prediction.probabilities.min() <= 1
     wait_for(lambda: all(live_slice(svc, session.run_id, z) for z in (1, 3)), what="the slices beside it")
+    assert prediction.region is None  # the whole slice
+
+    # zoomed in: the region on screen is predicted first …
+    svc.live_see(session.run_id, "ann", 2, (16, 8, 24, 32))
+    part = wait_for(lambda: (p := svc.live_prediction(session.run_id, 2)) is not None
+                    and p.region == (16, 8, 24, 32) and p, what="a live prediction of the zoomed region")
+    assert part.probabilities.shape == (64, 64) and part.step >= prediction.step
 
     later = save(svc, ds, 4, targets[4])  # saved while the session runs
     seen = wait_for(lambda: (v := live_slice(svc, session.run_id, 2)) and v[1] >= later.id and v,
                     what="a live prediction from weights that learned the new mask")
     assert seen[1] == later.id
+    # … and the rest of the slice follows when nothing else waits (it missed a save)
+    wait_for(lambda: (p := svc.live_prediction(session.run_id, 2)) is not None and p.masks_seen == later.id
+             and p.region is None, what="the whole zoomed slice predicted again after the save")
     with svc.sessions.begin() as s:
         learned = set(s.scalars(sql_select(RunMask.mask_version_id).where(RunMask.run_id == session.run_id)))
     assert learned == {first.id, later.id}
@@ -426,6 +436,17 @@ def test_accept_copies_the_prediction_into_the_edit_but_keeps_the_users_strokes(
     assert draft.accept(predicted) == 3 * 6 - 3  # the rest of the slice
     with pytest.raises(ValueError, match="prediction is"):
         draft.accept(predicted[:3])
+
+    from ui.live import predicted_region
+
+    class Part:  # a zoomed viewer's region, the rest of the slice never predicted
+        region, partial = (2, 2, 3, 3), True
+
+    assert predicted_region(Part(), None) == (2, 2, 3, 3), "Accept for the whole slice: only what is predicted"
+    assert predicted_region(Part(), (0, 0, 4, 4)) == (2, 2, 2, 2)
+    assert predicted_region(Part(), (0, 0, 2, 2))[2:] == (0, 0), "nothing predicted there yet"
+    Part.partial = False
+    assert predicted_region(Part(), None) is None and predicted_region(Part(), (0, 0, 2, 2)) == (0, 0, 2, 2)
 
     class Run:
         id, status, phase, device, cancel_requested = 7, "QUEUED", "paused: run #9 has the device", "cpu", False

@@ -212,6 +212,43 @@ def test_undo_outlives_the_canvas_and_walks_the_toolbars_history_too():
     assert not draft.can_undo, "a saved version is where undo starts afresh"
 
 
+def test_undo_splits_two_strokes_sent_together_takes_an_accept_back_whole_and_stays_in_budget():
+    from ui.annotation import Step, trim_histories
+
+    draft = Draft.blank(1, 0, (64, 64), None)
+    whole = View.fit((64, 64))
+    draft.set_view(whole)
+    a = paint(whole, NEURON, slice(0, 40), slice(0, 40))
+    both = a.copy()
+    both[200:240, 200:240] = (*PALETTE[MEMBRANE], 153)
+    draft.apply(both)  # two strokes that reached the server in one send: one step
+    after_both = np.array(draft.working)
+    draft.apply(a)  # the toolbar takes back the second: the step splits
+    assert len(draft.done) == 1 and draft.can_redo and (draft.working == MEMBRANE).sum() == 0
+    assert draft.undo() and not draft.dirty, "the page's Undo then takes back the first"
+    assert draft.redo() and draft.redo()
+    np.testing.assert_array_equal(draft.working, after_both)
+
+    predicted = np.full((64, 64), NEURON, np.uint8)
+    kind = draft.kind
+    draft.accept(predicted)
+    assert draft.kind == "predicted→painted" and draft.done[-1].where.dtype == np.uint8, "a dense step: bits"
+    assert draft.done[-1].nbytes < draft.done[-1].before.size * 6, "smaller than int32 indices"
+    assert draft.undo() and draft.kind == kind, "undoing an Accept gives back what the save will be called"
+    np.testing.assert_array_equal(draft.working, after_both)
+    assert draft.redo() and draft.kind == "predicted→painted"
+
+    other = Draft.blank(1, 1, (64, 64), None)
+    other.set_view(whole)
+    other.apply(a)
+    trim_histories([other, draft], draft, budget=draft.history_bytes)
+    assert not other.can_undo and draft.can_undo, "the other slice's history goes first, never the one shown"
+    sparse = np.zeros((64, 64), np.uint8)
+    sparse[[0, 1, 2, 3], [0, 1, 2, 3]] = 1
+    step = Step.between(np.zeros((64, 64), np.uint8), sparse)
+    assert step.where.dtype == np.int32 and list(step.indices()) == [0, 65, 130, 195], "a sparse step: indices"
+
+
 def test_a_draft_that_starts_from_nothing_on_an_empty_slice(svc, synthetic):
     volume, _ = synthetic
     info = svc.import_upload(Upload("stack.tif", tiff_bytes(volume)))

@@ -73,25 +73,39 @@ def history_rows(history: Sequence[Any]) -> list[dict[str, Any]]:
              "saved": m.created.strftime("%Y-%m-%d %H:%M:%S")} for m in reversed(history)]
 
 
-#: How much one draft's undo history may hold (bytes of changed pixels, their indices included) and how many
-#: steps: the oldest steps are forgotten first. A stroke is a few thousand pixels; an Accept of a 4096²
-#: slice is the largest step (~16 M pixels, ~150 MB), so it is kept only when alone.
-UNDO_BYTES = 64 * 2**20
+#: How much one draft's undo history may hold (bytes), and how many steps; the oldest steps are forgotten
+#: first, but never the newest (an Accept of a whole 4096² slice is ~34 MB). Across a session's drafts,
+#: :data:`SESSION_UNDO_BYTES` (the histories of the other slices go first: :func:`trim_histories`).
+UNDO_BYTES = 96 * 2**20
 UNDO_STEPS = 200
+SESSION_UNDO_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
 class Step:
-    """One change of a draft: which pixels (flat indices) went from ``before`` to ``after``."""
+    """One change of a draft: which pixels went from ``before`` to ``after`` (in flat order). ``where`` is
+    int32 flat indices for a sparse change (a stroke), or a packed bit mask of the slice for a dense one (an
+    Accept, a Discard), whichever is smaller. ``kinds`` = (kind before, kind after) when the change also
+    changed what the save will be called (an Accept)."""
 
     where: np.ndarray
     before: np.ndarray
     after: np.ndarray
+    size: int  # pixels in the slice
+    kinds: tuple[str, str] | None = None
 
     @classmethod
-    def between(cls, old: np.ndarray, new: np.ndarray) -> Step:
-        where = np.flatnonzero(old != new)
-        return cls(where, old.ravel()[where], new.ravel()[where])
+    def between(cls, old: np.ndarray, new: np.ndarray, kinds: tuple[str, str] | None = None) -> Step:
+        changed = (old != new).ravel()
+        n = int(np.count_nonzero(changed))
+        where = (np.packbits(changed) if n * 4 > changed.size // 8
+                 else np.flatnonzero(changed).astype(np.int32))
+        return cls(where, old.ravel()[changed], new.ravel()[changed], changed.size, kinds)
+
+    def indices(self) -> np.ndarray:
+        if self.where.dtype == np.uint8:  # packed bits
+            return np.flatnonzero(np.unpackbits(self.where, count=self.size))
+        return self.where
 
     @property
     def nbytes(self) -> int:
@@ -99,7 +113,7 @@ class Step:
 
     def apply(self, mask: np.ndarray, backwards: bool = False) -> np.ndarray:
         out = mask.copy()
-        out.ravel()[self.where] = self.before if backwards else self.after
+        out.ravel()[self.indices()] = self.before if backwards else self.after
         out.setflags(write=False)
         return out
 
@@ -107,10 +121,41 @@ class Step:
         """Whether going from ``old`` to ``new`` is exactly this step taken back (or, for a step of the redo
         list, taken again: call it on that step's reverse)."""
         changed = np.flatnonzero(old != new)
-        return np.array_equal(changed, self.where) and np.array_equal(new.ravel()[changed], self.before)
+        return np.array_equal(changed, self.indices()) and np.array_equal(new.ravel()[changed], self.before)
+
+    def split(self, old: np.ndarray, new: np.ndarray) -> tuple[Step, Step] | None:
+        """When going from ``old`` to ``new`` takes back only part of this step (the canvas toolbar's undo of
+        one of two strokes that reached the server together): (the part that stays done, the part undone);
+        else None."""
+        changed = np.flatnonzero(old != new)
+        mine = self.indices()
+        inside = np.isin(changed, mine, assume_unique=True)
+        if not changed.size or not inside.all() or changed.size >= mine.size:
+            return None
+        at = np.searchsorted(mine, changed)
+        if not np.array_equal(new.ravel()[changed], self.before[at]):
+            return None
+        rest = np.ones(mine.size, bool)
+        rest[at] = False
+        kept = Step(mine[rest].astype(np.int32), self.before[rest], self.after[rest], self.size, self.kinds)
+        undone = Step(changed.astype(np.int32), self.before[at], self.after[at], self.size)
+        return kept, undone
 
     def reverse(self) -> Step:
-        return Step(self.where, self.after, self.before)
+        return Step(self.where, self.after, self.before, self.size,
+                    None if self.kinds is None else (self.kinds[1], self.kinds[0]))
+
+
+def trim_histories(drafts: Sequence[Any], keep: Any, budget: int = SESSION_UNDO_BYTES) -> None:
+    """Forget the undo histories of other drafts (the earliest opened first) until a session's drafts hold
+    at most ``budget`` bytes of history; ``keep``'s (the slice on screen) is never forgotten here."""
+    total = sum(d.history_bytes for d in drafts)
+    for d in drafts:
+        if total <= budget:
+            return
+        if d is not keep and (d.done or d.undone):
+            total -= d.history_bytes
+            d.forget_history()
 
 
 @dataclass
@@ -213,19 +258,26 @@ class Draft:
             self.undone.append(self.done.pop())
         elif self.undone and self.undone[-1].reverse().undoes(self.working, merged):  # … and its redo
             self.done.append(self.undone.pop())
+        elif self.done and (parts := self.done[-1].split(self.working, merged)) is not None:
+            self.done[-1] = parts[0]  # (its undo of one of two strokes that came in one send)
+            self.undone.append(parts[1])
         else:
             self._record(merged)
         self.working = merged
         self.revision += 1
 
-    def _record(self, new: np.ndarray) -> None:
+    def _record(self, new: np.ndarray, kinds: tuple[str, str] | None = None) -> None:
         """Keep the change from ``working`` to ``new`` as a step undo can take back (redo's list is dropped,
         as a new change after an undo drops it in any editor)."""
-        self.done.append(Step.between(self.working, new))
+        self.done.append(Step.between(self.working, new, kinds))
         self.undone.clear()
         total = sum(step.nbytes for step in self.done)
         while len(self.done) > 1 and (total > UNDO_BYTES or len(self.done) > UNDO_STEPS):
             total -= self.done.pop(0).nbytes
+
+    @property
+    def history_bytes(self) -> int:
+        return sum(step.nbytes for step in self.done) + sum(step.nbytes for step in self.undone)
 
     @property
     def can_undo(self) -> bool:
@@ -242,6 +294,8 @@ class Draft:
         step = self.done.pop()
         self.undone.append(step)
         self._jump(step.apply(self.working, backwards=True))
+        if step.kinds is not None:
+            self.kind = step.kinds[0]
         return True
 
     def redo(self) -> bool:
@@ -251,6 +305,8 @@ class Draft:
         step = self.undone.pop()
         self.done.append(step)
         self._jump(step.apply(self.working))
+        if step.kinds is not None:
+            self.kind = step.kinds[1]
         return True
 
     def _jump(self, mask: np.ndarray) -> None:
@@ -302,7 +358,7 @@ class Draft:
         changed = int(np.count_nonzero(accepted != self.working))
         accepted.setflags(write=False)
         if changed:
-            self._record(accepted)  # undo takes the whole Accept back
+            self._record(accepted, (self.kind, "predicted→painted"))  # undo takes the whole Accept back
         self.working = self.view_base = accepted
         self.kind = "predicted→painted"
         self.generation += 1

@@ -49,6 +49,20 @@ def under(rgb: np.ndarray, rgba: np.ndarray) -> np.ndarray:
     return (rgb * (1 - a) + rgba[..., :3] * a + 0.5).astype(np.uint8)
 
 
+def predicted_region(prediction: Any, asked: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+    """Where an Accept may copy a live prediction: ``asked`` (None: the whole slice), cut to the region the
+    session has predicted when it has never predicted the rest of the slice (``partial``: those pixels read
+    0.5, not an answer). A width or height of 0 means nothing there is predicted yet."""
+    if not getattr(prediction, "partial", False) or prediction.region is None:
+        return asked
+    py0, px0, ph, pw = prediction.region
+    if asked is None:
+        return prediction.region
+    y0, x0 = max(asked[0], py0), max(asked[1], px0)
+    y1, x1 = min(asked[0] + asked[2], py0 + ph), min(asked[1] + asked[3], px0 + pw)
+    return (y0, x0, max(0, y1 - y0), max(0, x1 - x0))
+
+
 def viewer_name(owner: str) -> str:
     """A viewer as people read it: the name a user gave (owners are "name:…", or a browser's id)."""
     return owner.split(":", 1)[1] if owner.startswith("name:") else "someone without a name"
@@ -73,5 +87,7 @@ def status_text(info: Any, owner: str) -> str:
 
 def prediction_caption(prediction: Any, now: datetime | None = None) -> str:
     age = ((now or datetime.now(UTC)) - prediction.created).total_seconds()
+    region = getattr(prediction, "region", None)
     return (f"Live prediction of slice {prediction.slice_index}: weights of step {prediction.step:,}, "
-            f"{max(0, age):.0f} s ago")
+            f"{max(0, age):.0f} s ago" + (" (the zoomed region first; the rest of the slice follows when "
+                                          "the session has nothing else to do)" if region else ""))

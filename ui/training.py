@@ -142,9 +142,9 @@ def score_summary(scores: list[Any], name: Callable[[int], str]) -> str:
     parts = []
     if best is not None:
         value = best.metrics.get(best.decides)
-        parts.append(f"★ **Best by {labels[best.decides]}: {name(best.run_id)}**"
-                     + (f" ({labels[best.decides]} {value:.4f}" if value is not None else " (")
-                     + f" on held-out slices {', '.join(map(str, best.slices))}, none of which it trained on).")
+        figure = f"{labels[best.decides]} {value:.4f} " if value is not None else ""
+        parts.append(f"★ **Best by {labels[best.decides]}: {name(best.run_id)}** ({figure}on held-out slices "
+                     f"{', '.join(map(str, best.slices))}, none of which it trained on).")
     else:
         parts.append("No run is marked best: every scored run trained on a held-out slice.")
     tainted = [s for s in scores if s.seen]

@@ -306,14 +306,16 @@ class LiveTrainer:
         return self.average.module if self.average is not None else self.trainer.model
 
     @torch.no_grad()
-    def predict(self, image: np.ndarray, should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    def predict(self, image: np.ndarray, should_stop: Callable[[], bool] | None = None, *,
+                normalized: bool = False) -> np.ndarray:
         """The neuron probability of one slice (float32, the slice's shape), with today's weights;
-        ``should_stop`` is asked between batches of tiles (:class:`unet.infer.Interrupted` when it says so)."""
+        ``should_stop`` is asked between batches of tiles (:class:`unet.infer.Interrupted` when it says so).
+        ``normalized``: ``image`` is already normalised (a region, with its whole slice's statistics)."""
         model = self.predictor
         model.eval()
         try:
             return predict_slice(model, image, device=self.trainer.device, amp=self.trainer.amp,
-                                 should_stop=should_stop)
+                                 normalized=normalized, should_stop=should_stop)
         finally:
             self.trainer.model.train()
 
