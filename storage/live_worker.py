@@ -80,6 +80,9 @@ class LiveLoop:
             parent = s.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
             self.parent_file = str(store.abspath(parent.file)) if parent else None
             self.trained_start = parent is not None and parent.step > 0
+            # (after a restart: the slices whose live prediction is still a region only, the rest never made)
+            partial = {row.slice_index: (row.region or "").endswith(",partial")
+                       for row in s.scalars(select(LiveSlice).where(LiveSlice.run_id == run_id))}
             self.learned = {m.slice_index: m.mask_version_id for m in s.execute(
                 select(RunMask.mask_version_id, MaskVersion.slice_index)
                 .join(MaskVersion, RunMask.mask_version_id == MaskVersion.id).where(RunMask.run_id == run_id))}
@@ -96,7 +99,7 @@ class LiveLoop:
         self._saved = False
         self._own: list[int] = []  # the viewers' slices when the store was last looked at
         self.parts: dict[int, tuple[tuple[int, int], Region]] = {}  # slice → (weights, region) predicted last
-        self._partial: dict[int, bool] = {}  # slice → only regions of it were ever predicted (the rest is 128)
+        self._partial: dict[int, bool] = partial  # slice → only regions of it were ever predicted (the rest: 128)
         self._stats: dict[int, tuple[float, float]] = {}  # slice → its mean and standard deviation
 
     def news(self) -> bool:

@@ -80,6 +80,42 @@ def test_replaying_the_older_slices_keeps_a_fine_tune_from_forgetting(tmp_path):
     assert kept[0.3] < 0.08 and kept[0.0] > kept[0.3] + 0.04, kept
 
 
+def test_the_starting_models_answer_is_made_near_the_strokes_at_a_save_and_whole_once_prepared(tmp_path):
+    """At a save on a slice the session had not prepared, the starting model answers only where training
+    windows reach (a large slice answers in a fraction of the time); prepare() answers the rest later and
+    the training targets take it in."""
+    volume, labels = make_synthetic_em((1, 200, 200), np.random.default_rng(4), cell_size=20)
+    target = labels_to_target(labels)[0]
+    base = preset("cpu-quick")
+    config = replace(base, model=replace(base.model, initial_features=4, depth=2), patch_size=32, batch_size=2,
+                     device="cpu")
+    start = LiveTrainer(live_config(config), tmp_path / "start")
+    start.set_slices({"A": (volume[0], target)}, new=["A"])
+    start.train_for(60, max_steps=2)
+    start.save()
+    tuned = LiveTrainer(live_config(config), tmp_path / "tuned", init_from=tmp_path / "start" / "best.pt",
+                        distill=0.3, reference=tmp_path / "start" / "best.pt")
+    strokes = np.full(target.shape, IGNORE, np.uint8)
+    strokes[10:20, 10:20] = target[10:20, 10:20]
+    tuned.set_slices({"A": (volume[0], strokes)}, new=["A"])
+    pad = tuned.sampler.pad  # (the sampler pads each target by this much on every side)
+
+    def unpadded(a):
+        return a[pad:a.shape[0] - pad, pad:a.shape[1] - pad]
+
+    near = unpadded(tuned.sampler.targets[0]).copy()
+    assert near.shape == target.shape
+    assert (near[:52, :52] != IGNORE).all(), "answered where training windows reach"
+    assert (near[60:, :] == IGNORE).all() and (near[:, 60:] == IGNORE).all(), "and nowhere else yet"
+
+    assert tuned.prepare("A", volume[0]) and not tuned.prepare("A", volume[0])  # the whole slice, once
+    whole = unpadded(tuned.sampler.targets[0])
+    assert (whole != IGNORE).all(), "the training targets took in the rest"
+    agree = (whole[:52, :52] == near[:52, :52]).mean()
+    assert agree > 0.9, agree  # the same model and normalisation (only the crop's edge sees less context)
+    tuned.train_for(60, max_steps=2)
+
+
 def test_a_forest_on_the_strokes_teaches_a_network_from_scratch(tmp_path):
     """From random weights and a few painted disks (7% of one slice), the forest trained on them fills in
     the unpainted pixels: the network taught by it is right on the next slice, the one without a teacher

@@ -112,6 +112,9 @@ class LiveTrainer:
             self.average = AveragedModel(self.trainer.model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
         self.distill, self.reference, self.forest = distill, None, None
         self._pseudo: dict[Hashable, np.ndarray] = {}
+        # slices whose starting model's answer covers only a box near the strokes (made at a save, when the
+        # slice had not been prepared): key → (y0, x0, y1, x1); prepare() makes the whole of it later
+        self._partial: dict[Hashable, tuple[int, int, int, int]] = {}
         self._stale: dict[Hashable, int] = {}  # slices whose forest answer predates the forest (→ its age)
         self._labelled: dict[Hashable, tuple[np.ndarray, np.ndarray]] = {}  # key → (image, painted)
         if distill > 0 and isinstance(reference, PixelForest):
@@ -260,22 +263,65 @@ class LiveTrainer:
                 self._pseudo[key] = np.where(np.isnan(prob), IGNORE,
                                              np.where(prob > 0.5, NEURON, MEMBRANE)).astype(np.uint8)
                 return self._pseudo[key]
-            with torch.no_grad():
-                prob = predict_slice(self.reference, image, device=self.trainer.device, amp=self.trainer.amp)
-            self._pseudo[key] = np.where(prob > 0.5, NEURON, MEMBRANE).astype(np.uint8)
+        elif self.forest is None and key in self._partial:
+            box = self._near(painted)
+            if box is not None and not _inside(box, self._partial[key]):
+                self._pseudo.pop(key)  # strokes beyond what the answer covers: answer there too
+        if key not in self._pseudo:
+            box = self._near(painted)  # (only where training windows reach: the whole slice is for prepare)
+            if key in self._partial and box is not None:
+                box = _union(box, self._partial[key])
+            self._reference_answer(key, image, box)
         return self._pseudo[key]
+
+    def _near(self, painted: np.ndarray) -> tuple[int, int, int, int] | None:
+        """The box (y0, x0, y1, x1) of the painted pixels and a patch around them: where training windows reach
+        (None: nothing painted)."""
+        ys, xs = np.nonzero(painted != IGNORE)
+        if not ys.size:
+            return None
+        reach = self.trainer.config.patch_size
+        h, w = painted.shape
+        return (max(0, int(ys.min()) - reach), max(0, int(xs.min()) - reach),
+                min(h, int(ys.max()) + reach + 1), min(w, int(xs.max()) + reach + 1))
+
+    def _reference_answer(self, key: Hashable, image: np.ndarray, box: tuple[int, int, int, int] | None,
+                          should_stop: Callable[[], bool] | None = None) -> None:
+        """The starting model's mask of ``image`` inside ``box`` (None: the whole slice), IGNORE outside it,
+        normalised as the whole slice is (as training normalises it)."""
+        whole = np.asarray(image, np.float32)
+        mean, std = float(whole.mean(dtype=np.float64)), float(whole.std(dtype=np.float64))
+        y0, x0, y1, x1 = box if box is not None else (0, 0, *whole.shape)
+        crop = (whole[y0:y1, x0:x1] - mean) / (std if std > 1e-6 else 1.0)
+        with torch.no_grad():
+            prob = predict_slice(self.reference, crop, device=self.trainer.device, amp=self.trainer.amp,
+                                 normalized=True, should_stop=should_stop)
+        answer = np.full(whole.shape, IGNORE, np.uint8)
+        answer[y0:y1, x0:x1] = np.where(prob > 0.5, NEURON, MEMBRANE)
+        self._pseudo[key] = answer
+        if (y0, x0, y1, x1) == (0, 0, *whole.shape):
+            self._partial.pop(key, None)
+        else:
+            self._partial[key] = (y0, x0, y1, x1)
 
     def prepare(self, key: Hashable, image: np.ndarray, should_stop: Callable[[], bool] | None = None) -> bool:
         """Compute the starting model's answer on a slice ahead of its first save (a viewer looks at it),
         so that the save is learned without waiting for it; returns whether it was computed now. Only for
         a trained start (the forest's answers depend on the strokes); ``should_stop`` as in
         :meth:`predict` (:class:`unet.infer.Interrupted`: nothing is kept)."""
-        if self.forest is not None or self.reference is None or key in self._pseudo:
+        if self.forest is not None or self.reference is None or (key in self._pseudo and key not in self._partial):
             return False
-        with torch.no_grad():
-            prob = predict_slice(self.reference, image, device=self.trainer.device, amp=self.trainer.amp,
-                                 should_stop=should_stop)
-        self._pseudo[key] = np.where(prob > 0.5, NEURON, MEMBRANE).astype(np.uint8)
+        kept = self._pseudo.get(key), self._partial.get(key)
+        try:
+            self._reference_answer(key, image, None, should_stop)
+        except BaseException:
+            if kept[0] is not None:  # (an answer near the strokes, made at a save, stays)
+                self._pseudo[key], self._partial[key] = kept
+            raise
+        if self.sampler is not None and key in self._labelled:  # a slice in training: its targets get the rest
+            painted = self._labelled[key][1]
+            target = np.where(painted != IGNORE, painted, self._pseudo[key]).astype(np.uint8)
+            self.sampler.targets[self.keys.index(key)] = np.pad(target, self.sampler.pad, constant_values=IGNORE)
         return True
 
     @property
@@ -330,3 +376,11 @@ class LiveTrainer:
         finally:
             self.trainer.model = newest
         return self.trainer.save("latest", {})
+
+
+def _inside(box: tuple[int, int, int, int], outer: tuple[int, int, int, int]) -> bool:
+    return outer[0] <= box[0] and outer[1] <= box[1] and box[2] <= outer[2] and box[3] <= outer[3]
+
+
+def _union(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
