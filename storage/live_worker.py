@@ -101,6 +101,7 @@ class LiveLoop:
         self.parts: dict[int, tuple[tuple[int, int], Region]] = {}  # slice → (weights, region) predicted last
         self._partial: dict[int, bool] = partial  # slice → only regions of it were ever predicted (the rest: 128)
         self._stats: dict[int, tuple[float, float]] = {}  # slice → its mean and standard deviation
+        self.regions: dict[int, Region] = {}  # the zoomed viewers' regions, as last read
 
     def news(self) -> bool:
         """Whether something should end the training or prediction under way: a stop, a mask version saved
@@ -163,7 +164,7 @@ class LiveLoop:
         save. Stops when ``should_stop`` says so; returns how many were written."""
         with self.sessions.begin() as s:
             self.focus = focus_slices(s, self.run_id, self.volume.shape[0])
-            regions = viewed_regions(s, self.run_id)
+            regions = self.regions = viewed_regions(s, self.run_id)
         own, near = self.focus
         if own:
             self.watched = time.monotonic()
@@ -293,6 +294,11 @@ class LiveLoop:
             # teaches the unpainted pixels); the slices beside theirs (where they miss a save); the forest
             for z in self.focus[0]:
                 try:
+                    if (region := self.regions.get(z)) is not None:  # zoomed: where the strokes will be, first
+                        reach = trainer.trainer.config.patch_size
+                        trainer.prepare(z, self.volume[z], should_stop=self.news, box=(
+                            region[0] - reach, region[1] - reach,
+                            region[0] + region[2] + reach, region[1] + region[3] + reach))
                     trainer.prepare(z, self.volume[z], should_stop=self.news)
                 except Interrupted:
                     break

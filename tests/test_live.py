@@ -115,6 +115,15 @@ def test_the_starting_models_answer_is_made_near_the_strokes_at_a_save_and_whole
     assert agree > 0.9, agree  # the same model and normalisation (only the crop's edge sees less context)
     tuned.train_for(60, max_steps=2)
 
+    # a zoomed viewer's region is prepared first: a save inside it finds the answer made
+    zoomed = LiveTrainer(live_config(config), tmp_path / "zoomed", init_from=tmp_path / "start" / "best.pt",
+                         distill=0.3, reference=tmp_path / "start" / "best.pt")
+    assert zoomed.prepare("A", volume[0], box=(-32, -32, 100, 100))
+    assert not zoomed.prepare("A", volume[0], box=(0, 0, 90, 90)), "inside what is answered: nothing to do"
+    zoomed.set_slices({"A": (volume[0], strokes)}, new=["A"])
+    boxed = unpadded(zoomed.sampler.targets[0])
+    assert (boxed[:100, :100] != IGNORE).all() and (boxed[100:, :] == IGNORE).all()
+
 
 def test_a_forest_on_the_strokes_teaches_a_network_from_scratch(tmp_path):
     """From random weights and a few painted disks (7% of one slice), the forest trained on them fills in

@@ -304,16 +304,25 @@ class LiveTrainer:
         else:
             self._partial[key] = (y0, x0, y1, x1)
 
-    def prepare(self, key: Hashable, image: np.ndarray, should_stop: Callable[[], bool] | None = None) -> bool:
+    def prepare(self, key: Hashable, image: np.ndarray, should_stop: Callable[[], bool] | None = None, *,
+                box: tuple[int, int, int, int] | None = None) -> bool:
         """Compute the starting model's answer on a slice ahead of its first save (a viewer looks at it),
         so that the save is learned without waiting for it; returns whether it was computed now. Only for
         a trained start (the forest's answers depend on the strokes); ``should_stop`` as in
-        :meth:`predict` (:class:`unet.infer.Interrupted`: nothing is kept)."""
+        :meth:`predict` (:class:`unet.infer.Interrupted`: nothing is kept). ``box`` = (y0, x0, y1, x1): only
+        there (a zoomed viewer's region and a patch around it, where their strokes will be), first."""
         if self.forest is not None or self.reference is None or (key in self._pseudo and key not in self._partial):
             return False
+        if box is not None:
+            h, w = np.shape(image)
+            box = (max(0, box[0]), max(0, box[1]), min(h, box[2]), min(w, box[3]))
+            if key in self._partial:
+                if _inside(box, self._partial[key]):
+                    return False
+                box = _union(box, self._partial[key])
         kept = self._pseudo.get(key), self._partial.get(key)
         try:
-            self._reference_answer(key, image, None, should_stop)
+            self._reference_answer(key, image, box, should_stop)
         except BaseException:
             if kept[0] is not None:  # (an answer near the strokes, made at a save, stays)
                 self._pseudo[key], self._partial[key] = kept
