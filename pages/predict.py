@@ -74,7 +74,7 @@ with st.form("predict_form"):
     postprocess = st.selectbox(
         "Neurons by", POSTPROCESS_CHOICES, format_func=POSTPROCESS.get, key="predict_postprocess",
         help="How the neuron instances are made from the probability map. The first is the default: it "
-             "scored best on ISBI 2012 (README, bench.quality).")
+             "scored best on ISBI 2012 (docs/benchmarks.md, bench.quality).")
     tta = st.checkbox(
         "Average 8 flips (test-time augmentation)", key="predict_tta",
         help="The network answers each tile flipped and turned eight ways, and the answers are averaged: "

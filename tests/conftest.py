@@ -1,4 +1,4 @@
-"""Shared fixtures. Slow tests are opt-in: ``pytest --run-slow`` (``make test`` passes it)."""
+"""Shared fixtures. Slow tests are opt-in: ``pytest --run-slow`` (``./test.sh`` passes it)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--run-slow") or os.environ.get("NEUROSEG_RUN_SLOW") == "1":
         return
-    skip = pytest.mark.skip(reason="slow test: run with --run-slow (make test does)")
+    skip = pytest.mark.skip(reason="slow test: run with --run-slow (./test.sh does)")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

@@ -1,5 +1,5 @@
-"""The lab set-up of the README, tested to start: nginx with ``deploy/nginx/neuroseg.conf.template``
-(rendered as the README says) in front of ``streamlit run web/asgi.py``, TLS with a certificate made here,
+"""The lab set-up of docs/lab-server.md, tested to start: nginx with ``deploy/nginx/neuroseg.conf.template``
+(rendered as docs/lab-server.md says) in front of ``streamlit run web/asgi.py``, TLS with a certificate made here,
 WebSockets through the proxy (the page runs, a user signs in, a signed-in upload passes; another origin, an
 anonymous upload and the app's own upload check's URL are refused by nginx itself), the client's address
 from the proxy in the audit trail, plain HTTP redirected, and Streamlit's XSRF protection on."""

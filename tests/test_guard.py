@@ -39,7 +39,7 @@ def test_host_names_on_loopback_and_on_a_shared_server(address, monkeypatch):
     address("0.0.0.0")  # shared on purpose, with its names listed: only those
     assert host_allowed("neuroseg.lab.org") and not host_allowed("evil.example")
     monkeypatch.delenv("NEUROSEG_ALLOWED_HOSTS")
-    assert host_allowed("evil.example")  # shared naming no host: any (the README says so)
+    assert host_allowed("evil.example")  # shared naming no host: any (docs/lab-server.md says so)
     address("127.0.0.1")
     monkeypatch.setenv("NEUROSEG_BEHIND_PROXY", "1")
     assert host_allowed("evil.example")  # nginx's server_name decides

@@ -1,5 +1,5 @@
-"""The import rules of DESIGN.md, for every module, checked on the source (every import statement, also
-inside functions):
+"""The import rules of docs/architecture.md ("Layers"), for every module, checked on the source (every import
+statement, also inside functions):
 
 - pages (``app.py`` and ``pages/``) import only Streamlit (and its canvas component), Plotly, NumPy, the
   standard library, ``storage.service``, ``ui`` and the pages' own helpers ``pages.common`` and ``pages.canvas_aids``;

@@ -110,7 +110,7 @@ def test_train_predict_correct_and_review(app_data_dir):
     assert probabilities.min() >= 0 and probabilities.max() <= 1
     instances = tifffile.imread(io.BytesIO(svc.prediction_file(job.id, "instances")))
     assert instances.shape == (2, 256, 256) and instances.max() >= 1
-    assert instances.dtype == np.uint16  # integer labels, as the README promises (ImageJ's integer stack)
+    assert instances.dtype == np.uint16  # integer labels, as docs/user-guide.md promises (ImageJ's integer stack)
 
     # --- the largest merges and splits against the masks, each opening Annotate on its place -------------
     from ui.prediction import focus, largest_errors

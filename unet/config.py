@@ -233,7 +233,7 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # Tuned to do well in about 10 minutes on 2 CPU cores (bench/quality.py; figures in README): a narrow,
+    # Tuned to do well in about 10 minutes on 2 CPU cores (bench/quality.py; figures in docs/benchmarks.md): a narrow,
     # batch-normalised, same-padded network. Width 8 trains 3× more pixels per second than width 16
     # there (0.27 vs 0.09 Mpix/s), which buys more than the extra width does in that time.
     "cpu-quick": TrainConfig(

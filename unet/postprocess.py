@@ -69,7 +69,7 @@ def _merge_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 METHODS = ("agglomerate", "watershed", "threshold")
 #: The post-processing the app and the command line use unless told otherwise: on ISBI 2012 slices 25-29
-#: it beat the seeded watershed on V_rand, V_info, adapted Rand error and VI (README, ``bench.quality``).
+#: it beat the seeded watershed on V_rand, V_info, adapted Rand error and VI (docs/benchmarks.md, ``bench.quality``).
 DEFAULT_METHOD = "agglomerate"
 # The defaults of agglomerate() and threshold_components() are the parameters bench.quality chose on ISBI
 # 2012 slices 20-24 (best V_rand of the U-Net's maps as Predict makes them by default, without test-time
