@@ -237,6 +237,12 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
         _wait("the session to end", lambda: not svc.run(run_id).active, timeout=120)
         return {"rounds": rows, "save_to_overlay_s": {"median": statistics.median(latencies), "max": max(latencies),
                                                        "all": latencies}}
+    except BaseException:
+        kept = Path(tempfile.mkdtemp(prefix="neuroseg-loop-logs-"))
+        for log in work.rglob("*.log"):  # the live worker's and the server's: what went wrong
+            shutil.copy(log, kept / f"{log.parent.name}-{log.name}")
+        print(f"the logs are kept in {kept}", file=sys.stderr, flush=True)
+        raise
     finally:
         if svc is not None:
             svc.close()

@@ -54,6 +54,13 @@ NEWS_EVERY_S = 0.25  # how often training and predicting look at the store for a
 # a zoomed viewer's region is predicted first, with this margin of context around it (pixels): the network
 # answers its middle as it would in the whole slice; the rest of the slice comes when nothing else waits
 REGION_HALO = 64
+SLOW_S = 3.0  # a step of the loop that takes longer is written to the worker's log (where the time goes)
+
+
+def slow(what: str, since: float, run_id: int) -> None:
+    took = time.monotonic() - since
+    if took >= SLOW_S:
+        print(f"live {run_id}: {what} took {took:.1f} s", flush=True)
 CHECKPOINT_EVERY_S = 60.0
 # from a trained start, the unpainted pixels keep its answer at this weight (unet.live); $NEUROSEG_LIVE_DISTILL
 DISTILL = float(os.environ.get("NEUROSEG_LIVE_DISTILL") or 0.3)
@@ -187,6 +194,7 @@ class LiveLoop:
             if should_stop():
                 break
             relative = self.store.live_slice(self.run_id, z)
+            began = time.monotonic()
             try:
                 partial = False
                 if region is None:
@@ -195,6 +203,8 @@ class LiveLoop:
                     prob, region, partial = self._predict_region(trainer, z, region, relative, should_stop)
             except Interrupted:  # a save or another slice came: it goes first
                 break
+            finally:
+                slow(f"predicting slice {z}" + (f" (region {region})" if region else ""), began, self.run_id)
             atomic_write(self.store.abspath(relative), lambda fh, q=prob: np.save(fh, q))
             with self.sessions.begin() as s:
                 row = s.get(LiveSlice, (self.run_id, z))
@@ -257,7 +267,9 @@ class LiveLoop:
         first, last_save = True, time.monotonic()
         stopping = self.reporter.should_stop
         for _turn in itertools.count():
+            began = time.monotonic()
             changed = self.absorb(trainer, first)
+            slow(f"taking in slice(s) {changed}", began, self.run_id)
             if changed and not first:
                 print(f"live {self.run_id}: took in slice(s) {changed} at step {trainer.steps}", flush=True)
             first = False
@@ -293,6 +305,7 @@ class LiveLoop:
             # nothing waits: the starting model's answer on the viewers' slices, ready for their save (it
             # teaches the unpainted pixels); the slices beside theirs (where they miss a save); the forest
             for z in self.focus[0]:
+                began = time.monotonic()
                 try:
                     if (region := self.regions.get(z)) is not None:  # zoomed: where the strokes will be, first
                         reach = trainer.trainer.config.patch_size
@@ -302,6 +315,8 @@ class LiveLoop:
                     trainer.prepare(z, self.volume[z], should_stop=self.news)
                 except Interrupted:
                     break
+                finally:
+                    slow(f"the starting model's answer on slice {z}", began, self.run_id)
             if self.news():
                 continue
             shown += self.predict(trainer, done, beside=True, should_stop=self.news)
