@@ -30,16 +30,17 @@ import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.kinds import RunStatus
+from domain.live import Region
 from storage.db import open_store
 from storage.files import FileStore
 from storage.heldout import held_out
-from storage.live import Region, focus_slices, region_text, viewed_regions, waiting_normal_run
+from storage.live import focus_slices, region_text, viewed_regions, waiting_normal_run
 from storage.masks import load_mask, slice_kinds
 from storage.models import Checkpoint, LiveSlice, MaskVersion, Run, RunMask
 from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.procs import start_time
 from storage.queue import claim, start_queued
-from storage.records import RunStatus
 from storage.settings import Settings
 from storage.train_worker import DatabaseReporter, _heartbeat, _start_segment
 from unet.config import TrainConfig

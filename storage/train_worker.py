@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.kinds import RunStatus
 from storage.db import open_store
 from storage.files import FileStore, sha256_of
 from storage.masks import load_mask
@@ -27,7 +28,6 @@ from storage.models import Checkpoint, MaskVersion, Metric, Run, RunMask
 from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.procs import start_time
 from storage.queue import claim, start_queued
-from storage.records import RunStatus
 from storage.settings import Settings
 from unet.config import TrainConfig
 from unet.data import TrainData
