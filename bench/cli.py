@@ -115,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help="a scratch folder with room for the stack (default: a temporary one)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "cli-predict.json"))
     args = ap.parse_args(argv)
-    from bench.scale import _model, _write_stack
+    from bench.scale import tiny_model, write_stack
 
     work = Path(args.work or tempfile.mkdtemp(prefix="neuroseg-cli-"))
     work.mkdir(parents=True, exist_ok=True)
-    _model(work / "models", "tiny")
+    tiny_model(work / "models", "tiny")
     tiff = work / "stack.tif"
     if not tiff.is_file() or tiff.stat().st_size < args.slices * args.side ** 2:
         print(f"writing {args.slices} × {args.side}² …", flush=True)
-        _write_stack(tiff, args.slices, args.side)
+        write_stack(tiff, args.slices, args.side)
     z = args.slices
     chosen = spread(z, args.predict)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NEUROSEG_PREDICT_WORKERS": str(args.workers)}

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ROOT, labelled_stack, table, write_json
-from bench.loop import _start_folder, _wait, open_live, save_mask, score
+from bench.loop import open_live, save_mask, score, start_folder, wait_until
 
 
 def predict(checkpoint: Path, volume: np.ndarray, slices: list[int]) -> list[np.ndarray]:
@@ -52,14 +52,14 @@ def forest_scores(volume: np.ndarray, targets: np.ndarray, corrected: list[int],
     """The forest trained on ``pixels`` labelled pixels of each corrected slice, scored on ``held``."""
     from sklearn.ensemble import RandomForestClassifier
 
-    from bench.quality import _rf_features
+    from bench.quality import rf_features
     from unet.labels import IGNORE
 
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
     xs, ys = [], []
     for z in corrected:
-        f = _rf_features(volume[z])
+        f = rf_features(volume[z])
         f = f.reshape(-1, f.shape[-1])
         known = np.flatnonzero(targets[z].ravel() != IGNORE)
         pick = rng.choice(known, size=min(pixels, known.size), replace=False)
@@ -71,7 +71,7 @@ def forest_scores(volume: np.ndarray, targets: np.ndarray, corrected: list[int],
     neuron = list(forest.classes_).index(1)
     probs = []
     for z in held:
-        f = _rf_features(volume[z])
+        f = rf_features(volume[z])
         probs.append(forest.predict_proba(f.reshape(-1, f.shape[-1]))[:, neuron].reshape(volume.shape[1:])
                      .astype(np.float32))
     return {**score(probs, [targets[z] for z in held]), "train_seconds": train_s,
@@ -91,7 +91,7 @@ def live_scores(args, volume_path: Path, volume: np.ndarray, targets: np.ndarray
             saved = save_mask(svc, ds, z, targets[z])
         t_saved = time.monotonic()
         svc.live_see(run_id, "annotator", corrected[-1])
-        _wait("the live overlay to include both saves", lambda: (
+        wait_until("the live overlay to include both saves", lambda: (
             p := svc.live_prediction(run_id, corrected[-1])) is not None and p.masks_seen >= saved.id)
         learned_s = time.monotonic() - t_saved
         print(f"live session {run_id} learned both saves {learned_s:.1f} s after the last", flush=True)
@@ -107,12 +107,12 @@ def live_scores(args, volume_path: Path, volume: np.ndarray, targets: np.ndarray
         while True:
             left = deadline - time.monotonic()
             try:
-                last = left <= 0 or not _wait("a checkpoint", fresh, timeout=left)
+                last = left <= 0 or not wait_until("a checkpoint", fresh, timeout=left)
             except TimeoutError:
                 last = True
             if last:
                 svc.live_stop(run_id)
-                _wait("the session to end", lambda: not svc.run(run_id).active, timeout=120)
+                wait_until("the session to end", lambda: not svc.run(run_id).active, timeout=120)
             at = time.monotonic() - t_saved
             seen = (folder / "latest.pt").stat().st_mtime
             copy = work / "scored.pt"
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(corrected) & set(held) or not held:
         print("--corrected and --held-out overlap, or nothing is held out", file=sys.stderr)
         return 2
-    folder = _start_folder(args.start, Path(tempfile.mkdtemp(prefix="neuroseg-lab-start-")))
+    folder = start_folder(args.start, Path(tempfile.mkdtemp(prefix="neuroseg-lab-start-")))
     start_file = next(folder.glob("*.pt"))
     alone = score(predict(start_file, volume, held), [targets[z] for z in held])
     print(f"start alone ({args.start}): {alone}", flush=True)

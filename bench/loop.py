@@ -99,7 +99,7 @@ def score(probs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, float
 
 
 # --- the U-Net through the app ----------------------------------------------------------------------
-def _start_folder(start: str, work: Path) -> Path:
+def start_folder(start: str, work: Path) -> Path:
     """A folder with the checkpoint the session starts from, registered by the service as its starter (none
     from random weights: the session starts as Annotate's "random initialisation" does)."""
     from unet.checkpoint import side_file
@@ -124,7 +124,7 @@ def _start_folder(start: str, work: Path) -> Path:
     return folder
 
 
-def _wait(what: str, get, timeout: float = 600.0):
+def wait_until(what: str, get, timeout: float = 600.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = get()
@@ -142,7 +142,7 @@ def open_live(start: str, volume_path: Path, work: Path, supervise: bool = True)
     from storage.service import Neuroseg
     from storage.settings import Settings
 
-    os.environ["NEUROSEG_STARTER_DIR"] = str(_start_folder(start, work))
+    os.environ["NEUROSEG_STARTER_DIR"] = str(start_folder(start, work))
     svc = Neuroseg(Settings.from_env(work / "data"), supervise=supervise)
     if not supervise:
         from storage import starter
@@ -155,7 +155,7 @@ def open_live(start: str, volume_path: Path, work: Path, supervise: bool = True)
         session, _ = svc.live_start(ds, None, "annotator", scratch=True)
     else:
         session, _ = svc.live_start(ds, svc.checkpoint_choices()[0].id, "annotator")
-    _wait("the live worker", lambda: svc.run(session.run_id).status == "RUNNING")
+    wait_until("the live worker", lambda: svc.run(session.run_id).status == "RUNNING")
     return svc, ds, session.run_id
 
 
@@ -182,7 +182,7 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
     try:
         if args.page:  # the app as ./run.sh serves it, with its own supervisor, and one Annotate page
             (work / "data").mkdir(parents=True, exist_ok=True)
-            os.environ["NEUROSEG_STARTER_DIR"] = str(_start_folder(args.start, work))
+            os.environ["NEUROSEG_STARTER_DIR"] = str(start_folder(args.start, work))
             page = stack.enter_context(annotate_page(work / "data", args.zoom))
         svc, ds, run_id = open_live(args.start, volume_path, work, supervise=page is None)
         painted = {z: np.zeros(targets.shape[1:], bool) for z in order}
@@ -208,14 +208,14 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
             if page is not None:
                 page(ds, z)  # the page follows the annotator to the slice, with Live on
             svc.live_see(run_id, "annotator", z, region)
-            seen = _wait(f"a live prediction of slice {z}", fresh(z, t_look))
+            seen = wait_until(f"a live prediction of slice {z}", fresh(z, t_look))
             centres = wrong_regions(seen.probabilities, targets[z], painted[z] | outside, args.k, args.radius)
             paint(painted[z], centres, args.radius)
             if args.paint_seconds > 0:
                 time.sleep(args.paint_seconds)  # the strokes take a person this long; the session trains on
             saved = save_mask(svc, ds, z, np.where(painted[z], targets[z], IGNORE))
             t_save = time.monotonic()
-            _wait("the live overlay to include the save", lambda z=z, mask=saved.id: (
+            wait_until("the live overlay to include the save", lambda z=z, mask=saved.id: (
                 p := svc.live_prediction(run_id, z)) is not None and p.masks_seen >= mask)
             latencies.append(time.monotonic() - t_save)
             rest = args.seconds - (time.monotonic() - t_save)
@@ -224,7 +224,8 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
             t_score = time.time()
             for h in held:
                 svc.live_see(run_id, f"scorer-{h}", h)
-            probs = [_wait(f"a live prediction of held-out slice {h}", fresh(h, t_score)).probabilities for h in held]
+            probs = [wait_until(f"a live prediction of held-out slice {h}", fresh(h, t_score)).probabilities
+                     for h in held]
             for h in held:
                 svc.live_leave(run_id, f"scorer-{h}")
             metrics = score(probs, [targets[h] for h in held])
@@ -234,7 +235,7 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
                          **metrics})
             print(f"unet  round {r + 1:2d}: {metrics} · overlay {latencies[-1]:.1f} s after the save", flush=True)
         svc.live_stop(run_id)
-        _wait("the session to end", lambda: not svc.run(run_id).active, timeout=120)
+        wait_until("the session to end", lambda: not svc.run(run_id).active, timeout=120)
         return {"rounds": rows, "save_to_overlay_s": {"median": statistics.median(latencies), "max": max(latencies),
                                                        "all": latencies}}
     except BaseException:
@@ -289,7 +290,7 @@ def annotate_page(data: Path, zoom: int = 1):
 def forest_loop(args, volume: np.ndarray, targets: np.ndarray, order: list[int], held: list[int]) -> dict:
     from sklearn.ensemble import RandomForestClassifier
 
-    from bench.quality import _rf_features
+    from bench.quality import rf_features
 
     painted = {z: np.zeros(targets.shape[1:], bool) for z in order}
     xs: dict[int, np.ndarray] = {}
@@ -301,7 +302,7 @@ def forest_loop(args, volume: np.ndarray, targets: np.ndarray, order: list[int],
     def predict(z: int) -> np.ndarray:
         if forest is None:
             return np.full(volume.shape[1:], 0.5, np.float32)
-        f = _rf_features(volume[z])
+        f = rf_features(volume[z])
         return forest.predict_proba(f.reshape(-1, f.shape[-1]))[:, list(forest.classes_).index(1)] \
             .reshape(volume.shape[1:]).astype(np.float32) if 1 in forest.classes_ else \
             np.zeros(volume.shape[1:], np.float32)
@@ -310,7 +311,7 @@ def forest_loop(args, volume: np.ndarray, targets: np.ndarray, order: list[int],
         z = order[r % len(order)]
         centres = wrong_regions(predict(z), targets[z], painted[z], args.k, args.radius)
         paint(painted[z], centres, args.radius)
-        f = _rf_features(volume[z])
+        f = rf_features(volume[z])
         xs[z], ys[z] = f[painted[z]], targets[z][painted[z]]
         forest = RandomForestClassifier(n_estimators=100, n_jobs=-1, min_samples_leaf=2, random_state=0)
         forest.fit(np.concatenate(list(xs.values())), np.concatenate(list(ys.values())))

@@ -38,16 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
 
-    from storage.accounts import HASHER, _verify
+    from storage.accounts import HASHER, verify_password
     from unet.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, export_package, validate
     from unet.checkpoint import load_checkpoint
     from unet.synthetic import make_synthetic_em
 
     rows = []
     stored = HASHER.hash("a lab member's password")
-    seconds, _ = _timed(lambda: _verify(stored, "a lab member's password"), args.repeat)
+    seconds, _ = _timed(lambda: verify_password(stored, "a lab member's password"), args.repeat)
     rows.append({"step": "sign-in: argon2id verify (right password)", "seconds": seconds})
-    seconds, _ = _timed(lambda: _verify(stored, "a wrong password"), args.repeat)
+    seconds, _ = _timed(lambda: verify_password(stored, "a wrong password"), args.repeat)
     rows.append({"step": "sign-in: argon2id verify (wrong password)", "seconds": seconds})
 
     starter = load_checkpoint(ROOT / "models" / "starter" / "membrane-w8.pt")
@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         seconds, _ = _timed(lambda: validate(out), args.repeat)
         rows.append({"step": "validate + test a written package", "seconds": seconds})
 
-        from storage.packages import import_package
         from storage.service import Neuroseg
         from storage.settings import Settings
 
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def one_import():
             with open(out, "rb") as fh:
-                return svc._tx(import_package, svc.store, fh, out.name)
+                return svc.import_model(fh, out.name)
 
         seconds, _ = _timed(one_import, args.repeat)
         rows.append({"step": "import: zip checks, validation, its own test, copy", "seconds": seconds})

@@ -144,7 +144,7 @@ def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | No
     return found
 
 
-def _rf_features(image: np.ndarray) -> np.ndarray:
+def rf_features(image: np.ndarray) -> np.ndarray:
     """The forest's features (:func:`unet.forest.pixel_features`: the live loop's teacher uses the same)."""
     from unet.forest import pixel_features
 
@@ -162,7 +162,7 @@ def run_random_forest(volume, targets, budget_s: float, seed: int, max_trees: in
     xs, ys = [], []
     per_slice = 12000
     for z in TRAIN:
-        f = _rf_features(volume[z])
+        f = rf_features(volume[z])
         # pixels drawn uniformly, so the forest learns the true class prior (a 50/50 sample made it
         # call membrane far too often: pixel error 0.135 instead of 0.10)
         pick = rng.choice(f.shape[0] * f.shape[1], size=per_slice, replace=False)
@@ -182,12 +182,12 @@ def run_random_forest(volume, targets, budget_s: float, seed: int, max_trees: in
     t1 = time.perf_counter()
     probs = []
     for z in TEST:
-        f = _rf_features(volume[z])
+        f = rf_features(volume[z])
         probs.append(forest.predict_proba(f.reshape(-1, f.shape[-1]))[:, 1].reshape(volume.shape[1:]))
     infer_s = time.perf_counter() - t1
     tune = []
     for z in TUNE:
-        f = _rf_features(volume[z])
+        f = rf_features(volume[z])
         tune.append(forest.predict_proba(f.reshape(-1, f.shape[-1]))[:, 1].reshape(volume.shape[1:]))
     out = evaluate(np.stack(probs).astype(np.float32), targets[TEST])
     return {**out, "seconds": train_s, "train_seconds": train_s, "infer_seconds": infer_s,

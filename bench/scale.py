@@ -90,7 +90,7 @@ def _stage(stage: str, data: Path, arg: str) -> dict:
     return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def _write_stack(path: Path, z: int, side: int) -> None:
+def write_stack(path: Path, z: int, side: int) -> None:
     """A synthetic EM stack, page by page (BigTIFF when it needs to be)."""
     import tifffile
 
@@ -132,7 +132,7 @@ def _browser(data: Path, dataset_id: int, side: int) -> dict:
     return {"annotate_next_s": max(times), "server_rss_mb": peak / 1024}
 
 
-def _model(folder: Path, which: str) -> None:
+def tiny_model(folder: Path, which: str) -> None:
     """The starting model as the store's starter ($NEUROSEG_STARTER_DIR)."""
     from unet.checkpoint import save_checkpoint
     from unet.config import preset
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="neuroseg-scale-"))
-    _model(work / "models", args.model)
+    tiny_model(work / "models", args.model)
     rows = []
     for size in (float(s) for s in args.sizes.split(",")):
         z = max(1, round(size * 1e9 / args.slice ** 2))
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         case.mkdir(parents=True)
         tiff = case / "stack.tif"
         print(f"{size:g} GB: writing {z} × {args.slice}² …", flush=True)
-        _write_stack(tiff, z, args.slice)
+        write_stack(tiff, z, args.slice)
         data = case / "data"
         imported = _stage("import", data, str(tiff))
         tiff.unlink()

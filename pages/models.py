@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from domain.kinds import RunKind
 from pages.common import attempt, can, flash, start_page
 from storage.service import NAME_MAX, UserError
 from ui.text import plain
@@ -35,8 +36,8 @@ if not models:
     st.info("No model yet: train a run on **Train**, or import a BioImage.IO package.")
     st.stop()
 owners = {r.id: r.owner for r in svc.runs()}
-KIND = {"starter": "starter", "imported": "imported", "live": "live session"}
-st.dataframe([{"model": m.id, "name": m.name, "what": checkpoint_label(m), "kind": KIND.get(m.run_kind, m.kind),
+st.dataframe([{"model": m.id, "name": m.name, "what": checkpoint_label(m),
+               "kind": m.run_kind.label if m.run_kind != RunKind.TRAIN else m.kind,
                "run": m.run_id, "step": m.step, "owner": owners.get(m.run_id) or "—"} for m in models],
              hide_index=True, key="models_table")
 
@@ -77,7 +78,7 @@ with left:
                        "author": m.author} for m in trained_on], hide_index=True, height=220, key="model_masks")
     else:
         st.caption("Recorded in its model card (the starter model) or its package (an import)."
-                   if run.kind in ("starter", "imported") else "No mask versions recorded.")
+                   if run.kind in (RunKind.STARTER, RunKind.IMPORTED) else "No mask versions recorded.")
     if card["held_out"]:
         st.markdown("**Held-out scores**")
         st.dataframe([{"dataset": ds, "measured on slices": ", ".join(map(str, entry["slices"])) or "none",
@@ -119,7 +120,7 @@ else:
 actions[1].download_button("Download checkpoint (.pt)", lambda: svc.checkpoint_bytes(chosen.id), on_click="ignore",
                            file_name=f"run-{run.id}-{chosen.kind}.pt", key=f"dl_model_{chosen.id}")
 refused = svc.refusal("manage", "checkpoint", chosen.id)  # (the service checks the call again)
-with actions[2].popover("Delete", disabled=run.active or run.kind == "starter" or bool(refused),
+with actions[2].popover("Delete", disabled=run.active or run.kind == RunKind.STARTER or bool(refused),
                         help=refused or None):
     st.warning(f"Delete model #{chosen.id} ({plain(checkpoint_label(chosen))}) and the predictions made with it?")
     if st.button("Yes, delete it", key=f"del_model_{chosen.id}", type="primary"):

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import streamlit as st
 
+from domain.kinds import RunStatus
 from pages.common import can, dataset_picker, flash, select_dataset, start_page, volume_or_stop
-from storage.service import RunStatus, UserError
+from storage.service import UserError
 from ui.paint import View
 from ui.prediction import (
     CARDS,

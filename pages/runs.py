@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from domain.kinds import CheckpointKind, RunKind, RunStatus
 from pages.common import attempt, start_page
 from ui.figures import METRIC_NAMES, run_curves_figure
 from ui.text import plain
@@ -23,7 +24,7 @@ for c in svc.checkpoint_choices():  # every run's, in one read
     checkpoints.setdefault(c.run_id, []).append(c)
 run_of_checkpoint = {c.id: c.run_id for cs in checkpoints.values() for c in cs}
 parent_run = {r.id: run_of_checkpoint.get(r.parent_checkpoint_id) for r in runs}
-starter_runs = {c.run_id for cs in checkpoints.values() for c in cs if c.run_kind == "starter"}
+starter_runs = {c.run_id for cs in checkpoints.values() for c in cs if c.run_kind == RunKind.STARTER}
 
 
 def run_name(run_id: int) -> str:
@@ -31,7 +32,7 @@ def run_name(run_id: int) -> str:
 
 
 def best_metrics(run_id: int) -> dict:
-    best = next((c for c in checkpoints[run_id] if c.kind == "best"), None)
+    best = next((c for c in checkpoints[run_id] if c.kind == CheckpointKind.BEST), None)
     return best.metrics if best else {}
 
 
@@ -91,7 +92,7 @@ if held:
                                     f"({run_name(parent_run[s.run_id]) if parent_run.get(s.run_id) else 'parent'})"
                                     " on the held-out slices." for s in bad), icon=":material/trending_down:")
             promoted = svc.default_model(scored_on)
-            candidates = [c for s in scores for c in checkpoints.get(s.run_id, []) if c.kind == "best"]
+            candidates = [c for s in scores for c in checkpoints.get(s.run_id, []) if c.kind == CheckpointKind.BEST]
             if candidates:
                 best_run = next((s.best_run_id for s in scores if s.best_run_id is not None), None)
                 cids = [c.id for c in candidates]
@@ -126,7 +127,7 @@ with one:
         st.warning(f"Run {run.id} scores worse than its parent on the held-out slices of "
                    f"{', '.join(map(plain, flagged[run.id]))}: see the table above before you use it.",
                    icon=":material/trending_down:")
-    unscored = [d for d in run.dataset_ids if d in held] if run.status == "FINISHED" else []
+    unscored = [d for d in run.dataset_ids if d in held] if run.status == RunStatus.FINISHED else []
     if unscored and st.button("Score on the held-out slices", key=f"score_{run.id}",
                               help="Runs that end are scored by themselves; this scores one that ended before "
                                    "the held-out slices were chosen (or changed)."):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
+from domain.kinds import RunKind, RunStatus
 from pages.common import can, flash, select_dataset, selected_dataset, start_page
-from storage.service import RunStatus, UserError
+from storage.service import UserError
 from ui.figures import run_curves_figure
 from ui.text import plain
 from ui.training import VAL_KEYS, checkpoint_label, describe_preset, progress_text, recipe, resume_note
@@ -22,7 +23,7 @@ def follow(run_id: int, was_active: bool) -> None:
     head[0].markdown(f"### Run {run.id}")
     head[0].markdown(f"Status: **{run.status}**" + (" (cancel requested)" if run.cancel_requested and
                                                       run.active else ""))
-    if run.kind == "live":  # no end to count towards: what it does now
+    if run.kind == RunKind.LIVE:  # no end to count towards: what it does now
         head[1].markdown(f"**Live session** (Annotate) · step {progress.step:,} · {run.phase or run.status.lower()}")
     else:
         fraction = progress.step / progress.steps if progress.steps else 0.0
@@ -37,7 +38,7 @@ def follow(run_id: int, was_active: bool) -> None:
             head[1].caption("Waiting behind " + ", ".join(
                 f"run #{q.run_id} ({plain(q.owner or 'system')}{', running' if q.position == 0 else ''})"
                 for q in ahead))
-    if run.active and run.kind == "live":
+    if run.active and run.kind == RunKind.LIVE:
         if head[2].button("Stop", key=f"stop_live_{run.id}", disabled=run.cancel_requested,
                           help="End the live session for everyone: it becomes a run with its checkpoints."):
             try:

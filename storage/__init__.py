@@ -1,2 +1,2 @@
 """Neuroseg's store: database rows (SQLAlchemy 2), the file store, the job queue and its workers. No
-Streamlit in here; pages call :class:`storage.service.Neuroseg` and get :mod:`storage.records` back."""
+Streamlit in here; pages call :class:`storage.service.Neuroseg` and get :mod:`domain.records` back."""

@@ -4,7 +4,7 @@ browsers signed in (a random token in a cookie; the store keeps its SHA-256), th
 slowing down of wrong passwords. Every sign-in, failed or not, is in the audit trail (:mod:`storage.audit`).
 
 No Streamlit here: the pages hand over what the browser sent (the form, the cookie, the address) and show
-the :class:`~storage.records.UserError` messages raised here."""
+the :class:`~domain.records.UserError` messages raised here."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def check_new_password(password: str, username: str = "") -> str:
     return password
 
 
-def _verify(stored: str | None, password: str) -> bool:
+def verify_password(stored: str | None, password: str) -> bool:
     try:
         return HASHER.verify(stored or _DUMMY_HASH, password) and stored is not None
     except (VerificationError, InvalidHashError):
@@ -308,7 +308,7 @@ def sign_in(session: Session, username: str, password: str, address: str = "") -
         audit.record(session, user.id if user else None, "sign in", f"user {name}", "refused",
                      "waiting after wrong passwords", address, username=name)
         raise SignInError(WAIT_MESSAGE.format(seconds=seconds))
-    good = _verify(user.password_hash if user is not None else None, password)
+    good = verify_password(user.password_hash if user is not None else None, password)
     if user is None or not good or user.disabled:
         if user is not None:  # (a disabled account waits too: it answers as an unknown name does)
             user.failed_sign_ins += 1
@@ -392,7 +392,7 @@ def change_password(session: Session, actor: Actor, old: str, new: str, keep_tok
     account, or a browser whose sign-in has ended, cannot (:func:`current_actor`)."""
     current_actor(session, actor)
     user = get_user(session, actor.user_id)
-    if not _verify(user.password_hash, old or ""):
+    if not verify_password(user.password_hash, old or ""):
         audit.record(session, user.id, "change password", f"user {user.username}", "failed",
                      "wrong current password", actor.address, username=user.username)
         raise SignInError("The current password is wrong.")

@@ -1,6 +1,6 @@
 """Datasets: a stack validated and stored once (its labels become the first mask version of each
 slice), listed, renamed, read back. Functions take a ``Session`` (the caller owns the transaction) and
-the :class:`~storage.files.FileStore`; they return :mod:`storage.records`."""
+the :class:`~storage.files.FileStore`; they return :mod:`domain.records`."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from domain.kinds import MaskKind, RunKind
+from domain.records import DatasetInfo, NotFound
 from storage import text
 from storage.files import FileStore, IntegrityError, import_roots
 from storage.masks import add_mask
 from storage.models import Dataset, MaskVersion, Run, RunMask
-from storage.records import DatasetInfo, NotFound
 from storage.volumes import FORMAT, External, Refused, Volume, VolumeWriter, check_folder, write_volume
 from unet.io import Limits, iter_slices
 from unet.labels import labels_to_target
@@ -136,7 +137,8 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
             report(f"storing slice {z + 1} of {z_count}{also}", 0.05 + 0.9 * z / z_count)
             writer.write(plane)
             if label_planes is not None:
-                add_mask(session, store, row.id, z, labels_to_target(next(label_planes)), "uploaded", author, None, 1)
+                add_mask(session, store, row.id, z, labels_to_target(next(label_planes)), MaskKind.UPLOADED, author,
+                         None, 1)
         report("writing the overview pyramid's metadata", 0.96)
     report("stored", 1.0)
     return _dataset_info(session, row)
@@ -325,7 +327,7 @@ def update_dataset(session: Session, dataset_id: int, *, name: str | None = None
 
 def runs_using_dataset(session: Session, dataset_id: int) -> list[int]:
     """The runs that trained on the dataset, and its live sessions (one may not have learned a mask yet)."""
-    live = [r.id for r in session.scalars(select(Run).where(Run.kind == "live"))
+    live = [r.id for r in session.scalars(select(Run).where(Run.kind == RunKind.LIVE))
             if int(r.spec.get("dataset_id", -1)) == dataset_id]
     return sorted(set(session.scalars(
         select(RunMask.run_id).join(MaskVersion, RunMask.mask_version_id == MaskVersion.id)

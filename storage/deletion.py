@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from domain.kinds import ACTIVE, RunKind
+from domain.records import Deleted, NotFound
 from storage.datasets import dataset_row, runs_using_dataset
 from storage.files import FileStore
 from storage.models import Checkpoint, Dataset, MaskVersion, Prediction, Run
 from storage.procs import is_alive
-from storage.records import ACTIVE, Deleted, NotFound
 from storage.runs import run_row
 from unet.checkpoint import side_file
 
@@ -59,7 +60,7 @@ def plan_run(session: Session, store: FileStore, run_id: int) -> Plan:
     """A finished or stopped run: its rows (metrics, checkpoints, predictions, lineage) and its folder of
     checkpoints and logs. A queued or running run must be cancelled first."""
     run = run_row(session, run_id)
-    refusal = ("the starter model ships with the app: it is not deleted" if run.kind == "starter" else
+    refusal = ("the starter model ships with the app: it is not deleted" if run.kind == RunKind.STARTER else
                f"run {run_id} is {run.status}: cancel it before deleting it" if run.status in ACTIVE
                else _running_predictions(session, _of_runs([run_id]), f"a checkpoint of run {run_id}"))
     checkpoints = session.scalar(select(func.count()).where(Checkpoint.run_id == run_id)) or 0
@@ -96,7 +97,7 @@ def plan_checkpoint(session: Session, store: FileStore, checkpoint_id: int) -> P
     if row is None:
         raise NotFound(f"checkpoint {checkpoint_id} does not exist")
     run = session.get(Run, row.run_id)
-    refusal = ("the starter model ships with the app: it is not deleted" if run.kind == "starter" else
+    refusal = ("the starter model ships with the app: it is not deleted" if run.kind == RunKind.STARTER else
                f"run {run.id} is {run.status}: its checkpoints are still being written" if run.status in ACTIVE
                else _running_predictions(session, Prediction.checkpoint_id == checkpoint_id, "this checkpoint"))
     predictions = _predictions(session, Prediction.checkpoint_id == checkpoint_id)

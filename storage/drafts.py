@@ -12,13 +12,13 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from domain.records import DraftLike, DraftStart, MaskInfo, StoredDraft
 from storage.datasets import dataset_row
 from storage.files import FileStore
 from storage.masks import latest_mask, load_mask, save_mask
 from storage.models import Dataset, MaskVersion
 from storage.models import Draft as DraftRow
 from storage.predictions import get_prediction, load_output
-from storage.records import DraftLike, DraftStart, MaskInfo, StoredDraft
 from unet.labels import IGNORE
 
 

@@ -11,58 +11,23 @@ model: Predict and Live start from it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.kinds import CheckpointKind, RunKind, RunStatus
+from domain.records import NotFound, UserError
+from domain.scores import DECIDES, HeldOut, Score
 from storage.files import FileStore
 from storage.masks import latest_mask, load_mask
 from storage.models import Checkpoint, Dataset, MaskVersion, Run, RunMask
-from storage.records import NotFound, RunStatus, UserError
 from unet.metrics import mean_metrics
 from unet.postprocess import DEFAULT_METHOD
 
 # how much worse than its parent or the best a run may score before it is flagged (noise on a few slices)
 TOLERANCE = {"pixel_error": 0.002, "rand_f": 0.005, "vi": 0.02}
 HIGHER_IS_BETTER = {"pixel_error": False, "rand_f": True, "vi": False}
-DECIDES = "rand_f"  # which metric picks the best run (pixel error breaks a tie): the field's ISBI score
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    version: int
-    slices: list[int]
-    mask_ids: list[int]
-    seen_by: dict[int, list[int]] = field(default_factory=dict)  # slice → runs whose lineage trained on it
-
-
-@dataclass(frozen=True)
-class Score:
-    """A run's held-out score on one dataset, with what it is compared to."""
-
-    run_id: int
-    dataset_id: int
-    version: int
-    metrics: dict[str, float]
-    parent: dict[str, float] | None  # the parent checkpoint's score on the same slices, if any
-    best: dict[str, float] | None  # the dataset's best run's score (this version)
-    best_run_id: int | None
-    worse_than_parent: list[str]  # metrics beyond tolerance
-    worse_than_best: list[str]
-    slices: tuple[int, ...] = ()  # the held-out slices this score is measured on
-    seen: tuple[int, ...] = ()  # held-out slices left out: the run or a run it descends from trained on them
-    decides: str = DECIDES  # the metric that chose the best run
-
-    @property
-    def honest(self) -> bool:
-        """Measured on every held-out slice, none of which the run's lineage saw (may be the best)."""
-        return not self.seen and bool(self.slices)
-
-    @property
-    def flagged(self) -> bool:
-        return bool(self.worse_than_parent)
 
 
 def held_out(session: Session, dataset_id: int) -> HeldOut | None:
@@ -169,14 +134,14 @@ def runs_that_saw(session: Session, dataset_id: int, slices: list[int]) -> dict[
 
 
 def _datasets_of(run: Run) -> list[int]:
-    if run.kind == "live":
+    if run.kind == RunKind.LIVE:
         return [int(run.spec["dataset_id"])]
     return sorted({int(p["dataset_id"]) for role in ("train", "val") for p in run.spec.get(role, [])})
 
 
 def _weights(session: Session, run_id: int) -> Checkpoint | None:
     rows = {c.kind: c for c in session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id))}
-    return rows.get("best") or rows.get("latest")
+    return rows.get(CheckpointKind.BEST) or rows.get(CheckpointKind.LATEST)
 
 
 def _score_checkpoint(session: Session, store: FileStore, checkpoint: Checkpoint, dataset_id: int,
@@ -292,7 +257,7 @@ def scores(session: Session, dataset_id: int) -> list[Score]:
     per_slice = {r.id: m for r in runs if (m := _score_of(r, dataset_id, frozen.version)) is not None}
     seen = {r.id: sorted(seen_slices(session, r, dataset_id) & set(frozen.slices)) for r in runs if r.id in per_slice}
     clean = {i: [z for z in frozen.slices if z not in seen[i]] for i in per_slice}
-    finished = {r.id for r in runs if r.status == RunStatus.FINISHED or r.kind == "starter"}
+    finished = {r.id for r in runs if r.status == RunStatus.FINISHED or r.kind == RunKind.STARTER}
     full = {i: m for i in per_slice if i in finished and not seen[i]
             and (m := _mean_on(per_slice[i], frozen.slices)) is not None}
     best_id = max(full, key=lambda i: _rank(full[i]), default=None)

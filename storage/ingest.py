@@ -1,6 +1,6 @@
 """Getting stacks into the store: an upload (spooled to disk once, then validated completely and stored, or
 refused with a message that names the user's file), the synthetic demo stack, and the ISBI 2012 sample.
-Refusals raise :class:`~storage.records.UserError`; nothing is stored then."""
+Refusals raise :class:`~domain.records.UserError`; nothing is stored then."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import BinaryIO
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.records import AlreadyLoaded, ChannelsQuestion, DatasetInfo, UserError
 from storage import datasets
 from storage.files import IMPORT_ROOTS_ENV, FileStore, import_roots
-from storage.records import AlreadyLoaded, ChannelsQuestion, DatasetInfo, UserError
 from storage.settings import PROJECT_ROOT
 from storage.volumes import Refused, check_folder, check_tree
 from unet.io import ChannelsMaybeSlices

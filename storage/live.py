@@ -18,19 +18,18 @@ re-predicted. The rules it keeps with the rest of the queue:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from domain.kinds import ACTIVE, RunKind, RunStatus
+from domain.live import LiveInfo, LivePrediction, Region
+from domain.records import NotFound, RunInfo, UserError, aware
 from storage.files import FileStore
 from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunMask, User
-from storage.records import ACTIVE, NotFound, RunInfo, RunStatus, UserError, aware
 from storage.runs import device_key, resume_run, run_info
-
-Region = tuple[int, int, int, int]  # (y0, x0, h, w) of a slice
 
 
 def region_text(region: Region | None, partial: bool = False) -> str | None:
@@ -60,48 +59,19 @@ def clean_region(region) -> Region | None:
 
 
 VIEWER_TTL = timedelta(seconds=120)  # a viewer not seen for this long is no longer predicted for
-LIVE_KIND = "live"
 # the network of a session from random weights: the starter's (width 8), the one bench.loop measured
 SCRATCH_PRESET = "cpu-quick"
 
 
-@dataclass(frozen=True)
-class LiveInfo:
-    """A live session as the Annotate page shows it."""
-
-    run: RunInfo
-    dataset_id: int
-    learned: int  # mask versions it has taken into its training set
-    viewers: list[str]  # who has the session open (seen in the last two minutes)
-    paused_for: int | None  # the normal run it yields the device to, while paused
-    names: dict[str, str] = field(default_factory=dict)  # viewer ("user:<id>") → user name
-
-    @property
-    def run_id(self) -> int:
-        return self.run.id
-
-
-@dataclass(frozen=True)
-class LivePrediction:
-    run_id: int
-    slice_index: int
-    step: int
-    masks_seen: int
-    created: datetime
-    probabilities: np.ndarray  # float32 in [0, 1], the neuron probability
-    region: Region | None = None  # only this region is from ``step``'s weights (None: the whole slice)
-    partial: bool = False  # the rest of the slice has never been predicted (it reads 0.5: not an answer)
-
-
 def _live_runs(session: Session, dataset_id: int, statuses=ACTIVE) -> list[Run]:
-    rows = session.scalars(select(Run).where(Run.kind == LIVE_KIND, Run.status.in_(list(statuses)))
+    rows = session.scalars(select(Run).where(Run.kind == RunKind.LIVE, Run.status.in_(list(statuses)))
                            .order_by(Run.id))
     return [r for r in rows if int(r.spec.get("dataset_id", -1)) == dataset_id]
 
 
 def waiting_normal_run(session: Session, device: str) -> int | None:
     """The oldest normal run queued on ``device`` (a live session yields to it), or None."""
-    return session.scalar(select(func.min(Run.id)).where(Run.status == RunStatus.QUEUED, Run.kind == "train",
+    return session.scalar(select(func.min(Run.id)).where(Run.status == RunStatus.QUEUED, Run.kind == RunKind.TRAIN,
                                                           Run.device == device))
 
 
@@ -160,7 +130,7 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
                              "live session fine-tunes, and it has no state dict to fine-tune; start from a Neuroseg "
                              "model")
         config = live_config(TrainConfig.from_dict(parent_run.config), trained=parent.step > 0)
-    run = Run(status=RunStatus.QUEUED, kind=LIVE_KIND, spec={"dataset_id": dataset_id, "preset": "live",
+    run = Run(status=RunStatus.QUEUED, kind=RunKind.LIVE, spec={"dataset_id": dataset_id, "preset": "live",
                                                               "train": [], "val": []},
               config=config.to_dict(), device=device_key(config), parent_checkpoint_id=checkpoint_id,
               phase="waiting for the device")
@@ -199,7 +169,7 @@ def leave(session: Session, run_id: int, owner: str) -> None:
 def stop(session: Session, run_id: int) -> RunInfo:
     """End the session for everyone: it checkpoints and becomes a FINISHED run."""
     run = session.get(Run, run_id)
-    if run is None or run.kind != LIVE_KIND:
+    if run is None or run.kind != RunKind.LIVE:
         raise NotFound(f"live session {run_id} does not exist")
     if run.status == RunStatus.QUEUED:  # not started, or paused: nothing to stop but the row
         has_weights = session.scalar(select(func.count()).select_from(Checkpoint).where(Checkpoint.run_id == run.id))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 
@@ -30,18 +29,19 @@ import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.kinds import RunStatus
+from domain.live import Region
 from storage.db import open_store
 from storage.files import FileStore
 from storage.heldout import held_out
-from storage.live import Region, focus_slices, region_text, viewed_regions, waiting_normal_run
+from storage.lifecycle import DatabaseReporter, run_job, start_segment
+from storage.live import focus_slices, region_text, viewed_regions, waiting_normal_run
 from storage.masks import load_mask, slice_kinds
 from storage.models import Checkpoint, LiveSlice, MaskVersion, Run, RunMask
-from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
+from storage.outcome import Outcome, job_main
 from storage.procs import start_time
-from storage.queue import claim, start_queued
-from storage.records import RunStatus
+from storage.queue import claim
 from storage.settings import Settings
-from storage.train_worker import DatabaseReporter, _heartbeat, _start_segment
 from unet.config import TrainConfig
 from unet.forest import PixelForest
 from unet.infer import Interrupted
@@ -256,7 +256,7 @@ class LiveLoop:
             torch.set_num_threads(LIVE_THREADS)
         out_dir = self.store.run_dir(self.run_id)
         resume = (out_dir / "latest.pt").exists()
-        _start_segment(self.sessions, self.run_id, out_dir, resume)
+        start_segment(self.sessions, self.run_id, out_dir, resume)
         if self.trained_start:  # the starting model teaches
             teacher, distill, ema = self.parent_file, DISTILL, 0.0
         else:  # a forest on the same strokes teaches, and a moving average predicts
@@ -337,23 +337,15 @@ def run_worker(run_id: int, settings: Settings) -> int:
         if not claim(s, run_id, os.getpid(), start_time(os.getpid())):
             print(f"live session {run_id} is not queued or its device is busy; nothing to do")
             return 0
-    unwind_on_sigterm()
-    stop = threading.Event()
-    threading.Thread(target=_heartbeat, args=(sessions, run_id, stop), daemon=True).start()
-    reporter = DatabaseReporter(sessions, store, run_id)
 
-    def body(outcome: Outcome) -> None:
+    def body(outcome: Outcome, reporter: DatabaseReporter) -> None:
         LiveLoop(sessions, store, run_id, reporter).run(outcome)
         if outcome.status == RunStatus.FINISHED:
             from storage.heldout import score_run
 
             score_run(sessions, store, run_id)
 
-    try:
-        return run_to_end(sessions, Run, run_id, body, cleanup=reporter.close)
-    finally:
-        stop.set()
-        start_queued(sessions, settings)
+    return run_job(sessions, store, settings, run_id, body)
 
 
 def main(argv: list[str] | None = None) -> int:

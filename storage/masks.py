@@ -1,5 +1,5 @@
 """Mask versions: every save of a slice's mask is a new version (nothing is overwritten); a save based
-on a version that is no longer the latest is refused with :class:`~storage.records.MaskConflict`."""
+on a version that is no longer the latest is refused with :class:`~domain.records.MaskConflict`."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
+from domain.kinds import MaskKind
+from domain.records import MaskConflict, MaskInfo, NotFound
 from storage.files import FileStore
-from storage.models import MASK_KINDS, Dataset, MaskVersion
-from storage.records import MaskConflict, MaskInfo, NotFound
+from storage.models import Dataset, MaskVersion
 from unet.labels import IGNORE
 
 
 def mask_info(row: MaskVersion) -> MaskInfo:
-    return MaskInfo(row.id, row.dataset_id, row.slice_index, row.version, row.kind, row.author, row.parent_id,
+    return MaskInfo(row.id, row.dataset_id, row.slice_index, row.version, MaskKind(row.kind), row.author, row.parent_id,
                     row.labelled_pixels, row.created, row.restored_from_id)
 
 
@@ -64,8 +65,8 @@ def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: 
     a scribble on nothing) and ``latest_id`` the slice's latest version when the edit began (by default
     the parent): when that is not the latest any more (someone saved in between), the save is refused
     with :class:`MaskConflict` instead of silently overwriting their work."""
-    if kind not in MASK_KINDS:
-        raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
+    if kind not in tuple(MaskKind):
+        raise ValueError(f"mask kind must be one of {[k.value for k in MaskKind]}, got {kind!r}")
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise NotFound(f"dataset {dataset_id} does not exist")

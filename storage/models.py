@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from storage.records import RunStatus
+from domain.kinds import RunStatus
 
 
 def utcnow() -> datetime:
@@ -76,7 +76,6 @@ class AuditEvent(Base):
     address: Mapped[str] = mapped_column(String(64), default="")
 
 
-MASK_KINDS = ("uploaded", "painted", "scribble", "predicted", "predicted→painted")
 
 
 class Dataset(Base):

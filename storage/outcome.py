@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.kinds import RunStatus
 from storage.models import Prediction, Run
-from storage.records import RunStatus
 from storage.settings import Settings
 
 

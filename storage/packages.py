@@ -55,9 +55,9 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
+from domain.kinds import CheckpointKind, RunKind, RunStatus
 from storage.files import FileStore, sha256_of
 from storage.models import Checkpoint, Run
-from storage.records import RunStatus
 
 MAX_MEMBERS = 2_000
 MAX_UNPACKED = 4 << 30
@@ -258,8 +258,8 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
         else:  # its recipe, but always the network that was checked (a package's meta says what it likes)
             recipe = checkpoint.meta.get("train_config")
             config = {**(recipe if isinstance(recipe, dict) else {}), "model": checkpoint.model_config.to_dict()}
-        run = Run(kind="imported", status=RunStatus.FINISHED, device="cpu", created=now, started=now, finished=now,
-                  spec=spec, config=config)
+        run = Run(kind=RunKind.IMPORTED, status=RunStatus.FINISHED, device="cpu", created=now, started=now,
+                  finished=now, spec=spec, config=config)
         session.add(run)
         session.flush()
         target = store.run_dir(run.id) / "best.pt"
@@ -278,7 +278,7 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
                 save_checkpoint(target, checkpoint.build_model("cpu"),  # (its meta never says what is built)
                                 meta={**without_reserved(checkpoint.meta), "kind": "best",
                                       "imported_from": filename[:200]})
-            row = Checkpoint(run_id=run.id, kind="best", file=str(target.relative_to(store.root)),
+            row = Checkpoint(run_id=run.id, kind=CheckpointKind.BEST, file=str(target.relative_to(store.root)),
                              step=0 if foreign else int(checkpoint.meta.get("step", 0) or 0), sha256=sha256_of(target),
                              metrics={})
             session.add(row)

@@ -14,6 +14,7 @@ from functools import partial
 
 from sqlalchemy import update
 
+from domain.kinds import RunStatus
 from storage.datasets import load_volume, protected_paths
 from storage.db import open_store
 from storage.files import IntegrityError
@@ -21,7 +22,6 @@ from storage.masks import latest_mask, load_mask
 from storage.models import Checkpoint, Dataset, Prediction
 from storage.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.procs import start_time
-from storage.records import RunStatus
 from storage.settings import Settings
 from storage.volumes import External, Volume, open_block_volume
 from unet.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks

@@ -14,10 +14,11 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from domain.kinds import RunStatus
+from domain.records import NotFound, PredictionInfo
 from storage.datasets import dataset_row
 from storage.files import EXPORT_ROOT_ENV, FileStore, export_root, inside
 from storage.models import Checkpoint, Prediction
-from storage.records import NotFound, PredictionInfo, RunStatus
 from storage.settings import PROJECT_ROOT
 from storage.volumes import Volume
 from unet.io import write_tiff_slices

@@ -24,10 +24,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.kinds import ACTIVE, RunKind, RunStatus
+from domain.records import aware
 from storage.files import FileStore
 from storage.models import Prediction, Run
 from storage.procs import is_alive, start_time
-from storage.records import ACTIVE, RunStatus, aware
 from storage.settings import PROJECT_ROOT, Settings
 
 HEARTBEAT_STALE = timedelta(seconds=90)
@@ -71,11 +72,11 @@ def train_processes(device: str) -> int:
         return 1
 
 
-def launch_worker(settings: Settings, run_id: int, kind: str = "train", device: str = "cpu") -> subprocess.Popen:
+def launch_worker(settings: Settings, run_id: int, kind: str = RunKind.TRAIN, device: str = "cpu") -> subprocess.Popen:
     """The process of a run: a training worker (under torchrun, one process per GPU, when
     :func:`train_processes` says so), or a live session's (:mod:`storage.live_worker`)."""
     log = FileStore(settings.data_dir).worker_log(run_id)
-    if kind == "live":
+    if kind == RunKind.LIVE:
         return launch(settings, "storage.live_worker", ["--run-id", str(int(run_id))], log)
     processes = train_processes(device)
     if processes > 1:
@@ -100,7 +101,7 @@ def start_queued(sessions: sessionmaker[Session], settings: Settings) -> list[su
     """Start a worker for the oldest QUEUED run of each device that is free, normal runs before live
     sessions (a live session yields its device to them, :mod:`storage.live`). Returns the processes."""
     with sessions.begin() as s:
-        runs = s.scalars(select(Run).where(Run.status.in_(ACTIVE)).order_by(Run.kind == "live", Run.id)).all()
+        runs = s.scalars(select(Run).where(Run.status.in_(ACTIVE)).order_by(Run.kind == RunKind.LIVE, Run.id)).all()
         launching = {r.id for r in runs if r.status == RunStatus.QUEUED and r.pid is not None
                      and (r.pid == 0 or is_alive(r.pid, r.pid_started))}
         busy = {r.device for r in runs if r.status == RunStatus.RUNNING or r.id in launching}

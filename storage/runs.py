@@ -1,7 +1,7 @@
 """Training runs as records: submit one (with the exact mask versions it will train on), read them,
 their metrics, checkpoints and lineage, ask one to stop or to go on. Reads change nothing: noticing a
 dead worker is :mod:`storage.queue`'s job, run by :mod:`storage.supervisor`. Functions take a
-``Session`` (the caller owns the transaction) and return :mod:`storage.records`."""
+``Session`` (the caller owns the transaction) and return :mod:`domain.records`."""
 
 from __future__ import annotations
 
@@ -13,21 +13,12 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from domain.kinds import ACTIVE, RESUMABLE, CheckpointKind, MaskKind, RunKind, RunStatus
+from domain.records import CheckpointInfo, NotFound, PlanRow, RunInfo, RunMaskInfo, RunProgress
 from storage.datasets import dataset_row
 from storage.files import FileStore
 from storage.masks import latest_mask, slice_kinds
 from storage.models import Checkpoint, Dataset, MaskVersion, Metric, Run, RunMask
-from storage.records import (
-    ACTIVE,
-    RESUMABLE,
-    CheckpointInfo,
-    NotFound,
-    PlanRow,
-    RunInfo,
-    RunMaskInfo,
-    RunProgress,
-    RunStatus,
-)
 from unet.config import TrainConfig
 
 Curve = list[tuple[int, float, float]]  # (step, value, seconds since the run started)
@@ -36,7 +27,7 @@ Curve = list[tuple[int, float, float]]  # (step, value, seconds since the run st
 def run_info(row: Run, train_seconds: float | None = None) -> RunInfo:
     return RunInfo(row.id, RunStatus(row.status), row.device, row.spec, row.config, row.created, row.started,
                    row.finished, row.error, row.pid, row.cancel_requested is not None, row.parent_checkpoint_id,
-                   row.phase or "", train_seconds, row.kind or "train", row.owner_id,
+                   row.phase or "", train_seconds, RunKind(row.kind or RunKind.TRAIN), row.owner_id,
                    row.owner.username if row.owner else "")
 
 
@@ -180,7 +171,7 @@ def list_runs(session: Session, *, include_starter: bool = False) -> list[RunInf
     """Every training run, newest first (and the shipped starter model's record, when asked)."""
     query = select(Run).order_by(Run.id.desc())
     if not include_starter:
-        query = query.where(Run.kind != "starter")
+        query = query.where(Run.kind != RunKind.STARTER)
     rows = list(session.scalars(query))
     seconds = _train_seconds(session, [r.id for r in rows])
     return [run_info(r, seconds.get(r.id)) for r in rows]
@@ -188,7 +179,7 @@ def list_runs(session: Session, *, include_starter: bool = False) -> list[RunInf
 
 def count_runs(session: Session) -> tuple[int, int]:
     """(all runs, queued or running ones)."""
-    total = session.scalar(select(func.count()).select_from(Run).where(Run.kind != "starter")) or 0
+    total = session.scalar(select(func.count()).select_from(Run).where(Run.kind != RunKind.STARTER)) or 0
     active = session.scalar(select(func.count()).select_from(Run).where(Run.status.in_(ACTIVE))) or 0
     return int(total), int(active)
 
@@ -245,7 +236,8 @@ def run_masks(session: Session, run_id: int) -> list[RunMaskInfo]:
                            .join(Dataset, MaskVersion.dataset_id == Dataset.id)
                            .where(RunMask.run_id == run_id)
                            .order_by(RunMask.role.desc(), MaskVersion.dataset_id, MaskVersion.slice_index))
-    return [RunMaskInfo(role, m.dataset_id, name, m.slice_index, m.version, m.kind, m.author, m.labelled_pixels, m.id)
+    return [RunMaskInfo(role, m.dataset_id, name, m.slice_index, m.version, MaskKind(m.kind), m.author,
+                        m.labelled_pixels, m.id)
             for role, m, name in rows]
 
 
@@ -259,10 +251,11 @@ def lineage(session: Session, run_id: int) -> tuple[int | None, list[int]]:
 
 
 def _checkpoint_info(c: Checkpoint, run: Run | None = None) -> CheckpointInfo:
-    return CheckpointInfo(c.id, c.run_id, c.kind, c.step, c.file, c.sha256, dict(c.metrics or {}),
+    return CheckpointInfo(c.id, c.run_id, CheckpointKind(c.kind), c.step, c.file, c.sha256, dict(c.metrics or {}),
                           RunStatus(run.status) if run is not None else None,
                           str(run.spec.get("preset", "")) if run is not None else "",
-                          (run.kind or "train") if run is not None else "train", c.name or "", c.notes or "")
+                          RunKind(run.kind or RunKind.TRAIN) if run is not None else RunKind.TRAIN, c.name or "",
+                          c.notes or "")
 
 
 def update_checkpoint(session: Session, checkpoint_id: int, name: str | None = None,
@@ -319,7 +312,7 @@ def shown_recipe(run: Run, step: int | None = None) -> dict[str, Any]:
     """A run's recipe as a card shows it: a live session trains until it is stopped, so its step budget
     and its validation and checkpoint intervals (placeholders of 10¹²) are said in words."""
     recipe = dict(run.config or {})
-    if run.kind == "live":
+    if run.kind == RunKind.LIVE:
         for key in ("steps", "val_every", "checkpoint_every"):
             if isinstance(recipe.get(key), int) and recipe[key] >= 10**9:
                 recipe[key] = "until stopped (a live session)" if key == "steps" else "—"
@@ -368,8 +361,9 @@ def export_model(session: Session, store: FileStore, checkpoint_id: int, authors
         from unet.synthetic import make_synthetic_em
 
         image = make_synthetic_em((1, 320, 320), np.random.default_rng(0), cell_size=20)[0][0]
-    isbi = run.kind == "starter" or (dataset is not None and "isbi" in (dataset.name + dataset.source_name).lower())
-    what = "the starter model" if run.kind == "starter" else f"run {run.id}"
+    isbi = run.kind == RunKind.STARTER or (dataset is not None
+                                           and "isbi" in (dataset.name + dataset.source_name).lower())
+    what = "the starter model" if run.kind == RunKind.STARTER else f"run {run.id}"
     info = ExportInfo(
         name=f"Neuroseg {what} ({row.kind} step {row.step})",
         description=(f"A U-Net that maps an EM slice to its neuron (1 - membrane) probability: the {row.kind} "
@@ -399,7 +393,7 @@ def _model_card(session: Session, run: Run, row: Checkpoint, what: str, label_of
         f"# Neuroseg: {what}", "", *named,
         f"The {row.kind} checkpoint (step {row.step}) of {what}, exported from Neuroseg.", "", *notes,
         "## Recipe", "", code_block(json.dumps(shown_recipe(run, row.step), indent=2, default=str), "json"), "",
-        "## Trained on", "", *(masks or ["(the model card of the starter model says)" if run.kind == "starter"
+        "## Trained on", "", *(masks or ["(the model card of the starter model says)" if run.kind == RunKind.STARTER
                                      else "(not recorded)"]), "",
         "## Validation", "", scores or "(none recorded)", "",
         "## Use", "", "Input: one EM slice (any grey values; the package normalises it to zero mean and unit "

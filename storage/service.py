@@ -2,7 +2,7 @@
 page does. It holds no SQL and no rules of its own: each method runs one function of the entity modules
 (:mod:`storage.datasets`, :mod:`storage.masks`, :mod:`storage.drafts`, :mod:`storage.runs`,
 :mod:`storage.predictions`, :mod:`storage.deletion`, :mod:`storage.ingest`) in its own transaction and
-returns :mod:`storage.records`. Errors a user can act on come out as :class:`UserError` (or
+returns :mod:`domain.records`. Errors a user can act on come out as :class:`UserError` (or
 :class:`MaskConflict`) with the message to show. No Streamlit here: it is tested with plain pytest."""
 
 from __future__ import annotations
@@ -21,6 +21,29 @@ from typing import Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 import numpy as np
 from sqlalchemy.orm import Session
 
+from domain.kinds import RunStatus
+from domain.live import LiveInfo, LivePrediction
+from domain.records import (
+    AlreadyLoaded,
+    ChannelsQuestion,
+    CheckpointInfo,
+    DatasetInfo,
+    Deleted,
+    DraftLike,
+    DraftStart,
+    MaskConflict,
+    MaskInfo,
+    Overview,
+    PlanRow,
+    PredictionInfo,
+    RunInfo,
+    RunMaskInfo,
+    RunSnapshot,
+    StoredDraft,
+    UserError,
+    UserInfo,
+)
+from domain.scores import HeldOut, Score
 from storage import (
     access,
     accounts,
@@ -46,29 +69,6 @@ from storage.accounts import SESSION_HOURS, SYSTEM, Actor
 from storage.audit import AuditRow
 from storage.db import open_store
 from storage.files import IntegrityError
-from storage.heldout import HeldOut, Score
-from storage.live import LiveInfo, LivePrediction
-from storage.records import (
-    AlreadyLoaded,
-    ChannelsQuestion,
-    CheckpointInfo,
-    DatasetInfo,
-    Deleted,
-    DraftLike,
-    DraftStart,
-    MaskConflict,
-    MaskInfo,
-    Overview,
-    PlanRow,
-    PredictionInfo,
-    RunInfo,
-    RunMaskInfo,
-    RunSnapshot,
-    RunStatus,
-    StoredDraft,
-    UserError,
-    UserInfo,
-)
 from storage.runs import Curve
 from storage.settings import Settings
 from storage.supervisor import Supervisor

@@ -16,9 +16,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from domain.kinds import CheckpointKind, RunKind, RunStatus
 from storage.files import FileStore, sha256_of
 from storage.models import Checkpoint, Run
-from storage.records import RunStatus
 from storage.settings import PROJECT_ROOT
 
 STARTER_PRESET = "starter"
@@ -52,7 +52,7 @@ def register(session: Session, store: FileStore, folder: Path | None = None) -> 
         return Registered(None, f"no starter model in {folder or starter_dir()}")
     digest = sha256_of(path)
     known = session.scalar(select(Checkpoint.id).join(Run, Checkpoint.run_id == Run.id)
-                           .where(Run.kind == "starter", Checkpoint.sha256 == digest))
+                           .where(Run.kind == RunKind.STARTER, Checkpoint.sha256 == digest))
     if known is not None:
         return Registered(known, f"the starter model {path.name} is checkpoint {known}")
     try:
@@ -63,7 +63,7 @@ def register(session: Session, store: FileStore, folder: Path | None = None) -> 
                                 "it is not offered. Train it again with `python -m bench.starter`.", refused=True)
     config = ckpt.meta.get("train_config") or {"model": ckpt.model_config.to_dict()}
     now = datetime.now(UTC)
-    run = Run(kind="starter", status=RunStatus.FINISHED, device="cpu", created=now, started=now, finished=now,
+    run = Run(kind=RunKind.STARTER, status=RunStatus.FINISHED, device="cpu", created=now, started=now, finished=now,
               spec={"preset": STARTER_PRESET, "train": [], "val": [], "source": path.name,
                     "trained_on": ckpt.meta.get("trained_on", "")}, config=config)
     session.add(run)
@@ -75,7 +75,7 @@ def register(session: Session, store: FileStore, folder: Path | None = None) -> 
         shutil.copyfile(side_file(path), side_file(target))
     else:
         side_file(target).write_text(json.dumps(ckpt.meta))
-    row = Checkpoint(run_id=run.id, kind="best", file=str(target.relative_to(store.root)), step=int(
+    row = Checkpoint(run_id=run.id, kind=CheckpointKind.BEST, file=str(target.relative_to(store.root)), step=int(
         ckpt.meta.get("step", 0)), sha256=sha256_of(target), metrics={})
     session.add(row)
     session.flush()

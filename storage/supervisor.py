@@ -18,9 +18,9 @@ from datetime import timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.kinds import ACTIVE
 from storage.models import Prediction, Run
 from storage.queue import CANCEL_GRACE, HEARTBEAT_STALE, Reconciled, reconcile, start_queued
-from storage.records import ACTIVE
 from storage.settings import Settings
 
 INTERVAL_S = 2.0

@@ -1,7 +1,7 @@
 """What a user types that the store keeps and shows to others (dataset and model names and notes, display
 names): bidirectional controls (which reverse what follows them on screen) and other control characters
 are dropped, a name is one line with single spaces, and both have a length limit. A refusal is a
-``ValueError`` with the message to show (the service turns it into a :class:`~storage.records.UserError`).
+``ValueError`` with the message to show (the service turns it into a :class:`~domain.records.UserError`).
 How the pages show it (as text, never as Markdown) is :func:`ui.text.plain`'s part."""
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ from pathlib import Path
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from domain.kinds import RunKind, RunStatus
+from domain.records import UserInfo
 from storage.accounts import HASHER, aware, check_new_password, create_user, get_user
 from storage.files import FileStore
 from storage.models import ROLES, Checkpoint, Dataset, Prediction, Run, SignIn, User
-from storage.records import RunStatus, UserInfo
 
 OWNED = {"dataset": Dataset, "run": Run, "prediction": Prediction}
 
@@ -127,7 +128,7 @@ def training_queue(session: Session) -> list[QueueRow]:
     """Running runs first, then the waiting ones in the order they start (:func:`storage.queue.start_queued`:
     oldest first, live sessions after normal runs)."""
     active = session.scalars(select(Run).where(Run.status.in_([RunStatus.RUNNING, RunStatus.QUEUED]))
-                             .order_by(Run.status != RunStatus.RUNNING, Run.kind == "live", Run.id)).all()
+                             .order_by(Run.status != RunStatus.RUNNING, Run.kind == RunKind.LIVE, Run.id)).all()
     rows, waiting = [], 0
     for run in active:
         if run.status == RunStatus.QUEUED:
@@ -143,7 +144,7 @@ def check_queue_room(session: Session, user_id: int) -> None:
     admin raised it), so one user cannot fill a shared GPU's queue."""
     user = get_user(session, user_id)
     waiting = session.scalars(select(Run.id).where(Run.owner_id == user_id, Run.status == RunStatus.QUEUED,
-                                                   Run.kind != "live").order_by(Run.id)).all()
+                                                   Run.kind != RunKind.LIVE).order_by(Run.id)).all()
     if len(waiting) >= user.max_queued_runs:
         listed = ", ".join(f"#{r}" for r in waiting)
         raise ValueError(f"You already have {len(waiting)} training run{'s' * (len(waiting) > 1)} waiting ({listed}); "

@@ -228,7 +228,7 @@ def test_a_prediction_exports_as_ome_zarr_that_napari_reads(tmp_path, monkeypatc
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
-    from storage.records import UserError
+    from domain.records import UserError
     from storage.service import Neuroseg
     from storage.settings import Settings
     from tests.test_jobs import wait_for

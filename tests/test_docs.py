@@ -16,7 +16,7 @@ DOCS = ROOT / "docs"
 ARCHITECTURE = DOCS / "architecture.md"
 
 # the app's packages and top-level scripts, whose every module the architecture page names
-PACKAGES = ("pages/", "ui/", "storage/", "unet/", "web/", "bench/", "scripts/")
+PACKAGES = ("pages/", "ui/", "domain/", "storage/", "unet/", "web/", "bench/", "scripts/")
 TOP_LEVEL = ("app.py",)
 NOT_LISTED = ("storage/migrations/versions/",)  # one entry for all migrations
 

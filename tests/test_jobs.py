@@ -8,9 +8,9 @@ import time
 import pytest
 import tifffile
 
+from domain.records import NotFound
 from storage import datasets, deletion, masks, queue, runs
 from storage.db import open_store
-from storage.records import NotFound
 from storage.service import Neuroseg
 from storage.settings import Settings
 from unet.checkpoint import load_checkpoint

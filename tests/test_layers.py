@@ -7,7 +7,10 @@ statement, also inside functions):
 - ``storage/`` never imports Streamlit, the pages or ``ui``;
 - ``unet/`` imports neither Streamlit nor SQLAlchemy, nor any other layer of the app;
 - ``web/`` (the HTTP checks in front of Streamlit) reaches the store only through ``storage.service``, and
-  neither the engine, ``ui``, nor the pages; pages may use ``web.sessions`` (which session is signed in)."""
+  neither the engine, ``ui``, nor the pages; pages may use ``web.sessions`` (which session is signed in);
+- ``domain/`` (the shared types: kinds, statuses, records) is a leaf: every layer may import it, and it
+  imports only the standard library, NumPy and itself;
+- ``bench/`` uses no private name of the project (a leading underscore): what a benchmark needs is public."""
 
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ FORBIDDEN = {
     "ui": (*STREAMLIT, *DATABASE, "storage", "pages", "app"),
 }
 # what a page may import: everything else is refused
-PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "pages.common", "pages.canvas_aids",
-                "web.sessions")
+PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "domain", "pages.common",
+                "pages.canvas_aids", "web.sessions")
+# the shared types: a leaf that every layer may import, and that imports nothing of the project
+PROJECT = ("storage", "unet", "ui", "pages", "app", "web", "bench", "scripts", "tests")
 # what the HTTP layer may import from the app: the service, and itself
 WEB_ALLOWED_APP = ("storage.service", "web")
 APP_PACKAGES = ("storage", "unet", "ui", "pages", "app", "web")
@@ -114,3 +119,44 @@ def test_the_http_layer_reaches_the_store_only_through_the_service(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from storage.accounts import session_actor\nfrom storage.service import RIGHTS\nimport unet.io\n")
     assert web_violations(bad) == ["storage.accounts", "unet.io"]
+
+
+def domain_violations(path: Path) -> list[str]:
+    return [name for name in sorted(imports(path)) if name != "__future__" and (
+        _under(name, PROJECT) or (name.split(".")[0] not in sys.stdlib_module_names
+                                  and not _under(name, ("numpy", "domain"))))]
+
+
+def test_the_shared_types_are_a_leaf(tmp_path):
+    files = sorted((ROOT / "domain").rglob("*.py"))
+    assert len(files) >= 3, "domain/ has no modules?"
+    problems = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in domain_violations(f)]
+    assert not problems, "\n".join(problems)
+    bad = tmp_path / "bad.py"
+    bad.write_text("from storage.records import UserError\nimport sqlalchemy\nimport numpy as np\n"
+                   "from domain.kinds import RunKind\nimport enum\n")
+    assert domain_violations(bad) == ["sqlalchemy", "storage.records"]
+
+
+def private_uses(path: Path) -> list[str]:
+    """Private names (one leading underscore) a file takes from the project: imported by name, or reached as
+    an attribute of anything but ``self``/``cls``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and _under(node.module, (*PROJECT, "domain")):
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+              and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            found.append(f"….{node.attr} (line {node.lineno})")
+    return found
+
+
+def test_benchmarks_use_only_public_names(tmp_path):
+    files = sorted((ROOT / "bench").glob("*.py"))
+    assert files, "bench/ has no modules?"
+    problems = [f"{f.relative_to(ROOT)} uses {name}" for f in files for name in private_uses(f)]
+    assert not problems, "\n".join(problems)
+    bad = tmp_path / "bad.py"
+    bad.write_text("from bench.loop import _wait, score\nfrom storage.service import Neuroseg\n"
+                   "def f(svc):\n    return svc._tx(len), self._own, svc.__class__\n")
+    assert private_uses(bad) == ["bench.loop._wait", "…._tx (line 4)"]

@@ -14,9 +14,9 @@ import pytest
 import tifffile
 from sqlalchemy import select as sql_select
 
+from domain.records import UserError
 from storage import starter
 from storage.models import LiveSlice, RunMask
-from storage.records import UserError
 from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.drafts import new_draft, start_options

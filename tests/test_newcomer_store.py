@@ -139,8 +139,8 @@ def test_a_cancel_interrupts_a_running_validation():
 def test_a_resume_stores_no_step_twice_and_says_where_it_went_on_from(svc):
     import json
 
+    from storage.lifecycle import start_segment
     from storage.models import Metric, Run
-    from storage.train_worker import _start_segment
     from unet.config import preset
 
     demo = svc.load_demo()
@@ -152,14 +152,14 @@ def test_a_resume_stores_no_step_twice_and_says_where_it_went_on_from(svc):
         s.add_all([Metric(run_id=run_id, key="loss", step=k, value=1.0, time=float(k)) for k in range(1, 26)])
     out = svc.store.run_dir(run_id)
     out.mkdir(parents=True)
-    assert _start_segment(svc.sessions, run_id, out, resume=False) == 0  # killed before its first checkpoint
+    assert start_segment(svc.sessions, run_id, out, resume=False) == 0  # killed before its first checkpoint
     progress = svc.snapshot(run_id).progress
     assert progress.resumes == [(0, 25)] and progress.step == 0 and "resume" not in svc.curves(run_id)
 
     with svc.sessions.begin() as s:
         s.add_all([Metric(run_id=run_id, key="loss", step=k, value=1.0, time=float(k)) for k in range(1, 31)])
     (out / "latest.json").write_text(json.dumps({"step": 20}))
-    assert _start_segment(svc.sessions, run_id, out, resume=True) == 20
+    assert start_segment(svc.sessions, run_id, out, resume=True) == 20
     steps = [p[0] for p in svc.curves(run_id)["loss"]]
     assert steps == list(range(1, 21)), "the steps after the checkpoint go: they are trained again"
     assert svc.snapshot(run_id).progress.resumes == [(0, 25), (20, 30)]

@@ -8,8 +8,8 @@ import select
 
 import pytest
 
+from domain.records import UserError
 from storage import deletion, runs, starter
-from storage.records import UserError
 from storage.service import Neuroseg
 from storage.settings import Settings
 from ui.training import checkpoint_label, default_checkpoint

@@ -7,11 +7,11 @@ import pytest
 import tifffile
 from sqlalchemy import func, select
 
+from domain.records import MaskConflict
 from storage import datasets, deletion, masks
 from storage.db import make_engine, session_factory, upgrade
 from storage.files import FileStore, IntegrityError
 from storage.models import Dataset, MaskVersion
-from storage.records import MaskConflict
 from unet.labels import IGNORE, NEURON
 
 

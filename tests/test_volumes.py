@@ -174,7 +174,7 @@ def test_a_folder_on_the_server_is_imported_by_path_copied_or_linked(tmp_path, m
     from ome_zarr.format import FormatV04
     from ome_zarr.writer import write_image
 
-    from storage.records import UserError
+    from domain.records import UserError
     from storage.service import Neuroseg
 
     volume = _stack((5, 70, 90), seed=8)

@@ -20,18 +20,20 @@ from typing import Any
 
 import numpy as np
 
+from domain.kinds import MaskKind, RunStatus
+from domain.records import DraftStart, MaskInfo, PredictionInfo, StoredDraft
 from ui.paint import View, merge_strokes
 from unet.labels import IGNORE
 
 
-def kind_after_edit(source: str, source_kind: str | None) -> str:
+def kind_after_edit(source: str, source_kind: str | None) -> MaskKind:
     """The kind of the version a save makes: painting over a prediction (or over a corrected one) is
     "predicted→painted"; painting on nothing, or adding to a scribble, stays a "scribble"."""
-    if source == "prediction" or source_kind in ("predicted", "predicted→painted"):
-        return "predicted→painted"
-    if source == "nothing" or source_kind == "scribble":
-        return "scribble"
-    return "painted"
+    if source == "prediction" or source_kind in (MaskKind.PREDICTED, MaskKind.CORRECTED):
+        return MaskKind.CORRECTED
+    if source == "nothing" or source_kind == MaskKind.SCRIBBLE:
+        return MaskKind.SCRIBBLE
+    return MaskKind.PAINTED
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class StartOption:
     prediction_id: int | None = None
 
 
-def start_options(history: Sequence[Any], predictions: Sequence[Any], slice_index: int) -> list[StartOption]:
+def start_options(history: Sequence[MaskInfo], predictions: Sequence[PredictionInfo],
+                  slice_index: int) -> list[StartOption]:
     """What an edit of a slice can start from, best first: its latest version, the uploaded labels (when
     edited since), the newest finished prediction of the slice, or nothing. ``history`` is the slice's
     mask versions (oldest first; ``id``, ``version``, ``kind``), ``predictions`` the dataset's (``id``,
@@ -53,18 +56,18 @@ def start_options(history: Sequence[Any], predictions: Sequence[Any], slice_inde
     if history:
         last = history[-1]
         options.append(StartOption("latest", f"latest version (v{last.version}, {last.kind})", last.id))
-    uploaded = [m for m in history if m.kind == "uploaded"]
+    uploaded = [m for m in history if m.kind == MaskKind.UPLOADED]
     if uploaded and uploaded[-1].id != (history[-1].id if history else None):
         options.append(StartOption("uploaded", f"uploaded labels (v{uploaded[-1].version})", uploaded[-1].id))
     for p in reversed(predictions):
-        if p.status == "FINISHED" and slice_index in p.slices:
+        if p.status == RunStatus.FINISHED and slice_index in p.slices:
             options.append(StartOption("prediction", f"prediction #{p.id} (run {p.run_id})", None, p.id))
             break
     options.append(StartOption("nothing", "nothing (scribble: only painted pixels count)", None))
     return options
 
 
-def history_rows(history: Sequence[Any]) -> list[dict[str, Any]]:
+def history_rows(history: Sequence[MaskInfo]) -> list[dict[str, Any]]:
     """A slice's mask versions as table rows, newest first, each saying what it came from."""
     by_id = {m.id: m for m in history}
     return [{"version": f"v{m.version}", "kind": m.kind, "author": m.author, "labelled pixels": m.labelled_pixels,
@@ -146,7 +149,7 @@ class Step:
                     None if self.kinds is None else (self.kinds[1], self.kinds[0]))
 
 
-def trim_histories(drafts: Sequence[Any], keep: Any, budget: int = SESSION_UNDO_BYTES) -> None:
+def trim_histories(drafts: Sequence[Draft], keep: Draft, budget: int = SESSION_UNDO_BYTES) -> None:
     """Forget the undo histories of other drafts (the earliest opened first) until a session's drafts hold
     at most ``budget`` bytes of history; ``keep``'s (the slice on screen) is never forgotten here."""
     total = sum(d.history_bytes for d in drafts)
@@ -185,18 +188,18 @@ class Draft:
 
     @classmethod
     def blank(cls, dataset_id: int, slice_index: int, shape: tuple[int, int], latest_id: int | None) -> Draft:
-        return cls(dataset_id, slice_index, "nothing", None, latest_id, "scribble",
+        return cls(dataset_id, slice_index, "nothing", None, latest_id, MaskKind.SCRIBBLE,
                    np.full(shape, IGNORE, np.uint8))
 
     @classmethod
-    def begin(cls, start: Any) -> Draft:
+    def begin(cls, start: DraftStart) -> Draft:
         """A new edit from what the service says it starts from (``Neuroseg.draft_start``)."""
         kind = kind_after_edit(start.source, start.source_kind)
         return cls(start.dataset_id, start.slice_index, start.source, start.source_mask_id, start.latest_id, kind,
                    start.mask, prediction_id=start.prediction_id)
 
     @classmethod
-    def from_stored(cls, stored: Any) -> Draft:
+    def from_stored(cls, stored: StoredDraft) -> Draft:
         """An edit kept in the store (``Neuroseg.stored_draft``), as it was left."""
         return cls.restored(stored.dataset_id, stored.slice_index, stored.source, stored.source_mask_id,
                             stored.latest_id, stored.kind, stored.original, stored.working, stored.prediction_id)
@@ -337,7 +340,7 @@ class Draft:
         self.original, self.working, self.view_base = original, rebased, rebased
         self.forget_history()  # (its steps were taken on the version it left)
         self.source, self.source_mask_id, self.latest_id = "latest", mask_id, mask_id
-        self.kind = kind_after_edit("latest", kind) if self.kind != "predicted→painted" else self.kind
+        self.kind = kind_after_edit("latest", kind) if self.kind != MaskKind.CORRECTED else self.kind
         self.generation += 1
         self.revision += 1
 
@@ -358,9 +361,9 @@ class Draft:
         changed = int(np.count_nonzero(accepted != self.working))
         accepted.setflags(write=False)
         if changed:
-            self._record(accepted, (self.kind, "predicted→painted"))  # undo takes the whole Accept back
+            self._record(accepted, (self.kind, MaskKind.CORRECTED))  # undo takes the whole Accept back
         self.working = self.view_base = accepted
-        self.kind = "predicted→painted"
+        self.kind = MaskKind.CORRECTED
         self.generation += 1
         self.revision += 1
         return changed

@@ -6,16 +6,17 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from domain.kinds import MaskKind
 from ui.text import plain_html
 
 # Colours of the slice strip: which kind of mask a slice's latest version is.
 KIND_COLOURS = {
     "none": "#d9d9d9",
-    "uploaded": "#4c78a8",
-    "painted": "#54a24b",
-    "scribble": "#eeca3b",
-    "predicted": "#b279a2",
-    "predicted→painted": "#f58518",
+    MaskKind.UPLOADED: "#4c78a8",
+    MaskKind.PAINTED: "#54a24b",
+    MaskKind.SCRIBBLE: "#eeca3b",
+    MaskKind.PREDICTED: "#b279a2",
+    MaskKind.CORRECTED: "#f58518",
     "unsaved": "#e45756",
 }
 

@@ -4,10 +4,11 @@ out of Streamlit so that plain tests can check it."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 
+from domain.kinds import RunStatus
+from domain.live import LiveInfo, LivePrediction, Region
 from ui.paint import boundaries, heatmap
 from ui.text import plain
 from unet.labels import MEMBRANE, NEURON
@@ -49,11 +50,11 @@ def under(rgb: np.ndarray, rgba: np.ndarray) -> np.ndarray:
     return (rgb * (1 - a) + rgba[..., :3] * a + 0.5).astype(np.uint8)
 
 
-def predicted_region(prediction: Any, asked: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+def predicted_region(prediction: LivePrediction, asked: Region | None) -> Region | None:
     """Where an Accept may copy a live prediction: ``asked`` (None: the whole slice), cut to the region the
     session has predicted when it has never predicted the rest of the slice (``partial``: those pixels read
     0.5, not an answer). A width or height of 0 means nothing there is predicted yet."""
-    if not getattr(prediction, "partial", False) or prediction.region is None:
+    if not prediction.partial or prediction.region is None:
         return asked
     py0, px0, ph, pw = prediction.region
     if asked is None:
@@ -68,15 +69,15 @@ def viewer_name(owner: str) -> str:
     return owner.split(":", 1)[1] if owner.startswith("name:") else "someone without a name"
 
 
-def status_text(info: Any, owner: str) -> str:
+def status_text(info: LiveInfo, owner: str) -> str:
     """One line: which session, what it does, who shares it."""
     run = info.run
     names = getattr(info, "names", {}) or {}
     others = [plain(names.get(v) or viewer_name(v)) for v in info.viewers if v != owner]  # (shown as Markdown)
     shared = f" · shared with {', '.join(others)}" if others else ""
-    if run.status == "QUEUED" and info.paused_for is not None:
+    if run.status == RunStatus.QUEUED and info.paused_for is not None:
         what = f"paused while run #{info.paused_for} trains on {run.device}; it carries on afterwards"
-    elif run.status == "QUEUED":
+    elif run.status == RunStatus.QUEUED:
         what = "starting (loading the model and the stack)" if not run.phase.startswith("paused") else run.phase
     elif run.cancel_requested:
         what = "stopping: saving its weights"
@@ -85,9 +86,9 @@ def status_text(info: Any, owner: str) -> str:
     return f"Live session #{run.id} ({info.learned} saved mask(s) learned) · {what}{shared}"
 
 
-def prediction_caption(prediction: Any, now: datetime | None = None) -> str:
+def prediction_caption(prediction: LivePrediction, now: datetime | None = None) -> str:
     age = ((now or datetime.now(UTC)) - prediction.created).total_seconds()
-    region = getattr(prediction, "region", None)
+    region = prediction.region
     return (f"Live prediction of slice {prediction.slice_index}: weights of step {prediction.step:,}, "
             f"{max(0, age):.0f} s ago" + (" (the zoomed region first; the rest of the slice follows when "
                                           "the session has nothing else to do)" if region else ""))

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from domain.kinds import RunStatus
+from domain.records import PredictionInfo
 from ui.paint import (
     ERROR_COLOURS,
     auto_window,
@@ -34,12 +36,12 @@ METRICS = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f":
            "are": "adapted Rand error"}
 
 
-def progress(job: Any) -> tuple[float, str]:
+def progress(job: PredictionInfo) -> tuple[float, str]:
     """(fraction of the whole job done, what it is doing) for a progress bar that counts blocks: a block is
     one slice (or one tile of a slice larger than a tile) through the network, its mask and its neuron
     instances, written as soon as it is done. The worker's phase ``predict <blocks>`` says how many."""
     n = max(1, len(job.slices))
-    if job.status == "QUEUED" or (job.status == "RUNNING" and not job.phase):
+    if job.status == RunStatus.QUEUED or (job.status == RunStatus.RUNNING and not job.phase):
         return 0.0, "starting (loading the model; a cluster of workers when the stack has several slices)"
     if job.phase.startswith("instances"):  # a prediction of an earlier version, still running
         done = int(job.phase.split()[1].split("/")[0])

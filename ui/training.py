@@ -9,6 +9,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from domain.kinds import RunKind
+from domain.records import CheckpointInfo, RunInfo, RunProgress
+from domain.scores import HeldOut, Score
 from unet.config import PRESETS, TrainConfig, preset
 
 PRESET_NOTES = {
@@ -39,8 +42,8 @@ def recipe(preset_name: str, *, width: int, depth: int, padding: str, patch: int
                   augment=replace(base.augment, flips=flips, elastic_p=float(elastic), intensity_p=float(intensity)))
 
 
-def progress_text(progress: Any) -> str:
-    """"step 120 of 500, about 3.2 min left" for a :class:`~storage.records.RunProgress`."""
+def progress_text(progress: RunProgress) -> str:
+    """"step 120 of 500, about 3.2 min left" for a :class:`~domain.records.RunProgress`."""
     if progress.phase.startswith("validating"):  # the step does not move meanwhile: say what does
         doing = f", {progress.phase}"
     elif progress.eta_s is not None:
@@ -62,13 +65,13 @@ def duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def checkpoint_label(c: Any, with_run: bool = True) -> str:
+def checkpoint_label(c: CheckpointInfo, with_run: bool = True) -> str:
     """"run 3 (cpu-quick) · best at step 400 · pixel error 0.081 · Rand-F 0.912"; the shipped model is
     "starter model (membranes, trained on ISBI 2012)"."""
-    named = f"{c.name} · " if getattr(c, "name", "") else ""
-    if getattr(c, "run_kind", "train") == "starter":
+    named = f"{c.name} · " if c.name else ""
+    if c.run_kind == RunKind.STARTER:
         return named + "starter model (membranes, trained on ISBI 2012)"
-    if getattr(c, "run_kind", "train") == "imported":
+    if c.run_kind == RunKind.IMPORTED:
         return named + f"imported model (run {c.run_id})"
     scores = " · ".join(f"{name} {c.metrics[key]:.3f}" for key, name in
                         (("val_pixel_error", "pixel error"), ("val_rand_f", "Rand-F")) if key in c.metrics)
@@ -86,7 +89,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def compare_recipes(runs: list[Any]) -> tuple[list[dict[str, str]], int]:
+def compare_recipes(runs: list[RunInfo]) -> tuple[list[dict[str, str]], int]:
     """One row per setting with a column per run (``config`` and ``preset`` of each), the settings that
     differ first and marked; and how many differ."""
     flat = {f"run {r.id}": _flat({**r.config, "preset": r.preset}) for r in runs}
@@ -98,7 +101,7 @@ def compare_recipes(runs: list[Any]) -> tuple[list[dict[str, str]], int]:
     return rows, sum(row["differs"] == "●" for row in rows)
 
 
-def default_checkpoint(checkpoints: list[Any], runs: list[Any], dataset_id: int,
+def default_checkpoint(checkpoints: list[CheckpointInfo], runs: list[RunInfo], dataset_id: int,
                        promoted: int | None = None) -> int | None:
     """The checkpoint a prediction (or a live session) of a dataset starts from: the model promoted to be
     its default, else the newest run trained on it, else the starter model (a new dataset's first
@@ -109,7 +112,7 @@ def default_checkpoint(checkpoints: list[Any], runs: list[Any], dataset_id: int,
     for c in checkpoints:  # newest run first
         if c.run_id in trained_here:
             return c.id
-    starter = next((c.id for c in checkpoints if getattr(c, "run_kind", "train") == "starter"), None)
+    starter = next((c.id for c in checkpoints if c.run_kind == RunKind.STARTER), None)
     return starter if starter is not None else (checkpoints[0].id if checkpoints else None)
 
 
@@ -122,7 +125,7 @@ def _delta(value: float | None, reference: dict[str, float] | None, key: str) ->
     return f"{value - reference[key]:+.4f}"
 
 
-def seen_words(frozen: Any) -> str:
+def seen_words(frozen: HeldOut) -> str:
     """What freezing these slices means for runs that already trained on them (``HeldOut.seen_by``)."""
     if not frozen.seen_by:
         return ""
@@ -132,7 +135,7 @@ def seen_words(frozen: Any) -> str:
             "slices out, and they are not compared for the best.")
 
 
-def score_summary(scores: list[Any], name: Callable[[int], str]) -> str:
+def score_summary(scores: list[Score], name: Callable[[int], str]) -> str:
     """The held-out table in a sentence or two (Markdown): which run is best, by which metric, on which
     slices, and which runs were left out of the choice because they trained on a held-out slice."""
     if not scores:
@@ -156,7 +159,7 @@ def score_summary(scores: list[Any], name: Callable[[int], str]) -> str:
     return " ".join(parts)
 
 
-def score_rows(scores: list[Any], name: Callable[[int], str]) -> list[dict[str, Any]]:
+def score_rows(scores: list[Score], name: Callable[[int], str]) -> list[dict[str, Any]]:
     """Held-out scores as table rows: each metric, its change against the parent and the best, and a flag
     when the run is worse than its parent (⚠) or than the best (▼) beyond the tolerance."""
     rows = []

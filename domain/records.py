@@ -1,14 +1,16 @@
-"""What crosses the store's boundary: frozen records (never ORM rows), the job statuses, and the errors a
-caller can act on. Every other module of ``storage`` returns these; the pages see nothing else."""
+"""What crosses the store's boundary: frozen records (never ORM rows) and the errors a caller can act on.
+Every module of ``storage`` returns these; the pages and ``ui`` see nothing else (the statuses and kinds they
+carry are :mod:`domain.kinds`)."""
 
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
+
+from domain.kinds import ACTIVE, CheckpointKind, MaskKind, RunKind, RunStatus
 
 
 # --- errors --------------------------------------------------------------------------------------------
@@ -41,23 +43,6 @@ class AlreadyLoaded(UserError):
         self.dataset_id = dataset_id
 
 
-# --- statuses ------------------------------------------------------------------------------------------
-class RunStatus(StrEnum):
-    """Where a training run or a prediction is. Predictions use QUEUED, RUNNING, FINISHED and FAILED."""
-
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    FINISHED = "FINISHED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    LOST = "LOST"  # the worker died or went silent; resume continues from the latest checkpoint
-
-
-ACTIVE = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
-TERMINAL = frozenset(RunStatus) - ACTIVE
-RESUMABLE = frozenset({RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.LOST})
-
-
 def aware(t: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes: they are UTC."""
     return t if t is None or t.tzinfo else t.replace(tzinfo=UTC)
@@ -87,7 +72,7 @@ class MaskInfo:
     dataset_id: int
     slice_index: int
     version: int
-    kind: str
+    kind: MaskKind
     author: str
     parent_id: int | None
     labelled_pixels: int
@@ -163,7 +148,7 @@ class RunInfo:
     parent_checkpoint_id: int | None = None
     phase: str = ""  # what the worker does now: "training", "validating slice 2 of 3"
     train_seconds: float | None = None  # training time over every start of the run (resumes included)
-    kind: str = "train"  # train | live (a live session) | starter (a model that ships with the app)
+    kind: RunKind = RunKind.TRAIN
     owner_id: int | None = None  # the user who made it (None: made before accounts, or by the system)
     owner: str = ""  # their user name
 
@@ -198,14 +183,14 @@ class RunInfo:
 class CheckpointInfo:
     id: int
     run_id: int
-    kind: str  # best | latest
+    kind: CheckpointKind
     step: int
     file: str
     sha256: str
     metrics: dict[str, float]
     run_status: RunStatus | None = None
     preset: str = ""
-    run_kind: str = "train"  # "starter": the model that ships with the app
+    run_kind: RunKind = RunKind.TRAIN
     name: str = ""  # given on the Models page
     notes: str = ""
 

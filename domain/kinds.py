@@ -1,0 +1,64 @@
+"""What a run, a mask version and a checkpoint can be, and where a job is: enums whose values are the strings
+the database stores (a ``StrEnum`` compares equal to its value, so rows written before need no migration),
+with the words a page shows for each in one place (``label``)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    """Where a training run or a prediction is. Predictions use QUEUED, RUNNING, FINISHED and FAILED."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"  # the worker died or went silent; resume continues from the latest checkpoint
+
+    @property
+    def label(self) -> str:
+        return {"LOST": "lost (its worker died)"}.get(self.value, self.value.lower())
+
+
+ACTIVE = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+TERMINAL = frozenset(RunStatus) - ACTIVE
+RESUMABLE = frozenset({RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.LOST})
+
+
+class RunKind(StrEnum):
+    """Where a model comes from: a training run, a live session, the starter model that ships with the app,
+    or a model imported from a BioImage.IO package."""
+
+    TRAIN = "train"
+    LIVE = "live"
+    STARTER = "starter"
+    IMPORTED = "imported"
+
+    @property
+    def label(self) -> str:
+        return {"train": "run", "live": "live session", "starter": "starter", "imported": "imported"}[self.value]
+
+
+class MaskKind(StrEnum):
+    """What a mask version is: labels uploaded with the stack, painted by hand, a scribble (only the painted
+    pixels count), a prediction saved as it is, or a prediction corrected by hand."""
+
+    UPLOADED = "uploaded"
+    PAINTED = "painted"
+    SCRIBBLE = "scribble"
+    PREDICTED = "predicted"
+    CORRECTED = "predicted→painted"
+
+    @property
+    def label(self) -> str:
+        return {"predicted→painted": "corrected prediction"}.get(self.value, self.value)
+
+
+class CheckpointKind(StrEnum):
+    """Which weights of a run a checkpoint holds: the best by validation (or, for a live session, the ones
+    that predict) and the latest (resumable)."""
+
+    BEST = "best"
+    LATEST = "latest"
