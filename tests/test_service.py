@@ -172,13 +172,19 @@ def test_strokes_survive_a_remounted_canvas_and_a_change_of_view(svc):
     assert not draft.dirty
 
 
-def test_undo_outlives_the_canvas_and_walks_the_toolbars_history_too():
+def two_strokes() -> tuple[Draft, np.ndarray, np.ndarray]:
+    """A blank 64² draft on its canvas, and what the canvas sends after one stroke and after two."""
     draft = Draft.blank(1, 0, (64, 64), None)
     whole = View.fit((64, 64))
     draft.set_view(whole)
     first = paint(whole, NEURON, slice(0, 40), slice(0, 40))
     both = first.copy()
     both[200:240, 200:240] = (*PALETTE[MEMBRANE], 153)
+    return draft, first, both
+
+
+def test_undo_outlives_the_canvas_and_walks_the_toolbars_history_too():
+    draft, first, both = two_strokes()
     draft.apply(first)
     after_first = np.array(draft.working)
     draft.apply(both)
@@ -215,12 +221,8 @@ def test_undo_outlives_the_canvas_and_walks_the_toolbars_history_too():
 def test_undo_splits_two_strokes_sent_together_takes_an_accept_back_whole_and_stays_in_budget():
     from ui.annotation import Step, trim_histories
 
-    draft = Draft.blank(1, 0, (64, 64), None)
-    whole = View.fit((64, 64))
-    draft.set_view(whole)
-    a = paint(whole, NEURON, slice(0, 40), slice(0, 40))
-    both = a.copy()
-    both[200:240, 200:240] = (*PALETTE[MEMBRANE], 153)
+    draft, a, both = two_strokes()
+    whole = draft.view
     draft.apply(both)  # two strokes that reached the server in one send: one step
     after_both = np.array(draft.working)
     draft.apply(a)  # the toolbar takes back the second: the step splits
