@@ -123,7 +123,6 @@ def frame() -> None:
 
     with st.sidebar:
         account_menu()
-        window_room()  # (after the navigation, like the sign-in: see keep_sign_in)
     if page.title != "Annotate":
         in_session = {key: d for key, d in st.session_state.get("drafts", {}).items() if d.dirty}
         try:
@@ -137,6 +136,8 @@ def frame() -> None:
                        "or a new tab finds it): open **Annotate** to save or discard it.", icon=":material/warning:")
     st.session_state["_script_runs"] = st.session_state.get("_script_runs", 0) + 1
     page.run()
+    with st.sidebar:  # last: the page has read its URL (?slice=, ?dataset=) before the browser's answer reruns it
+        window_room()
 
 
 if __name__ == "__main__":  # Streamlit and AppTest run this file as __main__. A multiprocessing child that

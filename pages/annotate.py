@@ -11,7 +11,7 @@ import time
 import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, st_canvas  # needs a running Streamlit: pages only
 
-from pages.canvas_aids import DEFAULT_ROOM, live_overlay
+from pages.canvas_aids import live_overlay, room
 from pages.common import can, dataset_picker, flash, leave_guard, owner, select_dataset, start_page, volume_or_stop
 from storage.service import MaskConflict, UserError
 from ui.annotation import Draft, StartOption, history_rows, start_options, trim_histories
@@ -269,7 +269,7 @@ else:
 for key in TOOL_DEFAULTS:
     if key in st.session_state:
         st.session_state[f"_kept_{key}"] = st.session_state[key]
-room_w, room_h = st.session_state.get("_room") or DEFAULT_ROOM  # (the frame has the browser say it)
+room_w, room_h = room()  # (the frame has the browser say it)
 view = View.fit((height, width), zoom, centre, target=max(384, min(room_w, 2048)))  # as wide as the page
 last_canvas = st.session_state.get("_canvas_rendered")
 if last_canvas != (draft.canvas_key, st.session_state.get("_script_runs", 0) - 1):

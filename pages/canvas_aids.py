@@ -33,6 +33,9 @@ const measure = () => {
 const report = () => {
   const now = measure();
   ROOM.settled = !!now && now === ROOM.known;
+  if (now && !document.cookie.split("; ").includes("neuroseg_room=" + now)) {  // for the next session's first run
+    document.cookie = "neuroseg_room=" + now + "; path=/; max-age=31536000; SameSite=Strict";
+  }
   if (!now || now === ROOM.known) return;
   if (now === ROOM.sent && performance.now() - ROOM.at < 2000) return;  // (asked already: wait for it)
   ROOM.sent = now; ROOM.at = performance.now();
@@ -106,20 +109,41 @@ def _component():
     return st.components.v2.component("neuroseg_canvas_aids", js=_JS)
 
 
+def _parse_room(text: object) -> tuple[int, int] | None:
+    if not isinstance(text, str) or "x" not in text:
+        return None
+    try:
+        w, h = (int(v) for v in text.split("x", 1))
+    except ValueError:
+        return None
+    return (w, h) if 200 <= w <= 20000 and 200 <= h <= 20000 else None
+
+
+def room() -> tuple[int, int]:
+    """(main column width, window height) in CSS pixels as the browser last said, kept in the session (so
+    every page knows it); a new session starts from the browser's cookie (written by :func:`window_room`'s
+    component: no rerun is needed to learn it), else :data:`DEFAULT_ROOM`."""
+    known = st.session_state.get("_room")
+    if known is None:
+        try:
+            known = _parse_room(st.context.cookies.get("neuroseg_room"))
+        except Exception:  # no browser (AppTest)
+            known = None
+        if known is not None:
+            st.session_state["_room"] = known
+    return known or DEFAULT_ROOM
+
+
 def window_room() -> tuple[int, int]:
-    """(main column width, window height) in CSS pixels as the browser last reported them, kept in the
-    session (so every page knows it); :data:`DEFAULT_ROOM` until then. Draw once per run, in the sidebar."""
+    """Have the browser say how much room the page has (:func:`room`). Draw once per run, at its end: a
+    report that differs from what the session knows reruns the page."""
+    room()
     known = st.session_state.get("_room")
     result = _component()(data={"mode": "room", "known": f"{known[0]}x{known[1]}" if known else ""},
                           key="neuroseg_room", height=0, on_room_change=lambda: None)
-    sent = getattr(result, "room", None)
-    if isinstance(sent, str) and "x" in sent:
-        try:
-            w, h = (int(v) for v in sent.split("x", 1))
-        except ValueError:
-            w = h = 0
-        if 200 <= w <= 20000 and 200 <= h <= 20000:
-            known = st.session_state["_room"] = (w, h)
+    sent = _parse_room(getattr(result, "room", None))
+    if sent is not None:
+        known = st.session_state["_room"] = sent
     return known or DEFAULT_ROOM
 
 
