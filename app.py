@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.canvas_aids import window_room
 from pages.common import (
     WAITING,
     account_menu,
@@ -136,8 +135,6 @@ def frame() -> None:
                        "or a new tab finds it): open **Annotate** to save or discard it.", icon=":material/warning:")
     st.session_state["_script_runs"] = st.session_state.get("_script_runs", 0) + 1
     page.run()
-    with st.sidebar:  # last: the page has read its URL (?slice=, ?dataset=) before the browser's answer reruns it
-        window_room()
 
 
 if __name__ == "__main__":  # Streamlit and AppTest run this file as __main__. A multiprocessing child that

@@ -11,7 +11,7 @@ import time
 import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, st_canvas  # needs a running Streamlit: pages only
 
-from pages.canvas_aids import live_overlay, room
+from pages.canvas_aids import live_overlay, room, window_room
 from pages.common import can, dataset_picker, flash, leave_guard, owner, select_dataset, start_page, volume_or_stop
 from storage.service import MaskConflict, UserError
 from ui.annotation import Draft, StartOption, history_rows, start_options, trim_histories
@@ -480,3 +480,4 @@ else:
                        key="restore", help="Save or discard your changes first." if draft.dirty else None)
 
 leave_guard(armed=True)  # after the strokes of this run are kept: see pages.common.leave_guard
+window_room()  # last: this run has read its URL (?slice=) before a report of the room reruns it

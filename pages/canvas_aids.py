@@ -1,10 +1,9 @@
 """Two small browser-side helpers of the Annotate canvas (Streamlit components, pages only):
 
-- :func:`window_room` has the browser keep how much room the page has (the main column's width and the
-  window's height, in CSS pixels) in a cookie, so the canvas fills a wide window instead of a fixed 768
-  pixels: a session reads it at its first run (the first session a browser ever opens uses the default
-  until the window changes size), and a resize or a folded sidebar reruns the page with the new room. The
-  app's frame draws it at the end of every page.
+- :func:`window_room` reports how much room the page has (the main column's width and the window's height,
+  in CSS pixels), so the canvas fills a wide window instead of a fixed 768 pixels. Annotate draws it last;
+  the browser also keeps the room in a cookie, which a new session reads at its first run, so a reload or
+  a new tab draws the canvas at its size at once.
 - :func:`live_overlay` lays the newest live prediction over the canvas, between the slice and the strokes,
   without remounting the canvas (its strokes and its undo stay): an image inside the canvas's own box that
   lets every mouse event through.
@@ -18,9 +17,9 @@ import streamlit as st
 DEFAULT_ROOM = (800, 1000)
 
 _JS = """
-// "room": the main column's inner width and the window's height, rounded to 32 px, kept in a cookie that a
-// new session reads at its first run; sent (a rerun) only when the window or the main column (a folded
-// sidebar) changes size by 64 px or more from what the server knows ("known").
+// "room": the main column's inner width and the window's height, rounded to 32 px so that small changes do
+// not redraw the page; sent when they differ from what the server knows ("known"), again when the window
+// or the main column (a folded sidebar) changes size.
 // "overlay": an <img> of the live prediction inside the canvas's box (its shadow root), above the slice
 // and under the strokes, with pointer-events off; removed when the server sends no picture.
 const ROOM = window.__neurosegRoom || (window.__neurosegRoom = { sent: "", at: 0 });
@@ -32,21 +31,15 @@ const measure = () => {
   const w = Math.floor(inner / 32) * 32, h = Math.floor(window.innerHeight / 32) * 32;
   return w >= 224 && h >= 224 ? w + "x" + h : "";  // (a hidden or tiny column: nothing to say)
 };
-const keep = (now) => {  // in a cookie, for the next session's first run
-  if (now && !document.cookie.split("; ").includes("neuroseg_room=" + now)) {
-    document.cookie = "neuroseg_room=" + now + "; path=/; max-age=31536000; SameSite=Strict";
-  }
-};
-const far = (a, b) => {  // sizes that differ by 64 px or more (a scrollbar coming and going does not count)
-  if (!a || !b) return !!a;
-  const [aw, ah] = a.split("x").map(Number), [bw, bh] = b.split("x").map(Number);
-  return Math.abs(aw - bw) >= 64 || Math.abs(ah - bh) >= 64;
-};
 const report = () => {
   const now = measure();
-  ROOM.settled = !!now && !far(now, ROOM.known);
-  keep(now);
-  if (!now || !far(now, ROOM.known)) return;
+  ROOM.settled = !!now && now === ROOM.known;
+  if (now && !document.cookie.split("; ").includes("neuroseg_room=" + now)) {  // for the next session's first run
+    document.cookie = "neuroseg_room=" + now + "; path=/; max-age=31536000; SameSite=Strict";
+  }
+  // (a session that knows no room yet, the first in this browser, keeps the default: a rerun while a fresh
+  // page mounts its widgets can bring them back to their first values; the cookie serves the next one)
+  if (!now || !ROOM.known || now === ROOM.known) return;
   if (now === ROOM.sent && performance.now() - ROOM.at < 2000) return;  // (asked already: wait for it)
   ROOM.sent = now; ROOM.at = performance.now();
   ROOM.set("room", now);
@@ -99,16 +92,12 @@ export default function ({ data, setStateValue }) {
     if (main && ROOM.watched !== main) {  // a resized window, a folded sidebar: the column changes width
       ROOM.watched = main;
       if (ROOM.observer) ROOM.observer.disconnect();
-      const later = () => { clearTimeout(ROOM.timer); ROOM.timer = setTimeout(report, 500); };
-      let first = true;  // (an observer calls back once at once: that is no change)
-      ROOM.observer = new ResizeObserver(() => { if (first) { first = false; return; } later(); });
+      const later = () => { clearTimeout(ROOM.timer); ROOM.timer = setTimeout(report, 300); };
+      ROOM.observer = new ResizeObserver(later);
       ROOM.observer.observe(main);
       if (!ROOM.installed) { ROOM.installed = true; window.addEventListener("resize", later); }
     }
-    // On load only the cookie is written (the next session starts from it): a rerun asked for while a fresh
-    // page mounts its widgets can bring them back to their first option (seen on Datasets, Train and
-    // Annotate), so the page is asked to rerun only when the window or the column really changes size.
-    keep(measure());
+    report();
     return;
   }
   OVERLAY.want = d;
