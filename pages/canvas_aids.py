@@ -33,7 +33,6 @@ const measure = () => {
 };
 const report = () => {
   const now = measure();
-  ROOM.settled = !!now && now === ROOM.known;
   if (now && !document.cookie.split("; ").includes("neuroseg_room=" + now)) {  // for the next session's first run
     document.cookie = "neuroseg_room=" + now + "; path=/; max-age=31536000; SameSite=Strict";
   }
