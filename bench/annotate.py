@@ -20,7 +20,7 @@ from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.drafts import new_draft, start_options
 from ui.paint import PALETTE, View, overlay
-from unet.labels import MEMBRANE
+from unet.training.labels import MEMBRANE
 
 
 def best_of(fn, repeat: int = 5) -> float:

@@ -12,7 +12,7 @@ tree is sampled for its resident memory every 0.2 s (the peak of the sum):
   whole command (start-up and writing the TIFFs included), and the engine alone: from its "predicting …"
   line (imports, weights and stack header done) until its neurons are linked;
 - **app** (unless ``--skip-app``): the same slices as the app predicts them: the TIFF imported into a
-  store (not timed), then the prediction process (``storage.predict_worker``, neurons linked included),
+  store (not timed), then the prediction process (``storage.jobs.predict_worker``, neurons linked included),
   with the same number of workers.
 
 With ``--repeat N`` each path runs N times, alternating which goes first, after the page cache's dirty pages
@@ -42,7 +42,7 @@ from pathlib import Path
 from storage.service import Neuroseg
 from storage.settings import Settings
 from storage import ingest, predictions, starter
-from storage.predict_worker import run_prediction
+from storage.jobs.predict_worker import run_prediction
 data, tiff, chosen = Path(sys.argv[1]), Path(sys.argv[2]), [int(z) for z in sys.argv[3].split(",")]
 svc = Neuroseg(Settings.from_env(data), supervise=False)
 info = ingest.import_files(svc.sessions, svc.store, tiff, None, "bench")

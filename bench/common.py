@@ -20,8 +20,8 @@ def labelled_stack(volume: str | None, labels: str | None):
     else the ISBI 2012 training stack; None (after saying why on stderr) when either file is missing."""
     import sys
 
-    from unet.io import read_labels, read_stack
-    from unet.labels import labels_to_target
+    from unet.exchange.io import read_labels, read_stack
+    from unet.training.labels import labels_to_target
 
     volume_path = Path(volume or isbi_dir() / "train-volume.tif")
     labels_path = Path(labels or isbi_dir() / "train-labels.tif")

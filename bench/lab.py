@@ -10,7 +10,7 @@ beat the forest alone, and the live loop from it, after the two slices are corre
 forest on all three metrics (pixel error, Rand-F, VI on ``--held-out``) within 3 CPU minutes of training.
 
 The U-Net side goes through the app: a real store and service, a dataset imported from ``--volume``, a
-live session (:mod:`storage.live_worker`, its own process, one thread on a 2-core machine) started from
+live session (:mod:`storage.jobs.live_worker`, its own process, one thread on a 2-core machine) started from
 ``--start``, and the corrected slices saved as mask versions of the full labels (what Accept and a few
 strokes end with). From the moment the session has learned both saves, each checkpoint the session
 writes (every minute) is scored on the held-out slices in this process, and after ``--minutes`` the
@@ -41,8 +41,8 @@ from bench.loop import open_live, save_mask, score, start_folder, wait_until
 
 def predict(checkpoint: Path, volume: np.ndarray, slices: list[int]) -> list[np.ndarray]:
     """A checkpoint's neuron probabilities of ``slices`` (what Predict does, without test-time flips)."""
-    from unet.checkpoint import load_checkpoint
-    from unet.infer import predict_stack
+    from unet.exchange.checkpoint import load_checkpoint
+    from unet.prediction.infer import predict_stack
 
     return list(predict_stack(load_checkpoint(checkpoint).build_model("cpu"), volume, slices))
 
@@ -53,7 +53,7 @@ def forest_scores(volume: np.ndarray, targets: np.ndarray, corrected: list[int],
     from sklearn.ensemble import RandomForestClassifier
 
     from bench.quality import rf_features
-    from unet.labels import IGNORE
+    from unet.training.labels import IGNORE
 
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
@@ -81,7 +81,7 @@ def forest_scores(volume: np.ndarray, targets: np.ndarray, corrected: list[int],
 def live_scores(args, volume_path: Path, volume: np.ndarray, targets: np.ndarray, corrected: list[int],
                 held: list[int]) -> dict:
     """The live session from ``--start`` after the corrected slices are saved, scored at each checkpoint."""
-    from unet.checkpoint import load_checkpoint, side_file
+    from unet.exchange.checkpoint import load_checkpoint, side_file
 
     work = Path(tempfile.mkdtemp(prefix="neuroseg-lab-"))
     svc = None
@@ -138,7 +138,7 @@ def ahead(unet: dict, forest: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unet.io import parse_slices
+    from unet.exchange.io import parse_slices
 
     ap = argparse.ArgumentParser(prog="python -m bench.lab", description=__doc__.split("\n\n")[0])
     ap.add_argument("--volume", help="the stack (default: the ISBI 2012 training volume)")

@@ -1,5 +1,5 @@
 """The live loop's learner on its own, for choosing its recipe: ``bench.loop``'s simulated annotator and
-scores, with the :class:`~unet.live.LiveTrainer` driven directly (no store, no worker process) for a fixed
+scores, with the :class:`~unet.training.live.LiveTrainer` driven directly (no store, no worker process) for a fixed
 number of steps a round, so that recipes compare step for step and several slice orders run side by side.
 
     python -m bench.livesim [--start random|CHECKPOINT.pt] [--lr 1e-3] [--ema 0.98] [--forest 0.3]
@@ -35,13 +35,13 @@ KEYS = ("pixel_error", "rand_f", "vi")
 def one_order(volume: np.ndarray, targets: np.ndarray, seed: int, args, work: Path) -> list[dict]:
     import torch
 
-    from unet.checkpoint import load_checkpoint, save_checkpoint
-    from unet.config import TrainConfig, preset
-    from unet.forest import PixelForest
-    from unet.io import parse_slices
-    from unet.labels import IGNORE
-    from unet.live import LiveTrainer, live_config
-    from unet.model import UNet
+    from unet.exchange.checkpoint import load_checkpoint, save_checkpoint
+    from unet.exchange.io import parse_slices
+    from unet.network.config import TrainConfig, preset
+    from unet.network.model import UNet
+    from unet.training.forest import PixelForest
+    from unet.training.labels import IGNORE
+    from unet.training.live import LiveTrainer, live_config
 
     torch.manual_seed(seed)
     if args.start == "random":
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from unet.io import parse_slices
+    from unet.exchange.io import parse_slices
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
     found = labelled_stack(args.volume, args.labels)

@@ -9,7 +9,7 @@ Each round the annotator takes the next slice to annotate (a fixed shuffled orde
 looks at the model's prediction of it, finds the K largest wrongly predicted regions against the full
 labels (not painted yet), and "paints" the true labels inside a disk of ``--radius`` pixels at the middle
 of each; everything else stays unlabelled. The U-Net side does this through the app itself: a real store
-and service, a live session (:mod:`storage.live_worker`, a separate process) started from ``--start``,
+and service, a live session (:mod:`storage.jobs.live_worker`, a separate process) started from ``--start``,
 the painted masks saved as mask versions, the session left to train for ``--seconds``, and the held-out
 slices scored from the session's own live predictions (the bench asks for them as a viewer would). The
 time from each save until the live overlay of the slice comes from weights that learned it is measured;
@@ -53,7 +53,7 @@ def wrong_regions(prob: np.ndarray, target: np.ndarray, painted: np.ndarray, k: 
     neuron is one connected region) gets several disks, at least two radii apart, before the next one."""
     from scipy import ndimage
 
-    from unet.labels import IGNORE, NEURON
+    from unet.training.labels import IGNORE, NEURON
 
     wrong = ((prob > 0.5) != (target == NEURON)) & (target != IGNORE) & ~painted
     regions, n = ndimage.label(wrong)
@@ -92,7 +92,7 @@ def paint(painted: np.ndarray, centres: list[tuple[int, int]], radius: int) -> N
 
 
 def score(probs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, float]:
-    from unet.metrics import evaluate_slice, mean_metrics
+    from unet.prediction.metrics import evaluate_slice, mean_metrics
 
     m = mean_metrics([evaluate_slice(p, t) for p, t in zip(probs, targets, strict=True)])
     return {"pixel_error": m["pixel_error"], "rand_f": m["rand_f"], "vi": m["vi"]}
@@ -102,14 +102,14 @@ def score(probs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, float
 def start_folder(start: str, work: Path) -> Path:
     """A folder with the checkpoint the session starts from, registered by the service as its starter (none
     from random weights: the session starts as Annotate's "random initialisation" does)."""
-    from unet.checkpoint import side_file
+    from unet.exchange.checkpoint import side_file
 
     folder = work / "start"
     if folder.is_dir() and any(folder.iterdir()):  # (made already: --page starts the server first)
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     if start == "starter":
-        from storage.starter import shipped
+        from storage.records.starter import shipped
 
         path = shipped()
         if path is None:
@@ -138,14 +138,14 @@ def open_live(start: str, volume_path: Path, work: Path, supervise: bool = True)
     """A service on a new store in ``work``, the stack imported as a dataset and a live session on it from
     ``start`` (random, starter or a checkpoint file), its worker running: ``(svc, dataset_id, run_id)``.
     ``supervise=False`` when a server on the same store supervises the jobs (``--page``)."""
-    from storage import datasets
+    from storage.records import datasets
     from storage.service import Neuroseg
     from storage.settings import Settings
 
     os.environ["NEUROSEG_STARTER_DIR"] = str(start_folder(start, work))
     svc = Neuroseg(Settings.from_env(work / "data"), supervise=supervise)
     if not supervise:
-        from storage import starter
+        from storage.records import starter
 
         with svc.sessions.begin() as s:
             starter.register(s, svc.store)
@@ -173,7 +173,7 @@ def save_mask(svc, ds: int, z: int, mask: np.ndarray):
 
 
 def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], held: list[int]) -> dict:
-    from unet.labels import IGNORE
+    from unet.training.labels import IGNORE
 
     work = Path(tempfile.mkdtemp(prefix="neuroseg-loop-"))
     svc = None
@@ -323,7 +323,7 @@ def forest_loop(args, volume: np.ndarray, targets: np.ndarray, order: list[int],
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unet.io import parse_slices
+    from unet.exchange.io import parse_slices
 
     ap = argparse.ArgumentParser(prog="python -m bench.loop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--volume", help="the stack (default: the ISBI 2012 training volume)")

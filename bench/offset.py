@@ -4,7 +4,7 @@ membranes in its images, and, given a model, how much of its pixel error that of
     python -m bench.offset [--volume V.tif --labels L.tif] [--checkpoint C.pt] [--score 25-29] [--json FILE]
 
 Per slice, the membrane mask is registered to the inverted, lightly smoothed image by phase correlation
-(:func:`unet.labels.slice_label_offset`: scikit-image's ``phase_cross_correlation``, 1/20 px). A
+(:func:`unet.training.labels.slice_label_offset`: scikit-image's ``phase_cross_correlation``, 1/20 px). A
 consistent offset is an annotation convention, not tissue: a network trained with rotations and flips
 cannot learn a fixed offset (it turns with the patch), so it predicts the membranes where the image has
 them, and every border pixel of the offset counts as an error against the labels, unless it trained with
@@ -33,10 +33,10 @@ def model_scores(checkpoint: Path, volume: np.ndarray, targets: np.ndarray, slic
                  offset: tuple[float, float]) -> dict[str, float]:
     from scipy import ndimage
 
-    from unet.checkpoint import load_checkpoint
-    from unet.infer import predict_slice
-    from unet.labels import IGNORE, NEURON
-    from unet.metrics import pixel_error
+    from unet.exchange.checkpoint import load_checkpoint
+    from unet.prediction.infer import predict_slice
+    from unet.prediction.metrics import pixel_error
+    from unet.training.labels import IGNORE, NEURON
 
     model = load_checkpoint(checkpoint).build_model("cpu")
     plain, moved, near = [], [], []
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score", default="25-29", help="the slices the checkpoint is scored on")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
-    from unet.io import parse_slices
-    from unet.labels import slice_label_offset
+    from unet.exchange.io import parse_slices
+    from unet.training.labels import slice_label_offset
 
     found = labelled_stack(args.volume, args.labels)
     if found is None:

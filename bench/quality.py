@@ -4,7 +4,7 @@
 
 Both learn from slices 0–24 of ``train-volume.tif`` with the same wall-clock budget and are evaluated on
 slices 25–29 through the same post-processing (threshold 0.5 for the pixel error, the app's default way to
-neurons, :data:`unet.postprocess.DEFAULT_METHOD`, for Rand-F, VI and CREMI's scores; V_rand and V_info of
+neurons, :data:`unet.prediction.postprocess.DEFAULT_METHOD`, for Rand-F, VI and CREMI's scores; V_rand and V_info of
 the maps at their best threshold). Then each post-processing is tuned on slices 20–24 and scored on 25–29,
 on the same maps (``--tta``: also on the maps through the 8 flips/rotations). The U-Net is evaluated with
 its *last* weights (not the checkpoint that scored best on 25–29, which would peek at the test slices);
@@ -25,13 +25,13 @@ import time
 import numpy as np
 
 from bench.common import isbi_dir, table, write_json
-from unet.config import preset
-from unet.data import TrainData
-from unet.infer import predict_stack
-from unet.io import read_labels, read_stack
-from unet.labels import labels_to_target
-from unet.metrics import evaluate_slice, mean_metrics
-from unet.train import NullReporter, train
+from unet.exchange.io import read_labels, read_stack
+from unet.network.config import preset
+from unet.prediction.infer import predict_stack
+from unet.prediction.metrics import evaluate_slice, mean_metrics
+from unet.training.data import TrainData
+from unet.training.labels import labels_to_target
+from unet.training.train import NullReporter, train
 
 TRAIN = list(range(0, 25))
 TUNE = list(range(20, 25))  # post-processing parameters are chosen on these (training slices) …
@@ -60,7 +60,7 @@ def evaluate(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
 
 
 #: The parameters each post-processing is tried with on slices 20-24 (smoothing and minimum size as given
-#: by the defaults of unet.postprocess unless listed).
+#: by the defaults of unet.prediction.postprocess unless listed).
 GRID = {
     "watershed": [{"threshold": t, "h": h} for t in (0.3, 0.4, 0.5, 0.6, 0.7)
                   for h in (1.0, 2.0, 4.0, 8.0, 12.0, 16.0)],
@@ -73,9 +73,9 @@ GRID = {
 def score_instances(probs: np.ndarray, targets: np.ndarray, method: str, params: dict) -> dict[str, float]:
     """Mean scores of one post-processing over slices: ISBI's V_rand and V_info of its instances (thinned,
     foreground-restricted), CREMI's VI split, merge and adapted Rand error, and VI (split + merge)."""
-    from unet.labels import target_to_instances
-    from unet.metrics import cremi_scores, isbi_scores_of
-    from unet.postprocess import instances, segment
+    from unet.prediction.metrics import cremi_scores, isbi_scores_of
+    from unet.prediction.postprocess import instances, segment
+    from unet.training.labels import target_to_instances
 
     rows = []
     for prob, target in zip(probs, targets, strict=True):
@@ -117,11 +117,11 @@ def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | No
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = train(config, data, _Progress(), out_dir=tmp)
-        from unet.checkpoint import load_checkpoint
+        from unet.exchange.checkpoint import load_checkpoint
 
         model = load_checkpoint(f"{tmp}/latest.pt").build_model(result.device)
         if save_model:  # the weights and their config side file
-            from unet.checkpoint import side_file
+            from unet.exchange.checkpoint import side_file
 
             shutil.copyfile(f"{tmp}/latest.pt", save_model)
             shutil.copyfile(side_file(f"{tmp}/latest.pt"), side_file(save_model))
@@ -145,8 +145,8 @@ def run_unet(volume, targets, budget_s: float, preset_name: str, steps: int | No
 
 
 def rf_features(image: np.ndarray) -> np.ndarray:
-    """The forest's features (:func:`unet.forest.pixel_features`: the live loop's teacher uses the same)."""
-    from unet.forest import pixel_features
+    """The forest's features (:func:`unet.training.forest.pixel_features`: the live loop's teacher uses the same)."""
+    from unet.training.forest import pixel_features
 
     return pixel_features(image, workers=2)
 
@@ -199,10 +199,10 @@ def linking(probs: np.ndarray, targets: np.ndarray, all_targets: np.ndarray) -> 
     """3D neurons: slices 25-29 segmented by the default post-processing and linked into one volume,
     scored (3D VI split and merge, adapted Rand error) against their labels' neurons linked the same way;
     and the time to link the labels' instances of all 30 slices (512² each)."""
-    from unet.labels import target_to_instances
-    from unet.link import link_volume
-    from unet.metrics import cremi_scores
-    from unet.postprocess import DEFAULT_METHOD, segment
+    from unet.prediction.link import link_volume
+    from unet.prediction.metrics import cremi_scores
+    from unet.prediction.postprocess import DEFAULT_METHOD, segment
+    from unet.training.labels import target_to_instances
 
     truth = np.stack([target_to_instances(t) for t in all_targets])
     started = time.perf_counter()

@@ -7,11 +7,11 @@ each stage in a process of its own whose peak resident memory is measured.
 For each size (GB of uint8 voxels) a synthetic EM stack of ``--slice``² slices is written as a TIFF page by
 page, then, each in a fresh process (as the server and the prediction process would):
 
-- **import**: the TIFF converted into the OME-Zarr store (``storage.ingest.import_files``);
+- **import**: the TIFF converted into the OME-Zarr store (``storage.records.ingest.import_files``);
 - **browse**: what the Datasets and Annotate pages read: a slice at full resolution, the same slice from
   the coarsest pyramid level, and a 512² tile, for the first, middle and last slices;
 - **predict**: every slice (or the first ``--predict-blocks`` of them, spread over the stack: the cost of
-  a block does not depend on the others), block by block (``storage.predict_worker``'s blockwise path, in
+  a block does not depend on the others), block by block (``storage.jobs.predict_worker``'s blockwise path, in
   one process so that its memory is the one measured: ``$NEUROSEG_PREDICT_WORKERS=1``);
 - **export**: the mask as an ImageJ TIFF, streamed slice by slice;
 - **browser** (``--browser``): the app served as ``./run.sh`` serves it and Chromium on the Annotate page:
@@ -62,13 +62,13 @@ elif stage == "browse":
         times.append(time.perf_counter() - s)
     out["slice_s"] = max(times)
 elif stage == "predict":
-    from storage.predict_worker import run_prediction
+    from storage.jobs.predict_worker import run_prediction
     info = svc.predictions()[-1]
     run_prediction(info.id, svc.settings)
     job = svc.prediction(info.id)
     assert job.status == "FINISHED", job.error
 elif stage == "export":
-    from unet.io import write_tiff_slices
+    from unet.exchange.io import write_tiff_slices
     job = svc.predictions()[-1]
     write_tiff_slices(svc.prediction_output(job.id, "mask"), Path(arg))
 out["seconds"] = time.perf_counter() - t
@@ -94,7 +94,7 @@ def write_stack(path: Path, z: int, side: int) -> None:
     """A synthetic EM stack, page by page (BigTIFF when it needs to be)."""
     import tifffile
 
-    from unet.synthetic import make_synthetic_em
+    from unet.training.synthetic import make_synthetic_em
 
     tile, _ = make_synthetic_em((1, min(side, 1024), min(side, 1024)), np.random.default_rng(0), cell_size=30)
     plane = np.tile(tile[0], (-(-side // tile.shape[1]), -(-side // tile.shape[2])))[:side, :side]
@@ -134,13 +134,13 @@ def _browser(data: Path, dataset_id: int, side: int) -> dict:
 
 def tiny_model(folder: Path, which: str) -> None:
     """The starting model as the store's starter ($NEUROSEG_STARTER_DIR)."""
-    from unet.checkpoint import save_checkpoint
-    from unet.config import preset
-    from unet.model import UNet
+    from unet.exchange.checkpoint import save_checkpoint
+    from unet.network.config import preset
+    from unet.network.model import UNet
 
     folder.mkdir(parents=True, exist_ok=True)
     if which == "starter":
-        from storage.starter import shipped
+        from storage.records.starter import shipped
 
         path = shipped()
         if path is None:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         from storage.settings import Settings
 
         svc = Neuroseg(Settings.from_env(data), supervise=False)  # no supervisor: the bench starts the job
-        from storage import predictions, starter
+        from storage.records import predictions, starter
 
         with svc.sessions.begin() as s:
             starter.register(s, svc.store)

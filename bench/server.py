@@ -31,8 +31,8 @@ SETUP = """
 import io, sys, numpy as np, tifffile
 from storage.service import Neuroseg
 from storage.settings import Settings
-from unet.config import preset
-from unet.synthetic import make_synthetic_em
+from unet.network.config import preset
+from unet.training.synthetic import make_synthetic_em
 import os, select
 size = int(sys.argv[2])
 try:

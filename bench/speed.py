@@ -60,8 +60,8 @@ def _seconds_per_call(fn, device: torch.device, warmup: int, reps: int) -> float
 
 def _build(model_name: str, width: int, device: torch.device, padding: str):
     from bench.textbook import TextbookUNet
-    from unet.config import ModelConfig
-    from unet.model import UNet
+    from unet.network.config import ModelConfig
+    from unet.network.model import UNet
 
     torch.manual_seed(0)
     if model_name == "ours":
@@ -84,8 +84,8 @@ def _flops(model, x: torch.Tensor, backward: bool) -> float:
 
 def measure_one(model_name: str, width: int, device_name: str, patch: int, batch: int, steps: int,
                 padding: str) -> dict:
-    from unet.device import amp_dtype, autocast
-    from unet.infer import predict_slice
+    from unet.network.device import amp_dtype, autocast
+    from unet.prediction.infer import predict_slice
 
     device = torch.device(device_name)
     amp = amp_dtype(device, "auto")
@@ -119,7 +119,7 @@ def measure_one(model_name: str, width: int, device_name: str, patch: int, batch
         def infer():
             return predict_slice(model, image, tile=512 if padding == "same" else 572, device=device, amp=amp)
 
-        from unet.model import output_size
+        from unet.network.model import output_size
         tile = 512 if padding == "same" else 572
         tiles = int(np.ceil(512 / output_size(model.config, tile))) ** 2
         xi = torch.randn(1, 1, tile, tile, device=device)

@@ -48,7 +48,7 @@ def recipe(minutes: float, stage: int = 1, convention_from: int = 1):
     (``--convention-from 3`` reproduces them)."""
     from dataclasses import replace
 
-    from unet.config import preset
+    from unet.network.config import preset
 
     base = preset("cpu-quick")
     extra = {1: {"seed": 0}, 2: {"lr": THEN_LR, "warmup_steps": 20, "seed": 1},
@@ -63,9 +63,9 @@ def train_one(which: str, minutes: float, data: Path, out: Path, stage: int = 1,
     before, into ``out/which/stage2`` or ``stage3``."""
     import torch
 
-    from unet.data import TrainData
-    from unet.io import read_labels, read_stack
-    from unet.train import NullReporter, train
+    from unet.exchange.io import read_labels, read_stack
+    from unet.training.data import TrainData
+    from unet.training.train import NullReporter, train
 
     torch.set_num_threads(1)
     volume = read_stack(data / "train-volume.tif")
@@ -84,11 +84,11 @@ def stage_dir(work: Path, which: str, stage: int) -> Path:
 
 def score_twin(data: Path, checkpoint: Path, postprocess: str | None = None, tta: bool = False) -> dict[str, float]:
     """A twin's scores on 25–29 (``postprocess``: the default method unless named; ``tta``: the 8 flips)."""
-    from unet.checkpoint import load_checkpoint
-    from unet.io import read_labels, read_stack
-    from unet.labels import labels_to_target
-    from unet.postprocess import DEFAULT_METHOD
-    from unet.segment import segment_stack
+    from unet.exchange.checkpoint import load_checkpoint
+    from unet.exchange.io import read_labels, read_stack
+    from unet.prediction.postprocess import DEFAULT_METHOD
+    from unet.prediction.segment import segment_stack
+    from unet.training.labels import labels_to_target
 
     volume = read_stack(data / "train-volume.tif")
     targets = labels_to_target(read_labels(data / "train-labels.tif", volume.shape))
@@ -101,7 +101,7 @@ def score_twin(data: Path, checkpoint: Path, postprocess: str | None = None, tta
 def score_only(data: Path, checkpoint: Path, json_path: str) -> int:
     """``--score``: a twin's weights scored on 25–29 with both ways to instances, with and without the 8
     flips of test-time augmentation."""
-    from unet.checkpoint import load_checkpoint
+    from unet.exchange.checkpoint import load_checkpoint
 
     rows = [{"postprocess": method, "tta": "8 flips" if tta else "no",
              **score_twin(data, checkpoint, method, tta)}
@@ -118,8 +118,8 @@ def ship(trained: Path, out: Path, minutes: float, then: float, steps: int, twin
          twin_steps: int, finish: float = 0.0, flips: dict[str, float] | None = None,
          convention_from: int = 1) -> Path:
     """Write the full model's last weights (no optimiser state) and its model card into ``out``."""
-    from unet.checkpoint import load_checkpoint, save_checkpoint
-    from unet.postprocess import DEFAULT_METHOD
+    from unet.exchange.checkpoint import load_checkpoint, save_checkpoint
+    from unet.prediction.postprocess import DEFAULT_METHOD
 
     ckpt = load_checkpoint(trained)
     model = ckpt.build_model("cpu")
@@ -163,7 +163,7 @@ def schedule_text(minutes: float, then: float, finish: float, convention_from: i
 
 
 def convention_text(offset, convention_from: int = 1) -> str:
-    from unet.labels import offset_words
+    from unet.training.labels import offset_words
 
     where = offset_words(offset)
     if where is None:
@@ -227,7 +227,7 @@ Recipe as stored with the weights:
 
 def _stage_done(work: Path, which: str, stage: int, minutes: float, convention: bool) -> bool:
     """Whether ``work`` already holds this stage of this recipe, finished (a longer run reuses it)."""
-    from unet.checkpoint import load_checkpoint
+    from unet.exchange.checkpoint import load_checkpoint
 
     path = stage_dir(work, which, stage) / "latest.pt"
     if not path.is_file():
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
              for which in ("twin", "full")]
     if any(p.wait() != 0 for p in procs):
         return 1
-    from unet.checkpoint import load_checkpoint
+    from unet.exchange.checkpoint import load_checkpoint
 
     last = {w: stage_dir(work, w, last_stage) / "latest.pt" for w in ("twin", "full")}
     twin, flips = score_twin(data, last["twin"]), score_twin(data, last["twin"], tta=True)

@@ -258,7 +258,7 @@ class PredictionInfo:
     created: datetime
     pid: int | None = None
     phase: str = ""  # "predict <blocks in all>" (``done`` counts those written)
-    postprocess: str = "watershed"  # how its neurons were made from the map (unet.postprocess.METHODS)
+    postprocess: str = "watershed"  # how its neurons were made from the map (unet.prediction.postprocess.METHODS)
     owner_id: int | None = None  # the user who made it (None: made before accounts, or by the system)
     owner: str = ""  # their user name
     tta: bool = False  # the network's answers averaged over the 8 flips of each tile

@@ -113,7 +113,7 @@ _COOKIES_JS = """
 // The sign-in lives in two halves: an HttpOnly cookie the server sets (POST /_neuroseg/cookie, web/guard.py),
 // which no script reads but every port of this host receives, and a key in this origin's own storage
 // (scheme, host and port), which no other port can read. A new session that has only the cookie asks for
-// the key ("ask") and signs in when it matches (storage.accounts.browser_key).
+// the key ("ask") and signs in when it matches (storage.auth.accounts.browser_key).
 export default function ({ data, setStateValue }) {
   const d = data || {};
   const kept = window.__neurosegSignIn || (window.__neurosegSignIn = { token: undefined, ask: "", sent: 0 });

@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         print(f"the store at {settings.data_dir} ({settings.database_url.split('://')[0]}) is up to date")
         return 0
-    from storage import audit, users
-    from storage.accounts import user_by_name
+    from storage.auth import audit, users
+    from storage.auth.accounts import user_by_name
 
     with sessions.begin() as s:
         if args.command == "users":

@@ -12,7 +12,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.files import FileStore
+from storage.records.files import FileStore
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
@@ -67,15 +67,15 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 def open_store(settings, *, migrate: bool = False) -> tuple[sessionmaker[Session], FileStore]:
     """The session factory and the file store of ``settings``. ``migrate=True`` (the server's start, the
     ``migrate`` command) first creates the data directory, brings the schema up to date and moves volumes
-    stored by earlier versions into the OME-Zarr store (:func:`storage.datasets.convert_legacy_volumes`);
+    stored by earlier versions into the OME-Zarr store (:func:`storage.records.datasets.convert_legacy_volumes`);
     workers, started by a server, open the store as it is."""
     engine = make_engine(settings.database_url)
     sessions, store = session_factory(engine), FileStore(settings.data_dir)
     if migrate:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(engine)
-        from storage.datasets import convert_legacy_predictions, convert_legacy_volumes
-        from storage.volumes import remove_partials
+        from storage.records.datasets import convert_legacy_predictions, convert_legacy_volumes
+        from storage.records.volumes import remove_partials
 
         remove_partials(store.root)
         with sessions() as session:

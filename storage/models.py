@@ -92,7 +92,7 @@ class Dataset(Base):
     size_bytes: Mapped[int]
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     notes: Mapped[str] = mapped_column(Text, default="")
-    # "ome-zarr" (storage.volumes); "tiff" for a volume stored by an earlier version, until converted
+    # "ome-zarr" (storage.records.volumes); "tiff" for a volume stored by an earlier version, until converted
     volume_format: Mapped[str] = mapped_column(String(16), default="ome-zarr", server_default="tiff")
     linked_path: Mapped[str | None] = mapped_column(String(1000))  # "link": the stack on the server, read-only
     # frozen held-out slices, [{"slice": z, "mask_id": id}], that every run on the dataset is scored on;
@@ -233,7 +233,7 @@ class Prediction(Base):
     pid: Mapped[int | None]
     pid_started: Mapped[float | None]
     files: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")  # name → {file, sha256}
-    # how its neurons were made from the map (unet.postprocess.METHODS; earlier versions: the watershed)
+    # how its neurons were made from the map (unet.prediction.postprocess.METHODS; earlier versions: the watershed)
     postprocess: Mapped[str] = mapped_column(String(32), default="watershed", server_default="watershed")
     # the network's answers averaged over the 8 flips of each tile (test-time augmentation)
     tta: Mapped[bool] = mapped_column(Boolean, default=False)

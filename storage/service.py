@@ -1,7 +1,8 @@
 """What the pages call: one object over the database, the file store and the jobs, one method per thing a
 page does. It holds no SQL and no rules of its own: each method runs one function of the entity modules
-(:mod:`storage.datasets`, :mod:`storage.masks`, :mod:`storage.drafts`, :mod:`storage.runs`,
-:mod:`storage.predictions`, :mod:`storage.deletion`, :mod:`storage.ingest`) in its own transaction and
+(:mod:`storage.records.datasets`, :mod:`storage.records.masks`, :mod:`storage.records.drafts`,
+:mod:`storage.records.runs`, :mod:`storage.records.predictions`, :mod:`storage.records.deletion`,
+:mod:`storage.records.ingest`) in its own transaction and
 returns :mod:`domain.records`. Errors a user can act on come out as :class:`UserError` (or
 :class:`MaskConflict`) with the message to show. No Streamlit here: it is tested with plain pytest."""
 
@@ -44,10 +45,15 @@ from domain.records import (
     UserInfo,
 )
 from domain.scores import HeldOut, Score
-from storage import (
-    access,
-    accounts,
-    audit,
+from storage import text
+from storage.auth import access, accounts, audit, users
+from storage.auth.access import RIGHTS
+from storage.auth.accounts import SESSION_HOURS, SYSTEM, Actor
+from storage.auth.audit import AuditRow
+from storage.db import open_store
+from storage.jobs import queue
+from storage.jobs.supervisor import Supervisor
+from storage.records import (
     datasets,
     deletion,
     drafts,
@@ -58,24 +64,16 @@ from storage import (
     masks,
     packages,
     predictions,
-    queue,
     runs,
     starter,
-    text,
-    users,
 )
-from storage.access import RIGHTS
-from storage.accounts import SESSION_HOURS, SYSTEM, Actor
-from storage.audit import AuditRow
-from storage.db import open_store
-from storage.files import IntegrityError
-from storage.runs import Curve
+from storage.records.files import IntegrityError
+from storage.records.runs import Curve
+from storage.records.volumes import Volume
 from storage.settings import Settings
-from storage.supervisor import Supervisor
 from storage.text import NAME_MAX, NOTES_MAX
-from storage.volumes import Volume
-from unet.config import PRESETS, TrainConfig
-from unet.postprocess import DEFAULT_METHOD
+from unet.network.config import PRESETS, TrainConfig
+from unet.prediction.postprocess import DEFAULT_METHOD
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -142,7 +140,7 @@ def _cleaned(clean: Callable[..., str], value: str | None, *args: Any) -> str | 
 
 def _guard(action: str, right: str, kind: str | None = None, *, owned: bool = False, creates: str | None = None,
            record: bool = True, target: Callable[..., str] | None = None):
-    """A service method that ``right`` allows (:func:`storage.access.allow`), for the owner or an admin
+    """A service method that ``right`` allows (:func:`storage.auth.access.allow`), for the owner or an admin
     only when ``owned`` (the first argument is the id of a ``kind``). The actor is read again from the
     store first (:meth:`Neuroseg._acting`: a disabled, removed or signed-out user is refused, a changed role
     counts at once), so a page's callback that runs before its sign-in check cannot act on an old sign-in.
@@ -220,8 +218,8 @@ class Neuroseg:
         return bound
 
     def _acting(self) -> Actor:
-        """The actor as the store says it is now (:func:`storage.accounts.current_actor`, one small query):
-        :class:`storage.access.Denied` when the user is gone or disabled, or the browser's sign-in ended."""
+        """The actor as the store says it is now (:func:`storage.auth.accounts.current_actor`, one small query):
+        :class:`storage.auth.access.Denied` when the user is gone or disabled, or the browser's sign-in ended."""
         if self.actor.user_id is None:  # the system, or nobody signed in (whom every right refuses)
             return self.actor
         try:
@@ -284,7 +282,7 @@ class Neuroseg:
     def signed_in(self, token: str, address: str = "", *, proof: str | None = None) -> Actor:
         """The user a browser's token stands for; :class:`UserError` says why not (expired, unknown). With
         ``proof`` (a new browser session that has only the cookie) the browser's key of this origin must
-        match too (:func:`storage.accounts.browser_key`): a cookie alone, which every port of the host
+        match too (:func:`storage.auth.accounts.browser_key`): a cookie alone, which every port of the host
         receives, signs nobody in."""
         if proof is not None and not hmac.compare_digest(str(proof), self.browser_key(token)):
             raise UserError("Please sign in.")
@@ -391,7 +389,7 @@ class Neuroseg:
 
     # --- the store and the machine ---------------------------------------------------------------------
     def overview(self) -> Overview:
-        from unet.device import describe_device, pick_device
+        from unet.network.device import describe_device, pick_device
 
         with self.sessions.begin() as s:
             count = datasets.count_datasets(s)
@@ -407,7 +405,7 @@ class Neuroseg:
     def parse_slices(text: str, count: int) -> list[int]:
         """Slices from text such as ``all``, ``0-24`` or ``0,2,5-9`` (a stack of ``count``); ValueError says
         what is wrong."""
-        from unet.io import parse_slices
+        from unet.exchange.io import parse_slices
 
         return list(range(count)) if text.strip().lower() in ("", "all") else parse_slices(text, count)
 
@@ -422,7 +420,7 @@ class Neuroseg:
     def import_upload(self, volume: BinaryIO, labels: BinaryIO | None = None, *, name: str = "", notes: str = "",
                       author: str = "", progress: ingest.Progress | None = None,
                       channels_as_z: bool = False) -> DatasetInfo:
-        """Store an uploaded volume (and its labels) as a new dataset; see :func:`storage.ingest.import_upload`.
+        """Store an uploaded volume (and its labels) as a new dataset; see :func:`storage.records.ingest.import_upload`.
         A name typed is refused when too long; one taken from the file's name is cut (:mod:`storage.text`)."""
         name = _cleaned(text.clean_name, name, "A dataset's name") or text.clean_name(
             Path(getattr(volume, "name", "") or "upload").stem, cut=True) or "upload"
@@ -444,7 +442,7 @@ class Neuroseg:
                     progress: ingest.Progress | None = None) -> DatasetInfo:
         """A stack already on the server (OME-Zarr, zarr or N5 folder) as a dataset, copied or linked
         read-only; only from the folders ``$NEUROSEG_IMPORT_ROOTS`` names (off when unset), and every
-        refusal of a path says the same words; see :func:`storage.ingest.import_path`."""
+        refusal of a path says the same words; see :func:`storage.records.ingest.import_path`."""
         name = _cleaned(text.clean_name, name, "A dataset's name")
         return ingest.import_path(self.sessions, self.store, path, link=link, name=name, author=self._author(author),
                                   progress=progress)
@@ -465,7 +463,7 @@ class Neuroseg:
 
     def volume(self, dataset_id: int) -> Volume | np.ndarray:
         """The stack, read lazily: ``volume[z]`` reads one slice (or ``volume.levels[k][z]`` one slice of the
-        overview pyramid); the server never holds the whole stack (:class:`storage.volumes.Volume`)."""
+        overview pyramid); the server never holds the whole stack (:class:`storage.records.volumes.Volume`)."""
         info = self.dataset(dataset_id)
         return self._cached(("volume", info.id, info.sha256),
                             lambda: self._tx(datasets.load_volume, self.store, info.id))
@@ -541,7 +539,7 @@ class Neuroseg:
 
     def training_estimate(self, config: TrainConfig, val: list[dict[str, Any]]) -> str:
         """How long a run of ``config`` validating on ``val`` takes here, measured on this machine for this
-        network and this data's size (see :mod:`unet.estimate`)."""
+        network and this data's size (see :mod:`unet.training.estimate`)."""
         return self._tx(runs.training_estimate, config, val)
 
     @_guard("train", "train", creates="run")
@@ -626,7 +624,7 @@ class Neuroseg:
     @_guard("import model", "create", target=lambda upload, filename, *a, **k: f"package {filename[:60]}")
     def import_model(self, upload: BinaryIO, filename: str) -> packages.Imported:
         """A BioImage.IO package as a checkpoint (a finished run of kind ``imported``), after the checks of
-        :mod:`storage.packages`; a refusal says what was found and leaves no row and no file."""
+        :mod:`storage.records.packages`; a refusal says what was found and leaves no row and no file."""
         imported = self._tx(packages.import_package, self.store, upload, filename)
         if self.actor.user_id is not None:
             self._tx(users.set_owner, "run", imported.run_id, self.actor.user_id)
@@ -659,7 +657,7 @@ class Neuroseg:
     def predict(self, checkpoint_id: int, dataset_id: int, slices: list[int],
                 postprocess: str = DEFAULT_METHOD, tta: bool = False) -> PredictionInfo:
         """Queue a prediction of ``slices`` and start its process; ``postprocess`` says how its neurons are
-        made from the map (``unet.postprocess.METHODS``); ``tta`` averages the network's answers over the 8
+        made from the map (``unet.prediction.postprocess.METHODS``); ``tta`` averages the network's answers over the 8
         flips of each tile (fewer errors at the borders, 8× the time)."""
         info = self._tx(predictions.submit_prediction, checkpoint_id, dataset_id, slices, postprocess, tta)
         queue.launch_prediction(self.sessions, self.settings, info.id)
@@ -689,7 +687,7 @@ class Neuroseg:
         """Write the prediction's outputs as OME-Zarr images into ``$NEUROSEG_EXPORT_ROOT`` or the subfolder
         of it named by ``folder`` (off when unset: the downloads are what a user gets), under names made
         from the prediction's id; returns the paths written. It needs the right to create (viewers export
-        by downloading): it writes on the server. See :func:`storage.predictions.export_folder`."""
+        by downloading): it writes on the server. See :func:`storage.records.predictions.export_folder`."""
         return [str(p) for p in self._tx(predictions.export_prediction, self.store, prediction_id, folder)]
 
     def prediction_file(self, prediction_id: int, output: str) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage.accounts import user_by_name
+from storage.auth.accounts import user_by_name
 from storage.service import Neuroseg, UserError
 from storage.settings import Settings
 
@@ -36,7 +36,7 @@ def make_user(data_dir: Path | str, username: str = "ann", role: str = "annotato
 
 def sign_in_browser(page, url: str, data_dir: Path | str, username: str = "ann", role: str = "annotator") -> str:
     """Sign ``page``'s browser context in as ``username``: what the app keeps after a sign-in, the session
-    cookie and this origin's key in the page's storage (:func:`storage.accounts.browser_key`)."""
+    cookie and this origin's key in the page's storage (:func:`storage.auth.accounts.browser_key`)."""
     token = make_user(data_dir, username, role)
     keep_in_browser(page, url, data_dir, token)
     return token
@@ -44,7 +44,7 @@ def sign_in_browser(page, url: str, data_dir: Path | str, username: str = "ann",
 
 def keep_in_browser(page, url: str, data_dir: Path | str, token: str) -> None:
     """The browser of ``page`` holds the sign-in ``token``: its cookie, and the key in this origin's storage."""
-    from storage.accounts import browser_key, browser_secret
+    from storage.auth.accounts import browser_key, browser_secret
 
     key = browser_key(browser_secret(Path(data_dir)), token)
     page.context.add_cookies([{"name": SESSION_COOKIE, "value": token, "url": str(url)}])

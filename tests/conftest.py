@@ -43,7 +43,7 @@ def device(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def synthetic() -> tuple[np.ndarray, np.ndarray]:
     """A small synthetic EM stack (6 × 96 × 96 uint8) and its 0/255 labels."""
-    from unet.synthetic import make_synthetic_em
+    from unet.training.synthetic import make_synthetic_em
 
     return make_synthetic_em((6, 96, 96), np.random.default_rng(42), cell_size=20)
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from sqlalchemy import select, text, update
 
-from storage import accounts
-from storage.accounts import Actor
+from storage.auth import accounts
+from storage.auth.accounts import Actor
 from storage.db import make_engine, upgrade
 from storage.models import SignIn
 from storage.service import Neuroseg, UserError
 from storage.settings import Settings
 from tests.drafts import new_draft, start_options
-from unet.config import preset
+from unet.network.config import preset
 
 GOOD = "a-good-password"
 
@@ -223,7 +223,7 @@ def test_an_annotator_changes_only_what_they_own_and_an_admin_anything(svc):
 
 
 def test_one_waiting_run_per_user_unless_an_admin_raises_it_and_the_queue_names_the_owners(svc, monkeypatch):
-    monkeypatch.setattr("storage.queue.start_queued", lambda *a, **k: [])  # no worker: the runs stay queued
+    monkeypatch.setattr("storage.jobs.queue.start_queued", lambda *a, **k: [])  # no worker: the runs stay queued
     ann, boss = user(svc, "ann", "annotator"), user(svc, "boss", "admin")
     demo = _labelled_demo(svc, ann)
     spec = [{"dataset_id": demo.id, "slices": [0, 1]}]

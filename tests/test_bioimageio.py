@@ -2,7 +2,7 @@
 validation and ``bioimageio.core``'s model test (offline), its TorchScript weights give what the app's
 own inference gives, and the package read back predicts exactly what the checkpoint does (the command
 line too). An import checks a package with our own code (its files and their sha256, our model on its test
-tensors, another tool's TorchScript in :mod:`unet.torchscript_guard`'s child process); hostile packages
+tensors, another tool's TorchScript in :mod:`unet.exchange.torchscript_guard`'s child process); hostile packages
 are in ``test_hostile_packages.py``."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import tifffile
 import torch
 
-from unet.bioimageio import (
+from unet.exchange.bioimageio import (
     ISBI_CITE,
     UNET_CITE,
     ExportInfo,
@@ -28,11 +28,11 @@ from unet.bioimageio import (
     load_package,
     validate,
 )
-from unet.checkpoint import load_checkpoint, save_checkpoint
-from unet.config import ModelConfig
-from unet.infer import predict_slice
-from unet.model import UNet
-from unet.synthetic import make_synthetic_em
+from unet.exchange.checkpoint import load_checkpoint, save_checkpoint
+from unet.network.config import ModelConfig
+from unet.network.model import UNet
+from unet.prediction.infer import predict_slice
+from unet.training.synthetic import make_synthetic_em
 
 pytest.importorskip("bioimageio.core", reason="bioimageio.core is in requirements.txt")
 
@@ -208,7 +208,7 @@ def test_export_import_predict_gives_identical_probabilities(service, exported, 
     run = service.run(imported.run_id)
     assert run.kind == "imported" and run.owner == "ann" and run.status == "FINISHED"
     choice = next(c for c in service.checkpoint_choices() if c.id == imported.checkpoint_id)
-    from unet.checkpoint import load_checkpoint as load
+    from unet.exchange.checkpoint import load_checkpoint as load
 
     stored = load(service.store.abspath(choice.file))
     original = load_package(exported)
@@ -218,9 +218,9 @@ def test_export_import_predict_gives_identical_probabilities(service, exported, 
 
 
 def test_an_imported_package_of_ours_is_a_start_for_training_and_live(service, exported, monkeypatch):
-    from unet.config import TrainConfig
+    from unet.network.config import TrainConfig
 
-    monkeypatch.setattr("storage.queue.start_queued", lambda *a, **k: [])  # recorded, not started
+    monkeypatch.setattr("storage.jobs.queue.start_queued", lambda *a, **k: [])  # recorded, not started
     with open(exported, "rb") as fh:
         imported = service.import_model(fh, exported.name)
     demo = service.load_demo()
@@ -416,8 +416,8 @@ def foreign_package(tmp_path_factory, stack):
 
 def test_another_tools_torchscript_package_predicts_here_and_cannot_be_fine_tuned(service, foreign_package, stack):
     from storage.service import UserError
-    from unet.checkpoint import load_checkpoint as load
-    from unet.config import preset
+    from unet.exchange.checkpoint import load_checkpoint as load
+    from unet.network.config import preset
 
     package, model = foreign_package
     with open(package, "rb") as fh:
@@ -425,7 +425,7 @@ def test_another_tools_torchscript_package_predicts_here_and_cannot_be_fine_tune
     run = service.run(imported.run_id)
     assert run.kind == "imported" and run.spec["weights"] == "torchscript"
     choice = next(c for c in service.checkpoint_choices() if c.id == imported.checkpoint_id)
-    from unet.checkpoint import checked_file
+    from unet.exchange.checkpoint import checked_file
 
     kept = checked_file(service.store.abspath(choice.file))  # the import's verdict, kept: loads do not redo it
     assert kept.is_file() and choice.sha256 in kept.read_text()

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from storage.volumes import Volume, write_volume
-from unet.blockwise import BlockJob, finished_blocks, output_path, run_blocks
-from unet.checkpoint import save_checkpoint
-from unet.config import preset
-from unet.model import UNet
-from unet.synthetic import make_synthetic_em
+from storage.records.volumes import Volume, write_volume
+from unet.exchange.checkpoint import save_checkpoint
+from unet.network.config import preset
+from unet.network.model import UNet
+from unet.prediction.blockwise import BlockJob, finished_blocks, output_path, run_blocks
+from unet.training.synthetic import make_synthetic_em
 
 SLICES = (0, 2, 3, 4, 5)
 
@@ -62,7 +62,7 @@ def test_a_two_worker_dask_cluster_predicts_what_one_process_does(setup):
 
 KILLED_AFTER_TWO = """
 import json, os, signal, sys
-from unet.blockwise import BlockJob, run_blocks
+from unet.prediction.blockwise import BlockJob, run_blocks
 fields = json.loads(sys.argv[1])
 job = BlockJob(**{**fields, "slices": tuple(fields["slices"])})
 def progress(done, total):
@@ -94,8 +94,8 @@ def test_a_prediction_killed_halfway_resumes_and_ends_identical(setup):
 def trained(tmp_path_factory):
     """A stack of 6 slices of 150 × 210 with 24-px cells, and a tiny network trained on it for 150 steps
     (a few seconds): tiles must reproduce neurons, which an untrained network does not see."""
-    from unet.data import TrainData
-    from unet.train import train
+    from unet.training.data import TrainData
+    from unet.training.train import train
 
     folder = tmp_path_factory.mktemp("trained")
     volume, labels = make_synthetic_em((6, 150, 210), np.random.default_rng(7), cell_size=24)
@@ -117,7 +117,7 @@ def test_a_slice_larger_than_a_tile_is_predicted_in_tiles_and_stitched_into_the_
 
     from skimage.metrics import variation_of_information
 
-    from unet.labels import MEMBRANE, NEURON
+    from unet.training.labels import MEMBRANE, NEURON
 
     volume, checkpoint, labels = trained
     targets = {4: np.where(labels[4] > 0, NEURON, MEMBRANE).astype(np.uint8)}
@@ -150,7 +150,7 @@ def test_a_slice_larger_than_a_tile_is_predicted_in_tiles_and_stitched_into_the_
 
 KILLED_AFTER_A_SLICE_OF_TILES = """
 import json, os, signal, sys
-from unet.blockwise import BlockJob, run_blocks
+from unet.prediction.blockwise import BlockJob, run_blocks
 fields = json.loads(sys.argv[1])
 job = BlockJob(**{**fields, "slices": tuple(fields["slices"])})
 def progress(done, total):
@@ -182,7 +182,7 @@ def test_a_tiled_prediction_killed_before_its_stitch_or_between_tiles_resumes_id
 
 
 def test_the_app_predicts_blockwise_and_resumes_a_killed_job(tmp_path, monkeypatch):
-    from storage.queue import terminate
+    from storage.jobs.queue import terminate
     from storage.service import Neuroseg
     from storage.settings import Settings
     from tests.test_jobs import wait_for
@@ -258,7 +258,7 @@ def test_a_prediction_exports_as_ome_zarr_that_napari_reads(tmp_path, monkeypatc
 def test_an_output_slice_of_zeros_is_stored_chunk_by_chunk(tmp_path):
     """zarr skips chunks that hold only the fill value unless told otherwise, and the setting does not
     travel with the array: a mask slice that is all membrane must still be readable (not "missing")."""
-    from unet.blockwise import create_output, write_slice
+    from unet.prediction.blockwise import create_output, write_slice
 
     path = tmp_path / "mask.ome.zarr"
     create_output(path, "mask", (2, 700, 600), [0, 1])

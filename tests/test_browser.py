@@ -19,7 +19,7 @@ from tests.browser import (
     new_canvas,
     open_with_demo,
 )
-from unet.labels import MEMBRANE
+from unet.training.labels import MEMBRANE
 
 pytestmark = pytest.mark.slow
 

@@ -54,16 +54,16 @@ def test_train_predict_evaluate(tmp_path, synthetic):
 
 KILLED_AFTER_TWO_BLOCKS = """
 import os, signal, sys
-import unet.blockwise
+import unet.prediction.blockwise
 from unet.cli import main
-engine = unet.blockwise.run_blocks
+engine = unet.prediction.blockwise.run_blocks
 def killed_after_two(job, shape, progress=None, **kw):
     def report(done, total):
         progress(done, total)
         if done == 2:
             os.kill(os.getpid(), signal.SIGKILL)  # right after its second block was written
     return engine(job, shape, progress=report, **kw)
-unet.blockwise.run_blocks = killed_after_two
+unet.prediction.blockwise.run_blocks = killed_after_two
 main(sys.argv[1:])
 """
 
@@ -72,9 +72,9 @@ def test_a_stopped_prediction_resumes_from_the_blocks_it_wrote(tmp_path, synthet
     """``python -m unet predict`` is the app's blockwise engine (bounded memory): killed half-way, the same
     command goes on from the blocks already written, and ends with the outputs of a run never stopped;
     other options start afresh."""
-    from unet.checkpoint import save_checkpoint
-    from unet.config import preset
-    from unet.model import UNet
+    from unet.exchange.checkpoint import save_checkpoint
+    from unet.network.config import preset
+    from unet.network.model import UNet
 
     config = preset("tiny")
     save_checkpoint(tmp_path / "m.pt", UNet(config.model), meta={"kind": "best", "step": 1,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from unet.checkpoint import load_checkpoint
-from unet.synthetic import make_synthetic_em
+from unet.exchange.checkpoint import load_checkpoint
+from unet.training.synthetic import make_synthetic_em
 
 
 @pytest.fixture
@@ -64,10 +64,11 @@ def test_a_distributed_run_resumes_from_its_latest_checkpoint(stack):
 def test_the_app_trains_a_run_on_two_processes_and_cancels_and_resumes_it(tmp_path, monkeypatch):
     """As on a machine with two GPUs: the run's worker is launched under torchrun (here gloo on the CPU),
     and the store sees one run with one curve, its checkpoints, a cancel and a resume."""
-    from storage import datasets, queue, runs
     from storage.db import open_store
+    from storage.jobs import queue
+    from storage.records import datasets, runs
     from storage.settings import Settings
-    from unet.config import preset
+    from unet.network.config import preset
 
     monkeypatch.setenv("NEUROSEG_TRAIN_PROCESSES", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -90,8 +91,9 @@ def test_the_app_trains_a_run_on_two_processes_and_cancels_and_resumes_it(tmp_pa
 def _cancel_and_resume(sessions, store, run, proc, settings):
     from sqlalchemy import func, select
 
-    from storage import queue, runs
+    from storage.jobs import queue
     from storage.models import Metric
+    from storage.records import runs
     from tests.test_jobs import wait_for
 
     def losses():

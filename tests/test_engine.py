@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from unet.checkpoint import load_checkpoint, save_checkpoint
-from unet.config import AugmentConfig, ModelConfig, preset
-from unet.data import TrainData
-from unet.infer import predict_slice, predict_stack
-from unet.labels import IGNORE, NEURON, labels_to_target
-from unet.metrics import dice, iou, pixel_error, rand_f, vi
-from unet.model import UNet
-from unet.postprocess import instances, to_mask
-from unet.train import ListReporter, lr_at, train
+from unet.exchange.checkpoint import load_checkpoint, save_checkpoint
+from unet.network.config import AugmentConfig, ModelConfig, preset
+from unet.network.model import UNet
+from unet.prediction.infer import predict_slice, predict_stack
+from unet.prediction.metrics import dice, iou, pixel_error, rand_f, vi
+from unet.prediction.postprocess import instances, to_mask
+from unet.training.data import TrainData
+from unet.training.labels import IGNORE, NEURON, labels_to_target
+from unet.training.train import ListReporter, lr_at, train
 
 
 def _data(synthetic):
@@ -230,7 +230,7 @@ class _DrawsOffset(UNet):
         self.drawn = drawn
 
     def forward(self, x):
-        from unet.infer import _shift
+        from unet.prediction.infer import _shift
 
         return 2 * _shift(x, *self.drawn)
 
@@ -251,7 +251,7 @@ def test_test_time_flips_keep_a_learned_drawing_convention():
 def test_a_checkpoint_keeps_the_labels_convention_and_a_fine_tune_inherits_it(tmp_path):
     from scipy import ndimage as ndi
 
-    from unet.synthetic import make_synthetic_em
+    from unet.training.synthetic import make_synthetic_em
 
     volume, labels = make_synthetic_em((2, 128, 128), np.random.default_rng(3), noise=4.0)
     moved = np.stack([np.clip(ndi.shift(v.astype(np.float32), (0.6, -0.3), order=3, mode="reflect"), 0, 255)

@@ -24,9 +24,9 @@ import tifffile
 import zarr
 from sqlalchemy import text
 
-from storage.files import FileStore
+from storage.records.files import FileStore
+from storage.records.volumes import METADATA_FILES, REFUSED, External
 from storage.service import Actor, Neuroseg, UserError, settings_from_env
-from storage.volumes import METADATA_FILES, REFUSED, External
 
 GOOD = "a-good-password"
 
@@ -52,7 +52,7 @@ def svc(tmp_path, monkeypatch):
 
 def user(svc: Neuroseg, name: str, role: str) -> Actor:
     """A signed-in user of ``role`` who has chosen their password."""
-    from storage import accounts
+    from storage.auth import accounts
 
     svc.create_user(name, role, GOOD)
     svc._tx(lambda s: setattr(accounts.user_by_name(s, name), "must_change_password", False))
@@ -406,7 +406,7 @@ def test_a_declared_giant_is_refused_before_any_read(svc, tmp_path, monkeypatch)
 def test_a_declared_depth_is_limited_before_any_read_and_slice_lists_are_bounded(svc, tmp_path, monkeypatch):
     """An 8 KB zarr declaring 10¹² slices of 64 × 64 is refused in both modes from its metadata (Predict's
     "all" used to list every one of them), and no slice list is built beyond the limit."""
-    from unet.io import Limits, parse_slices
+    from unet.exchange.io import Limits, parse_slices
 
     monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
     deep = tmp_path / "lab" / "deep.zarr"
@@ -561,7 +561,7 @@ def test_only_known_codecs_decode_chunks_from_a_server_folder(svc, tmp_path, mon
 
 
 def test_a_folder_too_large_or_too_deep_to_walk_is_refused(svc, tmp_path, monkeypatch, capfd):
-    from storage import volumes
+    from storage.records import volumes
 
     monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
     monkeypatch.setattr(volumes, "MAX_TREE_ENTRIES", 40)  # (1,000,000 and 32 on a server)
@@ -670,13 +670,13 @@ def test_spool_files_left_by_a_killed_server_go_at_the_next_start(svc, tmp_path)
 def finished(svc, tmp_path, monkeypatch):
     """A finished prediction of the demo (its outputs written as the worker writes them), made without a
     worker; returns its id."""
-    from storage import predictions
     from storage.models import Prediction
+    from storage.records import predictions
     from tests.test_starter import tiny_starter
-    from unet.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
+    from unet.prediction.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
 
     tiny_starter(tmp_path / "models", monkeypatch)
-    from storage import starter
+    from storage.records import starter
 
     svc._tx(starter.register, svc.store)
     demo = svc.load_demo()
@@ -733,8 +733,8 @@ def test_a_prediction_reads_a_linked_stack_through_the_same_guard(tmp_path, monk
     hand: a chunk that is a hard link to one of them is refused there too."""
     from functools import partial
 
-    from storage.volumes import open_block_volume
-    from unet.blockwise import BlockJob, _volume
+    from storage.records.volumes import open_block_volume
+    from unet.prediction.blockwise import BlockJob, _volume
 
     monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
     folder = tmp_path / "lab" / "stack.zarr"

@@ -23,16 +23,16 @@ import pytest
 import torch
 
 from tests.test_bioimageio import _nothing_left, _rdf_edit, _rezip, small_export, torchscript_package
-from unet import torchscript_guard
-from unet.bioimageio import card_text, code_block, load_package, validate
-from unet.infer import predict_slice
+from unet.exchange import torchscript_guard
+from unet.exchange.bioimageio import card_text, code_block, load_package, validate
+from unet.prediction.infer import predict_slice
 
 pytest.importorskip("bioimageio.core", reason="bioimageio.core is in requirements.txt")
 
 
 @pytest.fixture(scope="module")
 def stack():
-    from unet.synthetic import make_synthetic_em
+    from unet.training.synthetic import make_synthetic_em
 
     return make_synthetic_em((2, 200, 232), np.random.default_rng(4), cell_size=18)[0]
 
@@ -102,7 +102,7 @@ def test_a_payload_in_the_architecture_file_never_runs(service, annotator, expor
     if ours:  # read as ours: its state dict in our architecture, our model on its test tensors
         imported = _import(annotator, package)
         choice = next(c for c in service.checkpoint_choices() if c.id == imported.checkpoint_id)
-        from unet.checkpoint import load_checkpoint
+        from unet.exchange.checkpoint import load_checkpoint
 
         stored = load_checkpoint(service.store.abspath(choice.file)).build_model("cpu")
         np.testing.assert_array_equal(predict_slice(stored, stack[1][:64, :64]),
@@ -363,8 +363,8 @@ def test_a_zip_frame_that_two_readers_could_read_apart_is_refused(tmp_path):
 
 # --- TorchScript checkpoints stored before the check --------------------------------------------------------------
 def test_a_stored_torchscript_checkpoint_is_checked_once_before_it_is_loaded(tmp_path, monkeypatch):
-    from unet.checkpoint import checked_file, load_checkpoint, save_torchscript
-    from unet.config import ModelConfig
+    from unet.exchange.checkpoint import checked_file, load_checkpoint, save_torchscript
+    from unet.network.config import ModelConfig
 
     config = ModelConfig(depth=2, initial_features=8, padding="same")
     meta = {"kind": "best", "step": 0, "package": {"pre": [], "sigmoid": False}}
@@ -469,7 +469,7 @@ def _model_config_edit(**changes):
 ])
 def test_a_package_that_asks_for_a_huge_or_other_network_is_refused_before_it_is_built(exported, tmp_path, changes,
                                                                                        message):
-    from unet.bioimageio import PackageError
+    from unet.exchange.bioimageio import PackageError
 
     package = _rezip(exported, tmp_path / "huge.zip", _rdf_edit(_model_config_edit(**changes)))
     started = time.monotonic()
@@ -492,7 +492,7 @@ def test_a_packages_meta_never_says_what_network_is_built(service, annotator, ex
     """A tiny valid package whose ``config.neuroseg.meta`` names a ~8 G-parameter network (as the side
     file's ``model_config``, its ``format`` and its recipe's model) is stored as the tiny network it holds;
     a side file that says otherwise (written before this was fixed) is refused before anything is built."""
-    from unet.checkpoint import TORCHSCRIPT_FORMAT, load_checkpoint, side_file
+    from unet.exchange.checkpoint import TORCHSCRIPT_FORMAT, load_checkpoint, side_file
 
     small = load_package(exported).model_config
     giant = {**small.to_dict(), "depth": 6, "initial_features": 256}
@@ -528,9 +528,9 @@ def _laughs(levels: int) -> str:
 
 def test_yaml_anchors_and_aliases_and_a_huge_rdf_are_refused_before_any_parser_runs(service, annotator, exported,
                                                                                    tmp_path):
-    from storage.packages import PackageRefused, precheck
+    from storage.records.packages import PackageRefused, precheck
     from storage.service import UserError
-    from unet.bioimageio import PackageError
+    from unet.exchange.bioimageio import PackageError
 
     rdf = tmp_path / "rdf.yaml"
     rdf.write_text(_laughs(9))  # a billion values: bioimageio.spec's validation of it would take hours

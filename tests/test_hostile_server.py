@@ -255,7 +255,7 @@ def test_media_is_served_only_to_the_signed_in(server, browser):
     svc = Neuroseg(Settings.from_env(server.data_dir), supervise=False)
     try:
         if not any(d.name.startswith("Demo") for d in svc.datasets()):
-            from storage.accounts import SYSTEM
+            from storage.auth.accounts import SYSTEM
 
             svc.acting_as(SYSTEM).load_demo()
     finally:
@@ -333,7 +333,7 @@ def test_a_symlinked_chunk_and_a_declared_giant_are_refused_by_the_server_which_
     assert {d.name for d in _datasets(server)} == before | {"after"}
     svc = Neuroseg(Settings.from_env(server.data_dir), supervise=False)
     try:
-        from storage.accounts import SYSTEM
+        from storage.auth.accounts import SYSTEM
 
         refused = [a for a in svc.acting_as(SYSTEM).audit_trail(username="ida") if a.outcome != "ok"]
         assert len(refused) >= 4, "each refused import is in the audit trail, written by the server"

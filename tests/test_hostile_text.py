@@ -20,9 +20,10 @@ from markdown_it import MarkdownIt
 from sqlalchemy import select, update
 from streamlit.testing.v1 import AppTest
 
-from storage import accounts, audit, starter
-from storage.accounts import Actor
+from storage.auth import accounts, audit
+from storage.auth.accounts import Actor
 from storage.models import SignIn
+from storage.records import starter
 from storage.service import Neuroseg, UserError
 from storage.settings import Settings
 from storage.text import NAME_MAX, NOTES_MAX

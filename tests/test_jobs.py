@@ -9,12 +9,13 @@ import pytest
 import tifffile
 
 from domain.records import NotFound
-from storage import datasets, deletion, masks, queue, runs
 from storage.db import open_store
+from storage.jobs import queue
+from storage.records import datasets, deletion, masks, runs
 from storage.service import Neuroseg
 from storage.settings import Settings
-from unet.checkpoint import load_checkpoint
-from unet.config import preset
+from unet.exchange.checkpoint import load_checkpoint
+from unet.network.config import preset
 
 
 def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
@@ -258,8 +259,8 @@ def subprocess_that_exited() -> int:
 def _running_row(sessions, spec, proc, heartbeat_age_s: float, cancel_age_s: float | None = None) -> int:
     from datetime import UTC, datetime, timedelta
 
+    from storage.jobs.procs import start_time
     from storage.models import Run
-    from storage.procs import start_time
 
     now = datetime.now(UTC)
     with sessions.begin() as s:

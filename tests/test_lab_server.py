@@ -14,7 +14,7 @@ from storage.settings import Settings
 from tests.accounts import keep_in_browser, make_user
 from tests.browser import ARTIFACTS, app_server, chromium, signed_in
 from tests.drafts import new_draft, start_options
-from unet.config import preset
+from unet.network.config import preset
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 90_000

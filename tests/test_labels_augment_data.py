@@ -3,10 +3,11 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from unet.augment import augment_patch, dihedral, dihedral_vector
-from unet.config import AugmentConfig
-from unet.data import PatchSampler, TrainData, normalize_image
-from unet.labels import (
+from unet.network.config import AugmentConfig
+from unet.network.losses import masked_bce, masked_dice, segmentation_loss
+from unet.training.augment import augment_patch, dihedral, dihedral_vector
+from unet.training.data import PatchSampler, TrainData, normalize_image
+from unet.training.labels import (
     IGNORE,
     MEMBRANE,
     NEURON,
@@ -16,8 +17,7 @@ from unet.labels import (
     slice_label_offset,
     target_to_instances,
 )
-from unet.losses import masked_bce, masked_dice, segmentation_loss
-from unet.synthetic import make_synthetic_em
+from unet.training.synthetic import make_synthetic_em
 
 
 @pytest.mark.parametrize("labels", [

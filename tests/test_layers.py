@@ -74,9 +74,10 @@ def layer_violations(package: str, path: Path) -> list[str]:
 def test_the_rules_see_violations(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    import streamlit as st\n    from sqlalchemy.orm import Session\n"
-                   "    from unet.train import train\n    import storage.db\n    from storage.service import Neuroseg\n"
+                   "    from unet.training.train import train\n    import storage.db\n"
+                   "    from storage.service import Neuroseg\n"
                    "    import pandas\n    import json\n")
-    assert page_violations(bad) == ["pandas", "sqlalchemy.orm", "storage.db", "unet.train"]
+    assert page_violations(bad) == ["pandas", "sqlalchemy.orm", "storage.db", "unet.training.train"]
     assert layer_violations("ui", bad) == ["sqlalchemy.orm", "storage.db", "storage.service", "streamlit"]
     assert layer_violations("unet", bad) == ["sqlalchemy.orm", "storage.db", "storage.service", "streamlit"]
 
@@ -85,7 +86,8 @@ def test_a_page_that_imports_the_engine_or_the_database_fails(tmp_path):
     """The rule as a page would break it: a copy of a real page with one more import."""
     page = (ROOT / "pages" / "train.py").read_text()
     assert page_violations(ROOT / "pages" / "train.py") == []
-    for extra, name in (("from unet.config import PRESETS", "unet.config"), ("import storage.db", "storage.db"),
+    for extra, name in (("from unet.network.config import PRESETS", "unet.network.config"),
+                        ("import storage.db", "storage.db"),
                         ("from storage.settings import Settings", "storage.settings")):
         copy = tmp_path / "train.py"
         copy.write_text(page.replace("import streamlit as st\n", f"import streamlit as st\n{extra}\n", 1))
@@ -117,8 +119,9 @@ def test_the_http_layer_reaches_the_store_only_through_the_service(tmp_path):
     problems = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in web_violations(f)]
     assert not problems, "\n".join(problems)
     bad = tmp_path / "bad.py"
-    bad.write_text("from storage.accounts import session_actor\nfrom storage.service import RIGHTS\nimport unet.io\n")
-    assert web_violations(bad) == ["storage.accounts", "unet.io"]
+    bad.write_text("from storage.auth.accounts import session_actor\nfrom storage.service import RIGHTS\n"
+                   "import unet.exchange.io\n")
+    assert web_violations(bad) == ["storage.auth.accounts", "unet.exchange.io"]
 
 
 def domain_violations(path: Path) -> list[str]:

@@ -15,19 +15,19 @@ import tifffile
 from sqlalchemy import select as sql_select
 
 from domain.records import UserError
-from storage import starter
 from storage.models import LiveSlice, RunMask
+from storage.records import starter
 from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.drafts import new_draft, start_options
 from tests.test_jobs import wait_for
 from tests.test_starter import tiny_starter
-from unet.config import preset
-from unet.forest import PixelForest
-from unet.labels import IGNORE, MEMBRANE, NEURON, labels_to_target
-from unet.live import LiveTrainer, live_config
-from unet.metrics import pixel_error
-from unet.synthetic import make_synthetic_em
+from unet.network.config import preset
+from unet.prediction.metrics import pixel_error
+from unet.training.forest import PixelForest
+from unet.training.labels import IGNORE, MEMBRANE, NEURON, labels_to_target
+from unet.training.live import LiveTrainer, live_config
+from unet.training.synthetic import make_synthetic_em
 
 
 def wait_exit(pid: int) -> None:
@@ -207,7 +207,7 @@ def test_the_forest_reads_a_large_slice_tile_by_tile_and_only_near_the_strokes()
     """Features computed tile by tile (with the filters' margin) are those of the whole slice, and a
     prediction asked only near the strokes leaves the far tiles out (memory and time do not grow with the
     slice)."""
-    from unet.forest import TILE, pixel_features, tile_features, tiles
+    from unet.training.forest import TILE, pixel_features, tile_features, tiles
 
     volume, labels = make_synthetic_em((1, 300, 1100), np.random.default_rng(6), cell_size=24)
     image, target = volume[0], labels_to_target(labels)[0]
@@ -312,7 +312,7 @@ def test_from_random_weights_the_worker_learns_strokes_with_a_forest_as_teacher(
     says so), and the session ends as a run without a parent whose weights were trained that way."""
     from skimage.draw import disk
 
-    from unet.checkpoint import load_checkpoint
+    from unet.exchange.checkpoint import load_checkpoint
 
     svc, ds, targets, _ = live_env
     session, what = svc.live_start(ds, None, "ann", scratch=True)
@@ -464,7 +464,7 @@ def test_a_server_restart_finds_the_session_and_a_dead_worker_is_resumed_by_turn
 def test_accept_copies_the_prediction_into_the_edit_but_keeps_the_users_strokes():
     from ui.annotation import Draft
     from ui.live import predicted_mask, status_text
-    from unet.labels import IGNORE, MEMBRANE, NEURON
+    from unet.training.labels import IGNORE, MEMBRANE, NEURON
 
     draft = Draft.blank(1, 0, (6, 6), None)
     draft.working = np.where(np.eye(6, dtype=bool), MEMBRANE, IGNORE).astype(np.uint8)  # the user's strokes
@@ -547,8 +547,8 @@ def test_a_live_session_with_a_moving_average_predicts_and_keeps_the_average(tmp
     and the Runs page use) holds that average; ``latest.pt`` keeps the newest weights to resume from."""
     import torch
 
-    from unet.checkpoint import load_checkpoint
-    from unet.infer import predict_slice
+    from unet.exchange.checkpoint import load_checkpoint
+    from unet.prediction.infer import predict_slice
 
     torch.manual_seed(0)
     volume, labels = make_synthetic_em((1, 64, 64), np.random.default_rng(5), cell_size=16)
@@ -577,9 +577,9 @@ def test_a_live_session_keeps_its_starts_drawing_convention_until_a_slice_is_pai
     and the session's checkpoints record it."""
     from scipy import ndimage as ndi
 
-    from unet.checkpoint import load_checkpoint
-    from unet.data import TrainData
-    from unet.train import train
+    from unet.exchange.checkpoint import load_checkpoint
+    from unet.training.data import TrainData
+    from unet.training.train import train
 
     volume, labels = make_synthetic_em((2, 128, 128), np.random.default_rng(3), noise=4.0)
     base = preset("tiny")

@@ -17,8 +17,8 @@ from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.accounts import make_user
 from tests.test_pages import PAGES, draw, texts, walk
-from unet.config import preset
-from unet.labels import MEMBRANE
+from unet.network.config import preset
+from unet.training.labels import MEMBRANE
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -206,7 +206,7 @@ def test_cancel_resume_and_a_reload_finds_the_run(app_data_dir):
 
 
 def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(app_data_dir):
-    from unet.config import preset as make
+    from unet.network.config import preset as make
 
     svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
     demo = svc.load_demo()

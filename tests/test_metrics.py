@@ -5,8 +5,15 @@ VI and adapted Rand error."""
 import numpy as np
 import pytest
 
-from unet.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
-from unet.metrics import cremi_scores, evaluate_slice, isbi_scores, segmentation_errors, thin_borders, v_rand_info
+from unet.prediction.metrics import (
+    cremi_scores,
+    evaluate_slice,
+    isbi_scores,
+    segmentation_errors,
+    thin_borders,
+    v_rand_info,
+)
+from unet.training.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
 
 
 def two_cells() -> np.ndarray:
@@ -119,9 +126,9 @@ def test_an_error_opens_zoomed_on_its_place():
 def test_the_label_offset_bench_finds_labels_moved_against_their_image():
     """bench.offset registers a stack's membrane labels to its image: labels moved one pixel down and two
     left read as an offset of (+1, −2) against the same labels where they were drawn."""
-    from unet.labels import labels_to_target
-    from unet.labels import slice_label_offset as slice_offset
-    from unet.synthetic import make_synthetic_em
+    from unet.training.labels import labels_to_target
+    from unet.training.labels import slice_label_offset as slice_offset
+    from unet.training.synthetic import make_synthetic_em
 
     volume, labels = make_synthetic_em((1, 128, 128), np.random.default_rng(3))
     target = labels_to_target(labels)[0]

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from unet.config import ModelConfig, TrainConfig, preset
-from unet.model import UNet, check_input_size, output_size, valid_input_sizes
+from unet.network.config import ModelConfig, TrainConfig, preset
+from unet.network.model import UNet, check_input_size, output_size, valid_input_sizes
 
 SHAPES = [
     # (config, input (B, C, H, W), output (B, C, H', W'))

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from unet.labels import MEMBRANE, NEURON, target_to_instances
-from unet.link import link_stack, link_volume
-from unet.metrics import cremi_scores
-from unet.postprocess import METHODS, segment
-from unet.synthetic import make_synthetic_em
+from unet.prediction.link import link_stack, link_volume
+from unet.prediction.metrics import cremi_scores
+from unet.prediction.postprocess import METHODS, segment
+from unet.training.labels import MEMBRANE, NEURON, target_to_instances
+from unet.training.synthetic import make_synthetic_em
 
 
 def tubes(z=24, size=96, count=6, seed=0):

@@ -25,8 +25,8 @@ from tests.browser import (
     signed_in,
 )
 from tests.test_loop_pages import wait_exit
-from unet.config import preset
-from unet.synthetic import make_synthetic_em
+from unet.network.config import preset
+from unet.training.synthetic import make_synthetic_em
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 90_000
@@ -368,7 +368,7 @@ def test_a_large_slice_fits_the_page_and_strokes_land_on_its_pixels(tmp_path):
     scrollbar), the caption says so, and a stroke lands on the image pixels under it."""
     from playwright.sync_api import expect
 
-    from unet.labels import MEMBRANE
+    from unet.training.labels import MEMBRANE
 
     data_dir = tmp_path / "data"
     svc = store(data_dir)

@@ -4,19 +4,20 @@ step twice, deletes that wait for a running prediction, samples loaded once, and
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 
 import numpy as np
 import pytest
 
-from storage.procs import start_time
+from storage.jobs.procs import start_time
 from storage.service import AlreadyLoaded, Neuroseg, UserError
 from storage.settings import Settings
 from tests.drafts import new_draft, start_options
 from ui.annotation import Draft
 from ui.paint import PALETTE, View
-from unet.labels import MEMBRANE, NEURON
+from unet.training.labels import MEMBRANE, NEURON
 
 
 @pytest.fixture
@@ -84,8 +85,8 @@ def test_a_delete_waits_for_a_running_prediction_and_says_which(svc):
     from storage.models import Prediction
 
     demo = svc.load_demo()
-    run = svc.submit_training([{"dataset_id": demo.id, "slices": [0]}], [], __import__("unet.config").config.preset(
-        "tiny", steps=1), preset="tiny")
+    run = svc.submit_training([{"dataset_id": demo.id, "slices": [0]}], [],
+                              importlib.import_module("unet.network.config").preset("tiny", steps=1), preset="tiny")
     from tests.test_loop_pages import wait_exit
 
     wait_exit(svc.run(run.id).pid)
@@ -106,11 +107,11 @@ def test_a_delete_waits_for_a_running_prediction_and_says_which(svc):
 
 
 def test_a_cancel_interrupts_a_running_validation():
-    from unet.config import preset
-    from unet.data import TrainData
-    from unet.labels import labels_to_target
-    from unet.synthetic import make_synthetic_em
-    from unet.train import NullReporter, train
+    from unet.network.config import preset
+    from unet.training.data import TrainData
+    from unet.training.labels import labels_to_target
+    from unet.training.synthetic import make_synthetic_em
+    from unet.training.train import NullReporter, train
 
     volume, labels = make_synthetic_em((4, 96, 96), np.random.default_rng(0), cell_size=20)
     targets = labels_to_target(labels)
@@ -139,9 +140,9 @@ def test_a_cancel_interrupts_a_running_validation():
 def test_a_resume_stores_no_step_twice_and_says_where_it_went_on_from(svc):
     import json
 
-    from storage.lifecycle import start_segment
+    from storage.jobs.lifecycle import start_segment
     from storage.models import Metric, Run
-    from unet.config import preset
+    from unet.network.config import preset
 
     demo = svc.load_demo()
     with svc.sessions.begin() as s:
@@ -167,8 +168,8 @@ def test_a_resume_stores_no_step_twice_and_says_where_it_went_on_from(svc):
 
 
 def test_the_estimate_grows_with_what_a_run_does():
-    from unet.config import preset
-    from unet.estimate import estimate_training
+    from unet.network.config import preset
+    from unet.training.estimate import estimate_training
 
     tiny = preset("tiny")
     one, three = estimate_training(tiny, [(256, 256)]), estimate_training(tiny, [(256, 256)] * 3)

@@ -17,7 +17,7 @@ from storage.settings import Settings
 from tests.accounts import make_user
 from tests.drafts import new_draft, start_options
 from ui.paint import PALETTE, View
-from unet.labels import MEMBRANE, NEURON
+from unet.training.labels import MEMBRANE, NEURON
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = {"Datasets": "pages/datasets.py", "Annotate": "pages/annotate.py", "Train": "pages/train.py",
@@ -74,7 +74,7 @@ def texts(elements) -> str:
 
 
 def test_home_with_an_empty_store(app_data_dir):
-    from unet.device import describe_device
+    from unet.network.device import describe_device
 
     at = app()
     assert at.title[0].value == "Neuroseg"
@@ -264,7 +264,7 @@ def test_a_conflict_offers_one_choice_beside_its_message(app_data_dir):
 
 
 def test_a_folder_on_the_server_is_imported_from_the_datasets_page(app_data_dir, tmp_path, monkeypatch):
-    from storage.volumes import REFUSED, write_volume
+    from storage.records.volumes import REFUSED, write_volume
 
     volume = np.random.default_rng(4).integers(0, 255, (3, 40, 50), dtype=np.uint8)
     folder = tmp_path / "lab" / "sample.ome.zarr"

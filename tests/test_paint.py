@@ -15,7 +15,7 @@ from ui.paint import (
     stroke_classes,
     window,
 )
-from unet.labels import IGNORE, MEMBRANE, NEURON
+from unet.training.labels import IGNORE, MEMBRANE, NEURON
 
 
 def strokes(shape, painted: dict[int, tuple[slice, slice]], alpha: float = STROKE_ALPHA) -> np.ndarray:

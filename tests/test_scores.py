@@ -16,7 +16,7 @@ from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.test_jobs import wait_for
 from tests.test_live import upload
-from unet.config import preset
+from unet.network.config import preset
 
 
 @dataclass

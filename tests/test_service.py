@@ -12,7 +12,7 @@ from storage.settings import Settings
 from tests.drafts import new_draft, start_options
 from ui.annotation import Draft
 from ui.paint import PALETTE, View
-from unet.labels import IGNORE, MEMBRANE, NEURON
+from unet.training.labels import IGNORE, MEMBRANE, NEURON
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_a_full_disk_while_receiving_an_upload_is_a_clear_refusal(svc, synthetic
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    from storage import ingest
+    from storage.records import ingest
 
     monkeypatch.setattr(ingest, "_spool", full)
     with pytest.raises(UserError, match=r"disk .* is full"):

@@ -9,13 +9,13 @@ import select
 import pytest
 
 from domain.records import UserError
-from storage import deletion, runs, starter
+from storage.records import deletion, runs, starter
 from storage.service import Neuroseg
 from storage.settings import Settings
 from ui.training import checkpoint_label, default_checkpoint
-from unet.checkpoint import save_checkpoint
-from unet.config import preset
-from unet.model import UNet
+from unet.exchange.checkpoint import save_checkpoint
+from unet.network.config import preset
+from unet.network.model import UNet
 
 
 def wait_exit(pid: int) -> None:

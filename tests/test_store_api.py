@@ -8,11 +8,11 @@ import tifffile
 from sqlalchemy import func, select
 
 from domain.records import MaskConflict
-from storage import datasets, deletion, masks
 from storage.db import make_engine, session_factory, upgrade
-from storage.files import FileStore, IntegrityError
 from storage.models import Dataset, MaskVersion
-from unet.labels import IGNORE, NEURON
+from storage.records import datasets, deletion, masks
+from storage.records.files import FileStore, IntegrityError
+from unet.training.labels import IGNORE, NEURON
 
 
 @pytest.fixture

@@ -9,18 +9,18 @@ import sys
 
 import tifffile
 
-from storage import datasets, runs
 from storage.db import open_store
+from storage.records import datasets, runs
 from storage.settings import PROJECT_ROOT, Settings
-from unet.config import preset
+from unet.network.config import preset
 
 # A worker stuck inside a step: it claimed its run like the real one, then never looks at the cancel flag
 # again (and never beats: the supervisor must not wait for the 90 s heartbeat limit either).
 HUNG = """
 import os, sys, time
 from storage.db import open_store
-from storage.procs import start_time
-from storage.queue import claim
+from storage.jobs.procs import start_time
+from storage.jobs.queue import claim
 from storage.settings import Settings
 sessions, _ = open_store(Settings.from_env())
 with sessions.begin() as s:
@@ -50,7 +50,7 @@ def test_a_hung_worker_is_terminated_by_the_supervisor_with_no_page_open(tmp_pat
             assert runs.cancel_run(s, run.id).cancel_requested
 
         supervisor = subprocess.Popen(
-            [sys.executable, "-m", "storage.supervisor", "--interval", "0.2", "--cancel-grace", "1",
+            [sys.executable, "-m", "storage.jobs.supervisor", "--interval", "0.2", "--cancel-grace", "1",
              "--exit-when-idle"], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert hung.wait(timeout=60) == -signal.SIGTERM  # it ignored the cancel: the supervisor stopped it
         out, err = supervisor.communicate(timeout=60)  # … then settled the run and, idle, exited

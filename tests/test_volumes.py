@@ -11,12 +11,12 @@ import tifffile
 from sqlalchemy import text
 from zarr.storage import LocalStore
 
-from storage import datasets
 from storage.db import make_engine, open_store, upgrade
-from storage.files import FileStore, IntegrityError, sha256_of
+from storage.records import datasets
+from storage.records.files import FileStore, IntegrityError, sha256_of
+from storage.records.volumes import CHUNK, DiskFull, Volume, level_shapes, remove_partials, write_volume
 from storage.settings import Settings
-from storage.volumes import CHUNK, DiskFull, Volume, level_shapes, remove_partials, write_volume
-from unet.io import iter_slices, write_tiff_atomic
+from unet.exchange.io import iter_slices, write_tiff_atomic
 
 
 def _settings(tmp_path) -> Settings:
@@ -158,7 +158,7 @@ def test_a_conversion_killed_halfway_leaves_no_partial_volume(tmp_path):
     volume = _stack((3, 40, 40), seed=6)
     _, store = open_store(_settings(tmp_path), migrate=True)
     info, planes = iter_slices(write_tiff_atomic(tmp_path / "v.tif", volume))
-    from storage.volumes import VolumeWriter
+    from storage.records.volumes import VolumeWriter
 
     writer = VolumeWriter(store.abspath("datasets/9/volume.ome.zarr"), info.shape, info.dtype)
     writer.write(next(planes))  # ... and the process is killed here
@@ -219,8 +219,8 @@ def test_a_folder_on_the_server_is_imported_by_path_copied_or_linked(tmp_path, m
 
 def test_the_canvas_reads_only_its_region_and_the_overview_from_the_pyramid(tmp_path):
     from ui.paint import View, auto_window, overlay, slice_window, view_picture, window
-    from unet.labels import IGNORE, NEURON
-    from unet.synthetic import make_synthetic_em
+    from unet.training.labels import IGNORE, NEURON
+    from unet.training.synthetic import make_synthetic_em
 
     volume, _ = make_synthetic_em((2, 1100, 700), np.random.default_rng(9), cell_size=40)
     write_volume(tmp_path / "v.ome.zarr", iter(volume), volume.shape, volume.dtype)
@@ -264,8 +264,8 @@ def test_the_canvas_reads_only_its_region_and_the_overview_from_the_pyramid(tmp_
 
 
 def test_prediction_outputs_of_an_earlier_version_are_converted_on_start(tmp_path, monkeypatch):
-    from storage import predictions
     from storage.models import Prediction
+    from storage.records import predictions
     from storage.service import Neuroseg
     from tests.test_starter import tiny_starter
 

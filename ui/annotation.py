@@ -23,7 +23,7 @@ import numpy as np
 from domain.kinds import MaskKind, RunStatus
 from domain.records import DraftStart, MaskInfo, PredictionInfo, StoredDraft
 from ui.paint import View, merge_strokes
-from unet.labels import IGNORE
+from unet.training.labels import IGNORE
 
 
 def kind_after_edit(source: str, source_kind: str | None) -> MaskKind:

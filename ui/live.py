@@ -11,7 +11,7 @@ from domain.kinds import RunStatus
 from domain.live import LiveInfo, LivePrediction, Region
 from ui.paint import boundaries, heatmap
 from ui.text import plain
-from unet.labels import MEMBRANE, NEURON
+from unet.training.labels import MEMBRANE, NEURON
 
 REFRESH_S = 2.0  # how often the page looks for a newer live prediction
 SCRATCH = 0  # the "Start from" choice of a live session from random weights (checkpoint ids start at 1)

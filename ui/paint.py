@@ -2,7 +2,7 @@
 its mask as a translucent overlay, cropped and scaled for zoom) and the merge of the strokes the canvas
 returns back into a mask.
 
-A mask holds the classes of :mod:`unet.labels` (0 membrane, 1 neuron, 2 unlabelled). The canvas returns
+A mask holds the classes of :mod:`unet.training.labels` (0 membrane, 1 neuron, 2 unlabelled). The canvas returns
 the strokes alone as an RGBA image in display pixels; each class is painted in its own colour, and a
 display pixel counts as painted when its alpha is at least half the stroke's. An image pixel covered by
 several display pixels (zoom) takes the class that covers most of them, and changes only when at least
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from unet.labels import IGNORE, MEMBRANE, NEURON
+from unet.training.labels import IGNORE, MEMBRANE, NEURON
 
 # The colour of each class, on the overlay and on the brush (RGB). Far apart so that a blend of two
 # overlapping translucent strokes is still nearest to the colour of the one on top.

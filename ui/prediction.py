@@ -20,10 +20,10 @@ from ui.paint import (
     overlay,
     window,
 )
-from unet.postprocess import DEFAULT_METHOD, METHODS
+from unet.prediction.postprocess import DEFAULT_METHOD, METHODS
 
 LAYERS = ("probability", "mask", "membrane contours", "instances", "errors")
-#: How a prediction's neurons are made from its map (unet.postprocess), the default first.
+#: How a prediction's neurons are made from its map (unet.prediction.postprocess), the default first.
 POSTPROCESS = {
     "agglomerate": "agglomeration (fragments merged along weak membranes)",
     "watershed": "seeded watershed (of the mask's distance transform)",
@@ -31,7 +31,7 @@ POSTPROCESS = {
 }
 POSTPROCESS_CHOICES = (DEFAULT_METHOD, *(m for m in METHODS if m != DEFAULT_METHOD))
 METRICS = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f": "Rand-F", "vi": "VI",
-           # the field's own (unet.metrics): ISBI 2012's of the probability map, CREMI's of the instances
+           # the field's own (unet.prediction.metrics): ISBI 2012's of the probability map, CREMI's of the instances
            "v_rand": "V_rand (ISBI)", "v_info": "V_info (ISBI)", "vi_split": "VI split", "vi_merge": "VI merge",
            "are": "adapted Rand error"}
 
@@ -149,7 +149,7 @@ def split_scores(metrics: dict[str, Any], trained: set[int]) -> tuple[list[int],
                                                                        dict[str, float]]:
     """(slices the model never trained on, their mean; slices it trained on, their mean): the first is the
     model's accuracy, the second flatters it."""
-    from unet.metrics import mean_metrics
+    from unet.prediction.metrics import mean_metrics
 
     slices = sorted(int(z) for z in (metrics.get("slices") or {}))
     unseen = [z for z in slices if z not in trained]

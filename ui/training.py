@@ -12,7 +12,7 @@ from typing import Any
 from domain.kinds import RunKind
 from domain.records import CheckpointInfo, RunInfo, RunProgress
 from domain.scores import HeldOut, Score
-from unet.config import PRESETS, TrainConfig, preset
+from unet.network.config import PRESETS, TrainConfig, preset
 
 PRESET_NOTES = {
     "cpu-quick": "tuned to do well in about 10 minutes on 2 CPU cores",

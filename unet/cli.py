@@ -4,7 +4,7 @@
         --train-slices 0-24 --val-slices 25-29 --preset cpu-quick --out runs/a
     python -m unet predict --checkpoint runs/a/best.pt --volume test-volume.tif --out pred/
         # → pred/probabilities.tif, pred/mask.tif, pred/instances.tif, pred/neurons.tif (the app's outputs),
-        #   block by block in bounded memory (unet.blockwise); stopped, the same command resumes it
+        #   block by block in bounded memory (unet.prediction.blockwise); stopped, the same command resumes it
     python -m unet evaluate --prediction pred/probabilities.tif --labels train-labels.tif --slices 25-29
     python -m unet export --checkpoint runs/a/best.pt --volume train-volume.tif --out model.zip
         # → a BioImage.IO package, validated and tested (ilastik, deepImageJ, bioimageio.core run it)
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from unet.config import PRESETS, preset
-from unet.postprocess import DEFAULT_METHOD, METHODS
+from unet.network.config import PRESETS, preset
+from unet.prediction.postprocess import DEFAULT_METHOD, METHODS
 
 
 def _train(args: argparse.Namespace) -> int:
-    from unet.train import run_distributed
+    from unet.training.train import run_distributed
 
     # under torchrun: one process per GPU (gloo on CPUs), same checkpoints and curves
     return run_distributed(lambda rank, world: _train_here(args, rank, world))
@@ -35,9 +35,9 @@ def _train(args: argparse.Namespace) -> int:
 def _train_here(args: argparse.Namespace, rank: int, world: int) -> int:
     from tqdm import tqdm
 
-    from unet.data import TrainData
-    from unet.io import parse_slices, read_labels, read_stack
-    from unet.train import NullReporter, train
+    from unet.exchange.io import parse_slices, read_labels, read_stack
+    from unet.training.data import TrainData
+    from unet.training.train import NullReporter, train
 
     volume = read_stack(args.volume)
     labels = read_labels(args.labels, volume.shape)
@@ -89,7 +89,7 @@ def _train_here(args: argparse.Namespace, rank: int, world: int) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    """Predict a stack block by block with the app's engine (:mod:`unet.blockwise`): memory bounded by a
+    """Predict a stack block by block with the app's engine (:mod:`unet.prediction.blockwise`): memory bounded by a
     block, never the stack; a run that is stopped resumes from the blocks it wrote (the same command
     again). The outputs are TIFFs (or OME-Zarr images, ``--format ome-zarr``), written slice by slice."""
     import hashlib
@@ -97,9 +97,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from unet.blockwise import BlockJob, link_neurons, output_path, run_blocks
-    from unet.io import open_stack, parse_slices, write_tiff_slices
-    from unet.segment import output_file
+    from unet.exchange.io import open_stack, parse_slices, write_tiff_slices
+    from unet.prediction.blockwise import BlockJob, link_neurons, output_path, run_blocks
+    from unet.prediction.segment import output_file
 
     weights = Path(args.model or args.checkpoint).resolve()
     if not weights.is_file():
@@ -109,7 +109,7 @@ def _predict(args: argparse.Namespace) -> int:
     slices = parse_slices(args.slices, volume.shape[0])
     pixel_size = None
     if source.is_file():
-        from unet.io import inspect_stack
+        from unet.exchange.io import inspect_stack
 
         pixel_size = inspect_stack(source).pixel_size_nm
     out = Path(args.out)
@@ -167,9 +167,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from unet.io import parse_slices, read_labels, read_stack
-    from unet.labels import labels_to_target
-    from unet.metrics import evaluate_slice, mean_metrics
+    from unet.exchange.io import parse_slices, read_labels, read_stack
+    from unet.prediction.metrics import evaluate_slice, mean_metrics
+    from unet.training.labels import labels_to_target
 
     probs = read_stack(args.prediction).astype(np.float32)
     if probs.max() > 1.0:  # a 0/255 mask rather than probabilities
@@ -204,9 +204,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from unet.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, export_package
-    from unet.checkpoint import load_checkpoint
-    from unet.io import inspect_stack, read_stack
+    from unet.exchange.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, export_package
+    from unet.exchange.checkpoint import load_checkpoint
+    from unet.exchange.io import inspect_stack, read_stack
 
     checkpoint = load_checkpoint(args.checkpoint)
     volume = read_stack(args.volume)

@@ -1,4 +1,4 @@
-"""Each prediction says how its neurons were made from the probability map (``unet.postprocess.METHODS``):
+"""Each prediction says how its neurons were made from the probability map (``unet.prediction.postprocess.METHODS``):
 the predictions of earlier versions used the seeded watershed.
 
 Revision ID: 0007

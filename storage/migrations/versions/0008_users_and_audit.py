@@ -1,7 +1,7 @@
 """Users (local accounts and single sign-on), signed-in browsers, the audit trail, and an owner for every
 dataset, run and prediction. A store made before accounts existed keeps everything: when it holds any
 rows, an ``admin`` account without a password is made here and owns them; the server gives it a one-time
-password at its next start (``storage.accounts.ensure_admin``).
+password at its next start (``storage.auth.accounts.ensure_admin``).
 
 Revision ID: 0008
 Revises: 0007

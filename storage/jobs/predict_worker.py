@@ -1,0 +1,101 @@
+"""The prediction process: ``python -m storage.jobs.predict_worker --prediction-id N`` (started by
+:func:`storage.jobs.queue.launch_prediction`). It predicts the stack block by block
+(:mod:`unet.prediction.blockwise`, on Dask; the same network, mask and watershed as ``python -m unet predict``)
+into OME-Zarr outputs, resuming from the blocks an earlier attempt wrote, tells its phase to
+the page as it goes (``done`` counts the blocks written), stores the outputs and the scores against each
+predicted slice's latest mask, and records how it ended (:mod:`storage.jobs.outcome`, shared
+with the training worker)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+
+from sqlalchemy import update
+
+from domain.kinds import RunStatus
+from storage.db import open_store
+from storage.jobs.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
+from storage.jobs.procs import start_time
+from storage.models import Checkpoint, Dataset, Prediction
+from storage.records.datasets import load_volume, protected_paths
+from storage.records.files import IntegrityError
+from storage.records.masks import latest_mask, load_mask
+from storage.records.volumes import External, Volume, open_block_volume
+from storage.settings import Settings
+from unet.prediction.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
+
+
+def run_prediction(prediction_id: int, settings: Settings) -> int:
+    from unet.prediction.metrics import mean_metrics
+
+    sessions, store = open_store(settings)  # the server has migrated it
+    with sessions.begin() as s:
+        row = s.get(Prediction, prediction_id)
+        if row is None or row.status != RunStatus.QUEUED:
+            print(f"prediction {prediction_id} is not queued; nothing to do")
+            return 0
+        row.status, row.pid, row.pid_started = RunStatus.RUNNING, os.getpid(), start_time(os.getpid())
+        # (the launcher records the same pid: whichever writes first, a dead process is noticed)
+    unwind_on_sigterm()
+
+    def phase(stage: str, done: int, total: int) -> None:
+        values = ({"phase": f"predict {total}", "done": done} if stage == "predict" else
+                  {"phase": f"{stage} {done}/{total}"} if stage == "instances" else {"phase": stage})
+        with sessions.begin() as s:
+            s.execute(update(Prediction).where(Prediction.id == prediction_id).values(**values))
+
+    def body(outcome: Outcome) -> None:
+        with sessions.begin() as s:
+            row = s.get(Prediction, prediction_id)
+            checkpoint = s.get(Checkpoint, row.checkpoint_id)
+            path = store.verified(checkpoint.file, checkpoint.sha256)
+            volume = load_volume(s, store, row.dataset_id)
+            protected = protected_paths(s, store)
+            dataset = s.get(Dataset, row.dataset_id)
+            slices = list(row.slices)
+            method = row.postprocess or "watershed"
+            tta = bool(row.tta)
+            targets = {}
+            for z in slices:
+                mask = latest_mask(s, row.dataset_id, z)
+                if mask is not None and mask.labelled_pixels > 0:
+                    targets[z] = load_mask(s, store, mask.id)
+        if not isinstance(volume, Volume | External):
+            raise IntegrityError(f"dataset #{row.dataset_id}'s volume is still a TIFF of an earlier version "
+                                 "(its conversion failed: the server's log says why)")
+        folder = store.abspath(store.prediction_folder(prediction_id))
+        job = BlockJob(checkpoint=str(path), volume=str(volume.path), out=str(folder), slices=tuple(slices),
+                       method=method, tta=tta,
+                       opener=partial(open_block_volume, linked=isinstance(volume, External),
+                                      protected=tuple(str(p) for p in protected)))
+        markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
+                             progress=lambda done, total: phase("predict", done, total))
+        files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
+                 for name in job.outputs}
+        scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}
+        metrics = {"slices": scores, "mean": mean_metrics(list(scores.values()))} if scores else {}
+        errors = {str(m["slice"]): m["errors"] for m in markers.values() if m.get("errors")}
+        if errors:  # the largest merges and splits against each slice's mask
+            metrics["errors"] = errors
+        if job.with_instances:
+            phase("linking 3D neurons", 0, 0)
+            neurons = link_neurons(job, volume.shape[1:])
+            files["neurons"] = {"file": store.prediction_output(prediction_id, "neurons"), "sha256": neurons["sha256"]}
+            metrics["neurons"] = {"count": neurons["count"], "largest": neurons["largest"]}
+        with sessions.begin() as s:
+            row = s.get(Prediction, prediction_id)
+            row.file, row.sha256 = files["probabilities"]["file"], files["probabilities"]["sha256"]
+            row.files, row.metrics = files, metrics or None
+        print(f"prediction {prediction_id}: finished ({len(markers)} blocks)", flush=True)
+
+    return run_to_end(sessions, Prediction, prediction_id, body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(argv, "storage.jobs.predict_worker", "--prediction-id", run_prediction)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

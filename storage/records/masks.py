@@ -1,0 +1,106 @@
+"""Mask versions: every save of a slice's mask is a new version (nothing is overwritten); a save based
+on a version that is no longer the latest is refused with :class:`~domain.records.MaskConflict`."""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+from sqlalchemy.orm import Session
+
+from domain.kinds import MaskKind
+from domain.records import MaskConflict, MaskInfo, NotFound
+from storage.models import Dataset, MaskVersion
+from storage.records.files import FileStore
+from unet.training.labels import IGNORE
+
+
+def mask_info(row: MaskVersion) -> MaskInfo:
+    return MaskInfo(row.id, row.dataset_id, row.slice_index, row.version, MaskKind(row.kind), row.author, row.parent_id,
+                    row.labelled_pixels, row.created, row.restored_from_id)
+
+
+def add_mask(session: Session, store: FileStore, dataset_id: int, slice_index: int, target: np.ndarray,
+              kind: str, author: str, parent_id: int | None, version: int) -> MaskVersion:
+    row = MaskVersion(dataset_id=dataset_id, slice_index=slice_index, version=version, kind=kind,
+                      author=author[:100], parent_id=parent_id,
+                      labelled_pixels=int(np.count_nonzero(target != IGNORE)), file="", sha256="")
+    session.add(row)
+    session.flush()
+    row.file = store.mask_path(dataset_id, row.id)
+    row.sha256, _ = store.write_stack(row.file, target.astype(np.uint8))
+    return row
+
+
+def mask_history(session: Session, dataset_id: int, slice_index: int) -> list[MaskInfo]:
+    rows = session.scalars(select(MaskVersion).where(MaskVersion.dataset_id == dataset_id,
+                                                     MaskVersion.slice_index == slice_index)
+                           .order_by(MaskVersion.version))
+    return [mask_info(r) for r in rows]
+
+
+def slice_kinds(session: Session, dataset_id: int) -> dict[int, MaskInfo]:
+    """The latest mask version of every slice that has one."""
+    rows = session.scalars(select(MaskVersion).where(MaskVersion.dataset_id == dataset_id)
+                           .order_by(MaskVersion.slice_index, MaskVersion.version))
+    return {r.slice_index: mask_info(r) for r in rows}
+
+
+def latest_mask(session: Session, dataset_id: int, slice_index: int) -> MaskInfo | None:
+    history = mask_history(session, dataset_id, slice_index)
+    return history[-1] if history else None
+
+
+def load_mask(session: Session, store: FileStore, mask_id: int) -> np.ndarray:
+    row = session.get(MaskVersion, mask_id)
+    if row is None:
+        raise NotFound(f"mask version {mask_id} does not exist")
+    return store.read_stack(row.file, row.sha256)
+
+
+def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: int, target: np.ndarray, *,
+              kind: str, author: str = "", parent_id: int | None, latest_id: int | object | None = ...
+              ) -> MaskInfo:
+    """Add a new version of a slice's mask. ``parent_id`` is the version the edit started from (None for
+    a scribble on nothing) and ``latest_id`` the slice's latest version when the edit began (by default
+    the parent): when that is not the latest any more (someone saved in between), the save is refused
+    with :class:`MaskConflict` instead of silently overwriting their work."""
+    if kind not in tuple(MaskKind):
+        raise ValueError(f"mask kind must be one of {[k.value for k in MaskKind]}, got {kind!r}")
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    if not 0 <= slice_index < dataset.z:
+        raise ValueError(f"slice {slice_index} is outside the dataset's slices 0-{dataset.z - 1}")
+    if target.shape != (dataset.y, dataset.x):
+        raise ValueError(f"mask shape {target.shape} does not match the slice shape {(dataset.y, dataset.x)}")
+    if target.dtype != np.uint8 or (target.size and target.max() > IGNORE):
+        raise ValueError(f"a mask holds uint8 values 0 (membrane), 1 (neuron) or {IGNORE} (unlabelled)")
+    latest = latest_mask(session, dataset_id, slice_index)
+    expected = parent_id if latest_id is ... else latest_id
+    if (latest.id if latest else None) != expected:
+        who = f" by {latest.author}" if latest and latest.author else ""
+        raise MaskConflict(
+            f"slice {slice_index} has a newer version (v{latest.version if latest else 0}{who}) than the one this "
+            "edit started from"
+        )
+    version = (latest.version if latest else 0) + 1
+    try:
+        with session.begin_nested():
+            row = add_mask(session, store, dataset_id, slice_index, target, kind, author, parent_id, version)
+    except DBIntegrityError as exc:  # a concurrent save took this version number first
+        raise MaskConflict(f"slice {slice_index} was saved by someone else at the same moment; reload it") from exc
+    return mask_info(row)
+
+
+def restore_mask(session: Session, store: FileStore, mask_id: int, *, author: str = "") -> MaskInfo:
+    """Make an old version the newest again, as a new version (nothing is overwritten)."""
+    row = session.get(MaskVersion, mask_id)
+    if row is None:
+        raise NotFound(f"mask version {mask_id} does not exist")
+    latest = latest_mask(session, row.dataset_id, row.slice_index)
+    saved = save_mask(session, store, row.dataset_id, row.slice_index, load_mask(session, store, mask_id),
+                      kind=row.kind, author=author, parent_id=latest.id if latest else None)
+    session.get(MaskVersion, saved.id).restored_from_id = row.id
+    session.flush()
+    return mask_info(session.get(MaskVersion, saved.id))

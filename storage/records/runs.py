@@ -1,0 +1,413 @@
+"""Training runs as records: submit one (with the exact mask versions it will train on), read them,
+their metrics, checkpoints and lineage, ask one to stop or to go on. Reads change nothing: noticing a
+dead worker is :mod:`storage.jobs.queue`'s job, run by :mod:`storage.jobs.supervisor`. Functions take a
+``Session`` (the caller owns the transaction) and return :mod:`domain.records`."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from domain.kinds import ACTIVE, RESUMABLE, CheckpointKind, MaskKind, RunKind, RunStatus
+from domain.records import CheckpointInfo, NotFound, PlanRow, RunInfo, RunMaskInfo, RunProgress
+from storage.models import Checkpoint, Dataset, MaskVersion, Metric, Run, RunMask
+from storage.records.datasets import dataset_row
+from storage.records.files import FileStore
+from storage.records.masks import latest_mask, slice_kinds
+from unet.network.config import TrainConfig
+
+Curve = list[tuple[int, float, float]]  # (step, value, seconds since the run started)
+
+
+def run_info(row: Run, train_seconds: float | None = None) -> RunInfo:
+    return RunInfo(row.id, RunStatus(row.status), row.device, row.spec, row.config, row.created, row.started,
+                   row.finished, row.error, row.pid, row.cancel_requested is not None, row.parent_checkpoint_id,
+                   row.phase or "", train_seconds, RunKind(row.kind or RunKind.TRAIN), row.owner_id,
+                   row.owner.username if row.owner else "")
+
+
+def run_row(session: Session, run_id: int) -> Run:
+    row = session.get(Run, run_id)
+    if row is None:
+        raise NotFound(f"run {run_id} does not exist")
+    return row
+
+
+def _train_seconds(session: Session, run_ids: list[int]) -> dict[int, float]:
+    if not run_ids:
+        return {}
+    rows = session.execute(select(Metric.run_id, func.max(Metric.time))
+                           .where(Metric.run_id.in_(run_ids), Metric.key == "loss").group_by(Metric.run_id))
+    return {run_id: float(t) for run_id, t in rows if t is not None}
+
+
+def device_key(config: TrainConfig) -> str:
+    """The device a run will hold: 'cpu', 'cuda:0', 'mps'. Resolved at submit time."""
+    from unet.network.device import pick_device
+
+    device = pick_device(config.device)
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return device.type
+
+
+def default_split(session: Session, dataset_id: int, val_share: float = 0.15) -> tuple[list[int], list[int]]:
+    """The labelled slices of a dataset, the last ~15% (at least one) kept for validation; the held-out
+    slices, where the dataset has them, are the validation set and never train."""
+    from storage.records.heldout import held_out
+
+    labelled = sorted(slice_kinds(session, dataset_id))
+    frozen = held_out(session, dataset_id)
+    if frozen is not None:
+        return [z for z in labelled if z not in frozen.slices], list(frozen.slices)
+    n_val = max(1, round(len(labelled) * val_share)) if len(labelled) > 1 else 0
+    return labelled[:len(labelled) - n_val], labelled[len(labelled) - n_val:]
+
+
+def training_estimate(session: Session, config: TrainConfig, val: list[dict[str, Any]]) -> str:
+    """How long a run of ``config`` validating on ``val`` takes here, measured on this machine for this
+    network and this data's size (see :mod:`unet.training.estimate`)."""
+    from unet.network.device import pick_device
+    from unet.training.estimate import estimate_training
+
+    shapes = []
+    for part in val:
+        dataset = dataset_row(session, part["dataset_id"])
+        shapes += [(dataset.y, dataset.x)] * len(part["slices"])
+    try:
+        device = pick_device(config.device)
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from exc
+    return estimate_training(config, shapes, "cpu" if device.type == "cpu" else str(device)).describe()
+
+
+def train_plan(session: Session, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> list[PlanRow]:
+    """Which mask version of each chosen slice a run would use ("none" where a slice has no mask yet)."""
+    rows = []
+    for role, parts in (("train", train), ("val", val)):
+        for part in parts:
+            dataset = dataset_row(session, part["dataset_id"])
+            for z in part["slices"]:
+                mask = latest_mask(session, dataset.id, z)
+                rows.append(PlanRow(role, dataset.name, z, f"v{mask.version}" if mask else "none",
+                                    mask.kind if mask else "", mask.labelled_pixels if mask else 0))
+    return rows
+
+
+def submit_training(session: Session, spec: dict[str, Any], config: TrainConfig,
+                    parent_checkpoint_id: int | None = None) -> RunInfo:
+    """Record a run: ``spec = {"train": [{"dataset_id": 1, "slices": [0, 1]}], "val": [...]}``. The latest
+    mask version of every slice is looked up now and recorded, so the run trains on exactly what the user
+    saw when pressing Train. :func:`storage.jobs.queue.start_queued` starts it once the transaction commits."""
+    if not spec.get("train"):
+        raise ValueError("choose at least one training slice")
+    from storage.records.heldout import refuse_training_on_held_out
+
+    refuse_training_on_held_out(session, spec)
+    if parent_checkpoint_id is not None:
+        parent = session.get(Checkpoint, parent_checkpoint_id)
+        if parent is None:
+            raise NotFound(f"checkpoint {parent_checkpoint_id} does not exist")
+        if session.get(Run, parent.run_id).config.get("foreign"):
+            raise ValueError(f"checkpoint {parent_checkpoint_id} is a TorchScript model imported from another tool: "
+                             "it predicts, but it has no state dict to fine-tune; start from a Neuroseg model")
+        parent_model = session.get(Run, parent.run_id).config.get("model")
+        if parent_model is not None and parent_model != config.model.to_dict():
+            raise ValueError("the checkpoint to fine-tune from is another network (width "
+                             f"{parent_model.get('initial_features')}, depth {parent_model.get('depth')}, "
+                             f"{parent_model.get('padding')} padding): choose its preset, or the same knobs")
+    run = Run(status=RunStatus.QUEUED, spec=spec, config=config.to_dict(), device=device_key(config),
+              parent_checkpoint_id=parent_checkpoint_id)
+    session.add(run)
+    session.flush()
+    seen: set[int] = set()
+    for role in ("train", "val"):
+        for part in spec.get(role, []):
+            dataset = dataset_row(session, part["dataset_id"])
+            for z in part["slices"]:
+                mask = latest_mask(session, dataset.id, z)
+                if mask is None:
+                    raise ValueError(f"slice {z} of '{dataset.name}' has no mask yet: annotate it or leave it out")
+                if mask.id in seen:
+                    raise ValueError(f"slice {z} of '{dataset.name}' is in both the training and validation sets")
+                seen.add(mask.id)
+                session.add(RunMask(run_id=run.id, mask_version_id=mask.id, role=role))
+    session.flush()
+    return run_info(run)
+
+
+def cancel_run(session: Session, run_id: int) -> RunInfo:
+    """Ask a run to stop. A queued run is cancelled at once; a running one stops at its next step (the
+    supervisor terminates a worker that does not)."""
+    run = run_row(session, run_id)
+    if run.status == RunStatus.QUEUED:
+        run.status, run.finished = RunStatus.CANCELLED, datetime.now(UTC)
+    elif run.status == RunStatus.RUNNING and run.cancel_requested is None:
+        run.cancel_requested = datetime.now(UTC)
+    session.flush()
+    return run_info(run)
+
+
+def resume_run(session: Session, run_id: int) -> RunInfo:
+    """Queue a CANCELLED, FAILED or LOST run again; its worker continues from ``latest``."""
+    run = run_row(session, run_id)
+    if run.status not in RESUMABLE:
+        raise ValueError(f"run {run_id} is {run.status}; only cancelled, failed or lost runs can be resumed")
+    run.status, run.cancel_requested, run.finished, run.pid = RunStatus.QUEUED, None, None, None
+    session.flush()
+    return run_info(run)
+
+
+def get_run(session: Session, run_id: int) -> RunInfo:
+    return run_info(run_row(session, run_id), _train_seconds(session, [run_id]).get(run_id))
+
+
+def list_runs(session: Session, *, include_starter: bool = False) -> list[RunInfo]:
+    """Every training run, newest first (and the shipped starter model's record, when asked)."""
+    query = select(Run).order_by(Run.id.desc())
+    if not include_starter:
+        query = query.where(Run.kind != RunKind.STARTER)
+    rows = list(session.scalars(query))
+    seconds = _train_seconds(session, [r.id for r in rows])
+    return [run_info(r, seconds.get(r.id)) for r in rows]
+
+
+def count_runs(session: Session) -> tuple[int, int]:
+    """(all runs, queued or running ones)."""
+    total = session.scalar(select(func.count()).select_from(Run).where(Run.kind != RunKind.STARTER)) or 0
+    active = session.scalar(select(func.count()).select_from(Run).where(Run.status.in_(ACTIVE))) or 0
+    return int(total), int(active)
+
+
+def run_metrics(session: Session, run_id: int, key: str) -> Curve:
+    """(step, value, seconds) of one metric, in step order."""
+    rows = session.execute(select(Metric.step, Metric.value, Metric.time)
+                           .where(Metric.run_id == run_id, Metric.key == key).order_by(Metric.step))
+    return [(int(step), float(value), float(t)) for step, value, t in rows]
+
+
+def run_curves(session: Session, run_id: int) -> dict[str, Curve]:
+    """Every metric of a run, {key: [(step, value, seconds), …]} in step order, in one query."""
+    curves: dict[str, Curve] = {}
+    rows = session.execute(select(Metric.key, Metric.step, Metric.value, Metric.time)
+                           .where(Metric.run_id == run_id).order_by(Metric.key, Metric.step))
+    for key, step, value, seconds in rows:
+        curves.setdefault(key, []).append((int(step), float(value), float(seconds)))
+    return curves
+
+
+def run_progress(run: RunInfo, curves: dict[str, Curve]) -> RunProgress:
+    """Steps done of all, the seconds so far, the estimated seconds left (the pace so far, validations
+    included), what the worker does now, and where each start of the run began."""
+    points = curves.get("loss", [])
+    resumes = [(int(step), int(before)) for step, before, _ in curves.get("resume", [])]
+    steps = int(run.config.get("steps", 0))
+    phase = run.phase if run.active else ""
+    if not points:
+        return RunProgress(0, steps, 0.0, None, phase, resumes)
+    step, _, seconds = points[-1]
+    eta = (steps - step) * seconds / step if step > 0 and run.active else None
+    budget = run.config.get("max_seconds")
+    if eta is not None and budget:
+        eta = min(eta, max(0.0, budget - seconds))
+    return RunProgress(int(step), steps, float(seconds), eta, phase, resumes)
+
+
+def run_log(store: FileStore, run_id: int, lines: int = 30) -> str:
+    """The last lines of the run's worker log ("" before it has one)."""
+    path = store.worker_log(run_id)
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 64_000))
+        text = fh.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_masks(session: Session, run_id: int) -> list[RunMaskInfo]:
+    """The mask versions a run trained and validated on."""
+    rows = session.execute(select(RunMask.role, MaskVersion, Dataset.name)
+                           .join(MaskVersion, RunMask.mask_version_id == MaskVersion.id)
+                           .join(Dataset, MaskVersion.dataset_id == Dataset.id)
+                           .where(RunMask.run_id == run_id)
+                           .order_by(RunMask.role.desc(), MaskVersion.dataset_id, MaskVersion.slice_index))
+    return [RunMaskInfo(role, m.dataset_id, name, m.slice_index, m.version, MaskKind(m.kind), m.author,
+                        m.labelled_pixels, m.id)
+            for role, m, name in rows]
+
+
+def lineage(session: Session, run_id: int) -> tuple[int | None, list[int]]:
+    """(the run this one was fine-tuned from, the runs fine-tuned from one of this run's checkpoints)."""
+    run = run_row(session, run_id)
+    parent = session.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
+    children = list(session.scalars(select(Run.id).join(Checkpoint, Run.parent_checkpoint_id == Checkpoint.id)
+                                    .where(Checkpoint.run_id == run_id).order_by(Run.id)))
+    return (parent.run_id if parent else None), children
+
+
+def _checkpoint_info(c: Checkpoint, run: Run | None = None) -> CheckpointInfo:
+    return CheckpointInfo(c.id, c.run_id, CheckpointKind(c.kind), c.step, c.file, c.sha256, dict(c.metrics or {}),
+                          RunStatus(run.status) if run is not None else None,
+                          str(run.spec.get("preset", "")) if run is not None else "",
+                          RunKind(run.kind or RunKind.TRAIN) if run is not None else RunKind.TRAIN, c.name or "",
+                          c.notes or "")
+
+
+def update_checkpoint(session: Session, checkpoint_id: int, name: str | None = None,
+                      notes: str | None = None) -> CheckpointInfo:
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    if name is not None:
+        row.name = " ".join(name.split())[:200]
+    if notes is not None:
+        row.notes = notes[:10_000]
+    return _checkpoint_info(row, session.get(Run, row.run_id))
+
+
+def model_card(session: Session, store: FileStore, checkpoint_id: int) -> dict[str, Any]:
+    """What the Models page shows of a checkpoint beside its run's mask versions (:func:`run_masks`): its
+    run, the recipe, its scores on held-out slices, its parent and its size on disk."""
+    from storage.records.heldout import run_scores
+
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    run = session.get(Run, row.run_id)
+    parent = session.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
+    try:
+        size = store.abspath(row.file).stat().st_size
+    except (OSError, ValueError):
+        size = 0
+    return {
+        "checkpoint": _checkpoint_info(row, run), "run": run_info(run), "size_bytes": size,
+        "recipe": shown_recipe(run, row.step), "held_out": run_scores(session, run),
+        "parent": {"checkpoint_id": parent.id, "run_id": parent.run_id, "kind": parent.kind} if parent else None,
+        "source": (run.spec or {}).get("source", ""),
+    }
+
+
+def checkpoints(session: Session, run_id: int | None = None) -> list[CheckpointInfo]:
+    """The checkpoints of one run (oldest first), or of every run (newest run first), in one query."""
+    query = select(Checkpoint, Run).join(Run, Checkpoint.run_id == Run.id)
+    if run_id is not None:
+        query = query.where(Checkpoint.run_id == run_id)
+    return [_checkpoint_info(c, r) for c, r in session.execute(query.order_by(Run.id.desc(), Checkpoint.id))]
+
+
+def checkpoint_bytes(session: Session, store: FileStore, checkpoint_id: int) -> bytes:
+    """The checkpoint file, checked against its recorded checksum."""
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    return store.verified(row.file, row.sha256).read_bytes()
+
+
+def shown_recipe(run: Run, step: int | None = None) -> dict[str, Any]:
+    """A run's recipe as a card shows it: a live session trains until it is stopped, so its step budget
+    and its validation and checkpoint intervals (placeholders of 10¹²) are said in words."""
+    recipe = dict(run.config or {})
+    if run.kind == RunKind.LIVE:
+        for key in ("steps", "val_every", "checkpoint_every"):
+            if isinstance(recipe.get(key), int) and recipe[key] >= 10**9:
+                recipe[key] = "until stopped (a live session)" if key == "steps" else "—"
+        if step is not None:
+            recipe["steps_done"] = step
+    return recipe
+
+
+def export_source(session: Session, checkpoint_id: int) -> tuple[Dataset, int] | None:
+    """The dataset and slice a package's test image and cover would be cut from, with the user's consent:
+    the first slice the run trained on (None: it trained on no dataset here)."""
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    first = session.execute(select(MaskVersion.dataset_id, MaskVersion.slice_index)
+                            .join(RunMask, RunMask.mask_version_id == MaskVersion.id)
+                            .where(RunMask.run_id == row.run_id, RunMask.role == "train")
+                            .order_by(MaskVersion.dataset_id, MaskVersion.slice_index)).first()
+    if first is None:
+        return None
+    dataset = session.get(Dataset, first[0])
+    return (dataset, int(first[1])) if dataset is not None else None
+
+
+def export_model(session: Session, store: FileStore, checkpoint_id: int, authors: list[str],
+                 with_data: bool = False) -> tuple[bytes, str]:
+    """A checkpoint as a BioImage.IO package (bytes, file name), validated by ``bioimageio.spec`` and
+    tested by ``bioimageio.core`` (:mod:`unet.exchange.bioimageio`). Its test tensors and cover are a synthetic EM
+    slice, or with ``with_data`` (the user agreed: unpublished data leaves with the package) a crop of the
+    first slice the run trained on (:func:`export_source`); it cites the ISBI 2012 data for a model
+    trained on it."""
+    from storage.records.datasets import load_volume
+    from unet.exchange.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, PackageError, package_bytes
+    from unet.exchange.checkpoint import load_checkpoint
+
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    run = session.get(Run, row.run_id)
+    checkpoint = load_checkpoint(store.verified(row.file, row.sha256))
+    source = export_source(session, checkpoint_id)
+    dataset = source[0] if source is not None else None
+    if with_data and source is not None:
+        image = np.asarray(load_volume(session, store, dataset.id)[source[1]])
+    else:
+        from unet.training.synthetic import make_synthetic_em
+
+        image = make_synthetic_em((1, 320, 320), np.random.default_rng(0), cell_size=20)[0][0]
+    isbi = run.kind == RunKind.STARTER or (dataset is not None
+                                           and "isbi" in (dataset.name + dataset.source_name).lower())
+    what = "the starter model" if run.kind == RunKind.STARTER else f"run {run.id}"
+    info = ExportInfo(
+        name=f"Neuroseg {what} ({row.kind} step {row.step})",
+        description=(f"A U-Net that maps an EM slice to its neuron (1 - membrane) probability: the {row.kind} "
+                     f"checkpoint of {what}, trained with Neuroseg."),
+        authors=authors or ["Neuroseg"], cite=[UNET_CITE, ISBI_CITE] if isbi else [UNET_CITE],
+        pixel_size_nm=dataset.pixel_size_nm if dataset is not None else None,
+        documentation=_model_card(session, run, row, what, checkpoint.meta.get("label_offset")))
+    try:
+        data, _ = package_bytes(checkpoint, image, info)
+    except PackageError as exc:
+        raise ValueError(str(exc)) from None
+    return data, f"neuroseg-{'starter' if run.kind == 'starter' else f'run-{run.id}'}-{row.kind}.bioimageio.zip"
+
+
+def _model_card(session: Session, run: Run, row: Checkpoint, what: str, label_offset=None) -> str:
+    """The exported README (Markdown, which model hubs render with HTML): every piece of user text (the
+    model's name and notes, dataset names) through ``card_text``, the recipe in a code block no text in it
+    can close, so that no tag, image or link reaches a reader from what a user typed."""
+    from unet.exchange.bioimageio import card_text, code_block
+
+    masks = [f"- {m.role}: {card_text(m.dataset)} (dataset {m.dataset_id}), slice {m.slice}, mask version "
+             f"{m.version} ({m.kind})" for m in run_masks(session, run.id)]
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted((row.metrics or {}).items()) if isinstance(v, int | float))
+    named = [f"**{card_text(row.name)}**", ""] if row.name else []
+    notes = ["## Notes", "", card_text(row.notes, lines=True), ""] if row.notes else []
+    return "\n".join([
+        f"# Neuroseg: {what}", "", *named,
+        f"The {row.kind} checkpoint (step {row.step}) of {what}, exported from Neuroseg.", "", *notes,
+        "## Recipe", "", code_block(json.dumps(shown_recipe(run, row.step), indent=2, default=str), "json"), "",
+        "## Trained on", "", *(masks or ["(the model card of the starter model says)" if run.kind == RunKind.STARTER
+                                     else "(not recorded)"]), "",
+        "## Validation", "", scores or "(none recorded)", "",
+        "## Use", "", "Input: one EM slice (any grey values; the package normalises it to zero mean and unit "
+        "variance). Output: the neuron probability (a sigmoid of the network's logits).", "",
+        "## Drawing convention", "", _convention(label_offset), ""])
+
+
+def _convention(label_offset) -> str:
+    """The exported card's words for where the model draws borders (``meta["label_offset"]``)."""
+    from unet.training.labels import offset_words
+
+    where = offset_words(label_offset)
+    if where is None:
+        return "Borders are drawn where the image shows the membranes."
+    return (f"Its training labels sat {where} the membranes in the image, and the model learned to draw "
+            "borders there (its training flips kept that offset). Compare it with labels drawn the same way; "
+            "if you flip or rotate the input to average predictions, move each answer back by that offset.")

@@ -1,0 +1,1 @@
+"""Exchange: stack files, checkpoints, BioImage.IO packages and the TorchScript guard."""

@@ -1,0 +1,1 @@
+"""The network: configs, sizes, the model and its layers, losses, the device."""

@@ -1,0 +1,1 @@
+"""Training: the loop, live fine-tuning, data, augmentation, labels, the forest, the estimate, synthetic stacks."""
