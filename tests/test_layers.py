@@ -10,12 +10,17 @@ statement, also inside functions):
   neither the engine, ``ui``, nor the pages; pages may use ``web.sessions`` (which session is signed in);
 - ``domain/`` (the shared types: kinds, statuses, records) is a leaf: every layer may import it, and it
   imports only the standard library, NumPy and itself;
-- ``bench/`` uses no private name of the project (a leading underscore): what a benchmark needs is public."""
+- ``bench/`` uses no private name of the project (a leading underscore): what a benchmark needs is public;
+- no module outside ``tests/`` and the migrations is over 400 lines, and no folder holds more than 20 modules;
+- an import inside a function of the app says on its line why it is not at the top."""
 
 from __future__ import annotations
 
 import ast
+import io
+import re
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -163,3 +168,81 @@ def test_benchmarks_use_only_public_names(tmp_path):
     bad.write_text("from bench.loop import _wait, score\nfrom storage.service import Neuroseg\n"
                    "def f(svc):\n    return svc._tx(len), self._own, svc.__class__\n")
     assert private_uses(bad) == ["bench.loop._wait", "…._tx (line 4)"]
+
+
+# ---- the house's size and import rules (issue 28): each with a check that it fires --------------------------------
+
+MAX_LINES = 400
+MAX_MODULES = 20
+CODE_EXCLUDED = ("tests", "migrations")  # tests and Alembic migrations are not rooms of the app
+
+
+def code_files() -> list[Path]:
+    """Every Python module of the project outside ``tests/`` and the migrations."""
+    return [p for p in sorted(ROOT.rglob("*.py")) if not set(p.relative_to(ROOT).parts) & {*CODE_EXCLUDED, ".venv"}
+            and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+
+
+def too_long(files: list[Path], limit: int = MAX_LINES) -> list[str]:
+    return [f"{f.name if not f.is_relative_to(ROOT) else f.relative_to(ROOT)}: {n} lines"
+            for f in files if (n := len(f.read_text(encoding="utf-8").splitlines())) > limit]
+
+
+def crowded(files: list[Path], limit: int = MAX_MODULES) -> list[str]:
+    folders: dict[Path, int] = {}
+    for f in files:
+        folders[f.parent] = folders.get(f.parent, 0) + 1
+    return [f"{folder}: {n} modules" for folder, n in sorted(folders.items()) if n > limit]
+
+
+def test_no_module_is_over_400_lines(tmp_path):
+    files = code_files()
+    assert len(files) > 50 and not any("tests" in f.parts for f in files)
+    problems = too_long(files)
+    assert not problems, f"split these by what belongs together (≤ {MAX_LINES} lines):\n" + "\n".join(problems)
+    big = tmp_path / "big.py"
+    big.write_text("x = 1\n" * (MAX_LINES + 1))
+    small = tmp_path / "small.py"
+    small.write_text("x = 1\n" * MAX_LINES)
+    assert too_long([big, small]) == [f"big.py: {MAX_LINES + 1} lines"]
+
+
+def test_no_folder_holds_more_than_20_modules(tmp_path):
+    problems = crowded(code_files())
+    assert not problems, f"give these folders rooms (≤ {MAX_MODULES} modules each):\n" + "\n".join(problems)
+    files = [tmp_path / "room" / f"m{i}.py" for i in range(MAX_MODULES + 1)] + [tmp_path / "other" / "a.py"]
+    assert crowded(files) == [f"{tmp_path / 'room'}: {MAX_MODULES + 1} modules"]
+    assert crowded(files[1:]) == []
+
+
+def unexplained_imports(path: Path) -> list[str]:
+    """Imports inside a function without a reason: a comment of a few words on the import's first or last line
+    (``import torch  # the server process never loads torch``). ``noqa`` and ``type:`` comments are no reason."""
+    source = path.read_text(encoding="utf-8")
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            text = re.sub(r"\b(noqa|type:)\S*(\s*:?\s*[\w,]+)?", "", token.string.lstrip("#")).strip()
+            comments[token.start[0]] = text
+    found = []
+    for fn in ast.walk(ast.parse(source, filename=str(path))):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    reason = comments.get(node.lineno) or comments.get(node.end_lineno) or ""
+                    if len(reason.split()) < 3:
+                        found.append(f"line {node.lineno}")
+    return sorted(set(found), key=lambda s: int(s.split()[1]))
+
+
+def test_an_import_inside_a_function_says_why(tmp_path):
+    files = [f for f in code_files() if f.relative_to(ROOT).parts[0] in (*APP_PACKAGES, "app.py", "domain")]
+    assert len(files) > 50
+    problems = [f"{f.relative_to(ROOT)} {where}" for f in files for where in unexplained_imports(f)]
+    assert not problems, ("move these imports to the top of the module, or say on the import's line why it "
+                          "must stay inside the function:\n" + "\n".join(problems))
+    bad = tmp_path / "bad.py"
+    bad.write_text("import json\n\n\ndef f():\n    import torch  # keeps torch out of the server process\n"
+                   "    import numpy  # noqa: F401\n    from os import (\n        path,\n    )\n"
+                   "    import zarr  # lazy\n    return json\n")
+    assert unexplained_imports(bad) == ["line 6", "line 7", "line 10"]
