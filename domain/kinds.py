@@ -7,6 +7,14 @@ from __future__ import annotations
 from enum import StrEnum
 
 
+class PredictionStage(StrEnum):
+    """What a prediction's process is doing (its ``done`` and ``total`` count the blocks of ``PREDICT``)."""
+
+    STARTING = ""  # queued, or loading the model and starting its workers
+    PREDICT = "predict"  # blocks through the network, their masks and neuron instances, each written when done
+    LINKING = "linking"  # every block written; the slices' neurons linked into 3D neurons
+
+
 class RunStatus(StrEnum):
     """Where a training run or a prediction is. Predictions use QUEUED, RUNNING, FINISHED and FAILED."""
 

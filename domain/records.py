@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from domain.kinds import ACTIVE, CheckpointKind, MaskKind, RunKind, RunStatus
+from domain.kinds import ACTIVE, CheckpointKind, MaskKind, PredictionStage, RunKind, RunStatus
 
 
 # --- errors --------------------------------------------------------------------------------------------
@@ -257,7 +257,8 @@ class PredictionInfo:
     metrics: dict[str, Any] | None
     created: datetime
     pid: int | None = None
-    phase: str = ""  # "predict <blocks in all>" (``done`` counts those written)
+    stage: PredictionStage = PredictionStage.STARTING
+    total: int = 0  # blocks in all (a block: one slice, or one tile of a slice larger than a tile); ``done`` written
     postprocess: str = "watershed"  # how its neurons were made from the map (unet.prediction.postprocess.METHODS)
     owner_id: int | None = None  # the user who made it (None: made before accounts, or by the system)
     owner: str = ""  # their user name

@@ -227,8 +227,9 @@ class Prediction(Base):
     slices: Mapped[list[int]] = mapped_column(JSON, default=list, server_default="[]")
     status: Mapped[str] = mapped_column(String(16), default=RunStatus.QUEUED.value,
                                         server_default=RunStatus.FINISHED.value)
-    done: Mapped[int] = mapped_column(default=0, server_default="0")  # slices predicted so far
-    phase: Mapped[str] = mapped_column(String(120), default="", server_default="")  # what the process does now
+    done: Mapped[int] = mapped_column(default=0, server_default="0")  # blocks written so far, of ``total``
+    total: Mapped[int] = mapped_column(default=0, server_default="0")  # blocks in all (0: not planned yet)
+    phase: Mapped[str] = mapped_column(String(120), default="", server_default="")  # domain.kinds.PredictionStage
     error: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int | None]
     pid_started: Mapped[float | None]

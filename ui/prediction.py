@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from domain.kinds import RunStatus
+from domain.kinds import PredictionStage, RunStatus
 from domain.records import PredictionInfo
 from ui.paint import (
     ERROR_COLOURS,
@@ -39,20 +39,15 @@ METRICS = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f":
 def progress(job: PredictionInfo) -> tuple[float, str]:
     """(fraction of the whole job done, what it is doing) for a progress bar that counts blocks: a block is
     one slice (or one tile of a slice larger than a tile) through the network, its mask and its neuron
-    instances, written as soon as it is done. The worker's phase ``predict <blocks>`` says how many."""
+    instances, written as soon as it is done. The worker counts them: ``done`` of ``total``."""
     n = max(1, len(job.slices))
-    if job.status == RunStatus.QUEUED or (job.status == RunStatus.RUNNING and not job.phase):
+    if job.status == RunStatus.QUEUED or (job.status == RunStatus.RUNNING and job.stage == PredictionStage.STARTING):
         return 0.0, "starting (loading the model; a cluster of workers when the stack has several slices)"
-    if job.phase.startswith("instances"):  # a prediction of an earlier version, still running
-        done = int(job.phase.split()[1].split("/")[0])
-        return 0.6 + 0.35 * done / n, f"neuron instances of slice {min(done + 1, n)} of {n}"
-    if job.phase.startswith("linking"):
+    if job.stage == PredictionStage.LINKING:
         return 0.99, "every block written; linking the slices' neurons into 3D neurons"
-    if job.phase.startswith("predict ") and job.phase.split()[1].isdigit():
-        total = max(1, int(job.phase.split()[1]))
-        what = "a slice, or a tile of a large slice" if total > n else "one slice"
-        return min(1.0, job.done / total), f"{job.done} of {total} blocks written (a block is {what})"
-    return min(1.0, job.done / n), f"{job.done} of {n} blocks written (a block is one slice)"
+    total = job.total or n
+    what = "a slice, or a tile of a large slice" if total > n else "one slice"
+    return min(1.0, job.done / total), f"{job.done} of {total} blocks written (a block is {what})"
 
 
 def compose(image: np.ndarray, prob: np.ndarray, layers: list[str], opacity: float, *,

@@ -14,7 +14,7 @@ from functools import partial
 
 from sqlalchemy import update
 
-from domain.kinds import RunStatus
+from domain.kinds import PredictionStage, RunStatus
 from storage.db import open_store
 from storage.jobs.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.jobs.procs import start_time
@@ -40,9 +40,10 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         # (the launcher records the same pid: whichever writes first, a dead process is noticed)
     unwind_on_sigterm()
 
-    def phase(stage: str, done: int, total: int) -> None:
-        values = ({"phase": f"predict {total}", "done": done} if stage == "predict" else
-                  {"phase": f"{stage} {done}/{total}"} if stage == "instances" else {"phase": stage})
+    def phase(stage: PredictionStage, done: int = 0, total: int = 0) -> None:
+        values = {"phase": stage}
+        if stage == PredictionStage.PREDICT:
+            values |= {"done": done, "total": total}
         with sessions.begin() as s:
             s.execute(update(Prediction).where(Prediction.id == prediction_id).values(**values))
 
@@ -71,7 +72,7 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                        opener=partial(open_block_volume, linked=isinstance(volume, External),
                                       protected=tuple(str(p) for p in protected)))
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
-                             progress=lambda done, total: phase("predict", done, total))
+                             progress=lambda done, total: phase(PredictionStage.PREDICT, done, total))
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
                  for name in job.outputs}
         scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}
@@ -80,7 +81,7 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         if errors:  # the largest merges and splits against each slice's mask
             metrics["errors"] = errors
         if job.with_instances:
-            phase("linking 3D neurons", 0, 0)
+            phase(PredictionStage.LINKING)
             neurons = link_neurons(job, volume.shape[1:])
             files["neurons"] = {"file": store.prediction_output(prediction_id, "neurons"), "sha256": neurons["sha256"]}
             metrics["neurons"] = {"count": neurons["count"], "largest": neurons["largest"]}

@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from domain.kinds import RunStatus
+from domain.kinds import PredictionStage, RunStatus
 from domain.records import NotFound, PredictionInfo
 from storage.models import Checkpoint, Prediction
 from storage.records.datasets import dataset_row
@@ -26,10 +26,11 @@ from unet.prediction.postprocess import DEFAULT_METHOD, METHODS
 
 
 def prediction_info(row: Prediction, run_id: int) -> PredictionInfo:
+    stage = row.phase if row.phase in {s.value for s in PredictionStage} else PredictionStage.STARTING
     return PredictionInfo(row.id, row.checkpoint_id, run_id, row.dataset_id, list(row.slices), RunStatus(row.status),
-                          row.done, row.error, row.metrics, row.created, row.pid, row.phase or "",
-                          row.postprocess or "watershed", row.owner_id, row.owner.username if row.owner else "",
-                          bool(row.tta))
+                          row.done, row.error, row.metrics, row.created, row.pid, PredictionStage(stage),
+                          row.total or 0, row.postprocess or "watershed", row.owner_id,
+                          row.owner.username if row.owner else "", bool(row.tta))
 
 
 def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, slices: list[int],
@@ -61,7 +62,8 @@ def resume_prediction(session: Session, prediction_id: int) -> PredictionInfo:
         raise NotFound(f"prediction {prediction_id} does not exist")
     if row.status != RunStatus.FAILED:
         raise ValueError(f"prediction {prediction_id} is {row.status}; only a failed one can be resumed")
-    row.status, row.pid, row.pid_started, row.error, row.phase = RunStatus.QUEUED, None, None, None, ""
+    row.status, row.pid, row.pid_started, row.error = RunStatus.QUEUED, None, None, None
+    row.phase = PredictionStage.STARTING
     session.flush()
     return get_prediction(session, prediction_id)
 
