@@ -87,13 +87,12 @@ class Edit:
         if not can("annotate"):  # a viewer's canvas draws nothing
             return
         if self.kept_revision.get(key) != d.revision:
-            try:
-                self.svc.keep_draft(d, owner())
-            except UserError as exc:
-                st.error(f"Your changes could not be kept in the store ({exc}); they are still in this tab: save "
-                         "them or keep the tab open.")
-            else:
+            def kept(_) -> None:
                 self.kept_revision[key] = d.revision
+
+            attempt(lambda: self.svc.keep_draft(d, owner()), kept, rerun=None,
+                    failed=lambda exc: f"Your changes could not be kept in the store ({exc}); they are still in this "
+                                       "tab: save them or keep the tab open.")
 
 
 def current_draft(edit: Edit, options: list[StartOption], latest: MaskInfo | None) -> Draft:
