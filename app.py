@@ -5,19 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import (
-    WAITING,
-    account_menu,
-    can,
-    flash,
-    keep_sign_in,
-    owner,
-    select_dataset,
-    service,
-    show_flashes,
-    sign_in_gate,
-    signed_in_user,
-)
+import pages.state as state
+from pages.common import can, flash, owner, select_dataset, service, show_flashes
+from pages.signin import WAITING, account_menu, keep_sign_in, sign_in_gate, signed_in_user
 from storage.service import AlreadyLoaded, UserError, isbi_dir
 from ui.text import plain
 
@@ -123,7 +113,7 @@ def frame() -> None:
     with st.sidebar:
         account_menu()
     if page.title != "Annotate":
-        in_session = {key: d for key, d in st.session_state.get("drafts", {}).items() if d.dirty}
+        in_session = {key: d for key, d in state.drafts_if_any().items() if d.dirty}
         try:
             kept = [(d.dataset_id, d.slice_index) for d in service().drafts_of(owner())]
         except UserError:
@@ -133,7 +123,7 @@ def frame() -> None:
             where = ", ".join(f"slice {z} of dataset #{ds}" for ds, z in unsaved[:5])
             st.warning(f"Unsaved annotation on {where}{' …' if len(unsaved) > 5 else ''}. It is kept (a reload "
                        "or a new tab finds it): open **Annotate** to save or discard it.", icon=":material/warning:")
-    st.session_state["_script_runs"] = st.session_state.get("_script_runs", 0) + 1
+    state.count_script_run()
     page.run()
 
 

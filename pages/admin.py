@@ -8,10 +8,10 @@ import datetime as dt
 
 import streamlit as st
 
-from pages.common import can, flash, start_page
-from storage.service import UserError
+from pages.common import attempt, can, flash, start_page
 from ui.text import plain
 
+ONE_TIME = "admin_one_time"  # (this page's own key: a one-time password to hand over, shown once)
 svc = start_page("Admin")
 if not can("admin"):
     st.error("This page is for admins.")
@@ -39,7 +39,7 @@ with users_tab:
                    ("must change password" if u.must_change_password else "active"),
                    "last sign-in": u.last_sign_in.strftime("%Y-%m-%d %H:%M") if u.last_sign_in else "never"}
                   for u in people], hide_index=True, width="stretch")
-    handed = st.session_state.pop("admin_one_time", None)
+    handed = st.session_state.pop(ONE_TIME, None)
     if handed:
         st.success(f"One-time password for **{plain(handed[0])}**: `{handed[1]}`. Hand it over now: it is not shown "
                    "again, and it must be changed at the first sign-in.", icon=":material/key:")
@@ -50,13 +50,8 @@ with users_tab:
         new_name = st.text_input("User name", max_chars=64, help="Letters a–z, digits, '.', '_' and '-'.")
         new_role = st.selectbox("Role", ROLES, index=1)
         if st.form_submit_button("Add user", type="primary"):
-            try:
-                info, password = svc.create_user(new_name, new_role)
-            except UserError as exc:
-                st.error(str(exc))
-            else:
-                st.session_state["admin_one_time"] = (info.username, password)
-                st.rerun()
+            attempt(lambda: svc.create_user(new_name, new_role),
+                    lambda made: st.session_state.update({ONE_TIME: (made[0].username, made[1])}))
     with right:
         st.markdown("**Change a user**")
         by_name = {u.username: u for u in people}
@@ -65,26 +60,28 @@ with users_tab:
         limit = st.number_input("Training runs waiting at once", 1, 100, chosen.max_queued_runs,
                                 key=f"admin_limit_{chosen.id}")
         b1, b2, b3 = st.columns(3)
-        try:
-            if b1.button("Apply", type="primary", key="admin_apply"):
-                changed = []
-                if role != chosen.role:
-                    svc.set_role(chosen.id, role)
-                    changed.append(f"role {role}")
-                if limit != chosen.max_queued_runs:
-                    svc.set_queue_limit(chosen.id, int(limit))
-                    changed.append(f"at most {int(limit)} training run{'s' * (int(limit) != 1)} waiting")
-                flash(f"**{plain(chosen.username)}**: " + (", ".join(changed) if changed else "nothing to change")
-                      + ".", "success" if changed else "info")
-                st.rerun()
-            if not chosen.single_sign_on and b2.button("Reset password", key="admin_reset"):
-                st.session_state["admin_one_time"] = (chosen.username, svc.reset_password(chosen.id))
-                st.rerun()
-            if b3.button("Enable" if chosen.disabled else "Disable", key="admin_disable"):
-                svc.set_disabled(chosen.id, not chosen.disabled)
-                st.rerun()
-        except UserError as exc:
-            st.error(str(exc))
+
+        def apply() -> list[str]:
+            changed = []
+            if role != chosen.role:
+                svc.set_role(chosen.id, role)
+                changed.append(f"role {role}")
+            if limit != chosen.max_queued_runs:
+                svc.set_queue_limit(chosen.id, int(limit))
+                changed.append(f"at most {int(limit)} training run{'s' * (int(limit) != 1)} waiting")
+            return changed
+
+        def applied(changed: list[str]) -> None:
+            flash(f"**{plain(chosen.username)}**: " + (", ".join(changed) if changed else "nothing to change")
+                  + ".", "success" if changed else "info")
+
+        if b1.button("Apply", type="primary", key="admin_apply"):
+            attempt(apply, applied)
+        elif not chosen.single_sign_on and b2.button("Reset password", key="admin_reset"):
+            attempt(lambda: svc.reset_password(chosen.id),
+                    lambda password: st.session_state.update({ONE_TIME: (chosen.username, password)}))
+        elif b3.button("Enable" if chosen.disabled else "Disable", key="admin_disable"):
+            attempt(lambda: svc.set_disabled(chosen.id, not chosen.disabled))
 
 @st.fragment(run_every=15)  # (events of other users appear without a click)
 def audit_trail() -> None:

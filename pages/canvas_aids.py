@@ -15,6 +15,7 @@ import streamlit as st
 
 #: The room assumed until the browser has said (AppTest, the first instant of a page): the canvas of old.
 DEFAULT_ROOM = (800, 1000)
+ROOM = "_room"  # (this module's own key: the room the browser said, as (width, height))
 
 _JS = """
 // "room": the main column's inner width and the window's height, rounded to 32 px so that small changes do
@@ -125,14 +126,14 @@ def room() -> tuple[int, int]:
     """(main column width, window height) in CSS pixels as the browser last said, kept in the session (so
     every page knows it); a new session starts from the browser's cookie (written by :func:`window_room`'s
     component: no rerun is needed to learn it), else :data:`DEFAULT_ROOM`."""
-    known = st.session_state.get("_room")
+    known = st.session_state.get(ROOM)
     if known is None:
         try:
             known = _parse_room(st.context.cookies.get("neuroseg_room"))
         except Exception:  # no browser (AppTest)
             known = None
         if known is not None:
-            st.session_state["_room"] = known
+            st.session_state[ROOM] = known
     return known or DEFAULT_ROOM
 
 
@@ -140,12 +141,12 @@ def window_room() -> tuple[int, int]:
     """Have the browser say how much room the page has (:func:`room`). Draw once per run, at its end: a
     report that differs from what the session knows reruns the page."""
     room()
-    known = st.session_state.get("_room")
+    known = st.session_state.get(ROOM)
     result = _component()(data={"mode": "room", "known": f"{known[0]}x{known[1]}" if known else ""},
                           key="neuroseg_room", height=0, on_room_change=lambda: None)
     sent = _parse_room(getattr(result, "room", None))
     if sent is not None:
-        known = st.session_state["_room"] = sent
+        known = st.session_state[ROOM] = sent
     return known or DEFAULT_ROOM
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import attempt, can, dataset_picker, flash, select_dataset, start_page, volume_or_stop
-from storage.service import NAME_MAX, ChannelsQuestion, UserError
+import pages.state as state
+from pages.common import attempt, can, dataset_picker, select_dataset, start_page, volume_or_stop
+from pages.upload import upload_stack
+from storage.service import NAME_MAX, DatasetInfo, Deleted
 from ui.figures import histogram
 from ui.paint import View, auto_window, middle_of, view_picture
 from ui.text import plain
@@ -17,47 +19,7 @@ svc = start_page("Datasets")
 # --- upload -------------------------------------------------------------------------------------
 datasets = svc.datasets()
 with st.expander("Upload a stack", expanded=not datasets):
-    # the form keeps its files after a refusal (nothing to attach again); a new form key clears it on success
-    form = st.session_state.setdefault("upload_form", 0)
-    with st.form(f"upload_{form}"):
-        volume = st.file_uploader("Volume: a multi-page TIFF (Z × Y × X), 8- or 16-bit or float32",
-                                  type=["tif", "tiff"], key=f"upload_volume_{form}")
-        labels = st.file_uploader("Labels (optional): a TIFF of the same shape; 255 or 1 = neuron, 0 = membrane, "
-                                  "or instance labels", type=["tif", "tiff"], key=f"upload_labels_{form}")
-        c1, c2 = st.columns([1, 2])
-        name = c1.text_input("Name", placeholder="the file name", max_chars=200, key=f"upload_name_{form}")
-        notes = c2.text_area("Notes", height=68, placeholder="sample, microscope, pixel size, …",
-                             key=f"upload_notes_{form}")
-        submitted = st.form_submit_button("Upload and check", type="primary", disabled=not can("create"))
-    as_slices = st.session_state.pop("_channels_as_z", False)  # the user answered the channels question
-    if submitted or as_slices:
-        if volume is None:
-            st.error("Choose a volume TIFF first.")
-        else:
-            what = plain(f"{volume.name} and {labels.name}" if labels is not None else volume.name)
-            bar = st.progress(0.0, text=f"Receiving {volume.name} …")
-            try:
-                info = svc.import_upload(volume, labels, name=name, notes=notes, channels_as_z=as_slices,
-                                         author=st.session_state.get("author", ""),
-                                         progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
-            except ChannelsQuestion as exc:
-                bar.empty()
-                st.warning(f"**{what}** {'were' if labels is not None else 'was'} not stored yet: "
-                           f"{str(exc).rstrip('.')}.", icon=":material/help:")
-                st.button(f"Read the {exc.count} channels as Z slices and store", type="primary",
-                          on_click=lambda: st.session_state.update(_channels_as_z=True), key="channels_as_z")
-            except UserError as exc:
-                bar.empty()
-                st.error(f"**{what}** {'were' if labels is not None else 'was'} not stored: "
-                         f"{str(exc).rstrip('.')}. The files are still attached: fix the cause, or choose "
-                         "others.")
-            else:
-                bar.empty()
-                select_dataset(info.id)
-                st.session_state["upload_form"] = form + 1
-                flash(f"Stored **{plain(info.name)}**: {info.shape[0]} × {info.shape[1]} × {info.shape[2]} {info.dtype}"
-                      f"{f', {info.labelled_slices} labelled slices' if info.labelled_slices else ''}.")
-                st.rerun()
+    upload_stack(svc, "upload")
 
 import_roots, _ = svc.server_folders()
 with st.expander("Import a folder on the server (OME-Zarr, zarr or N5)"):
@@ -81,18 +43,19 @@ with st.expander("Import a folder on the server (OME-Zarr, zarr or N5)"):
             go = st.form_submit_button("Import", type="primary", disabled=not can("create"))
         if go:
             bar = st.progress(0.0, text="Checking the folder …")
-            try:
-                info = svc.import_path(path, link=link, name=path_name, author=st.session_state.get("author", ""),
-                                       progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
-            except UserError as exc:
-                bar.empty()
-                st.error(f"The folder was not imported: {plain(str(exc).rstrip('.'))}.")
-            else:
-                bar.empty()
+
+            def imported(info: DatasetInfo) -> str:
                 select_dataset(info.id)
-                flash(f"{'Linked' if link else 'Imported'} **{plain(info.name)}**: {info.shape[0]} × "
-                      f"{info.shape[1]} × {info.shape[2]} {info.dtype}.")
-                st.rerun()
+                return (f"{'Linked' if link else 'Imported'} **{plain(info.name)}**: {info.shape[0]} × "
+                        f"{info.shape[1]} × {info.shape[2]} {info.dtype}.")
+
+            try:
+                attempt(lambda: svc.import_path(path, link=link, name=path_name, author=state.author(),
+                                                progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0),
+                                                                                       text=stage)),
+                        imported, failed=lambda exc: f"The folder was not imported: {plain(str(exc).rstrip('.'))}.")
+            finally:
+                bar.empty()
 
 if not datasets:
     st.info("No datasets yet: upload a stack above, or load the demo dataset from the home page.")
@@ -184,15 +147,12 @@ with st.expander("Delete this dataset"):
                             disabled=bool(refused))
     if st.button("Delete dataset", type="primary", disabled=bool(refused) or confirm.strip() != info.name,
                  key=f"delete_{dataset_id}"):
-        try:
-            removed = svc.delete_dataset(dataset_id)
-        except UserError as exc:
-            st.error(str(exc))
-        else:
-            st.session_state.pop("dataset_id", None)
+        def deleted(removed: Deleted) -> str:
+            state.forget_dataset()
             st.query_params.pop("dataset", None)
-            drafts = st.session_state.get("drafts", {})
+            drafts = state.drafts_if_any()
             for key in [k for k in drafts if k[0] == dataset_id]:
                 del drafts[key]
-            flash(f"Deleted **{plain(info.name)}**: {removed.describe()}.")
-            st.rerun()
+            return f"Deleted **{plain(info.name)}**: {removed.describe()}."
+
+        attempt(lambda: svc.delete_dataset(dataset_id), deleted)

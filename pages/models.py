@@ -7,11 +7,12 @@ from __future__ import annotations
 import streamlit as st
 
 from domain.kinds import RunKind
-from pages.common import attempt, can, flash, start_page
-from storage.service import NAME_MAX, UserError
+from pages.common import attempt, can, start_page
+from storage.service import NAME_MAX
 from ui.text import plain
 from ui.training import checkpoint_label
 
+MODEL_PICK = "model_pick"  # (this page's own key: the model shown, also the one just imported)
 svc = start_page("Models")
 
 with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled=not can("create")):
@@ -22,14 +23,12 @@ with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled
         go = st.form_submit_button("Import", type="primary")
     if go and package is not None:
         with st.spinner("Checking the package (its validation and its own model test) …"):
-            try:
-                imported = svc.import_model(package, package.name)
-            except UserError as exc:
-                st.error(f"**{plain(package.name)}** was not imported: {exc}")
-            else:
-                st.session_state["model_pick"] = imported.checkpoint_id
-                flash(f"Imported **{plain(imported.name)}** as run {imported.run_id}: Predict offers it.")
-                st.rerun()
+            def imported(model) -> str:
+                st.session_state[MODEL_PICK] = model.checkpoint_id
+                return f"Imported **{plain(model.name)}** as run {model.run_id}: Predict offers it."
+
+            attempt(lambda: svc.import_model(package, package.name), imported,
+                    failed=lambda exc: f"**{plain(package.name)}** was not imported: {exc}")
 
 models = svc.checkpoint_choices()
 if not models:
@@ -42,10 +41,10 @@ st.dataframe([{"model": m.id, "name": m.name, "what": checkpoint_label(m),
              hide_index=True, key="models_table")
 
 by_id = {m.id: m for m in models}
-if st.session_state.get("model_pick") not in by_id:
-    st.session_state["model_pick"] = models[0].id
+if st.session_state.get(MODEL_PICK) not in by_id:
+    st.session_state[MODEL_PICK] = models[0].id
 chosen = by_id[st.selectbox("Model", list(by_id), format_func=lambda i: f"#{i} · {checkpoint_label(by_id[i])}",
-                            key="model_pick")]
+                            key=MODEL_PICK)]
 card = svc.model_card(chosen.id)
 run = card["run"]
 
@@ -106,13 +105,9 @@ if packaged is None:
                          help="Build, validate (bioimageio.spec) and test (bioimageio.core) a package that ilastik, "
                               "deepImageJ and napari run"):
         with st.spinner("Packaging, validating and testing …"):
-            try:
-                st.session_state[f"bioimageio_{chosen.id}"] = svc.export_model(chosen.id,
-                                                                               with_data=picked != SYNTHETIC)
-            except UserError as exc:
-                st.error(f"Not exported: {exc}")
-            else:
-                st.rerun()
+            attempt(lambda: svc.export_model(chosen.id, with_data=picked != SYNTHETIC),
+                    lambda packaged: st.session_state.update({f"bioimageio_{chosen.id}": packaged}),
+                    failed=lambda exc: f"Not exported: {exc}")
 else:
     actions[0].download_button("Download package (.zip)", packaged[0], file_name=packaged[1], type="primary",
                                key=f"dl_pack_{chosen.id}", on_click="ignore",

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import streamlit as st
 
+import pages.state as state
 from domain.kinds import RunStatus
-from pages.common import can, dataset_picker, flash, select_dataset, start_page, volume_or_stop
+from pages.common import attempt, can, dataset_picker, flash, select_dataset, start_page, volume_or_stop
+from pages.upload import upload_stack
 from storage.service import UserError
 from ui.paint import View
 from ui.prediction import (
@@ -43,20 +45,8 @@ checkpoints = {c.id: c for c in svc.checkpoint_choices()}
 top = st.columns([3, 3])
 with top[1]:
     dataset_id = dataset_picker(datasets, key="dataset_pick_predict")  # (a key of its own on each page)
-    with st.popover("Upload a new stack"), st.form("predict_upload", clear_on_submit=True):
-        upload = st.file_uploader("A multi-page TIFF (Z × Y × X)", type=["tif", "tiff"], key="predict_upload_file")
-        if st.form_submit_button("Upload and check", key="predict_upload_go") and upload is not None:
-            bar = st.progress(0.0, text=f"Receiving {upload.name} …")
-            try:
-                new = svc.import_upload(upload, author=st.session_state.get("author", ""),
-                                        progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
-            except UserError as exc:
-                bar.empty()
-                st.error(f"**{plain(upload.name)}** was not stored: {str(exc).rstrip('.')}.")
-            else:
-                select_dataset(new.id)
-                flash(f"Stored **{plain(new.name)}**; it is selected for prediction.")
-                st.rerun()
+    with st.popover("Upload a new stack"):
+        upload_stack(svc, "predict_upload", lambda new: f"Stored **{plain(new.name)}**; it is selected for prediction.")
 with top[0]:
     if not checkpoints:
         st.info("No trained model yet: start a run on **Train**; its checkpoints appear here.")
@@ -82,37 +72,43 @@ with st.form("predict_form"):
              "fewer errors at the borders (the starter's twin on ISBI: pixel error 0.068 instead of 0.071), "
              "for 8× the prediction time.")
     go = st.form_submit_button("Predict", type="primary", key="predict_go", disabled=not can("predict"))
+PREDICTION = "prediction_id"  # (this page's own key: the prediction shown)
+
+
+def _start() -> tuple:
+    slices = svc.parse_slices(slices_text, info.shape[0])
+    return svc.predict(checkpoint_id, dataset_id, slices, postprocess=postprocess, tta=tta), slices
+
+
+def _started(started: tuple) -> None:
+    job, slices = started
+    st.session_state[PREDICTION] = job.id
+    flash(f"Prediction #{job.id} started on {len(slices)} slice(s).", "info")
+
+
 if go:
-    try:
-        slices = svc.parse_slices(slices_text, info.shape[0])
-        job = svc.predict(checkpoint_id, dataset_id, slices, postprocess=postprocess, tta=tta)
-    except (ValueError, UserError) as exc:
-        st.error(f"Not started: {exc}")
-    else:
-        st.session_state["prediction_id"] = job.id
-        flash(f"Prediction #{job.id} started on {len(slices)} slice(s).", "info")
-        st.rerun()
+    attempt(_start, _started, failed=lambda exc: f"Not started: {exc}", errors=(ValueError, UserError))
 
 predictions = svc.predictions(dataset_id=dataset_id)
 if not predictions:
     st.caption("No prediction of this dataset yet.")
     st.stop()
 ids = [p.id for p in reversed(predictions)]
-wanted = st.session_state.get("prediction_id")  # the one just started, or the one the user picked
+wanted = st.session_state.get(PREDICTION)  # the one just started, or the one the user picked
 pick_key = f"pick_{dataset_id}"
 if st.session_state.get(pick_key) != (wanted if wanted in ids else ids[0]):  # only then (an open menu stays)
     st.session_state[pick_key] = wanted if wanted in ids else ids[0]
 
 
 def _picked() -> None:
-    st.session_state["prediction_id"] = st.session_state[pick_key]
+    st.session_state[PREDICTION] = st.session_state[pick_key]
 
 
 pick = st.selectbox("Prediction", ids, key=pick_key, on_change=_picked,
                     format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s) · "
                                                f"neurons by {p.postprocess}" + (" · 8 flips" if p.tta else "")
                                                for p in predictions if p.id == i))
-st.session_state["prediction_id"] = pick
+st.session_state[PREDICTION] = pick
 
 
 def progress(prediction_id: int, was_active: bool) -> None:
@@ -127,13 +123,8 @@ def progress(prediction_id: int, was_active: bool) -> None:
         if job.status == RunStatus.FAILED:
             kept = f" ({job.done} blocks are written and kept)" if job.done else ""
             if st.button(f"Resume{kept}", key=f"resume_prediction_{job.id}", type="primary"):
-                try:
-                    svc.resume_prediction(job.id)
-                except UserError as exc:
-                    st.error(str(exc))
-                else:
-                    flash(f"Prediction #{job.id} goes on from the blocks already written.")
-                    st.rerun()
+                attempt(lambda: svc.resume_prediction(job.id),
+                        lambda _: f"Prediction #{job.id} goes on from the blocks already written.")
     if was_active and not job.active:
         st.rerun()
 
@@ -233,7 +224,7 @@ def viewer(job) -> int:
 def _open_error(error, shape) -> None:
     """Annotate on the error's slice and region (zoom and centre), starting from this prediction."""
     zoom, cy, cx = focus(error["box"], shape)
-    st.session_state["annotate_zoom"], st.session_state["annotate_cy"], st.session_state["annotate_cx"] = zoom, cy, cx
+    state.focus_annotate(zoom, cy, cx)
     _correct(error["slice"])
 
 
@@ -291,20 +282,18 @@ with st.expander("Export as OME-Zarr to a folder on the server (napari, neurogla
                                    key="export_folder")
             go = st.form_submit_button("Export")
         if go:
-            try:
-                written = svc.export_prediction(job.id, target)
-            except UserError as exc:
-                st.error(f"Nothing was exported: {str(exc).rstrip('.')}.")
-            else:
-                st.success("Written: " + ", ".join(f"`{p}`" for p in written))
+            def _written(paths: list) -> None:
+                st.success("Written: " + ", ".join(f"`{p}`" for p in paths))
+
+            attempt(lambda: svc.export_prediction(job.id, target), _written, rerun=None,
+                    failed=lambda exc: f"Nothing was exported: {str(exc).rstrip('.')}.")
 
 
 def _correct(slice_index: int | None = None) -> None:
     shown = z if slice_index is None else slice_index
     select_dataset(dataset_id)
-    st.session_state[f"annotate_slice_{dataset_id}"] = shown
-    st.session_state.setdefault("slice_of", {})[dataset_id] = shown
-    st.session_state["start_request"] = (dataset_id, shown, job.id)
+    state.open_annotate_at(dataset_id, shown)
+    state.request_start(dataset_id, shown, job.id)
 
 
 if actions[-1].button("Correct this slice", key="correct_slice", on_click=_correct,

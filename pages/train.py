@@ -5,12 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from domain.kinds import RunKind, RunStatus
-from pages.common import can, flash, select_dataset, selected_dataset, start_page
-from storage.service import UserError
+from pages.common import attempt, can, select_dataset, selected_dataset, start_page
+from storage.service import RunInfo, UserError
 from ui.figures import run_curves_figure
 from ui.text import plain
 from ui.training import VAL_KEYS, checkpoint_label, describe_preset, progress_text, recipe, resume_note
 
+FOLLOWED = "train_run_id"  # (this page's own key: the run followed, also the one just submitted)
 svc = start_page("Train")
 
 
@@ -41,28 +42,13 @@ def follow(run_id: int, was_active: bool) -> None:
     if run.active and run.kind == RunKind.LIVE:
         if head[2].button("Stop", key=f"stop_live_{run.id}", disabled=run.cancel_requested,
                           help="End the live session for everyone: it becomes a run with its checkpoints."):
-            try:
-                svc.live_stop(run.id)
-            except UserError as exc:
-                st.error(str(exc))
-            else:
-                st.rerun(scope="fragment")
+            attempt(lambda: svc.live_stop(run.id), rerun="fragment")
     elif run.active:
         if head[2].button("Cancel", key=f"cancel_{run.id}", disabled=run.cancel_requested):
-            try:
-                svc.cancel_run(run.id)
-            except UserError as exc:  # someone else's run
-                st.error(str(exc))
-            else:
-                st.rerun(scope="fragment")
+            attempt(lambda: svc.cancel_run(run.id), rerun="fragment")  # (refused: someone else's run)
     elif run.status in (RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.LOST) and head[2].button(
             "Resume", key=f"resume_{run.id}", help="Continue from its latest checkpoint"):
-        try:
-            svc.resume_run(run.id)
-        except UserError as exc:
-            st.error(str(exc))
-        else:
-            st.rerun()
+        attempt(lambda: svc.resume_run(run.id))
     head[3].page_link("pages/runs.py", label="All runs", icon=":material/monitoring:")
     if run.error and run.status in (RunStatus.FAILED, RunStatus.LOST):
         st.error(run.error.strip().splitlines()[-1])
@@ -89,7 +75,7 @@ else:
     st.success(f"Training runs on **{overview.device}**.")
 
 runs = svc.runs()
-followed = st.session_state.get("train_run_id")
+followed = st.session_state.get(FOLLOWED)
 if followed is None or followed not in {r.id for r in runs}:
     active = [r for r in runs if r.active]
     followed = (active or runs or [None])[0]
@@ -195,15 +181,13 @@ else:
         if st.button("Train", type="primary", disabled=bool(problems) or not train_parts or config is None
                      or not can("train"),
                      key="train_submit"):
-            try:
-                run = svc.submit_training(train_parts, val_parts, config, preset=preset_name,
-                                          parent_checkpoint_id=parent)
-            except UserError as exc:
-                st.error(f"Not started: {exc}")
-            else:
-                st.session_state["train_run_id"] = run.id
-                flash(f"Run {run.id} submitted ({run.status}).")
-                st.rerun()
+            def submitted(run: RunInfo) -> str:
+                st.session_state[FOLLOWED] = run.id
+                return f"Run {run.id} submitted ({run.status})."
+
+            attempt(lambda: svc.submit_training(train_parts, val_parts, config, preset=preset_name,
+                                                parent_checkpoint_id=parent),
+                    submitted, failed=lambda exc: f"Not started: {exc}")
 
 if followed is not None:
     active_now = svc.run(followed).active

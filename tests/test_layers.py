@@ -2,7 +2,8 @@
 statement, also inside functions):
 
 - pages (``app.py`` and ``pages/``) import only Streamlit (and its canvas component), Plotly, NumPy, the
-  standard library, ``storage.service``, ``ui`` and the pages' own helpers ``pages.common`` and ``pages.canvas_aids``;
+  standard library, ``storage.service``, ``ui`` and the pages' own helpers (``pages.common``, ``pages.signin``,
+  ``pages.state``, ``pages.upload``, ``pages.canvas_aids`` and Annotate's panels ``pages.annotate_*``);
 - ``ui/`` imports neither Streamlit nor the database, nor ``storage`` (the engine is fine);
 - ``storage/`` never imports Streamlit, the pages or ``ui``;
 - ``unet/`` imports neither Streamlit nor SQLAlchemy, nor any other layer of the app;
@@ -36,8 +37,9 @@ FORBIDDEN = {
     "ui": (*STREAMLIT, *DATABASE, "storage", "pages", "app"),
 }
 # what a page may import: everything else is refused
-PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "domain", "pages.common",
-                "pages.canvas_aids", "web.sessions")
+PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "domain", "pages.common", "pages.signin",
+                "pages.state", "pages.upload", "pages.canvas_aids", "pages.annotate_panels", "pages.annotate_canvas",
+                "pages.annotate_live", "web.sessions")
 # the shared types: a leaf that every layer may import, and that imports nothing of the project
 PROJECT = ("storage", "unet", "ui", "pages", "app", "web", "bench", "scripts", "tests")
 # what the HTTP layer may import from the app: the service, and itself

@@ -20,6 +20,7 @@ from ui.paint import (
     overlay,
     window,
 )
+from unet.prediction.metrics import mean_metrics
 from unet.prediction.postprocess import DEFAULT_METHOD, METHODS
 
 LAYERS = ("probability", "mask", "membrane contours", "instances", "errors")
@@ -144,8 +145,6 @@ def split_scores(metrics: dict[str, Any], trained: set[int]) -> tuple[list[int],
                                                                        dict[str, float]]:
     """(slices the model never trained on, their mean; slices it trained on, their mean): the first is the
     model's accuracy, the second flatters it."""
-    from unet.prediction.metrics import mean_metrics
-
     slices = sorted(int(z) for z in (metrics.get("slices") or {}))
     unseen = [z for z in slices if z not in trained]
     seen = [z for z in slices if z in trained]

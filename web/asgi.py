@@ -13,6 +13,8 @@ if str(ROOT) not in sys.path:  # (Streamlit puts this file's folder on the path,
     sys.path.insert(0, str(ROOT))
 
 from starlette.middleware import Middleware  # noqa: E402
+from streamlit import config  # noqa: E402
+from streamlit.runtime.pages_manager import PagesManager  # noqa: E402
 from streamlit.starlette import App  # noqa: E402
 
 from storage.service import first_start  # noqa: E402
@@ -26,8 +28,6 @@ def _announce() -> None:
     if not note:
         return
     try:
-        from streamlit import config
-
         address = config.get_option("server.address") or "localhost"
         address = "localhost" if address in ("127.0.0.1", "::1", "0.0.0.0", "::") else address
         port = config.get_option("server.port")
@@ -45,8 +45,6 @@ def _no_folder_pages() -> None:
     …): it is decided once per server, on the first session, and a tab that reconnects to a restarted
     server showed that list until the app's first run drew its own navigation. The app's pages are its
     ``st.navigation`` (``app.py``)."""
-    from streamlit.runtime.pages_manager import PagesManager
-
     PagesManager.uses_pages_directory = False
 
 

@@ -36,10 +36,13 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
+import anyio.to_thread
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
+from streamlit import config
+from streamlit.runtime import Runtime
 
 from storage.service import RIGHTS, SESSION_HOURS
 from web import sessions
@@ -85,8 +88,6 @@ def host_allowed(host: str) -> bool:
     if os.environ.get("NEUROSEG_BEHIND_PROXY") == "1":
         return True
     try:
-        from streamlit import config
-
         address = str(config.get_option("server.address") or "")
     except Exception:  # (no Streamlit config: a unit test)
         address = "127.0.0.1"
@@ -116,8 +117,6 @@ def may_upload(session_id: str, token: str) -> bool:
 def base_path() -> str:
     """``server.baseUrlPath`` as a prefix (``/neuroseg``), or "" (the routes sit under it)."""
     try:
-        from streamlit import config
-
         base = str(config.get_option("server.baseUrlPath") or "").strip("/")
     except Exception:
         base = ""
@@ -132,8 +131,6 @@ def _route(path: str) -> str:
 
 def session_cookie(token: str, seconds: int, secure: bool) -> bytes:
     """The ``Set-Cookie`` value that keeps (or, with no token, deletes) the browser's sign-in."""
-    from urllib.parse import quote
-
     value = quote(token, safe="") if token else ""
     age = seconds if token else 0
     return (f"{sessions.COOKIE}={value}; Path=/; Max-Age={age}; HttpOnly; SameSite=Strict"
@@ -148,8 +145,6 @@ def _upload_session(path: str) -> str:
 def _media_shown_to_signed_in(file_id: str) -> bool:
     """Whether a session that is still open and signed in shows the media file ``file_id``."""
     try:
-        from streamlit.runtime import Runtime
-
         runtime = Runtime.instance()
         manager = runtime.media_file_mgr
         with manager._lock:  # (Streamlit 1.67: which session refers to which file)
@@ -166,8 +161,6 @@ def _media_allowed(token: str, file_id: str) -> bool:
 
 async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` in a worker thread: the checks ask the store, which must not stall the server's loop."""
-    import anyio.to_thread
-
     return await anyio.to_thread.run_sync(fn, *args)
 
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-COOKIE = "neuroseg_session"  # the browser's copy of the sign-in token (pages.common writes it)
+COOKIE = "neuroseg_session"  # the browser's copy of the sign-in token (pages.signin writes it)
 
 _lock = threading.Lock()
 _tokens: dict[str, str] = {}

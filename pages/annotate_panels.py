@@ -1,0 +1,307 @@
+"""The panels of the Annotate page, each a function of what it needs: the slice picker, the edit of a slice
+(:class:`Edit`: its draft opened, restored and kept in the store), the conflict and "Start from" choices,
+the save bar, the other slices' unsaved edits and the history. Their callbacks get what they act on as
+arguments. The tools and the canvas are in :mod:`pages.annotate_canvas`, the live panel in
+:mod:`pages.annotate_live`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+from streamlit_drawable_canvas import CanvasResult  # needs a running Streamlit: pages only
+
+import pages.state as state
+from pages.common import attempt, can, flash, frame_guard, owner, select_dataset
+from storage.service import MaskConflict, MaskInfo, Neuroseg, UserError
+from ui.annotation import Draft, StartOption, history_rows, start_options
+from ui.figures import slice_strip
+from ui.text import plain
+
+# this module's own keys
+CONFLICT = "conflict"  # the uid of the draft whose save met a newer version
+LAST_SAVED = "last_saved"  # (draft uid, what its save made)
+KEPT_REVISION = "_kept_revision"  # the revision of each draft last kept in the store
+RESTORED = "_restored"  # draft uid -> the note that its changes came back from the store
+
+
+def _step(slice_key: str, delta: int, z_count: int) -> None:
+    st.session_state[slice_key] = min(max(0, st.session_state[slice_key] + delta), z_count - 1)
+
+
+def slice_picker(svc: Neuroseg, dataset_id: int, z_count: int,
+                 drafts: dict[tuple[int, int], Draft]) -> tuple[int, dict[int, MaskInfo]]:
+    """Prev, Next and a slider (first the URL's ``?slice=`` or where this tab was), and a strip of what each
+    slice holds; returns the slice and each slice's latest mask."""
+    slice_key = state.annotate_slice_key(dataset_id)
+    positions = state.slice_positions()
+    if slice_key not in st.session_state:  # the URL's slice (a reload, a bookmark), else where this tab was
+        try:
+            asked = int(st.query_params.get("slice", ""))
+        except ValueError:
+            asked = None
+        start = asked if asked is not None and 0 <= asked < z_count else positions.get(dataset_id, 0)
+        st.session_state[slice_key] = min(start, z_count - 1)
+
+    nav = st.columns([1, 10, 1], vertical_alignment="bottom")
+    nav[0].button("◀ Prev", on_click=_step, args=(slice_key, -1, z_count), disabled=st.session_state[slice_key] <= 0,
+                  key="prev_slice")
+    with nav[1]:
+        z = st.slider("Slice", 0, z_count - 1, key=slice_key) if z_count > 1 else 0
+    nav[2].button("Next ▶", on_click=_step, args=(slice_key, 1, z_count), disabled=z >= z_count - 1, key="next_slice")
+    positions[dataset_id] = z
+    if st.query_params.get("slice") != str(z):  # in the URL too: a reload or a bookmark opens this slice
+        st.query_params["slice"] = str(z)
+
+    kinds = svc.slice_kinds(dataset_id)
+    strip = ["unsaved" if (d := drafts.get((dataset_id, i))) is not None and d.dirty
+             else kinds[i].kind if i in kinds else "none" for i in range(z_count)]
+    st.plotly_chart(slice_strip(strip), key="slice_strip", config={"displayModeBar": False})
+    return z, kinds
+
+
+@dataclass
+class Edit:
+    """The slice being edited, with what its panels and callbacks act on: the service, this session's
+    drafts, and the revision of each draft last kept in the store."""
+
+    svc: Neuroseg
+    dataset_id: int
+    z: int
+    drafts: dict[tuple[int, int], Draft]
+    kept_revision: dict[tuple[int, int], int]
+
+    @classmethod
+    def of(cls, svc: Neuroseg, dataset_id: int, z: int) -> Edit:
+        return cls(svc, dataset_id, z, state.drafts(), st.session_state.setdefault(KEPT_REVISION, {}))
+
+    def open_draft(self, option: StartOption) -> Draft:
+        """A new edit of this slice from ``option``, kept in this session's drafts."""
+        self.drafts[(self.dataset_id, self.z)] = fresh = Draft.begin(self.svc.draft_start(
+            self.dataset_id, self.z, option.source, mask_id=option.mask_id, prediction_id=option.prediction_id))
+        return fresh
+
+    def keep(self, d: Draft) -> None:
+        """Keep the draft in the store when it changed since it was last kept (or forget it once clean)."""
+        key = (d.dataset_id, d.slice_index)
+        if not can("annotate"):  # a viewer's canvas draws nothing
+            return
+        if self.kept_revision.get(key) != d.revision:
+            def kept(_) -> None:
+                self.kept_revision[key] = d.revision
+
+            attempt(lambda: self.svc.keep_draft(d, owner()), kept, rerun=None,
+                    failed=lambda exc: f"Your changes could not be kept in the store ({exc}); they are still in this "
+                                       "tab: save them or keep the tab open.")
+
+
+def current_draft(edit: Edit, options: list[StartOption], latest: MaskInfo | None) -> Draft:
+    """This slice's draft: the one of this session, else the prediction Predict asked for, else an edit kept in
+    the store (a reload, another tab), else a new one from the first option (also when the slice was saved
+    elsewhere meanwhile)."""
+    dataset_id, z = edit.dataset_id, edit.z
+    draft = edit.drafts.get((dataset_id, z))
+    requested = state.start_request(dataset_id, z)  # "Correct this slice" on Predict
+    if requested is not None:
+        if draft is not None and draft.dirty:
+            st.warning(f"This slice has {draft.changed_pixels:,} unsaved changed pixels: they are kept. Choose the "
+                       "prediction under **Start from** to drop them and start from it.")
+        else:
+            draft = edit.open_draft(StartOption("prediction", f"prediction #{requested}", None, requested))
+    if draft is None:  # not edited in this session: an edit kept in the store (a reload, another tab) comes back
+        stored = edit.svc.stored_draft(dataset_id, z, owner())
+        if stored is not None:
+            draft = edit.drafts[(dataset_id, z)] = Draft.from_stored(stored)
+            edit.kept_revision[(dataset_id, z)] = draft.revision
+            st.session_state.setdefault(RESTORED, {})[draft.uid] = (
+                f"Restored your unsaved changes on this slice (kept {stored.updated:%Y-%m-%d %H:%M} UTC): save "
+                "or discard them.")
+    if draft is None or (not draft.dirty and draft.latest_id != (latest.id if latest else None)):
+        draft = edit.open_draft(options[0])  # new, or saved elsewhere
+
+    restored_note = st.session_state.get(RESTORED, {}).get(draft.uid)
+    if restored_note and draft.dirty:
+        st.info(restored_note, icon=":material/restore:")
+    return draft
+
+
+def pending_strokes(d: Draft) -> None:
+    """Merge what the canvas sent with the click that runs a callback (callbacks run before the page)."""
+    canvas = st.session_state.get(d.canvas_key)
+    data = ((canvas or {}).get("drawing") or {}).get("data") if isinstance(canvas, dict) else None
+    if data:
+        d.apply(CanvasResult(None, data, return_image_data=True).image_data)
+
+
+# --- the callbacks of the edit ---------------------------------------------------------------------------
+def _start_from(edit: Edit, option: StartOption) -> None:
+    edit.keep(edit.open_draft(option))
+
+
+def _save(edit: Edit, draft: Draft) -> None:
+    pending_strokes(draft)
+    if not draft.dirty:
+        flash("Nothing to save: paint on the slice first.", "info")
+        return
+    changed = draft.changed_pixels
+    try:
+        saved = edit.svc.save_draft(draft, state.author(), owner=owner())
+    except MaskConflict as exc:  # (the conflict panel offers the ways out)
+        st.session_state[CONFLICT] = draft.uid
+        flash(f"Not saved: {exc}. Your changes are kept.", "error")
+    except UserError as exc:
+        flash(f"Not saved: {exc}. Your changes are kept.", "error")
+    else:
+        st.session_state.pop(CONFLICT, None)
+        edit.kept_revision[(edit.dataset_id, edit.z)] = draft.revision
+        st.session_state[LAST_SAVED] = (draft.uid, f"Saved slice {edit.z} as **v{saved.version}** ({saved.kind}, "
+                                        f"{changed:,} pixels changed) at {saved.created:%H:%M:%S}.")
+
+
+def _rebase(edit: Edit, draft: Draft) -> None:
+    newest = edit.svc.history(edit.dataset_id, edit.z)[-1]
+    draft.rebase(edit.svc.mask(newest.id), newest.id, newest.kind)
+    edit.keep(draft)
+    st.session_state.pop(CONFLICT, None)
+    flash(f"Your changes now sit on v{newest.version}: look them over and save.", "info")
+
+
+def _discard(edit: Edit, draft: Draft) -> None:
+    draft.discard()
+    edit.keep(draft)
+    st.session_state.pop(CONFLICT, None)
+
+
+def _discard_and_open_latest(edit: Edit) -> None:
+    edit.keep(edit.open_draft(start_options(edit.svc.history(edit.dataset_id, edit.z), [], edit.z)[0]))
+    st.session_state.pop(CONFLICT, None)
+
+
+def _undo(edit: Edit, draft: Draft, forward: bool = False) -> None:
+    pending_strokes(draft)  # (a stroke the canvas sent with this click is a change to undo too)
+    if draft.redo() if forward else draft.undo():
+        edit.keep(draft)
+
+
+def _restore(edit: Edit, mask_id: int) -> None:
+    def restored(made: MaskInfo) -> str:
+        edit.drafts.pop((edit.dataset_id, edit.z), None)
+        old = next((m.version for m in edit.svc.history(edit.dataset_id, edit.z) if m.id == mask_id), "?")
+        return f"Restored v{old} as v{made.version}."
+
+    attempt(lambda: edit.svc.restore(mask_id, state.author()), restored, failed=lambda exc: f"Not restored: {exc}",
+            in_callback=True)
+
+
+def _go(dataset: int, z: int) -> None:
+    select_dataset(dataset)
+    state.open_annotate_at(dataset, z)
+
+
+# --- the panels --------------------------------------------------------------------------------------
+def conflict_panel(edit: Edit, draft: Draft, history: list[MaskInfo]) -> bool:
+    """When this draft's save met a newer version: the ways out. Returns whether it is in conflict."""
+    in_conflict = st.session_state.get(CONFLICT) == draft.uid
+    if in_conflict:
+        newest = history[-1] if history else None
+        with st.container(border=True):
+            st.error(f"Not saved: slice {edit.z} now has **v{newest.version if newest else 0}**"
+                     f"{' by ' + plain(newest.author) if newest and newest.author else ''}, saved after your edit "
+                     f"began. Your {draft.changed_pixels:,} changed pixels are kept. Choose one:",
+                     icon=":material/sync_problem:")
+            c1, c2 = st.columns(2)
+            c1.button(f"Move my changes onto v{newest.version if newest else 0} (then look and save)",
+                      type="primary", on_click=_rebase, args=(edit, draft), key="rebase", width="stretch")
+            c2.button(f"Discard my changes and open v{newest.version if newest else 0}",
+                      on_click=_discard_and_open_latest, args=(edit,), key="discard_for_latest", width="stretch")
+    return in_conflict
+
+
+def start_from_panel(edit: Edit, draft: Draft, options: list[StartOption], history: list[MaskInfo],
+                     in_conflict: bool) -> None:
+    """"Start from": what this edit started from, and the other starts this slice offers."""
+    current = next((i for i, o in enumerate(options) if o.source == draft.source and o.mask_id == draft.source_mask_id
+                    and (o.prediction_id == draft.prediction_id or o.source != "prediction")), None)
+    if current is None:  # the edit started from something no longer offered first (an older version, a prediction)
+        started = (f"prediction #{draft.prediction_id}" if draft.prediction_id is not None else
+                   next((f"v{m.version} ({m.kind})" for m in history if m.id == draft.source_mask_id),
+                        "nothing (scribble)"))
+        options = [StartOption(draft.source, f"what this edit started from: {started}", draft.source_mask_id,
+                               draft.prediction_id), *options]
+        current = 0
+    choice = st.radio("Start from", range(len(options)), format_func=lambda i: options[i].label, index=current,
+                      horizontal=True, key=f"start_{draft.uid}_{draft.source_mask_id}_{draft.prediction_id}",
+                      disabled=in_conflict)
+    if choice != current:
+        if draft.dirty:
+            st.warning(f"Starting from {options[choice].label} drops the {draft.changed_pixels:,} pixels you changed "
+                       "on this slice.")
+            st.button(f"Discard my changes and start from {options[choice].label}", on_click=_start_from,
+                      args=(edit, options[choice]))
+        else:
+            _start_from(edit, options[choice])
+            st.rerun()
+
+
+def save_bar(edit: Edit, draft: Draft, in_conflict: bool) -> None:
+    """Save, Discard, Undo, Redo, and what is unsaved (or was saved last)."""
+    actions = st.columns([2, 2, 1, 1, 6], vertical_alignment="center")
+    actions[0].button("Save version", type="primary", on_click=_save, args=(edit, draft), key="save_mask",
+                      disabled=in_conflict or not can("annotate"))
+    actions[1].button("Discard changes", on_click=_discard, args=(edit, draft), disabled=not draft.dirty or in_conflict,
+                      key="discard_mask")
+    actions[2].button("Undo", icon=":material/undo:", on_click=_undo, args=(edit, draft), key="undo_edit",
+                      disabled=not draft.can_undo,
+                      help="Take back the last change of this edit: a stroke, an Accept, a Discard (kept across zoom "
+                           "and opacity changes and visits to other slices, until you save).")
+    actions[3].button("Redo", icon=":material/redo:", on_click=_undo, args=(edit, draft, True), key="redo_edit",
+                      disabled=not draft.can_redo)
+    last_saved = st.session_state.get(LAST_SAVED)
+    if draft.dirty:
+        actions[4].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** (kept in the store) · will be "
+                            f"saved as *{draft.kind}* by *{plain(state.author() or 'anonymous')}*")
+    elif last_saved is not None and last_saved[0] == draft.uid:
+        actions[4].success(last_saved[1], icon=":material/check:")
+    else:
+        actions[4].markdown("No unsaved changes on this slice.")
+
+
+def other_drafts(edit: Edit) -> None:
+    """The unsaved edits of other slices (this session's and those kept in the store), with a way to each."""
+    dataset_id, z = edit.dataset_id, edit.z
+    others = sorted({(d.dataset_id, d.slice_index) for key, d in edit.drafts.items()
+                     if d.dirty and key != (dataset_id, z)}
+                    | {(d.dataset_id, d.slice_index) for d in edit.svc.drafts_of(owner())
+                       if (d.dataset_id, d.slice_index) != (dataset_id, z)})
+    if others:
+        st.warning("Unsaved changes are also waiting on " + ", ".join(
+            f"slice {oz}" + ("" if ods == dataset_id else f" of dataset #{ods}") for ods, oz in others)
+            + ". They are kept until you save or discard them.")
+        go_cols = st.columns(min(len(others), 6))
+        for col, (ods, oz) in zip(go_cols, others[:6], strict=False):
+            col.button(f"Go to slice {oz}" + ("" if ods == dataset_id else f" (#{ods})"), on_click=_go,
+                       args=(ods, oz), key=f"go_{ods}_{oz}")
+
+
+def history_panel(edit: Edit, draft: Draft, history: list[MaskInfo]) -> None:
+    """The saved versions of this slice, and the restore of an older one."""
+    st.subheader(f"Versions of slice {edit.z}")
+    if not history:
+        st.caption("No saved version yet.")
+        return
+    by_id = {m.id: m for m in history}
+    st.dataframe(history_rows(history), hide_index=True, key="history_table")
+    if len(history) > 1:
+        older = [m for m in reversed(history[:-1])]
+        cols = st.columns([3, 2], vertical_alignment="bottom")
+        pick = cols[0].selectbox("An older version", [m.id for m in older],
+                                 key=f"restore_pick_{edit.dataset_id}_{edit.z}",
+                                 format_func=lambda i: f"v{by_id[i].version} · {by_id[i].kind} · "
+                                                       f"{by_id[i].author or 'anonymous'}")
+        cols[1].button("Restore it as a new version", on_click=_restore, args=(edit, pick),
+                       disabled=draft.dirty or not can("annotate"),
+                       key="restore", help="Save or discard your changes first." if draft.dirty else None)
+
+
+if __name__ == "__main__":  # run as a page of its own: only by Streamlit's folder mode, which this ends
+    frame_guard()
