@@ -20,9 +20,10 @@ from storage.jobs.outcome import Outcome, job_main, run_to_end, unwind_on_sigter
 from storage.jobs.procs import start_time
 from storage.models import Checkpoint, Dataset, Prediction
 from storage.records.datasets import load_volume, protected_paths
+from storage.records.external import External
 from storage.records.files import IntegrityError
 from storage.records.masks import latest_mask, load_mask
-from storage.records.volumes import External, Volume, open_block_volume
+from storage.records.volumes import Volume, open_block_volume
 from storage.settings import Settings
 from unet.prediction.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
 

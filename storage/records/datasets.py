@@ -23,9 +23,11 @@ from domain.kinds import MaskKind, RunKind
 from domain.records import DatasetInfo, NotFound
 from storage import text
 from storage.models import Dataset, MaskVersion, Run, RunMask
+from storage.records.external import External
 from storage.records.files import FileStore, IntegrityError, import_roots
 from storage.records.masks import add_mask
-from storage.records.volumes import FORMAT, External, Refused, Volume, VolumeWriter, check_folder, write_volume
+from storage.records.server_folders import Refused, check_folder
+from storage.records.volumes import FORMAT, Volume, VolumeWriter, write_volume
 from unet.exchange.io import Limits, iter_slices
 from unet.training.labels import labels_to_target
 
@@ -200,7 +202,7 @@ def convert_legacy_predictions(session: Session, store: FileStore, log: Callable
 def import_external(session: Session, store: FileStore, path: str | os.PathLike, *, link: bool = False,
                     name: str | None = None, author: str = "",
                     progress: Callable[[str, float], None] | None = None) -> DatasetInfo:
-    """A stack already on the server (an OME-Zarr, zarr or N5 folder, :class:`~storage.records.volumes.External`)
+    """A stack already on the server (an OME-Zarr, zarr or N5 folder, :class:`~storage.records.external.External`)
     as a new dataset: copied slice by slice into the store, or with ``link`` read where it lies (nothing
     is ever written there; the dataset breaks if the folder goes). Bad input raises ValueError. The folder
     must have been checked and walked first (:func:`storage.records.ingest.import_path` does it); here what its
@@ -257,7 +259,7 @@ def load_volume(session: Session, store: FileStore, dataset_id: int) -> Volume |
     row = dataset_row(session, dataset_id)
     if row.volume_format == LINK:
         # checked again on every read, cheaply: the folder may have become a link, or left the import
-        # folders (or they were turned off); each file is checked again as it is opened (storage.records.volumes)
+        # folders (or they were turned off); each file is checked again as it is opened (storage.records.server_folders)
         try:
             protected = protected_paths(session, store)
             folder = check_folder(row.linked_path or "", import_roots(), protected)

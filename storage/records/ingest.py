@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain.records import AlreadyLoaded, ChannelsQuestion, DatasetInfo, UserError
 from storage.records import datasets
 from storage.records.files import IMPORT_ROOTS_ENV, FileStore, import_roots
-from storage.records.volumes import Refused, check_folder, check_tree
+from storage.records.server_folders import Refused, check_folder, check_tree
 from storage.settings import PROJECT_ROOT
 from unet.exchange.io import ChannelsMaybeSlices
 
@@ -112,8 +112,8 @@ def allowed_path(store: FileStore, path: str, protected: list[Path] | None = Non
     (``$NEUROSEG_IMPORT_ROOTS`` names folders; off by default), the path is absolute and resolves inside
     one of them, is not a link, neither lies in nor holds the data directory or the database
     (``protected``), and the folder's whole tree holds plain folders and plain single-name files only
-    (:func:`storage.records.volumes.check_tree`, walked before zarr or the N5 reader opens a file). Every refusal
-    says the same words (:data:`storage.records.volumes.REFUSED`): which server paths exist is none of a user's
+    (:func:`storage.records.server_folders.check_tree`, walked before zarr or the N5 reader opens a file). Every refusal
+    says the same words (:data:`storage.records.server_folders.REFUSED`): which server paths exist is none of a user's
     business."""
     roots = import_roots()
     if not roots:
