@@ -1,5 +1,5 @@
-"""BioImage.IO packages in and out of the store. Out: :func:`storage.records.runs.export_model`. In: an uploaded
-``.zip`` becomes a checkpoint (a finished run of kind ``imported``) that Predict, Live and "Start from"
+"""BioImage.IO packages in and out of the store. Out: :func:`storage.records.checkpoints.export_model`. In: an
+uploaded ``.zip`` becomes a checkpoint (a finished run of kind ``imported``) that Predict, Live and "Start from"
 offer like any other, after checks that leave nothing behind when one fails. A package is hostile until
 shown otherwise: its Python is never imported, no URL it names is fetched, and its TorchScript is loaded
 in the server only after a sandboxed child process accepted it.
