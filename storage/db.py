@@ -12,7 +12,9 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.records.datasets import convert_legacy_predictions, convert_legacy_volumes
 from storage.records.files import FileStore
+from storage.records.volumes import remove_partials
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
@@ -74,9 +76,6 @@ def open_store(settings, *, migrate: bool = False) -> tuple[sessionmaker[Session
     if migrate:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(engine)
-        from storage.records.datasets import convert_legacy_predictions, convert_legacy_volumes
-        from storage.records.volumes import remove_partials
-
         remove_partials(store.root)
         with sessions() as session:
             convert_legacy_volumes(session, store, log=_log)

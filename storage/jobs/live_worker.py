@@ -26,6 +26,7 @@ import time
 from datetime import UTC, datetime
 
 import numpy as np
+import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,8 +38,9 @@ from storage.jobs.outcome import Outcome, job_main
 from storage.jobs.procs import start_time
 from storage.jobs.queue import claim
 from storage.models import Checkpoint, LiveSlice, MaskVersion, Run, RunMask
+from storage.records.datasets import load_volume
 from storage.records.files import FileStore
-from storage.records.heldout import held_out
+from storage.records.heldout import held_out, score_run
 from storage.records.live import focus_slices, region_text, viewed_regions, waiting_normal_run
 from storage.records.masks import load_mask, slice_kinds
 from storage.settings import Settings
@@ -93,8 +95,6 @@ class LiveLoop:
             self.learned = {m.slice_index: m.mask_version_id for m in s.execute(
                 select(RunMask.mask_version_id, MaskVersion.slice_index)
                 .join(MaskVersion, RunMask.mask_version_id == MaskVersion.id).where(RunMask.run_id == run_id))}
-            from storage.records.datasets import load_volume
-
             self.volume = load_volume(s, store, self.dataset_id)
         self.slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.slices_ids: dict[int, int] = {}  # slice → the mask version it trains on
@@ -251,8 +251,6 @@ class LiveLoop:
 
     def run(self, outcome: Outcome) -> None:
         if self.device == "cpu":  # leave a core to the server (and the user's page): see LIVE_THREADS
-            import torch
-
             torch.set_num_threads(LIVE_THREADS)
         out_dir = self.store.run_dir(self.run_id)
         resume = (out_dir / "latest.pt").exists()
@@ -341,8 +339,6 @@ def run_worker(run_id: int, settings: Settings) -> int:
     def body(outcome: Outcome, reporter: DatabaseReporter) -> None:
         LiveLoop(sessions, store, run_id, reporter).run(outcome)
         if outcome.status == RunStatus.FINISHED:
-            from storage.records.heldout import score_run
-
             score_run(sessions, store, run_id)
 
     return run_job(sessions, store, settings, run_id, body)

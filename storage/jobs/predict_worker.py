@@ -26,11 +26,10 @@ from storage.records.masks import latest_mask, load_mask
 from storage.records.volumes import Volume, open_block_volume
 from storage.settings import Settings
 from unet.prediction.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
+from unet.prediction.metrics import mean_metrics
 
 
 def run_prediction(prediction_id: int, settings: Settings) -> int:
-    from unet.prediction.metrics import mean_metrics
-
     sessions, store = open_store(settings)  # the server has migrated it
     with sessions.begin() as s:
         row = s.get(Prediction, prediction_id)

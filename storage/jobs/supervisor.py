@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.kinds import ACTIVE
+from storage.db import open_store
 from storage.jobs.queue import CANCEL_GRACE, HEARTBEAT_STALE, Reconciled, reconcile, start_queued
 from storage.models import Prediction, Run
 from storage.settings import Settings
@@ -95,8 +96,6 @@ def _report(done: Reconciled) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from storage.db import open_store
-
     ap = argparse.ArgumentParser(prog="python -m storage.jobs.supervisor", description=__doc__.split("\n\n")[0])
     ap.add_argument("--interval", type=float, default=INTERVAL_S, help="seconds between ticks")
     ap.add_argument("--cancel-grace", type=float, default=CANCEL_GRACE.total_seconds(),

@@ -22,13 +22,14 @@ from sqlalchemy.orm import Session
 from domain.kinds import MaskKind, RunKind
 from domain.records import DatasetInfo, NotFound
 from storage import text
-from storage.models import Dataset, MaskVersion, Run, RunMask
+from storage.models import Dataset, MaskVersion, Prediction, Run, RunMask
 from storage.records.external import External
 from storage.records.files import FileStore, IntegrityError, import_roots
 from storage.records.masks import add_mask
 from storage.records.server_folders import Refused, check_folder
 from storage.records.volumes import FORMAT, Volume, VolumeWriter, write_volume
 from unet.exchange.io import Limits, iter_slices
+from unet.prediction.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
 from unet.training.labels import labels_to_target
 
 LINK = "link"  # a dataset whose stack is read where it lies on the server (volume_format)
@@ -151,9 +152,6 @@ def convert_legacy_predictions(session: Session, store: FileStore, log: Callable
     ones (:mod:`unet.prediction.blockwise`), without losing a byte: each TIFF's checksum is verified, it is
     converted slice by slice, the slices read back are compared with the TIFF's, then the row switches and
     the TIFF goes. A failure leaves the prediction as it was (still readable) and says why."""
-    from storage.models import Prediction
-    from unet.prediction.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
-
     done = 0
     for row in session.scalars(select(Prediction).order_by(Prediction.id)):
         legacy = {name: entry for name, entry in (row.files or {}).items()

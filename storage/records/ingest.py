@@ -20,7 +20,8 @@ from storage.records import datasets
 from storage.records.files import IMPORT_ROOTS_ENV, FileStore, import_roots
 from storage.records.server_folders import Refused, check_folder, check_tree
 from storage.settings import PROJECT_ROOT
-from unet.exchange.io import ChannelsMaybeSlices
+from unet.exchange.io import ChannelsMaybeSlices, write_tiff_atomic
+from unet.training.synthetic import make_synthetic_em
 
 Progress = Callable[[str, float], None]
 ISBI_FILES = ("train-volume.tif", "train-labels.tif")
@@ -162,9 +163,6 @@ def _refuse_second_copy(sessions: sessionmaker[Session], what: str, source_name:
 
 def load_demo(sessions: sessionmaker[Session], store: FileStore, author: str = "") -> DatasetInfo:
     """The synthetic EM stack with its labels, so a newcomer can try everything in a minute."""
-    from unet.exchange.io import write_tiff_atomic
-    from unet.training.synthetic import make_synthetic_em
-
     _refuse_second_copy(sessions, DEMO_NAME, DEMO_SOURCE)
     volume, labels = make_synthetic_em(DEMO_SHAPE, np.random.default_rng(2012))
     with store.spool() as volume_path, store.spool() as labels_path:
