@@ -68,7 +68,7 @@ def first_start(settings: Settings | None = None) -> str:
     said: list[str] = []
     try:
         with sessions.begin() as s:
-            password = accounts.ensure_admin(s, log=said.append)
+            password = accounts.ensure_admin(s, say=said.append)
     finally:
         sessions.kw["bind"].dispose()
     if password is None:

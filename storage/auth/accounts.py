@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +36,8 @@ from storage.auth.passwords import (
 )
 from storage.models import ROLES, AuditEvent, SignIn, User
 from storage.text import clean_name
+
+log = logging.getLogger(__name__)
 
 USERNAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 SESSION_HOURS = float(os.environ.get("NEUROSEG_SESSION_HOURS", "12"))
@@ -175,12 +178,11 @@ def create_user(session: Session, username: str, role: str, password: str | None
     return user
 
 
-def ensure_admin(session: Session, log=None) -> str | None:
+def ensure_admin(session: Session, say: Callable[[str], None] = log.info) -> str | None:
     """On the first start (no user yet), or after the migration of a store made before accounts (an
     ``admin`` that owns the old rows and has no password), give the admin a one-time password: the one in
     ``$NEUROSEG_ADMIN_PASSWORD``, else a random one printed once in the server log. It must be changed at
     the first sign-in. Returns the password made (None when nothing was to do)."""
-    log = log or (lambda message: print(f"neuroseg: {message}", file=sys.stderr, flush=True))
     users = session.scalar(select(func.count()).select_from(User)) or 0
     admin = None
     if users:
@@ -197,10 +199,10 @@ def ensure_admin(session: Session, log=None) -> str | None:
         admin.password_hash, admin.must_change_password = HASHER.hash(password), True
     audit.record(session, None, "create user", "user admin", detail="the first admin (one-time password)")
     if given:
-        log("the admin account 'admin' signs in with the password in $NEUROSEG_ADMIN_PASSWORD; "
+        say("the admin account 'admin' signs in with the password in $NEUROSEG_ADMIN_PASSWORD; "
             "it must be changed at the first sign-in.")
     else:
-        log(f"created the admin account 'admin' with the one-time password {password} "
+        say(f"created the admin account 'admin' with the one-time password {password} "
             "(shown only this once; it must be changed at the first sign-in).")
     return password
 

@@ -20,6 +20,7 @@ heartbeat like a training worker."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import sys
 import time
@@ -50,6 +51,8 @@ from unet.prediction.infer import Interrupted
 from unet.training.forest import PixelForest
 from unet.training.live import LiveTrainer
 
+log = logging.getLogger(__name__)
+
 LEARN_S = 1.0  # training on a new save before the viewer's slice is predicted with it
 PREDICT_EVERY_S = 6.0  # otherwise, training between two predictions of the viewers' slices
 NEWS_EVERY_S = 0.25  # how often training and predicting look at the store for a save or a new slice
@@ -62,7 +65,9 @@ SLOW_S = 3.0  # a step of the loop that takes longer is written to the worker's 
 def slow(what: str, since: float, run_id: int) -> None:
     took = time.monotonic() - since
     if took >= SLOW_S:
-        print(f"live {run_id}: {what} took {took:.1f} s", flush=True)
+        log.info(f"live {run_id}: {what} took {took:.1f} s")
+
+
 CHECKPOINT_EVERY_S = 60.0
 # from a trained start, the unpainted pixels keep its answer at this weight (unet.training.live); $NEUROSEG_LIVE_DISTILL
 DISTILL = float(os.environ.get("NEUROSEG_LIVE_DISTILL") or 0.3)
@@ -269,14 +274,14 @@ class LiveLoop:
             changed = self.absorb(trainer, first)
             slow(f"taking in slice(s) {changed}", began, self.run_id)
             if changed and not first:
-                print(f"live {self.run_id}: took in slice(s) {changed} at step {trainer.steps}", flush=True)
+                log.info(f"live {self.run_id}: took in slice(s) {changed} at step {trainer.steps}")
             first = False
             idle = time.monotonic() - self.watched > IDLE_STOP_S
             if stopping() or idle:
                 self.reporter.on_phase("stopping: saving the weights")
                 trainer.save()
                 if idle:
-                    print(f"live {self.run_id}: nobody watched for {IDLE_STOP_S / 60:g} minutes: it ends", flush=True)
+                    log.info(f"live {self.run_id}: nobody watched for {IDLE_STOP_S / 60:g} minutes: it ends")
                 return
             with self.sessions.begin() as s:
                 waiting = waiting_normal_run(s, self.device)
@@ -284,7 +289,7 @@ class LiveLoop:
                 self.reporter.on_phase(f"paused: run #{waiting} has the device; live carries on after it")
                 trainer.save()
                 outcome.status = RunStatus.QUEUED
-                print(f"live {self.run_id}: paused for run {waiting} at step {trainer.steps}", flush=True)
+                log.info(f"live {self.run_id}: paused for run {waiting} at step {trainer.steps}")
                 return
             if trainer.ready:
                 taught = " · a forest of the strokes fills in the rest" if trainer.forest is not None else ""
@@ -333,7 +338,7 @@ def run_worker(run_id: int, settings: Settings) -> int:
     sessions, store = open_store(settings)
     with sessions.begin() as s:
         if not claim(s, run_id, os.getpid(), start_time(os.getpid())):
-            print(f"live session {run_id} is not queued or its device is busy; nothing to do")
+            log.info(f"live session {run_id} is not queued or its device is busy; nothing to do")
             return 0
 
     def body(outcome: Outcome, reporter: DatabaseReporter) -> None:

@@ -7,6 +7,7 @@ shared with the live sessions' worker."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -29,6 +30,8 @@ from storage.settings import Settings
 from unet.network.config import TrainConfig
 from unet.training.data import TrainData
 from unet.training.train import run_distributed, train
+
+log = logging.getLogger(__name__)
 
 
 def _load_data(session: Session, store: FileStore, run_id: int) -> TrainData:
@@ -72,7 +75,7 @@ def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:
         plan = shared[0]
     if plan is None:
         if rank == 0:
-            print(f"run {run_id} is not queued or its device is busy; nothing to do")
+            log.info(f"run {run_id} is not queued or its device is busy; nothing to do")
         return 0
     config, parent_file, resume = TrainConfig.from_dict(plan["config"]), plan["parent"], plan["resume"]
     out_dir = store.run_dir(run_id)
@@ -91,11 +94,11 @@ def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:
         if result.reason == "stopped":
             outcome.status = RunStatus.CANCELLED
         shared = f" ({world} processes)" if world > 1 else ""
-        print(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}{shared}", flush=True)
+        log.info(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}{shared}")
         if outcome.status == RunStatus.FINISHED:
             reporter.on_phase("scoring on the held-out slices")
             if score_run(sessions, store, run_id, device=result.device):
-                print(f"run {run_id}: scored on the held-out slices", flush=True)
+                log.info(f"run {run_id}: scored on the held-out slices")
 
     return run_job(sessions, store, settings, run_id, body)
 

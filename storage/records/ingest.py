@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +22,8 @@ from storage.records.server_folders import Refused, check_folder, check_tree
 from storage.settings import PROJECT_ROOT
 from unet.exchange.io import ChannelsMaybeSlices, write_tiff_atomic
 from unet.training.synthetic import make_synthetic_em
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 ISBI_FILES = ("train-volume.tif", "train-labels.tif")
@@ -125,7 +127,7 @@ def allowed_path(store: FileStore, path: str, protected: list[Path] | None = Non
         folder = check_folder(path.strip(), roots, [store.root, *(protected or [])])
         check_tree(folder, [store.root, *(protected or [])])
     except Refused as exc:
-        print(f"neuroseg: import of {path.strip()!r} refused: {exc.reason}", file=sys.stderr, flush=True)
+        log.warning(f"import of {path.strip()!r} refused: {exc.reason}")
         raise UserError(str(exc)) from None
     return folder
 
@@ -143,7 +145,7 @@ def import_path(sessions: sessionmaker[Session], store: FileStore, path: str, *,
             return datasets.import_external(s, store, folder, link=link, name=name.strip() or None, author=author,
                                             progress=progress)
     except Refused as exc:  # a file changed since the walk
-        print(f"neuroseg: import of {path.strip()!r} refused: {exc.reason}", file=sys.stderr, flush=True)
+        log.warning(f"import of {path.strip()!r} refused: {exc.reason}")
         raise UserError(str(exc)) from None
     except ValueError as exc:
         raise UserError(str(exc)) from exc
