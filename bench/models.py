@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
 
-    from storage.auth.accounts import HASHER, verify_password
+    from storage.auth.passwords import HASHER, verify_password
     from unet.exchange.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, export_package, validate
     from unet.exchange.checkpoint import load_checkpoint
     from unet.training.synthetic import make_synthetic_em

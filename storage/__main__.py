@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from storage.auth import audit, users
+from storage.auth.accounts import user_by_name
 from storage.db import open_store
 from storage.settings import Settings
 
@@ -24,9 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         print(f"the store at {settings.data_dir} ({settings.database_url.split('://')[0]}) is up to date")
         return 0
-    from storage.auth import audit, users
-    from storage.auth.accounts import user_by_name
-
     with sessions.begin() as s:
         if args.command == "users":
             for u in users.list_users(s):

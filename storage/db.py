@@ -4,7 +4,6 @@ keys and a busy timeout on every connection."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from alembic import command
@@ -12,7 +11,10 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage import logs
+from storage.records.datasets import convert_legacy_predictions, convert_legacy_volumes
 from storage.records.files import FileStore
+from storage.records.volumes import remove_partials
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
@@ -69,21 +71,16 @@ def open_store(settings, *, migrate: bool = False) -> tuple[sessionmaker[Session
     ``migrate`` command) first creates the data directory, brings the schema up to date and moves volumes
     stored by earlier versions into the OME-Zarr store (:func:`storage.records.datasets.convert_legacy_volumes`);
     workers, started by a server, open the store as it is."""
+    logs.configure()  # the store's log lines to stderr, unless this process chose (a job: stdout)
     engine = make_engine(settings.database_url)
     sessions, store = session_factory(engine), FileStore(settings.data_dir)
     if migrate:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(engine)
-        from storage.records.datasets import convert_legacy_predictions, convert_legacy_volumes
-        from storage.records.volumes import remove_partials
-
         remove_partials(store.root)
         with sessions() as session:
-            convert_legacy_volumes(session, store, log=_log)
+            convert_legacy_volumes(session, store)
         with sessions() as session:
-            convert_legacy_predictions(session, store, log=_log)
+            convert_legacy_predictions(session, store)
     return sessions, store
 
-
-def _log(message: str) -> None:
-    print(f"neuroseg: {message}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select, text, update
 
-from storage.auth import accounts
+from storage.auth import accounts, passwords
 from storage.auth.accounts import Actor
 from storage.db import make_engine, upgrade
 from storage.models import SignIn
@@ -138,7 +138,7 @@ def test_users_cannot_be_made_with_unsafe_names_or_passwords(svc):
 
 def test_wrong_passwords_in_a_row_make_the_account_wait(svc):
     user(svc, "ann", "annotator")
-    for _ in range(accounts.FREE_TRIES):
+    for _ in range(passwords.FREE_TRIES):
         with pytest.raises(UserError, match="wrong password"):
             svc.sign_in("ann", "not-the-password")
     with pytest.raises(UserError, match=r"Too many wrong passwords for this user name: wait \d+ s"):

@@ -24,8 +24,9 @@ import tifffile
 import zarr
 from sqlalchemy import text
 
+from storage.records.external import External
 from storage.records.files import FileStore
-from storage.records.volumes import METADATA_FILES, REFUSED, External
+from storage.records.server_folders import METADATA_FILES, REFUSED
 from storage.service import Actor, Neuroseg, UserError, settings_from_env
 
 GOOD = "a-good-password"
@@ -561,11 +562,11 @@ def test_only_known_codecs_decode_chunks_from_a_server_folder(svc, tmp_path, mon
 
 
 def test_a_folder_too_large_or_too_deep_to_walk_is_refused(svc, tmp_path, monkeypatch, capfd):
-    from storage.records import volumes
+    from storage.records import server_folders
 
     monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
-    monkeypatch.setattr(volumes, "MAX_TREE_ENTRIES", 40)  # (1,000,000 and 32 on a server)
-    monkeypatch.setattr(volumes, "MAX_TREE_DEPTH", 5)
+    monkeypatch.setattr(server_folders, "MAX_TREE_ENTRIES", 40)  # (1,000,000 and 32 on a server)
+    monkeypatch.setattr(server_folders, "MAX_TREE_DEPTH", 5)
     zarr_stack(tmp_path / "lab" / "many.zarr", shape=(30, 8, 8), chunks=(1, 8, 8))  # 30 chunks in 34 folders
     deep = tmp_path / "lab" / "deep.zarr"
     zarr_stack(deep, shape=(2, 8, 8), chunks=(1, 8, 8))

@@ -20,7 +20,7 @@ from markdown_it import MarkdownIt
 from sqlalchemy import select, update
 from streamlit.testing.v1 import AppTest
 
-from storage.auth import accounts, audit
+from storage.auth import accounts, audit, passwords
 from storage.auth.accounts import Actor
 from storage.models import SignIn
 from storage.records import starter
@@ -239,7 +239,7 @@ def test_the_sign_in_answers_are_the_same_for_an_account_and_a_name_that_is_none
 
     def answers(name: str) -> list[str]:
         out = []
-        for _ in range(accounts.FREE_TRIES + 1):
+        for _ in range(passwords.FREE_TRIES + 1):
             with pytest.raises(UserError) as refusal:
                 svc.sign_in(name, "not-the-password", "10.0.0.9")
             out.append(re.sub(r"\d+ s", "N s", str(refusal.value)))
@@ -258,7 +258,7 @@ def test_failures_on_the_loopback_count_per_user_name_and_elsewhere_per_address(
 
     def failures(address: str, *names: str) -> None:
         def add(s) -> None:
-            for i in range(accounts.ADDRESS_TRIES):
+            for i in range(passwords.ADDRESS_TRIES):
                 name = names[i % len(names)]
                 audit.record(s, None, "sign in", f"user {name}", "failed", "wrong password", address, username=name)
         svc._tx(add)
@@ -274,8 +274,8 @@ def test_failures_on_the_loopback_count_per_user_name_and_elsewhere_per_address(
     failures("10.1.2.3", "a", "b", "c")  # a real address: it waits, whichever name
     with pytest.raises(UserError, match="Too many failed sign-ins from this address"):
         svc.sign_in("bob", GOOD, "10.1.2.3")
-    assert {accounts.shared_address(a) for a in ("", "localhost", "127.0.0.1", "::1", "127.1.2.3")} == {True}
-    assert not accounts.shared_address("10.0.0.1")
+    assert {passwords.shared_address(a) for a in ("", "localhost", "127.0.0.1", "::1", "127.1.2.3")} == {True}
+    assert not passwords.shared_address("10.0.0.1")
 
 
 # --- 5. Home does not show where the store is ---------------------------------------------------------
@@ -292,7 +292,7 @@ def test_home_does_not_show_the_data_directory(app_data_dir):
 def test_only_wrong_passwords_make_a_name_wait_whether_it_is_an_account_or_not(svc):
     user(svc, "ann", "annotator")
     for name in ("ann", "ghost"):
-        for _ in range(accounts.FREE_TRIES + 1):  # empty passwords are not wrong ones: no wait after them
+        for _ in range(passwords.FREE_TRIES + 1):  # empty passwords are not wrong ones: no wait after them
             with pytest.raises(UserError, match="Enter your password"):
                 svc.sign_in(name, "", "10.0.0.1")
         with pytest.raises(UserError, match="Unknown user name or wrong password"):

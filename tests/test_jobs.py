@@ -12,6 +12,7 @@ from domain.records import NotFound
 from storage.db import open_store
 from storage.jobs import queue
 from storage.records import datasets, deletion, masks, runs
+from storage.records.checkpoints import checkpoints as run_checkpoints
 from storage.service import Neuroseg
 from storage.settings import Settings
 from unet.exchange.checkpoint import load_checkpoint
@@ -60,7 +61,7 @@ def test_worker_trains_to_finished_and_the_queue_moves_on(env):
     wait_for(lambda: status(sessions, second.id) == "FINISHED", what="the queued run to finish")
     with sessions.begin() as s:
         losses = runs.run_metrics(s, first.id, "loss")
-        checkpoints = {c.kind: c for c in runs.checkpoints(s, first.id)}
+        checkpoints = {c.kind: c for c in run_checkpoints(s, first.id)}
         assert [step for step, _, _ in losses] == list(range(1, 21))
         assert runs.run_metrics(s, first.id, "val_pixel_error")
     assert set(checkpoints) == {"best", "latest"} and checkpoints["latest"].step == 20
@@ -107,7 +108,7 @@ def _finished_run(session, spec):
 
 def jobs_latest_step(sessions, run_id):
     with sessions.begin() as s:
-        latest = [c for c in runs.checkpoints(s, run_id) if c.kind == "latest"]
+        latest = [c for c in run_checkpoints(s, run_id) if c.kind == "latest"]
     return latest[0].step if latest else 0
 
 
@@ -126,7 +127,7 @@ def test_kill_9_becomes_lost_and_resume_finishes(env):
     assert info.status == "LOST" and "worker process is gone" in info.error
     recorded = jobs_latest_step(sessions, run.id)
     with sessions.begin() as s:
-        path = store.abspath(next(c.file for c in runs.checkpoints(s, run.id) if c.kind == "latest"))
+        path = store.abspath(next(c.file for c in run_checkpoints(s, run.id) if c.kind == "latest"))
         # the latest checkpoint is whole; the kill may land after its rename and before its row is updated,
         # so the file can be one checkpoint ahead of the row (resume goes on from the file)
         killed_at = load_checkpoint(path).meta["step"]

@@ -264,7 +264,8 @@ def test_a_conflict_offers_one_choice_beside_its_message(app_data_dir):
 
 
 def test_a_folder_on_the_server_is_imported_from_the_datasets_page(app_data_dir, tmp_path, monkeypatch):
-    from storage.records.volumes import REFUSED, write_volume
+    from storage.records.server_folders import REFUSED
+    from storage.records.volumes import write_volume
 
     volume = np.random.default_rng(4).integers(0, 255, (3, 40, 50), dtype=np.uint8)
     folder = tmp_path / "lab" / "sample.ome.zarr"

@@ -9,7 +9,7 @@ import select
 import pytest
 
 from domain.records import UserError
-from storage.records import deletion, runs, starter
+from storage.records import checkpoints, deletion, runs, starter
 from storage.service import Neuroseg
 from storage.settings import Settings
 from ui.training import checkpoint_label, default_checkpoint
@@ -121,4 +121,4 @@ def test_registration_keys_on_the_file_and_leaves_runs_alone(tmp_path, shipped):
     with sessions.begin() as s:
         second = starter.register(s, store)
         assert second.checkpoint_id != first.checkpoint_id
-        assert len(runs.checkpoints(s)) == 2
+        assert len(checkpoints.checkpoints(s)) == 2

@@ -1,7 +1,8 @@
 """Who may sign in, and who is signed in: local accounts with argon2id password hashes (``argon2-cffi``),
 identities from single sign-on (OIDC, through Streamlit's ``st.login``) mapped to the same users, the
 browsers signed in (a random token in a cookie; the store keeps its SHA-256), the first admin, and the
-slowing down of wrong passwords. Every sign-in, failed or not, is in the audit trail (:mod:`storage.auth.audit`).
+slowing down of wrong passwords (the hashes, the rules of a password and how long a name waits:
+:mod:`storage.auth.passwords`). Every sign-in, failed or not, is in the audit trail (:mod:`storage.auth.audit`).
 
 No Streamlit here: the pages hand over what the browser sent (the form, the cookie, the address) and show
 the :class:`~domain.records.UserError` messages raised here."""
@@ -10,31 +11,35 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from storage.auth import audit
+from storage.auth.passwords import (
+    ADDRESS_TRIES,
+    ADDRESS_WINDOW,
+    HASHER,
+    MAX_PASSWORD,
+    check_new_password,
+    shared_address,
+    verify_password,
+    wait_after,
+)
 from storage.models import ROLES, AuditEvent, SignIn, User
 from storage.text import clean_name
 
-HASHER = PasswordHasher()  # argon2id, the library's (RFC 9106 "low memory") parameters
-_DUMMY_HASH = HASHER.hash("not a password anyone has")  # unknown users cost as much time as known ones
+log = logging.getLogger(__name__)
 
 USERNAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-MIN_PASSWORD, MAX_PASSWORD = 8, 1024  # characters; a longer one is refused before it is hashed
-FREE_TRIES = 3  # wrong passwords in a row before each further try waits
-MAX_WAIT = timedelta(minutes=5)
-ADDRESS_WINDOW, ADDRESS_TRIES = timedelta(minutes=5), 20  # failed sign-ins from one address, any user
 SESSION_HOURS = float(os.environ.get("NEUROSEG_SESSION_HOURS", "12"))
 
 
@@ -145,25 +150,6 @@ def check_username(name: str) -> str:
     return lowered
 
 
-def check_new_password(password: str, username: str = "") -> str:
-    if not password:
-        raise ValueError("Enter a password.")
-    if len(password) < MIN_PASSWORD:
-        raise ValueError(f"A password has at least {MIN_PASSWORD} characters.")
-    if len(password) > MAX_PASSWORD:
-        raise ValueError(f"A password has at most {MAX_PASSWORD} characters.")
-    if username and password.lower() == username.lower():
-        raise ValueError("The password cannot be the user name.")
-    return password
-
-
-def verify_password(stored: str | None, password: str) -> bool:
-    try:
-        return HASHER.verify(stored or _DUMMY_HASH, password) and stored is not None
-    except (VerificationError, InvalidHashError):
-        return False
-
-
 # --- users -------------------------------------------------------------------------------------------------
 def user_by_name(session: Session, username: str) -> User | None:
     return session.scalar(select(User).where(User.username == username.strip().lower()))
@@ -192,12 +178,11 @@ def create_user(session: Session, username: str, role: str, password: str | None
     return user
 
 
-def ensure_admin(session: Session, log=None) -> str | None:
+def ensure_admin(session: Session, say: Callable[[str], None] = log.info) -> str | None:
     """On the first start (no user yet), or after the migration of a store made before accounts (an
     ``admin`` that owns the old rows and has no password), give the admin a one-time password: the one in
     ``$NEUROSEG_ADMIN_PASSWORD``, else a random one printed once in the server log. It must be changed at
     the first sign-in. Returns the password made (None when nothing was to do)."""
-    log = log or (lambda message: print(f"neuroseg: {message}", file=sys.stderr, flush=True))
     users = session.scalar(select(func.count()).select_from(User)) or 0
     admin = None
     if users:
@@ -214,10 +199,10 @@ def ensure_admin(session: Session, log=None) -> str | None:
         admin.password_hash, admin.must_change_password = HASHER.hash(password), True
     audit.record(session, None, "create user", "user admin", detail="the first admin (one-time password)")
     if given:
-        log("the admin account 'admin' signs in with the password in $NEUROSEG_ADMIN_PASSWORD; "
+        say("the admin account 'admin' signs in with the password in $NEUROSEG_ADMIN_PASSWORD; "
             "it must be changed at the first sign-in.")
     else:
-        log(f"created the admin account 'admin' with the one-time password {password} "
+        say(f"created the admin account 'admin' with the one-time password {password} "
             "(shown only this once; it must be changed at the first sign-in).")
     return password
 
@@ -238,13 +223,6 @@ WAIT_MESSAGE = "Too many wrong passwords for this user name: wait {seconds} s an
 UNKNOWN = "unknown user"  # the audit trail's detail of a sign-in with a name that is no account
 
 
-def shared_address(address: str) -> bool:
-    """An address many users share as far as the server can tell: none, or the loopback (everyone on the
-    server itself, or behind a proxy that does not say who). Failures from it count per user name."""
-    address = (address or "").strip().lower()
-    return address in ("", "localhost", "::1", "0:0:0:0:0:0:0:1") or address.startswith(("127.", "::ffff:127."))
-
-
 def _locked_until(session: Session, user: User | None, name: str) -> datetime | None:
     """Until when a name must wait after wrong passwords in a row: an account's own count, and for a name
     that is no account the same count kept in the audit trail, so both answer alike and at the same time."""
@@ -253,16 +231,8 @@ def _locked_until(session: Session, user: User | None, name: str) -> datetime | 
     count, last = session.execute(select(func.count(), func.max(AuditEvent.time)).where(
         AuditEvent.action == "sign in", AuditEvent.outcome == "failed", AuditEvent.username == name,
         AuditEvent.user_id.is_(None), AuditEvent.detail == UNKNOWN)).one()
-    wait = _wait(count or 0)
+    wait = wait_after(count or 0)
     return aware(last) + wait if wait and last is not None else None
-
-
-def _wait(failures: int) -> timedelta:
-    """How long an account waits after ``failures`` wrong passwords in a row: nothing for the first few,
-    then 2, 4, 8 … seconds, at most five minutes."""
-    if failures < FREE_TRIES:
-        return timedelta(0)
-    return min(timedelta(seconds=2 ** (failures - FREE_TRIES + 1)), MAX_WAIT)
 
 
 def _new_session(session: Session, user: User, address: str, method: str) -> str:
@@ -312,7 +282,7 @@ def sign_in(session: Session, username: str, password: str, address: str = "") -
     if user is None or not good or user.disabled:
         if user is not None:  # (a disabled account waits too: it answers as an unknown name does)
             user.failed_sign_ins += 1
-            wait = _wait(user.failed_sign_ins)
+            wait = wait_after(user.failed_sign_ins)
             user.locked_until = moment + wait if wait else None
         why = UNKNOWN if user is None else ("account disabled" if user.disabled else "wrong password")
         audit.record(session, user.id if user else None, "sign in", f"user {name}", "failed", why, address,

@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 
 from domain.kinds import RunKind, RunStatus
 from domain.records import UserInfo
-from storage.auth.accounts import HASHER, aware, check_new_password, create_user, get_user
+from storage.auth.accounts import aware, create_user, get_user
+from storage.auth.passwords import HASHER, check_new_password
 from storage.models import ROLES, Checkpoint, Dataset, Prediction, Run, SignIn, User
 from storage.records.files import FileStore
 

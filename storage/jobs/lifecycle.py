@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from storage.records.files import FileStore, sha256_of
 from storage.settings import Settings
 from unet.exchange.checkpoint import side_file
 from unet.training.train import NullReporter
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 10.0
 FLUSH_EVERY = 2.0
@@ -101,9 +104,8 @@ def start_segment(sessions: sessionmaker[Session], run_id: int, out_dir: Path, r
             s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.step > step, Metric.key != "resume"))
             s.add(Metric(run_id=run_id, key="resume", step=step, value=float(had), time=0.0))
     if had is not None:
-        print(f"run {run_id}: resumed from step {step}" + ("" if step else
-              f" (it had reached step {had} but stopped before its first checkpoint: it starts again)"),
-              flush=True)
+        log.info(f"run {run_id}: resumed from step {step}" + ("" if step else
+                 f" (it had reached step {had} but stopped before its first checkpoint: it starts again)"))
     return step
 
 

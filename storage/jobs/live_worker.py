@@ -20,12 +20,14 @@ heartbeat like a training worker."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import sys
 import time
 from datetime import UTC, datetime
 
 import numpy as np
+import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,8 +39,9 @@ from storage.jobs.outcome import Outcome, job_main
 from storage.jobs.procs import start_time
 from storage.jobs.queue import claim
 from storage.models import Checkpoint, LiveSlice, MaskVersion, Run, RunMask
+from storage.records.datasets import load_volume
 from storage.records.files import FileStore
-from storage.records.heldout import held_out
+from storage.records.heldout import held_out, score_run
 from storage.records.live import focus_slices, region_text, viewed_regions, waiting_normal_run
 from storage.records.masks import load_mask, slice_kinds
 from storage.settings import Settings
@@ -47,6 +50,8 @@ from unet.network.config import TrainConfig
 from unet.prediction.infer import Interrupted
 from unet.training.forest import PixelForest
 from unet.training.live import LiveTrainer
+
+log = logging.getLogger(__name__)
 
 LEARN_S = 1.0  # training on a new save before the viewer's slice is predicted with it
 PREDICT_EVERY_S = 6.0  # otherwise, training between two predictions of the viewers' slices
@@ -60,7 +65,9 @@ SLOW_S = 3.0  # a step of the loop that takes longer is written to the worker's 
 def slow(what: str, since: float, run_id: int) -> None:
     took = time.monotonic() - since
     if took >= SLOW_S:
-        print(f"live {run_id}: {what} took {took:.1f} s", flush=True)
+        log.info(f"live {run_id}: {what} took {took:.1f} s")
+
+
 CHECKPOINT_EVERY_S = 60.0
 # from a trained start, the unpainted pixels keep its answer at this weight (unet.training.live); $NEUROSEG_LIVE_DISTILL
 DISTILL = float(os.environ.get("NEUROSEG_LIVE_DISTILL") or 0.3)
@@ -93,8 +100,6 @@ class LiveLoop:
             self.learned = {m.slice_index: m.mask_version_id for m in s.execute(
                 select(RunMask.mask_version_id, MaskVersion.slice_index)
                 .join(MaskVersion, RunMask.mask_version_id == MaskVersion.id).where(RunMask.run_id == run_id))}
-            from storage.records.datasets import load_volume
-
             self.volume = load_volume(s, store, self.dataset_id)
         self.slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.slices_ids: dict[int, int] = {}  # slice → the mask version it trains on
@@ -251,8 +256,6 @@ class LiveLoop:
 
     def run(self, outcome: Outcome) -> None:
         if self.device == "cpu":  # leave a core to the server (and the user's page): see LIVE_THREADS
-            import torch
-
             torch.set_num_threads(LIVE_THREADS)
         out_dir = self.store.run_dir(self.run_id)
         resume = (out_dir / "latest.pt").exists()
@@ -271,14 +274,14 @@ class LiveLoop:
             changed = self.absorb(trainer, first)
             slow(f"taking in slice(s) {changed}", began, self.run_id)
             if changed and not first:
-                print(f"live {self.run_id}: took in slice(s) {changed} at step {trainer.steps}", flush=True)
+                log.info(f"live {self.run_id}: took in slice(s) {changed} at step {trainer.steps}")
             first = False
             idle = time.monotonic() - self.watched > IDLE_STOP_S
             if stopping() or idle:
                 self.reporter.on_phase("stopping: saving the weights")
                 trainer.save()
                 if idle:
-                    print(f"live {self.run_id}: nobody watched for {IDLE_STOP_S / 60:g} minutes: it ends", flush=True)
+                    log.info(f"live {self.run_id}: nobody watched for {IDLE_STOP_S / 60:g} minutes: it ends")
                 return
             with self.sessions.begin() as s:
                 waiting = waiting_normal_run(s, self.device)
@@ -286,7 +289,7 @@ class LiveLoop:
                 self.reporter.on_phase(f"paused: run #{waiting} has the device; live carries on after it")
                 trainer.save()
                 outcome.status = RunStatus.QUEUED
-                print(f"live {self.run_id}: paused for run {waiting} at step {trainer.steps}", flush=True)
+                log.info(f"live {self.run_id}: paused for run {waiting} at step {trainer.steps}")
                 return
             if trainer.ready:
                 taught = " · a forest of the strokes fills in the rest" if trainer.forest is not None else ""
@@ -335,14 +338,12 @@ def run_worker(run_id: int, settings: Settings) -> int:
     sessions, store = open_store(settings)
     with sessions.begin() as s:
         if not claim(s, run_id, os.getpid(), start_time(os.getpid())):
-            print(f"live session {run_id} is not queued or its device is busy; nothing to do")
+            log.info(f"live session {run_id} is not queued or its device is busy; nothing to do")
             return 0
 
     def body(outcome: Outcome, reporter: DatabaseReporter) -> None:
         LiveLoop(sessions, store, run_id, reporter).run(outcome)
         if outcome.status == RunStatus.FINISHED:
-            from storage.records.heldout import score_run
-
             score_run(sessions, store, run_id)
 
     return run_job(sessions, store, settings, run_id, body)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import signal
 import traceback
 from collections.abc import Callable
@@ -16,8 +17,11 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.kinds import RunStatus
+from storage import logs
 from storage.models import Prediction, Run
 from storage.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +48,7 @@ def run_to_end(sessions: sessionmaker[Session], table: type[Run] | type[Predicti
         body(outcome)
     except KeyboardInterrupt:
         outcome.status, outcome.error = RunStatus.CANCELLED, "stopped by a signal"
-        print(f"{table.__tablename__[:-1]} {job_id}: stopped by a signal", flush=True)
+        log.info(f"{table.__tablename__[:-1]} {job_id}: stopped by a signal")
     except BaseException as exc:
         outcome.status, outcome.error = RunStatus.FAILED, "".join(traceback.format_exception(exc))[-20000:]
         traceback.print_exc()
@@ -68,4 +72,5 @@ def job_main(argv: list[str] | None, module: str, option: str, run: Callable[[in
     ap = argparse.ArgumentParser(prog=f"python -m {module}", description="Run one job of the store (started by "
                                  "the app's queue).")
     ap.add_argument(option, type=int, required=True, dest="job_id")
+    logs.configure("stdout")  # the run's log file (the queue appends stdout and stderr to it)
     return run(ap.parse_args(argv).job_id, Settings.from_env())

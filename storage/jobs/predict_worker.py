@@ -8,6 +8,7 @@ with the training worker)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from functools import partial
@@ -20,21 +21,23 @@ from storage.jobs.outcome import Outcome, job_main, run_to_end, unwind_on_sigter
 from storage.jobs.procs import start_time
 from storage.models import Checkpoint, Dataset, Prediction
 from storage.records.datasets import load_volume, protected_paths
+from storage.records.external import External
 from storage.records.files import IntegrityError
 from storage.records.masks import latest_mask, load_mask
-from storage.records.volumes import External, Volume, open_block_volume
+from storage.records.volumes import Volume, open_block_volume
 from storage.settings import Settings
 from unet.prediction.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
+from unet.prediction.metrics import mean_metrics
+
+log = logging.getLogger(__name__)
 
 
 def run_prediction(prediction_id: int, settings: Settings) -> int:
-    from unet.prediction.metrics import mean_metrics
-
     sessions, store = open_store(settings)  # the server has migrated it
     with sessions.begin() as s:
         row = s.get(Prediction, prediction_id)
         if row is None or row.status != RunStatus.QUEUED:
-            print(f"prediction {prediction_id} is not queued; nothing to do")
+            log.info(f"prediction {prediction_id} is not queued; nothing to do")
             return 0
         row.status, row.pid, row.pid_started = RunStatus.RUNNING, os.getpid(), start_time(os.getpid())
         # (the launcher records the same pid: whichever writes first, a dead process is noticed)
@@ -89,7 +92,7 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             row = s.get(Prediction, prediction_id)
             row.file, row.sha256 = files["probabilities"]["file"], files["probabilities"]["sha256"]
             row.files, row.metrics = files, metrics or None
-        print(f"prediction {prediction_id}: finished ({len(markers)} blocks)", flush=True)
+        log.info(f"prediction {prediction_id}: finished ({len(markers)} blocks)")
 
     return run_to_end(sessions, Prediction, prediction_id, body)
 

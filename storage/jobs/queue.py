@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import torch
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -65,8 +66,6 @@ def train_processes(device: str) -> int:
     if device == "cpu":
         return 1
     try:
-        import torch
-
         return max(1, torch.cuda.device_count()) if device in ("auto", "cuda") else 1
     except Exception:
         return 1

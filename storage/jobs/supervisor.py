@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import threading
 from datetime import timedelta
@@ -19,9 +20,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.kinds import ACTIVE
+from storage.db import open_store
 from storage.jobs.queue import CANCEL_GRACE, HEARTBEAT_STALE, Reconciled, reconcile, start_queued
 from storage.models import Prediction, Run
 from storage.settings import Settings
+
+log = logging.getLogger(__name__)
 
 INTERVAL_S = 2.0
 
@@ -61,11 +65,11 @@ class Supervisor:
             except Exception as exc:  # an unreachable database: try again next time, say so once
                 message = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 if message != failing:
-                    print(f"supervisor: {message} (retrying every {self.interval:g} s)", file=sys.stderr, flush=True)
+                    log.warning(f"supervisor: {message} (retrying every {self.interval:g} s)")
                 failing = message
             else:
                 if failing:
-                    print("supervisor: the store answers again", file=sys.stderr, flush=True)
+                    log.info("supervisor: the store answers again")
                     failing = ""
                 if report is not None:
                     report(done)
@@ -86,6 +90,7 @@ class Supervisor:
 
 
 def _report(done: Reconciled) -> None:
+    """What the command line prints of each tick (its user's output at a terminal, not the log)."""
     for run_id, sig in done.signalled:
         print(f"run {run_id}: sent {sig} to its worker", flush=True)
     for what, ids in (("lost", done.lost), ("cancelled", done.cancelled),
@@ -95,8 +100,6 @@ def _report(done: Reconciled) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from storage.db import open_store
-
     ap = argparse.ArgumentParser(prog="python -m storage.jobs.supervisor", description=__doc__.split("\n\n")[0])
     ap.add_argument("--interval", type=float, default=INTERVAL_S, help="seconds between ticks")
     ap.add_argument("--cancel-grace", type=float, default=CANCEL_GRACE.total_seconds(),

@@ -7,9 +7,11 @@ shared with the live sessions' worker."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
+import torch.distributed as dist
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -20,17 +22,19 @@ from storage.jobs.outcome import Outcome, job_main
 from storage.jobs.procs import start_time
 from storage.jobs.queue import claim
 from storage.models import Checkpoint, MaskVersion, Run, RunMask
+from storage.records.datasets import load_volume
 from storage.records.files import FileStore
+from storage.records.heldout import score_run
 from storage.records.masks import load_mask
 from storage.settings import Settings
 from unet.network.config import TrainConfig
 from unet.training.data import TrainData
-from unet.training.train import train
+from unet.training.train import run_distributed, train
+
+log = logging.getLogger(__name__)
 
 
 def _load_data(session: Session, store: FileStore, run_id: int) -> TrainData:
-    from storage.records.datasets import load_volume
-
     volumes: dict[int, object] = {}
     sides: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
     rows = session.execute(select(RunMask.role, MaskVersion)
@@ -51,8 +55,6 @@ def run_worker(run_id: int, settings: Settings) -> int:
     process runs this; rank 0 is the worker the store knows (it claims the run under the launcher's pid,
     whose process tree the supervisor signals; it keeps the heartbeat, reports and checkpoints), the others
     train their share of each batch and follow its decisions."""
-    from unet.training.train import run_distributed
-
     return run_distributed(lambda rank, world: _run_worker(run_id, settings, rank, world))
 
 
@@ -69,13 +71,11 @@ def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:
                         "resume": (store.run_dir(run_id) / "latest.pt").exists()}
     if world > 1:  # every process learns rank 0's claim and what it trains from
         shared = [plan]
-        import torch.distributed as dist
-
         dist.broadcast_object_list(shared, src=0)
         plan = shared[0]
     if plan is None:
         if rank == 0:
-            print(f"run {run_id} is not queued or its device is busy; nothing to do")
+            log.info(f"run {run_id} is not queued or its device is busy; nothing to do")
         return 0
     config, parent_file, resume = TrainConfig.from_dict(plan["config"]), plan["parent"], plan["resume"]
     out_dir = store.run_dir(run_id)
@@ -94,13 +94,11 @@ def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:
         if result.reason == "stopped":
             outcome.status = RunStatus.CANCELLED
         shared = f" ({world} processes)" if world > 1 else ""
-        print(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}{shared}", flush=True)
+        log.info(f"run {run_id}: {result.reason} after {result.steps_done} steps on {result.device}{shared}")
         if outcome.status == RunStatus.FINISHED:
-            from storage.records.heldout import score_run
-
             reporter.on_phase("scoring on the held-out slices")
             if score_run(sessions, store, run_id, device=result.device):
-                print(f"run {run_id}: scored on the held-out slices", flush=True)
+                log.info(f"run {run_id}: scored on the held-out slices")
 
     return run_job(sessions, store, settings, run_id, body)
 

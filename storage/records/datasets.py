@@ -7,9 +7,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,12 +22,17 @@ from sqlalchemy.orm import Session
 from domain.kinds import MaskKind, RunKind
 from domain.records import DatasetInfo, NotFound
 from storage import text
-from storage.models import Dataset, MaskVersion, Run, RunMask
+from storage.models import Dataset, MaskVersion, Prediction, Run, RunMask
+from storage.records.external import External
 from storage.records.files import FileStore, IntegrityError, import_roots
 from storage.records.masks import add_mask
-from storage.records.volumes import FORMAT, External, Refused, Volume, VolumeWriter, check_folder, write_volume
+from storage.records.server_folders import Refused, check_folder
+from storage.records.volumes import FORMAT, Volume, VolumeWriter, write_volume
 from unet.exchange.io import Limits, iter_slices
+from unet.prediction.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
 from unet.training.labels import labels_to_target
+
+log = logging.getLogger(__name__)
 
 LINK = "link"  # a dataset whose stack is read where it lies on the server (volume_format)
 
@@ -81,8 +86,8 @@ def _claim_folder(store: FileStore, dataset_id: int) -> None:
     aside = store.root / "orphans" / f"dataset-{int(dataset_id)}-{uuid.uuid4().hex[:8]}"
     aside.parent.mkdir(exist_ok=True)
     os.replace(folder, aside)
-    print(f"neuroseg: datasets/{int(dataset_id)} was left by a crash (no row owns it): moved to "
-          f"{aside.relative_to(store.root)}", file=sys.stderr, flush=True)
+    log.warning(f"datasets/{int(dataset_id)} was left by a crash (no row owns it): moved to "
+                f"{aside.relative_to(store.root)}")
 
 
 @contextlib.contextmanager
@@ -144,14 +149,11 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
     return _dataset_info(session, row)
 
 
-def convert_legacy_predictions(session: Session, store: FileStore, log: Callable[[str], None] = print) -> int:
+def convert_legacy_predictions(session: Session, store: FileStore, say: Callable[[str], None] = log.info) -> int:
     """Move the TIFF outputs of predictions made by earlier versions into OME-Zarr outputs like the new
     ones (:mod:`unet.prediction.blockwise`), without losing a byte: each TIFF's checksum is verified, it is
     converted slice by slice, the slices read back are compared with the TIFF's, then the row switches and
     the TIFF goes. A failure leaves the prediction as it was (still readable) and says why."""
-    from storage.models import Prediction
-    from unet.prediction.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
-
     done = 0
     for row in session.scalars(select(Prediction).order_by(Prediction.id)):
         legacy = {name: entry for name, entry in (row.files or {}).items()
@@ -183,7 +185,7 @@ def convert_legacy_predictions(session: Session, store: FileStore, log: Callable
         except (OSError, ValueError, IntegrityError) as exc:
             for name in legacy:
                 shutil.rmtree(output_path(folder, name), ignore_errors=True)
-            log(f"prediction #{row.id}: its outputs stay TIFF files for now: {exc}")
+            say(f"prediction #{row.id}: its outputs stay TIFF files for now: {exc}")
             continue
         row.files = files
         if "probabilities" in files:
@@ -192,7 +194,7 @@ def convert_legacy_predictions(session: Session, store: FileStore, log: Callable
         session.commit()
         for entry in legacy.values():
             store.delete_file(entry["file"])
-        log(f"prediction #{row.id}: outputs converted to OME-Zarr")
+        say(f"prediction #{row.id}: outputs converted to OME-Zarr")
         done += 1
     return done
 
@@ -200,7 +202,7 @@ def convert_legacy_predictions(session: Session, store: FileStore, log: Callable
 def import_external(session: Session, store: FileStore, path: str | os.PathLike, *, link: bool = False,
                     name: str | None = None, author: str = "",
                     progress: Callable[[str, float], None] | None = None) -> DatasetInfo:
-    """A stack already on the server (an OME-Zarr, zarr or N5 folder, :class:`~storage.records.volumes.External`)
+    """A stack already on the server (an OME-Zarr, zarr or N5 folder, :class:`~storage.records.external.External`)
     as a new dataset: copied slice by slice into the store, or with ``link`` read where it lies (nothing
     is ever written there; the dataset breaks if the folder goes). Bad input raises ValueError. The folder
     must have been checked and walked first (:func:`storage.records.ingest.import_path` does it); here what its
@@ -257,7 +259,7 @@ def load_volume(session: Session, store: FileStore, dataset_id: int) -> Volume |
     row = dataset_row(session, dataset_id)
     if row.volume_format == LINK:
         # checked again on every read, cheaply: the folder may have become a link, or left the import
-        # folders (or they were turned off); each file is checked again as it is opened (storage.records.volumes)
+        # folders (or they were turned off); each file is checked again as it is opened (storage.records.server_folders)
         try:
             protected = protected_paths(session, store)
             folder = check_folder(row.linked_path or "", import_roots(), protected)
@@ -278,7 +280,7 @@ def load_volume(session: Session, store: FileStore, dataset_id: int) -> Volume |
     return volume
 
 
-def convert_legacy_volumes(session: Session, store: FileStore, log: Callable[[str], None] = print) -> int:
+def convert_legacy_volumes(session: Session, store: FileStore, say: Callable[[str], None] = log.info) -> int:
     """Move every volume an earlier version stored as one TIFF into the OME-Zarr store, without losing a
     byte: the TIFF's file checksum is verified, it is converted slice by slice, the voxels read back from
     the new store are compared (sha256) with the TIFF's, and only then does the row switch and the TIFF
@@ -300,13 +302,13 @@ def convert_legacy_volumes(session: Session, store: FileStore, log: Callable[[st
                 shutil.rmtree(target)
                 raise IntegrityError("the converted voxels do not read back the same")
         except (OSError, ValueError, IntegrityError) as exc:
-            log(f"dataset #{row.id}: its volume stays in {legacy} for now: {exc}")
+            say(f"dataset #{row.id}: its volume stays in {legacy} for now: {exc}")
             continue
         row.sha256, row.size_bytes, row.volume_format = digest, size, FORMAT
         session.flush()
         session.commit()  # the row points at the new store before the old file goes
         store.delete_file(legacy)
-        log(f"dataset #{row.id}: volume converted to OME-Zarr ({size / 2**20:.1f} MiB)")
+        say(f"dataset #{row.id}: volume converted to OME-Zarr ({size / 2**20:.1f} MiB)")
         done += 1
     return done
 

@@ -19,6 +19,7 @@ from storage.records.datasets import dataset_row
 from storage.records.files import FileStore
 from storage.records.masks import latest_mask, load_mask, save_mask
 from storage.records.predictions import get_prediction, load_output
+from unet.prediction.postprocess import to_mask
 from unet.training.labels import IGNORE
 
 
@@ -98,8 +99,6 @@ def start(session: Session, store: FileStore, dataset_id: int, slice_index: int,
     latest = latest_mask(session, dataset_id, slice_index)
     latest_id = latest.id if latest else None
     if prediction_id is not None:
-        from unet.prediction.postprocess import to_mask  # (scikit-image: loaded when first needed)
-
         prediction = get_prediction(session, prediction_id)
         if prediction.dataset_id != dataset_id or slice_index not in prediction.slices:
             raise ValueError(f"prediction #{prediction_id} did not predict slice {slice_index} of this dataset")

@@ -20,10 +20,13 @@ from domain.kinds import CheckpointKind, RunKind, RunStatus
 from domain.records import NotFound, UserError
 from domain.scores import DECIDES, HeldOut, Score
 from storage.models import Checkpoint, Dataset, MaskVersion, Run, RunMask
+from storage.records.datasets import load_volume
 from storage.records.files import FileStore
-from storage.records.masks import latest_mask, load_mask
+from storage.records.masks import latest_mask, load_mask, slice_kinds
+from unet.exchange.checkpoint import load_checkpoint
 from unet.prediction.metrics import mean_metrics
 from unet.prediction.postprocess import DEFAULT_METHOD
+from unet.prediction.segment import segment_stack
 
 # how much worse than its parent or the best a run may score before it is flagged (noise on a few slices)
 TOLERANCE = {"pixel_error": 0.002, "rand_f": 0.005, "vi": 0.02}
@@ -73,8 +76,6 @@ def held_out_seen(session: Session, dataset_id: int) -> HeldOut | None:
 
 
 def _labelled(session: Session, dataset_id: int) -> list[int]:
-    from storage.records.masks import slice_kinds
-
     return sorted(slice_kinds(session, dataset_id))
 
 
@@ -146,10 +147,6 @@ def _weights(session: Session, run_id: int) -> Checkpoint | None:
 
 def _score_checkpoint(session: Session, store: FileStore, checkpoint: Checkpoint, dataset_id: int,
                       frozen: HeldOut, device: str = "cpu") -> dict[str, float]:
-    from storage.records.datasets import load_volume
-    from unet.exchange.checkpoint import load_checkpoint
-    from unet.prediction.segment import segment_stack
-
     volume = load_volume(session, store, dataset_id)
     targets = {z: load_mask(session, store, m) for z, m in zip(frozen.slices, frozen.mask_ids, strict=True)}
     model = load_checkpoint(store.verified(checkpoint.file, checkpoint.sha256)).build_model(device)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -18,9 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain.records import AlreadyLoaded, ChannelsQuestion, DatasetInfo, UserError
 from storage.records import datasets
 from storage.records.files import IMPORT_ROOTS_ENV, FileStore, import_roots
-from storage.records.volumes import Refused, check_folder, check_tree
+from storage.records.server_folders import Refused, check_folder, check_tree
 from storage.settings import PROJECT_ROOT
-from unet.exchange.io import ChannelsMaybeSlices
+from unet.exchange.io import ChannelsMaybeSlices, write_tiff_atomic
+from unet.training.synthetic import make_synthetic_em
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 ISBI_FILES = ("train-volume.tif", "train-labels.tif")
@@ -112,8 +115,8 @@ def allowed_path(store: FileStore, path: str, protected: list[Path] | None = Non
     (``$NEUROSEG_IMPORT_ROOTS`` names folders; off by default), the path is absolute and resolves inside
     one of them, is not a link, neither lies in nor holds the data directory or the database
     (``protected``), and the folder's whole tree holds plain folders and plain single-name files only
-    (:func:`storage.records.volumes.check_tree`, walked before zarr or the N5 reader opens a file). Every refusal
-    says the same words (:data:`storage.records.volumes.REFUSED`): which server paths exist is none of a user's
+    (:func:`storage.records.server_folders.check_tree`, walked before zarr or the N5 reader opens a file). Every refusal
+    says the same words (:data:`storage.records.server_folders.REFUSED`): which server paths exist is none of a user's
     business."""
     roots = import_roots()
     if not roots:
@@ -124,7 +127,7 @@ def allowed_path(store: FileStore, path: str, protected: list[Path] | None = Non
         folder = check_folder(path.strip(), roots, [store.root, *(protected or [])])
         check_tree(folder, [store.root, *(protected or [])])
     except Refused as exc:
-        print(f"neuroseg: import of {path.strip()!r} refused: {exc.reason}", file=sys.stderr, flush=True)
+        log.warning(f"import of {path.strip()!r} refused: {exc.reason}")
         raise UserError(str(exc)) from None
     return folder
 
@@ -142,7 +145,7 @@ def import_path(sessions: sessionmaker[Session], store: FileStore, path: str, *,
             return datasets.import_external(s, store, folder, link=link, name=name.strip() or None, author=author,
                                             progress=progress)
     except Refused as exc:  # a file changed since the walk
-        print(f"neuroseg: import of {path.strip()!r} refused: {exc.reason}", file=sys.stderr, flush=True)
+        log.warning(f"import of {path.strip()!r} refused: {exc.reason}")
         raise UserError(str(exc)) from None
     except ValueError as exc:
         raise UserError(str(exc)) from exc
@@ -162,9 +165,6 @@ def _refuse_second_copy(sessions: sessionmaker[Session], what: str, source_name:
 
 def load_demo(sessions: sessionmaker[Session], store: FileStore, author: str = "") -> DatasetInfo:
     """The synthetic EM stack with its labels, so a newcomer can try everything in a minute."""
-    from unet.exchange.io import write_tiff_atomic
-    from unet.training.synthetic import make_synthetic_em
-
     _refuse_second_copy(sessions, DEMO_NAME, DEMO_SOURCE)
     volume, labels = make_synthetic_em(DEMO_SHAPE, np.random.default_rng(2012))
     with store.spool() as volume_path, store.spool() as labels_path:

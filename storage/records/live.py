@@ -30,6 +30,8 @@ from domain.records import NotFound, RunInfo, UserError, aware
 from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunMask, User
 from storage.records.files import FileStore
 from storage.records.runs import device_key, resume_run, run_info
+from unet.network.config import TrainConfig, preset
+from unet.training.live import live_config
 
 
 def region_text(region: Region | None, partial: bool = False) -> str | None:
@@ -98,9 +100,6 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
     ``checkpoint_id`` (``scratch``: from random weights of :data:`SCRATCH_PRESET`'s network, which a random
     forest of the strokes teaches; :mod:`unet.training.live`). Returns the session and what happened ("joined",
     "resumed", "started")."""
-    from unet.network.config import TrainConfig, preset
-    from unet.training.live import live_config
-
     if session.get(Dataset, dataset_id) is None:
         raise NotFound(f"dataset {dataset_id} does not exist")
     joined = _live_runs(session, dataset_id)

@@ -1,5 +1,5 @@
-"""BioImage.IO packages in and out of the store. Out: :func:`storage.records.runs.export_model`. In: an uploaded
-``.zip`` becomes a checkpoint (a finished run of kind ``imported``) that Predict, Live and "Start from"
+"""BioImage.IO packages in and out of the store. Out: :func:`storage.records.checkpoints.export_model`. In: an
+uploaded ``.zip`` becomes a checkpoint (a finished run of kind ``imported``) that Predict, Live and "Start from"
 offer like any other, after checks that leave nothing behind when one fails. A package is hostile until
 shown otherwise: its Python is never imported, no URL it names is fetched, and its TorchScript is loaded
 in the server only after a sandboxed child process accepted it.
@@ -58,6 +58,25 @@ from sqlalchemy.orm import Session
 from domain.kinds import CheckpointKind, RunKind, RunStatus
 from storage.models import Checkpoint, Run
 from storage.records.files import FileStore, sha256_of
+from unet.exchange.bioimageio import (
+    MAX_RDF_BYTES,
+    PackageError,
+    check_test_tensors,
+    foreign_plan,
+    load_package,
+    local_file,
+    package_files,
+    read_rdf,
+)
+from unet.exchange.checkpoint import (
+    load_checkpoint,
+    record_torchscript_check,
+    save_checkpoint,
+    save_torchscript,
+    without_reserved,
+)
+from unet.exchange.torchscript_guard import TorchScriptRefused
+from unet.exchange.torchscript_guard import check as check_torchscript
 
 MAX_MEMBERS = 2_000
 MAX_UNPACKED = 4 << 30
@@ -133,8 +152,6 @@ def precheck(rdf: Path) -> None:
     axes and one channel, weights in a format Neuroseg runs; :class:`PackageRefused` says what it found.
     The file is read only when it is at most 1 MiB and has no YAML anchor or alias
     (:func:`unet.exchange.bioimageio.read_rdf`): nothing else (nor ``bioimageio.spec`` after it) parses it before."""
-    from unet.exchange.bioimageio import MAX_RDF_BYTES, PackageError, read_rdf
-
     size = rdf.stat().st_size
     if size > MAX_RDF_BYTES:
         raise PackageRefused(f"its rdf.yaml has {size:,} bytes (at most {MAX_RDF_BYTES:,} are read)")
@@ -176,8 +193,8 @@ def precheck(rdf: Path) -> None:
 def describe_and_check(rdf: Path):
     """The model description, validated without any I/O (no URL it names is fetched; :func:`import_package`
     checks its files itself), of one channel in and out (after :func:`precheck`), or :class:`PackageRefused`."""
-    from bioimageio.spec import InvalidDescr, load_description
-    from bioimageio.spec.model import v0_5
+    from bioimageio.spec import InvalidDescr, load_description  # 1.0 s to import (measured): not at the server start
+    from bioimageio.spec.model import v0_5  # (loaded with bioimageio.spec above, when a package is checked)
 
     description = load_description(rdf, perform_io_checks=False, format_version="latest")  # (no fetch)
     if isinstance(description, InvalidDescr):
@@ -200,11 +217,6 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
     """Check an uploaded package (see the module) and keep it as a checkpoint; nothing stays when a check
     fails (the caller's transaction is rolled back, the unpacked files are removed). ``memory_mb`` and
     ``seconds`` bound the check of a foreign TorchScript model (:mod:`unet.exchange.torchscript_guard`'s defaults)."""
-    from unet.exchange.bioimageio import PackageError, check_test_tensors, load_package, local_file, package_files
-    from unet.exchange.checkpoint import save_checkpoint, without_reserved
-    from unet.exchange.torchscript_guard import TorchScriptRefused
-    from unet.exchange.torchscript_guard import check as check_torchscript
-
     with tempfile.TemporaryDirectory(dir=store.root / "tmp" if (store.root / "tmp").is_dir() else None) as tmp:
         folder = Path(tmp)
         spooled = folder / "upload.zip"
@@ -233,8 +245,6 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
                 checkpoint = load_package(spooled)
                 check_test_tensors(checkpoint, test_input, test_output)
             elif "torchscript" in formats:
-                from unet.exchange.bioimageio import foreign_plan
-
                 config, plan = foreign_plan(description)
                 weights = local_file(description.weights.torchscript, unpacked)
                 checked = sha256_of(weights)
@@ -266,8 +276,6 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             if foreign:
-                from unet.exchange.checkpoint import load_checkpoint, record_torchscript_check, save_torchscript
-
                 save_torchscript(target, foreign[2], foreign[0], {"kind": "best", "step": 0, "package": foreign[1],
                                                                    "imported_from": filename[:200]})
                 if sha256_of(target) != foreign[3]:

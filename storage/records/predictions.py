@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -159,8 +160,6 @@ def export_prediction(session: Session, store: FileStore, prediction_id: int, su
 
 
 def _export(session: Session, store: FileStore, prediction_id: int, folder: Path) -> list[Path]:
-    import shutil
-
     row = session.get(Prediction, prediction_id)
     if row is None or row.status != RunStatus.FINISHED:
         raise NotFound(f"prediction {prediction_id} has no finished outputs")

@@ -1,25 +1,27 @@
 """Training runs as records: submit one (with the exact mask versions it will train on), read them,
-their metrics, checkpoints and lineage, ask one to stop or to go on. Reads change nothing: noticing a
+their metrics, progress, log, mask versions and lineage, ask one to stop or to go on (their checkpoints:
+:mod:`storage.records.checkpoints`). Reads change nothing: noticing a
 dead worker is :mod:`storage.jobs.queue`'s job, run by :mod:`storage.jobs.supervisor`. Functions take a
 ``Session`` (the caller owns the transaction) and return :mod:`domain.records`."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from domain.kinds import ACTIVE, RESUMABLE, CheckpointKind, MaskKind, RunKind, RunStatus
-from domain.records import CheckpointInfo, NotFound, PlanRow, RunInfo, RunMaskInfo, RunProgress
+from domain.kinds import ACTIVE, RESUMABLE, MaskKind, RunKind, RunStatus
+from domain.records import NotFound, PlanRow, RunInfo, RunMaskInfo, RunProgress
 from storage.models import Checkpoint, Dataset, MaskVersion, Metric, Run, RunMask
 from storage.records.datasets import dataset_row
 from storage.records.files import FileStore
+from storage.records.heldout import held_out, refuse_training_on_held_out
 from storage.records.masks import latest_mask, slice_kinds
 from unet.network.config import TrainConfig
+from unet.network.device import pick_device
+from unet.training.estimate import estimate_training
 
 Curve = list[tuple[int, float, float]]  # (step, value, seconds since the run started)
 
@@ -48,8 +50,6 @@ def _train_seconds(session: Session, run_ids: list[int]) -> dict[int, float]:
 
 def device_key(config: TrainConfig) -> str:
     """The device a run will hold: 'cpu', 'cuda:0', 'mps'. Resolved at submit time."""
-    from unet.network.device import pick_device
-
     device = pick_device(config.device)
     if device.type == "cuda":
         return f"cuda:{device.index or 0}"
@@ -59,8 +59,6 @@ def device_key(config: TrainConfig) -> str:
 def default_split(session: Session, dataset_id: int, val_share: float = 0.15) -> tuple[list[int], list[int]]:
     """The labelled slices of a dataset, the last ~15% (at least one) kept for validation; the held-out
     slices, where the dataset has them, are the validation set and never train."""
-    from storage.records.heldout import held_out
-
     labelled = sorted(slice_kinds(session, dataset_id))
     frozen = held_out(session, dataset_id)
     if frozen is not None:
@@ -72,9 +70,6 @@ def default_split(session: Session, dataset_id: int, val_share: float = 0.15) ->
 def training_estimate(session: Session, config: TrainConfig, val: list[dict[str, Any]]) -> str:
     """How long a run of ``config`` validating on ``val`` takes here, measured on this machine for this
     network and this data's size (see :mod:`unet.training.estimate`)."""
-    from unet.network.device import pick_device
-    from unet.training.estimate import estimate_training
-
     shapes = []
     for part in val:
         dataset = dataset_row(session, part["dataset_id"])
@@ -106,8 +101,6 @@ def submit_training(session: Session, spec: dict[str, Any], config: TrainConfig,
     saw when pressing Train. :func:`storage.jobs.queue.start_queued` starts it once the transaction commits."""
     if not spec.get("train"):
         raise ValueError("choose at least one training slice")
-    from storage.records.heldout import refuse_training_on_held_out
-
     refuse_training_on_held_out(session, spec)
     if parent_checkpoint_id is not None:
         parent = session.get(Checkpoint, parent_checkpoint_id)
@@ -248,166 +241,3 @@ def lineage(session: Session, run_id: int) -> tuple[int | None, list[int]]:
     children = list(session.scalars(select(Run.id).join(Checkpoint, Run.parent_checkpoint_id == Checkpoint.id)
                                     .where(Checkpoint.run_id == run_id).order_by(Run.id)))
     return (parent.run_id if parent else None), children
-
-
-def _checkpoint_info(c: Checkpoint, run: Run | None = None) -> CheckpointInfo:
-    return CheckpointInfo(c.id, c.run_id, CheckpointKind(c.kind), c.step, c.file, c.sha256, dict(c.metrics or {}),
-                          RunStatus(run.status) if run is not None else None,
-                          str(run.spec.get("preset", "")) if run is not None else "",
-                          RunKind(run.kind or RunKind.TRAIN) if run is not None else RunKind.TRAIN, c.name or "",
-                          c.notes or "")
-
-
-def update_checkpoint(session: Session, checkpoint_id: int, name: str | None = None,
-                      notes: str | None = None) -> CheckpointInfo:
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
-    if name is not None:
-        row.name = " ".join(name.split())[:200]
-    if notes is not None:
-        row.notes = notes[:10_000]
-    return _checkpoint_info(row, session.get(Run, row.run_id))
-
-
-def model_card(session: Session, store: FileStore, checkpoint_id: int) -> dict[str, Any]:
-    """What the Models page shows of a checkpoint beside its run's mask versions (:func:`run_masks`): its
-    run, the recipe, its scores on held-out slices, its parent and its size on disk."""
-    from storage.records.heldout import run_scores
-
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
-    run = session.get(Run, row.run_id)
-    parent = session.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
-    try:
-        size = store.abspath(row.file).stat().st_size
-    except (OSError, ValueError):
-        size = 0
-    return {
-        "checkpoint": _checkpoint_info(row, run), "run": run_info(run), "size_bytes": size,
-        "recipe": shown_recipe(run, row.step), "held_out": run_scores(session, run),
-        "parent": {"checkpoint_id": parent.id, "run_id": parent.run_id, "kind": parent.kind} if parent else None,
-        "source": (run.spec or {}).get("source", ""),
-    }
-
-
-def checkpoints(session: Session, run_id: int | None = None) -> list[CheckpointInfo]:
-    """The checkpoints of one run (oldest first), or of every run (newest run first), in one query."""
-    query = select(Checkpoint, Run).join(Run, Checkpoint.run_id == Run.id)
-    if run_id is not None:
-        query = query.where(Checkpoint.run_id == run_id)
-    return [_checkpoint_info(c, r) for c, r in session.execute(query.order_by(Run.id.desc(), Checkpoint.id))]
-
-
-def checkpoint_bytes(session: Session, store: FileStore, checkpoint_id: int) -> bytes:
-    """The checkpoint file, checked against its recorded checksum."""
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
-    return store.verified(row.file, row.sha256).read_bytes()
-
-
-def shown_recipe(run: Run, step: int | None = None) -> dict[str, Any]:
-    """A run's recipe as a card shows it: a live session trains until it is stopped, so its step budget
-    and its validation and checkpoint intervals (placeholders of 10¹²) are said in words."""
-    recipe = dict(run.config or {})
-    if run.kind == RunKind.LIVE:
-        for key in ("steps", "val_every", "checkpoint_every"):
-            if isinstance(recipe.get(key), int) and recipe[key] >= 10**9:
-                recipe[key] = "until stopped (a live session)" if key == "steps" else "—"
-        if step is not None:
-            recipe["steps_done"] = step
-    return recipe
-
-
-def export_source(session: Session, checkpoint_id: int) -> tuple[Dataset, int] | None:
-    """The dataset and slice a package's test image and cover would be cut from, with the user's consent:
-    the first slice the run trained on (None: it trained on no dataset here)."""
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
-    first = session.execute(select(MaskVersion.dataset_id, MaskVersion.slice_index)
-                            .join(RunMask, RunMask.mask_version_id == MaskVersion.id)
-                            .where(RunMask.run_id == row.run_id, RunMask.role == "train")
-                            .order_by(MaskVersion.dataset_id, MaskVersion.slice_index)).first()
-    if first is None:
-        return None
-    dataset = session.get(Dataset, first[0])
-    return (dataset, int(first[1])) if dataset is not None else None
-
-
-def export_model(session: Session, store: FileStore, checkpoint_id: int, authors: list[str],
-                 with_data: bool = False) -> tuple[bytes, str]:
-    """A checkpoint as a BioImage.IO package (bytes, file name), validated by ``bioimageio.spec`` and
-    tested by ``bioimageio.core`` (:mod:`unet.exchange.bioimageio`). Its test tensors and cover are a synthetic EM
-    slice, or with ``with_data`` (the user agreed: unpublished data leaves with the package) a crop of the
-    first slice the run trained on (:func:`export_source`); it cites the ISBI 2012 data for a model
-    trained on it."""
-    from storage.records.datasets import load_volume
-    from unet.exchange.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, PackageError, package_bytes
-    from unet.exchange.checkpoint import load_checkpoint
-
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
-    run = session.get(Run, row.run_id)
-    checkpoint = load_checkpoint(store.verified(row.file, row.sha256))
-    source = export_source(session, checkpoint_id)
-    dataset = source[0] if source is not None else None
-    if with_data and source is not None:
-        image = np.asarray(load_volume(session, store, dataset.id)[source[1]])
-    else:
-        from unet.training.synthetic import make_synthetic_em
-
-        image = make_synthetic_em((1, 320, 320), np.random.default_rng(0), cell_size=20)[0][0]
-    isbi = run.kind == RunKind.STARTER or (dataset is not None
-                                           and "isbi" in (dataset.name + dataset.source_name).lower())
-    what = "the starter model" if run.kind == RunKind.STARTER else f"run {run.id}"
-    info = ExportInfo(
-        name=f"Neuroseg {what} ({row.kind} step {row.step})",
-        description=(f"A U-Net that maps an EM slice to its neuron (1 - membrane) probability: the {row.kind} "
-                     f"checkpoint of {what}, trained with Neuroseg."),
-        authors=authors or ["Neuroseg"], cite=[UNET_CITE, ISBI_CITE] if isbi else [UNET_CITE],
-        pixel_size_nm=dataset.pixel_size_nm if dataset is not None else None,
-        documentation=_model_card(session, run, row, what, checkpoint.meta.get("label_offset")))
-    try:
-        data, _ = package_bytes(checkpoint, image, info)
-    except PackageError as exc:
-        raise ValueError(str(exc)) from None
-    return data, f"neuroseg-{'starter' if run.kind == 'starter' else f'run-{run.id}'}-{row.kind}.bioimageio.zip"
-
-
-def _model_card(session: Session, run: Run, row: Checkpoint, what: str, label_offset=None) -> str:
-    """The exported README (Markdown, which model hubs render with HTML): every piece of user text (the
-    model's name and notes, dataset names) through ``card_text``, the recipe in a code block no text in it
-    can close, so that no tag, image or link reaches a reader from what a user typed."""
-    from unet.exchange.bioimageio import card_text, code_block
-
-    masks = [f"- {m.role}: {card_text(m.dataset)} (dataset {m.dataset_id}), slice {m.slice}, mask version "
-             f"{m.version} ({m.kind})" for m in run_masks(session, run.id)]
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted((row.metrics or {}).items()) if isinstance(v, int | float))
-    named = [f"**{card_text(row.name)}**", ""] if row.name else []
-    notes = ["## Notes", "", card_text(row.notes, lines=True), ""] if row.notes else []
-    return "\n".join([
-        f"# Neuroseg: {what}", "", *named,
-        f"The {row.kind} checkpoint (step {row.step}) of {what}, exported from Neuroseg.", "", *notes,
-        "## Recipe", "", code_block(json.dumps(shown_recipe(run, row.step), indent=2, default=str), "json"), "",
-        "## Trained on", "", *(masks or ["(the model card of the starter model says)" if run.kind == RunKind.STARTER
-                                     else "(not recorded)"]), "",
-        "## Validation", "", scores or "(none recorded)", "",
-        "## Use", "", "Input: one EM slice (any grey values; the package normalises it to zero mean and unit "
-        "variance). Output: the neuron probability (a sigmoid of the network's logits).", "",
-        "## Drawing convention", "", _convention(label_offset), ""])
-
-
-def _convention(label_offset) -> str:
-    """The exported card's words for where the model draws borders (``meta["label_offset"]``)."""
-    from unet.training.labels import offset_words
-
-    where = offset_words(label_offset)
-    if where is None:
-        return "Borders are drawn where the image shows the membranes."
-    return (f"Its training labels sat {where} the membranes in the image, and the model learned to draw "
-            "borders there (its training flips kept that offset). Compare it with labels drawn the same way; "
-            "if you flip or rotate the input to average predictions, move each answer back by that offset.")

@@ -20,6 +20,7 @@ from domain.kinds import CheckpointKind, RunKind, RunStatus
 from storage.models import Checkpoint, Run
 from storage.records.files import FileStore, sha256_of
 from storage.settings import PROJECT_ROOT
+from unet.exchange.checkpoint import load_checkpoint, side_file
 
 STARTER_PRESET = "starter"
 
@@ -45,8 +46,6 @@ def shipped(folder: Path | None = None) -> Path | None:
 
 def register(session: Session, store: FileStore, folder: Path | None = None) -> Registered:
     """Make the shipped starter a checkpoint of the store, once per version of the file."""
-    from unet.exchange.checkpoint import load_checkpoint, side_file
-
     path = shipped(folder)
     if path is None:
         return Registered(None, f"no starter model in {folder or starter_dir()}")

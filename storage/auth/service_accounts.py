@@ -1,0 +1,129 @@
+"""The service's accounts (part of :class:`storage.service.Neuroseg`): signing in and out, passwords, the
+users an admin manages, the audit trail, disk use and the training queue
+(:mod:`storage.auth.accounts`, :mod:`storage.auth.users`, :mod:`storage.auth.audit`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from domain.records import UserError, UserInfo
+from storage.auth import accounts, audit, users
+from storage.auth.accounts import Actor
+from storage.auth.audit import AuditRow
+from storage.facade import Facade, guard
+
+T = TypeVar("T")
+
+
+class AccountsService(Facade):
+    """Signing in, and what an admin manages."""
+
+    # --- signing in (no actor yet: these are what make one) --------------------------------------------
+    def _signing(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """An accounts call whose refusals are kept (the audit rows of a failed sign-in are committed)."""
+        with self.sessions() as s:
+            try:
+                result = fn(s, *args, **kwargs)
+            except (accounts.SignInError, ValueError, LookupError) as exc:
+                s.commit()
+                raise UserError(str(exc)) from None
+            s.commit()
+            return result
+
+    def sign_in(self, username: str, password: str, address: str = "") -> tuple[Actor, str]:
+        """(the user, the token for the browser's cookie); a refusal is a :class:`UserError` to show."""
+        return self._signing(accounts.sign_in, username, password, address)
+
+    def sign_in_oidc(self, issuer: str, subject: str, *, email: str = "", name: str = "", preferred: str = "",
+                     address: str = "") -> tuple[Actor, str]:
+        return self._signing(accounts.sign_in_oidc, issuer, subject, email=email, name=name, preferred=preferred,
+                             address=address)
+
+    def signed_in(self, token: str, address: str = "", *, proof: str | None = None) -> Actor:
+        """The user a browser's token stands for; :class:`UserError` says why not (expired, unknown). With
+        ``proof`` (a new browser session that has only the cookie) the browser's key of this origin must
+        match too (:func:`storage.auth.accounts.browser_key`): a cookie alone, which every port of the host
+        receives, signs nobody in."""
+        if proof is not None and not hmac.compare_digest(str(proof), self.browser_key(token)):
+            raise UserError("Please sign in.")
+        return self._signing(accounts.session_actor, token, address)
+
+    def browser_key(self, token: str) -> str:
+        """What the browser keeps beside its sign-in cookie, in this origin's own storage."""
+        if self._browser_secret is None:
+            self._browser_secret = accounts.browser_secret(self.store.root)
+        return accounts.browser_key(self._browser_secret, token)
+
+    def sign_out(self, token: str) -> None:
+        self._signing(accounts.sign_out, token, self.actor if self.actor.user_id is not None else None)
+
+    def change_password(self, old: str, new: str, keep_token: str = "") -> Actor:
+        """The signed-in user's new password (every other browser of theirs is signed out); returns the
+        user as they are now (no longer bound to change it)."""
+        if self.actor.user_id is None:
+            raise UserError("Sign in first.")
+        self._signing(accounts.change_password, self.actor, old, new, keep_token)
+        return dataclasses.replace(self.actor, must_change_password=False)
+
+    # --- users, the audit trail and the machine (admin) ------------------------------------------------
+    def me(self) -> UserInfo | None:
+        return None if self.actor.user_id is None else self._tx(users.user_info, self.actor.user_id)
+
+    @guard("list users", "admin", record=False)
+    def users(self) -> list[UserInfo]:
+        return self._tx(users.list_users)
+
+    @guard("create user", "admin", target=lambda username, *a, **k: f"user {username}")
+    def create_user(self, username: str, role: str, password: str = "") -> tuple[UserInfo, str]:
+        """A local account; without a password a one-time one is made (returned, to hand over). It must
+        be changed at the first sign-in."""
+        return self._tx(users.create_local, username, role, password)
+
+    @guard("set role", "admin", target=lambda user_id, role, *a, **k: f"user {user_id} → {role}")
+    def set_role(self, user_id: int, role: str) -> UserInfo:
+        if user_id == self.actor.user_id and role != "admin":
+            raise UserError("You cannot take the admin role from yourself: another admin can.")
+        return self._tx(users.set_role, user_id, role)
+
+    @guard("set queue limit", "admin", target=lambda user_id, n, *a, **k: f"user {user_id} → {n} waiting")
+    def set_queue_limit(self, user_id: int, runs_waiting: int) -> UserInfo:
+        return self._tx(users.set_queue_limit, user_id, runs_waiting)
+
+    @guard("reset password", "admin", "user")
+    def reset_password(self, user_id: int) -> str:
+        """A new one-time password for a local account (returned, to hand over); its browsers are signed out."""
+        return self._tx(users.reset_password, user_id)
+
+    @guard("disable user", "admin", target=lambda user_id, off, *a, **k: f"user {user_id} → "
+            + ("disabled" if off else "enabled"))
+    def set_disabled(self, user_id: int, disabled: bool) -> UserInfo:
+        if user_id == self.actor.user_id and disabled:
+            raise UserError("You cannot disable your own account.")
+        return self._tx(users.set_disabled, user_id, disabled)
+
+    @guard("audit", "admin", record=False)
+    def audit_trail(self, *, username: str = "", action: str = "", outcome: str = "", since=None, until=None,
+                    limit: int = 500) -> list[AuditRow]:
+        return self._tx(audit.events, username=username, action=action, outcome=outcome, since=since, until=until,
+                        limit=limit)
+
+    @guard("audit", "admin", record=False)
+    def audit_choices(self) -> tuple[list[str], list[str]]:
+        """(the user names, the actions) that occur in the trail, for its filters."""
+        return self._tx(lambda s: (audit.usernames(s), audit.actions(s)))
+
+    @guard("disk use", "admin", record=False)
+    def disk_use(self) -> users.DiskUse:
+        """Bytes on disk per dataset and per run (their folders in the store), and what is free."""
+        return self._tx(users.disk_use, self.store)
+
+    def training_queue(self) -> list[users.QueueRow]:
+        """The training runs that are running or waiting, in the order they start, with their owners."""
+        return self._tx(users.training_queue)
+
+    def awaiting_first_admin(self) -> bool:
+        """Nobody has set this store up yet (the sign-in page says where the first password is)."""
+        return self._tx(accounts.awaiting_first_admin)

@@ -1,0 +1,177 @@
+"""The base of the service the pages call (:class:`storage.service.Neuroseg` is built on :class:`Facade`):
+who acts and what they may do (``guard``: the right checked, the actor read again from the store, the
+attempt written to the audit trail), one transaction per call (``_tx``, errors a user can act on as
+:class:`UserError`), the cache of arrays read once, and ``cleaned``, user text as the store keeps it. The
+areas of the service build on it: :mod:`storage.auth.service_accounts`,
+:mod:`storage.records.service_data`, :mod:`storage.records.service_models`,
+:mod:`storage.jobs.service_live`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain.records import UserError
+from storage.auth import access, accounts, audit, users
+from storage.auth.accounts import Actor
+from storage.jobs.supervisor import Supervisor
+from storage.records import ingest
+from storage.records.files import FileStore, IntegrityError
+from storage.settings import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def cleaned(clean: Callable[..., str], value: str | None, *args: Any) -> str | None:
+    """What a user typed as the store keeps it (:mod:`storage.text`), or :class:`UserError` saying why not."""
+    if value is None:
+        return None
+    try:
+        return clean(value, *args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def guard(action: str, right: str, kind: str | None = None, *, owned: bool = False, creates: str | None = None,
+          record: bool = True, target: Callable[..., str] | None = None):
+    """A service method that ``right`` allows (:func:`storage.auth.access.allow`), for the owner or an admin
+    only when ``owned`` (the first argument is the id of a ``kind``). The actor is read again from the
+    store first (:meth:`Facade._acting`: a disabled, removed or signed-out user is refused, a changed role
+    counts at once), so a page's callback that runs before its sign-in check cannot act on an old sign-in.
+    The attempt is written to the audit trail as done, refused or failed (unless ``record`` is off: what a
+    page does on every stroke; a refusal is always written). A method that ``creates`` a row makes the
+    actor its owner."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def inner(self: Facade, *args, **kwargs):
+            ident = args[0] if args else kwargs.get(f"{kind}_id") if kind else None
+            what = target(*args, **kwargs) if target else (f"{kind} {ident}" if kind and ident is not None else "")
+            try:
+                actor = self._acting()  # who it is now: still there, enabled, signed in, and their role
+                access.allow(actor, right, actor.user_id, target=what)  # the role first
+                owner_id, owner_name = self._tx(users.owner_of, kind, ident) if owned else (None, "")
+                access.allow(actor, right, owner_id, owner_name, what)
+            except UserError as exc:  # what it names does not exist
+                self._audit(action, what, "failed", str(exc))
+                raise
+            except access.Denied as exc:
+                self._audit(action, what, "refused", str(exc))
+                raise UserError(str(exc)) from None
+            # a role changed meanwhile: the method sees the current one
+            bound = self if actor is self.actor else self.acting_as(actor)
+            try:
+                result = method(bound, *args, **kwargs)
+            except UserError as exc:
+                if record:
+                    self._audit(action, what, "failed", str(exc))
+                raise
+            if creates and self.actor.user_id is not None:
+                self._tx(users.set_owner, creates, result.id, self.actor.user_id)
+                result = dataclasses.replace(result, owner_id=self.actor.user_id, owner=self.actor.username)
+            if record:
+                self._audit(action, f"{creates} {result.id}" if creates else what, "ok")
+            return result
+
+        return inner
+
+    return wrap
+
+
+
+class Facade:
+    """What every area of the service shares: the store opened by :class:`storage.service.Neuroseg`, the
+    actor every call is checked against, one transaction per call and the cache of arrays."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: FileStore
+    supervisor: Supervisor
+    actor: Actor
+    _browser_secret: bytes | None
+    _arrays: OrderedDict[tuple, np.ndarray]
+    _lock: threading.Lock
+
+    # --- who acts ---------------------------------------------------------------------------------------
+    def acting_as(self, actor: Actor) -> Self:
+        """This service for one signed-in user: the same store, caches and supervisor, every call checked
+        against ``actor``'s role and recorded under their name (what the pages use)."""
+        bound = copy.copy(self)
+        bound.actor = actor
+        return bound
+
+    def _acting(self) -> Actor:
+        """The actor as the store says it is now (:func:`storage.auth.accounts.current_actor`, one small query):
+        :class:`storage.auth.access.Denied` when the user is gone or disabled, or the browser's sign-in ended."""
+        if self.actor.user_id is None:  # the system, or nobody signed in (whom every right refuses)
+            return self.actor
+        try:
+            with self.sessions.begin() as s:
+                return accounts.current_actor(s, self.actor)
+        except accounts.SignInError as exc:
+            raise access.Denied(str(exc)) from None
+
+    def refusal(self, right: str, kind: str | None = None, ident: int | None = None) -> str:
+        """Why the signed-in user may not use ``right`` (on the ``kind`` row ``ident``, owner or admin
+        only): "" when they may. The service's own check asked beforehand, so a page shows what would be
+        refused as disabled, with the reason; the call itself is checked again."""
+        try:
+            actor = self._acting()
+            access.allow(actor, right, actor.user_id)
+            if kind is not None:
+                owner_id, owner_name = self._tx(users.owner_of, kind, ident)
+                access.allow(actor, right, owner_id, owner_name, f"{kind} {ident}")
+        except (access.Denied, UserError) as exc:
+            return str(exc)
+        return ""
+
+    def _audit(self, action: str, target: str = "", outcome: str = "ok", detail: str = "") -> None:
+        try:
+            with self.sessions.begin() as s:
+                audit.record(s, self.actor.user_id, action, target, outcome, detail, self.actor.address,
+                             username=self.actor.username)
+        except Exception:  # the trail never stops what it records (a full disk is reported by the action)
+            pass
+
+    def _author(self, given: str) -> str:
+        """What a mask version records as its author: the signed-in user (the system: what it was given)."""
+        return given if self.actor.user_id is None else self.actor.username
+
+    def _owner(self, given: str | None) -> str | None:
+        """Whose drafts and live views: the signed-in user's (the system: what it was given)."""
+        return given if self.actor.user_id is None else f"user:{self.actor.user_id}"
+
+    def _tx(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(session, *args, **kwargs)`` in one transaction; what a user can act on (a refusal, a
+        missing row, a damaged file, a full disk) comes out as :class:`UserError`."""
+        try:
+            with self.sessions.begin() as s:
+                return fn(s, *args, **kwargs)
+        except (ValueError, LookupError, IntegrityError) as exc:  # (MaskConflict passes through as it is)
+            raise UserError(str(exc)) from exc
+        except OSError as exc:
+            raise UserError(ingest.disk_message(exc)) from exc
+
+    def _cached(self, key: tuple, load: Callable[[], np.ndarray], keep: int = 4) -> np.ndarray:
+        """A read-only array kept for the next few calls (stacks and probabilities are read once)."""
+        with self._lock:
+            if key in self._arrays:
+                self._arrays.move_to_end(key)
+                return self._arrays[key]
+        data = load()
+        if isinstance(data, np.ndarray):  # a lazy volume hands out a fresh array on every read
+            data.setflags(write=False)
+        with self._lock:
+            self._arrays[key] = data
+            while len(self._arrays) > keep:
+                self._arrays.popitem(last=False)
+        return data
