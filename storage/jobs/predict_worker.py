@@ -24,7 +24,9 @@ from storage.records.files import IntegrityError
 from storage.records.masks import latest_mask, load_mask
 from storage.records.volumes import External, Volume, open_block_volume
 from storage.settings import Settings
-from unet.prediction.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
+from unet.prediction.blocks import BlockJob, combined_sha256
+from unet.prediction.schedule import run_blocks
+from unet.prediction.stitch import link_neurons
 
 
 def run_prediction(prediction_id: int, settings: Settings) -> int:

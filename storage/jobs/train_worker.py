@@ -51,7 +51,7 @@ def run_worker(run_id: int, settings: Settings) -> int:
     process runs this; rank 0 is the worker the store knows (it claims the run under the launcher's pid,
     whose process tree the supervisor signals; it keeps the heartbeat, reports and checkpoints), the others
     train their share of each batch and follow its decisions."""
-    from unet.training.train import run_distributed
+    from unet.training.ddp import run_distributed
 
     return run_distributed(lambda rank, world: _run_worker(run_id, settings, rank, world))
 

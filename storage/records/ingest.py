@@ -162,7 +162,7 @@ def _refuse_second_copy(sessions: sessionmaker[Session], what: str, source_name:
 
 def load_demo(sessions: sessionmaker[Session], store: FileStore, author: str = "") -> DatasetInfo:
     """The synthetic EM stack with its labels, so a newcomer can try everything in a minute."""
-    from unet.exchange.io import write_tiff_atomic
+    from unet.exchange.writing import write_tiff_atomic
     from unet.training.synthetic import make_synthetic_em
 
     _refuse_second_copy(sessions, DEMO_NAME, DEMO_SOURCE)

@@ -45,7 +45,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from storage.records.files import IntegrityError, import_roots, inside
-from unet.exchange.io import CHUNK, Limits
+from unet.exchange.io import CHUNK
+from unet.exchange.limits import Limits
 
 COARSEST = 512  # the pyramid stops when a level's longest side is at most this
 FORMAT = "ome-zarr"
@@ -889,7 +890,7 @@ class External:
 
     The folder must have been checked by :func:`check_folder` and walked by :func:`check_tree` (the import
     does both; a linked dataset's read checks the folder again). Here, before a pixel is read, what the
-    metadata declares is checked against ``limits`` (:class:`unet.exchange.io.Limits`, from the environment): the
+    metadata declares is checked against ``limits`` (:class:`unet.exchange.limits.Limits`, from the environment): the
     pixel type, the size of a slice (``linked``: the smaller limit of a stack without an overview pyramid)
     and of a chunk, and which codecs the chunks use (:data:`ALLOWED_CODECS`). Every file is read through
     :class:`_Folder` (no link followed, each file checked before it is opened; ``protected``, the data
@@ -1073,7 +1074,7 @@ def write_volume(path: str | os.PathLike, slices: Iterator[np.ndarray] | np.ndar
 
 
 def open_block_volume(path: str, linked: bool = False, protected: tuple[str, ...] = ()) -> Volume | External:
-    """A dataset's volume for the blockwise engine (``unet.prediction.blockwise.BlockJob.opener``, bound with
+    """A dataset's volume for the blockwise engine (``unet.prediction.blocks.BlockJob.opener``, bound with
     ``functools.partial``): its OME-Zarr volume in the store, or a linked stack on the server read through
     the guarded reader with the store's protected files in hand."""
     if linked:

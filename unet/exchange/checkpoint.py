@@ -12,7 +12,7 @@ TorchScript and load as before.
 
 :func:`check_state_dict` holds a state dict against a config's architecture built on the ``meta`` device
 (its keys, shapes and parameter count) before anything is allocated: for weights that came from outside
-(:func:`unet.exchange.bioimageio.load_package`)."""
+(:func:`unet.exchange.package_reader.load_package`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from unet.exchange.io import atomic_write
+from unet.exchange.writing import atomic_write
 from unet.network.config import ModelConfig
 from unet.network.model import UNet
 
@@ -42,7 +42,7 @@ class Checkpoint:
 
     def build_model(self, device: str | torch.device = "cpu") -> UNet:
         if self.scripted is not None:
-            from unet.exchange.bioimageio import ForeignModel
+            from unet.exchange.foreign_model import ForeignModel
 
             return ForeignModel(self.scripted, self.model_config, self.meta.get("package") or {}).to(device).eval()
         model = UNet(self.model_config)
@@ -57,7 +57,7 @@ TORCHSCRIPT_FORMAT = "neuroseg-torchscript-1"
 def save_torchscript(path: str | os.PathLike, source: str | os.PathLike, model_config: ModelConfig,
                      meta: dict[str, Any]) -> Path:
     """Keep a TorchScript model of another tool as a checkpoint: the file as it is, and a side file whose
-    ``package`` entry says how to feed it and read its output (:class:`unet.exchange.bioimageio.ForeignModel`)."""
+    ``package`` entry says how to feed it and read its output (:class:`unet.exchange.foreign_model.ForeignModel`)."""
     path = Path(path)
     atomic_write(path, lambda fh: fh.write(Path(source).read_bytes()))
     side = {**without_reserved(meta), "format": TORCHSCRIPT_FORMAT, "model_config": model_config.to_dict()}
