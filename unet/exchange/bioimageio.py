@@ -25,17 +25,20 @@ that an accepted one then runs unbounded (memory, time) in the prediction worker
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from unet.exchange.checkpoint import Checkpoint
 from unet.network.sizes import output_size, valid_input_sizes
@@ -119,8 +122,6 @@ def model_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def _cover(image: np.ndarray, probability: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     def grey(a: np.ndarray) -> np.ndarray:
         lo, hi = np.percentile(a, (0.5, 99.5))
         return (np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
@@ -135,7 +136,7 @@ def _cover(image: np.ndarray, probability: np.ndarray, path: Path) -> None:
 
 def build_description(checkpoint: Checkpoint, test_image: np.ndarray, info: ExportInfo, folder: Path):
     """The ``ModelDescr`` of the checkpoint with every file it names written into ``folder``."""
-    from bioimageio.spec.model import v0_5 as bio
+    from bioimageio.spec.model import v0_5 as bio  # bioimageio.spec: ~1.5 s, not in the workers
 
     config = checkpoint.model_config
     if config.in_channels != 1 or config.out_channels != 1:
@@ -163,7 +164,7 @@ def build_description(checkpoint: Checkpoint, test_image: np.ndarray, info: Expo
     offset = output_size(config, sizes[0]) - sizes[0]  # the same for every valid size (0 with same padding)
     space_scale = {"scale": info.pixel_size_nm, "unit": "nanometer"} if info.pixel_size_nm else {}
     torch_version = bio.Version(torch.__version__.split("+")[0])
-    from pydantic import ValidationError
+    from pydantic import ValidationError  # (pydantic comes with bioimageio.spec, imported above)
 
     try:
         return _describe(bio, checkpoint, info, folder, sizes, step, offset, space_scale, torch_version)
@@ -230,14 +231,12 @@ def validate(package: Path, *, run_test: bool = True) -> Validation:
     makes the package invalid). The core's test imports the architecture file of state-dict weights, so it
     runs only when that file is ``unet/network/arch.py`` byte for byte (our own code); the app never calls this on
     an uploaded package (:mod:`storage.records.packages` checks those without running their Python)."""
-    from bioimageio.spec import load_description
+    from bioimageio.spec import load_description  # bioimageio.spec: ~1.5 s, not in the workers
 
     description = load_description(package, perform_io_checks=False)
     summary = description.validation_summary
     if summary.status != "valid-format" and summary.status != "passed":
         return Validation(False, False, _summary_text(summary))
-    import zipfile
-
     package = Path(package)
     root = None if zipfile.is_zipfile(package) else package if package.is_dir() else package.parent
     try:
@@ -255,7 +254,7 @@ def validate(package: Path, *, run_test: bool = True) -> Validation:
         if arch is None or local_file(state_dict.architecture, root).read_bytes() != ARCH_FILE.read_bytes():
             return Validation(True, False, "not tested: its architecture is not Neuroseg's file "
                                            "(unet/network/arch.py), and the model test would run it")
-    from bioimageio.core import test_model
+    from bioimageio.core import test_model  # bioimageio.core (xarray: ~3 s) only for the model test
 
     tested = test_model(package)
     return Validation(True, tested.status == "passed", _summary_text(tested))
@@ -266,9 +265,7 @@ def local_file(descr: Any, root: Path | None = None) -> Any:
     zip, or a regular file inside ``root`` (the unpacked package; an absolute path or ``..`` elsewhere is
     refused), whose SHA-256 is the one the description gives (when it gives one). A URL is refused:
     Neuroseg reads nothing from the network for a package. :class:`PackageError` says which file."""
-    import hashlib
-
-    from bioimageio.spec.common import RelativeFilePath, ZipPath
+    from bioimageio.spec.common import RelativeFilePath, ZipPath  # bioimageio.spec: ~1.5 s, not in the workers
 
     source = descr.source
     named = str(source)
@@ -298,8 +295,8 @@ def package_files(description: Any, root: Path | None = None) -> dict[str, Any]:
     each local one checked by :func:`local_file` (inside the package, its sha256), each URL given back as
     its text, unfetched, for the caller to judge (a cover or documentation by URL is harmless unread; weights
     or test tensors by URL are refused where they are read)."""
-    from bioimageio.spec import get_package_content, get_validation_context
-    from bioimageio.spec.common import FileDescr, RelativeFilePath, ZipPath
+    from bioimageio.spec import get_package_content, get_validation_context  # bioimageio.spec: not in the workers
+    from bioimageio.spec.common import FileDescr, RelativeFilePath, ZipPath  # (as the line above)
 
     try:  # (with I/O checks on, as they are by default, listing would download each URL to hash it)
         with get_validation_context().replace(perform_io_checks=False):
@@ -324,7 +321,7 @@ def export_package(checkpoint: Checkpoint, test_image: np.ndarray, info: ExportI
                    *, run_test: bool = True) -> Validation:
     """Write the checkpoint as a BioImage.IO ``.zip`` at ``out`` after it passed the spec's validation and
     the core's model test; :class:`PackageError` (and no file at ``out``) when it did not."""
-    from bioimageio.spec import save_bioimageio_package
+    from bioimageio.spec import save_bioimageio_package  # bioimageio.spec: ~1.5 s, not in the workers
 
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from unet.exchange import torchscript_guard as guard
 from unet.exchange.writing import atomic_write
 from unet.network.config import ModelConfig
 from unet.network.model import UNet
@@ -42,7 +43,7 @@ class Checkpoint:
 
     def build_model(self, device: str | torch.device = "cpu") -> UNet:
         if self.scripted is not None:
-            from unet.exchange.foreign_model import ForeignModel
+            from unet.exchange.foreign_model import ForeignModel  # a cycle: foreign_model → bioimageio → checkpoint
 
             return ForeignModel(self.scripted, self.model_config, self.meta.get("package") or {}).to(device).eval()
         model = UNet(self.model_config)
@@ -113,9 +114,7 @@ def record_torchscript_check(path: str | os.PathLike, sha256: str, ops: list[str
     """Keep the guard's acceptance of the TorchScript file at ``path`` (whose sha256 is ``sha256``) beside it,
     so that :func:`load_checkpoint` does not check it again. Best effort: a store that cannot be written
     means the next load checks again."""
-    from unet.exchange.torchscript_guard import fingerprint
-
-    kept = {"sha256": sha256, "check": fingerprint(), "ops": list(ops)}
+    kept = {"sha256": sha256, "check": guard.fingerprint(), "ops": list(ops)}
     with contextlib.suppress(OSError):
         atomic_write(checked_file(path), lambda fh: fh.write(json.dumps(kept, indent=2).encode()))
 
@@ -124,8 +123,6 @@ def _checked_torchscript(path: Path) -> bytes:
     """The bytes of a stored TorchScript checkpoint that :func:`unet.exchange.torchscript_guard.check` accepted (its
     archive and its operators; the kept verdict when it is for these bytes and this check), or
     ``ValueError`` with the reason."""
-    from unet.exchange import torchscript_guard as guard
-
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:

@@ -55,13 +55,17 @@ refuse the network before torch is imported.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import importlib.util
 import json
 import os
+import pwd
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -203,8 +207,6 @@ def _stopped(signum: int, memory_mb: int, seconds: int) -> str:
 # --- the child ---------------------------------------------------------------------------------------------
 def _refuse_network() -> None:
     """Every new socket, connection and name lookup of this process refuses (the child's first act)."""
-    import socket
-
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise OSError("no network while a TorchScript model is checked")
 
@@ -221,8 +223,6 @@ def _refuse_network() -> None:
 def _limit(memory_mb: int, seconds: int) -> None:
     """Bound this process from here on: address space (what it holds now plus ``memory_mb``), CPU time
     (``seconds`` more), file size (its standard error file only) and no core file."""
-    import resource
-
     held = 0
     try:
         with open("/proc/self/status") as status:
@@ -251,8 +251,6 @@ def _drop_privileges() -> int:
     user), the child says so on its standard error and stays root: its other bounds still hold."""
     if not _as_root():
         return os.geteuid() if hasattr(os, "geteuid") else -1
-    import pwd
-
     try:
         entry = pwd.getpwnam("nobody")
         uid, gid = entry.pw_uid, entry.pw_gid
@@ -285,10 +283,8 @@ def _sha256(path: str) -> str:
 
 def _judge(weights: str, test_input: str | None, test_output: str | None, plan: dict, memory_mb: int,
            seconds: int) -> dict:
-    import resource  # noqa: F401 (imported before root is dropped: the interpreter's own files may be root's)
-
     import numpy as np  # noqa: F401 (imported before the limits, as torch)
-    import torch
+    import torch  # only in the child, once the network is refused (not in the server's import of this file)
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
@@ -341,8 +337,6 @@ def main(argv: list[str] | None = None) -> int:
     ``tested``) on its standard output, which nothing else writes to (the model's own prints go to standard
     error)."""
     _refuse_network()
-    import argparse
-
     parser = argparse.ArgumentParser(description="Check a TorchScript model before Neuroseg runs it.")
     parser.add_argument("weights")
     parser.add_argument("--test-input")
