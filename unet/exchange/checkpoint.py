@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from unet.exchange import torchscript_guard as guard
+from unet.exchange.torchscript_rules import TorchScriptRefused
 from unet.exchange.writing import atomic_write
 from unet.network.config import ModelConfig
 from unet.network.model import UNet
@@ -133,7 +134,7 @@ def _checked_torchscript(path: Path) -> bytes:
         return data
     try:
         verdict = guard.check(path)
-    except guard.TorchScriptRefused as exc:
+    except TorchScriptRefused as exc:
         raise ValueError(f"{path.name}: this TorchScript model is not loaded: {exc}") from None
     if verdict.sha256 != digest:
         raise ValueError(f"{path.name}: the TorchScript file changed while it was checked; it is not loaded")
