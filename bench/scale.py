@@ -68,7 +68,7 @@ elif stage == "predict":
     job = svc.prediction(info.id)
     assert job.status == "FINISHED", job.error
 elif stage == "export":
-    from unet.exchange.io import write_tiff_slices
+    from unet.exchange.writing import write_tiff_slices
     job = svc.predictions()[-1]
     write_tiff_slices(svc.prediction_output(job.id, "mask"), Path(arg))
 out["seconds"] = time.perf_counter() - t

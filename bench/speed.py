@@ -119,7 +119,7 @@ def measure_one(model_name: str, width: int, device_name: str, patch: int, batch
         def infer():
             return predict_slice(model, image, tile=512 if padding == "same" else 572, device=device, amp=amp)
 
-        from unet.network.model import output_size
+        from unet.network.sizes import output_size
         tile = 512 if padding == "same" else 572
         tiles = int(np.ceil(512 / output_size(model.config, tile))) ** 2
         xi = torch.randn(1, 1, tile, tile, device=device)

@@ -9,11 +9,12 @@ import time
 import numpy as np
 import streamlit as st
 
+from domain.live import LiveInfo
 from pages.annotate_canvas import Tools
 from pages.annotate_panels import Edit, pending_strokes
 from pages.canvas_aids import live_overlay
 from pages.common import attempt, can, flash, frame_guard, owner
-from storage.service import LiveInfo, Neuroseg
+from storage.service import Neuroseg
 from ui.annotation import Draft
 from ui.live import (
     OVERLAYS,

@@ -12,8 +12,9 @@ import streamlit as st
 from streamlit_drawable_canvas import CanvasResult  # needs a running Streamlit: pages only
 
 import pages.state as state
+from domain.records import MaskInfo
 from pages.common import attempt, can, flash, frame_guard, owner, select_dataset
-from storage.service import MaskConflict, MaskInfo, Neuroseg, UserError
+from storage.service import MaskConflict, Neuroseg, UserError
 from ui.annotation import Draft, StartOption, history_rows, start_options
 from ui.figures import slice_strip
 from ui.text import plain

@@ -6,9 +6,10 @@ from __future__ import annotations
 import streamlit as st
 
 import pages.state as state
+from domain.records import DatasetInfo, Deleted
 from pages.common import attempt, can, dataset_picker, select_dataset, start_page, volume_or_stop
 from pages.upload import upload_stack
-from storage.service import NAME_MAX, DatasetInfo, Deleted
+from storage.service import NAME_MAX
 from ui.figures import histogram
 from ui.paint import View, auto_window, middle_of, view_picture
 from ui.text import plain

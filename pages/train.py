@@ -5,8 +5,9 @@ from __future__ import annotations
 import streamlit as st
 
 from domain.kinds import RunKind, RunStatus
+from domain.records import RunInfo
 from pages.common import attempt, can, select_dataset, selected_dataset, start_page
-from storage.service import RunInfo, UserError
+from storage.service import UserError
 from ui.figures import run_curves_figure
 from ui.text import plain
 from ui.training import VAL_KEYS, checkpoint_label, describe_preset, progress_text, recipe, resume_note

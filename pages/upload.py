@@ -9,8 +9,9 @@ from collections.abc import Callable
 import streamlit as st
 
 import pages.state as state
+from domain.records import DatasetInfo
 from pages.common import can, flash, frame_guard, select_dataset
-from storage.service import ChannelsQuestion, DatasetInfo, Neuroseg, UserError
+from storage.service import ChannelsQuestion, Neuroseg, UserError
 from ui.text import plain
 
 _CHANNELS_AS_Z = "_channels_as_z"  # the user answered the channels question (set by its button, read once)

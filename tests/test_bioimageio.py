@@ -22,13 +22,13 @@ from unet.exchange.bioimageio import (
     ISBI_CITE,
     UNET_CITE,
     ExportInfo,
-    ForeignModel,
     PackageError,
     export_package,
-    load_package,
     validate,
 )
 from unet.exchange.checkpoint import load_checkpoint, save_checkpoint
+from unet.exchange.foreign_model import ForeignModel
+from unet.exchange.package_reader import load_package
 from unet.network.config import ModelConfig
 from unet.network.model import UNet
 from unet.prediction.infer import predict_slice

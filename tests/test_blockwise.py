@@ -15,7 +15,8 @@ from storage.records.volumes import Volume, write_volume
 from unet.exchange.checkpoint import save_checkpoint
 from unet.network.config import preset
 from unet.network.model import UNet
-from unet.prediction.blockwise import BlockJob, finished_blocks, output_path, run_blocks
+from unet.prediction.blocks import BlockJob, finished_blocks, output_path
+from unet.prediction.schedule import run_blocks
 from unet.training.synthetic import make_synthetic_em
 
 SLICES = (0, 2, 3, 4, 5)
@@ -62,7 +63,8 @@ def test_a_two_worker_dask_cluster_predicts_what_one_process_does(setup):
 
 KILLED_AFTER_TWO = """
 import json, os, signal, sys
-from unet.prediction.blockwise import BlockJob, run_blocks
+from unet.prediction.blocks import BlockJob
+from unet.prediction.schedule import run_blocks
 fields = json.loads(sys.argv[1])
 job = BlockJob(**{**fields, "slices": tuple(fields["slices"])})
 def progress(done, total):
@@ -150,7 +152,8 @@ def test_a_slice_larger_than_a_tile_is_predicted_in_tiles_and_stitched_into_the_
 
 KILLED_AFTER_A_SLICE_OF_TILES = """
 import json, os, signal, sys
-from unet.prediction.blockwise import BlockJob, run_blocks
+from unet.prediction.blocks import BlockJob
+from unet.prediction.schedule import run_blocks
 fields = json.loads(sys.argv[1])
 job = BlockJob(**{**fields, "slices": tuple(fields["slices"])})
 def progress(done, total):
@@ -258,7 +261,7 @@ def test_a_prediction_exports_as_ome_zarr_that_napari_reads(tmp_path, monkeypatc
 def test_an_output_slice_of_zeros_is_stored_chunk_by_chunk(tmp_path):
     """zarr skips chunks that hold only the fill value unless told otherwise, and the setting does not
     travel with the array: a mask slice that is all membrane must still be readable (not "missing")."""
-    from unet.prediction.blockwise import create_output, write_slice
+    from unet.prediction.blocks import create_output, write_slice
 
     path = tmp_path / "mask.ome.zarr"
     create_output(path, "mask", (2, 700, 600), [0, 1])

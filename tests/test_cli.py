@@ -54,16 +54,16 @@ def test_train_predict_evaluate(tmp_path, synthetic):
 
 KILLED_AFTER_TWO_BLOCKS = """
 import os, signal, sys
-import unet.prediction.blockwise
+import unet.cli
 from unet.cli import main
-engine = unet.prediction.blockwise.run_blocks
+engine = unet.cli.run_blocks
 def killed_after_two(job, shape, progress=None, **kw):
     def report(done, total):
         progress(done, total)
         if done == 2:
             os.kill(os.getpid(), signal.SIGKILL)  # right after its second block was written
     return engine(job, shape, progress=report, **kw)
-unet.prediction.blockwise.run_blocks = killed_after_two
+unet.cli.run_blocks = killed_after_two
 main(sys.argv[1:])
 """
 

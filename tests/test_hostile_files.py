@@ -407,7 +407,8 @@ def test_a_declared_giant_is_refused_before_any_read(svc, tmp_path, monkeypatch)
 def test_a_declared_depth_is_limited_before_any_read_and_slice_lists_are_bounded(svc, tmp_path, monkeypatch):
     """An 8 KB zarr declaring 10¹² slices of 64 × 64 is refused in both modes from its metadata (Predict's
     "all" used to list every one of them), and no slice list is built beyond the limit."""
-    from unet.exchange.io import Limits, parse_slices
+    from unet.exchange.io import parse_slices
+    from unet.exchange.limits import Limits
 
     monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
     deep = tmp_path / "lab" / "deep.zarr"
@@ -674,7 +675,7 @@ def finished(svc, tmp_path, monkeypatch):
     from storage.models import Prediction
     from storage.records import predictions
     from tests.test_starter import tiny_starter
-    from unet.prediction.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
+    from unet.prediction.blocks import OUTPUT_DTYPES, create_output, output_path, write_slice
 
     tiny_starter(tmp_path / "models", monkeypatch)
     from storage.records import starter
@@ -735,7 +736,8 @@ def test_a_prediction_reads_a_linked_stack_through_the_same_guard(tmp_path, monk
     from functools import partial
 
     from storage.records.volumes import open_block_volume
-    from unet.prediction.blockwise import BlockJob, _volume
+    from unet.prediction.blocks import BlockJob
+    from unet.prediction.blockwise import _volume
 
     monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
     folder = tmp_path / "lab" / "stack.zarr"

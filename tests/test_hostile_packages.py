@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from tests.test_bioimageio import _nothing_left, _rdf_edit, _rezip, small_export, torchscript_package
-from unet.exchange import torchscript_guard
-from unet.exchange.bioimageio import card_text, code_block, load_package, validate
+from unet.exchange import torchscript_guard, torchscript_rules
+from unet.exchange.bioimageio import card_text, code_block, validate
+from unet.exchange.package_reader import load_package
 from unet.prediction.infer import predict_slice
 
 pytest.importorskip("bioimageio.core", reason="bioimageio.core is in requirements.txt")
@@ -220,7 +221,7 @@ def _unprivileged_uid() -> int:
 def test_load_time_code_is_refused_before_loading_and_a_models_prints_do_not_spoil_the_verdict(tmp_path,
                                                                                                tiny_tensors):
     torch.jit.script(_Stateful(str(tmp_path / "absent"))).save(str(tmp_path / "stateful.pt"))
-    with pytest.raises(torchscript_guard.TorchScriptRefused, match="defines __setstate__"):
+    with pytest.raises(torchscript_rules.TorchScriptRefused, match="defines __setstate__"):
         torchscript_guard.check(tmp_path / "stateful.pt", *tiny_tensors, {})
     torch.jit.script(_Chatty()).save(str(tmp_path / "chatty.pt"))
     verdict = torchscript_guard.check(tmp_path / "chatty.pt", *tiny_tensors, {})
@@ -324,14 +325,14 @@ def test_a_file_that_shows_two_zip_readers_two_archives_is_refused_and_its_load_
     assert not any(b"__setstate__" in python_view.read(i) for i in python_view.infolist())
     assert any(b"__setstatf__" in python_view.read(i) for i in python_view.infolist())
 
-    with pytest.raises(torchscript_guard.TorchScriptRefused, match="does not start with a zip member"):
+    with pytest.raises(torchscript_rules.TorchScriptRefused, match="does not start with a zip member"):
         torchscript_guard.check(evil, *tiny_tensors, {})
     assert target.read_bytes() == before
     # each layer on its own: the frame, and the two readers compared (PyTorch's reader finds __setstate__)
-    with pytest.raises(torchscript_guard.TorchScriptRefused, match="does not start with a zip member"):
-        torchscript_guard.check_layout(evil)
-    with pytest.raises(torchscript_guard.TorchScriptRefused, match="not the same member to PyTorch's zip reader"):
-        torchscript_guard.check_members(evil)
+    with pytest.raises(torchscript_rules.TorchScriptRefused, match="does not start with a zip member"):
+        torchscript_rules.check_layout(evil)
+    with pytest.raises(torchscript_rules.TorchScriptRefused, match="not the same member to PyTorch's zip reader"):
+        torchscript_rules.check_members(evil)
     assert target.read_bytes() == before
 
     # the payload is live: torch.jit.load runs the copy Python's zipfile did not show
@@ -344,7 +345,7 @@ def test_a_zip_frame_that_two_readers_could_read_apart_is_refused(tmp_path):
 
     torch.jit.script(_Chatty()).save(str(tmp_path / "plain.pt"))
     plain = (tmp_path / "plain.pt").read_bytes()
-    torchscript_guard.check_archive(tmp_path / "plain.pt")  # (what torch.jit.save writes passes)
+    torchscript_rules.check_archive(tmp_path / "plain.pt")  # (what torch.jit.save writes passes)
     cd_end = plain.rfind(b"PK\x06\x06")
     locator = plain.rfind(b"PK\x06\x07")
     moved = bytearray(plain[:cd_end] + bytes(16) + plain[cd_end:])  # 16 bytes between directory and end records
@@ -357,8 +358,8 @@ def test_a_zip_frame_that_two_readers_could_read_apart_is_refused(tmp_path):
     }
     for data, message in cases.values():
         (tmp_path / "case.pt").write_bytes(data)
-        with pytest.raises(torchscript_guard.TorchScriptRefused, match=message):
-            torchscript_guard.check_archive(tmp_path / "case.pt")
+        with pytest.raises(torchscript_rules.TorchScriptRefused, match=message):
+            torchscript_rules.check_archive(tmp_path / "case.pt")
 
 
 # --- TorchScript checkpoints stored before the check --------------------------------------------------------------
@@ -393,7 +394,7 @@ def test_a_stored_torchscript_checkpoint_is_checked_once_before_it_is_loaded(tmp
     assert kept["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
 
     def no_second_check(*args, **kwargs):
-        raise torchscript_guard.TorchScriptRefused("checked again")
+        raise torchscript_rules.TorchScriptRefused("checked again")
 
     monkeypatch.setattr(torchscript_guard, "check", no_second_check)
     load_checkpoint(stored)  # (the kept verdict)
@@ -404,11 +405,11 @@ def test_a_stored_torchscript_checkpoint_is_checked_once_before_it_is_loaded(tmp
 
 def test_the_allowlist_takes_our_own_torchscript_export(exported):
     scripted = torch.jit.load(io.BytesIO(zipfile.ZipFile(exported).read("weights_torchscript.pt")))
-    kinds = torchscript_guard.op_kinds(scripted)
+    kinds = torchscript_rules.op_kinds(scripted)
     assert "aten::conv2d" in kinds and "aten::cat" in kinds and "prim::If" in kinds
-    assert torchscript_guard.forbidden_ops(scripted) == []
-    assert not torchscript_guard.allowed("aten::from_file") and not torchscript_guard.allowed("aten::save")
-    assert not torchscript_guard.allowed("prim::CallMethod") and not torchscript_guard.allowed("myops::anything")
+    assert torchscript_rules.forbidden_ops(scripted) == []
+    assert not torchscript_rules.allowed("aten::from_file") and not torchscript_rules.allowed("aten::save")
+    assert not torchscript_rules.allowed("prim::CallMethod") and not torchscript_rules.allowed("myops::anything")
 
 
 # --- limits -------------------------------------------------------------------------------------------------
@@ -431,7 +432,7 @@ class _Endless(torch.nn.Module):
 def test_a_model_that_eats_memory_or_time_is_stopped(tmp_path, tiny_tensors, model, message):
     torch.jit.script(model()).save(str(tmp_path / "model.pt"))
     started = time.monotonic()
-    with pytest.raises(torchscript_guard.TorchScriptRefused, match=message):
+    with pytest.raises(torchscript_rules.TorchScriptRefused, match=message):
         torchscript_guard.check(tmp_path / "model.pt", *tiny_tensors, {}, memory_mb=512, seconds=1)
     assert time.monotonic() - started < 30
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from unet.exchange.io import inspect_stack, parse_slices, read_labels, read_stack, write_tiff_atomic
+from unet.exchange.io import inspect_stack, parse_slices, read_labels, read_stack
+from unet.exchange.writing import write_tiff_atomic
 
 
 def test_multipage_stack(tmp_path):

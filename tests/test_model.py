@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from unet.network.config import ModelConfig, TrainConfig, preset
-from unet.network.model import UNet, check_input_size, output_size, valid_input_sizes
+from unet.network.model import UNet
+from unet.network.sizes import check_input_size, output_size, valid_input_sizes
 
 SHAPES = [
     # (config, input (B, C, H, W), output (B, C, H', W'))

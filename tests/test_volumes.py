@@ -16,7 +16,8 @@ from storage.records import datasets
 from storage.records.files import FileStore, IntegrityError, sha256_of
 from storage.records.volumes import CHUNK, DiskFull, Volume, level_shapes, remove_partials, write_volume
 from storage.settings import Settings
-from unet.exchange.io import iter_slices, write_tiff_atomic
+from unet.exchange.io import iter_slices
+from unet.exchange.writing import write_tiff_atomic
 
 
 def _settings(tmp_path) -> Settings:

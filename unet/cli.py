@@ -14,31 +14,41 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+import zarr
+from tqdm import tqdm
 
+from unet.exchange.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, export_package
+from unet.exchange.checkpoint import load_checkpoint
+from unet.exchange.io import inspect_stack, parse_slices, read_labels, read_stack
+from unet.exchange.stacks import open_stack
+from unet.exchange.writing import write_tiff_slices
 from unet.network.config import PRESETS, preset
+from unet.prediction.blocks import BlockJob, output_path
+from unet.prediction.metrics import evaluate_slice, mean_metrics
 from unet.prediction.postprocess import DEFAULT_METHOD, METHODS
+from unet.prediction.schedule import run_blocks
+from unet.prediction.segment import output_file
+from unet.prediction.stitch import link_neurons
+from unet.training.data import TrainData
+from unet.training.ddp import run_distributed
+from unet.training.labels import labels_to_target
+from unet.training.train import NullReporter, train
 
 
 def _train(args: argparse.Namespace) -> int:
-    from unet.training.train import run_distributed
-
     # under torchrun: one process per GPU (gloo on CPUs), same checkpoints and curves
     return run_distributed(lambda rank, world: _train_here(args, rank, world))
 
 
 def _train_here(args: argparse.Namespace, rank: int, world: int) -> int:
-    from tqdm import tqdm
-
-    from unet.exchange.io import parse_slices, read_labels, read_stack
-    from unet.training.data import TrainData
-    from unet.training.train import NullReporter, train
-
     volume = read_stack(args.volume)
     labels = read_labels(args.labels, volume.shape)
     train_slices = parse_slices(args.train_slices, volume.shape[0])
@@ -92,15 +102,6 @@ def _predict(args: argparse.Namespace) -> int:
     """Predict a stack block by block with the app's engine (:mod:`unet.prediction.blockwise`): memory bounded by a
     block, never the stack; a run that is stopped resumes from the blocks it wrote (the same command
     again). The outputs are TIFFs (or OME-Zarr images, ``--format ome-zarr``), written slice by slice."""
-    import hashlib
-    import shutil
-
-    from tqdm import tqdm
-
-    from unet.exchange.io import open_stack, parse_slices, write_tiff_slices
-    from unet.prediction.blockwise import BlockJob, link_neurons, output_path, run_blocks
-    from unet.prediction.segment import output_file
-
     weights = Path(args.model or args.checkpoint).resolve()
     if not weights.is_file():
         raise ValueError(f"{weights} does not exist")
@@ -109,8 +110,6 @@ def _predict(args: argparse.Namespace) -> int:
     slices = parse_slices(args.slices, volume.shape[0])
     pixel_size = None
     if source.is_file():
-        from unet.exchange.io import inspect_stack
-
         pixel_size = inspect_stack(source).pixel_size_nm
     out = Path(args.out)
     work = out / ".neuroseg-blocks"  # the engine's outputs and markers: what a resumed run reuses
@@ -155,8 +154,6 @@ def _predict(args: argparse.Namespace) -> int:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(output_path(work, name), target)
         else:
-            import zarr
-
             array = zarr.open_array(output_path(work, name), path="0", mode="r")
             target = write_tiff_slices(array, out / (output_file(name) if name != "neurons" else "neurons.tif"),
                                        pixel_size)
@@ -167,10 +164,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from unet.exchange.io import parse_slices, read_labels, read_stack
-    from unet.prediction.metrics import evaluate_slice, mean_metrics
-    from unet.training.labels import labels_to_target
-
     probs = read_stack(args.prediction).astype(np.float32)
     if probs.max() > 1.0:  # a 0/255 mask rather than probabilities
         probs = probs / probs.max()
@@ -204,10 +197,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from unet.exchange.bioimageio import ISBI_CITE, UNET_CITE, ExportInfo, export_package
-    from unet.exchange.checkpoint import load_checkpoint
-    from unet.exchange.io import inspect_stack, read_stack
-
     checkpoint = load_checkpoint(args.checkpoint)
     volume = read_stack(args.volume)
     if not 0 <= args.slice < volume.shape[0]:

@@ -45,7 +45,7 @@ from storage.records.heldout import held_out, score_run
 from storage.records.live import focus_slices, region_text, viewed_regions, waiting_normal_run
 from storage.records.masks import load_mask, slice_kinds
 from storage.settings import Settings
-from unet.exchange.io import atomic_write
+from unet.exchange.writing import atomic_write
 from unet.network.config import TrainConfig
 from unet.prediction.infer import Interrupted
 from unet.training.forest import PixelForest

@@ -26,8 +26,10 @@ from storage.records.files import IntegrityError
 from storage.records.masks import latest_mask, load_mask
 from storage.records.volumes import Volume, open_block_volume
 from storage.settings import Settings
-from unet.prediction.blockwise import BlockJob, combined_sha256, link_neurons, run_blocks
+from unet.prediction.blocks import BlockJob, combined_sha256
 from unet.prediction.metrics import mean_metrics
+from unet.prediction.schedule import run_blocks
+from unet.prediction.stitch import link_neurons
 
 log = logging.getLogger(__name__)
 

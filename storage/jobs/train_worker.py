@@ -29,7 +29,8 @@ from storage.records.masks import load_mask
 from storage.settings import Settings
 from unet.network.config import TrainConfig
 from unet.training.data import TrainData
-from unet.training.train import run_distributed, train
+from unet.training.ddp import run_distributed
+from unet.training.train import train
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ from storage.records.files import FileStore, IntegrityError, import_roots
 from storage.records.masks import add_mask
 from storage.records.server_folders import Refused, check_folder
 from storage.records.volumes import FORMAT, Volume, VolumeWriter, write_volume
-from unet.exchange.io import Limits, iter_slices
-from unet.prediction.blockwise import OUTPUT_DTYPES, create_output, output_path, write_slice
+from unet.exchange.io import iter_slices
+from unet.exchange.limits import Limits
+from unet.prediction.blocks import OUTPUT_DTYPES, create_output, output_path, write_slice
 from unet.training.labels import labels_to_target
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
 
 def convert_legacy_predictions(session: Session, store: FileStore, say: Callable[[str], None] = log.info) -> int:
     """Move the TIFF outputs of predictions made by earlier versions into OME-Zarr outputs like the new
-    ones (:mod:`unet.prediction.blockwise`), without losing a byte: each TIFF's checksum is verified, it is
+    ones (:mod:`unet.prediction.blocks`), without losing a byte: each TIFF's checksum is verified, it is
     converted slice by slice, the slices read back are compared with the TIFF's, then the row switches and
     the TIFF goes. A failure leaves the prediction as it was (still readable) and says why."""
     done = 0
@@ -206,7 +207,7 @@ def import_external(session: Session, store: FileStore, path: str | os.PathLike,
     as a new dataset: copied slice by slice into the store, or with ``link`` read where it lies (nothing
     is ever written there; the dataset breaks if the folder goes). Bad input raises ValueError. The folder
     must have been checked and walked first (:func:`storage.records.ingest.import_path` does it); here what its
-    metadata declares is checked against the limits (:class:`unet.exchange.io.Limits`) before a pixel is read."""
+    metadata declares is checked against the limits (:class:`unet.exchange.limits.Limits`) before a pixel is read."""
     report = progress or (lambda _stage, _fraction: None)
     limits = Limits.from_env()
     source = External(path, limits=limits, linked=link, protected=protected_paths(session, store))

@@ -32,7 +32,7 @@ from storage.records.server_folders import (
     Folder,
     Refused,
 )
-from unet.exchange.io import Limits
+from unet.exchange.limits import Limits
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from unet.exchange.io import write_tiff_atomic
+from unet.exchange.writing import write_tiff_atomic
 
 
 class IntegrityError(RuntimeError):
@@ -97,7 +97,7 @@ class FileStore:
         return f"predictions/{int(prediction_id)}"
 
     def prediction_output(self, prediction_id: int, output: str) -> str:
-        """One output of a prediction: an OME-Zarr image (:mod:`unet.prediction.blockwise`); earlier versions wrote
+        """One output of a prediction: an OME-Zarr image (:mod:`unet.prediction.blocks`); earlier versions wrote
         ``<output>.tif``, recorded as such on their rows."""
         return f"{self.prediction_folder(prediction_id)}/{output}.ome.zarr"
 

@@ -20,7 +20,8 @@ from storage.records import datasets
 from storage.records.files import IMPORT_ROOTS_ENV, FileStore, import_roots
 from storage.records.server_folders import Refused, check_folder, check_tree
 from storage.settings import PROJECT_ROOT
-from unet.exchange.io import ChannelsMaybeSlices, write_tiff_atomic
+from unet.exchange.io import ChannelsMaybeSlices
+from unet.exchange.writing import write_tiff_atomic
 from unet.training.synthetic import make_synthetic_em
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ in the server only after a sandboxed child process accepted it.
 5. its weights, and its own model test:
    - a package Neuroseg exported (``config.neuroseg``): its state dict, read with ``weights_only=True``,
      goes into our own architecture (never the package's ``.py``, which may be anything), and our model
-     must give its test output for its test input (:func:`unet.exchange.bioimageio.check_test_tensors`);
+     must give its test output for its test input (:func:`unet.exchange.package_reader.check_test_tensors`);
    - a package of ours must ask for a network of at most 256 initial features and 16 channels each way
      (:class:`unet.network.config.ModelConfig`), whose state dict's keys and shapes are checked against the
      architecture built on the ``meta`` device (nothing allocated) and which has at most 200 M parameters
@@ -28,7 +28,7 @@ in the server only after a sandboxed child process accepted it.
      its archive with PyTorch's own zip reader and Python's (they must agree; no ``__setstate__``), refuses
      any operator outside its allowlist (``aten::from_file`` reads server files, ``aten::save`` writes them)
      and runs its test there, with its own pre-processing (zero mean and unit variance, or percentile
-     scaling); it is then read as a probability or its logits (:class:`unet.exchange.bioimageio.ForeignModel`; a
+     scaling); it is then read as a probability or its logits (:class:`unet.exchange.foreign_model.ForeignModel`; a
      boundary map is inverted) and predicts but cannot be fine-tuned (no state dict); the verdict is kept
      beside the stored file, which :func:`unet.exchange.checkpoint.load_checkpoint` checks the same way when it has
      none (a model imported before the check);
@@ -58,16 +58,7 @@ from sqlalchemy.orm import Session
 from domain.kinds import CheckpointKind, RunKind, RunStatus
 from storage.models import Checkpoint, Run
 from storage.records.files import FileStore, sha256_of
-from unet.exchange.bioimageio import (
-    MAX_RDF_BYTES,
-    PackageError,
-    check_test_tensors,
-    foreign_plan,
-    load_package,
-    local_file,
-    package_files,
-    read_rdf,
-)
+from unet.exchange.bioimageio import PackageError, local_file, package_files
 from unet.exchange.checkpoint import (
     load_checkpoint,
     record_torchscript_check,
@@ -75,8 +66,10 @@ from unet.exchange.checkpoint import (
     save_torchscript,
     without_reserved,
 )
-from unet.exchange.torchscript_guard import TorchScriptRefused
+from unet.exchange.foreign_model import foreign_plan
+from unet.exchange.package_reader import MAX_RDF_BYTES, check_test_tensors, load_package, read_rdf
 from unet.exchange.torchscript_guard import check as check_torchscript
+from unet.exchange.torchscript_rules import TorchScriptRefused
 
 MAX_MEMBERS = 2_000
 MAX_UNPACKED = 4 << 30
@@ -151,7 +144,8 @@ def precheck(rdf: Path) -> None:
     """What the rdf.yaml says before anything is loaded: a model, one input and one output of two space
     axes and one channel, weights in a format Neuroseg runs; :class:`PackageRefused` says what it found.
     The file is read only when it is at most 1 MiB and has no YAML anchor or alias
-    (:func:`unet.exchange.bioimageio.read_rdf`): nothing else (nor ``bioimageio.spec`` after it) parses it before."""
+    (:func:`unet.exchange.package_reader.read_rdf`): nothing else (nor ``bioimageio.spec`` after it) parses it
+    before."""
     size = rdf.stat().st_size
     if size > MAX_RDF_BYTES:
         raise PackageRefused(f"its rdf.yaml has {size:,} bytes (at most {MAX_RDF_BYTES:,} are read)")

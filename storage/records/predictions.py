@@ -22,7 +22,7 @@ from storage.records.datasets import dataset_row
 from storage.records.files import EXPORT_ROOT_ENV, FileStore, export_root, inside
 from storage.records.volumes import Volume
 from storage.settings import PROJECT_ROOT
-from unet.exchange.io import write_tiff_slices
+from unet.exchange.writing import write_tiff_slices
 from unet.prediction.postprocess import DEFAULT_METHOD, METHODS
 
 

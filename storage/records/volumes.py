@@ -285,7 +285,7 @@ def write_volume(path: str | os.PathLike, slices: Iterator[np.ndarray] | np.ndar
 
 
 def open_block_volume(path: str, linked: bool = False, protected: tuple[str, ...] = ()) -> Volume | External:
-    """A dataset's volume for the blockwise engine (``unet.prediction.blockwise.BlockJob.opener``, bound with
+    """A dataset's volume for the blockwise engine (``unet.prediction.blocks.BlockJob.opener``, bound with
     ``functools.partial``): its OME-Zarr volume in the store, or a linked stack on the server read through
     the guarded reader with the store's protected files in hand."""
     if linked:

@@ -1,5 +1,6 @@
-"""A model as a BioImage.IO package (bioimageio.spec 0.5): the ``.zip`` that ilastik, deepImageJ,
-napari and ``bioimageio.core`` run.
+"""A model exported as a BioImage.IO package (bioimageio.spec 0.5): the ``.zip`` that ilastik, deepImageJ,
+napari and ``bioimageio.core`` run (read back by :mod:`unet.exchange.package_reader`; another tool's
+TorchScript package runs through :mod:`unet.exchange.foreign_model`).
 
 The package holds ``rdf.yaml``; the weights twice, as a PyTorch state dict with the architecture's source
 (``unet/network/arch.py``, PyTorch only, callable ``NeurosegUNet`` with the model's config as kwargs) and as
@@ -12,7 +13,8 @@ text is escaped (:func:`card_text`: no HTML, no Markdown image or link comes fro
 the files it names) and runs ``bioimageio.core``'s model test before it returns: a package that fails is
 never handed out.
 
-Reading a package back (:func:`load_package`, :func:`check_test_tensors`) never imports its Python: its
+Reading a package back (:func:`unet.exchange.package_reader.load_package`,
+:func:`unet.exchange.package_reader.check_test_tensors`) never imports its Python: its
 ``rdf.yaml`` is read only when small and free of YAML anchors and aliases (:func:`read_rdf`), its model
 config must be within :class:`unet.network.config.ModelConfig`'s caps, its state dict must fit the architecture
 built on the ``meta`` device (keys, shapes, at most 200 M parameters:
@@ -23,20 +25,22 @@ that an accepted one then runs unbounded (memory, time) in the prediction worker
 
 from __future__ import annotations
 
+import hashlib
 import html
-import io
 import json
 import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from unet.exchange.checkpoint import Checkpoint, check_state_dict
+from unet.exchange.checkpoint import Checkpoint
 from unet.network.sizes import output_size, valid_input_sizes
 from unet.training.data import normalize_image
 
@@ -112,14 +116,12 @@ def test_crop_size(checkpoint: Checkpoint, image_shape: tuple[int, int], wanted:
     return bigger[0] if bigger else sizes[-1]
 
 
-def _logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+def model_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(x[None, None].astype(np.float32))).numpy()
 
 
 def _cover(image: np.ndarray, probability: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     def grey(a: np.ndarray) -> np.ndarray:
         lo, hi = np.percentile(a, (0.5, 99.5))
         return (np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
@@ -134,7 +136,7 @@ def _cover(image: np.ndarray, probability: np.ndarray, path: Path) -> None:
 
 def build_description(checkpoint: Checkpoint, test_image: np.ndarray, info: ExportInfo, folder: Path):
     """The ``ModelDescr`` of the checkpoint with every file it names written into ``folder``."""
-    from bioimageio.spec.model import v0_5 as bio
+    from bioimageio.spec.model import v0_5 as bio  # bioimageio.spec: ~1.5 s, not in the workers
 
     config = checkpoint.model_config
     if config.in_channels != 1 or config.out_channels != 1:
@@ -145,7 +147,7 @@ def build_description(checkpoint: Checkpoint, test_image: np.ndarray, info: Expo
     top, left = (test_image.shape[0] - size) // 2, (test_image.shape[1] - size) // 2
     raw = np.asarray(test_image[top:top + size, left:left + size], dtype=np.float32)
     model = checkpoint.build_model("cpu")
-    probability = 1 / (1 + np.exp(-_logits(model, normalize_image(raw))))  # what the package must give
+    probability = 1 / (1 + np.exp(-model_logits(model, normalize_image(raw))))  # what the package must give
     np.save(folder / "test_input.npy", raw[None, None])
     np.save(folder / "test_output.npy", probability.astype(np.float32))
     _cover(raw, probability[0, 0], folder / "cover.png")
@@ -162,7 +164,7 @@ def build_description(checkpoint: Checkpoint, test_image: np.ndarray, info: Expo
     offset = output_size(config, sizes[0]) - sizes[0]  # the same for every valid size (0 with same padding)
     space_scale = {"scale": info.pixel_size_nm, "unit": "nanometer"} if info.pixel_size_nm else {}
     torch_version = bio.Version(torch.__version__.split("+")[0])
-    from pydantic import ValidationError
+    from pydantic import ValidationError  # (pydantic comes with bioimageio.spec, imported above)
 
     try:
         return _describe(bio, checkpoint, info, folder, sizes, step, offset, space_scale, torch_version)
@@ -229,14 +231,12 @@ def validate(package: Path, *, run_test: bool = True) -> Validation:
     makes the package invalid). The core's test imports the architecture file of state-dict weights, so it
     runs only when that file is ``unet/network/arch.py`` byte for byte (our own code); the app never calls this on
     an uploaded package (:mod:`storage.records.packages` checks those without running their Python)."""
-    from bioimageio.spec import load_description
+    from bioimageio.spec import load_description  # bioimageio.spec: ~1.5 s, not in the workers
 
     description = load_description(package, perform_io_checks=False)
     summary = description.validation_summary
     if summary.status != "valid-format" and summary.status != "passed":
         return Validation(False, False, _summary_text(summary))
-    import zipfile
-
     package = Path(package)
     root = None if zipfile.is_zipfile(package) else package if package.is_dir() else package.parent
     try:
@@ -254,7 +254,7 @@ def validate(package: Path, *, run_test: bool = True) -> Validation:
         if arch is None or local_file(state_dict.architecture, root).read_bytes() != ARCH_FILE.read_bytes():
             return Validation(True, False, "not tested: its architecture is not Neuroseg's file "
                                            "(unet/network/arch.py), and the model test would run it")
-    from bioimageio.core import test_model
+    from bioimageio.core import test_model  # bioimageio.core (xarray: ~3 s) only for the model test
 
     tested = test_model(package)
     return Validation(True, tested.status == "passed", _summary_text(tested))
@@ -265,9 +265,7 @@ def local_file(descr: Any, root: Path | None = None) -> Any:
     zip, or a regular file inside ``root`` (the unpacked package; an absolute path or ``..`` elsewhere is
     refused), whose SHA-256 is the one the description gives (when it gives one). A URL is refused:
     Neuroseg reads nothing from the network for a package. :class:`PackageError` says which file."""
-    import hashlib
-
-    from bioimageio.spec.common import RelativeFilePath, ZipPath
+    from bioimageio.spec.common import RelativeFilePath, ZipPath  # bioimageio.spec: ~1.5 s, not in the workers
 
     source = descr.source
     named = str(source)
@@ -297,8 +295,8 @@ def package_files(description: Any, root: Path | None = None) -> dict[str, Any]:
     each local one checked by :func:`local_file` (inside the package, its sha256), each URL given back as
     its text, unfetched, for the caller to judge (a cover or documentation by URL is harmless unread; weights
     or test tensors by URL are refused where they are read)."""
-    from bioimageio.spec import get_package_content, get_validation_context
-    from bioimageio.spec.common import FileDescr, RelativeFilePath, ZipPath
+    from bioimageio.spec import get_package_content, get_validation_context  # bioimageio.spec: not in the workers
+    from bioimageio.spec.common import FileDescr, RelativeFilePath, ZipPath  # (as the line above)
 
     try:  # (with I/O checks on, as they are by default, listing would download each URL to hash it)
         with get_validation_context().replace(perform_io_checks=False):
@@ -323,7 +321,7 @@ def export_package(checkpoint: Checkpoint, test_image: np.ndarray, info: ExportI
                    *, run_test: bool = True) -> Validation:
     """Write the checkpoint as a BioImage.IO ``.zip`` at ``out`` after it passed the spec's validation and
     the core's model test; :class:`PackageError` (and no file at ``out``) when it did not."""
-    from bioimageio.spec import save_bioimageio_package
+    from bioimageio.spec import save_bioimageio_package  # bioimageio.spec: ~1.5 s, not in the workers
 
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
@@ -346,8 +344,6 @@ def package_bytes(checkpoint: Checkpoint, test_image: np.ndarray, info: ExportIn
         target = Path(tmp) / "model.zip"
         result = export_package(checkpoint, test_image, info, target)
         return target.read_bytes(), result
-
-
 __all__ = [
     "ISBI_CITE",
     "UNET_CITE",
@@ -356,219 +352,10 @@ __all__ = [
     "Validation",
     "build_description",
     "card_text",
-    "check_test_tensors",
     "code_block",
     "export_package",
-    "load_package",
     "local_file",
     "package_bytes",
     "package_files",
-    "read_rdf",
     "validate",
 ]
-
-
-MAX_RDF_BYTES = 1 << 20  # of a package's rdf.yaml (ours are a few kB)
-MAX_RDF_NESTING = 64  # collections inside collections in it (ours nest fewer than ten)
-
-
-def read_rdf(data: bytes, name: str = "rdf.yaml") -> Any:
-    """A package's ``rdf.yaml`` read as plain data, or :class:`PackageError` with the reason: at most
-    :data:`MAX_RDF_BYTES`, UTF-8, and its YAML tokens scanned before any parser builds anything (the scan
-    builds nothing: it is linear in the text): no anchor or alias (``&a`` / ``*a``, which let a few kB stand
-    for billions of values, "billion laughs"), no collection nested more than :data:`MAX_RDF_NESTING` deep.
-    Only then ``yaml.safe_load`` (and later ``bioimageio.spec``) reads it."""
-    import yaml
-
-    if len(data) > MAX_RDF_BYTES:
-        raise PackageError(f"its {name} has {len(data):,} bytes (at most {MAX_RDF_BYTES:,} are read)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PackageError(f"its {name} is not UTF-8 text ({exc})") from None
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    opening = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
-               yaml.FlowSequenceStartToken)
-    closing = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
-    try:
-        depth = 0
-        for token in yaml.scan(text, Loader=loader):
-            if isinstance(token, yaml.AliasToken | yaml.AnchorToken):
-                kind = "alias" if isinstance(token, yaml.AliasToken) else "anchor"
-                line = getattr(getattr(token, "start_mark", None), "line", -1) + 1
-                raise PackageError(f"its {name} uses a YAML {kind}{f' (line {line})' if line > 0 else ''}: Neuroseg "
-                                   "reads no anchors or aliases (a few of them can stand for billions of values)")
-            depth += isinstance(token, opening) - isinstance(token, closing)
-            if depth > MAX_RDF_NESTING:
-                raise PackageError(f"its {name} nests more than {MAX_RDF_NESTING} levels deep")
-        return yaml.load(text, Loader=loader)  # (a safe loader: plain data only)
-    except yaml.YAMLError as exc:
-        raise PackageError(f"its {name} cannot be read: {exc}") from None
-    except RecursionError:
-        raise PackageError(f"its {name} nests too deep to be read") from None
-
-
-def load_package(path: str | Path) -> Checkpoint:
-    """A Neuroseg checkpoint from a BioImage.IO package that Neuroseg exported (its ``config.neuroseg``
-    and its state-dict weights, loaded with ``weights_only=True``): the same network, bit for bit.
-    :class:`PackageError` says why another package is not taken (this reads our own packages; the app's
-    import, which also takes other TorchScript models, builds on it)."""
-    import zipfile
-
-    from unet.network.config import ModelConfig
-
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            rdf_name = "rdf.yaml" if "rdf.yaml" in names else next((n for n in names if n.endswith("rdf.yaml")), "")
-            if not rdf_name:
-                raise PackageError(f"{path.name} is not a BioImage.IO package (no rdf.yaml in it)")
-            if archive.getinfo(rdf_name).file_size > MAX_RDF_BYTES:
-                raise PackageError(f"{path.name}: its rdf.yaml has {archive.getinfo(rdf_name).file_size:,} bytes "
-                                   f"(at most {MAX_RDF_BYTES:,} are read)")
-            rdf = read_rdf(archive.read(rdf_name))
-            ours = ((rdf.get("config") or {}).get("neuroseg") or {}) if isinstance(rdf, dict) else {}
-            weights = ((rdf.get("weights") or {}).get("pytorch_state_dict") or {}).get("source", "")
-            if not ours or not weights:
-                raise PackageError(f"{path.name} was not exported by Neuroseg (no config.neuroseg with "
-                                   "pytorch_state_dict weights)")
-            if weights not in names:
-                raise PackageError(f"{path.name} names weights {weights!r} that are not in it")
-            try:  # (before the weights are read: a config of a huge network is refused at once)
-                if not isinstance(ours, dict) or not isinstance(ours.get("model_config"), dict):
-                    raise TypeError("config.neuroseg.model_config is not a mapping")
-                config = ModelConfig.from_dict(ours["model_config"])
-            except (ValueError, TypeError) as exc:
-                raise PackageError(f"{path.name}: its model config is not one Neuroseg builds ({exc})") from None
-            state = torch.load(io.BytesIO(archive.read(weights)), map_location="cpu", weights_only=True)
-    except zipfile.BadZipFile as exc:
-        raise PackageError(f"{path.name} is not a zip file: {exc}") from None
-    except (OSError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        if isinstance(exc, PackageError):
-            raise
-        raise PackageError(f"{path.name} could not be read: {exc}") from None
-    try:  # keys, shapes and size against the architecture built on the meta device: nothing allocated yet
-        check_state_dict(config, state)
-    except ValueError as exc:
-        raise PackageError(f"{path.name}: {exc}") from None
-    meta = dict(ours["meta"]) if isinstance(ours.get("meta"), dict) else {}
-    meta["package"] = {"name": str(rdf.get("name", ""))[:200], "file": path.name}
-    checkpoint = Checkpoint(config, state, meta)
-    try:
-        checkpoint.build_model("cpu")  # the weights fit the architecture, or the reason
-    except RuntimeError as exc:
-        raise PackageError(f"{path.name}: its weights do not fit its architecture: {exc}") from None
-    return checkpoint
-
-
-MAX_TEST_PIXELS = 1024 * 1024  # of a test input our model is run on in the server (an export writes ~256²)
-
-
-def check_test_tensors(checkpoint: Checkpoint, test_input: Path, test_output: Path) -> float:
-    """The model test of a package Neuroseg exported, with our own code: the checkpoint read from it (our
-    architecture, its state dict) predicts its test input as an export computed its test output (zero mean
-    and unit variance, the network, a sigmoid), within bioimageio.core's default tolerances. Returns the
-    largest difference; :class:`PackageError` ("it fails its own model test: …") otherwise. This replaces
-    ``bioimageio.core.test_model``, which would import the package's architecture file."""
-    from unet.exchange.torchscript_guard import TorchScriptRefused, compare, read_tensor
-
-    try:
-        raw = read_tensor(test_input, max_elements=MAX_TEST_PIXELS, what="test input")
-        expected = read_tensor(test_output, max_elements=MAX_TEST_PIXELS, what="test output")
-        if raw.ndim != 4 or raw.shape[:2] != (1, 1):
-            raise PackageError(f"it fails its own model test: its test input has the shape {list(raw.shape)}, "
-                               "not one image of one channel")
-        with np.errstate(over="ignore"):
-            probability = 1 / (1 + np.exp(-_logits(checkpoint.build_model("cpu"), normalize_image(raw[0, 0]))))
-        return compare(probability, expected)
-    except TorchScriptRefused as exc:
-        raise PackageError(str(exc)) from None
-    except (RuntimeError, ValueError) as exc:
-        if isinstance(exc, PackageError):
-            raise
-        raise PackageError(f"it fails its own model test: {str(exc).splitlines()[0][:300]}") from None
-
-
-# --- TorchScript models of other tools ----------------------------------------------------------------------
-PRE_TAKEN = ("zero_mean_unit_variance", "scale_range", "ensure_dtype")
-POST_TAKEN = ("sigmoid", "ensure_dtype")
-
-
-class ForeignModel(torch.nn.Module):
-    """A package's TorchScript model where the engine expects a U-Net: its own pre-processing applied to
-    each tile (zero mean and unit variance, or percentile scaling: both give the same on the engine's
-    normalised slice as on the raw one, being blind to gain and offset), its output turned into the
-    logits of the neuron probability (a boundary map is inverted; a map without a sigmoid in its
-    post-processing is taken as a probability)."""
-
-    def __init__(self, scripted: torch.jit.ScriptModule, config, package: dict):
-        super().__init__()
-        self.scripted = scripted
-        self.config = config
-        self.pre = list(package.get("pre") or [])
-        self.sigmoid = bool(package.get("sigmoid"))
-        self.invert = bool(package.get("invert"))
-        self._anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # (the engine reads its device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from unet.exchange.torchscript_guard import preprocess  # (the same steps its import check ran)
-
-        y = self.scripted(preprocess(x, self.pre))
-        if y.ndim == 4 and y.shape[1] != 1:
-            y = y[:, :1]
-        if self.sigmoid:
-            logits = y
-        else:
-            p = y.clamp(1e-6, 1 - 1e-6)
-            logits = torch.log(p) - torch.log1p(-p)
-        return -logits if self.invert else logits
-
-
-def foreign_plan(description) -> tuple[Any, dict]:
-    """How a package of another tool runs here: (a ModelConfig for the engine's tiling, the ``package``
-    entry of :class:`ForeignModel`), or :class:`PackageError` with what does not fit."""
-    from unet.network.config import ModelConfig
-
-    tensor_in, tensor_out = description.inputs[0], description.outputs[0]
-    space_in = [a for a in tensor_in.axes if getattr(a, "type", "") == "space"]
-    sizes = set()
-    for axis in space_in:
-        size = axis.size
-        if not (hasattr(size, "min") and hasattr(size, "step")):
-            raise PackageError(f"its input axis {axis.id} has the fixed size {size}: Neuroseg tiles slices of "
-                               "any size and needs sizes of the form min + n·step")
-        sizes.add((int(size.min), int(size.step)))
-    if len(sizes) != 1:
-        raise PackageError(f"its input axes differ in their sizes ({sorted(sizes)}): Neuroseg tiles square")
-    lo, step = sizes.pop()
-    if step < 2 or step & (step - 1) or step > 64 or lo % step:
-        raise PackageError(f"its input sizes (from {lo} in steps of {step}) are not multiples of a power of two "
-                           "up to 64, which Neuroseg's tiling needs")
-    for axis in (a for a in tensor_out.axes if getattr(a, "type", "") == "space"):
-        size, halo = axis.size, int(getattr(axis, "halo", 0) or 0)
-        if halo or getattr(size, "offset", 0) or not hasattr(size, "tensor_id"):
-            raise PackageError("its output is not the size of its input (a halo or an offset): not taken yet")
-    pre = []
-    for step_descr in tensor_in.preprocessing:
-        name = str(step_descr.id)
-        if name not in PRE_TAKEN:
-            raise PackageError(f"its pre-processing {name!r} is not one Neuroseg applies "
-                               f"({', '.join(PRE_TAKEN)})")
-        if name != "ensure_dtype":
-            kwargs = step_descr.kwargs.model_dump(exclude_none=True) if hasattr(step_descr, "kwargs") else {}
-            if kwargs.get("reference_tensor"):
-                raise PackageError("its percentile scaling refers to another tensor: not taken")
-            pre.append({"id": name, **{k: v for k, v in kwargs.items() if k in ("eps", "min_percentile",
-                                                                                 "max_percentile")}})
-    post = [str(p.id) for p in tensor_out.postprocessing]
-    if any(p not in POST_TAKEN for p in post):
-        raise PackageError(f"its post-processing ({', '.join(post)}) is not one Neuroseg reads (a sigmoid, or "
-                           "none: a probability map)")
-    words = " ".join([str(tensor_out.id), str(tensor_out.description or "")] + [
-        " ".join(map(str, getattr(a, "channel_names", []) or [])) for a in tensor_out.axes]).lower()
-    invert = any(w in words for w in ("boundar", "membrane", "contour", "edge"))
-    depth = step.bit_length() - 1
-    config = ModelConfig(in_channels=1, out_channels=1, depth=depth, initial_features=8, padding="same")
-    return config, {"pre": pre, "sigmoid": "sigmoid" in post, "invert": invert, "min": lo, "step": step,
-                    "output": str(tensor_out.id)}

@@ -12,7 +12,7 @@ TorchScript and load as before.
 
 :func:`check_state_dict` holds a state dict against a config's architecture built on the ``meta`` device
 (its keys, shapes and parameter count) before anything is allocated: for weights that came from outside
-(:func:`unet.exchange.bioimageio.load_package`)."""
+(:func:`unet.exchange.package_reader.load_package`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from unet.exchange.io import atomic_write
+from unet.exchange import torchscript_guard as guard
+from unet.exchange.torchscript_rules import TorchScriptRefused
+from unet.exchange.writing import atomic_write
 from unet.network.config import ModelConfig
 from unet.network.model import UNet
 
@@ -42,7 +44,7 @@ class Checkpoint:
 
     def build_model(self, device: str | torch.device = "cpu") -> UNet:
         if self.scripted is not None:
-            from unet.exchange.bioimageio import ForeignModel
+            from unet.exchange.foreign_model import ForeignModel  # a cycle: foreign_model → bioimageio → checkpoint
 
             return ForeignModel(self.scripted, self.model_config, self.meta.get("package") or {}).to(device).eval()
         model = UNet(self.model_config)
@@ -57,7 +59,7 @@ TORCHSCRIPT_FORMAT = "neuroseg-torchscript-1"
 def save_torchscript(path: str | os.PathLike, source: str | os.PathLike, model_config: ModelConfig,
                      meta: dict[str, Any]) -> Path:
     """Keep a TorchScript model of another tool as a checkpoint: the file as it is, and a side file whose
-    ``package`` entry says how to feed it and read its output (:class:`unet.exchange.bioimageio.ForeignModel`)."""
+    ``package`` entry says how to feed it and read its output (:class:`unet.exchange.foreign_model.ForeignModel`)."""
     path = Path(path)
     atomic_write(path, lambda fh: fh.write(Path(source).read_bytes()))
     side = {**without_reserved(meta), "format": TORCHSCRIPT_FORMAT, "model_config": model_config.to_dict()}
@@ -113,9 +115,7 @@ def record_torchscript_check(path: str | os.PathLike, sha256: str, ops: list[str
     """Keep the guard's acceptance of the TorchScript file at ``path`` (whose sha256 is ``sha256``) beside it,
     so that :func:`load_checkpoint` does not check it again. Best effort: a store that cannot be written
     means the next load checks again."""
-    from unet.exchange.torchscript_guard import fingerprint
-
-    kept = {"sha256": sha256, "check": fingerprint(), "ops": list(ops)}
+    kept = {"sha256": sha256, "check": guard.fingerprint(), "ops": list(ops)}
     with contextlib.suppress(OSError):
         atomic_write(checked_file(path), lambda fh: fh.write(json.dumps(kept, indent=2).encode()))
 
@@ -124,8 +124,6 @@ def _checked_torchscript(path: Path) -> bytes:
     """The bytes of a stored TorchScript checkpoint that :func:`unet.exchange.torchscript_guard.check` accepted (its
     archive and its operators; the kept verdict when it is for these bytes and this check), or
     ``ValueError`` with the reason."""
-    from unet.exchange import torchscript_guard as guard
-
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
@@ -136,7 +134,7 @@ def _checked_torchscript(path: Path) -> bytes:
         return data
     try:
         verdict = guard.check(path)
-    except guard.TorchScriptRefused as exc:
+    except TorchScriptRefused as exc:
         raise ValueError(f"{path.name}: this TorchScript model is not loaded: {exc}") from None
     if verdict.sha256 != digest:
         raise ValueError(f"{path.name}: the TorchScript file changed while it was checked; it is not loaded")

@@ -1,4 +1,5 @@
-"""Reading and writing image stacks.
+"""Reading and checking TIFF stacks (writing them: :mod:`unet.exchange.writing`; opening one slice by slice:
+:mod:`unet.exchange.stacks`), and the slices a user names (:func:`parse_slices`).
 
 Every stack comes back as a ``(Z, Y, X)`` array. Anything we cannot segment as a grey-scale EM stack
 (RGB, several channels, an empty file, NaN, a truncated file, a dtype we do not handle) raises a
@@ -8,63 +9,21 @@ Every stack comes back as a ``(Z, Y, X)`` array. Anything we cannot segment as a
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
 
+from unet.exchange.limits import DEFAULT_MAX_BYTES, Limits
+
 VOLUME_DTYPES = (np.uint8, np.uint16, np.float32)
 LABEL_DTYPES = (np.bool_, np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64, np.uint64)
-#: Refuse stacks whose pixels would need more memory than this (override per call).
-DEFAULT_MAX_BYTES = 16 * 1024**3
 #: A stack whose slices are not one page each is read whole: only up to this many bytes of pixels.
 WHOLE_READ_BYTES = 1024**3
 CHUNK = 512  # pixels per side of a chunk in Y and X (stored volumes and blockwise outputs)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a stack may declare before a byte of its pixels is read, checked from its header (TIFF) or its
-    metadata (zarr, N5, OME-Zarr). Why: a file of a few kilobytes can declare terabytes, and a server that
-    believes it fills its memory for every visitor. Each limit is set by the environment (a lab server
-    with large slices raises them), else its default:
-
-    - ``NEUROSEG_MAX_STACK_BYTES`` (16 GiB): the pixels of a stack stored in the data directory;
-    - ``NEUROSEG_MAX_SLICE_PIXELS`` (8192 × 8192): Y × X of one slice, which pages and training read and
-      whose masks are kept whole (an 8192² float32 slice is 256 MiB);
-    - ``NEUROSEG_MAX_LINKED_SLICE_PIXELS`` (4096 × 4096): Y × X of a stack linked where it lies; it has no
-      overview pyramid, so every page visit reads a whole slice (at most 64 MiB as float32);
-    - ``NEUROSEG_MAX_CHUNK_BYTES`` (64 MiB): one chunk of a zarr or N5 array, decompressed whole to read
-      even one of its pixels;
-    - ``NEUROSEG_MAX_SLICES`` (100,000): Z of a stack, whose slices pages list one by one (an 8 KB zarr
-      can declare 10¹² of them).
-    """
-
-    stack_bytes: int = DEFAULT_MAX_BYTES
-    slice_pixels: int = 8192 * 8192
-    linked_slice_pixels: int = 4096 * 4096
-    chunk_bytes: int = 64 * 1024**2
-    slices: int = 100_000
-
-    @classmethod
-    def from_env(cls) -> Limits:
-        """The limits this process runs with (read on every call: an admin's change needs no new code)."""
-        names = {"stack_bytes": "NEUROSEG_MAX_STACK_BYTES", "slice_pixels": "NEUROSEG_MAX_SLICE_PIXELS",
-                 "linked_slice_pixels": "NEUROSEG_MAX_LINKED_SLICE_PIXELS", "chunk_bytes": "NEUROSEG_MAX_CHUNK_BYTES",
-                 "slices": "NEUROSEG_MAX_SLICES"}
-        values = {}
-        for field, env in names.items():
-            raw = os.environ.get(env, "").strip().replace("_", "")
-            if raw:
-                try:
-                    values[field] = max(1, int(raw))
-                except ValueError:
-                    raise ValueError(f"${env} must be a whole number, not {raw!r}") from None
-        return cls(**values)
 
 Source = str | os.PathLike | BinaryIO
 
@@ -357,70 +316,6 @@ def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = Fals
 
     return info, pages()
 
-
-class TiffSlices:
-    """A TIFF stack read one slice (one page) at a time, as ``stack[z]`` or ``stack[z, rows, cols]``: the
-    whole stack is never in memory (:func:`iter_slices`'s header checks first). The slice read last is
-    kept, so the tiles and row bands of one slice read its page once."""
-
-    def __init__(self, path: str | os.PathLike, limits: Limits | None = None):
-        self.path = str(path)
-        info, _ = iter_slices(self.path, limits=limits)  # checks the header; reads nothing yet
-        self.shape, self.dtype = info.shape, np.dtype(info.dtype)
-        self.ndim = 3
-        self._tif = tifffile.TiffFile(self.path)
-        pages = list(self._tif.series[0].pages)
-        if len(pages) != self.shape[0]:
-            self._tif.close()
-            raise ValueError(f"{Path(self.path).name}: its slices are not stored one page each; save it again as "
-                             "a plain multi-page TIFF (Fiji: File › Save As › Tiff…) or as OME-Zarr")
-        self._pages = pages
-        self._kept: tuple[int, np.ndarray] | None = None
-
-    def _slice(self, z: int) -> np.ndarray:
-        z = int(z)
-        if not -self.shape[0] <= z < self.shape[0]:
-            raise IndexError(f"slice {z} is not in a stack of {self.shape[0]}")
-        z %= self.shape[0]
-        if self._kept is None or self._kept[0] != z:
-            try:
-                plane = np.asarray(self._pages[z].asarray(maxworkers=1)).reshape(self.shape[1:])
-            except Exception as exc:
-                raise ValueError(f"{Path(self.path).name}: slice {z + 1} of {self.shape[0]} could not be read; the "
-                                 f"file is probably truncated or damaged ({type(exc).__name__}: {exc})") from exc
-            self._kept = (z, plane)
-        return self._kept[1]
-
-    def __getitem__(self, key):
-        if not isinstance(key, tuple):
-            return self._slice(key)
-        return self._slice(key[0])[key[1:]]
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-
-def open_stack(path: str | os.PathLike):
-    """A stack on disk as an array read slice by slice: a TIFF (:class:`TiffSlices`), or a zarr or
-    OME-Zarr folder (its full-resolution array). Opened once per process."""
-    key = str(Path(path).resolve())
-    if key not in _OPENED:
-        if Path(key).is_dir():
-            import zarr
-
-            found = zarr.open(key, mode="r")
-            array = found if isinstance(found, zarr.Array) else found["0"]
-            if array.ndim != 3:
-                raise ValueError(f"{Path(key).name}: a stack of (Z, Y, X) is expected, not shape {array.shape}")
-            _OPENED[key] = array
-        else:
-            _OPENED[key] = TiffSlices(key)
-    return _OPENED[key]
-
-
-_OPENED: dict[str, object] = {}
-
-
 def read_labels(source: Source, volume_shape: tuple[int, ...] | None = None,
                 max_bytes: int = DEFAULT_MAX_BYTES, channels_as_z: bool = False) -> np.ndarray:
     """Read a label stack as ``(Z, Y, X)``: binary (0/255, 0/1, bool) or instance labels. When
@@ -433,81 +328,6 @@ def read_labels(source: Source, volume_shape: tuple[int, ...] | None = None,
             f"{tuple(volume_shape)}; they must match slice for slice and pixel for pixel"
         )
     return labels
-
-
-def write_tiff_atomic(path: str | os.PathLike, data: np.ndarray, *, pixel_size_nm: float | None = None,
-                      imagej: bool = True) -> Path:
-    """Write a stack as an ImageJ-compatible TIFF that Fiji opens as Z slices, atomically: the bytes go
-    to a temporary file in the same folder, are fsynced, then renamed over ``path``.
-
-    ImageJ knows uint8, uint16 and float32 only: other integer types are converted to uint16 when their
-    values fit, else to float32."""
-    path = Path(path)
-    data = np.asarray(data)
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3:
-        raise ValueError(f"write_tiff_atomic expects (Z, Y, X) or (Y, X), got shape {data.shape}")
-    if data.dtype == np.bool_:
-        data = data.astype(np.uint8) * 255
-    elif data.dtype not in (np.uint8, np.uint16, np.float32):
-        if data.dtype.kind in "iu" and data.size and data.min() >= 0 and data.max() < 2**16:
-            data = data.astype(np.uint16)
-        else:
-            data = data.astype(np.float32)
-    kwargs: dict = {"imagej": imagej, "metadata": {"axes": "ZYX"}}
-    if pixel_size_nm:
-        kwargs["resolution"] = (1e3 / pixel_size_nm, 1e3 / pixel_size_nm)
-        kwargs["metadata"]["unit"] = "micron"
-    return atomic_write(path, lambda fh: tifffile.imwrite(fh, data, **kwargs))
-
-
-def write_tiff_slices(volume, path: str | os.PathLike, pixel_size_nm: float | None = None) -> Path:
-    """Write a stored image as an ImageJ TIFF (Fiji opens it as a Z stack), one slice in memory at a time,
-    atomically. ImageJ knows uint8, uint16 and float32: integer labels (instances) stay integers, uint16
-    when every label fits (an ImageJ stack), else a plain uint32 TIFF (Fiji opens it with Bio-Formats)."""
-    dtype = np.dtype(volume.dtype)
-    imagej = True
-    if dtype.kind in "iu" and dtype not in (np.uint8, np.uint16):
-        top = max((int(np.asarray(volume[z]).max(initial=0)) for z in range(volume.shape[0])), default=0)
-        dtype, imagej = (np.dtype(np.uint16), True) if top <= np.iinfo(np.uint16).max else (np.dtype(np.uint32), False)
-    elif dtype not in (np.uint8, np.uint16, np.float32):
-        dtype = np.dtype(np.float32)
-    kwargs: dict[str, Any] = {"metadata": {"axes": "ZYX"}}
-    if pixel_size_nm:
-        kwargs["resolution"] = (1e3 / pixel_size_nm, 1e3 / pixel_size_nm)
-        kwargs["metadata"]["unit"] = "micron"
-        if not imagej:
-            kwargs["resolutionunit"] = "CENTIMETER"
-            kwargs["resolution"] = (1e7 / pixel_size_nm, 1e7 / pixel_size_nm)
-            kwargs["metadata"] = {"axes": "ZYX"}
-
-    def write(fh) -> None:
-        with tifffile.TiffWriter(fh, imagej=imagej) as tif:
-            tif.write((np.asarray(volume[z]).astype(dtype, copy=False) for z in range(volume.shape[0])),
-                      shape=tuple(volume.shape), dtype=dtype, **kwargs)
-
-    return atomic_write(path, write)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``:
-    a crash leaves the old file or the new one, never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
 
 def parse_slices(text: str, n_slices: int) -> list[int]:
     """Parse ``"0-24"``, ``"0,3,5-7"`` or ``"all"`` into sorted slice indices within ``[0, n_slices)``.

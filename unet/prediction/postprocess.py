@@ -106,7 +106,7 @@ def agglomerate(prob: np.ndarray, threshold: float = 0.5, smooth: float = 3.0, h
     smoothed) along its shared border first, while that mean is below ``threshold``; instances under
     ``min_size`` pixels go to their largest neighbour.
     Returns int32 labels from 1."""
-    from skimage.graph import merge_hierarchical, rag_boundary
+    from skimage.graph import merge_hierarchical, rag_boundary  # keeps skimage.graph out of the server process
 
     if prob.ndim != 2:
         raise ValueError(f"agglomerate works on one slice, got shape {prob.shape}")

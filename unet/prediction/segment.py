@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet.exchange.io import write_tiff_atomic
+from unet.exchange.writing import write_tiff_atomic
 from unet.network.model import UNet
 from unet.prediction.infer import iter_predict_stack
 from unet.prediction.metrics import evaluate_slice, mean_metrics

@@ -16,13 +16,15 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from unet.network.config import ModelConfig, TrainConfig
 from unet.network.model import UNet
-from unet.network.sizes import valid_input_sizes
+from unet.network.sizes import output_size, valid_input_sizes
 from unet.prediction.infer import tile_plan
+from unet.training.data import PatchSampler
 
 STARTUP_S = 5.0  # a worker's interpreter, the torch import and reading the data (measured: 3-4 s)
 STEP_OVERHEAD = 1.1  # the loss, clipping and reporting, on top of forward, backward and the optimiser
@@ -132,18 +134,12 @@ def seconds_per_batch(config: TrainConfig) -> float:
     """Measured (once per process and recipe): drawing and augmenting one batch of patches (elastic
     deformation dominates on a CPU), with the move that keeps a labels' drawing convention where the
     recipe keeps one."""
-    from unet.network.sizes import output_size
-
     return _seconds_per_batch(config.augment, config.patch_size, output_size(config.model, config.patch_size),
                               config.batch_size)
 
 
 @functools.lru_cache(maxsize=32)
 def _seconds_per_batch(augment, patch: int, out: int, batch: int) -> float:
-    import numpy as np
-
-    from unet.training.data import PatchSampler
-
     rng = np.random.default_rng(0)
     side = max(2 * patch, 256)
     image = rng.integers(0, 255, (side, side), dtype=np.uint8)

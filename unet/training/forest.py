@@ -44,7 +44,7 @@ def tile_features(image: np.ndarray, tile: tuple[slice, slice], mean: float, std
                   workers: int = 1) -> np.ndarray:
     """:func:`pixel_features` of one tile (the slice's ``mean`` and ``std`` normalise it), read with
     :data:`MARGIN` pixels around it so that it matches the whole slice's features."""
-    from skimage.feature import multiscale_basic_features
+    from skimage.feature import multiscale_basic_features  # only with a forest: a live session from a model has none
 
     h, w = np.shape(image)
     ys, xs = tile
@@ -85,7 +85,7 @@ class PixelForest:
         target)``. Returns whether the forest changed: it does not when no painted pixel did (the same
         target array, or an equal one: change a target by passing a new array), and it stays unfitted while
         only one class is painted."""
-        from sklearn.ensemble import RandomForestClassifier
+        from sklearn.ensemble import RandomForestClassifier  # scikit-learn (~4 s) only when a forest is fitted
 
         changed = set(self._pixels) - set(slices)
         for key in changed:

@@ -95,7 +95,7 @@ def slice_label_offset(image: np.ndarray, target: np.ndarray, sigma: float = 1.0
     """The sub-pixel ``(dy, dx)`` that moves ``image``'s membranes (its dark lines) onto the membrane labels
     of ``target``, by phase correlation to 1/20 px (scikit-image's ``phase_cross_correlation``). Labels
     drawn exactly on the membranes give (0, 0); ISBI 2012's sit about 0.6 px above theirs."""
-    from skimage.registration import phase_cross_correlation
+    from skimage.registration import phase_cross_correlation  # keeps skimage.registration out of the server process
 
     dark = -ndi.gaussian_filter(image.astype(np.float32), sigma)
     membrane = (target == MEMBRANE).astype(np.float32)

@@ -39,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from unet.exchange.checkpoint import load_checkpoint
 from unet.network.config import TrainConfig
 from unet.prediction.infer import predict_slice
 from unet.training.data import PatchSampler, TrainData, normalize_image
@@ -107,8 +109,6 @@ class LiveTrainer:
         self.trainer.batches = self._batches()
         self.average = None  # the exponential moving average of the weights, what predicts and is "best"
         if ema > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
             self.average = AveragedModel(self.trainer.model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
         self.distill, self.reference, self.forest = distill, None, None
         self._pseudo: dict[Hashable, np.ndarray] = {}
@@ -120,8 +120,6 @@ class LiveTrainer:
         if distill > 0 and isinstance(reference, PixelForest):
             self.forest = reference
         elif distill > 0 and reference is not None:
-            from unet.exchange.checkpoint import load_checkpoint
-
             self.reference = load_checkpoint(reference).build_model(str(self.trainer.device)).eval()
         if self.taught:  # the unpainted pixels' targets are weighted, and only the BCE takes weights
             self.trainer.config = replace(self.trainer.config, loss="bce")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,10 +22,12 @@ from unet.exchange.checkpoint import load_checkpoint, save_checkpoint
 from unet.network.config import TrainConfig
 from unet.network.device import amp_dtype, autocast, pick_device
 from unet.network.losses import segmentation_loss
-from unet.network.model import UNet, check_input_size
+from unet.network.model import UNet
+from unet.network.sizes import check_input_size
 from unet.prediction.infer import Interrupted, predict_slice
 from unet.prediction.metrics import evaluate_slice, mean_metrics
 from unet.training.data import PatchSampler, TrainData
+from unet.training.ddp import agree, distributed, share
 from unet.training.labels import IGNORE, border_weights, label_offset
 
 
@@ -148,83 +148,6 @@ def _batches(sampler: PatchSampler, batch_size: int, device: torch.device, seed:
     yield from loader
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless it runs in an initialised process group (a run
-    started by ``torchrun``, one process per GPU; :func:`init_distributed`)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> bool:
-    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on
-    CPUs. Returns whether this is a distributed run."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_available() and dist.is_initialized()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
-def end_distributed(clean: bool = True) -> None:
-    """Leave the process group (each process, once it is done): a process that exits with gloo's threads
-    still running is aborted by the C++ runtime ("terminate called without an active exception"). After a
-    clean end every process first waits for the others at a barrier, so no collective of another process
-    is still in flight while this one's connections close (without it a rank was aborted now and then as
-    it left); after an error it leaves at once (the others may never arrive)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def run_distributed(work: Callable[[int, int], int]) -> int:
-    """``work(rank, world)`` in the process group when started by ``torchrun``, else as ``work(0, 1)``.
-
-    A distributed process that ends cleanly leaves with ``os._exit`` once its output is flushed: gloo's
-    threads can outlive :func:`end_distributed`, and the interpreter's finalisation then aborts the process
-    now and then ("terminate called without an active exception", seen about once in 20 runs on a loaded
-    2-core machine, always after ``main`` returned), which torchrun reports as a failed run although every
-    checkpoint was written. Nothing is left to finalise by then: checkpoints and the store are written and
-    closed by ``work``."""
-    import torch.distributed as dist
-
-    joined = not (dist.is_available() and dist.is_initialized()) and init_distributed()  # not one a caller made
-    clean = False
-    try:
-        code = work(*distributed())
-        clean = True
-    finally:
-        end_distributed(clean)
-    if joined:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
-def _agree(flag: bool, world: int) -> bool:
-    """Rank 0's answer, told to every process."""
-    if world <= 1:
-        return flag
-    value = torch.tensor([1 if flag else 0])
-    torch.distributed.broadcast(value, src=0)
-    return bool(value.item())
-
-
-def _share(batches, rank: int, world: int):
-    """This process's share of every global batch."""
-    for xs, ys, ws in batches:
-        per = len(xs) // world
-        part = slice(rank * per, (rank + 1) * per)
-        yield xs[part], ys[part], (ws[part] if ws is not None else None)
-
-
 class Trainer:
     """One training run, step by step: :meth:`restore` (resume or fine-tune), :meth:`step`,
     :meth:`validate`, :meth:`save`; :meth:`run` loops them until the run ends.
@@ -320,7 +243,7 @@ class Trainer:
                                self.out_size, self.config.augment, self.rng, weights, self.label_offset)
         self.batches = _batches(sampler, self.config.batch_size, self.device, self.config.seed)
         if self.world > 1:  # every process draws the same global batch (same seed) and trains on its share
-            self.batches = _share(self.batches, self.rank, self.world)
+            self.batches = share(self.batches, self.rank, self.world)
         self._started = time.perf_counter()
 
     def _label_offset(self, inherited) -> tuple[float, float]:
@@ -376,7 +299,7 @@ class Trainer:
         validation ends it at once (nothing is recorded for it). In a distributed run rank 0 validates and
         the others learn its verdict."""
         if self.rank != 0:
-            return _agree(False, self.world)
+            return agree(False, self.world)
         try:
             metrics = (_validation_metrics(self.model, self.data, self.config, self.device, self.amp, self.reporter)
                        if self.data.val_images else {})
@@ -393,7 +316,7 @@ class Trainer:
             else:
                 self.stale += 1
         patience = self.config.early_stop_patience
-        return _agree(bool(patience and self.stale >= patience), self.world)
+        return agree(bool(patience and self.stale >= patience), self.world)
 
     def save(self, kind: str, metrics: dict[str, float]) -> Path:
         """Write ``<kind>.pt``: ``latest`` carries the optimiser and everything needed to resume (in a
@@ -422,7 +345,7 @@ class Trainer:
             stopped = reporter.should_stop()
             late = config.max_seconds is not None and self.elapsed() >= config.max_seconds
             if self.world > 1:  # rank 0's clock and its reporter decide for all
-                stopped, late = _agree(stopped, self.world), _agree(late, self.world)
+                stopped, late = agree(stopped, self.world), agree(late, self.world)
             if stopped:
                 reason = "stopped"
                 break

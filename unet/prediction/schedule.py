@@ -1,0 +1,156 @@
+"""Where the blocks of a prediction run (:func:`run_blocks`): on a ``dask.distributed`` cluster, the one at
+``$NEUROSEG_DASK_SCHEDULER`` (``tcp://host:8786``; its workers must see the data directory at the same
+path), else a local cluster started inside the prediction process, one worker process per GPU or, on a
+CPU, as many as the cores and the memory allow (:func:`default_workers`; ``$NEUROSEG_PREDICT_WORKERS``
+overrides). With a single worker the blocks run in the process itself: the same functions, without a
+cluster to start. A slice's stitch is a task that depends on its tiles.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from unet.prediction.blocks import Block, BlockJob, create_outputs, finished_blocks, marker_path, plan
+from unet.prediction.blockwise import run_block, run_tile
+from unet.prediction.stitch import stitch
+
+SCHEDULER_ENV = "NEUROSEG_DASK_SCHEDULER"
+WORKERS_ENV = "NEUROSEG_PREDICT_WORKERS"
+BYTES_PER_PIXEL = 110  # memory of a block in flight: network, watershed and their copies, per pixel read
+
+#: ``progress(done, total)``: blocks finished so far (resumed ones included) of all blocks.
+Progress = Callable[[int, int], None]
+
+
+def default_workers(n_blocks: int, block_pixels: int) -> int:
+    """How many worker processes a local cluster gets: one per GPU; on a CPU, one per core, fewer when
+    the memory would not hold that many blocks at once (``BYTES_PER_PIXEL`` per pixel of a block read)."""
+    if os.environ.get(WORKERS_ENV):
+        return max(1, int(os.environ[WORKERS_ENV]))
+    try:
+        gpus = torch.cuda.device_count()
+    except Exception:
+        gpus = 0
+    if gpus:
+        return max(1, min(gpus, n_blocks))
+    per_block = BYTES_PER_PIXEL * block_pixels + (300 << 20)
+    available = _available_memory()
+    by_memory = max(1, int(available * 0.6 // per_block)) if available else 1
+    return max(1, min(os.cpu_count() or 1, n_blocks, by_memory))
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _target_part(target: np.ndarray | None, block: Block) -> np.ndarray | None:
+    if target is None:
+        return None
+    return np.ascontiguousarray(target[block.rows[0]:block.rows[1], block.cols[0]:block.cols[1]])
+
+
+def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, np.ndarray] | None = None,
+               progress: Progress | None = None, pixel_size_nm: float | None = None,
+               scheduler: str | None = None, workers: int | None = None) -> dict[int, dict[str, Any]]:
+    """Predict every block not finished yet and return every output slice's marker (index → marker).
+
+    Args:
+        job: the prediction (checkpoint, volume, output folder, slices, options).
+        shape: a slice's (Y, X).
+        targets: labels of some slices ({slice: target}), to score those slices.
+        progress: told (blocks finished, blocks in all) as blocks finish.
+        scheduler: a Dask scheduler's address (default ``$NEUROSEG_DASK_SCHEDULER``; none: a local cluster).
+        workers: worker processes of a local cluster (default :func:`default_workers`); 1 runs the blocks
+            in this process.
+    """
+    shape = (int(shape[0]), int(shape[1]))
+    targets = targets or {}
+    report = progress or (lambda _done, _total: None)
+    create_outputs(job, shape, pixel_size_nm)
+    blocks = plan(job, shape)
+    done = finished_blocks(job)
+    total = sum(len(b) for b in blocks.values())
+    todo = {i: [b for b in blocks[i] if not marker_path(job, b.key).is_file()] for i in blocks if i not in done}
+    count = sum(len(blocks[i]) for i in done) + sum(len(blocks[i]) - len(todo[i]) for i in todo)
+    report(count, total)
+    if not todo:
+        return done
+
+    def target(block: Block) -> np.ndarray | None:
+        whole = targets.get(job.slices[block.index])
+        return whole if block.part is None else _target_part(whole, block)
+
+    def work(block: Block):
+        if block.part is None:
+            return run_block, job, block.index, target(block)
+        return run_tile, job, block, target(block)
+
+    scheduler = scheduler if scheduler is not None else os.environ.get(SCHEDULER_ENV) or None
+    pending = [b for i in todo for b in todo[i]]
+    largest = max((b.pixels for b in pending), default=1)
+    halo = job.halo if any(b.part is not None for b in pending) else 0
+    n = 1 if scheduler else (workers or default_workers(len(pending), int((np.sqrt(largest) + 2 * halo + 128) ** 2)))
+    if not scheduler and n == 1:
+        for i, left in todo.items():
+            for block in left:
+                fn, *args = work(block)
+                result = fn(*args)
+                count += 1
+                if block.part is None:
+                    done[i] = result
+                report(count, total)
+            if i not in done:
+                done[i] = stitch(job, i, shape)
+        return done
+    from distributed import Client, LocalCluster, as_completed  # only for a cluster: a one-worker run never loads it
+
+    cluster = None
+    if not scheduler:
+        threads = max(1, (os.cpu_count() or 1) // n)
+        job = replace(job, threads=job.threads or threads)
+        # on loopback only, its HTTP endpoint on a free port (no dashboard is installed)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0", silence_logs=40, memory_limit=0)
+    try:
+        with Client(scheduler or cluster) as client:
+            kinds: dict[str, tuple[str, int]] = {}
+            futures = []
+            for i, left in todo.items():
+                tile_futures = []
+                for block in left:
+                    fn, *args = work(block)
+                    future = client.submit(fn, *args, key=f"block-{job.out}-{block.key}", pure=False, retries=1)
+                    kinds[future.key] = ("slice" if block.part is None else "tile", i)
+                    futures.append(future)
+                    tile_futures.append(future)
+                if blocks[i][0].part is not None:
+                    future = client.submit(stitch, job, i, shape, *tile_futures, key=f"stitch-{job.out}-{i}",
+                                           pure=False, retries=1)
+                    kinds[future.key] = ("stitch", i)
+                    futures.append(future)
+            for future in as_completed(futures):
+                kind, i = kinds[future.key]
+                result = future.result()
+                if kind != "stitch":
+                    count += 1
+                if kind != "tile":
+                    done[i] = result
+                if kind != "stitch":
+                    report(count, total)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    return done
