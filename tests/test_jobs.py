@@ -66,6 +66,9 @@ def test_worker_trains_to_finished_and_the_queue_moves_on(env):
         assert runs.run_metrics(s, first.id, "val_pixel_error")
     assert set(checkpoints) == {"best", "latest"} and checkpoints["latest"].step == 20
     assert load_checkpoint(store.abspath(checkpoints["latest"].file)).meta["step"] == 20
+    # the worker's own lines reach the run's log, whose tail the Train page shows
+    log = store.worker_log(first.id).read_text()
+    assert f"storage.jobs.train_worker: run {first.id}: finished after 20 steps" in log
 
 
 def test_a_second_worker_for_the_same_run_does_nothing(env):

@@ -51,7 +51,7 @@ from unet.prediction.infer import Interrupted
 from unet.training.forest import PixelForest
 from unet.training.live import LiveTrainer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # its real name, run as `python -m` too
 
 LEARN_S = 1.0  # training on a new save before the viewer's slice is predicted with it
 PREDICT_EVERY_S = 6.0  # otherwise, training between two predictions of the viewers' slices

@@ -31,7 +31,7 @@ from unet.prediction.metrics import mean_metrics
 from unet.prediction.schedule import run_blocks
 from unet.prediction.stitch import link_neurons
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # its real name, run as `python -m` too
 
 
 def run_prediction(prediction_id: int, settings: Settings) -> int:

@@ -25,7 +25,7 @@ from storage.jobs.queue import CANCEL_GRACE, HEARTBEAT_STALE, Reconciled, reconc
 from storage.models import Prediction, Run
 from storage.settings import Settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # its real name, run as `python -m` too
 
 INTERVAL_S = 2.0
 

@@ -32,7 +32,7 @@ from unet.training.data import TrainData
 from unet.training.ddp import run_distributed
 from unet.training.train import train
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # its real name, run as `python -m` too
 
 
 def _load_data(session: Session, store: FileStore, run_id: int) -> TrainData:
