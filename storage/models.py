@@ -4,12 +4,13 @@ it; change both together."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from domain.kinds import RunStatus
+from domain.records import NotFound
 
 
 def utcnow() -> datetime:
@@ -18,6 +19,18 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+Row = TypeVar("Row", bound=Base)
+
+
+def row_or_missing(session: Session, model: type[Row], ident: int, what: str) -> Row:
+    """The row of ``model`` with id ``ident``, or :class:`~domain.records.NotFound` saying "<what> <id> does
+    not exist" (deleted meanwhile, or never there): the one way the store looks a row up by a user's id."""
+    row = session.get(model, ident)
+    if row is None:
+        raise NotFound(f"{what} {ident} does not exist")
+    return row
 
 
 ROLES = ("admin", "annotator", "viewer")

@@ -12,8 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from domain.kinds import CheckpointKind, RunKind, RunStatus
-from domain.records import CheckpointInfo, NotFound
-from storage.models import Checkpoint, Dataset, MaskVersion, Run, RunMask
+from domain.records import CheckpointInfo
+from storage.models import Checkpoint, Dataset, MaskVersion, Run, RunMask, row_or_missing
 from storage.records.datasets import load_volume
 from storage.records.files import FileStore
 from storage.records.heldout import run_scores
@@ -42,9 +42,7 @@ def _checkpoint_info(c: Checkpoint, run: Run | None = None) -> CheckpointInfo:
 
 def update_checkpoint(session: Session, checkpoint_id: int, name: str | None = None,
                       notes: str | None = None) -> CheckpointInfo:
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    row = row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
     if name is not None:
         row.name = " ".join(name.split())[:200]
     if notes is not None:
@@ -56,9 +54,7 @@ def model_card(session: Session, store: FileStore, checkpoint_id: int) -> dict[s
     """What the Models page shows of a checkpoint beside its run's mask versions
     (:func:`storage.records.runs.run_masks`): its run, the recipe, its scores on held-out slices, its parent
     and its size on disk."""
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    row = row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
     run = session.get(Run, row.run_id)
     parent = session.get(Checkpoint, run.parent_checkpoint_id) if run.parent_checkpoint_id else None
     try:
@@ -83,9 +79,7 @@ def checkpoints(session: Session, run_id: int | None = None) -> list[CheckpointI
 
 def checkpoint_bytes(session: Session, store: FileStore, checkpoint_id: int) -> bytes:
     """The checkpoint file, checked against its recorded checksum."""
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    row = row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
     return store.verified(row.file, row.sha256).read_bytes()
 
 
@@ -105,9 +99,7 @@ def shown_recipe(run: Run, step: int | None = None) -> dict[str, Any]:
 def export_source(session: Session, checkpoint_id: int) -> tuple[Dataset, int] | None:
     """The dataset and slice a package's test image and cover would be cut from, with the user's consent:
     the first slice the run trained on (None: it trained on no dataset here)."""
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    row = row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
     first = session.execute(select(MaskVersion.dataset_id, MaskVersion.slice_index)
                             .join(RunMask, RunMask.mask_version_id == MaskVersion.id)
                             .where(RunMask.run_id == row.run_id, RunMask.role == "train")
@@ -125,9 +117,7 @@ def export_model(session: Session, store: FileStore, checkpoint_id: int, authors
     slice, or with ``with_data`` (the user agreed: unpublished data leaves with the package) a crop of the
     first slice the run trained on (:func:`export_source`); it cites the ISBI 2012 data for a model
     trained on it."""
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    row = row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
     run = session.get(Run, row.run_id)
     checkpoint = load_checkpoint(store.verified(row.file, row.sha256))
     source = export_source(session, checkpoint_id)

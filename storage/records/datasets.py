@@ -20,9 +20,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from domain.kinds import MaskKind, RunKind
-from domain.records import DatasetInfo, NotFound
+from domain.records import DatasetInfo
 from storage import text
-from storage.models import Dataset, MaskVersion, Prediction, Run, RunMask
+from storage.models import Dataset, MaskVersion, Prediction, Run, RunMask, row_or_missing
 from storage.records.external import External
 from storage.records.files import FileStore, IntegrityError, import_roots
 from storage.records.masks import add_mask
@@ -338,7 +338,5 @@ def runs_using_dataset(session: Session, dataset_id: int) -> list[int]:
 
 
 def dataset_row(session: Session, dataset_id: int) -> Dataset:
-    row = session.get(Dataset, dataset_id)
-    if row is None:
-        raise NotFound(f"dataset {dataset_id} does not exist")
+    row = row_or_missing(session, Dataset, dataset_id, "dataset")
     return row

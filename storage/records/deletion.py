@@ -11,9 +11,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from domain.kinds import ACTIVE, RunKind
-from domain.records import Deleted, NotFound
+from domain.records import Deleted
 from storage.jobs.procs import is_alive
-from storage.models import Checkpoint, Dataset, MaskVersion, Prediction, Run
+from storage.models import Checkpoint, Dataset, MaskVersion, Prediction, Run, row_or_missing
 from storage.records.datasets import dataset_row, runs_using_dataset
 from storage.records.files import FileStore
 from storage.records.runs import run_row
@@ -93,9 +93,7 @@ def plan_dataset(session: Session, store: FileStore, dataset_id: int) -> Plan:
 def plan_checkpoint(session: Session, store: FileStore, checkpoint_id: int) -> Plan:
     """One checkpoint and the predictions made with it; runs fine-tuned from it keep their records and
     forget their parent."""
-    row = session.get(Checkpoint, checkpoint_id)
-    if row is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    row = row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
     run = session.get(Run, row.run_id)
     refusal = ("the starter model ships with the app: it is not deleted" if run.kind == RunKind.STARTER else
                f"run {run.id} is {run.status}: its checkpoints are still being written" if run.status in ACTIVE

@@ -17,9 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.kinds import CheckpointKind, RunKind, RunStatus
-from domain.records import NotFound, UserError
+from domain.records import UserError
 from domain.scores import DECIDES, HeldOut, Score
-from storage.models import Checkpoint, Dataset, MaskVersion, Run, RunMask
+from storage.models import Checkpoint, Dataset, MaskVersion, Run, RunMask, row_or_missing
 from storage.records.datasets import load_volume
 from storage.records.files import FileStore
 from storage.records.masks import latest_mask, load_mask, slice_kinds
@@ -34,9 +34,7 @@ HIGHER_IS_BETTER = {"pixel_error": False, "rand_f": True, "vi": False}
 
 
 def held_out(session: Session, dataset_id: int) -> HeldOut | None:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise NotFound(f"dataset {dataset_id} does not exist")
+    dataset = row_or_missing(session, Dataset, dataset_id, "dataset")
     if not dataset.held_out:
         return None
     return HeldOut(dataset.held_out_version, [int(h["slice"]) for h in dataset.held_out],
@@ -46,9 +44,7 @@ def held_out(session: Session, dataset_id: int) -> HeldOut | None:
 def set_held_out(session: Session, dataset_id: int, slices: list[int]) -> HeldOut | None:
     """Freeze ``slices`` (their latest mask versions) as the dataset's held-out set, a new version; an
     empty list removes the set."""
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise NotFound(f"dataset {dataset_id} does not exist")
+    dataset = row_or_missing(session, Dataset, dataset_id, "dataset")
     frozen = []
     for z in sorted(set(slices)):
         if not 0 <= z < dataset.z:
@@ -276,11 +272,9 @@ def scores(session: Session, dataset_id: int) -> list[Score]:
 
 def promote(session: Session, dataset_id: int, checkpoint_id: int | None) -> None:
     """Make a checkpoint the dataset's default model (None: back to the starter model or the newest)."""
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise NotFound(f"dataset {dataset_id} does not exist")
-    if checkpoint_id is not None and session.get(Checkpoint, checkpoint_id) is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    dataset = row_or_missing(session, Dataset, dataset_id, "dataset")
+    if checkpoint_id is not None:
+        row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
     dataset.default_checkpoint_id = checkpoint_id
     session.flush()
 

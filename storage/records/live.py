@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from domain.kinds import ACTIVE, RunKind, RunStatus
 from domain.live import LiveInfo, LivePrediction, Region
 from domain.records import NotFound, RunInfo, UserError, aware
-from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunMask, User
+from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunMask, User, row_or_missing
 from storage.records.files import FileStore
 from storage.records.runs import device_key, resume_run, run_info
 from unet.network.config import TrainConfig, preset
@@ -100,8 +100,7 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
     ``checkpoint_id`` (``scratch``: from random weights of :data:`SCRATCH_PRESET`'s network, which a random
     forest of the strokes teaches; :mod:`unet.training.live`). Returns the session and what happened ("joined",
     "resumed", "started")."""
-    if session.get(Dataset, dataset_id) is None:
-        raise NotFound(f"dataset {dataset_id} does not exist")
+    row_or_missing(session, Dataset, dataset_id, "dataset")
     joined = _live_runs(session, dataset_id)
     if joined:
         see(session, joined[0].id, owner, None)
@@ -120,9 +119,7 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
     else:
         if checkpoint_id is None:
             raise UserError("choose the model the live session starts from")
-        parent = session.get(Checkpoint, checkpoint_id)
-        if parent is None:
-            raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+        parent = row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
         parent_run = session.get(Run, parent.run_id)
         if parent_run.config.get("foreign"):
             raise ValueError(f"checkpoint {checkpoint_id} is a TorchScript model imported from another tool: a "

@@ -9,8 +9,8 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
 from domain.kinds import MaskKind
-from domain.records import MaskConflict, MaskInfo, NotFound
-from storage.models import Dataset, MaskVersion
+from domain.records import MaskConflict, MaskInfo
+from storage.models import Dataset, MaskVersion, row_or_missing
 from storage.records.files import FileStore
 from unet.training.labels import IGNORE
 
@@ -52,9 +52,7 @@ def latest_mask(session: Session, dataset_id: int, slice_index: int) -> MaskInfo
 
 
 def load_mask(session: Session, store: FileStore, mask_id: int) -> np.ndarray:
-    row = session.get(MaskVersion, mask_id)
-    if row is None:
-        raise NotFound(f"mask version {mask_id} does not exist")
+    row = row_or_missing(session, MaskVersion, mask_id, "mask version")
     return store.read_stack(row.file, row.sha256)
 
 
@@ -67,9 +65,7 @@ def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: 
     with :class:`MaskConflict` instead of silently overwriting their work."""
     if kind not in tuple(MaskKind):
         raise ValueError(f"mask kind must be one of {[k.value for k in MaskKind]}, got {kind!r}")
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise NotFound(f"dataset {dataset_id} does not exist")
+    dataset = row_or_missing(session, Dataset, dataset_id, "dataset")
     if not 0 <= slice_index < dataset.z:
         raise ValueError(f"slice {slice_index} is outside the dataset's slices 0-{dataset.z - 1}")
     if target.shape != (dataset.y, dataset.x):
@@ -95,9 +91,7 @@ def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: 
 
 def restore_mask(session: Session, store: FileStore, mask_id: int, *, author: str = "") -> MaskInfo:
     """Make an old version the newest again, as a new version (nothing is overwritten)."""
-    row = session.get(MaskVersion, mask_id)
-    if row is None:
-        raise NotFound(f"mask version {mask_id} does not exist")
+    row = row_or_missing(session, MaskVersion, mask_id, "mask version")
     latest = latest_mask(session, row.dataset_id, row.slice_index)
     saved = save_mask(session, store, row.dataset_id, row.slice_index, load_mask(session, store, mask_id),
                       kind=row.kind, author=author, parent_id=latest.id if latest else None)

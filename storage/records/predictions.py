@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from domain.kinds import PredictionStage, RunStatus
 from domain.records import NotFound, PredictionInfo
-from storage.models import Checkpoint, Prediction
+from storage.models import Checkpoint, Prediction, row_or_missing
 from storage.records.datasets import dataset_row
 from storage.records.files import EXPORT_ROOT_ENV, FileStore, export_root, inside
 from storage.records.volumes import Volume
@@ -38,9 +38,7 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
                       postprocess: str = DEFAULT_METHOD, tta: bool = False) -> PredictionInfo:
     if postprocess not in METHODS:
         raise ValueError(f"unknown post-processing {postprocess!r}: choose one of {', '.join(METHODS)}")
-    checkpoint = session.get(Checkpoint, checkpoint_id)
-    if checkpoint is None:
-        raise NotFound(f"checkpoint {checkpoint_id} does not exist")
+    checkpoint = row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
     dataset = dataset_row(session, dataset_id)
     slices = sorted(set(int(z) for z in slices))
     if not slices:
@@ -58,9 +56,7 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
 def resume_prediction(session: Session, prediction_id: int) -> PredictionInfo:
     """Queue a FAILED prediction again (its process was killed, or failed); the blocks it wrote are kept
     and the new process does only the rest (:mod:`unet.prediction.blockwise`)."""
-    row = session.get(Prediction, prediction_id)
-    if row is None:
-        raise NotFound(f"prediction {prediction_id} does not exist")
+    row = row_or_missing(session, Prediction, prediction_id, "prediction")
     if row.status != RunStatus.FAILED:
         raise ValueError(f"prediction {prediction_id} is {row.status}; only a failed one can be resumed")
     row.status, row.pid, row.pid_started, row.error = RunStatus.QUEUED, None, None, None
@@ -70,9 +66,7 @@ def resume_prediction(session: Session, prediction_id: int) -> PredictionInfo:
 
 
 def get_prediction(session: Session, prediction_id: int) -> PredictionInfo:
-    row = session.get(Prediction, prediction_id)
-    if row is None:
-        raise NotFound(f"prediction {prediction_id} does not exist")
+    row = row_or_missing(session, Prediction, prediction_id, "prediction")
     return prediction_info(row, session.get(Checkpoint, row.checkpoint_id).run_id)
 
 

@@ -13,8 +13,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from domain.kinds import ACTIVE, RESUMABLE, MaskKind, RunKind, RunStatus
-from domain.records import NotFound, PlanRow, RunInfo, RunMaskInfo, RunProgress
-from storage.models import Checkpoint, Dataset, MaskVersion, Metric, Run, RunMask
+from domain.records import PlanRow, RunInfo, RunMaskInfo, RunProgress
+from storage.models import Checkpoint, Dataset, MaskVersion, Metric, Run, RunMask, row_or_missing
 from storage.records.datasets import dataset_row
 from storage.records.files import FileStore
 from storage.records.heldout import held_out, refuse_training_on_held_out
@@ -34,9 +34,7 @@ def run_info(row: Run, train_seconds: float | None = None) -> RunInfo:
 
 
 def run_row(session: Session, run_id: int) -> Run:
-    row = session.get(Run, run_id)
-    if row is None:
-        raise NotFound(f"run {run_id} does not exist")
+    row = row_or_missing(session, Run, run_id, "run")
     return row
 
 
@@ -103,9 +101,7 @@ def submit_training(session: Session, spec: dict[str, Any], config: TrainConfig,
         raise ValueError("choose at least one training slice")
     refuse_training_on_held_out(session, spec)
     if parent_checkpoint_id is not None:
-        parent = session.get(Checkpoint, parent_checkpoint_id)
-        if parent is None:
-            raise NotFound(f"checkpoint {parent_checkpoint_id} does not exist")
+        parent = row_or_missing(session, Checkpoint, parent_checkpoint_id, "checkpoint")
         if session.get(Run, parent.run_id).config.get("foreign"):
             raise ValueError(f"checkpoint {parent_checkpoint_id} is a TorchScript model imported from another tool: "
                              "it predicts, but it has no state dict to fine-tune; start from a Neuroseg model")

@@ -6,8 +6,7 @@ What the machine makes of them is measured once per process and network: a real 
 the tile size validation uses, so a narrow, memory-bound network is not mistaken for one that runs at
 the machine's peak. A validation predicts every validation slice tile by tile as
 :func:`unet.prediction.infer.predict_slice` does (eight times over with test-time augmentation) and scores it.
-Checked on 2 CPU cores: tiny with three 1024² validation slices, estimated 20 s of training and
-validation, took 19.6 s; a cpu-quick step, estimated 0.22 s, took 0.19 s."""
+How close the estimate comes to real runs: ``docs/benchmarks.md``."""
 
 from __future__ import annotations
 

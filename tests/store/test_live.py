@@ -20,8 +20,8 @@ from storage.records import starter
 from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.drafts import new_draft, start_options
-from tests.test_jobs import wait_for
-from tests.test_starter import tiny_starter
+from tests.store.test_jobs import wait_for
+from tests.store.test_starter import tiny_starter
 from unet.network.config import preset
 from unet.prediction.metrics import pixel_error
 from unet.training.forest import PixelForest
@@ -407,7 +407,7 @@ def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_pat
         # the Runs page shows the flag and promotes the best run (AppTest: the real script)
         monkeypatch.setenv("NEUROSEG_DATA_DIR", str(tmp_path / "data"))
         monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(tmp_path / "no-isbi"))
-        from tests.test_pages import app
+        from tests.app.test_pages import app
 
         at = app("Runs", user="boss", role="admin")  # promoting changes the dataset: its owner's or an admin's
         table = next(d.value for d in at.dataframe if "flag" in d.value.columns)  # the held-out table

@@ -15,6 +15,7 @@ import tifffile
 
 from storage.service import Neuroseg
 from storage.settings import Settings
+from tests.app.test_loop_pages import wait_exit
 from tests.browser import (
     ARTIFACTS,
     annotate_render,
@@ -24,7 +25,6 @@ from tests.browser import (
     free_port,
     signed_in,
 )
-from tests.test_loop_pages import wait_exit
 from unet.network.config import preset
 from unet.training.synthetic import make_synthetic_em
 

@@ -19,7 +19,7 @@ from tests.drafts import new_draft, start_options
 from ui.paint import PALETTE, View
 from unet.training.labels import MEMBRANE, NEURON
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = {"Datasets": "pages/datasets.py", "Annotate": "pages/annotate.py", "Train": "pages/train.py",
          "Predict": "pages/predict.py", "Runs": "pages/runs.py", "Models": "pages/models.py"}
 
@@ -293,7 +293,7 @@ def test_a_folder_on_the_server_is_imported_from_the_datasets_page(app_data_dir,
 def test_live_starts_from_random_initialisation_when_no_model_exists(app_data_dir, tmp_path, monkeypatch):
     """With no model at all (no starter shipped, no run), Live still starts: from random initialisation,
     the one "Start from" choice, a session without a parent."""
-    from tests.test_live import wait_exit
+    from tests.store.test_live import wait_exit
 
     monkeypatch.setenv("NEUROSEG_STARTER_DIR", str(tmp_path / "no-starter"))
     svc = store(app_data_dir)

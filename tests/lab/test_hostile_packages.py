@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_bioimageio import _nothing_left, _rdf_edit, _rezip, small_export, torchscript_package
+from tests.engine.test_bioimageio import _nothing_left, _rdf_edit, _rezip, small_export, torchscript_package
 from unet.exchange import torchscript_guard, torchscript_rules
 from unet.exchange.bioimageio import card_text, code_block, validate
 from unet.exchange.package_reader import load_package
@@ -56,7 +56,7 @@ def service(tmp_path):
 
 @pytest.fixture
 def annotator(service):
-    from tests.test_accounts import user
+    from tests.lab.test_accounts import user
 
     return service.acting_as(user(service, "ann", "annotator"))
 

@@ -16,11 +16,11 @@ from streamlit.testing.v1 import AppTest
 from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.accounts import make_user
-from tests.test_pages import PAGES, draw, texts, walk
+from tests.app.test_pages import PAGES, draw, texts, walk
 from unet.network.config import preset
 from unet.training.labels import MEMBRANE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from storage.service import Neuroseg
 from storage.settings import Settings
-from tests.test_jobs import wait_for
-from tests.test_live import upload
+from tests.store.test_jobs import wait_for
+from tests.store.test_live import upload
 from unet.network.config import preset
 
 
@@ -78,7 +78,7 @@ def test_held_out_scores_leave_out_the_slices_a_lineage_trained_on(journey, monk
     # Datasets names the runs that trained on a held-out slice
     monkeypatch.setenv("NEUROSEG_DATA_DIR", str(journey.data_dir))
     monkeypatch.setenv("NEUROSEG_ISBI_DIR", str(journey.data_dir.parent / "no-isbi"))
-    from tests.test_pages import app
+    from tests.app.test_pages import app
 
     at = app("Runs")
     table = next(d.value for d in at.dataframe if "flag" in d.value.columns)

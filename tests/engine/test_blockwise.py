@@ -188,8 +188,8 @@ def test_the_app_predicts_blockwise_and_resumes_a_killed_job(tmp_path, monkeypat
     from storage.jobs.queue import terminate
     from storage.service import Neuroseg
     from storage.settings import Settings
-    from tests.test_jobs import wait_for
-    from tests.test_starter import tiny_starter
+    from tests.store.test_jobs import wait_for
+    from tests.store.test_starter import tiny_starter
 
     tiny_starter(tmp_path / "models", monkeypatch)
     svc = Neuroseg(Settings.from_env(tmp_path / "data"))  # its supervisor notices the dead process
@@ -234,8 +234,8 @@ def test_a_prediction_exports_as_ome_zarr_that_napari_reads(tmp_path, monkeypatc
     from domain.records import UserError
     from storage.service import Neuroseg
     from storage.settings import Settings
-    from tests.test_jobs import wait_for
-    from tests.test_starter import tiny_starter
+    from tests.store.test_jobs import wait_for
+    from tests.store.test_starter import tiny_starter
 
     tiny_starter(tmp_path / "models", monkeypatch)
     svc = Neuroseg(Settings.from_env(tmp_path / "data"))

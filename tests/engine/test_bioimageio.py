@@ -130,7 +130,7 @@ def test_a_description_the_spec_refuses_is_a_clear_error_and_writes_nothing(chec
 def test_the_app_exports_the_starter_model_for_the_signed_in_user(tmp_path, monkeypatch):
     from storage.service import Neuroseg
     from storage.settings import Settings
-    from tests.test_accounts import user
+    from tests.lab.test_accounts import user
 
     monkeypatch.delenv("NEUROSEG_ADMIN_PASSWORD", raising=False)
     svc = Neuroseg(Settings.from_env(tmp_path / "data"))  # the server's start registers the starter model
@@ -200,7 +200,7 @@ def _nothing_left(svc) -> None:
 
 
 def test_export_import_predict_gives_identical_probabilities(service, exported, stack):
-    from tests.test_accounts import user
+    from tests.lab.test_accounts import user
 
     ann = user(service, "ann", "annotator")
     with open(exported, "rb") as fh:
@@ -321,7 +321,7 @@ def test_each_refused_package_says_what_was_found_and_leaves_nothing(service, ex
 
 
 def test_the_models_page_imports_exports_names_and_deletes_a_model(app_data_dir, exported, tmp_path):
-    from tests.test_pages import app, texts
+    from tests.app.test_pages import app, texts
 
     at = app("Models")
     at.file_uploader(key="import_model_file").upload("model.zip", exported.read_bytes(), "application/zip")
@@ -436,7 +436,7 @@ def test_another_tools_torchscript_package_predicts_here_and_cannot_be_fine_tune
         boundary = model(torch.from_numpy(_scale_range(image.astype(np.float32))[None, None]))[0, 0].numpy()
     np.testing.assert_allclose(ours, 1 - boundary, atol=1e-4)  # a boundary map, read as neurons
     demo = service.load_demo()
-    from tests.test_loop_pages import wait_exit
+    from tests.app.test_loop_pages import wait_exit
 
     job = service.predict(imported.checkpoint_id, demo.id, [0, 1])  # the app's prediction process runs it
     wait_exit(service.prediction(job.id).pid)

@@ -31,7 +31,7 @@ from tests.accounts import make_user
 from tests.drafts import new_draft, start_options
 from ui.text import plain, plain_html
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOOD = "a-good-password"
 EVIL = "![x](http://127.0.0.1:1/x.png)"
 
@@ -114,7 +114,7 @@ def test_a_signed_out_or_expired_sign_in_is_refused_while_the_users_other_browse
 
 
 def test_a_callback_of_a_disabled_user_on_the_annotate_page_saves_nothing(app_data_dir):
-    from tests.test_pages import draw
+    from tests.app.test_pages import draw
 
     svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
     demo = svc.load_demo()

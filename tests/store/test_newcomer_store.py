@@ -87,7 +87,7 @@ def test_a_delete_waits_for_a_running_prediction_and_says_which(svc):
     demo = svc.load_demo()
     run = svc.submit_training([{"dataset_id": demo.id, "slices": [0]}], [],
                               importlib.import_module("unet.network.config").preset("tiny", steps=1), preset="tiny")
-    from tests.test_loop_pages import wait_exit
+    from tests.app.test_loop_pages import wait_exit
 
     wait_exit(svc.run(run.id).pid)
     checkpoint = svc.checkpoints(run.id)[0].id

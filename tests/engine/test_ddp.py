@@ -94,7 +94,7 @@ def _cancel_and_resume(sessions, store, run, proc, settings):
     from storage.jobs import queue
     from storage.models import Metric
     from storage.records import runs
-    from tests.test_jobs import wait_for
+    from tests.store.test_jobs import wait_for
 
     def losses():
         with sessions.begin() as s:

@@ -268,7 +268,7 @@ def test_prediction_outputs_of_an_earlier_version_are_converted_on_start(tmp_pat
     from storage.models import Prediction
     from storage.records import predictions
     from storage.service import Neuroseg
-    from tests.test_starter import tiny_starter
+    from tests.store.test_starter import tiny_starter
 
     tiny_starter(tmp_path / "models", monkeypatch)
     settings = _settings(tmp_path)

@@ -674,7 +674,7 @@ def finished(svc, tmp_path, monkeypatch):
     worker; returns its id."""
     from storage.models import Prediction
     from storage.records import predictions
-    from tests.test_starter import tiny_starter
+    from tests.store.test_starter import tiny_starter
     from unet.prediction.blocks import OUTPUT_DTYPES, create_output, output_path, write_slice
 
     tiny_starter(tmp_path / "models", monkeypatch)

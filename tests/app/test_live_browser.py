@@ -20,8 +20,8 @@ from tests.browser import (
     chromium,
     open_with_demo,
 )
-from tests.test_jobs import wait_for
-from tests.test_starter import tiny_starter
+from tests.store.test_jobs import wait_for
+from tests.store.test_starter import tiny_starter
 
 pytestmark = pytest.mark.slow
 
