@@ -61,7 +61,7 @@ def test_a_predictions_progress_becomes_numbers_and_the_page_reads_them(database
                           "(1, 'FINISHED', 'train', '{}', '{}', 'cpu', :t, '')"), {"t": now})
         conn.execute(text("INSERT INTO checkpoints (id, run_id, step, kind, file, sha256, metrics, created) VALUES "
                           "(1, 1, 5, 'best', 'c', 's', '{}', :t)"), {"t": now})
-        for pid, done, phase in ((1, 5, "predict 24"), (2, 0, "instances 3/8"), (3, 9, "linking 3D neurons"),
+        for pid, done, phase in ((1, 5, "predict 24"), (2, 8, "instances 3/8"), (3, 9, "linking 3D neurons"),
                                  (4, 0, "")):
             conn.execute(text("INSERT INTO predictions (id, checkpoint_id, dataset_id, file, sha256, created, slices,"
                               " status, done, phase, files, postprocess) VALUES (:id, 1, 1, 'p', 's', :t, "
@@ -70,7 +70,7 @@ def test_a_predictions_progress_becomes_numbers_and_the_page_reads_them(database
     upgrade(engine)
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT id, phase, done, total FROM predictions ORDER BY id")).all()
-    assert [tuple(r) for r in rows] == [(1, "predict", 5, 24), (2, "predict", 3, 8), (3, "linking", 9, 0),
+    assert [tuple(r) for r in rows] == [(1, "predict", 5, 24), (2, "predict", 8, 8), (3, "linking", 9, 0),
                                         (4, "", 0, 0)]
     job = PredictionInfo(1, 1, 1, 1, list(range(8)), RunStatus.RUNNING, 5, None, None, datetime.now(UTC),
                          stage=PredictionStage.PREDICT, total=24)

@@ -29,7 +29,7 @@ def upgrade() -> None:
         if m := re.fullmatch(r"predict (\d+)", text):
             values = {"phase": "predict", "total": int(m.group(1))}
         elif m := re.fullmatch(r"instances (\d+)/(\d+)", text):
-            values = {"phase": "predict", "done": int(m.group(1)), "total": int(m.group(2))}
+            values = {"phase": "predict", "total": int(m.group(2))}  # (``done`` counted its slices: kept)
         elif text.startswith("linking"):
             values = {"phase": "linking"}
         if values:
