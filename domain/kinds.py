@@ -49,6 +49,20 @@ class RunKind(StrEnum):
         return {"train": "run", "live": "live session", "starter": "starter", "imported": "imported"}[self.value]
 
 
+class Tool(StrEnum):
+    """What changed an edit's pixels; a saved version records the tools that made it."""
+
+    BRUSH = "brush"  # strokes on the canvas (neuron, membrane, eraser)
+    ACCEPT_PREDICTION = "accept prediction"  # the live prediction copied in (Accept)
+    ACCEPT = "accept"  # a neuron of the prediction, with a ring of membrane
+    ACCEPT_CONFIDENT = "accept confident"  # every neuron over a probability threshold
+    MERGE = "merge"  # two neighbours made one
+    SPLIT = "split"  # one neuron cut in two, by seeds or along a line
+    ERASE = "erase"  # a false neuron made membrane or unlabelled
+    FILL = "fill"  # a region of equal labels filled
+    DONT_KNOW = "don't know"  # a region marked unlabelled
+
+
 class MaskKind(StrEnum):
     """What a mask version is: labels uploaded with the stack, painted by hand, a scribble (only the painted
     pixels count), a prediction saved as it is, or a prediction corrected by hand."""

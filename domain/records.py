@@ -78,6 +78,7 @@ class MaskInfo:
     labelled_pixels: int
     created: datetime
     restored_from_id: int | None = None  # a restore: the old version it copies
+    tools: tuple[str, ...] = ()  # domain.kinds.Tool values: what made it (none known for versions saved before)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ class MaskVersion(Base):
     file: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
     restored_from_id: Mapped[int | None]  # a restore: the old version it copies
+    tools: Mapped[list[str] | None] = mapped_column(JSON)  # domain.kinds.Tool values that made it
     dataset: Mapped[Dataset] = relationship(back_populates="masks")
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from domain.kinds import MaskKind, RunStatus
+from domain.kinds import MaskKind, RunStatus, Tool
 from domain.records import DraftStart, MaskInfo, PredictionInfo, StoredDraft
+from ui.history import SESSION_UNDO_BYTES, UNDO_BYTES, UNDO_STEPS, Step
 from ui.paint import View, merge_strokes
 from unet.training.labels import IGNORE
 
@@ -73,80 +74,7 @@ def history_rows(history: Sequence[MaskInfo]) -> list[dict[str, Any]]:
     return [{"version": f"v{m.version}", "kind": m.kind, "author": m.author, "labelled pixels": m.labelled_pixels,
              "from": (f"restores v{by_id[m.restored_from_id].version}" if m.restored_from_id in by_id
                       else f"v{by_id[m.parent_id].version}" if m.parent_id in by_id else ""),
-             "saved": m.created.strftime("%Y-%m-%d %H:%M:%S")} for m in reversed(history)]
-
-
-#: How much one draft's undo history may hold (bytes), and how many steps; the oldest steps are forgotten
-#: first, but never the newest (an Accept of a whole 4096² slice is ~34 MB). Across a session's drafts,
-#: :data:`SESSION_UNDO_BYTES` (the histories of the other slices go first: :func:`trim_histories`).
-UNDO_BYTES = 96 * 2**20
-UNDO_STEPS = 200
-SESSION_UNDO_BYTES = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class Step:
-    """One change of a draft: which pixels went from ``before`` to ``after`` (in flat order). ``where`` is
-    int32 flat indices for a sparse change (a stroke), or a packed bit mask of the slice for a dense one (an
-    Accept, a Discard), whichever is smaller. ``kinds`` = (kind before, kind after) when the change also
-    changed what the save will be called (an Accept)."""
-
-    where: np.ndarray
-    before: np.ndarray
-    after: np.ndarray
-    size: int  # pixels in the slice
-    kinds: tuple[str, str] | None = None
-
-    @classmethod
-    def between(cls, old: np.ndarray, new: np.ndarray, kinds: tuple[str, str] | None = None) -> Step:
-        changed = (old != new).ravel()
-        n = int(np.count_nonzero(changed))
-        where = (np.packbits(changed) if n * 4 > changed.size // 8
-                 else np.flatnonzero(changed).astype(np.int32))
-        return cls(where, old.ravel()[changed], new.ravel()[changed], changed.size, kinds)
-
-    def indices(self) -> np.ndarray:
-        if self.where.dtype == np.uint8:  # packed bits
-            return np.flatnonzero(np.unpackbits(self.where, count=self.size))
-        return self.where
-
-    @property
-    def nbytes(self) -> int:
-        return self.where.nbytes + self.before.nbytes + self.after.nbytes
-
-    def apply(self, mask: np.ndarray, backwards: bool = False) -> np.ndarray:
-        out = mask.copy()
-        out.ravel()[self.indices()] = self.before if backwards else self.after
-        out.setflags(write=False)
-        return out
-
-    def undoes(self, old: np.ndarray, new: np.ndarray) -> bool:
-        """Whether going from ``old`` to ``new`` is exactly this step taken back (or, for a step of the redo
-        list, taken again: call it on that step's reverse)."""
-        changed = np.flatnonzero(old != new)
-        return np.array_equal(changed, self.indices()) and np.array_equal(new.ravel()[changed], self.before)
-
-    def split(self, old: np.ndarray, new: np.ndarray) -> tuple[Step, Step] | None:
-        """When going from ``old`` to ``new`` takes back only part of this step (the canvas toolbar's undo of
-        one of two strokes that reached the server together): (the part that stays done, the part undone);
-        else None."""
-        changed = np.flatnonzero(old != new)
-        mine = self.indices()
-        inside = np.isin(changed, mine, assume_unique=True)
-        if not changed.size or not inside.all() or changed.size >= mine.size:
-            return None
-        at = np.searchsorted(mine, changed)
-        if not np.array_equal(new.ravel()[changed], self.before[at]):
-            return None
-        rest = np.ones(mine.size, bool)
-        rest[at] = False
-        kept = Step(mine[rest].astype(np.int32), self.before[rest], self.after[rest], self.size, self.kinds)
-        undone = Step(changed.astype(np.int32), self.before[at], self.after[at], self.size)
-        return kept, undone
-
-    def reverse(self) -> Step:
-        return Step(self.where, self.after, self.before, self.size,
-                    None if self.kinds is None else (self.kinds[1], self.kinds[0]))
+             "tools": ", ".join(m.tools), "saved": m.created.strftime("%Y-%m-%d %H:%M:%S")} for m in reversed(history)]
 
 
 def trim_histories(drafts: Sequence[Draft], keep: Draft, budget: int = SESSION_UNDO_BYTES) -> None:
@@ -177,6 +105,7 @@ class Draft:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     prediction_id: int | None = None  # the prediction the edit started from (source "prediction")
     revision: int = 0  # bumped whenever ``working`` changes
+    tools_used: set[str] = field(default_factory=set)  # domain.kinds.Tool values of the changes since the start
     done: list[Step] = field(default_factory=list, repr=False)  # the steps that undo takes back, newest last
     undone: list[Step] = field(default_factory=list, repr=False)  # the steps that redo takes again
 
@@ -266,8 +195,31 @@ class Draft:
             self.undone.append(parts[1])
         else:
             self._record(merged)
+            self.tools_used.add(Tool.BRUSH)
         self.working = merged
         self.revision += 1
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        """What made this edit (a save records it): the tools of every change since it began."""
+        return tuple(sorted(self.tools_used))
+
+    def use_tool(self, new: np.ndarray, tool: Tool) -> int:
+        """A tool's result (:mod:`unet.prediction.objects`: the whole mask as the tool leaves it) as one change
+        of the edit, which undo takes back whole. The object tools act on a prediction's neurons, so the save
+        will be a corrected prediction. Returns how many pixels changed."""
+        if new.shape != self.working.shape:
+            raise ValueError(f"the tool's mask is {new.shape}, the slice {self.working.shape}")
+        new = np.array(new, dtype=np.uint8)
+        changed = int(np.count_nonzero(new != self.working))
+        if not changed:
+            return 0
+        new.setflags(write=False)
+        self._record(new, (self.kind, MaskKind.CORRECTED))
+        self.tools_used.add(Tool(tool))
+        self.kind = MaskKind.CORRECTED
+        self._jump(new)
+        return changed
 
     def _record(self, new: np.ndarray, kinds: tuple[str, str] | None = None) -> None:
         """Keep the change from ``working`` to ``new`` as a step undo can take back (redo's list is dropped,
@@ -362,6 +314,7 @@ class Draft:
         accepted.setflags(write=False)
         if changed:
             self._record(accepted, (self.kind, MaskKind.CORRECTED))  # undo takes the whole Accept back
+            self.tools_used.add(Tool.ACCEPT_PREDICTION)
         self.working = self.view_base = accepted
         self.kind = MaskKind.CORRECTED
         self.generation += 1
@@ -371,6 +324,7 @@ class Draft:
     def saved(self, mask_id: int, kind: str) -> None:
         """After a save: the saved version is the new starting point (undo starts afresh from it)."""
         self.forget_history()
+        self.tools_used.clear()
         self.original = self.working
         self.view_base = self.working
         self.source, self.source_mask_id, self.latest_id = "latest", mask_id, mask_id

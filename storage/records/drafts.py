@@ -119,7 +119,8 @@ def save(session: Session, store: FileStore, draft: DraftLike, author: str = "",
     """Save the edit's mask as a new version, exactly as it is (refused with MaskConflict when the slice
     has a newer version than the one the edit began on), and forget the owner's kept copy."""
     info = save_mask(session, store, draft.dataset_id, draft.slice_index, np.array(draft.working), kind=draft.kind,
-                     author=author, parent_id=draft.source_mask_id, latest_id=draft.latest_id)
+                     author=author, parent_id=draft.source_mask_id, latest_id=draft.latest_id,
+                     tools=tuple(getattr(draft, "tools", ())))
     if owner is not None:
         drop(session, store, draft.dataset_id, draft.slice_index, owner)
     return info

@@ -3,12 +3,14 @@ on a version that is no longer the latest is refused with :class:`~domain.record
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
-from domain.kinds import MaskKind
+from domain.kinds import MaskKind, Tool
 from domain.records import MaskConflict, MaskInfo
 from storage.models import Dataset, MaskVersion, row_or_missing
 from storage.records.files import FileStore
@@ -17,13 +19,14 @@ from unet.training.labels import IGNORE
 
 def mask_info(row: MaskVersion) -> MaskInfo:
     return MaskInfo(row.id, row.dataset_id, row.slice_index, row.version, MaskKind(row.kind), row.author, row.parent_id,
-                    row.labelled_pixels, row.created, row.restored_from_id)
+                    row.labelled_pixels, row.created, row.restored_from_id, tuple(row.tools or ()))
 
 
 def add_mask(session: Session, store: FileStore, dataset_id: int, slice_index: int, target: np.ndarray,
-              kind: str, author: str, parent_id: int | None, version: int) -> MaskVersion:
+              kind: str, author: str, parent_id: int | None, version: int, tools: Sequence[str] = ()
+              ) -> MaskVersion:
     row = MaskVersion(dataset_id=dataset_id, slice_index=slice_index, version=version, kind=kind,
-                      author=author[:100], parent_id=parent_id,
+                      author=author[:100], parent_id=parent_id, tools=sorted(set(tools)) or None,
                       labelled_pixels=int(np.count_nonzero(target != IGNORE)), file="", sha256="")
     session.add(row)
     session.flush()
@@ -57,14 +60,16 @@ def load_mask(session: Session, store: FileStore, mask_id: int) -> np.ndarray:
 
 
 def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: int, target: np.ndarray, *,
-              kind: str, author: str = "", parent_id: int | None, latest_id: int | object | None = ...
-              ) -> MaskInfo:
+              kind: str, author: str = "", parent_id: int | None, latest_id: int | object | None = ...,
+              tools: Sequence[str] = ()) -> MaskInfo:
     """Add a new version of a slice's mask. ``parent_id`` is the version the edit started from (None for
     a scribble on nothing) and ``latest_id`` the slice's latest version when the edit began (by default
     the parent): when that is not the latest any more (someone saved in between), the save is refused
     with :class:`MaskConflict` instead of silently overwriting their work."""
     if kind not in tuple(MaskKind):
         raise ValueError(f"mask kind must be one of {[k.value for k in MaskKind]}, got {kind!r}")
+    if unknown := set(tools) - {t.value for t in Tool}:
+        raise ValueError(f"unknown tools {sorted(unknown)}: a version is made by {[t.value for t in Tool]}")
     dataset = row_or_missing(session, Dataset, dataset_id, "dataset")
     if not 0 <= slice_index < dataset.z:
         raise ValueError(f"slice {slice_index} is outside the dataset's slices 0-{dataset.z - 1}")
@@ -83,7 +88,7 @@ def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: 
     version = (latest.version if latest else 0) + 1
     try:
         with session.begin_nested():
-            row = add_mask(session, store, dataset_id, slice_index, target, kind, author, parent_id, version)
+            row = add_mask(session, store, dataset_id, slice_index, target, kind, author, parent_id, version, tools)
     except DBIntegrityError as exc:  # a concurrent save took this version number first
         raise MaskConflict(f"slice {slice_index} was saved by someone else at the same moment; reload it") from exc
     return mask_info(row)

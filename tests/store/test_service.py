@@ -219,7 +219,8 @@ def test_undo_outlives_the_canvas_and_walks_the_toolbars_history_too():
 
 
 def test_undo_splits_two_strokes_sent_together_takes_an_accept_back_whole_and_stays_in_budget():
-    from ui.annotation import Step, trim_histories
+    from ui.annotation import trim_histories
+    from ui.history import Step
 
     draft, a, both = two_strokes()
     whole = draft.view
@@ -275,3 +276,40 @@ def test_the_isbi_sample_loads_with_all_its_labels(tmp_path, isbi_dir, monkeypat
     mask = svc.mask(svc.history(info.id, 12)[-1].id)
     labels = tifffile.imread(isbi_dir / "train-labels.tif")[12]
     np.testing.assert_array_equal(mask == NEURON, labels == 255)
+
+
+def test_object_tools_edit_a_draft_like_a_stroke_and_the_save_records_them(svc, synthetic):
+    """Accept and merge on the neurons of a prediction: each is one step of the draft (undo takes it back
+    whole, redo makes it again), the save is a corrected prediction, and the version says which tools made
+    it (the brush too); versions saved before the tools record none."""
+    from domain.kinds import Tool
+    from ui.annotation import history_rows
+    from unet.prediction import objects
+
+    volume, labels = synthetic
+    info = svc.import_upload(Upload("stack.tif", tiff_bytes(volume)), Upload("labels.tif", tiff_bytes(labels)))
+    draft = new_draft(svc, info.id, 0, start_options(svc, info.id, 0)[0])  # the uploaded labels
+    draft.set_view(View.fit(volume.shape[1:]))
+    h, w = volume.shape[1:]
+    instances = np.zeros((h, w), np.int32)
+    instances[:, : w // 2], instances[:, w // 2:] = 1, 2
+    start = np.array(draft.working)
+    accepted = objects.accept(draft.working, instances, 1)
+    assert draft.use_tool(accepted, Tool.ACCEPT) == int(np.count_nonzero(accepted != start))
+    assert draft.kind == "predicted→painted" and draft.tools == ("accept",)
+    assert draft.use_tool(objects.merge(draft.working, instances, 1, 2), Tool.MERGE) > 0
+    merged = np.array(draft.working)
+    assert draft.undo() and np.array_equal(draft.working, accepted), "undo takes the merge back whole"
+    assert draft.redo() and np.array_equal(draft.working, merged)
+    assert draft.use_tool(merged, Tool.ERASE) == 0, "a tool that changes nothing is no step"
+    draft.apply(paint(draft.view, MEMBRANE, slice(0, 16), slice(0, 16)))
+    saved = svc.save_draft(draft)
+    assert saved.kind == "predicted→painted" and saved.tools == ("accept", "brush", "merge")
+    np.testing.assert_array_equal(svc.mask(saved.id)[:, w // 2:], merged[:, w // 2:])
+    assert draft.tools == (), "the next save starts a new list"
+    rows = history_rows(svc.history(info.id, 0))
+    assert [r["tools"] for r in rows] == ["accept, brush, merge", ""], "the upload: no tools"
+    with pytest.raises(ValueError, match="unknown tools"):
+        from storage.records import masks
+        with svc.sessions() as s:
+            masks.save_mask(s, svc.store, info.id, 0, merged, kind="painted", parent_id=saved.id, tools=["lasso"])

@@ -1,0 +1,98 @@
+"""The object tools (unet.prediction.objects) on small label arrays whose answer is known pixel by pixel."""
+
+import numpy as np
+import pytest
+
+from unet.prediction import objects
+from unet.training.labels import IGNORE, MEMBRANE, NEURON
+
+
+@pytest.fixture
+def scene():
+    """Three neurons of a watershed (every pixel belongs to one): 1 and 2 side by side (touching at column
+    10), 3 below both; the edit starts unlabelled."""
+    instances = np.zeros((20, 20), np.int32)
+    instances[:10, :10], instances[:10, 10:], instances[10:, :] = 1, 2, 3
+    mask = np.full((20, 20), IGNORE, np.uint8)
+    return mask, instances
+
+
+def test_accept_makes_a_neuron_with_a_ring_of_membrane(scene):
+    mask, instances = scene
+    out = objects.accept(mask, instances, 1, ring=2)
+    assert (mask == IGNORE).all(), "the given mask is never written"
+    assert (out[instances != 1] == IGNORE).all()
+    # its border with neurons 2 and 3 is membrane two pixels wide; the slice's own edge is not a border
+    assert (out[:8, :8] == NEURON).all()
+    assert (out[:10, 8:10] == MEMBRANE).all() and (out[8:10, :10] == MEMBRANE).all()
+
+
+def test_accept_confident_takes_the_neurons_over_the_threshold(scene):
+    mask, instances = scene
+    prob = np.where(instances == 2, 0.95, 0.6).astype(np.float32)
+    out, chosen = objects.accept_confident(mask, instances, prob, threshold=0.9)
+    assert chosen == [2]
+    assert (out[instances == 1] == IGNORE).all() and (out[:8, 12:] == NEURON).all()
+    assert objects.accept_confident(mask, instances, prob, threshold=0.99)[1] == []
+
+
+def test_merge_turns_the_membrane_between_two_neighbours_into_neuron(scene):
+    mask, instances = scene
+    both = objects.accept(objects.accept(mask, instances, 1), instances, 2)
+    assert (both[4, 8:12] == MEMBRANE).all()
+    merged = objects.merge(both, instances, 1, 2, contact=3)
+    assert (merged[2:8, 7:13] == NEURON).all(), "the membrane between them is neuron now"
+    assert (merged[10:] == IGNORE).all() and (merged[0, 3] == NEURON)
+    with pytest.raises(ValueError, match="do not touch"):
+        apart = instances.copy()
+        apart[:10, 9:11] = 0
+        objects.merge(both, apart, 1, 2, contact=1)
+    with pytest.raises(ValueError, match="two different"):
+        objects.merge(both, instances, 1, 1)
+
+
+def test_split_by_seeds_follows_the_boundary_map_inside_the_neuron(scene):
+    mask, instances = scene
+    boundary = np.zeros((20, 20), np.float32)
+    boundary[10:, 13] = 1.0  # a faint membrane the network missed, across neuron 3 at column 13
+    out = objects.split_seeds(mask, instances, boundary, [(15, 3), (15, 18)])
+    cut = np.argwhere(out == MEMBRANE)
+    assert cut.size and set(np.unique(cut[:, 1])) <= {12, 13, 14}, "the cut lies on the membrane"
+    assert set(np.unique(cut[:, 0])) == set(range(10, 20)), "it crosses the whole neuron"
+    assert (out[:10] == IGNORE).all(), "nothing outside the neuron changes"
+    with pytest.raises(ValueError, match="same neuron"):
+        objects.split_seeds(mask, instances, boundary, [(2, 2), (15, 18)])
+
+
+def test_split_along_a_line_stays_inside_the_neurons_it_crosses(scene):
+    mask, instances = scene
+    instances = instances.copy()
+    instances[:, 0] = 0  # a column that is no neuron
+    out = objects.split_line(mask, instances, [(15, 0), (15, 19)], width=0)
+    assert (out[15, 1:] == MEMBRANE).all() and out[15, 0] == IGNORE
+    assert np.count_nonzero(out == MEMBRANE) == 19
+
+
+def test_erase_and_fill_and_the_click_that_picks_a_neuron(scene):
+    mask, instances = scene
+    assert (objects.erase(mask, instances, 3)[10:] == MEMBRANE).all()
+    assert (objects.erase(mask, instances, 3, value=IGNORE)[10:] == IGNORE).all()
+    accepted = objects.accept(mask, instances, 1)
+    filled = objects.fill(accepted, 3, 3, IGNORE)  # the accepted core marked "don't know"
+    assert (filled[:8, :8] == IGNORE).all() and (filled[:10, 8:10] == MEMBRANE).all()
+    ridge = instances.copy()
+    ridge[:10, 9:11] = 0  # a membrane two pixels wide between 1 and 2
+    assert objects.object_at(ridge, 4, 9) == 1 and objects.object_at(ridge, 4, 10) == 2
+    assert objects.object_at(ridge, 4, 9, snap=0) == 0
+    with pytest.raises(ValueError, match="no neuron 7"):
+        objects.accept(mask, instances, 7)
+
+
+def test_a_tool_on_a_4096_slice_touches_only_its_neuron():
+    """An action costs the object: on a 4096² slice only the neuron's box is read and written."""
+    instances = np.zeros((4096, 4096), np.int32)
+    instances[2000:2040, 3000:3050] = 5
+    mask = np.full(instances.shape, IGNORE, np.uint8)
+    out = objects.accept(mask, instances, 5)
+    changed = np.argwhere(out != mask)
+    assert changed.min(axis=0).tolist() == [2000, 3000] and changed.max(axis=0).tolist() == [2039, 3049]
