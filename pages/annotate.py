@@ -11,6 +11,7 @@ import streamlit as st
 import pages.state as state
 from pages.annotate_canvas import canvas_panel, tools_panel
 from pages.annotate_live import live_panel
+from pages.annotate_objects import neurons_of, tool_picker
 from pages.annotate_panels import (
     Edit,
     conflict_panel,
@@ -22,8 +23,9 @@ from pages.annotate_panels import (
     start_from_panel,
 )
 from pages.canvas_aids import window_room
-from pages.common import dataset_picker, leave_guard, start_page, volume_or_stop
+from pages.common import can, dataset_picker, leave_guard, start_page, volume_or_stop
 from ui.annotation import start_options
+from ui.tools import BRUSH
 
 svc = start_page("Annotate")
 datasets = svc.datasets()
@@ -44,7 +46,9 @@ draft = current_draft(edit, options, kinds.get(z))
 in_conflict = conflict_panel(edit, draft, history)
 start_from_panel(edit, draft, options, history, in_conflict)
 tools = tools_panel()
-view = canvas_panel(edit, draft, volume, tools)
+neurons = neurons_of(svc, draft)  # the prediction's, when the edit started from one: the object tools act on them
+object_tool = tool_picker(edit, draft, neurons) if can("annotate") else BRUSH
+view = canvas_panel(edit, draft, volume, tools, object_tool, neurons)
 save_bar(edit, draft, in_conflict)
 live_panel(edit, draft, volume, view, tools)  # training that follows the annotator
 other_drafts(edit)

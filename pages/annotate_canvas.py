@@ -11,11 +11,13 @@ import streamlit as st
 from streamlit_drawable_canvas import st_canvas  # needs a running Streamlit: pages only
 
 import pages.state as state
+from pages.annotate_objects import RESETS, Neurons, act
 from pages.annotate_panels import Edit, pending_strokes
 from pages.canvas_aids import room
 from pages.common import can, frame_guard
 from ui.annotation import Draft, trim_histories
 from ui.paint import IGNORE, MEMBRANE, NEURON, View, brush_color, png_data_url, slice_window, view_picture
+from ui.tools import BRUSH, TOOLS, click_points
 
 BACKGROUND = "_background"  # the canvas's background picture, encoded once per view and opacity
 CANVAS_RENDERED = "_canvas_rendered"  # (canvas key, run) of the canvas last on screen
@@ -65,9 +67,10 @@ def tools_panel() -> Tools:
     return Tools(tool, brush, opacity, zoom, centre)
 
 
-def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools) -> View:
+def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools, object_tool: str = BRUSH,
+                 neurons: Neurons | None = None) -> View:
     """The canvas (a picture for a viewer) over the slice and its draft, as wide as the page; its strokes go
-    into the draft and the store. Returns the view it shows."""
+    into the draft and the store, or, with an object tool, its clicks pick neurons. Returns the view."""
     dataset_id, z = edit.dataset_id, edit.z
     height, width = volume.shape[1:]
     tool, brush, opacity, zoom = tools.tool, tools.brush, tools.opacity, tools.zoom
@@ -87,10 +90,22 @@ def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools) -> 
                                                                        contrast))
 
     display_h, display_w = view.display_shape
-    st.caption(f"Painting **{ {NEURON: 'neuron', MEMBRANE: 'membrane', IGNORE: 'unlabelled'}[tool]}** with a "
-               f"{brush}-pixel brush · slice {z}: {width} × {height} pixels" + (
+    clicking = object_tool != BRUSH and neurons is not None
+    doing = (f"**{TOOLS[object_tool][0]}**: click on the canvas" if clicking else
+             f"Painting **{ {NEURON: 'neuron', MEMBRANE: 'membrane', IGNORE: 'unlabelled'}[tool]}** with a "
+             f"{brush}-pixel brush")
+    st.caption(doing + f" · slice {z}: {width} × {height} pixels" + (
         f", showing rows {view.y0}–{view.y0 + view.h - 1} and columns {view.x0}–{view.x0 + view.w - 1}"
         if zoom > 1 else "") + f" at {view.describe()} · cyan: neuron, red: membrane, no tint: unlabelled")
+    if can("annotate") and clicking:
+        key = f"{draft.canvas_key}-{object_tool}-{st.session_state.get(RESETS, 0)}"
+        result = st_canvas(stroke_width=2, stroke_color="#ffff00", fill_color="rgba(255, 255, 0, 0.6)",
+                           background_image=cache["url"], height=display_h, width=display_w, drawing_mode="point",
+                           point_display_radius=5, key=key, max_display_height=max(480, room_h - 120),
+                           update_streamlit=True)
+        st.session_state[CANVAS_RENDERED] = (key, state.script_runs())  # (the brush's canvas was not shown)
+        act(edit, draft, neurons, object_tool, click_points(result.json_data, view), tool)
+        return view
     if can("annotate"):
         result = st_canvas(stroke_width=max(1, round(brush * view.ratio)), stroke_color=brush_color(tool),
                            background_image=cache["url"], height=display_h, width=display_w, drawing_mode="freedraw",

@@ -105,7 +105,7 @@ class Draft:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     prediction_id: int | None = None  # the prediction the edit started from (source "prediction")
     revision: int = 0  # bumped whenever ``working`` changes
-    tools_used: set[str] = field(default_factory=set)  # domain.kinds.Tool values of the changes since the start
+    forgotten_tools: set[str] = field(default_factory=set)  # the tools of steps the history had to forget
     done: list[Step] = field(default_factory=list, repr=False)  # the steps that undo takes back, newest last
     undone: list[Step] = field(default_factory=list, repr=False)  # the steps that redo takes again
 
@@ -194,15 +194,15 @@ class Draft:
             self.done[-1] = parts[0]  # (its undo of one of two strokes that came in one send)
             self.undone.append(parts[1])
         else:
-            self._record(merged)
-            self.tools_used.add(Tool.BRUSH)
+            self._record(merged, tool=Tool.BRUSH)
         self.working = merged
         self.revision += 1
 
     @property
     def tools(self) -> tuple[str, ...]:
-        """What made this edit (a save records it): the tools of every change since it began."""
-        return tuple(sorted(self.tools_used))
+        """What made this edit (a save records it): the tools of its changes still done (an undone one no
+        longer counts), and of those the history forgot."""
+        return tuple(sorted({s.tool for s in self.done if s.tool} | self.forgotten_tools))
 
     def use_tool(self, new: np.ndarray, tool: Tool) -> int:
         """A tool's result (:mod:`unet.prediction.objects`: the whole mask as the tool leaves it) as one change
@@ -215,20 +215,21 @@ class Draft:
         if not changed:
             return 0
         new.setflags(write=False)
-        self._record(new, (self.kind, MaskKind.CORRECTED))
-        self.tools_used.add(Tool(tool))
+        self._record(new, (self.kind, MaskKind.CORRECTED), Tool(tool))
         self.kind = MaskKind.CORRECTED
         self._jump(new)
         return changed
 
-    def _record(self, new: np.ndarray, kinds: tuple[str, str] | None = None) -> None:
+    def _record(self, new: np.ndarray, kinds: tuple[str, str] | None = None, tool: str | None = None) -> None:
         """Keep the change from ``working`` to ``new`` as a step undo can take back (redo's list is dropped,
         as a new change after an undo drops it in any editor)."""
-        self.done.append(Step.between(self.working, new, kinds))
+        self.done.append(Step.between(self.working, new, kinds, tool))
         self.undone.clear()
         total = sum(step.nbytes for step in self.done)
         while len(self.done) > 1 and (total > UNDO_BYTES or len(self.done) > UNDO_STEPS):
-            total -= self.done.pop(0).nbytes
+            oldest = self.done.pop(0)
+            total -= oldest.nbytes
+            self.forgotten_tools |= {oldest.tool} - {None}
 
     @property
     def history_bytes(self) -> int:
@@ -270,6 +271,7 @@ class Draft:
         self.revision += 1
 
     def forget_history(self) -> None:
+        self.forgotten_tools |= {s.tool for s in self.done if s.tool}
         self.done.clear()
         self.undone.clear()
 
@@ -313,8 +315,7 @@ class Draft:
         changed = int(np.count_nonzero(accepted != self.working))
         accepted.setflags(write=False)
         if changed:
-            self._record(accepted, (self.kind, MaskKind.CORRECTED))  # undo takes the whole Accept back
-            self.tools_used.add(Tool.ACCEPT_PREDICTION)
+            self._record(accepted, (self.kind, MaskKind.CORRECTED), Tool.ACCEPT_PREDICTION)  # undone whole
         self.working = self.view_base = accepted
         self.kind = MaskKind.CORRECTED
         self.generation += 1
@@ -324,7 +325,7 @@ class Draft:
     def saved(self, mask_id: int, kind: str) -> None:
         """After a save: the saved version is the new starting point (undo starts afresh from it)."""
         self.forget_history()
-        self.tools_used.clear()
+        self.forgotten_tools.clear()
         self.original = self.working
         self.view_base = self.working
         self.source, self.source_mask_id, self.latest_id = "latest", mask_id, mask_id

@@ -27,14 +27,16 @@ class Step:
     after: np.ndarray
     size: int  # pixels in the slice
     kinds: tuple[str, str] | None = None
+    tool: str | None = None  # what made it (domain.kinds.Tool): a save records the tools of its steps
 
     @classmethod
-    def between(cls, old: np.ndarray, new: np.ndarray, kinds: tuple[str, str] | None = None) -> Step:
+    def between(cls, old: np.ndarray, new: np.ndarray, kinds: tuple[str, str] | None = None,
+                tool: str | None = None) -> Step:
         changed = (old != new).ravel()
         n = int(np.count_nonzero(changed))
         where = (np.packbits(changed) if n * 4 > changed.size // 8
                  else np.flatnonzero(changed).astype(np.int32))
-        return cls(where, old.ravel()[changed], new.ravel()[changed], changed.size, kinds)
+        return cls(where, old.ravel()[changed], new.ravel()[changed], changed.size, kinds, tool)
 
     def indices(self) -> np.ndarray:
         if self.where.dtype == np.uint8:  # packed bits
@@ -71,10 +73,11 @@ class Step:
             return None
         rest = np.ones(mine.size, bool)
         rest[at] = False
-        kept = Step(mine[rest].astype(np.int32), self.before[rest], self.after[rest], self.size, self.kinds)
-        undone = Step(changed.astype(np.int32), self.before[at], self.after[at], self.size)
+        kept = Step(mine[rest].astype(np.int32), self.before[rest], self.after[rest], self.size, self.kinds,
+                    self.tool)
+        undone = Step(changed.astype(np.int32), self.before[at], self.after[at], self.size, tool=self.tool)
         return kept, undone
 
     def reverse(self) -> Step:
         return Step(self.where, self.after, self.before, self.size,
-                    None if self.kinds is None else (self.kinds[1], self.kinds[0]))
+                    None if self.kinds is None else (self.kinds[1], self.kinds[0]), self.tool)

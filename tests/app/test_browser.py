@@ -192,9 +192,115 @@ def test_the_whole_loop_in_the_browser(tmp_path):
         probabilities = tifffile.imread(saved)
         assert probabilities.shape == (8, 256, 256) and probabilities.dtype == "float32"
 
+        expected = correct_by_objects(page, data_dir)
+
         page.get_by_role("link", name="Runs").first.click()
         page.get_by_text("Lineage:").wait_for()
         page.screenshot(path=ARTIFACTS / "runs.png", full_page=True)
     svc = Neuroseg(Settings.from_env(data_dir), supervise=False)
     assert [r.status for r in svc.runs()] == ["FINISHED"]
-    assert [m.version for m in svc.history(svc.datasets()[0].id, 0)] == [1, 2]
+    history = svc.history(svc.datasets()[0].id, 0)
+    assert [m.version for m in history] == [1, 2, 3]
+    assert history[-1].kind == "predicted→painted" and history[-1].tools == ("accept", "merge", "split")
+    expected.check(svc.mask(history[-1].id))
+
+
+class ObjectEdits:
+    """What the object tools' clicks must give, pixel for pixel: the prediction's mask with neuron ``a``
+    accepted, ``b`` and ``c`` merged, ``e`` split by its two seeds, and ``d`` as predicted (its erase undone)."""
+
+    def __init__(self, start, instances, prob, a, b, c, d, e, seeds):
+        from unet.prediction import objects
+
+        merged = objects.merge(objects.accept(start, instances, a), instances, b, c)
+        self.exact = objects.split_seeds(merged, instances, 1.0 - prob, seeds)
+        self.instances, self.start, self.d, self.e = instances, start, d, e
+
+    def check(self, saved):
+        import numpy as np
+
+        from unet.training.labels import MEMBRANE
+
+        np.testing.assert_array_equal(saved, self.exact)
+        np.testing.assert_array_equal(saved[self.instances == self.d], self.start[self.instances == self.d])
+        inside_e = self.instances == self.e
+        assert (saved[inside_e] == MEMBRANE).sum() > (self.start[inside_e] == MEMBRANE).sum(), "the split's cut"
+
+
+def correct_by_objects(page, data_dir):
+    """Predict's "Correct this slice" → Annotate on the prediction's neurons: Accept one, Merge two
+    neighbours, Erase one and Undo it, Split one by two seeds, each by clicks on the canvas; then save."""
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    from unet.prediction import objects
+    from unet.prediction.postprocess import to_mask
+
+    svc = Neuroseg(Settings.from_env(data_dir), supervise=False)  # (reads the prediction's neurons)
+    job = svc.predictions()[0]
+    instances = np.asarray(svc.prediction_output(job.id, "instances")[0])
+    prob = np.asarray(svc.prediction_output(job.id)[0])
+    labels = [k for k in np.argsort(np.bincount(instances.ravel()))[::-1] if k][:12]  # the largest first
+    depth = {k: ndi.distance_transform_edt(instances == k) for k in labels}
+    inner = {k: tuple(int(v) for v in np.unravel_index(np.argmax(depth[k]), instances.shape)) for k in labels}
+    touching = [(b, c) for b in labels for c in labels if b < c
+                and (ndi.binary_dilation(instances == b, iterations=2) & (instances == c)).sum() > 10]
+    b, c = touching[0]
+    start = to_mask(prob)
+
+    def seeds_in(k):  # two points deep inside neuron k, far apart
+        ys, xs = np.nonzero(depth[k] >= 2)
+        order = np.argsort(xs + ys)
+        return [(int(ys[order[len(order) // 8]]), int(xs[order[len(order) // 8]])),
+                (int(ys[order[-len(order) // 8]]), int(xs[order[-len(order) // 8]]))]
+
+    # a neuron whose cut crosses some neuron pixels (a cut along a membrane the mask already has changes nothing)
+    e = next(k for k in labels if k not in (b, c) and (objects.split_seeds(start, instances, 1.0 - prob, seeds_in(k))
+                                                     != start).any())
+    seeds = seeds_in(e)
+    a, d = [k for k in labels if k not in (b, c, e)][:2]
+
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name="Correct this slice").click()
+    page.get_by_text("Accept all confident neurons").wait_for()
+    page.locator("canvas.upper-canvas").scroll_into_view_if_needed()
+
+    def click(canvas, y, x):
+        canvas.wait_for()
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        ratio = box["width"] / instances.shape[1]
+        page.mouse.click(box["x"] + (x + 0.5) * ratio, box["y"] + (y + 0.5) * ratio)
+
+    def use(tool, *points):
+        shown = annotate_render(page)
+        page.get_by_text(tool, exact=True).click()
+        await_annotate_render(page, shown)  # the canvas of this tool's clicks is up, its props arrived
+        before = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).all_inner_texts()
+        value = {"Accept a neuron": "accept", "Merge two": "merge", "Erase a neuron": "erase",
+                 "Split (two seeds)": "split"}[tool]
+        canvas = page.locator(f'[class*="-{value}-"] canvas.upper-canvas')
+        unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
+        for i, point in enumerate(points):
+            shown = annotate_render(page)
+            click(canvas, *point)
+            await_annotate_render(page, shown)  # (the click's rerun: the next click lands on the canvas it drew)
+            if i + 1 < len(points):
+                page.get_by_text(f"{tool}: {len(points) - i - 1} more click(s)").wait_for()
+        expect(unsaved).not_to_have_text(before[0] if before else "-", timeout=TIMEOUT_MS)
+
+    use("Accept a neuron", inner[a])
+    use("Merge two", inner[b], inner[c])
+    unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
+    merged = unsaved.inner_text()
+    use("Erase a neuron", inner[d])
+    shown = annotate_render(page)
+    page.locator(".st-key-undo_edit button:visible").click()
+    await_annotate_render(page, shown)
+    expect(unsaved).to_have_text(merged, timeout=TIMEOUT_MS)  # the erase taken back whole
+    use("Split (two seeds)", *seeds)
+    page.screenshot(path=ARTIFACTS / "object-tools.png", full_page=True)
+    page.get_by_role("button", name="Save version").click()
+    page.get_by_text("Saved slice 0 as v3").wait_for()
+    return ObjectEdits(start, instances, prob, a, b, c, d, e, seeds)

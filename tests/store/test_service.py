@@ -302,6 +302,8 @@ def test_object_tools_edit_a_draft_like_a_stroke_and_the_save_records_them(svc, 
     assert draft.undo() and np.array_equal(draft.working, accepted), "undo takes the merge back whole"
     assert draft.redo() and np.array_equal(draft.working, merged)
     assert draft.use_tool(merged, Tool.ERASE) == 0, "a tool that changes nothing is no step"
+    assert draft.use_tool(objects.erase(merged, instances, 2), Tool.ERASE) > 0 and "erase" in draft.tools
+    assert draft.undo() and draft.tools == ("accept", "merge"), "an undone tool made nothing of the save"
     draft.apply(paint(draft.view, MEMBRANE, slice(0, 16), slice(0, 16)))
     saved = svc.save_draft(draft)
     assert saved.kind == "predicted→painted" and saved.tools == ("accept", "brush", "merge")

@@ -1,0 +1,67 @@
+"""The object tools as the Annotate page offers them (issue 29): their names, how many clicks each takes,
+where a click on the canvas lands in the slice, and one call that runs a tool on an edit's mask. The tools
+themselves are :mod:`unet.prediction.objects`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from domain.kinds import Tool
+from ui.paint import View
+from unet.prediction import objects
+from unet.training.labels import IGNORE
+
+BRUSH = "brush"
+#: tool → (what the picker says, how many clicks it takes)
+TOOLS: dict[str, tuple[str, int]] = {
+    BRUSH: ("Brush", 0), Tool.ACCEPT: ("Accept a neuron", 1), Tool.MERGE: ("Merge two", 2),
+    Tool.SPLIT: ("Split (two seeds)", 2), Tool.ERASE: ("Erase a neuron", 1), Tool.FILL: ("Fill a region", 1),
+    Tool.DONT_KNOW: ("Don't know (a region)", 1)}
+
+
+def click_points(json_data: dict[str, Any] | None, view: View) -> list[tuple[int, int]]:
+    """The canvas's point clicks as (y, x) pixels of the slice. streamlit-drawable-canvas draws a point as a
+    circle whose ``left`` sits its radius and half its stroke left of the click and whose ``top`` is the
+    click's height, in display pixels of ``view``."""
+    points = []
+    for obj in (json_data or {}).get("objects", []):
+        if str(obj.get("type", "")).lower() != "circle":  # (fabric 6 names it "Circle")
+            continue
+        x = obj.get("left", 0) + obj.get("radius", 0) + obj.get("strokeWidth", 0) / 2
+        y = obj.get("top", 0)
+        points.append((min(view.y0 + view.h - 1, view.y0 + int(y / view.ratio)),
+                       min(view.x0 + view.w - 1, view.x0 + int(x / view.ratio))))
+    return points
+
+
+def run_tool(tool: str, mask: np.ndarray, instances: np.ndarray, prob: np.ndarray, points: list[tuple[int, int]],
+             paint: int) -> np.ndarray:
+    """``mask`` as ``tool`` leaves it after its clicks ``points`` (y, x) on the neurons ``instances`` of a
+    prediction (``prob`` its neuron probabilities; Fill fills with ``paint``). ValueError says what was
+    wrong with the clicks."""
+    needed = TOOLS[tool][1]
+    if len(points) < needed:
+        raise ValueError(f"{TOOLS[tool][0]} takes {needed} click(s)")
+    points = points[:needed]
+    if tool in (Tool.FILL, Tool.DONT_KNOW):
+        return objects.fill(mask, *points[0], IGNORE if tool == Tool.DONT_KNOW else paint)
+    labels = [objects.object_at(instances, y, x) for y, x in points]
+    if 0 in labels:
+        raise ValueError("click inside a neuron of the prediction")
+    if tool == Tool.ACCEPT:
+        return objects.accept(mask, instances, labels[0])
+    if tool == Tool.ERASE:
+        return objects.erase(mask, instances, labels[0])
+    if tool == Tool.MERGE:
+        return objects.merge(mask, instances, labels[0], labels[1])
+    if tool == Tool.SPLIT:
+        return objects.split_seeds(mask, instances, 1.0 - prob, points)
+    raise ValueError(f"{tool!r} is not an object tool")
+
+
+def accept_confident(mask: np.ndarray, instances: np.ndarray, prob: np.ndarray,
+                     threshold: float) -> tuple[np.ndarray, list[int]]:
+    """Every neuron whose mean probability is at least ``threshold``, accepted (the labels accepted)."""
+    return objects.accept_confident(mask, instances, prob, threshold)
