@@ -64,9 +64,7 @@ def _accept_confident(edit: Edit, draft: Draft, neurons: Neurons, threshold: flo
 def tool_picker(edit: Edit, draft: Draft, neurons: Neurons | None) -> str:
     """The tool the canvas works with: the brush, or an object tool when the edit has a prediction's
     neurons to act on."""
-    if neurons is None:
-        st.caption("Object tools (accept, merge, split, erase a neuron) act on a prediction's neurons: start the "
-                   "edit from a finished prediction (**Start from**, or Predict's **Correct this slice**).")
+    if neurons is None:  # (the user guide says how to get them: start the edit from a finished prediction)
         return BRUSH
     left, right = st.columns([5, 2])
     picked = left.radio("Tool", list(TOOLS), key=PICKED, horizontal=True, format_func=lambda t: TOOLS[t][0],
