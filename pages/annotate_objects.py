@@ -13,7 +13,7 @@ import streamlit as st
 from domain.kinds import RunStatus, Tool
 from pages.annotate_panels import Edit
 from pages.common import flash, frame_guard
-from storage.service import Neuroseg, UserError
+from storage.service import Neuroseg
 from ui.annotation import Draft
 from ui.tools import BRUSH, TOOLS, accept_confident, run_tool
 
@@ -46,7 +46,7 @@ def neurons_of(svc: Neuroseg, draft: Draft) -> Neurons | None:
             i = job.slices.index(draft.slice_index)
             found = Neurons(job.id, np.asarray(svc.prediction_output(job.id, "instances")[i]),
                             np.asarray(svc.prediction_output(job.id)[i]))
-        except (UserError, KeyError, FileNotFoundError):
+        except (RuntimeError, LookupError, OSError, ValueError):  # (a missing or damaged output: no tools)
             return None
         cache.clear()  # (one slice's neurons at a time: a 4096² map is 64 MB)
         cache[key] = found

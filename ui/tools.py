@@ -4,6 +4,7 @@ themselves are :mod:`unet.prediction.objects`."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -26,13 +27,19 @@ def click_points(json_data: dict[str, Any] | None, view: View) -> list[tuple[int
     circle whose ``left`` sits its radius and half its stroke left of the click and whose ``top`` is the
     click's height, in display pixels of ``view``."""
     points = []
-    for obj in (json_data or {}).get("objects", []):
-        if str(obj.get("type", "")).lower() != "circle":  # (fabric 6 names it "Circle")
+    objects_sent = json_data.get("objects", []) if isinstance(json_data, dict) else []
+    for obj in objects_sent if isinstance(objects_sent, list) else []:
+        if not isinstance(obj, dict) or str(obj.get("type", "")).lower() != "circle":  # (fabric 6: "Circle")
             continue
-        x = obj.get("left", 0) + obj.get("radius", 0) + obj.get("strokeWidth", 0) / 2
-        y = obj.get("top", 0)
-        points.append((min(view.y0 + view.h - 1, view.y0 + int(y / view.ratio)),
-                       min(view.x0 + view.w - 1, view.x0 + int(x / view.ratio))))
+        try:  # (the browser sends these: a forged value is skipped, or kept inside the view shown)
+            x = float(obj.get("left", 0)) + float(obj.get("radius", 0)) + float(obj.get("strokeWidth", 0)) / 2
+            y = float(obj.get("top", 0))
+        except (TypeError, ValueError):
+            continue
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        points.append((min(max(view.y0, view.y0 + int(y // view.ratio)), view.y0 + view.h - 1),
+                       min(max(view.x0, view.x0 + int(x // view.ratio)), view.x0 + view.w - 1)))
     return points
 
 

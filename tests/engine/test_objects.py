@@ -96,3 +96,24 @@ def test_a_tool_on_a_4096_slice_touches_only_its_neuron():
     out = objects.accept(mask, instances, 5)
     changed = np.argwhere(out != mask)
     assert changed.min(axis=0).tolist() == [2000, 3000] and changed.max(axis=0).tolist() == [2039, 3049]
+
+
+def test_clicks_off_the_slice_are_refused_and_forged_canvas_values_stay_in_the_view(scene):
+    """A negative index would wrap around to the other side of the slice; the canvas's value comes from the
+    browser, so whatever it says lands inside the view shown, or is skipped."""
+    from ui.paint import View
+    from ui.tools import click_points
+
+    mask, instances = scene
+    with pytest.raises(ValueError, match="outside the slice"):
+        objects.fill(mask, -1, 3, IGNORE)
+    with pytest.raises(ValueError, match="outside the slice"):
+        objects.split_seeds(mask, instances, np.zeros((20, 20), np.float32), [(15, 3), (15, -2)])
+    view = View(4, 6, 10, 10, 2)  # rows 4–13, columns 6–15, each pixel drawn 2 × 2
+    sent = {"objects": [
+        {"type": "Circle", "left": 10, "top": 8, "radius": 5, "strokeWidth": 2},  # a click at (8, 16) on screen
+        {"type": "circle", "left": -900, "top": 1e9, "radius": 0},  # forged: far outside
+        {"type": "circle", "left": "x", "top": 1}, {"type": "circle", "left": float("nan"), "top": 1},
+        {"type": "path", "left": 1, "top": 1}, "junk"]}
+    assert click_points(sent, view) == [(8, 14), (13, 6)]
+    assert click_points({"objects": "junk"}, view) == [] and click_points(None, view) == []

@@ -49,12 +49,17 @@ def _label_box(instances: np.ndarray, label: int, pad: int) -> Box:
     return box
 
 
+def _check_point(shape: tuple[int, ...], y: int, x: int) -> None:
+    """A click must lie on the slice (a negative index would silently wrap around to the other side)."""
+    h, w = shape[:2]
+    if not (0 <= y < h and 0 <= x < w):
+        raise ValueError(f"({y}, {x}) is outside the slice ({h} × {w})")
+
+
 def object_at(instances: np.ndarray, y: int, x: int, snap: int = SNAP) -> int:
     """The neuron under a click at (``y``, ``x``); on a membrane (label 0) the nearest neuron within ``snap``
     pixels; 0 when there is none."""
-    h, w = instances.shape
-    if not (0 <= y < h and 0 <= x < w):
-        raise ValueError(f"({y}, {x}) is outside the slice ({h} × {w})")
+    _check_point(instances.shape, y, x)
     if instances[y, x]:
         return int(instances[y, x])
     near = instances[max(0, y - snap):y + snap + 1, max(0, x - snap):x + snap + 1]
@@ -142,6 +147,8 @@ def split_seeds(mask: np.ndarray, instances: np.ndarray, boundary: np.ndarray,
     between the parts becomes MEMBRANE, one pixel either side."""
     if len(seeds) < 2:
         raise ValueError("a split needs two seeds")
+    for y, x in seeds:
+        _check_point(instances.shape, y, x)
     labels = {int(instances[y, x]) for y, x in seeds}
     if len(labels) != 1 or 0 in labels:
         raise ValueError("put every seed inside the same neuron")
@@ -195,6 +202,7 @@ def fill(mask: np.ndarray, y: int, x: int, value: int) -> np.ndarray:
     (IGNORE: "don't know")."""
     if value not in (MEMBRANE, NEURON, IGNORE):
         raise ValueError(f"{value} is not a label")
+    _check_point(mask.shape, y, x)
     out = mask.copy()
     out[flood(mask, (int(y), int(x)), connectivity=1)] = value
     return out
