@@ -39,3 +39,4 @@ class LivePrediction:
     probabilities: np.ndarray  # float32 in [0, 1], the neuron probability
     region: Region | None = None  # only this region is from ``step``'s weights (None: the whole slice)
     partial: bool = False  # the rest of the slice has never been predicted (it reads 0.5: not an answer)
+    uncertainty: np.ndarray | None = None  # float32 in [0, 1]: how much the last weights changed it (or its doubt)

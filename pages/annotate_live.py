@@ -153,7 +153,8 @@ def _live_prediction(edit: Edit, draft: Draft, volume: np.ndarray, view: View, t
         if made is None or made[0] != key:  # encoded once per prediction and view, not every 2 s
             s = view.shrink
             region = (slice(view.y0, view.y0 + view.h, s), slice(view.x0, view.x0 + view.w, s))
-            picture = overlay_picture(seen.probabilities[region], how, opacity)
+            doubt = seen.uncertainty[region] if seen.uncertainty is not None else None
+            picture = overlay_picture(seen.probabilities[region], how, opacity, uncertainty=doubt)
             if not on_canvas:  # a picture of its own: the slice under it
                 grey, _ = compose(volume[(z, *region)], seen.probabilities[region], [], opacity)
                 picture = View(0, 0, *grey.shape[:2], view.scale, 1).render(under(grey, picture))

@@ -24,17 +24,27 @@ def predicted_mask(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndar
 
 #: How the live prediction can be laid over the canvas, as the page offers them.
 OVERLAYS = {"outlines": "outlines (yellow: where it puts membranes)", "membranes": "membranes (yellow fill)",
-            "probability": "probability (heatmap)"}
+            "probability": "probability (heatmap)", "uncertainty": "uncertainty (where to look)"}
 _YELLOW = (255, 230, 0)
+_MAGENTA = (255, 0, 200)
 
 
-def overlay_picture(probabilities: np.ndarray, how: str, opacity: float, threshold: float = 0.5) -> np.ndarray:
+def overlay_picture(probabilities: np.ndarray, how: str, opacity: float, threshold: float = 0.5,
+                    uncertainty: np.ndarray | None = None) -> np.ndarray:
     """The live prediction as an RGBA picture to lay over the canvas (the slice and the user's mask show
     through): "outlines" draws the edges of the predicted neurons, "membranes" fills what it calls membrane,
-    "probability" is the heatmap; ``opacity`` (the page's mask opacity) sets how much it covers."""
+    "probability" is the heatmap, "uncertainty" paints magenta where the prediction is unsure (how much the
+    last weights changed it: the more, the more opaque); ``opacity`` (the page's mask opacity) sets how much
+    it covers."""
     prob = np.asarray(probabilities, np.float32)
     rgba = np.zeros((*prob.shape, 4), np.uint8)
     alpha = round(255 * min(1.0, max(0.0, opacity)))
+    if how == "uncertainty":
+        doubt = np.clip(np.asarray(uncertainty if uncertainty is not None else 1 - np.abs(2 * prob - 1), np.float32),
+                        0, 1)
+        rgba[..., :3] = _MAGENTA
+        rgba[..., 3] = np.round(np.sqrt(doubt) * max(alpha, 160)).astype(np.uint8)  # (small doubts still show)
+        return rgba
     if how == "probability":
         rgba[..., :3] = heatmap(prob)
         rgba[..., 3] = alpha

@@ -48,6 +48,7 @@ from storage.settings import Settings
 from unet.exchange.writing import atomic_write
 from unet.network.config import TrainConfig
 from unet.prediction.infer import Interrupted
+from unet.prediction.review import disagreement, margin
 from unet.training.forest import PixelForest
 from unet.training.live import LiveTrainer
 
@@ -60,6 +61,15 @@ NEWS_EVERY_S = 0.25  # how often training and predicting look at the store for a
 # answers its middle as it would in the whole slice; the rest of the slice comes when nothing else waits
 REGION_HALO = 64
 SLOW_S = 3.0  # a step of the loop that takes longer is written to the worker's log (where the time goes)
+
+
+def _load_uint8(path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A uint8 map of ``shape`` kept in NumPy's format, or None (missing, being replaced, or not one)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return data if data.shape == shape and data.dtype == np.uint8 else None
 
 
 def slow(what: str, since: float, run_id: int) -> None:
@@ -210,6 +220,9 @@ class LiveLoop:
                 break
             finally:
                 slow(f"predicting slice {z}" + (f" (region {region})" if region else ""), began, self.run_id)
+            doubt = self._uncertainty(z, relative, prob, region)
+            atomic_write(self.store.abspath(self.store.live_uncertainty(self.run_id, z)),
+                         lambda fh, q=doubt: np.save(fh, q))
             atomic_write(self.store.abspath(relative), lambda fh, q=prob: np.save(fh, q))
             with self.sessions.begin() as s:
                 row = s.get(LiveSlice, (self.run_id, z))
@@ -225,6 +238,25 @@ class LiveLoop:
                 self.parts[z] = (now, regions[z])
             count += 1
         return count
+
+    def _uncertainty(self, z: int, relative: str, prob: np.ndarray, region: Region | None) -> np.ndarray:
+        """Slice ``z``'s uncertainty (uint8) once ``prob`` replaces its live prediction: where the weights
+        before predicted it too, how much the new weights changed it (:func:`unet.prediction.review.disagreement`);
+        elsewhere (a first prediction, a region never predicted) the new map's own doubt (its margin)."""
+        fresh = prob.astype(np.float32) / 255.0
+        doubt = margin(fresh)
+        before = _load_uint8(self.store.abspath(relative), prob.shape)
+        if before is not None and not self._partial.get(z, False):
+            y0, x0, h, w = region or (0, 0, *prob.shape)
+            box = (slice(y0, y0 + h), slice(x0, x0 + w))
+            doubt[box] = disagreement(fresh[box], before[box].astype(np.float32) / 255.0)
+            if region is not None:  # the rest keeps the uncertainty it had
+                kept = _load_uint8(self.store.abspath(self.store.live_uncertainty(self.run_id, z)), prob.shape)
+                if kept is not None:
+                    rest = np.ones(prob.shape, bool)
+                    rest[box] = False
+                    doubt[rest] = kept[rest].astype(np.float32) / 255.0
+        return np.round(doubt * 255).astype(np.uint8)
 
     def _predict_region(self, trainer: LiveTrainer, z: int, region: Region, relative: str,
                         should_stop) -> tuple[np.ndarray, Region, bool]:

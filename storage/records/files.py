@@ -89,6 +89,10 @@ class FileStore:
         """A live session's newest prediction of a slice (uint8 probabilities, NumPy's format)."""
         return f"{self.run_folder(run_id)}/live/{int(slice_index)}.npy"
 
+    def live_uncertainty(self, run_id: int, slice_index: int) -> str:
+        """Beside it: how much it changed from the prediction of the weights before (uint8, 255 = all)."""
+        return f"{self.run_folder(run_id)}/live/{int(slice_index)}-uncertainty.npy"
+
     def worker_log(self, run_id: int) -> Path:
         return self.run_dir(run_id) / "worker.log"
 

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from unet.prediction import objects
+from ui.paint import View
+from ui.tools import SPLIT_LINE, line_points, run_tool, saved_as
+from unet.prediction import objects, review
 from unet.training.labels import IGNORE, MEMBRANE, NEURON
 
 
@@ -117,3 +119,49 @@ def test_clicks_off_the_slice_are_refused_and_forged_canvas_values_stay_in_the_v
         {"type": "path", "left": 1, "top": 1}, "junk"]}
     assert click_points(sent, view) == [(8, 14), (13, 6)]
     assert click_points({"objects": "junk"}, view) == [] and click_points(None, view) == []
+
+
+def test_a_line_drawn_on_the_canvas_splits_the_neuron_it_crosses(scene):
+    """Split along a line: the free-hand path the canvas sends (display pixels of the view) becomes slice
+    pixels, and the membrane is drawn along it inside the neuron only; a forged path is cut short or skipped."""
+    mask, instances = scene
+    view = View(0, 0, 20, 20, 4)  # each slice pixel drawn 4 × 4
+    path = {"objects": [{"type": "Path", "path": [["M", 2.0, 60.0], ["Q", 20.0, 60.0, 38.0, 60.0],
+                                                   ["L", 38.0, 60.0]]}]}  # across row 15, columns 0 to 9
+    points = line_points(path, view)
+    assert points == [(15, 0), (15, 9), (15, 9)]
+    out = run_tool(SPLIT_LINE, mask, instances, np.zeros((20, 20), np.float32), points, NEURON)
+    assert saved_as(SPLIT_LINE) == "split"
+    assert (out[14:17, :10] == MEMBRANE).all() and (out[:13] == IGNORE).all() and (out[:, 11:] == IGNORE).all()
+    forged = {"objects": [{"type": "path", "path": [["M", "x", None], ["L", float("inf"), 1.0], ["L", 1e9, -5.0]]}]}
+    assert line_points(forged, view) == [(0, 19)]  # (the one readable point, kept inside the view)
+    assert line_points({"objects": "not a list"}, view) == [] and line_points(None, view) == []
+    with pytest.raises(ValueError, match="draw a line"):
+        run_tool(SPLIT_LINE, mask, instances, np.zeros((20, 20), np.float32), [(1, 1)], NEURON)
+
+
+def test_the_uncertainty_and_the_suspicious_neurons_rank_the_regions():
+    prob = np.full((64, 64), 0.99, np.float32)
+    prob[40:56, 8:24] = 0.5  # unsure in one place
+    assert review.margin(prob)[48, 16] == pytest.approx(1.0) and review.margin(prob)[0, 0] == pytest.approx(0.02)
+    assert review.disagreement(prob, np.zeros_like(prob))[0, 0] == pytest.approx(0.99)
+    with pytest.raises(ValueError, match="differ in shape"):
+        review.disagreement(prob, prob[:10])
+    # neuron 1 here is two neurons in the slice below (a merge here or a split there); 3 is a fragment
+    here = np.zeros((64, 64), np.int32)
+    here[:, :32], here[:, 32:62], here[0:4, 62:64] = 1, 2, 3
+    below = np.zeros((64, 64), np.int32)
+    below[:32, :32], below[32:, :32], below[:, 32:62] = 1, 2, 3
+    found = review.suspects(here, below)
+    assert found == {1: "splits between slices", 3: "fragment"}
+    assert review.suspects(below, here) == {1: "merges between slices", 2: "merges between slices"}
+    tiles = review.rank_regions(review.margin(prob), suspect_mask=review.suspect_mask(here, {3: "fragment"}),
+                                suspect_labels=here, tile=32)
+    assert [(t.y0, t.x0) for t in tiles][:2] == [(32, 0), (0, 32)]  # the unsure one, then the fragment's
+    assert tiles[0].uncertainty > 0.1 and tiles[1].suspects == 1 and "1 suspicious" in tiles[1].reasons
+    fresh = review.rank_regions(review.margin(prob), tile=32, uncorrected=True)
+    assert all(t.score >= review.W_UNCORRECTED for t in fresh) and "never corrected" in fresh[0].reasons
+    known = np.zeros((64, 64), bool)  # a live prediction of a zoomed region: the rest is not an answer
+    known[:32, 32:] = True
+    best = review.rank_regions(np.ones((64, 64), np.float32), tile=32, known=known)
+    assert (best[0].y0, best[0].x0, best[0].uncertainty, best[1].uncertainty) == (0, 32, 1.0, 0.0)

@@ -1,0 +1,150 @@
+"""Where a correction helps most (issue 29): a per-pixel uncertainty of a neuron probability map, the neurons
+that look wrong next to their neighbouring slices, and regions of a slice ranked by the likely gain of a
+correction there.
+
+- :func:`margin` — the map's own doubt, ``1 − |2p − 1|``: 1 at p = 0.5, 0 at 0 or 1. With test-time flips the
+  stored map is the mean of the eight, so where the flips disagree it sits near 0.5 and the margin says so.
+- :func:`disagreement` — ``|a − b|`` of two maps of the same slice: the live session keeps it between the
+  predictions of two consecutive weights (what the last minute of training changed is what it is unsure of).
+- :func:`suspects` — neurons a person should look at: tiny fragments, and neurons that split or merge between
+  this slice and a neighbour (one neuron here covers two there, or the other way round).
+- :func:`rank_regions` — the slice cut in tiles, each scored by its mean uncertainty, the share of it that
+  suspects cover, and whether anyone has corrected the slice; best first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FRAGMENT = 64  # px: a neuron smaller than this is a fragment
+SHARE = 0.25  # of a neuron's area that a neighbour's neuron must cover to count as its match
+W_UNCERTAIN, W_SUSPECT, W_UNCORRECTED = 1.0, 0.5, 0.25  # how the signals add up in a region's score
+
+
+def margin(prob: np.ndarray) -> np.ndarray:
+    """The map's own doubt per pixel (float32 in [0, 1]): 1 where p = 0.5, 0 where p is 0 or 1."""
+    p = np.asarray(prob, dtype=np.float32)
+    return (1.0 - np.abs(2.0 * p - 1.0)).astype(np.float32)
+
+
+def disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``|a − b|`` of two probability maps of one slice (float32 in [0, 1])."""
+    if a.shape != b.shape:
+        raise ValueError(f"the two maps differ in shape: {a.shape} and {b.shape}")
+    return np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+
+
+def _areas(instances: np.ndarray) -> np.ndarray:
+    return np.bincount(instances.ravel(), minlength=int(instances.max()) + 1)
+
+
+def _covered_twice(here: np.ndarray, there: np.ndarray, share: float) -> set[int]:
+    """Labels of ``here`` of which two or more neurons of ``there`` each cover at least ``share``."""
+    both = (here > 0) & (there > 0)
+    if not both.any():
+        return set()
+    pairs, counts = np.unique(np.stack([here[both], there[both]]).astype(np.int64), axis=1, return_counts=True)
+    areas_there = _areas(there)
+    # a neuron of ``there`` counts when it lies mostly inside this one (a real branch, not a grazing neighbour)
+    real = counts >= share * areas_there[pairs[1]]
+    labels, parts = np.unique(pairs[0][real], return_counts=True)
+    return {int(k) for k in labels[parts >= 2]}
+
+
+def suspects(instances: np.ndarray, below: np.ndarray | None = None, above: np.ndarray | None = None, *,
+             fragment: int = FRAGMENT, share: float = SHARE) -> dict[int, str]:
+    """The suspicious neurons of a slice (label → why): ``"fragment"`` (fewer than ``fragment`` pixels),
+    ``"splits between slices"`` (two neurons of a neighbouring slice each lie mostly inside it: a merge here,
+    or a split there) and ``"merges between slices"`` (it lies mostly inside one neuron of a neighbour that
+    also holds another neuron of this slice). ``below``/``above`` are the neighbouring slices' instances."""
+    found: dict[int, str] = {}
+    areas = _areas(instances)
+    for k in np.flatnonzero((areas > 0) & (areas < fragment)):
+        if k:
+            found[int(k)] = "fragment"
+    for other in (below, above):
+        if other is None:
+            continue
+        if other.shape != instances.shape:
+            raise ValueError(f"neighbouring slices differ in shape: {instances.shape} and {other.shape}")
+        for k in _covered_twice(instances, other, share):
+            found.setdefault(k, "splits between slices")
+        # the other way round: a neuron there that two neurons here lie mostly inside
+        merged_there = _covered_twice(other, instances, share)
+        if merged_there:
+            inside = np.isin(other, list(merged_there)) & (instances > 0)
+            for k in np.unique(instances[inside]):
+                if areas[k] and np.count_nonzero(inside & (instances == k)) >= share * areas[k]:
+                    found.setdefault(int(k), "merges between slices")
+    return found
+
+
+@dataclass(frozen=True)
+class RegionScore:
+    """A tile of a slice and why it is worth a correction."""
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+    score: float
+    uncertainty: float  # the tile's mean uncertainty
+    suspects: int  # suspicious neurons that reach into the tile
+    uncorrected: bool  # nobody has saved a mask of the slice
+
+    @property
+    def reasons(self) -> str:
+        parts = [f"uncertainty {self.uncertainty:.2f}"]
+        if self.suspects:
+            parts.append(f"{self.suspects} suspicious neuron(s)")
+        if self.uncorrected:
+            parts.append("never corrected")
+        return ", ".join(parts)
+
+
+def tile_size(shape: tuple[int, int], tiles: int = 4) -> int:
+    """A tile about 1/``tiles`` of the slice's longer side, at least 64 px (what Annotate's zoom of
+    ``tiles`` shows of the slice)."""
+    return max(64, -(-max(shape) // tiles))
+
+
+def rank_regions(uncertainty: np.ndarray, *, suspect_mask: np.ndarray | None = None,
+                 suspect_labels: np.ndarray | None = None, uncorrected: bool = False, tile: int | None = None,
+                 known: np.ndarray | None = None) -> list[RegionScore]:
+    """The tiles of a slice, best first. A tile's score is ``W_UNCERTAIN`` × its mean uncertainty +
+    ``W_SUSPECT`` × the share of it covered by suspicious neurons (``suspect_mask``; ``suspect_labels`` the
+    instance map, to count them) + ``W_UNCORRECTED`` when the slice has no saved mask. Pixels outside
+    ``known`` (a live prediction's never-predicted rest) count as uncertainty 0."""
+    if uncertainty.ndim != 2:
+        raise ValueError(f"an uncertainty map is one slice, got shape {uncertainty.shape}")
+    height, width = uncertainty.shape
+    tile = tile or tile_size((height, width))
+    u = np.asarray(uncertainty, np.float32)
+    if known is not None:
+        u = np.where(known, u, 0.0)
+    out = []
+    for y0 in range(0, height, tile):
+        for x0 in range(0, width, tile):
+            box = (slice(y0, min(height, y0 + tile)), slice(x0, min(width, x0 + tile)))
+            mean_u = float(u[box].mean())
+            share, count = 0.0, 0
+            if suspect_mask is not None:
+                share = float(suspect_mask[box].mean())
+                if suspect_labels is not None and share:
+                    count = len(np.unique(suspect_labels[box][suspect_mask[box]]))
+            score = W_UNCERTAIN * mean_u + W_SUSPECT * share + (W_UNCORRECTED if uncorrected else 0.0)
+            out.append(RegionScore(y0, x0, box[0].stop - y0, box[1].stop - x0, score, mean_u, count, uncorrected))
+    out.sort(key=lambda r: (-r.score, r.y0, r.x0))
+    return out
+
+
+def suspect_mask(instances: np.ndarray, found: dict[int, str]) -> np.ndarray:
+    """The pixels of the suspicious neurons ``found``."""
+    if not found:
+        return np.zeros(instances.shape, bool)
+    lookup = np.zeros(int(instances.max()) + 1, bool)
+    lookup[[k for k in found if k <= instances.max()]] = True
+    return lookup[instances]
+
