@@ -281,3 +281,26 @@ class LiveViewer(Base):
     slice_index: Mapped[int]
     seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     region: Mapped[str | None] = mapped_column(String(64), default=None)  # "y0,x0,h,w" on screen; None: all
+
+
+class WorkItem(Base):
+    """An item of a dataset's shared queue of where to work next (issue 29, :mod:`storage.review.worklist`): a
+    region of a slice, its score and why, who took it (Next on Annotate) and the mask version that did it."""
+
+    __tablename__ = "work_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    slice_index: Mapped[int]
+    y0: Mapped[int]
+    x0: Mapped[int]
+    h: Mapped[int]
+    w: Mapped[int]
+    score: Mapped[float] = mapped_column(Float)
+    reasons: Mapped[str] = mapped_column(String(255), default="")
+    source: Mapped[str] = mapped_column(String(64), default="")  # "prediction 12", "live 7", "" (none yet)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    taken_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    taken_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    done_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    mask_version_id: Mapped[int | None] = mapped_column(ForeignKey("mask_versions.id", ondelete="SET NULL"))

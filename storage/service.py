@@ -9,7 +9,8 @@ returns :mod:`domain.records`. Errors a user can act on come out as :class:`User
 :class:`Neuroseg` is assembled here from the service's areas, each a class in its room over the shared
 base :class:`storage.facade.Facade` (who acts, the rights checked by ``guard``, one transaction per
 call): :class:`~storage.auth.service_accounts.AccountsService`, :class:`~storage.records.service_data.DataService`,
-:class:`~storage.records.service_models.ModelsService` and :class:`~storage.jobs.service_live.LiveService`. The
+:class:`~storage.records.service_models.ModelsService`, :class:`~storage.jobs.service_live.LiveService` and
+:class:`~storage.review.service_review.ReviewService`. The
 names pages and ``web/`` use (``UserError``, ``RIGHTS``, ``Actor``, …) are imported from here: the only module
 of the store they may import."""
 
@@ -33,6 +34,7 @@ from storage.jobs.supervisor import Supervisor
 from storage.records import datasets, ingest, runs, starter
 from storage.records.service_data import DataService
 from storage.records.service_models import ModelsService
+from storage.review.service_review import ReviewService
 from storage.settings import Settings
 from storage.text import NAME_MAX, NOTES_MAX
 from unet.exchange.io import parse_slices
@@ -87,7 +89,7 @@ def settings_from_env(data_dir: str | None = None, database_url: str | None = No
     return Settings.from_env(data_dir, database_url)
 
 
-class Neuroseg(AccountsService, DataService, ModelsService, LiveService):
+class Neuroseg(AccountsService, DataService, ModelsService, LiveService, ReviewService):
     """The service: open it once per process (the app caches it). ``supervise=True`` (the server) brings
     the schema up to date and starts the supervisor thread that settles and starts the jobs."""
 

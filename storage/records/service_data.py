@@ -5,6 +5,7 @@ mask versions and drafts, the held-out slices and the default model of a dataset
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,6 +18,9 @@ from storage.facade import Facade, cleaned, guard
 from storage.records import datasets, deletion, drafts, files, heldout, ingest, masks
 from storage.records.files import IntegrityError
 from storage.records.volumes import Volume
+from storage.review import worklist
+
+log = logging.getLogger(__name__)
 
 
 class DataService(Facade):
@@ -125,6 +129,10 @@ class DataService(Facade):
         newer version saved meanwhile by someone else raises :class:`MaskConflict` and the draft is kept."""
         info = self._tx(drafts.save, self.store, draft, self._author(author), self._owner(owner))
         draft.saved(info.id, info.kind)
+        try:  # the queue's items this user took on the slice are done (the save stands either way)
+            self._tx(worklist.done, draft.dataset_id, draft.slice_index, info.id, info.author)
+        except Exception:
+            log.exception("the queue's items of slice %s were not marked done", draft.slice_index)
         return info
 
     @guard("keep draft", "annotate", record=False)

@@ -14,6 +14,7 @@ import pytest
 import tifffile
 from sqlalchemy import select as sql_select
 
+from domain.kinds import Tool
 from domain.records import UserError
 from storage.models import LiveSlice, RunMask
 from storage.records import starter
@@ -24,6 +25,7 @@ from tests.store.test_jobs import wait_for
 from tests.store.test_starter import tiny_starter
 from unet.network.config import preset
 from unet.prediction.metrics import pixel_error
+from unet.prediction.review import margin
 from unet.training.forest import PixelForest
 from unet.training.labels import IGNORE, MEMBRANE, NEURON, labels_to_target
 from unet.training.live import LiveTrainer, live_config
@@ -247,12 +249,16 @@ def live_env(tmp_path, monkeypatch):
     svc.close()
 
 
-def save(svc, dataset_id: int, z: int, target: np.ndarray, author: str = "ann"):
+def save(svc, dataset_id: int, z: int, target: np.ndarray, author: str = "ann", tool: Tool | None = None):
+    """``target`` saved as slice z's next version: painted, or made by one object tool (``tool``)."""
     draft = new_draft(svc, dataset_id, z, start_options(svc, dataset_id, z)[0])
     edit = target.astype(np.uint8)
     edit.setflags(write=False)
-    draft.working = edit
-    draft.revision += 1
+    if tool is not None:
+        draft.use_tool(edit, tool)
+    else:
+        draft.working = edit
+        draft.revision += 1
     return svc.save_draft(draft, author, owner=author)
 
 
@@ -272,6 +278,9 @@ def test_live_takes_in_a_mask_saved_after_it_started_and_stop_leaves_an_ordinary
     wait_for(lambda: live_slice(svc, session.run_id, 2), what="a first live prediction of slice 2")
     prediction = svc.live_prediction(session.run_id, 2)
     assert prediction.probabilities.shape == (64, 64) and 0 <= prediction.probabilities.min() <= 1
+    # its uncertainty: a first prediction has no weights before it to differ from, so its own doubt
+    assert prediction.uncertainty.shape == (64, 64)
+    assert np.abs(prediction.uncertainty - margin(prediction.probabilities)).max() <= 2 / 255
     wait_for(lambda: all(live_slice(svc, session.run_id, z) for z in (1, 3)), what="the slices beside it")
     assert prediction.region is None  # the whole slice
 
@@ -281,7 +290,8 @@ def test_live_takes_in_a_mask_saved_after_it_started_and_stop_leaves_an_ordinary
                     and p.region == (16, 8, 24, 32) and p, what="a live prediction of the zoomed region")
     assert part.probabilities.shape == (64, 64) and part.step >= prediction.step
 
-    later = save(svc, ds, 4, targets[4])  # saved while the session runs
+    later = save(svc, ds, 4, targets[4], tool=Tool.ACCEPT)  # made by an object tool, saved while it runs
+    assert svc.history(ds, 4)[-1].tools == ("accept",)
     seen = wait_for(lambda: (v := live_slice(svc, session.run_id, 2)) and v[1] >= later.id and v,
                     what="a live prediction from weights that learned the new mask")
     assert seen[1] == later.id
@@ -290,8 +300,18 @@ def test_live_takes_in_a_mask_saved_after_it_started_and_stop_leaves_an_ordinary
              and p.region is None, what="the whole zoomed slice predicted again after the save")
     with svc.sessions.begin() as s:
         learned = set(s.scalars(sql_select(RunMask.mask_version_id).where(RunMask.run_id == session.run_id)))
-    assert learned == {first.id, later.id}
+    assert learned == {first.id, later.id}  # the tool's save is learned as the strokes' is
     assert svc.live(ds).learned == 2
+    # the shared queue ranks the slices the session predicted by their uncertainty; the others, unsaved, by
+    # having no prediction yet; the saved slices without a live prediction are not in it
+    with svc.sessions.begin() as s:
+        predicted = set(s.scalars(sql_select(LiveSlice.slice_index).where(LiveSlice.run_id == session.run_id)))
+    work = svc.rank_work(ds)
+    assert 2 in predicted and [i.score for i in work.open] == sorted((i.score for i in work.open), reverse=True)
+    for z in range(5):
+        sources = {i.source for i in work.open if i.slice_index == z}
+        expected = {f"live {session.run_id}"} if z in predicted else set() if z in (0, 4) else {""}
+        assert sources == expected, (z, sources)
 
     pid = svc.run(session.run_id).pid
     svc.live_stop(session.run_id)
