@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.annotator import paint, wrong_regions
 from bench.common import labelled_stack, table, write_json
-from bench.loop import forest_loop, paint, score, wrong_regions
+from bench.loop import forest_loop, score
 
 KEYS = ("pixel_error", "rand_f", "vi")
 

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -41,54 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.annotator import Brush, Tools, noc, paint, wrong_regions
 from bench.common import ROOT, labelled_stack, table, write_json
+from bench.page import annotate_page
 
 POLL_S = 0.1
-
-
-def wrong_regions(prob: np.ndarray, target: np.ndarray, painted: np.ndarray, k: int,
-                  radius: int = 8) -> list[tuple[int, int]]:
-    """Where the annotator paints: the middles (the pixels deepest inside) of the largest regions predicted
-    wrong and not painted yet, K in all. A region much larger than a disk (a membrane network predicted as
-    neuron is one connected region) gets several disks, at least two radii apart, before the next one."""
-    from scipy import ndimage
-
-    from unet.training.labels import IGNORE, NEURON
-
-    wrong = ((prob > 0.5) != (target == NEURON)) & (target != IGNORE) & ~painted
-    regions, n = ndimage.label(wrong)
-    if n == 0:
-        return []
-    sizes = np.bincount(regions.ravel())[1:]
-    depth = ndimage.distance_transform_edt(wrong)
-    free = np.ones(wrong.shape, bool)
-    h, w = wrong.shape
-    centres: list[tuple[int, int]] = []
-    for label in np.argsort(sizes)[::-1] + 1:
-        inside = regions == label
-        while len(centres) < k:
-            candidates = np.where(inside & free, depth, 0)
-            flat = int(np.argmax(candidates))
-            if candidates.flat[flat] == 0:
-                break
-            cy, cx = divmod(flat, w)
-            centres.append((cy, cx))
-            r = 2 * radius
-            free[max(0, cy - r):min(h, cy + r + 1), max(0, cx - r):min(w, cx + r + 1)] = False
-            if sizes[label - 1] < 4 * np.pi * radius ** 2:  # a small region: one disk covers it
-                break
-        if len(centres) >= k:
-            break
-    return centres
-
-
-def paint(painted: np.ndarray, centres: list[tuple[int, int]], radius: int) -> None:
-    h, w = painted.shape
-    yy, xx = np.ogrid[-radius:radius + 1, -radius:radius + 1]
-    disk = yy ** 2 + xx ** 2 <= radius ** 2
-    for cy, cx in centres:
-        y0, y1, x0, x1 = max(0, cy - radius), min(h, cy + radius + 1), max(0, cx - radius), min(w, cx + radius + 1)
-        painted[y0:y1, x0:x1] |= disk[y0 - cy + radius:y1 - cy + radius, x0 - cx + radius:x1 - cx + radius]
 
 
 def score(probs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, float]:
@@ -186,6 +142,14 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
             page = stack.enter_context(annotate_page(work / "data", args.zoom))
         svc, ds, run_id = open_live(args.start, volume_path, work, supervise=page is None)
         painted = {z: np.zeros(targets.shape[1:], bool) for z in order}
+        masks = {z: np.full(targets.shape[1:], IGNORE, np.uint8) for z in order}
+        actions, used = 0, {}
+
+        def make(z: int, r: int):
+            if args.annotator == "brush":
+                return Brush(targets[z], args.radius)
+            return Tools(targets[z], args.where, seed=args.seed * 1000 + r, radius=args.radius)
+
         rows, latencies = [], []
         began = time.monotonic()
 
@@ -209,12 +173,29 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
                 page(ds, z)  # the page follows the annotator to the slice, with Live on
             svc.live_see(run_id, "annotator", z, region)
             seen = wait_until(f"a live prediction of slice {z}", fresh(z, t_look))
-            centres = wrong_regions(seen.probabilities, targets[z], painted[z] | outside, args.k, args.radius)
-            paint(painted[z], centres, args.radius)
+            before = masks[z]
+            if args.annotator == "brush":  # K disks where the prediction is most wrong: K actions
+                centres = wrong_regions(seen.probabilities, targets[z], painted[z] | outside, args.k, args.radius)
+                paint(painted[z], centres, args.radius)
+                masks[z] = np.where(painted[z], targets[z], IGNORE).astype(np.uint8)
+                actions += len(centres)
+            else:  # K object tools, each the one that fixes the largest error where the annotator works
+                annotator = make(z, r)
+                annotator.begin(seen.probabilities, seen.uncertainty)
+                for _ in range(args.k):
+                    after = annotator.act(masks[z])
+                    if after is None:
+                        break
+                    masks[z], actions = after, actions + 1
+                    used[annotator.last_tool] = used.get(annotator.last_tool, 0) + 1
             if args.paint_seconds > 0:
                 time.sleep(args.paint_seconds)  # the strokes take a person this long; the session trains on
-            saved = save_mask(svc, ds, z, np.where(painted[z], targets[z], IGNORE))
+            saved = save_mask(svc, ds, z, masks[z])
             t_save = time.monotonic()
+            clicks = None
+            if args.noc_cap:  # (while the session trains on the save)
+                clicks = noc(lambda z=z, r=r: make(z, r), seen.probabilities, seen.uncertainty, targets[z], before,
+                             args.noc_goal, args.noc_cap)
             wait_until("the live overlay to include the save", lambda z=z, mask=saved.id: (
                 p := svc.live_prediction(run_id, z)) is not None and p.masks_seen >= mask)
             latencies.append(time.monotonic() - t_save)
@@ -230,10 +211,12 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
                 svc.live_leave(run_id, f"scorer-{h}")
             metrics = score(probs, [targets[h] for h in held])
             step = svc.snapshot(run_id).progress.step
-            rows.append({"round": r + 1, "slice": z, "painted": int(sum(p.sum() for p in painted.values())),
+            rows.append({"round": r + 1, "slice": z, "actions": actions, "tools": dict(used), "noc": clicks,
+                         "painted": int(sum(np.count_nonzero(m != IGNORE) for m in masks.values())),
                          "seconds": time.monotonic() - began, "save_to_overlay_s": latencies[-1], "step": step,
                          **metrics})
-            print(f"unet  round {r + 1:2d}: {metrics} · overlay {latencies[-1]:.1f} s after the save", flush=True)
+            print(f"unet  round {r + 1:2d} ({actions} actions, NoC {clicks}): {metrics} · overlay "
+                  f"{latencies[-1]:.1f} s after the save", flush=True)
         svc.live_stop(run_id)
         wait_until("the session to end", lambda: not svc.run(run_id).active, timeout=120)
         return {"rounds": rows, "save_to_overlay_s": {"median": statistics.median(latencies), "max": max(latencies),
@@ -249,41 +232,6 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
             svc.close()
         stack.close()
         shutil.rmtree(work, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def annotate_page(data: Path, zoom: int = 1):
-    """The app served on the store in ``data`` (``streamlit run web/asgi.py``, as ``./run.sh`` does) and one
-    Chromium page signed in as an annotator; yields ``follow(dataset, z)``, which opens Annotate on slice z
-    (``?slice=``) with Live on, as a user does who moves to the slice they correct, zoomed in ``zoom`` times
-    on the slice's middle (Annotate keeps its zoom from one visit to the next)."""
-    sys.path.insert(0, str(ROOT))
-    from tests.browser import app_server, chromium, signed_in
-
-    with app_server(data) as url, chromium() as browser:
-        page = signed_in(browser.new_page(viewport={"width": 1400, "height": 1000}), url, "ann")
-        page.set_default_timeout(60_000)
-
-        def follow(dataset: int, z: int) -> None:
-            page.goto(f"{url}/annotate?dataset={dataset}&slice={z}")
-            try:
-                page.locator("canvas.upper-canvas").first.wait_for()
-            except Exception:
-                raise RuntimeError(f"Annotate did not show its canvas: {page.inner_text('body')[:1500]}") from None
-            caption = re.compile(rf"live prediction of slice {z}\b", re.IGNORECASE)
-            on = page.locator(".st-key-live_panel").get_by_text(caption)
-            try:  # (Live stays on for this user once they turned it on: a new tab finds it on)
-                on.first.wait_for(timeout=5000)
-            except Exception:
-                page.get_by_text("Live", exact=True).click()  # the toggle
-                on.first.wait_for()
-            if zoom > 1 and not page.get_by_text("showing rows").count():
-                page.get_by_role("slider", name="Zoom").focus()
-                for _ in range(zoom.bit_length() - 1):  # 1 → 2 → 4 → 8
-                    page.keyboard.press("ArrowRight")
-                page.get_by_text("showing rows").first.wait_for()
-
-        yield follow
 
 
 # --- the random forest ------------------------------------------------------------------------------
@@ -341,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                     "slice's prediction to saving the strokes (a person painting K disks takes several seconds)")
     ap.add_argument("--page", action="store_true", help="keep one Annotate page open in Chromium (the app served "
                     "as ./run.sh serves it), following the annotator's slice with Live on")
+    ap.add_argument("--annotator", default="brush", choices=("brush", "tools"), help="disks of true labels "
+                    "(brush), or Annotate's object tools (tools); --k is the actions per round either way")
+    ap.add_argument("--where", default="queue", choices=("queue", "random"), help="the tools' annotator works "
+                    "where the queue says (the live prediction's uncertainty and fragments) or at random")
+    ap.add_argument("--noc-goal", type=float, default=0.95, help="NoC: actions until the slice's own Rand-F "
+                    "(its prediction with the edit laid over it) reaches this")
+    ap.add_argument("--noc-cap", type=int, default=30, help="the most actions NoC counts (0: no NoC)")
     ap.add_argument("--zoom", type=int, default=1, choices=(1, 2, 4, 8), help="look at and paint only the "
                     "middle 1/N of each slice, as Annotate's zoom shows it (the live session predicts it first)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "loop.json"))
@@ -355,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     if set(order) & set(held):
         print("--annotate and --held-out overlap", file=sys.stderr)
         return 2
+    if args.annotator == "tools" and args.zoom > 1:
+        print("--annotator tools works on whole slices (--zoom 1)", file=sys.stderr)
+        return 2
     result = {"volume": str(volume_path), "shape": list(volume.shape), "start": args.start, "k": args.k,
+              "annotator": args.annotator, "where": args.where if args.annotator == "tools" else None,
+              "noc_goal": args.noc_goal, "noc_cap": args.noc_cap,
               "page": args.page, "paint_seconds": args.paint_seconds, "zoom": args.zoom,
               "radius": args.radius, "seconds_per_round": args.seconds, "held_out": held,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
@@ -365,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = [("round", "round", "d"), ("painted", "painted px", "d"), ("seconds", "s", ".0f"),
                ("pixel_error", "pixel error", ".4f"), ("rand_f", "Rand-F", ".4f"), ("vi", "VI", ".3f")]
     print("\nU-Net, live session from", args.start)
-    print(table(result["unet"]["rounds"], [*columns, ("step", "steps", "d"),
+    print(table(result["unet"]["rounds"], [columns[0], ("actions", "actions", "d"), *columns[1:],
+                                           ("noc", f"NoC@{args.noc_goal:g}", ""), ("step", "steps", "d"),
                                            ("save_to_overlay_s", "save→overlay s", ".1f")]))
     if "forest" in result:
         print("\nrandom forest, retrained each round")

@@ -1,0 +1,248 @@
+"""Simulated annotators for :mod:`bench.loop`, counted in user actions (issue 29).
+
+- :class:`Brush` paints a disk of true labels at the middle of the largest region predicted wrong: one disk is
+  one action (the annotator ``bench.loop`` always had).
+- :class:`Tools` uses Annotate's object tools (:mod:`ui.tools`, :mod:`unet.prediction.objects`): each action
+  compares the predicted neurons with the true ones where it works and applies the one tool that fixes the
+  largest error there: accept a correct neuron, merge the two largest pieces of a split neuron, split a
+  merged one along the true border (the membrane a person would draw across it), or erase a false neuron.
+  "Largest" weighs each pixel the action labels right by 10 where the prediction was wrong and 1 where it
+  was right (and takes off what it labels wrong): fixing an error comes before confirming what is right.
+  Where it works is a tile of the slice: the queue's best tile first (:func:`unet.prediction.review.rank_regions`
+  on the live prediction's uncertainty and its fragments), or tiles in random order; a tile with nothing
+  left to fix gives way to the next.
+
+:func:`noc` counts the actions until a slice's own Rand-F reaches a target (NoC@0.95, as interactive
+segmentation reports NoC@90): the slice's segmentation is the prediction seen, with the edited mask laid
+over it (its neurons 1, its membranes 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from unet.prediction import objects
+from unet.prediction.metrics import rand_f
+from unet.prediction.postprocess import segment
+from unet.prediction.review import rank_regions, suspect_mask, suspects, tile_size
+from unet.training.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
+
+MIN_PART = 20  # px: an overlap smaller than this is not a part of a merge or a split
+ERROR_WEIGHT = 10.0
+BORDER = 6  # px: the true membrane between two neurons is within this of both
+
+
+def wrong_regions(prob: np.ndarray, target: np.ndarray, painted: np.ndarray, k: int,
+                  radius: int = 8) -> list[tuple[int, int]]:
+    """Where the annotator paints: the middles (the pixels deepest inside) of the largest regions predicted
+    wrong and not painted yet, K in all. A region much larger than a disk (a membrane network predicted as
+    neuron is one connected region) gets several disks, at least two radii apart, before the next one."""
+    wrong = ((prob > 0.5) != (target == NEURON)) & (target != IGNORE) & ~painted
+    regions, n = ndi.label(wrong)
+    if n == 0:
+        return []
+    sizes = np.bincount(regions.ravel())[1:]
+    depth = ndi.distance_transform_edt(wrong)
+    free = np.ones(wrong.shape, bool)
+    h, w = wrong.shape
+    centres: list[tuple[int, int]] = []
+    for label in np.argsort(sizes)[::-1] + 1:
+        inside = regions == label
+        while len(centres) < k:
+            candidates = np.where(inside & free, depth, 0)
+            flat = int(np.argmax(candidates))
+            if candidates.flat[flat] == 0:
+                break
+            cy, cx = divmod(flat, w)
+            centres.append((cy, cx))
+            r = 2 * radius
+            free[max(0, cy - r):min(h, cy + r + 1), max(0, cx - r):min(w, cx + r + 1)] = False
+            if sizes[label - 1] < 4 * np.pi * radius ** 2:  # a small region: one disk covers it
+                break
+        if len(centres) >= k:
+            break
+    return centres
+
+
+def paint(painted: np.ndarray, centres: list[tuple[int, int]], radius: int) -> None:
+    h, w = painted.shape
+    yy, xx = np.ogrid[-radius:radius + 1, -radius:radius + 1]
+    disk = yy ** 2 + xx ** 2 <= radius ** 2
+    for cy, cx in centres:
+        y0, y1, x0, x1 = max(0, cy - radius), min(h, cy + radius + 1), max(0, cx - radius), min(w, cx + radius + 1)
+        painted[y0:y1, x0:x1] |= disk[y0 - cy + radius:y1 - cy + radius, x0 - cx + radius:x1 - cx + radius]
+
+
+def corrected(prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The prediction seen with the edit laid over it: the mask's neurons 1, its membranes 0."""
+    return np.where(mask == NEURON, 1.0, np.where(mask == MEMBRANE, 0.0, prob)).astype(np.float32)
+
+
+class Brush:
+    """A disk of true labels (radius ``radius``) at the middle of the largest region still predicted wrong."""
+
+    name = "brush"
+
+    def __init__(self, target: np.ndarray, radius: int = 8):
+        self.target, self.radius = target, radius
+        self.painted = np.zeros(target.shape, bool)
+
+    def begin(self, prob: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
+        self.prob = prob
+
+    def act(self, mask: np.ndarray) -> np.ndarray | None:
+        centres = wrong_regions(corrected(self.prob, mask), self.target, self.painted, 1, self.radius)
+        if not centres:
+            return None
+        paint(self.painted, centres, self.radius)
+        return np.where(self.painted, self.target, mask).astype(np.uint8)
+
+
+class Tools:
+    """The object tools, working where the queue says (``where="queue"``) or at random (``"random"``)."""
+
+    name = "tools"
+
+    def __init__(self, target: np.ndarray, where: str = "queue", seed: int = 0, tile: int | None = None,
+                 radius: int = 8):
+        if where not in ("queue", "random"):
+            raise ValueError(f"where is queue or random, not {where!r}")
+        self.target, self.where, self.radius = target, where, radius
+        self.gt = target_to_instances(target)
+        self.gt_areas = np.bincount(self.gt.ravel())
+        self.gt_boxes = ndi.find_objects(self.gt)
+        self.valid = target != IGNORE
+        self.rng = np.random.default_rng(seed)
+        self.tile = tile or tile_size(target.shape)
+
+    def begin(self, prob: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
+        """A new look at the slice: the prediction shown, its neurons, and the order of the tiles."""
+        self.prob = prob
+        self.instances = segment(prob)
+        self.areas = np.bincount(self.instances.ravel())
+        self.boxes = ndi.find_objects(self.instances)
+        self.boundary = 1.0 - prob
+        wrong = (prob > 0.5) != (self.target == NEURON)
+        self.weight = np.where(wrong, ERROR_WEIGHT, 1.0).astype(np.float32)
+        if self.where == "queue":
+            u = uncertainty if uncertainty is not None else 1.0 - np.abs(2.0 * prob - 1.0)
+            found = suspects(self.instances)
+            tiles = rank_regions(u, suspect_mask=suspect_mask(self.instances, found),
+                                 suspect_labels=self.instances, tile=self.tile)
+            self.tiles = [(t.y0, t.x0, t.h, t.w) for t in tiles]
+        else:
+            h, w = prob.shape
+            self.tiles = [(y, x, min(self.tile, h - y), min(self.tile, w - x))
+                          for y in range(0, h, self.tile) for x in range(0, w, self.tile)]
+            self.rng.shuffle(self.tiles)
+
+    def gain(self, before: np.ndarray, after: np.ndarray) -> float:
+        changed = after != before
+        if not changed.any():
+            return 0.0
+        right_after = (after[changed] == self.target[changed]) & self.valid[changed]
+        right_before = (before[changed] == self.target[changed]) & self.valid[changed]
+        wrong_after = (after[changed] != IGNORE) & ~right_after & self.valid[changed]
+        w = self.weight[changed]
+        return float((w * right_after).sum() - (w * right_before).sum() - (w * wrong_after).sum())
+
+    def candidates(self, mask: np.ndarray, box: tuple[int, int, int, int]):
+        """(tool, the mask after it) for each action a person would consider for the neurons in ``box``."""
+        y0, x0, h, w = box
+        inst, gt, target = self.instances, self.gt, self.target
+        here = (slice(y0, y0 + h), slice(x0, x0 + w))
+        labels = [int(k) for k in np.unique(inst[here]) if k]
+        for k in labels:
+            obj_box = self.boxes[k - 1]
+            if obj_box is None:
+                continue
+            inside = inst[obj_box] == k
+            area = int(inside.sum())
+            membrane = int((inside & (target[obj_box] == MEMBRANE)).sum())
+            parts, counts = np.unique(gt[obj_box][inside], return_counts=True)
+            real = [(int(g), int(c)) for g, c in zip(parts, counts, strict=True)
+                    if g and c >= MIN_PART and c >= 0.05 * area]
+            if membrane >= 0.5 * area:
+                yield "erase", objects.erase(mask, inst, k)
+            elif len(real) >= 2:  # a merge: the true border of its two largest neurons, drawn as membrane
+                (a, _), (b, _) = sorted(real, key=lambda gc: -gc[1])[:2]
+                yield "split", self.border(mask, obj_box, inside, a, b)
+            elif len(real) == 1:
+                g, overlap = real[0]
+                if overlap >= 0.8 * area and overlap >= 0.6 * self.gt_areas[g]:
+                    yield "accept", objects.accept(mask, inst, k)
+        for g in (int(v) for v in np.unique(gt[here]) if v):  # splits: one true neuron, several pieces
+            g_box = self.gt_boxes[g - 1]
+            pieces, counts = np.unique(inst[g_box][gt[g_box] == g], return_counts=True)
+            real = sorted(((int(c), int(p)) for p, c in zip(pieces, counts, strict=True)
+                           if p and c >= MIN_PART and c >= 0.5 * self.areas[p]), reverse=True)
+            if len(real) >= 2:
+                try:
+                    yield "merge", objects.merge(mask, inst, real[0][1], real[1][1])
+                except ValueError:  # (the two largest pieces do not touch)
+                    continue
+
+    def border(self, mask: np.ndarray, box, inside: np.ndarray, a: int, b: int) -> np.ndarray:
+        """The line a person draws across a merged neuron: the true membrane between true neurons ``a`` and
+        ``b`` (within :data:`BORDER` px of both), inside the merged neuron (grown by a pixel)."""
+        gt = self.gt[box]
+        near = ndi.binary_dilation(gt == a, iterations=BORDER) & ndi.binary_dilation(gt == b, iterations=BORDER)
+        band = near & ndi.binary_dilation(inside, iterations=1) & (self.target[box] == MEMBRANE)
+        out = mask.copy()
+        out[box][band] = MEMBRANE
+        return out
+
+    def disk(self, mask: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray | None:
+        """The brush, which the picker offers too: a disk of true labels at the middle of the largest region
+        of ``box`` still wrong once the edit is laid over the prediction (what is left when no neuron is
+        there to click: a prediction from random weights has none)."""
+        y0, x0, h, w = box
+        elsewhere = np.ones(mask.shape, bool)
+        elsewhere[y0:y0 + h, x0:x0 + w] = False
+        centres = wrong_regions(corrected(self.prob, mask), self.target, elsewhere | (mask != IGNORE), 1,
+                                self.radius)
+        if not centres:
+            return None
+        disk = np.zeros(mask.shape, bool)
+        paint(disk, centres, self.radius)
+        return np.where(disk, self.target, mask).astype(np.uint8)
+
+    def act(self, mask: np.ndarray) -> np.ndarray | None:
+        """One action: the best tool in the first tile that still has something to fix (None: nothing left)."""
+        while self.tiles:
+            best, best_gain = None, 0.0
+            disk = self.disk(mask, self.tiles[0])
+            brush = [("brush", disk)] if disk is not None else []
+            for tool, after in [*self.candidates(mask, self.tiles[0]), *brush]:
+                g = self.gain(mask, after)
+                if g > best_gain:
+                    best, best_gain, self.last_tool = after, g, tool
+            if best is not None:
+                return best
+            self.tiles.pop(0)
+        return None
+
+
+def slice_rand_f(prob: np.ndarray, mask: np.ndarray, gt: np.ndarray) -> float:
+    return rand_f(segment(corrected(prob, mask)), gt)
+
+
+def noc(make, prob: np.ndarray, uncertainty: np.ndarray | None, target: np.ndarray, mask: np.ndarray,
+        goal: float = 0.95, cap: int = 30) -> int | None:
+    """Actions until the slice's own Rand-F reaches ``goal`` (0 when it already does), by a fresh annotator
+    ``make()`` on a copy of ``mask``; None when ``cap`` actions (or running out of things to fix) do not."""
+    gt = target_to_instances(target)
+    annotator = make()
+    annotator.begin(prob, uncertainty)
+    mask = mask.copy()
+    for n in range(cap + 1):
+        if slice_rand_f(prob, mask, gt) >= goal:
+            return n
+        if n == cap:
+            break
+        after = annotator.act(mask)
+        if after is None:
+            break
+        mask = after
+    return None
