@@ -22,6 +22,7 @@ from pages.annotate_panels import (
     slice_picker,
     start_from_panel,
 )
+from pages.annotate_review import next_button, queue_panel
 from pages.canvas_aids import window_room
 from pages.common import can, dataset_picker, leave_guard, start_page, volume_or_stop
 from ui.annotation import start_options
@@ -39,6 +40,8 @@ info = svc.dataset(dataset_id)
 volume = volume_or_stop(svc, dataset_id)
 
 z, kinds = slice_picker(svc, dataset_id, info.shape[0], state.drafts())
+if can("annotate"):
+    next_button(svc, dataset_id, info.shape[1:])  # where to work next: the dataset's shared queue
 edit = Edit.of(svc, dataset_id, z)
 history = svc.history(dataset_id, z)  # (callbacks run before the page: this is current for the whole run)
 options = start_options(history, svc.predictions(dataset_id=dataset_id), z)
@@ -53,6 +56,7 @@ save_bar(edit, draft, in_conflict)
 live_panel(edit, draft, volume, view, tools)  # training that follows the annotator
 other_drafts(edit)
 history_panel(edit, draft, history)
+queue_panel(svc, dataset_id)
 
 leave_guard(armed=True)  # after the strokes of this run are kept: see pages.common.leave_guard
 window_room()  # last: this run has read its URL (?slice=) before a report of the room reruns it

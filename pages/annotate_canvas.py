@@ -17,7 +17,7 @@ from pages.canvas_aids import room
 from pages.common import can, frame_guard
 from ui.annotation import Draft, trim_histories
 from ui.paint import IGNORE, MEMBRANE, NEURON, View, brush_color, png_data_url, slice_window, view_picture
-from ui.tools import BRUSH, TOOLS, click_points
+from ui.tools import BRUSH, SPLIT_LINE, TOOLS, click_points, line_points
 
 BACKGROUND = "_background"  # the canvas's background picture, encoded once per view and opacity
 CANVAS_RENDERED = "_canvas_rendered"  # (canvas key, run) of the canvas last on screen
@@ -91,7 +91,8 @@ def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools, obj
 
     display_h, display_w = view.display_shape
     clicking = object_tool != BRUSH and neurons is not None
-    doing = (f"**{TOOLS[object_tool][0]}**: click on the canvas" if clicking else
+    doing = (f"**{TOOLS[object_tool][0]}**: " + ("draw on the canvas" if object_tool == SPLIT_LINE else
+                                                 "click on the canvas") if clicking else
              f"Painting **{ {NEURON: 'neuron', MEMBRANE: 'membrane', IGNORE: 'unlabelled'}[tool]}** with a "
              f"{brush}-pixel brush")
     st.caption(doing + f" · slice {z}: {width} × {height} pixels" + (
@@ -99,12 +100,14 @@ def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools, obj
         if zoom > 1 else "") + f" at {view.describe()} · cyan: neuron, red: membrane, no tint: unlabelled")
     if can("annotate") and clicking:
         key = f"{draft.canvas_key}-{object_tool}-{st.session_state.get(RESETS, 0)}"
+        line = object_tool == SPLIT_LINE  # (a line drawn free-hand; the other tools take clicks)
         result = st_canvas(stroke_width=2, stroke_color="#ffff00", fill_color="rgba(255, 255, 0, 0.6)",
-                           background_image=cache["url"], height=display_h, width=display_w, drawing_mode="point",
-                           point_display_radius=5, key=key, max_display_height=max(480, room_h - 120),
-                           update_streamlit=True)
+                           background_image=cache["url"], height=display_h, width=display_w,
+                           drawing_mode="freedraw" if line else "point", point_display_radius=5, key=key,
+                           max_display_height=max(480, room_h - 120), update_streamlit=True)
         st.session_state[CANVAS_RENDERED] = (key, state.script_runs())  # (the brush's canvas was not shown)
-        act(edit, draft, neurons, object_tool, click_points(result.json_data, view), tool)
+        points = line_points(result.json_data, view) if line else click_points(result.json_data, view)
+        act(edit, draft, neurons, object_tool, points, tool)
         return view
     if can("annotate"):
         result = st_canvas(stroke_width=max(1, round(brush * view.ratio)), stroke_color=brush_color(tool),

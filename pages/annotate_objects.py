@@ -5,7 +5,7 @@ back whole; the save records the tool). The tools themselves are :mod:`unet.pred
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 
 import numpy as np
 import streamlit as st
@@ -15,42 +15,62 @@ from pages.annotate_panels import Edit
 from pages.common import flash, frame_guard
 from storage.service import Neuroseg
 from ui.annotation import Draft
-from ui.tools import BRUSH, TOOLS, accept_confident, run_tool
+from ui.tools import BRUSH, SHORTCUTS, SPLIT_LINE, TOOLS, accept_confident, neurons_from, run_tool, saved_as
 
 PICKED = "annotate_object_tool"
 NEURONS = "_annotate_neurons"  # the neurons of the prediction shown, read once per prediction and slice
 RESETS = "_annotate_clicks_reset"  # bumped to give the canvas a fresh key (its clicks forgotten)
 
 
-@dataclass(frozen=True)
 class Neurons:
-    """The neurons of the prediction an edit started from (its instance map) and its probabilities."""
+    """The neurons the object tools act on: those of the finished prediction an edit started from, or of the
+    live prediction shown (made from its probabilities when a tool first needs them, once per prediction)."""
 
-    prediction_id: int
-    instances: np.ndarray
-    prob: np.ndarray
+    def __init__(self, source: str, prob: np.ndarray, instances: np.ndarray | None = None):
+        self.source, self.prob, self._instances = source, prob, instances
+
+    @property
+    def instances(self) -> np.ndarray:
+        if self._instances is None:
+            self._instances = neurons_from(self.prob)
+        return self._instances
 
 
-def neurons_of(svc: Neuroseg, draft: Draft) -> Neurons | None:
-    """The neurons of the finished prediction the edit started from ("Correct this slice", or "Start from"
-    a prediction), or None when it started from something else or the prediction made no neurons."""
-    if draft.prediction_id is None:
-        return None
+def _cached(key: tuple, make) -> Neurons | None:
     cache = st.session_state.setdefault(NEURONS, {})
-    key = (draft.prediction_id, draft.slice_index)
     if key not in cache:
-        try:
-            job = svc.prediction(draft.prediction_id)
-            if job.status != RunStatus.FINISHED or draft.slice_index not in job.slices:
-                return None
-            i = job.slices.index(draft.slice_index)
-            found = Neurons(job.id, np.asarray(svc.prediction_output(job.id, "instances")[i]),
-                            np.asarray(svc.prediction_output(job.id)[i]))
-        except (RuntimeError, LookupError, OSError, ValueError):  # (a missing or damaged output: no tools)
+        found = make()
+        if found is None:
             return None
         cache.clear()  # (one slice's neurons at a time: a 4096² map is 64 MB)
         cache[key] = found
     return cache[key]
+
+
+def neurons_of(svc: Neuroseg, draft: Draft) -> Neurons | None:
+    """The neurons of the finished prediction the edit started from ("Correct this slice", "Start from" a
+    prediction, Next to fix), else of the live prediction of this slice while Live is on; None when there
+    is neither (or the prediction made no neurons)."""
+    if draft.prediction_id is not None:
+        def finished() -> Neurons | None:
+            try:
+                job = svc.prediction(draft.prediction_id)
+                if job.status != RunStatus.FINISHED or draft.slice_index not in job.slices:
+                    return None
+                i = job.slices.index(draft.slice_index)
+                return Neurons(f"prediction {job.id}", np.asarray(svc.prediction_output(job.id)[i]),
+                               np.asarray(svc.prediction_output(job.id, "instances")[i]))
+            except (RuntimeError, LookupError, OSError, ValueError):  # (a missing or damaged output: no tools)
+                return None
+        return _cached(("prediction", draft.prediction_id, draft.slice_index), finished)
+    session = svc.live(draft.dataset_id) if st.session_state.get(f"live_on_{draft.dataset_id}") else None
+    if session is None:
+        return None
+    seen = svc.live_prediction(session.run_id, draft.slice_index)
+    if seen is None:
+        return None
+    return _cached(("live", session.run_id, draft.slice_index, seen.step, seen.masks_seen, seen.region),
+                   lambda: Neurons(f"live prediction (step {seen.step:,})", seen.probabilities))
 
 
 def _accept_confident(edit: Edit, draft: Draft, neurons: Neurons, threshold: float) -> None:
@@ -61,18 +81,30 @@ def _accept_confident(edit: Edit, draft: Draft, neurons: Neurons, threshold: flo
           f"({changed:,} pixels changed; Undo takes them back).", "success" if chosen else "info")
 
 
+def _pick(tool: str) -> None:
+    st.session_state[PICKED] = tool
+    st.session_state[RESETS] = st.session_state.get(RESETS, 0) + 1  # (clicks of another tool are dropped)
+
+
 def tool_picker(edit: Edit, draft: Draft, neurons: Neurons | None) -> str:
     """The tool the canvas works with: the brush, or an object tool when the edit has a prediction's
-    neurons to act on."""
-    if neurons is None:  # (the user guide says how to get them: start the edit from a finished prediction)
+    neurons to act on. Each is a button with its key (B, A, M, S, L, E, F, D)."""
+    if neurons is None:  # (the user guide says how to get them: a finished prediction, or Live on)
         return BRUSH
-    left, right = st.columns([5, 2])
-    picked = left.radio("Tool", list(TOOLS), key=PICKED, horizontal=True, format_func=lambda t: TOOLS[t][0],
-                        help="Click a neuron on the canvas (two for Merge and Split). Each action is one step "
-                             "that Undo takes back.")
-    threshold = right.slider("Confidence", 0.5, 1.0, 0.9, 0.01, key="annotate_confidence")
+    picked = st.session_state.get(PICKED, BRUSH)
+    picked = picked if picked in TOOLS else BRUSH
+    st.caption(f"Tools on the neurons of the {neurons.source} (keys in brackets). Each action is one step that "
+               "Undo takes back.")
+    names = list(TOOLS)
+    for row in (names[:4], names[4:]):
+        for col, tool in zip(st.columns(4), row, strict=False):
+            col.button(TOOLS[tool][0], key="tool_" + re.sub(r"\W", "_", tool), shortcut=SHORTCUTS[tool],
+                       type="primary" if tool == picked else "secondary", on_click=_pick, args=(tool,),
+                       use_container_width=True)
+    left, right = st.columns([3, 2], vertical_alignment="bottom")
+    threshold = left.slider("Confidence", 0.5, 1.0, 0.9, 0.01, key="annotate_confidence")
     right.button("Accept all confident neurons", key="accept_confident", on_click=_accept_confident,
-                 args=(edit, draft, neurons, threshold))
+                 args=(edit, draft, neurons, threshold), shortcut="Shift+A")
     return picked
 
 
@@ -80,6 +112,9 @@ def act(edit: Edit, draft: Draft, neurons: Neurons, tool: str, points: list[tupl
         paint: int) -> None:
     """Run ``tool`` once enough clicks have come; the page then redraws over the changed draft."""
     needed = TOOLS[tool][1]
+    if tool == SPLIT_LINE and len(points) < 2:
+        st.caption("Split along a line: draw the line across the neuron on the canvas.")
+        return
     if len(points) < needed:
         st.caption(f"{TOOLS[tool][0]}: {needed - len(points)} more click(s) on the canvas.")
         return
@@ -88,7 +123,7 @@ def act(edit: Edit, draft: Draft, neurons: Neurons, tool: str, points: list[tupl
     except ValueError as exc:
         flash(f"{TOOLS[tool][0]}: {exc}.", "warning")
     else:
-        if draft.use_tool(new, Tool(tool)):
+        if draft.use_tool(new, saved_as(tool)):
             edit.keep(draft)
         else:
             flash(f"{TOOLS[tool][0]}: nothing to change, the mask already says so.", "info")

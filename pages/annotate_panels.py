@@ -46,10 +46,11 @@ def slice_picker(svc: Neuroseg, dataset_id: int, z_count: int,
 
     nav = st.columns([1, 10, 1], vertical_alignment="bottom")
     nav[0].button("◀ Prev", on_click=_step, args=(slice_key, -1, z_count), disabled=st.session_state[slice_key] <= 0,
-                  key="prev_slice")
+                  key="prev_slice", shortcut="PageUp")
     with nav[1]:
         z = st.slider("Slice", 0, z_count - 1, key=slice_key) if z_count > 1 else 0
-    nav[2].button("Next ▶", on_click=_step, args=(slice_key, 1, z_count), disabled=z >= z_count - 1, key="next_slice")
+    nav[2].button("Next ▶", on_click=_step, args=(slice_key, 1, z_count), disabled=z >= z_count - 1, key="next_slice",
+                  shortcut="PageDown")
     positions[dataset_id] = z
     if st.query_params.get("slice") != str(z):  # in the URL too: a reload or a bookmark opens this slice
         st.query_params["slice"] = str(z)
@@ -248,15 +249,15 @@ def save_bar(edit: Edit, draft: Draft, in_conflict: bool) -> None:
     """Save, Discard, Undo, Redo, and what is unsaved (or was saved last)."""
     actions = st.columns([2, 2, 1, 1, 6], vertical_alignment="center")
     actions[0].button("Save version", type="primary", on_click=_save, args=(edit, draft), key="save_mask",
-                      disabled=in_conflict or not can("annotate"))
+                      disabled=in_conflict or not can("annotate"), shortcut="Ctrl+S")
     actions[1].button("Discard changes", on_click=_discard, args=(edit, draft), disabled=not draft.dirty or in_conflict,
                       key="discard_mask")
     actions[2].button("Undo", icon=":material/undo:", on_click=_undo, args=(edit, draft), key="undo_edit",
-                      disabled=not draft.can_undo,
+                      disabled=not draft.can_undo, shortcut="Ctrl+Z",
                       help="Take back the last change of this edit: a stroke, an Accept, a Discard (kept across zoom "
                            "and opacity changes and visits to other slices, until you save).")
     actions[3].button("Redo", icon=":material/redo:", on_click=_undo, args=(edit, draft, True), key="redo_edit",
-                      disabled=not draft.can_redo)
+                      disabled=not draft.can_redo, shortcut="Ctrl+Shift+Z")
     last_saved = st.session_state.get(LAST_SAVED)
     if draft.dirty:
         actions[4].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** (kept in the store) · will be "

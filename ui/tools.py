@@ -12,14 +12,49 @@ import numpy as np
 from domain.kinds import Tool
 from ui.paint import View
 from unet.prediction import objects
+from unet.prediction.postprocess import segment
 from unet.training.labels import IGNORE
 
 BRUSH = "brush"
-#: tool → (what the picker says, how many clicks it takes)
+SPLIT_LINE = "split line"  # (a split drawn as a line: saved as Tool.SPLIT)
+#: tool → (what the picker says, how many clicks it takes; 0 for a line drawn on the canvas)
 TOOLS: dict[str, tuple[str, int]] = {
     BRUSH: ("Brush", 0), Tool.ACCEPT: ("Accept a neuron", 1), Tool.MERGE: ("Merge two", 2),
-    Tool.SPLIT: ("Split (two seeds)", 2), Tool.ERASE: ("Erase a neuron", 1), Tool.FILL: ("Fill a region", 1),
-    Tool.DONT_KNOW: ("Don't know (a region)", 1)}
+    Tool.SPLIT: ("Split (two seeds)", 2), SPLIT_LINE: ("Split along a line", 0), Tool.ERASE: ("Erase a neuron", 1),
+    Tool.FILL: ("Fill a region", 1), Tool.DONT_KNOW: ("Don't know (a region)", 1)}
+#: tool → its key on the keyboard (Annotate's buttons answer to them)
+SHORTCUTS = {BRUSH: "B", Tool.ACCEPT: "A", Tool.MERGE: "M", Tool.SPLIT: "S", SPLIT_LINE: "L", Tool.ERASE: "E",
+             Tool.FILL: "F", Tool.DONT_KNOW: "D"}
+LINE_POINTS_MAX = 2000  # points of a drawn line that count (a forged path of millions is cut short)
+
+
+def saved_as(tool: str) -> Tool:
+    """What a saved version records for ``tool``."""
+    return Tool.SPLIT if tool == SPLIT_LINE else Tool(tool)
+
+
+def _in_view(y: float, x: float, view: View) -> tuple[int, int]:
+    return (min(max(view.y0, view.y0 + int(y // view.ratio)), view.y0 + view.h - 1),
+            min(max(view.x0, view.x0 + int(x // view.ratio)), view.x0 + view.w - 1))
+
+
+def line_points(json_data: dict[str, Any] | None, view: View) -> list[tuple[int, int]]:
+    """The last line drawn on the canvas (a free-hand path) as (y, x) pixels of the slice: the end point of
+    each of its commands ("M", "L", "Q", …), whose coordinates are the canvas's display pixels of ``view``."""
+    objects_sent = json_data.get("objects", []) if isinstance(json_data, dict) else []
+    paths = [o for o in objects_sent if isinstance(o, dict) and str(o.get("type", "")).lower() == "path"] \
+        if isinstance(objects_sent, list) else []
+    if not paths or not isinstance(paths[-1].get("path"), list):
+        return []
+    points = []
+    for command in paths[-1]["path"][:LINE_POINTS_MAX]:
+        try:
+            x, y = float(command[-2]), float(command[-1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            continue
+        if math.isfinite(x) and math.isfinite(y):
+            points.append(_in_view(y, x, view))
+    return points
 
 
 def click_points(json_data: dict[str, Any] | None, view: View) -> list[tuple[int, int]]:
@@ -38,8 +73,7 @@ def click_points(json_data: dict[str, Any] | None, view: View) -> list[tuple[int
             continue
         if not (math.isfinite(x) and math.isfinite(y)):
             continue
-        points.append((min(max(view.y0, view.y0 + int(y // view.ratio)), view.y0 + view.h - 1),
-                       min(max(view.x0, view.x0 + int(x // view.ratio)), view.x0 + view.w - 1)))
+        points.append(_in_view(y, x, view))
     return points
 
 
@@ -48,6 +82,10 @@ def run_tool(tool: str, mask: np.ndarray, instances: np.ndarray, prob: np.ndarra
     """``mask`` as ``tool`` leaves it after its clicks ``points`` (y, x) on the neurons ``instances`` of a
     prediction (``prob`` its neuron probabilities; Fill fills with ``paint``). ValueError says what was
     wrong with the clicks."""
+    if tool == SPLIT_LINE:
+        if len(points) < 2:
+            raise ValueError("draw a line across the neuron")
+        return objects.split_line(mask, instances, points)
     needed = TOOLS[tool][1]
     if len(points) < needed:
         raise ValueError(f"{TOOLS[tool][0]} takes {needed} click(s)")
@@ -66,6 +104,11 @@ def run_tool(tool: str, mask: np.ndarray, instances: np.ndarray, prob: np.ndarra
     if tool == Tool.SPLIT:
         return objects.split_seeds(mask, instances, 1.0 - prob, points)
     raise ValueError(f"{tool!r} is not an object tool")
+
+
+def neurons_from(prob: np.ndarray) -> np.ndarray:
+    """The neurons of a probability map (a live prediction's), as Predict makes them."""
+    return segment(prob)
 
 
 def accept_confident(mask: np.ndarray, instances: np.ndarray, prob: np.ndarray,
