@@ -6,8 +6,9 @@
   compares the predicted neurons with the true ones where it works and applies the one tool that fixes the
   largest error there: accept a correct neuron, merge the two largest pieces of a split neuron, split a
   merged one along the true border (the membrane a person would draw across it), or erase a false neuron.
-  "Largest" weighs each pixel the action labels right by 10 where the prediction was wrong and 1 where it
-  was right (and takes off what it labels wrong): fixing an error comes before confirming what is right.
+  "Largest" counts the pixels the action labels right where the prediction was wrong (the errors it fixes),
+  each pixel it labels right where the prediction was already right as 1/20 of one, and takes off every
+  pixel it labels wrong: fixing an error comes first, confirming what is right breaks the ties.
   Where it works is a tile of the slice: the queue's best tile first (:func:`unet.prediction.review.rank_regions`
   on the live prediction's uncertainty and its fragments), or tiles in random order; a tile with nothing
   left to fix gives way to the next.
@@ -29,7 +30,7 @@ from unet.prediction.review import rank_regions, suspect_mask, suspects, tile_si
 from unet.training.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
 
 MIN_PART = 20  # px: an overlap smaller than this is not a part of a merge or a split
-ERROR_WEIGHT = 10.0
+RIGHT_WEIGHT = 0.05  # a pixel labelled right where the prediction was already right (an error fixed: 1)
 BORDER = 6  # px: the true membrane between two neurons is within this of both
 
 
@@ -124,7 +125,7 @@ class Tools:
         self.boxes = ndi.find_objects(self.instances)
         self.boundary = 1.0 - prob
         wrong = (prob > 0.5) != (self.target == NEURON)
-        self.weight = np.where(wrong, ERROR_WEIGHT, 1.0).astype(np.float32)
+        self.weight = np.where(wrong, 1.0, RIGHT_WEIGHT).astype(np.float32)
         if self.where == "queue":
             u = uncertainty if uncertainty is not None else 1.0 - np.abs(2.0 * prob - 1.0)
             found = suspects(self.instances)
@@ -144,8 +145,8 @@ class Tools:
         right_after = (after[changed] == self.target[changed]) & self.valid[changed]
         right_before = (before[changed] == self.target[changed]) & self.valid[changed]
         wrong_after = (after[changed] != IGNORE) & ~right_after & self.valid[changed]
-        w = self.weight[changed]
-        return float((w * right_after).sum() - (w * right_before).sum() - (w * wrong_after).sum())
+        w = self.weight[changed]  # (a pixel labelled wrong costs a whole one: it teaches the network an error)
+        return float((w * right_after).sum() - (w * right_before).sum() - wrong_after.sum())
 
     def candidates(self, mask: np.ndarray, box: tuple[int, int, int, int]):
         """(tool, the mask after it) for each action a person would consider for the neurons in ``box``."""

@@ -4,6 +4,7 @@ and, on every change, into the store."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,7 +100,8 @@ def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools, obj
         f", showing rows {view.y0}–{view.y0 + view.h - 1} and columns {view.x0}–{view.x0 + view.w - 1}"
         if zoom > 1 else "") + f" at {view.describe()} · cyan: neuron, red: membrane, no tint: unlabelled")
     if can("annotate") and clicking:
-        key = f"{draft.canvas_key}-{object_tool}-{st.session_state.get(RESETS, 0)}"
+        safe = re.sub(r"\W", "_", object_tool)  # (the key names the canvas's CSS class: "don't know" → don_t_know)
+        key = f"{draft.canvas_key}-{safe}-{st.session_state.get(RESETS, 0)}"
         line = object_tool == SPLIT_LINE  # (a line drawn free-hand; the other tools take clicks)
         result = st_canvas(stroke_width=2, stroke_color="#ffff00", fill_color="rgba(255, 255, 0, 0.6)",
                            background_image=cache["url"], height=display_h, width=display_w,
@@ -107,7 +109,7 @@ def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools, obj
                            max_display_height=max(480, room_h - 120), update_streamlit=True)
         st.session_state[CANVAS_RENDERED] = (key, state.script_runs())  # (the brush's canvas was not shown)
         points = line_points(result.json_data, view) if line else click_points(result.json_data, view)
-        act(edit, draft, neurons, object_tool, points, tool)
+        act(edit, draft, neurons, object_tool, points, tool, view)
         return view
     if can("annotate"):
         result = st_canvas(stroke_width=max(1, round(brush * view.ratio)), stroke_color=brush_color(tool),

@@ -15,7 +15,18 @@ from pages.annotate_panels import Edit
 from pages.common import flash, frame_guard
 from storage.service import Neuroseg
 from ui.annotation import Draft
-from ui.tools import BRUSH, SHORTCUTS, SPLIT_LINE, TOOLS, accept_confident, neurons_from, run_tool, saved_as
+from ui.paint import View
+from ui.tools import (
+    BRUSH,
+    SHORTCUTS,
+    SPLIT_LINE,
+    TOOLS,
+    WHOLE_MAX,
+    accept_confident,
+    neurons_from,
+    run_tool,
+    saved_as,
+)
 
 PICKED = "annotate_object_tool"
 NEURONS = "_annotate_neurons"  # the neurons of the prediction shown, read once per prediction and slice
@@ -28,12 +39,20 @@ class Neurons:
 
     def __init__(self, source: str, prob: np.ndarray, instances: np.ndarray | None = None):
         self.source, self.prob, self._instances = source, prob, instances
+        self._seen: tuple[View | None, np.ndarray] | None = None
 
     @property
     def instances(self) -> np.ndarray:
-        if self._instances is None:
-            self._instances = neurons_from(self.prob)
-        return self._instances
+        """Every neuron of the slice."""
+        return self.in_view(None)
+
+    def in_view(self, view: View | None) -> np.ndarray:
+        """The neurons in ``view`` at least (a large live prediction is cut only around the view shown)."""
+        if self._instances is not None:
+            return self._instances
+        if self._seen is None or (self._seen[0] is not None and self._seen[0] != view):
+            self._seen = (view if self.prob.size > WHOLE_MAX else None, neurons_from(self.prob, view))
+        return self._seen[1]
 
 
 def _cached(key: tuple, make) -> Neurons | None:
@@ -109,7 +128,7 @@ def tool_picker(edit: Edit, draft: Draft, neurons: Neurons | None) -> str:
 
 
 def act(edit: Edit, draft: Draft, neurons: Neurons, tool: str, points: list[tuple[int, int]],
-        paint: int) -> None:
+        paint: int, view: View | None = None) -> None:
     """Run ``tool`` once enough clicks have come; the page then redraws over the changed draft."""
     needed = TOOLS[tool][1]
     if tool == SPLIT_LINE and len(points) < 2:
@@ -119,7 +138,7 @@ def act(edit: Edit, draft: Draft, neurons: Neurons, tool: str, points: list[tupl
         st.caption(f"{TOOLS[tool][0]}: {needed - len(points)} more click(s) on the canvas.")
         return
     try:
-        new = run_tool(tool, draft.working, neurons.instances, neurons.prob, points, paint)
+        new = run_tool(tool, draft.working, neurons.in_view(view), neurons.prob, points, paint)
     except ValueError as exc:
         flash(f"{TOOLS[tool][0]}: {exc}.", "warning")
     else:

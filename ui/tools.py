@@ -106,9 +106,21 @@ def run_tool(tool: str, mask: np.ndarray, instances: np.ndarray, prob: np.ndarra
     raise ValueError(f"{tool!r} is not an object tool")
 
 
-def neurons_from(prob: np.ndarray) -> np.ndarray:
-    """The neurons of a probability map (a live prediction's), as Predict makes them."""
-    return segment(prob)
+WHOLE_MAX = 2048 * 2048  # px: a larger live prediction is cut into neurons only around the view shown
+HALO = 64  # px of context around the view
+
+
+def neurons_from(prob: np.ndarray, view: View | None = None) -> np.ndarray:
+    """The neurons of a probability map (a live prediction's), as Predict makes them: on a slice larger than
+    2048², only in ``view`` and :data:`HALO` pixels around it (0 elsewhere), so a click answers in a second."""
+    if view is None or prob.size <= WHOLE_MAX:
+        return segment(prob)
+    h, w = prob.shape
+    y0, x0 = max(0, view.y0 - HALO), max(0, view.x0 - HALO)
+    y1, x1 = min(h, view.y0 + view.h + HALO), min(w, view.x0 + view.w + HALO)
+    out = np.zeros(prob.shape, np.int32)
+    out[y0:y1, x0:x1] = segment(np.asarray(prob[y0:y1, x0:x1]))
+    return out
 
 
 def accept_confident(mask: np.ndarray, instances: np.ndarray, prob: np.ndarray,

@@ -193,6 +193,7 @@ def test_the_whole_loop_in_the_browser(tmp_path):
         assert probabilities.shape == (8, 256, 256) and probabilities.dtype == "float32"
 
         expected = correct_by_objects(page, data_dir)
+        fixed = next_to_fix(page, data_dir)
 
         page.get_by_role("link", name="Runs").first.click()
         page.get_by_text("Lineage:").wait_for()
@@ -201,46 +202,83 @@ def test_the_whole_loop_in_the_browser(tmp_path):
     assert [r.status for r in svc.runs()] == ["FINISHED"]
     history = svc.history(svc.datasets()[0].id, 0)
     assert [m.version for m in history] == [1, 2, 3]
-    assert history[-1].kind == "predicted→painted" and history[-1].tools == ("accept", "merge", "split")
+    assert history[-1].kind == "predicted→painted"
+    assert history[-1].tools == ("accept", "don't know", "fill", "merge", "split")
     expected.check(svc.mask(history[-1].id))
+    fixed.check(svc)
 
 
 class ObjectEdits:
     """What the object tools' clicks must give, pixel for pixel: the prediction's mask with neuron ``a``
-    accepted, ``b`` and ``c`` merged, ``e`` split by its two seeds, and ``d`` as predicted (its erase undone)."""
+    accepted, ``b`` and ``c`` merged, ``e`` split by its two seeds, ``d`` as predicted (its erase undone),
+    ``g``'s region filled with membrane and ``h``'s marked "don't know"; then a line drawn inside ``f`` cuts it
+    (membrane along the line, nothing changed outside ``f``)."""
 
-    def __init__(self, start, instances, prob, a, b, c, d, e, seeds):
+    def __init__(self, start, instances, prob, picks, seeds, line):
         from unet.prediction import objects
+        from unet.training.labels import IGNORE
 
+        a, b, c, d, e, f = (picks[k] for k in "abcdef")
         merged = objects.merge(objects.accept(start, instances, a), instances, b, c)
-        self.exact = objects.split_seeds(merged, instances, 1.0 - prob, seeds)
-        self.instances, self.start, self.d, self.e = instances, start, d, e
+        split = objects.split_seeds(merged, instances, 1.0 - prob, seeds)
+        self.before_line = objects.fill(objects.fill(split, *picks["g_at"], MEMBRANE), *picks["h_at"], IGNORE)
+        self.instances, self.start, self.d, self.e, self.f, self.line = instances, start, d, e, f, line
+        self.filled = (self.before_line != split) & (self.before_line == MEMBRANE)
+        self.unknown = self.before_line == IGNORE
 
     def check(self, saved):
-        import numpy as np
+        from skimage.draw import line as draw_line
 
-        from unet.training.labels import MEMBRANE
-
-        np.testing.assert_array_equal(saved, self.exact)
+        outside_f = self.instances != self.f
+        np.testing.assert_array_equal(saved[outside_f], self.before_line[outside_f])
         np.testing.assert_array_equal(saved[self.instances == self.d], self.start[self.instances == self.d])
         inside_e = self.instances == self.e
         assert (saved[inside_e] == MEMBRANE).sum() > (self.start[inside_e] == MEMBRANE).sum(), "the split's cut"
+        assert self.filled.sum() > 20 and self.unknown.sum() > 20, "the fill and the don't know changed regions"
+        # the line: new membrane inside f, all of it within 3 px of the segment the mouse drew
+        added = (saved == MEMBRANE) & (self.before_line != MEMBRANE)
+        (y0, x0), (y1, x1) = self.line
+        rr, cc = draw_line(y0, x0, y1, x1)
+        assert added.sum() >= 0.5 * len(rr), "the line drew a membrane across f"
+        near = np.zeros(saved.shape, bool)
+        near[rr, cc] = True
+        from scipy import ndimage as ndi
+
+        assert not (added & ~ndi.binary_dilation(near, iterations=3)).any(), "the cut follows the line"
+
+
+def _click(page, canvas, y, x, shape):
+    """A click on slice pixel (y, x) of the canvas, zoomed or not (the caption says which rows it shows)."""
+    canvas.wait_for()
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    shown = page.get_by_text(re.compile(r"showing rows \d+–\d+ and columns \d+–\d+"))
+    y0 = x0 = 0
+    width = shape[1]
+    if shown.count():
+        r0, _, c0, c1 = (int(v) for v in re.findall(r"\d+", re.search(
+            r"showing rows \d+–\d+ and columns \d+–\d+", shown.first.inner_text()).group()))
+        y0, x0, width = r0, c0, c1 - c0 + 1
+    ratio = box["width"] / width
+    page.mouse.click(box["x"] + (x - x0 + 0.5) * ratio, box["y"] + (y - y0 + 0.5) * ratio)
 
 
 def correct_by_objects(page, data_dir):
     """Predict's "Correct this slice" → Annotate on the prediction's neurons: Accept one, Merge two
-    neighbours, Erase one and Undo it, Split one by two seeds, each by clicks on the canvas; then save."""
-    import numpy as np
+    neighbours, Erase one (picked with its key, E) and Undo it, Split one by two seeds, Fill a region with
+    membrane, mark one "don't know", and split one along a line drawn with the mouse (key L); then save."""
     from scipy import ndimage as ndi
+    from skimage.draw import line as draw_line
 
     from unet.prediction import objects
     from unet.prediction.postprocess import to_mask
+    from unet.training.labels import NEURON
 
     svc = Neuroseg(Settings.from_env(data_dir), supervise=False)  # (reads the prediction's neurons)
     job = svc.predictions()[0]
     instances = np.asarray(svc.prediction_output(job.id, "instances")[0])
     prob = np.asarray(svc.prediction_output(job.id)[0])
-    labels = [k for k in np.argsort(np.bincount(instances.ravel()))[::-1] if k][:12]  # the largest first
+    labels = [k for k in np.argsort(np.bincount(instances.ravel()))[::-1] if k][:16]  # the largest first
     depth = {k: ndi.distance_transform_edt(instances == k) for k in labels}
     inner = {k: tuple(int(v) for v in np.unravel_index(np.argmax(depth[k]), instances.shape)) for k in labels}
     touching = [(b, c) for b in labels for c in labels if b < c
@@ -254,37 +292,46 @@ def correct_by_objects(page, data_dir):
         return [(int(ys[order[len(order) // 8]]), int(xs[order[len(order) // 8]])),
                 (int(ys[order[-len(order) // 8]]), int(xs[order[-len(order) // 8]]))]
 
+    def line_inside(k):  # a segment between two seeds that stays inside neuron k, on neuron pixels
+        (y0, x0), (y1, x1) = seeds_in(k)
+        rr, cc = draw_line(y0, x0, y1, x1)
+        ok = (instances[rr, cc] == k).all() and (start[rr, cc] == NEURON).all() and len(rr) >= 12
+        return ((y0, x0), (y1, x1)) if ok else None
+
     # a neuron whose cut crosses some neuron pixels (a cut along a membrane the mask already has changes nothing)
     e = next(k for k in labels if k not in (b, c) and (objects.split_seeds(start, instances, 1.0 - prob, seeds_in(k))
                                                      != start).any())
     seeds = seeds_in(e)
-    a, d = [k for k in labels if k not in (b, c, e)][:2]
+    f = next(k for k in labels if k not in (b, c, e) and line_inside(k))
+    a, d, g, h = [k for k in labels if k not in (b, c, e, f)][:4]
+    picks = {"a": a, "b": b, "c": c, "d": d, "e": e, "f": f, "g": g, "h": h, "g_at": inner[g], "h_at": inner[h]}
 
     from playwright.sync_api import expect
 
     page.get_by_role("button", name="Correct this slice").click()
     page.get_by_text("Accept all confident neurons").wait_for()
     page.locator("canvas.upper-canvas").scroll_into_view_if_needed()
+    unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
 
-    def click(canvas, y, x):
-        canvas.wait_for()
-        canvas.scroll_into_view_if_needed()
-        box = canvas.bounding_box()
-        ratio = box["width"] / instances.shape[1]
-        page.mouse.click(box["x"] + (x + 0.5) * ratio, box["y"] + (y + 0.5) * ratio)
-
-    def use(tool, *points):
+    def pick(tool, key=None):
         shown = annotate_render(page)
-        page.get_by_text(tool, exact=True).click()
+        if key:
+            page.evaluate("document.activeElement && document.activeElement.blur()")  # (to the page, not a widget)
+            page.keyboard.press(key)
+        else:
+            page.get_by_text(tool, exact=True).click()
         await_annotate_render(page, shown)  # the canvas of this tool's clicks is up, its props arrived
-        before = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).all_inner_texts()
         value = {"Accept a neuron": "accept", "Merge two": "merge", "Erase a neuron": "erase",
-                 "Split (two seeds)": "split"}[tool]
-        canvas = page.locator(f'[class*="-{value}-"] canvas.upper-canvas')
-        unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
+                 "Split (two seeds)": "split", "Fill a region": "fill", "Don't know (a region)": "don't know",
+                 "Split along a line": "split line"}[tool]
+        return page.locator(f'[class*="-{value.replace(" ", "_").replace(chr(39), "_")}-"] canvas.upper-canvas')
+
+    def use(tool, *points, key=None):
+        canvas = pick(tool, key)
+        before = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).all_inner_texts()
         for i, point in enumerate(points):
             shown = annotate_render(page)
-            click(canvas, *point)
+            _click(page, canvas, *point, instances.shape)
             await_annotate_render(page, shown)  # (the click's rerun: the next click lands on the canvas it drew)
             if i + 1 < len(points):
                 page.get_by_text(f"{tool}: {len(points) - i - 1} more click(s)").wait_for()
@@ -292,15 +339,108 @@ def correct_by_objects(page, data_dir):
 
     use("Accept a neuron", inner[a])
     use("Merge two", inner[b], inner[c])
-    unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
     merged = unsaved.inner_text()
-    use("Erase a neuron", inner[d])
+    use("Erase a neuron", inner[d], key="e")  # its key picks it
     shown = annotate_render(page)
     page.locator(".st-key-undo_edit button:visible").click()
     await_annotate_render(page, shown)
     expect(unsaved).to_have_text(merged, timeout=TIMEOUT_MS)  # the erase taken back whole
     use("Split (two seeds)", *seeds)
+    shown = annotate_render(page)
+    page.get_by_text("Membrane", exact=False).first.click()  # Fill fills with the class the brush paints
+    await_annotate_render(page, shown)
+    use("Fill a region", inner[g])
+    use("Don't know (a region)", inner[h])
+
+    canvas = pick("Split along a line", key="l")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    ratio = box["width"] / instances.shape[1]
+    (y0, x0), (y1, x1) = line_inside(f)
+    before = unsaved.inner_text()
+    page.mouse.move(box["x"] + (x0 + 0.5) * ratio, box["y"] + (y0 + 0.5) * ratio)
+    page.mouse.down()
+    page.mouse.move(box["x"] + (x1 + 0.5) * ratio, box["y"] + (y1 + 0.5) * ratio, steps=12)
+    page.mouse.up()
+    expect(unsaved).not_to_have_text(before, timeout=TIMEOUT_MS)
     page.screenshot(path=ARTIFACTS / "object-tools.png", full_page=True)
     page.get_by_role("button", name="Save version").click()
     page.get_by_text("Saved slice 0 as v3").wait_for()
-    return ObjectEdits(start, instances, prob, a, b, c, d, e, seeds)
+    return ObjectEdits(start, instances, prob, picks, seeds, line_inside(f))
+
+
+class Fixed:
+    """What Next to fix must have done: the item taken by the user, its slice saved from the prediction
+    with one neuron accepted in the zoomed view and then every confident one, and the item done by that
+    version."""
+
+    def __init__(self, dataset_id, item_id, z, expected, tools):
+        self.dataset_id, self.item_id, self.z, self.expected, self.tools = dataset_id, item_id, z, expected, tools
+
+    def check(self, svc):
+        done = {i.id: i for i in svc.work_list(self.dataset_id).done}
+        assert self.item_id in done and done[self.item_id].done_by == "bo"
+        saved = svc.history(self.dataset_id, self.z)[-1]
+        assert done[self.item_id].mask_version_id == saved.id and saved.tools == self.tools
+        np.testing.assert_array_equal(svc.mask(saved.id), self.expected)
+
+
+def next_to_fix(page, data_dir):
+    """Next to fix (its key, N): Annotate jumps to the queue's best item, zoomed in on it, starting from the
+    prediction; a neuron inside it accepted by a click in the zoomed view, every confident neuron accepted, and
+    saved; the queue shows it done."""
+    from playwright.sync_api import expect
+    from scipy import ndimage as ndi
+
+    from unet.prediction import objects
+    from unet.prediction.postprocess import to_mask
+
+    shown = annotate_render(page)
+    page.evaluate("document.activeElement && document.activeElement.blur()")  # (the key goes to the page)
+    page.keyboard.press("n")
+    await_annotate_render(page, shown)
+    caption = page.get_by_text(re.compile(r"To fix: slice \d+, rows")).first
+    caption.wait_for()
+    z = int(re.search(r"To fix: slice (\d+)", caption.inner_text()).group(1))
+    page.get_by_text("Accept all confident neurons").wait_for()  # the edit starts from the prediction
+    svc = Neuroseg(Settings.from_env(data_dir), supervise=False)
+    dataset_id = svc.datasets()[0].id
+    item = next(i for i in svc.work_list(dataset_id).open if i.taken_by == "bo")
+    assert item.slice_index == z
+    job = svc.predictions()[0]
+    i = job.slices.index(z)
+    instances = np.asarray(svc.prediction_output(job.id, "instances")[i])
+    prob = np.asarray(svc.prediction_output(job.id)[i])
+    view = page.get_by_text(re.compile(r"showing rows (\d+)–(\d+) and columns (\d+)–(\d+)")).first
+    view.wait_for()  # zoomed in on the item
+    r0, r1, c0, c1 = (int(v) for v in re.findall(r"\d+", re.search(r"rows \d+–\d+ and columns \d+–\d+",
+                                                                    view.inner_text()).group()))
+    y0, x0, h, w = item.box
+    assert r0 <= y0 + h // 2 <= r1 and c0 <= x0 + w // 2 <= c1
+    inside = np.zeros(instances.shape, bool)
+    inside[max(r0, y0):min(r1, y0 + h), max(c0, x0):min(c1, x0 + w)] = True
+    labels = [k for k in np.unique(instances[inside]) if k]
+    depth = {k: ndi.distance_transform_edt(instances == k) * inside for k in labels}
+    k = max(labels, key=lambda k: depth[k].max())
+    at = tuple(int(v) for v in np.unravel_index(np.argmax(depth[k]), instances.shape))
+    start = to_mask(prob)
+
+    unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
+    shown = annotate_render(page)
+    page.get_by_text("Accept a neuron", exact=True).click()
+    await_annotate_render(page, shown)
+    canvas = page.locator('[class*="-accept-"] canvas.upper-canvas')
+    shown = annotate_render(page)
+    _click(page, canvas, *at, instances.shape)
+    await_annotate_render(page, shown)
+    expect(unsaved).to_be_visible(timeout=TIMEOUT_MS)
+    accepted = objects.accept(start, instances, k)
+    confident, chosen = objects.accept_confident(accepted, instances, prob, 0.9)
+    page.get_by_role("button", name="Accept all confident neurons").click()  # (at the confidence of 0.9)
+    page.get_by_text(f"Accepted {len(chosen)} neuron(s)").wait_for()
+    page.get_by_role("button", name="Save version").click()
+    page.get_by_text(re.compile(rf"Saved slice {z} as v\d+")).wait_for()
+    page.get_by_text(re.compile(r"Where to work next: \d+ open, 1 done")).wait_for()
+    page.screenshot(path=ARTIFACTS / "next-to-fix.png", full_page=True)
+    return Fixed(dataset_id, item.id, z, confident, ("accept", "accept confident") if (confident != accepted).any()
+                 else ("accept",))

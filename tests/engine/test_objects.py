@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ui.paint import View
-from ui.tools import SPLIT_LINE, line_points, run_tool, saved_as
+from ui.tools import SPLIT_LINE, line_points, neurons_from, run_tool, saved_as
 from unet.prediction import objects, review
 from unet.training.labels import IGNORE, MEMBRANE, NEURON
 
@@ -165,3 +165,16 @@ def test_the_uncertainty_and_the_suspicious_neurons_rank_the_regions():
     known[:32, 32:] = True
     best = review.rank_regions(np.ones((64, 64), np.float32), tile=32, known=known)
     assert (best[0].y0, best[0].x0, best[0].uncertainty, best[1].uncertainty) == (0, 32, 1.0, 0.0)
+
+
+def test_a_large_live_prediction_is_cut_into_neurons_only_around_the_view():
+    """On a slice over 2048² the neurons of a live prediction are made in the view and a halo around it, so a
+    click answers at once; the rest of the slice stays 0 (no neuron to click there)."""
+    prob = np.zeros((2100, 2100), np.float32)
+    prob[1000:1040, 1000:1040] = prob[1050:1090, 1000:1040] = 0.95  # two neurons in view
+    prob[10:50, 10:50] = 0.95  # one far away
+    view = View(990, 990, 120, 120, 4)
+    found = neurons_from(prob, view)
+    assert found.shape == prob.shape and (found[:900] == 0).all() and (found[:, :900] == 0).all()
+    assert found[1020, 1020] and found[1070, 1020] and found[1020, 1020] != found[1070, 1020]
+    assert found[30, 30] == 0 and neurons_from(prob[:600, :600])[30, 30]  # (a small slice: all of it)
