@@ -159,6 +159,9 @@ def viewer(job) -> int:
                          if "instances" in layers else None)
     if "probability" in layers:
         controls.image(legend_bar(), caption="probability: 0 membrane → 1 neuron", width="stretch")
+    if "uncertainty" in layers:
+        controls.caption("Uncertainty: magenta where the prediction is unsure (near 0.5; with test-time flips, where "
+                         "the eight disagree). Annotate's **Next to fix** goes there first.")
     if "errors" in layers:
         controls.caption("Slice has no mask: no error map." if target is None else
                          "Errors: magenta = false neuron (neuron predicted on membrane), green = missed neuron.")

@@ -22,8 +22,9 @@ from ui.paint import (
 )
 from unet.prediction.metrics import mean_metrics
 from unet.prediction.postprocess import DEFAULT_METHOD, METHODS
+from unet.prediction.review import margin
 
-LAYERS = ("probability", "mask", "membrane contours", "instances", "errors")
+LAYERS = ("probability", "mask", "membrane contours", "instances", "errors", "uncertainty")
 #: How a prediction's neurons are made from its map (unet.prediction.postprocess), the default first.
 POSTPROCESS = {
     "agglomerate": "agglomeration (fragments merged along weak membranes)",
@@ -68,6 +69,9 @@ def compose(image: np.ndarray, prob: np.ndarray, layers: list[str], opacity: flo
     if "membrane contours" in layers:
         shown = blend(shown, np.broadcast_to(np.array([255, 255, 0], np.uint8), shown.shape), 1.0,
                       where=boundaries(mask.astype(np.uint8)))
+    if "uncertainty" in layers:  # the map's own doubt (with test-time flips, where the eight disagree)
+        doubt = np.sqrt(margin(prob))[..., None]
+        shown = (shown * (1 - opacity * doubt) + np.array([255, 0, 200]) * opacity * doubt + 0.5).astype(np.uint8)
     if "errors" in layers and target is not None:
         for name, where in error_map(prob, target, threshold).items():
             shown = blend(shown, np.broadcast_to(np.array(ERROR_COLOURS[name], np.uint8), shown.shape), 0.8,

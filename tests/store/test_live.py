@@ -538,7 +538,18 @@ def test_the_live_overlay_covers_only_what_it_shows():
     heat = overlay_picture(prob, "probability", 1.0)
     assert (heat[..., 3] == 255).all() and not np.array_equal(heat[0, 0, :3], heat[3, 3, :3])
     assert not overlay_picture(prob, "membranes", 0.0)[..., 3].any(), "opacity 0 hides it"
-    assert set(OVERLAYS) == {"outlines", "membranes", "probability"}
+    assert set(OVERLAYS) == {"outlines", "membranes", "probability", "uncertainty"}
+    doubt = np.zeros((8, 8), np.float32)
+    doubt[0, :4] = 1.0  # where the last weights changed their mind
+    unsure = overlay_picture(prob, "uncertainty", 0.35, uncertainty=doubt)
+    assert (unsure[0, :4, 3] > 0).all() and not unsure[1:, :, 3].any() and not unsure[0, 4:, 3].any()
+    # a prediction's (Predict's layer): its own doubt, at p = 0.5 most
+    from ui.prediction import compose
+
+    half = np.full((8, 8), 0.5, np.float32)
+    half[:, 4:] = 1.0
+    _, shown = compose(np.zeros((8, 8), np.float32), half, ["uncertainty"], 1.0)
+    assert tuple(shown[0, 0]) == (255, 0, 200) and shown[0, 4, 1] == shown[0, 4, 0] == shown[0, 4, 2]
 
 
 def test_the_live_rate_is_a_fine_tuning_rate_from_a_trained_start_and_a_held_rate_from_scratch():
