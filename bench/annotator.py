@@ -7,8 +7,12 @@
   largest error there: accept a correct neuron, merge the two largest pieces of a split neuron, split a
   merged one along the true border (the membrane a person would draw across it), or erase a false neuron.
   "Largest" counts the pixels the action labels right where the prediction was wrong (the errors it fixes),
-  each pixel it labels right where the prediction was already right as 1/20 of one, and takes off every
-  pixel it labels wrong: fixing an error comes first, confirming what is right breaks the ties.
+  less the pixels it labels wrong, plus 1/20 for each pixel it labels right where the prediction was right
+  already: a fixed error weighs as much as twenty confirmed pixels, so a large correct neuron is accepted
+  when nothing more wrong is near. A brush disk is used only where the prediction shows no neuron to click.
+  A split draws what a person draws with "Split along a line": a one-pixel line along the true border (its
+  skeleton), widened as the app's line is and kept inside the predicted neuron, so it can be off by a pixel
+  or two as a hand-drawn line is.
   Where it works is a tile of the slice: the queue's best tile first (:func:`unet.prediction.review.rank_regions`
   on the live prediction's uncertainty and its fragments), or tiles in random order; a tile with nothing
   left to fix gives way to the next.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.morphology import skeletonize
 
 from unet.prediction import objects
 from unet.prediction.metrics import rand_f
@@ -30,8 +35,9 @@ from unet.prediction.review import rank_regions, suspect_mask, suspects, tile_si
 from unet.training.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
 
 MIN_PART = 20  # px: an overlap smaller than this is not a part of a merge or a split
-RIGHT_WEIGHT = 0.05  # a pixel labelled right where the prediction was already right (an error fixed: 1)
 BORDER = 6  # px: the true membrane between two neurons is within this of both
+LINE_WIDTH = 1  # px either side of a drawn split line (objects.split_line's default)
+CONFIRMED = 0.05  # what a pixel labelled right where the prediction was right already counts (an error fixed: 1)
 
 
 def wrong_regions(prob: np.ndarray, target: np.ndarray, painted: np.ndarray, k: int,
@@ -125,7 +131,7 @@ class Tools:
         self.boxes = ndi.find_objects(self.instances)
         self.boundary = 1.0 - prob
         wrong = (prob > 0.5) != (self.target == NEURON)
-        self.weight = np.where(wrong, 1.0, RIGHT_WEIGHT).astype(np.float32)
+        self.wrong = wrong
         if self.where == "queue":
             u = uncertainty if uncertainty is not None else 1.0 - np.abs(2.0 * prob - 1.0)
             found = suspects(self.instances)
@@ -139,14 +145,17 @@ class Tools:
             self.rng.shuffle(self.tiles)
 
     def gain(self, before: np.ndarray, after: np.ndarray) -> float:
+        """Errors fixed (pixels the action labels right where the prediction was wrong) + :data:`CONFIRMED` ×
+        pixels confirmed (labelled right where it was right already) − pixels labelled wrong."""
         changed = after != before
         if not changed.any():
             return 0.0
         right_after = (after[changed] == self.target[changed]) & self.valid[changed]
         right_before = (before[changed] == self.target[changed]) & self.valid[changed]
         wrong_after = (after[changed] != IGNORE) & ~right_after & self.valid[changed]
-        w = self.weight[changed]  # (a pixel labelled wrong costs a whole one: it teaches the network an error)
-        return float((w * right_after).sum() - (w * right_before).sum() - wrong_after.sum())
+        wrong_pred = self.wrong[changed]
+        newly = right_after & ~right_before
+        return float((newly & wrong_pred).sum() - wrong_after.sum() + CONFIRMED * (newly & ~wrong_pred).sum())
 
     def candidates(self, mask: np.ndarray, box: tuple[int, int, int, int]):
         """(tool, the mask after it) for each action a person would consider for the neurons in ``box``."""
@@ -190,14 +199,15 @@ class Tools:
         gt = self.gt[box]
         near = ndi.binary_dilation(gt == a, iterations=BORDER) & ndi.binary_dilation(gt == b, iterations=BORDER)
         band = near & ndi.binary_dilation(inside, iterations=1) & (self.target[box] == MEMBRANE)
+        line = ndi.binary_dilation(skeletonize(band), iterations=LINE_WIDTH) & inside  # (as objects.split_line)
         out = mask.copy()
-        out[box][band] = MEMBRANE
+        out[box][line] = MEMBRANE
         return out
 
     def disk(self, mask: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray | None:
-        """The brush, which the picker offers too: a disk of true labels at the middle of the largest region
-        of ``box`` still wrong once the edit is laid over the prediction (what is left when no neuron is
-        there to click: a prediction from random weights has none)."""
+        """The brush, which the picker offers too, for when no object tool helps in ``box``: a disk of true
+        labels at the middle of its largest region still wrong once the edit is laid over the prediction (a
+        prediction from random weights has no neurons to click)."""
         y0, x0, h, w = box
         elsewhere = np.ones(mask.shape, bool)
         elsewhere[y0:y0 + h, x0:x0 + w] = False
@@ -209,16 +219,26 @@ class Tools:
         paint(disk, centres, self.radius)
         return np.where(disk, self.target, mask).astype(np.uint8)
 
+    def no_neurons(self, box: tuple[int, int, int, int]) -> bool:
+        """Whether the prediction shows no neuron to click in ``box``: none at all, or only one that covers
+        most of the slice (what an untrained network's map turns into)."""
+        y0, x0, h, w = box
+        labels = [int(k) for k in np.unique(self.instances[y0:y0 + h, x0:x0 + w]) if k]
+        return not labels or all(self.areas[k] > 0.5 * self.instances.size for k in labels)
+
     def act(self, mask: np.ndarray) -> np.ndarray | None:
-        """One action: the best tool in the first tile that still has something to fix (None: nothing left)."""
+        """One action: the best object tool in the first tile that still has something to fix, or a brush disk
+        there when the prediction shows no neuron in it (None: nothing left anywhere)."""
         while self.tiles:
             best, best_gain = None, 0.0
-            disk = self.disk(mask, self.tiles[0])
-            brush = [("brush", disk)] if disk is not None else []
-            for tool, after in [*self.candidates(mask, self.tiles[0]), *brush]:
+            for tool, after in self.candidates(mask, self.tiles[0]):
                 g = self.gain(mask, after)
                 if g > best_gain:
                     best, best_gain, self.last_tool = after, g, tool
+            if best is None and self.no_neurons(self.tiles[0]):  # (nothing to click: the brush)
+                disk = self.disk(mask, self.tiles[0])
+                if disk is not None and self.gain(mask, disk) > 0:
+                    best, self.last_tool = disk, "brush"
             if best is not None:
                 return best
             self.tiles.pop(0)

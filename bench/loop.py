@@ -156,7 +156,7 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
         def fresh(z: int, since: float):
             """The live prediction of z made after ``since`` (wall clock)."""
             def get():
-                p = svc.live_prediction(run_id, z)
+                p = svc.live_prediction(run_id, z, uncertainty=True)
                 return p if p is not None and p.created.timestamp() >= since else None
             return get
 

@@ -142,7 +142,7 @@ def _live_prediction(edit: Edit, draft: Draft, volume: np.ndarray, view: View, t
         if told is None or told[:3] != (session.run_id, z, on_screen) or time.monotonic() - told[3] > 30:
             svc.live_see(session.run_id, owner(), z, on_screen)  # this slice (and its neighbours) next
             st.session_state[LIVE_TOLD] = (session.run_id, z, on_screen, time.monotonic())
-        seen = svc.live_prediction(session.run_id, z)
+        seen = svc.live_prediction(session.run_id, z, uncertainty=how == "uncertainty")
         if seen is None:
             st.caption(f"Waiting for the first live prediction of slice {z} …")
             live_overlay(draft.canvas_key, None)

@@ -37,8 +37,9 @@ class Neurons:
     """The neurons the object tools act on: those of the finished prediction an edit started from, or of the
     live prediction shown (made from its probabilities when a tool first needs them, once per prediction)."""
 
-    def __init__(self, source: str, prob: np.ndarray, instances: np.ndarray | None = None):
-        self.source, self.prob, self._instances = source, prob, instances
+    def __init__(self, source: str, prob: np.ndarray, instances: np.ndarray | None = None,
+                 known: tuple[int, int, int, int] | None = None):
+        self.source, self.prob, self._instances, self.known = source, prob, instances, known
         self._seen: tuple[View | None, np.ndarray] | None = None
 
     @property
@@ -51,7 +52,13 @@ class Neurons:
         if self._instances is not None:
             return self._instances
         if self._seen is None or (self._seen[0] is not None and self._seen[0] != view):
-            self._seen = (view if self.prob.size > WHOLE_MAX else None, neurons_from(self.prob, view))
+            found = neurons_from(self.prob, view)
+            if self.known is not None:  # a zoomed viewer's region only: the rest was never predicted (no neurons)
+                y0, x0, h, w = self.known
+                inside = np.zeros(found.shape, bool)
+                inside[y0:y0 + h, x0:x0 + w] = True
+                found[~inside] = 0
+            self._seen = (view if self.prob.size > WHOLE_MAX else None, found)
         return self._seen[1]
 
 
@@ -89,7 +96,8 @@ def neurons_of(svc: Neuroseg, draft: Draft) -> Neurons | None:
     if seen is None:
         return None
     return _cached(("live", session.run_id, draft.slice_index, seen.step, seen.masks_seen, seen.region),
-                   lambda: Neurons(f"live prediction (step {seen.step:,})", seen.probabilities))
+                   lambda: Neurons(f"live prediction (step {seen.step:,})", seen.probabilities,
+                                   known=seen.region if seen.partial else None))
 
 
 def _accept_confident(edit: Edit, draft: Draft, neurons: Neurons, threshold: float) -> None:

@@ -34,8 +34,11 @@ def saved_as(tool: str) -> Tool:
 
 
 def _in_view(y: float, x: float, view: View) -> tuple[int, int]:
-    return (min(max(view.y0, view.y0 + int(y // view.ratio)), view.y0 + view.h - 1),
-            min(max(view.x0, view.x0 + int(x // view.ratio)), view.x0 + view.w - 1))
+    """Display pixel (y, x) of ``view`` as a slice pixel, kept inside the view (clamped before it becomes an
+    integer: a forged 1e308 divided by a ratio under 1 is infinite)."""
+    yy = min(max(0.0, y / view.ratio), view.h - 1.0)
+    xx = min(max(0.0, x / view.ratio), view.w - 1.0)
+    return view.y0 + int(yy), view.x0 + int(xx)
 
 
 def line_points(json_data: dict[str, Any] | None, view: View) -> list[tuple[int, int]]:

@@ -48,7 +48,6 @@ from storage.settings import Settings
 from unet.exchange.writing import atomic_write
 from unet.network.config import TrainConfig
 from unet.prediction.infer import Interrupted
-from unet.prediction.review import disagreement, margin
 from unet.training.forest import PixelForest
 from unet.training.live import LiveTrainer
 
@@ -122,6 +121,7 @@ class LiveLoop:
         self._own: list[int] = []  # the viewers' slices when the store was last looked at
         self.parts: dict[int, tuple[tuple[int, int], Region]] = {}  # slice → (weights, region) predicted last
         self._partial: dict[int, bool] = partial  # slice → only regions of it were ever predicted (the rest: 128)
+        self._steps: dict[int, int] = {}  # slice → the step of the weights that predicted it last (this process)
         self._stats: dict[int, tuple[float, float]] = {}  # slice → its mean and standard deviation
         self.regions: dict[int, Region] = {}  # the zoomed viewers' regions, as last read
 
@@ -220,7 +220,7 @@ class LiveLoop:
                 break
             finally:
                 slow(f"predicting slice {z}" + (f" (region {region})" if region else ""), began, self.run_id)
-            doubt = self._uncertainty(z, relative, prob, region)
+            doubt = self._uncertainty(z, relative, prob, region, trainer.steps)
             atomic_write(self.store.abspath(self.store.live_uncertainty(self.run_id, z)),
                          lambda fh, q=doubt: np.save(fh, q))
             atomic_write(self.store.abspath(relative), lambda fh, q=prob: np.save(fh, q))
@@ -231,7 +231,7 @@ class LiveLoop:
                     s.add(row)
                 row.step, row.masks_seen, row.created = trainer.steps, self.masks_seen, datetime.now(UTC)
                 row.region = region_text(region, partial)
-            self._partial[z] = partial
+            self._partial[z], self._steps[z] = partial, trainer.steps
             if region is None:
                 done[z] = now
             else:
@@ -239,24 +239,24 @@ class LiveLoop:
             count += 1
         return count
 
-    def _uncertainty(self, z: int, relative: str, prob: np.ndarray, region: Region | None) -> np.ndarray:
-        """Slice ``z``'s uncertainty (uint8) once ``prob`` replaces its live prediction: where the weights
-        before predicted it too, how much the new weights changed it (:func:`unet.prediction.review.disagreement`);
-        elsewhere (a first prediction, a region never predicted) the new map's own doubt (its margin)."""
-        fresh = prob.astype(np.float32) / 255.0
-        doubt = margin(fresh)
+    def _uncertainty(self, z: int, relative: str, prob: np.ndarray, region: Region | None, steps: int) -> np.ndarray:
+        """Slice ``z``'s uncertainty (uint8, 255 = most) once ``prob`` replaces its live prediction: in the part
+        predicted, the larger of the new map's own doubt (:func:`unet.prediction.review.margin`) and how much
+        these weights changed it from the weights before (:func:`~unet.prediction.review.disagreement`); the
+        rest keeps what it had. Predicted again by the same weights, it stays as it was (nothing was learned)."""
+        kept = _load_uint8(self.store.abspath(self.store.live_uncertainty(self.run_id, z)), prob.shape)
+        if kept is not None and self._steps.get(z) == steps:
+            return kept
         before = _load_uint8(self.store.abspath(relative), prob.shape)
+        y0, x0, h, w = region or (0, 0, *prob.shape)
+        box = (slice(y0, y0 + h), slice(x0, x0 + w))
+        out = kept if kept is not None else (255 - np.abs(2 * prob.astype(np.int16) - 255)).astype(np.uint8)
+        new = prob[box].astype(np.int16)
+        doubt = 255 - np.abs(2 * new - 255)
         if before is not None and not self._partial.get(z, False):
-            y0, x0, h, w = region or (0, 0, *prob.shape)
-            box = (slice(y0, y0 + h), slice(x0, x0 + w))
-            doubt[box] = disagreement(fresh[box], before[box].astype(np.float32) / 255.0)
-            if region is not None:  # the rest keeps the uncertainty it had
-                kept = _load_uint8(self.store.abspath(self.store.live_uncertainty(self.run_id, z)), prob.shape)
-                if kept is not None:
-                    rest = np.ones(prob.shape, bool)
-                    rest[box] = False
-                    doubt[rest] = kept[rest].astype(np.float32) / 255.0
-        return np.round(doubt * 255).astype(np.uint8)
+            doubt = np.maximum(doubt, np.abs(new - before[box].astype(np.int16)))
+        out[box] = doubt.astype(np.uint8)
+        return out
 
     def _predict_region(self, trainer: LiveTrainer, z: int, region: Region, relative: str,
                         should_stop) -> tuple[np.ndarray, Region, bool]:

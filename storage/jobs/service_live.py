@@ -47,5 +47,6 @@ class LiveService(Facade):
         """End the session for everyone; it becomes a finished run with its checkpoints."""
         return self._tx(live.stop, run_id)
 
-    def live_prediction(self, run_id: int, slice_index: int) -> LivePrediction | None:
-        return self._tx(live.prediction, self.store, run_id, slice_index)
+    def live_prediction(self, run_id: int, slice_index: int, uncertainty: bool = False) -> LivePrediction | None:
+        """The session's newest prediction of a slice (with its uncertainty when asked), or None."""
+        return self._tx(live.prediction, self.store, run_id, slice_index, uncertainty)

@@ -206,8 +206,10 @@ def viewed_regions(session: Session, run_id: int) -> dict[int, Region]:
     return out
 
 
-def prediction(session: Session, store: FileStore, run_id: int, slice_index: int) -> LivePrediction | None:
-    """The newest live prediction of a slice, or None (not predicted yet, or its file is being replaced)."""
+def prediction(session: Session, store: FileStore, run_id: int, slice_index: int,
+               uncertainty: bool = False) -> LivePrediction | None:
+    """The newest live prediction of a slice, or None (not predicted yet, or its file is being replaced); with
+    ``uncertainty``, its uncertainty too (read only when asked: the page refreshes every 2 s)."""
     row = session.get(LiveSlice, (run_id, slice_index))
     if row is None:
         return None
@@ -216,11 +218,14 @@ def prediction(session: Session, store: FileStore, run_id: int, slice_index: int
     except (OSError, ValueError):
         return None
     prob = data.astype(np.float32) / 255.0
-    try:
-        doubt = np.load(store.abspath(store.live_uncertainty(run_id, slice_index)), allow_pickle=False)
-    except (OSError, ValueError):
-        doubt = None
-    # (kept by a worker of before issue 29, or being replaced: the map's own doubt)
-    doubt = doubt.astype(np.float32) / 255.0 if doubt is not None and doubt.shape == data.shape else margin(prob)
+    doubt = None
+    if uncertainty:
+        try:
+            doubt = np.load(store.abspath(store.live_uncertainty(run_id, slice_index)), allow_pickle=False)
+        except (OSError, ValueError):
+            doubt = None
+        # (kept by a worker of before issue 29, or being replaced: the map's own doubt)
+        ok = doubt is not None and doubt.shape == data.shape and doubt.dtype == np.uint8
+        doubt = doubt.astype(np.float32) / 255.0 if ok else margin(prob)
     return LivePrediction(run_id, slice_index, row.step, row.masks_seen, aware(row.created), prob,
                           parse_region(row.region), (row.region or "").endswith(",partial"), doubt)

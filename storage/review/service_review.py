@@ -24,6 +24,7 @@ class ReviewService(Facade):
     @guard("take queue item", "annotate", record=False)
     def next_work(self, dataset_id: int, author: str = "") -> WorkItemInfo | None:
         """Next: the best open item, now taken by this user (ranked first when the queue has never been)."""
-        if self.work_list(dataset_id).ranked is None and not self.work_list(dataset_id).open:
+        work = self.work_list(dataset_id)
+        if work.ranked is None and not work.open:
             self._tx(worklist.rank, self.store, dataset_id)
         return self._tx(worklist.take, dataset_id, self._author(author))

@@ -10,7 +10,8 @@ correction there (:func:`unet.prediction.review.rank_regions`), one queue per da
   that splits or merges between slices, tiny fragments: :func:`unet.prediction.review.suspects`);
 - a slice that nobody has corrected scores more; one without any prediction is an item of its own.
 
-Ranking replaces the open items nobody has taken; taken and done ones stay. **Next** (:func:`take`) gives
+Ranking replaces the open items nobody works on (never taken, or taken over an hour ago and left); the ones
+taken since, and the done ones, stay, and a region someone works on is not ranked twice. **Next** (:func:`take`) gives
 the best open item to a user and marks it taken (another user's Next skips it for an hour); a mask saved on
 the slice by someone who took one of its items marks those done (:func:`done`), with the version.
 """
@@ -21,7 +22,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from domain.kinds import RunStatus
@@ -73,9 +74,12 @@ def _finished_prediction(session: Session, dataset_id: int):
 def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int = PER_SLICE,
          max_slices: int = MAX_SLICES) -> WorkList:
     """Rank the dataset's slices and regions again from what the store knows now (see the module's text)."""
-    dataset = row_or_missing(session, Dataset, dataset_id, "dataset")
-    count = int(dataset.z)
+    row_or_missing(session, Dataset, dataset_id, "dataset")
+    # one ranking of a dataset at a time (PostgreSQL: the row's lock; SQLite: its single writer)
+    count, height, width = session.execute(select(Dataset.z, Dataset.y, Dataset.x).where(Dataset.id == dataset_id)
+                                           .with_for_update()).one()
     corrected = set(masks.slice_kinds(session, dataset_id))
+    now = datetime.now(UTC)
     session_now = live.current(session, dataset_id)
     live_slices: set[int] = set()
     if session_now is not None:
@@ -92,11 +96,15 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
             probs = inst = None
     index = {z: i for i, z in enumerate(job.slices)} if job is not None and probs is not None else {}
     new: list[WorkItem] = []
-    now = datetime.now(UTC)
-    for z in sorted(set(_spread(count, max_slices)) | live_slices):
+    wanted = sorted(set(_spread(int(count), max_slices)) | live_slices)
+    wanted = [wanted[i] for i in _spread(len(wanted), max_slices)]  # (a long session's slices too: at most this)
+    now_taken = {(r.slice_index, r.y0, r.x0, r.h, r.w) for r in session.scalars(select(WorkItem).where(
+        WorkItem.dataset_id == dataset_id, WorkItem.done_at.is_(None), WorkItem.taken_by.is_not(None),
+        WorkItem.taken_at >= now - TAKEN_FOR))}
+    for z in wanted:
         uncorrected = z not in corrected
         regions, source = None, ""
-        seen = live.prediction(session, store, session_now.run_id, z) if z in live_slices else None
+        seen = live.prediction(session, store, session_now.run_id, z, True) if z in live_slices else None
         if seen is not None:
             known = None
             if seen.partial and seen.region is not None:  # (the rest was never predicted: no answer, no doubt)
@@ -116,16 +124,19 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
             source = f"prediction {job.id}"
         if regions is None:
             if uncorrected:
-                h, w = int(dataset.y), int(dataset.x)
-                new.append(WorkItem(dataset_id=dataset_id, slice_index=z, y0=0, x0=0, h=h, w=w, score=W_UNCORRECTED,
+                new.append(WorkItem(dataset_id=dataset_id, slice_index=z, y0=0, x0=0, h=int(height), w=int(width),
+                                    score=W_UNCORRECTED,
                                     reasons="never corrected, no prediction of it yet", source="", created=now))
             continue
         for r in regions[:per_slice]:
             new.append(WorkItem(dataset_id=dataset_id, slice_index=z, y0=r.y0, x0=r.x0, h=r.h, w=r.w,
                                 score=round(r.score, 4), reasons=r.reasons[:255], source=source, created=now))
-    session.execute(delete(WorkItem).where(WorkItem.dataset_id == dataset_id, WorkItem.taken_by.is_(None),
-                                           WorkItem.done_at.is_(None)))
-    session.add_all(new)
+    # the open items nobody works on go (never taken, or taken over an hour ago and left); a region someone
+    # is working on is not ranked twice
+    session.execute(delete(WorkItem).where(
+        WorkItem.dataset_id == dataset_id, WorkItem.done_at.is_(None),
+        or_(WorkItem.taken_by.is_(None), WorkItem.taken_at < now - TAKEN_FOR)))
+    session.add_all([w for w in new if (w.slice_index, w.y0, w.x0, w.h, w.w) not in now_taken])
     session.flush()
     return work_list(session, dataset_id)
 
@@ -141,10 +152,15 @@ def take(session: Session, dataset_id: int, owner: str) -> WorkItemInfo | None:
     if not rows:
         return None
     rows.sort(key=lambda r: (r.taken_by == owner, -r.score, r.slice_index, r.id))
-    row = rows[0]
-    row.taken_by, row.taken_at = owner, now
-    session.flush()
-    return item_info(row)
+    for row in rows:  # taken only if still free as it is written: two Nexts at once never get the same item
+        taken = session.execute(update(WorkItem).where(
+            WorkItem.id == row.id, WorkItem.done_at.is_(None),
+            or_(WorkItem.taken_by.is_(None), WorkItem.taken_by == owner, WorkItem.taken_at < now - TAKEN_FOR))
+            .values(taken_by=owner, taken_at=now).execution_options(synchronize_session=False))
+        if taken.rowcount == 1:
+            session.refresh(row)
+            return item_info(row)
+    return None
 
 
 def done(session: Session, dataset_id: int, slice_index: int, mask_version_id: int, who: str) -> int:

@@ -136,6 +136,9 @@ def test_a_line_drawn_on_the_canvas_splits_the_neuron_it_crosses(scene):
     forged = {"objects": [{"type": "path", "path": [["M", "x", None], ["L", float("inf"), 1.0], ["L", 1e9, -5.0]]}]}
     assert line_points(forged, view) == [(0, 19)]  # (the one readable point, kept inside the view)
     assert line_points({"objects": "not a list"}, view) == [] and line_points(None, view) == []
+    shrunk = View(0, 0, 4096, 4096, 1, 4)  # a 4096² slice shown at 1/4: 1e308 / ¼ is infinite, still kept inside
+    huge = {"objects": [{"type": "path", "path": [["M", 1e308, -1e308]]}]}
+    assert line_points(huge, shrunk) == [(0, 4095)]
     with pytest.raises(ValueError, match="draw a line"):
         run_tool(SPLIT_LINE, mask, instances, np.zeros((20, 20), np.float32), [(1, 1)], NEURON)
 

@@ -276,7 +276,7 @@ def test_live_takes_in_a_mask_saved_after_it_started_and_stop_leaves_an_ordinary
     svc.live_see(session.run_id, "ann", 2)
     wait_for(lambda: svc.run(session.run_id).status == "RUNNING", what="the live worker to start")
     wait_for(lambda: live_slice(svc, session.run_id, 2), what="a first live prediction of slice 2")
-    prediction = svc.live_prediction(session.run_id, 2)
+    prediction = svc.live_prediction(session.run_id, 2, uncertainty=True)
     assert prediction.probabilities.shape == (64, 64) and 0 <= prediction.probabilities.min() <= 1
     # its uncertainty: a first prediction has no weights before it to differ from, so its own doubt
     assert prediction.uncertainty.shape == (64, 64)

@@ -75,3 +75,32 @@ def test_the_queue_ranks_regions_and_two_users_share_it(predicted):
         vic.next_work(demo.id)
     with pytest.raises(UserError, match="viewer"):
         vic.rank_work(demo.id)
+
+
+def test_two_users_pressing_next_at_once_never_get_the_same_item(tmp_path, database_url):
+    """Next is one conditional write per item: six users at once on SQLite and on PostgreSQL each get a
+    different item (the six slices nobody corrected, no prediction yet), and a seventh finds none left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.review import worklist
+
+    svc = Neuroseg(Settings.from_env(tmp_path / "data", database_url), supervise=False)
+    try:
+        demo = svc.load_demo()
+        with svc.sessions.begin() as s:
+            for row in s.query(MaskVersion).filter(MaskVersion.dataset_id == demo.id, MaskVersion.slice_index < 6):
+                s.delete(row)
+        work = svc.rank_work(demo.id)
+        assert sorted(i.slice_index for i in work.open) == list(range(6))
+        assert {i.source for i in work.open} == {""} and all(i.box == (0, 0, 256, 256) for i in work.open)
+
+        def take(name):
+            with svc.sessions.begin() as s:
+                return worklist.take(s, demo.id, name)
+
+        with ThreadPoolExecutor(6) as pool:
+            taken = list(pool.map(take, [f"user{i}" for i in range(6)]))
+        assert None not in taken and len({t.id for t in taken}) == 6
+        assert svc.next_work(demo.id, "late") is None
+    finally:
+        svc.close()
