@@ -9,7 +9,9 @@
   "Largest" counts the pixels the action labels right where the prediction was wrong (the errors it fixes),
   less the pixels it labels wrong, plus 1/20 for each pixel it labels right where the prediction was right
   already: a fixed error weighs as much as twenty confirmed pixels, so a large correct neuron is accepted
-  when nothing more wrong is near. A brush disk is used only where the prediction shows no neuron to click.
+  when nothing more wrong is near. Each look at a slice starts with "Accept all confident neurons" (at 0.9,
+  Annotate's default) when that gains by the same count, as a person does with a good prediction. A brush
+  disk is used only where the prediction shows no neuron to click.
   A split draws what a person draws with "Split along a line": a one-pixel line along the true border (its
   skeleton), widened as the app's line is and kept inside the predicted neuron, so it can be off by a pixel
   or two as a hand-drawn line is.
@@ -37,6 +39,7 @@ from unet.training.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
 MIN_PART = 20  # px: an overlap smaller than this is not a part of a merge or a split
 BORDER = 6  # px: the true membrane between two neurons is within this of both
 LINE_WIDTH = 1  # px either side of a drawn split line (objects.split_line's default)
+CONFIDENT = 0.9  # "Accept all confident neurons" at Annotate's default threshold
 CONFIRMED = 0.05  # what a pixel labelled right where the prediction was right already counts (an error fixed: 1)
 
 
@@ -125,7 +128,7 @@ class Tools:
 
     def begin(self, prob: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
         """A new look at the slice: the prediction shown, its neurons, and the order of the tiles."""
-        self.prob = prob
+        self.prob, self.confident_tried = prob, False
         self.instances = segment(prob)
         self.areas = np.bincount(self.instances.ravel())
         self.boxes = ndi.find_objects(self.instances)
@@ -227,8 +230,15 @@ class Tools:
         return not labels or all(self.areas[k] > 0.5 * self.instances.size for k in labels)
 
     def act(self, mask: np.ndarray) -> np.ndarray | None:
-        """One action: the best object tool in the first tile that still has something to fix, or a brush disk
+        """One action: "Accept all confident neurons" first, when it fixes more than it breaks (once a look);
+        then the best object tool in the first tile that still has something to fix, or a brush disk
         there when the prediction shows no neuron in it (None: nothing left anywhere)."""
+        if not self.confident_tried:  # (what a person does first with a good prediction: one click)
+            self.confident_tried = True
+            after, chosen = objects.accept_confident(mask, self.instances, self.prob, CONFIDENT)
+            if chosen and self.gain(mask, after) > 0:
+                self.last_tool = "accept confident"
+                return after
         while self.tiles:
             best, best_gain = None, 0.0
             for tool, after in self.candidates(mask, self.tiles[0]):
