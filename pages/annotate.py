@@ -41,7 +41,7 @@ volume = volume_or_stop(svc, dataset_id)
 
 z, kinds = slice_picker(svc, dataset_id, info.shape[0], state.drafts())
 if can("annotate"):
-    next_button(svc, dataset_id, info.shape[1:])  # where to work next: the dataset's shared queue
+    next_button(svc, dataset_id, info.shape[1:], z)  # where to work next: the dataset's shared queue
 edit = Edit.of(svc, dataset_id, z)
 history = svc.history(dataset_id, z)  # (callbacks run before the page: this is current for the whole run)
 options = start_options(history, svc.predictions(dataset_id=dataset_id), z)

@@ -33,14 +33,14 @@ def _next(svc: Neuroseg, dataset_id: int, shape: tuple[int, int]) -> None:
     st.session_state[TAKEN] = item
 
 
-def next_button(svc: Neuroseg, dataset_id: int, shape: tuple[int, int]) -> None:
-    """The Next button, and what the item it took is about."""
+def next_button(svc: Neuroseg, dataset_id: int, shape: tuple[int, int], z: int) -> None:
+    """The Next button, and what the item it took is about (on that item's slice)."""
     st.button("Next to fix", key="next_work", shortcut="N", type="primary", on_click=_next,
               args=(svc, dataset_id, shape), help="The best place to correct next on this dataset (its shared queue: "
                                                   "the prediction's uncertainty, suspicious neurons, slices nobody "
                                                   "corrected), opened zoomed in.")
     item: WorkItemInfo | None = st.session_state.get(TAKEN)
-    if item is not None and item.dataset_id == dataset_id:
+    if item is not None and (item.dataset_id, item.slice_index) == (dataset_id, z):
         y0, x0, h, w = item.box
         st.caption(f"To fix: slice {item.slice_index}, rows {y0}–{y0 + h}, columns {x0}–{x0 + w} ({item.reasons}). "
                    "Saving the slice marks it done.")
