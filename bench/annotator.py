@@ -184,7 +184,7 @@ class Tools:
             elif len(real) == 1:
                 g, overlap = real[0]
                 if overlap >= 0.8 * area and overlap >= 0.6 * self.gt_areas[g]:
-                    yield "accept", objects.accept(mask, inst, k)
+                    yield "accept", objects.accept(mask, inst, k, prob=self.prob)
         for g in (int(v) for v in np.unique(gt[here]) if v):  # splits: one true neuron, several pieces
             g_box = self.gt_boxes[g - 1]
             pieces, counts = np.unique(inst[g_box][gt[g_box] == g], return_counts=True)

@@ -99,7 +99,7 @@ def run_tool(tool: str, mask: np.ndarray, instances: np.ndarray, prob: np.ndarra
     if 0 in labels:
         raise ValueError("click inside a neuron of the prediction")
     if tool == Tool.ACCEPT:
-        return objects.accept(mask, instances, labels[0])
+        return objects.accept(mask, instances, labels[0], prob=prob)
     if tool == Tool.ERASE:
         return objects.erase(mask, instances, labels[0])
     if tool == Tool.MERGE:

@@ -219,7 +219,7 @@ class ObjectEdits:
         from unet.training.labels import IGNORE
 
         a, b, c, d, e, f = (picks[k] for k in "abcdef")
-        merged = objects.merge(objects.accept(start, instances, a), instances, b, c)
+        merged = objects.merge(objects.accept(start, instances, a, prob=prob), instances, b, c)
         split = objects.split_seeds(merged, instances, 1.0 - prob, seeds)
         self.before_line = objects.fill(objects.fill(split, *picks["g_at"], MEMBRANE), *picks["h_at"], IGNORE)
         self.instances, self.start, self.d, self.e, self.f, self.line = instances, start, d, e, f, line
@@ -434,7 +434,7 @@ def next_to_fix(page, data_dir):
     _click(page, canvas, *at, instances.shape)
     await_annotate_render(page, shown)
     expect(unsaved).to_be_visible(timeout=TIMEOUT_MS)
-    accepted = objects.accept(start, instances, k)
+    accepted = objects.accept(start, instances, k, prob=prob)
     confident, chosen = objects.accept_confident(accepted, instances, prob, 0.9)
     page.get_by_role("button", name="Accept all confident neurons").click()  # (at the confidence of 0.9)
     page.get_by_text(f"Accepted {len(chosen)} neuron(s)").wait_for()

@@ -181,3 +181,17 @@ def test_a_large_live_prediction_is_cut_into_neurons_only_around_the_view():
     assert found.shape == prob.shape and (found[:900] == 0).all() and (found[:, :900] == 0).all()
     assert found[1020, 1020] and found[1070, 1020] and found[1020, 1020] != found[1070, 1020]
     assert found[30, 30] == 0 and neurons_from(prob[:600, :600])[30, 30]  # (a small slice: all of it)
+
+
+def test_accept_with_the_prediction_takes_its_membrane_as_the_ring(scene):
+    """A watershed gives every pixel to a neuron, so a neuron holds its half of the membrane around it: with the
+    probabilities, Accept labels what the prediction calls membrane there (here its last two rows and its
+    last column) as MEMBRANE and the rest NEURON, instead of a ring of fixed width."""
+    mask, instances = scene
+    prob = np.full((20, 20), 0.9, np.float32)
+    prob[8:10, :] = prob[:, 9] = 0.2
+    out = objects.accept(mask, instances, 1, prob=prob)
+    assert (out[8:10, :10] == MEMBRANE).all() and (out[:8, 9] == MEMBRANE).all()
+    assert (out[:8, :9] == NEURON).all() and (out[instances != 1] == IGNORE).all()
+    chosen = objects.accept_confident(mask, instances, np.where(instances == 3, 0.95, prob), 0.9)
+    assert chosen[1] == [3] and (chosen[0][10:18, 2:18] == NEURON).all()  # (no membrane of its own: a ring)

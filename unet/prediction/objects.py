@@ -5,7 +5,8 @@ the mask as the tool leaves it, a new array (the one given is never written). Ev
 bounding box of what it touches, so an action costs what the object costs, not what the slice costs (a
 4096² slice is 16 M pixels; a neuron a few thousand).
 
-- :func:`accept` — a neuron becomes NEURON, with a ring of MEMBRANE ``ring`` pixels wide along its border;
+- :func:`accept` — a neuron becomes NEURON, with a ring of MEMBRANE along its border: what the prediction calls
+  membrane of it (a watershed gives every pixel to a neuron), else ``ring`` pixels wide;
   :func:`accept_confident` does it for every neuron whose mean probability clears a threshold.
 - :func:`merge` — two neighbours: the membrane between them becomes NEURON.
 - :func:`split_seeds` — two (or more) seeds inside one neuron: a seeded watershed on the boundary map inside
@@ -71,27 +72,38 @@ def object_at(instances: np.ndarray, y: int, x: int, snap: int = SNAP) -> int:
     return int(near[tuple(nearest)])
 
 
-def _accept_in(out: np.ndarray, inside: np.ndarray, ring: int) -> None:
+def _accept_in(out: np.ndarray, inside: np.ndarray, ring: int, prob: np.ndarray | None = None) -> None:
+    """``inside`` accepted in ``out``: with ``prob``, its pixels the prediction calls neuron are NEURON and its
+    pixels it calls membrane (the neuron's half of the membrane around it: a watershed gives every pixel to
+    a neuron) are MEMBRANE; without, or where it calls none of them membrane, a ring ``ring`` pixels wide."""
+    if prob is not None:
+        membrane = inside & (prob <= 0.5)
+        if membrane.any():
+            out[membrane] = MEMBRANE
+            out[inside & ~membrane] = NEURON
+            return
     core = ndi.binary_erosion(inside, iterations=ring, border_value=1) if ring else inside
     out[inside] = MEMBRANE
     out[core] = NEURON
 
 
-def accept(mask: np.ndarray, instances: np.ndarray, label: int, ring: int = RING) -> np.ndarray:
-    """Neuron ``label`` accepted: its pixels NEURON, but for a ring of MEMBRANE ``ring`` pixels wide along
-    its border with the other neurons (a neuron that fills a whole box keeps its border with the slice)."""
+def accept(mask: np.ndarray, instances: np.ndarray, label: int, ring: int = RING,
+           prob: np.ndarray | None = None) -> np.ndarray:
+    """Neuron ``label`` accepted: its pixels NEURON, but for a ring of MEMBRANE along its border with the
+    other neurons: with the prediction's probabilities ``prob``, the pixels of it the prediction calls
+    membrane; without, ``ring`` pixels wide (a neuron that fills a whole box keeps its border with the slice)."""
     out = mask.copy()
     box = _label_box(instances, label, 1)
     inside = instances[box] == label
     part = out[box]
-    _accept_in(part, inside, ring)
+    _accept_in(part, inside, ring, None if prob is None else prob[box])
     return out
 
 
 def accept_confident(mask: np.ndarray, instances: np.ndarray, prob: np.ndarray, threshold: float = 0.9,
                      ring: int = RING) -> tuple[np.ndarray, list[int]]:
     """Every neuron whose mean neuron probability is at least ``threshold``, accepted as :func:`accept`
-    does. Returns (the mask, the labels accepted)."""
+    does with ``prob``. Returns (the mask, the labels accepted)."""
     if prob.shape != instances.shape:
         raise ValueError(f"the probabilities are {prob.shape}, the neurons {instances.shape}")
     n = int(instances.max())
@@ -104,7 +116,7 @@ def accept_confident(mask: np.ndarray, instances: np.ndarray, prob: np.ndarray, 
     out, wanted = mask.copy(), set(chosen)
     for k, box in enumerate(ndi.find_objects(instances), start=1):
         if box is not None and k in wanted:
-            _accept_in(out[box], instances[box] == k, ring)
+            _accept_in(out[box], instances[box] == k, ring, prob[box])
     return out, chosen
 
 
