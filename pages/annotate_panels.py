@@ -46,11 +46,10 @@ def slice_picker(svc: Neuroseg, dataset_id: int, z_count: int,
 
     nav = st.columns([1, 10, 1], vertical_alignment="bottom")
     nav[0].button("◀ Prev", on_click=_step, args=(slice_key, -1, z_count), disabled=st.session_state[slice_key] <= 0,
-                  key="prev_slice", shortcut="PageUp")
+                  key="prev_slice")
     with nav[1]:
         z = st.slider("Slice", 0, z_count - 1, key=slice_key) if z_count > 1 else 0
-    nav[2].button("Next ▶", on_click=_step, args=(slice_key, 1, z_count), disabled=z >= z_count - 1, key="next_slice",
-                  shortcut="PageDown")
+    nav[2].button("Next ▶", on_click=_step, args=(slice_key, 1, z_count), disabled=z >= z_count - 1, key="next_slice")
     positions[dataset_id] = z
     if st.query_params.get("slice") != str(z):  # in the URL too: a reload or a bookmark opens this slice
         st.query_params["slice"] = str(z)

@@ -87,6 +87,8 @@ def test_draw_a_stroke_and_save_it(tmp_path):
         assert (after[covered] == MEMBRANE).all()
 
         # an unsaved stroke is kept, and the other pages say so
+        canvas.scroll_into_view_if_needed()  # (its lower half can be below the window: strokes there are lost)
+        box = canvas.bounding_box()
         page.mouse.move(box["x"] + 100, box["y"] + 600)
         page.mouse.down()
         page.mouse.move(box["x"] + 300, box["y"] + 600)
@@ -219,7 +221,9 @@ class ObjectEdits:
         from unet.training.labels import IGNORE
 
         a, b, c, d, e, f = (picks[k] for k in "abcdef")
-        merged = objects.merge(objects.accept(start, instances, a, prob=prob), instances, b, c)
+        unknown_a = objects.fill(objects.merge(start, instances, b, c), *picks["a_at"], IGNORE)
+        merged = objects.accept(unknown_a, instances, a, prob=prob)  # (from the prediction, Accept alone changes
+        # nothing: it is what the edit starts as)
         split = objects.split_seeds(merged, instances, 1.0 - prob, seeds)
         self.before_line = objects.fill(objects.fill(split, *picks["g_at"], MEMBRANE), *picks["h_at"], IGNORE)
         self.instances, self.start, self.d, self.e, self.f, self.line = instances, start, d, e, f, line
@@ -304,7 +308,8 @@ def correct_by_objects(page, data_dir):
     seeds = seeds_in(e)
     f = next(k for k in labels if k not in (b, c, e) and line_inside(k))
     a, d, g, h = [k for k in labels if k not in (b, c, e, f)][:4]
-    picks = {"a": a, "b": b, "c": c, "d": d, "e": e, "f": f, "g": g, "h": h, "g_at": inner[g], "h_at": inner[h]}
+    picks = {"a": a, "b": b, "c": c, "d": d, "e": e, "f": f, "g": g, "h": h, "a_at": inner[a], "g_at": inner[g],
+             "h_at": inner[h]}
 
     from playwright.sync_api import expect
 
@@ -337,8 +342,9 @@ def correct_by_objects(page, data_dir):
                 page.get_by_text(f"{tool}: {len(points) - i - 1} more click(s)").wait_for()
         expect(unsaved).not_to_have_text(before[0] if before else "-", timeout=TIMEOUT_MS)
 
-    use("Accept a neuron", inner[a])
     use("Merge two", inner[b], inner[c])
+    use("Don't know (a region)", inner[a], key="d")  # neuron a unknown, then accepted as the prediction has it
+    use("Accept a neuron", inner[a])
     merged = unsaved.inner_text()
     use("Erase a neuron", inner[d], key="e")  # its key picks it
     shown = annotate_render(page)
@@ -371,8 +377,8 @@ def correct_by_objects(page, data_dir):
 
 class Fixed:
     """What Next to fix must have done: the item taken by the user, its slice saved from the prediction
-    with one neuron accepted in the zoomed view and then every confident one, and the item done by that
-    version."""
+    with one neuron erased in the zoomed view and then every confident one accepted, and the item done by
+    that version."""
 
     def __init__(self, dataset_id, item_id, z, expected, tools):
         self.dataset_id, self.item_id, self.z, self.expected, self.tools = dataset_id, item_id, z, expected, tools
@@ -387,7 +393,7 @@ class Fixed:
 
 def next_to_fix(page, data_dir):
     """Next to fix (its key, N): Annotate jumps to the queue's best item, zoomed in on it, starting from the
-    prediction; a neuron inside it accepted by a click in the zoomed view, every confident neuron accepted, and
+    prediction; a neuron inside it erased by a click in the zoomed view, every confident neuron accepted, and
     saved; the queue shows it done."""
     from playwright.sync_api import expect
     from scipy import ndimage as ndi
@@ -427,14 +433,14 @@ def next_to_fix(page, data_dir):
 
     unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
     shown = annotate_render(page)
-    page.get_by_text("Accept a neuron", exact=True).click()
+    page.get_by_text("Erase a neuron", exact=True).click()
     await_annotate_render(page, shown)
-    canvas = page.locator('[class*="-accept-"] canvas.upper-canvas')
+    canvas = page.locator('[class*="-erase-"] canvas.upper-canvas')
     shown = annotate_render(page)
     _click(page, canvas, *at, instances.shape)
     await_annotate_render(page, shown)
     expect(unsaved).to_be_visible(timeout=TIMEOUT_MS)
-    accepted = objects.accept(start, instances, k, prob=prob)
+    accepted = objects.erase(start, instances, k)
     confident, chosen = objects.accept_confident(accepted, instances, prob, 0.9)
     page.get_by_role("button", name="Accept all confident neurons").click()  # (at the confidence of 0.9)
     page.get_by_text(f"Accepted {len(chosen)} neuron(s)").wait_for()
@@ -442,5 +448,5 @@ def next_to_fix(page, data_dir):
     page.get_by_text(re.compile(rf"Saved slice {z} as v\d+")).wait_for()
     page.get_by_text(re.compile(r"Where to work next: \d+ open, 1 done")).wait_for()
     page.screenshot(path=ARTIFACTS / "next-to-fix.png", full_page=True)
-    return Fixed(dataset_id, item.id, z, confident, ("accept", "accept confident") if (confident != accepted).any()
-                 else ("accept",))
+    return Fixed(dataset_id, item.id, z, confident, ("accept confident", "erase") if (confident != accepted).any()
+                 else ("erase",))
