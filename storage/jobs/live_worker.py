@@ -242,7 +242,7 @@ class LiveLoop:
     def _uncertainty(self, z: int, relative: str, prob: np.ndarray, region: Region | None, steps: int) -> np.ndarray:
         """Slice ``z``'s uncertainty (uint8, 255 = most) once ``prob`` replaces its live prediction: in the part
         predicted, the larger of the new map's own doubt (:func:`unet.prediction.review.margin`) and how much
-        these weights changed it from the weights before (:func:`~unet.prediction.review.disagreement`); the
+        these weights changed it from the weights before (``|new − before|``); the
         rest keeps what it had. Predicted again by the same weights, it stays as it was (nothing was learned)."""
         kept = _load_uint8(self.store.abspath(self.store.live_uncertainty(self.run_id, z)), prob.shape)
         if kept is not None and self._steps.get(z) == steps:

@@ -147,9 +147,6 @@ def test_the_uncertainty_and_the_suspicious_neurons_rank_the_regions():
     prob = np.full((64, 64), 0.99, np.float32)
     prob[40:56, 8:24] = 0.5  # unsure in one place
     assert review.margin(prob)[48, 16] == pytest.approx(1.0) and review.margin(prob)[0, 0] == pytest.approx(0.02)
-    assert review.disagreement(prob, np.zeros_like(prob))[0, 0] == pytest.approx(0.99)
-    with pytest.raises(ValueError, match="differ in shape"):
-        review.disagreement(prob, prob[:10])
     # neuron 1 here is two neurons in the slice below (a merge here or a split there); 3 is a fragment
     here = np.zeros((64, 64), np.int32)
     here[:, :32], here[:, 32:62], here[0:4, 62:64] = 1, 2, 3

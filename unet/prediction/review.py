@@ -4,8 +4,8 @@ correction there.
 
 - :func:`margin` — the map's own doubt, ``1 − |2p − 1|``: 1 at p = 0.5, 0 at 0 or 1. With test-time flips the
   stored map is the mean of the eight, so where the flips disagree it sits near 0.5 and the margin says so.
-- :func:`disagreement` — ``|a − b|`` of two maps of the same slice: the live session keeps it between the
-  predictions of two consecutive weights (what the last minute of training changed is what it is unsure of).
+- a live session's uncertainty (kept by :mod:`storage.jobs.live_worker`) is the larger of the margin and
+  ``|a − b|`` of its predictions by two consecutive weights (what the last training changed it is unsure of).
 - :func:`suspects` — neurons a person should look at: tiny fragments, and neurons that split or merge between
   this slice and a neighbour (one neuron here covers two there, or the other way round).
 - :func:`rank_regions` — the slice cut in tiles, each scored by its mean uncertainty, the share of it that
@@ -27,13 +27,6 @@ def margin(prob: np.ndarray) -> np.ndarray:
     """The map's own doubt per pixel (float32 in [0, 1]): 1 where p = 0.5, 0 where p is 0 or 1."""
     p = np.asarray(prob, dtype=np.float32)
     return (1.0 - np.abs(2.0 * p - 1.0)).astype(np.float32)
-
-
-def disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``|a − b|`` of two probability maps of one slice (float32 in [0, 1])."""
-    if a.shape != b.shape:
-        raise ValueError(f"the two maps differ in shape: {a.shape} and {b.shape}")
-    return np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))
 
 
 def _areas(instances: np.ndarray) -> np.ndarray:
