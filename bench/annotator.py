@@ -126,8 +126,10 @@ class Tools:
         self.rng = np.random.default_rng(seed)
         self.tile = tile or tile_size(target.shape)
 
-    def begin(self, prob: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
-        """A new look at the slice: the prediction shown, its neurons, and the order of the tiles."""
+    def begin(self, prob: np.ndarray, uncertainty: np.ndarray | None = None,
+              box: tuple[int, int, int, int] | None = None) -> None:
+        """A new look at the slice: the prediction shown, its neurons, and the order of the tiles (only ``box``,
+        an item of :mod:`bench.items`, when it is given and smaller than the slice)."""
         self.prob, self.confident_tried = prob, False
         self.instances = segment(prob)
         self.areas = np.bincount(self.instances.ravel())
@@ -135,7 +137,9 @@ class Tools:
         self.boundary = 1.0 - prob
         wrong = (prob > 0.5) != (self.target == NEURON)
         self.wrong = wrong
-        if self.where == "queue":
+        if box is not None and (box[2], box[3]) != prob.shape:
+            self.tiles = [box]
+        elif self.where == "queue":
             u = uncertainty if uncertainty is not None else 1.0 - np.abs(2.0 * prob - 1.0)
             found = suspects(self.instances)
             tiles = rank_regions(u, suspect_mask=suspect_mask(self.instances, found),

@@ -42,6 +42,7 @@ import numpy as np
 
 from bench.annotator import Brush, Tools, noc, paint, wrong_regions
 from bench.common import ROOT, labelled_stack, table, write_json
+from bench.items import Queue, RandomOrder, Round
 from bench.page import annotate_page
 
 POLL_S = 0.1
@@ -166,37 +167,41 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
         region = (view.y0, view.x0, view.h, view.w) if args.zoom > 1 else None
         outside = np.ones(targets.shape[1:], bool)
         outside[view.y0:view.y0 + view.h, view.x0:view.x0 + view.w] = False
+        picker = None
+        if args.annotator == "tools":
+            picker = (Queue(svc, ds, order) if args.where == "queue"
+                      else RandomOrder(order, targets.shape[1:], seed=args.seed))
+            rounds = Round(svc, run_id, ds, order, picker, wait_until,
+                           lambda z, mask: save_mask(svc, ds, z, mask), fresh)
         for r in range(args.rounds):
-            z = order[r % len(order)]
-            t_look = time.time()
-            if page is not None:
-                page(ds, z)  # the page follows the annotator to the slice, with Live on
-            svc.live_see(run_id, "annotator", z, region)
-            seen = wait_until(f"a live prediction of slice {z}", fresh(z, t_look))
-            before = masks[z]
+            if picker is not None:  # a few actions on each item, a save, then Next (the queue's or a random one)
+                z, before, seen, last, saved, done = rounds.run(masks, lambda z, r=r: make(z, r), time.time(), args.k,
+                                                          args.per_item)
+                actions += done
+                for tool, n in rounds.used.items():
+                    used[tool] = used.get(tool, 0) + n
+            else:
+                z = order[r % len(order)]
+                t_look = time.time()
+                if page is not None:
+                    page(ds, z)  # the page follows the annotator to the slice, with Live on
+                svc.live_see(run_id, "annotator", z, region)
+                seen = wait_until(f"a live prediction of slice {z}", fresh(z, t_look))
+                before = masks[z]
             if args.annotator == "brush":  # K disks where the prediction is most wrong: K actions
                 centres = wrong_regions(seen.probabilities, targets[z], painted[z] | outside, args.k, args.radius)
                 paint(painted[z], centres, args.radius)
                 masks[z] = np.where(painted[z], targets[z], IGNORE).astype(np.uint8)
                 actions += len(centres)
-            else:  # K object tools, each the one that fixes the largest error where the annotator works
-                annotator = make(z, r)
-                annotator.begin(seen.probabilities, seen.uncertainty)
-                for _ in range(args.k):
-                    after = annotator.act(masks[z])
-                    if after is None:
-                        break
-                    masks[z], actions = after, actions + 1
-                    used[annotator.last_tool] = used.get(annotator.last_tool, 0) + 1
-            if args.paint_seconds > 0:
-                time.sleep(args.paint_seconds)  # the strokes take a person this long; the session trains on
-            saved = save_mask(svc, ds, z, masks[z])
+                if args.paint_seconds > 0:
+                    time.sleep(args.paint_seconds)  # the strokes take a person this long; the session trains on
+                saved, last = save_mask(svc, ds, z, masks[z]), z
             t_save = time.monotonic()
             clicks = None
             if args.noc_cap:  # (while the session trains on the save)
                 clicks = noc(lambda z=z, r=r: make(z, r), seen.probabilities, seen.uncertainty, targets[z], before,
                              args.noc_goal, args.noc_cap)
-            wait_until("the live overlay to include the save", lambda z=z, mask=saved.id: (
+            wait_until("the live overlay to include the save", lambda z=last, mask=saved.id: (
                 p := svc.live_prediction(run_id, z)) is not None and p.masks_seen >= mask)
             latencies.append(time.monotonic() - t_save)
             rest = args.seconds - (time.monotonic() - t_save)
@@ -293,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(brush), or Annotate's object tools (tools); --k is the actions per round either way")
     ap.add_argument("--where", default="queue", choices=("queue", "random"), help="the tools' annotator works "
                     "where the queue says (the live prediction's uncertainty and fragments) or at random")
+    ap.add_argument("--per-item", type=int, default=3, help="the tools' annotator: the most actions on one "
+                    "item (a region of a slice) before it saves and takes the next")
     ap.add_argument("--noc-goal", type=float, default=0.95, help="NoC: actions until the slice's own Rand-F "
                     "(its prediction with the edit laid over it) reaches this")
     ap.add_argument("--noc-cap", type=int, default=30, help="the most actions NoC counts (0: no NoC)")
@@ -315,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = {"volume": str(volume_path), "shape": list(volume.shape), "start": args.start, "k": args.k,
               "annotator": args.annotator, "where": args.where if args.annotator == "tools" else None,
+              "per_item": args.per_item if args.annotator == "tools" else None,
               "noc_goal": args.noc_goal, "noc_cap": args.noc_cap,
               "page": args.page, "paint_seconds": args.paint_seconds, "zoom": args.zoom,
               "radius": args.radius, "seconds_per_round": args.seconds, "held_out": held,
