@@ -66,15 +66,15 @@ def test_lr_schedule_warms_up_then_anneals_by_steps_or_time():
 def test_train_resume_continues_the_step_count(tmp_path, synthetic, device):
     data = _data(synthetic)
     config = preset("tiny", steps=24, val_every=8, checkpoint_every=8, device=device)
-    first = ListReporter(stop_at=12)
+    first = ListReporter(stop_at=8)  # (losses are read at each validation, and every LOSS_EVERY steps)
     result = train(config, data, first, out_dir=tmp_path)
-    assert result.reason == "stopped" and result.steps_done == 12
-    assert load_checkpoint(tmp_path / "latest.pt").meta["step"] == 12
+    assert result.reason == "stopped" and result.steps_done == 8
+    assert load_checkpoint(tmp_path / "latest.pt").meta["step"] == 8
 
     second = ListReporter()
     resumed = train(config, data, second, out_dir=tmp_path, resume=True)
     assert resumed.reason == "finished" and resumed.steps_done == 24
-    assert second.steps[0][0] == 13  # carries on where it stopped
+    assert second.steps[0][0] == 9  # carries on where it stopped
     assert [h["step"] for h in resumed.history] == list(range(1, 25))
     assert load_checkpoint(tmp_path / "latest.pt").meta["step"] == 24
     assert (tmp_path / "best.pt").exists()

@@ -154,6 +154,9 @@ class TrainConfig:
         amp: ``auto`` (bf16 on CUDA when supported, else fp16; never on CPU), ``off``, ``bf16``, ``fp16``.
         channels_last: the NHWC memory format (None: on for CUDA).
         tta_validation: validate with the 8 flips/rotations averaged.
+        pipeline: where training batches are cut and augmented: ``device`` (torch ops where the network runs,
+            :mod:`unet.training.device_batches`), ``host`` (NumPy and SciPy, in worker processes on CUDA,
+            :class:`unet.training.data.PatchSampler`), ``auto`` (device on a GPU, host on a CPU).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +180,7 @@ class TrainConfig:
     amp: Amp = "auto"  # auto = bf16 on CUDA when supported, else fp16 on CUDA; never on CPU
     channels_last: bool | None = None  # None = on for CUDA, off elsewhere
     tta_validation: bool = False
+    pipeline: str = "auto"  # where batches are made: auto (device on a GPU, host on a CPU), device, host
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -196,6 +200,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.loss must be 'bce', 'dice' or 'bce+dice', got {self.loss!r}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ValueError(f"TrainConfig.amp must be auto, off, bf16 or fp16, got {self.amp!r}")
+        if self.pipeline not in ("auto", "device", "host"):
+            raise ValueError(f"TrainConfig.pipeline must be auto, device or host, got {self.pipeline!r}")
         if self.border_weight < 0 or self.border_sigma <= 0:
             raise ValueError("TrainConfig.border_weight must be >= 0 and border_sigma > 0")
         if self.max_seconds is not None and not (self.max_seconds > 0 and math.isfinite(self.max_seconds)):

@@ -73,9 +73,11 @@ class PatchSampler:
 
     def __init__(self, images: list[np.ndarray], targets: list[np.ndarray], in_size: int, out_size: int,
                  augment: AugmentConfig, rng: np.random.Generator,
-                 weights: list[np.ndarray] | None = None, label_offset: tuple[float, float] = (0.0, 0.0)):
+                 weights: list[np.ndarray] | None = None, label_offset: tuple[float, float] = (0.0, 0.0),
+                 windows: list[np.ndarray] | None = None):
         """``label_offset``: the labels' drawing convention kept through flips (see :func:`augment_patch`;
-        the trainers measure or inherit it)."""
+        the trainers measure or inherit it). ``windows``: boolean masks of where windows may be placed
+        (default: the labelled pixels of ``targets``)."""
         self.in_size, self.out_size = in_size, out_size
         self.label_offset = tuple(label_offset)
         self.offset = (in_size - out_size) // 2
@@ -89,7 +91,8 @@ class PatchSampler:
         if weights is not None:
             self.weights = [np.pad(w, pad, constant_values=0).astype(np.float32) for w in weights]
         self.shapes = [t.shape for t in targets]
-        self.labelled = [np.flatnonzero(t.ravel() != IGNORE) for t in targets]
+        self.labelled = ([np.flatnonzero(np.asarray(m, bool).ravel()) for m in windows] if windows is not None
+                         else [np.flatnonzero(t.ravel() != IGNORE) for t in targets])
         counts = np.array([len(i) for i in self.labelled], np.float64)
         if counts.sum() == 0:
             raise ValueError("no labelled pixels to sample from")

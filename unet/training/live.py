@@ -45,6 +45,7 @@ from unet.exchange.checkpoint import load_checkpoint
 from unet.network.config import TrainConfig
 from unet.prediction.infer import predict_slice
 from unet.training.data import PatchSampler, TrainData, normalize_image
+from unet.training.device_batches import DeviceSampler, make_sampler
 from unet.training.forest import PixelForest
 from unet.training.labels import IGNORE, MEMBRANE, NEURON, agreed_offset, border_weights, central, is_dense
 from unet.training.train import NullReporter, Reporter, Trainer
@@ -103,7 +104,7 @@ class LiveTrainer:
         dummy = TrainData([np.zeros((8, 8), np.float32)], [np.zeros((8, 8), np.uint8)], [], [])
         self.trainer = Trainer(config, dummy, reporter or NullReporter(), out_dir)
         self.trainer.restore(resume=resume and (Path(out_dir) / "latest.pt").exists(), init_from=init_from)
-        self.sampler: PatchSampler | None = None
+        self.sampler: PatchSampler | DeviceSampler | None = None
         self.inherited_offset = self.trainer.label_offset  # the starting weights' drawing convention
         self._offsets: dict[Hashable, tuple[np.ndarray, tuple[float, float]]] = {}  # key → (painted, offset)
         self.trainer.batches = self._batches()
@@ -172,15 +173,11 @@ class LiveTrainer:
             weights = [np.where(t != IGNORE, 1.0, self.distill).astype(np.float32) * (1 if weights is None else w)
                        for t, w in zip(painted, weights or [None] * len(painted), strict=True)]
         offset = self._label_offset(keys, images, painted)
-        sampler = PatchSampler(images, targets, config.patch_size, self.trainer.out_size, config.augment,
-                               self.trainer.rng, weights, offset)
+        sampler = make_sampler(config, self.trainer.device, self.trainer.rng, images, targets, self.trainer.out_size,
+                               weights, offset, windows=[t != IGNORE for t in painted] if self.taught else None)
         self.trainer.label_offset = self.trainer.model.label_offset = offset
         if self.average is not None:
             self.average.module.label_offset = offset
-        if self.taught:  # windows still go where the user painted
-            sampler.labelled = [np.flatnonzero(t.ravel() != IGNORE) for t in painted]
-            counts = np.array([len(i) for i in sampler.labelled], np.float64)
-            sampler.p = counts / counts.sum()
         newest = [i for i, k in enumerate(keys) if self.order[k] > 0][-RECENT:]
         if newest:
             recent = np.zeros(len(keys))
@@ -246,6 +243,7 @@ class LiveTrainer:
             target = np.where(painted != IGNORE, painted, self._pseudo_target(key, image, painted)).astype(np.uint8)
             self.sampler.targets[self.keys.index(key)] = np.pad(target, self.sampler.pad, constant_values=IGNORE)
             done += 1
+        self.trainer.flush()
         return done
 
     def _pseudo_target(self, key: Hashable, image: np.ndarray, painted: np.ndarray) -> np.ndarray:
@@ -351,6 +349,7 @@ class LiveTrainer:
             if self.average is not None:
                 self.average.update_parameters(model)
             done += 1
+        self.trainer.flush()
         return done
 
     @property

@@ -28,6 +28,7 @@ from unet.prediction.infer import Interrupted, predict_slice
 from unet.prediction.metrics import evaluate_slice, mean_metrics
 from unet.training.data import PatchSampler, TrainData
 from unet.training.ddp import agree, distributed, share
+from unet.training.device_batches import DeviceSampler, make_sampler
 from unet.training.labels import IGNORE, border_weights, label_offset
 
 
@@ -60,7 +61,8 @@ class NullReporter:
 
 @dataclass
 class ListReporter(NullReporter):
-    """Keeps everything in lists; ``stop_at`` asks the loop to stop after that step."""
+    """Keeps everything in lists; ``stop_at`` asks the loop to stop once that step's loss is reported (losses
+    arrive every :data:`LOSS_EVERY` steps)."""
 
     steps: list[tuple[int, float]] = field(default_factory=list)
     validations: list[tuple[int, dict[str, float]]] = field(default_factory=list)
@@ -90,6 +92,9 @@ class TrainResult:
     out_dir: Path
     device: str
 
+
+#: Steps between two reads of the loss back to the host (:meth:`Trainer.flush`): a read waits for the device.
+LOSS_EVERY = 10
 
 #: The validation metric that picks the ``best`` checkpoint and drives early stopping (lower is better).
 BEST_METRIC = "val_loss"
@@ -128,9 +133,10 @@ def _validation_metrics(model: UNet, data: TrainData, config: TrainConfig, devic
     return {f"val_{k}": v for k, v in mean_metrics(rows).items()} if rows else {}
 
 
-def _batches(sampler: PatchSampler, batch_size: int, device: torch.device, seed: int):
-    """Endless batches. On CUDA, worker processes prepare them while the GPU computes."""
-    if device.type != "cuda":
+def _batches(sampler: PatchSampler | DeviceSampler, batch_size: int, device: torch.device, seed: int):
+    """Endless batches. A :class:`DeviceSampler` makes them on the device, queued behind the steps before; the
+    host's sampler makes them in worker processes on CUDA while the GPU computes, in this process elsewhere."""
+    if device.type != "cuda" or isinstance(sampler, DeviceSampler):
         while True:
             yield sampler.sample(batch_size)
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -186,6 +192,7 @@ class Trainer:
         self.validations: list[dict[str, float]] = []
         self.best: dict[str, float] | None = None
         self.stale = 0  # validations since the best one
+        self._pending: list[tuple[int, torch.Tensor, float, float]] = []  # steps whose loss is not read yet
         self._started = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -239,8 +246,8 @@ class Trainer:
         if self.config.border_weight > 0:
             weights = [border_weights(t, self.config.border_weight, self.config.border_sigma)
                        for t in self.data.train_targets]
-        sampler = PatchSampler(self.data.train_images, self.data.train_targets, self.config.patch_size,
-                               self.out_size, self.config.augment, self.rng, weights, self.label_offset)
+        sampler = make_sampler(self.config, self.device, self.rng, self.data.train_images, self.data.train_targets,
+                               self.out_size, weights, self.label_offset)
         self.batches = _batches(sampler, self.config.batch_size, self.device, self.config.seed)
         if self.world > 1:  # every process draws the same global batch (same seed) and trains on its share
             self.batches = share(self.batches, self.rank, self.world)
@@ -258,9 +265,10 @@ class Trainer:
             measured = (float(inherited[0]), float(inherited[1]))
         return measured or (0.0, 0.0)
 
-    def step(self) -> float:
-        """One optimiser step on a fresh batch; returns the loss. A loss that is not finite raises
-        :class:`FloatingPointError` (the last good ``latest`` stays on disk)."""
+    def step(self) -> torch.Tensor:
+        """One optimiser step on a fresh batch; returns its loss as a tensor on the device, not read back: the
+        host waits for nothing here (:meth:`flush` reads the losses every :data:`LOSS_EVERY` steps). A loss
+        that is not finite raises :class:`FloatingPointError` then (the last good ``latest`` stays on disk)."""
         config, device = self.config, self.device
         lr = lr_at(config, self.step_count, self.elapsed())
         for group in self.optimizer.param_groups:
@@ -282,22 +290,36 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step_count += 1
-        value = float(loss.detach())
-        if self.world > 1:  # the curve of the global batch: the mean over the processes
-            total = torch.tensor([value], dtype=torch.float64)
-            torch.distributed.all_reduce(total)
-            value = float(total) / self.world
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss became {value} at step {self.step_count}; try a lower learning "
-                                     f"rate (now {config.lr}) or turn AMP off")
-        self.history.append({"step": self.step_count, "loss": value, "lr": lr, "seconds": self.elapsed()})
-        self.reporter.on_step(self.step_count, value, lr, self.elapsed())
-        return value
+        loss = loss.detach()
+        self._pending.append((self.step_count, loss, lr, self.elapsed()))
+        if len(self._pending) >= LOSS_EVERY:
+            self.flush()
+        return loss
+
+    def flush(self) -> None:
+        """Read the losses of the steps since the last read back to the host, in one transfer: record and report
+        them, and raise :class:`FloatingPointError` if one is not finite (so at most :data:`LOSS_EVERY` steps
+        late, and always before a checkpoint is written). In a distributed run every process calls it at the
+        same steps (the curve is the global batch's: the mean over the processes)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        losses = torch.stack([loss.float() for _, loss, _, _ in pending]).to(torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(losses)
+            losses = losses / self.world
+        for (step, _, lr, seconds), value in zip(pending, losses.cpu().tolist(), strict=True):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the loss became {value} at step {step}; try a lower learning rate "
+                                         f"(now {self.config.lr}) or turn AMP off")
+            self.history.append({"step": step, "loss": value, "lr": lr, "seconds": seconds})
+            self.reporter.on_step(step, value, lr, seconds)
 
     def validate(self) -> bool:
         """Validate, keep ``best``; return True when early stopping says stop. A stop asked for during the
         validation ends it at once (nothing is recorded for it). In a distributed run rank 0 validates and
         the others learn its verdict."""
+        self.flush()
         if self.rank != 0:
             return agree(False, self.world)
         try:
@@ -321,6 +343,7 @@ class Trainer:
     def save(self, kind: str, metrics: dict[str, float]) -> Path:
         """Write ``<kind>.pt``: ``latest`` carries the optimiser and everything needed to resume (in a
         distributed run, rank 0 writes; the others hold the same weights)."""
+        self.flush()
         if self.rank != 0:
             return self.out_dir / f"{kind}.pt"
         meta: dict[str, Any] = {"kind": kind, "step": self.step_count, "seconds": self.elapsed(), "metrics": metrics,
@@ -360,6 +383,7 @@ class Trainer:
             if stop_early:
                 reason = "early_stop"
                 break
+        self.flush()
         validations = self.validations
         if reason != "stopped" and (not validations or validations[-1]["step"] != self.step_count):
             self.validate()  # a cancelled run should stop promptly, not validate first
