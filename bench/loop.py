@@ -40,9 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.annotator import Brush, Tools, noc, paint, wrong_regions
+from bench.annotator import Brush, Queue, RandomOrder, Round, Tools, noc, paint, wrong_regions
 from bench.common import ROOT, labelled_stack, table, write_json
-from bench.items import Queue, RandomOrder, Round
 from bench.page import annotate_page
 
 POLL_S = 0.1

@@ -31,7 +31,8 @@ from unet.prediction.infer import predict_stack
 from unet.prediction.metrics import evaluate_slice, mean_metrics
 from unet.training.data import TrainData
 from unet.training.labels import labels_to_target
-from unet.training.train import NullReporter, train
+from unet.training.reporting import NullReporter
+from unet.training.train import train
 
 TRAIN = list(range(0, 25))
 TUNE = list(range(20, 25))  # post-processing parameters are chosen on these (training slices) …
@@ -87,16 +88,27 @@ def score_instances(probs: np.ndarray, targets: np.ndarray, method: str, params:
     return mean_metrics(rows)
 
 
-def compare_postprocessing(probs: np.ndarray, targets: np.ndarray) -> list[dict]:
+def compare_postprocessing(probs: np.ndarray, targets: np.ndarray, methods: list[str] | None = None,
+                           workers: int = 1) -> list[dict]:
     """Every post-processing's best parameters on the first five slices (20-24, by V_rand, then V_info) and
     its scores with them on the last five (25-29); today's seeded watershed with its default parameters
-    beside them."""
+    beside them. ``methods``: only these; ``workers``: parameter sets tried in that many processes."""
+    from concurrent.futures import ProcessPoolExecutor  # (only the comparison runs processes)
+
     tune_p, tune_t, test_p, test_t = probs[:5], targets[:5], probs[5:], targets[5:]
     rows = [{"post-processing": "watershed (before: its defaults)", "params": {},
              **score_instances(test_p, test_t, "today", {})}]
     for method, grid in GRID.items():
+        if methods and method not in methods:
+            continue
         started = time.perf_counter()
-        tried = [(score_instances(tune_p, tune_t, method, params), params) for params in grid]
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                scores = list(pool.map(score_instances, *zip(*[(tune_p, tune_t, method, p) for p in grid],
+                                                              strict=True)))
+            tried = list(zip(scores, grid, strict=True))
+        else:
+            tried = [(score_instances(tune_p, tune_t, method, params), params) for params in grid]
         best_scores, best = max(tried, key=lambda sp: (sp[0]["v_rand"], sp[0]["v_info"]))
         print(f"  {method}: {len(grid)} parameter sets on 20-24 in {time.perf_counter() - started:.0f} s; best {best} "
               f"(V_rand {best_scores['v_rand']:.4f})", flush=True)
@@ -220,14 +232,15 @@ def linking(probs: np.ndarray, targets: np.ndarray, all_targets: np.ndarray) -> 
     return result
 
 
-def postprocessing_table(probs: dict[str, np.ndarray], targets: np.ndarray, preset_name: str) -> dict:
+def postprocessing_table(probs: dict[str, np.ndarray], targets: np.ndarray, preset_name: str,
+                         methods: list[str] | None = None, workers: int = 1) -> dict:
     """Compare the post-processings on each method's probabilities of slices 20-29; print a table."""
     results, rows = {}, []
     for key, name in (("unet", f"U-Net {preset_name}"), ("unet_tta", f"U-Net {preset_name} + TTA"),
                       ("random_forest", "random forest")):
         if key in probs:
             print(f"\npost-processing of the {name}'s probabilities …", flush=True)
-            results[key] = compare_postprocessing(probs[key], targets[TUNE + TEST])
+            results[key] = compare_postprocessing(probs[key], targets[TUNE + TEST], methods, workers)
             rows += [{"method": name, **row} for row in results[key]]
     if "unet" in probs:
         results["linking"] = linking(probs["unet"], targets[TUNE + TEST], targets)
@@ -246,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="folder with train-volume.tif and train-labels.tif")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="*", choices=sorted(GRID), help="tune only these post-processings")
+    ap.add_argument("--workers", type=int, default=1, help="processes trying the parameter sets")
     ap.add_argument("--only", choices=["unet", "rf"], help="run one method only")
     ap.add_argument("--tta", action="store_true", help="also score the U-Net's maps predicted through the 8 "
                     "flips/rotations (test-time augmentation, Predict's option), the mean of the eight")
@@ -300,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results["unet"]["curve"], [("seconds", "s", ".0f"), ("step", "step", "d"),
                                               ("pixel_error", "pixel error", ".4f"),
                                               ("rand_f", "Rand-F", ".4f"), ("vi", "VI", ".3f")]))
-    results["postprocessing"] = postprocessing_table(probs, targets, args.preset)
+    results["postprocessing"] = postprocessing_table(probs, targets, args.preset, args.methods, args.workers)
     write_json(args.json, results)
     return 0
 

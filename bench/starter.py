@@ -65,7 +65,8 @@ def train_one(which: str, minutes: float, data: Path, out: Path, stage: int = 1,
 
     from unet.exchange.io import read_labels, read_stack
     from unet.training.data import TrainData
-    from unet.training.train import NullReporter, train
+    from unet.training.reporting import NullReporter
+    from unet.training.train import train
 
     torch.set_num_threads(1)
     volume = read_stack(data / "train-volume.tif")

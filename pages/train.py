@@ -131,7 +131,7 @@ else:
 
         presets = svc.presets()
         names = list(presets)
-        default_preset = "gpu-full" if overview.gpu else "cpu-quick"
+        default_preset = "gpu" if overview.gpu else "cpu-quick"
         preset_name = st.radio("Preset", names, index=names.index(default_preset), horizontal=True, key="train_preset",
                                captions=[describe_preset(n) for n in names])
         base = presets[preset_name]

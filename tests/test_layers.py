@@ -251,3 +251,55 @@ def test_an_import_inside_a_function_says_why(tmp_path):
                    "    import numpy  # noqa: F401\n    from os import (\n        path,\n    )\n"
                    "    import zarr  # lazy\n    return json\n")
     assert unexplained_imports(bad) == ["line 6", "line 7", "line 10"]
+
+
+GPU_MACHINE = {"torch", "numpy", "scipy", "skimage", "sklearn", "tifffile"}  # all a lent GPU machine has
+
+
+def bench_imports(start: str) -> tuple[dict[str, set[str]], set[str]]:
+    """What running ``start`` imports: every import of a bench module (its functions run), the module-level
+    imports of the project's other modules (a lazy import inside one is for a path bench.gpu never takes).
+    Returns (third-party top-level name → the modules importing it, the project's modules reached)."""
+    def file_of(module: str) -> Path | None:
+        for path in (ROOT / (module.replace(".", "/") + ".py"), ROOT / module.replace(".", "/") / "__init__.py"):
+            if path.is_file():
+                return path
+        return None
+
+    third: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        module = todo.pop()
+        if module in seen or (path := file_of(module)) is None:
+            continue
+        seen.add(module)
+        tree = ast.parse(path.read_text())
+        nodes = ast.walk(tree) if module.startswith("bench.") else (
+            n for top in tree.body for n in ast.walk(top)
+            if not isinstance(top, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))
+        for node in nodes:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            for name in names:
+                top = name.split(".")[0]
+                if top in PROJECT or top == "domain":
+                    todo.append(name)
+                elif top not in sys.stdlib_module_names and top != "__future__":
+                    third.setdefault(top, set()).add(module)
+    return third, seen
+
+
+def test_bench_gpu_needs_only_what_a_gpu_machine_has():
+    """bench.gpu runs on a lent GPU machine: torch, NumPy, SciPy, scikit-image, scikit-learn and tifffile, and
+    nothing of storage/ (issue 30)."""
+    third, reached = bench_imports("bench.gpu")
+    assert {"torch", "numpy"} <= set(third), "the walk found the imports"
+    assert set(third) <= GPU_MACHINE, {k: sorted(v) for k, v in third.items() if k not in GPU_MACHINE}
+    assert not [m for m in reached if m.split(".")[0] in ("storage", "ui", "pages", "web", "domain")]
+    assert "bench.quality" in reached and "unet.training.device_batches" in reached
+    third_cli, _ = bench_imports("unet.cli")
+    assert "zarr" in third_cli  # (the walk would see what a GPU machine lacks)

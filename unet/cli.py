@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from tqdm import tqdm
 
@@ -31,6 +32,8 @@ from unet.exchange.io import inspect_stack, parse_slices, read_labels, read_stac
 from unet.exchange.stacks import open_stack
 from unet.exchange.writing import write_tiff_slices
 from unet.network.config import PRESETS, preset
+from unet.network.device import pick_device
+from unet.network.threads import choose_threads
 from unet.prediction.blocks import BlockJob, output_path
 from unet.prediction.metrics import evaluate_slice, mean_metrics
 from unet.prediction.postprocess import DEFAULT_METHOD, METHODS
@@ -40,7 +43,8 @@ from unet.prediction.stitch import link_neurons
 from unet.training.data import TrainData
 from unet.training.ddp import run_distributed
 from unet.training.labels import labels_to_target
-from unet.training.train import NullReporter, train
+from unet.training.reporting import NullReporter
+from unet.training.train import train
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -82,6 +86,8 @@ def _train_here(args: argparse.Namespace, rank: int, world: int) -> int:
             shown = ", ".join(f"{k[4:]} {v:.4f}" for k, v in sorted(metrics.items()))
             self.bar.write(f"step {step}: {shown}")
 
+    if world == 1 and pick_device(config.device).type == "cpu":  # not every core: what trains fastest here
+        torch.set_num_threads(choose_threads(config))
     bar = Bar() if rank == 0 else None
     try:
         result = train(config, data, bar, out_dir=out, resume=args.resume, init_from=args.init_from)

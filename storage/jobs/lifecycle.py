@@ -24,7 +24,7 @@ from storage.models import Checkpoint, Metric, Run
 from storage.records.files import FileStore, sha256_of
 from storage.settings import Settings
 from unet.exchange.checkpoint import side_file
-from unet.training.train import NullReporter
+from unet.training.reporting import NullReporter
 
 log = logging.getLogger(__name__)
 

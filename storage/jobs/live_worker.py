@@ -47,6 +47,7 @@ from storage.records.masks import load_mask, slice_kinds
 from storage.settings import Settings
 from unet.exchange.writing import atomic_write
 from unet.network.config import TrainConfig
+from unet.network.threads import choose_threads
 from unet.prediction.infer import Interrupted
 from unet.training.forest import PixelForest
 from unet.training.live import LiveTrainer
@@ -287,8 +288,10 @@ class LiveLoop:
         return whole, (y0, x0, y1 - y0, x1 - x0), partial
 
     def run(self, outcome: Outcome) -> None:
-        if self.device == "cpu":  # leave a core to the server (and the user's page): see LIVE_THREADS
-            torch.set_num_threads(LIVE_THREADS)
+        if self.device == "cpu":  # leave a core to the server (and the user's page), and no more threads than
+            # train fastest here (see LIVE_THREADS, unet.network.threads)
+            torch.set_num_threads(LIVE_THREADS if os.environ.get("NEUROSEG_LIVE_THREADS")
+                                  else choose_threads(self.config, cores=LIVE_THREADS))
         out_dir = self.store.run_dir(self.run_id)
         resume = (out_dir / "latest.pt").exists()
         start_segment(self.sessions, self.run_id, out_dir, resume)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,6 +29,8 @@ from storage.records.heldout import score_run
 from storage.records.masks import load_mask
 from storage.settings import Settings
 from unet.network.config import TrainConfig
+from unet.network.device import pick_device
+from unet.network.threads import choose_threads
 from unet.training.data import TrainData
 from unet.training.ddp import run_distributed
 from unet.training.train import train
@@ -89,6 +92,9 @@ def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:
     def body(outcome: Outcome, reporter: DatabaseReporter) -> None:
         with sessions.begin() as s:
             data = _load_data(s, store, run_id)
+        if world == 1 and pick_device(config.device).type == "cpu":  # not every core: what trains fastest here
+            reporter.on_phase("choosing the number of CPU threads (once per machine and network)")
+            torch.set_num_threads(choose_threads(config))
         start_segment(sessions, run_id, out_dir, resume)
         result = train(config, data, reporter, out_dir=out_dir, resume=resume,
                        init_from=None if resume else parent_file)

@@ -31,6 +31,7 @@ from storage.models import Checkpoint, Dataset, LiveSlice, LiveViewer, Run, RunM
 from storage.records.files import FileStore
 from storage.records.runs import device_key, resume_run, run_info
 from unet.network.config import TrainConfig, preset
+from unet.network.device import pick_device
 from unet.prediction.review import margin
 from unet.training.live import live_config
 
@@ -62,8 +63,15 @@ def clean_region(region) -> Region | None:
 
 
 VIEWER_TTL = timedelta(seconds=120)  # a viewer not seen for this long is no longer predicted for
-# the network of a session from random weights: the starter's (width 8), the one bench.loop measured
+# the network of a session from random weights: the starter's (width 8), the one bench.loop measured; on a GPU
+# the GPU preset's (issue 30)
 SCRATCH_PRESET = "cpu-quick"
+SCRATCH_PRESET_GPU = "gpu"
+
+
+def scratch_preset() -> str:
+    """The preset whose network a session from random weights trains: the GPU's where there is one."""
+    return SCRATCH_PRESET_GPU if pick_device("auto").type == "cuda" else SCRATCH_PRESET
 
 
 def _live_runs(session: Session, dataset_id: int, statuses=ACTIVE) -> list[Run]:
@@ -116,7 +124,7 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
         see(session, run.id, owner, None)
         return live_info(session, run), "resumed"
     if scratch:
-        config = live_config(preset(SCRATCH_PRESET), trained=False)
+        config = live_config(preset(scratch_preset()), trained=False)
     else:
         if checkpoint_id is None:
             raise UserError("choose the model the live session starts from")

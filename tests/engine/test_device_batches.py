@@ -5,6 +5,7 @@ training step that does not read its loss back to the host."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import ClassVar
 
 import numpy as np
@@ -206,3 +207,56 @@ def test_the_pipeline_is_chosen_by_the_config_and_the_device():
         assert isinstance(make_sampler(config, cpu, rng, [image], [target], 64), kind)
     with pytest.raises(ValueError, match="pipeline"):
         dataclasses.replace(preset("tiny"), pipeline="gpu")
+
+
+def test_cpu_threads_are_chosen_by_measurement_and_kept(tmp_path, monkeypatch):
+    """The thread count is measured once (the fewest threads within 5% of the fastest), kept per machine and
+    network, and $NEUROSEG_TRAIN_THREADS overrides it."""
+    from unet.network import threads  # (only these tests use it)
+
+    monkeypatch.delenv("NEUROSEG_TRAIN_THREADS", raising=False)
+    config = preset("tiny")
+    cache = tmp_path / "threads.json"
+    assert threads.candidates(6) == [1, 2, 4, 6] and threads.candidates(1) == [1]
+    chosen = threads.choose_threads(config, cores=2, cache=cache, seconds=0.05)
+    kept = json.loads(cache.read_text())
+    (entry,) = kept.values()
+    assert chosen in (1, 2) and entry["threads"] == chosen and set(entry["steps_per_s"]) == {"1", "2"}
+    rates = entry["steps_per_s"]
+    assert rates[str(chosen)] >= 0.95 * max(rates.values())
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(threads, "steps_per_second", no_measuring)
+    assert threads.choose_threads(config, cores=2, cache=cache) == chosen
+    with pytest.raises(AssertionError, match="measured again"):  # another network is measured for itself
+        threads.choose_threads(preset("tiny", batch_size=3), cores=2, cache=cache)
+    monkeypatch.setattr(threads, "steps_per_second", lambda config, n, seconds=0.5: {1: 10.0, 2: 10.2, 4: 4.0}[n])
+    assert threads.choose_threads(preset("tiny", batch_size=5), cores=4, cache=cache) == 1  # 2 is within 5%
+    cache.write_text("not json")
+    assert threads.choose_threads(preset("tiny", batch_size=5), cores=4, cache=cache) == 1  # measured again
+    monkeypatch.setenv("NEUROSEG_TRAIN_THREADS", "3")
+    assert threads.choose_threads(config, cores=2, cache=cache) == 3
+
+
+def test_slices_predicted_together_get_the_answer_each_gets_alone():
+    """Tiles of several slices share batches (prediction that fills a device): each slice's map is the one it
+    gets alone, whatever the sizes, and a stack predicted ``together`` is the stack predicted slice by slice."""
+    from unet.network.model import UNet  # (only this test builds a bare network)
+    from unet.prediction.infer import iter_predict_stack, predict_slice, predict_slices
+
+    torch.manual_seed(0)
+    model = UNet(preset("tiny").model)
+    rng = np.random.default_rng(4)
+    images = [rng.normal(size=shape).astype(np.float32) for shape in ((70, 90), (64, 64), (150, 40), (70, 90))]
+    together = predict_slices(model, images, tile=64, batch_size=3)
+    for image, prob in zip(images, together, strict=True):
+        assert prob.shape == image.shape
+        np.testing.assert_allclose(prob, predict_slice(model, image, tile=64, batch_size=3), atol=1e-5)
+    volume = rng.integers(0, 255, (5, 48, 48)).astype(np.uint8)
+    one = dict(iter_predict_stack(model, volume, [4, 0, 2]))
+    grouped = list(iter_predict_stack(model, volume, [4, 0, 2], together=2))
+    assert [z for z, _ in grouped] == [4, 0, 2]
+    for z, prob in grouped:
+        np.testing.assert_allclose(prob, one[z], atol=1e-5)

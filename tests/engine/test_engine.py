@@ -15,7 +15,8 @@ from unet.prediction.metrics import dice, iou, pixel_error, rand_f, vi
 from unet.prediction.postprocess import instances, to_mask
 from unet.training.data import TrainData
 from unet.training.labels import IGNORE, NEURON, labels_to_target
-from unet.training.train import ListReporter, lr_at, train
+from unet.training.reporting import ListReporter
+from unet.training.train import lr_at, train
 
 
 def _data(synthetic):

@@ -110,8 +110,9 @@ def test_a_cancel_interrupts_a_running_validation():
     from unet.network.config import preset
     from unet.training.data import TrainData
     from unet.training.labels import labels_to_target
+    from unet.training.reporting import NullReporter
     from unet.training.synthetic import make_synthetic_em
-    from unet.training.train import NullReporter, train
+    from unet.training.train import train
 
     volume, labels = make_synthetic_em((4, 96, 96), np.random.default_rng(0), cell_size=20)
     targets = labels_to_target(labels)

@@ -145,50 +145,85 @@ def predict_slice(model: UNet, image: np.ndarray, *, tile: int | None = None, ov
     """
     if image.ndim != 2:
         raise ValueError(f"predict_slice expects one 2-D image, got shape {image.shape}")
+    return predict_slices(model, [image], tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, device=device,
+                          amp=amp, normalized=normalized, should_stop=should_stop)[0]
+
+
+def predict_slices(model: UNet, images: list[np.ndarray], *, tile: int | None = None, overlap: int | None = None,
+                   batch_size: int = 4, tta: bool = False, device: torch.device | str | None = None,
+                   amp: torch.dtype | None = None, normalized: bool = False,
+                   should_stop: Callable[[], bool] | None = None) -> list[np.ndarray]:
+    """:func:`predict_slice` for several 2-D images at once: their tiles share the batches (a batch of
+    ``batch_size`` tiles may hold tiles of several slices, which fills a GPU when a slice is a tile or two), and
+    the next batch goes to the device before the last one's probabilities are blended on the host. Each image
+    gets the same answer as alone."""
+    if any(im.ndim != 2 for im in images):
+        raise ValueError(f"predict_slices expects 2-D images, got shapes {[im.shape for im in images]}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        x = image.astype(np.float32) if normalized else normalize_image(image)
-        h, w = x.shape
-        t, o, overlap, oys, oxs = tile_plan(model, (h, w), tile, overlap)
-        off = (t - o) // 2
-        # Mirror-pad: `off` before, enough after that every output window and its context fit.
-        pad_y = (off, max(oys[-1] + t - off - h, 0))
-        pad_x = (off, max(oxs[-1] + t - off - w, 0))
-        padded = np.pad(x, (pad_y, pad_x), mode="reflect" if min(h, w) > 1 else "edge")
-        acc = np.zeros((max(h, oys[-1] + o), max(w, oxs[-1] + o)), np.float32)
-        norm = np.zeros_like(acc)
-        wy = _blend_window(o, overlap if len(oys) > 1 else 0)
-        wx = _blend_window(o, overlap if len(oxs) > 1 else 0)
-        weight = np.outer(wy, wx)
-        positions = [(oy, ox) for oy in oys for ox in oxs]
+        plans, positions = [], []
+        for i, image in enumerate(images):
+            x = image.astype(np.float32) if normalized else normalize_image(image)
+            h, w = x.shape
+            t, o, overlap_i, oys, oxs = tile_plan(model, (h, w), tile, overlap)
+            off = (t - o) // 2
+            # Mirror-pad: `off` before, enough after that every output window and its context fit.
+            pad_y = (off, max(oys[-1] + t - off - h, 0))
+            pad_x = (off, max(oxs[-1] + t - off - w, 0))
+            padded = np.pad(x, (pad_y, pad_x), mode="reflect" if min(h, w) > 1 else "edge")
+            acc = np.zeros((max(h, oys[-1] + o), max(w, oxs[-1] + o)), np.float32)
+            weight = np.outer(_blend_window(o, overlap_i if len(oys) > 1 else 0),
+                              _blend_window(o, overlap_i if len(oxs) > 1 else 0))
+            plans.append((padded, acc, np.zeros_like(acc), weight, t, o, h, w))
+            positions += [(i, oy, ox) for oy in oys for ox in oxs]
         channels_last = device.type == "cuda"
-        for i in range(0, len(positions), batch_size):
+        # tiles of one input size go together (images of other sizes may need other tiles)
+        positions.sort(key=lambda p: plans[p[0]][4])
+        chunks, i = [], 0
+        while i < len(positions):
+            size = plans[positions[i][0]][4]
+            chunk = [p for p in positions[i:i + batch_size] if plans[p[0]][4] == size]
+            chunks.append(chunk)
+            i += len(chunk)
+        pending = None  # (chunk, probabilities still on the device): blended while the next batch computes
+        for chunk in chunks:
             if should_stop is not None and should_stop():
                 raise Interrupted("stopped during a prediction")
-            chunk = positions[i : i + batch_size]
-            tiles = np.stack([padded[oy : oy + t, ox : ox + t] for oy, ox in chunk])[:, None]
-            batch = torch.from_numpy(tiles).to(device)
+            tiles = np.stack([plans[k][0][oy:oy + plans[k][4], ox:ox + plans[k][4]] for k, oy, ox in chunk])[:, None]
+            batch = torch.from_numpy(tiles).to(device, non_blocking=True)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            probs = _forward(model, batch, tta, amp)[:, 0].float().cpu().numpy()
-            for (oy, ox), p in zip(chunk, probs, strict=True):
-                acc[oy : oy + o, ox : ox + o] += p * weight
-                norm[oy : oy + o, ox : ox + o] += weight
-        return (acc / norm)[:h, :w]
+            probs = _forward(model, batch, tta, amp)[:, 0].float()
+            if pending is not None:
+                _blend(plans, *pending)
+            pending = (chunk, probs)
+        if pending is not None:
+            _blend(plans, *pending)
+        return [(acc / norm)[:h, :w] for _, acc, norm, _, _, _, h, w in plans]
     finally:
         model.train(was_training)
 
 
-def iter_predict_stack(model: UNet, volume: np.ndarray, slices: list[int] | None = None,
+def _blend(plans, chunk, probs: torch.Tensor) -> None:
+    for (k, oy, ox), p in zip(chunk, probs.cpu().numpy(), strict=True):
+        _, acc, norm, weight, _, o, _, _ = plans[k]
+        acc[oy:oy + o, ox:ox + o] += p * weight
+        norm[oy:oy + o, ox:ox + o] += weight
+
+
+def iter_predict_stack(model: UNet, volume: np.ndarray, slices: list[int] | None = None, *, together: int = 1,
                        **kwargs) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(slice index, probability)`` one slice at a time, so a caller can write each slice
-    out and report progress without holding the whole stack of probabilities."""
+    out and report progress without holding the whole stack of probabilities. ``together`` slices are
+    predicted at once, their tiles sharing the batches (:func:`predict_slices`)."""
     if volume.ndim == 2:
         volume = volume[None]
-    for z in slices if slices is not None else range(volume.shape[0]):
-        yield z, predict_slice(model, volume[z], **kwargs)
+    chosen = list(slices if slices is not None else range(volume.shape[0]))
+    for i in range(0, len(chosen), max(1, together)):
+        group = chosen[i:i + max(1, together)]
+        yield from zip(group, predict_slices(model, [volume[z] for z in group], **kwargs), strict=True)
 
 
 def predict_stack(model: UNet, volume: np.ndarray, slices: list[int] | None = None,

@@ -22,6 +22,8 @@ from unet.prediction.postprocess import DEFAULT_METHOD, segment, to_mask
 
 #: The outputs of a segmentation, in the order they are written; each is saved as ``<name>.tif``.
 OUTPUTS = ("probabilities", "mask", "instances")
+GPU_TOGETHER = 8  # slices predicted at once on a GPU, their tiles sharing the batches
+GPU_BATCH = 16  # tiles per forward pass on a GPU
 
 #: ``progress(stage, done, total)``: stage "predict" (slices through the network), "instances" (watershed).
 Progress = Callable[[str, int, int], None]
@@ -85,6 +87,10 @@ def segment_stack(model: UNet, volume: np.ndarray, slices: list[int] | None = No
     probs = np.empty((len(chosen), *volume.shape[1:]), np.float32)
     scores: dict[str, dict[str, float]] = {}
     report("predict", 0, len(chosen))
+    where = torch.device(device) if device is not None else next(model.parameters()).device
+    if where.type == "cuda":  # fill the GPU: tiles of several slices in each batch (issue 30)
+        predict_options.setdefault("together", GPU_TOGETHER)
+        predict_options.setdefault("batch_size", GPU_BATCH)
     for i, (z, prob) in enumerate(iter_predict_stack(model, volume, chosen, device=device, **predict_options)):
         probs[i] = prob
         if z in targets:

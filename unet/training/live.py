@@ -48,7 +48,8 @@ from unet.training.data import PatchSampler, TrainData, normalize_image
 from unet.training.device_batches import DeviceSampler, make_sampler
 from unet.training.forest import PixelForest
 from unet.training.labels import IGNORE, MEMBRANE, NEURON, agreed_offset, border_weights, central, is_dense
-from unet.training.train import NullReporter, Reporter, Trainer
+from unet.training.reporting import NullReporter, Reporter
+from unet.training.train import Trainer
 
 NEW_SHARE = 0.5  # of the patches, drawn from the newest slices
 RECENT = 2  # how many of the newest slices count as new

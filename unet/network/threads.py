@@ -1,0 +1,107 @@
+"""How many threads torch trains with on a CPU, chosen by measurement on the machine (issue 30).
+
+Torch takes every core by default. A narrow network's layers are too small to share among many threads: on a
+16-core server ``cpu-quick`` trained slower than on a 2-core VM. :func:`choose_threads` times a few training
+steps of the run's own network, batch and patch at 1, 2, 4, … threads up to the cores, and keeps the fastest
+(the fewest threads within 5% of it: the rest of the machine stays free for the server, the batches and other
+runs). The choice is kept in a small JSON file per machine, network and batch, so it is measured once;
+``$NEUROSEG_TRAIN_THREADS`` overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from unet.network.config import TrainConfig
+from unet.network.model import UNet
+
+log = logging.getLogger(__name__)
+
+WITHIN = 0.05  # a count within this share of the fastest is as good: the fewest such wins
+
+
+def candidates(cores: int) -> list[int]:
+    """1, 2, 4, … up to ``cores``, and ``cores`` itself."""
+    out, n = [], 1
+    while n < cores:
+        out.append(n)
+        n *= 2
+    return [*out, cores]
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neuroseg" / "threads.json"
+
+
+def _key(config: TrainConfig, cores: int) -> str:
+    m = config.model
+    return (f"{cores} cores, torch {torch.__version__}, width {m.initial_features}, depth {m.depth}, {m.padding}, "
+            f"batch {config.batch_size} × {config.patch_size}²")
+
+
+def steps_per_second(config: TrainConfig, threads: int, seconds: float = 0.5, min_steps: int = 3) -> float:
+    """Training steps per second of ``config``'s network on the CPU with ``threads`` torch threads (random
+    input: the network's own rate, as a batch of real patches costs the same)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = UNet(config.model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randn(config.batch_size, 1, config.patch_size, config.patch_size)
+
+        def step() -> None:
+            loss = model(x).float().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        step()  # (the first step allocates)
+        count, start = 0, time.perf_counter()
+        while count < min_steps or time.perf_counter() - start < seconds:
+            step()
+            count += 1
+        return count / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+
+
+def choose_threads(config: TrainConfig, *, cores: int | None = None, cache: Path | None = None,
+                   seconds: float = 0.5) -> int:
+    """The torch thread count to train ``config`` with on this CPU: ``$NEUROSEG_TRAIN_THREADS``, else the
+    measured choice (kept in ``cache``, by default ``~/.cache/neuroseg/threads.json``)."""
+    forced = os.environ.get("NEUROSEG_TRAIN_THREADS")
+    if forced:
+        return max(1, int(forced))
+    cores = cores or os.cpu_count() or 1
+    if cores == 1:
+        return 1
+    cache = cache or default_cache()
+    key = _key(config, cores)
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict) and int(known[key].get("threads", 0)) >= 1:
+        return min(int(known[key]["threads"]), cores)
+    rates = {n: steps_per_second(config, n, seconds) for n in candidates(cores)}
+    best = max(rates.values())
+    chosen = min(n for n, r in rates.items() if r >= (1 - WITHIN) * best)
+    log.info("training threads: %s (steps/s by threads: %s)", chosen,
+             ", ".join(f"{n}: {r:.2f}" for n, r in rates.items()))
+    try:  # (a cache that cannot be written costs a measurement next time, nothing more)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        known = known if isinstance(known, dict) else {}
+        known[key] = {"threads": chosen, "steps_per_s": {str(n): round(r, 3) for n, r in rates.items()}}
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(cache)
+    except OSError as exc:
+        log.warning("the thread choice was not kept in %s: %s", cache, exc)
+    return chosen
