@@ -120,10 +120,31 @@ def test_windows_go_where_labels_are_and_slices_by_their_chance():
     sampler.p = [0.0, 1.0]
     _, y, _ = sampler.sample(8)
     assert (y == 0).all()
-    with pytest.raises(ValueError, match="chance"):
-        sampler.p = [0.0, 0.0]
+    for bad in ([0.0, 0.0], [float("nan"), 1.0], [1.0, float("inf")], [-1.0, 2.0]):
+        with pytest.raises(ValueError, match="chance"):
+            sampler.p = bad
+    unlabelled = DeviceSampler([image, image], [sparse, np.full((n, n), IGNORE, np.uint8)], 16, 16, FLIPS_ONLY)
+    assert unlabelled.p == pytest.approx([1.0, 0.0])
+    with pytest.raises(ValueError, match="no pixel"):
+        unlabelled.p = [0.5, 0.5]  # (a slice with nowhere to place a window)
     with pytest.raises(ValueError, match="no labelled pixels"):
         DeviceSampler([image], [np.full((n, n), IGNORE, np.uint8)], 16, 16, FLIPS_ONLY)
+
+
+def test_new_targets_replace_a_slices_own():
+    """A teacher's new answer replaces a slice's targets in place, on the device as on the host."""
+    image, target = _slice(40)
+    for sampler in (DeviceSampler([image], [target], 40, 40, FLIPS_ONLY, seed=1),
+                    PatchSampler([image], [target], 40, 40, FLIPS_ONLY, np.random.default_rng(1))):
+        np.testing.assert_array_equal(sampler.target(0), target)
+        new = ((target + 1) % 3).astype(np.uint8)
+        sampler.set_target(0, new)
+        np.testing.assert_array_equal(sampler.target(0), new)
+        variants = [dihedral([new], k, f)[0] for k in range(4) for f in (False, True)]
+        y = np.asarray(sampler.sample(16)[1])  # (the window is the whole slice: each patch is a flip of it)
+        assert all(any(np.array_equal(y[b, 0], v) for v in variants) for b in range(16))
+        with pytest.raises(ValueError, match="new targets"):
+            sampler.set_target(0, target[:20])
 
 
 def test_weights_travel_with_their_pixels():
@@ -236,8 +257,13 @@ def test_cpu_threads_are_chosen_by_measurement_and_kept(tmp_path, monkeypatch):
     assert threads.choose_threads(preset("tiny", batch_size=5), cores=4, cache=cache) == 1  # 2 is within 5%
     cache.write_text("not json")
     assert threads.choose_threads(preset("tiny", batch_size=5), cores=4, cache=cache) == 1  # measured again
+    cache.write_text(json.dumps({threads._key(preset("tiny", batch_size=5), 4): {"threads": None}}))
+    assert threads.choose_threads(preset("tiny", batch_size=5), cores=4, cache=cache) == 1  # a bad entry: again
     monkeypatch.setenv("NEUROSEG_TRAIN_THREADS", "3")
-    assert threads.choose_threads(config, cores=2, cache=cache) == 3
+    assert threads.choose_threads(config, cores=4, cache=cache) == 3
+    assert threads.choose_threads(config, cores=2, cache=cache) == 2  # (never more than the cores)
+    monkeypatch.setenv("NEUROSEG_TRAIN_THREADS", "lots")
+    assert threads.choose_threads(preset("tiny", batch_size=5), cores=4, cache=cache) == 1  # measured instead
 
 
 def test_slices_predicted_together_get_the_answer_each_gets_alone():

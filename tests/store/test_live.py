@@ -178,20 +178,21 @@ def disk_strokes(target: np.ndarray, seed: int, disks: int = 6, radius: int = 6)
     return np.where(painted, target, IGNORE).astype(np.uint8)
 
 
-def test_after_a_save_the_forest_answers_on_older_slices_are_renewed_between_bursts(tmp_path):
+@pytest.mark.parametrize("pipeline", ["host", "device"])
+def test_after_a_save_the_forest_answers_on_older_slices_are_renewed_between_bursts(tmp_path, pipeline):
     """A new save refits the forest; the older slice keeps its out-of-date answer (so the new one trains at
-    once) until refresh_teacher renews it with the new forest's."""
+    once) until refresh_teacher renews it with the new forest's; with batches made on the host or (as on a
+    GPU) on the device."""
     volume, labels = make_synthetic_em((2, 96, 96), np.random.default_rng(4), cell_size=20)
     targets = labels_to_target(labels)
     a, b = (volume[0], disk_strokes(targets[0], seed=0)), (volume[1], disk_strokes(targets[1], seed=1))
     base = preset("cpu-quick")
     config = replace(base, model=replace(base.model, initial_features=4, depth=2), patch_size=48, batch_size=4,
-                     device="cpu")
+                     device="cpu", pipeline=pipeline)
     learner = LiveTrainer(live_config(config, trained=False), tmp_path, distill=0.3, reference=PixelForest(trees=10))
 
     def target_of(key):
-        pad = learner.sampler.pad
-        return learner.sampler.targets[learner.keys.index(key)][pad:-pad, pad:-pad].copy()
+        return learner.sampler.target(learner.keys.index(key)).copy()
 
     learner.set_slices({"a": a}, new=["a"])
     before = target_of("a")
@@ -203,6 +204,7 @@ def test_after_a_save_the_forest_answers_on_older_slices_are_renewed_between_bur
     assert np.array_equal(target_of("a")[unpainted], teacher[unpainted])  # the new forest's answer
     assert not np.array_equal(target_of("a"), before)
     assert np.array_equal(target_of("a")[~unpainted], a[1][~unpainted])  # the strokes themselves stay
+    assert learner.train_for(10.0, max_steps=3) == 3  # and training draws from them
 
 
 def test_the_forest_reads_a_large_slice_tile_by_tile_and_only_near_the_strokes():

@@ -35,6 +35,14 @@ def candidates(cores: int) -> list[int]:
     return [*out, cores]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container's limit may narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neuroseg" / "threads.json"
 
@@ -45,7 +53,7 @@ def _key(config: TrainConfig, cores: int) -> str:
             f"batch {config.batch_size} × {config.patch_size}²")
 
 
-def steps_per_second(config: TrainConfig, threads: int, seconds: float = 0.5, min_steps: int = 3) -> float:
+def steps_per_second(config: TrainConfig, threads: int, seconds: float = 0.5, min_steps: int = 2) -> float:
     """Training steps per second of ``config``'s network on the CPU with ``threads`` torch threads (random
     input: the network's own rate, as a batch of real patches costs the same)."""
     before = torch.get_num_threads()
@@ -76,32 +84,38 @@ def choose_threads(config: TrainConfig, *, cores: int | None = None, cache: Path
                    seconds: float = 0.5) -> int:
     """The torch thread count to train ``config`` with on this CPU: ``$NEUROSEG_TRAIN_THREADS``, else the
     measured choice (kept in ``cache``, by default ``~/.cache/neuroseg/threads.json``)."""
-    forced = os.environ.get("NEUROSEG_TRAIN_THREADS")
+    cores = cores or usable_cores()
+    forced = os.environ.get("NEUROSEG_TRAIN_THREADS", "").strip()
     if forced:
-        return max(1, int(forced))
-    cores = cores or os.cpu_count() or 1
+        if forced.isdigit() and int(forced) >= 1:
+            return min(int(forced), cores)
+        log.warning("$NEUROSEG_TRAIN_THREADS is %r, not a number of threads: measuring instead", forced)
     if cores == 1:
         return 1
-    cache = cache or default_cache()
     key = _key(config, cores)
+    known: dict = {}
     try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), dict) and int(known[key].get("threads", 0)) >= 1:
-        return min(int(known[key]["threads"]), cores)
+        cache = cache or default_cache()
+        loaded = json.loads(cache.read_text())
+        known = loaded if isinstance(loaded, dict) else {}
+    except (OSError, RuntimeError, ValueError):  # (none kept yet, or unreadable: measured again)
+        pass
+    entry = known.get(key)
+    kept = entry.get("threads") if isinstance(entry, dict) else None
+    if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 1:
+        return min(kept, cores)
     rates = {n: steps_per_second(config, n, seconds) for n in candidates(cores)}
     best = max(rates.values())
     chosen = min(n for n, r in rates.items() if r >= (1 - WITHIN) * best)
     log.info("training threads: %s (steps/s by threads: %s)", chosen,
              ", ".join(f"{n}: {r:.2f}" for n, r in rates.items()))
     try:  # (a cache that cannot be written costs a measurement next time, nothing more)
+        cache = cache or default_cache()
         cache.parent.mkdir(parents=True, exist_ok=True)
-        known = known if isinstance(known, dict) else {}
         known[key] = {"threads": chosen, "steps_per_s": {str(n): round(r, 3) for n, r in rates.items()}}
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known, indent=1))
         tmp.replace(cache)
-    except OSError as exc:
-        log.warning("the thread choice was not kept in %s: %s", cache, exc)
+    except (OSError, RuntimeError) as exc:
+        log.warning("the thread choice was not kept: %s", exc)
     return chosen

@@ -196,9 +196,16 @@ def predict_slices(model: UNet, images: list[np.ndarray], *, tile: int | None = 
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             probs = _forward(model, batch, tta, amp)[:, 0].float()
+            done = None
+            if device.type == "cuda":  # the copy back queued behind the batch: the host blends meanwhile
+                host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+                host.copy_(probs, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                probs = host
             if pending is not None:
                 _blend(plans, *pending)
-            pending = (chunk, probs)
+            pending = (chunk, probs, done)
         if pending is not None:
             _blend(plans, *pending)
         return [(acc / norm)[:h, :w] for _, acc, norm, _, _, _, h, w in plans]
@@ -206,7 +213,10 @@ def predict_slices(model: UNet, images: list[np.ndarray], *, tile: int | None = 
         model.train(was_training)
 
 
-def _blend(plans, chunk, probs: torch.Tensor) -> None:
+def _blend(plans, chunk, probs: torch.Tensor, done=None) -> None:
+    """Add a batch's probabilities into their slices' sums (``done``: the CUDA event of their copy back)."""
+    if done is not None:
+        done.synchronize()
     for (k, oy, ox), p in zip(chunk, probs.cpu().numpy(), strict=True):
         _, acc, norm, weight, _, o, _, _ = plans[k]
         acc[oy:oy + o, ox:ox + o] += p * weight

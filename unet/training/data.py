@@ -98,6 +98,18 @@ class PatchSampler:
             raise ValueError("no labelled pixels to sample from")
         self.p = counts / counts.sum()
 
+    def target(self, k: int) -> np.ndarray:
+        """Slice k's targets as they are sampled now (its own shape)."""
+        h, w = self.shapes[k]
+        return self.targets[k][self.pad:self.pad + h, self.pad:self.pad + w]
+
+    def set_target(self, k: int, target: np.ndarray) -> None:
+        """Slice k's targets from now on (a teacher's new answer on the unpainted pixels): same shape, same
+        windows."""
+        if target.shape != self.shapes[k]:
+            raise ValueError(f"slice {k} is {self.shapes[k]}, the new targets {target.shape}")
+        self.targets[k] = np.pad(target, self.pad, constant_values=IGNORE)
+
     def _window(self, k: int) -> tuple[int, int]:
         h, w = self.shapes[k]
         flat = self.labelled[k][self.rng.integers(len(self.labelled[k]))]

@@ -76,6 +76,12 @@ class DeviceSampler:
         self._dense = torch.from_numpy(dense).to(self.device)
         self._counts = torch.from_numpy(self.counts).to(self.device)
         self._shapes = torch.tensor(shapes, dtype=torch.int64, device=self.device)
+        self._height_width = [(s[0], s[1]) for s in shapes]
+        # the label move of each dihedral (turn t, flip f → column 2t + f), made once: no copy to the device
+        # in sample() (a copy from the host would wait for the device)
+        off = self.label_offset
+        self._moves = torch.tensor([[dihedral_vector(off, t, f)[i] - off[i] for t in range(4) for f in (False, True)]
+                                    for i in (0, 1)], dtype=torch.float32, device=self.device)
         self.p = self.counts / self.counts.sum()
 
     @property
@@ -85,10 +91,28 @@ class DeviceSampler:
     @p.setter
     def p(self, value: np.ndarray) -> None:
         value = np.asarray(value, np.float64)
-        if value.shape != self.counts.shape or (value < 0).any() or value.sum() <= 0:
-            raise ValueError(f"p must give each of the {len(self.counts)} slices a chance ≥ 0, not {value}")
+        if (value.shape != self.counts.shape or not np.isfinite(value).all() or (value < 0).any()
+                or value.sum() <= 0 or (value[self.counts == 0] > 0).any()):
+            raise ValueError(f"p must give each of the {len(self.counts)} slices a chance ≥ 0 (0 where a slice has no "
+                             f"pixel to place a window at), not {value}")
         self._p_host = value / value.sum()
         self._p = torch.as_tensor(self._p_host, dtype=torch.float32, device=self.device)
+
+    def target(self, k: int) -> np.ndarray:
+        """Slice k's targets as they are sampled now (its own shape, on the host)."""
+        h, w = self._height_width[k]
+        view = self.targets.view(-1, *self.stack_shape)[k, self.pad:self.pad + h, self.pad:self.pad + w]
+        return view.cpu().numpy()
+
+    def set_target(self, k: int, target: np.ndarray) -> None:
+        """Slice k's targets from now on (a teacher's new answer on the unpainted pixels): same shape, same
+        windows."""
+        h, w = self._height_width[k]
+        if target.shape != (h, w):
+            raise ValueError(f"slice {k} is {h} × {w}, the new targets {target.shape}")
+        view = self.targets.view(-1, *self.stack_shape)
+        view[k, self.pad:self.pad + h, self.pad:self.pad + w] = torch.from_numpy(
+            np.ascontiguousarray(target, np.uint8)).to(self.device)
 
     def _rand(self, *shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator, device=self.device)
@@ -98,7 +122,8 @@ class DeviceSampler:
         o = self.out_size
         k = torch.multinomial(self._p, batch_size, replacement=True, generator=self.generator)
         count = self._counts[k]
-        local = torch.minimum((self._rand(batch_size) * count).long(), count - 1)
+        local = torch.minimum((torch.rand(batch_size, generator=self.generator, device=self.device,
+                                          dtype=torch.float64) * count).long(), count - 1)  # (float64: > 2²⁴ pixels)
         index = (self._starts[k] + local).clamp(0, self._listed.numel() - 1)
         flat = torch.where(self._dense[k], local, self._listed[index])
         h, w = self._shapes[k, 0], self._shapes[k, 1]
@@ -152,12 +177,9 @@ class DeviceSampler:
         (the labels stay where the annotators draw them), then the dihedral undone."""
         n = self.in_size
         if self.label_offset != (0.0, 0.0):
-            moves = torch.tensor([[dihedral_vector(self.label_offset, t, f)[i] - self.label_offset[i]
-                                   for t in range(4) for f in (False, True)] for i in (0, 1)],
-                                 dtype=torch.float32, device=self.device)  # (2, 8): turn t, flip f → 2t + f
             which = turns * 2 + flip.long()
-            qy = qy - moves[0, which][:, None, None]
-            qx = qx - moves[1, which][:, None, None]
+            qy = qy - self._moves[0, which][:, None, None]
+            qx = qx - self._moves[1, which][:, None, None]
         return _undo_dihedral(qy, qx, turns, flip, n)
 
     def _read_image(self, k, top, left, sy, sx) -> torch.Tensor:

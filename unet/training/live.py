@@ -242,7 +242,7 @@ class LiveTrainer:
                 continue
             image, painted = self._labelled[key]
             target = np.where(painted != IGNORE, painted, self._pseudo_target(key, image, painted)).astype(np.uint8)
-            self.sampler.targets[self.keys.index(key)] = np.pad(target, self.sampler.pad, constant_values=IGNORE)
+            self.sampler.set_target(self.keys.index(key), target)
             done += 1
         self.trainer.flush()
         return done
@@ -327,7 +327,7 @@ class LiveTrainer:
         if self.sampler is not None and key in self._labelled:  # a slice in training: its targets get the rest
             painted = self._labelled[key][1]
             target = np.where(painted != IGNORE, painted, self._pseudo[key]).astype(np.uint8)
-            self.sampler.targets[self.keys.index(key)] = np.pad(target, self.sampler.pad, constant_values=IGNORE)
+            self.sampler.set_target(self.keys.index(key), target)
         return True
 
     @property
