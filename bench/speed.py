@@ -6,7 +6,9 @@ On the machine at hand (CUDA when present, else CPU): training steps/s, inferenc
 slice (our full tiled-inference path against a bare forward pass of the textbook model), FLOPs per
 step (counted by ``torch.utils.flop_counter``), achieved GFLOP/s as a fraction of the machine's peak
 measured in the same run (a large fp32 matrix product on CPU, bf16 on GPU), and peak memory. Each
-(model, width) is measured in a fresh subprocess so its peak memory is its own.
+(model, width) is measured in a fresh subprocess so its peak memory is its own. Last, the training input
+pipeline's batches/s beside the step rate of the preset the device gets (``cpu-quick`` or ``gpu``):
+:mod:`bench.pipeline`, which also compares thread counts.
 """
 
 from __future__ import annotations
@@ -196,8 +198,18 @@ def main(argv: list[str] | None = None) -> int:
                        ("gflop_per_s", "infer GFLOP/s", ".0f"),
                        ("infer_fraction_of_peak", "infer % peak", ".0%"),
                        ("peak_mem_mb", "peak MB", ".0f")]))
+    # the training input pipeline beside the step it feeds, on the same device (bench.pipeline)
+    from bench.pipeline import measure  # (bench.pipeline imports the training loop; --one needs none of it)
+
+    pipe_preset = "gpu" if gpu else "cpu-quick"
+    pipe = measure(pipe_preset, str(device), 3.0)
+    print(f"\ninput pipeline, {pipe_preset} ({pipe['batch']} × {pipe['patch']}²): the network alone "
+          f"{pipe['network_steps_per_s']:.2f} steps/s; batches/s host {pipe['host_batches_per_s']:.1f} "
+          f"({pipe['host_batch_cost']:.0%} of a step), device {pipe['device_batches_per_s']:.1f} "
+          f"({pipe['device_batch_cost']:.0%}); the loop keeps {pipe['host_loop_share']:.0%} (host) and "
+          f"{pipe['device_loop_share']:.0%} (device) of the network's rate")
     write_json(args.json, {"device": name, "peak_gflop_per_s": peak, "peak_kind": "bf16" if gpu else "fp32",
-                           "training": {"patch": patch, "batch": batch}, "rows": rows})
+                           "training": {"patch": patch, "batch": batch}, "rows": rows, "pipeline": pipe})
     return 0
 
 
