@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="training batch (default 2 CPU, 8 GPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 3 CPU, 20 GPU)")
     ap.add_argument("--padding", default="same", choices=["same", "valid"], help="our network's padding")
+    ap.add_argument("--threads", type=int, nargs="*", default=None, help="on a CPU: the pipeline and the step rate "
+                    "at each of these torch thread counts (steps/s against threads)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "WIDTH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -202,14 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     from bench.pipeline import measure  # (bench.pipeline imports the training loop; --one needs none of it)
 
     pipe_preset = "gpu" if gpu else "cpu-quick"
-    pipe = measure(pipe_preset, str(device), 3.0)
-    print(f"\ninput pipeline, {pipe_preset} ({pipe['batch']} × {pipe['patch']}²): the network alone "
-          f"{pipe['network_steps_per_s']:.2f} steps/s; batches/s host {pipe['host_batches_per_s']:.1f} "
-          f"({pipe['host_batch_cost']:.0%} of a step), device {pipe['device_batches_per_s']:.1f} "
-          f"({pipe['device_batch_cost']:.0%}); the loop keeps {pipe['host_loop_share']:.0%} (host) and "
-          f"{pipe['device_loop_share']:.0%} (device) of the network's rate")
+    pipes = []
+    for count in (args.threads or [torch.get_num_threads()]) if not gpu else [torch.get_num_threads()]:
+        torch.set_num_threads(count)
+        pipe = measure(pipe_preset, str(device), 3.0)
+        pipes.append(pipe)
+        print(f"\ninput pipeline, {pipe_preset} ({pipe['batch']} × {pipe['patch']}²), {count} threads: the network "
+              f"alone {pipe['network_steps_per_s']:.2f} steps/s; batches/s host {pipe['host_batches_per_s']:.1f} "
+              f"({pipe['host_batch_cost']:.0%} of a step), device {pipe['device_batches_per_s']:.1f} "
+              f"({pipe['device_batch_cost']:.0%}); the loop keeps {pipe['host_loop_share']:.0%} (host) and "
+              f"{pipe['device_loop_share']:.0%} (device) of the network's rate", flush=True)
     write_json(args.json, {"device": name, "peak_gflop_per_s": peak, "peak_kind": "bf16" if gpu else "fp32",
-                           "training": {"patch": patch, "batch": batch}, "rows": rows, "pipeline": pipe})
+                           "training": {"patch": patch, "batch": batch}, "rows": rows, "pipeline": pipes})
     return 0
 
 

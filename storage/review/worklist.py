@@ -8,8 +8,7 @@ correction there (:func:`unet.prediction.review.rank_regions`), one queue per da
 - else the newest finished prediction that covered it: its uncertainty is the map's own doubt (with test-time
   flips, where the eight disagree), and its neurons are checked against the neighbouring slices' (a neuron
   that splits or merges between slices, tiny fragments: :func:`unet.prediction.review.suspects`);
-- a slice that nobody has corrected scores more; one without any prediction is an item of its own; where a
-  slice's latest mask labels pixels already, only the rest of a region counts.
+- a slice that nobody has corrected scores more; one without any prediction is an item of its own.
 
 Ranking replaces the open items nobody works on (never taken, or taken over an hour ago and left); the ones
 taken since, and the done ones, stay, and a region someone works on is not ranked twice. **Next** (:func:`take`) gives
@@ -33,7 +32,6 @@ from storage.models import Dataset, LiveSlice, WorkItem, row_or_missing
 from storage.records import live, masks, predictions
 from storage.records.files import FileStore
 from unet.prediction.review import W_UNCORRECTED, margin, rank_regions, suspect_mask, suspects
-from unet.training.labels import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
     # one ranking of a dataset at a time (PostgreSQL: the row's lock; SQLite: its single writer)
     count, height, width = session.execute(select(Dataset.z, Dataset.y, Dataset.x).where(Dataset.id == dataset_id)
                                            .with_for_update()).one()
-    corrected = masks.slice_kinds(session, dataset_id)
+    corrected = set(masks.slice_kinds(session, dataset_id))
     now = datetime.now(UTC)
     session_now = live.current(session, dataset_id)
     live_slices: set[int] = set()
@@ -106,13 +104,6 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
     for z in wanted:
         uncorrected = z not in corrected
         regions, source = None, ""
-        labelled = None  # what the slice's latest mask labels already: a correction there teaches nothing new
-        if not uncorrected:
-            try:
-                mask = masks.load_mask(session, store, corrected[z].id)
-                labelled = mask != IGNORE if mask.shape == (height, width) else None
-            except Exception as exc:  # (a damaged mask file: ranked as if unlabelled, and the log says why)
-                log.warning("mask %s is not used for the queue: %s", corrected[z].id, exc)
         seen = live.prediction(session, store, session_now.run_id, z, True) if z in live_slices else None
         if seen is not None:
             known = None
@@ -120,7 +111,7 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
                 y0, x0, h, w = seen.region
                 known = np.zeros(seen.probabilities.shape, bool)
                 known[y0:y0 + h, x0:x0 + w] = True
-            regions = rank_regions(seen.uncertainty, uncorrected=uncorrected, known=known, labelled=labelled)
+            regions = rank_regions(seen.uncertainty, uncorrected=uncorrected, known=known)
             source = f"live {session_now.run_id}"
         elif z in index:
             i = index[z]
@@ -129,7 +120,7 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
             above = np.asarray(inst[index[z + 1]]) if z + 1 in index else None
             found = suspects(here, below, above)
             regions = rank_regions(margin(np.asarray(probs[i])), suspect_mask=suspect_mask(here, found),
-                                   suspect_labels=here, uncorrected=uncorrected, labelled=labelled)
+                                   suspect_labels=here, uncorrected=uncorrected)
             source = f"prediction {job.id}"
         if regions is None:
             if uncorrected:

@@ -165,14 +165,6 @@ def test_the_uncertainty_and_the_suspicious_neurons_rank_the_regions():
     known[:32, 32:] = True
     best = review.rank_regions(np.ones((64, 64), np.float32), tile=32, known=known)
     assert (best[0].y0, best[0].x0, best[0].uncertainty, best[1].uncertainty) == (0, 32, 1.0, 0.0)
-    labelled = np.zeros((64, 64), bool)  # the unsure tile labelled already: a correction there teaches nothing
-    labelled[32:, :32] = True
-    again = review.rank_regions(review.margin(prob), suspect_mask=review.suspect_mask(here, {3: "fragment"}),
-                                suspect_labels=here, tile=32, labelled=labelled)
-    assert (again[0].y0, again[0].x0) == (0, 32) and (again[-1].y0, again[-1].x0, again[-1].score) == (32, 0, 0.0)
-    assert again[-1].labelled == 1.0 and "100% labelled" in again[-1].reasons
-    with pytest.raises(ValueError, match="differ in shape"):
-        review.rank_regions(review.margin(prob), labelled=labelled[:10])
 
 
 def test_a_large_live_prediction_is_cut_into_neurons_only_around_the_view():

@@ -86,13 +86,10 @@ class RegionScore:
     uncertainty: float  # the tile's mean uncertainty
     suspects: int  # suspicious neurons that reach into the tile
     uncorrected: bool  # nobody has saved a mask of the slice
-    labelled: float = 0.0  # the share of the tile the slice's latest mask labels already
 
     @property
     def reasons(self) -> str:
         parts = [f"uncertainty {self.uncertainty:.2f}"]
-        if self.labelled:
-            parts.append(f"{self.labelled:.0%} labelled")
         if self.suspects:
             parts.append(f"{self.suspects} suspicious neuron(s)")
         if self.uncorrected:
@@ -108,13 +105,11 @@ def tile_size(shape: tuple[int, int], tiles: int = 4) -> int:
 
 def rank_regions(uncertainty: np.ndarray, *, suspect_mask: np.ndarray | None = None,
                  suspect_labels: np.ndarray | None = None, uncorrected: bool = False, tile: int | None = None,
-                 known: np.ndarray | None = None, labelled: np.ndarray | None = None) -> list[RegionScore]:
+                 known: np.ndarray | None = None) -> list[RegionScore]:
     """The tiles of a slice, best first. A tile's score is ``W_UNCERTAIN`` × its mean uncertainty +
     ``W_SUSPECT`` × the share of it covered by suspicious neurons (``suspect_mask``; ``suspect_labels`` the
     instance map, to count them) + ``W_UNCORRECTED`` when the slice has no saved mask. Pixels outside
-    ``known`` (a live prediction's never-predicted rest) count as uncertainty 0. Where the slice's latest
-    mask labels pixels already (``labelled``), a correction there teaches nothing new: the uncertainty and
-    the suspects count only on the rest of the tile."""
+    ``known`` (a live prediction's never-predicted rest) count as uncertainty 0."""
     if uncertainty.ndim != 2:
         raise ValueError(f"an uncertainty map is one slice, got shape {uncertainty.shape}")
     height, width = uncertainty.shape
@@ -122,12 +117,6 @@ def rank_regions(uncertainty: np.ndarray, *, suspect_mask: np.ndarray | None = N
     u = np.asarray(uncertainty, np.float32)
     if known is not None:
         u = np.where(known, u, 0.0)
-    if labelled is not None:
-        if labelled.shape != u.shape:
-            raise ValueError(f"the labelled pixels {labelled.shape} and the uncertainty {u.shape} differ in shape")
-        u = np.where(labelled, 0.0, u)
-        if suspect_mask is not None:
-            suspect_mask = suspect_mask & ~labelled
     out = []
     for y0 in range(0, height, tile):
         for x0 in range(0, width, tile):
@@ -139,9 +128,7 @@ def rank_regions(uncertainty: np.ndarray, *, suspect_mask: np.ndarray | None = N
                 if suspect_labels is not None and share:
                     count = len(np.unique(suspect_labels[box][suspect_mask[box]]))
             score = W_UNCERTAIN * mean_u + W_SUSPECT * share + (W_UNCORRECTED if uncorrected else 0.0)
-            done = float(labelled[box].mean()) if labelled is not None else 0.0
-            out.append(RegionScore(y0, x0, box[0].stop - y0, box[1].stop - x0, score, mean_u, count, uncorrected,
-                                   round(done, 3)))
+            out.append(RegionScore(y0, x0, box[0].stop - y0, box[1].stop - x0, score, mean_u, count, uncorrected))
     out.sort(key=lambda r: (-r.score, r.y0, r.x0))
     return out
 
