@@ -46,20 +46,18 @@ def environment(device: torch.device) -> dict:
 def speed(device: torch.device, peak: float, quick: bool) -> list[dict]:
     """bench.speed's rows: our network at widths 16, 32 and 64 and the textbook one at 64 (each in a fresh
     process, so each peak memory is its own)."""
+    from bench.speed import measure_apart
+
     gpu = device.type == "cuda"
     patch, batch, steps = (512, 8, 20) if gpu else (128, 2, 2)
     rows = []
     for model, width in ([("ours", 16), ("ours", 32), ("ours", 64), ("textbook", 64)] if not quick
                          else [("ours", 16), ("textbook", 16)]):
-        cmd = [sys.executable, "-m", "bench.speed", "--one", model, str(width), "--device", str(device),
-               "--patch", str(patch), "--batch", str(batch), "--steps", str(steps), "--padding", "same"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=300)
-        if out.returncode:
-            rows.append({"model": model, "width": width, "error": out.stderr[-1000:]})
+        try:
+            row = measure_apart(model, width, str(device), patch, batch, steps, "same", peak, timeout=300)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            rows.append({"model": model, "width": width, "error": str(exc)[-1000:]})
             continue
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["train_fraction_of_peak"] = row["train_gflop_per_s"] / peak
-        row["infer_fraction_of_peak"] = row["gflop_per_s"] / peak
         rows.append(row)
         print(f"  {model} width {width}: {row['train_steps_per_s']:.1f} steps/s "
               f"({row['train_fraction_of_peak']:.0%} of peak)", flush=True)

@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -148,6 +149,22 @@ def measure_one(model_name: str, width: int, device_name: str, patch: int, batch
             "patch": patch, "batch": batch, "padding": padding if model_name == "ours" else "same"}
 
 
+def measure_apart(model_name: str, width: int, device: str, patch: int, batch: int, steps: int, padding: str,
+                  peak: float, timeout: float | None = None) -> dict:
+    """:func:`measure_one` in a fresh process (so its peak memory is its own), with its fractions of ``peak``;
+    :class:`RuntimeError` with the child's error output when it fails."""
+    cmd = [sys.executable, "-m", "bench.speed", "--one", model_name, str(width), "--device", device,
+           "--patch", str(patch), "--batch", str(batch), "--steps", str(steps), "--padding", padding]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["infer_fraction_of_peak"] = row["gflop_per_s"] / peak
+    row["train_fraction_of_peak"] = row["train_gflop_per_s"] / peak
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n")[0])
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -179,15 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for width in args.widths:
         for model_name in ("ours", "textbook"):
-            cmd = [sys.executable, "-m", "bench.speed", "--one", model_name, str(width), "--device", str(device),
-                   "--patch", str(patch), "--batch", str(batch), "--steps", str(steps), "--padding", args.padding]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if out.returncode:
-                print(out.stderr[-2000:], file=sys.stderr)
-                return out.returncode
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["infer_fraction_of_peak"] = row["gflop_per_s"] / peak
-            row["train_fraction_of_peak"] = row["train_gflop_per_s"] / peak
+            try:
+                row = measure_apart(model_name, width, str(device), patch, batch, steps, args.padding, peak)
+            except RuntimeError as exc:
+                print(exc, file=sys.stderr)
+                return 1
             rows.append(row)
             print(f"  {model_name:8s} width {width:3d}: {row['train_steps_per_s']:.2f} steps/s, "
                   f"{row['infer_s_per_slice']:.3f} s/slice", flush=True)
