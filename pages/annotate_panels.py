@@ -97,18 +97,11 @@ class Edit:
 
 
 def current_draft(edit: Edit, options: list[StartOption], latest: MaskInfo | None) -> Draft:
-    """This slice's draft: the one of this session, else the prediction Predict asked for, else an edit kept in
-    the store (a reload, another tab), else a new one from the first option (also when the slice was saved
-    elsewhere meanwhile)."""
+    """This slice's draft: the one of this session, else an edit kept in the store (a reload, another tab),
+    then the prediction that Predict or Next to fix asked for unless that draft holds unsaved changes, else a
+    new one from the first option (also when the slice was saved elsewhere meanwhile)."""
     dataset_id, z = edit.dataset_id, edit.z
     draft = edit.drafts.get((dataset_id, z))
-    requested = state.start_request(dataset_id, z)  # "Correct this slice" on Predict
-    if requested is not None:
-        if draft is not None and draft.dirty:
-            st.warning(f"This slice has {draft.changed_pixels:,} unsaved changed pixels: they are kept. Choose the "
-                       "prediction under **Start from** to drop them and start from it.")
-        else:
-            draft = edit.open_draft(StartOption("prediction", f"prediction #{requested}", None, requested))
     if draft is None:  # not edited in this session: an edit kept in the store (a reload, another tab) comes back
         stored = edit.svc.stored_draft(dataset_id, z, owner())
         if stored is not None:
@@ -117,6 +110,17 @@ def current_draft(edit: Edit, options: list[StartOption], latest: MaskInfo | Non
             st.session_state.setdefault(RESTORED, {})[draft.uid] = (
                 f"Restored your unsaved changes on this slice (kept {stored.updated:%Y-%m-%d %H:%M} UTC): save "
                 "or discard them.")
+    requested = state.start_request(dataset_id, z)  # "Correct this slice" on Predict, Next to fix
+    if requested is not None:
+        prediction_id, keep_saved = requested
+        if draft is not None and draft.dirty:  # (never dropped for a start nobody chose on this slice)
+            st.warning(f"This slice has {draft.changed_pixels:,} unsaved changed pixels: they are kept. Choose the "
+                       "prediction under **Start from** to drop them and start from it.")
+        elif keep_saved and latest is not None:
+            draft = edit.open_draft(StartOption("latest", f"latest version (v{latest.version}, {latest.kind})",
+                                                latest.id, prediction_id))
+        else:
+            draft = edit.open_draft(StartOption("prediction", f"prediction #{prediction_id}", None, prediction_id))
     if draft is None or (not draft.dirty and draft.latest_id != (latest.id if latest else None)):
         draft = edit.open_draft(options[0])  # new, or saved elsewhere
 

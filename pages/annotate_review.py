@@ -1,6 +1,7 @@
 """Where to work next, on the Annotate page (issue 29): **Next to fix** (key N) takes the best item of the
-dataset's queue, shared by everyone on it, and opens its slice zoomed in on its region (starting the edit from
-the prediction it was ranked from, so the object tools are at hand); the queue's panel shows what is open,
+dataset's queue, shared by everyone on it, and opens its slice zoomed in on its region, with the object tools
+acting on the prediction it was ranked from. The edit starts from the slice's latest version where there is one
+(what anyone saved there stays), else from that prediction; the queue's panel shows what is open,
 who took what, and what was done. The ranking is :mod:`storage.review.worklist`."""
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ def _next(svc: Neuroseg, dataset_id: int, shape: tuple[int, int]) -> None:
     y0, x0, h, w = item.box
     state.focus_annotate(*focus([y0, x0, y0 + h, x0 + w], shape))
     state.open_annotate_at(dataset_id, item.slice_index)
-    if item.source.startswith("prediction ") and (dataset_id, item.slice_index) not in state.drafts():
-        state.request_start(dataset_id, item.slice_index, int(item.source.split()[1]))
+    prediction_id = int(item.source.split()[1]) if item.source.startswith("prediction ") else None
+    open_draft = state.drafts().get((dataset_id, item.slice_index))
+    if prediction_id is not None and (open_draft is None or open_draft.prediction_id != prediction_id):
+        # the saved labels stay (and unsaved changes: see pages.annotate_panels.current_draft)
+        state.request_start(dataset_id, item.slice_index, prediction_id, keep_saved=True)
     st.session_state[TAKEN] = item
 
 

@@ -109,18 +109,21 @@ def open_annotate_at(dataset: int, z: int) -> None:
     slice_positions()[dataset] = z
 
 
-def request_start(dataset: int, z: int, prediction_id: int) -> None:
-    """Annotate's next edit of slice ``z`` of ``dataset`` starts from prediction ``prediction_id``."""
-    st.session_state[START_REQUEST] = (dataset, z, prediction_id)
+def request_start(dataset: int, z: int, prediction_id: int, keep_saved: bool = False) -> None:
+    """Annotate's next edit of slice ``z`` of ``dataset`` starts from prediction ``prediction_id`` ("Correct this
+    slice"), or with ``keep_saved`` from the slice's latest version with that prediction's neurons for the
+    object tools (Next to fix: what someone saved on the slice stays)."""
+    st.session_state[START_REQUEST] = (dataset, z, prediction_id, keep_saved)
 
 
-def start_request(dataset: int, z: int) -> int | None:
-    """The prediction asked for as the start of slice ``z`` of ``dataset`` (taken: asked once), or None."""
+def start_request(dataset: int, z: int) -> tuple[int, bool] | None:
+    """The prediction asked for as the start of slice ``z`` of ``dataset`` and whether the saved labels stay
+    (taken: asked once), or None."""
     request: Any = st.session_state.get(START_REQUEST)
     if request is None or tuple(request[:2]) != (dataset, z):
         return None
     del st.session_state[START_REQUEST]
-    return request[2]
+    return request[2], bool(request[3]) if len(request) > 3 else False
 
 
 def focus_annotate(zoom: int, cy: int, cx: int) -> None:

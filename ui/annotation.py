@@ -103,7 +103,7 @@ class Draft:
     view: View | None = None
     generation: int = 0
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    prediction_id: int | None = None  # the prediction the edit started from (source "prediction")
+    prediction_id: int | None = None  # the prediction whose neurons the object tools act on (the start, or Next's)
     revision: int = 0  # bumped whenever ``working`` changes
     forgotten_tools: set[str] = field(default_factory=set)  # the tools of steps the history had to forget
     done: list[Step] = field(default_factory=list, repr=False)  # the steps that undo takes back, newest last

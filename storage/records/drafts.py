@@ -94,7 +94,9 @@ def of_owner(session: Session, owner: str) -> list[StoredDraft]:
 def start(session: Session, store: FileStore, dataset_id: int, slice_index: int, source: str,
           mask_id: int | None = None, prediction_id: int | None = None) -> DraftStart:
     """What an edit of a slice starts from: the mask version ``mask_id``, the prediction ``prediction_id``
-    (its mask of this slice), or nothing (every pixel unlabelled)."""
+    (its mask of this slice), or nothing (every pixel unlabelled). With both, the edit starts from the mask
+    version and keeps the prediction as the one its object tools act on (Next to fix on a slice someone
+    corrected: the saved labels stay)."""
     dataset = dataset_row(session, dataset_id)
     latest = latest_mask(session, dataset_id, slice_index)
     latest_id = latest.id if latest else None
@@ -102,9 +104,10 @@ def start(session: Session, store: FileStore, dataset_id: int, slice_index: int,
         prediction = get_prediction(session, prediction_id)
         if prediction.dataset_id != dataset_id or slice_index not in prediction.slices:
             raise ValueError(f"prediction #{prediction_id} did not predict slice {slice_index} of this dataset")
-        prob = load_output(session, store, prediction_id, "probabilities")[prediction.slices.index(slice_index)]
-        return DraftStart(dataset_id, slice_index, "prediction", None, "prediction", latest_id, to_mask(prob),
-                          prediction_id)
+        if mask_id is None:
+            prob = load_output(session, store, prediction_id, "probabilities")[prediction.slices.index(slice_index)]
+            return DraftStart(dataset_id, slice_index, "prediction", None, "prediction", latest_id, to_mask(prob),
+                              prediction_id)
     if mask_id is None:
         return DraftStart(dataset_id, slice_index, "nothing", None, None, latest_id,
                           np.full((dataset.y, dataset.x), IGNORE, np.uint8))
@@ -112,7 +115,7 @@ def start(session: Session, store: FileStore, dataset_id: int, slice_index: int,
     if version is None or (version.dataset_id, version.slice_index) != (dataset_id, slice_index):
         raise ValueError(f"mask version {mask_id} is not a version of slice {slice_index}")
     return DraftStart(dataset_id, slice_index, source, mask_id, version.kind, latest_id,
-                      load_mask(session, store, mask_id))
+                      load_mask(session, store, mask_id), prediction_id)
 
 
 def save(session: Session, store: FileStore, draft: DraftLike, author: str = "", owner: str | None = None) -> MaskInfo:

@@ -376,9 +376,9 @@ def correct_by_objects(page, data_dir):
 
 
 class Fixed:
-    """What Next to fix must have done: the item taken by the user, its slice saved from the prediction
-    with one neuron erased in the zoomed view and then every confident one accepted, and the item done by
-    that version."""
+    """What Next to fix must have done: the item taken by the user, its slice saved from its latest version
+    (or the prediction, where nothing was saved) with one neuron of the prediction erased in the zoomed view
+    and then every confident one accepted, and the item done by that version."""
 
     def __init__(self, dataset_id, item_id, z, expected, tools):
         self.dataset_id, self.item_id, self.z, self.expected, self.tools = dataset_id, item_id, z, expected, tools
@@ -392,9 +392,10 @@ class Fixed:
 
 
 def next_to_fix(page, data_dir):
-    """Next to fix (its key, N): Annotate jumps to the queue's best item, zoomed in on it, starting from the
-    prediction; a neuron inside it erased by a click in the zoomed view, every confident neuron accepted, and
-    saved; the queue shows it done."""
+    """Next to fix (its key, N): Annotate jumps to the queue's best item, zoomed in on it, with the object
+    tools on the prediction it was ranked from and the edit starting from the slice's latest version (what
+    was saved there stays); a neuron inside it erased by a click in the zoomed view, every confident neuron
+    accepted, and saved; the queue shows it done."""
     from playwright.sync_api import expect
     from scipy import ndimage as ndi
 
@@ -408,7 +409,7 @@ def next_to_fix(page, data_dir):
     caption = page.get_by_text(re.compile(r"To fix: slice \d+, rows")).first
     caption.wait_for()
     z = int(re.search(r"To fix: slice (\d+)", caption.inner_text()).group(1))
-    page.get_by_text("Accept all confident neurons").wait_for()  # the edit starts from the prediction
+    page.get_by_text("Accept all confident neurons").wait_for()  # the tools act on the prediction
     svc = Neuroseg(Settings.from_env(data_dir), supervise=False)
     dataset_id = svc.datasets()[0].id
     item = next(i for i in svc.work_list(dataset_id).open if i.taken_by == "bo")
@@ -429,7 +430,8 @@ def next_to_fix(page, data_dir):
     depth = {k: ndi.distance_transform_edt(instances == k) * inside for k in labels}
     k = max(labels, key=lambda k: depth[k].max())
     at = tuple(int(v) for v in np.unravel_index(np.argmax(depth[k]), instances.shape))
-    start = to_mask(prob)
+    history = svc.history(dataset_id, z)
+    start = svc.mask(history[-1].id) if history else to_mask(prob)  # what was saved there stays
 
     unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
     shown = annotate_render(page)

@@ -67,6 +67,13 @@ def test_the_queue_ranks_regions_and_two_users_share_it(predicted):
     assert [(i.id, i.done_by, i.mask_version_id) for i in done] == [(first.id, "ann", saved.id)]
     assert second.id in {i.id for i in svc.work_list(demo.id).open}
     assert svc.rank_work(demo.id).done[0].id == first.id  # what was done stays on record
+    # Next on a slice someone saved starts from that version, with the prediction's neurons for the tools
+    kept = svc.draft_start(demo.id, first.slice_index, "latest", mask_id=saved.id, prediction_id=job.id)
+    assert (kept.source, kept.source_mask_id, kept.prediction_id) == ("latest", saved.id, job.id)
+    np.testing.assert_array_equal(kept.mask, svc.mask(saved.id))
+    other = svc.history(demo.id, 5)[-1]
+    with pytest.raises((ValueError, UserError), match="did not predict slice 5"):
+        svc.draft_start(demo.id, 5, "latest", mask_id=other.id, prediction_id=job.id)
 
     # a viewer sees the queue but cannot take from it or rank it (the service refuses, not a hidden button)
     vic = svc.acting_as(svc.signed_in(make_user(data_dir, "vic", "viewer")))
