@@ -3,14 +3,17 @@ from exactly the same kind of strokes.
 
     python -m bench.loop [--volume V.tif --labels L.tif] [--annotate 0-24] [--held-out 25-29]
                          [--start random|starter|CHECKPOINT.pt] [--rounds 10] [--k 10] [--radius 8]
-                         [--seconds 30] [--paint-seconds 0] [--page] [--zoom 1] [--json FILE] [--skip-forest]
+                         [--seconds 30] [--steps-per-round 0] [--paint-seconds 0] [--page] [--zoom 1]
+                         [--json FILE] [--skip-forest]
 
 Each round the annotator takes the next slice to annotate (a fixed shuffled order of ``--annotate``),
 looks at the model's prediction of it, finds the K largest wrongly predicted regions against the full
 labels (not painted yet), and "paints" the true labels inside a disk of ``--radius`` pixels at the middle
 of each; everything else stays unlabelled. The U-Net side does this through the app itself: a real store
 and service, a live session (:mod:`storage.jobs.live_worker`, a separate process) started from ``--start``,
-the painted masks saved as mask versions, the session left to train for ``--seconds``, and the held-out
+the painted masks saved as mask versions, the session left to train for ``--seconds`` (and, with
+``--steps-per-round N``, until its step count reaches N a round, so that annotators who work at different
+speeds compare at equal training), and the held-out
 slices scored from the session's own live predictions (the bench asks for them as a viewer would). The
 time from each save until the live overlay of the slice comes from weights that learned it is measured;
 with ``--page`` one Annotate page is open in Chromium all along (the server as ``./run.sh`` runs it),
@@ -206,6 +209,10 @@ def unet_loop(args, volume_path: Path, targets: np.ndarray, order: list[int], he
             rest = args.seconds - (time.monotonic() - t_save)
             if rest > 0:
                 time.sleep(rest)  # the annotator looks and thinks; the session trains
+            if args.steps_per_round:  # equal training for every annotator: the round ends at a step count
+                goal = (r + 1) * args.steps_per_round
+                wait_until(f"the session to reach step {goal}",
+                           lambda goal=goal: svc.snapshot(run_id).progress.step >= goal, timeout=1800)
             t_score = time.time()
             for h in held:
                 svc.live_see(run_id, f"scorer-{h}", h)
@@ -287,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10, help="disks painted per round")
     ap.add_argument("--radius", type=int, default=8, help="the disks' radius in pixels")
     ap.add_argument("--seconds", type=float, default=30.0, help="training time per round (from the save)")
+    ap.add_argument("--steps-per-round", type=int, default=0, help="also train until the session has made this "
+                    "many steps a round (round r scores at step r × N at least), so annotators that work at "
+                    "different speeds are compared at equal training (0: time only)")
     ap.add_argument("--seed", type=int, default=0, help="the order in which slices are annotated")
     ap.add_argument("--skip-forest", action="store_true")
     ap.add_argument("--paint-seconds", type=float, default=0.0, help="the annotator's time from seeing the "
@@ -324,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
               "per_item": args.per_item if args.annotator == "tools" else None,
               "noc_goal": args.noc_goal, "noc_cap": args.noc_cap,
               "page": args.page, "paint_seconds": args.paint_seconds, "zoom": args.zoom,
-              "radius": args.radius, "seconds_per_round": args.seconds, "held_out": held,
+              "radius": args.radius, "seconds_per_round": args.seconds,
+              "steps_per_round": args.steps_per_round, "held_out": held,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     result["unet"] = unet_loop(args, volume_path, targets, order, held)
     if not args.skip_forest:
