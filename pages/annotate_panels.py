@@ -98,36 +98,55 @@ class Edit:
 
 def current_draft(edit: Edit, options: list[StartOption], latest: MaskInfo | None) -> Draft:
     """This slice's draft: the one of this session, else an edit kept in the store (a reload, another tab),
-    then the prediction that Predict or Next to fix asked for unless that draft holds unsaved changes, else a
-    new one from the first option (also when the slice was saved elsewhere meanwhile)."""
+    then the start that Predict or Next to fix asked for unless the draft holds unsaved changes, else a new
+    one from the first option (also when the slice was saved elsewhere meanwhile). A draft opened here on
+    its own has nothing to keep yet: it never erases an edit kept in the store by another tab."""
     dataset_id, z = edit.dataset_id, edit.z
-    draft = edit.drafts.get((dataset_id, z))
-    if draft is None:  # not edited in this session: an edit kept in the store (a reload, another tab) comes back
-        stored = edit.svc.stored_draft(dataset_id, z, owner())
+    key = (dataset_id, z)
+    draft = edit.drafts.get(key)
+    requested = state.start_request(dataset_id, z)  # "Correct this slice" on Predict, Next to fix
+    if draft is None or (requested is not None and not draft.dirty):
+        stored = edit.svc.stored_draft(dataset_id, z, owner())  # (a reload, another tab: it comes back)
         if stored is not None:
-            draft = edit.drafts[(dataset_id, z)] = Draft.from_stored(stored)
-            edit.kept_revision[(dataset_id, z)] = draft.revision
+            draft = edit.drafts[key] = Draft.from_stored(stored)
+            edit.kept_revision[key] = draft.revision
             st.session_state.setdefault(RESTORED, {})[draft.uid] = (
                 f"Restored your unsaved changes on this slice (kept {stored.updated:%Y-%m-%d %H:%M} UTC): save "
                 "or discard them.")
-    requested = state.start_request(dataset_id, z)  # "Correct this slice" on Predict, Next to fix
     if requested is not None:
-        prediction_id, keep_saved = requested
-        if draft is not None and draft.dirty:  # (never dropped for a start nobody chose on this slice)
-            st.warning(f"This slice has {draft.changed_pixels:,} unsaved changed pixels: they are kept. Choose the "
-                       "prediction under **Start from** to drop them and start from it.")
-        elif keep_saved and latest is not None:
-            draft = edit.open_draft(StartOption("latest", f"latest version (v{latest.version}, {latest.kind})",
-                                                latest.id, prediction_id))
-        else:
-            draft = edit.open_draft(StartOption("prediction", f"prediction #{prediction_id}", None, prediction_id))
+        draft = _requested(edit, draft, latest, *requested)
     if draft is None or (not draft.dirty and draft.latest_id != (latest.id if latest else None)):
         draft = edit.open_draft(options[0])  # new, or saved elsewhere
-
+        edit.kept_revision[key] = draft.revision
     restored_note = st.session_state.get(RESTORED, {}).get(draft.uid)
     if restored_note and draft.dirty:
         st.info(restored_note, icon=":material/restore:")
     return draft
+
+
+def _requested(edit: Edit, draft: Draft | None, latest: MaskInfo | None, prediction_id: int,
+               keep_saved: bool) -> Draft | None:
+    """The start asked for by Predict or Next to fix, unless ``draft`` holds unsaved changes (they are kept,
+    and Next's prediction is lent to their object tools)."""
+    if draft is not None and draft.dirty:
+        if keep_saved and draft.source != "prediction" and draft.prediction_id is None:
+            draft.prediction_id = prediction_id  # (changes no pixel: the tools act on the item's prediction)
+            st.info(f"Your {draft.changed_pixels:,} unsaved changed pixels on this slice are kept; the object tools "
+                    f"act on prediction #{prediction_id}.")
+        else:
+            st.warning(f"This slice has {draft.changed_pixels:,} unsaved changed pixels: they are kept. Save or "
+                       "discard them first to start from the prediction (**Start from**).")
+        return draft
+    option = (StartOption("latest", f"latest version (v{latest.version}, {latest.kind})", latest.id, prediction_id)
+              if keep_saved and latest is not None else
+              StartOption("prediction", f"prediction #{prediction_id}", None, prediction_id))
+    try:
+        fresh = edit.open_draft(option)
+    except (UserError, ValueError, LookupError) as exc:  # (the prediction was deleted meanwhile, say)
+        st.warning(f"Could not start from prediction #{prediction_id}: {exc}")
+        return draft
+    edit.kept_revision[(edit.dataset_id, edit.z)] = fresh.revision  # (nothing to keep yet)
+    return fresh
 
 
 def pending_strokes(d: Draft) -> None:
@@ -228,7 +247,7 @@ def start_from_panel(edit: Edit, draft: Draft, options: list[StartOption], histo
     current = next((i for i, o in enumerate(options) if o.source == draft.source and o.mask_id == draft.source_mask_id
                     and (o.prediction_id == draft.prediction_id or o.source != "prediction")), None)
     if current is None:  # the edit started from something no longer offered first (an older version, a prediction)
-        started = (f"prediction #{draft.prediction_id}" if draft.prediction_id is not None else
+        started = (f"prediction #{draft.prediction_id}" if draft.source == "prediction" else
                    next((f"v{m.version} ({m.kind})" for m in history if m.id == draft.source_mask_id),
                         "nothing (scribble)"))
         options = [StartOption(draft.source, f"what this edit started from: {started}", draft.source_mask_id,

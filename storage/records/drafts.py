@@ -101,6 +101,8 @@ def start(session: Session, store: FileStore, dataset_id: int, slice_index: int,
     latest = latest_mask(session, dataset_id, slice_index)
     latest_id = latest.id if latest else None
     if prediction_id is not None:
+        if source == "prediction" and mask_id is not None:
+            raise ValueError("an edit starts from a prediction or from a mask version, not both")
         prediction = get_prediction(session, prediction_id)
         if prediction.dataset_id != dataset_id or slice_index not in prediction.slices:
             raise ValueError(f"prediction #{prediction_id} did not predict slice {slice_index} of this dataset")

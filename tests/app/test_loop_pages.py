@@ -139,16 +139,17 @@ def test_train_predict_correct_and_review(app_data_dir):
     assert (svc.mask(saved.id)[:15, :15] == MEMBRANE).all()
 
     # --- Next to fix: the edit keeps what was saved on the slice, with the tools on the prediction's neurons;
-    # an unsaved edit kept in the store (another tab) is never replaced by a start nobody chose there --------
+    # an unsaved edit kept in the store (another tab) is never replaced nor erased by a start nobody chose -----
     svc.rank_work(demo.id)
     top = svc.work_list(demo.id).open[0]
     assert top.source == f"prediction {job.id}"
     z, other = top.slice_index, 1 - top.slice_index  # (the prediction covers slices 0 and 1)
-    tab = open_page("Annotate")
+    at = open_page("Annotate")
+    at.slider(key=f"annotate_slice_{demo.id}").set_value(other).run()  # this tab: a clean edit of the other slice
+    tab = open_page("Annotate")  # another tab of the same user paints there and leaves it unsaved
     tab.slider(key=f"annotate_slice_{demo.id}").set_value(other).run()
     draw(tab, slice(0, 90), slice(0, 90), MEMBRANE)  # kept in the store as it is drawn
     unsaved = tab.session_state["drafts"][(demo.id, other)].working.copy()
-    at = open_page("Annotate")
     at.button(key="next_work").click().run()
     assert not at.exception, at.exception
     latest = svc.history(demo.id, z)[-1]
@@ -156,12 +157,15 @@ def test_train_predict_correct_and_review(app_data_dir):
     assert (draft.source, draft.source_mask_id, draft.prediction_id) == ("latest", latest.id, job.id)
     np.testing.assert_array_equal(draft.working, svc.mask(latest.id))
     assert at.button(key="accept_confident")  # the object tools are at hand
-    state_request = (demo.id, other, job.id, True)  # what Next on the other slice asks for
-    at.session_state["start_request"] = state_request
+    ann = next(u.id for u in svc.users() if u.username == "ann")
+    assert svc.stored_draft(demo.id, other, f"user:{ann}") is not None  # the other tab's edit is still kept
+    at.session_state["start_request"] = (demo.id, other, job.id, True)  # what Next onto that slice asks for
     at.slider(key=f"annotate_slice_{demo.id}").set_value(other).run()
+    assert not at.exception, at.exception
     kept = at.session_state["drafts"][(demo.id, other)]
-    np.testing.assert_array_equal(kept.working, unsaved)
-    assert any("unsaved changed pixels: they are kept" in w.value for w in at.warning)
+    np.testing.assert_array_equal(kept.working, unsaved)  # brought back, not replaced
+    assert kept.prediction_id == job.id and "unsaved changed pixels on this slice are kept" in texts(at.info)
+    assert svc.stored_draft(demo.id, other, f"user:{ann}") is not None
 
     # the same slice again, averaged over the 8 flips: a prediction of its own, marked so, with another map
     flips_at = open_page("Predict")

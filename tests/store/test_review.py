@@ -74,6 +74,8 @@ def test_the_queue_ranks_regions_and_two_users_share_it(predicted):
     other = svc.history(demo.id, 5)[-1]
     with pytest.raises((ValueError, UserError), match="did not predict slice 5"):
         svc.draft_start(demo.id, 5, "latest", mask_id=other.id, prediction_id=job.id)
+    with pytest.raises((ValueError, UserError), match="not both"):
+        svc.draft_start(demo.id, first.slice_index, "prediction", mask_id=saved.id, prediction_id=job.id)
 
     # a viewer sees the queue but cannot take from it or rank it (the service refuses, not a hidden button)
     vic = svc.acting_as(svc.signed_in(make_user(data_dir, "vic", "viewer")))
