@@ -271,3 +271,43 @@ def test_an_output_slice_of_zeros_is_stored_chunk_by_chunk(tmp_path):
     assert len(list((path / "0" / "c" / "0").rglob("*"))) > 2
     np.testing.assert_array_equal(stored[0], np.zeros((700, 600), np.uint8))
     assert stored[1].min() == 255
+
+
+def test_the_pipeline_predicts_what_slice_by_slice_does_and_resumes(tmp_path, trained):
+    """On a GPU, whole slices go through a pipeline (reads, several slices per batch, and the host's neurons
+    and writes on threads, overlapped): here it is forced on the CPU, against the slice-by-slice path."""
+    from unet.training.labels import MEMBRANE, NEURON
+
+    volume, checkpoint, labels = trained
+    targets = {4: np.where(labels[4] > 0, NEURON, MEMBRANE).astype(np.uint8)}
+    slices = (0, 1, 2, 4, 5)
+
+    def job(name):
+        return BlockJob(checkpoint=str(checkpoint), volume=str(volume), out=str(tmp_path / name), slices=slices,
+                        threads=1)
+
+    reference = run_blocks(job("plain"), (150, 210), workers=1, targets=targets, pipeline=False)
+    seen = []
+    piped = run_blocks(job("piped"), (150, 210), workers=1, targets=targets, pipeline=True,
+                       progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(i, 5) for i in range(6)]
+    a, b = _outputs(tmp_path / "plain"), _outputs(tmp_path / "piped")
+    np.testing.assert_allclose(b["probabilities"], a["probabilities"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(b["mask"], a["mask"])
+    np.testing.assert_array_equal(b["instances"], a["instances"])
+    assert piped[3]["scores"]["rand_f"] == pytest.approx(reference[3]["scores"]["rand_f"], abs=1e-6)
+    assert [piped[i]["slice"] for i in range(5)] == list(slices) and piped[0]["scores"] is None
+    # a run killed after two slices: the pipeline does only the three left, from their markers
+    half = job("half")
+
+    def killed(done, total):
+        if done == 2:
+            raise KeyboardInterrupt  # (as a kill right after the second slice's marker)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_blocks(half, (150, 210), workers=1, targets=targets, pipeline=False, progress=killed)
+    resumed = []
+    run_blocks(half, (150, 210), workers=1, targets=targets, pipeline=True,
+               progress=lambda d, t: resumed.append((d, t)))
+    assert resumed == [(2, 5), (3, 5), (4, 5), (5, 5)]
+    np.testing.assert_array_equal(_outputs(tmp_path / "half")["instances"], a["instances"])

@@ -61,7 +61,7 @@ CONTEXT = 64  # pixels of network context read beyond a tile's halo
 _MODELS: dict[tuple[str, str], Any] = {}  # per worker process: the model of each checkpoint, loaded once
 
 
-def _model(job: BlockJob):
+def model_of(job: BlockJob):
     if job.threads:
         torch.set_num_threads(job.threads)
     device = str(pick_device(job.device if job.device != "auto" else _worker_device()))
@@ -92,7 +92,7 @@ def _worker_device() -> str:
     return f"cuda:{index % count}"
 
 
-def _volume(job: BlockJob):
+def volume_of(job: BlockJob):
     return (job.opener or open_stack)(job.volume)
 
 
@@ -109,10 +109,17 @@ def run_block(job: BlockJob, index: int, target: np.ndarray | None = None) -> di
     marker = marker_path(job, index)
     if marker.is_file():  # done by an earlier attempt (a resumed prediction, a retried task)
         return json.loads(marker.read_text())
-    model, device = _model(job)
-    z = job.slices[index]
-    image = _volume(job)[z]
-    prob = predict_slice(model, image, device=device, tta=job.tta, tile=job.network_tile or None).astype(np.float32)
+    model, device = model_of(job)
+    image = volume_of(job)[job.slices[index]]
+    prob = predict_slice(model, image, device=device, tta=job.tta, tile=job.network_tile or None)
+    return finish_block(job, index, prob, target)
+
+
+def finish_block(job: BlockJob, index: int, prob: np.ndarray, target: np.ndarray | None = None) -> dict[str, Any]:
+    """What follows the network for output slice ``index`` whole: its mask and neurons made from ``prob``,
+    its outputs written, scored against ``target`` when given, and its marker written last; returns the
+    marker. (:mod:`unet.prediction.pipeline` calls it on a host thread while the device goes on.)"""
+    prob = np.asarray(prob, np.float32)
     results = {"probabilities": prob, "mask": to_mask(prob, job.threshold) * np.uint8(255)}
     if job.with_instances:
         results["instances"] = segment(prob, job.method).astype(np.int32)
@@ -121,10 +128,10 @@ def run_block(job: BlockJob, index: int, target: np.ndarray | None = None) -> di
         data = np.ascontiguousarray(results[name], dtype=OUTPUT_DTYPES[name])
         write_slice(output_path(job.out, name), index, data)
         digests[name] = hashlib.sha256(data.data).hexdigest()
-    record = {"slice": z, "sha256": digests, "scores": None if target is None else
+    record = {"slice": job.slices[index], "sha256": digests, "scores": None if target is None else
               evaluate_slice(prob, target, seg=results.get("instances"), method=job.method),
               "errors": _errors(results.get("instances"), target)}
-    atomic_write(marker, lambda fh: fh.write(json.dumps(record).encode()))
+    atomic_write(marker_path(job, index), lambda fh: fh.write(json.dumps(record).encode()))
     return record
 
 
@@ -137,7 +144,7 @@ def slice_stats(job: BlockJob, index: int) -> tuple[float, float]:
     known = read_marker(path)
     if known is not None:
         return known["mean"], known["std"]
-    volume = _volume(job)
+    volume = volume_of(job)
     z, (height, _width) = job.slices[index], volume.shape[1:]
     total = squares = 0.0
     count = 0
@@ -181,8 +188,8 @@ def run_tile(job: BlockJob, block: Block, target: np.ndarray | None = None) -> d
     marker = marker_path(job, block.key)
     if marker.is_file():
         return json.loads(marker.read_text())
-    model, device = _model(job)
-    volume = _volume(job)
+    model, device = model_of(job)
+    volume = volume_of(job)
     z, shape = job.slices[block.index], tuple(volume.shape[1:])
     mean, std = slice_stats(job, block.index)
     halo, context = job.halo, _context(model)

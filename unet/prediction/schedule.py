@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from unet.prediction.blocks import Block, BlockJob, create_outputs, finished_blocks, marker_path, plan
-from unet.prediction.blockwise import run_block, run_tile
+from unet.prediction.blockwise import model_of, run_block, run_tile
+from unet.prediction.pipeline import run_slices
 from unet.prediction.stitch import stitch
 
 SCHEDULER_ENV = "NEUROSEG_DASK_SCHEDULER"
@@ -64,7 +65,8 @@ def _target_part(target: np.ndarray | None, block: Block) -> np.ndarray | None:
 
 def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, np.ndarray] | None = None,
                progress: Progress | None = None, pixel_size_nm: float | None = None,
-               scheduler: str | None = None, workers: int | None = None) -> dict[int, dict[str, Any]]:
+               scheduler: str | None = None, workers: int | None = None,
+               pipeline: bool | None = None) -> dict[int, dict[str, Any]]:
     """Predict every block not finished yet and return every output slice's marker (index → marker).
 
     Args:
@@ -75,6 +77,8 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
         scheduler: a Dask scheduler's address (default ``$NEUROSEG_DASK_SCHEDULER``; none: a local cluster).
         workers: worker processes of a local cluster (default :func:`default_workers`); 1 runs the blocks
             in this process.
+        pipeline: in this process, predict whole slices in a pipeline (:mod:`unet.prediction.pipeline`:
+            reads, the device and the host's neurons and writes overlap); default: on a GPU.
     """
     shape = (int(shape[0]), int(shape[1]))
     targets = targets or {}
@@ -104,7 +108,20 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
     halo = job.halo if any(b.part is not None for b in pending) else 0
     n = 1 if scheduler else (workers or default_workers(len(pending), int((np.sqrt(largest) + 2 * halo + 128) ** 2)))
     if not scheduler and n == 1:
+        whole = [i for i, left in todo.items() if left and left[0].part is None]
+        if pipeline is None:
+            pipeline = str(model_of(job)[1]).startswith("cuda")
+        if pipeline and whole:
+            def finished(i: int, marker: dict[str, Any]) -> None:
+                nonlocal count
+                done[i] = marker
+                count += 1
+                report(count, total)
+
+            run_slices(job, whole, lambda i: targets.get(job.slices[i]), finished)
         for i, left in todo.items():
+            if i in done:  # (predicted in the pipeline)
+                continue
             for block in left:
                 fn, *args = work(block)
                 result = fn(*args)
