@@ -273,9 +273,12 @@ def test_an_output_slice_of_zeros_is_stored_chunk_by_chunk(tmp_path):
     assert stored[1].min() == 255
 
 
-def test_the_pipeline_predicts_what_slice_by_slice_does_and_resumes(tmp_path, trained):
+def test_the_pipeline_predicts_what_slice_by_slice_does_and_resumes(tmp_path, trained, monkeypatch):
     """On a GPU, whole slices go through a pipeline (reads, several slices per batch, and the host's neurons
     and writes on threads, overlapped): here it is forced on the CPU, against the slice-by-slice path."""
+    import unet.prediction.pipeline as pipeline
+    import unet.prediction.schedule as schedule
+    from unet.prediction.blocks import create_outputs, marker_path
     from unet.training.labels import MEMBRANE, NEURON
 
     volume, checkpoint, labels = trained
@@ -287,27 +290,47 @@ def test_the_pipeline_predicts_what_slice_by_slice_does_and_resumes(tmp_path, tr
                         threads=1)
 
     reference = run_blocks(job("plain"), (150, 210), workers=1, targets=targets, pipeline=False)
+    a = _outputs(tmp_path / "plain")
+    batches = []
+    predict = pipeline.predict_slices
+    monkeypatch.setattr(pipeline, "predict_slices", lambda model, images, **k: batches.append(len(images)) or
+                        predict(model, images, **k))
+    monkeypatch.setattr(schedule, "run_block", None)  # (the slice-by-slice path would fail: not taken)
     seen = []
     piped = run_blocks(job("piped"), (150, 210), workers=1, targets=targets, pipeline=True,
                        progress=lambda d, t: seen.append((d, t)))
-    assert seen == [(i, 5) for i in range(6)]
-    a, b = _outputs(tmp_path / "plain"), _outputs(tmp_path / "piped")
+    assert batches == [5] and seen == [(i, 5) for i in range(6)]
+    b = _outputs(tmp_path / "piped")
     np.testing.assert_allclose(b["probabilities"], a["probabilities"], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(b["mask"], a["mask"])
     np.testing.assert_array_equal(b["instances"], a["instances"])
     assert piped[3]["scores"]["rand_f"] == pytest.approx(reference[3]["scores"]["rand_f"], abs=1e-6)
     assert [piped[i]["slice"] for i in range(5)] == list(slices) and piped[0]["scores"] is None
-    # a run killed after two slices: the pipeline does only the three left, from their markers
-    half = job("half")
 
-    def killed(done, total):
-        if done == 2:
-            raise KeyboardInterrupt  # (as a kill right after the second slice's marker)
+    # groups of two read ahead, three host threads, one slice waiting at most; a write that fails on the
+    # fourth slice stops the run, leaves no marker for it, and a second run does only what is left
+    small = job("small")
+    create_outputs(small, (150, 210))
+    finish = pipeline.finish_block
 
-    with pytest.raises(KeyboardInterrupt):
-        run_blocks(half, (150, 210), workers=1, targets=targets, pipeline=False, progress=killed)
-    resumed = []
-    run_blocks(half, (150, 210), workers=1, targets=targets, pipeline=True,
-               progress=lambda d, t: resumed.append((d, t)))
-    assert resumed == [(2, 5), (3, 5), (4, 5), (5, 5)]
-    np.testing.assert_array_equal(_outputs(tmp_path / "half")["instances"], a["instances"])
+    def failing(job, i, prob, target):
+        if i == 3:
+            raise OSError("no space left on device")
+        return finish(job, i, prob, target)
+
+    monkeypatch.setattr(pipeline, "finish_block", failing)
+    told = []
+    with pytest.raises(OSError, match="no space"):
+        pipeline.run_slices(small, list(range(5)), lambda i: None, lambda i, m: told.append(i), together=2,
+                            threads=3, ahead=1)
+    kept = [i for i in range(5) if marker_path(small, i).exists()]
+    assert 3 not in kept and told == sorted(told) and set(told) <= set(kept)
+    monkeypatch.setattr(pipeline, "finish_block", finish)
+    batches.clear()
+    again = []
+    pipeline.run_slices(small, list(range(5)), lambda i: None, lambda i, m: again.append(i), together=2, threads=3,
+                        ahead=1)
+    assert again == kept + [i for i in range(5) if i not in kept] and sum(batches) == 5 - len(kept)
+    c = _outputs(tmp_path / "small")
+    np.testing.assert_array_equal(c["instances"], a["instances"])
+    np.testing.assert_allclose(c["probabilities"], a["probabilities"], rtol=0, atol=1e-5)

@@ -165,12 +165,12 @@ def write_slice(path: Path, index: int, data: np.ndarray, rows: tuple[int, int] 
     """Write slice ``index`` of an output (or its region ``rows`` × ``cols``), every chunk of it even when
     all zeros (the setting is not kept in the array's metadata, so it is set again here: a missing chunk
     must always mean damage)."""
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        array = zarr.open_array(LocalStore(path), path="0", mode="r+")
-        if rows is None:
-            array[index] = data
-        else:
-            array[index, rows[0]:rows[1], cols[0]:cols[1]] = data
+    # (the array's own setting, not zarr's global config: threads of unet.prediction.pipeline write at once)
+    array = zarr.open_array(LocalStore(path), path="0", mode="r+").with_config({"write_empty_chunks": True})
+    if rows is None:
+        array[index] = data
+    else:
+        array[index, rows[0]:rows[1], cols[0]:cols[1]] = data
 
 
 def finished_blocks(job: BlockJob) -> dict[int, dict[str, Any]]:

@@ -218,8 +218,7 @@ def run_tile(job: BlockJob, block: Block, target: np.ndarray | None = None) -> d
             # the tile's own errors (its labels are the tile's: enough to find the place)
             record["errors"] = _errors(core_labels, target, offset=(y0, x0))
     if labels is not None:
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            _open_raw(job, block.index, shape)[y0:y1, x0:x1] = labels[core]
+        _open_raw(job, block.index, shape).with_config({"write_empty_chunks": True})[y0:y1, x0:x1] = labels[core]
         bands = {}
         for side, (by0, by1, bx0, bx1) in neighbour_bands(block, shape, halo).items():
             bands[side] = labels[by0 - hy0:by1 - hy0, bx0 - hx0:bx1 - hx0]

@@ -11,7 +11,9 @@ overlap:
 
 The outputs and markers are those of :func:`~unet.prediction.blockwise.run_block`, slice for slice (a killed
 run resumes from the markers written; a slice's chunks are its own, so threads never write the same chunk).
-At most ``ahead`` slices wait for the host at once: memory stays bounded when the host is the slower side.
+About ``ahead`` slices wait for the host at once (``ahead`` + ``together`` at most): memory stays bounded when
+the host is the slower side. The first error stops the run at once; the slices being finished then are
+finished (a marker is written last, so a slice cut short has none), and the ones not started are dropped.
 """
 
 from __future__ import annotations
@@ -27,24 +29,28 @@ import numpy as np
 from unet.prediction.blocks import BlockJob, marker_path, read_marker
 from unet.prediction.blockwise import finish_block, model_of, volume_of
 from unet.prediction.infer import predict_slices
+from unet.prediction.segment import GPU_BATCH, GPU_TOGETHER
 from unet.training.data import normalize_image
-
-TOGETHER = 8  # slices predicted at once on a GPU (as unet.prediction.segment.GPU_TOGETHER)
-BATCH = 16  # tiles per forward pass on a GPU
 
 
 def host_threads() -> int:
-    """Threads that finish slices on the host: the cores but one (the one that feeds the device), 1 to 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    """Threads that finish slices on the host: the cores this process may use but one (the one that feeds
+    the device), 1 to 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores - 1))
 
 
 def run_slices(job: BlockJob, indices: list[int], target_of: Callable[[int], np.ndarray | None],
-               on_done: Callable[[int, dict[str, Any]], None], *, together: int = TOGETHER, batch_size: int = BATCH,
+               on_done: Callable[[int, dict[str, Any]], None], *, together: int = GPU_TOGETHER,
+               batch_size: int = GPU_BATCH,
                threads: int | None = None, ahead: int | None = None) -> None:
     """Predict output slices ``indices`` whole (see the module's text); ``on_done(index, marker)`` is told of
-    each slice, in order, once its marker is written. A slice whose marker exists is not predicted again.
-    The first error (a read, the network, a write) stops the run and is raised once the slices in flight
-    are finished or failed."""
+    each slice once its marker is written: those finished before first, then the others in order (a slice
+    whose marker exists is not predicted again).
+    The first error (a read, the network, a write) stops the run and is raised."""
     threads = threads or host_threads()
     ahead = ahead or 2 * max(together, threads)
     done = {i: read_marker(marker_path(job, i)) for i in indices}
@@ -61,15 +67,19 @@ def run_slices(job: BlockJob, indices: list[int], target_of: Callable[[int], np.
     def read(group: list[int]) -> list[np.ndarray]:
         return [normalize_image(np.asarray(volume[job.slices[i]])) for i in group]
 
-    with ThreadPoolExecutor(1, thread_name_prefix="neuroseg-read") as reader, \
-            ThreadPoolExecutor(threads, thread_name_prefix="neuroseg-finish") as host:
-        waiting: deque[tuple[int, Future]] = deque()
+    reader = ThreadPoolExecutor(1, thread_name_prefix="neuroseg-read")
+    host = ThreadPoolExecutor(threads, thread_name_prefix="neuroseg-finish")
+    waiting: deque[tuple[int, Future]] = deque()
 
-        def settle(limit: int) -> None:
-            while len(waiting) > limit:
-                i, future = waiting.popleft()
-                on_done(i, future.result())
+    def settle(limit: int) -> None:
+        for _, future in waiting:  # a slice that failed stops the run now, not when its turn comes
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+        while len(waiting) > limit:
+            i, future = waiting.popleft()
+            on_done(i, future.result())
 
+    try:
         upcoming = reader.submit(read, groups[0])
         for g, group in enumerate(groups):
             images = upcoming.result()
@@ -81,3 +91,9 @@ def run_slices(job: BlockJob, indices: list[int], target_of: Callable[[int], np.
                 waiting.append((i, host.submit(finish_block, job, i, prob, target_of(i))))
             settle(ahead)
         settle(0)
+    except BaseException:  # (an error, or a cancel: the slices not started are dropped, not finished first)
+        reader.shutdown(wait=True, cancel_futures=True)
+        host.shutdown(wait=True, cancel_futures=True)
+        raise
+    reader.shutdown()
+    host.shutdown()

@@ -109,7 +109,7 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
     n = 1 if scheduler else (workers or default_workers(len(pending), int((np.sqrt(largest) + 2 * halo + 128) ** 2)))
     if not scheduler and n == 1:
         whole = [i for i, left in todo.items() if left and left[0].part is None]
-        if pipeline is None:
+        if pipeline is None and whole:
             pipeline = str(model_of(job)[1]).startswith("cuda")
         if pipeline and whole:
             def finished(i: int, marker: dict[str, Any]) -> None:
