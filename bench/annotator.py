@@ -157,7 +157,8 @@ class Tools:
             u = uncertainty if uncertainty is not None else 1.0 - np.abs(2.0 * prob - 1.0)
             found = suspects(self.instances)
             tiles = rank_regions(u, suspect_mask=suspect_mask(self.instances, found),
-                                 suspect_labels=self.instances, tile=self.tile)
+                                 suspect_labels=self.instances, tile=self.tile,
+                                 objects=self.instances)
             self.tiles = [(t.y0, t.x0, t.h, t.w) for t in tiles]
         else:
             h, w = prob.shape

@@ -68,8 +68,10 @@ def queue_panel(svc: Neuroseg, dataset_id: int) -> None:
                   help="Rank the slices and regions again from the newest prediction, the live session's "
                        "predictions and the masks saved since.")
         if work.ranked is not None:
-            st.caption(f"Ranked {work.ranked:%Y-%m-%d %H:%M} UTC. A region's score adds its uncertainty, the "
-                       "share of it that suspicious neurons cover, and a bonus for a slice nobody corrected.")
+            st.caption(f"Ranked {work.ranked:%Y-%m-%d %H:%M} UTC. A region's score adds the uncertainty of the "
+                       "few neurons a correction there would touch (its three most doubtful, per pixel of the "
+                       "region), the share of it that suspicious neurons cover, and a bonus for a slice nobody "
+                       "corrected.")
         if work.open:
             st.dataframe([{"slice": i.slice_index, "region (y, x, h, w)": ", ".join(map(str, i.box)),
                            "score": round(i.score, 3), "why": i.reasons, "from": i.source or "—",

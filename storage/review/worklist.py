@@ -8,6 +8,8 @@ correction there (:func:`unet.prediction.review.rank_regions`), one queue per da
 - else the newest finished prediction that covered it: its uncertainty is the map's own doubt (with test-time
   flips, where the eight disagree), and its neurons are checked against the neighbouring slices' (a neuron
   that splits or merges between slices, tiny fragments: :func:`unet.prediction.review.suspects`);
+- a region's doubt counts the uncertainty of its few most doubtful neurons (those a correction there touches:
+  the live prediction's connected neurons, or the finished prediction's instances);
 - a slice that nobody has corrected scores more; one without any prediction is an item of its own.
 
 Ranking replaces the open items nobody works on (never taken, or taken over an hour ago and left); the ones
@@ -31,7 +33,7 @@ from domain.review import WorkItemInfo, WorkList
 from storage.models import Dataset, LiveSlice, WorkItem, row_or_missing
 from storage.records import live, masks, predictions
 from storage.records.files import FileStore
-from unet.prediction.review import W_UNCORRECTED, margin, rank_regions, suspect_mask, suspects
+from unet.prediction.review import W_UNCORRECTED, margin, objects_of, rank_regions, suspect_mask, suspects
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,8 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
                 y0, x0, h, w = seen.region
                 known = np.zeros(seen.probabilities.shape, bool)
                 known[y0:y0 + h, x0:x0 + w] = True
-            regions = rank_regions(seen.uncertainty, uncorrected=uncorrected, known=known)
+            regions = rank_regions(seen.uncertainty, uncorrected=uncorrected, known=known,
+                                   objects=objects_of(seen.probabilities))
             source = f"live {session_now.run_id}"
         elif z in index:
             i = index[z]
@@ -120,7 +123,7 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
             above = np.asarray(inst[index[z + 1]]) if z + 1 in index else None
             found = suspects(here, below, above)
             regions = rank_regions(margin(np.asarray(probs[i])), suspect_mask=suspect_mask(here, found),
-                                   suspect_labels=here, uncorrected=uncorrected)
+                                   suspect_labels=here, uncorrected=uncorrected, objects=here)
             source = f"prediction {job.id}"
         if regions is None:
             if uncorrected:

@@ -167,6 +167,35 @@ def test_the_uncertainty_and_the_suspicious_neurons_rank_the_regions():
     assert (best[0].y0, best[0].x0, best[0].uncertainty, best[1].uncertainty) == (0, 32, 1.0, 0.0)
 
 
+def test_a_tile_whose_few_neurons_hold_the_doubt_ranks_above_a_busy_one():
+    """Mean uncertainty ties a tile of many small neurons, each with a doubtful rim, with a tile of a few large
+    neurons whose insides are doubtful; a person's few actions settle far more in the second, so it ranks
+    first once the neurons are counted (``objects``)."""
+    u = np.zeros((64, 128), np.float32)
+    objects = np.zeros((64, 128), np.int32)
+    label = 0
+    for y in range(0, 64, 8):  # left tile: 64 neurons of 6 × 6 with a doubtful rim
+        for x in range(0, 64, 8):
+            label += 1
+            objects[y + 1:y + 7, x + 1:x + 7] = label
+            u[y:y + 8, x:x + 8] = 0.5
+            u[y + 2:y + 6, x + 2:x + 6] = 0.0
+    big = u[:, :64].sum() / (3 * 28 * 28)
+    for i, y in enumerate((2, 33)):  # right tile: three neurons of 28 × 28 with doubtful insides
+        objects[y:y + 28, 66:94] = 100 + 2 * i
+        u[y:y + 28, 66:94] = big
+    objects[2:30, 98:126] = 101
+    u[2:30, 98:126] = big
+    assert u[:, :64].mean() == pytest.approx(u[:, 64:].mean(), rel=1e-3)
+    plain = review.rank_regions(u, tile=64)
+    assert plain[0].score == pytest.approx(plain[1].score, rel=1e-3)
+    counted = review.rank_regions(u, tile=64, objects=objects)
+    assert (counted[0].x0, counted[1].x0) == (64, 0) and counted[0].score > 5 * counted[1].score
+    assert review.objects_of(np.where(objects > 0, 0.9, 0.1)).max() == 67  # connected pixels above 0.5
+    with pytest.raises(ValueError, match="neurons of shape"):
+        review.rank_regions(u, objects=objects[:32])
+
+
 def test_a_large_live_prediction_is_cut_into_neurons_only_around_the_view():
     """On a slice over 2048² the neurons of a live prediction are made in the view and a halo around it, so a
     click answers at once; the rest of the slice stays 0 (no neuron to click there)."""

@@ -8,8 +8,15 @@ correction there.
   ``|a − b|`` of its predictions by two consecutive weights (what the last training changed it is unsure of).
 - :func:`suspects` — neurons a person should look at: tiny fragments, and neurons that split or merge between
   this slice and a neighbour (one neuron here covers two there, or the other way round).
-- :func:`rank_regions` — the slice cut in tiles, each scored by its mean uncertainty, the share of it that
-  suspects cover, and whether anyone has corrected the slice; best first.
+- :func:`rank_regions` — the slice cut in tiles, each scored by the doubt a few actions would settle there, the
+  share of it that suspects cover, and whether anyone has corrected the slice; best first.
+
+**The doubt a few actions settle.** A tool acts on one neuron at a time, so a correction teaches the network
+about the neurons it touches. Given the slice's neurons (``objects``), a tile's doubt is the uncertainty summed
+over its :data:`ACTIONS` most doubtful neurons (their part in the tile), per pixel of the tile; with no neuron
+in the tile, its mean uncertainty. Mean uncertainty alone sends the user to thin, busy membranes, where every
+neuron has a doubtful rim and each action labels few pixels (``docs/benchmarks.md``: the queue trailed random
+order so).
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
 FRAGMENT = 64  # px: a neuron smaller than this is a fragment
 SHARE = 0.25  # of a neuron's area that a neighbour's neuron must cover to count as its match
 W_UNCERTAIN, W_SUSPECT, W_UNCORRECTED = 1.0, 0.5, 0.25  # how the signals add up in a region's score
+ACTIONS = 3  # the actions a person does on one item before the next (what a tile's doubt counts)
 
 
 def margin(prob: np.ndarray) -> np.ndarray:
@@ -103,15 +112,34 @@ def tile_size(shape: tuple[int, int], tiles: int = 4) -> int:
     return max(64, -(-max(shape) // tiles))
 
 
+def objects_of(prob: np.ndarray) -> np.ndarray:
+    """The neurons of a probability map as :func:`rank_regions` counts them: connected pixels above 0.5 (cheap
+    on a 4096² slice, where the watershed of the tools would take seconds per slice)."""
+    return ndi.label(np.asarray(prob) > 0.5)[0]
+
+
+def _doubt(u: np.ndarray, objects: np.ndarray | None, actions: int) -> float:
+    """A tile's doubt that ``actions`` actions settle (see the module's text)."""
+    if objects is None or not objects.any():
+        return float(u.mean())
+    mass = np.bincount(objects.ravel(), weights=u.ravel())[1:]  # each neuron's uncertainty in the tile
+    k = min(actions, mass.size)
+    return float(np.partition(mass, mass.size - k)[-k:].sum() / u.size)
+
+
 def rank_regions(uncertainty: np.ndarray, *, suspect_mask: np.ndarray | None = None,
                  suspect_labels: np.ndarray | None = None, uncorrected: bool = False, tile: int | None = None,
-                 known: np.ndarray | None = None) -> list[RegionScore]:
-    """The tiles of a slice, best first. A tile's score is ``W_UNCERTAIN`` × its mean uncertainty +
-    ``W_SUSPECT`` × the share of it covered by suspicious neurons (``suspect_mask``; ``suspect_labels`` the
-    instance map, to count them) + ``W_UNCORRECTED`` when the slice has no saved mask. Pixels outside
-    ``known`` (a live prediction's never-predicted rest) count as uncertainty 0."""
+                 known: np.ndarray | None = None, objects: np.ndarray | None = None,
+                 actions: int = ACTIONS) -> list[RegionScore]:
+    """The tiles of a slice, best first. A tile's score is ``W_UNCERTAIN`` × its doubt (with ``objects``, the
+    slice's neurons, the uncertainty of its ``actions`` most doubtful neurons per pixel of the tile, else its
+    mean uncertainty) + ``W_SUSPECT`` × the share of it covered by suspicious neurons (``suspect_mask``;
+    ``suspect_labels`` the instance map, to count them) + ``W_UNCORRECTED`` when the slice has no saved mask.
+    Pixels outside ``known`` (a live prediction's never-predicted rest) count as uncertainty 0."""
     if uncertainty.ndim != 2:
         raise ValueError(f"an uncertainty map is one slice, got shape {uncertainty.shape}")
+    if objects is not None and objects.shape != uncertainty.shape:
+        raise ValueError(f"neurons of shape {objects.shape} for an uncertainty map of shape {uncertainty.shape}")
     height, width = uncertainty.shape
     tile = tile or tile_size((height, width))
     u = np.asarray(uncertainty, np.float32)
@@ -122,12 +150,13 @@ def rank_regions(uncertainty: np.ndarray, *, suspect_mask: np.ndarray | None = N
         for x0 in range(0, width, tile):
             box = (slice(y0, min(height, y0 + tile)), slice(x0, min(width, x0 + tile)))
             mean_u = float(u[box].mean())
+            doubt = _doubt(u[box], None if objects is None else objects[box], actions)
             share, count = 0.0, 0
             if suspect_mask is not None:
                 share = float(suspect_mask[box].mean())
                 if suspect_labels is not None and share:
                     count = len(np.unique(suspect_labels[box][suspect_mask[box]]))
-            score = W_UNCERTAIN * mean_u + W_SUSPECT * share + (W_UNCORRECTED if uncorrected else 0.0)
+            score = W_UNCERTAIN * doubt + W_SUSPECT * share + (W_UNCORRECTED if uncorrected else 0.0)
             out.append(RegionScore(y0, x0, box[0].stop - y0, box[1].stop - x0, score, mean_u, count, uncorrected))
     out.sort(key=lambda r: (-r.score, r.y0, r.x0))
     return out
