@@ -737,7 +737,7 @@ def test_a_prediction_reads_a_linked_stack_through_the_same_guard(tmp_path, monk
 
     from storage.records.volumes import open_block_volume
     from unet.prediction.blocks import BlockJob
-    from unet.prediction.blockwise import _volume
+    from unet.prediction.blockwise import volume_of
 
     monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
     folder = tmp_path / "lab" / "stack.zarr"
@@ -747,9 +747,9 @@ def test_a_prediction_reads_a_linked_stack_through_the_same_guard(tmp_path, monk
     precious.write_bytes(b"SQLite format 3\0" + bytes(4080))
     job = BlockJob(checkpoint="unused.pt", volume=str(folder), out=str(tmp_path / "out"), slices=(0,),
                    opener=partial(open_block_volume, linked=True, protected=(str(precious), str(precious.parent))))
-    np.testing.assert_array_equal(_volume(job)[0], data[0])
+    np.testing.assert_array_equal(volume_of(job)[0], data[0])
     chunk = chunk_files(folder)[0]
     os.unlink(chunk)
     os.link(precious, chunk)
     with pytest.raises(ValueError):
-        _volume(job)[0]
+        volume_of(job)[0]
