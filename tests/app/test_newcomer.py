@@ -108,9 +108,19 @@ def test_a_deep_link_right_after_a_restart_opens_the_app_not_the_folder(tmp_path
 
 def open_page(page, title: str) -> None:
     """Go to a page by its sidebar link and wait until that page is drawn (its heading): until then the
-    browser still shows the last page, whose widgets a locator could find and click."""
-    sidebar_links(page).filter(has_text=re.compile(rf"{title}$")).click()
-    page.get_by_role("heading", name=title, exact=True).wait_for()
+    browser still shows the last page, whose widgets a locator could find and click. A click that lands
+    while the last page's rerun redraws the sidebar is lost (Streamlit replaces the link under it), so the
+    link is clicked again if the page has not come after a while, as a user would."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(3):
+        sidebar_links(page).filter(has_text=re.compile(rf"{title}$")).click()
+        try:
+            page.get_by_role("heading", name=title, exact=True).wait_for(timeout=20_000 if attempt < 2 else None)
+            return
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
 
 
 SEEN_NAV = """
