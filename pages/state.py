@@ -123,7 +123,7 @@ def start_request(dataset: int, z: int) -> tuple[int, bool] | None:
     if request is None or tuple(request[:2]) != (dataset, z):
         return None
     del st.session_state[START_REQUEST]
-    return request[2], bool(request[3]) if len(request) > 3 else False
+    return request[2], bool(request[3])
 
 
 def focus_annotate(zoom: int, cy: int, cx: int) -> None:

@@ -51,7 +51,7 @@ def run_slices(job: BlockJob, indices: list[int], target_of: Callable[[int], np.
     each slice once its marker is written: those finished before first, then the others in order (a slice
     whose marker exists is not predicted again).
     The first error (a read, the network, a write) stops the run and is raised."""
-    threads = threads or host_threads()
+    together, threads = max(1, together), threads or host_threads()
     ahead = ahead or 2 * max(together, threads)
     done = {i: read_marker(marker_path(job, i)) for i in indices}
     for i in indices:
@@ -62,7 +62,7 @@ def run_slices(job: BlockJob, indices: list[int], target_of: Callable[[int], np.
         return
     model, device = model_of(job)
     volume = volume_of(job)
-    groups = [todo[k:k + together] for k in range(0, len(todo), max(1, together))]
+    groups = [todo[k:k + together] for k in range(0, len(todo), together)]
 
     def read(group: list[int]) -> list[np.ndarray]:
         return [normalize_image(np.asarray(volume[job.slices[i]])) for i in group]
