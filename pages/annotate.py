@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 import pages.state as state
-from pages.annotate_canvas import canvas_panel, tools_panel
+from pages.annotate_canvas import CANVAS_SETTLED, canvas_panel, tools_panel
 from pages.annotate_live import live_panel
 from pages.annotate_objects import neurons_of, tool_picker
 from pages.annotate_panels import (
@@ -58,5 +58,6 @@ other_drafts(edit)
 history_panel(edit, draft, history)
 queue_panel(svc, dataset_id)
 
-leave_guard(armed=True)  # after the strokes of this run are kept: see pages.common.leave_guard
+# after the strokes of this run are kept: see pages.common.leave_guard
+leave_guard(armed=True, settled=st.session_state.get(CANVAS_SETTLED, True))
 window_room()  # last: this run has read its URL (?slice=) before a report of the room reruns it

@@ -22,6 +22,7 @@ from ui.tools import BRUSH, SPLIT_LINE, TOOLS, click_points, line_points
 
 BACKGROUND = "_background"  # the canvas's background picture, encoded once per view and opacity
 CANVAS_RENDERED = "_canvas_rendered"  # (canvas key, run) of the canvas last on screen
+CANVAS_SETTLED = "_canvas_settled"  # whether that canvas has sent its first state (see pages.common.leave_guard)
 # The tools keep their settings through visits to other pages (Streamlit forgets a widget's state once a
 # run leaves it out): each is kept under a key of its own and given back here. Predict's "Open" of an
 # error sets the zoom and the region before this runs.
@@ -108,6 +109,7 @@ def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools, obj
                            drawing_mode="freedraw" if line else "point", point_display_radius=5, key=key,
                            max_display_height=max(480, room_h - 120), update_streamlit=True)
         st.session_state[CANVAS_RENDERED] = (key, state.script_runs())  # (the brush's canvas was not shown)
+        st.session_state[CANVAS_SETTLED] = result.background_fit is not None
         points = line_points(result.json_data, view) if line else click_points(result.json_data, view)
         act(edit, draft, neurons, object_tool, points, tool, view)
         return view
@@ -117,8 +119,10 @@ def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools, obj
                            return_image_data=True, key=draft.canvas_key, max_display_height=max(480, room_h - 120),
                            update_streamlit=True)
         draft.apply(result.image_data)
+        st.session_state[CANVAS_SETTLED] = result.background_fit is not None
     else:  # a viewer sees the slice and its mask, with nothing to paint on
         st.image(cache["url"], width=display_w, caption="View only: your role cannot paint or save masks.")
+        st.session_state[CANVAS_SETTLED] = True
     edit.keep(draft)  # every change goes to the store: a reload or a new tab finds it
     trim_histories(list(edit.drafts.values()), draft)  # (a session's undo stays within its memory budget)
     st.session_state[CANVAS_RENDERED] = (draft.canvas_key, state.script_runs())

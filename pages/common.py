@@ -159,6 +159,7 @@ if (!guard.installed) {
 export default function ({ data }) {
   guard.armed = !!(data && data.armed);
   guard.run = (data && data.run) || 0;
+  guard.settled = !!(data && data.settled);
   if (guard.pending && guard.sentAtRun !== undefined && guard.run > guard.sentAtRun) guard.pending = false;
 }
 """
@@ -169,12 +170,17 @@ def _leave_guard_component():
     return st.components.v2.component("neuroseg_leave_guard", js=_LEAVE_GUARD_JS)
 
 
-def leave_guard(armed: bool) -> None:
+def leave_guard(armed: bool, settled: bool = True) -> None:
     """Ask before the tab is closed or reloaded while strokes have not reached the server (Annotate
-    renders this after it has kept the strokes in the store)."""
+    renders this after it has kept the strokes in the store). ``settled``: the canvas has told the server
+    its first state, which it does in a rerun of its own once its picture has loaded. Until then a click on
+    another page can be undone by that rerun: Streamlit's browser side sends a component's value with the
+    page it still shows, and of two waiting requests the newer one's page wins. The browser keeps the
+    flag (``window.__neurosegLeaveGuard.settled``) for tests that leave the page."""
     # "run": when this render was made (server clock): later than any render the browser saw before it
     # sent the strokes, also when the page has reconnected to a new session meanwhile
-    _leave_guard_component()(data={"armed": armed, "run": time.time() * 1000}, key="neuroseg_leave_guard", height=0)
+    _leave_guard_component()(data={"armed": armed, "run": time.time() * 1000, "settled": settled},
+                             key="neuroseg_leave_guard", height=0)
 
 
 def select_dataset(dataset_id: int) -> None:

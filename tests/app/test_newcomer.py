@@ -123,6 +123,15 @@ def open_page(page, title: str) -> None:
                 raise
 
 
+def annotate_settled(page) -> None:
+    """Wait until Annotate's canvas has told the server its first state (in a rerun of its own, once its
+    picture has loaded; the page's leave guard says so). A sidebar click just before that rerun is sent
+    loses to it: Streamlit sends the canvas's value with the page the browser still shows, and the newer
+    request's page wins, so the app stays on, or comes back to, Annotate. A person meets this only when
+    leaving within a moment of the page appearing, and then clicks again."""
+    page.wait_for_function("() => (window.__neurosegLeaveGuard || {}).settled === true")
+
+
 SEEN_NAV = """
 window.__navSeen = window.__navSeen || new Set();
 const links = '[data-testid="stSidebarNav"] a, [data-testid="stSidebarNavItems"] a';
@@ -173,6 +182,7 @@ def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(t
         open_page(page, "Annotate")
         expect(page.get_by_role("combobox", name="Dataset", exact=True)).to_have_value(re.compile(r"beta"))
         page.get_by_text("Slice 0: 96 × 112 pixels").wait_for()
+        annotate_settled(page)
         open_page(page, "Train")
         try:
             page.get_by_text("Training slices of beta").wait_for()
@@ -204,6 +214,7 @@ def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(t
         expect(page).to_have_url(re.compile(r"slice=2"))
         page.reload()
         page.get_by_text("Slice 2: 96 × 96 pixels").wait_for()
+        annotate_settled(page)
         open_page(page, "Datasets")
         expect(page.get_by_role("combobox", name="Browse dataset", exact=True)).to_have_value(re.compile(r"alpha"))
 
