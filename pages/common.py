@@ -217,10 +217,14 @@ def dataset_picker(datasets, label: str = "Dataset", key: str | None = None) -> 
         st.session_state[key] = current
 
     def chosen() -> None:
-        select_dataset(st.session_state[key])
+        if st.session_state[key] is not None:  # (None: no choice of the user's; see below)
+            select_dataset(st.session_state[key])
 
     names = {d.id: f"{d.name}  ·  #{d.id}  ·  {d.shape[0]}×{d.shape[1]}×{d.shape[2]}" for d in datasets}
-    st.selectbox(label, [d.id for d in datasets], format_func=names.get, key=key, on_change=chosen)
+    # No default option (index=None): a rerun of this page sent by the browser after the user has left it
+    # (a component's value sent with the page it still showed) can bring this widget without its value,
+    # and with a default it would be read as the user choosing the first dataset.
+    st.selectbox(label, [d.id for d in datasets], format_func=names.get, key=key, on_change=chosen, index=None)
     return current
 
 
