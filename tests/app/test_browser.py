@@ -324,7 +324,7 @@ def correct_by_objects(page, data_dir):
             page.evaluate("document.activeElement && document.activeElement.blur()")  # (to the page, not a widget)
             page.keyboard.press(key)
         else:
-            page.get_by_text(tool, exact=True).click()
+            tool_button(page, tool).click()
         await_annotate_render(page, shown)  # the canvas of this tool's clicks is up, its props arrived
         value = {"Accept a neuron": "accept", "Merge two": "merge", "Erase a neuron": "erase",
                  "Split (two seeds)": "split", "Fill a region": "fill", "Don't know (a region)": "don't know",
@@ -391,6 +391,12 @@ class Fixed:
         np.testing.assert_array_equal(svc.mask(saved.id), self.expected)
 
 
+def tool_button(page, tool: str):
+    """The button of an object tool. While a rerun moves the tool row (Next's zoomed view adds rows above
+    it), Streamlit shows the old row beside the new one for a moment: both are the same widget (its key)."""
+    return page.get_by_role("button", name=re.compile("^" + re.escape(tool))).first
+
+
 def next_to_fix(page, data_dir):
     """Next to fix (its key, N): Annotate jumps to the queue's best item, zoomed in on it, with the object
     tools on the prediction it was ranked from and the edit starting from the slice's latest version (what
@@ -435,7 +441,7 @@ def next_to_fix(page, data_dir):
 
     unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
     shown = annotate_render(page)
-    page.get_by_text("Erase a neuron", exact=True).click()
+    tool_button(page, "Erase a neuron").click()
     await_annotate_render(page, shown)
     canvas = page.locator('[class*="-erase-"] canvas.upper-canvas')
     shown = annotate_render(page)
