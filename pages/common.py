@@ -160,6 +160,7 @@ export default function ({ data }) {
   guard.armed = !!(data && data.armed);
   guard.run = (data && data.run) || 0;
   guard.settled = !!(data && data.settled);
+  return () => { guard.settled = false; };  // (the page is left: its canvas is gone)
   if (guard.pending && guard.sentAtRun !== undefined && guard.run > guard.sentAtRun) guard.pending = false;
 }
 """
@@ -223,8 +224,9 @@ def dataset_picker(datasets, label: str = "Dataset", key: str | None = None) -> 
     names = {d.id: f"{d.name}  ·  #{d.id}  ·  {d.shape[0]}×{d.shape[1]}×{d.shape[2]}" for d in datasets}
     # No default option (index=None): a rerun of this page sent by the browser after the user has left it
     # (a component's value sent with the page it still showed) can bring this widget without its value,
-    # and with a default it would be read as the user choosing the first dataset.
-    st.selectbox(label, [d.id for d in datasets], format_func=names.get, key=key, on_change=chosen, index=None)
+    # and with a default it would be read as the user choosing the first dataset. (required: no clear button)
+    st.selectbox(label, [d.id for d in datasets], format_func=names.get, key=key, on_change=chosen, index=None,
+                 required=True)
     return current
 
 

@@ -190,7 +190,6 @@ def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(t
     three_datasets(data_dir)
     with app_server(data_dir) as url, chromium() as browser:
         page = new_page(browser, url)
-        page.add_init_script(HOLD_FIT)
         page.goto(f"{url}/datasets")
         browse = page.get_by_role("combobox", name="Browse dataset", exact=True)
         expect(browse).to_have_value(re.compile(r"gamma"))  # the newest: the default
@@ -199,18 +198,10 @@ def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(t
         expect(browse).to_have_value(re.compile(r"beta"))
         page.get_by_text("slice 0 of 3 (96 × 112 pixels").wait_for()  # beta is browsed
 
-        # Annotate's canvas says its first state in a rerun of its own; here it is held until the user has
-        # clicked Train. That late rerun brings Annotate back (Streamlit's doing), but never another dataset.
-        page.evaluate("window.__holdFit = true")
         open_page(page, "Annotate")
         expect(page.get_by_role("combobox", name="Dataset", exact=True)).to_have_value(re.compile(r"beta"))
         page.get_by_text("Slice 0: 96 × 112 pixels").wait_for()
-        page.wait_for_function("() => !!window.__heldFit")
-        sidebar_links(page).filter(has_text=re.compile(r"Train$")).click()
-        page.wait_for_url(re.compile(r"/train"))  # (the browser has asked for Train)
-        page.evaluate("window.__releaseFit()")
-        annotate_settled(page)  # (the held state has reached the server)
-        expect(page.get_by_role("combobox", name="Dataset", exact=True)).to_have_value(re.compile(r"beta"))
+        annotate_settled(page)
         open_page(page, "Train")
         try:
             page.get_by_text("Training slices of beta").wait_for()
@@ -245,6 +236,22 @@ def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(t
         annotate_settled(page)
         open_page(page, "Datasets")
         expect(page.get_by_role("combobox", name="Browse dataset", exact=True)).to_have_value(re.compile(r"alpha"))
+
+        # Another tab on beta: Annotate's canvas says its first state in a rerun of its own, held here until
+        # the user has clicked Train. That late rerun brings Annotate back (Streamlit's doing: the browser sends
+        # it with the page it still shows), but never another dataset.
+        late = new_page(browser, url)
+        late.add_init_script(HOLD_FIT)
+        late.add_init_script("window.__holdFit = true")
+        late.goto(f"{url}/annotate?dataset=2")
+        late.get_by_text("Slice 0: 96 × 112 pixels").wait_for()
+        late.wait_for_function("() => !!window.__heldFit")
+        sidebar_links(late).filter(has_text=re.compile(r"Train$")).click()
+        late.wait_for_url(re.compile(r"/train"))  # (the browser has asked for Train)
+        late.evaluate("window.__releaseFit()")
+        annotate_settled(late)  # (the held state has reached the server)
+        expect(late.get_by_role("combobox", name="Dataset", exact=True)).to_have_value(re.compile(r"beta"))
+        late.close()
 
 
 def test_a_started_prediction_is_the_one_shown_with_its_progress_then_its_result(tmp_path):
