@@ -44,8 +44,9 @@ class Tools:
 def tools_panel() -> Tools:
     """The tools, given back their settings from the last visit."""
     tools = st.columns([3, 3, 3, 3])
+    late = state.late_run()  # (the widgets came back at their defaults: as they were instead)
     for key, default in TOOL_DEFAULTS.items():
-        if key not in st.session_state:
+        if key not in st.session_state or (late and f"_kept_{key}" in st.session_state):
             st.session_state[key] = st.session_state.get(f"_kept_{key}", default)
     tool = tools[0].radio("Paint", [NEURON, MEMBRANE, IGNORE], key="annotate_tool",
                           format_func={NEURON: ":blue[**Neuron**] (cyan)", MEMBRANE: ":red[**Membrane**] (red)",

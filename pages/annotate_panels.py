@@ -43,6 +43,8 @@ def slice_picker(svc: Neuroseg, dataset_id: int, z_count: int,
             asked = None
         start = asked if asked is not None and 0 <= asked < z_count else positions.get(dataset_id, 0)
         st.session_state[slice_key] = min(start, z_count - 1)
+    elif state.late_run() and dataset_id in positions:  # (the slider came back at 0: where this tab was)
+        st.session_state[slice_key] = min(positions[dataset_id], z_count - 1)
 
     nav = st.columns([1, 10, 1], vertical_alignment="bottom")
     nav[0].button("◀ Prev", on_click=_step, args=(slice_key, -1, z_count), disabled=st.session_state[slice_key] <= 0,

@@ -218,8 +218,10 @@ def dataset_picker(datasets, label: str = "Dataset", key: str | None = None) -> 
         st.session_state[key] = current
 
     def chosen() -> None:
-        if st.session_state[key] is not None:  # (None: no choice of the user's; see below)
+        if st.session_state[key] is not None:
             select_dataset(st.session_state[key])
+        else:  # no choice of the user's (see below): a late run, whose other widgets lost their values too
+            state.mark_late_run()
 
     names = {d.id: f"{d.name}  ·  #{d.id}  ·  {d.shape[0]}×{d.shape[1]}×{d.shape[2]}" for d in datasets}
     # No default option (index=None): a rerun of this page sent by the browser after the user has left it

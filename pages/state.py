@@ -73,6 +73,22 @@ def count_script_run() -> None:
     st.session_state[SCRIPT_RUNS] = script_runs() + 1
 
 
+# --- a late run: the browser's rerun of a page the user has just left ----------------------------------
+LATE_RUN = "_late_run"  # the run (script_runs) whose widgets came without their values
+
+
+def mark_late_run() -> None:
+    """Called by a callback (before the frame counts the run): the run about to start is a late one. The
+    browser sent it with the page it still showed after the user had clicked another (a component's value:
+    see pages.common.leave_guard), and the page's widgets came without their values, so Streamlit gives them
+    their defaults. The pages give them back what they were instead."""
+    st.session_state[LATE_RUN] = script_runs() + 1
+
+
+def late_run() -> bool:
+    return st.session_state.get(LATE_RUN) == script_runs()
+
+
 # --- Annotate's drafts (Annotate edits them, the frame and Datasets look) ------------------------------
 DRAFTS = "drafts"
 

@@ -239,18 +239,20 @@ def test_the_selected_dataset_follows_the_user_through_every_page_and_a_reload(t
 
         # Another tab on beta: Annotate's canvas says its first state in a rerun of its own, held here until
         # the user has clicked Train. That late rerun brings Annotate back (Streamlit's doing: the browser sends
-        # it with the page it still shows), but never another dataset.
+        # it with the page it still shows), but never another dataset or slice.
         late = new_page(browser, url)
         late.add_init_script(HOLD_FIT)
         late.add_init_script("window.__holdFit = true")
-        late.goto(f"{url}/annotate?dataset=2")
-        late.get_by_text("Slice 0: 96 × 112 pixels").wait_for()
+        late.goto(f"{url}/annotate?dataset=2&slice=2")
+        late.get_by_text("Slice 2: 96 × 112 pixels").wait_for()
         late.wait_for_function("() => !!window.__heldFit")
         sidebar_links(late).filter(has_text=re.compile(r"Train$")).click()
         late.wait_for_url(re.compile(r"/train"))  # (the browser has asked for Train)
         late.evaluate("window.__releaseFit()")
         annotate_settled(late)  # (the held state has reached the server)
         expect(late.get_by_role("combobox", name="Dataset", exact=True)).to_have_value(re.compile(r"beta"))
+        late.get_by_text("Slice 2: 96 × 112 pixels").wait_for()  # (not the slider's default, slice 0)
+        expect(late).to_have_url(re.compile(r"slice=2"))
         late.close()
 
 
