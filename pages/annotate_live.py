@@ -9,6 +9,7 @@ import time
 import numpy as np
 import streamlit as st
 
+import pages.state as state
 from domain.live import LiveInfo
 from pages.annotate_canvas import Tools
 from pages.annotate_panels import Edit, pending_strokes
@@ -71,7 +72,8 @@ def live_panel(edit: Edit, draft: Draft, volume: np.ndarray, view: View, tools: 
     svc, dataset_id = edit.svc, edit.dataset_id
     session = svc.live(dataset_id)
     live_key = f"live_on_{dataset_id}"
-    if live_key not in st.session_state:  # a reload finds the session this user had on
+    # a reload finds the session this user had on, and so does a late run (its toggle came back off)
+    if live_key not in st.session_state or state.late_run():
         st.session_state[live_key] = session is not None and owner() in session.viewers
     with st.container(border=True, key="live_panel"):
         head = st.columns([2, 5, 3], vertical_alignment="center")

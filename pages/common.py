@@ -160,8 +160,8 @@ export default function ({ data }) {
   guard.armed = !!(data && data.armed);
   guard.run = (data && data.run) || 0;
   guard.settled = !!(data && data.settled);
-  return () => { guard.settled = false; };  // (the page is left: its canvas is gone)
   if (guard.pending && guard.sentAtRun !== undefined && guard.run > guard.sentAtRun) guard.pending = false;
+  return () => { guard.settled = false; };  // (the page is left: its canvas is gone)
 }
 """
 
@@ -214,14 +214,14 @@ def dataset_picker(datasets, label: str = "Dataset", key: str | None = None) -> 
     key vanishes on other pages), whose value is set from the shared selection before it is drawn."""
     key = key or f"dataset_pick_{label}"
     current = selected_dataset(datasets)
+    if key in st.session_state and st.session_state[key] is None:  # no choice of the user's (see below): a
+        state.mark_late_run()  # late run, whose other widgets came without their values too
     if st.session_state.get(key) != current:  # only then: a forced value closes a menu the user has open
         st.session_state[key] = current
 
     def chosen() -> None:
-        if st.session_state[key] is not None:
+        if st.session_state[key] is not None:  # (None: no choice of the user's, see below)
             select_dataset(st.session_state[key])
-        else:  # no choice of the user's (see below): a late run, whose other widgets lost their values too
-            state.mark_late_run()
 
     names = {d.id: f"{d.name}  ·  #{d.id}  ·  {d.shape[0]}×{d.shape[1]}×{d.shape[2]}" for d in datasets}
     # No default option (index=None): a rerun of this page sent by the browser after the user has left it

@@ -78,11 +78,10 @@ LATE_RUN = "_late_run"  # the run (script_runs) whose widgets came without their
 
 
 def mark_late_run() -> None:
-    """Called by a callback (before the frame counts the run): the run about to start is a late one. The
-    browser sent it with the page it still showed after the user had clicked another (a component's value:
-    see pages.common.leave_guard), and the page's widgets came without their values, so Streamlit gives them
-    their defaults. The pages give them back what they were instead."""
-    st.session_state[LATE_RUN] = script_runs() + 1
+    """This run is a late one: the browser sent it with the page it still showed after the user had clicked
+    another (a component's value: see pages.common.leave_guard), and the page's widgets came without their
+    values, so Streamlit gives them their defaults. The pages give them back what they were instead."""
+    st.session_state[LATE_RUN] = script_runs()
 
 
 def late_run() -> bool:
