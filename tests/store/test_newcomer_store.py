@@ -82,7 +82,9 @@ def test_samples_are_loaded_once(svc):
 
 
 def test_a_delete_waits_for_a_running_prediction_and_says_which(svc):
-    from storage.models import Prediction
+    from datetime import UTC, datetime
+
+    from storage.models import Prediction, WorkItem
 
     demo = svc.load_demo()
     run = svc.submit_training([{"dataset_id": demo.id, "slices": [0]}], [],
@@ -103,7 +105,16 @@ def test_a_delete_waits_for_a_running_prediction_and_says_which(svc):
         svc.delete_run(run.id)
     with svc.sessions.begin() as s:  # its process died: the delete goes ahead
         s.get(Prediction, prediction).pid = 2**22 + 7
+        # the queue's items ranked from that prediction and from the run's live session, one done, and another's
+        for source, done in ((f"prediction {prediction}", False), (f"prediction {prediction}", True),
+                             (f"live {run.id}", False), (f"prediction {prediction + 1}", False), ("", False)):
+            s.add(WorkItem(dataset_id=demo.id, slice_index=0, y0=0, x0=0, h=8, w=8, score=1.0, source=source,
+                           done_by="ann" if done else None, done_at=datetime.now(UTC) if done else None))
     assert svc.delete_run(run.id).runs == 1
+    # Next no longer offers the open items whose prediction is gone; what was done stays on record
+    work = svc.work_list(demo.id)
+    assert sorted(i.source for i in work.open) == ["", f"prediction {prediction + 1}"]
+    assert [i.source for i in work.done] == [f"prediction {prediction}"]
 
 
 def test_a_cancel_interrupts_a_running_validation():
