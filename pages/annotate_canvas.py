@@ -44,10 +44,7 @@ class Tools:
 def tools_panel() -> Tools:
     """The tools, given back their settings from the last visit."""
     tools = st.columns([3, 3, 3, 3])
-    late = state.late_run()  # (the widgets came back at their defaults: as they were instead)
-    for key, default in TOOL_DEFAULTS.items():
-        if key not in st.session_state or (late and f"_kept_{key}" in st.session_state):
-            st.session_state[key] = st.session_state.get(f"_kept_{key}", default)
+    state.widget_values(TOOL_DEFAULTS)
     tool = tools[0].radio("Paint", [NEURON, MEMBRANE, IGNORE], key="annotate_tool",
                           format_func={NEURON: ":blue[**Neuron**] (cyan)", MEMBRANE: ":red[**Membrane**] (red)",
                                        IGNORE: ":orange[**Unlabelled**] (erase to unknown)"}.get)
@@ -64,9 +61,7 @@ def tools_panel() -> Tools:
                          "opacity and Accept. Unlabelled pixels are ignored by training, so a few strokes on nothing "
                          "are already training data.")
 
-    for key in TOOL_DEFAULTS:
-        if key in st.session_state:
-            st.session_state[f"_kept_{key}"] = st.session_state[key]
+    state.keep_values(TOOL_DEFAULTS)
     return Tools(tool, brush, opacity, zoom, centre)
 
 

@@ -127,11 +127,13 @@ def _live_prediction(edit: Edit, draft: Draft, volume: np.ndarray, view: View, t
     svc, dataset_id, z, zoom, opacity = edit.svc, edit.dataset_id, edit.z, tools.zoom, tools.opacity
     display_w = view.display_shape[1]
     shown_on = st.columns([2, 8], vertical_alignment="center")
-    on_canvas = shown_on[0].toggle("On the canvas", key="live_on_canvas", value=True, disabled=not can("annotate"),
+    state.widget_values({"live_on_canvas": True, "live_show": next(iter(OVERLAYS))})
+    on_canvas = shown_on[0].toggle("On the canvas", key="live_on_canvas", disabled=not can("annotate"),
                                    help="Lay the live prediction over the slice you paint on (it lets every "
                                         "stroke through); off: show it as a picture under the canvas.")
     how = shown_on[1].radio("Show the prediction as", list(OVERLAYS), format_func=OVERLAYS.get, horizontal=True,
                             key="live_show")
+    state.keep_values(["live_on_canvas", "live_show"])
     on_canvas = on_canvas and can("annotate")  # (a viewer has no canvas)
 
     @st.fragment(run_every=REFRESH_S)

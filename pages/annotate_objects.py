@@ -10,6 +10,7 @@ import re
 import numpy as np
 import streamlit as st
 
+import pages.state as state
 from domain.kinds import RunStatus, Tool
 from pages.annotate_panels import Edit
 from pages.common import flash, frame_guard
@@ -129,7 +130,9 @@ def tool_picker(edit: Edit, draft: Draft, neurons: Neurons | None) -> str:
                        type="primary" if tool == picked else "secondary", on_click=_pick, args=(tool,),
                        use_container_width=True)
     left, right = st.columns([3, 2], vertical_alignment="bottom")
-    threshold = left.slider("Confidence", 0.5, 1.0, 0.9, 0.01, key="annotate_confidence")
+    state.widget_values({"annotate_confidence": 0.9})
+    threshold = left.slider("Confidence", 0.5, 1.0, step=0.01, key="annotate_confidence")
+    state.keep_values(["annotate_confidence"])
     right.button("Accept all confident neurons", key="accept_confident", on_click=_accept_confident,
                  args=(edit, draft, neurons, threshold), shortcut="Shift+A")
     return picked

@@ -88,6 +88,27 @@ def late_run() -> bool:
     return st.session_state.get(LATE_RUN) == script_runs()
 
 
+KEPT = "_kept_"  # + a widget's key: its value when it was last drawn
+
+
+def widget_values(defaults: dict[str, object]) -> None:
+    """Give the widgets of these keys their value before they are drawn (without a default of their own): what
+    they held when last drawn (Streamlit forgets the value of a widget that a run does not draw: another page,
+    an earlier visit), also in a late run, whose widgets came without their values; else ``defaults``. Call
+    :func:`keep_values` once they are drawn."""
+    late = late_run()
+    for key, default in defaults.items():
+        if key not in st.session_state or (late and KEPT + key in st.session_state):
+            st.session_state[key] = st.session_state.get(KEPT + key, default)
+
+
+def keep_values(keys) -> None:
+    """What the widgets of these keys hold now, for :func:`widget_values` of a later run."""
+    for key in keys:
+        if key in st.session_state:
+            st.session_state[KEPT + key] = st.session_state[key]
+
+
 # --- Annotate's drafts (Annotate edits them, the frame and Datasets look) ------------------------------
 DRAFTS = "drafts"
 

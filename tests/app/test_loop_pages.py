@@ -166,6 +166,11 @@ def test_train_predict_correct_and_review(app_data_dir):
     np.testing.assert_array_equal(kept.working, unsaved)  # brought back, not replaced
     assert kept.prediction_id == job.id and "unsaved changed pixels on this slice are kept" in texts(at.info)
     assert svc.stored_draft(demo.id, other, f"user:{ann}") is not None
+    # the tools' confidence is kept through a visit to another page, as the brush is
+    at.slider(key="annotate_confidence").set_value(0.75).run()
+    at.switch_page(PAGES["Datasets"]).run()
+    at.switch_page(PAGES["Annotate"]).run()
+    assert not at.exception and at.slider(key="annotate_confidence").value == 0.75
 
     # the same slice again, averaged over the 8 flips: a prediction of its own, marked so, with another map
     flips_at = open_page("Predict")
