@@ -82,14 +82,18 @@ def neurons_of(svc: Neuroseg, draft: Draft) -> Neurons | None:
         def finished() -> Neurons | None:
             try:
                 job = svc.prediction(draft.prediction_id)
-                if job.status != RunStatus.FINISHED or draft.slice_index not in job.slices:
+                # (an id of a deleted prediction can be given again, to another dataset's: its neurons are not these)
+                if (job.status != RunStatus.FINISHED or job.dataset_id != draft.dataset_id
+                        or draft.slice_index not in job.slices):
                     return None
                 i = job.slices.index(draft.slice_index)
-                return Neurons(f"prediction {job.id}", np.asarray(svc.prediction_output(job.id)[i]),
-                               np.asarray(svc.prediction_output(job.id, "instances")[i]))
+                prob = np.asarray(svc.prediction_output(job.id)[i])
+                if prob.shape != draft.working.shape:
+                    return None
+                return Neurons(f"prediction {job.id}", prob, np.asarray(svc.prediction_output(job.id, "instances")[i]))
             except (RuntimeError, LookupError, OSError, ValueError):  # (a missing or damaged output: no tools)
                 return None
-        return _cached(("prediction", draft.prediction_id, draft.slice_index), finished)
+        return _cached(("prediction", draft.prediction_id, draft.dataset_id, draft.slice_index), finished)
     session = svc.live(draft.dataset_id) if st.session_state.get(f"live_on_{draft.dataset_id}") else None
     if session is None:
         return None

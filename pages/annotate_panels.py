@@ -249,7 +249,8 @@ def start_from_panel(edit: Edit, draft: Draft, options: list[StartOption], histo
     current = next((i for i, o in enumerate(options) if o.source == draft.source and o.mask_id == draft.source_mask_id
                     and (o.prediction_id == draft.prediction_id or o.source != "prediction")), None)
     if current is None:  # the edit started from something no longer offered first (an older version, a prediction)
-        started = (f"prediction #{draft.prediction_id}" if draft.source == "prediction" else
+        started = ((f"prediction #{draft.prediction_id}" if draft.prediction_id is not None else
+                    "a prediction, since deleted") if draft.source == "prediction" else
                    next((f"v{m.version} ({m.kind})" for m in history if m.id == draft.source_mask_id),
                         "nothing (scribble)"))
         options = [StartOption(draft.source, f"what this edit started from: {started}", draft.source_mask_id,

@@ -3,19 +3,20 @@ cannot go ahead now, if so. The confirmation shows :func:`preview` of the plan a
 out the same plan with :func:`execute`, so what was announced is what goes. Rows go first: if the
 transaction fails, every file is still there. The open items of a dataset's queue that were ranked from a
 prediction or a live session that goes (:class:`~storage.models.WorkItem`'s ``source``) go with it: Next
-would open them on a prediction that is no longer there. The done ones stay, as the record of what was done."""
+would open them on a prediction that is no longer there. The done ones stay, as the record of what was done.
+Kept edits forget a prediction that goes (the one their object tools acted on)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from domain.kinds import ACTIVE, RunKind
 from domain.records import Deleted
 from storage.jobs.procs import is_alive
-from storage.models import Checkpoint, Dataset, MaskVersion, Prediction, Run, WorkItem, row_or_missing
+from storage.models import Checkpoint, Dataset, Draft, MaskVersion, Prediction, Run, WorkItem, row_or_missing
 from storage.records.datasets import dataset_row, runs_using_dataset
 from storage.records.files import FileStore
 from storage.records.runs import run_row
@@ -129,6 +130,8 @@ def execute(session: Session, store: FileStore, plan: Plan) -> Deleted:
     gone = [f"prediction {p}" for p in plan.predictions] + [f"live {r}" for r in plan.runs]
     if gone:
         session.execute(delete(WorkItem).where(WorkItem.source.in_(gone), WorkItem.done_at.is_(None)))
+    if plan.predictions:  # (kept edits forget them: SQLite can give a deleted id to a new prediction)
+        session.execute(update(Draft).where(Draft.prediction_id.in_(plan.predictions)).values(prediction_id=None))
     files = sum(store.delete_tree(f) for f in plan.folders) + sum(store.delete_file(f) for f in plan.files)
     return Deleted(len(plan.datasets), plan.mask_versions, len(plan.runs), plan.checkpoint_count, files,
                    len(plan.predictions))

@@ -110,11 +110,17 @@ def test_a_delete_waits_for_a_running_prediction_and_says_which(svc):
                              (f"live {run.id}", False), (f"prediction {prediction + 1}", False), ("", False)):
             s.add(WorkItem(dataset_id=demo.id, slice_index=0, y0=0, x0=0, h=8, w=8, score=1.0, source=source,
                            done_by="ann" if done else None, done_at=datetime.now(UTC) if done else None))
+    lent = painted_draft(svc, demo.id, 1, MEMBRANE)  # a kept edit whose object tools act on that prediction
+    lent.prediction_id = prediction
+    svc.keep_draft(lent, "name:ann")
     assert svc.delete_run(run.id).runs == 1
-    # Next no longer offers the open items whose prediction is gone; what was done stays on record
+    # the kept edit stays, without the prediction (a new one may get its id); Next no longer offers the open
+    # items whose prediction is gone; what was done stays on record
     work = svc.work_list(demo.id)
     assert sorted(i.source for i in work.open) == ["", f"prediction {prediction + 1}"]
     assert [i.source for i in work.done] == [f"prediction {prediction}"]
+    kept = svc.stored_draft(demo.id, 1, "name:ann")
+    assert kept.prediction_id is None and (kept.working == lent.working).all()
 
 
 def test_a_cancel_interrupts_a_running_validation():
