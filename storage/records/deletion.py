@@ -119,6 +119,9 @@ def execute(session: Session, store: FileStore, plan: Plan) -> Deleted:
     """Carry out the plan: refuse when it says so, delete the rows, then the files."""
     if plan.refusal:
         raise ValueError(plan.refusal)
+    if plan.predictions:  # (as a ranking of the queue does: none adds items from these predictions meanwhile)
+        session.execute(select(Dataset.id).where(Dataset.id.in_(
+            select(Prediction.dataset_id).where(Prediction.id.in_(plan.predictions)))).with_for_update())
     # runs before datasets: a run's lineage rows hold on to the dataset's mask versions
     for model, ids in ((Checkpoint, plan.checkpoints), (Run, plan.runs), (Dataset, plan.datasets)):
         for row_id in ids:
