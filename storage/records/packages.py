@@ -5,7 +5,8 @@ shown otherwise: its Python is never imported, no URL it names is fetched, and i
 in the server only after a sandboxed child process accepted it.
 
 1. the zip itself: no member outside the package (absolute paths, ``..``, links), at most 2,000 members,
-   at most 4 GB unpacked and no member that unpacks to more than 200 times its size (a zip bomb);
+   no two members for one file (``rdf.yaml`` and ``./rdf.yaml``), at most 4 GB unpacked, and neither a member
+   over 1 MiB nor the whole that unpacks to more than 200 times its size (a zip bomb);
 2. its ``rdf.yaml`` is at most 1 MiB and its YAML tokens (scanned, nothing built) hold no anchor or alias
    (a "billion laughs" of a few kB would keep validation busy for hours) and nest at most 64 deep; only
    then ``bioimageio.spec`` validates it (a model description) with ``perform_io_checks=False``:
@@ -98,7 +99,7 @@ def check_zip(path: Path) -> list[zipfile.ZipInfo]:
         members = archive.infolist()
         if len(members) > MAX_MEMBERS:
             raise PackageRefused(f"the zip has {len(members):,} members (at most {MAX_MEMBERS:,})")
-        total = 0
+        total, seen = 0, set()
         for info in members:
             name = info.filename
             parts = PurePosixPath(name.replace("\\", "/")).parts
@@ -106,12 +107,20 @@ def check_zip(path: Path) -> list[zipfile.ZipInfo]:
                 raise PackageRefused(f"the zip has a member outside itself: {name!r}")
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise PackageRefused(f"the zip has a link: {name!r}")
+            # (two members unpacked to one file: what is checked on disk would not be what a reader of the zip
+            # takes, e.g. "rdf.yaml" and "./rdf.yaml")
+            if not info.is_dir() and parts in seen:
+                raise PackageRefused(f"the zip has two members for {'/'.join(parts)!r}")
+            seen.add(parts)
             total += info.file_size
-            if info.file_size > 10 << 20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            if info.file_size > 1 << 20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
                 raise PackageRefused(f"{name!r} unpacks to {info.file_size:,} bytes from {info.compress_size:,} "
                                      "(a zip bomb?)")
         if total > MAX_UNPACKED:
             raise PackageRefused(f"the zip unpacks to {total:,} bytes (at most {MAX_UNPACKED:,})")
+        packed = path.stat().st_size
+        if total > 10 << 20 and total > MAX_RATIO * packed:  # (many members, each just under the rule above)
+            raise PackageRefused(f"the zip unpacks to {total:,} bytes from {packed:,} (a zip bomb?)")
         return members
 
 

@@ -267,11 +267,66 @@ def _wrong_output(rdf):
         tensor["test_tensor"].pop("sha256", None)
 
 
+class _Call:
+    """Unpickled, this would call print (weights_only refuses it before)."""
+
+    def __reduce__(self):
+        return print, ("a pickled call ran",)
+
+
+def _new_weights(package: Path, make):
+    """The state-dict weights replaced by ``make(state)``'s bytes, with their sha256 in rdf.yaml (so that only
+    what they are is refused)."""
+    import hashlib
+
+    import yaml
+
+    with zipfile.ZipFile(package) as z:
+        source = yaml.safe_load(z.read("rdf.yaml"))["weights"]["pytorch_state_dict"]["source"]
+    new = {}
+
+    def change(name, data):
+        if name == source:
+            new["data"] = make(torch.load(io.BytesIO(data), weights_only=True))
+            new["sha256"] = hashlib.sha256(new["data"]).hexdigest()
+            return name, new["data"]
+        return name, data
+
+    def rdf(name, data):
+        if name == "rdf.yaml":
+            description = yaml.safe_load(data)
+            description["weights"]["pytorch_state_dict"]["sha256"] = new["sha256"]
+            return name, yaml.safe_dump(description).encode()
+        return name, data
+
+    return change, rdf
+
+
+def _inflated(state):  # 64 MB more of zeros, its records deflated: about 100 kB
+    state = {**state, "padding": torch.zeros(16 << 20)}
+    plain, packed = io.BytesIO(), io.BytesIO()
+    torch.save(state, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    return packed.getvalue()
+
+
+def _pickled_call(state):
+    out = io.BytesIO()
+    torch.save({**state, "call": _Call()}, out)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize(("case", "message"), [
     ("not a zip", "not a zip file"),
     ("outside", "member outside itself: '../evil.txt'"),
     ("absolute", "member outside itself: '/etc/evil'"),
     ("bomb", "a zip bomb"),
+    ("small bombs", r"the zip unpacks to .* \(a zip bomb"),
+    ("two rdfs", "two members for 'rdf.yaml'"),
+    ("inflated weights", "its weights unpack to .* more than its network's"),
+    ("pickled call", "its weights are not plain tensors"),
     ("no rdf", "no rdf.yaml in it"),
     ("3-D", "3 space axes .*a 3-D model"),
     ("two inputs", "2 inputs and 1 outputs"),
@@ -291,6 +346,19 @@ def test_each_refused_package_says_what_was_found_and_leaves_nothing(service, ex
         _rezip(exported, bad, lambda n, d: (n, d))
         with zipfile.ZipFile(bad, "a", zipfile.ZIP_DEFLATED) as z:
             z.writestr("zeros.bin", bytes(64 << 20))  # 64 MB of zeros: about 64 kB packed
+    elif case == "small bombs":  # each member under the rule for one member, all together over the rule for all
+        _rezip(exported, bad, lambda n, d: (n, d))
+        with zipfile.ZipFile(bad, "a", zipfile.ZIP_DEFLATED) as z:
+            for i in range(120):  # (120 MiB from about 500 kB, the package with them)
+                z.writestr(f"zeros{i}.bin", bytes(1 << 20))
+    elif case == "two rdfs":  # the second one is what unpacking keeps on disk, the first what a zip reader takes
+        _rezip(exported, bad, lambda n, d: (n, d))
+        with zipfile.ZipFile(bad, "a") as z:
+            z.writestr("./rdf.yaml", z.read("rdf.yaml"))
+    elif case in ("inflated weights", "pickled call"):
+        weights, rdf = _new_weights(exported, _inflated if case == "inflated weights" else _pickled_call)
+        staged = _rezip(exported, tmp_path / "staged.zip", weights)
+        _rezip(staged, bad, rdf)
     elif case == "no rdf":
         _rezip(exported, bad, lambda n, d: None if n == "rdf.yaml" else (n, d))
     elif case == "3-D":

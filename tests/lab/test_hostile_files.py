@@ -614,6 +614,59 @@ def test_a_tiff_header_that_declares_a_huge_slice_is_refused_before_its_pixels(s
     assert peak < 64 * 2**20 and svc.datasets() == [] and stored_dataset_folders(svc) == []
 
 
+def _strip_swapped(raw: bytes, stream: bytes) -> bytes:
+    """A one-page TIFF whose strip is now ``stream`` (appended; its offset and byte count patched in place)."""
+    patched = bytearray(raw) + stream
+    with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+        for name, value in (("StripOffsets", len(raw)), ("StripByteCounts", len(stream))):
+            tag = tif.pages[0].tags[name]
+            struct.pack_into({3: "<H", 4: "<I", 16: "<Q"}[int(tag.dtype)], patched, tag.valueoffset, value)
+    return bytes(patched)
+
+
+@pytest.mark.parametrize("codec", ["png", "jpeg"])
+def test_a_picture_inside_a_tiff_larger_than_its_page_is_refused_before_it_is_decoded(svc, codec):
+    """A 64² page whose strip is a 6000² picture of zeros (a decompression bomb: the picture's own header says
+    how large it decodes, not the TIFF's). A JPEG-compressed stack with honest strips and tiles is stored."""
+    import imagecodecs
+
+    picture = np.zeros((6000, 6000), np.uint8)
+    stream = imagecodecs.png_encode(picture, level=9) if codec == "png" else imagecodecs.jpeg8_encode(picture)
+    raw = _strip_swapped(_tiff(np.zeros((64, 64), np.uint8), compression=codec), stream)
+    tracemalloc.start()
+    try:  # what a reader without the check decodes: the whole picture (then cropped to the page)
+        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+            assert tif.pages[0].asarray().shape == (64, 64)
+        _, decoded = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoded > 6000 * 6000
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="PNG pictures inside the TIFF, which Neuroseg does not read" if codec ==
+                           "png" else "a JPEG picture of 6000 × 6000 pixels where its header declares at most 64 × 64"):
+            svc.import_upload(Upload("bomb.tif", raw))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20 and svc.datasets() == [] and stored_dataset_folders(svc) == []
+    if codec == "jpeg":
+        stack = np.random.default_rng(2).integers(0, 255, (3, 100, 150), dtype=np.uint8)
+        for layout in ({}, {"tile": (64, 64)}):
+            stored = svc.import_upload(Upload("honest.tif", _tiff(stack, compression="jpeg", photometric="minisblack",
+                                                                  **layout)))
+            assert stored.shape == (3, 100, 150)
+
+
+def test_a_tiff_with_more_slices_than_a_stack_may_have_is_refused_before_its_pixels(svc, monkeypatch):
+    monkeypatch.setenv("NEUROSEG_MAX_SLICES", "5")
+    with pytest.raises(UserError, match=r"6 slices, more than the 5 a stack may have.*NEUROSEG_MAX_SLICES"):
+        svc.import_upload(Upload("deep.tif", _tiff(np.zeros((6, 8, 8), np.uint8), photometric="minisblack")))
+    assert svc.datasets() == [] and stored_dataset_folders(svc) == []
+    assert svc.import_upload(Upload("ok.tif", _tiff(np.zeros((5, 8, 8), np.uint8), photometric="minisblack"))).shape \
+        == (5, 8, 8)
+
+
 def test_a_truncated_imagej_stack_is_refused_not_stored_short(svc):
     whole = _tiff(np.random.default_rng(1).integers(0, 255, (6, 64, 64), dtype=np.uint8), imagej=True,
                   metadata={"axes": "ZYX"})

@@ -83,6 +83,16 @@ def side_file(path: str | os.PathLike) -> Path:
 MAX_PARAMETERS = 200_000_000  # of weights from outside (the full-width gpu-full network has about 31 M)
 
 
+def state_dict_bytes(model_config: ModelConfig, *, max_parameters: int = MAX_PARAMETERS) -> int:
+    """The most bytes a stored state dict of ``model_config``'s network can take: its tensors in float64, plus
+    1 MiB for the names and the pickle (the network built on the ``meta`` device; at most ``max_parameters``
+    parameters are counted, a config of a larger one is refused when its weights are checked)."""
+    with torch.device("meta"):
+        reference = UNet(model_config)
+    count = min(sum(t.numel() for t in reference.state_dict().values()), max_parameters)
+    return 8 * count + (1 << 20)
+
+
 def check_state_dict(model_config: ModelConfig, state_dict: Any, *, max_parameters: int = MAX_PARAMETERS) -> None:
     """``ValueError`` unless ``state_dict`` has exactly the keys and tensor shapes of the U-Net of
     ``model_config`` and that network has at most ``max_parameters`` parameters; the network is built on the

@@ -18,6 +18,7 @@ import numpy as np
 import tifffile
 
 from unet.exchange.limits import DEFAULT_MAX_BYTES, Limits
+from unet.exchange.tiff_codecs import check_page, check_pages
 
 VOLUME_DTYPES = (np.uint8, np.uint16, np.float32)
 LABEL_DTYPES = (np.bool_, np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64, np.uint64)
@@ -192,9 +193,13 @@ def _imagej_images(tif: tifffile.TiffFile) -> int | None:
 
 
 def _check_size(source: Source, info: StackInfo, what: str, dtype: np.dtype, max_bytes: int,
-                max_slice_pixels: int | None = None) -> None:
+                max_slice_pixels: int | None = None, max_slices: int | None = None) -> None:
     """Refuse a header that declares more pixels than allowed (in all, or in one slice, which is read
-    whole), or far more than its file could hold: before any pixel is read."""
+    whole), more slices than a stack may have, or far more pixels than its file could hold: before any pixel
+    is read."""
+    if max_slices is not None and info.shape[0] > max_slices:
+        raise ValueError(f"{what}: the header declares {info.shape[0]:,} slices, more than the {max_slices:,} a "
+                         "stack may have on this server ($NEUROSEG_MAX_SLICES); split the stack first")
     nbytes = int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize
     if nbytes > max_bytes:
         raise ValueError(
@@ -207,14 +212,23 @@ def _check_size(source: Source, info: StackInfo, what: str, dtype: np.dtype, max
             f"{what}: the header declares slices of {y} × {x} pixels, more than the {max_slice_pixels:,} pixels "
             "a slice may have on this server ($NEUROSEG_MAX_SLICE_PIXELS); crop or bin the stack first"
         )
+    size = _file_size(source)
+    # Uncompressed data cannot be larger than its file; compressed data rarely beats 1000:1.
+    if size is not None and nbytes > 1000 * max(size, 1):
+        raise ValueError(f"{what}: the header declares {nbytes:,} bytes of pixels in a {size:,}-byte file; "
+                         "the file is damaged or not what it claims to be")
+
+
+def _file_size(source: Source) -> int | None:
     if isinstance(source, str | os.PathLike):
-        size = os.path.getsize(source)
-        # Uncompressed data cannot be larger than its file; compressed data rarely beats 1000:1.
-        if nbytes > 1000 * max(size, 1):
-            raise ValueError(
-                f"{what}: the header declares {nbytes:,} bytes of pixels in a {size:,}-byte file; "
-                "the file is damaged or not what it claims to be"
-            )
+        return os.path.getsize(source)
+    try:  # (an upload: a file object)
+        where = source.tell()
+        size = source.seek(0, os.SEEK_END)
+        source.seek(where)
+        return size
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str,
@@ -225,6 +239,7 @@ def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str,
         allowed = ", ".join(np.dtype(d).name for d in dtypes)
         raise ValueError(f"{what}: pixel type {dtype.name} is not supported for {kind}; expected {allowed}")
     _check_size(source, info, what, dtype, max_bytes)
+    check_pages(source, what)
     try:
         if hasattr(source, "seek"):
             source.seek(0)  # type: ignore[union-attr]
@@ -280,7 +295,7 @@ def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = Fals
     info = inspect_stack(source, channels_as_z)
     dtypes, name = (VOLUME_DTYPES, "an image stack") if kind == "volume" else (LABEL_DTYPES, "labels")
     dtype = _check_dtype(info, what, dtypes, name)
-    _check_size(source, info, what, dtype, max_bytes, limits.slice_pixels)
+    _check_size(source, info, what, dtype, max_bytes, limits.slice_pixels, limits.slices)
     z, y, x = info.shape
 
     def pages() -> Iterator[np.ndarray]:
@@ -303,6 +318,7 @@ def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = Fals
                 yield from whole
                 return
             for index, page in enumerate(planes):
+                check_page(page, what, index)  # (before it is decoded: a picture inside may be larger)
                 try:
                     plane = np.asarray(page.asarray(maxworkers=1)).reshape(y, x)
                 except Exception as exc:

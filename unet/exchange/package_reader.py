@@ -5,8 +5,9 @@ and free of YAML anchors and aliases (:func:`read_rdf`), a package Neuroseg expo
 from __future__ import annotations
 
 import io
+import pickle
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import yaml
 
 from unet.exchange.bioimageio import PackageError, model_logits
-from unet.exchange.checkpoint import Checkpoint, check_state_dict
+from unet.exchange.checkpoint import Checkpoint, check_state_dict, state_dict_bytes
 from unet.exchange.torchscript_rules import TorchScriptRefused, compare, read_tensor
 from unet.network.config import ModelConfig
 from unet.training.data import normalize_image
@@ -57,6 +58,30 @@ def read_rdf(data: bytes, name: str = "rdf.yaml") -> Any:
         raise PackageError(f"its {name} nests too deep to be read") from None
 
 
+def _normal(name: str) -> tuple[str, ...]:
+    """A zip member's path as unpacked ("./a/b" and "a//b" are "a/b")."""
+    return PurePosixPath(name.replace("\\", "/")).parts
+
+
+def _weights_bytes(archive: zipfile.ZipFile, name: str, config: ModelConfig, package: str) -> bytes:
+    """The weights member, read only when it, and the records in it (PyTorch's format is a zip of its own,
+    which ``torch.load`` inflates), unpack to no more than a state dict of ``config``'s network can hold."""
+    limit = state_dict_bytes(config)
+    size = archive.getinfo(name).file_size
+    if size > limit:
+        raise PackageError(f"{package}: its weights have {size:,} bytes, more than its network's {limit:,}")
+    data = archive.read(name)
+    try:
+        inner = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:  # (PyTorch's legacy format: no records to inflate)
+        return data
+    with inner:
+        unpacked = sum(info.file_size for info in inner.infolist())
+    if unpacked > limit:
+        raise PackageError(f"{package}: its weights unpack to {unpacked:,} bytes, more than its network's {limit:,}")
+    return data
+
+
 def load_package(path: str | Path) -> Checkpoint:
     """A Neuroseg checkpoint from a BioImage.IO package that Neuroseg exported (its ``config.neuroseg``
     and its state-dict weights, loaded with ``weights_only=True``): the same network, bit for bit.
@@ -66,7 +91,11 @@ def load_package(path: str | Path) -> Checkpoint:
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
-            rdf_name = "rdf.yaml" if "rdf.yaml" in names else next((n for n in names if n.endswith("rdf.yaml")), "")
+            if len(names) != len({_normal(n) for n in names}):  # (what a reader unpacking it sees would differ)
+                raise PackageError(f"{path.name} has two members for one file")
+            # the shallowest rdf.yaml, as the app's import unpacks and checks it
+            rdf_name = min((n for n in names if _normal(n)[-1:] == ("rdf.yaml",)),
+                           key=lambda n: (len(_normal(n)), n), default="")
             if not rdf_name:
                 raise PackageError(f"{path.name} is not a BioImage.IO package (no rdf.yaml in it)")
             if archive.getinfo(rdf_name).file_size > MAX_RDF_BYTES:
@@ -86,9 +115,12 @@ def load_package(path: str | Path) -> Checkpoint:
                 config = ModelConfig.from_dict(ours["model_config"])
             except (ValueError, TypeError) as exc:
                 raise PackageError(f"{path.name}: its model config is not one Neuroseg builds ({exc})") from None
-            state = torch.load(io.BytesIO(archive.read(weights)), map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(_weights_bytes(archive, weights, config, path.name)), map_location="cpu",
+                               weights_only=True)
     except zipfile.BadZipFile as exc:
         raise PackageError(f"{path.name} is not a zip file: {exc}") from None
+    except pickle.UnpicklingError as exc:  # (weights_only refused what the pickle asks for: nothing ran)
+        raise PackageError(f"{path.name}: its weights are not plain tensors ({exc})") from None
     except (OSError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
         if isinstance(exc, PackageError):
             raise
