@@ -12,6 +12,7 @@ import zarr
 
 from unet.exchange.io import iter_slices
 from unet.exchange.limits import Limits
+from unet.exchange.tiff_codecs import check_page
 
 
 class TiffSlices:
@@ -39,6 +40,7 @@ class TiffSlices:
             raise IndexError(f"slice {z} is not in a stack of {self.shape[0]}")
         z %= self.shape[0]
         if self._kept is None or self._kept[0] != z:
+            check_page(self._pages[z], Path(self.path).name, z)  # (a picture inside may be larger than the page)
             try:
                 plane = np.asarray(self._pages[z].asarray(maxworkers=1)).reshape(self.shape[1:])
             except Exception as exc:
