@@ -27,7 +27,7 @@ from storage.records.external import External
 from storage.records.files import FileStore, IntegrityError, import_roots
 from storage.records.masks import add_mask
 from storage.records.server_folders import Refused, check_folder
-from storage.records.volumes import FORMAT, Volume, VolumeWriter, write_volume
+from storage.records.volumes import FORMAT, Volume, VolumeWriter, fsync_dir, write_volume
 from unet.exchange.io import iter_slices
 from unet.exchange.limits import Limits
 from unet.prediction.blocks import OUTPUT_DTYPES, create_output, output_path, write_slice
@@ -92,21 +92,29 @@ def _claim_folder(store: FileStore, dataset_id: int) -> None:
 
 
 @contextlib.contextmanager
-def _new_volume(session: Session, store: FileStore, row: Dataset) -> Iterator[VolumeWriter]:
-    """The writer of a new dataset's volume; when the block ends the volume is finished and recorded on the
-    row, and when it fails nothing of the dataset is left on disk."""
-    writer = None
+def _new_volume(session: Session, store: FileStore, row: Dataset, staging: Path) -> Iterator[VolumeWriter]:
+    """The writer of a new dataset's volume, written into ``staging`` (:meth:`FileStore.staging`) before the row
+    exists: a SQLite database is held from the first write of a transaction to its end, so a row added first
+    would keep every other user from saving while a large stack converts. When the block ends the volume is
+    finished, the row added (its id names the folder) and the volume moved in. When anything fails, nothing
+    of the dataset is left on disk."""
+    writer = VolumeWriter(staging / "volume.ome.zarr", (row.z, row.y, row.x), row.dtype, row.pixel_size_nm)
+    placed = False
     try:
-        _claim_folder(store, row.id)
-        writer = VolumeWriter(store.abspath(store.volume_path(row.id)), (row.z, row.y, row.x), row.dtype,
-                              row.pixel_size_nm)
         yield writer
         row.sha256, row.size_bytes = writer.finish()
-        session.flush()
+        session.add(row)
+        session.flush()  # the id names the files
+        placed = True
+        _claim_folder(store, row.id)
+        target = store.abspath(store.volume_path(row.id))
+        target.parent.mkdir(parents=True)
+        os.replace(writer.path, target)
+        fsync_dir(target.parent)
     except BaseException:
-        if writer is not None:
-            writer.abort()
-        store.delete_tree(store.dataset_dir(row.id))
+        writer.abort()
+        if placed:
+            store.delete_tree(store.dataset_dir(row.id))
         raise
 
 
@@ -135,17 +143,23 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
     z_count, y, x = info.shape
     row = Dataset(name=_display_name(volume, name), z=z_count, y=y, x=x, dtype=info.dtype, source_name=source_name,
                   pixel_size_nm=info.pixel_size_nm, sha256="", size_bytes=0, notes="", volume_format=FORMAT)
-    session.add(row)
-    session.flush()  # the id names the files
-    with _new_volume(session, store, row) as writer:
-        for z, plane in enumerate(planes):
-            also = f" and the labels of slice {z + 1}" if label_planes else ""
-            report(f"storing slice {z + 1} of {z_count}{also}", 0.05 + 0.9 * z / z_count)
-            writer.write(plane)
-            if label_planes is not None:
-                add_mask(session, store, row.id, z, labels_to_target(next(label_planes)), MaskKind.UPLOADED, author,
-                         None, 1)
-        report("writing the overview pyramid's metadata", 0.96)
+    with store.staging() as staging:
+        with _new_volume(session, store, row, staging) as writer:
+            for z, plane in enumerate(planes):
+                also = f" and the labels of slice {z + 1}" if label_planes else ""
+                report(f"storing slice {z + 1} of {z_count}{also}", 0.05 + 0.9 * z / z_count)
+                writer.write(plane)
+                if label_planes is not None:  # (kept aside until the row exists: its id names the masks' files)
+                    np.save(staging / f"labels-{z}.npy", labels_to_target(next(label_planes)))
+            report("writing the overview pyramid's metadata", 0.96)
+        try:
+            for z in range(z_count if label_planes is not None else 0):
+                report(f"recording the labels of slice {z + 1} of {z_count}", 0.97 + 0.03 * z / z_count)
+                add_mask(session, store, row.id, z, np.load(staging / f"labels-{z}.npy", allow_pickle=False),
+                         MaskKind.UPLOADED, author, None, 1)
+        except BaseException:
+            store.delete_tree(store.dataset_dir(row.id))
+            raise
     report("stored", 1.0)
     return _dataset_info(session, row)
 
@@ -231,9 +245,7 @@ def import_external(session: Session, store: FileStore, path: str | os.PathLike,
         report("linked", 1.0)
         return _dataset_info(session, row)
     _check_room(store, source.shape, source.dtype)
-    session.add(row)
-    session.flush()
-    with _new_volume(session, store, row) as writer:
+    with store.staging() as staging, _new_volume(session, store, row, staging) as writer:
         for z in range(z_count):
             report(f"copying slice {z + 1} of {z_count}", 0.95 * z / z_count)
             writer.write(source[z])

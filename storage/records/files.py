@@ -27,6 +27,9 @@ IMPORT_ROOTS_ENV = "NEUROSEG_IMPORT_ROOTS"
 EXPORT_ROOT_ENV = "NEUROSEG_EXPORT_ROOT"
 
 
+STAGING = "staging-"  # the name of a staging folder in tmp/ (FileStore.staging) starts so
+
+
 def import_roots() -> list[Path]:
     """The folders a user may import stacks from (``$NEUROSEG_IMPORT_ROOTS``, separated by ``:``),
     resolved; none (the default) turns importing from the server off. Why off by default: the server's
@@ -133,6 +136,36 @@ class FileStore:
                 path.unlink()
             os.close(fd)
 
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh folder for files made before their row exists (a dataset's volume while it converts: no
+        database write is held meanwhile), removed with what is left in it when the block ends. Its ``.lock``
+        is held as a spool file is, so :meth:`clean_spool` removes the staging folders a killed process left
+        and none that another server on the same data directory is still filling."""
+        folder = self.root / "tmp" / f"{STAGING}{uuid.uuid4().hex}"
+        folder.mkdir(parents=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.close(fd)
+
+    def _clean_staging(self, path: str) -> int:
+        """Remove a staging folder nobody holds (returns 1); one in use raises ``BlockingIOError`` and stays."""
+        try:
+            fd = os.open(os.path.join(path, ".lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:  # (killed before its lock was made)
+            shutil.rmtree(path, ignore_errors=True)
+            return 1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
+            shutil.rmtree(path, ignore_errors=True)
+            return 1
+        finally:
+            os.close(fd)
+
     def clean_spool(self) -> int:
         """Remove the spool files no process uses (left by a killed server or worker: an upload of gigabytes
         each); returns how many went. A file another process holds locked (:meth:`spool`) is kept. Called
@@ -144,6 +177,9 @@ class FileStore:
         for entry in os.scandir(folder):
             try:
                 mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode) and entry.name.startswith(STAGING):
+                    gone += self._clean_staging(entry.path)
+                    continue
                 if not stat.S_ISREG(mode) or entry.stat(follow_symlinks=False).st_nlink > 1:
                     if not stat.S_ISDIR(mode):  # a link is removed, never opened: only the store writes here
                         os.unlink(entry.path)

@@ -156,7 +156,7 @@ class VolumeWriter:
                                             "max": _finite(self.high)}
             size = _fsync_tree(self.partial)
             os.replace(self.partial, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except BaseException as exc:
             self.abort()
             raise _disk_full(exc) from exc
@@ -188,11 +188,11 @@ def _fsync_tree(folder: Path) -> int:
                 size += os.fstat(fd).st_size
             finally:
                 os.close(fd)
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
     return size
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

@@ -49,6 +49,42 @@ def test_a_stack_is_converted_page_by_page_and_read_back_lazily(tmp_path):
     np.testing.assert_array_equal(stored[3, 100:300, 400:512], volume[3, 100:300, 400:512])
 
 
+def test_other_users_can_write_while_a_stack_converts_and_its_staging_folder_goes(tmp_path):
+    """The volume (and the labels) are written before the dataset's row exists: SQLite holds a database from a
+    transaction's first write to its end, so a row added first kept every other save waiting (30 s, then
+    "database is locked") while a large stack converted."""
+    import sqlite3
+
+    volume = _stack((6, 64, 64), seed=7)
+    sessions, store = open_store(_settings(tmp_path), migrate=True)
+    with sessions.begin() as s:
+        first = datasets.import_dataset(s, store, write_tiff_atomic(tmp_path / "a.tif", volume[:1]))
+    written = []
+
+    def another_user_saves(stage: str, _fraction: float) -> None:
+        if stage.startswith("storing slice 4 "):  # half-way: another connection writes, and does not wait
+            with sqlite3.connect(store.root / "neuroseg.db", timeout=0.5) as other:
+                other.execute("UPDATE datasets SET notes = 'renamed meanwhile' WHERE id = ?", (first.id,))
+            written.append(stage)
+            assert [p.name for p in (store.root / "tmp").iterdir() if p.name.startswith("staging-")]
+
+    labels = (volume > 128).astype(np.uint8) * 255
+    with sessions.begin() as s:
+        info = datasets.import_dataset(s, store, write_tiff_atomic(tmp_path / "v.tif", volume),
+                                       write_tiff_atomic(tmp_path / "l.tif", labels), progress=another_user_saves)
+    assert written and info.shape == volume.shape
+    with sessions.begin() as s:
+        assert datasets.get_dataset(s, first.id).notes == "renamed meanwhile"
+        np.testing.assert_array_equal(datasets.load_volume(s, store, info.id)[5], volume[5])
+    assert not [p for p in (store.root / "tmp").iterdir() if p.name.startswith("staging-")]
+    # a staging folder a killed import left goes at the next start; one another server is filling stays
+    with store.staging() as busy:
+        left = store.root / "tmp" / "staging-left"
+        (left / "volume.ome.zarr").mkdir(parents=True)
+        (left / ".lock").touch()
+        assert store.clean_spool() == 1 and not left.exists() and busy.is_dir()
+
+
 def test_the_store_is_ome_zarr_with_a_pyramid_that_its_readers_open(tmp_path):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
