@@ -25,7 +25,7 @@ from storage import text
 from storage.models import Dataset, MaskVersion, Prediction, Run, RunMask, row_or_missing
 from storage.records.external import External
 from storage.records.files import FileStore, IntegrityError, import_roots
-from storage.records.masks import add_mask
+from storage.records.masks import add_staged_masks, staged_mask
 from storage.records.server_folders import Refused, check_folder
 from storage.records.volumes import FORMAT, Volume, VolumeWriter, fsync_dir, write_volume
 from unet.exchange.io import iter_slices
@@ -143,20 +143,20 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
     z_count, y, x = info.shape
     row = Dataset(name=_display_name(volume, name), z=z_count, y=y, x=x, dtype=info.dtype, source_name=source_name,
                   pixel_size_nm=info.pixel_size_nm, sha256="", size_bytes=0, notes="", volume_format=FORMAT)
+    staged: dict[int, tuple[Path, str, int]] = {}
     with store.staging() as staging:
         with _new_volume(session, store, row, staging) as writer:
             for z, plane in enumerate(planes):
                 also = f" and the labels of slice {z + 1}" if label_planes else ""
                 report(f"storing slice {z + 1} of {z_count}{also}", 0.05 + 0.9 * z / z_count)
                 writer.write(plane)
-                if label_planes is not None:  # (kept aside until the row exists: its id names the masks' files)
-                    np.save(staging / f"labels-{z}.npy", labels_to_target(next(label_planes)))
+                if label_planes is not None:  # (written aside until the row exists: its id names the masks' files)
+                    staged[z] = staged_mask(staging, z, labels_to_target(next(label_planes)))
             report("writing the overview pyramid's metadata", 0.96)
         try:
-            for z in range(z_count if label_planes is not None else 0):
-                report(f"recording the labels of slice {z + 1} of {z_count}", 0.97 + 0.03 * z / z_count)
-                add_mask(session, store, row.id, z, np.load(staging / f"labels-{z}.npy", allow_pickle=False),
-                         MaskKind.UPLOADED, author, None, 1)
+            if staged:
+                report(f"recording the labels of {z_count} slices", 0.98)
+                add_staged_masks(session, store, row.id, staged, MaskKind.UPLOADED, author)
         except BaseException:
             store.delete_tree(store.dataset_dir(row.id))
             raise

@@ -142,14 +142,17 @@ class FileStore:
         database write is held meanwhile), removed with what is left in it when the block ends. Its ``.lock``
         is held as a spool file is, so :meth:`clean_spool` removes the staging folders a killed process left
         and none that another server on the same data directory is still filling."""
-        folder = self.root / "tmp" / f"{STAGING}{uuid.uuid4().hex}"
-        folder.mkdir(parents=True)
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        name = uuid.uuid4().hex
+        making = self.root / "tmp" / f".making-{name}"  # (locked before it takes the name a cleaner looks for)
+        making.mkdir(parents=True)
+        fd = os.open(making / ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        folder = self.root / "tmp" / f"{STAGING}{name}"
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
+            os.rename(making, folder)
             yield folder
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder if folder.exists() else making, ignore_errors=True)
             os.close(fd)
 
     def _clean_staging(self, path: str) -> int:

@@ -126,3 +126,27 @@ def test_isbi_stacks_read(isbi_dir):
     assert volume.shape == (30, 512, 512) and volume.dtype == np.uint8
     assert set(np.unique(labels).tolist()) == {0, 255}
     assert 0.15 < np.mean(labels == 0) < 0.30  # about 22% membrane
+
+
+def _segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def _frame(marker: int, height: int, width: int) -> bytes:
+    return _segment(marker, bytes([8]) + height.to_bytes(2, "big") + width.to_bytes(2, "big") + bytes([1, 1, 0x11, 0]))
+
+
+@pytest.mark.parametrize(("stream", "size"), [
+    (_segment(0xE0, b"JFIF\0") + _frame(0xC0, 64, 48), (64, 48)),  # baseline, after an APP block
+    (_frame(0xC3, 64, 48), (64, 48)),  # lossless (16-bit EM)
+    (_frame(0xC0, 64, 48) + _frame(0xC3, 8192, 8192), None),  # two frames: two decoders could take either
+    (_frame(0xC5, 64, 48), None),  # a hierarchical frame, which TIFF does not hold
+    (b"\xff\xd0" + _frame(0xC0, 64, 48), None),  # a restart marker before the scan
+    (_segment(0xFE, b"x") + b"\xff" + _frame(0xC0, 64, 48), None),  # a fill byte
+    (_frame(0xC0, 0, 48), None),  # the height left to a marker after the scan
+    (b"", None),  # no frame at all before the scan
+])
+def test_a_jpeg_strips_size_is_read_strictly_before_it_is_decoded(stream, size):
+    from unet.exchange.tiff_codecs import jpeg_size
+
+    assert jpeg_size(b"\xff\xd8" + stream + _segment(0xDA, bytes(8))) == size

@@ -12,12 +12,14 @@ from sqlalchemy import text
 from zarr.storage import LocalStore
 
 from storage.db import make_engine, open_store, upgrade
-from storage.records import datasets
+from storage.models import MaskVersion
+from storage.records import datasets, masks
 from storage.records.files import FileStore, IntegrityError, sha256_of
 from storage.records.volumes import CHUNK, DiskFull, Volume, level_shapes, remove_partials, write_volume
 from storage.settings import Settings
 from unet.exchange.io import iter_slices
 from unet.exchange.writing import write_tiff_atomic
+from unet.training.labels import labels_to_target
 
 
 def _settings(tmp_path) -> Settings:
@@ -76,6 +78,11 @@ def test_other_users_can_write_while_a_stack_converts_and_its_staging_folder_goe
     with sessions.begin() as s:
         assert datasets.get_dataset(s, first.id).notes == "renamed meanwhile"
         np.testing.assert_array_equal(datasets.load_volume(s, store, info.id)[5], volume[5])
+        kept = masks.slice_kinds(s, info.id)  # the labels, recorded once the row existed
+        assert sorted(kept) == list(range(6)) and {m.version for m in kept.values()} == {1}
+        np.testing.assert_array_equal(store.read_stack(s.get(MaskVersion, kept[3].id).file,
+                                                       s.get(MaskVersion, kept[3].id).sha256),
+                                      labels_to_target(labels[3]))
     assert not [p for p in (store.root / "tmp").iterdir() if p.name.startswith("staging-")]
     # a staging folder a killed import left goes at the next start; one another server is filling stays
     with store.staging() as busy:

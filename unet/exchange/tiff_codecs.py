@@ -16,56 +16,68 @@ from __future__ import annotations
 import tifffile
 
 JPEG = 7
-# the frame headers (SOF0-15, but DHT, JPG and DAC)
-SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+BASIC_SOF = {0xC0, 0xC1, 0xC2, 0xC3}  # baseline, extended, progressive, lossless: what TIFF's JPEG holds
+OTHER_SOF = {0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # hierarchical and arithmetic frames
 HEAD = 1 << 20  # bytes of a segment read to find its frame header (tables and APP blocks come first)
 SAVE_AGAIN = ("save the stack again uncompressed or with LZW, Deflate or Zstd (Fiji: File › Save As › Tiff…; "
               "tifffile: compression='zlib')")
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from a JPEG stream's frame header, or None when there is none before the scan (or a
-    height of 0, which leaves the height to a marker after the scan)."""
+    """(height, width) of a JPEG stream's one frame, read strictly up to its scan; None unless the headers
+    before the scan are plain marker segments with exactly one frame header, of a kind TIFF holds (baseline,
+    extended, progressive or lossless) and a height above 0. Why strictly: imagecodecs falls back to another
+    decoder (liblj92) on some errors, which reads the headers its own way; anything two readers could read
+    differently (a second frame header, restart markers or fill bytes before the scan) is refused."""
     if data[:2] != b"\xff\xd8":
         return None
-    i = 2
+    i, size = 2, None
     while i + 4 <= len(data):
         if data[i] != 0xFF:
             return None
         marker = data[i + 1]
-        if marker == 0xFF:  # (fill bytes before a marker)
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # (markers without a length)
-            i += 2
-            continue
-        if marker == 0xDA:  # the scan starts: no frame header came
+        if marker == 0xDA:  # the scan starts
+            return size
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8 or marker in OTHER_SOF:
+            return None  # (fill bytes, TEM, RST, a second SOI, frames TIFF does not hold)
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
             return None
-        if marker in SOF:
-            if i + 9 > len(data):
+        if marker in BASIC_SOF:
+            if size is not None or i + 9 > len(data):
                 return None
             height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-            return (height, width) if height > 0 else None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            if height == 0:  # (left to a DNL marker after the scan)
+                return None
+            size = (height, width)
+        i += 2 + length
     return None
+
+
+def _most(page) -> tuple[int, int]:
+    """The largest strip or tile a page's tags allow: (rows, columns)."""
+    if page.is_tiled:
+        return page.tilelength, page.tilewidth
+    return min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth
 
 
 def check_page(page: tifffile.TiffPage, what: str, index: int) -> None:
     """``ValueError`` unless the compressed segments of ``page`` (slice ``index``, from 0) decode to no more than
-    its header declares (see the module's text)."""
-    key = page.keyframe  # (a page of an ImageJ or shaped series can be a frame: its first page says how)
-    compression = int(key.compression)
-    if compression not in tifffile.TIFF.IMAGE_COMPRESSIONS:
+    its header declares (see the module's text). A page of a series is decoded with the series' first page's
+    settings (a frame has no others), so both that page's tags and its own must allow each picture."""
+    pages = [page.keyframe] + ([page] if page is not page.keyframe and isinstance(page, tifffile.TiffPage) else [])
+    for one in pages:
+        compression = int(one.compression)
+        if compression not in tifffile.TIFF.IMAGE_COMPRESSIONS:
+            continue
+        name = getattr(one.compression, "name", str(compression))
+        if compression != JPEG:
+            raise ValueError(f"{what}: slice {index + 1} is stored as {name} pictures inside the TIFF, which "
+                             f"Neuroseg does not read (such a picture can decode to far more than the file's header "
+                             f"says); {SAVE_AGAIN}")
+    if not any(int(one.compression) == JPEG for one in pages):
         return
-    name = getattr(key.compression, "name", str(compression))
-    if compression != JPEG:
-        raise ValueError(f"{what}: slice {index + 1} is stored as {name} pictures inside the TIFF, which Neuroseg "
-                         f"does not read (such a picture can decode to far more than the file's header says); "
-                         f"{SAVE_AGAIN}")
-    if key.is_tiled:
-        most = (key.tilelength, key.tilewidth)
-    else:
-        most = (min(key.rowsperstrip or key.imagelength, key.imagelength), key.imagewidth)
+    most = tuple(min(dims) for dims in zip(*(_most(one) for one in pages), strict=True))
     handle = page.parent.filehandle
     for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
         if not count:
@@ -79,11 +91,13 @@ def check_page(page: tifffile.TiffPage, what: str, index: int) -> None:
 
 
 def check_pages(source, what: str) -> None:
-    """:func:`check_page` for every page of the TIFF ``source`` (a path or a binary file, rewound after)."""
+    """:func:`check_page` for every page of the first series of the TIFF ``source`` (what is read of it: a path
+    or a binary file, rewound after)."""
     if hasattr(source, "seek"):
         source.seek(0)
     with tifffile.TiffFile(source) as tif:
-        for index, page in enumerate(tif.pages):
-            check_page(page, what, index)
+        for index, page in enumerate(tif.series[0].pages if tif.series else ()):
+            if page is not None:
+                check_page(page, what, index)
     if hasattr(source, "seek"):
         source.seek(0)
