@@ -217,6 +217,15 @@ def test_export_import_predict_gives_identical_probabilities(service, exported, 
     assert ("ann", "import model", "ok") in [(r.username, r.action, r.outcome) for r in service.audit_trail()]
 
 
+def test_a_package_zipped_with_its_folder_is_imported(service, exported, tmp_path):
+    """Some tools zip the package's folder: its files lie one level down, beside its rdf.yaml."""
+    nested = _rezip(exported, tmp_path / "nested.zip", lambda n, d: (f"model/{n}", d))
+    with open(nested, "rb") as fh:
+        imported = service.import_model(fh, nested.name)
+    assert imported.name == "Round trip model" and service.run(imported.run_id).status == "FINISHED"
+    assert load_package(nested).model_config == load_package(exported).model_config
+
+
 def test_an_imported_package_of_ours_is_a_start_for_training_and_live(service, exported, monkeypatch):
     from unet.network.config import TrainConfig
 

@@ -107,8 +107,11 @@ def load_package(path: str | Path) -> Checkpoint:
             if not ours or not weights:
                 raise PackageError(f"{path.name} was not exported by Neuroseg (no config.neuroseg with "
                                    "pytorch_state_dict weights)")
-            if weights not in names:
+            # (a file a package names lies beside its rdf.yaml: a package zipped with its folder has one more level)
+            member = {_normal(n): n for n in names}.get(_normal(rdf_name)[:-1] + _normal(str(weights)))
+            if member is None or not weights or ".." in _normal(str(weights)):
                 raise PackageError(f"{path.name} names weights {weights!r} that are not in it")
+            weights = member
             try:  # (before the weights are read: a config of a huge network is refused at once)
                 if not isinstance(ours, dict) or not isinstance(ours.get("model_config"), dict):
                     raise TypeError("config.neuroseg.model_config is not a mapping")
