@@ -174,20 +174,23 @@ def test_damaged_files_are_detected_on_read(store, tmp_path, synthetic):
 def test_a_full_disk_during_import_leaves_nothing(store, tmp_path, synthetic, monkeypatch):
     import errno
 
+    from storage.records import masks
+
     sessions, fs = store
     volume, labels = synthetic
-    real_write = FileStore.write_stack
+    real_write = masks.write_tiff_atomic  # (an upload's masks are written aside while the volume converts)
     calls = []
 
-    def write_until_full(self, relative, data, pixel_size_nm=None):
-        calls.append(relative)
-        if len(calls) > 3:  # the volume and two masks fit, then the disk is full
+    def write_until_full(path, data, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # two masks fit, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, relative, data, pixel_size_nm)
+        return real_write(path, data, *args, **kwargs)
 
-    monkeypatch.setattr(FileStore, "write_stack", write_until_full)
+    monkeypatch.setattr(masks, "write_tiff_atomic", write_until_full)
     with pytest.raises(OSError, match="No space left"), sessions.begin() as s:
         datasets.import_dataset(s, fs, _tif(tmp_path / "v.tif", volume), _tif(tmp_path / "l.tif", labels))
+    assert len(calls) == 3
     with sessions.begin() as s:
         assert s.scalar(select(func.count()).select_from(Dataset)) == 0
         assert s.scalar(select(func.count()).select_from(MaskVersion)) == 0
