@@ -318,7 +318,8 @@ def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = Fals
                 yield from whole
                 return
             for index, page in enumerate(planes):
-                check_page(page, what, index)  # (before it is decoded: a picture inside may be larger)
+                if page is not None:  # (before it is decoded: a picture inside may be larger than the page)
+                    check_page(page, what, index)
                 try:
                     plane = np.asarray(page.asarray(maxworkers=1)).reshape(y, x)
                 except Exception as exc:

@@ -40,7 +40,8 @@ class TiffSlices:
             raise IndexError(f"slice {z} is not in a stack of {self.shape[0]}")
         z %= self.shape[0]
         if self._kept is None or self._kept[0] != z:
-            check_page(self._pages[z], Path(self.path).name, z)  # (a picture inside may be larger than the page)
+            if self._pages[z] is not None:  # (a picture inside may be larger than the page)
+                check_page(self._pages[z], Path(self.path).name, z)
             try:
                 plane = np.asarray(self._pages[z].asarray(maxworkers=1)).reshape(self.shape[1:])
             except Exception as exc:

@@ -65,6 +65,16 @@ def check_page(page: tifffile.TiffPage, what: str, index: int) -> None:
     """``ValueError`` unless the compressed segments of ``page`` (slice ``index``, from 0) decode to no more than
     its header declares (see the module's text). A page of a series is decoded with the series' first page's
     settings (a frame has no others), so both that page's tags and its own must allow each picture."""
+    try:
+        _check_page(page, what, index)
+    except ValueError:
+        raise
+    except Exception as exc:  # (tags a damaged file lacks, offsets past its end: it is not read)
+        raise ValueError(f"{what}: slice {index + 1} could not be read; the file is probably truncated or damaged "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def _check_page(page: tifffile.TiffPage, what: str, index: int) -> None:
     pages = [page.keyframe] + ([page] if page is not page.keyframe and isinstance(page, tifffile.TiffPage) else [])
     for one in pages:
         compression = int(one.compression)
