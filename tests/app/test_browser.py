@@ -314,7 +314,7 @@ def correct_by_objects(page, data_dir):
     from playwright.sync_api import expect
 
     page.get_by_role("button", name="Correct this slice").click()
-    page.get_by_text("Accept all confident neurons").wait_for()
+    tool_button(page, "Accept all confident neurons").wait_for()
     page.locator("canvas.upper-canvas").scroll_into_view_if_needed()
     unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
 
@@ -415,7 +415,7 @@ def next_to_fix(page, data_dir):
     caption = page.get_by_text(re.compile(r"To fix: slice \d+, rows")).first
     caption.wait_for()
     z = int(re.search(r"To fix: slice (\d+)", caption.inner_text()).group(1))
-    page.get_by_text("Accept all confident neurons").wait_for()  # the tools act on the prediction
+    tool_button(page, "Accept all confident neurons").wait_for()  # the tools act on the prediction
     svc = Neuroseg(Settings.from_env(data_dir), supervise=False)
     dataset_id = svc.datasets()[0].id
     item = next(i for i in svc.work_list(dataset_id).open if i.taken_by == "bo")
@@ -450,7 +450,7 @@ def next_to_fix(page, data_dir):
     expect(unsaved).to_be_visible(timeout=TIMEOUT_MS)
     accepted = objects.erase(start, instances, k)
     confident, chosen = objects.accept_confident(accepted, instances, prob, 0.9)
-    page.get_by_role("button", name="Accept all confident neurons").click()  # (at the confidence of 0.9)
+    tool_button(page, "Accept all confident neurons").click()  # (at the confidence of 0.9)
     page.get_by_text(f"Accepted {len(chosen)} neuron(s)").wait_for()
     page.get_by_role("button", name="Save version").click()
     page.get_by_text(re.compile(rf"Saved slice {z} as v\d+")).wait_for()
