@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 
+def prediction_source(prediction_id: int) -> str:
+    """What a queue item ranked from a finished prediction records as its source."""
+    return f"prediction {int(prediction_id)}"
+
+
+def live_source(run_id: int) -> str:
+    """What a queue item ranked from a live session's predictions records as its source."""
+    return f"live {int(run_id)}"
+
+
 @dataclass(frozen=True)
 class WorkItemInfo:
     """A region of a slice worth a correction, and what became of it."""
@@ -27,6 +37,12 @@ class WorkItemInfo:
     @property
     def done(self) -> bool:
         return self.done_at is not None
+
+    @property
+    def prediction_id(self) -> int | None:
+        """The finished prediction it was ranked from (None: a live session's, or none)."""
+        kind, _, number = self.source.partition(" ")
+        return int(number) if kind == "prediction" and number.isdigit() else None
 
 
 @dataclass(frozen=True)

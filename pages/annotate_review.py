@@ -29,7 +29,7 @@ def _next(svc: Neuroseg, dataset_id: int, shape: tuple[int, int]) -> None:
     y0, x0, h, w = item.box
     state.focus_annotate(*focus([y0, x0, y0 + h, x0 + w], shape))
     state.open_annotate_at(dataset_id, item.slice_index)
-    prediction_id = int(item.source.split()[1]) if item.source.startswith("prediction ") else None
+    prediction_id = item.prediction_id
     open_draft = state.drafts().get((dataset_id, item.slice_index))
     if prediction_id is not None and (open_draft is None or open_draft.prediction_id != prediction_id):
         # the saved labels stay (and unsaved changes: see pages.annotate_panels.current_draft)

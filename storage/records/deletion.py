@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from domain.kinds import ACTIVE, RunKind
 from domain.records import Deleted
+from domain.review import live_source, prediction_source
 from storage.jobs.procs import is_alive
 from storage.models import Checkpoint, Dataset, Draft, MaskVersion, Prediction, Run, WorkItem, row_or_missing
 from storage.records.datasets import dataset_row, runs_using_dataset
@@ -129,8 +130,7 @@ def execute(session: Session, store: FileStore, plan: Plan) -> Deleted:
             if row is not None:
                 session.delete(row)
         session.flush()
-    # (the queue names its sources in text: "prediction 12", "live 7")
-    gone = [f"prediction {p}" for p in plan.predictions] + [f"live {r}" for r in plan.runs]
+    gone = [*map(prediction_source, plan.predictions), *map(live_source, plan.runs)]
     if gone:
         session.execute(delete(WorkItem).where(WorkItem.source.in_(gone), WorkItem.done_at.is_(None)))
     if plan.predictions:  # (kept edits forget them: SQLite can give a deleted id to a new prediction)

@@ -26,12 +26,23 @@ def mask_info(row: MaskVersion) -> MaskInfo:
                     row.labelled_pixels, row.created, row.restored_from_id, tuple(row.tools or ()))
 
 
+def labelled(target: np.ndarray) -> int:
+    return int(np.count_nonzero(target != IGNORE))
+
+
+def _row(dataset_id: int, slice_index: int, kind: str, author: str, labelled_pixels: int, *, version: int = 1,
+         parent_id: int | None = None, tools: Sequence[str] = (), sha256: str = "") -> MaskVersion:
+    """A mask version's row, its file not named yet (its id names it)."""
+    return MaskVersion(dataset_id=dataset_id, slice_index=slice_index, version=version, kind=kind, author=author[:100],
+                       parent_id=parent_id, tools=sorted(set(tools)) or None, labelled_pixels=labelled_pixels,
+                       file="", sha256=sha256)
+
+
 def add_mask(session: Session, store: FileStore, dataset_id: int, slice_index: int, target: np.ndarray,
               kind: str, author: str, parent_id: int | None, version: int, tools: Sequence[str] = ()
               ) -> MaskVersion:
-    row = MaskVersion(dataset_id=dataset_id, slice_index=slice_index, version=version, kind=kind,
-                      author=author[:100], parent_id=parent_id, tools=sorted(set(tools)) or None,
-                      labelled_pixels=int(np.count_nonzero(target != IGNORE)), file="", sha256="")
+    row = _row(dataset_id, slice_index, kind, author, labelled(target), version=version, parent_id=parent_id,
+               tools=tools)
     session.add(row)
     session.flush()
     row.file = store.mask_path(dataset_id, row.id)
@@ -43,16 +54,14 @@ def staged_mask(staging: Path, slice_index: int, target: np.ndarray) -> tuple[Pa
     """A mask written before its dataset's row exists (an upload's labels): the file in ``staging``, its sha256
     and its labelled pixels, for :func:`add_staged_masks`."""
     path = write_tiff_atomic(staging / f"mask-{int(slice_index)}.tif", target.astype(np.uint8))
-    return path, sha256_of(path), int(np.count_nonzero(target != IGNORE))
+    return path, sha256_of(path), labelled(target)
 
 
 def add_staged_masks(session: Session, store: FileStore, dataset_id: int, staged: dict[int, tuple[Path, str, int]],
                      kind: str, author: str) -> None:
     """The first version of each slice's mask from :func:`staged_mask` files: their rows in one insert, then the
     files moved in under the names the rows' ids give (a few milliseconds a slice of database time)."""
-    rows = {z: MaskVersion(dataset_id=dataset_id, slice_index=z, version=1, kind=kind, author=author[:100],
-                           parent_id=None, tools=None, labelled_pixels=labelled, file="", sha256=sha)
-            for z, (_, sha, labelled) in staged.items()}
+    rows = {z: _row(dataset_id, z, kind, author, pixels, sha256=sha) for z, (_, sha, pixels) in staged.items()}
     session.add_all(rows.values())
     session.flush()
     folder = None

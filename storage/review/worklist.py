@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from domain.kinds import RunStatus
 from domain.records import aware
-from domain.review import WorkItemInfo, WorkList
+from domain.review import WorkItemInfo, WorkList, live_source, prediction_source
 from storage.models import Dataset, LiveSlice, WorkItem, row_or_missing
 from storage.records import live, masks, predictions
 from storage.records.files import FileStore
@@ -115,7 +115,7 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
                 known[y0:y0 + h, x0:x0 + w] = True
             regions = rank_regions(seen.uncertainty, uncorrected=uncorrected, known=known,
                                    objects=objects_of(seen.probabilities))
-            source = f"live {session_now.run_id}"
+            source = live_source(session_now.run_id)
         elif z in index:
             i = index[z]
             here = np.asarray(inst[i])
@@ -124,7 +124,7 @@ def rank(session: Session, store: FileStore, dataset_id: int, *, per_slice: int 
             found = suspects(here, below, above)
             regions = rank_regions(margin(np.asarray(probs[i])), suspect_mask=suspect_mask(here, found),
                                    suspect_labels=here, uncorrected=uncorrected, objects=here)
-            source = f"prediction {job.id}"
+            source = prediction_source(job.id)
         if regions is None:
             if uncorrected:
                 new.append(WorkItem(dataset_id=dataset_id, slice_index=z, y0=0, x0=0, h=int(height), w=int(width),
