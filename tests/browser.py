@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,8 +75,7 @@ def app_server(data_dir: Path, timeout: float = 120, root: Path = ROOT, *, port:
     try:
         if not listening.wait(timeout) or proc.poll() is not None:
             raise RuntimeError(f"the server did not start: {log_path.read_text(errors='replace')[-2000:]}")
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=10) as r:
-            assert r.read().strip() == b"ok"
+        _await_health(url, proc, time.monotonic() + timeout)
         yield url
     finally:
         proc.terminate()
@@ -83,6 +84,20 @@ def app_server(data_dir: Path, timeout: float = 120, root: Path = ROOT, *, port:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _await_health(url: str, proc: subprocess.Popen, deadline: float) -> None:
+    """Until ``deadline``: the server's health endpoint answers ``ok``. A loaded machine can keep a just
+    started server's first answer waiting past one request's timeout, so a timed-out request is asked
+    again; a server that exited or answers something else fails at once."""
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=10) as r:
+                assert r.read().strip() == b"ok"
+                return
+        except (TimeoutError, urllib.error.URLError) as exc:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server at {url} never answered its health check: {exc}") from exc
 
 
 @contextlib.contextmanager
