@@ -192,7 +192,7 @@ print(n)
 
 
 @pytest.mark.slow
-def test_concurrent_writers_for_a_minute_never_see_a_locked_database(env, tmp_path):
+def test_concurrent_writers_for_twenty_seconds_never_see_a_locked_database(env, tmp_path):
     import subprocess
     import sys
 
@@ -201,7 +201,8 @@ def test_concurrent_writers_for_a_minute_never_see_a_locked_database(env, tmp_pa
     from storage.settings import PROJECT_ROOT
 
     settings, sessions, store, spec = env
-    seconds = float(os.environ.get("NEUROSEG_SOAK_SECONDS", "60"))
+    # 20 s by default keeps CI under its limit; NEUROSEG_SOAK_SECONDS=600 soaks for longer by hand
+    seconds = float(os.environ.get("NEUROSEG_SOAK_SECONDS", "20"))
     with sessions.begin() as s:
         run = runs.submit_training(s, spec, preset("tiny", steps=10**6, checkpoint_every=20, val_every=50,
                                                    max_seconds=seconds))
