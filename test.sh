@@ -25,4 +25,6 @@ need_deb chromium "the browser tests" command -v chromium
 # the lab deployment test starts nginx (deploy/nginx/) in front of the app, with TLS and WebSockets
 need_deb nginx-light "the reverse-proxy deployment test" command -v nginx
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest --run-slow "$@"
+# two test processes (pytest-xdist), a whole test file to each at a time (a file's tests share its servers);
+# $NEUROSEG_TEST_WORKERS changes the count (0: one process, as plain pytest)
+exec .venv/bin/python -m pytest --run-slow -n "${NEUROSEG_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -10,6 +10,13 @@ import pytest
 
 from tests.browser import free_port
 
+# One torch (OpenMP) thread in each test process and in the workers, servers and commands the tests start:
+# ./test.sh runs two test processes on CI's 2 cores, and two processes with two spinning threads each made a
+# tiny network's step many times slower than one thread each (a test of the thread choice sets its own).
+# Set before torch is imported anywhere in the run; child processes inherit it.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NEUROSEG_TRAIN_THREADS", "NEUROSEG_LIVE_THREADS"):
+    os.environ.setdefault(_name, "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 ISBI = Path(os.environ.get("NEUROSEG_ISBI_DIR") or ROOT.parent / "shared" / "data" / "isbi2012")
 
