@@ -13,12 +13,20 @@ For a preset, on a synthetic 8 × 512² stack (no data needed):
 
 With ``--threads``, the network's step rate and the loop's are measured again at each torch thread count (on a
 CPU), as :func:`unet.network.threads.choose_threads` measures them to choose. Prints a table and writes JSON.
+
+    python -m bench.pipeline --beside [--preset cpu-quick] [--processes 1 2] [--threads 1 2] [--seconds 5] [--json F]
+
+``--beside``: the network's step rate in CPU processes that train **at the same time**, each with the given torch
+thread count (a lab's CPU server trains, predicts and serves at once). The table gives each process's rate and
+their sum for every (processes, threads each) pair: on 2 cores, two processes of two threads (torch's default)
+against one thread each shows what oversubscribing the cores costs (:func:`unet.network.threads.shared_threads`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing as mp
 import os
 import platform
 import sys
@@ -92,6 +100,48 @@ def measure(name: str, device_name: str, seconds: float) -> dict:
     return row
 
 
+def _rate_beside(preset_name: str, threads: int, seconds: float, start, out) -> None:
+    from unet.network.threads import steps_per_second  # (a spawned process: only --beside measures this way)
+
+    torch.set_num_threads(threads)
+    config = preset(preset_name)
+    steps_per_second(config, threads, 0.2)  # (warm: the first steps allocate)
+    start.wait()  # every process measures at the same time
+    out.put(steps_per_second(config, threads, seconds))
+
+
+def beside(preset_name: str, processes: int, threads: int, seconds: float) -> list[float]:
+    """Steps/s of ``processes`` CPU processes training ``preset_name``'s network at once, ``threads`` each."""
+    ctx = mp.get_context("spawn")  # a fresh torch in each, with its own thread pool
+    start, out = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_rate_beside, args=(preset_name, threads, seconds, start, out))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    rates = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return sorted(rates)
+
+
+def main_beside(args: argparse.Namespace) -> int:
+    name = args.preset or "cpu-quick"
+    rows = []
+    for processes in args.processes:
+        for threads in args.threads or [1, 2]:
+            rates = beside(name, processes, threads, args.seconds)
+            rows.append({"processes": processes, "threads_each": threads,
+                         "steps_per_s_each": [round(r, 2) for r in rates], "steps_per_s_total": round(sum(rates), 2)})
+    cores = len(os.sched_getaffinity(0))
+    print(f"{name}, {cores} cores ({platform.processor() or 'CPU'}), processes training at once, "
+          f"{args.seconds:.0f} s each\n")
+    shown = [{**r, "each": ", ".join(f"{x:.2f}" for x in r["steps_per_s_each"])} for r in rows]
+    print(table(shown, [("processes", "processes", "d"), ("threads_each", "threads each", "d"),
+                        ("each", "steps/s of each", "s"), ("steps_per_s_total", "steps/s in all", ".2f")]))
+    write_json(args.json, {"preset": name, "cores": cores, "seconds": args.seconds, "beside": rows})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default=None, help="default: cpu-quick on a CPU, gpu on a GPU")
@@ -99,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="*", default=None, help="torch thread counts to compare (CPU)")
     ap.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--beside", action="store_true", help="CPU processes training at once (see above)")
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="with --beside: how many at once")
     args = ap.parse_args(argv)
+    if args.beside:
+        return main_beside(args)
     device = pick_device(args.device)
     name = args.preset or ("gpu" if device.type == "cuda" else "cpu-quick")
     counts = args.threads or [torch.get_num_threads()]

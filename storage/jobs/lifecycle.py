@@ -15,21 +15,24 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.jobs.outcome import Outcome, run_to_end, unwind_on_sigterm
-from storage.jobs.queue import start_queued
+from storage.jobs.queue import cpu_jobs_beside, start_queued
 from storage.models import Checkpoint, Metric, Run
 from storage.records.files import FileStore, sha256_of
 from storage.settings import Settings
 from unet.exchange.checkpoint import side_file
+from unet.network.threads import shared_threads
 from unet.training.reporting import NullReporter
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 10.0
 FLUSH_EVERY = 2.0
+SHARE_EVERY = 10.0  # how often a CPU training counts the app's other CPU jobs and takes its share of the cores
 
 
 class DatabaseReporter(NullReporter):
@@ -40,6 +43,22 @@ class DatabaseReporter(NullReporter):
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
         self.stop = False
+        self.cpu_threads: int | None = None  # training on the CPU: the threads it chose; shared when others run
+        self.last_share = 0.0
+
+    def share_cores(self) -> None:
+        """On the CPU: no more torch threads than this run's share of the cores while the app's other CPU jobs
+        (predictions) run beside it, and its own choice again when they are done. Called from the training
+        thread (a thread count is the calling thread's own)."""
+        if self.cpu_threads is None or time.monotonic() - self.last_share < SHARE_EVERY:
+            return
+        with self.sessions.begin() as s:
+            others = cpu_jobs_beside(s, run_id=self.run_id)
+        self.last_share = time.monotonic()
+        threads = shared_threads(self.cpu_threads, others)
+        if threads != torch.get_num_threads():
+            log.info(f"run {self.run_id}: {threads} CPU thread(s), {others} other CPU job(s) beside it")
+            torch.set_num_threads(threads)
 
     def _flush(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.last_flush < FLUSH_EVERY:
@@ -50,6 +69,7 @@ class DatabaseReporter(NullReporter):
         self.pending = []
         self.stop = self.stop or cancel is not None
         self.last_flush = time.monotonic()
+        self.share_cores()
 
     def on_step(self, step: int, loss: float, lr: float, seconds: float) -> None:
         self.pending += [Metric(run_id=self.run_id, key="loss", step=step, value=loss, time=seconds),

@@ -19,6 +19,7 @@ from domain.kinds import PredictionStage, RunStatus
 from storage.db import open_store
 from storage.jobs.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.jobs.procs import start_time
+from storage.jobs.queue import cpu_jobs_beside
 from storage.models import Checkpoint, Dataset, Prediction
 from storage.records.datasets import load_volume, protected_paths
 from storage.records.external import External
@@ -26,6 +27,7 @@ from storage.records.files import IntegrityError
 from storage.records.masks import latest_mask, load_mask
 from storage.records.volumes import Volume, open_block_volume
 from storage.settings import Settings
+from unet.network.threads import shared_threads, usable_cores
 from unet.prediction.blocks import BlockJob, combined_sha256
 from unet.prediction.metrics import mean_metrics
 from unet.prediction.schedule import run_blocks
@@ -76,8 +78,13 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                        method=method, tta=tta,
                        opener=partial(open_block_volume, linked=isinstance(volume, External),
                                       protected=tuple(str(p) for p in protected)))
+        with sessions.begin() as s:  # a training on the CPU beside it: the cores are shared (see bench.beside)
+            others = cpu_jobs_beside(s, prediction_id=prediction_id)
+        cores = shared_threads(usable_cores(), others) if others else None
+        if cores:
+            log.info(f"prediction {prediction_id}: {cores} CPU core(s), {others} other CPU job(s) beside it")
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
-                             progress=lambda done, total: phase(PredictionStage.PREDICT, done, total))
+                             progress=lambda done, total: phase(PredictionStage.PREDICT, done, total), cores=cores)
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
                  for name in job.outputs}
         scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}

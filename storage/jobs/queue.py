@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -122,6 +122,17 @@ def start_queued(sessions: sessionmaker[Session], settings: Settings) -> list[su
                       .values(pid=proc.pid, pid_started=start_time(proc.pid)))
         started.append(proc)
     return started
+
+
+def cpu_jobs_beside(session: Session, *, run_id: int | None = None, prediction_id: int | None = None) -> int:
+    """How many of the app's jobs other than this one compute on the CPU now: a running training or live
+    session on the CPU, and running predictions (a CPU job shares the cores with them:
+    :func:`unet.network.threads.shared_threads`)."""
+    runs = session.scalar(select(func.count()).select_from(Run).where(
+        Run.status == RunStatus.RUNNING, Run.device == "cpu", Run.id != (run_id or -1)))
+    predictions = session.scalar(select(func.count()).select_from(Prediction).where(
+        Prediction.status == RunStatus.RUNNING, Prediction.id != (prediction_id or -1)))
+    return int(runs or 0) + int(predictions or 0)
 
 
 def claim(session: Session, run_id: int, pid: int, pid_started: float | None) -> bool:

@@ -94,7 +94,9 @@ def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:
             data = _load_data(s, store, run_id)
         if world == 1 and pick_device(config.device).type == "cpu":  # not every core: what trains fastest here
             reporter.on_phase("choosing the number of CPU threads (once per machine and network)")
-            torch.set_num_threads(choose_threads(config))
+            reporter.cpu_threads = choose_threads(config)
+            torch.set_num_threads(reporter.cpu_threads)
+            reporter.share_cores()  # (fewer while predictions run beside it; asked again as it trains)
         start_segment(sessions, run_id, out_dir, resume)
         result = train(config, data, reporter, out_dir=out_dir, resume=resume,
                        init_from=None if resume else parent_file)

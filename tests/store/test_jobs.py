@@ -374,3 +374,51 @@ def test_a_run_whose_data_is_damaged_fails_with_the_reason(env):
         info = runs.get_run(s, run.id)
     assert info.status == "FAILED"
     assert "Traceback" in info.error and "volume.ome.zarr is missing" in info.error
+
+
+def test_a_cpu_training_takes_its_share_of_the_cores_while_predictions_run_beside_it(env):
+    """Two processes of two torch threads on 2 cores trained 5× slower in all than one thread each
+    (``bench.pipeline --beside``): a CPU training counts the app's other CPU jobs as it trains and keeps
+    to its share of the cores, and takes its own choice again when they are done."""
+    import torch
+
+    from storage.jobs.lifecycle import DatabaseReporter
+    from storage.models import Checkpoint, Prediction, Run
+    from unet.network.threads import shared_threads, usable_cores
+
+    assert [shared_threads(2, n, cores=2) for n in (0, 1, 3)] == [2, 1, 1]
+    assert [shared_threads(4, n, cores=16) for n in (0, 1, 3, 7)] == [4, 4, 4, 2]
+    _, sessions, store, spec = env
+    with sessions.begin() as s:
+        training, done = (Run(status=status, spec=spec, config=preset("tiny").to_dict(), device="cpu")
+                          for status in ("RUNNING", "FINISHED"))
+        s.add_all([training, done])
+        s.flush()
+        checkpoint = Checkpoint(run_id=done.id, kind="best", file="best.pt", step=1, sha256="", metrics={})
+        s.add(checkpoint)
+        s.flush()
+        prediction = Prediction(checkpoint_id=checkpoint.id, dataset_id=spec["train"][0]["dataset_id"], slices=[0],
+                                status="RUNNING", done=0, file="", sha256="", files={})
+        s.add(prediction)
+        s.flush()
+        run_id, prediction_id = training.id, prediction.id
+    with sessions.begin() as s:
+        assert queue.cpu_jobs_beside(s, run_id=run_id) == 1  # the prediction
+        assert queue.cpu_jobs_beside(s, prediction_id=prediction_id) == 1  # the training
+        assert queue.cpu_jobs_beside(s) == 2
+    reporter = DatabaseReporter(sessions, store, run_id)
+    before = torch.get_num_threads()
+    try:
+        reporter.cpu_threads = 2
+        torch.set_num_threads(2)
+        reporter.share_cores()
+        assert torch.get_num_threads() == shared_threads(2, 1) == max(1, min(2, usable_cores() // 2))
+        with sessions.begin() as s:
+            s.get(Prediction, prediction_id).status = "FINISHED"
+        reporter.share_cores()  # (counted at most every SHARE_EVERY seconds)
+        assert torch.get_num_threads() == shared_threads(2, 1)
+        reporter.last_share = 0.0
+        reporter.share_cores()
+        assert torch.get_num_threads() == min(2, usable_cores())  # alone again: its own choice
+    finally:
+        torch.set_num_threads(before)

@@ -66,7 +66,7 @@ def _target_part(target: np.ndarray | None, block: Block) -> np.ndarray | None:
 def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, np.ndarray] | None = None,
                progress: Progress | None = None, pixel_size_nm: float | None = None,
                scheduler: str | None = None, workers: int | None = None,
-               pipeline: bool | None = None) -> dict[int, dict[str, Any]]:
+               pipeline: bool | None = None, cores: int | None = None) -> dict[int, dict[str, Any]]:
     """Predict every block not finished yet and return every output slice's marker (index → marker).
 
     Args:
@@ -79,6 +79,8 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
             in this process.
         pipeline: in this process, predict whole slices in a pipeline (:mod:`unet.prediction.pipeline`:
             reads, the device and the host's neurons and writes overlap); default: on a GPU.
+        cores: the CPU cores a local run may keep busy (default: all): its worker processes, and the torch
+            threads in all, stay within them (the app gives a prediction its share while a training runs).
     """
     shape = (int(shape[0]), int(shape[1]))
     targets = targets or {}
@@ -107,6 +109,9 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
     largest = max((b.pixels for b in pending), default=1)
     halo = job.halo if any(b.part is not None for b in pending) else 0
     n = 1 if scheduler else (workers or default_workers(len(pending), int((np.sqrt(largest) + 2 * halo + 128) ** 2)))
+    if cores and not scheduler:
+        n = min(n, cores)
+        job = replace(job, threads=job.threads or max(1, cores // n))
     if not scheduler and n == 1:
         whole = [i for i, left in todo.items() if left and left[0].part is None]
         if pipeline is None and whole:
@@ -136,7 +141,7 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
 
     cluster = None
     if not scheduler:
-        threads = max(1, (os.cpu_count() or 1) // n)
+        threads = max(1, (cores or os.cpu_count() or 1) // n)
         job = replace(job, threads=job.threads or threads)
         # on loopback only, its HTTP endpoint on a free port (no dashboard is installed)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
