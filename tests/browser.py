@@ -88,16 +88,19 @@ def app_server(data_dir: Path, timeout: float = 120, root: Path = ROOT, *, port:
 
 def _await_health(url: str, proc: subprocess.Popen, deadline: float) -> None:
     """Until ``deadline``: the server's health endpoint answers ``ok``. A loaded machine can keep a just
-    started server's first answer waiting past one request's timeout, so a timed-out request is asked
-    again; a server that exited or answers something else fails at once."""
+    started server's first answer waiting past one request's timeout, so a request that timed out is made
+    again (each waits up to 10 s: nothing spins); a refused connection, an error reply or a server that
+    exited fails at once."""
     while True:
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=10) as r:
                 assert r.read().strip() == b"ok"
                 return
         except (TimeoutError, urllib.error.URLError) as exc:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server at {url} never answered its health check: {exc}") from exc
+            timed_out = isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+            if not timed_out or isinstance(exc, urllib.error.HTTPError) or proc.poll() is not None \
+                    or time.monotonic() > deadline:
+                raise RuntimeError(f"the server at {url} did not answer its health check: {exc}") from exc
 
 
 @contextlib.contextmanager

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
-import pytest
-
-from tests.browser import free_port
-
-# One torch (OpenMP) thread in each test process and in the workers, servers and commands the tests start:
-# ./test.sh runs two test processes on CI's 2 cores, and two processes with two spinning threads each made a
-# tiny network's step many times slower than one thread each (a test of the thread choice sets its own).
-# Set before torch is imported anywhere in the run; child processes inherit it.
-for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NEUROSEG_TRAIN_THREADS", "NEUROSEG_LIVE_THREADS"):
+# One thread for torch (OpenMP) and NumPy (OpenBLAS) in each test process and in the workers, servers and
+# commands the tests start: ./test.sh runs two test processes on CI's 2 cores, and two processes with two
+# spinning threads each made a tiny network's step many times slower than one thread each (a test of the
+# thread choice sets its own). Set before NumPy or torch is imported anywhere in the run; children inherit it.
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NEUROSEG_TRAIN_THREADS",
+              "NEUROSEG_LIVE_THREADS"):
     os.environ.setdefault(_name, "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.browser import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ISBI = Path(os.environ.get("NEUROSEG_ISBI_DIR") or ROOT.parent / "shared" / "data" / "isbi2012")
