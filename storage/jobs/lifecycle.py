@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.jobs.outcome import Outcome, run_to_end, unwind_on_sigterm
@@ -52,9 +53,13 @@ class DatabaseReporter(NullReporter):
         thread (a thread count is the calling thread's own)."""
         if self.cpu_threads is None or time.monotonic() - self.last_share < SHARE_EVERY:
             return
-        with self.sessions.begin() as s:
-            others = cpu_jobs_beside(s, run_id=self.run_id)
         self.last_share = time.monotonic()
+        try:
+            with self.sessions.begin() as s:
+                others = cpu_jobs_beside(s, run_id=self.run_id)
+        except SQLAlchemyError as exc:  # (only advice: the training goes on with the threads it has)
+            log.warning(f"run {self.run_id}: the other CPU jobs could not be counted: {exc}")
+            return
         threads = shared_threads(self.cpu_threads, others)
         if threads != torch.get_num_threads():
             log.info(f"run {self.run_id}: {threads} CPU thread(s), {others} other CPU job(s) beside it")

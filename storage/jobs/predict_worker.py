@@ -27,6 +27,7 @@ from storage.records.files import IntegrityError
 from storage.records.masks import latest_mask, load_mask
 from storage.records.volumes import Volume, open_block_volume
 from storage.settings import Settings
+from unet.network.device import pick_device
 from unet.network.threads import shared_threads, usable_cores
 from unet.prediction.blocks import BlockJob, combined_sha256
 from unet.prediction.metrics import mean_metrics
@@ -78,9 +79,11 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                        method=method, tta=tta,
                        opener=partial(open_block_volume, linked=isinstance(volume, External),
                                       protected=tuple(str(p) for p in protected)))
-        with sessions.begin() as s:  # a training on the CPU beside it: the cores are shared (see bench.beside)
-            others = cpu_jobs_beside(s, prediction_id=prediction_id)
-        cores = shared_threads(usable_cores(), others) if others else None
+        cores = None
+        if pick_device("auto").type == "cpu":  # a training on the CPU beside it: the cores are shared
+            with sessions.begin() as s:  # (bench.pipeline --beside)
+                others = cpu_jobs_beside(s, prediction_id=prediction_id)
+            cores = shared_threads(usable_cores(), others) if others else None
         if cores:
             log.info(f"prediction {prediction_id}: {cores} CPU core(s), {others} other CPU job(s) beside it")
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,

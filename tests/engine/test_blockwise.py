@@ -58,6 +58,17 @@ def test_a_two_worker_dask_cluster_predicts_what_one_process_does(setup):
     np.testing.assert_array_equal(b["mask"], a["mask"])
     np.testing.assert_array_equal(b["instances"], a["instances"])
     assert [one[i]["slice"] for i in range(5)] == list(SLICES)
+
+    # given one core (a training runs beside it in the app), two workers asked for run in this process on
+    # one torch thread, with the same result
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_blocks(_job(tmp_path / "shared", volume, checkpoint), (150, 210), workers=2, cores=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(_outputs(tmp_path / "shared")["probabilities"], a["probabilities"], rtol=0, atol=1e-6)
     assert {i: m["sha256"] for i, m in one.items()} == {i: m["sha256"] for i, m in two.items()}
 
 

@@ -124,7 +124,7 @@ def choose_threads(config: TrainConfig, *, cores: int | None = None, cache: Path
 def shared_threads(chosen: int, others: int, cores: int | None = None) -> int:
     """The torch threads of a CPU job while ``others`` other CPU jobs of the app (a training, predictions)
     run beside it: its own choice, but no more than its share of the cores. Two processes of two threads on 2
-    cores trained 5× slower in all than one thread each (``bench.beside``): spinning threads of one
-    process wait on the other's."""
+    cores trained 4× slower in all than one thread each (``bench.pipeline --beside``): spinning threads of
+    one process wait on the other's."""
     cores = cores or usable_cores()
     return max(1, min(chosen, cores // (others + 1)))
