@@ -289,9 +289,11 @@ class LiveLoop:
 
     def run(self, outcome: Outcome) -> None:
         if self.device == "cpu":  # leave a core to the server (and the user's page), and no more threads than
-            # train fastest here (see LIVE_THREADS, unet.network.threads)
-            torch.set_num_threads(LIVE_THREADS if os.environ.get("NEUROSEG_LIVE_THREADS")
-                                  else choose_threads(self.config, cores=LIVE_THREADS))
+            # train fastest here (see LIVE_THREADS, unet.network.threads); fewer while predictions run beside it
+            self.reporter.cpu_threads = (LIVE_THREADS if os.environ.get("NEUROSEG_LIVE_THREADS")
+                                         else choose_threads(self.config, cores=LIVE_THREADS))
+            torch.set_num_threads(self.reporter.cpu_threads)
+            self.reporter.share_cores()
         out_dir = self.store.run_dir(self.run_id)
         resume = (out_dir / "latest.pt").exists()
         start_segment(self.sessions, self.run_id, out_dir, resume)
