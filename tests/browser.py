@@ -119,15 +119,22 @@ def chromium() -> Iterator[object]:
             browser.close()
 
 
-def _print_pages(browser) -> None:
-    """What each open page showed when a browser test failed (CI keeps only the test's output)."""
+def pages_text(browser) -> str:
+    """What each open page of ``browser`` shows (its URL and the start of its text)."""
+    shown = []
     for context in browser.contexts:
         for page in context.pages:
             try:
                 text = page.inner_text("body", timeout=2000)
             except Exception as exc:  # a closed or hung page
                 text = f"(unreadable: {exc})"
-            print(f"--- {page.url}\n{text[:1500]}", flush=True)
+            shown.append(f"--- {page.url}\n{text[:1500]}")
+    return "\n".join(shown)
+
+
+def _print_pages(browser) -> None:
+    """What each open page showed when a browser test failed (CI keeps only the test's output)."""
+    print(pages_text(browser), flush=True)
 
 
 def signed_in(page, url: ServerURL, username: str = "ann", role: str = "annotator"):

@@ -17,7 +17,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.browser import free_port  # noqa: E402
+from tests.browser import free_port, pages_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ISBI = Path(os.environ.get("NEUROSEG_ISBI_DIR") or ROOT.parent / "shared" / "data" / "isbi2012")
@@ -35,6 +35,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test that holds a module's shared browser (a ``browser`` fixture) reports what its pages
+    showed: the browser outlives the test, so :func:`tests.browser.chromium` cannot print them itself."""
+    report = yield
+    browser = getattr(item, "funcargs", {}).get("browser")
+    if report.when == "call" and report.failed and browser is not None and hasattr(browser, "contexts"):
+        report.sections.append(("what the browser's pages showed", pages_text(browser)))
+    return report
 
 
 @pytest.fixture(scope="session")
