@@ -156,6 +156,10 @@ http {{
                 tifffile.imwrite(buffer, np.zeros((2, 32, 32), np.uint8), photometric="minisblack")
                 page.locator("input[type=file]").first.set_input_files(
                     {"name": "proxied.tif", "mimeType": "image/tiff", "buffer": buffer.getvalue()})
+                # the file listed under the form: its upload has begun, and Streamlit keeps the form's
+                # button disabled until it ends (a click before that would submit no file: the likely
+                # cause of a failure under load)
+                page.get_by_text("proxied.tif", exact=True).wait_for()
                 page.get_by_role("button", name="Upload and check").click()
                 page.get_by_text(re.compile(r"^Stored proxied")).wait_for()
                 page.screenshot(path=ARTIFACTS / "behind-nginx.png", full_page=True)

@@ -220,6 +220,9 @@ def test_only_a_signed_in_session_uploads(server, browser):
         # and in the page, a real upload through the form is stored (the form is open on an empty store)
         page.locator("input[type=file]").first.set_input_files(
             {"name": "probe.tif", "mimeType": "image/tiff", "buffer": _tiff((4, 40, 40))})
+        # the file listed under the form: its upload has begun, and Streamlit keeps the form's button
+        # disabled until it ends (a click before that would submit no file: the likely cause of a failure under load)
+        page.get_by_text("probe.tif", exact=True).wait_for()
         page.get_by_role("button", name="Upload and check").click()
         page.get_by_text(re.compile(r"^Stored probe")).wait_for()
     finally:
@@ -327,6 +330,9 @@ def test_a_symlinked_chunk_and_a_declared_giant_are_refused_by_the_server_which_
         page.get_by_text("Upload a stack", exact=True).click()
     page.locator("input[type=file]").first.set_input_files(
         {"name": "after.tif", "mimeType": "image/tiff", "buffer": _tiff((2, 24, 24))})
+    # the file listed under the form: its upload has begun, and Streamlit keeps the form's button
+    # disabled until it ends (a click before that would submit no file: the likely cause of a failure under load)
+    page.get_by_text("after.tif", exact=True).wait_for()
     page.get_by_role("button", name="Upload and check").click()
     page.get_by_text(re.compile(r"^Stored after")).wait_for()
     context.close()
