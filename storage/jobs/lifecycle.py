@@ -47,6 +47,13 @@ class DatabaseReporter(NullReporter):
         self.cpu_threads: int | None = None  # training on the CPU: the threads it chose; shared when others run
         self.last_share = 0.0
 
+    def use_cpu_threads(self, chosen: int) -> None:
+        """Train on the CPU with ``chosen`` torch threads, or fewer while the app's other CPU jobs run beside it
+        (asked now, then again as it trains: :meth:`share_cores`)."""
+        self.cpu_threads, self.last_share = chosen, 0.0
+        torch.set_num_threads(chosen)
+        self.share_cores()
+
     def share_cores(self) -> None:
         """On the CPU: no more torch threads than this run's share of the cores while the app's other CPU jobs
         (predictions) run beside it, and its own choice again when they are done. Called from the training

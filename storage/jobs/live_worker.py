@@ -27,7 +27,6 @@ import time
 from datetime import UTC, datetime
 
 import numpy as np
-import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -290,10 +289,8 @@ class LiveLoop:
     def run(self, outcome: Outcome) -> None:
         if self.device == "cpu":  # leave a core to the server (and the user's page), and no more threads than
             # train fastest here (see LIVE_THREADS, unet.network.threads); fewer while predictions run beside it
-            self.reporter.cpu_threads = (LIVE_THREADS if os.environ.get("NEUROSEG_LIVE_THREADS")
-                                         else choose_threads(self.config, cores=LIVE_THREADS))
-            torch.set_num_threads(self.reporter.cpu_threads)
-            self.reporter.share_cores()
+            self.reporter.use_cpu_threads(LIVE_THREADS if os.environ.get("NEUROSEG_LIVE_THREADS")
+                                          else choose_threads(self.config, cores=LIVE_THREADS))
         out_dir = self.store.run_dir(self.run_id)
         resume = (out_dir / "latest.pt").exists()
         start_segment(self.sessions, self.run_id, out_dir, resume)

@@ -83,9 +83,9 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         if pick_device("auto").type == "cpu":  # a training on the CPU beside it: the cores are shared
             with sessions.begin() as s:  # (bench.pipeline --beside)
                 others = cpu_jobs_beside(s, prediction_id=prediction_id)
-            cores = shared_threads(usable_cores(), others) if others else None
-        if cores:
-            log.info(f"prediction {prediction_id}: {cores} CPU core(s), {others} other CPU job(s) beside it")
+            if others:
+                cores = shared_threads(usable_cores(), others)
+                log.info(f"prediction {prediction_id}: {cores} CPU core(s), {others} other CPU job(s) beside it")
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
                              progress=lambda done, total: phase(PredictionStage.PREDICT, done, total), cores=cores)
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}

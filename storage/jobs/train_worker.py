@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -94,9 +93,7 @@ def _run_worker(run_id: int, settings: Settings, rank: int, world: int) -> int:
             data = _load_data(s, store, run_id)
         if world == 1 and pick_device(config.device).type == "cpu":  # not every core: what trains fastest here
             reporter.on_phase("choosing the number of CPU threads (once per machine and network)")
-            reporter.cpu_threads = choose_threads(config)
-            torch.set_num_threads(reporter.cpu_threads)
-            reporter.share_cores()  # (fewer while predictions run beside it; asked again as it trains)
+            reporter.use_cpu_threads(choose_threads(config))  # (fewer while predictions run beside it)
         start_segment(sessions, run_id, out_dir, resume)
         result = train(config, data, reporter, out_dir=out_dir, resume=resume,
                        init_from=None if resume else parent_file)

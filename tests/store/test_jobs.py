@@ -411,9 +411,7 @@ def test_a_cpu_training_takes_its_share_of_the_cores_while_predictions_run_besid
     reporter = DatabaseReporter(sessions, store, run_id)
     before = torch.get_num_threads()
     try:
-        reporter.cpu_threads = 2
-        torch.set_num_threads(2)
-        reporter.share_cores()
+        reporter.use_cpu_threads(2)
         assert torch.get_num_threads() == shared_threads(2, 1) == 1
         with sessions.begin() as s:
             s.get(Prediction, prediction_id).status = "FINISHED"

@@ -141,7 +141,7 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
 
     cluster = None
     if not scheduler:
-        threads = max(1, (cores or os.cpu_count() or 1) // n)
+        threads = max(1, (os.cpu_count() or 1) // n)  # (with ``cores``, set above)
         job = replace(job, threads=job.threads or threads)
         # on loopback only, its HTTP endpoint on a free port (no dashboard is installed)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
