@@ -264,6 +264,7 @@ class PredictionInfo:
     owner_id: int | None = None  # the user who made it (None: made before accounts, or by the system)
     owner: str = ""  # their user name
     tta: bool = False  # the network's answers averaged over the 8 flips of each tile
+    device: str = ""  # where it computes: "cpu", "cuda" or "dask" ("": not started yet, or made before it was kept)
 
     @property
     def active(self) -> bool:

@@ -14,6 +14,7 @@ from storage.service import UserError
 from ui.paint import View
 from ui.prediction import (
     CARDS,
+    DEVICES,
     LAYERS,
     METRICS,
     POSTPROCESS,
@@ -107,6 +108,7 @@ def _picked() -> None:
 pick = st.selectbox("Prediction", ids, key=pick_key, on_change=_picked,
                     format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s) · "
                                                f"neurons by {p.postprocess}" + (" · 8 flips" if p.tta else "")
+                                               + (f" · {DEVICES.get(p.device, p.device)}" if p.device else "")
                                                for p in predictions if p.id == i))
 st.session_state[PREDICTION] = pick
 

@@ -254,6 +254,8 @@ class Prediction(Base):
     tta: Mapped[bool] = mapped_column(Boolean, default=False)
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
     owner: Mapped[User | None] = relationship(lazy="joined")
+    # where it computes, set by its worker as it starts: "cpu", "cuda" or "dask" (None: not started yet, or earlier)
+    device: Mapped[str | None] = mapped_column(String(16), default=None)
 
 
 class LiveSlice(Base):

@@ -31,6 +31,8 @@ POSTPROCESS = {
     "watershed": "seeded watershed (of the mask's distance transform)",
     "threshold": "threshold (connected components of the mask)",
 }
+#: Where a prediction computed (its worker says as it starts; earlier ones did not).
+DEVICES = {"cpu": "on the CPU", "cuda": "on the GPU", "dask": "on the Dask cluster"}
 POSTPROCESS_CHOICES = (DEFAULT_METHOD, *(m for m in METHODS if m != DEFAULT_METHOD))
 METRICS = {"pixel_error": "pixel error", "dice": "Dice", "iou": "IoU", "rand_f": "Rand-F", "vi": "VI",
            # the field's own (unet.prediction.metrics): ISBI 2012's of the probability map, CREMI's of the instances

@@ -17,23 +17,20 @@ from pathlib import Path
 
 import torch
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.jobs.outcome import Outcome, run_to_end, unwind_on_sigterm
-from storage.jobs.queue import cpu_jobs_beside, start_queued
+from storage.jobs.queue import CoreShare, start_queued
 from storage.models import Checkpoint, Metric, Run
 from storage.records.files import FileStore, sha256_of
 from storage.settings import Settings
 from unet.exchange.checkpoint import side_file
-from unet.network.threads import shared_threads
 from unet.training.reporting import NullReporter
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 10.0
 FLUSH_EVERY = 2.0
-SHARE_EVERY = 10.0  # how often a CPU training counts the app's other CPU jobs and takes its share of the cores
 
 
 class DatabaseReporter(NullReporter):
@@ -44,32 +41,24 @@ class DatabaseReporter(NullReporter):
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
         self.stop = False
-        self.cpu_threads: int | None = None  # training on the CPU: the threads it chose; shared when others run
-        self.last_share = 0.0
+        self.share: CoreShare | None = None  # training on the CPU: its threads, shared while others run
 
     def use_cpu_threads(self, chosen: int) -> None:
         """Train on the CPU with ``chosen`` torch threads, or fewer while the app's other CPU jobs run beside it
         (asked now, then again as it trains: :meth:`share_cores`)."""
-        self.cpu_threads, self.last_share = chosen, 0.0
-        torch.set_num_threads(chosen)
+        self.share = CoreShare(self.sessions, chosen, run_id=self.run_id)
+        torch.set_num_threads(self.share.chosen)
         self.share_cores()
 
     def share_cores(self) -> None:
         """On the CPU: no more torch threads than this run's share of the cores while the app's other CPU jobs
         (predictions) run beside it, and its own choice again when they are done. Called from the training
         thread (a thread count is the calling thread's own)."""
-        if self.cpu_threads is None or time.monotonic() - self.last_share < SHARE_EVERY:
+        if self.share is None:
             return
-        self.last_share = time.monotonic()
-        try:
-            with self.sessions.begin() as s:
-                others = cpu_jobs_beside(s, run_id=self.run_id)
-        except SQLAlchemyError as exc:  # (only advice: the training goes on with the threads it has)
-            log.warning(f"run {self.run_id}: the other CPU jobs could not be counted: {exc}")
-            return
-        threads = shared_threads(self.cpu_threads, others)
+        threads = self.share()
         if threads != torch.get_num_threads():
-            log.info(f"run {self.run_id}: {threads} CPU thread(s), {others} other CPU job(s) beside it")
+            log.info(f"run {self.run_id}: {threads} CPU thread(s), {self.share.others} other CPU job(s) beside it")
             torch.set_num_threads(threads)
 
     def _flush(self, force: bool = False) -> None:

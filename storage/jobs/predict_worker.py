@@ -13,13 +13,14 @@ import os
 import sys
 from functools import partial
 
+import torch
 from sqlalchemy import update
 
 from domain.kinds import PredictionStage, RunStatus
 from storage.db import open_store
 from storage.jobs.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.jobs.procs import start_time
-from storage.jobs.queue import cpu_jobs_beside
+from storage.jobs.queue import CoreShare
 from storage.models import Checkpoint, Dataset, Prediction
 from storage.records.datasets import load_volume, protected_paths
 from storage.records.external import External
@@ -28,10 +29,9 @@ from storage.records.masks import latest_mask, load_mask
 from storage.records.volumes import Volume, open_block_volume
 from storage.settings import Settings
 from unet.network.device import pick_device
-from unet.network.threads import shared_threads, usable_cores
 from unet.prediction.blocks import BlockJob, combined_sha256
 from unet.prediction.metrics import mean_metrics
-from unet.prediction.schedule import run_blocks
+from unet.prediction.schedule import SCHEDULER_ENV, run_blocks
 from unet.prediction.stitch import link_neurons
 
 log = logging.getLogger(__spec__.name if __spec__ else __name__)  # its real name, run as `python -m` too
@@ -39,12 +39,14 @@ log = logging.getLogger(__spec__.name if __spec__ else __name__)  # its real nam
 
 def run_prediction(prediction_id: int, settings: Settings) -> int:
     sessions, store = open_store(settings)  # the server has migrated it
+    device = "dask" if os.environ.get(SCHEDULER_ENV) else pick_device("auto").type
     with sessions.begin() as s:
         row = s.get(Prediction, prediction_id)
         if row is None or row.status != RunStatus.QUEUED:
             log.info(f"prediction {prediction_id} is not queued; nothing to do")
             return 0
         row.status, row.pid, row.pid_started = RunStatus.RUNNING, os.getpid(), start_time(os.getpid())
+        row.device = device  # (a CPU training beside it shares the cores only with CPU predictions)
         # (the launcher records the same pid: whichever writes first, a dead process is noticed)
     unwind_on_sigterm()
 
@@ -79,15 +81,15 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                        method=method, tta=tta,
                        opener=partial(open_block_volume, linked=isinstance(volume, External),
                                       protected=tuple(str(p) for p in protected)))
-        cores = None
-        if pick_device("auto").type == "cpu":  # a training on the CPU beside it: the cores are shared
-            with sessions.begin() as s:  # (bench.pipeline --beside)
-                others = cpu_jobs_beside(s, prediction_id=prediction_id)
-            if others:
-                cores = shared_threads(usable_cores(), others)
-                log.info(f"prediction {prediction_id}: {cores} CPU core(s), {others} other CPU job(s) beside it")
+        # on the CPU, torch's own default threads (the cores, or $OMP_NUM_THREADS), or its share of the cores
+        # while a training or other predictions run beside it, asked again as blocks finish (bench.pipeline
+        # --beside)
+        share = CoreShare(sessions, torch.get_num_threads(), prediction_id=prediction_id) if device == "cpu" else None
+        if share and share() < share.chosen:
+            log.info(f"prediction {prediction_id}: {share.threads} CPU core(s), {share.others} other CPU job(s) "
+                     "beside it")
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
-                             progress=lambda done, total: phase(PredictionStage.PREDICT, done, total), cores=cores)
+                             progress=lambda done, total: phase(PredictionStage.PREDICT, done, total), share=share)
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
                  for name in job.outputs}
         scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}

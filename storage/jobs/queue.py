@@ -11,18 +11,20 @@ supervisor (:mod:`storage.jobs.supervisor`) calls it, never a read."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.kinds import ACTIVE, RunKind, RunStatus
@@ -31,9 +33,13 @@ from storage.jobs.procs import is_alive, start_time
 from storage.models import Prediction, Run
 from storage.records.files import FileStore
 from storage.settings import PROJECT_ROOT, Settings
+from unet.network.threads import shared_threads
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_STALE = timedelta(seconds=90)
 CANCEL_GRACE = timedelta(seconds=30)
+SHARE_EVERY = 10.0  # how often a CPU job counts the app's other CPU jobs and takes its share of the cores
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -126,13 +132,44 @@ def start_queued(sessions: sessionmaker[Session], settings: Settings) -> list[su
 
 def cpu_jobs_beside(session: Session, *, run_id: int | None = None, prediction_id: int | None = None) -> int:
     """How many of the app's jobs other than this one compute on the CPU now: a running training or live
-    session on the CPU, and running predictions (a CPU job shares the cores with them:
-    :func:`unet.network.threads.shared_threads`)."""
+    session on the CPU, and running predictions on the CPU (one whose worker has not said where yet counts too)
+    (a CPU job shares the cores with them: :func:`unet.network.threads.shared_threads`)."""
     runs = session.scalar(select(func.count()).select_from(Run).where(
         Run.status == RunStatus.RUNNING, Run.device == "cpu", Run.id != (run_id or -1)))
     predictions = session.scalar(select(func.count()).select_from(Prediction).where(
-        Prediction.status == RunStatus.RUNNING, Prediction.id != (prediction_id or -1)))
+        Prediction.status == RunStatus.RUNNING, Prediction.id != (prediction_id or -1),
+        or_(Prediction.device.is_(None), Prediction.device == "cpu")))
     return int(runs or 0) + int(predictions or 0)
+
+
+class CoreShare:
+    """The threads of a CPU job while the app's other CPU jobs run beside it: its own choice ``chosen``, but no
+    more than its share of the cores (:func:`unet.network.threads.shared_threads`). Asked as it works, it
+    counts the others again at most every ``SHARE_EVERY`` seconds, so it gives cores up when another job starts
+    and takes its choice back when they end (a training from its metric flushes, a prediction as blocks
+    finish). A database error keeps the last answer: it is only advice."""
+
+    def __init__(self, sessions: sessionmaker[Session], chosen: int, *, run_id: int | None = None,
+                 prediction_id: int | None = None):
+        self.sessions, self.chosen = sessions, max(1, int(chosen))
+        self.run_id, self.prediction_id = run_id, prediction_id
+        self.threads, self.others, self.last = self.chosen, 0, float("-inf")
+
+    def __call__(self) -> int:
+        if time.monotonic() - self.last < SHARE_EVERY:
+            return self.threads
+        self.last = time.monotonic()
+        try:
+            with self.sessions.begin() as s:
+                self.others = cpu_jobs_beside(s, run_id=self.run_id, prediction_id=self.prediction_id)
+        except SQLAlchemyError as exc:
+            log.warning(f"{self}: the other CPU jobs could not be counted: {exc}")
+            return self.threads
+        self.threads = shared_threads(self.chosen, self.others)
+        return self.threads
+
+    def __str__(self) -> str:
+        return f"run {self.run_id}" if self.run_id is not None else f"prediction {self.prediction_id}"
 
 
 def claim(session: Session, run_id: int, pid: int, pid_started: float | None) -> bool:

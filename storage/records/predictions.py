@@ -31,7 +31,7 @@ def prediction_info(row: Prediction, run_id: int) -> PredictionInfo:
     return PredictionInfo(row.id, row.checkpoint_id, run_id, row.dataset_id, list(row.slices), RunStatus(row.status),
                           row.done, row.error, row.metrics, row.created, row.pid, PredictionStage(stage),
                           row.total or 0, row.postprocess or "watershed", row.owner_id,
-                          row.owner.username if row.owner else "", bool(row.tta))
+                          row.owner.username if row.owner else "", bool(row.tta), row.device or "")
 
 
 def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, slices: list[int],

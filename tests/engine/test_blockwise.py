@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -70,6 +71,22 @@ def test_a_two_worker_dask_cluster_predicts_what_one_process_does(setup):
         torch.set_num_threads(before)
     np.testing.assert_allclose(_outputs(tmp_path / "shared")["probabilities"], a["probabilities"], rtol=0, atol=1e-6)
     assert {i: m["sha256"] for i, m in one.items()} == {i: m["sha256"] for i, m in two.items()}
+
+    # a training starts beside it after the first block: the rest run on one torch thread
+    answers = iter([2, 2])
+    asked = []
+
+    def share() -> int:
+        asked.append(next(answers, 1))
+        return asked[-1]
+
+    try:
+        run_blocks(replace(_job(tmp_path / "beside", volume, checkpoint), threads=0), (150, 210), workers=1,
+                   share=share)
+        assert torch.get_num_threads() == 1 and len(asked) >= 5 and asked[:3] == [2, 2, 1]
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(_outputs(tmp_path / "beside")["probabilities"], a["probabilities"], rtol=0, atol=1e-5)
 
 
 KILLED_AFTER_TWO = """
@@ -159,6 +176,15 @@ def test_a_slice_larger_than_a_tile_is_predicted_in_tiles_and_stitched_into_the_
     for name in c:
         np.testing.assert_array_equal(c[name], b[name])
     assert {i: m["sha256"] for i, m in two.items()} == {i: m["sha256"] for i, m in markers.items()}
+    # two workers, then one core's share (a training started beside it): one tile in flight at a time, each
+    # slice still stitched once its tiles are done, the same neurons
+    answers = iter([2])
+    seen = []
+    run_blocks(replace(_tiled(tmp_path / "beside", volume, checkpoint), threads=0), (150, 210), workers=2,
+               share=lambda: next(answers, 1), progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(i, 36) for i in range(37)]
+    for name, d in _outputs(tmp_path / "beside").items():
+        np.testing.assert_array_equal(d, b[name])
 
 
 KILLED_AFTER_A_SLICE_OF_TILES = """
@@ -216,7 +242,7 @@ def test_the_app_predicts_blockwise_and_resumes_a_killed_job(tmp_path, monkeypat
         assert resumed.status in ("QUEUED", "RUNNING")
         done = wait_for(lambda: (p := svc.prediction(job.id)).status in ("FINISHED", "FAILED") and p, timeout=180)
         assert done.status == "FINISHED", done.error
-        assert done.done == 3
+        assert done.done == 3 and done.device == "cpu"  # (where it computed: a CPU training shares the cores)
         probs = svc.prediction_output(job.id)
         assert probs.shape == (3, 256, 256) and isinstance(probs, Volume)
         # the three neighbouring slices' instances linked into 3D neurons: every instance is in exactly one

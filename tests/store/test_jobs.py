@@ -399,15 +399,29 @@ def test_a_cpu_training_takes_its_share_of_the_cores_while_predictions_run_besid
         checkpoint = Checkpoint(run_id=done.id, kind="best", file="best.pt", step=1, sha256="", metrics={})
         s.add(checkpoint)
         s.flush()
-        prediction = Prediction(checkpoint_id=checkpoint.id, dataset_id=spec["train"][0]["dataset_id"], slices=[0],
-                                status="RUNNING", done=0, file="", sha256="", files={})
-        s.add(prediction)
+        # one whose worker has not said where it computes yet (counted), and one on a GPU (not counted)
+        prediction, on_gpu = (Prediction(checkpoint_id=checkpoint.id, dataset_id=spec["train"][0]["dataset_id"],
+                                         slices=[0], status="RUNNING", done=0, file="", sha256="", files={},
+                                         device=device) for device in (None, "cuda"))
+        s.add_all([prediction, on_gpu])
         s.flush()
         run_id, prediction_id = training.id, prediction.id
     with sessions.begin() as s:
         assert queue.cpu_jobs_beside(s, run_id=run_id) == 1  # the prediction
         assert queue.cpu_jobs_beside(s, prediction_id=prediction_id) == 1  # the training
         assert queue.cpu_jobs_beside(s) == 2
+        s.get(Prediction, prediction_id).device = "cpu"
+        assert queue.cpu_jobs_beside(s) == 2
+    # a prediction's share, asked as its blocks finish: half the cores, then all of them once the training ends
+    share = queue.CoreShare(sessions, 2, prediction_id=prediction_id)
+    assert (share(), share.others) == (1, 1)
+    with sessions.begin() as s:
+        s.get(Run, run_id).status = "FINISHED"
+    assert share() == 1  # (counted at most every SHARE_EVERY seconds)
+    share.last = float("-inf")
+    assert (share(), share.others) == (2, 0)
+    with sessions.begin() as s:
+        s.get(Run, run_id).status = "RUNNING"
     reporter = DatabaseReporter(sessions, store, run_id)
     before = torch.get_num_threads()
     try:
@@ -417,7 +431,7 @@ def test_a_cpu_training_takes_its_share_of_the_cores_while_predictions_run_besid
             s.get(Prediction, prediction_id).status = "FINISHED"
         reporter.share_cores()  # (counted at most every SHARE_EVERY seconds)
         assert torch.get_num_threads() == shared_threads(2, 1)
-        reporter.last_share = 0.0
+        reporter.share.last = float("-inf")
         reporter.share_cores()
         assert torch.get_num_threads() == 2  # alone again: its own choice
     finally:

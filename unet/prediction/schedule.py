@@ -66,7 +66,8 @@ def _target_part(target: np.ndarray | None, block: Block) -> np.ndarray | None:
 def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, np.ndarray] | None = None,
                progress: Progress | None = None, pixel_size_nm: float | None = None,
                scheduler: str | None = None, workers: int | None = None,
-               pipeline: bool | None = None, cores: int | None = None) -> dict[int, dict[str, Any]]:
+               pipeline: bool | None = None, cores: int | None = None,
+               share: Callable[[], int] | None = None) -> dict[int, dict[str, Any]]:
     """Predict every block not finished yet and return every output slice's marker (index → marker).
 
     Args:
@@ -81,6 +82,10 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
             reads, the device and the host's neurons and writes overlap); default: on a GPU.
         cores: the CPU cores a local run may keep busy (default: all): its worker processes, and the torch
             threads in all, stay within them (the app gives a prediction its share while a training runs).
+        share: asked as blocks finish, the cores a local run may keep busy from then on (default: ``cores``
+            all along): a run in this process sets its torch threads to it, a local cluster keeps no more
+            blocks in flight than it allows. With no ``cores``, its first answer is the cores to start with.
+            Not asked when ``job.threads`` is set.
     """
     shape = (int(shape[0]), int(shape[1]))
     targets = targets or {}
@@ -109,6 +114,8 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
     largest = max((b.pixels for b in pending), default=1)
     halo = job.halo if any(b.part is not None for b in pending) else 0
     n = 1 if scheduler else (workers or default_workers(len(pending), int((np.sqrt(largest) + 2 * halo + 128) ** 2)))
+    share = share if not (scheduler or job.threads) else None  # (a job's own thread count is kept)
+    cores = cores or (share() if share else None)
     if cores and not scheduler:
         n = min(n, cores)
         job = replace(job, threads=job.threads or max(1, cores // n))
@@ -134,6 +141,8 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
                 if block.part is None:
                     done[i] = result
                 report(count, total)
+                if share and share() != job.threads:  # (fewer threads while another CPU job runs beside it)
+                    job = replace(job, threads=share())
             if i not in done:
                 done[i] = stitch(job, i, shape)
         return done
@@ -146,28 +155,47 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
         # on loopback only, its HTTP endpoint on a free port (no dashboard is installed)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address="127.0.0.1:0", silence_logs=40, memory_limit=0)
+    queue = [(i, block) for i, left in todo.items() for block in left]
+    queue.reverse()  # (popped from the end: in order)
+
+    def allowed() -> int:  # blocks in flight at most: all at once, or as many as the run's share of the cores
+        return max(1, share() // max(1, job.threads)) if share else len(queue) + 1
+
     try:
         with Client(scheduler or cluster) as client:
             kinds: dict[str, tuple[str, int]] = {}
-            futures = []
+            tiles: dict[int, list] = {i: [] for i in todo}
+            waiting = as_completed()
+
+            def submit(fn, *args, key: str, kind: str, i: int) -> None:
+                future = client.submit(fn, *args, key=key, pure=False, retries=1)
+                kinds[future.key] = (kind, i)
+                waiting.add(future)
+                if kind == "tile":
+                    tiles[i].append(future)
+                if kind != "stitch" and blocks[i][0].part is not None and len(tiles[i]) == len(todo[i]):
+                    # a tiled slice's stitch, once its tiles are all asked for (it waits for them)
+                    submit(stitch, job, i, shape, *tiles[i], key=f"stitch-{job.out}-{i}", kind="stitch", i=i)
+
             for i, left in todo.items():
-                tile_futures = []
-                for block in left:
+                if not left and blocks[i][0].part is not None:  # (its tiles were all done: only the stitch)
+                    submit(stitch, job, i, shape, key=f"stitch-{job.out}-{i}", kind="stitch", i=i)
+            in_flight = 0
+            while True:
+                while queue and in_flight < allowed():
+                    i, block = queue.pop()
                     fn, *args = work(block)
-                    future = client.submit(fn, *args, key=f"block-{job.out}-{block.key}", pure=False, retries=1)
-                    kinds[future.key] = ("slice" if block.part is None else "tile", i)
-                    futures.append(future)
-                    tile_futures.append(future)
-                if blocks[i][0].part is not None:
-                    future = client.submit(stitch, job, i, shape, *tile_futures, key=f"stitch-{job.out}-{i}",
-                                           pure=False, retries=1)
-                    kinds[future.key] = ("stitch", i)
-                    futures.append(future)
-            for future in as_completed(futures):
+                    submit(fn, *args, key=f"block-{job.out}-{block.key}",
+                           kind="slice" if block.part is None else "tile", i=i)
+                    in_flight += 1
+                future = next(waiting, None)
+                if future is None:
+                    break
                 kind, i = kinds[future.key]
                 result = future.result()
                 if kind != "stitch":
                     count += 1
+                    in_flight -= 1
                 if kind != "tile":
                     done[i] = result
                 if kind != "stitch":
