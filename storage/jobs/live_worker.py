@@ -46,7 +46,7 @@ from storage.records.masks import load_mask, slice_kinds
 from storage.settings import Settings
 from unet.exchange.writing import atomic_write
 from unet.network.config import TrainConfig
-from unet.network.threads import choose_threads
+from unet.network.threads import choose_threads, usable_cores
 from unet.prediction.infer import Interrupted
 from unet.training.forest import PixelForest
 from unet.training.live import LiveTrainer
@@ -89,7 +89,7 @@ FOREST = os.environ.get("NEUROSEG_LIVE_FOREST", "1") != "0"
 TEACHER_REFRESH_S = 1.0  # a turn's time for renewing the forest's answers on older slices after a refit
 # CPU threads of a live session: all cores but one, so the server answers the annotator while it trains
 # (two busy processes with two threads each on two cores made each step 20× slower); $NEUROSEG_LIVE_THREADS
-LIVE_THREADS = int(os.environ.get("NEUROSEG_LIVE_THREADS") or max(1, (os.cpu_count() or 2) - 1))
+LIVE_THREADS = int(os.environ.get("NEUROSEG_LIVE_THREADS") or max(1, usable_cores() - 1))
 IDLE_STOP_S = 600.0  # nobody has watched for this long: the session ends by itself (a FINISHED run)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import ClassVar
 
 import numpy as np
@@ -286,3 +287,29 @@ def test_slices_predicted_together_get_the_answer_each_gets_alone():
     assert [z for z, _ in grouped] == [4, 0, 2]
     for z, prob in grouped:
         np.testing.assert_allclose(prob, one[z], atol=1e-5)
+
+
+def test_a_containers_cpu_quota_narrows_the_usable_cores(tmp_path):
+    """``docker run --cpus 2`` on a 16-core host leaves the affinity at 16: torch would take 16 threads on 2
+    CPUs' time. The quota is read from the cgroup files (v2: the process's group and those above it; v1)."""
+    from unet.network.threads import quota_cpus, usable_cores
+
+    own = tmp_path / "self-cgroup"
+    root = tmp_path / "cgroup"
+    (root / "lab.slice" / "neuroseg").mkdir(parents=True)
+    own.write_text("0::/lab.slice/neuroseg\n")
+    assert quota_cpus(root, own) is None  # no files: no quota
+    (root / "lab.slice" / "neuroseg" / "cpu.max").write_text("max 100000\n")
+    assert quota_cpus(root, own) is None
+    (root / "lab.slice" / "cpu.max").write_text("250000 100000\n")  # a parent's limit: 2.5 CPUs
+    assert quota_cpus(root, own) == 3
+    (root / "lab.slice" / "neuroseg" / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one thread
+    assert quota_cpus(root, own) == 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert quota_cpus(v1, tmp_path / "absent") is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    assert quota_cpus(v1, tmp_path / "absent") == 2
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)

@@ -36,11 +36,42 @@ def candidates(cores: int) -> list[int]:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity, which a container's limit may narrow)."""
+    """The cores this process may run on: its affinity, narrowed by a container's CPU quota (``docker run
+    --cpus 2`` on a 16-core host leaves the affinity at 16: :func:`quota_cpus`)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = quota_cpus()
+    return max(1, min(cores, quota)) if quota else cores
+
+
+def quota_cpus(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The CPUs that this process's cgroup quota allows, rounded up (None without a quota): cgroup v2's
+    ``cpu.max`` of its group and the groups above it, or v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``."""
+    found: list[int] = []
+    try:
+        groups = own.read_text().splitlines()
+    except OSError:
+        groups = []
+    v2 = next((line[3:] for line in groups if line.startswith("0::")), None)
+    folder = root / v2.strip("/") if v2 is not None else None
+    while folder is not None:  # v2: the group's own limit and its parents' (a slice may set it)
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            if quota != "max" and int(period) > 0:
+                found.append(-(-int(quota) // int(period)))
+        except (OSError, ValueError):
+            pass
+        folder = folder.parent if folder != root and root in folder.parents else None
+    for v1 in ("cpu", "cpu,cpuacct"):
+        try:
+            quota, period = (int((root / v1 / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+            if quota > 0 and period > 0:
+                found.append(-(-quota // period))
+        except (OSError, ValueError):
+            pass
+    return max(1, min(found)) if found else None
 
 
 def default_cache() -> Path:

@@ -18,7 +18,6 @@ finished (a marker is written last, so a slice cut short has none), and the ones
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from unet.network.threads import usable_cores
 from unet.prediction.blocks import BlockJob, marker_path, read_marker
 from unet.prediction.blockwise import finish_block, model_of, volume_of
 from unet.prediction.infer import predict_slices
@@ -36,11 +36,7 @@ from unet.training.data import normalize_image
 def host_threads() -> int:
     """Threads that finish slices on the host: the cores this process may use but one (the one that feeds
     the device), 1 to 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # (not on Linux)
-        cores = os.cpu_count() or 2
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, usable_cores() - 1))
 
 
 def run_slices(job: BlockJob, indices: list[int], target_of: Callable[[int], np.ndarray | None],

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unet.network.threads import usable_cores
 from unet.prediction.blocks import Block, BlockJob, create_outputs, finished_blocks, marker_path, plan
 from unet.prediction.blockwise import model_of, run_block, run_tile
 from unet.prediction.pipeline import run_slices
@@ -43,7 +44,7 @@ def default_workers(n_blocks: int, block_pixels: int) -> int:
     per_block = BYTES_PER_PIXEL * block_pixels + (300 << 20)
     available = _available_memory()
     by_memory = max(1, int(available * 0.6 // per_block)) if available else 1
-    return max(1, min(os.cpu_count() or 1, n_blocks, by_memory))
+    return max(1, min(usable_cores(), n_blocks, by_memory))
 
 
 def _available_memory() -> int:
@@ -150,7 +151,7 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
 
     cluster = None
     if not scheduler:
-        threads = max(1, (os.cpu_count() or 1) // n)  # (with ``cores``, set above)
+        threads = max(1, usable_cores() // n)  # (with ``cores``, set above)
         job = replace(job, threads=job.threads or threads)
         # on loopback only, its HTTP endpoint on a free port (no dashboard is installed)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",

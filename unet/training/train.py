@@ -24,6 +24,7 @@ from unet.network.device import amp_dtype, autocast, pick_device
 from unet.network.losses import segmentation_loss
 from unet.network.model import UNet
 from unet.network.sizes import check_input_size
+from unet.network.threads import usable_cores
 from unet.prediction.infer import Interrupted, predict_slice
 from unet.prediction.metrics import evaluate_slice, mean_metrics
 from unet.training.data import PatchSampler, TrainData
@@ -90,7 +91,7 @@ def _batches(sampler: PatchSampler | DeviceSampler, batch_size: int, device: tor
     if device.type != "cuda" or isinstance(sampler, DeviceSampler):
         while True:
             yield sampler.sample(batch_size)
-    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    workers = max(1, min(8, usable_cores() - 1))
     seeds = np.random.SeedSequence(seed).spawn(workers)
 
     class _Stream(torch.utils.data.IterableDataset):
