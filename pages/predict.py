@@ -31,6 +31,7 @@ from ui.prediction import (
     split_scores,
 )
 from ui.prediction import progress as job_progress
+from ui.prediction import speed as job_speed
 from ui.text import plain
 from ui.training import checkpoint_label, default_checkpoint
 
@@ -127,6 +128,8 @@ def progress(prediction_id: int, was_active: bool) -> None:
             if st.button(f"Resume{kept}", key=f"resume_prediction_{job.id}", type="primary"):
                 attempt(lambda: svc.resume_prediction(job.id),
                         lambda _: f"Prediction #{job.id} goes on from the blocks already written.")
+    elif (said := job_speed(job)) is not None:
+        st.caption(said)
     if was_active and not job.active:
         st.rerun()
 

@@ -54,6 +54,20 @@ def progress(job: PredictionInfo) -> tuple[float, str]:
     return min(1.0, job.done / total), f"{job.done} of {total} blocks written (a block is {what})"
 
 
+def speed(job: PredictionInfo) -> str | None:
+    """How fast a finished prediction ran (its worker's ``timing``), or None when it did not say."""
+    timing = (job.metrics or {}).get("timing") or {}
+    try:
+        done, seconds, rate = float(timing["slices"]), float(timing["seconds"]), float(timing["slices_per_s"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    where = f" {DEVICES[job.device]}" if job.device in DEVICES else ""
+    slices = f"{done:g} slice{'s' if done != 1 else ''}"
+    resumed = " (this attempt; the rest were written before it was resumed)" if round(done) < len(job.slices) else ""
+    pace = f"{rate:.1f} slices per second" if rate >= 1 else f"{1 / max(rate, 1e-9):.1f} s per slice"
+    return f"Predicted {slices} in {seconds:.1f} s{where}: {pace}{resumed}."
+
+
 def compose(image: np.ndarray, prob: np.ndarray, layers: list[str], opacity: float, *,
             instances: np.ndarray | None = None, target: np.ndarray | None = None,
             threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from functools import partial
 
 import torch
@@ -88,8 +89,14 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         if share and share() < share.chosen:
             log.info(f"prediction {prediction_id}: {share.threads} CPU core(s), {share.others} other CPU job(s) "
                      "beside it")
+        counts: list[tuple[int, int, float]] = []  # (blocks done, in all, when): this attempt's speed
+
+        def progress(done: int, total: int) -> None:
+            counts.append((done, total, time.monotonic()))
+            phase(PredictionStage.PREDICT, done, total)
+
         markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
-                             progress=lambda done, total: phase(PredictionStage.PREDICT, done, total), share=share)
+                             progress=progress, share=share)
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
                  for name in job.outputs}
         scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}
@@ -97,6 +104,9 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         errors = {str(m["slice"]): m["errors"] for m in markers.values() if m.get("errors")}
         if errors:  # the largest merges and splits against each slice's mask
             metrics["errors"] = errors
+        if speed := timing(counts, len(slices)):
+            metrics["timing"] = speed
+            log.info(f"prediction {prediction_id}: {speed['slices']} slice(s) in {speed['seconds']} s on {device}")
         if job.with_instances:
             phase(PredictionStage.LINKING)
             neurons = link_neurons(job, volume.shape[1:])
@@ -109,6 +119,18 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         log.info(f"prediction {prediction_id}: finished ({len(markers)} blocks)")
 
     return run_to_end(sessions, Prediction, prediction_id, body)
+
+
+def timing(counts: list[tuple[int, int, float]], slices: int) -> dict | None:
+    """How fast this attempt predicted, from its progress reports (blocks done, blocks in all, when): the
+    slices it predicted (a resumed one's earlier blocks left out), the seconds from its first report to its
+    last, slices per second. None when it predicted nothing."""
+    if len(counts) < 2 or counts[-1][0] <= counts[0][0] or not slices:
+        return None
+    (first, total, start), (last, _, end) = counts[0], counts[-1]
+    done = (last - first) * slices / max(1, total)  # (a slice larger than a tile is several blocks)
+    seconds = max(end - start, 1e-3)
+    return {"slices": round(done, 2), "seconds": round(seconds, 2), "slices_per_s": round(done / seconds, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:

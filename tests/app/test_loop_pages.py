@@ -5,6 +5,7 @@ Runs lists, compares and deletes."""
 
 import io
 import os
+import re
 import select
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def test_train_predict_correct_and_review(app_data_dir):
     at.run()
     assert not at.exception, at.exception
     assert svc.prediction(job.id).status == "FINISHED"
+    # how fast it ran, and where (slices per second on a GPU; seconds per slice on this CPU)
+    assert re.search(r"Predicted 2 slices in [\d.]+ s on the CPU: [\d.]+ (s per slice|slices per second)\.",
+                     texts(at.caption)), texts(at.caption)
     # the run trained on both slices: no headline passes their scores off as the model's accuracy
     assert not [m for m in at.metric if m.label == "pixel error"]
     assert any("trained on every labelled slice predicted here (slices 0, 1)" in w.value for w in at.warning)

@@ -243,6 +243,8 @@ def test_the_app_predicts_blockwise_and_resumes_a_killed_job(tmp_path, monkeypat
         done = wait_for(lambda: (p := svc.prediction(job.id)).status in ("FINISHED", "FAILED") and p, timeout=180)
         assert done.status == "FINISHED", done.error
         assert done.done == 3 and done.device == "cpu"  # (where it computed: a CPU training shares the cores)
+        # how fast this attempt ran: only the slices it predicted itself (the killed one may have written some)
+        assert 0 < done.metrics["timing"]["slices"] <= 3 and done.metrics["timing"]["slices_per_s"] > 0
         probs = svc.prediction_output(job.id)
         assert probs.shape == (3, 256, 256) and isinstance(probs, Volume)
         # the three neighbouring slices' instances linked into 3D neurons: every instance is in exactly one

@@ -436,3 +436,29 @@ def test_a_cpu_training_takes_its_share_of_the_cores_while_predictions_run_besid
         assert torch.get_num_threads() == 2  # alone again: its own choice
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_predictions_speed_counts_only_the_slices_this_attempt_predicted():
+    """Slices per second from the worker's progress reports (blocks done, in all, when): a resumed prediction's
+    earlier blocks are left out, and a slice cut into tiles is several blocks."""
+    from datetime import UTC, datetime
+
+    from domain.kinds import RunStatus
+    from domain.records import PredictionInfo
+    from storage.jobs.predict_worker import timing
+    from ui.prediction import speed
+
+    # 3 slices of 2 tiles each, resumed with 2 tiles already written: 4 tiles (2 slices) in 8 s
+    assert timing([(2, 6, 10.0), (3, 6, 12.0), (6, 6, 18.0)], 3) == {"slices": 2.0, "seconds": 8.0,
+                                                                      "slices_per_s": 0.25}
+    assert timing([(6, 6, 1.0)], 3) is None and timing([(2, 6, 1.0), (2, 6, 2.0)], 3) is None  # nothing left
+    job = PredictionInfo(1, 1, 1, 1, [0, 1, 2], RunStatus.FINISHED, 6, None,
+                         {"timing": {"slices": 2.0, "seconds": 8.0, "slices_per_s": 0.25}}, datetime.now(UTC),
+                         device="cpu")
+    assert speed(job) == ("Predicted 2 slices in 8.0 s on the CPU: 4.0 s per slice (this attempt; the rest were "
+                          "written before it was resumed).")
+    fast = PredictionInfo(1, 1, 1, 1, list(range(600)), RunStatus.FINISHED, 600, None,
+                          {"timing": {"slices": 600, "seconds": 2.0, "slices_per_s": 300.0}}, datetime.now(UTC),
+                          device="cuda")
+    assert speed(fast) == "Predicted 600 slices in 2.0 s on the GPU: 300.0 slices per second."
+    assert speed(PredictionInfo(1, 1, 1, 1, [0], RunStatus.FINISHED, 1, None, None, datetime.now(UTC))) is None
