@@ -152,7 +152,8 @@ def _signed_in() -> Actor | None:
             who, token = svc.sign_in_oidc(str(claims.get("iss", "")), str(claims.get("sub", "")),
                                           email=str(claims.get("email", "") or ""),
                                           name=str(claims.get("name", "") or ""),
-                                          preferred=str(claims.get("preferred_username", "") or ""), address=address)
+                                          preferred=str(claims.get("preferred_username", "") or ""), address=address,
+                                          issued_at=claims.get("iat"), nonce=str(claims.get("nonce", "") or ""))
         except UserError as exc:
             st.session_state[AUTH_MESSAGE] = str(exc)
             return None

@@ -72,6 +72,16 @@ class SignIn(Base):
     method: Mapped[str] = mapped_column(String(16), default="password")  # password | oidc
 
 
+class SingleSignOn(Base):
+    """A single sign-on taken into a session: a digest of the provider's answer (issuer, subject, when it
+    was issued, its nonce), kept while such an answer could still be taken. Streamlit keeps that answer in a
+    signed cookie for 30 days, and every port of the host receives it: each answer signs in once, fresh."""
+
+    __tablename__ = "single_sign_ons"
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    used: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
 class AuditEvent(Base):
     """One thing someone did or tried: who (the user, and the name as it was), when, what, on what, from
     which address, and whether it was done, refused or failed."""

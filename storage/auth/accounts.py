@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.auth import audit
@@ -34,7 +35,7 @@ from storage.auth.passwords import (
     verify_password,
     wait_after,
 )
-from storage.models import ROLES, AuditEvent, SignIn, User
+from storage.models import ROLES, AuditEvent, SignIn, SingleSignOn, User
 from storage.text import clean_name
 
 log = logging.getLogger(__name__)
@@ -298,14 +299,50 @@ def sign_in(session: Session, username: str, password: str, address: str = "") -
     return actor_of(user, address, token), token
 
 
+SSO_FRESH = timedelta(minutes=10)  # a provider's answer signs in within this time of being issued, once
+SSO_AGAIN = "Your single sign-on has ended: sign in again."
+
+
+def _take_single_sign_on(session: Session, issuer: str, subject: str, issued_at: object, nonce: str) -> str | None:
+    """Take the provider's answer for one sign-in: None, or why it signs nobody in. Streamlit keeps the
+    answer in a signed cookie for 30 days, which every port of the host receives and a sign-out does not
+    end, so a copy must not sign anyone in: an answer is taken once (a digest of issuer, subject, issue
+    time and nonce is kept), and only while fresh (``SSO_FRESH``: a session that expired later, or a sign-out,
+    goes through the provider again)."""
+    try:
+        issued = datetime.fromtimestamp(float(issued_at), UTC)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "no issue time"
+    moment = now()
+    if not (moment - SSO_FRESH <= issued <= moment + timedelta(minutes=5)):  # (a provider's clock may run ahead)
+        return "answer not fresh"
+    digest = hashlib.sha256("\n".join((issuer, subject, f"{float(issued_at)!r}", nonce)).encode()).hexdigest()
+    session.execute(delete(SingleSignOn).where(SingleSignOn.used < moment - 2 * SSO_FRESH))
+    try:
+        with session.begin_nested():
+            session.add(SingleSignOn(digest=digest, used=moment))
+            session.flush()
+    except IntegrityError:  # taken before: by this browser's first session, or by a copy of its cookie
+        return "answer already used"
+    return None
+
+
 def sign_in_oidc(session: Session, issuer: str, subject: str, *, email: str = "", name: str = "",
-                 preferred: str = "", address: str = "") -> tuple[Actor, str]:
+                 preferred: str = "", address: str = "", issued_at: object = None,
+                 nonce: str = "") -> tuple[Actor, str]:
     """The user of a single sign-on identity: found by (issuer, subject), or made on its first sign-in
     with the role ``$NEUROSEG_OIDC_ROLE`` (viewer unless set: an admin gives more). Its user name comes
-    from the identity's preferred name or e-mail, made safe and unique."""
+    from the identity's preferred name or e-mail, made safe and unique. The provider's answer (``issued_at``,
+    its ``iat``; ``nonce``) signs in once and only fresh (:func:`_take_single_sign_on`)."""
     if not issuer or not subject:
         raise SignInError("The sign-on provider did not say who you are (no issuer or subject).")
     user = session.scalar(select(User).where(User.oidc_issuer == issuer, User.oidc_subject == subject))
+    why = _take_single_sign_on(session, issuer, subject, issued_at, str(nonce or ""))
+    if why is not None:
+        shown = user.username if user is not None else f"sso:{subject[:60]}"
+        audit.record(session, user.id if user is not None else None, "sign in", f"user {shown}", "refused",
+                     f"single sign-on: {why}", address, username=shown)
+        raise SignInError(SSO_AGAIN)
     if user is None:
         base = re.sub(r"[^a-z0-9._-]+", "-", (preferred or email.split("@")[0] or name or "user").lower())
         base = base.strip(".-_")[:56] or "user"

@@ -38,9 +38,11 @@ class AccountsService(Facade):
         return self._signing(accounts.sign_in, username, password, address)
 
     def sign_in_oidc(self, issuer: str, subject: str, *, email: str = "", name: str = "", preferred: str = "",
-                     address: str = "") -> tuple[Actor, str]:
+                     address: str = "", issued_at: object = None, nonce: str = "") -> tuple[Actor, str]:
+        """(the user, a new session token) for the provider's answer that has just come back (``st.user``:
+        its issuer, subject, ``iat`` and ``nonce``); each answer signs in once, fresh."""
         return self._signing(accounts.sign_in_oidc, issuer, subject, email=email, name=name, preferred=preferred,
-                             address=address)
+                             address=address, issued_at=issued_at, nonce=nonce)
 
     def signed_in(self, token: str, address: str = "", *, proof: str | None = None) -> Actor:
         """The user a browser's token stands for; :class:`UserError` says why not (expired, unknown). With

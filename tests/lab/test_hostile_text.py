@@ -10,6 +10,7 @@ import html
 import io
 import os
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -227,8 +228,30 @@ def _named(buffer: io.BytesIO) -> io.BytesIO:
 
 def test_a_display_name_from_single_sign_on_is_cleaned_and_cut(svc):
     who, _ = svc.sign_in_oidc("https://idp.example", "sub-1", name="Eve \u202elivE" + "e" * 500,
-                              email="eve@example.org", preferred="eve")
+                              email="eve@example.org", preferred="eve", issued_at=time.time(), nonce="n")
     assert "\u202e" not in who.display_name and len(who.display_name) == NAME_MAX
+
+
+def test_a_single_sign_on_answer_signs_in_once_and_only_while_fresh(svc):
+    """Streamlit keeps the provider's answer in a signed cookie for 30 days; every port of the host receives
+    it and a sign-out leaves it. A copy of it (the same issuer, subject, issue time and nonce) signs nobody in,
+    nor does an answer older than a few minutes: the user goes through the provider again."""
+    issued = time.time()
+
+    def sso(at: object, nonce: str = "n-1") -> str:
+        return svc.sign_in_oidc("https://idp.example", "sub-7", preferred="jo", issued_at=at, nonce=nonce,
+                                address="10.0.0.7")[0].username
+
+    assert sso(issued) == "jo"
+    for at, nonce in ((issued, "n-1"), (issued - 11 * 60, "n-2"), (None, "n-3"), ("soon", "n-4"),
+                      (issued + 3600, "n-5")):
+        with pytest.raises(UserError, match=r"^Your single sign-on has ended: sign in again\.$"):
+            sso(at, nonce)
+    assert sso(issued + 1, "n-6") == "jo"  # the provider's next answer
+    rows = [(r.outcome, r.detail) for r in svc.audit_trail(username="jo", action="sign in")][::-1]
+    refused = [f"single sign-on: {why}" for why in ("answer already used", "answer not fresh", "no issue time",
+                                                     "no issue time", "answer not fresh")]
+    assert rows == [("ok", "single sign-on"), *[("refused", why) for why in refused], ("ok", "single sign-on")]
 
 
 # --- 4. sign-in answers that tell nothing, and a throttle per user on the loopback ----------------------

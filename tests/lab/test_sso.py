@@ -58,6 +58,21 @@ server_metadata_url = "{provider.url}/.well-known/openid-configuration"
             assert svc.datasets()[0].owner == "jdoe"
             signs = [(r.username, r.outcome, r.detail) for r in svc.audit_trail(action="sign in")]
             assert signs == [("jdoe", "ok", "single sign-on")]
+            # every cookie of this browser, copied into another (a server on another port of the host receives
+            # them all): Streamlit's own sign-on cookie is valid for 30 days, but its answer was taken once
+            cookies = page.context.cookies()
+            assert any(c["name"].startswith("_streamlit_user") for c in cookies)
+            thief = browser.new_context()
+            try:
+                thief.add_cookies(cookies)
+                stolen = thief.new_page()
+                stolen.goto(f"{url}/datasets")
+                stolen.get_by_text("Your single sign-on has ended: sign in again.").wait_for()
+                expect(stolen.get_by_text("Signed in as")).to_have_count(0)
+            finally:
+                thief.close()
+            assert next((r.outcome, r.detail) for r in svc.audit_trail(action="sign in")) == (
+                "refused", "single sign-on: answer already used")
 
             page.reload()  # the sign-in holds
             page.get_by_text("Signed in as Jane Doe").wait_for()
