@@ -10,6 +10,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import resource
 import sqlite3
 import struct
@@ -612,6 +613,54 @@ def test_a_tiff_header_that_declares_a_huge_slice_is_refused_before_its_pixels(s
     finally:
         tracemalloc.stop()
     assert peak < 64 * 2**20 and svc.datasets() == [] and stored_dataset_folders(svc) == []
+
+
+def _patched(raw: bytes, page: int, stream: bytes, tags: dict[str, int], segments: str) -> bytes:
+    """``raw`` with ``stream`` appended as page ``page``'s one strip or tile (``segments``: "Strip" or "Tile")
+    and the other ``tags`` of that page patched in place."""
+    patched = bytearray(raw) + stream
+    with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+        for name, value in {**tags, f"{segments}Offsets": len(raw), f"{segments}ByteCounts": len(stream)}.items():
+            tag = tif.pages[page].tags[name]
+            struct.pack_into({3: "<H", 4: "<I", 16: "<Q"}[int(tag.dtype)], patched, tag.valueoffset, value)
+    return bytes(patched)
+
+
+@pytest.mark.parametrize("where", ["a tile larger than its page", "a later page larger than the first"])
+def test_a_tiff_whose_segment_inflates_beyond_its_slice_is_refused_before_it_is_decoded(svc, where):
+    """A Deflate stream of zeros is 1000× smaller than what it inflates to, and tifffile inflates a strip or tile
+    into a buffer of the size its tags declare. Two 64² stacks of a few tens of kB: one declares a 6144² tile
+    for each page, one declares its last page 6144² (the stack's size is read from the first page). Both would
+    inflate 36 MiB per page (a real bomb: 4 billion² pixels); both are refused before that page is decoded."""
+    side = 6144
+    stream = zlib.compress(bytes(side * side), 9)
+    if where.startswith("a tile"):
+        raw = _tiff(np.zeros((64, 64), np.uint8), tile=(64, 64), compression="zlib", photometric="minisblack")
+        bomb = _patched(raw, 0, stream, {"TileWidth": side, "TileLength": side}, "Tile")
+        refusal = f"slice 1 declares tiles of {side} × {side} pixels for a slice of 64 × 64"
+    else:
+        raw = _tiff(np.zeros((3, 64, 64), np.uint8), photometric="minisblack")
+        bomb = _patched(raw, 2, stream, {"ImageWidth": side, "ImageLength": side, "RowsPerStrip": side,
+                                         "Compression": 8}, "Strip")
+        refusal = f"slice 3 declares {side} × {side} pixels where the stack's slices are 64 × 64"
+    assert len(bomb) < 100_000
+    with tifffile.TiffFile(io.BytesIO(bomb)) as tif:  # what a reader believes
+        page = tif.series[0].pages[-1]
+        assert (page.tilelength, page.tilewidth) == (side, side) if page.is_tiled else page.shape == (side, side)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=re.escape(refusal)):
+            svc.import_upload(Upload("bomb.tif", bomb))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20 and svc.datasets() == [] and stored_dataset_folders(svc) == []
+    # an honest tiled stack whose slices are smaller than one tile is stored
+    honest = np.random.default_rng(4).integers(0, 255, (2, 40, 50), dtype=np.uint8)
+    stored = svc.import_upload(Upload("small.tif", _tiff(honest, tile=(256, 256), compression="zlib",
+                                                          photometric="minisblack")))
+    assert stored.shape == (2, 40, 50)
+    np.testing.assert_array_equal(svc.volume(stored.id)[...], honest)
 
 
 def _strip_swapped(raw: bytes, stream: bytes) -> bytes:

@@ -319,7 +319,7 @@ def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = Fals
                 return
             for index, page in enumerate(planes):
                 if page is not None:  # (before it is decoded: a picture inside may be larger than the page)
-                    check_page(page, what, index)
+                    check_page(page, what, index, planes[0].shape)
                 try:
                     plane = np.asarray(page.asarray(maxworkers=1)).reshape(y, x)
                 except Exception as exc:

@@ -1,7 +1,16 @@
 """What a TIFF's compressed pages may decode to, checked before a pixel is decoded.
 
 tifffile decodes the general-purpose codecs (LZW, Deflate, PackBits, Zstd, LZMA …) into a buffer of the size the
-page's header declares, which :mod:`unet.exchange.io` has already checked. The image codecs are different: a
+page's header declares: the page's strips or tiles. :mod:`unet.exchange.io` checks the stack's size from its
+first page, so every page is checked here against it (decompression bombs of a few MB that inflate to GiB):
+
+- **Each page declares the first page's shape**: a later page of a series may declare a 32,768² slice of its
+  own, which tifffile would decode whole before anything noticed.
+- **A tile decodes to no more than its slice**, rounded up to the tile grid of 16, or 16 MiB when that is more
+  (an image smaller than one tile is legal): the tags allow tiles of 4 billion² pixels behind a 64² page. A strip
+  is cut to the page's rows by tifffile itself.
+
+The image codecs are different: a
 strip or tile stored as a JPEG, PNG, JPEG 2000, WebP or JPEG XL picture decodes to whatever that picture's own
 header says, so a file of a few hundred kB can hold a 30,000² picture behind a 64² page (a decompression bomb).
 
@@ -18,6 +27,7 @@ import tifffile
 JPEG = 7
 BASIC_SOF = {0xC0, 0xC1, 0xC2, 0xC3}  # baseline, extended, progressive, lossless: what TIFF's JPEG holds
 OTHER_SOF = {0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # hierarchical and arithmetic frames
+TILE_SLACK = 16 << 20  # bytes a tile may decode to whatever its slice's size (an image smaller than a tile)
 HEAD = 1 << 20  # bytes of a segment read to find its frame header (tables and APP blocks come first)
 SAVE_AGAIN = ("save the stack again uncompressed or with LZW, Deflate or Zstd (Fiji: File › Save As › Tiff…; "
               "tifffile: compression='zlib')")
@@ -61,17 +71,36 @@ def _most(page) -> tuple[int, int]:
     return min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth
 
 
-def check_page(page: tifffile.TiffPage, what: str, index: int) -> None:
+def check_page(page: tifffile.TiffPage, what: str, index: int, shape: tuple[int, ...] | None = None) -> None:
     """``ValueError`` unless the compressed segments of ``page`` (slice ``index``, from 0) decode to no more than
-    its header declares (see the module's text). A page of a series is decoded with the series' first page's
-    settings (a frame has no others), so both that page's tags and its own must allow each picture."""
+    its header declares, and (with ``shape``, the series' first page's) it declares that shape (see the module's
+    text). A page of a series is decoded with its keyframe's settings (a frame has no others), so both that
+    page's tags and its own must pass."""
     try:
+        _check_layout(page, what, index, shape)
         _check_page(page, what, index)
     except ValueError:
         raise
     except Exception as exc:  # (tags a damaged file lacks, offsets past its end: it is not read)
         raise ValueError(f"{what}: slice {index + 1} could not be read; the file is probably truncated or damaged "
                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _check_layout(page: tifffile.TiffPage, what: str, index: int, shape: tuple[int, ...] | None) -> None:
+    for one in (page.keyframe, page):
+        if shape is not None and tuple(one.shape) != tuple(shape):
+            raise ValueError(f"{what}: slice {index + 1} declares {' × '.join(map(str, one.shape))} pixels where the "
+                             f"stack's slices are {' × '.join(map(str, shape))}; the file is damaged or not what it "
+                             "claims to be")
+        if not isinstance(one, tifffile.TiffPage) or not one.is_tiled:
+            continue
+        grid = -(-one.imagelength // 16) * 16 * (-(-one.imagewidth // 16) * 16) * max(1, one.imagedepth)
+        per_pixel = max(1, one.samplesperpixel) * max(1, -(-int(one.bitspersample) // 8))
+        tile = one.tilelength * one.tilewidth * max(1, one.tiledepth)
+        if tile * per_pixel > max(grid * per_pixel, TILE_SLACK):
+            raise ValueError(f"{what}: slice {index + 1} declares tiles of {one.tilelength} × {one.tilewidth} pixels "
+                             f"for a slice of {one.imagelength} × {one.imagewidth}; the file is damaged or not what "
+                             "it claims to be")
 
 
 def _check_page(page: tifffile.TiffPage, what: str, index: int) -> None:
@@ -106,8 +135,10 @@ def check_pages(source, what: str) -> None:
     if hasattr(source, "seek"):
         source.seek(0)
     with tifffile.TiffFile(source) as tif:
-        for index, page in enumerate(tif.series[0].pages if tif.series else ()):
+        pages = list(tif.series[0].pages) if tif.series else []
+        first = next((page.shape for page in pages if page is not None), None)
+        for index, page in enumerate(pages):
             if page is not None:
-                check_page(page, what, index)
+                check_page(page, what, index, first)
     if hasattr(source, "seek"):
         source.seek(0)
