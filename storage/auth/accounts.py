@@ -272,7 +272,8 @@ def sign_in(session: Session, username: str, password: str, address: str = "") -
         audit.record(session, None, "sign in", f"user {name}", "refused", "too many failures from this address",
                      address, username=name)
         raise SignInError("Too many failed sign-ins from this address: wait a few minutes and try again.")
-    user = user_by_name(session, name)
+    # (the row is locked on a server database: another server process's sign-in as this user waits for this one)
+    user = session.scalar(select(User).where(User.username == name).with_for_update())
     locked = _locked_until(session, user, name)
     if locked is not None and locked > moment:
         seconds = int((locked - moment).total_seconds()) + 1
@@ -288,9 +289,7 @@ def sign_in(session: Session, username: str, password: str, address: str = "") -
         why = UNKNOWN if user is None else ("account disabled" if user.disabled else "wrong password")
         audit.record(session, user.id if user else None, "sign in", f"user {name}", "failed", why, address,
                      username=name)
-        if user is not None and user.disabled and good:
-            raise SignInError("This account is disabled: ask an admin.")
-        raise SignInError(WRONG_MESSAGE)
+        raise SignInError(WRONG_MESSAGE)  # (a disabled account's right password too: else it says that it is right)
     if HASHER.check_needs_rehash(user.password_hash):
         user.password_hash = HASHER.hash(password)
     user.failed_sign_ins, user.locked_until = 0, None

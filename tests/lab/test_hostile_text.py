@@ -270,9 +270,41 @@ def test_the_sign_in_answers_are_the_same_for_an_account_and_a_name_that_is_none
 
     ann, nobody, dora = answers("ann"), answers("nobody"), answers("dora")
     assert ann == nobody == dora
+    # a disabled account's right password gets the same answer: it would tell that the password is right
+    user(svc, "dee", "annotator")
+    svc.set_disabled(next(u.id for u in svc.users() if u.username == "dee"), True)
+    with pytest.raises(UserError, match=r"^Unknown user name or wrong password\.$"):
+        svc.sign_in("dee", GOOD, "10.0.0.8")
     assert ann[0] == "Unknown user name or wrong password."
     assert ann[-1] == "Too many wrong passwords for this user name: wait N s and try again."
     assert "ann" not in ann[-1]
+
+
+def test_wrong_passwords_sent_at_once_are_throttled_as_if_sent_one_by_one(svc):
+    """Each browser session submits its form in a thread of its own: 30 guesses sent at the same moment were
+    all checked against the password (the throttle's counts were read before the slow hash and written after)."""
+    import threading
+
+    from storage.auth.accounts import user_by_name
+
+    user(svc, "carol", "annotator")
+    start, answers = threading.Barrier(30), []
+
+    def guess(i: int) -> None:
+        start.wait()
+        try:
+            svc.sign_in("carol", f"guess-number-{i:04d}", "10.1.2.3")
+            answers.append("in")
+        except UserError as exc:
+            answers.append("waits" if "wait" in str(exc) else "checked")
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers.count("checked") == passwords.FREE_TRIES and answers.count("waits") == 30 - passwords.FREE_TRIES
+    assert svc._tx(lambda s: user_by_name(s, "carol").failed_sign_ins) == passwords.FREE_TRIES  # none lost
 
 
 def test_failures_on_the_loopback_count_per_user_name_and_elsewhere_per_address(svc):
