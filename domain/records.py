@@ -308,6 +308,7 @@ class Deleted:
     checkpoints: int = 0
     files: int = 0
     predictions: int = 0
+    others: tuple[str, ...] = ()  # another user's runs and predictions it takes ("run 5 (bob)"): the admin's to delete
 
     def __add__(self, other: Deleted) -> Deleted:
         return Deleted(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))

@@ -134,9 +134,29 @@ def progress(prediction_id: int, was_active: bool) -> None:
         st.rerun()
 
 
+def delete_view(job) -> None:
+    """Delete a prediction that has ended: its outputs go, its model, stack and masks stay (the owner's or
+    an admin's; the service checks the call again)."""
+    with st.expander("Delete this prediction"):
+        preview = svc.prediction_deletion_preview(job.id)
+        st.warning(f"Deleting prediction #{job.id} removes {preview.describe()}: its probabilities, masks, "
+                   "instances and neurons. Its model, the stack and the masks stay.")
+        refused = svc.refusal("manage", "prediction", job.id)
+        if refused:
+            st.caption(refused)
+        if st.button("Delete prediction", type="primary", disabled=bool(refused), key=f"delete_prediction_{job.id}"):
+            def deleted(removed) -> str:
+                st.session_state.pop(PREDICTION, None)
+                return f"Deleted prediction #{job.id}: {removed.describe()}."
+
+            attempt(lambda: svc.delete_prediction(job.id), deleted)
+
+
 job = svc.prediction(pick)
 st.fragment(progress, run_every=1.0 if job.active else None)(pick, job.active)
 if job.status != RunStatus.FINISHED:
+    if not job.active:
+        delete_view(job)
     st.stop()
 
 # --- the viewer -----------------------------------------------------------------------------------
@@ -307,3 +327,4 @@ def _correct(slice_index: int | None = None) -> None:
 if actions[-1].button("Correct this slice", key="correct_slice", on_click=_correct,
                      help="Open Annotate with this prediction as the starting mask"):
     st.switch_page("pages/annotate.py")
+delete_view(job)

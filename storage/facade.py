@@ -19,11 +19,11 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.records import UserError
+from domain.records import Deleted, UserError
 from storage.auth import access, accounts, audit, users
 from storage.auth.accounts import Actor
 from storage.jobs.supervisor import Supervisor
-from storage.records import ingest
+from storage.records import deletion, ingest
 from storage.records.files import FileStore, IntegrityError
 from storage.settings import Settings
 
@@ -71,6 +71,9 @@ def guard(action: str, right: str, kind: str | None = None, *, owned: bool = Fal
             bound = self if actor is self.actor else self.acting_as(actor)
             try:
                 result = method(bound, *args, **kwargs)
+            except access.Denied as exc:  # (a check only the method can make: what a delete takes with it)
+                self._audit(action, what, "refused", str(exc))
+                raise UserError(str(exc)) from None
             except UserError as exc:
                 if record:
                     self._audit(action, what, "failed", str(exc))
@@ -158,8 +161,41 @@ class Facade:
                 return fn(s, *args, **kwargs)
         except (ValueError, LookupError, IntegrityError) as exc:  # (MaskConflict passes through as it is)
             raise UserError(str(exc)) from exc
+        except access.Denied:  # (a PermissionError, but no disk's: the guard audits it as a refusal)
+            raise
         except OSError as exc:
             raise UserError(ingest.disk_message(exc)) from exc
+
+    def _deletion_preview(self, plan_of: Callable[[Session], deletion.Plan]) -> Deleted:
+        """What a delete would remove, with another user's runs and predictions it would take named."""
+
+        def look(s: Session) -> Deleted:
+            plan = plan_of(s)
+            return dataclasses.replace(deletion.preview(self.store, plan),
+                                       others=tuple(deletion.others(plan, self.actor.user_id)))
+
+        return self._tx(look)
+
+    def _delete_planned(self, plan_of: Callable[[Session], deletion.Plan], what: str) -> Deleted:
+        """Carry out a delete's plan (:mod:`storage.records.deletion`). Another user's runs and predictions
+        that it would take with it (a prediction made with your checkpoint, a run trained on your dataset) are
+        theirs: only an admin's delete takes them (:class:`access.Denied` otherwise). Each run and prediction
+        it takes gets its own row in the audit trail."""
+
+        def carry_out(s: Session) -> tuple[deletion.Plan, Deleted]:
+            plan = plan_of(s)
+            theirs = deletion.others(plan, self.actor.user_id)
+            if theirs and self.actor.role != "admin" and not plan.refusal:
+                raise access.Denied(f"Deleting {what} would also delete {', '.join(theirs)}, which you do not own: "
+                                    "ask the owner to delete it first, or an admin.")
+            return plan, deletion.execute(s, self.store, plan)
+
+        plan, deleted = self._tx(carry_out)
+        for kind, ident, owner_id, owner in plan.owned:
+            if f"{kind} {ident}" != what:
+                whose = f", owned by {owner}" if owner and owner_id != self.actor.user_id else ""
+                self._audit("delete", f"{kind} {ident}", "ok", f"with {what}{whose}")
+        return deleted
 
     def _cached(self, key: tuple, load: Callable[[], np.ndarray], keep: int = 4) -> np.ndarray:
         """A read-only array kept for the next few calls (stacks and probabilities are read once)."""

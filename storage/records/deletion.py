@@ -1,10 +1,12 @@
-"""Deletes, planned once: a :class:`Plan` lists every row and folder a delete takes with it and why it
-cannot go ahead now, if so. The confirmation shows :func:`preview` of the plan and the button carries
-out the same plan with :func:`execute`, so what was announced is what goes. Rows go first: if the
-transaction fails, every file is still there. The open items of a dataset's queue that were ranked from a
-prediction or a live session that goes (:class:`~storage.models.WorkItem`'s ``source``) go with it: Next
-would open them on a prediction that is no longer there. The done ones stay, as the record of what was done.
-Kept edits forget a prediction that goes (the one their object tools acted on)."""
+"""Deletes (a dataset, a run, a checkpoint, a prediction), planned once: a :class:`Plan` lists every row and
+folder a delete takes with it, whose runs and predictions they are, and why it cannot go ahead now, if so. The
+confirmation shows :func:`preview` of the plan and the button carries out the same plan with :func:`execute`,
+so what was announced is what goes. Rows go first: if the transaction fails, every file is still there. The
+open items of a dataset's queue that were ranked from a prediction or a live session that goes
+(:class:`~storage.models.WorkItem`'s ``source``) go with it: Next would open them on a prediction that is no
+longer there. The done ones stay, as the record of what was done. Kept edits forget a prediction that goes
+(the one their object tools acted on). Another user's runs and predictions that a delete would take are the
+admin's to delete (:func:`others`; checked by the service)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,26 @@ class Plan:
     folders: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
     refusal: str | None = None  # why it cannot be done now (a job still running on it)
+    # (kind, id, owner's id, owner's name) of every run and prediction it removes: a delete that would take
+    # another user's work with it is the admin's (:func:`others`), and each is named in the audit trail
+    owned: tuple[tuple[str, int, int | None, str], ...] = ()
+
+
+def _owned(session: Session, runs, predictions) -> tuple[tuple[str, int, int | None, str], ...]:
+    out = []
+    for kind, model, ids in (("run", Run, runs), ("prediction", Prediction, predictions)):
+        for row_id in ids:
+            row = session.get(model, row_id)
+            if row is not None:
+                out.append((kind, int(row_id), row.owner_id, row.owner.username if row.owner else ""))
+    return tuple(out)
+
+
+def others(plan: Plan, user_id: int | None) -> list[str]:
+    """The runs and predictions of the plan that another user owns ("run 5 (bob)"); the system's and
+    those made before accounts belong to nobody."""
+    return [f"{kind} {ident} ({name or 'another user'})" for kind, ident, owner_id, name in plan.owned
+            if owner_id is not None and owner_id != user_id]
 
 
 def _predictions(session: Session, condition) -> list[int]:
@@ -70,7 +92,8 @@ def plan_run(session: Session, store: FileStore, run_id: int) -> Plan:
     checkpoints = session.scalar(select(func.count()).where(Checkpoint.run_id == run_id)) or 0
     predictions = _predictions(session, _of_runs([run_id]))
     return Plan(runs=(run_id,), checkpoint_count=int(checkpoints), predictions=tuple(predictions),
-                folders=(store.run_folder(run_id), *map(store.prediction_folder, predictions)), refusal=refusal)
+                folders=(store.run_folder(run_id), *map(store.prediction_folder, predictions)), refusal=refusal,
+                owned=_owned(session, [run_id], predictions))
 
 
 def plan_dataset(session: Session, store: FileStore, dataset_id: int) -> Plan:
@@ -91,7 +114,8 @@ def plan_dataset(session: Session, store: FileStore, dataset_id: int) -> Plan:
     folders = (store.dataset_dir(dataset_id), *map(store.run_folder, run_ids),
                *map(store.prediction_folder, sorted(predictions)))
     return Plan(datasets=(dataset_id,), runs=tuple(run_ids), checkpoint_count=int(checkpoints or 0),
-                mask_versions=int(masks), predictions=tuple(sorted(predictions)), folders=folders, refusal=refusal)
+                mask_versions=int(masks), predictions=tuple(sorted(predictions)), folders=folders, refusal=refusal,
+                owned=_owned(session, run_ids, sorted(predictions)))
 
 
 def plan_checkpoint(session: Session, store: FileStore, checkpoint_id: int) -> Plan:
@@ -105,7 +129,16 @@ def plan_checkpoint(session: Session, store: FileStore, checkpoint_id: int) -> P
     predictions = _predictions(session, Prediction.checkpoint_id == checkpoint_id)
     return Plan(checkpoints=(checkpoint_id,), checkpoint_count=1, predictions=tuple(predictions),
                 folders=tuple(map(store.prediction_folder, predictions)),
-                files=(row.file, str(side_file(row.file))), refusal=refusal)
+                files=(row.file, str(side_file(row.file))), refusal=refusal, owned=_owned(session, [], predictions))
+
+
+def plan_prediction(session: Session, store: FileStore, prediction_id: int) -> Plan:
+    """One prediction and its folder of outputs (its checkpoint, dataset and masks stay). One still running
+    must be cancelled or finish first."""
+    row = row_or_missing(session, Prediction, prediction_id, "prediction")
+    refusal = _running_predictions(session, Prediction.id == row.id, "its stack")
+    return Plan(predictions=(row.id,), folders=(store.prediction_folder(row.id),), refusal=refusal,
+                owned=_owned(session, [], [row.id]))
 
 
 def preview(store: FileStore, plan: Plan) -> Deleted:
@@ -124,7 +157,10 @@ def execute(session: Session, store: FileStore, plan: Plan) -> Deleted:
         session.execute(select(Dataset.id).where(Dataset.id.in_(
             select(Prediction.dataset_id).where(Prediction.id.in_(plan.predictions)))).with_for_update())
     # runs before datasets: a run's lineage rows hold on to the dataset's mask versions
-    for model, ids in ((Checkpoint, plan.checkpoints), (Run, plan.runs), (Dataset, plan.datasets)):
+    # (predictions named on their own; those of a checkpoint, run or dataset go with it in any case)
+    alone = plan.predictions if not (plan.checkpoints or plan.runs or plan.datasets) else ()
+    for model, ids in ((Prediction, alone), (Checkpoint, plan.checkpoints), (Run, plan.runs),
+                       (Dataset, plan.datasets)):
         for row_id in ids:
             row = session.get(model, row_id)
             if row is not None:

@@ -95,11 +95,11 @@ class DataService(Facade):
         return float(low), float(high)
 
     def deletion_preview(self, dataset_id: int) -> Deleted:
-        return self._tx(lambda s: deletion.preview(self.store, deletion.plan_dataset(s, self.store, dataset_id)))
+        return self._deletion_preview(lambda s: deletion.plan_dataset(s, self.store, dataset_id))
 
     @guard("delete", "manage", "dataset", owned=True)
     def delete_dataset(self, dataset_id: int) -> Deleted:
-        return self._tx(lambda s: deletion.execute(s, self.store, deletion.plan_dataset(s, self.store, dataset_id)))
+        return self._delete_planned(lambda s: deletion.plan_dataset(s, self.store, dataset_id), f"dataset {dataset_id}")
 
     # --- masks and drafts -------------------------------------------------------------------------------
     def slice_kinds(self, dataset_id: int) -> dict[int, MaskInfo]:

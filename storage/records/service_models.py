@@ -131,8 +131,8 @@ class ModelsService(Facade):
 
     @guard("delete", "manage", "checkpoint", owned=True)
     def delete_checkpoint(self, checkpoint_id: int) -> Deleted:
-        return self._tx(lambda s: deletion.execute(s, self.store, deletion.plan_checkpoint(s, self.store,
-                                                                                            checkpoint_id)))
+        return self._delete_planned(lambda s: deletion.plan_checkpoint(s, self.store, checkpoint_id),
+                                    f"checkpoint {checkpoint_id}")
 
     def run_masks(self, run_id: int) -> list[RunMaskInfo]:
         return self._tx(runs.run_masks, run_id)
@@ -142,11 +142,11 @@ class ModelsService(Facade):
         return self._tx(runs.lineage, run_id)
 
     def run_deletion_preview(self, run_id: int) -> Deleted:
-        return self._tx(lambda s: deletion.preview(self.store, deletion.plan_run(s, self.store, run_id)))
+        return self._deletion_preview(lambda s: deletion.plan_run(s, self.store, run_id))
 
     @guard("delete", "manage", "run", owned=True)
     def delete_run(self, run_id: int) -> Deleted:
-        return self._tx(lambda s: deletion.execute(s, self.store, deletion.plan_run(s, self.store, run_id)))
+        return self._delete_planned(lambda s: deletion.plan_run(s, self.store, run_id), f"run {run_id}")
 
     # --- predictions ------------------------------------------------------------------------------------
     @guard("predict", "predict", creates="prediction")
@@ -165,6 +165,15 @@ class ModelsService(Facade):
         self._tx(predictions.resume_prediction, prediction_id)
         queue.launch_prediction(self.sessions, self.settings, prediction_id)
         return self.prediction(prediction_id)
+
+    def prediction_deletion_preview(self, prediction_id: int) -> Deleted:
+        return self._deletion_preview(lambda s: deletion.plan_prediction(s, self.store, prediction_id))
+
+    @guard("delete", "manage", "prediction", owned=True)
+    def delete_prediction(self, prediction_id: int) -> Deleted:
+        """A prediction and its outputs (its model, stack and masks stay); one still running is refused."""
+        return self._delete_planned(lambda s: deletion.plan_prediction(s, self.store, prediction_id),
+                                    f"prediction {prediction_id}")
 
     def prediction(self, prediction_id: int) -> PredictionInfo:
         return self._tx(predictions.get_prediction, prediction_id)

@@ -258,6 +258,15 @@ def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(app_data
     assert failed.status == "FAILED" and "does not match its recorded checksum" in failed.error
     at = open_page("Predict")
     assert f"Prediction #{job.id} failed" in texts(at.error)
+    assert at.button(key=f"delete_prediction_{job.id}").disabled  # the system's: not an annotator's to delete
+    at = open_page("Predict", "boss", "admin")
+    preview = svc.prediction_deletion_preview(job.id)
+    assert preview.predictions == 1 and f"removes {preview.describe()}" in texts(at.warning)
+    at.button(key=f"delete_prediction_{job.id}").click().run()
+    assert f"Deleted prediction #{job.id}: {preview.describe()}." in texts(at.success)
+    assert svc.predictions(run_id=run.id) == [] and not (app_data_dir / "predictions" / str(job.id)).exists()
+    job = svc.predict(checkpoint.id, demo.id, [0])  # another, which the checkpoint's delete takes with it
+    wait_exit(job.pid)
     runs_page = open_page("Runs", "boss", "admin")  # (the run is the system's: an admin's to delete from)
     runs_page.button(key=f"del_ckpt_{checkpoint.id}").click().run()
     assert f"Deleted the {checkpoint.kind} checkpoint of run {run.id}" in texts(runs_page.success)

@@ -353,3 +353,53 @@ def test_only_wrong_passwords_make_a_name_wait_whether_it_is_an_account_or_not(s
         with pytest.raises(UserError, match="Unknown user name or wrong password"):
             svc.sign_in(name, "not-the-password", "10.0.0.1")
     assert svc._tx(lambda s: len(s.scalars(select(SignIn)).all())) == 1  # ann's own sign-in only
+
+
+# --- 6. a delete takes no other user's work with it --------------------------------------------------------
+def test_a_delete_takes_no_other_users_work_with_it_unless_an_admin_does_it(svc):
+    """Deleting your checkpoint or dataset also deleted the predictions and runs other users had made with it,
+    and the audit trail named none of them. Now they are the admin's to delete with it (or their owner's,
+    first), and each run or prediction a delete takes has its own audit row."""
+    from storage.models import Checkpoint, Prediction, Run
+
+    ann, bob, boss = user(svc, "ann", "annotator"), user(svc, "bob", "annotator"), user(svc, "boss", "admin")
+    as_ann, as_bob, as_boss = svc.acting_as(ann), svc.acting_as(bob), svc.acting_as(boss)
+    demo = as_ann.load_demo()
+
+    def made(s):  # ann's finished run with two checkpoints; predictions with them by ann and by bob
+        run = Run(status="FINISHED", spec={}, config={}, device="cpu", owner_id=ann.user_id)
+        s.add(run)
+        s.flush()
+        ids = []
+        for kind in ("best", "last"):
+            c = Checkpoint(run_id=run.id, kind=kind, file=f"runs/{run.id}/{kind}.pt", step=1, sha256="", metrics={})
+            s.add(c)
+            s.flush()
+            ids.append(c.id)
+        owners = ((ids[0], ann), (ids[0], bob), (ids[1], bob))
+        rows = [Prediction(checkpoint_id=c, dataset_id=demo.id, slices=[0], status="FINISHED", file="", sha256="",
+                           files={}, owner_id=who.user_id) for c, who in owners]
+        s.add_all(rows)
+        s.flush()
+        return run.id, ids, [p.id for p in rows]
+
+    run_id, (best, _), (p_ann, p_bob, p_bob2) = svc._tx(made)
+    assert as_ann.run_deletion_preview(run_id).others == (f"prediction {p_bob} (bob)", f"prediction {p_bob2} (bob)")
+    with pytest.raises(UserError, match=rf"Deleting checkpoint {best} would also delete prediction {p_bob} \(bob\), "
+                                        "which you do not own"):
+        as_ann.delete_checkpoint(best)
+    assert svc.prediction(p_bob).id == p_bob and svc.prediction(p_ann).id == p_ann  # nothing went
+    with pytest.raises(UserError, match=f"Prediction {p_ann} belongs to ann"):
+        as_bob.delete_prediction(p_ann)
+    assert as_bob.delete_prediction(p_bob).predictions == 1  # bob deletes his own
+    assert as_ann.delete_checkpoint(best).predictions == 1  # now only ann's own goes with it
+    with pytest.raises(UserError, match=f"would also delete prediction {p_bob2} \\(bob\\)"):
+        as_ann.delete_dataset(demo.id)
+    assert as_boss.delete_dataset(demo.id).predictions == 1  # an admin's delete takes it
+    trail = [(r.username, r.target, r.outcome, r.detail) for r in svc.audit_trail(action="delete")][::-1]
+    assert [t[:3] for t in trail] == [  # (what a delete takes is written just before the delete's own row)
+        ("ann", f"checkpoint {best}", "refused"), ("bob", f"prediction {p_ann}", "refused"),
+        ("bob", f"prediction {p_bob}", "ok"), ("ann", f"prediction {p_ann}", "ok"),
+        ("ann", f"checkpoint {best}", "ok"), ("ann", f"dataset {demo.id}", "refused"),
+        ("boss", f"prediction {p_bob2}", "ok"), ("boss", f"dataset {demo.id}", "ok")]
+    assert trail[3][3] == f"with checkpoint {best}" and trail[6][3] == f"with dataset {demo.id}, owned by bob"
