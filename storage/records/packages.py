@@ -45,10 +45,13 @@ limited, and it runs in the worker's process as the server's user).
 
 from __future__ import annotations
 
+import contextlib
+import lzma
 import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -99,12 +102,15 @@ def check_zip(path: Path) -> list[zipfile.ZipInfo]:
         members = archive.infolist()
         if len(members) > MAX_MEMBERS:
             raise PackageRefused(f"the zip has {len(members):,} members (at most {MAX_MEMBERS:,})")
-        total, seen = 0, set()
+        total, seen, folders = 0, set(), set()
         for info in members:
             name = info.filename
             parts = PurePosixPath(name.replace("\\", "/")).parts
             if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
                 raise PackageRefused(f"the zip has a member outside itself: {name!r}")
+            if not parts or len(name) > 1024 or any(len(p.encode()) > 255 for p in parts):
+                raise PackageRefused(f"the zip has a member whose name no file can have: {name[:80]!r}")
+            folders.update(parts[:i] for i in range(1, len(parts)))
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise PackageRefused(f"the zip has a link: {name!r}")
             # (two members unpacked to one file: what is checked on disk would not be what a reader of the zip
@@ -116,12 +122,39 @@ def check_zip(path: Path) -> list[zipfile.ZipInfo]:
             if info.file_size > 1 << 20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
                 raise PackageRefused(f"{name!r} unpacks to {info.file_size:,} bytes from {info.compress_size:,} "
                                      "(a zip bomb?)")
+        both = sorted("/".join(p) for p in seen & folders if not any(
+            m.is_dir() and PurePosixPath(m.filename.replace("\\", "/")).parts == p for m in members))
+        if both:  # ("a" and "a/b": one of them cannot be unpacked)
+            raise PackageRefused(f"the zip has {both[0]!r} both as a file and as a folder")
         if total > MAX_UNPACKED:
             raise PackageRefused(f"the zip unpacks to {total:,} bytes (at most {MAX_UNPACKED:,})")
         packed = path.stat().st_size
         if total > 10 << 20 and total > MAX_RATIO * packed:  # (many members, each just under the rule above)
             raise PackageRefused(f"the zip unpacks to {total:,} bytes from {packed:,} (a zip bomb?)")
         return members
+
+
+# what Python's zip reader raises for a member it cannot decode: another compression method, encryption, a
+# wrong CRC, a damaged stream (bz2 says so with an OSError, which is no disk's: read apart from the writes)
+UNREADABLE = (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error, lzma.LZMAError)
+
+
+@contextlib.contextmanager
+def _unpacking(info: zipfile.ZipInfo):
+    try:
+        yield
+    except UNREADABLE as exc:
+        why = ("it uses a compression method Python's zip reader does not read" if isinstance(exc, NotImplementedError)
+               else "it is encrypted" if isinstance(exc, RuntimeError) else "the zip is damaged")
+        raise PackageRefused(f"{info.filename[:200]!r} could not be unpacked: {why}; pack it again with a plain "
+                             "zip (deflate, no password)") from None
+
+
+def _read(src, info: zipfile.ZipInfo, size: int) -> bytes:
+    try:
+        return src.read(size)
+    except OSError as exc:  # (a damaged bzip2 stream)
+        raise PackageRefused(f"{info.filename[:200]!r} could not be unpacked: the zip is damaged ({exc})") from None
 
 
 def _unpack(path: Path, folder: Path) -> Path:
@@ -132,9 +165,9 @@ def _unpack(path: Path, folder: Path) -> Path:
                 continue
             target = folder / PurePosixPath(info.filename.replace("\\", "/"))
             target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as src, open(target, "wb") as dst:
+            with _unpacking(info), archive.open(info) as src, open(target, "wb") as dst:
                 remaining = info.file_size + 1  # never more than the header says
-                while chunk := src.read(min(1 << 20, remaining)):
+                while chunk := _read(src, info, min(1 << 20, remaining)):
                     remaining -= len(chunk)
                     if remaining <= 0:
                         raise PackageRefused(f"{info.filename!r} is larger than its header says")
@@ -143,6 +176,18 @@ def _unpack(path: Path, folder: Path) -> Path:
     if not rdfs:
         raise PackageRefused("no rdf.yaml in it: not a BioImage.IO package")
     return rdfs[0]
+
+
+def _step(value: object) -> int:
+    """The training step a package's meta says, when it is one (a whole number the store can hold); else 0:
+    it is only what the model card shows."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return 0
+    try:
+        step = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return step if 0 <= step < 2**31 else 0
 
 
 WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript", "onnx", "keras_hdf5", "keras_v3",
@@ -271,6 +316,7 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
         else:  # its recipe, but always the network that was checked (a package's meta says what it likes)
             recipe = checkpoint.meta.get("train_config")
             config = {**(recipe if isinstance(recipe, dict) else {}), "model": checkpoint.model_config.to_dict()}
+        step = 0 if foreign else _step(checkpoint.meta.get("step"))
         run = Run(kind=RunKind.IMPORTED, status=RunStatus.FINISHED, device="cpu", created=now, started=now,
                   finished=now, spec=spec, config=config)
         session.add(run)
@@ -287,10 +333,10 @@ def import_package(session: Session, store: FileStore, upload: BinaryIO, filenam
                 load_checkpoint(target).build_model("cpu")  # (accepted by the check): it loads, or the reason
             else:
                 save_checkpoint(target, checkpoint.build_model("cpu"),  # (its meta never says what is built)
-                                meta={**without_reserved(checkpoint.meta), "kind": "best",
+                                meta={**without_reserved(checkpoint.meta), "kind": "best", "step": step,
                                       "imported_from": filename[:200]})
             row = Checkpoint(run_id=run.id, kind=CheckpointKind.BEST, file=str(target.relative_to(store.root)),
-                             step=0 if foreign else int(checkpoint.meta.get("step", 0) or 0), sha256=sha256_of(target),
+                             step=0 if foreign else step, sha256=sha256_of(target),
                              metrics={})
             session.add(row)
             session.flush()

@@ -11,6 +11,8 @@ import http.server
 import io
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 import threading
@@ -498,9 +500,9 @@ def test_a_packages_meta_never_says_what_network_is_built(service, annotator, ex
     small = load_package(exported).model_config
     giant = {**small.to_dict(), "depth": 6, "initial_features": 256}
 
-    def edit(rdf):
+    def edit(rdf):  # (and a step no database column holds: the model card's step is then 0)
         rdf["config"]["neuroseg"]["meta"].update(model_config=dict(giant), format=TORCHSCRIPT_FORMAT,
-                                                 train_config={"model": dict(giant), "steps": 5})
+                                                 train_config={"model": dict(giant), "steps": 5}, step=10**30)
 
     package = _rezip(exported, tmp_path / "meta.zip", _rdf_edit(edit))
     started = time.monotonic()
@@ -510,6 +512,7 @@ def test_a_packages_meta_never_says_what_network_is_built(service, annotator, ex
                                             if c.id == imported.checkpoint_id).file)
         checkpoint = load_checkpoint(stored)
         assert checkpoint.model_config == small and checkpoint.meta["format"] == "neuroseg-unet-1"
+        assert checkpoint.meta["step"] == 0 == next(c for c in service.checkpoints(imported.run_id)).step
         checkpoint.build_model("cpu")
         assert service.run(imported.run_id).config["model"] == small.to_dict()
         side = json.loads(side_file(stored).read_text())
@@ -517,6 +520,68 @@ def test_a_packages_meta_never_says_what_network_is_built(service, annotator, ex
         with pytest.raises(ValueError, match=r"would have [\d,]+ parameters \(at most 200,000,000"):
             load_checkpoint(stored)
     assert time.monotonic() - started < 30
+
+
+def test_a_meta_step_that_is_no_step_is_taken_as_zero():
+    from storage.records.packages import _step
+
+    assert [_step(v) for v in (5, "7", 3.0, [1], {"a": 1}, True, "x", 10**30, 1e308, float("nan"), -2, None)] == \
+        [5, 7, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+
+
+def _zip(entries: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytearray:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as z:
+        for name, data in entries:
+            z.writestr(name, data)
+    return bytearray(buf.getvalue())
+
+
+def _headers(raw: bytearray, local: int, central: int, fmt: str, change) -> bytes:
+    """Every local and central header's field at those offsets, changed by ``change(old)``."""
+    for signature, offset in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+        i = 0
+        while (i := raw.find(signature, i)) >= 0:
+            struct.pack_into(fmt, raw, i + offset, change(struct.unpack_from(fmt, raw, i + offset)[0]))
+            i += 4
+    return bytes(raw)
+
+
+def _bad_deflate(raw: bytearray) -> bytes:
+    i = raw.find(b"PK\x03\x04")
+    name, extra = struct.unpack_from("<HH", raw, i + 26)
+    data = i + 30 + name + extra
+    raw[data:data + 2] = b"\xff\xff"  # an invalid block type
+    return bytes(raw)
+
+
+RDF = b"type: model\nname: x\n"
+ZIPS = {
+    "another compression method": (lambda: _headers(_zip([("rdf.yaml", RDF * 50)], zipfile.ZIP_STORED), 8, 10, "<H",
+                                                    lambda _: 99), "a compression method Python's zip reader"),
+    "encrypted": (lambda: _headers(_zip([("rdf.yaml", RDF)]), 6, 8, "<H", lambda v: v | 1), "it is encrypted"),
+    "a wrong checksum": (lambda: _headers(_zip([("rdf.yaml", RDF)]), 14, 16, "<I", lambda _: 0xDEADBEEF),
+                         "the zip is damaged"),
+    "a damaged stream": (lambda: _bad_deflate(_zip([("rdf.yaml", RDF * 100)])), "the zip is damaged"),
+    "a member named '.'": (lambda: bytes(_zip([(".", b"x"), ("rdf.yaml", RDF)])), "name no file can have: '.'"),
+    "a file that is a folder too": (lambda: bytes(_zip([("a", b"x"), ("a/b", b"y"), ("rdf.yaml", RDF)])),
+                                    "'a' both as a file and as a folder"),
+    "a name too long": (lambda: bytes(_zip([("x" * 300, b"x"), ("rdf.yaml", RDF)])), "name no file can have"),
+}
+
+
+@pytest.mark.parametrize("case", ZIPS)
+def test_a_zip_python_cannot_unpack_is_refused_with_the_reason_and_audited(service, annotator, case):
+    """Python's zip reader raises NotImplementedError, RuntimeError, BadZipFile or zlib.error for these: the
+    page showed a traceback and the audit trail had nothing."""
+    from storage.service import UserError
+
+    build, reason = ZIPS[case]
+    with pytest.raises(UserError, match=re.escape(reason)):
+        annotator.import_model(io.BytesIO(build()), "package.zip")
+    assert [(r.action, r.outcome) for r in service.audit_trail(action="import model")] == [("import model", "failed")]
+    assert service.runs() == [] and not list((service.store.root / "runs").glob("*"))
+    _no_tmp_left(service)
 
 
 # --- YAML that expands --------------------------------------------------------------------------------------------
