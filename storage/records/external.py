@@ -306,6 +306,10 @@ class External:
         except Exception as exc:
             raise ValueError(f"{self.path}: slice {z_key} cannot be read ({type(exc).__name__}: {exc})") from None
         data = np.asarray(data, dtype=self.dtype)
+        if data.dtype.kind == "f" and not np.isfinite(data).all():  # (as a TIFF's are refused: one NaN spoils a slice)
+            bad = int(np.count_nonzero(~np.isfinite(data)))
+            raise ValueError(f"{self.path}: slice {z_key} has {bad:,} voxels that are NaN or infinite (a chunk never "
+                             "written reads as the array's fill value); replace them, then import it again")
         if planar:
             data = data[None][z_key] if not isinstance(z_key, int) else data
         return data

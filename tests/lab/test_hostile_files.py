@@ -464,6 +464,30 @@ def test_bad_ome_zarr_metadata_is_a_clear_refusal(svc, tmp_path, monkeypatch):
     assert svc.datasets() == []
 
 
+def test_nan_voxels_in_a_server_folder_are_refused_as_in_an_upload(svc, tmp_path, monkeypatch):
+    """One NaN voxel makes a slice's normalisation NaN, and training and prediction on it are spoiled: a TIFF
+    upload refuses them, and so does a zarr copied or linked from a server folder (chunks never written read
+    as the array's fill value, NaN here). A linked stack is read where it lies: the slices it checks when it is
+    linked (first and last), and every slice as it is read afterwards."""
+    monkeypatch.setenv("NEUROSEG_IMPORT_ROOTS", str(tmp_path / "lab"))
+    data = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
+    data[1, 5:9, 5:9] = np.nan
+    data[2, 0, 0] = np.inf
+    zarr.create_array(str(tmp_path / "lab" / "nan.zarr"), shape=data.shape, chunks=(1, 32, 32), dtype="float32",
+                      zarr_format=3)[...] = data
+    unwritten = zarr.create_array(str(tmp_path / "lab" / "fill.zarr"), shape=data.shape, chunks=(1, 32, 32),
+                                  dtype="float32", zarr_format=3, fill_value=float("nan"))
+    unwritten[0] = unwritten[2] = np.nan_to_num(data[0])
+    for name, link, reason in (("nan", False, "slice 1 has 16 voxels"), ("nan", True, "slice 2 has 1 voxels"),
+                               ("fill", False, "slice 1 has 1,024 voxels")):
+        with pytest.raises(UserError, match=f"{reason} that are NaN or infinite"):
+            svc.import_path(str(tmp_path / "lab" / f"{name}.zarr"), link=link)
+    assert svc.datasets() == [] and stored_dataset_folders(svc) == []
+    linked = svc.import_path(str(tmp_path / "lab" / "fill.zarr"), link=True)  # its first and last are whole
+    with pytest.raises(ValueError, match="slice 1 has 1,024 voxels that are NaN or infinite"):
+        svc.volume(linked.id)[1]
+
+
 # --- chunks that declare more than they hold ---------------------------------------------------------------
 
 def _zstd_rle_frame(size: int, declare: bool) -> bytes:
