@@ -8,7 +8,7 @@ import datetime as dt
 
 import streamlit as st
 
-from pages.common import attempt, can, flash, start_page
+from pages.common import attempt, can, flash, start_page, still_signed_in
 from ui.text import plain
 
 ONE_TIME = "admin_one_time"  # (this page's own key: a one-time password to hand over, shown once)
@@ -85,6 +85,8 @@ with users_tab:
 
 @st.fragment(run_every=15)  # (events of other users appear without a click)
 def audit_trail() -> None:
+    if not still_signed_in():
+        return
     names, actions = svc.audit_choices()
     f1, f2, f3, f4 = st.columns([1, 1, 1, 2])
     who = f1.selectbox("User", ["everyone", *names], key="audit_user")

@@ -14,7 +14,7 @@ from domain.live import LiveInfo
 from pages.annotate_canvas import Tools
 from pages.annotate_panels import Edit, pending_strokes
 from pages.canvas_aids import live_overlay
-from pages.common import attempt, can, flash, frame_guard, owner
+from pages.common import attempt, can, flash, frame_guard, owner, still_signed_in
 from storage.service import Neuroseg
 from ui.annotation import Draft
 from ui.live import (
@@ -138,6 +138,8 @@ def _live_prediction(edit: Edit, draft: Draft, volume: np.ndarray, view: View, t
 
     @st.fragment(run_every=REFRESH_S)
     def live_view() -> None:
+        if not still_signed_in():
+            return
         now = svc.live(dataset_id)  # the session as it is now: the status line and the picture agree
         st.caption(status_text(now, owner()) if now is not None else
                    f"Live session #{session.run_id} has ended: it is a run now (Runs, Predict).")

@@ -8,7 +8,16 @@ import streamlit as st
 
 import pages.state as state
 from domain.kinds import RunStatus
-from pages.common import attempt, can, dataset_picker, flash, select_dataset, start_page, volume_or_stop
+from pages.common import (
+    attempt,
+    can,
+    dataset_picker,
+    flash,
+    select_dataset,
+    start_page,
+    still_signed_in,
+    volume_or_stop,
+)
 from pages.upload import upload_stack
 from storage.service import UserError
 from ui.paint import View
@@ -115,6 +124,8 @@ st.session_state[PREDICTION] = pick
 
 
 def progress(prediction_id: int, was_active: bool) -> None:
+    if not still_signed_in():
+        return
     job = svc.prediction(prediction_id)
     if job.active:
         fraction, text = job_progress(job)

@@ -6,7 +6,7 @@ import streamlit as st
 
 from domain.kinds import RunKind, RunStatus
 from domain.records import RunInfo
-from pages.common import attempt, can, select_dataset, selected_dataset, start_page
+from pages.common import attempt, can, select_dataset, selected_dataset, start_page, still_signed_in
 from storage.service import UserError
 from ui.figures import run_curves_figure
 from ui.text import plain
@@ -19,6 +19,8 @@ svc = start_page("Train")
 def follow(run_id: int, was_active: bool) -> None:
     """The run's state; a fragment polls it from the store every two seconds while the run is queued or
     running, and the page reruns once when it stops (which ends the polling)."""
+    if not still_signed_in():
+        return
     snap = svc.snapshot(run_id)  # the run, its progress and its curves in one read
     run, progress, curves = snap.run, snap.progress, snap.curves
     head = st.columns([2, 3, 2, 2], vertical_alignment="center")

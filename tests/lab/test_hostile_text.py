@@ -82,6 +82,20 @@ def test_a_disabled_users_old_service_writes_nothing_and_the_refusals_are_audite
         svc.acting_as(ann).change_password(GOOD, "another-good-password")
 
 
+def test_what_a_self_refreshing_fragment_asks_ends_with_the_sign_in(svc):
+    """A page's fragments that rerun by themselves (a run's or a prediction's progress, Live, the audit trail)
+    are not behind the page's sign-in check: they ask ``refusal("look")`` first (pages.common.still_signed_in)."""
+    ann = user(svc, "ann", "annotator")
+    bob = user(svc, "bob", "viewer")
+    as_ann, as_bob = svc.acting_as(ann), svc.acting_as(bob)
+    assert as_ann.refusal("look") == "" == as_bob.refusal("look")
+    svc.set_disabled(ann.user_id, True)
+    assert "This account is disabled" in as_ann.refusal("look")
+    again, token = svc.sign_in("bob", GOOD, "10.0.0.7")  # bob in another browser, who then signs out there
+    svc.acting_as(again).sign_out(token)
+    assert svc.acting_as(again).refusal("look") != "" and as_bob.refusal("look") == ""
+
+
 def test_a_demoted_user_has_the_new_roles_rights_at_once_and_a_promoted_one_too(svc):
     ann, vic = user(svc, "ann", "annotator"), user(svc, "vic", "viewer")
     demo = svc.load_demo()
