@@ -85,7 +85,7 @@ with users_tab:
 
 @st.fragment(run_every=15)  # (events of other users appear without a click)
 def audit_trail() -> None:
-    if not still_signed_in():
+    if not still_signed_in("admin"):  # (an admin demoted meanwhile: the trail is no longer theirs)
         return
     names, actions = svc.audit_choices()
     f1, f2, f3, f4 = st.columns([1, 1, 1, 2])

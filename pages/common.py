@@ -53,11 +53,11 @@ def can(right: str) -> bool:
     return right in RIGHTS.get(actor().role, set())
 
 
-def still_signed_in() -> bool:
+def still_signed_in(right: str = "look") -> bool:
     """For a fragment that reruns by itself (``run_every``): no page run checks the sign-in then, so an open tab
     would go on showing a run's or a prediction's progress after its user was disabled or signed out (the
-    reads it makes check no account). Whether they may still look; if not, it says so."""
-    refused = service().refusal("look")
+    reads it makes check no account). Whether they may still use ``right``; if not, it says so."""
+    refused = service().refusal(right)
     if refused:
         st.warning(f"{refused} Reload the page.", icon=":material/lock:")
     return not refused

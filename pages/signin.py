@@ -23,6 +23,7 @@ from ui.text import plain
 AUTH_TOKEN = "auth_token"  # the session token: None, nothing to change in the browser; "", signed out
 AUTH_MESSAGE = "auth_message"  # why nobody is signed in (an expired session, a refused single sign-on)
 _ASK, _PROOF, _ANSWERED = "_sign_in_ask", "_sign_in_proof", "_sign_in_answered"  # the page's key, asked for
+_SSO_TRIED = "_sign_in_sso_tried"  # the single sign-on answer this session took or was refused
 
 SESSION_COOKIE = sessions.COOKIE
 _COOKIES_JS = """
@@ -148,6 +149,15 @@ def _signed_in() -> Actor | None:
             return who
     if _sso_configured() and getattr(st.user, "is_logged_in", False):
         claims = st.user.to_dict()
+        answer = tuple(str(claims.get(k, "")) for k in ("iss", "sub", "iat", "nonce"))
+        if not svc.single_sign_on_fresh(claims.get("iat")) or st.session_state.get(_SSO_TRIED) == answer:
+            # an old Streamlit sign-on cookie (a session that expired, or was never signed out), or one this
+            # session was refused: the form, once told why, and no refusal written on every run
+            if not st.session_state.get(_SSO_TRIED):
+                st.session_state.setdefault(AUTH_MESSAGE, "Your single sign-on has ended: sign in again.")
+            st.session_state[_SSO_TRIED] = answer
+            return None
+        st.session_state[_SSO_TRIED] = answer
         try:
             who, token = svc.sign_in_oidc(str(claims.get("iss", "")), str(claims.get("sub", "")),
                                           email=str(claims.get("email", "") or ""),

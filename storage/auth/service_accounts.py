@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from domain.records import UserError, UserInfo
-from storage.auth import accounts, audit, users
+from storage.auth import accounts, audit, single_sign_on, users
 from storage.auth.accounts import Actor
 from storage.auth.audit import AuditRow
 from storage.facade import Facade, guard
@@ -49,8 +49,14 @@ class AccountsService(Facade):
                      address: str = "", issued_at: object = None, nonce: str = "") -> tuple[Actor, str]:
         """(the user, a new session token) for the provider's answer that has just come back (``st.user``:
         its issuer, subject, ``iat`` and ``nonce``); each answer signs in once, fresh."""
-        return self._signing(accounts.sign_in_oidc, issuer, subject, email=email, name=name, preferred=preferred,
-                             address=address, issued_at=issued_at, nonce=nonce)
+        return self._signing(single_sign_on.sign_in_oidc, issuer, subject, email=email, name=name,
+                             preferred=preferred, address=address, issued_at=issued_at, nonce=nonce)
+
+    @staticmethod
+    def single_sign_on_fresh(issued_at: object) -> bool:
+        """Whether a provider's answer issued then (its ``iat``) may still sign in: a page asks before it tries
+        one, so an old Streamlit sign-on cookie does not write a refusal on every run."""
+        return single_sign_on.fresh(issued_at)
 
     def signed_in(self, token: str, address: str = "", *, proof: str | None = None) -> Actor:
         """The user a browser's token stands for; :class:`UserError` says why not (expired, unknown). With

@@ -14,7 +14,6 @@ import sys
 import time
 from functools import partial
 
-import torch
 from sqlalchemy import update
 
 from domain.kinds import PredictionStage, RunStatus
@@ -30,6 +29,7 @@ from storage.records.masks import latest_mask, load_mask
 from storage.records.volumes import Volume, open_block_volume
 from storage.settings import Settings
 from unet.network.device import pick_device
+from unet.network.threads import usable_cores
 from unet.prediction.blocks import BlockJob, combined_sha256
 from unet.prediction.metrics import mean_metrics
 from unet.prediction.schedule import SCHEDULER_ENV, run_blocks
@@ -82,10 +82,10 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
                        method=method, tta=tta,
                        opener=partial(open_block_volume, linked=isinstance(volume, External),
                                       protected=tuple(str(p) for p in protected)))
-        # on the CPU, torch's own default threads (the cores, or $OMP_NUM_THREADS), or its share of the cores
-        # while a training or other predictions run beside it, asked again as blocks finish (bench.pipeline
-        # --beside)
-        share = CoreShare(sessions, torch.get_num_threads(), prediction_id=prediction_id) if device == "cpu" else None
+        # on the CPU, every usable core (worker processes; threads per process no more than $OMP_NUM_THREADS),
+        # or its share of the cores while a training or other predictions run beside it, asked again as blocks
+        # finish (bench.pipeline --beside)
+        share = CoreShare(sessions, usable_cores(), prediction_id=prediction_id) if device == "cpu" else None
         if share and share() < share.chosen:
             log.info(f"prediction {prediction_id}: {share.threads} CPU core(s), {share.others} other CPU job(s) "
                      "beside it")

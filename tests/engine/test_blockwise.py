@@ -171,7 +171,10 @@ def test_a_slice_larger_than_a_tile_is_predicted_in_tiles_and_stitched_into_the_
         assert markers[z]["sha256"]["instances"] == hashlib.sha256(b["instances"][z].tobytes()).hexdigest()
     # what the tiles left (raw labels, bands, tile markers, statistics) is gone once a slice is stitched
     assert sorted(p.name for p in (tmp_path / "tiled" / "blocks").iterdir()) == ["0.json", "1.json", "2.json"]
-    two = run_blocks(_tiled(tmp_path / "two", volume, checkpoint), (150, 210), workers=2)
+    asked = []
+    two = run_blocks(_tiled(tmp_path / "two", volume, checkpoint), (150, 210), workers=2,
+                     progress=lambda d, t: asked.append(_blocks_asked()))
+    assert next(a for a in asked if a is not None)[0] == 36  # with no share, every tile is asked for at once
     c = _outputs(tmp_path / "two")
     for name in c:
         np.testing.assert_array_equal(c[name], b[name])
@@ -179,12 +182,32 @@ def test_a_slice_larger_than_a_tile_is_predicted_in_tiles_and_stitched_into_the_
     # two workers, then one core's share (a training started beside it): one tile in flight at a time, each
     # slice still stitched once its tiles are done, the same neurons
     answers = iter([2])
-    seen = []
+    seen, asked = [], []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+        asked.append(_blocks_asked())
+
     run_blocks(replace(_tiled(tmp_path / "beside", volume, checkpoint), threads=0), (150, 210), workers=2,
-               share=lambda: next(answers, 1), progress=lambda d, t: seen.append((d, t)))
+               share=lambda: next(answers, 1), progress=progress)
     assert seen == [(i, 36) for i in range(37)]
+    assert [a[1] for a in asked if a is not None] == [0] * 36  # the one in flight has just ended: none waits
     for name, d in _outputs(tmp_path / "beside").items():
         np.testing.assert_array_equal(d, b[name])
+
+
+def _blocks_asked() -> tuple[int, int] | None:
+    """(blocks asked of the cluster, of which still to do), as the client of a running ``run_blocks`` holds
+    them (None: no cluster yet). Called from its progress report, after a block ended and before more are
+    asked for."""
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:
+        return None
+    blocks = [state for key, state in client.futures.items() if str(key).startswith("block-")]
+    return len(blocks), sum(state.status == "pending" for state in blocks)
 
 
 KILLED_AFTER_A_SLICE_OF_TILES = """

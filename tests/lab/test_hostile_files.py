@@ -653,11 +653,12 @@ def _patched(raw: bytes, page: int, stream: bytes, tags: dict[str, int], segment
 @pytest.mark.parametrize("where", ["a tile larger than its page", "a later page larger than the first"])
 def test_a_tiff_whose_segment_inflates_beyond_its_slice_is_refused_before_it_is_decoded(svc, where):
     """A Deflate stream of zeros is 1000× smaller than what it inflates to, and tifffile inflates a strip or tile
-    into a buffer of the size its tags declare. Two 64² stacks of a few tens of kB: one declares a 6144² tile
-    for each page, one declares its last page 6144² (the stack's size is read from the first page). Both would
-    inflate 36 MiB per page (a real bomb: 4 billion² pixels); both are refused before that page is decoded."""
-    side = 6144
-    stream = zlib.compress(bytes(side * side), 9)
+    into a buffer of the size its tags declare. Two 64² stacks of about 100 kB: one declares a 10240² tile
+    for each page, one declares its last page 10240² (the stack's size is read from the first page). Both would
+    inflate 100 MiB per page (a real bomb: 4 billion² pixels); both are refused before that page is decoded."""
+    side = 10240
+    packer = zlib.compressobj(9)
+    stream = b"".join(packer.compress(bytes(side * 256)) for _ in range(side // 256)) + packer.flush()
     if where.startswith("a tile"):
         raw = _tiff(np.zeros((64, 64), np.uint8), tile=(64, 64), compression="zlib", photometric="minisblack")
         bomb = _patched(raw, 0, stream, {"TileWidth": side, "TileLength": side}, "Tile")
@@ -667,7 +668,7 @@ def test_a_tiff_whose_segment_inflates_beyond_its_slice_is_refused_before_it_is_
         bomb = _patched(raw, 2, stream, {"ImageWidth": side, "ImageLength": side, "RowsPerStrip": side,
                                          "Compression": 8}, "Strip")
         refusal = f"slice 3 declares {side} × {side} pixels where the stack's slices are 64 × 64"
-    assert len(bomb) < 100_000
+    assert len(bomb) < 200_000
     with tifffile.TiffFile(io.BytesIO(bomb)) as tif:  # what a reader believes
         page = tif.series[0].pages[-1]
         assert (page.tilelength, page.tilewidth) == (side, side) if page.is_tiled else page.shape == (side, side)
@@ -685,6 +686,10 @@ def test_a_tiff_whose_segment_inflates_beyond_its_slice_is_refused_before_it_is_
                                                           photometric="minisblack")))
     assert stored.shape == (2, 40, 50)
     np.testing.assert_array_equal(svc.volume(stored.id)[...], honest)
+    # and one whose tile is larger than its slice (4096² uint16 tiles, 32 MiB, on a 3000² slice), as tifffile
+    # writes without a word
+    big = _tiff(np.zeros((1, 3000, 3000), np.uint16), tile=(4096, 4096), compression="zlib", photometric="minisblack")
+    assert svc.import_upload(Upload("big tiles.tif", big)).shape == (1, 3000, 3000)
 
 
 def _strip_swapped(raw: bytes, stream: bytes) -> bytes:

@@ -6,9 +6,9 @@ first page, so every page is checked here against it (decompression bombs of a f
 
 - **Each page declares the first page's shape**: a later page of a series may declare a 32,768² slice of its
   own, which tifffile would decode whole before anything noticed.
-- **A tile decodes to no more than its slice**, rounded up to the tile grid of 16, or 16 MiB when that is more
-  (an image smaller than one tile is legal): the tags allow tiles of 4 billion² pixels behind a 64² page. A strip
-  is cut to the page's rows by tifffile itself.
+- **A tile decodes to no more than four of its slices**, rounded up to the tile grid of 16, or 64 MiB when
+  that is more (an image smaller than one tile is legal): the tags allow tiles of 4 billion² pixels behind a
+  64² page. A strip is cut to the page's rows by tifffile itself.
 
 The image codecs are different: a
 strip or tile stored as a JPEG, PNG, JPEG 2000, WebP or JPEG XL picture decodes to whatever that picture's own
@@ -27,7 +27,8 @@ import tifffile
 JPEG = 7
 BASIC_SOF = {0xC0, 0xC1, 0xC2, 0xC3}  # baseline, extended, progressive, lossless: what TIFF's JPEG holds
 OTHER_SOF = {0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # hierarchical and arithmetic frames
-TILE_SLACK = 16 << 20  # bytes a tile may decode to whatever its slice's size (an image smaller than a tile)
+TILE_SLACK = 64 << 20  # bytes a tile may decode to whatever its slice's size (an image smaller than a tile)
+TILE_SLICES = 4  # … and a tile may hold as many slices' bytes as this (4096² tiles on 3000² slices are legal)
 HEAD = 1 << 20  # bytes of a segment read to find its frame header (tables and APP blocks come first)
 SAVE_AGAIN = ("save the stack again uncompressed or with LZW, Deflate or Zstd (Fiji: File › Save As › Tiff…; "
               "tifffile: compression='zlib')")
@@ -97,7 +98,7 @@ def _check_layout(page: tifffile.TiffPage, what: str, index: int, shape: tuple[i
         grid = -(-one.imagelength // 16) * 16 * (-(-one.imagewidth // 16) * 16) * max(1, one.imagedepth)
         per_pixel = max(1, one.samplesperpixel) * max(1, -(-int(one.bitspersample) // 8))
         tile = one.tilelength * one.tilewidth * max(1, one.tiledepth)
-        if tile * per_pixel > max(grid * per_pixel, TILE_SLACK):
+        if tile * per_pixel > max(TILE_SLICES * grid * per_pixel, TILE_SLACK):
             raise ValueError(f"{what}: slice {index + 1} declares tiles of {one.tilelength} × {one.tilewidth} pixels "
                              f"for a slice of {one.imagelength} × {one.imagewidth}; the file is damaged or not what "
                              "it claims to be")

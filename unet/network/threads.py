@@ -46,6 +46,12 @@ def usable_cores() -> int:
     return max(1, min(cores, quota)) if quota else cores
 
 
+def omp_threads() -> int | None:
+    """The threads per process an operator set with ``$OMP_NUM_THREADS`` (None: not set, or not a number)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) >= 1 else None
+
+
 def quota_cpus(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int | None:
     """The CPUs that this process's cgroup quota allows, rounded up (None without a quota): cgroup v2's
     ``cpu.max`` of its group and the groups above it, or v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet.network.threads import usable_cores
+from unet.network.threads import omp_threads, usable_cores
 from unet.prediction.blocks import Block, BlockJob, create_outputs, finished_blocks, marker_path, plan
 from unet.prediction.blockwise import model_of, run_block, run_tile
 from unet.prediction.pipeline import run_slices
@@ -117,9 +117,10 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
     n = 1 if scheduler else (workers or default_workers(len(pending), int((np.sqrt(largest) + 2 * halo + 128) ** 2)))
     share = share if not (scheduler or job.threads) else None  # (a job's own thread count is kept)
     cores = cores or (share() if share else None)
+    ceiling = omp_threads()  # (torch threads per process never beyond what an operator set)
     if cores and not scheduler:
         n = min(n, cores)
-        job = replace(job, threads=job.threads or max(1, cores // n))
+        job = replace(job, threads=job.threads or max(1, min(cores // n, ceiling or cores)))
     if not scheduler and n == 1:
         whole = [i for i, left in todo.items() if left and left[0].part is None]
         if pipeline is None and whole:
@@ -142,8 +143,8 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
                 if block.part is None:
                     done[i] = result
                 report(count, total)
-                if share and share() != job.threads:  # (fewer threads while another CPU job runs beside it)
-                    job = replace(job, threads=share())
+                if share and min(share(), ceiling or share()) != job.threads:  # (fewer beside another CPU job)
+                    job = replace(job, threads=min(share(), ceiling or share()))
             if i not in done:
                 done[i] = stitch(job, i, shape)
         return done
@@ -151,7 +152,7 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
 
     cluster = None
     if not scheduler:
-        threads = max(1, usable_cores() // n)  # (with ``cores``, set above)
+        threads = max(1, min(usable_cores() // n, ceiling or usable_cores()))  # (with ``cores``, set above)
         job = replace(job, threads=job.threads or threads)
         # on loopback only, its HTTP endpoint on a free port (no dashboard is installed)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -159,8 +160,8 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
     queue = [(i, block) for i, left in todo.items() for block in left]
     queue.reverse()  # (popped from the end: in order)
 
-    def allowed() -> int:  # blocks in flight at most: all at once, or as many as the run's share of the cores
-        return max(1, share() // max(1, job.threads)) if share else len(queue) + 1
+    def allowed() -> int | None:  # blocks in flight at most (None: all at once): as the run's share of the cores
+        return max(1, share() // max(1, job.threads)) if share else None
 
     try:
         with Client(scheduler or cluster) as client:
@@ -183,7 +184,7 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
                     submit(stitch, job, i, shape, key=f"stitch-{job.out}-{i}", kind="stitch", i=i)
             in_flight = 0
             while True:
-                while queue and in_flight < allowed():
+                while queue and ((limit := allowed()) is None or in_flight < limit):
                     i, block = queue.pop()
                     fn, *args = work(block)
                     submit(fn, *args, key=f"block-{job.out}-{block.key}",
