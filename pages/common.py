@@ -17,15 +17,16 @@ from streamlit.runtime.pages_manager import PagesManager
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import pages.state as state
-from storage.service import RIGHTS, Actor, Neuroseg, UserError, settings_from_env
+from storage.service import RIGHTS, Actor, Neuroseg, UserError, settings_from_env, shared_service
 
 T = TypeVar("T")
 
 
 @st.cache_resource(show_spinner="Opening the store …")
 def _service(data_dir: str, database_url: str) -> Neuroseg:
-    # once per server process and store: migrates, and starts the supervisor (orphaned and queued runs)
-    return Neuroseg(settings_from_env(data_dir, database_url))
+    # once per server process and store: migrates, and starts the supervisor (orphaned and queued runs); the
+    # same one again when Streamlit's cache is cleared (storage.service.shared_service)
+    return shared_service(data_dir, database_url)
 
 
 def base_service() -> Neuroseg:

@@ -56,6 +56,7 @@ __all__ = [
     "UserError",
     "isbi_dir",
     "settings_from_env",
+    "shared_service",
 ]
 
 isbi_dir = ingest.isbi_dir
@@ -136,3 +137,19 @@ class Neuroseg(AccountsService, DataService, ModelsService, LiveService, ReviewS
         """Stop the supervisor thread (tests; the server keeps it for its lifetime)."""
         self.supervisor.stop()
 
+
+
+_SHARED: dict[tuple[str, str], Neuroseg] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_service(data_dir: str, database_url: str) -> Neuroseg:
+    """The one service of this server process for a store: opened once (it migrates the store and starts the
+    supervisor) and kept for the process's life. Not in Streamlit's resource cache alone: a websocket may ask
+    Streamlit to clear that cache, and every service opened again left its supervisor thread and database
+    engine running (a leak anyone who reaches the port could drive)."""
+    key = (str(data_dir), str(database_url))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = Neuroseg(settings_from_env(data_dir, database_url))
+        return _SHARED[key]

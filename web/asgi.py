@@ -5,6 +5,7 @@ Streamlit finds ``app`` here by reading this file; every ``streamlit run`` optio
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,23 @@ def _no_folder_pages() -> None:
     PagesManager.uses_pages_directory = False
 
 
+def _no_forwarded_client() -> None:
+    """uvicorn takes a request's client address from ``X-Forwarded-For`` whenever the peer is loopback (its
+    default ``forwarded_allow_ips``), so any program on the server could sign in "from" any address: the
+    audit trail would record it, and 20 failures "from" a colleague's address would lock them out. Unless the
+    server is behind the reverse proxy (``NEUROSEG_BEHIND_PROXY=1``, where nginx sets the header), the
+    middleware uvicorn wraps this app in once it has imported it passes requests on untouched. (Its setting,
+    ``$FORWARDED_ALLOW_IPS``, is read before this file is imported: ``./run.sh`` sets it too.)"""
+    if os.environ.get("NEUROSEG_BEHIND_PROXY") == "1":
+        return
+    try:
+        import uvicorn.config  # (imported by Streamlit's server already; only its middleware is replaced)
+    except ImportError:
+        return
+    uvicorn.config.ProxyHeadersMiddleware = lambda app, trusted_hosts=None: app
+
+
+_no_forwarded_client()
 _no_folder_pages()
 _announce()
 app = App(ROOT / "app.py", middleware=[Middleware(Guard)])

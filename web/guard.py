@@ -28,6 +28,15 @@ it, and serves ``/media`` files to whoever has the URL. Here:
   page, also not one on another port, shows the app in a frame to click in it.
 - **Media.** ``/media/…`` (the images and downloads the pages show) is served to a browser with a valid
   sign-in cookie, or while a session that shows the file is signed in; a closed session's files are not.
+- **Upload memory.** Streamlit keeps every upload whole in memory until its page lets it go. An upload passes
+  only while the page's uploads together stay within ``$NEUROSEG_UPLOAD_MEMORY_MB`` (default: two of the
+  largest uploads, ``server.maxUploadSize``, a stack and its labels) and the machine keeps 1 GiB free after
+  it; otherwise 413 before a byte is read. An upload must say its size (``Content-Length``), as browsers do.
+- **Developer messages.** Streamlit takes, from any websocket, signed in or not, messages meant for the
+  developer's menu: clear the caches (each one opened the store again and left a supervisor thread and a
+  database engine behind), tell the checkout's git remote, branch and changed files, run on save, and the
+  debug ones. They are dropped here (:data:`DROPPED_MESSAGES`); ``/_stcore/metrics`` (who is online, what
+  media is read) is refused.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import anyio.to_thread
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from streamlit import config
+from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.runtime import Runtime
 
 from storage.service import RIGHTS, SESSION_HOURS
@@ -59,6 +69,9 @@ UPLOAD_CHECK = "/_neuroseg/upload-check"  # for nginx's auth_request
 COOKIE_ROUTE = "/_neuroseg/cookie"  # the page's sign-in becomes an HttpOnly cookie here
 TOKEN_HEADER = "x-neuroseg-token"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+DROPPED_MESSAGES = frozenset({"clear_cache", "load_git_info", "set_run_on_save", "debug_disconnect_websocket",
+                              "debug_shutdown_runtime"})  # BackMsg kinds of the developer's menu
+REFUSED_ROUTES = ("/_stcore/metrics",)
 
 
 def _split_host(host: str) -> str:
@@ -164,6 +177,78 @@ async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
+RESERVE_BYTES = 1 << 30  # memory an upload must leave free on the machine
+
+
+def _available_memory() -> int:
+    """``MemAvailable`` of the machine in bytes (0: not known)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def upload_room(session_id: str, incoming: int | None) -> str | None:
+    """Why the server cannot take an upload of ``incoming`` bytes into the session now (None: it can): see
+    the module's text (upload memory)."""
+    if incoming is None:
+        return "an upload must say its size (Content-Length)"
+    try:
+        largest = int(config.get_option("server.maxUploadSize")) << 20
+    except Exception:
+        largest = 4096 << 20
+    limit = int(os.environ.get("NEUROSEG_UPLOAD_MEMORY_MB") or 0) << 20 or 2 * largest
+    try:
+        manager = Runtime.instance().uploaded_file_mgr
+        with manager._lock:  # (Streamlit 1.67's MemoryUploadedFileManager: the files each session holds)
+            held = sum(len(f.data) for f in manager.file_storage.get(session_id, {}).values())
+    except Exception:  # no runtime, or another Streamlit: the machine's memory still counts
+        held = 0
+    if held + incoming > limit:
+        return (f"this page holds {held / 2**20:,.0f} MB of uploads already; with this one it would hold more "
+                f"than the {limit / 2**20:,.0f} MB a page may ($NEUROSEG_UPLOAD_MEMORY_MB): reload the page")
+    available = _available_memory()
+    if available and incoming > available - RESERVE_BYTES:
+        return (f"the server has {max(available - RESERVE_BYTES, 0) / 2**20:,.0f} MB of memory to spare now, "
+                "less than this upload: try again later, or import the stack from a folder on the server")
+    return None
+
+
+def _declared_length(headers: Headers) -> int | None:
+    value = headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+def back_message_kind(data: bytes) -> str | None:
+    """What a websocket message from a browser asks of Streamlit (its ``BackMsg`` kind), or None when it is not
+    one (Streamlit then says so itself)."""
+    message = BackMsg()
+    try:
+        message.ParseFromString(data)
+    except Exception:  # (protobuf's DecodeError: bytes that are no BackMsg)
+        return None
+    return message.WhichOneof("type")
+
+
+def _without_developer_messages(receive: Receive) -> Receive:
+    """``receive`` of a websocket, without the messages of the developer's menu (:data:`DROPPED_MESSAGES`)."""
+
+    async def receiving() -> MutableMapping[str, Any]:
+        while True:
+            message = await receive()
+            data = message.get("bytes") if message.get("type") == "websocket.receive" else None
+            kind = back_message_kind(data) if data else None
+            if kind not in DROPPED_MESSAGES:
+                return message
+            log.warning("dropped a websocket message %r (the developer's menu)", kind)
+
+    return receiving
+
+
 FRAME_HEADERS = [(b"content-security-policy", b"frame-ancestors 'self'"), (b"x-frame-options", b"SAMEORIGIN")]
 
 
@@ -202,8 +287,12 @@ class Guard:
         if origin is not None and method not in SAFE_METHODS and not same_origin(origin, host):
             await self._refuse(scope, receive, send, f"origin {origin!r} is not this server")
             return
+        if path in REFUSED_ROUTES:
+            await self._refuse(scope, receive, send, "not served")
+            return
         if scope["type"] == "websocket":
             scope = self._without_foreign_reconnect(scope, headers)
+            receive = _without_developer_messages(receive)
         elif path == UPLOAD_CHECK:  # nginx asks before it passes an upload on
             original = _route(headers.get("x-original-uri", "").split("?", 1)[0])
             allowed = UPLOAD_PREFIX in original and await _off_loop(
@@ -217,6 +306,10 @@ class Guard:
             if not await _off_loop(may_upload, _upload_session(path), cookie_token(headers)):
                 await self._refuse(scope, receive, send, "upload from a browser that does not hold the session's "
                                                          "sign-in")
+                return
+            if method == "PUT" and (full := upload_room(_upload_session(path), _declared_length(headers))):
+                log.warning("refused an upload: %s", full)
+                await self._answer(send, 411 if "Content-Length" in full else 413, f"{full}\n".encode())
                 return
         elif path.startswith("/media/") and method in ("GET", "HEAD"):
             file_id = path.rsplit("/", 1)[-1].split(".", 1)[0]

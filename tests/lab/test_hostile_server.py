@@ -25,7 +25,7 @@ import zarr
 
 from storage.service import Neuroseg
 from storage.settings import Settings
-from tests.accounts import PASSWORD, SESSION_COOKIE
+from tests.accounts import PASSWORD, SESSION_COOKIE, make_user
 from tests.browser import ServerURL, app_server, chromium, signed_in
 
 pytestmark = pytest.mark.slow  # one real server and one Chromium for the module (about 40 s)
@@ -35,16 +35,19 @@ pytestmark = pytest.mark.slow  # one real server and one Chromium for the module
 def server(tmp_path_factory) -> Iterator[ServerURL]:
     folder = tmp_path_factory.mktemp("hostile-server")
     # server-folder import on, from a folder that also holds the store: the harder case
-    before = os.environ.get("NEUROSEG_IMPORT_ROOTS")
-    os.environ["NEUROSEG_IMPORT_ROOTS"] = str(folder)
+    # and a page's uploads may hold 1 MB of the server's memory (test_uploads_held_in_memory_are_bounded)
+    settings = {"NEUROSEG_IMPORT_ROOTS": str(folder), "NEUROSEG_UPLOAD_MEMORY_MB": "1"}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         with app_server(folder / "data") as url:
             yield url
     finally:
-        if before is None:
-            os.environ.pop("NEUROSEG_IMPORT_ROOTS", None)
-        else:
-            os.environ["NEUROSEG_IMPORT_ROOTS"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +151,17 @@ def test_a_page_on_another_port_or_host_cannot_open_the_websocket(server):
         assert response.headers["X-Frame-Options"] == "SAMEORIGIN"
 
 
-def _put_file(url: str, session: str, xsrf: str, data: bytes, cookie: str = "") -> tuple[int, bytes]:
+def _put_file(url: str, session: str, xsrf: str, data: bytes, cookie: str = "", file_id: str = "probe-file",
+              chunked: bool = False) -> tuple[int, bytes]:
     boundary = "neurosegboundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.tif\"\r\n"
             f"Content-Type: image/tiff\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     cookies = f"_streamlit_xsrf={xsrf}" + (f"; {SESSION_COOKIE}={cookie}" if cookie else "")
-    request = urllib.request.Request(f"{url}/_stcore/upload_file/{session}/probe-file", data=body, method="PUT",
+    request = urllib.request.Request(f"{url}/_stcore/upload_file/{session}/{file_id}",
+                                     data=iter([body]) if chunked else body, method="PUT",
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
-                                              "X-Xsrftoken": xsrf, "Cookie": cookies})
+                                              "X-Xsrftoken": xsrf, "Cookie": cookies,
+                                              **({"Transfer-Encoding": "chunked"} if chunked else {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read()
@@ -398,5 +404,99 @@ def test_the_sign_in_cookie_alone_signs_nobody_in(server, browser):
         with stream(server, cookie=token) as stolen:
             status, _ = _put_file(server, stolen, xsrf, _tiff(), token)
         assert status == 403, "the cookie alone did not sign the replaying session in"
+    finally:
+        context.close()
+
+
+def _store_handles(pid: int, data_dir: Path) -> int:
+    """The server process's open files on its database (each service opened adds its engine's)."""
+    folder = f"/proc/{pid}/fd"
+    count = 0
+    for fd in os.listdir(folder):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"{folder}/{fd}").startswith(str(data_dir))
+    return count
+
+
+def test_the_developers_messages_of_an_anonymous_websocket_are_dropped(server):
+    """Streamlit takes "clear the caches" from any websocket, signed in or not: each one opened the store again
+    and left a supervisor thread and a database engine running (110 messages: 119 threads, 194 database
+    handles). The guard drops it, and the developer menu's other messages (git remote and changed files, run
+    on save, the debug ones); a rerun on the same websocket is served as before."""
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+    from websockets.sync.client import connect
+
+    from web.guard import DROPPED_MESSAGES, back_message_kind
+
+    def message(kind: str) -> bytes:
+        msg = BackMsg()
+        if kind == "rerun_script":
+            msg.rerun_script.query_string = ""
+        else:
+            setattr(msg, kind, True)
+        return msg.SerializeToString()
+
+    assert {back_message_kind(message(k)) for k in ("clear_cache", "load_git_info")} <= DROPPED_MESSAGES
+    assert back_message_kind(b"\xff\xff not a message") is None
+    before = None
+    with connect(_stream_url(server), subprotocols=["streamlit"], open_timeout=30) as connection:
+        for cycle in range(9):
+            if cycle:  # (the first rerun opens the store, if no test has yet)
+                connection.send(message("clear_cache"))
+                connection.send(message("load_git_info"))
+            connection.send(message("rerun_script"))
+            deadline, told = time.monotonic() + 60, []
+            while time.monotonic() < deadline:  # (each rerun runs to its end: the sign-in form)
+                payload = connection.recv(timeout=60)
+                kind = ForwardMsg.FromString(bytes(payload)).WhichOneof("type") if isinstance(
+                    payload, bytes | bytearray) else None
+                told.append(kind)
+                if kind == "script_finished":
+                    break
+            assert "script_finished" in told and "git_info_changed" not in told
+            before = before or (len(os.listdir(f"/proc/{server.pid}/task")),
+                                _store_handles(server.pid, server.data_dir))
+    after = (len(os.listdir(f"/proc/{server.pid}/task")), _store_handles(server.pid, server.data_dir))
+    assert after[0] < before[0] + 8 and after[1] <= before[1] + 1, (before, after)
+
+
+def test_a_forwarded_for_header_does_not_choose_the_sign_in_address(server, browser):
+    """uvicorn believes X-Forwarded-For from loopback peers by default: a program on the server could sign in
+    "from" any address (the audit trail records it, and 20 failures "from" a colleague's address lock them
+    out). Unless the server is behind the reverse proxy, the address is the peer's own."""
+    make_user(server.data_dir, "fay", "annotator")
+    context = browser.new_context(extra_http_headers={"X-Forwarded-For": "203.0.113.7"})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(90_000)
+        page.goto(server + "/")
+        page.get_by_label("User name").fill("fay")
+        page.get_by_role("textbox", name="Password").fill("not-fays-password")
+        page.get_by_role("button", name="Sign in", exact=True).click()
+        page.get_by_text("Unknown user name or wrong password.").wait_for()
+    finally:
+        context.close()
+    svc = Neuroseg(Settings.from_env(server.data_dir), supervise=False)
+    try:
+        (row,) = [r for r in svc.audit_trail(action="sign in", username="fay") if r.outcome == "failed"]
+    finally:
+        svc.close()
+    assert row.address in ("127.0.0.1", "localhost", "::1"), row.address
+
+
+def test_uploads_held_in_memory_are_bounded(server, browser):
+    """Streamlit keeps each upload whole in memory until its page lets it go: a signed-in annotator PUTting
+    200 MiB files under new ids filled the server's memory. A page's uploads together stay within
+    $NEUROSEG_UPLOAD_MEMORY_MB (1 MB on this server), refused with 413 before the body is read; an upload
+    that does not say its size is refused (411)."""
+    context, _page, session, token, xsrf = _signed_in_page(browser, server, "ula")
+    try:
+        part = os.urandom(700_000)
+        assert _put_file(server, session, xsrf, part, token, file_id="first")[0] == 204
+        status, said = _put_file(server, session, xsrf, part, token, file_id="second")
+        assert status == 413 and b"holds 1 MB of uploads already" in said, said
+        assert _put_file(server, session, xsrf, b"x" * 100, token, file_id="third", chunked=True)[0] == 411
+        assert _put_file(server, session, xsrf, b"x" * 100, token, file_id="fourth")[0] == 204  # room for it
     finally:
         context.close()
