@@ -7,6 +7,7 @@ Annotate's strokes, and the selected dataset. What must survive a change of page
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
@@ -52,6 +53,19 @@ def can(right: str) -> bool:
     """Whether the signed-in user's role has ``right`` (pages use it to show what they may do; the
     service checks again on every call)."""
     return right in RIGHTS.get(actor().role, set())
+
+
+def release_uploads(*files) -> None:
+    """Let Streamlit forget uploaded files once they are stored. It keeps each upload whole in memory until the
+    page is closed (nothing frees it when its uploader leaves the page), and the guard bounds what a page may
+    hold (:func:`web.guard.upload_room`): a second stack in the same tab would be refused."""
+    ctx = get_script_run_ctx()
+    if ctx is None:
+        return
+    for file in files:
+        if file is not None and getattr(file, "file_id", None):
+            with contextlib.suppress(Exception):  # (another Streamlit, or gone already: the page's end frees it)
+                ctx.uploaded_file_mgr.remove_file(ctx.session_id, file.file_id)
 
 
 def still_signed_in(right: str = "look") -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from domain.kinds import RunKind
-from pages.common import attempt, can, start_page
+from pages.common import attempt, can, release_uploads, start_page
 from storage.service import NAME_MAX
 from ui.text import plain
 from ui.training import checkpoint_label
@@ -24,6 +24,7 @@ with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled
     if go and package is not None:
         with st.spinner("Checking the package (its validation and its own model test) …"):
             def imported(model) -> str:
+                release_uploads(package)  # (stored: the server's memory is free of it)
                 st.session_state[MODEL_PICK] = model.checkpoint_id
                 return f"Imported **{plain(model.name)}** as run {model.run_id}: Predict offers it."
 

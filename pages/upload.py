@@ -10,7 +10,7 @@ import streamlit as st
 
 import pages.state as state
 from domain.records import DatasetInfo
-from pages.common import can, flash, frame_guard, select_dataset
+from pages.common import can, flash, frame_guard, release_uploads, select_dataset
 from storage.service import ChannelsQuestion, Neuroseg, UserError
 from ui.text import plain
 
@@ -65,6 +65,7 @@ def upload_stack(svc: Neuroseg, key: str, stored: Callable[[DatasetInfo], str] =
                  f"{str(exc).rstrip('.')}. The files are still attached: fix the cause, or choose others.")
     else:
         bar.empty()
+        release_uploads(volume, labels)  # (stored: the server's memory is free of them)
         select_dataset(info.id)
         st.session_state[f"{key}_form"] = form + 1
         flash(stored(info))

@@ -101,19 +101,19 @@ class Neuroseg(AccountsService, DataService, ModelsService, LiveService, ReviewS
         self.store.clean_spool()  # uploads a killed server was receiving (gigabytes each); none still in use
         self.supervisor = Supervisor(self.sessions, self.settings)
         self.starter_note = ""  # what became of the shipped starter model (a refusal, for a damaged file)
+        self._arrays: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.actor: Actor = SYSTEM  # who calls: the command line, the workers and tests act as the system
         if supervise:
             try:  # the app works without a starter: a failure here is said on Home, not a failed start
                 registered = self._tx(starter.register, self.store)
                 self.starter_note = registered.message if registered.refused else ""
             except UserError as exc:
                 self.starter_note = f"the starter model was not registered: {exc}"
+            self._tx(accounts.ensure_admin)  # the first start: an admin with a one-time password (the log)
+            # last: a service that failed to open leaves no thread behind (a page opens it again)
             self.supervisor.tick()  # runs orphaned by a crash are marked before the first page shows them
             self.supervisor.start()
-        self._arrays: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self.actor: Actor = SYSTEM  # who calls: the command line, the workers and tests act as the system
-        if supervise:
-            self._tx(accounts.ensure_admin)  # the first start: an admin with a one-time password (the log)
 
     # --- the store and the machine ---------------------------------------------------------------------
     def overview(self) -> Overview:

@@ -28,15 +28,17 @@ it, and serves ``/media`` files to whoever has the URL. Here:
   page, also not one on another port, shows the app in a frame to click in it.
 - **Media.** ``/media/…`` (the images and downloads the pages show) is served to a browser with a valid
   sign-in cookie, or while a session that shows the file is signed in; a closed session's files are not.
-- **Upload memory.** Streamlit keeps every upload whole in memory until its page lets it go. An upload passes
-  only while the page's uploads together stay within ``$NEUROSEG_UPLOAD_MEMORY_MB`` (default: two of the
-  largest uploads, ``server.maxUploadSize``, a stack and its labels) and the machine keeps 1 GiB free after
-  it; otherwise 413 before a byte is read. An upload must say its size (``Content-Length``), as browsers do.
+- **Upload memory.** Streamlit keeps every upload whole in memory until its page lets it go (the pages let a
+  stored one go: :func:`pages.common.release_uploads`). An upload passes only while the page's uploads, held
+  and being received, stay within ``$NEUROSEG_UPLOAD_MEMORY_MB`` (default: two of the largest uploads,
+  ``server.maxUploadSize``, a stack and its labels) and the machine keeps 1 GiB free after every upload being
+  received; otherwise 413 (and the connection closed) before a byte is read. An upload must say its size
+  (``Content-Length``), as browsers do.
 - **Developer messages.** Streamlit takes, from any websocket, signed in or not, messages meant for the
   developer's menu: clear the caches (each one opened the store again and left a supervisor thread and a
   database engine behind), tell the checkout's git remote, branch and changed files, run on save, and the
   debug ones. They are dropped here (:data:`DROPPED_MESSAGES`); ``/_stcore/metrics`` (who is online, what
-  media is read) is refused.
+  media is held) is an admin's (their sign-in cookie), and Streamlit's HTTP agent API is refused.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ TOKEN_HEADER = "x-neuroseg-token"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 DROPPED_MESSAGES = frozenset({"clear_cache", "load_git_info", "set_run_on_save", "debug_disconnect_websocket",
                               "debug_shutdown_runtime"})  # BackMsg kinds of the developer's menu
-REFUSED_ROUTES = ("/_stcore/metrics",)
+ADMIN_ROUTES = ("/_stcore/metrics",)  # (who is online, what media is held: an admin's, with their sign-in cookie)
+REFUSED_PREFIXES = ("/_stcore/agent/",)  # (Streamlit's HTTP agent API, off by default: never past the guard)
 
 
 def _split_host(host: str) -> str:
@@ -168,6 +171,11 @@ def _media_shown_to_signed_in(file_id: str) -> bool:
     return any(runtime.is_active_session(sid) and sessions.actor_of(sid) is not None for sid in holders)
 
 
+def _is_admin(token: str) -> bool:
+    who = sessions.verified(token) if token else None
+    return who is not None and getattr(who, "role", "") == "admin" and not getattr(who, "must_change_password", False)
+
+
 def _media_allowed(token: str, file_id: str) -> bool:
     return sessions.verified(token) is not None or _media_shown_to_signed_in(file_id)
 
@@ -192,26 +200,39 @@ def _available_memory() -> int:
     return 0
 
 
+# bytes of the uploads being received now, by session: a check and its reservation run on the server's event
+# loop with no await between them, so uploads sent at once are counted against each other
+_RECEIVING: dict[str, int] = {}
+
+
+def _page_limit() -> int:
+    try:
+        largest = int(config.get_option("server.maxUploadSize")) << 20
+    except Exception:
+        largest = 4096 << 20
+    given = os.environ.get("NEUROSEG_UPLOAD_MEMORY_MB", "").strip()
+    if given and not given.isdigit():
+        log.warning("$NEUROSEG_UPLOAD_MEMORY_MB is %r, not a number of MB: the default is used", given)
+    return (int(given) << 20 if given.isdigit() else 0) or 2 * largest
+
+
 def upload_room(session_id: str, incoming: int | None) -> str | None:
     """Why the server cannot take an upload of ``incoming`` bytes into the session now (None: it can): see
     the module's text (upload memory)."""
     if incoming is None:
         return "an upload must say its size (Content-Length)"
-    try:
-        largest = int(config.get_option("server.maxUploadSize")) << 20
-    except Exception:
-        largest = 4096 << 20
-    limit = int(os.environ.get("NEUROSEG_UPLOAD_MEMORY_MB") or 0) << 20 or 2 * largest
+    limit = _page_limit()
     try:
         manager = Runtime.instance().uploaded_file_mgr
         with manager._lock:  # (Streamlit 1.67's MemoryUploadedFileManager: the files each session holds)
             held = sum(len(f.data) for f in manager.file_storage.get(session_id, {}).values())
     except Exception:  # no runtime, or another Streamlit: the machine's memory still counts
         held = 0
+    held += _RECEIVING.get(session_id, 0)
     if held + incoming > limit:
         return (f"this page holds {held / 2**20:,.0f} MB of uploads already; with this one it would hold more "
                 f"than the {limit / 2**20:,.0f} MB a page may ($NEUROSEG_UPLOAD_MEMORY_MB): reload the page")
-    available = _available_memory()
+    available = _available_memory() - sum(_RECEIVING.values())
     if available and incoming > available - RESERVE_BYTES:
         return (f"the server has {max(available - RESERVE_BYTES, 0) / 2**20:,.0f} MB of memory to spare now, "
                 "less than this upload: try again later, or import the stack from a folder on the server")
@@ -234,17 +255,29 @@ def back_message_kind(data: bytes) -> str | None:
     return message.WhichOneof("type")
 
 
+def _largest_message() -> int:
+    try:
+        return int(config.get_option("server.maxWidgetStateSize")) << 20
+    except Exception:
+        return 25 << 20
+
+
 def _without_developer_messages(receive: Receive) -> Receive:
-    """``receive`` of a websocket, without the messages of the developer's menu (:data:`DROPPED_MESSAGES`)."""
+    """``receive`` of a websocket, without the messages of the developer's menu (:data:`DROPPED_MESSAGES`); a
+    message larger than Streamlit takes is passed on unread (Streamlit closes the websocket), and a dropped
+    one is logged once per websocket."""
+    largest, told = _largest_message(), []
 
     async def receiving() -> MutableMapping[str, Any]:
         while True:
             message = await receive()
             data = message.get("bytes") if message.get("type") == "websocket.receive" else None
-            kind = back_message_kind(data) if data else None
+            kind = back_message_kind(data) if data and len(data) <= largest else None
             if kind not in DROPPED_MESSAGES:
                 return message
-            log.warning("dropped a websocket message %r (the developer's menu)", kind)
+            if not told:
+                told.append(kind)
+                log.warning("dropped a websocket message %r (the developer's menu), and any more of them", kind)
 
     return receiving
 
@@ -287,9 +320,13 @@ class Guard:
         if origin is not None and method not in SAFE_METHODS and not same_origin(origin, host):
             await self._refuse(scope, receive, send, f"origin {origin!r} is not this server")
             return
-        if path in REFUSED_ROUTES:
+        if path.startswith(REFUSED_PREFIXES):
             await self._refuse(scope, receive, send, "not served")
             return
+        if path in ADMIN_ROUTES and not await _off_loop(_is_admin, cookie_token(headers)):
+            await self._refuse(scope, receive, send, "an admin's only")
+            return
+        receiving: tuple[str, int] | None = None  # an upload admitted: (its session, its bytes)
         if scope["type"] == "websocket":
             scope = self._without_foreign_reconnect(scope, headers)
             receive = _without_developer_messages(receive)
@@ -307,10 +344,15 @@ class Guard:
                 await self._refuse(scope, receive, send, "upload from a browser that does not hold the session's "
                                                          "sign-in")
                 return
-            if method == "PUT" and (full := upload_room(_upload_session(path), _declared_length(headers))):
-                log.warning("refused an upload: %s", full)
-                await self._answer(send, 411 if "Content-Length" in full else 413, f"{full}\n".encode())
-                return
+            if method == "PUT":
+                session, incoming = _upload_session(path), _declared_length(headers)
+                if full := upload_room(session, incoming):
+                    log.warning("refused an upload: %s", full)  # (and its body is not read: closed)
+                    await self._answer(send, 411 if "Content-Length" in full else 413, f"{full}\n".encode(),
+                                       close=True)
+                    return
+                receiving = (session, incoming or 0)
+                _RECEIVING[session] = _RECEIVING.get(session, 0) + receiving[1]
         elif path.startswith("/media/") and method in ("GET", "HEAD"):
             file_id = path.rsplit("/", 1)[-1].split(".", 1)[0]
             if not await _off_loop(_media_allowed, cookie_token(headers), file_id):
@@ -318,7 +360,15 @@ class Guard:
                 return
         if scope["type"] == "http":
             send = _framed_by_self_only(send)
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if receiving is not None:  # (received and held by Streamlit now, or refused: no longer in flight)
+                left = _RECEIVING.get(receiving[0], 0) - receiving[1]
+                if left > 0:
+                    _RECEIVING[receiving[0]] = left
+                else:
+                    _RECEIVING.pop(receiving[0], None)
 
     async def _set_cookie(self, scope: Scope, receive: Receive, send: Send, headers: Headers, method: str) -> None:
         """Keep the page's sign-in as an HttpOnly cookie (a valid token), or delete it (an empty one). The
@@ -353,10 +403,11 @@ class Guard:
         return {**scope, "headers": new_headers}
 
     @staticmethod
-    async def _answer(send: Send, status: int, body: bytes) -> None:
+    async def _answer(send: Send, status: int, body: bytes, close: bool = False) -> None:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                (b"content-length", str(len(body)).encode())]})
+                                (b"content-length", str(len(body)).encode()),
+                                *([(b"connection", b"close")] if close else [])]})
         await send({"type": "http.response.body", "body": body})
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, why: str) -> None:

@@ -15,6 +15,7 @@ import tifffile
 
 from storage.service import Neuroseg
 from storage.settings import Settings
+from tests.accounts import SESSION_COOKIE, make_user
 from tests.app.test_loop_pages import wait_exit
 from tests.browser import (
     ARTIFACTS,
@@ -384,10 +385,16 @@ def test_the_server_runs_with_production_settings(tmp_path):
 
 
 def media_bytes(url: str) -> int:
-    """What the server holds in memory for st.image / st.download_button (Streamlit's own metrics)."""
+    """What the server holds in memory for st.image / st.download_button (Streamlit's own metrics, an admin's
+    to read: anonymous clients are refused)."""
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(f"{url}/_stcore/metrics", timeout=30) as r:
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(f"{url}/_stcore/metrics", timeout=30)
+    token = make_user(url.data_dir, "metrics-admin", "admin")
+    request = urllib.request.Request(f"{url}/_stcore/metrics", headers={"Cookie": f"{SESSION_COOKIE}={token}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
         text = r.read().decode()
     return sum(int(float(m.group(1))) for m in re.finditer(
         r'cache_memory_bytes\{[^}]*cache_type="st_memory_media_file_storage"[^}]*\} ([\d.e+]+)', text))
