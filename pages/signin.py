@@ -168,6 +168,7 @@ def _signed_in() -> Actor | None:
             st.session_state[AUTH_MESSAGE] = str(exc)
             return None
         st.session_state[AUTH_TOKEN] = token
+        st.session_state.pop(AUTH_MESSAGE, None)
         return who
     return None
 
@@ -228,7 +229,8 @@ def sign_in_gate(who: Actor | None) -> Actor:
 def _sign_in_form() -> None:
     st.title("Neuroseg")
     st.subheader("Sign in")
-    message = st.session_state.pop(AUTH_MESSAGE, "")
+    # (kept until the form is sent: a rerun the page's component asks for right after must not hide it)
+    message = st.session_state.get(AUTH_MESSAGE, "")
     if message:
         st.warning(message, icon=":material/lock_clock:")
     if base_service().awaiting_first_admin():
@@ -238,7 +240,8 @@ def _sign_in_form() -> None:
     with st.form("sign_in", enter_to_submit=True):
         username = st.text_input("User name", max_chars=64, autocomplete="username")
         password = st.text_input("Password", type="password", autocomplete="current-password")
-        submitted = st.form_submit_button("Sign in", type="primary")
+        submitted = st.form_submit_button("Sign in", type="primary",
+                                          on_click=lambda: st.session_state.pop(AUTH_MESSAGE, None))
     if submitted:
         attempt(lambda: base_service().sign_in(username, password, client_address()), _signed_in_now)
     if _sso_configured():
@@ -270,6 +273,7 @@ def _change_password_form(first: bool = False) -> None:
 def _signed_in_now(signed: tuple[Actor, str]) -> None:
     who, token = signed
     st.session_state[AUTH_TOKEN] = token
+    st.session_state.pop(AUTH_MESSAGE, None)
     state.set_actor(who)
 
 

@@ -28,12 +28,9 @@ it, and serves ``/media`` files to whoever has the URL. Here:
   page, also not one on another port, shows the app in a frame to click in it.
 - **Media.** ``/media/…`` (the images and downloads the pages show) is served to a browser with a valid
   sign-in cookie, or while a session that shows the file is signed in; a closed session's files are not.
-- **Upload memory.** Streamlit keeps every upload whole in memory until its page lets it go (the pages let a
-  stored one go: :func:`pages.common.release_uploads`). An upload passes only while the page's uploads, held
-  and being received, stay within ``$NEUROSEG_UPLOAD_MEMORY_MB`` (default: two of the largest uploads,
-  ``server.maxUploadSize``, a stack and its labels) and the machine keeps 1 GiB free after every upload being
-  received; otherwise 413 (and the connection closed) before a byte is read. An upload must say its size
-  (``Content-Length``), as browsers do.
+- **Upload memory.** An upload passes only while it fits what the page and the machine may hold
+  (:mod:`web.uploads`); otherwise 413 (and the connection closed) before a byte is read. An upload must say
+  its size (``Content-Length``), as browsers do.
 - **Developer messages.** Streamlit takes, from any websocket, signed in or not, messages meant for the
   developer's menu: clear the caches (each one opened the store again and left a supervisor thread and a
   database engine behind), tell the checkout's git remote, branch and changed files, run on save, and the
@@ -57,7 +54,7 @@ from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.runtime import Runtime
 
 from storage.service import RIGHTS, SESSION_HOURS
-from web import sessions
+from web import sessions, uploads
 
 log = logging.getLogger(__name__)
 
@@ -185,65 +182,6 @@ async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
-RESERVE_BYTES = 1 << 30  # memory an upload must leave free on the machine
-
-
-def _available_memory() -> int:
-    """``MemAvailable`` of the machine in bytes (0: not known)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-# bytes of the uploads being received now, by session: a check and its reservation run on the server's event
-# loop with no await between them, so uploads sent at once are counted against each other
-_RECEIVING: dict[str, int] = {}
-
-
-def _page_limit() -> int:
-    try:
-        largest = int(config.get_option("server.maxUploadSize")) << 20
-    except Exception:
-        largest = 4096 << 20
-    given = os.environ.get("NEUROSEG_UPLOAD_MEMORY_MB", "").strip()
-    if given and not given.isdigit():
-        log.warning("$NEUROSEG_UPLOAD_MEMORY_MB is %r, not a number of MB: the default is used", given)
-    return (int(given) << 20 if given.isdigit() else 0) or 2 * largest
-
-
-def upload_room(session_id: str, incoming: int | None) -> str | None:
-    """Why the server cannot take an upload of ``incoming`` bytes into the session now (None: it can): see
-    the module's text (upload memory)."""
-    if incoming is None:
-        return "an upload must say its size (Content-Length)"
-    limit = _page_limit()
-    try:
-        manager = Runtime.instance().uploaded_file_mgr
-        with manager._lock:  # (Streamlit 1.67's MemoryUploadedFileManager: the files each session holds)
-            held = sum(len(f.data) for f in manager.file_storage.get(session_id, {}).values())
-    except Exception:  # no runtime, or another Streamlit: the machine's memory still counts
-        held = 0
-    held += _RECEIVING.get(session_id, 0)
-    if held + incoming > limit:
-        return (f"this page holds {held / 2**20:,.0f} MB of uploads already; with this one it would hold more "
-                f"than the {limit / 2**20:,.0f} MB a page may ($NEUROSEG_UPLOAD_MEMORY_MB): reload the page")
-    available = _available_memory() - sum(_RECEIVING.values())
-    if available and incoming > available - RESERVE_BYTES:
-        return (f"the server has {max(available - RESERVE_BYTES, 0) / 2**20:,.0f} MB of memory to spare now, "
-                "less than this upload: try again later, or import the stack from a folder on the server")
-    return None
-
-
-def _declared_length(headers: Headers) -> int | None:
-    value = headers.get("content-length", "")
-    return int(value) if value.isdigit() else None
-
-
 def back_message_kind(data: bytes) -> str | None:
     """What a websocket message from a browser asks of Streamlit (its ``BackMsg`` kind), or None when it is not
     one (Streamlit then says so itself)."""
@@ -345,14 +283,14 @@ class Guard:
                                                          "sign-in")
                 return
             if method == "PUT":
-                session, incoming = _upload_session(path), _declared_length(headers)
-                if full := upload_room(session, incoming):
+                session, incoming = _upload_session(path), uploads.declared_length(headers)
+                if full := uploads.upload_room(session, incoming):
                     log.warning("refused an upload: %s", full)  # (and its body is not read: closed)
                     await self._answer(send, 411 if "Content-Length" in full else 413, f"{full}\n".encode(),
                                        close=True)
                     return
                 receiving = (session, incoming or 0)
-                _RECEIVING[session] = _RECEIVING.get(session, 0) + receiving[1]
+                uploads.reserve(*receiving)
         elif path.startswith("/media/") and method in ("GET", "HEAD"):
             file_id = path.rsplit("/", 1)[-1].split(".", 1)[0]
             if not await _off_loop(_media_allowed, cookie_token(headers), file_id):
@@ -364,11 +302,7 @@ class Guard:
             await self.app(scope, receive, send)
         finally:
             if receiving is not None:  # (received and held by Streamlit now, or refused: no longer in flight)
-                left = _RECEIVING.get(receiving[0], 0) - receiving[1]
-                if left > 0:
-                    _RECEIVING[receiving[0]] = left
-                else:
-                    _RECEIVING.pop(receiving[0], None)
+                uploads.release(*receiving)
 
     async def _set_cookie(self, scope: Scope, receive: Receive, send: Send, headers: Headers, method: str) -> None:
         """Keep the page's sign-in as an HttpOnly cookie (a valid token), or delete it (an empty one). The
