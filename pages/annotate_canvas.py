@@ -13,7 +13,7 @@ from streamlit_drawable_canvas import st_canvas  # needs a running Streamlit: pa
 
 import pages.state as state
 from pages.annotate_objects import RESETS, Neurons, act
-from pages.annotate_panels import Edit, pending_strokes
+from pages.annotate_panels import Edit, canvas_data, pending_strokes
 from pages.canvas_aids import room
 from pages.common import can, frame_guard
 from ui.annotation import Draft, trim_histories
@@ -114,7 +114,7 @@ def canvas_panel(edit: Edit, draft: Draft, volume: np.ndarray, tools: Tools, obj
                            background_image=cache["url"], height=display_h, width=display_w, drawing_mode="freedraw",
                            return_image_data=True, key=draft.canvas_key, max_display_height=max(480, room_h - 120),
                            update_streamlit=True)
-        draft.apply(result.image_data)
+        draft.apply_canvas(canvas_data(draft.canvas_key))  # (its data URL, decoded only when it is the canvas's)
         st.session_state[CANVAS_SETTLED] = result.background_fit is not None
     else:  # a viewer sees the slice and its mask, with nothing to paint on
         st.image(cache["url"], width=display_w, caption="View only: your role cannot paint or save masks.")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import streamlit as st
-from streamlit_drawable_canvas import CanvasResult  # needs a running Streamlit: pages only
 
 import pages.state as state
 from domain.records import MaskInfo
@@ -153,10 +152,17 @@ def _requested(edit: Edit, draft: Draft | None, latest: MaskInfo | None, predict
 
 def pending_strokes(d: Draft) -> None:
     """Merge what the canvas sent with the click that runs a callback (callbacks run before the page)."""
-    canvas = st.session_state.get(d.canvas_key)
-    data = ((canvas or {}).get("drawing") or {}).get("data") if isinstance(canvas, dict) else None
+    data = canvas_data(d.canvas_key)
     if data:
-        d.apply(CanvasResult(None, data, return_image_data=True).image_data)
+        d.apply_canvas(data)
+
+
+def canvas_data(key: str) -> object:
+    """What the canvas ``key`` sent last (its strokes as a PNG data URL), as the browser sent it: nothing here
+    trusts its shape."""
+    canvas = st.session_state.get(key)
+    drawing = canvas.get("drawing") if isinstance(canvas, dict) else None
+    return drawing.get("data") if isinstance(drawing, dict) else None
 
 
 # --- the callbacks of the edit ---------------------------------------------------------------------------

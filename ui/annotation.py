@@ -23,7 +23,7 @@ import numpy as np
 from domain.kinds import MaskKind, RunStatus, Tool
 from domain.records import DraftStart, MaskInfo, PredictionInfo, StoredDraft
 from ui.history import SESSION_UNDO_BYTES, UNDO_BYTES, UNDO_STEPS, Step
-from ui.paint import View, merge_strokes
+from ui.paint import View, decode_strokes, merge_strokes
 from unet.training.labels import IGNORE
 
 
@@ -173,6 +173,13 @@ class Draft:
         if self.working is not self.view_base:
             self.view_base = self.working
             self.generation += 1
+
+    def apply_canvas(self, data_url: object) -> None:
+        """The canvas's strokes as it sends them (a PNG data URL): decoded only when it is a PNG of the canvas's
+        own size (:func:`ui.paint.decode_strokes`), else ignored."""
+        if self.view is None:
+            raise RuntimeError("set_view before applying strokes")
+        self.apply(decode_strokes(data_url, self.view.display_shape))
 
     def apply(self, rgba: np.ndarray | None) -> None:
         """The canvas's strokes (all of them since it was mounted, RGBA in display pixels)."""

@@ -53,7 +53,7 @@ def line_points(json_data: dict[str, Any] | None, view: View) -> list[tuple[int,
     for command in paths[-1]["path"][:LINE_POINTS_MAX]:
         try:
             x, y = float(command[-2]), float(command[-1])
-        except (TypeError, ValueError, IndexError, KeyError):
+        except (TypeError, ValueError, OverflowError, IndexError, KeyError):  # (a forged value: no point)
             continue
         if math.isfinite(x) and math.isfinite(y):
             points.append(_in_view(y, x, view))
@@ -72,7 +72,7 @@ def click_points(json_data: dict[str, Any] | None, view: View) -> list[tuple[int
         try:  # (the browser sends these: a forged value is skipped, or kept inside the view shown)
             x = float(obj.get("left", 0)) + float(obj.get("radius", 0)) + float(obj.get("strokeWidth", 0)) / 2
             y = float(obj.get("top", 0))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (a forged value: no point)
             continue
         if not (math.isfinite(x) and math.isfinite(y)):
             continue

@@ -34,7 +34,7 @@ it, and serves ``/media`` files to whoever has the URL. Here:
 - **Developer messages.** Streamlit takes, from any websocket, signed in or not, messages meant for the
   developer's menu: clear the caches (each one opened the store again and left a supervisor thread and a
   database engine behind), tell the checkout's git remote, branch and changed files, run on save, and the
-  debug ones. They are dropped here (:data:`DROPPED_MESSAGES`); ``/_stcore/metrics`` (who is online, what
+  debug ones. They are dropped here (:mod:`web.sockets`); ``/_stcore/metrics`` (who is online, what
   media is held) is an admin's (their sign-in cookie), and Streamlit's HTTP agent API is refused.
 """
 
@@ -50,11 +50,10 @@ import anyio.to_thread
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from streamlit import config
-from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.runtime import Runtime
 
 from storage.service import RIGHTS, SESSION_HOURS
-from web import sessions, uploads
+from web import sessions, sockets, uploads
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +67,6 @@ UPLOAD_CHECK = "/_neuroseg/upload-check"  # for nginx's auth_request
 COOKIE_ROUTE = "/_neuroseg/cookie"  # the page's sign-in becomes an HttpOnly cookie here
 TOKEN_HEADER = "x-neuroseg-token"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-DROPPED_MESSAGES = frozenset({"clear_cache", "load_git_info", "set_run_on_save", "debug_disconnect_websocket",
-                              "debug_shutdown_runtime"})  # BackMsg kinds of the developer's menu
 ADMIN_ROUTES = ("/_stcore/metrics",)  # (who is online, what media is held: an admin's, with their sign-in cookie)
 REFUSED_PREFIXES = ("/_stcore/agent/",)  # (Streamlit's HTTP agent API, off by default: never past the guard)
 
@@ -182,44 +179,6 @@ async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
-def back_message_kind(data: bytes) -> str | None:
-    """What a websocket message from a browser asks of Streamlit (its ``BackMsg`` kind), or None when it is not
-    one (Streamlit then says so itself)."""
-    message = BackMsg()
-    try:
-        message.ParseFromString(data)
-    except Exception:  # (protobuf's DecodeError: bytes that are no BackMsg)
-        return None
-    return message.WhichOneof("type")
-
-
-def _largest_message() -> int:
-    try:
-        return int(config.get_option("server.maxWidgetStateSize")) << 20
-    except Exception:
-        return 25 << 20
-
-
-def _without_developer_messages(receive: Receive) -> Receive:
-    """``receive`` of a websocket, without the messages of the developer's menu (:data:`DROPPED_MESSAGES`); a
-    message larger than Streamlit takes is passed on unread (Streamlit closes the websocket), and a dropped
-    one is logged once per websocket."""
-    largest, told = _largest_message(), []
-
-    async def receiving() -> MutableMapping[str, Any]:
-        while True:
-            message = await receive()
-            data = message.get("bytes") if message.get("type") == "websocket.receive" else None
-            kind = back_message_kind(data) if data and len(data) <= largest else None
-            if kind not in DROPPED_MESSAGES:
-                return message
-            if not told:
-                told.append(kind)
-                log.warning("dropped a websocket message %r (the developer's menu), and any more of them", kind)
-
-    return receiving
-
-
 FRAME_HEADERS = [(b"content-security-policy", b"frame-ancestors 'self'"), (b"x-frame-options", b"SAMEORIGIN")]
 
 
@@ -267,7 +226,7 @@ class Guard:
         receiving: tuple[str, int] | None = None  # an upload admitted: (its session, its bytes)
         if scope["type"] == "websocket":
             scope = self._without_foreign_reconnect(scope, headers)
-            receive = _without_developer_messages(receive)
+            receive, send = sockets.filtered(receive, send)
         elif path == UPLOAD_CHECK:  # nginx asks before it passes an upload on
             original = _route(headers.get("x-original-uri", "").split("?", 1)[0])
             allowed = UPLOAD_PREFIX in original and await _off_loop(

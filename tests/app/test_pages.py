@@ -209,6 +209,48 @@ def test_annotate_paint_save_history_and_restore(app_data_dir):
     assert list(at.dataframe[0].value["from"])[:2] == ["restores v1", "v1"], "v3 names the version it copies"
 
 
+def _png_url(picture: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    picture.save(buf, format=fmt)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_what_the_canvas_sends_is_decoded_only_when_it_is_the_canvass_own_png(app_data_dir):
+    """The canvas's value comes from the browser. Its library decoded whatever Pillow reads, whole, before the
+    size was looked at (a 0.75 MB PNG of 12,000² pixels: 549 MiB per rerun), and a value of another kind
+    showed a traceback. Only a PNG of the canvas's size is decoded; anything else is no stroke."""
+    import tracemalloc
+
+    from ui.paint import decode_strokes
+
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[5:9, 5:50] = (*PALETTE[MEMBRANE], 153)
+    np.testing.assert_array_equal(decode_strokes(_png_url(Image.fromarray(rgba)), (40, 60)), rgba)
+    big = _png_url(Image.new("RGBA", (3000, 3000)))
+    tracemalloc.start()
+    try:
+        assert decode_strokes(big, (768, 768)) is None  # (its header says so: nothing decoded)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, peak
+    for forged in (5, None, [1], "data:image/png;base64,!!!", "data:image/png;base64," + "A" * 40,
+                   _png_url(Image.new("RGB", (60, 40))), _png_url(Image.new("RGBA", (60, 40)), "TIFF"),
+                   _png_url(Image.new("RGBA", (60, 40)), "GIF"), "text/plain,x"):
+        assert decode_strokes(forged, (40, 60)) is None, forged
+    # and on the page: forged values are no strokes, and no traceback
+    store(app_data_dir).load_demo()
+    at = app()
+    at.switch_page(PAGES["Annotate"]).run()
+    for data in (7, "not a data url", big, _png_url(Image.new("RGB", (768, 768)))):
+        at.session_state[canvas_key(at)] = {"drawing": {"raw": {"objects": []}, "data": data}, "backgroundFit": None}
+        at.run()
+        assert not at.exception, at.exception
+        assert "No unsaved changes on this slice." in texts(at.markdown)
+    draw(at, slice(300, 330), slice(90, 690), MEMBRANE)  # the canvas's own strokes still count
+    assert "**Unsaved:" in texts(at.markdown)
+
+
 def test_unsaved_strokes_are_kept_across_slices_and_pages(app_data_dir):
     demo = store(app_data_dir).load_demo()
     at = app("Annotate")

@@ -57,3 +57,52 @@ def test_routes_under_a_base_path_and_the_cookie_it_sets(monkeypatch):
     cookie = session_cookie("a b;c", 3600, secure=True).decode()
     assert cookie.startswith("neuroseg_session=a%20b%3Bc;") and "HttpOnly" in cookie and "Secure" in cookie
     assert "Max-Age=0" in session_cookie("", 3600, secure=False).decode()
+
+
+def test_a_websocket_drops_the_developers_messages_and_large_ones_before_a_sign_in():
+    """What web.sockets lets through, message by message, as the server's websocket hands them over: the
+    developer menu's messages never; a message over 64 kB only once the session it serves is signed in (a
+    24 MB value of nested JSON took ~570 MiB and seconds of the interpreter from an anonymous session)."""
+    import asyncio
+
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    from web import sessions
+    from web.sockets import filtered
+
+    def back(kind: str, size: int = 0) -> dict:
+        msg = BackMsg()
+        if kind == "rerun_script":
+            msg.rerun_script.query_string = "x" * size
+        else:
+            setattr(msg, kind, True)
+        return {"type": "websocket.receive", "bytes": msg.SerializeToString()}
+
+    hello = ForwardMsg()
+    hello.new_session.initialize.session_id = "session-7"
+    incoming = [back("clear_cache"), back("rerun_script", 100 << 10), back("rerun_script", 10),
+                back("load_git_info"), back("rerun_script", 100 << 10), {"type": "websocket.disconnect"}]
+    got, sent = [], []
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    async def talk() -> None:
+        receiving, sending = filtered(receive, send)
+        got.append(await receiving())  # the developer's message and the anonymous 100 kB one dropped
+        await sending({"type": "websocket.send", "bytes": hello.SerializeToString()})  # (the session it serves)
+        sessions.bind("session-7", "token-of-ann")  # its page signed in
+        got.append(await receiving())
+        got.append(await receiving())
+
+    try:
+        asyncio.run(talk())
+    finally:
+        sessions.unbind("session-7")
+    assert [len(m.get("bytes", b"")) for m in got] == [len(back("rerun_script", 10)["bytes"]),
+                                                        len(back("rerun_script", 100 << 10)["bytes"]), 0]
+    assert got[-1]["type"] == "websocket.disconnect" and len(sent) == 1

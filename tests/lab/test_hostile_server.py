@@ -433,7 +433,7 @@ def test_the_developers_messages_of_an_anonymous_websocket_are_dropped(server):
     from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
     from websockets.sync.client import connect
 
-    from web.guard import DROPPED_MESSAGES, back_message_kind
+    from web.sockets import DROPPED_MESSAGES, back_message_kind
 
     def message(kind: str) -> bytes:
         msg = BackMsg()
@@ -509,25 +509,28 @@ def test_uploads_held_in_memory_are_bounded(server, browser):
     # uploads sent at once count against each other: one still being received holds its room
     context, _page, session, token, xsrf = _signed_in_page(browser, server, "uma")
     try:
-        import http.client
-
         boundary = "neurosegboundary"
         head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.tif\"\r\n"
                 "Content-Type: image/tiff\r\n\r\n").encode()
         body = head + part + f"\r\n--{boundary}--\r\n".encode()
         host, port = server.removeprefix("http://").rsplit(":", 1)
-        slow = http.client.HTTPConnection(host, int(port), timeout=60)
-        slow.putrequest("PUT", f"/_stcore/upload_file/{session}/slow")
-        for name, value in (("Content-Type", f"multipart/form-data; boundary={boundary}"), ("X-Xsrftoken", xsrf),
-                            ("Cookie", f"_streamlit_xsrf={xsrf}; {SESSION_COOKIE}={token}"),
-                            ("Content-Length", str(len(body)))):
-            slow.putheader(name, value)
-        slow.endheaders()
-        slow.send(body[:1000])  # (its headers are in, its body is still coming)
-        status, said = _put_file(server, session, xsrf, part, token, file_id="meanwhile")
-        assert status == 413 and b"holds 1 MB of uploads already" in said, said
-        slow.send(body[1000:])
-        assert slow.getresponse().status == 204
-        slow.close()
+        with socket.create_connection((host, int(port)), timeout=60) as slow:
+            # its headers, asking to go on: the server says "100 Continue" once the upload is admitted and its
+            # body is being read (nothing is in flight before that)
+            slow.sendall((f"PUT /_stcore/upload_file/{session}/slow HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                          f"Content-Type: multipart/form-data; boundary={boundary}\r\nX-Xsrftoken: {xsrf}\r\n"
+                          f"Cookie: _streamlit_xsrf={xsrf}; {SESSION_COOKIE}={token}\r\n"
+                          f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode())
+            said = b""
+            while b"\r\n\r\n" not in said:
+                said += slow.recv(4096)
+            assert said.startswith(b"HTTP/1.1 100"), said
+            status, refusal = _put_file(server, session, xsrf, part, token, file_id="meanwhile")
+            assert status == 413 and b"holds 1 MB of uploads already" in refusal, refusal
+            slow.sendall(body)
+            answer = b""
+            while b"\r\n" not in answer:
+                answer += slow.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 204"), answer
     finally:
         context.close()
