@@ -151,17 +151,16 @@ def test_a_page_on_another_port_or_host_cannot_open_the_websocket(server):
         assert response.headers["X-Frame-Options"] == "SAMEORIGIN"
 
 
-def _put_file(url: str, session: str, xsrf: str, data: bytes, cookie: str = "", file_id: str = "probe-file",
-              chunked: bool = False) -> tuple[int, bytes]:
+def _put_file(url: str, session: str, xsrf: str, data: bytes, cookie: str = "",
+              file_id: str = "probe-file") -> tuple[int, bytes]:
     boundary = "neurosegboundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.tif\"\r\n"
             f"Content-Type: image/tiff\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     cookies = f"_streamlit_xsrf={xsrf}" + (f"; {SESSION_COOKIE}={cookie}" if cookie else "")
     request = urllib.request.Request(f"{url}/_stcore/upload_file/{session}/{file_id}",
-                                     data=iter([body]) if chunked else body, method="PUT",
+                                     data=body, method="PUT",
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
-                                              "X-Xsrftoken": xsrf, "Cookie": cookies,
-                                              **({"Transfer-Encoding": "chunked"} if chunked else {})})
+                                              "X-Xsrftoken": xsrf, "Cookie": cookies})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read()
@@ -491,6 +490,22 @@ def test_a_forwarded_for_header_does_not_choose_the_sign_in_address(server, brow
     assert row.address in ("127.0.0.1", "localhost", "::1"), row.address
 
 
+def _put_headers(url: str, session: str, xsrf: str, token: str, file_id: str, length: str) -> tuple[int, bytes]:
+    """An upload's request line and headers (``length``: its Content-Length or Transfer-Encoding), and the
+    server's answer to them alone."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall((f"PUT /_stcore/upload_file/{session}/{file_id} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                      "Content-Type: multipart/form-data; boundary=neurosegboundary\r\n"
+                      f"X-Xsrftoken: {xsrf}\r\nCookie: _streamlit_xsrf={xsrf}; {SESSION_COOKIE}={token}\r\n"
+                      f"{length}\r\n\r\n").encode())
+        answer = b""
+        while chunk := sock.recv(65536):  # (the server closes the connection after a refusal)
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
 def test_uploads_held_in_memory_are_bounded(server, browser):
     """Streamlit keeps each upload whole in memory until its page lets it go: a signed-in annotator PUTting
     200 MiB files under new ids filled the server's memory. A page's uploads together stay within
@@ -500,9 +515,10 @@ def test_uploads_held_in_memory_are_bounded(server, browser):
     try:
         part = os.urandom(700_000)
         assert _put_file(server, session, xsrf, part, token, file_id="first")[0] == 204
-        status, said = _put_file(server, session, xsrf, part, token, file_id="second")
+        # (the refusals come before a byte of the body is read, and close the connection: only headers are sent)
+        status, said = _put_headers(server, session, xsrf, token, "second", f"Content-Length: {len(part) + 200}")
         assert status == 413 and b"holds 1 MB of uploads already" in said, said
-        assert _put_file(server, session, xsrf, b"x" * 100, token, file_id="third", chunked=True)[0] == 411
+        assert _put_headers(server, session, xsrf, token, "third", "Transfer-Encoding: chunked")[0] == 411
         assert _put_file(server, session, xsrf, b"x" * 100, token, file_id="fourth")[0] == 204  # room for it
     finally:
         context.close()
@@ -525,7 +541,8 @@ def test_uploads_held_in_memory_are_bounded(server, browser):
             while b"\r\n\r\n" not in said:
                 said += slow.recv(4096)
             assert said.startswith(b"HTTP/1.1 100"), said
-            status, refusal = _put_file(server, session, xsrf, part, token, file_id="meanwhile")
+            status, refusal = _put_headers(server, session, xsrf, token, "meanwhile",
+                                           f"Content-Length: {len(body)}")
             assert status == 413 and b"holds 1 MB of uploads already" in refusal, refusal
             slow.sendall(body)
             answer = b""
