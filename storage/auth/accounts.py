@@ -235,12 +235,16 @@ def _locked_until(session: Session, user: User | None, name: str) -> datetime | 
     return aware(last) + wait if wait and last is not None else None
 
 
+EXPIRED_KEPT = timedelta(days=1)  # how long an expired sign-in is kept, so a browser is told it expired
+
+
 def new_session(session: Session, user: User, address: str, method: str) -> str:
     token = secrets.token_urlsafe(32)
     moment = now()
     session.add(SignIn(token_sha256=token_digest(token), user_id=user.id, created=moment,
                        expires=moment + timedelta(hours=SESSION_HOURS), address=address[:64], method=method))
-    session.execute(delete(SignIn).where(SignIn.expires < moment))  # forget the expired ones
+    # forget the sign-ins expired a day ago (until then, a browser that comes back is told that its expired)
+    session.execute(delete(SignIn).where(SignIn.expires < moment - EXPIRED_KEPT))
     user.last_sign_in = moment
     return token
 
@@ -307,8 +311,7 @@ def session_actor(session: Session, token: str, address: str = "") -> Actor:
     row = session.get(SignIn, token_digest(token)) if token else None
     if row is None:
         raise SignInError("Please sign in.")
-    if aware(row.expires) <= now():
-        session.delete(row)
+    if aware(row.expires) <= now():  # (kept: every check of it, the page's and its pictures', says the same)
         raise SessionExpired("Your session has expired: sign in again. Nothing you saved is lost, and unsaved "
                              "annotation is kept for you.")
     user = session.get(User, row.user_id)
