@@ -309,6 +309,7 @@ class Deleted:
     files: int = 0
     predictions: int = 0
     others: tuple[str, ...] = ()  # another user's runs and predictions it takes ("run 5 (bob)"): the admin's to delete
+    refused: str = ""  # why the signed-in user may not do it for that reason (a preview says it; the delete refuses)
 
     def __add__(self, other: Deleted) -> Deleted:
         return Deleted(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))

@@ -58,7 +58,7 @@ def can(right: str) -> bool:
 def release_uploads(*files) -> None:
     """Let Streamlit forget uploaded files once they are stored. It keeps each upload whole in memory until the
     page is closed (nothing frees it when its uploader leaves the page), and the guard bounds what a page may
-    hold (:func:`web.guard.upload_room`): a second stack in the same tab would be refused."""
+    hold (:func:`web.uploads.upload_room`): a second stack in the same tab would be refused."""
     ctx = get_script_run_ctx()
     if ctx is None:
         return

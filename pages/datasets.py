@@ -142,9 +142,7 @@ with st.expander("Delete this dataset"):
     preview = svc.deletion_preview(dataset_id)
     st.warning(f"Deleting **{plain(info.name)}** removes {preview.describe()}: the stack, every mask version of every "
                "slice, and the runs that trained on it with their checkpoints. This cannot be undone.")
-    if preview.others and not can("admin"):
-        refused = refused or (f"It would also delete other users' work: {', '.join(preview.others)}. Ask them to "
-                              "delete it first, or an admin.")
+    refused = refused or preview.refused
     if refused:
         st.caption(refused)
     confirm = st.text_input("Type the dataset's name to confirm", key=f"confirm_delete_{dataset_id}",

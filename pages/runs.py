@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from domain.kinds import CheckpointKind, RunKind, RunStatus
-from pages.common import attempt, can, start_page
+from pages.common import attempt, start_page
 from ui.figures import METRIC_NAMES, run_curves_figure
 from ui.text import plain
 from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration, score_rows, score_summary
@@ -178,9 +178,7 @@ with one:
         st.warning(f"Deleting run {run.id} removes {preview.describe()}: its metrics, checkpoints, log and the "
                    "predictions made with it. Its datasets and mask versions stay.")
         refused = svc.refusal("manage", "run", run.id)  # (the service checks the call again)
-        if preview.others and not refused and not can("admin"):
-            refused = (f"It would also delete other users' work: {', '.join(preview.others)}. Ask them to delete "
-                       "it first, or an admin.")
+        refused = refused or preview.refused
         if refused:
             st.caption(refused)
         elif run.active:

@@ -166,15 +166,25 @@ class Facade:
         except OSError as exc:
             raise UserError(ingest.disk_message(exc)) from exc
 
-    def _deletion_preview(self, plan_of: Callable[[Session], deletion.Plan]) -> Deleted:
-        """What a delete would remove, with another user's runs and predictions it would take named."""
+    def _deletion_preview(self, plan_of: Callable[[Session], deletion.Plan], what: str) -> Deleted:
+        """What a delete would remove, with another user's runs and predictions it would take named (and the
+        refusal the delete would meet for them)."""
 
         def look(s: Session) -> Deleted:
             plan = plan_of(s)
-            return dataclasses.replace(deletion.preview(self.store, plan),
-                                       others=tuple(deletion.others(plan, self.actor.user_id)))
+            theirs = deletion.others(plan, self.actor.user_id)
+            return dataclasses.replace(deletion.preview(self.store, plan), others=tuple(theirs),
+                                       refused=self._others_refusal(theirs, what))
 
         return self._tx(look)
+
+    def _others_refusal(self, theirs: list[str], what: str) -> str:
+        """Why this actor may not take ``theirs`` (another user's runs and predictions) with the delete of
+        ``what``: "" for an admin, or when there are none."""
+        if not theirs or self.actor.role == "admin":
+            return ""
+        return (f"Deleting {what} would also delete {', '.join(theirs)}, which you do not own: ask the owner to "
+                "delete it first, or an admin.")
 
     def _delete_planned(self, plan_of: Callable[[Session], deletion.Plan], what: str) -> Deleted:
         """Carry out a delete's plan (:mod:`storage.records.deletion`). Another user's runs and predictions
@@ -184,10 +194,9 @@ class Facade:
 
         def carry_out(s: Session) -> tuple[deletion.Plan, Deleted]:
             plan = plan_of(s)
-            theirs = deletion.others(plan, self.actor.user_id)
-            if theirs and self.actor.role != "admin" and not plan.refusal:
-                raise access.Denied(f"Deleting {what} would also delete {', '.join(theirs)}, which you do not own: "
-                                    "ask the owner to delete it first, or an admin.")
+            refused = self._others_refusal(deletion.others(plan, self.actor.user_id), what)
+            if refused and not plan.refusal:
+                raise access.Denied(refused)
             return plan, deletion.execute(s, self.store, plan)
 
         plan, deleted = self._tx(carry_out)

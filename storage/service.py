@@ -40,6 +40,7 @@ from storage.text import NAME_MAX, NOTES_MAX
 from unet.exchange.io import parse_slices
 from unet.network.config import PRESETS, TrainConfig
 from unet.network.device import describe_device, pick_device
+from unet.network.threads import available_memory
 
 __all__ = [
     "NAME_MAX",
@@ -54,6 +55,7 @@ __all__ = [
     "Neuroseg",
     "RunStatus",
     "UserError",
+    "available_memory",
     "isbi_dir",
     "settings_from_env",
     "shared_service",

@@ -14,21 +14,11 @@ from starlette.datastructures import Headers
 from streamlit import config
 from streamlit.runtime import Runtime
 
+from storage.service import available_memory
+
 log = logging.getLogger(__name__)
 
 RESERVE_BYTES = 1 << 30  # memory an upload must leave free on the machine
-
-
-def _available_memory() -> int:
-    """``MemAvailable`` of the machine in bytes (0: not known)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 # bytes of the uploads being received now, by session: a check and its reservation run on the server's event
@@ -63,8 +53,9 @@ def upload_room(session_id: str, incoming: int | None) -> str | None:
     if held + incoming > limit:
         return (f"this page holds {held / 2**20:,.0f} MB of uploads already; with this one it would hold more "
                 f"than the {limit / 2**20:,.0f} MB a page may ($NEUROSEG_UPLOAD_MEMORY_MB): reload the page")
-    available = _available_memory() - sum(RECEIVING.values())
-    if available and incoming > available - RESERVE_BYTES:
+    free = available_memory()  # (0: not known, and then not counted)
+    available = free - sum(RECEIVING.values())
+    if free and incoming > available - RESERVE_BYTES:
         return (f"the server has {max(available - RESERVE_BYTES, 0) / 2**20:,.0f} MB of memory to spare now, "
                 "less than this upload: try again later, or import the stack from a folder on the server")
     return None

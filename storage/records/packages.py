@@ -102,7 +102,7 @@ def check_zip(path: Path) -> list[zipfile.ZipInfo]:
         members = archive.infolist()
         if len(members) > MAX_MEMBERS:
             raise PackageRefused(f"the zip has {len(members):,} members (at most {MAX_MEMBERS:,})")
-        total, seen, folders = 0, set(), set()
+        total, seen, files, folders = 0, set(), set(), set()
         for info in members:
             name = info.filename
             parts = PurePosixPath(name.replace("\\", "/")).parts
@@ -118,12 +118,13 @@ def check_zip(path: Path) -> list[zipfile.ZipInfo]:
             if not info.is_dir() and parts in seen:
                 raise PackageRefused(f"the zip has two members for {'/'.join(parts)!r}")
             seen.add(parts)
+            if not info.is_dir():
+                files.add(parts)
             total += info.file_size
             if info.file_size > 1 << 20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
                 raise PackageRefused(f"{name!r} unpacks to {info.file_size:,} bytes from {info.compress_size:,} "
                                      "(a zip bomb?)")
-        both = sorted("/".join(p) for p in seen & folders if not any(
-            m.is_dir() and PurePosixPath(m.filename.replace("\\", "/")).parts == p for m in members))
+        both = sorted("/".join(p) for p in files & folders)
         if both:  # ("a" and "a/b": one of them cannot be unpacked)
             raise PackageRefused(f"the zip has {both[0]!r} both as a file and as a folder")
         if total > MAX_UNPACKED:

@@ -95,7 +95,8 @@ class DataService(Facade):
         return float(low), float(high)
 
     def deletion_preview(self, dataset_id: int) -> Deleted:
-        return self._deletion_preview(lambda s: deletion.plan_dataset(s, self.store, dataset_id))
+        return self._deletion_preview(lambda s: deletion.plan_dataset(s, self.store, dataset_id),
+                                      f"dataset {dataset_id}")
 
     @guard("delete", "manage", "dataset", owned=True)
     def delete_dataset(self, dataset_id: int) -> Deleted:

@@ -142,7 +142,7 @@ class ModelsService(Facade):
         return self._tx(runs.lineage, run_id)
 
     def run_deletion_preview(self, run_id: int) -> Deleted:
-        return self._deletion_preview(lambda s: deletion.plan_run(s, self.store, run_id))
+        return self._deletion_preview(lambda s: deletion.plan_run(s, self.store, run_id), f"run {run_id}")
 
     @guard("delete", "manage", "run", owned=True)
     def delete_run(self, run_id: int) -> Deleted:
@@ -167,7 +167,8 @@ class ModelsService(Facade):
         return self.prediction(prediction_id)
 
     def prediction_deletion_preview(self, prediction_id: int) -> Deleted:
-        return self._deletion_preview(lambda s: deletion.plan_prediction(s, self.store, prediction_id))
+        return self._deletion_preview(lambda s: deletion.plan_prediction(s, self.store, prediction_id),
+                                      f"prediction {prediction_id}")
 
     @guard("delete", "manage", "prediction", owned=True)
     def delete_prediction(self, prediction_id: int) -> Deleted:

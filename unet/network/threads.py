@@ -46,6 +46,18 @@ def usable_cores() -> int:
     return max(1, min(cores, quota)) if quota else cores
 
 
+def available_memory() -> int:
+    """The memory the machine can still give, in bytes (``MemAvailable``; 0: not known)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def omp_threads() -> int | None:
     """The threads per process an operator set with ``$OMP_NUM_THREADS`` (None: not set, or not a number)."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet.network.threads import omp_threads, usable_cores
+from unet.network.threads import available_memory, omp_threads, usable_cores
 from unet.prediction.blocks import Block, BlockJob, create_outputs, finished_blocks, marker_path, plan
 from unet.prediction.blockwise import model_of, run_block, run_tile
 from unet.prediction.pipeline import run_slices
@@ -42,20 +42,9 @@ def default_workers(n_blocks: int, block_pixels: int) -> int:
     if gpus:
         return max(1, min(gpus, n_blocks))
     per_block = BYTES_PER_PIXEL * block_pixels + (300 << 20)
-    available = _available_memory()
+    available = available_memory()
     by_memory = max(1, int(available * 0.6 // per_block)) if available else 1
     return max(1, min(usable_cores(), n_blocks, by_memory))
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _target_part(target: np.ndarray | None, block: Block) -> np.ndarray | None:
@@ -117,10 +106,14 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
     n = 1 if scheduler else (workers or default_workers(len(pending), int((np.sqrt(largest) + 2 * halo + 128) ** 2)))
     share = share if not (scheduler or job.threads) else None  # (a job's own thread count is kept)
     cores = cores or (share() if share else None)
-    ceiling = omp_threads()  # (torch threads per process never beyond what an operator set)
+    ceiling = omp_threads()
+
+    def capped(threads: int) -> int:  # torch threads per process: never beyond what an operator set
+        return max(1, min(threads, ceiling or threads))
+
     if cores and not scheduler:
         n = min(n, cores)
-        job = replace(job, threads=job.threads or max(1, min(cores // n, ceiling or cores)))
+        job = replace(job, threads=job.threads or capped(cores // n))
     if not scheduler and n == 1:
         whole = [i for i, left in todo.items() if left and left[0].part is None]
         if pipeline is None and whole:
@@ -143,8 +136,8 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
                 if block.part is None:
                     done[i] = result
                 report(count, total)
-                if share and min(share(), ceiling or share()) != job.threads:  # (fewer beside another CPU job)
-                    job = replace(job, threads=min(share(), ceiling or share()))
+                if share and capped(share()) != job.threads:  # (fewer threads beside another CPU job)
+                    job = replace(job, threads=capped(share()))
             if i not in done:
                 done[i] = stitch(job, i, shape)
         return done
@@ -152,8 +145,7 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
 
     cluster = None
     if not scheduler:
-        threads = max(1, min(usable_cores() // n, ceiling or usable_cores()))  # (with ``cores``, set above)
-        job = replace(job, threads=job.threads or threads)
+        job = replace(job, threads=job.threads or capped(usable_cores() // n))  # (with ``cores``, set above)
         # on loopback only, its HTTP endpoint on a free port (no dashboard is installed)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address="127.0.0.1:0", silence_logs=40, memory_limit=0)
