@@ -318,21 +318,8 @@ def correct_by_objects(page, data_dir):
     page.locator("canvas.upper-canvas").scroll_into_view_if_needed()
     unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
 
-    def pick(tool, key=None):
-        shown = annotate_render(page)
-        if key:
-            page.evaluate("document.activeElement && document.activeElement.blur()")  # (to the page, not a widget)
-            page.keyboard.press(key)
-        else:
-            tool_button(page, tool).click()
-        await_annotate_render(page, shown)  # the canvas of this tool's clicks is up, its props arrived
-        value = {"Accept a neuron": "accept", "Merge two": "merge", "Erase a neuron": "erase",
-                 "Split (two seeds)": "split", "Fill a region": "fill", "Don't know (a region)": "don't know",
-                 "Split along a line": "split line"}[tool]
-        return page.locator(f'[class*="-{value.replace(" ", "_").replace(chr(39), "_")}-"] canvas.upper-canvas')
-
     def use(tool, *points, key=None):
-        canvas = pick(tool, key)
+        canvas = pick_tool(page, tool, key)
         before = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).all_inner_texts()
         for i, point in enumerate(points):
             shown = annotate_render(page)
@@ -358,7 +345,7 @@ def correct_by_objects(page, data_dir):
     use("Fill a region", inner[g])
     use("Don't know (a region)", inner[h])
 
-    canvas = pick("Split along a line", key="l")
+    canvas = pick_tool(page, "Split along a line", key="l")
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     ratio = box["width"] / instances.shape[1]
@@ -389,6 +376,33 @@ class Fixed:
         saved = svc.history(self.dataset_id, self.z)[-1]
         assert done[self.item_id].mask_version_id == saved.id and saved.tools == self.tools
         np.testing.assert_array_equal(svc.mask(saved.id), self.expected)
+
+
+def pick_tool(page, tool: str, key=None):
+    """Pick an object tool by its button (or its key) and return the canvas its clicks go to, once it is up."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    value = {"Accept a neuron": "accept", "Merge two": "merge", "Erase a neuron": "erase",
+             "Split (two seeds)": "split", "Fill a region": "fill", "Don't know (a region)": "don't know",
+             "Split along a line": "split line"}[tool]
+    canvas = page.locator(f'[class*="-{value.replace(" ", "_").replace(chr(39), "_")}-"] canvas.upper-canvas')
+    # a click on the tool's button as a rerun replaces the row (the old row shows beside the new one for a
+    # moment) can land on a button that is gone before the mouse is up: under CI load the pick was lost
+    # once, and the page kept the last tool's canvas. A user clicks again when the tool does not light up.
+    for attempt in range(3):
+        shown = annotate_render(page)
+        if key:
+            page.evaluate("document.activeElement && document.activeElement.blur()")  # (to the page)
+            page.keyboard.press(key)
+        else:
+            tool_button(page, tool).click()
+        await_annotate_render(page, shown)  # the canvas of this tool's clicks is up, its props arrived
+        try:
+            canvas.wait_for(timeout=20_000 if attempt < 2 else TIMEOUT_MS)
+            return canvas
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
 
 
 def tool_button(page, tool: str):
@@ -440,10 +454,7 @@ def next_to_fix(page, data_dir):
     start = svc.mask(history[-1].id) if history else to_mask(prob)  # what was saved there stays
 
     unsaved = page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels")).first
-    shown = annotate_render(page)
-    tool_button(page, "Erase a neuron").click()
-    await_annotate_render(page, shown)
-    canvas = page.locator('[class*="-erase-"] canvas.upper-canvas')
+    canvas = pick_tool(page, "Erase a neuron")
     shown = annotate_render(page)
     _click(page, canvas, *at, instances.shape)
     await_annotate_render(page, shown)
