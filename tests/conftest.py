@@ -11,13 +11,20 @@ import os
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NEUROSEG_TRAIN_THREADS",
               "NEUROSEG_LIVE_THREADS"):
     os.environ.setdefault(_name, "1")
+# The tests see the tracebacks of the apps they run, on their servers' pages (`streamlit run` reads the
+# variable) and in AppTest's elements (in this process, the option): the app's configuration shows a user
+# an error's type only (test_the_server_runs_with_production_settings checks that it does)
+os.environ.setdefault("STREAMLIT_CLIENT_SHOW_ERROR_DETAILS", "full")
 
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from streamlit import config as _streamlit_config  # noqa: E402
 
 from tests.browser import free_port, pages_text  # noqa: E402
+
+_streamlit_config.set_option("client.showErrorDetails", os.environ["STREAMLIT_CLIENT_SHOW_ERROR_DETAILS"])
 
 ROOT = Path(__file__).resolve().parent.parent
 ISBI = Path(os.environ.get("NEUROSEG_ISBI_DIR") or ROOT.parent / "shared" / "data" / "isbi2012")

@@ -364,12 +364,17 @@ def inotify_watches(pid: int) -> int:
     return count
 
 
-def test_the_server_runs_with_production_settings(tmp_path):
+def test_the_server_runs_with_production_settings(tmp_path, monkeypatch):
     """Started the way ./run.sh starts it (the repository's .streamlit/config.toml, nothing overridden):
     no file watcher on the tree (it overflowed inotify and cost seconds of CPU per page switch), no
-    Deploy button or developer menu."""
+    Deploy button or developer menu, and an unexpected error's traceback for the server's log only."""
+    import tomllib
+
     from playwright.sync_api import expect
 
+    monkeypatch.delenv("STREAMLIT_CLIENT_SHOW_ERROR_DETAILS", raising=False)  # (the tests' own, see conftest)
+    with open(Path(__file__).resolve().parents[2] / ".streamlit" / "config.toml", "rb") as f:
+        assert tomllib.load(f)["client"]["showErrorDetails"] in ("type", "none"), "tracebacks show server paths"
     data_dir = tmp_path / "data"
     with app_server(data_dir) as url, chromium() as browser:
         page = new_page(browser, url)
