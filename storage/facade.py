@@ -1,10 +1,10 @@
 """The base of the service the pages call (:class:`storage.service.Neuroseg` is built on :class:`Facade`):
 who acts and what they may do (``guard``: the right checked, the actor read again from the store, the
-attempt written to the audit trail), one transaction per call (``_tx``, errors a user can act on as
-:class:`UserError`), the cache of arrays read once, and ``cleaned``, user text as the store keeps it. The
-areas of the service build on it: :mod:`storage.auth.service_accounts`,
-:mod:`storage.records.service_data`, :mod:`storage.records.service_models`,
-:mod:`storage.jobs.service_live`."""
+attempt written to the audit trail; ``looks``: a read, for an account that may still look), one transaction
+per call (``_tx``, errors a user can act on as :class:`UserError`), the cache of arrays read once, and
+``cleaned``, user text as the store keeps it. The areas of the service build on it:
+:mod:`storage.auth.service_accounts`, :mod:`storage.records.service_data`,
+:mod:`storage.records.service_models`, :mod:`storage.jobs.service_live`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
@@ -19,7 +20,7 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.records import Deleted, UserError
+from domain.records import Deleted, MaskConflict, UserError
 from storage.auth import access, accounts, audit, users
 from storage.auth.accounts import Actor
 from storage.jobs.supervisor import Supervisor
@@ -56,7 +57,10 @@ def guard(action: str, right: str, kind: str | None = None, *, owned: bool = Fal
         def inner(self: Facade, *args, **kwargs):
             ident = args[0] if args else kwargs.get(f"{kind}_id") if kind else None
             what = target(*args, **kwargs) if target else (f"{kind} {ident}" if kind and ident is not None else "")
+            what = what[:200]
             try:
+                if kind and ident is not None and not _is_id(ident):  # (a forged request's "1; x", 2**70, 1.5)
+                    raise UserError(f"There is no {kind} {str(ident)[:40]!r}.")
                 actor = self._acting()  # who it is now: still there, enabled, signed in, and their role
                 access.allow(actor, right, actor.user_id, target=what)  # the role first
                 owner_id, owner_name = self._tx(users.owner_of, kind, ident) if owned else (None, "")
@@ -65,6 +69,7 @@ def guard(action: str, right: str, kind: str | None = None, *, owned: bool = Fal
                 self._audit(action, what, "failed", str(exc))
                 raise
             except access.Denied as exc:
+                self._looked = float("-inf")  # (its reads are checked again too)
                 self._audit(action, what, "refused", str(exc))
                 raise UserError(str(exc)) from None
             # a role changed meanwhile: the method sees the current one
@@ -78,6 +83,10 @@ def guard(action: str, right: str, kind: str | None = None, *, owned: bool = Fal
                 if record:
                     self._audit(action, what, "failed", str(exc))
                 raise
+            except Exception as exc:  # a fault (or a forged argument's type): in the trail too, then as it is
+                self._audit(action, what, "failed", str(exc) if isinstance(exc, MaskConflict)
+                            else f"{type(exc).__name__} (the server's log has the details)")
+                raise
             if creates and self.actor.user_id is not None:
                 self._tx(users.set_owner, creates, result.id, self.actor.user_id)
                 result = dataclasses.replace(result, owner_id=self.actor.user_id, owner=self.actor.username)
@@ -89,6 +98,27 @@ def guard(action: str, right: str, kind: str | None = None, *, owned: bool = Fal
 
     return wrap
 
+
+def _is_id(value: object) -> bool:
+    """A row's id as the store can hold it: an integer (not a bool) of 64 bits."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and 0 <= int(value) < 2**63
+
+
+LOOK_FRESH_S = 1.0  # a read checks the account again after this long (a page makes dozens of reads per run)
+
+
+def looks(method: Callable[Concatenate[Facade, P], T]) -> Callable[Concatenate[Facade, P], T]:
+    """A read: what every role may see (the "look" right), for a user whom the store still knows, enabled
+    and signed in, checked again at most once a second per bound service (:meth:`Facade._may_look`). The
+    pages check the sign-in on every run, but a fragment that reruns by itself, a callback that runs before
+    the check, or another caller of the service reads only what this lets through."""
+
+    @functools.wraps(method)
+    def inner(self: Facade, *args: P.args, **kwargs: P.kwargs) -> T:
+        self._may_look()
+        return method(self, *args, **kwargs)
+
+    return inner
 
 
 class Facade:
@@ -103,6 +133,7 @@ class Facade:
     _browser_secret: bytes | None
     _arrays: OrderedDict[tuple, np.ndarray]
     _lock: threading.Lock
+    _looked: float = float("-inf")  # when this bound service last found its actor may look
 
     # --- who acts ---------------------------------------------------------------------------------------
     def acting_as(self, actor: Actor) -> Self:
@@ -110,7 +141,27 @@ class Facade:
         against ``actor``'s role and recorded under their name (what the pages use)."""
         bound = copy.copy(self)
         bound.actor = actor
+        bound._looked = float("-inf")
         return bound
+
+    @property
+    def _system(self) -> bool:
+        """The command line, the workers and the tests: no user, every right (:data:`SYSTEM`)."""
+        return self.actor.user_id is None and self.actor.role == "admin"
+
+    def _may_look(self) -> None:
+        """:class:`UserError` unless this actor may read (see :func:`looks`); a refusal is audited."""
+        if self._system or time.monotonic() - self._looked < LOOK_FRESH_S:
+            return
+        try:
+            if self.actor.user_id is None:  # (nobody signed in)
+                raise access.Denied("Please sign in.")
+            actor = self._acting()
+            access.allow(actor, "look", actor.user_id)
+        except access.Denied as exc:
+            self._audit("look", "", "refused", str(exc))
+            raise UserError(str(exc)) from None
+        self._looked = time.monotonic()
 
     def _acting(self) -> Actor:
         """The actor as the store says it is now (:func:`storage.auth.accounts.current_actor`, one small query):
@@ -147,11 +198,14 @@ class Facade:
 
     def _author(self, given: str) -> str:
         """What a mask version records as its author: the signed-in user (the system: what it was given)."""
-        return given if self.actor.user_id is None else self.actor.username
+        return given if self._system else self.actor.username
 
     def _owner(self, given: str | None) -> str | None:
-        """Whose drafts and live views: the signed-in user's (the system: what it was given)."""
-        return given if self.actor.user_id is None else f"user:{self.actor.user_id}"
+        """Whose drafts and live views: the signed-in user's (the system: what it was given; nobody signed
+        in: an owner no row has)."""
+        if self._system:
+            return given
+        return f"user:{self.actor.user_id}" if self.actor.user_id is not None else "nobody:"
 
     def _tx(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(session, *args, **kwargs)`` in one transaction; what a user can act on (a refusal, a
@@ -161,6 +215,8 @@ class Facade:
                 return fn(s, *args, **kwargs)
         except (ValueError, LookupError, IntegrityError) as exc:  # (MaskConflict passes through as it is)
             raise UserError(str(exc)) from exc
+        except OverflowError as exc:  # a number no column holds (2**70 for an id): nothing to find
+            raise UserError("A number in the request is out of range.") from exc
         except access.Denied:  # (a PermissionError, but no disk's: the guard audits it as a refusal)
             raise
         except OSError as exc:

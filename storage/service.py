@@ -29,6 +29,7 @@ from storage.auth.access import RIGHTS
 from storage.auth.accounts import SESSION_HOURS, SYSTEM, Actor
 from storage.auth.service_accounts import AccountsService
 from storage.db import open_store
+from storage.facade import looks
 from storage.jobs.service_live import LiveService
 from storage.jobs.supervisor import Supervisor
 from storage.records import datasets, ingest, runs, starter
@@ -118,6 +119,7 @@ class Neuroseg(AccountsService, DataService, ModelsService, LiveService, ReviewS
             self.supervisor.start()
 
     # --- the store and the machine ---------------------------------------------------------------------
+    @looks
     def overview(self) -> Overview:
         with self.sessions.begin() as s:
             count = datasets.count_datasets(s)

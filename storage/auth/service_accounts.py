@@ -14,7 +14,7 @@ from domain.records import UserError, UserInfo
 from storage.auth import accounts, audit, single_sign_on, users
 from storage.auth.accounts import Actor
 from storage.auth.audit import AuditRow
-from storage.facade import Facade, guard
+from storage.facade import Facade, guard, looks
 
 T = TypeVar("T")
 
@@ -136,6 +136,7 @@ class AccountsService(Facade):
         """Bytes on disk per dataset and per run (their folders in the store), and what is free."""
         return self._tx(users.disk_use, self.store)
 
+    @looks
     def training_queue(self) -> list[users.QueueRow]:
         """The training runs that are running or waiting, in the order they start, with their owners."""
         return self._tx(users.training_queue)

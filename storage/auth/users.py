@@ -94,14 +94,14 @@ def set_disabled(session: Session, user_id: int, disabled: bool) -> UserInfo:
 def owner_of(session: Session, kind: str | None, ident: int | None) -> tuple[int | None, str]:
     """(owner's id, owner's name) of a dataset, run, checkpoint (its run's) or prediction; (None, "")
     when it has none. LookupError when it does not exist."""
-    shown = kind
+    shown, asked = kind, ident
     if kind == "checkpoint":
         checkpoint = session.get(Checkpoint, int(ident)) if ident is not None else None
         kind, ident = "run", (checkpoint.run_id if checkpoint else None)
     model = OWNED.get(kind or "")
     row = session.get(model, int(ident)) if model is not None and ident is not None else None
     if row is None:
-        raise LookupError(f"{shown} {ident} does not exist")
+        raise LookupError(f"{shown} {asked} does not exist")
     if row.owner_id is None:
         return None, ""
     return row.owner_id, row.owner.username if row.owner else ""

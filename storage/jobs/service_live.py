@@ -6,7 +6,7 @@ from __future__ import annotations
 from domain.live import LiveInfo, LivePrediction
 from domain.records import RunInfo
 from storage.auth import users
-from storage.facade import Facade, guard
+from storage.facade import Facade, guard, looks
 from storage.jobs import queue
 from storage.records import live
 
@@ -15,6 +15,7 @@ class LiveService(Facade):
     """The live loop."""
 
     # --- the live loop ---------------------------------------------------------------------------------
+    @looks
     def live(self, dataset_id: int) -> LiveInfo | None:
         """The dataset's live session (queued, running or paused), or None."""
         return self._tx(live.current, dataset_id)
@@ -47,6 +48,7 @@ class LiveService(Facade):
         """End the session for everyone; it becomes a finished run with its checkpoints."""
         return self._tx(live.stop, run_id)
 
+    @looks
     def live_prediction(self, run_id: int, slice_index: int, uncertainty: bool = False) -> LivePrediction | None:
         """The session's newest prediction of a slice (with its uncertainty when asked), or None."""
         return self._tx(live.prediction, self.store, run_id, slice_index, uncertainty)

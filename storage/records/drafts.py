@@ -17,7 +17,7 @@ from storage.models import Dataset, MaskVersion
 from storage.models import Draft as DraftRow
 from storage.records.datasets import dataset_row
 from storage.records.files import FileStore
-from storage.records.masks import latest_mask, load_mask, save_mask
+from storage.records.masks import check_slice, latest_mask, load_mask, save_mask
 from storage.records.predictions import get_prediction, load_output
 from unet.prediction.postprocess import to_mask
 from unet.training.labels import IGNORE
@@ -43,6 +43,7 @@ def keep(session: Session, store: FileStore, draft: StoredDraft) -> None:
         raise LookupError(f"dataset {draft.dataset_id} does not exist")
     if draft.working.shape != (dataset.y, dataset.x) or draft.original.shape != draft.working.shape:
         raise ValueError(f"draft shape {draft.working.shape} does not match the slice shape {(dataset.y, dataset.x)}")
+    check_slice(draft.slice_index, dataset)
     row = _find(session, draft.dataset_id, draft.slice_index, draft.owner)
     if row is None:
         row = DraftRow(dataset_id=draft.dataset_id, slice_index=draft.slice_index, owner=draft.owner[:200], file="",

@@ -166,7 +166,7 @@ def score_run(sessions: sessionmaker[Session], store: FileStore, run_id: int, de
     with sessions.begin() as s:
         run = s.get(Run, run_id)
         if run is None:
-            return 0
+            raise LookupError(f"run {run_id} does not exist")
         for dataset_id in _datasets_of(run):
             frozen = held_out(s, dataset_id) if s.get(Dataset, dataset_id) is not None else None
             if frozen is None:

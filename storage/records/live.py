@@ -154,6 +154,13 @@ def start(session: Session, dataset_id: int, checkpoint_id: int | None, owner: s
 def see(session: Session, run_id: int, owner: str, slice_index: int | None, region: Region | None = None) -> None:
     """``owner`` looks at ``slice_index`` of the session (None: keep the slice, just say still here), at
     ``region`` of it (zoomed in: predicted first) or at all of it (None)."""
+    run = session.get(Run, run_id)
+    if run is None or run.kind != RunKind.LIVE:
+        raise NotFound(f"live session {run_id} does not exist")
+    if slice_index is not None and (not isinstance(slice_index, int | np.integer) or isinstance(slice_index, bool)
+                                    or not 0 <= slice_index < 2**31):
+        raise UserError(f"A slice is a number from 0: not {str(slice_index)[:40]!r}.")
+    slice_index = None if slice_index is None else int(slice_index)  # (the worker compares it with numbers)
     row = session.get(LiveViewer, (run_id, owner))
     now = datetime.now(UTC)
     if row is None:

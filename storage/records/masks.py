@@ -101,6 +101,15 @@ def load_mask(session: Session, store: FileStore, mask_id: int) -> np.ndarray:
     return store.read_stack(row.file, row.sha256)
 
 
+def check_slice(slice_index: object, dataset: Dataset) -> int:
+    """``slice_index`` as a slice of ``dataset``, or :class:`ValueError` (a string, a bool, a float, one past
+    the end: what a forged request sends)."""
+    if not isinstance(slice_index, int | np.integer) or isinstance(slice_index, bool) \
+            or not 0 <= slice_index < dataset.z:
+        raise ValueError(f"slice {str(slice_index)[:40]} is outside the dataset's slices 0-{dataset.z - 1}")
+    return int(slice_index)
+
+
 def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: int, target: np.ndarray, *,
               kind: str, author: str = "", parent_id: int | None, latest_id: int | object | None = ...,
               tools: Sequence[str] = ()) -> MaskInfo:
@@ -113,12 +122,15 @@ def save_mask(session: Session, store: FileStore, dataset_id: int, slice_index: 
     if unknown := set(tools) - {t.value for t in Tool}:
         raise ValueError(f"unknown tools {sorted(unknown)}: a version is made by {[t.value for t in Tool]}")
     dataset = row_or_missing(session, Dataset, dataset_id, "dataset")
-    if not 0 <= slice_index < dataset.z:
-        raise ValueError(f"slice {slice_index} is outside the dataset's slices 0-{dataset.z - 1}")
+    slice_index = check_slice(slice_index, dataset)
     if target.shape != (dataset.y, dataset.x):
         raise ValueError(f"mask shape {target.shape} does not match the slice shape {(dataset.y, dataset.x)}")
     if target.dtype != np.uint8 or (target.size and target.max() > IGNORE):
         raise ValueError(f"a mask holds uint8 values 0 (membrane), 1 (neuron) or {IGNORE} (unlabelled)")
+    if parent_id is not None:  # the history says what an edit started from: a version of this very slice
+        parent = session.get(MaskVersion, parent_id)
+        if parent is None or (parent.dataset_id, parent.slice_index) != (dataset_id, slice_index):
+            raise ValueError(f"mask version {parent_id} is not a version of slice {slice_index} of this dataset")
     latest = latest_mask(session, dataset_id, slice_index)
     expected = parent_id if latest_id is ... else latest_id
     if (latest.id if latest else None) != expected:

@@ -5,6 +5,7 @@ records one (QUEUED); :func:`storage.jobs.queue.launch_prediction` starts its pr
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import re
 import shutil
@@ -40,7 +41,12 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
         raise ValueError(f"unknown post-processing {postprocess!r}: choose one of {', '.join(METHODS)}")
     checkpoint = row_or_missing(session, Checkpoint, checkpoint_id, "checkpoint")
     dataset = dataset_row(session, dataset_id)
-    slices = sorted(set(int(z) for z in slices))
+    try:  # (whole numbers only: 1.5 is not quietly slice 1, nor "12" slices 1 and 2)
+        slices = sorted({operator.index(z) for z in slices}) if not isinstance(slices, str | bytes) else None
+    except TypeError:
+        slices = None
+    if slices is None:
+        raise ValueError("slices are whole numbers, e.g. 0, 3, 7")
     if not slices:
         raise ValueError("choose at least one slice to predict")
     if slices[0] < 0 or slices[-1] >= dataset.z:

@@ -14,7 +14,7 @@ import numpy as np
 from domain.records import DatasetInfo, Deleted, DraftLike, DraftStart, MaskInfo, StoredDraft, UserError
 from domain.scores import HeldOut, Score
 from storage import text
-from storage.facade import Facade, cleaned, guard
+from storage.facade import Facade, cleaned, guard, looks
 from storage.records import datasets, deletion, drafts, files, heldout, ingest, masks
 from storage.records.files import IntegrityError
 from storage.records.volumes import Volume
@@ -27,9 +27,11 @@ class DataService(Facade):
     """Datasets, masks and drafts, held-out slices."""
 
     # --- datasets ---------------------------------------------------------------------------------------
+    @looks
     def datasets(self) -> list[DatasetInfo]:
         return self._tx(datasets.list_datasets)
 
+    @looks
     def dataset(self, dataset_id: int) -> DatasetInfo:
         return self._tx(datasets.get_dataset, dataset_id)
 
@@ -78,6 +80,7 @@ class DataService(Facade):
         return self._tx(datasets.update_dataset, dataset_id, name=cleaned(text.clean_name, name, "A dataset's name"),
                         notes=cleaned(text.clean_notes, notes))
 
+    @looks
     def volume(self, dataset_id: int) -> Volume | np.ndarray:
         """The stack, read lazily: ``volume[z]`` reads one slice (or ``volume.levels[k][z]`` one slice of the
         overview pyramid); the server never holds the whole stack (:class:`storage.records.volumes.Volume`)."""
@@ -85,6 +88,7 @@ class DataService(Facade):
         return self._cached(("volume", info.id, info.sha256),
                             lambda: self._tx(datasets.load_volume, self.store, info.id))
 
+    @looks
     def value_range(self, dataset_id: int) -> tuple[float, float]:
         """The lowest and highest voxel of the stack (recorded when it was stored)."""
         volume = self.volume(dataset_id)
@@ -94,6 +98,7 @@ class DataService(Facade):
             low, high = float(np.min(middle)), float(np.max(middle))
         return float(low), float(high)
 
+    @looks
     def deletion_preview(self, dataset_id: int) -> Deleted:
         return self._deletion_preview(lambda s: deletion.plan_dataset(s, self.store, dataset_id),
                                       f"dataset {dataset_id}")
@@ -103,13 +108,16 @@ class DataService(Facade):
         return self._delete_planned(lambda s: deletion.plan_dataset(s, self.store, dataset_id), f"dataset {dataset_id}")
 
     # --- masks and drafts -------------------------------------------------------------------------------
+    @looks
     def slice_kinds(self, dataset_id: int) -> dict[int, MaskInfo]:
         """The latest mask version of every slice that has one."""
         return self._tx(masks.slice_kinds, dataset_id)
 
+    @looks
     def history(self, dataset_id: int, slice_index: int) -> list[MaskInfo]:
         return self._tx(masks.mask_history, dataset_id, slice_index)
 
+    @looks
     def mask(self, mask_id: int) -> np.ndarray:
         return self._tx(masks.load_mask, self.store, mask_id)
 
@@ -117,6 +125,7 @@ class DataService(Facade):
     def restore(self, mask_id: int, author: str = "") -> MaskInfo:
         return self._tx(masks.restore_mask, self.store, mask_id, author=self._author(author))
 
+    @looks
     def draft_start(self, dataset_id: int, slice_index: int, source: str = "latest", *, mask_id: int | None = None,
                     prediction_id: int | None = None) -> DraftStart:
         """What an edit starts from: the mask version ``mask_id``, the prediction ``prediction_id`` (its mask
@@ -142,15 +151,18 @@ class DataService(Facade):
         new tab or a restart finds it. Called by the Annotate page after every change."""
         self._tx(drafts.keep_edit, self.store, draft, self._owner(owner))
 
+    @looks
     def stored_draft(self, dataset_id: int, slice_index: int, owner: str) -> StoredDraft | None:
         """The owner's kept draft of a slice, with its two masks, or None."""
         return self._tx(drafts.load, self.store, dataset_id, slice_index, self._owner(owner))
 
+    @looks
     def drafts_of(self, owner: str) -> list[StoredDraft]:
         """Every slice on which this owner has unsaved changes kept in the store."""
         return self._tx(drafts.of_owner, self._owner(owner))
 
     # --- held-out slices and the default model --------------------------------------------------------
+    @looks
     def held_out(self, dataset_id: int) -> HeldOut | None:
         return self._tx(heldout.held_out, dataset_id)
 
@@ -160,15 +172,18 @@ class DataService(Facade):
         version. Runs are compared within a version."""
         return self._tx(heldout.set_held_out, dataset_id, slices)
 
+    @looks
     def held_out_seen(self, dataset_id: int) -> HeldOut | None:
         """The held-out set with the runs that trained on each of its slices."""
         return self._tx(heldout.held_out_seen, dataset_id)
 
+    @looks
     def trained_on(self, checkpoint_id: int, dataset_id: int) -> list[int]:
         """The dataset's slices this checkpoint (its run, or a run it was fine-tuned from) trained on: its
         scores there say little about unseen data."""
         return self._tx(heldout.checkpoint_trained_on, checkpoint_id, dataset_id)
 
+    @looks
     def held_out_scores(self, dataset_id: int) -> list[Score]:
         """Every run scored on the dataset's held-out slices, with its change against parent and best."""
         return self._tx(heldout.scores, dataset_id)
@@ -187,5 +202,6 @@ class DataService(Facade):
         """Make a checkpoint the dataset's default model (what Predict and Live start from)."""
         self._tx(heldout.promote, dataset_id, checkpoint_id)
 
+    @looks
     def default_model(self, dataset_id: int) -> int | None:
         return self._tx(heldout.default_model, dataset_id)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from domain.records import CheckpointInfo, Deleted, PlanRow, PredictionInfo, RunInfo, RunMaskInfo, RunSnapshot
 from storage import text
 from storage.auth import users
-from storage.facade import Facade, cleaned, guard
+from storage.facade import Facade, cleaned, guard, looks
 from storage.jobs import queue
 from storage.records import checkpoints, deletion, packages, predictions, runs
 from storage.records.runs import Curve
@@ -25,14 +25,17 @@ class ModelsService(Facade):
     """Training runs, models and predictions."""
 
     # --- training ---------------------------------------------------------------------------------------
+    @looks
     def default_split(self, dataset_id: int) -> tuple[list[int], list[int]]:
         """The labelled slices of a dataset, the last ~15% (at least one) kept for validation."""
         return self._tx(runs.default_split, dataset_id)
 
+    @looks
     def train_plan(self, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> list[PlanRow]:
         """Which mask version of each chosen slice a run would use, and how many labelled pixels it has."""
         return self._tx(runs.train_plan, train, val)
 
+    @looks
     def training_estimate(self, config: TrainConfig, val: list[dict[str, Any]]) -> str:
         """How long a run of ``config`` validating on ``val`` takes here, measured on this machine for this
         network and this data's size (see :mod:`unet.training.estimate`)."""
@@ -48,12 +51,15 @@ class ModelsService(Facade):
         queue.start_queued(self.sessions, self.settings)
         return self.run(run.id)
 
+    @looks
     def runs(self) -> list[RunInfo]:
         return self._tx(runs.list_runs)
 
+    @looks
     def run(self, run_id: int) -> RunInfo:
         return self._tx(runs.get_run, run_id)
 
+    @looks
     def snapshot(self, run_id: int) -> RunSnapshot:
         """The run, where it is and its curves (every metric, {key: [(step, value, seconds), …]} in step
         order), read in one transaction: what the Train page polls."""
@@ -65,9 +71,11 @@ class ModelsService(Facade):
 
         return self._tx(read)
 
+    @looks
     def curves(self, run_id: int) -> dict[str, Curve]:
         return self.snapshot(run_id).curves
 
+    @looks
     def run_log(self, run_id: int, lines: int = 30) -> str:
         return runs.run_log(self.store, run_id, lines)
 
@@ -81,9 +89,11 @@ class ModelsService(Facade):
         queue.start_queued(self.sessions, self.settings)
         return self.run(run_id)
 
+    @looks
     def checkpoints(self, run_id: int) -> list[CheckpointInfo]:
         return self._tx(checkpoints.checkpoints, run_id)
 
+    @looks
     def checkpoint_choices(self) -> list[CheckpointInfo]:
         """Every checkpoint of every run, newest run first, with its validation metrics."""
         return self._tx(checkpoints.checkpoints)
@@ -97,6 +107,7 @@ class ModelsService(Facade):
         author = self.actor.display_name or self.actor.username if self.actor.user_id is not None else ""
         return self._tx(checkpoints.export_model, self.store, checkpoint_id, [author] if author else [], with_data)
 
+    @looks
     def export_source(self, checkpoint_id: int) -> tuple[str, int, int] | None:
         """(dataset name, dataset id, slice) a package's test image would be cut from, if the user agrees."""
         def read(s):
@@ -113,6 +124,7 @@ class ModelsService(Facade):
         return self._tx(checkpoints.update_checkpoint, checkpoint_id, cleaned(text.clean_name, name, "A model's name"),
                         cleaned(text.clean_notes, notes))
 
+    @looks
     def model_card(self, checkpoint_id: int) -> dict[str, Any]:
         """A checkpoint's card: run, recipe, held-out scores, parent, size (its masks: :meth:`run_masks`)."""
         return self._tx(checkpoints.model_card, self.store, checkpoint_id)
@@ -126,6 +138,7 @@ class ModelsService(Facade):
             self._tx(users.set_owner, "run", imported.run_id, self.actor.user_id)
         return imported
 
+    @looks
     def checkpoint_bytes(self, checkpoint_id: int) -> bytes:
         return self._tx(checkpoints.checkpoint_bytes, self.store, checkpoint_id)
 
@@ -134,13 +147,16 @@ class ModelsService(Facade):
         return self._delete_planned(lambda s: deletion.plan_checkpoint(s, self.store, checkpoint_id),
                                     f"checkpoint {checkpoint_id}")
 
+    @looks
     def run_masks(self, run_id: int) -> list[RunMaskInfo]:
         return self._tx(runs.run_masks, run_id)
 
+    @looks
     def lineage(self, run_id: int) -> tuple[int | None, list[int]]:
         """(the run this one was fine-tuned from, the runs fine-tuned from this one)."""
         return self._tx(runs.lineage, run_id)
 
+    @looks
     def run_deletion_preview(self, run_id: int) -> Deleted:
         return self._deletion_preview(lambda s: deletion.plan_run(s, self.store, run_id), f"run {run_id}")
 
@@ -166,6 +182,7 @@ class ModelsService(Facade):
         queue.launch_prediction(self.sessions, self.settings, prediction_id)
         return self.prediction(prediction_id)
 
+    @looks
     def prediction_deletion_preview(self, prediction_id: int) -> Deleted:
         return self._deletion_preview(lambda s: deletion.plan_prediction(s, self.store, prediction_id),
                                       f"prediction {prediction_id}")
@@ -176,12 +193,15 @@ class ModelsService(Facade):
         return self._delete_planned(lambda s: deletion.plan_prediction(s, self.store, prediction_id),
                                     f"prediction {prediction_id}")
 
+    @looks
     def prediction(self, prediction_id: int) -> PredictionInfo:
         return self._tx(predictions.get_prediction, prediction_id)
 
+    @looks
     def predictions(self, *, dataset_id: int | None = None, run_id: int | None = None) -> list[PredictionInfo]:
         return self._tx(predictions.list_predictions, dataset_id=dataset_id, run_id=run_id)
 
+    @looks
     def prediction_output(self, prediction_id: int, output: str = "probabilities") -> Volume | np.ndarray:
         """(slices, Y, X): the neuron probabilities, the 0/255 mask or the instance labels, as stored (read
         lazily: ``output[i]`` reads the i-th predicted slice)."""
@@ -196,5 +216,6 @@ class ModelsService(Facade):
         by downloading): it writes on the server. See :func:`storage.records.predictions.export_folder`."""
         return [str(p) for p in self._tx(predictions.export_prediction, self.store, prediction_id, folder)]
 
+    @looks
     def prediction_file(self, prediction_id: int, output: str) -> bytes:
         return self._tx(predictions.prediction_file, self.store, prediction_id, output)

@@ -5,13 +5,14 @@ dataset's queue, rank it again, take its best item (Next); a saved mask marks th
 from __future__ import annotations
 
 from domain.review import WorkItemInfo, WorkList
-from storage.facade import Facade, guard
+from storage.facade import Facade, guard, looks
 from storage.review import worklist
 
 
 class ReviewService(Facade):
     """The shared queue."""
 
+    @looks
     def work_list(self, dataset_id: int) -> WorkList:
         """The dataset's queue: open items best first, the ones done newest first."""
         return self._tx(worklist.work_list, dataset_id)

@@ -71,15 +71,33 @@ def test_a_disabled_users_old_service_writes_nothing_and_the_refusals_are_audite
     as_ann.keep_draft(draft, "user:x")  # works while ann is enabled
     svc.set_disabled(ann.user_id, True)
     for call in (lambda: as_ann.save_draft(draft), lambda: as_ann.keep_draft(draft, "user:x"),
-                 lambda: as_ann.update(demo.id, name="ann was here")):
+                 lambda: as_ann.update(demo.id, name="ann was here"), lambda: as_ann.stored_draft(demo.id, 0, "user:x"),
+                 lambda: as_ann.volume(demo.id)):
         with pytest.raises(UserError, match="This account is disabled"):
             call()
     assert [m.version for m in svc.history(demo.id, 0)] == [1], "no mask version written"
     assert svc.dataset(demo.id).name == demo.name
-    assert [a for a, _ in refused(svc, "ann")] == ["save mask", "keep draft", "rename"]
+    assert [a for a, _ in refused(svc, "ann")] == ["save mask", "keep draft", "rename", "look", "look"]
     assert all("disabled" in detail for _, detail in refused(svc, "ann"))
     with pytest.raises(UserError, match="This account is disabled"):
         svc.acting_as(ann).change_password(GOOD, "another-good-password")
+
+
+def test_nobody_signed_in_reads_nothing_and_names_no_owner(svc):
+    """The pages act as an anonymous actor until a sign-in: it may not read a dataset, nor name whose drafts
+    to read (only the system, the command line and the workers, names an owner)."""
+    ann = user(svc, "ann", "annotator")
+    demo = svc.load_demo()
+    as_ann = svc.acting_as(ann)
+    as_ann.keep_draft(painted(as_ann, demo.id), "ignored")
+    owner = f"user:{ann.user_id}"
+    assert svc.stored_draft(demo.id, 0, owner) is not None and as_ann.drafts_of("someone else")  # (her own)
+    nobody = svc.acting_as(Actor(None, "anonymous", "none"))
+    for call in (lambda: nobody.stored_draft(demo.id, 0, owner), lambda: nobody.drafts_of(owner),
+                 lambda: nobody.datasets(), lambda: nobody.volume(demo.id)):
+        with pytest.raises(UserError, match="Please sign in"):
+            call()
+    assert nobody._owner(owner) != owner and nobody._author("ann") != "ann"
 
 
 def test_what_a_self_refreshing_fragment_asks_ends_with_the_sign_in(svc):
@@ -117,15 +135,17 @@ def test_a_signed_out_or_expired_sign_in_is_refused_while_the_users_other_browse
     assert other.token_sha256 == accounts.token_digest(token) and token not in repr(other)
     as_other.sign_out(token)
     with pytest.raises(UserError, match="You are signed out"):
-        as_other.save_draft(painted(as_other, demo.id))
+        as_other.save_draft(painted(svc, demo.id))
     with pytest.raises(UserError, match="You are signed out"):
-        as_other.keep_draft(painted(as_other, demo.id), "user:x")
+        as_other.keep_draft(painted(svc, demo.id), "user:x")
+    with pytest.raises(UserError, match="You are signed out"):  # reads too: a self-refreshing fragment's
+        as_other.mask(svc.history(demo.id, 0)[0].id)
     assert svc.acting_as(ann).save_draft(painted(svc.acting_as(ann), demo.id)).version == 2  # ann's first browser
     svc._tx(lambda s: s.execute(update(SignIn).values(expires=datetime.now(UTC) - timedelta(seconds=1))))
     with pytest.raises(UserError, match="You are signed out"):
         svc.acting_as(ann).update(demo.id, name="late")
     assert [m.version for m in svc.history(demo.id, 0)] == [1, 2]
-    assert [a for a, _ in refused(svc, "ann")] == ["save mask", "keep draft", "rename"]
+    assert [a for a, _ in refused(svc, "ann")] == ["save mask", "keep draft", "look", "rename"]
 
 
 def test_a_callback_of_a_disabled_user_on_the_annotate_page_saves_nothing(app_data_dir):
@@ -417,3 +437,58 @@ def test_a_delete_takes_no_other_users_work_with_it_unless_an_admin_does_it(svc)
         ("ann", f"checkpoint {best}", "ok"), ("ann", f"dataset {demo.id}", "refused"),
         ("boss", f"prediction {p_bob2}", "ok"), ("boss", f"dataset {demo.id}", "ok")]
     assert trail[3][3] == f"with checkpoint {best}" and trail[6][3] == f"with dataset {demo.id}, owned by bob"
+
+
+def test_forged_arguments_get_a_clear_refusal_and_every_write_leaves_a_row_in_the_trail(svc):
+    """What a forged request can hand the service (an id of 2**70, a string for an id or a slice, 1.5 for a
+    slice, another slice's version as the parent of an edit): a refusal that says what is wrong, nothing
+    written, and the attempt in the audit trail."""
+    from storage.models import Checkpoint, Run
+    from storage.records import live
+
+    ann = user(svc, "ann", "annotator")
+    demo = svc.load_demo()
+    as_ann = svc.acting_as(ann)
+
+    def made(s):  # a run (a live session) with a checkpoint, as rows: what predict and live_see look up
+        run = Run(kind="live", spec={"dataset_id": demo.id}, config={}, owner_id=ann.user_id)
+        s.add(run)
+        s.flush()
+        s.add(Checkpoint(run_id=run.id, step=1, kind="best", file="x", sha256="0" * 64))
+        s.flush()
+        return run.id
+
+    run_id = svc._tx(made)
+    checkpoint_id = svc._tx(lambda s: s.query(Checkpoint).one().id)
+    for call, words in [(lambda: as_ann.update(2**70, name="x"), "There is no dataset"),
+                        (lambda: as_ann.update("1 or 1=1", name="x"), "There is no dataset"),
+                        (lambda: as_ann.delete_run(2**70), "There is no run"),
+                        (lambda: as_ann.dataset(2**70), "out of range"),
+                        (lambda: as_ann.predict(checkpoint_id, demo.id, [1.5]), "whole numbers"),
+                        (lambda: as_ann.predict(checkpoint_id, demo.id, "12"), "whole numbers"),
+                        (lambda: as_ann.score_run(999_999), "run 999999 does not exist"),
+                        (lambda: as_ann.live_see(run_id, "o", "a"), "A slice is a number"),
+                        (lambda: as_ann.live_see(run_id + 1, "o", 0), "does not exist")]:
+        with pytest.raises(UserError, match=words):
+            call()
+    assert svc.predictions() == [] and svc._tx(lambda s: live.focus_slices(s, run_id, 3)) == ([], [])
+
+    # an edit of slice 1 that names slice 0's version as what it started from
+    draft = painted(as_ann, demo.id)
+    draft.slice_index = 1
+    with pytest.raises(UserError, match="not a version of slice 1"):
+        as_ann.save_draft(draft)
+    for z in (-1, 10**12, "0"):
+        draft.slice_index = z
+        with pytest.raises(UserError, match="outside the dataset's slices"):
+            as_ann.keep_draft(draft, "x")
+    assert [len(svc.history(demo.id, z)) for z in range(3)] == [1, 1, 1] and svc.drafts_of("user:2") == []
+    failed = [r.action for r in svc.audit_trail(username="ann", outcome="failed")]
+    assert failed.count("save mask") == 1 and "score" in failed  # (a kept draft is not audited: every stroke)
+
+    # a fault the service did not foresee is in the trail too, and reaches the caller as it is
+    with pytest.raises(AttributeError):
+        as_ann.submit_training([{"dataset_id": demo.id, "slices": [0]}], [], {}, preset="tiny")
+    row = svc.audit_trail(username="ann")[0]
+    assert (row.action, row.outcome, row.detail) == ("train", "failed",
+                                                      "AttributeError (the server's log has the details)")
