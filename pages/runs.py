@@ -6,10 +6,18 @@ from __future__ import annotations
 import streamlit as st
 
 from domain.kinds import CheckpointKind, RunKind, RunStatus
-from pages.common import attempt, start_page
+from pages.common import attempt, flash, start_page
 from ui.figures import METRIC_NAMES, run_curves_figure
 from ui.text import plain
-from ui.training import VAL_KEYS, checkpoint_label, compare_recipes, duration, score_rows, score_summary
+from ui.training import (
+    VAL_KEYS,
+    checkpoint_label,
+    compare_recipes,
+    duration,
+    score_rows,
+    score_summary,
+    scored_message,
+)
 
 svc = start_page("Runs")
 runs = svc.runs()
@@ -127,12 +135,18 @@ with one:
         st.warning(f"Run {run.id} scores worse than its parent on the held-out slices of "
                    f"{', '.join(map(plain, flagged[run.id]))}: see the table above before you use it.",
                    icon=":material/trending_down:")
-    unscored = [d for d in run.dataset_ids if d in held] if run.status == RunStatus.FINISHED else []
+    # the datasets with held-out slices on which this run has no score of their current version
+    unscored = [d for d in run.dataset_ids if d in held and not any(s.run_id == run.id for s in scores_of[d])] \
+        if run.status == RunStatus.FINISHED else []
     if unscored and st.button("Score on the held-out slices", key=f"score_{run.id}",
                               help="Runs that end are scored by themselves; this scores one that ended before "
                                    "the held-out slices were chosen (or changed)."):
+        def _scored(written: int) -> None:
+            mine = [s for d in unscored for s in svc.held_out_scores(d) if s.run_id == run.id]
+            flash(*scored_message(f"Run {run.id}", written, mine, lambda d: plain(names.get(d, f"dataset {d}"))))
+
         with st.spinner("Scoring …"):
-            attempt(lambda: svc.score_run(run.id), lambda n: f"Run {run.id}: {n} new score(s).")
+            attempt(lambda: svc.score_run(run.id), _scored)
     curves = svc.curves(run.id)
     if curves:
         left, right = st.columns(2)

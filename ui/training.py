@@ -186,3 +186,24 @@ def score_rows(scores: list[Score], name: Callable[[int], str]) -> list[dict[str
         row["flag"] = "; ".join(flags)
         rows.append(row)
     return rows
+
+
+def scored_message(run_name: str, written: int, scores: list[Score],
+                   dataset_name: Callable[[int], str]) -> tuple[str, str]:
+    """(what to tell the user after "Score on the held-out slices", success / info): which slices each new
+    score counts, or that the run trained on every held-out slice and so has no figure (a score was still
+    written: the table says why it is empty)."""
+    if not written:
+        return f"{run_name}: nothing new to score (its scores are up to date).", "info"
+    parts, empty = [], []
+    for s in scores:
+        if s.slices:
+            left_out = f" (left out, it trained on them: {', '.join(map(str, s.seen))})" if s.seen else ""
+            parts.append(f"held-out slices {', '.join(map(str, s.slices))} of {dataset_name(s.dataset_id)}{left_out}")
+        else:
+            empty.append(f"{dataset_name(s.dataset_id)} (it trained on {', '.join(map(str, s.seen))})")
+    said = [f"{run_name} scored on " + "; ".join(parts) + "."] if parts else []
+    if empty:
+        said.append(f"No figure on {', '.join(empty)}: {run_name} trained on every held-out slice there. "
+                    "Hold out slices it never trained on (Datasets) to score it.")
+    return " ".join(said) or f"{run_name}: scored.", "success" if parts else "info"

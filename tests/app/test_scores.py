@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from domain.scores import Score
+from storage.models import Run
 from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.store.test_jobs import wait_for
 from tests.store.test_live import upload
+from ui.training import scored_message
 from unet.network.config import preset
 
 
@@ -87,6 +90,18 @@ def test_held_out_scores_leave_out_the_slices_a_lineage_trained_on(journey, monk
     assert "★ best by Rand-F" in flags[f"run {b}"]
     assert "saw some held-out slices" in flags[f"run {a}"] and "★" not in flags[f"run {a}"]
     assert measured[f"run {a}"] == "5" and measured[f"run {b}"] == "2, 5"
+    # a scored run is not offered the scoring again; one whose score is gone is, and the message says which
+    # slices the new score counts (not "1 new score(s)" when its lineage trained on some of them)
+    at.selectbox(key="runs_pick").select(a).run()
+    assert not [b for b in at.button if b.label == "Score on the held-out slices"]
+    svc._tx(lambda s: setattr(s.get(Run, a), "held_out", None))
+    at = app("Runs")
+    at.selectbox(key="runs_pick").select(a).run()
+    next(b for b in at.button if b.label == "Score on the held-out slices").click().run()
+    assert not at.exception, at.exception
+    said = [m.value for m in at.success]
+    assert said == [f"Run {a} scored on held-out slices 5 of tainted (left out, it trained on them: 2)."], said
+    assert {s.run_id: s.metrics for s in svc.held_out_scores(ds)}[a] == scores[a].metrics
     # Predict's headline is on the slices the model never trained on; the others are beside it, marked
     at = app("Predict")
     assert any("On the 4 labelled slices this model never trained on** (slices 2, 3, 4, 5)" in m.value
@@ -136,3 +151,17 @@ def test_in_the_browser_the_best_is_untainted_and_predicts_headline_is_on_unseen
         page.goto(f"{url}/datasets")
         page.get_by_text("some runs trained on them").first.wait_for()  # the held-out section opens and says so
         page.get_by_text(f"slice 2 by runs {a}, {c}", exact=False).first.wait_for()
+
+
+def test_scoring_a_run_that_trained_on_every_held_out_slice_says_it_has_no_figure():
+    def score(dataset_id, slices, seen):
+        return Score(7, dataset_id, 1, {}, None, None, None, [], [], slices, seen)
+
+    names = {1: "ours", 2: "theirs"}.get
+    text, kind = scored_message("Run 7", 1, [score(1, (), (2, 5))], names)
+    assert kind == "info" and "No figure on ours (it trained on 2, 5)" in text and "scored on" not in text
+    text, kind = scored_message("Run 7", 2, [score(1, (5,), (2,)), score(2, (), (0,))], names)
+    assert kind == "success" and text.startswith("Run 7 scored on held-out slices 5 of ours (left out")
+    assert "No figure on theirs (it trained on 0)" in text
+    assert scored_message("Run 7", 0, [], names) == ("Run 7: nothing new to score (its scores are up to date).",
+                                                     "info")
