@@ -11,7 +11,7 @@ import streamlit as st
 import pages.state as state
 from domain.records import DatasetInfo
 from pages.common import can, flash, frame_guard, release_uploads, select_dataset
-from storage.service import ChannelsQuestion, Neuroseg, UserError
+from storage.service import LABEL_SCHEMES, ChannelsQuestion, Neuroseg, UserError
 from ui.text import plain
 
 _CHANNELS_AS_Z = "_channels_as_z"  # the user answered the channels question (set by its button, read once)
@@ -30,12 +30,17 @@ def upload_stack(svc: Neuroseg, key: str, stored: Callable[[DatasetInfo], str] =
     form (its keys get a number) clears it once stored. The stored dataset is selected, and ``stored(info)``
     flashed."""
     form = st.session_state.setdefault(f"{key}_form", 0)
-    keys = {part: f"{key}_{part}" + (f"_{form}" if form else "") for part in ("file", "labels", "name", "notes")}
+    keys = {part: f"{key}_{part}" + (f"_{form}" if form else "")
+            for part in ("file", "labels", "labels_as", "name", "notes")}
     with st.form(f"{key}_{form}"):
         volume = st.file_uploader("Volume: a multi-page TIFF (Z × Y × X), 8- or 16-bit or float32",
                                   type=["tif", "tiff"], key=keys["file"])
         labels = st.file_uploader("Labels (optional): a TIFF of the same shape; 255 or 1 = neuron, 0 = membrane, "
                                   "or instance labels", type=["tif", "tiff"], key=keys["labels"])
+        labels_as = st.selectbox("Labels are", list(LABEL_SCHEMES), format_func=LABEL_SCHEMES.get,
+                                 key=keys["labels_as"],
+                                 help="How the label file's values are read. Detect tells a binary mask from "
+                                      "neuron ids, and asks when it cannot (a file of 0, 1 and 2 only).")
         c1, c2 = st.columns([1, 2])
         name = c1.text_input("Name", placeholder="the file name", max_chars=200, key=keys["name"])
         notes = c2.text_area("Notes", height=68, placeholder="sample, microscope, pixel size, …", key=keys["notes"])
@@ -50,7 +55,7 @@ def upload_stack(svc: Neuroseg, key: str, stored: Callable[[DatasetInfo], str] =
     what = plain(f"{volume.name} and {labels.name}" if labels is not None else volume.name)
     bar = st.progress(0.0, text=f"Receiving {volume.name} …")
     try:
-        info = svc.import_upload(volume, labels, name=name, notes=notes, channels_as_z=as_slices,
+        info = svc.import_upload(volume, labels, name=name, notes=notes, channels_as_z=as_slices, labels_as=labels_as,
                                  author=state.author(),
                                  progress=lambda stage, f: bar.progress(min(max(f, 0.0), 1.0), text=stage))
     except ChannelsQuestion as exc:  # not a refusal: a question, with a button that answers it

@@ -42,8 +42,10 @@ from unet.exchange.io import parse_slices
 from unet.network.config import PRESETS, TrainConfig
 from unet.network.device import describe_device, pick_device
 from unet.network.threads import available_memory
+from unet.training.labels import LABEL_SCHEMES
 
 __all__ = [
+    "LABEL_SCHEMES",
     "NAME_MAX",
     "NOTES_MAX",
     "RIGHTS",

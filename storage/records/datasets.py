@@ -31,7 +31,7 @@ from storage.records.volumes import FORMAT, Volume, VolumeWriter, fsync_dir, wri
 from unet.exchange.io import iter_slices
 from unet.exchange.limits import Limits
 from unet.prediction.blocks import OUTPUT_DTYPES, create_output, output_path, write_slice
-from unet.training.labels import labels_to_target
+from unet.training.labels import IGNORE, LABEL_SCHEMES, labels_to_target
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +121,20 @@ def _new_volume(session: Session, store: FileStore, row: Dataset, staging: Path)
 def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike | BinaryIO,
                    labels: str | os.PathLike | BinaryIO | None = None, *, name: str | None = None,
                    author: str = "", max_bytes: int | None = None, source_name: str | None = None,
-                   progress: Callable[[str, float], None] | None = None, channels_as_z: bool = False) -> DatasetInfo:
-    """Check a volume's header (and its labels'), then convert it slice by slice into the OME-Zarr store
-    (:mod:`storage.records.volumes`): the stack is never held whole, so it may be larger than memory. A file that
-    fails a check, a slice that cannot be read and a disk that fills all leave no row and no file behind;
-    ``progress(stage, fraction)`` is told what is happening."""
+                   progress: Callable[[str, float], None] | None = None, channels_as_z: bool = False,
+                   labels_as: str = "auto") -> DatasetInfo:
+    """Check a volume's header (and its labels', read as ``labels_as``: :data:`LABEL_SCHEMES`), then convert
+    it slice by slice into the OME-Zarr store (:mod:`storage.records.volumes`): the stack is never held whole,
+    so it may be larger than memory. A file that fails a check, a slice that cannot be read and a disk that
+    fills all leave no row and no file behind; ``progress(stage, fraction)`` is told what is happening."""
     report = progress or (lambda _stage, _fraction: None)
     report("reading and checking the volume", 0.0)
     limits = Limits.from_env()  # the header's shape and type are checked against them before a pixel is read
     info, planes = iter_slices(volume, "volume", channels_as_z, max_bytes, limits)  # ValueError with the reason
     label_planes = None
     if labels is not None:
+        if labels_as not in LABEL_SCHEMES:
+            raise ValueError(f"labels are read as one of {', '.join(LABEL_SCHEMES)}, not {str(labels_as)[:40]!r}")
         report("checking the labels", 0.02)
         label_info, label_planes = iter_slices(labels, "labels", channels_as_z, max_bytes, limits)
         if label_info.shape != info.shape:
@@ -151,7 +154,12 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
                 report(f"storing slice {z + 1} of {z_count}{also}", 0.05 + 0.9 * z / z_count)
                 writer.write(plane)
                 if label_planes is not None:  # (written aside until the row exists: its id names the masks' files)
-                    staged[z] = staged_mask(staging, z, labels_to_target(next(label_planes)))
+                    try:
+                        target = labels_to_target(next(label_planes), labels_as)
+                    except ValueError as exc:
+                        raise ValueError(f"{_display_name(labels, None)}, slice {z + 1}: {exc}") from None
+                    if (target != IGNORE).any():  # (a slice of classes with nothing labelled has no mask)
+                        staged[z] = staged_mask(staging, z, target)
             report("writing the overview pyramid's metadata", 0.96)
         try:
             if staged:

@@ -64,9 +64,10 @@ def _spool(path: Path, upload: BinaryIO, progress: Progress, what: str, start: f
 
 def import_upload(sessions: sessionmaker[Session], store: FileStore, volume: BinaryIO, labels: BinaryIO | None = None,
                   *, name: str = "", notes: str = "", author: str = "", progress: Progress | None = None,
-                  channels_as_z: bool = False) -> DatasetInfo:
-    """Store an uploaded volume (and its labels) as a new dataset. A grey file of "channels" raises
-    :class:`ChannelsQuestion`; ``channels_as_z=True`` then reads them as Z slices."""
+                  channels_as_z: bool = False, labels_as: str = "auto") -> DatasetInfo:
+    """Store an uploaded volume (and its labels, read as ``labels_as``: :data:`unet.training.labels.LABEL_SCHEMES`)
+    as a new dataset. A grey file of "channels" raises :class:`ChannelsQuestion`; ``channels_as_z=True`` then
+    reads them as Z slices."""
     report = progress or (lambda _stage, _fraction: None)
     with contextlib.ExitStack() as spools:  # the spool files go when this ends (or at the next start)
         spooled: list[Path] = []
@@ -81,18 +82,18 @@ def import_upload(sessions: sessionmaker[Session], store: FileStore, volume: Bin
         return import_files(sessions, store, spooled[0], spooled[1] if labels is not None else None, display,
                             notes=notes, author=author, progress=lambda stage, f: report(stage, 0.2 + 0.8 * f),
                             source_name=getattr(volume, "name", ""), labels_name=getattr(labels, "name", ""),
-                            channels_as_z=channels_as_z)
+                            channels_as_z=channels_as_z, labels_as=labels_as)
 
 
 def import_files(sessions: sessionmaker[Session], store: FileStore, volume: Path, labels: Path | None, name: str, *,
                  notes: str = "", author: str = "", progress: Progress | None = None, source_name: str = "",
-                 labels_name: str = "", channels_as_z: bool = False) -> DatasetInfo:
+                 labels_name: str = "", channels_as_z: bool = False, labels_as: str = "auto") -> DatasetInfo:
     """Store a volume file (and its labels) as a new dataset, in one transaction."""
     try:
         with sessions.begin() as s:
             info = datasets.import_dataset(s, store, volume, labels, name=name, author=author,
                                            source_name=source_name or None, progress=progress,
-                                           channels_as_z=channels_as_z)
+                                           channels_as_z=channels_as_z, labels_as=labels_as)
             return datasets.update_dataset(s, info.id, notes=notes) if notes else info
     except ValueError as exc:
         message = str(exc)

@@ -38,7 +38,7 @@ class DataService(Facade):
     @guard("upload", "create", creates="dataset")
     def import_upload(self, volume: BinaryIO, labels: BinaryIO | None = None, *, name: str = "", notes: str = "",
                       author: str = "", progress: ingest.Progress | None = None,
-                      channels_as_z: bool = False) -> DatasetInfo:
+                      channels_as_z: bool = False, labels_as: str = "auto") -> DatasetInfo:
         """Store an uploaded volume (and its labels) as a new dataset; see :func:`storage.records.ingest.import_upload`.
         A name typed is refused when too long; one taken from the file's name is cut (:mod:`storage.text`)."""
         name = cleaned(text.clean_name, name, "A dataset's name") or text.clean_name(
@@ -46,7 +46,7 @@ class DataService(Facade):
         notes = cleaned(text.clean_notes, notes)
         return ingest.import_upload(self.sessions, self.store, volume, labels, name=name, notes=notes,
                                     author=self._author(author),
-                                    progress=progress, channels_as_z=channels_as_z)
+                                    progress=progress, channels_as_z=channels_as_z, labels_as=labels_as)
 
     @staticmethod
     def server_folders() -> tuple[list[str], str | None]:

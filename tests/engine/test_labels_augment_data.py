@@ -42,6 +42,26 @@ def test_instance_labels_get_membranes_between_touching_cells():
     assert target_to_instances(target).max() == 2  # the two cells are separate again
 
 
+def test_class_labels_are_read_as_named_and_detect_asks_rather_than_guess():
+    """ilastik saves its classes 1 and 2 with 0 where nothing is labelled: read as neuron ids, its membrane
+    class became neurons and every unlabelled pixel membrane. Detect now refuses such a file and names it."""
+    classes = np.array([[0, 1, 1], [2, 2, 0]], np.uint8)
+    np.testing.assert_array_equal(labels_to_target(classes, "classes-neuron-first"),
+                                  [[IGNORE, NEURON, NEURON], [MEMBRANE, MEMBRANE, IGNORE]])
+    np.testing.assert_array_equal(labels_to_target(classes, "classes-membrane-first"),
+                                  [[IGNORE, MEMBRANE, MEMBRANE], [NEURON, NEURON, IGNORE]])
+    for odd in (classes, np.array([[0, 7], [128, 255]], np.uint8)):
+        with pytest.raises(ValueError, match="say which under 'Labels are'"):
+            labels_to_target(odd)
+        with pytest.raises(ValueError, match="say which"):
+            labels_to_target(odd[None])  # (a stack too)
+    assert set(np.unique(labels_to_target(classes, "instances")).tolist()) == {MEMBRANE, NEURON}  # (as asked)
+    with pytest.raises(ValueError, match="class labels are 0 .* but these hold 3"):
+        labels_to_target(classes + 1, "classes-neuron-first")
+    many = np.arange(1, 21, dtype=np.uint16).repeat(4).reshape(8, 10)  # twenty neurons: ids, no question
+    assert labels_to_target(many).shape == many.shape
+
+
 def test_float_labels_are_refused():
     with pytest.raises(ValueError, match="not floating point"):
         labels_to_target(np.zeros((4, 4), np.float32))

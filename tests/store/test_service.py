@@ -55,6 +55,28 @@ def test_upload_with_progress_then_browse(svc, synthetic):
     assert set(svc.slice_kinds(info.id)) == set(range(volume.shape[0]))
 
 
+def test_class_labels_upload_as_named_and_their_unlabelled_slices_have_no_mask(svc):
+    """An ilastik-style label file (1 = neuron, 2 = membrane, 0 = not labelled): Detect refuses it and says
+    how to name it, and nothing is stored; named, it becomes masks with the rest unlabelled, and a slice with
+    no labels at all gets no mask."""
+    volume = np.random.default_rng(0).integers(0, 255, (5, 32, 40), dtype=np.uint8)  # (3 or 4: RGB(A))
+    classes = np.zeros(volume.shape, np.uint8)
+    classes[0, :10, :10], classes[0, 20:, :] = 1, 2
+    classes[2, 5:8, 5:30] = 2
+    with pytest.raises(UserError, match=r"ilastik.tif, slice 1: the labels hold only the values 0, 1, 2"):
+        svc.import_upload(Upload("scan.tif", tiff_bytes(volume)), Upload("ilastik.tif", tiff_bytes(classes)))
+    assert svc.datasets() == []
+    info = svc.import_upload(Upload("scan.tif", tiff_bytes(volume)), Upload("ilastik.tif", tiff_bytes(classes)),
+                             labels_as="classes-neuron-first")
+    assert info.labelled_slices == 2 and svc.history(info.id, 1) == [] == svc.history(info.id, 3)
+    first = svc.mask(svc.history(info.id, 0)[0].id)
+    assert (first[:10, :10] == NEURON).all() and (first[20:] == MEMBRANE).all()
+    assert (first[10:20] == IGNORE).all() and svc.history(info.id, 0)[0].labelled_pixels == 100 + 12 * 40
+    with pytest.raises(UserError, match="labels are read as one of"):
+        svc.import_upload(Upload("scan.tif", tiff_bytes(volume)), Upload("ilastik.tif", tiff_bytes(classes)),
+                          labels_as="pickle")
+
+
 @pytest.mark.parametrize(("volume", "labels", "message"), [
     (b"this is not a TIFF", None, "scan.tif: this is not a TIFF file (it does not start like one)"),
     ("rgb", None, "scan.tif: colour image (3 samples per pixel, shape (4, 32, 32, 3)); expected a grey-scale"),

@@ -25,18 +25,58 @@ def is_binary(labels: np.ndarray) -> bool:
     return set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}
 
 
-def labels_to_target(labels: np.ndarray) -> np.ndarray:
-    """Turn uploaded labels (binary 0/255, 0/1, bool, or instance labels) into a target of the same
-    shape (``NEURON``/``MEMBRANE``, never ``IGNORE``). Works on a slice or a stack."""
+# How an uploaded label file is read (the upload form names them; "auto" tells binary from neuron ids)
+LABEL_SCHEMES = {
+    "auto": "detect: white (255 or 1) = neuron and 0 = membrane, or one id per neuron",
+    "binary": "binary: any value but 0 = neuron, 0 = membrane",
+    "instances": "neuron ids: one id per neuron, 0 = membrane",
+    "classes-neuron-first": "classes (ilastik): 1 = neuron, 2 = membrane, 0 = not labelled",
+    "classes-membrane-first": "classes (ilastik): 1 = membrane, 2 = neuron, 0 = not labelled",
+}
+FEW_IDS = 3  # a slice of at most this many values besides 0, all small (classes) or with 255 (a mask with
+# grey levels), is not read as neuron ids by "auto": it asks
+
+
+def label_kind(labels: np.ndarray) -> str:
+    """How "auto" reads a slice: ``binary`` or ``instances``; :class:`ValueError` when it cannot tell: a
+    slice of at most three values besides 0 that are classes (ilastik's 1 and 2) or a mask with grey levels
+    (0, 128, 255) must be named by whoever uploads it. A few neurons with ids like 7 and 9 are ids."""
+    if is_binary(labels):
+        return "binary"
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    if len(ids) <= FEW_IDS and (ids.max() <= FEW_IDS or ids.max() == 255):
+        shown = ", ".join(str(v) for v in [0, *ids.tolist()])
+        raise ValueError(f"the labels hold only the values {shown}: that is not a binary mask (0 and 255, or 0 "
+                         "and 1) nor neurons one id each. If they are classes (ilastik saves 1 and 2, 0 = not "
+                         "labelled) or neuron ids, say which under 'Labels are' and upload again")
+    return "instances"
+
+
+def labels_to_target(labels: np.ndarray, scheme: str = "auto") -> np.ndarray:
+    """Turn uploaded labels into a target of the same shape, read as ``scheme`` (:data:`LABEL_SCHEMES`):
+    binary (0/255, 0/1, bool) or instance labels give ``NEURON``/``MEMBRANE`` only, classes give ``IGNORE``
+    where nothing is labelled. Works on a slice or a stack."""
     labels = np.asarray(labels)
+    if scheme not in LABEL_SCHEMES:
+        raise ValueError(f"labels are read as one of {', '.join(LABEL_SCHEMES)}, not {scheme!r}")
     if labels.dtype.kind == "f":
         raise ValueError("labels must be integers or booleans, not floating point")
-    if is_binary(labels):
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be >= 0 (0 = membrane/background, one id per neuron)")
+    if scheme.startswith("classes"):
+        if labels.size and labels.max() > 2:
+            raise ValueError(f"class labels are 0 (not labelled), 1 and 2, but these hold {int(labels.max())}")
+        neuron, membrane = (1, 2) if scheme == "classes-neuron-first" else (2, 1)
+        target = np.full(labels.shape, IGNORE, np.uint8)
+        target[labels == neuron], target[labels == membrane] = NEURON, MEMBRANE
+        return target
+    kind = scheme if scheme != "auto" else (
+        label_kind(labels) if labels.ndim == 2 else "binary" if is_binary(labels) else "stack")
+    if kind == "binary":
         return (labels > 0).astype(np.uint8)
-    if labels.min() < 0:
-        raise ValueError("instance labels must be >= 0 (0 = membrane/background, one id per neuron)")
     if labels.ndim == 3:
-        return np.stack([instances_to_target(s) for s in labels])
+        return np.stack([labels_to_target(s, scheme) for s in labels])
     return instances_to_target(labels)
 
 
