@@ -61,6 +61,9 @@ def follow(run_id: int, was_active: bool) -> None:
         val_keys = [k for k in VAL_KEYS if k in curves]
         if val_keys:
             right.plotly_chart(run_curves_figure({run.id: curves}, val_keys, "Validation"), key=f"val_{run.id}")
+        elif run.kind == RunKind.TRAIN and not run.spec.get("val"):
+            right.caption("No validation curve: this run has no validation slices. Its last weights are kept as "
+                          "its final checkpoint.")
         else:
             right.caption("Validation metrics appear after the first validation.")
     with st.expander("Worker log (last lines)", expanded=run.status == RunStatus.FAILED):
@@ -181,6 +184,11 @@ else:
                 problems.append(f"device: {exc}")
         for problem in problems:
             st.error(problem)
+        if train_parts and not val_parts and not problems:
+            st.warning("No validation slices: nothing measures this run while it trains, nothing picks its best "
+                       "step, and Runs cannot compare it with others. Its last weights are kept. Name a labelled "
+                       "slice or two under Validation slices (not used for training) to measure it.",
+                       icon=":material/rule:")
         if st.button("Train", type="primary", disabled=bool(problems) or not train_parts or config is None
                      or not can("train"),
                      key="train_submit"):

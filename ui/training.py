@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from domain.kinds import RunKind
+from domain.kinds import CheckpointKind, RunKind
 from domain.records import CheckpointInfo, RunInfo, RunProgress
 from domain.scores import HeldOut, Score
 from unet.network.config import PRESETS, TrainConfig, preset
@@ -77,6 +77,8 @@ def checkpoint_label(c: CheckpointInfo, with_run: bool = True) -> str:
     scores = " · ".join(f"{name} {c.metrics[key]:.3f}" for key, name in
                         (("val_pixel_error", "pixel error"), ("val_rand_f", "Rand-F")) if key in c.metrics)
     head = f"run {c.run_id} ({c.preset or 'custom'}) · " if with_run else ""
+    if c.kind == CheckpointKind.BEST and not any(key.startswith("val_") for key in c.metrics):
+        return named + f"{head}final weights at step {c.step} (not validated: the run had no validation slices)"
     return named + f"{head}{c.kind} at step {c.step}" + (f" · {scores}" if scores else "")
 
 

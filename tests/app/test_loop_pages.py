@@ -64,6 +64,10 @@ def test_train_predict_correct_and_review(app_data_dir):
     assert at.text_input(key=f"val_slices_{demo.id}").value == "7"
     plan = at.dataframe[0].value
     assert list(plan["version"]) == ["v1"] * 8 and set(plan["kind"]) == {"uploaded"}
+    assert not [w for w in at.warning if "No validation slices" in w.value]
+    at.text_input(key=f"val_slices_{demo.id}").set_value("").run()  # none: the page says what that costs
+    assert any("No validation slices: nothing measures this run" in w.value for w in at.warning)
+    at.text_input(key=f"val_slices_{demo.id}").set_value("7").run()
     at.radio(key="train_preset").set_value("tiny").run()
     assert at.number_input(key="k_steps_tiny").value == 30
     at.button(key="train_submit").click().run()

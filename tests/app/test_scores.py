@@ -18,7 +18,7 @@ from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.store.test_jobs import wait_for
 from tests.store.test_live import upload
-from ui.training import scored_message
+from ui.training import checkpoint_label, scored_message
 from unet.network.config import preset
 
 
@@ -165,3 +165,15 @@ def test_scoring_a_run_that_trained_on_every_held_out_slice_says_it_has_no_figur
     assert "No figure on theirs (it trained on 0)" in text
     assert scored_message("Run 7", 0, [], names) == ("Run 7: nothing new to score (its scores are up to date).",
                                                      "info")
+
+
+def test_the_last_weights_of_a_run_without_validation_are_not_called_its_best():
+    from domain.records import CheckpointInfo
+
+    fields = {"id": 4, "run_id": 3, "kind": "best", "step": 393, "file": "", "sha256": "", "metrics": {},
+              "preset": "cpu-quick"}
+    unmeasured = CheckpointInfo(**fields)
+    assert checkpoint_label(unmeasured) == ("run 3 (cpu-quick) · final weights at step 393 (not validated: the run "
+                                            "had no validation slices)")
+    measured = CheckpointInfo(**{**fields, "metrics": {"val_pixel_error": 0.0812, "loss": 0.3}})
+    assert checkpoint_label(measured) == "run 3 (cpu-quick) · best at step 393 · pixel error 0.081"

@@ -56,7 +56,7 @@ def test_class_labels_are_read_as_named_and_detect_asks_rather_than_guess():
         with pytest.raises(ValueError, match="say which"):
             labels_to_target(odd[None])  # (a stack too)
     assert set(np.unique(labels_to_target(classes, "instances")).tolist()) == {MEMBRANE, NEURON}  # (as asked)
-    with pytest.raises(ValueError, match="class labels are 0 .* but these hold 3"):
+    with pytest.raises(ValueError, match=r"class labels are 0 .* but these hold 3"):
         labels_to_target(classes + 1, "classes-neuron-first")
     many = np.arange(1, 21, dtype=np.uint16).repeat(4).reshape(8, 10)  # twenty neurons: ids, no question
     assert labels_to_target(many).shape == many.shape

@@ -196,4 +196,4 @@ def test_the_estimate_grows_with_what_a_run_does():
     longer = estimate_training(preset("tiny", steps=300, val_every=100), [(256, 256)])
     assert longer.training_s == pytest.approx(10 * one.training_s)
     assert estimate_training(tiny, []).validations == 0
-    assert "about" in three.describe() and "3 validation(s)" in three.describe()
+    assert "about" in three.describe() and "3 validations" in three.describe()

@@ -57,8 +57,10 @@ class Estimate:
                 return f"{s / 3600:.0f} h"
             return f"{s / 60:.0f} min" if s >= 90 else f"{max(1, round(s))} s"
 
-        return (f"about {fmt(self.total_s)} here: {fmt(self.training_s)} of training, {fmt(self.validation_s)} "
-                f"for {self.validations} validation(s), {fmt(self.startup_s)} to start")
+        checks = (f"{fmt(self.validation_s)} for {self.validations} validation{'s' if self.validations != 1 else ''}"
+                  if self.validations else "no validation")
+        return f"about {fmt(self.total_s)} here: {fmt(self.training_s)} of training, {checks}, " \
+               f"{fmt(self.startup_s)} to start"
 
 
 @functools.lru_cache(maxsize=64)
