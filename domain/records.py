@@ -26,6 +26,15 @@ class UserError(RuntimeError):
     """Something the user can fix; the message says what and how."""
 
 
+class DraftClash(UserError):
+    """The kept draft of a slice is not the one this edit last kept or loaded: another tab or browser of the
+    same user changed it meanwhile (``changed_pixels`` changed, at ``updated``). Nothing was overwritten."""
+
+    def __init__(self, message: str, changed_pixels: int, updated: datetime):
+        super().__init__(message)
+        self.changed_pixels, self.updated = changed_pixels, updated
+
+
 class ChannelsQuestion(UserError):
     """A grey file holds one stack axis named "channels": are they Z slices? Ask, then import again with
     ``channels_as_z=True``."""
@@ -107,6 +116,7 @@ class DraftLike(Protocol):
     kind: str
     original: np.ndarray
     working: np.ndarray
+    kept_as: str  # the token of the kept draft this edit last kept or loaded ("" none)
 
     @property
     def changed_pixels(self) -> int: ...
@@ -130,6 +140,7 @@ class StoredDraft:
     updated: datetime
     original: np.ndarray | None = None
     working: np.ndarray | None = None
+    token: str = ""  # written with every keep: what an edit that loads it keeps over (see DraftClash)
 
 
 # --- runs ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pages.annotate_live import live_panel
 from pages.annotate_objects import neurons_of, tool_picker
 from pages.annotate_panels import (
     Edit,
+    clash_panel,
     conflict_panel,
     current_draft,
     history_panel,
@@ -52,6 +53,7 @@ tools = tools_panel()
 neurons = neurons_of(svc, draft)  # the prediction's, when the edit started from one: the object tools act on them
 object_tool = tool_picker(edit, draft, neurons) if can("annotate") else BRUSH
 view = canvas_panel(edit, draft, volume, tools, object_tool, neurons)
+clash_panel(edit, draft)  # (after the canvas: its strokes of this run were kept, or met another tab's edit)
 save_bar(edit, draft, in_conflict)
 live_panel(edit, draft, volume, view, tools)  # training that follows the annotator
 other_drafts(edit)

@@ -13,7 +13,7 @@ import streamlit as st
 import pages.state as state
 from domain.records import MaskInfo
 from pages.common import attempt, can, flash, frame_guard, owner, select_dataset
-from storage.service import MaskConflict, Neuroseg, UserError
+from storage.service import DraftClash, MaskConflict, Neuroseg, UserError
 from ui.annotation import Draft, StartOption, history_rows, start_options
 from ui.figures import slice_strip
 from ui.text import plain
@@ -23,6 +23,7 @@ CONFLICT = "conflict"  # the uid of the draft whose save met a newer version
 LAST_SAVED = "last_saved"  # (draft uid, what its save made)
 KEPT_REVISION = "_kept_revision"  # the revision of each draft last kept in the store
 RESTORED = "_restored"  # draft uid -> the note that its changes came back from the store
+CLASHES = "_draft_clashes"  # (dataset, slice) -> the DraftClash this tab's last keep met
 
 
 def _step(slice_key: str, delta: int, z_count: int) -> None:
@@ -88,13 +89,18 @@ class Edit:
         key = (d.dataset_id, d.slice_index)
         if not can("annotate"):  # a viewer's canvas draws nothing
             return
+        clashes = st.session_state.setdefault(CLASHES, {})
         if self.kept_revision.get(key) != d.revision:
-            def kept(_) -> None:
+            try:
+                self.svc.keep_draft(d, owner())
+            except DraftClash as exc:  # (another tab's newer edit is not overwritten: clash_panel asks)
+                clashes[key] = exc
+            except UserError as exc:
+                st.error(f"Your changes could not be kept in the store ({exc}); they are still in this tab: save "
+                         "them or keep the tab open.")
+            else:
                 self.kept_revision[key] = d.revision
-
-            attempt(lambda: self.svc.keep_draft(d, owner()), kept, rerun=None,
-                    failed=lambda exc: f"Your changes could not be kept in the store ({exc}); they are still in this "
-                                       "tab: save them or keep the tab open.")
+                clashes.pop(key, None)
 
 
 def current_draft(edit: Edit, options: list[StartOption], latest: MaskInfo | None) -> Draft:
@@ -185,6 +191,7 @@ def _save(edit: Edit, draft: Draft) -> None:
         flash(f"Not saved: {exc}. Your changes are kept.", "error")
     else:
         st.session_state.pop(CONFLICT, None)
+        st.session_state.get(CLASHES, {}).pop((edit.dataset_id, edit.z), None)  # (the other tab's edit stays)
         edit.kept_revision[(edit.dataset_id, edit.z)] = draft.revision
         st.session_state[LAST_SAVED] = (draft.uid, f"Saved slice {edit.z} as **v{saved.version}** ({saved.kind}, "
                                         f"{changed:,} pixels changed) at {saved.created:%H:%M:%S}.")
@@ -249,6 +256,50 @@ def conflict_panel(edit: Edit, draft: Draft, history: list[MaskInfo]) -> bool:
     return in_conflict
 
 
+def _keep_mine(edit: Edit, draft: Draft) -> None:
+    pending_strokes(draft)
+    key = (edit.dataset_id, edit.z)
+    try:
+        edit.svc.keep_draft(draft, owner(), replace=True)
+    except UserError as exc:
+        flash(f"Your changes could not be kept in the store ({exc}); they are still in this tab.", "error")
+        return
+    edit.kept_revision[key] = draft.revision
+    st.session_state.get(CLASHES, {}).pop(key, None)
+
+
+def _open_theirs(edit: Edit) -> None:
+    key = (edit.dataset_id, edit.z)
+    stored = edit.svc.stored_draft(edit.dataset_id, edit.z, owner())
+    st.session_state.get(CLASHES, {}).pop(key, None)
+    if stored is None:  # (saved or discarded there meanwhile: a fresh edit of what is saved now)
+        edit.drafts.pop(key, None)
+        flash("The other tab's changes were saved or discarded meanwhile: this is the slice as saved now.", "info")
+        return
+    opened = edit.drafts[key] = Draft.from_stored(stored)
+    edit.kept_revision[key] = opened.revision
+
+
+def clash_panel(edit: Edit, draft: Draft) -> bool:
+    """When this tab's last keep met another tab's (or browser's) newer edit of the slice: which to keep.
+    Nothing is overwritten until the user says so; this tab's changes stay on screen. Returns whether the
+    slice is in such a clash."""
+    clash = st.session_state.get(CLASHES, {}).get((edit.dataset_id, edit.z))
+    if clash is None:
+        return False
+    with st.container(border=True, key="draft_clash"):
+        st.warning(f"Another tab or browser where you are signed in has unsaved changes on slice {edit.z} "
+                   f"({clash.changed_pixels:,} pixels, kept {clash.updated:%H:%M:%S} UTC), made after this tab last "
+                   f"kept its own. Your {draft.changed_pixels:,} changed pixels here are not kept in the store "
+                   "yet. Choose one:", icon=":material/tab_duplicate:")
+        c1, c2 = st.columns(2)
+        c1.button("Keep mine (the other tab's changes are dropped)", on_click=_keep_mine, args=(edit, draft),
+                  key="clash_keep_mine", width="stretch")
+        c2.button("Open the other tab's changes (mine here are dropped)", on_click=_open_theirs, args=(edit,),
+                  key="clash_open_theirs", type="primary", width="stretch")
+    return True
+
+
 def start_from_panel(edit: Edit, draft: Draft, options: list[StartOption], history: list[MaskInfo],
                      in_conflict: bool) -> None:
     """"Start from": what this edit started from, and the other starts this slice offers."""
@@ -291,7 +342,9 @@ def save_bar(edit: Edit, draft: Draft, in_conflict: bool) -> None:
                       disabled=not draft.can_redo, shortcut="Ctrl+Shift+Z")
     last_saved = st.session_state.get(LAST_SAVED)
     if draft.dirty:
-        actions[4].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** (kept in the store) · will be "
+        kept = ("not kept in the store: see above" if (edit.dataset_id, edit.z) in st.session_state.get(CLASHES, {})
+                else "kept in the store")
+        actions[4].markdown(f"**Unsaved: {draft.changed_pixels:,} pixels changed** ({kept}) · will be "
                             f"saved as *{draft.kind}* by *{plain(state.author() or 'anonymous')}*")
     elif last_saved is not None and last_saved[0] == draft.uid:
         actions[4].success(last_saved[1], icon=":material/check:")

@@ -167,6 +167,7 @@ class Draft(Base):
     file: Mapped[str] = mapped_column(String(255))  # two pages: the mask the edit started from, the edit
     sha256: Mapped[str] = mapped_column(String(64))
     updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    token: Mapped[str] = mapped_column(String(32), default="", server_default="")  # written with every keep
 
 
 class Run(Base):

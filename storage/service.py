@@ -23,7 +23,7 @@ from collections import OrderedDict
 import numpy as np
 
 from domain.kinds import RunStatus
-from domain.records import AlreadyLoaded, ChannelsQuestion, MaskConflict, Overview, UserError
+from domain.records import AlreadyLoaded, ChannelsQuestion, DraftClash, MaskConflict, Overview, UserError
 from storage.auth import accounts
 from storage.auth.access import RIGHTS
 from storage.auth.accounts import SESSION_HOURS, SYSTEM, Actor
@@ -54,6 +54,7 @@ __all__ = [
     "Actor",
     "AlreadyLoaded",
     "ChannelsQuestion",
+    "DraftClash",
     "MaskConflict",
     "Neuroseg",
     "RunStatus",

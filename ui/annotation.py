@@ -105,6 +105,7 @@ class Draft:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     prediction_id: int | None = None  # the prediction whose neurons the object tools act on (the start, or Next's)
     revision: int = 0  # bumped whenever ``working`` changes
+    kept_as: str = ""  # the token of the draft in the store this edit last kept or loaded (see DraftClash)
     forgotten_tools: set[str] = field(default_factory=set)  # the tools of steps the history had to forget
     done: list[Step] = field(default_factory=list, repr=False)  # the steps that undo takes back, newest last
     undone: list[Step] = field(default_factory=list, repr=False)  # the steps that redo takes again
@@ -130,8 +131,10 @@ class Draft:
     @classmethod
     def from_stored(cls, stored: StoredDraft) -> Draft:
         """An edit kept in the store (``Neuroseg.stored_draft``), as it was left."""
-        return cls.restored(stored.dataset_id, stored.slice_index, stored.source, stored.source_mask_id,
-                            stored.latest_id, stored.kind, stored.original, stored.working, stored.prediction_id)
+        draft = cls.restored(stored.dataset_id, stored.slice_index, stored.source, stored.source_mask_id,
+                             stored.latest_id, stored.kind, stored.original, stored.working, stored.prediction_id)
+        draft.kept_as = stored.token
+        return draft
 
     @classmethod
     def restored(cls, dataset_id: int, slice_index: int, source: str, source_mask_id: int | None,

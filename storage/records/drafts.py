@@ -6,13 +6,14 @@ transaction) and the :class:`FileStore`."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from domain.records import DraftLike, DraftStart, MaskInfo, StoredDraft
+from domain.records import DraftClash, DraftLike, DraftStart, MaskInfo, StoredDraft
 from storage.models import Dataset, MaskVersion
 from storage.models import Draft as DraftRow
 from storage.records.datasets import dataset_row
@@ -25,7 +26,7 @@ from unet.training.labels import IGNORE
 
 def _record(row: DraftRow, original: np.ndarray | None = None, working: np.ndarray | None = None) -> StoredDraft:
     return StoredDraft(row.dataset_id, row.slice_index, row.owner, row.source, row.source_mask_id, row.latest_id,
-                       row.prediction_id, row.kind, row.changed_pixels, row.updated, original, working)
+                       row.prediction_id, row.kind, row.changed_pixels, row.updated, original, working, row.token)
 
 
 def _find(session: Session, dataset_id: int, slice_index: int, owner: str) -> DraftRow | None:
@@ -33,9 +34,9 @@ def _find(session: Session, dataset_id: int, slice_index: int, owner: str) -> Dr
                                                  DraftRow.slice_index == slice_index, DraftRow.owner == owner))
 
 
-def keep(session: Session, store: FileStore, draft: StoredDraft) -> None:
-    """Write (or overwrite) the owner's draft of a slice. The file is written atomically before the row
-    points at it, so a crash leaves the previous draft whole."""
+def keep(session: Session, store: FileStore, draft: StoredDraft) -> str:
+    """Write (or overwrite) the owner's draft of a slice; returns its new token. The file is written
+    atomically before the row points at it, so a crash leaves the previous draft whole."""
     if draft.original is None or draft.working is None:
         raise ValueError("a draft to keep needs both masks")
     dataset = session.get(Dataset, draft.dataset_id)
@@ -55,7 +56,9 @@ def keep(session: Session, store: FileStore, draft: StoredDraft) -> None:
     row.source, row.source_mask_id, row.latest_id = draft.source, draft.source_mask_id, draft.latest_id
     row.prediction_id, row.kind, row.changed_pixels = draft.prediction_id, draft.kind, draft.changed_pixels
     row.updated = datetime.now(UTC)
+    row.token = uuid.uuid4().hex
     session.flush()
+    return row.token
 
 
 def load(session: Session, store: FileStore, dataset_id: int, slice_index: int, owner: str) -> StoredDraft | None:
@@ -127,16 +130,30 @@ def save(session: Session, store: FileStore, draft: DraftLike, author: str = "",
     info = save_mask(session, store, draft.dataset_id, draft.slice_index, np.array(draft.working), kind=draft.kind,
                      author=author, parent_id=draft.source_mask_id, latest_id=draft.latest_id,
                      tools=tuple(getattr(draft, "tools", ())))
-    if owner is not None:
+    row = _find(session, draft.dataset_id, draft.slice_index, owner) if owner is not None else None
+    if row is not None and _ours(row, draft):  # (another tab's newer edit stays: its save will meet this one)
         drop(session, store, draft.dataset_id, draft.slice_index, owner)
     return info
 
 
-def keep_edit(session: Session, store: FileStore, draft: DraftLike, owner: str) -> None:
-    """Keep an edit as it is now, or forget it when nothing is changed."""
+def _ours(row: DraftRow, draft: DraftLike) -> bool:
+    """Whether the kept draft ``row`` is the one ``draft`` last kept or loaded (a draft kept before tokens
+    were written is anyone's)."""
+    return not row.token or row.token == getattr(draft, "kept_as", "")
+
+
+def keep_edit(session: Session, store: FileStore, draft: DraftLike, owner: str, *, replace: bool = False) -> str:
+    """Keep an edit as it is now, or forget it when nothing is changed; returns the kept draft's token (""
+    when none is kept). :class:`DraftClash` when the kept draft is not the one this edit last kept or loaded
+    (another tab or browser of the owner's), unless ``replace``: nothing is overwritten then."""
+    row = _find(session, draft.dataset_id, draft.slice_index, owner)
+    if row is not None and not replace and not _ours(row, draft):
+        raise DraftClash(f"another tab or browser of yours changed {row.changed_pixels:,} pixels of slice "
+                         f"{draft.slice_index} since this one last kept its edit", row.changed_pixels, row.updated)
     if not draft.changed_pixels:
         drop(session, store, draft.dataset_id, draft.slice_index, owner)
-        return
-    keep(session, store, StoredDraft(draft.dataset_id, draft.slice_index, owner, draft.source, draft.source_mask_id,
-                                     draft.latest_id, draft.prediction_id, draft.kind, draft.changed_pixels,
-                                     datetime.now(UTC), np.asarray(draft.original), np.asarray(draft.working)))
+        return ""
+    return keep(session, store, StoredDraft(draft.dataset_id, draft.slice_index, owner, draft.source,
+                                            draft.source_mask_id, draft.latest_id, draft.prediction_id, draft.kind,
+                                            draft.changed_pixels, datetime.now(UTC), np.asarray(draft.original),
+                                            np.asarray(draft.working)))

@@ -146,10 +146,11 @@ class DataService(Facade):
         return info
 
     @guard("keep draft", "annotate", record=False)
-    def keep_draft(self, draft: DraftLike, owner: str) -> None:
+    def keep_draft(self, draft: DraftLike, owner: str, *, replace: bool = False) -> None:
         """Keep the draft in the store as it is now (or forget it when nothing is changed), so a reload, a
-        new tab or a restart finds it. Called by the Annotate page after every change."""
-        self._tx(drafts.keep_edit, self.store, draft, self._owner(owner))
+        new tab or a restart finds it. Called by the Annotate page after every change. Another tab's or
+        browser's newer edit of the slice is not overwritten (:class:`DraftClash`) unless ``replace``."""
+        draft.kept_as = self._tx(drafts.keep_edit, self.store, draft, self._owner(owner), replace=replace)
 
     @looks
     def stored_draft(self, dataset_id: int, slice_index: int, owner: str) -> StoredDraft | None:

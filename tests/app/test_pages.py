@@ -16,6 +16,7 @@ from storage.service import Neuroseg
 from storage.settings import Settings
 from tests.accounts import make_user
 from tests.drafts import new_draft, start_options
+from ui.annotation import Draft
 from ui.paint import PALETTE, View
 from unet.training.labels import MEMBRANE, NEURON
 
@@ -303,6 +304,44 @@ def test_a_conflict_offers_one_choice_beside_its_message(app_data_dir):
     assert [m.version for m in history] == [1, 2, 3] and history[-1].parent_id == history[1].id
     saved = svc.mask(history[-1].id)
     assert (saved[:10, :10] == MEMBRANE).all() and (saved[205:215, 205:215] == NEURON).all()
+
+
+def unsaved(at: AppTest) -> str:
+    return next(m.value for m in at.markdown if "**Unsaved:" in m.value)
+
+
+def test_another_tab_of_mine_on_the_slice_is_never_overwritten_silently(app_data_dir):
+    """Two tabs of one user on one slice: this tab keeps its strokes, the other tab paints and keeps after it.
+    This tab's next change (an Undo here) does not overwrite the other's edit: it says so, and the user
+    chooses to open the other tab's edit or to keep their own (found on a new user's journey: a reload of one
+    tab lost 431 pixels painted in the other)."""
+    from storage.auth import accounts
+
+    svc = store(app_data_dir)
+    demo = svc.load_demo()
+    at = app("Annotate")
+    draw(at, slice(0, 30), slice(0, 30), MEMBRANE)
+    mine = f"user:{svc._tx(lambda s: accounts.user_by_name(s, 'ann').id)}"
+    other = Draft.from_stored(svc.stored_draft(demo.id, 0, mine))  # the other tab opens the slice: my edit
+    other.set_view(View.fit((256, 256), target=256))
+    rgba = np.zeros((256, 256, 4), np.uint8)
+    rgba[200:240, 200:240] = (*PALETTE[NEURON], 153)
+    other.apply(rgba)
+    svc.keep_draft(other, mine)  # …paints, and keeps
+    at.button(key="undo_edit").click().run()  # this tab changes its edit
+    assert "Another tab or browser where you are signed in has unsaved changes on slice 0" in texts(at.warning)
+    assert "No unsaved changes on this slice." in texts(at.markdown)  # (the undo took this tab's stroke back)
+    np.testing.assert_array_equal(svc.stored_draft(demo.id, 0, mine).working, other.working)  # not dropped
+    at.button(key="clash_open_theirs").click().run()
+    assert f"**Unsaved: {other.changed_pixels:,} pixels changed** (kept in the store)" in unsaved(at)
+    assert "Another tab" not in texts(at.warning)
+
+    other.apply(np.roll(rgba, -100, axis=0))  # the other tab paints again; this tab, behind, discards
+    svc.keep_draft(other, mine)
+    at.button(key="discard_mask").click().run()
+    assert "Another tab or browser" in texts(at.warning) and svc.stored_draft(demo.id, 0, mine) is not None
+    at.button(key="clash_keep_mine").click().run()  # mine: nothing changed, so nothing kept
+    assert "Another tab" not in texts(at.warning) and svc.stored_draft(demo.id, 0, mine) is None
 
 
 def test_a_folder_on_the_server_is_imported_from_the_datasets_page(app_data_dir, tmp_path, monkeypatch):

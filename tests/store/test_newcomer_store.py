@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from storage.jobs.procs import start_time
-from storage.service import AlreadyLoaded, Neuroseg, UserError
+from storage.service import AlreadyLoaded, DraftClash, MaskConflict, Neuroseg, UserError
 from storage.settings import Settings
 from tests.drafts import new_draft, start_options
 from ui.annotation import Draft
@@ -57,8 +57,12 @@ def test_drafts_are_kept_per_user_and_slice_and_come_back_as_they_were(svc):
     saved = svc.save_draft(back, "ann", owner="name:ann")
     assert saved.version == 2 and svc.stored_draft(demo.id, 0, "name:ann") is None
     assert svc.stored_draft(demo.id, 0, "name:bob") is not None
-    clean = new_draft(svc, demo.id, 3, start_options(svc, demo.id, 3)[0])
-    svc.keep_draft(clean, "name:ann")  # discarding = keeping an unchanged draft: forgotten
+    clean = new_draft(svc, demo.id, 3, start_options(svc, demo.id, 3)[0])  # (another tab, which never saw it)
+    with pytest.raises(DraftClash, match="another tab or browser of yours changed"):
+        svc.keep_draft(clean, "name:ann")
+    assert [d.slice_index for d in svc.drafts_of("name:ann")] == [3]
+    third.discard()
+    svc.keep_draft(third, "name:ann")  # discarding = keeping an unchanged draft: forgotten
     assert [d.slice_index for d in svc.drafts_of("name:ann")] == []
 
     # a damaged kept file does not block the slice: the draft is dropped
@@ -71,6 +75,31 @@ def test_drafts_are_kept_per_user_and_slice_and_come_back_as_they_were(svc):
     preview = svc.deletion_preview(demo.id)
     assert svc.delete_dataset(demo.id) == preview
     assert svc.drafts_of("name:bob") == []
+
+
+def test_two_tabs_of_one_user_on_one_slice_never_overwrite_each_other_silently(svc):
+    """Tab B paints and keeps; tab A, which opened the slice before, paints: its keep is refused (B's edit is
+    not overwritten) until A says which to keep. A reload finds the edit kept last; a save forgets only the
+    edit it was, so the other tab's edit stays for its own save (which then meets the new version)."""
+    demo = svc.load_demo()
+    a, b = painted_draft(svc, demo.id, 1, MEMBRANE), painted_draft(svc, demo.id, 1, NEURON)
+    svc.keep_draft(b, "name:ann")
+    with pytest.raises(DraftClash) as clash:
+        svc.keep_draft(a, "name:ann")
+    assert clash.value.changed_pixels == b.changed_pixels
+    assert svc.stored_draft(demo.id, 1, "name:ann").working[15, 15] == NEURON, "B's edit is still kept"
+    svc.keep_draft(b, "name:ann")  # B goes on keeping its own
+    reloaded = Draft.from_stored(svc.stored_draft(demo.id, 1, "name:ann"))  # A opens B's edit instead
+    svc.keep_draft(reloaded, "name:ann")
+    with pytest.raises(DraftClash):  # now B's tab is the one behind
+        svc.keep_draft(b, "name:ann")
+    svc.keep_draft(a, "name:ann", replace=True)  # or A keeps its own, as asked to
+    assert svc.stored_draft(demo.id, 1, "name:ann").working[15, 15] == MEMBRANE
+    saved = svc.save_draft(reloaded, "ann", owner="name:ann")  # a tab that is behind saves what it shows…
+    assert saved.version == 2 and svc.stored_draft(demo.id, 1, "name:ann").working[15, 15] == MEMBRANE  # …only
+    with pytest.raises(MaskConflict):  # A's edit began before v2: its save is refused, and its edit kept
+        svc.save_draft(a, "ann", owner="name:ann")
+    assert svc.stored_draft(demo.id, 1, "name:ann") is not None
 
 
 def test_samples_are_loaded_once(svc):
