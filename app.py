@@ -120,7 +120,11 @@ def frame() -> None:
             kept = []
         unsaved = sorted(set(in_session) | set(kept))
         if unsaved:
-            where = ", ".join(f"slice {z} of dataset #{ds}" for ds, z in unsaved[:5])
+            try:
+                names = {d.id: d.name for d in service().datasets()}
+            except UserError:
+                names = {}
+            where = ", ".join(f"slice {z} of {plain(names.get(ds, f'dataset #{ds}'))}" for ds, z in unsaved[:5])
             st.warning(f"Unsaved annotation on {where}{' …' if len(unsaved) > 5 else ''}. It is kept (a reload "
                        "or a new tab finds it): open **Annotate** to save or discard it.", icon=":material/warning:")
     state.count_script_run()

@@ -9,6 +9,7 @@ import streamlit as st
 from domain.kinds import RunKind
 from pages.common import attempt, can, release_uploads, start_page
 from storage.service import NAME_MAX
+from ui.figures import METRIC_NAMES
 from ui.text import plain
 from ui.training import checkpoint_label
 
@@ -60,8 +61,8 @@ facts[3].metric("Parent", f"run {parent['run_id']}" if parent else "—",
 if card["source"]:
     st.caption(f"Source: {plain(card['source'])}")
 if chosen.metrics:
-    st.caption("Validation: " + " · ".join(f"{k} {v:.4f}" for k, v in sorted(chosen.metrics.items())
-                                           if isinstance(v, int | float)))
+    st.caption("Validation: " + " · ".join(f"{METRIC_NAMES.get(k, k)} {v:.4f}"
+                                           for k, v in sorted(chosen.metrics.items()) if isinstance(v, int | float)))
 
 with st.form(f"model_name_{chosen.id}"):
     name = st.text_input("Name", chosen.name, max_chars=NAME_MAX)

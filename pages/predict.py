@@ -111,12 +111,19 @@ if st.session_state.get(pick_key) != (wanted if wanted in ids else ids[0]):  # o
     st.session_state[pick_key] = wanted if wanted in ids else ids[0]
 
 
+def model_words(p) -> str:
+    """The prediction's model as the checkpoint picker names it ("starter model …"), else its run."""
+    c = checkpoints.get(p.checkpoint_id)
+    return checkpoint_label(c).split(" · ")[0] if c is not None and c.run_kind != "train" else f"run {p.run_id}"
+
+
 def _picked() -> None:
     st.session_state[PREDICTION] = st.session_state[pick_key]
 
 
 pick = st.selectbox("Prediction", ids, key=pick_key, on_change=_picked,
-                    format_func=lambda i: next(f"#{p.id} · run {p.run_id} · {len(p.slices)} slice(s) · "
+                    format_func=lambda i: next(f"#{p.id} · {model_words(p)} · {len(p.slices)} "
+                                               f"slice{'s' if len(p.slices) != 1 else ''} · "
                                                f"neurons by {p.postprocess}" + (" · 8 flips" if p.tta else "")
                                                + (f" · {DEVICES.get(p.device, p.device)}" if p.device else "")
                                                for p in predictions if p.id == i))
@@ -269,7 +276,8 @@ def _open_error(error, shape) -> None:
 
 def neurons_view(job, volume, info) -> None:
     """The 3D neurons: how many, the largest, and sections through the stack along X and Y."""
-    with st.expander(f"3D neurons: {info['count']} linked across the predicted slices", expanded=False):
+    linked = "linked across the predicted slices" if len(job.slices) > 1 else "on the one predicted slice"
+    with st.expander(f"3D neurons: {info['count']:,} {linked}", expanded=False):
         st.caption("Each slice's neurons are linked to the neighbouring slice's by overlap (each the other's best "
                    "match, covering half of the smaller). Slices that were not predicted break the chain.")
         st.dataframe(neuron_rows(info), hide_index=True, key=f"neuron_sizes_{job.id}")

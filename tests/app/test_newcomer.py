@@ -330,7 +330,7 @@ def test_unsaved_strokes_survive_a_reload_and_a_new_tab_and_leaving_too_early_as
         tab = context.new_page()  # a new tab finds them too, and the other pages say so
         tab.set_default_timeout(TIMEOUT_MS)
         tab.goto(f"{url}/datasets")
-        tab.get_by_text(f"Unsaved annotation on slice 0 of dataset #{demo.id}").wait_for()
+        tab.get_by_text(f"Unsaved annotation on slice 0 of {demo.name}").wait_for()
         tab.close()
         page.bring_to_front()
 

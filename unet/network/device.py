@@ -34,7 +34,8 @@ def describe_device(device: torch.device | None = None) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple GPU (MPS)"
-    return f"CPU only ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU only ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
