@@ -6,7 +6,7 @@ import streamlit as st
 
 from domain.kinds import RunKind, RunStatus
 from domain.records import RunInfo
-from pages.common import attempt, can, select_dataset, selected_dataset, start_page, still_signed_in
+from pages.common import actor, attempt, can, select_dataset, selected_dataset, start_page, still_signed_in
 from storage.service import UserError
 from ui.figures import run_curves_figure
 from ui.text import plain
@@ -136,7 +136,9 @@ else:
 
         presets = svc.presets()
         names = list(presets)
-        default_preset = "gpu" if overview.gpu else "cpu-quick"
+        # what this user trained with last (a reload of the page forgets the form), else the device's recipe
+        mine = [r for r in runs if r.kind == RunKind.TRAIN and r.owner_id == actor().user_id and r.preset in names]
+        default_preset = max(mine, key=lambda r: r.id).preset if mine else "gpu" if overview.gpu else "cpu-quick"
         preset_name = st.radio("Preset", names, index=names.index(default_preset), horizontal=True, key="train_preset",
                                captions=[describe_preset(n) for n in names])
         base = presets[preset_name]

@@ -81,6 +81,8 @@ def test_train_predict_correct_and_review(app_data_dir):
     assert "step 30 of 30" in str([e.proto for e in walk(at.main) if getattr(e, "type", "") == "progress"])
     assert sum(getattr(e, "type", "") == "plotly_chart" for e in walk(at.main)) == 2  # loss and validation
     assert [m.role for m in svc.run_masks(run.id)].count("val") == 1
+    assert open_page("Train").radio(key="train_preset").value == "tiny", "a reload offers the recipe used last"
+    assert open_page("Train", "bea").radio(key="train_preset").value != "tiny", "…by that user"
 
     # --- Predict: slices 0-1 in the background, then overlays, metrics, exports -------------------------
     at = open_page("Predict")
