@@ -155,7 +155,7 @@ _LEAVE_GUARD_JS = """
 // mouse-up, over Streamlit's websocket); the script run this starts keeps it in the store. So a stroke
 // arms the guard, and the guard is disarmed when a render newer than the send arrives, or when the
 // message sent after the stroke has wholly left the browser (the socket open, nothing buffered).
-// Closing or reloading the tab while armed asks first.
+// Closing or reloading the tab while armed asks first; a click on a link to another page waits for it.
 const guard = window.__neurosegLeaveGuard || (window.__neurosegLeaveGuard = { pending: false, run: 0 });
 if (!guard.installed) {
   guard.installed = true;
@@ -180,6 +180,23 @@ if (!guard.installed) {
   window.addEventListener("beforeunload", (e) => {
     if (guard.pending && guard.armed) { e.preventDefault(); e.returnValue = ""; }
   });
+  // A click on a link to another page while a stroke is on its way (the canvas sends it 200 ms after
+  // mouse-up): the page it leaves would drop the stroke unsent, so the click waits until the stroke has
+  // reached the server (at most 5 s), then goes on as clicked.
+  document.addEventListener("click", (e) => {
+    if (guard.replaying || !guard.pending || !guard.armed) return;
+    const link = e.target && e.target.closest ? e.target.closest("a[href]") : null;
+    if (!link || link.target === "_blank" || link.hasAttribute("download")) return;
+    e.preventDefault();
+    e.stopImmediatePropagation();
+    const asked = performance.now();
+    const wait = setInterval(() => {
+      if (guard.pending && performance.now() - asked < 5000) return;
+      clearInterval(wait);
+      guard.replaying = true;
+      try { link.click(); } finally { guard.replaying = false; }
+    }, 50);
+  }, true);
 }
 export default function ({ data }) {
   guard.armed = !!(data && data.armed);
@@ -197,8 +214,9 @@ def _leave_guard_component():
 
 
 def leave_guard(armed: bool, settled: bool = True) -> None:
-    """Ask before the tab is closed or reloaded while strokes have not reached the server (Annotate
-    renders this after it has kept the strokes in the store). ``settled``: the canvas has told the server
+    """Ask before the tab is closed or reloaded while strokes have not reached the server, and hold a click
+    on a link to another page until they have (Annotate renders this after it has kept the strokes in the
+    store). ``settled``: the canvas has told the server
     its first state, which it does in a rerun of its own once its picture has loaded. Until then a click on
     another page can be undone by that rerun: Streamlit's browser side sends a component's value with the
     page it still shows, and of two waiting requests the newer one's page wins. The browser keeps the

@@ -346,11 +346,19 @@ def test_unsaved_strokes_survive_a_reload_and_a_new_tab_and_leaving_too_early_as
         expect(page.get_by_text(re.compile(r"Unsaved: [\d,]+ pixels changed"))).not_to_have_text(
             re.compile(rf"Unsaved: {painted:,} pixels"))  # the second stroke reached the server and is kept
         assert unsaved_pixels(page) > painted
+
+        # a stroke and at once a click on another page (before the canvas sends it, 200 ms after mouse-up): the
+        # click waits until the stroke has reached the server (a user lost it so)
+        page.wait_for_function("!window.__neurosegLeaveGuard.pending")
+        before = unsaved_pixels(page)
+        stroke(page, canvas, 650, 100, 500)
+        page.get_by_role("link", name="Datasets").first.click()
+        page.get_by_role("heading", name="Datasets").wait_for()
         context.close()
     ann = next(u for u in svc.users() if u.username == "ann")
     kept = svc.drafts_of(f"user:{ann.id}")
     assert [(d.dataset_id, d.slice_index) for d in kept] == [(demo.id, 0)]
-    assert kept[0].changed_pixels > painted
+    assert kept[0].changed_pixels > before > painted
     assert [m.version for m in svc.history(demo.id, 0)] == [1], "nothing saved behind the user's back"
 
 
