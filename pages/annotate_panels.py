@@ -79,9 +79,12 @@ class Edit:
         return cls(svc, dataset_id, z, state.drafts(), st.session_state.setdefault(KEPT_REVISION, {}))
 
     def open_draft(self, option: StartOption) -> Draft:
-        """A new edit of this slice from ``option``, kept in this session's drafts."""
+        """A new edit of this slice from ``option``, kept in this session's drafts (in the store over the edit
+        it replaces: this tab's own, not another tab's)."""
+        replaced = self.drafts.get((self.dataset_id, self.z))
         self.drafts[(self.dataset_id, self.z)] = fresh = Draft.begin(self.svc.draft_start(
             self.dataset_id, self.z, option.source, mask_id=option.mask_id, prediction_id=option.prediction_id))
+        fresh.kept_as = replaced.kept_as if replaced is not None else ""
         return fresh
 
     def keep(self, d: Draft) -> None:
@@ -138,11 +141,14 @@ def _requested(edit: Edit, draft: Draft | None, latest: MaskInfo | None, predict
     if draft is not None and draft.dirty:
         if keep_saved and draft.source != "prediction" and draft.prediction_id is None:
             draft.prediction_id = prediction_id  # (changes no pixel: the tools act on the item's prediction)
-            st.info(f"Your {draft.changed_pixels:,} unsaved changed pixels on this slice are kept; the object tools "
+            said = (f"Your {draft.changed_pixels:,} unsaved changed pixels on this slice are kept; the object tools "
                     f"act on prediction #{prediction_id}.")
         else:
-            st.warning(f"This slice has {draft.changed_pixels:,} unsaved changed pixels: they are kept. Save or "
-                       "discard them first to start from the prediction (**Start from**).")
+            said = (f"Prediction #{prediction_id} was not opened: this slice has {draft.changed_pixels:,} unsaved "
+                    "changed pixels, and they are kept. Save or discard them first to start from the prediction "
+                    "(**Start from**).")
+        notes = st.session_state.setdefault(RESTORED, {})  # (shown with the draft while it is unsaved: the
+        notes[draft.uid] = f"{notes[draft.uid]} {said}" if draft.uid in notes else said  # page reruns at once)
         return draft
     option = (StartOption("latest", f"latest version (v{latest.version}, {latest.kind})", latest.id, prediction_id)
               if keep_saved and latest is not None else
@@ -270,7 +276,11 @@ def _keep_mine(edit: Edit, draft: Draft) -> None:
 
 def _open_theirs(edit: Edit) -> None:
     key = (edit.dataset_id, edit.z)
-    stored = edit.svc.stored_draft(edit.dataset_id, edit.z, owner())
+    try:
+        stored = edit.svc.stored_draft(edit.dataset_id, edit.z, owner())
+    except UserError as exc:
+        flash(f"The other tab's changes could not be opened: {exc}", "error")
+        return
     st.session_state.get(CLASHES, {}).pop(key, None)
     if stored is None:  # (saved or discarded there meanwhile: a fresh edit of what is saved now)
         edit.drafts.pop(key, None)
@@ -284,8 +294,13 @@ def clash_panel(edit: Edit, draft: Draft) -> bool:
     """When this tab's last keep met another tab's (or browser's) newer edit of the slice: which to keep.
     Nothing is overwritten until the user says so; this tab's changes stay on screen. Returns whether the
     slice is in such a clash."""
-    clash = st.session_state.get(CLASHES, {}).get((edit.dataset_id, edit.z))
+    clashes = st.session_state.get(CLASHES, {})
+    clash = clashes.get((edit.dataset_id, edit.z))
     if clash is None:
+        return False
+    kept = [d for d in edit.svc.drafts_of(owner()) if (d.dataset_id, d.slice_index) == (edit.dataset_id, edit.z)]
+    if not kept or kept[0].token == draft.kept_as:  # the other tab saved or discarded meanwhile: nothing to ask
+        clashes.pop((edit.dataset_id, edit.z), None)
         return False
     with st.container(border=True, key="draft_clash"):
         st.warning(f"Another tab or browser where you are signed in has unsaved changes on slice {edit.z} "

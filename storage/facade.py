@@ -56,6 +56,9 @@ def guard(action: str, right: str, kind: str | None = None, *, owned: bool = Fal
         @functools.wraps(method)
         def inner(self: Facade, *args, **kwargs):
             ident = args[0] if args else kwargs.get(f"{kind}_id") if kind else None
+            if kind and isinstance(ident, np.integer):  # (a NumPy id: as the database adapters take it)
+                ident = int(ident)
+                args, kwargs = ((ident, *args[1:]), kwargs) if args else (args, {**kwargs, f"{kind}_id": ident})
             what = target(*args, **kwargs) if target else (f"{kind} {ident}" if kind and ident is not None else "")
             what = what[:200]
             try:

@@ -155,7 +155,7 @@ def import_dataset(session: Session, store: FileStore, volume: str | os.PathLike
                 writer.write(plane)
                 if label_planes is not None:  # (written aside until the row exists: its id names the masks' files)
                     try:
-                        target = labels_to_target(next(label_planes), labels_as)
+                        target = labels_to_target(next(label_planes), labels_as, ask=True)
                     except ValueError as exc:
                         raise ValueError(f"{_display_name(labels, None)}, slice {z + 1}: {exc}") from None
                     if (target != IGNORE).any():  # (a slice of classes with nothing labelled has no mask)

@@ -176,6 +176,10 @@ def test_train_predict_correct_and_review(app_data_dir):
     np.testing.assert_array_equal(kept.working, unsaved)  # brought back, not replaced
     assert kept.prediction_id == job.id and "unsaved changed pixels on this slice are kept" in texts(at.info)
     assert svc.stored_draft(demo.id, other, f"user:{ann}") is not None
+    at.session_state["start_request"] = (demo.id, other, job.id, False)  # "Correct this slice" on it: not opened,
+    at.run()  # and the page says so as long as the edit is unsaved (the canvas reruns the page at once)
+    at.run()
+    assert f"Prediction #{job.id} was not opened: this slice has" in texts(at.info), texts(at.info)
     # the tools' confidence is kept through a visit to another page, as the brush is
     at.slider(key="annotate_confidence").set_value(0.75).run()
     at.switch_page(PAGES["Datasets"]).run()

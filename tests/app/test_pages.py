@@ -343,6 +343,14 @@ def test_another_tab_of_mine_on_the_slice_is_never_overwritten_silently(app_data
     at.button(key="clash_keep_mine").click().run()  # mine: nothing changed, so nothing kept
     assert "Another tab" not in texts(at.warning) and svc.stored_draft(demo.id, 0, mine) is None
 
+    # one tab alone is never told of another: paint, then start again from something else
+    draw(at, slice(0, 30), slice(0, 30), MEMBRANE)
+    assert svc.stored_draft(demo.id, 0, mine) is not None
+    start = next(r for r in at.radio if (r.key or "").startswith("start_"))
+    start.set_value(len(start.options) - 1).run()
+    next(b for b in at.button if b.label.startswith("Discard my changes and start from")).click().run()
+    assert "Another tab" not in texts(at.warning) and svc.stored_draft(demo.id, 0, mine) is None
+
 
 def test_a_folder_on_the_server_is_imported_from_the_datasets_page(app_data_dir, tmp_path, monkeypatch):
     from storage.records.server_folders import REFUSED

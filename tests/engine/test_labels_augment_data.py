@@ -12,6 +12,7 @@ from unet.training.labels import (
     MEMBRANE,
     NEURON,
     border_weights,
+    instances_to_target,
     label_offset,
     labels_to_target,
     slice_label_offset,
@@ -52,9 +53,14 @@ def test_class_labels_are_read_as_named_and_detect_asks_rather_than_guess():
                                   [[IGNORE, MEMBRANE, MEMBRANE], [NEURON, NEURON, IGNORE]])
     for odd in (classes, np.array([[0, 7], [128, 255]], np.uint8)):
         with pytest.raises(ValueError, match="say which under 'Labels are'"):
-            labels_to_target(odd)
+            labels_to_target(odd, ask=True)
         with pytest.raises(ValueError, match="say which"):
-            labels_to_target(odd[None])  # (a stack too)
+            labels_to_target(odd[None], ask=True)  # (a stack too)
+        np.testing.assert_array_equal(labels_to_target(odd), labels_to_target(odd, "instances"))  # (unasked:
+    # the command line and training files read them as neuron ids, as before)
+    crop = np.zeros((3, 6, 6), np.uint16)  # a relabelled crop: a few neurons a slice, ids from 1
+    crop[0, :, :3], crop[0, :, 3:], crop[1, 1:4, 1:4], crop[2, :2] = 1, 2, 3, 17
+    np.testing.assert_array_equal(labels_to_target(crop), np.stack([instances_to_target(s) for s in crop]))
     assert set(np.unique(labels_to_target(classes, "instances")).tolist()) == {MEMBRANE, NEURON}  # (as asked)
     with pytest.raises(ValueError, match=r"class labels are 0 .* but these hold 3"):
         labels_to_target(classes + 1, "classes-neuron-first")

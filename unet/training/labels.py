@@ -53,10 +53,13 @@ def label_kind(labels: np.ndarray) -> str:
     return "instances"
 
 
-def labels_to_target(labels: np.ndarray, scheme: str = "auto") -> np.ndarray:
+def labels_to_target(labels: np.ndarray, scheme: str = "auto", *, ask: bool = False) -> np.ndarray:
     """Turn uploaded labels into a target of the same shape, read as ``scheme`` (:data:`LABEL_SCHEMES`):
     binary (0/255, 0/1, bool) or instance labels give ``NEURON``/``MEMBRANE`` only, classes give ``IGNORE``
-    where nothing is labelled. Works on a slice or a stack."""
+    where nothing is labelled. Works on a slice or a stack. "auto" tells binary from instance labels; with
+    ``ask`` (an upload, whose form can say how to read them) it refuses a slice it cannot tell
+    (:func:`label_kind`), else such a slice is read as neuron ids (the command line, benchmarks, training
+    files)."""
     labels = np.asarray(labels)
     if scheme not in LABEL_SCHEMES:
         raise ValueError(f"labels are read as one of {', '.join(LABEL_SCHEMES)}, not {scheme!r}")
@@ -71,12 +74,14 @@ def labels_to_target(labels: np.ndarray, scheme: str = "auto") -> np.ndarray:
         target = np.full(labels.shape, IGNORE, np.uint8)
         target[labels == neuron], target[labels == membrane] = NEURON, MEMBRANE
         return target
-    kind = scheme if scheme != "auto" else (
-        label_kind(labels) if labels.ndim == 2 else "binary" if is_binary(labels) else "stack")
+    if scheme == "auto":
+        kind = "binary" if is_binary(labels) else label_kind(labels) if ask and labels.ndim == 2 else "instances"
+    else:
+        kind = scheme
     if kind == "binary":
         return (labels > 0).astype(np.uint8)
-    if labels.ndim == 3:
-        return np.stack([labels_to_target(s, scheme) for s in labels])
+    if labels.ndim == 3:  # (asked: each slice is told apart by itself)
+        return np.stack([labels_to_target(s, scheme if ask else kind, ask=ask) for s in labels])
     return instances_to_target(labels)
 
 
