@@ -10,12 +10,11 @@ import streamlit as st
 
 import pages.state as state
 from pages.annotate_canvas import CANVAS_SETTLED, canvas_panel, tools_panel
+from pages.annotate_conflicts import clash_panel, conflict_panel
 from pages.annotate_live import live_panel
 from pages.annotate_objects import neurons_of, tool_picker
 from pages.annotate_panels import (
     Edit,
-    clash_panel,
-    conflict_panel,
     current_draft,
     history_panel,
     other_drafts,

@@ -40,7 +40,8 @@ FORBIDDEN = {
 # what a page may import: everything else is refused
 PAGE_ALLOWED = (*STREAMLIT, "plotly", "numpy", "storage.service", "ui", "domain", "pages.common", "pages.signin",
                 "pages.state", "pages.upload", "pages.canvas_aids", "pages.annotate_panels", "pages.annotate_canvas",
-                "pages.annotate_live", "pages.annotate_objects", "pages.annotate_review", "web.sessions")
+                "pages.annotate_live", "pages.annotate_objects", "pages.annotate_review", "pages.annotate_conflicts",
+                "web.sessions")
 # the shared types: a leaf that every layer may import, and that imports nothing of the project
 PROJECT = ("storage", "unet", "ui", "pages", "app", "web", "bench", "scripts", "tests")
 # what the HTTP layer may import from the app: the service, and itself
