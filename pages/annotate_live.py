@@ -15,7 +15,7 @@ from pages.annotate_canvas import Tools
 from pages.annotate_panels import Edit, pending_strokes
 from pages.canvas_aids import live_overlay
 from pages.common import attempt, can, flash, frame_guard, owner, still_signed_in
-from storage.service import Neuroseg
+from storage.service import Neuroseg, UserError
 from ui.annotation import Draft
 from ui.live import (
     OVERLAYS,
@@ -138,15 +138,19 @@ def _live_prediction(edit: Edit, draft: Draft, volume: np.ndarray, view: View, t
 
     @st.fragment(run_every=REFRESH_S)
     def live_view() -> None:
-        if not still_signed_in():
-            return
+        if not still_signed_in("train"):  # (a role that may no longer train: said once, and nothing asked
+            return  # of the store, so no refusal is written every 2 s)
         now = svc.live(dataset_id)  # the session as it is now: the status line and the picture agree
         st.caption(status_text(now, owner()) if now is not None else
                    f"Live session #{session.run_id} has ended: it is a run now (Runs, Predict).")
         told = st.session_state.get(LIVE_TOLD)
         on_screen = (view.y0, view.x0, view.h, view.w) if zoom > 1 else None  # zoomed: that region first
         if told is None or told[:3] != (session.run_id, z, on_screen) or time.monotonic() - told[3] > 30:
-            svc.live_see(session.run_id, owner(), z, on_screen)  # this slice (and its neighbours) next
+            try:
+                svc.live_see(session.run_id, owner(), z, on_screen)  # this slice (and its neighbours) next
+            except UserError as exc:  # (refused in between: the next refresh says why)
+                st.warning(f"{exc}")
+                return
             st.session_state[LIVE_TOLD] = (session.run_id, z, on_screen, time.monotonic())
         seen = svc.live_prediction(session.run_id, z, uncertainty=how == "uncertainty")
         if seen is None:

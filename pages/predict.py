@@ -227,9 +227,16 @@ def viewer(job) -> int:
         def slices_words(zs: list[int]) -> str:
             return f"slice{'s' if len(zs) > 1 else ''} {', '.join(map(str, zs[:12]))}{' …' if len(zs) > 12 else ''}"
 
+        elsewhere = svc.trained_elsewhere(job.checkpoint_id, dataset_id)
+        if elsewhere:  # (an imported model, the starter on its own stack: "never trained on" is not known)
+            st.warning(f"This model {elsewhere}. The scores below may flatter it: label a slice of a stack it "
+                       "cannot have seen, or fine-tune it here and hold a slice out.", icon=":material/visibility:")
         if unseen:
-            st.markdown(f"**On the {len(unseen)} labelled slice{'s' if len(unseen) > 1 else ''} this model never "
-                        f"trained on** ({slices_words(unseen)}): its accuracy on data it has not seen.")
+            many = "s" if len(unseen) > 1 else ""
+            st.markdown(f"**On the {len(unseen)} labelled slice{many} it did not train on here** "
+                        f"({slices_words(unseen)})" if elsewhere else
+                        f"**On the {len(unseen)} labelled slice{many} this model never trained on** "
+                        f"({slices_words(unseen)}): its accuracy on data it has not seen.")
             cols = st.columns(len(CARDS))
             for col, key in zip(cols, CARDS, strict=True):
                 value = unseen_mean.get(key)

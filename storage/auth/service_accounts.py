@@ -10,11 +10,17 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from sqlalchemy import select
+
+from domain.kinds import ACTIVE, RunKind
 from domain.records import UserError, UserInfo
 from storage.auth import accounts, audit, single_sign_on, users
+from storage.auth.access import RIGHTS
 from storage.auth.accounts import Actor
 from storage.auth.audit import AuditRow
 from storage.facade import Facade, guard, looks
+from storage.models import Run
+from storage.records import live, runs
 
 T = TypeVar("T")
 
@@ -100,9 +106,14 @@ class AccountsService(Facade):
 
     @guard("set role", "admin", target=lambda user_id, role, *a, **k: f"user {user_id} → {role}")
     def set_role(self, user_id: int, role: str) -> UserInfo:
+        """A user's new role, at once; a role that may not train stops the user's trainings and live
+        sessions too (see :meth:`_stop_jobs_of`)."""
         if user_id == self.actor.user_id and role != "admin":
             raise UserError("You cannot take the admin role from yourself: another admin can.")
-        return self._tx(users.set_role, user_id, role)
+        info = self._tx(users.set_role, user_id, role)
+        if "train" not in RIGHTS.get(role, ()):
+            self._stop_jobs_of(user_id, f"its owner's role is now {role}")
+        return info
 
     @guard("set queue limit", "admin", target=lambda user_id, n, *a, **k: f"user {user_id} → {n} waiting")
     def set_queue_limit(self, user_id: int, runs_waiting: int) -> UserInfo:
@@ -118,7 +129,26 @@ class AccountsService(Facade):
     def set_disabled(self, user_id: int, disabled: bool) -> UserInfo:
         if user_id == self.actor.user_id and disabled:
             raise UserError("You cannot disable your own account.")
-        return self._tx(users.set_disabled, user_id, disabled)
+        info = self._tx(users.set_disabled, user_id, disabled)
+        if disabled:
+            self._stop_jobs_of(user_id, "its owner's account is disabled")
+        return info
+
+    def _stop_jobs_of(self, user_id: int, why: str) -> list[str]:
+        """Stop the trainings and live sessions a user owns that are queued or running (a queued one is
+        cancelled, a running one stops at its next step and keeps its checkpoints): a user who may no longer
+        train has none going on, nor waiting for the device. Each is audited; returns what was stopped."""
+        def stop(s) -> list[str]:
+            stopped = []
+            for run in s.scalars(select(Run).where(Run.owner_id == user_id, Run.status.in_(list(ACTIVE)))):
+                (live.stop if run.kind == RunKind.LIVE else runs.cancel_run)(s, run.id)
+                stopped.append(f"{'live session' if run.kind == RunKind.LIVE else 'run'} {run.id}")
+            return stopped
+
+        stopped = self._tx(stop)
+        for what in stopped:
+            self._audit("cancel", what, "ok", why)
+        return stopped
 
     @guard("audit", "admin", record=False)
     def audit_trail(self, *, username: str = "", action: str = "", outcome: str = "", since=None, until=None,

@@ -112,6 +112,27 @@ def checkpoint_trained_on(session: Session, checkpoint_id: int, dataset_id: int)
     return sorted(seen_slices(session, run, dataset_id)) if run is not None else []
 
 
+ISBI_TRAINING = ("train-volume.tif", (30, 512, 512))  # the stack the starter model trained on, all of it
+
+
+def trained_elsewhere(session: Session, checkpoint_id: int, dataset_id: int) -> str:
+    """What a checkpoint's lineage trained on outside this store's records, as far as it touches this
+    dataset: "" when every run of it trained here (its slices are :func:`checkpoint_trained_on`). An imported
+    model (or one fine-tuned from it) trained on data nobody recorded here; the starter model trained on every
+    slice of the ISBI 2012 training stack, so on that stack no slice is unseen."""
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    run = session.get(Run, checkpoint.run_id) if checkpoint is not None else None
+    kinds = {r.kind for r in lineage_runs(session, run)} if run is not None else set()
+    if RunKind.IMPORTED in kinds:
+        return ("came from outside (an imported model, or fine-tuned from one): which of these slices it trained "
+                "on is not known here")
+    dataset = session.get(Dataset, dataset_id)
+    if RunKind.STARTER in kinds and dataset is not None and \
+            (dataset.source_name, (dataset.z, dataset.y, dataset.x)) == ISBI_TRAINING:
+        return "starts from the starter model, which trained on every slice of the ISBI 2012 training stack: this one"
+    return ""
+
+
 def runs_that_saw(session: Session, dataset_id: int, slices: list[int]) -> dict[int, list[int]]:
     """slice → the runs that trained on it, directly or through a run they descend from."""
     direct: dict[int, set[int]] = {}  # run → the slices it saw itself

@@ -185,6 +185,12 @@ class DataService(Facade):
         return self._tx(heldout.checkpoint_trained_on, checkpoint_id, dataset_id)
 
     @looks
+    def trained_elsewhere(self, checkpoint_id: int, dataset_id: int) -> str:
+        """What this checkpoint trained on that this store did not record, where it touches the dataset ("":
+        nothing; see :func:`storage.records.heldout.trained_elsewhere`)."""
+        return self._tx(heldout.trained_elsewhere, checkpoint_id, dataset_id)
+
+    @looks
     def held_out_scores(self, dataset_id: int) -> list[Score]:
         """Every run scored on the dataset's held-out slices, with its change against parent and best."""
         return self._tx(heldout.scores, dataset_id)

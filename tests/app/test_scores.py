@@ -177,3 +177,41 @@ def test_the_last_weights_of_a_run_without_validation_are_not_called_its_best():
                                             "had no validation slices)")
     measured = CheckpointInfo(**{**fields, "metrics": {"val_pixel_error": 0.0812, "loss": 0.3}})
     assert checkpoint_label(measured) == "run 3 (cpu-quick) · best at step 393 · pixel error 0.081"
+
+
+def test_a_model_trained_outside_the_store_is_never_said_to_be_measured_on_unseen_slices(tmp_path):
+    """An imported model (or one fine-tuned from it) trained on data nobody recorded here, and the starter
+    model trained on every slice of the ISBI 2012 training stack: Predict may not call their scores there
+    "accuracy on data it has not seen" (an imported copy of a run was so praised on the slices it trained on)."""
+    from storage.models import Checkpoint, Dataset, Run
+
+    svc = Neuroseg(Settings.from_env(tmp_path / "data"), supervise=False)
+
+    def rows(s):
+        def dataset(source, shape):
+            row = Dataset(name=source, z=shape[0], y=shape[1], x=shape[2], dtype="uint8", source_name=source,
+                          sha256="0" * 64, size_bytes=0)
+            s.add(row)
+            s.flush()
+            return row.id
+
+        def checkpoint(kind, parent=None):
+            run = Run(kind=kind, status="FINISHED", spec={}, config={}, parent_checkpoint_id=parent)
+            s.add(run)
+            s.flush()
+            made = Checkpoint(run_id=run.id, step=1, kind="best", file="x", sha256="0" * 64)
+            s.add(made)
+            s.flush()
+            return made.id
+
+        imported, starter = checkpoint("imported"), checkpoint("starter")
+        return (dataset("train-volume.tif", (30, 512, 512)), dataset("ours.tif", (5, 64, 64)), imported,
+                checkpoint("train", imported), starter, checkpoint("train", starter), checkpoint("train"))
+
+    isbi, ours, imported, tuned_import, starter, tuned_starter, own = svc._tx(rows)
+    for model in (imported, tuned_import):
+        assert "not known here" in svc.trained_elsewhere(model, ours)
+    for model in (starter, tuned_starter):
+        assert "ISBI 2012" in svc.trained_elsewhere(model, isbi) and svc.trained_elsewhere(model, ours) == ""
+    assert svc.trained_elsewhere(own, ours) == "" == svc.trained_elsewhere(own, isbi)
+    svc.close()

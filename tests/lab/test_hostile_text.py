@@ -492,3 +492,33 @@ def test_forged_arguments_get_a_clear_refusal_and_every_write_leaves_a_row_in_th
     row = svc.audit_trail(username="ann")[0]
     assert (row.action, row.outcome, row.detail) == ("train", "failed",
                                                       "AttributeError (the server's log has the details)")
+
+
+def test_a_demoted_or_disabled_user_has_no_training_going_on_nor_waiting(svc):
+    """A role that may not train stops the user's trainings and live sessions: a queued one is cancelled,
+    a running one asked to stop (it keeps its checkpoints); each in the audit trail. (A viewer's live session
+    was next in the queue, and their training ran on.)"""
+    from storage.models import Run
+
+    bob, eve = user(svc, "bob", "annotator"), user(svc, "eve", "annotator")
+    demo = svc.load_demo()
+
+    def rows(s):
+        made = [Run(kind="train", status="QUEUED", spec={}, config={}, owner_id=bob.user_id),
+                Run(kind="live", status="RUNNING", spec={"dataset_id": demo.id}, config={}, owner_id=bob.user_id),
+                Run(kind="train", status="QUEUED", spec={}, config={}, owner_id=eve.user_id)]
+        s.add_all(made)
+        s.flush()
+        return [r.id for r in made]
+
+    queued, live_run, theirs = svc._tx(rows)
+    svc.set_role(bob.user_id, "viewer")
+    assert svc.run(queued).status == "CANCELLED" and svc.run(live_run).cancel_requested
+    assert svc.run(theirs).status == "QUEUED", "another user's run goes on"
+    trail = {(r.target, r.detail) for r in svc.audit_trail(action="cancel")}
+    assert trail == {(f"run {queued}", "its owner's role is now viewer"),
+                     (f"live session {live_run}", "its owner's role is now viewer")}
+    svc.set_disabled(eve.user_id, True)
+    assert svc.run(theirs).status == "CANCELLED"
+    assert (f"run {theirs}", "its owner's account is disabled") in {(r.target, r.detail)
+                                                                    for r in svc.audit_trail(action="cancel")}
