@@ -326,7 +326,7 @@ class Deleted:
         return Deleted(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     def describe(self) -> str:
-        parts = [f"{n} {label}" for n, label in ((self.datasets, "dataset(s)"), (self.mask_versions, "mask version(s)"),
-                                                 (self.runs, "run(s)"), (self.checkpoints, "checkpoint(s)"),
-                                                 (self.predictions, "prediction(s)"), (self.files, "file(s)")) if n]
+        parts = [f"{n:,} {label}{'s' if n != 1 else ''}" for n, label in (
+            (self.datasets, "dataset"), (self.mask_versions, "mask version"), (self.runs, "run"),
+            (self.checkpoints, "checkpoint"), (self.predictions, "prediction"), (self.files, "file")) if n]
         return ", ".join(parts) or "nothing"

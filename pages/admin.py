@@ -105,12 +105,15 @@ def audit_trail() -> None:
     today = dt.date.today()
     span = f4.date_input("Between", (today - dt.timedelta(days=30), today), key="audit_span")
     since = until = None
-    if isinstance(span, tuple | list) and len(span) == 2:
-        since = dt.datetime.combine(span[0], dt.time.min, dt.UTC)
-        until = dt.datetime.combine(span[1] + dt.timedelta(days=1), dt.time.min, dt.UTC)
+    chosen = [d for d in (span if isinstance(span, tuple | list) else [span]) if d is not None]
+    if chosen:  # (one date, while the second is not picked yet: that day alone)
+        since = dt.datetime.combine(chosen[0], dt.time.min, dt.UTC)
+        until = dt.datetime.combine(chosen[-1] + dt.timedelta(days=1), dt.time.min, dt.UTC)
     rows = svc.audit_trail(username="" if who == "everyone" else who, action="" if what == "every action" else what,
                            outcome="" if outcome == "any" else outcome, since=since, until=until, limit=2000)
-    st.caption(f"{len(rows)} event{'s' * (len(rows) != 1)}, newest first (at most 2000 shown).")
+    when = (f" from {since:%Y-%m-%d} to {until - dt.timedelta(days=1):%Y-%m-%d}" if since and until else
+            ", any day")
+    st.caption(f"{len(rows)} event{'s' * (len(rows) != 1)}{when}, newest first (at most 2000 shown).")
     st.dataframe([{"time (UTC)": r.time.strftime("%Y-%m-%d %H:%M:%S"), "user": r.username, "action": r.action,
                    "on": r.target, "outcome": r.outcome, "address": r.address, "detail": r.detail} for r in rows],
                  hide_index=True, width="stretch")

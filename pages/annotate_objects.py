@@ -109,7 +109,8 @@ def _accept_confident(edit: Edit, draft: Draft, neurons: Neurons, threshold: flo
     new, chosen = accept_confident(draft.working, neurons.instances, neurons.prob, threshold)
     changed = draft.use_tool(new, Tool.ACCEPT_CONFIDENT)
     edit.keep(draft)
-    flash(f"Accepted {len(chosen)} neuron(s) with a mean probability of at least {threshold:.2f} "
+    flash(f"Accepted {len(chosen)} neuron{'s' if len(chosen) != 1 else ''} with a mean probability of at least "
+          f"{threshold:.2f} "
           f"({changed:,} pixels changed; Undo takes them back).", "success" if chosen else "info")
 
 

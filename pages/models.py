@@ -54,7 +54,8 @@ st.subheader(plain(chosen.name or checkpoint_label(chosen)))
 facts = st.columns(4)
 facts[0].metric("Run", f"#{run.id}", help=f"{run.kind} run, {run.status}")
 facts[1].metric("Step", f"{chosen.step:,}")
-facts[2].metric("Size", f"{card['size_bytes'] / 1e6:.1f} MB")
+size = card["size_bytes"]
+facts[2].metric("Size", f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB")
 parent = card["parent"]
 facts[3].metric("Parent", f"run {parent['run_id']}" if parent else "—",
                 help=f"fine-tuned from checkpoint {parent['checkpoint_id']}" if parent else "trained from scratch")
@@ -64,10 +65,13 @@ if chosen.metrics:
     st.caption("Validation: " + " · ".join(f"{METRIC_NAMES.get(k, k)} {v:.4f}"
                                            for k, v in sorted(chosen.metrics.items()) if isinstance(v, int | float)))
 
+refused = svc.refusal("manage", "checkpoint", chosen.id)  # (shown before typing; the service checks again)
 with st.form(f"model_name_{chosen.id}"):
-    name = st.text_input("Name", chosen.name, max_chars=NAME_MAX)
-    notes = st.text_area("Notes", chosen.notes)
-    if st.form_submit_button("Save name and notes"):
+    name = st.text_input("Name", chosen.name, max_chars=NAME_MAX, disabled=bool(refused))
+    notes = st.text_area("Notes", chosen.notes, disabled=bool(refused))
+    if refused:
+        st.caption(refused)
+    if st.form_submit_button("Save name and notes", disabled=bool(refused)):
         attempt(lambda: svc.update_model(chosen.id, name=name, notes=notes), lambda _: "Name and notes saved.")
 
 left, right = st.columns(2)

@@ -94,7 +94,7 @@ def _start() -> tuple:
 def _started(started: tuple) -> None:
     job, slices = started
     st.session_state[PREDICTION] = job.id
-    flash(f"Prediction #{job.id} started on {len(slices)} slice(s).", "info")
+    flash(f"Prediction #{job.id} started on {len(slices)} slice{'s' if len(slices) != 1 else ''}.", "info")
 
 
 if go:
@@ -143,7 +143,9 @@ def progress(prediction_id: int, was_active: bool) -> None:
                  f"{last[0] if last else 'no reason recorded'}")
         if job.status == RunStatus.FAILED:
             kept = f" ({job.done} blocks are written and kept)" if job.done else ""
-            if st.button(f"Resume{kept}", key=f"resume_prediction_{job.id}", type="primary"):
+            refused = svc.refusal("manage", "prediction", job.id)
+            if st.button(f"Resume{kept}", key=f"resume_prediction_{job.id}", type="primary",
+                         disabled=bool(refused), help=refused or None):
                 attempt(lambda: svc.resume_prediction(job.id),
                         lambda _: f"Prediction #{job.id} goes on from the blocks already written.")
     elif (said := job_speed(job)) is not None:
@@ -350,7 +352,8 @@ def _correct(slice_index: int | None = None) -> None:
     state.request_start(dataset_id, shown, job.id)
 
 
-if actions[-1].button("Correct this slice", key="correct_slice", on_click=_correct,
-                     help="Open Annotate with this prediction as the starting mask"):
+may_not = svc.refusal("annotate")
+if actions[-1].button("Correct this slice", key="correct_slice", on_click=_correct, disabled=bool(may_not),
+                     help=may_not or "Open Annotate with this prediction as the starting mask"):
     st.switch_page("pages/annotate.py")
 delete_view(job)

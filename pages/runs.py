@@ -196,7 +196,12 @@ with one:
         if refused:
             st.caption(refused)
         elif run.active:
-            st.caption("Cancel the run first (on **Train**).")
+            stop = svc.live_stop if run.kind == RunKind.LIVE else svc.cancel_run
+            st.caption("Stop the run first: it is " + ("waiting for the device." if run.status == RunStatus.QUEUED
+                                                       else "running."))
+            if st.button("Stop the live session" if run.kind == RunKind.LIVE else "Cancel the run",
+                         key=f"runs_cancel_{run.id}", disabled=run.cancel_requested):
+                attempt(lambda: stop(run.id), lambda _: f"Run {run.id}: asked to stop.")
         sure = st.checkbox(f"Yes, delete run {run.id}", key=f"sure_{run.id}", disabled=bool(refused))
         if st.button("Delete run", type="primary", disabled=not sure or run.active or bool(refused),
                      key=f"delete_run_{run.id}"):

@@ -42,15 +42,19 @@ def follow(run_id: int, was_active: bool) -> None:
             head[1].caption("Waiting behind " + ", ".join(
                 f"run #{q.run_id} ({plain(q.owner or 'system')}{', running' if q.position == 0 else ''})"
                 for q in ahead))
+    # what the user may not do to this run is shown disabled, with the reason (the service checks again)
+    refused = svc.refusal("train") if run.kind == RunKind.LIVE else svc.refusal("manage", "run", run.id)
     if run.active and run.kind == RunKind.LIVE:
-        if head[2].button("Stop", key=f"stop_live_{run.id}", disabled=run.cancel_requested,
-                          help="End the live session for everyone: it becomes a run with its checkpoints."):
+        if head[2].button("Stop", key=f"stop_live_{run.id}", disabled=run.cancel_requested or bool(refused),
+                          help=refused or "End the live session for everyone: it becomes a run with its checkpoints."):
             attempt(lambda: svc.live_stop(run.id), rerun="fragment")
     elif run.active:
-        if head[2].button("Cancel", key=f"cancel_{run.id}", disabled=run.cancel_requested):
-            attempt(lambda: svc.cancel_run(run.id), rerun="fragment")  # (refused: someone else's run)
+        if head[2].button("Cancel", key=f"cancel_{run.id}", disabled=run.cancel_requested or bool(refused),
+                          help=refused or None):
+            attempt(lambda: svc.cancel_run(run.id), rerun="fragment")
     elif run.status in (RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.LOST) and head[2].button(
-            "Resume", key=f"resume_{run.id}", help="Continue from its latest checkpoint"):
+            "Resume", key=f"resume_{run.id}", help=refused or "Continue from its latest checkpoint",
+            disabled=bool(refused)):
         attempt(lambda: svc.resume_run(run.id))
     head[3].page_link("pages/runs.py", label="All runs", icon=":material/monitoring:")
     if run.error and run.status in (RunStatus.FAILED, RunStatus.LOST):
@@ -83,7 +87,9 @@ else:
 runs = svc.runs()
 followed = st.session_state.get(FOLLOWED)
 if followed is None or followed not in {r.id for r in runs}:
-    active = [r for r in runs if r.active]
+    # the run to show: running before waiting, this user's before others', newest first (runs come so)
+    active = sorted((r for r in runs if r.active), key=lambda r: (r.status != RunStatus.RUNNING,
+                                                                   r.owner_id != actor().user_id))
     followed = (active or runs or [None])[0]
     followed = followed.id if followed is not None else None
 

@@ -93,7 +93,8 @@ def status_text(info: LiveInfo, owner: str) -> str:
         what = "stopping: saving its weights"
     else:
         what = run.phase or "starting"
-    return f"Live session #{run.id} ({info.learned} saved mask(s) learned) · {what}{shared}"
+    masks = f"{info.learned} saved mask{'s' if info.learned != 1 else ''}"
+    return f"Live session #{run.id} ({masks} learned) · {what}{shared}"
 
 
 def prediction_caption(prediction: LivePrediction, now: datetime | None = None) -> str:

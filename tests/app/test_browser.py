@@ -462,7 +462,7 @@ def next_to_fix(page, data_dir):
     accepted = objects.erase(start, instances, k)
     confident, chosen = objects.accept_confident(accepted, instances, prob, 0.9)
     tool_button(page, "Accept all confident neurons").click()  # (at the confidence of 0.9)
-    page.get_by_text(f"Accepted {len(chosen)} neuron(s)").wait_for()
+    page.get_by_text(f"Accepted {len(chosen)} neuron{'s' if len(chosen) != 1 else ''} with").wait_for()
     page.get_by_role("button", name="Save version").click()
     page.get_by_text(re.compile(rf"Saved slice {z} as v\d+")).wait_for()
     page.get_by_text(re.compile(r"Where to work next: \d+ open, 1 done")).wait_for()

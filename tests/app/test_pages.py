@@ -175,10 +175,10 @@ def test_upload_then_browse_rename_and_delete(app_data_dir, synthetic):
     dataset_id = store(app_data_dir).datasets()[0].id
     delete = at.button(key=f"delete_{dataset_id}")
     assert delete.disabled, "deleting needs the name typed"
-    assert "removes 1 dataset(s), 6 mask version(s), 7 file(s)" in texts(at.warning)
+    assert "removes 1 dataset, 6 mask versions, 7 files" in texts(at.warning)
     at.text_input(key=f"confirm_delete_{dataset_id}").set_value("Cortex A").run()
     at.button(key=f"delete_{dataset_id}").click().run()
-    assert "Deleted **Cortex A**: 1 dataset(s), 6 mask version(s), 7 file(s)." in texts(at.success)
+    assert "Deleted **Cortex A**: 1 dataset, 6 mask versions, 7 files." in texts(at.success)
     assert store(app_data_dir).datasets() == []
     assert not (app_data_dir / "datasets" / str(dataset_id)).exists()
 

@@ -176,7 +176,7 @@ def test_roles_ownership_audit_and_a_password_change_in_the_browser(tmp_path, mo
         # the audit trail shows each attempt, refused or done
         admin.get_by_role("link", name="Admin").first.click()
         admin.get_by_role("tab", name="Audit trail").click()
-        caption = admin.get_by_text(re.compile(r"\d+ events, newest first"))
+        caption = admin.get_by_text(re.compile(r"\d+ events from [\d-]+ to [\d-]+, newest first"))
         caption.wait_for()
         rows = svc.audit_trail()
         seen = {(r.username, r.action, r.outcome) for r in rows}

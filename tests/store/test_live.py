@@ -522,7 +522,7 @@ def test_accept_copies_the_prediction_into_the_edit_but_keeps_the_users_strokes(
         run, learned, viewers, paused_for = Run(), 3, ["name:ann", "name:bob", "browser:x1"], 9
 
     text = status_text(Info(), "name:ann")
-    assert text.startswith("Live session #7 (3 saved mask(s) learned) · paused while run #9 trains on cpu")
+    assert text.startswith("Live session #7 (3 saved masks learned) · paused while run #9 trains on cpu")
     assert text.endswith("shared with bob, someone without a name")
 
 
