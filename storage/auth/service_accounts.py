@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from domain.kinds import ACTIVE, RunKind
 from domain.records import UserError, UserInfo
-from storage.auth import accounts, audit, single_sign_on, users
+from storage.auth import access, accounts, audit, single_sign_on, users
 from storage.auth.access import RIGHTS
 from storage.auth.accounts import Actor
 from storage.auth.audit import AuditRow
@@ -109,7 +109,7 @@ class AccountsService(Facade):
         """A user's new role, at once; a role that may not train stops the user's trainings and live
         sessions too (see :meth:`_stop_jobs_of`)."""
         if user_id == self.actor.user_id and role != "admin":
-            raise UserError("You cannot take the admin role from yourself: another admin can.")
+            raise access.Denied("You cannot take the admin role from yourself: another admin can.")  # (refused)
         info = self._tx(users.set_role, user_id, role)
         if "train" not in RIGHTS.get(role, ()):
             self._stop_jobs_of(user_id, f"its owner's role is now {role}")
@@ -128,7 +128,7 @@ class AccountsService(Facade):
             + ("disabled" if off else "enabled"))
     def set_disabled(self, user_id: int, disabled: bool) -> UserInfo:
         if user_id == self.actor.user_id and disabled:
-            raise UserError("You cannot disable your own account.")
+            raise access.Denied("You cannot disable your own account.")
         info = self._tx(users.set_disabled, user_id, disabled)
         if disabled:
             self._stop_jobs_of(user_id, "its owner's account is disabled")

@@ -258,6 +258,10 @@ def test_role_changes_are_the_admins_and_recorded(svc):
     assert as_boss.set_role(ann.user_id, "annotator").role == "annotator"
     with pytest.raises(UserError, match="cannot take the admin role from yourself"):
         as_boss.set_role(boss.user_id, "viewer")
+    with pytest.raises(UserError, match="cannot disable your own account"):
+        as_boss.set_disabled(boss.user_id, True)
+    assert [(a, o) for _, a, _, o in trail(svc) if a in ("set role", "disable user")][:2] == [
+        ("disable user", "refused"), ("set role", "refused")], "refused, not failed"
     password = as_boss.reset_password(ann.user_id)
     assert svc.sign_in("ann", password)[0].must_change_password
     assert ("boss", "set role", f"user {ann.user_id} → annotator", "ok") in trail(svc)
