@@ -88,7 +88,7 @@ def status_text(info: LiveInfo, owner: str) -> str:
     if run.status == RunStatus.QUEUED and info.paused_for is not None:
         what = f"paused while run #{info.paused_for} trains on {run.device}; it carries on afterwards"
     elif run.status == RunStatus.QUEUED:
-        what = "starting (loading the model and the stack)" if not run.phase.startswith("paused") else run.phase
+        what = run.phase or "starting (loading the model and the stack)"  # ("waiting for the device", "paused…")
     elif run.cancel_requested:
         what = "stopping: saving its weights"
     else:

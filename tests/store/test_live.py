@@ -524,6 +524,8 @@ def test_accept_copies_the_prediction_into_the_edit_but_keeps_the_users_strokes(
     text = status_text(Info(), "name:ann")
     assert text.startswith("Live session #7 (3 saved masks learned) · paused while run #9 trains on cpu")
     assert text.endswith("shared with bob, someone without a name")
+    Info.paused_for, Run.phase = None, "waiting for the device"  # queued behind a training: not "starting"
+    assert "· waiting for the device ·" in status_text(Info(), "name:ann")
 
 
 def test_the_live_overlay_covers_only_what_it_shows():
