@@ -101,7 +101,7 @@ def test_live_on_paint_save_and_the_overlay_follows(tmp_path, monkeypatch):
                                ".map(el => el.shadowRoot && el.shadowRoot.querySelector('img.neuroseg-live-overlay'))"
                                ".find(Boolean); return img && img.src !== first; }",
                                arg=[canvas_key(page), first_image])
-        page.get_by_text(re.compile(r"Live session #\d+ \(\d+ saved mask\(s\) learned\)")).wait_for()
+        page.get_by_text(re.compile(r"Live session #\d+ \(\d+ saved masks? learned\)")).wait_for()
         page.screenshot(path=ARTIFACTS / "annotate-live-after-save.png", full_page=True)
 
         from playwright.sync_api import TimeoutError as NotYet

@@ -227,7 +227,7 @@ def test_only_a_signed_in_session_uploads(server, browser):
         # upload is let go (Streamlit would keep it until the tab is closed, and the second was refused)
         for name, shape in (("probe", (4, 400, 400)), ("second", (4, 380, 400))):
             if name == "second":  # (with a dataset stored, the form is in a closed expander)
-                page.get_by_text("Upload a stack").click()
+                page.get_by_text("Upload a stack", exact=True).click()  # (not the empty store's lingering note)
             page.locator("input[type=file]").first.set_input_files(
                 {"name": f"{name}.tif", "mimeType": "image/tiff", "buffer": _tiff(shape)})
             # the file listed under the form: its upload has begun, and Streamlit keeps the form's button

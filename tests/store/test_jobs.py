@@ -158,7 +158,7 @@ def test_deleting_a_dataset_takes_its_runs_and_says_so(env):
         gone = deletion.execute(s, store, plan)
     assert gone == announced  # the confirmation said exactly what went
     assert (gone.datasets, gone.runs, gone.checkpoints, gone.mask_versions) == (1, 1, 2, 6)
-    assert "1 run(s), 2 checkpoint(s)" in gone.describe()
+    assert "1 run, 2 checkpoints" in gone.describe()
     assert not run_dir.exists() and not any(store.root.rglob("*.tif"))
     with sessions.begin() as s:
         with pytest.raises(NotFound):
