@@ -142,8 +142,8 @@ def _signed_in() -> Actor | None:
         except UserError as exc:
             if token:
                 st.session_state[AUTH_TOKEN] = ""  # (the page deletes the cookie at the next run)
-            if "expired" in str(exc):
-                st.session_state[AUTH_MESSAGE] = str(exc)
+            if "expired" in str(exc) or "disabled" in str(exc):  # (a sign-in that was this session's: why it
+                st.session_state[AUTH_MESSAGE] = str(exc)  # ended; "Please sign in" needs no word)
         else:
             st.session_state[AUTH_TOKEN] = token or cookie
             return who

@@ -311,10 +311,12 @@ def session_actor(session: Session, token: str, address: str = "") -> Actor:
     row = session.get(SignIn, token_digest(token)) if token else None
     if row is None:
         raise SignInError("Please sign in.")
+    user = session.get(User, row.user_id)
     if aware(row.expires) <= now():  # (kept: every check of it, the page's and its pictures', says the same)
+        if user is None or user.disabled:  # (ended by the disabling: a re-enabled account signs in again)
+            raise SignInError("This account is disabled: ask an admin.")
         raise SessionExpired("Your session has expired: sign in again. Nothing you saved is lost, and unsaved "
                              "annotation is kept for you.")
-    user = session.get(User, row.user_id)
     if user is None or user.disabled:
         session.delete(row)
         raise SignInError("This account is disabled: ask an admin.")

@@ -11,12 +11,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from domain.kinds import RunKind, RunStatus
 from domain.records import UserInfo
-from storage.auth.accounts import aware, create_user, get_user
+from storage.auth.accounts import aware, create_user, get_user, now
 from storage.auth.passwords import HASHER, check_new_password
 from storage.models import ROLES, Checkpoint, Dataset, Prediction, Run, SignIn, User
 from storage.records.files import FileStore
@@ -83,8 +83,9 @@ def set_disabled(session: Session, user_id: int, disabled: bool) -> UserInfo:
     if disabled and user.role == "admin" and _admins(session) <= 1:
         raise ValueError("This is the only admin: it cannot be disabled.")
     user.disabled = bool(disabled)
-    if disabled:
-        session.execute(delete(SignIn).where(SignIn.user_id == user.id))
+    if disabled:  # its sign-ins end for good, and are kept a while so that its open tabs can say why
+        session.execute(update(SignIn).where(SignIn.user_id == user.id, SignIn.expires > now())
+                        .values(expires=now()))
     else:  # wrong passwords tried while it was disabled do not keep it waiting
         user.failed_sign_ins, user.locked_until = 0, None
     return _info(user)

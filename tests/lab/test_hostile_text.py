@@ -172,6 +172,27 @@ def test_a_callback_of_a_disabled_user_on_the_annotate_page_saves_nothing(app_da
     svc.close()
 
 
+def test_a_user_disabled_while_signed_in_is_told_so_on_the_next_click_and_stays_signed_out(app_data_dir):
+    """The open tab of a user an admin disables: its next run shows the sign-in form with the reason, not a
+    bare form (the tab's sign-in was theirs: telling them reveals nothing to anyone else). Enabled again, the
+    account signs in anew: the old sign-in does not come back."""
+    svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+    token = make_user(app_data_dir, "ann", "annotator")
+    at.session_state["auth_token"] = token
+    at.run()
+    assert "User name" not in [t.label for t in at.text_input]
+    ann = next(u.id for u in svc.users() if u.username == "ann")
+    svc.set_disabled(ann, True)
+    at.run()
+    assert "This account is disabled: ask an admin." in [w.value for w in at.warning]
+    assert [t.label for t in at.text_input][:2] == ["User name", "Password"]
+    svc.set_disabled(ann, False)
+    with pytest.raises(UserError, match="expired"):
+        svc.signed_in(token)
+    svc.close()
+
+
 # --- 2. names are text wherever Streamlit renders Markdown ---------------------------------------------
 HOSTILE = [EVIL, "[click](javascript:alert(1))", "<img src=x onerror=alert(1)>", "<http://evil.example/>",
            "**bold** _it_ `code` ~~gone~~", "# heading", "- item", "1. first", "> quote", "a | b | c",
