@@ -297,6 +297,7 @@ class UserInfo:
     max_queued_runs: int
     created: datetime
     last_sign_in: datetime | None
+    stopped: tuple[str, ...] = ()  # what the change just made stopped ("run 4", "live session 5"): a viewer trains not
 
 
 # --- the store at a glance, deletions ------------------------------------------------------------------

@@ -61,17 +61,12 @@ with users_tab:
                                 key=f"admin_limit_{chosen.id}")
         b1, b2, b3 = st.columns(3)
 
-        def going(user_id: int) -> list[str]:  # (what set_role and set_disabled stop for a user who may not train)
-            return [f"{'live session' if r.kind == 'live' else 'run'} {r.id}" for r in svc.runs()
-                    if r.active and r.owner_id == user_id]
-
         def apply() -> list[str]:
             changed = []
             if role != chosen.role:
-                before = going(chosen.id)
-                svc.set_role(chosen.id, role)
+                stopped = svc.set_role(chosen.id, role).stopped
                 changed.append(f"role {role}")
-                if stopped := [w for w in before if w not in going(chosen.id)]:
+                if stopped:
                     changed.append(f"stopped {', '.join(stopped)} (a {role} does not train)")
             if limit != chosen.max_queued_runs:
                 svc.set_queue_limit(chosen.id, int(limit))
@@ -88,10 +83,9 @@ with users_tab:
             attempt(lambda: svc.reset_password(chosen.id),
                     lambda password: st.session_state.update({ONE_TIME: (chosen.username, password)}))
         elif b3.button("Enable" if chosen.disabled else "Disable", key="admin_disable"):
-            before = going(chosen.id)
             attempt(lambda: svc.set_disabled(chosen.id, not chosen.disabled),
-                    lambda _: f"**{plain(chosen.username)}**: " + ("enabled." if chosen.disabled else "disabled" + (
-                        f"; stopped {', '.join(before)}." if before and not chosen.disabled else ".")))
+                    lambda done: f"**{plain(chosen.username)}**: {'disabled' if done.disabled else 'enabled'}"
+                    + (f"; stopped {', '.join(done.stopped)}." if done.stopped else "."))
 
 @st.fragment(run_every=15)  # (events of other users appear without a click)
 def audit_trail() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 import pages.state as state
-from domain.kinds import RunStatus
+from domain.kinds import RunKind, RunStatus
 from pages.common import (
     attempt,
     can,
@@ -114,7 +114,7 @@ if st.session_state.get(pick_key) != (wanted if wanted in ids else ids[0]):  # o
 def model_words(p) -> str:
     """The prediction's model as the checkpoint picker names it ("starter model …"), else its run."""
     c = checkpoints.get(p.checkpoint_id)
-    return checkpoint_label(c).split(" · ")[0] if c is not None and c.run_kind != "train" else f"run {p.run_id}"
+    return checkpoint_label(c) if c is not None and c.run_kind != RunKind.TRAIN else f"run {p.run_id}"
 
 
 def _picked() -> None:

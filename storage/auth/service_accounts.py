@@ -111,9 +111,9 @@ class AccountsService(Facade):
         if user_id == self.actor.user_id and role != "admin":
             raise access.Denied("You cannot take the admin role from yourself: another admin can.")  # (refused)
         info = self._tx(users.set_role, user_id, role)
-        if "train" not in RIGHTS.get(role, ()):
-            self._stop_jobs_of(user_id, f"its owner's role is now {role}")
-        return info
+        if "train" in RIGHTS.get(role, ()):
+            return info
+        return dataclasses.replace(info, stopped=tuple(self._stop_jobs_of(user_id, f"its owner's role is now {role}")))
 
     @guard("set queue limit", "admin", target=lambda user_id, n, *a, **k: f"user {user_id} → {n} waiting")
     def set_queue_limit(self, user_id: int, runs_waiting: int) -> UserInfo:
@@ -130,9 +130,9 @@ class AccountsService(Facade):
         if user_id == self.actor.user_id and disabled:
             raise access.Denied("You cannot disable your own account.")
         info = self._tx(users.set_disabled, user_id, disabled)
-        if disabled:
-            self._stop_jobs_of(user_id, "its owner's account is disabled")
-        return info
+        if not disabled:
+            return info
+        return dataclasses.replace(info, stopped=tuple(self._stop_jobs_of(user_id, "its owner's account is disabled")))
 
     def _stop_jobs_of(self, user_id: int, why: str) -> list[str]:
         """Stop the trainings and live sessions a user owns that are queued or running (a queued one is
@@ -140,7 +140,8 @@ class AccountsService(Facade):
         train has none going on, nor waiting for the device. Each is audited; returns what was stopped."""
         def stop(s) -> list[str]:
             stopped = []
-            for run in s.scalars(select(Run).where(Run.owner_id == user_id, Run.status.in_(list(ACTIVE)))):
+            for run in s.scalars(select(Run).where(Run.owner_id == user_id, Run.status.in_(list(ACTIVE)))
+                                 .order_by(Run.id)):
                 (live.stop if run.kind == RunKind.LIVE else runs.cancel_run)(s, run.id)
                 stopped.append(f"{'live session' if run.kind == RunKind.LIVE else 'run'} {run.id}")
             return stopped

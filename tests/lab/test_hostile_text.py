@@ -533,13 +533,13 @@ def test_a_demoted_or_disabled_user_has_no_training_going_on_nor_waiting(svc):
         return [r.id for r in made]
 
     queued, live_run, theirs = svc._tx(rows)
-    svc.set_role(bob.user_id, "viewer")
+    assert svc.set_role(bob.user_id, "viewer").stopped == (f"run {queued}", f"live session {live_run}")
     assert svc.run(queued).status == "CANCELLED" and svc.run(live_run).cancel_requested
     assert svc.run(theirs).status == "QUEUED", "another user's run goes on"
     trail = {(r.target, r.detail) for r in svc.audit_trail(action="cancel")}
     assert trail == {(f"run {queued}", "its owner's role is now viewer"),
                      (f"live session {live_run}", "its owner's role is now viewer")}
-    svc.set_disabled(eve.user_id, True)
+    assert svc.set_disabled(eve.user_id, True).stopped == (f"run {theirs}",)
     assert svc.run(theirs).status == "CANCELLED"
     assert (f"run {theirs}", "its owner's account is disabled") in {(r.target, r.detail)
                                                                     for r in svc.audit_trail(action="cancel")}

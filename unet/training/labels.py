@@ -75,7 +75,7 @@ def labels_to_target(labels: np.ndarray, scheme: str = "auto", *, ask: bool = Fa
         target[labels == neuron], target[labels == membrane] = NEURON, MEMBRANE
         return target
     if scheme == "auto":
-        kind = "binary" if is_binary(labels) else label_kind(labels) if ask and labels.ndim == 2 else "instances"
+        kind = label_kind(labels) if ask and labels.ndim == 2 else "binary" if is_binary(labels) else "instances"
     else:
         kind = scheme
     if kind == "binary":
