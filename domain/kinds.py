@@ -16,7 +16,7 @@ class PredictionStage(StrEnum):
 
 
 class RunStatus(StrEnum):
-    """Where a training run or a prediction is. Predictions use QUEUED, RUNNING, FINISHED and FAILED."""
+    """Where a training run or a prediction is. Predictions use QUEUED, RUNNING, FINISHED, FAILED and CANCELLED."""
 
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"

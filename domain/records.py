@@ -276,6 +276,7 @@ class PredictionInfo:
     owner: str = ""  # their user name
     tta: bool = False  # the network's answers averaged over the 8 flips of each tile
     device: str = ""  # where it computes: "cpu", "cuda" or "dask" ("": not started yet, or made before it was kept)
+    stopping: bool = False  # asked to stop, and still at work (it stops after the block it is on)
 
     @property
     def active(self) -> bool:

@@ -67,7 +67,7 @@ with users_tab:
                 stopped = svc.set_role(chosen.id, role).stopped
                 changed.append(f"role {role}")
                 if stopped:
-                    changed.append(f"stopped {', '.join(stopped)} (a {role} does not train)")
+                    changed.append(f"stopped {', '.join(stopped)} (a {role} does not train or predict)")
             if limit != chosen.max_queued_runs:
                 svc.set_queue_limit(chosen.id, int(limit))
                 changed.append(f"at most {int(limit)} training run{'s' * (int(limit) != 1)} waiting")

@@ -137,17 +137,24 @@ def progress(prediction_id: int, was_active: bool) -> None:
     if job.active:
         fraction, text = job_progress(job)
         st.progress(fraction, text=f"Prediction #{job.id} · {job.status.lower()}: {text}")
+        if not job.stopping:
+            refused = svc.refusal("manage", "prediction", job.id)
+            if st.button("Cancel", key=f"cancel_prediction_{job.id}", disabled=bool(refused),
+                         help=refused or "Stops after the block it is on; the blocks written are kept, and "
+                                         "Resume goes on from them."):
+                attempt(lambda: svc.cancel_prediction(job.id),
+                        lambda info: f"Prediction #{job.id} "
+                                     + ("is stopping after the block it is on." if info.active else "is cancelled."))
     elif job.status in (RunStatus.FAILED, RunStatus.CANCELLED):
         last = (job.error or "").strip().splitlines()[-1:]
         st.error(f"Prediction #{job.id} {'failed' if job.status == RunStatus.FAILED else 'was stopped'}: "
                  f"{last[0] if last else 'no reason recorded'}")
-        if job.status == RunStatus.FAILED:
-            kept = f" ({job.done} blocks are written and kept)" if job.done else ""
-            refused = svc.refusal("manage", "prediction", job.id)
-            if st.button(f"Resume{kept}", key=f"resume_prediction_{job.id}", type="primary",
-                         disabled=bool(refused), help=refused or None):
-                attempt(lambda: svc.resume_prediction(job.id),
-                        lambda _: f"Prediction #{job.id} goes on from the blocks already written.")
+        kept = f" ({job.done} block{'s are' if job.done != 1 else ' is'} written and kept)" if job.done else ""
+        refused = svc.refusal("manage", "prediction", job.id)
+        if st.button(f"Resume{kept}", key=f"resume_prediction_{job.id}", type="primary",
+                     disabled=bool(refused), help=refused or None):
+            attempt(lambda: svc.resume_prediction(job.id),
+                    lambda _: f"Prediction #{job.id} goes on from the blocks already written.")
     elif (said := job_speed(job)) is not None:
         st.caption(said)
     if was_active and not job.active:

@@ -267,6 +267,8 @@ class Prediction(Base):
     owner: Mapped[User | None] = relationship(lazy="joined")
     # where it computes, set by its worker as it starts: "cpu", "cuda" or "dask" (None: not started yet, or earlier)
     device: Mapped[str | None] = mapped_column(String(16), default=None)
+    # when it was asked to stop (its process stops after the block it is on; Resume goes on from the blocks written)
+    cancel_requested: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 class LiveSlice(Base):

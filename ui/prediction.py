@@ -48,10 +48,12 @@ def progress(job: PredictionInfo) -> tuple[float, str]:
     if job.status == RunStatus.QUEUED or (job.status == RunStatus.RUNNING and job.stage == PredictionStage.STARTING):
         return 0.0, "starting (loading the model; a cluster of workers when the stack has several slices)"
     if job.stage == PredictionStage.LINKING:
-        return 0.99, "every block written; linking the slices' neurons into 3D neurons"
+        return 0.99, ("every block written; linking the slices' neurons into 3D neurons"
+                      + ("; stopping" if job.stopping else ""))
     total = job.total or n
     what = "a slice, or a tile of a large slice" if total > n else "one slice"
-    return min(1.0, job.done / total), f"{job.done} of {total} blocks written (a block is {what})"
+    stopping = "; stopping after the block it is on" if job.stopping else ""
+    return min(1.0, job.done / total), f"{job.done} of {total} blocks written (a block is {what}){stopping}"
 
 
 def speed(job: PredictionInfo) -> str | None:

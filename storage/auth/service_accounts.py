@@ -19,8 +19,8 @@ from storage.auth.access import RIGHTS
 from storage.auth.accounts import Actor
 from storage.auth.audit import AuditRow
 from storage.facade import Facade, guard, looks
-from storage.models import Run
-from storage.records import live, runs
+from storage.models import Prediction, Run
+from storage.records import live, predictions, runs
 
 T = TypeVar("T")
 
@@ -135,15 +135,21 @@ class AccountsService(Facade):
         return dataclasses.replace(info, stopped=tuple(self._stop_jobs_of(user_id, "its owner's account is disabled")))
 
     def _stop_jobs_of(self, user_id: int, why: str) -> list[str]:
-        """Stop the trainings and live sessions a user owns that are queued or running (a queued one is
-        cancelled, a running one stops at its next step and keeps its checkpoints): a user who may no longer
-        train has none going on, nor waiting for the device. Each is audited; returns what was stopped."""
+        """Stop the trainings, live sessions and predictions a user owns that are queued or running (a queued
+        one is cancelled, a running one stops at its next step or block and keeps its checkpoints or blocks): a
+        user who may no longer train or predict has none going on, nor waiting for the device. Each is audited;
+        returns what was stopped."""
         def stop(s) -> list[str]:
             stopped = []
             for run in s.scalars(select(Run).where(Run.owner_id == user_id, Run.status.in_(list(ACTIVE)))
                                  .order_by(Run.id)):
                 (live.stop if run.kind == RunKind.LIVE else runs.cancel_run)(s, run.id)
                 stopped.append(f"{'live session' if run.kind == RunKind.LIVE else 'run'} {run.id}")
+            for prediction_id in s.scalars(select(Prediction.id).where(
+                    Prediction.owner_id == user_id, Prediction.status.in_(list(ACTIVE)),
+                    Prediction.cancel_requested.is_(None)).order_by(Prediction.id)).all():
+                predictions.cancel_prediction(s, prediction_id)
+                stopped.append(f"prediction {prediction_id}")
             return stopped
 
         stopped = self._tx(stop)

@@ -30,6 +30,10 @@ class Outcome:
     error: str | None = None
 
 
+class Cancelled(Exception):
+    """A job stopping because it was asked to (its message says what it keeps): CANCELLED, not FAILED."""
+
+
 def unwind_on_sigterm() -> None:
     """SIGTERM (the supervisor stopping a worker that ignores a cancel) unwinds like Ctrl-C, so the job
     still records how it ended."""
@@ -46,6 +50,9 @@ def run_to_end(sessions: sessionmaker[Session], table: type[Run] | type[Predicti
     outcome = Outcome()
     try:
         body(outcome)
+    except Cancelled as exc:
+        outcome.status, outcome.error = RunStatus.CANCELLED, str(exc)
+        log.info(f"{table.__tablename__[:-1]} {job_id}: {exc}")
     except KeyboardInterrupt:
         outcome.status, outcome.error = RunStatus.CANCELLED, "stopped by a signal"
         log.info(f"{table.__tablename__[:-1]} {job_id}: stopped by a signal")

@@ -14,11 +14,11 @@ import sys
 import time
 from functools import partial
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from domain.kinds import PredictionStage, RunStatus
 from storage.db import open_store
-from storage.jobs.outcome import Outcome, job_main, run_to_end, unwind_on_sigterm
+from storage.jobs.outcome import Cancelled, Outcome, job_main, run_to_end, unwind_on_sigterm
 from storage.jobs.procs import start_time
 from storage.jobs.queue import CoreShare
 from storage.models import Checkpoint, Dataset, Prediction
@@ -41,22 +41,30 @@ log = logging.getLogger(__spec__.name if __spec__ else __name__)  # its real nam
 def run_prediction(prediction_id: int, settings: Settings) -> int:
     sessions, store = open_store(settings)  # the server has migrated it
     device = "dask" if os.environ.get(SCHEDULER_ENV) else pick_device("auto").type
-    with sessions.begin() as s:
-        row = s.get(Prediction, prediction_id)
-        if row is None or row.status != RunStatus.QUEUED:
-            log.info(f"prediction {prediction_id} is not queued; nothing to do")
-            return 0
-        row.status, row.pid, row.pid_started = RunStatus.RUNNING, os.getpid(), start_time(os.getpid())
-        row.device = device  # (a CPU training beside it shares the cores only with CPU predictions)
-        # (the launcher records the same pid: whichever writes first, a dead process is noticed)
+    with sessions.begin() as s:  # (compare-and-set: a cancel or a second process may come first)
+        claimed = s.execute(update(Prediction).where(Prediction.id == prediction_id,
+                                                     Prediction.status == RunStatus.QUEUED)
+                            .values(status=RunStatus.RUNNING, pid=os.getpid(), pid_started=start_time(os.getpid()),
+                                    device=device)).rowcount == 1
+        # (device: a CPU training beside it shares the cores only with CPU predictions; the launcher records
+        # the same pid: whichever writes first, a dead process is noticed)
+    if not claimed:
+        log.info(f"prediction {prediction_id} is not queued; nothing to do")
+        return 0
     unwind_on_sigterm()
 
     def phase(stage: PredictionStage, done: int = 0, total: int = 0) -> None:
+        """Tell the page where it is; stop here when it was asked to (:class:`Cancelled`, after a block)."""
         values = {"phase": stage}
         if stage == PredictionStage.PREDICT:
             values |= {"done": done, "total": total}
         with sessions.begin() as s:
             s.execute(update(Prediction).where(Prediction.id == prediction_id).values(**values))
+            asked = s.scalar(select(Prediction.cancel_requested).where(Prediction.id == prediction_id))
+        if asked is not None:
+            kept = (f"{done} of {total} blocks are written and kept" if stage == PredictionStage.PREDICT else
+                    "its blocks are all written and kept; its neurons were not linked yet")
+            raise Cancelled(f"cancelled on request; {kept}")
 
     def body(outcome: Outcome) -> None:
         with sessions.begin() as s:

@@ -192,17 +192,20 @@ class Reconciled:
     cancelled: list[int] = field(default_factory=list)  # runs whose worker was stopped after a cancel
     signalled: list[tuple[int, str]] = field(default_factory=list)  # (run id, "SIGTERM" | "SIGKILL")
     failed_predictions: list[int] = field(default_factory=list)
+    cancelled_predictions: list[int] = field(default_factory=list)  # asked to stop, and their process is gone
+    signalled_predictions: list[tuple[int, str]] = field(default_factory=list)
 
 
 def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale: timedelta = HEARTBEAT_STALE,
               cancel_grace: timedelta = CANCEL_GRACE,
-              sigterm_sent: dict[tuple[int, int], datetime] | None = None) -> Reconciled:
+              sigterm_sent: dict[tuple, datetime] | None = None) -> Reconciled:
     """Settle what the processes cannot say themselves. A RUNNING run whose worker is gone becomes
     CANCELLED when a cancel was asked for, else LOST; one that is silent is LOST (and terminated). A worker
     that ignores a cancel for ``cancel_grace`` gets SIGTERM (it unwinds and records CANCELLED), and SIGKILL
     when it is still there ``cancel_grace`` after that. ``sigterm_sent`` remembers the SIGTERMs between
     calls (the supervisor keeps it), so one started late still warns first; without it the SIGKILL comes
-    twice the grace after the cancel. A prediction whose process is gone is FAILED."""
+    twice the grace after the cancel. A prediction whose process is gone is FAILED (CANCELLED when it was asked
+    to stop); one that does not heed a cancel is stopped the same way."""
     now = now or datetime.now(UTC)
     sent = sigterm_sent if sigterm_sent is not None else {}
     done = Reconciled()
@@ -229,10 +232,22 @@ def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale:
             sent.setdefault((run.id, run.pid), now)  # per worker: a resumed run's next worker is warned anew
             done.signalled.append((run.id, "SIGKILL" if kill else "SIGTERM"))
     for row in session.scalars(select(Prediction).where(Prediction.status.in_(ACTIVE))):
+        cancelled = aware(row.cancel_requested)
         if row.pid is not None and not is_alive(row.pid, row.pid_started):
-            row.status = RunStatus.FAILED
-            row.error = f"the prediction process (pid {row.pid}) stopped before it finished; start it again"
-            done.failed_predictions.append(row.id)
+            if cancelled is not None:
+                row.status, row.error = RunStatus.CANCELLED, "cancelled: its process was stopped"
+                done.cancelled_predictions.append(row.id)
+            else:
+                row.status = RunStatus.FAILED
+                row.error = f"the prediction process (pid {row.pid}) stopped before it finished; start it again"
+                done.failed_predictions.append(row.id)
+        elif cancelled is not None and now - cancelled > cancel_grace and row.pid:  # (a block that takes long)
+            key = ("prediction", row.id, row.pid)
+            warned = sent.get(key) if sigterm_sent is not None else cancelled + cancel_grace
+            kill = warned is not None and now - warned > cancel_grace
+            terminate(row.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            sent.setdefault(key, now)
+            done.signalled_predictions.append((row.id, "SIGKILL" if kill else "SIGTERM"))
     session.flush()
     return done
 

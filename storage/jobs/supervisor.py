@@ -39,7 +39,7 @@ class Supervisor:
         self.cancel_grace, self.heartbeat_stale = cancel_grace, heartbeat_stale
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._sigterm_sent: dict = {}  # (run id, worker pid) → when this supervisor sent SIGTERM
+        self._sigterm_sent: dict = {}  # (run id, worker pid) or ("prediction", id, pid) → when it sent SIGTERM
 
     def tick(self) -> Reconciled:
         with self.sessions.begin() as s:
@@ -93,8 +93,11 @@ def _report(done: Reconciled) -> None:
     """What the command line prints of each tick (its user's output at a terminal, not the log)."""
     for run_id, sig in done.signalled:
         print(f"run {run_id}: sent {sig} to its worker", flush=True)
+    for prediction_id, sig in done.signalled_predictions:
+        print(f"prediction {prediction_id}: sent {sig} to its process", flush=True)
     for what, ids in (("lost", done.lost), ("cancelled", done.cancelled),
-                      ("failed prediction", done.failed_predictions)):
+                      ("failed prediction", done.failed_predictions),
+                      ("cancelled prediction", done.cancelled_predictions)):
         for job_id in ids:
             print(f"{what}: {job_id}", flush=True)
 

@@ -10,13 +10,14 @@ import os
 import re
 import shutil
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from domain.kinds import PredictionStage, RunStatus
+from domain.kinds import ACTIVE, PredictionStage, RunStatus
 from domain.records import NotFound, PredictionInfo
 from storage.models import Checkpoint, Prediction, row_or_missing
 from storage.records.datasets import dataset_row
@@ -32,7 +33,8 @@ def prediction_info(row: Prediction, run_id: int) -> PredictionInfo:
     return PredictionInfo(row.id, row.checkpoint_id, run_id, row.dataset_id, list(row.slices), RunStatus(row.status),
                           row.done, row.error, row.metrics, row.created, row.pid, PredictionStage(stage),
                           row.total or 0, row.postprocess or "watershed", row.owner_id,
-                          row.owner.username if row.owner else "", bool(row.tta), row.device or "")
+                          row.owner.username if row.owner else "", bool(row.tta), row.device or "",
+                          row.cancel_requested is not None and row.status in ACTIVE)
 
 
 def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, slices: list[int],
@@ -59,13 +61,35 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
     return prediction_info(row, checkpoint.run_id)
 
 
-def resume_prediction(session: Session, prediction_id: int) -> PredictionInfo:
-    """Queue a FAILED prediction again (its process was killed, or failed); the blocks it wrote are kept
-    and the new process does only the rest (:mod:`unet.prediction.blockwise`)."""
+def cancel_prediction(session: Session, prediction_id: int) -> PredictionInfo:
+    """Ask a prediction to stop. A queued one that no process has taken yet is cancelled at once; a running
+    one stops after the block it is on, keeping the blocks it wrote (:func:`resume_prediction` goes on from
+    them). Asking twice changes nothing."""
     row = row_or_missing(session, Prediction, prediction_id, "prediction")
-    if row.status != RunStatus.FAILED:
-        raise ValueError(f"prediction {prediction_id} is {row.status}; only a failed one can be resumed")
+    if row.status not in ACTIVE:
+        raise ValueError(f"prediction {prediction_id} is {row.status.lower()}; only a waiting or running one can "
+                         "be cancelled")
+    now = datetime.now(UTC)
+    taken = session.execute(update(Prediction).where(Prediction.id == prediction_id,
+                                                     Prediction.status == RunStatus.QUEUED)
+                            .values(status=RunStatus.CANCELLED, cancel_requested=now,
+                                    error="cancelled before it started")).rowcount == 0
+    if taken:  # (its process has it: it stops at its next block)
+        session.execute(update(Prediction).where(Prediction.id == prediction_id,
+                                                 Prediction.cancel_requested.is_(None)).values(cancel_requested=now))
+    session.expire(row)
+    return get_prediction(session, prediction_id)
+
+
+def resume_prediction(session: Session, prediction_id: int) -> PredictionInfo:
+    """Queue a FAILED or CANCELLED prediction again (its process was killed, failed or asked to stop); the
+    blocks it wrote are kept and the new process does only the rest (:mod:`unet.prediction.blockwise`)."""
+    row = row_or_missing(session, Prediction, prediction_id, "prediction")
+    if row.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+        raise ValueError(f"prediction {prediction_id} is {row.status.lower()}; only a failed or cancelled one can "
+                         "be resumed")
     row.status, row.pid, row.pid_started, row.error = RunStatus.QUEUED, None, None, None
+    row.cancel_requested = None
     row.phase = PredictionStage.STARTING
     session.flush()
     return get_prediction(session, prediction_id)

@@ -175,9 +175,15 @@ class ModelsService(Facade):
         queue.launch_prediction(self.sessions, self.settings, info.id)
         return self.prediction(info.id)
 
+    @guard("cancel", "manage", "prediction", owned=True)
+    def cancel_prediction(self, prediction_id: int) -> PredictionInfo:
+        """Stop a waiting or running prediction: it stops after the block it is on and keeps the blocks written
+        (:meth:`resume_prediction` goes on from them); the supervisor stops one that does not."""
+        return self._tx(predictions.cancel_prediction, prediction_id)
+
     @guard("resume", "manage", "prediction", owned=True)
     def resume_prediction(self, prediction_id: int) -> PredictionInfo:
-        """Start a failed (or killed) prediction again; it keeps the blocks already written."""
+        """Start a failed, killed or cancelled prediction again; it keeps the blocks already written."""
         self._tx(predictions.resume_prediction, prediction_id)
         queue.launch_prediction(self.sessions, self.settings, prediction_id)
         return self.prediction(prediction_id)

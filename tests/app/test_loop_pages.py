@@ -293,3 +293,57 @@ def test_a_prediction_whose_checkpoint_is_damaged_fails_with_the_reason(app_data
     assert "Stored **new stack**; it is selected for prediction." in texts(at.success)
     new = svc.datasets()[-1]
     assert new.shape == (5, 64, 80) and at.selectbox(key="dataset_pick_predict").value == new.id
+
+
+def test_a_prediction_is_cancelled_from_its_page_by_its_owner_only(app_data_dir, monkeypatch):
+    import signal
+    import subprocess
+
+    from sqlalchemy import update
+
+    from storage.auth.accounts import user_by_name
+    from storage.jobs.procs import start_time
+    from storage.models import Prediction
+    from storage.records import predictions
+    from tests.store.test_starter import tiny_starter
+
+    tiny_starter(app_data_dir.parent / "models", monkeypatch)
+    svc = Neuroseg(Settings.from_env(app_data_dir))  # (it registers the starter model)
+    demo = svc.load_demo()
+    start = svc.checkpoint_choices()[0].id
+    make_user(app_data_dir, "ann")
+
+    def recorded(**values) -> int:  # a prediction of ann's as its process leaves it (no process is started)
+        with svc.sessions.begin() as s:
+            job = predictions.submit_prediction(s, start, demo.id, [0, 1, 2])
+            values["owner_id"] = user_by_name(s, "ann").id
+            s.execute(update(Prediction).where(Prediction.id == job.id).values(**values))
+        return job.id
+
+    waiting = recorded()
+    viewer = open_page("Predict", "val", "viewer")
+    assert viewer.button(key=f"cancel_prediction_{waiting}").disabled  # (and the service refuses it too)
+    at = open_page("Predict")
+    assert "queued: starting" in " ".join(p.text for p in at.get("progress"))
+    at.button(key=f"cancel_prediction_{waiting}").click().run()
+    assert not at.exception, at.exception
+    assert f"Prediction #{waiting} is cancelled." in texts(at.success)
+    assert f"Prediction #{waiting} was stopped: cancelled before it started" in texts(at.error)
+    assert not at.button(key=f"resume_prediction_{waiting}").disabled
+
+    # a running one's process: a stand-in that never reports (the supervisors see a live process)
+    busy = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        running = recorded(status="RUNNING", pid=busy.pid, pid_started=start_time(busy.pid), phase="predict",
+                           done=1, total=3, device="cpu")
+        at = open_page("Predict")
+        at.button(key=f"cancel_prediction_{running}").click().run()
+        assert f"Prediction #{running} is stopping after the block it is on." in texts(at.success)
+        bar = " ".join(p.text for p in at.get("progress"))
+        assert "1 of 3 blocks written" in bar and "stopping after the block it is on" in bar, bar
+        assert not [b for b in at.button if b.key == f"cancel_prediction_{running}"]  # asked once
+        assert svc.prediction(running).stopping and svc.prediction(running).status == "RUNNING"
+    finally:
+        os.killpg(busy.pid, signal.SIGKILL)
+        busy.wait()
+        svc.close()

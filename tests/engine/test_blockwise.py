@@ -3,6 +3,7 @@ resumes from its written blocks with an identical result, slices larger than a t
 and stitched back into the same neurons, and the app's prediction job runs on it."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -259,7 +260,7 @@ def test_the_app_predicts_blockwise_and_resumes_a_killed_job(tmp_path, monkeypat
         job = svc.predict(start, info.id, [1, 2, 3])
         terminate(job.pid, signal.SIGKILL)  # killed at once, with its process group (workers included)
         wait_for(lambda: svc.prediction(job.id).status == "FAILED", timeout=60)
-        with pytest.raises(Exception, match="only a failed one"):
+        with pytest.raises(Exception, match="only a failed or cancelled one"):
             svc.resume_prediction(svc.predict(start, info.id, [0]).id)
         resumed = svc.resume_prediction(job.id)
         assert resumed.status in ("QUEUED", "RUNNING")
@@ -396,3 +397,56 @@ def test_the_pipeline_predicts_what_slice_by_slice_does_and_resumes(tmp_path, tr
     c = _outputs(tmp_path / "small")
     np.testing.assert_array_equal(c["instances"], a["instances"])
     np.testing.assert_allclose(c["probabilities"], a["probabilities"], rtol=0, atol=1e-5)
+
+
+def test_a_cancelled_prediction_stops_at_a_block_says_what_it_kept_and_resumes(tmp_path, monkeypatch):
+    from sqlalchemy import update
+
+    from domain.records import UserError
+    from storage.models import Prediction
+    from storage.records import predictions
+    from storage.service import Neuroseg
+    from storage.settings import PROJECT_ROOT, Settings
+    from tests.store.test_jobs import wait_for
+    from tests.store.test_starter import tiny_starter
+
+    tiny_starter(tmp_path / "models", monkeypatch)
+    settings = Settings.from_env(tmp_path / "data")
+    svc = Neuroseg(settings)  # (it registers the starter model)
+    try:
+        info = svc.load_demo()
+        start = svc.checkpoint_choices()[0].id
+        # a cancel that reaches a waiting prediction before its process takes it: cancelled at once, and the
+        # process, finding it so, does nothing
+        job = svc.predict(start, info.id, [0])
+        cancelled = svc.cancel_prediction(job.id)
+        assert not cancelled.active or cancelled.stopping
+        wait_exit_of(job.pid)
+        ended = svc.prediction(job.id)
+        assert ended.status == "CANCELLED" and ended.error.startswith("cancelled"), ended.error
+        with pytest.raises(UserError, match="only a waiting or running one can be cancelled"):
+            svc.cancel_prediction(job.id)
+
+        # a cancel that its process sees at its next block (here: the first report, before any block)
+        with svc.sessions.begin() as s:
+            row = predictions.submit_prediction(s, start, info.id, [1, 2, 3])
+            s.execute(update(Prediction).where(Prediction.id == row.id).values(cancel_requested=Prediction.created))
+        env = {**os.environ, "NEUROSEG_DATA_DIR": str(settings.data_dir), "DATABASE_URL": settings.database_url}
+        done = subprocess.run([sys.executable, "-m", "storage.jobs.predict_worker", "--prediction-id", str(row.id)],
+                              cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        stopped = svc.prediction(row.id)
+        assert stopped.status == "CANCELLED" and not stopped.stopping
+        assert stopped.error == "cancelled on request; 0 of 3 blocks are written and kept"
+        resumed = svc.resume_prediction(row.id)  # a cancelled one resumes as a failed one does
+        assert resumed.status in ("QUEUED", "RUNNING") and not resumed.stopping
+        finished = wait_for(lambda: (p := svc.prediction(row.id)).status in ("FINISHED", "FAILED") and p, timeout=180)
+        assert finished.status == "FINISHED" and finished.done == 3, finished.error
+    finally:
+        svc.close()
+
+
+def wait_exit_of(pid: int, timeout: float = 120) -> None:
+    from tests.app.test_loop_pages import wait_exit
+
+    wait_exit(pid, timeout)

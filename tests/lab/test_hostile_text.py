@@ -516,10 +516,10 @@ def test_forged_arguments_get_a_clear_refusal_and_every_write_leaves_a_row_in_th
 
 
 def test_a_demoted_or_disabled_user_has_no_training_going_on_nor_waiting(svc):
-    """A role that may not train stops the user's trainings and live sessions: a queued one is cancelled,
-    a running one asked to stop (it keeps its checkpoints); each in the audit trail. (A viewer's live session
-    was next in the queue, and their training ran on.)"""
-    from storage.models import Run
+    """A role that may not train stops the user's trainings, live sessions and predictions: a queued one is
+    cancelled, a running one asked to stop (it keeps its checkpoints or blocks); each in the audit trail. (A
+    viewer's live session was next in the queue, and their training ran on.)"""
+    from storage.models import Checkpoint, Prediction, Run
 
     bob, eve = user(svc, "bob", "annotator"), user(svc, "eve", "annotator")
     demo = svc.load_demo()
@@ -530,15 +530,25 @@ def test_a_demoted_or_disabled_user_has_no_training_going_on_nor_waiting(svc):
                 Run(kind="train", status="QUEUED", spec={}, config={}, owner_id=eve.user_id)]
         s.add_all(made)
         s.flush()
-        return [r.id for r in made]
+        checkpoint = Checkpoint(run_id=made[0].id, kind="best", file="x.pt", step=1, sha256="0" * 64, metrics={})
+        s.add(checkpoint)
+        s.flush()
+        job = Prediction(checkpoint_id=checkpoint.id, dataset_id=demo.id, slices=[0], status="RUNNING",
+                         file="", sha256="", files={}, pid=None, owner_id=bob.user_id)
+        s.add(job)
+        s.flush()
+        return [r.id for r in made] + [job.id]
 
-    queued, live_run, theirs = svc._tx(rows)
-    assert svc.set_role(bob.user_id, "viewer").stopped == (f"run {queued}", f"live session {live_run}")
+    queued, live_run, theirs, predicting = svc._tx(rows)
+    assert svc.set_role(bob.user_id, "viewer").stopped == (f"run {queued}", f"live session {live_run}",
+                                                           f"prediction {predicting}")
     assert svc.run(queued).status == "CANCELLED" and svc.run(live_run).cancel_requested
+    assert svc.prediction(predicting).stopping  # (it stops after the block it is on)
     assert svc.run(theirs).status == "QUEUED", "another user's run goes on"
     trail = {(r.target, r.detail) for r in svc.audit_trail(action="cancel")}
     assert trail == {(f"run {queued}", "its owner's role is now viewer"),
-                     (f"live session {live_run}", "its owner's role is now viewer")}
+                     (f"live session {live_run}", "its owner's role is now viewer"),
+                     (f"prediction {predicting}", "its owner's role is now viewer")}
     assert svc.set_disabled(eve.user_id, True).stopped == (f"run {theirs}",)
     assert svc.run(theirs).status == "CANCELLED"
     assert (f"run {theirs}", "its owner's account is disabled") in {(r.target, r.detail)
