@@ -96,13 +96,16 @@ def measure_one(model_name: str, width: int, device_name: str, patch: int, batch
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 1, patch, patch, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     train_flops = _flops(model, x, backward=True)
+    if device.type == "cuda":  # CUDA-only: the peak of the timed (AMP) steps, not of the fp32 count above
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
     def step():
         with autocast(device, amp):

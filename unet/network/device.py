@@ -43,9 +43,17 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     CUDA: on CPUs bf16 autocast was measured 15–25× slower (see bench/speed.py)."""
     if amp == "off" or device.type != "cuda":
         return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+    if amp == "bf16" or (amp == "auto" and native_bf16(device)):
         return torch.bfloat16
     return torch.float16
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes in bf16 natively (Ampere, compute capability 8, and later). CUDA-only.
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (a T4 or V100: slow, or
+    without cuDNN kernels), and asks the current GPU, not this one."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

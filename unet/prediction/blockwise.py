@@ -65,12 +65,17 @@ def model_of(job: BlockJob):
     if job.threads:
         torch.set_num_threads(job.threads)
     device = str(pick_device(job.device if job.device != "auto" else _worker_device()))
+    if device.startswith("cuda:"):  # CUDA-only: this worker's GPU is its current one (streams, events, new tensors)
+        torch.cuda.set_device(torch.device(device))
     key = (job.checkpoint, device)
     if key not in _MODELS:
         if job.package:
-            _MODELS[key] = load_package(job.checkpoint).build_model(device).eval()
+            model = load_package(job.checkpoint).build_model(device).eval()
         else:
-            _MODELS[key] = load_checkpoint(job.checkpoint, map_location=device).build_model(device).eval()
+            model = load_checkpoint(job.checkpoint, map_location=device).build_model(device).eval()
+        if device.startswith("cuda"):  # CUDA-only: the tiles go channels-last (infer.predict_slices), so do the weights
+            model = model.to(memory_format=torch.channels_last)
+        _MODELS[key] = model
     return _MODELS[key], device
 
 

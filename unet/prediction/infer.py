@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from unet.network.device import amp_dtype
 from unet.network.model import UNet
 from unet.network.sizes import output_size, valid_input_sizes
 from unet.training.augment import dihedral_vector
@@ -126,7 +127,7 @@ class Interrupted(RuntimeError):
 
 def predict_slice(model: UNet, image: np.ndarray, *, tile: int | None = None, overlap: int | None = None,
                   batch_size: int = 4, tta: bool = False, device: torch.device | str | None = None,
-                  amp: torch.dtype | None = None, normalized: bool = False,
+                  amp: torch.dtype | str | None = "auto", normalized: bool = False,
                   should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Neuron probability (float32, the image's shape) for one 2-D image of any size.
 
@@ -138,7 +139,8 @@ def predict_slice(model: UNet, image: np.ndarray, *, tile: int | None = None, ov
         batch_size: tiles per forward pass.
         tta: average the 8 flips/rotations (test-time augmentation).
         device: where to compute (default: where the model is).
-        amp: autocast dtype, or None for full precision.
+        amp: autocast dtype, None for full precision, or "auto": as training on this device (bf16 on a GPU
+            that has it natively; the sigmoid in float32 either way), full precision on a CPU.
         normalized: the image is already normalised float32.
         should_stop: asked between batches of tiles; when it says True, :class:`Interrupted` is raised
             (a cancelled run does not wait for a long validation).
@@ -151,7 +153,7 @@ def predict_slice(model: UNet, image: np.ndarray, *, tile: int | None = None, ov
 
 def predict_slices(model: UNet, images: list[np.ndarray], *, tile: int | None = None, overlap: int | None = None,
                    batch_size: int = 4, tta: bool = False, device: torch.device | str | None = None,
-                   amp: torch.dtype | None = None, normalized: bool = False,
+                   amp: torch.dtype | str | None = "auto", normalized: bool = False,
                    should_stop: Callable[[], bool] | None = None) -> list[np.ndarray]:
     """:func:`predict_slice` for several 2-D images at once: their tiles share the batches (a batch of
     ``batch_size`` tiles may hold tiles of several slices, which fills a GPU when a slice is a tile or two), and
@@ -160,6 +162,8 @@ def predict_slices(model: UNet, images: list[np.ndarray], *, tile: int | None = 
     if any(im.ndim != 2 for im in images):
         raise ValueError(f"predict_slices expects 2-D images, got shapes {[im.shape for im in images]}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if isinstance(amp, str):
+        amp = amp_dtype(device, amp)
     was_training = model.training
     model.eval()
     try:
@@ -201,7 +205,7 @@ def predict_slices(model: UNet, images: list[np.ndarray], *, tile: int | None = 
                 host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
                 host.copy_(probs, non_blocking=True)
                 done = torch.cuda.Event()
-                done.record()
+                done.record(torch.cuda.current_stream(device))  # (the copy's device's stream, not GPU 0's)
                 probs = host
             if pending is not None:
                 _blend(plans, *pending)

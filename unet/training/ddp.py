@@ -22,11 +22,20 @@ def distributed() -> tuple[int, int]:
 
 
 def init_distributed() -> bool:
-    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on
-    CPUs. Returns whether this is a distributed run."""
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1). Returns whether this is a
+    distributed run. With CUDA, this process's GPU (``LOCAL_RANK``) becomes its current device *before* the
+    group is made, and the group carries CUDA tensors over NCCL and CPU tensors over gloo: rank 0's answers
+    (:func:`agree`, ``broadcast_object_list``) are small CPU tensors, which NCCL alone refuses, and NCCL's
+    first collective otherwise runs every rank on GPU 0. Without CUDA: gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_available() and dist.is_initialized()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():  # CUDA-only
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local < torch.cuda.device_count():
+            torch.cuda.set_device(local)
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
     return True
 
 
@@ -66,12 +75,17 @@ def run_distributed(work: Callable[[int, int], int]) -> int:
 
 
 def agree(flag: bool, world: int) -> bool:
-    """Rank 0's answer, told to every process."""
+    """Rank 0's answer, told to every process (a CPU tensor: over gloo, no GPU sync)."""
+    return bool(agree_values([1.0 if flag else 0.0], world)[0])
+
+
+def agree_values(values: list[float], world: int) -> list[float]:
+    """Rank 0's numbers, told to every process."""
     if world <= 1:
-        return flag
-    value = torch.tensor([1 if flag else 0])
-    dist.broadcast(value, src=0)
-    return bool(value.item())
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
 
 
 def share(batches, rank: int, world: int):

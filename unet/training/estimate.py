@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from unet.network.config import ModelConfig, TrainConfig
+from unet.network.device import amp_dtype, autocast
 from unet.network.model import UNet
 from unet.network.sizes import output_size, valid_input_sizes
 from unet.prediction.infer import tile_plan
@@ -96,19 +97,41 @@ def seconds_per_flop(model: ModelConfig, size: int, batch: int, device: str = "c
     size under it), timed after a warm-up run. Narrow networks are memory-bound: their seconds per
     operation depend on the tile, so the probe uses the size the run will use."""
     size = _probe_size(model, size, batch)
-    net = UNet(model).to(device).eval()
-    x = torch.randn(batch, 1, size, size, device=device)
+    net, x, amp = _probe(model, size, batch, device)
+    net.eval()
     times = []
-    with torch.inference_mode():
-        for _ in range(2):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            net(x)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+    try:
+        with torch.inference_mode(), autocast(torch.device(device), amp):
+            for _ in range(2):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                net(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+    finally:
+        del net, x
+        _release(device)
     return times[-1] / forward_flops(model, size, batch)
+
+
+def _probe(model: ModelConfig, size: int, batch: int, device: str) -> tuple[UNet, torch.Tensor, torch.dtype | None]:
+    """The network and a batch as training computes them on ``device``: on a GPU channels-last, with the AMP
+    dtype a run chooses by default (an fp32 probe there took 2–3× a bf16 step)."""
+    net = UNet(model).to(device)
+    x = torch.randn(batch, 1, size, size, device=device)
+    amp = amp_dtype(torch.device(device), "auto")
+    if device.startswith("cuda"):  # CUDA-only
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return net, x, amp
+
+
+def _release(device: str) -> None:
+    """Give a GPU probe's memory back (the server measures, and a run may be training on the same GPU)."""
+    if device.startswith("cuda"):  # CUDA-only
+        torch.cuda.empty_cache()
 
 
 @functools.lru_cache(maxsize=32)
@@ -116,18 +139,24 @@ def seconds_per_step(model: ModelConfig, patch: int, batch: int, device: str = "
     """Measured: one real training step (forward, backward, AdamW) of this network on random patches
     (scaled from a smaller patch when the real one would take long to probe)."""
     size = _probe_size(model, patch, batch)
-    net = UNet(model).to(device).train()
+    net, x, amp = _probe(model, size, batch, device)
+    net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    x = torch.randn(batch, 1, size, size, device=device)
     times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        net(x).float().mean().backward()
-        optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    try:
+        for _ in range(2):
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(torch.device(device), amp):
+                out = net(x)
+            out.float().mean().backward()
+            optimizer.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    finally:
+        del net, x, optimizer
+        _release(device)
     return times[-1] * forward_flops(model, patch, batch) / forward_flops(model, size, batch)
 
 

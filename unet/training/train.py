@@ -28,7 +28,7 @@ from unet.network.threads import usable_cores
 from unet.prediction.infer import Interrupted, predict_slice
 from unet.prediction.metrics import evaluate_slice, mean_metrics
 from unet.training.data import PatchSampler, TrainData
-from unet.training.ddp import agree, distributed, share
+from unet.training.ddp import agree, agree_values, distributed, share
 from unet.training.device_batches import DeviceSampler, make_sampler
 from unet.training.labels import IGNORE, border_weights, label_offset
 from unet.training.reporting import NullReporter, Reporter
@@ -146,6 +146,7 @@ class Trainer:
         self.stale = 0  # validations since the best one
         self._pending: list[tuple[int, torch.Tensor, float, float]] = []  # steps whose loss is not read yet
         self._started = time.perf_counter()
+        self._agreed_seconds: float | None = None  # rank 0's elapsed() as last told to every process
 
     def elapsed(self) -> float:
         """Training seconds over every start of the run."""
@@ -222,7 +223,8 @@ class Trainer:
         host waits for nothing here (:meth:`flush` reads the losses every :data:`LOSS_EVERY` steps). A loss
         that is not finite raises :class:`FloatingPointError` then (the last good ``latest`` stays on disk)."""
         config, device = self.config, self.device
-        lr = lr_at(config, self.step_count, self.elapsed())
+        # (in a distributed run, rank 0's clock as last agreed: every process steps with the same rate)
+        lr = lr_at(config, self.step_count, self.elapsed() if self.world <= 1 else (self._agreed_seconds or 0.0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         xs, ys, ws = next(self.batches)
@@ -319,8 +321,13 @@ class Trainer:
         while self.step_count < config.steps:
             stopped = reporter.should_stop()
             late = config.max_seconds is not None and self.elapsed() >= config.max_seconds
-            if self.world > 1:  # rank 0's clock and its reporter decide for all
-                stopped, late = agree(stopped, self.world), agree(late, self.world)
+            if self.world > 1:  # rank 0's clock and its reporter decide for all, every few steps (a round trip each)
+                stopped = late = False
+                if self.step_count % LOSS_EVERY == 0 or self._agreed_seconds is None:
+                    said = agree_values([float(reporter.should_stop()), float(
+                        config.max_seconds is not None and self.elapsed() >= config.max_seconds), self.elapsed()],
+                        self.world)
+                    stopped, late, self._agreed_seconds = bool(said[0]), bool(said[1]), said[2]
             if stopped:
                 reason = "stopped"
                 break
