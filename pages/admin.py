@@ -129,6 +129,11 @@ with disk_tab:
     d2.markdown("**Runs**")
     d2.dataframe([{"run": f"#{i} {what}", "owner": owner or "—", "on disk": _size(n)}
                   for i, what, owner, n in use.runs], hide_index=True, width="stretch")
+    if use.orphans_bytes:
+        st.warning(f"**{_size(use.orphans_bytes)}** in `orphans/`: what crashes left while a stack was stored, "
+                   "which no dataset owns (kept in the data folder for a look).", icon=":material/folder_off:")
+        if st.button("Delete what crashes left", key="empty_orphans"):
+            attempt(svc.empty_orphans, lambda freed: f"Deleted what crashes left: {_size(freed)} freed.")
 
 with queue_tab:
     queue = svc.training_queue()

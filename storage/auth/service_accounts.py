@@ -173,6 +173,11 @@ class AccountsService(Facade):
         """Bytes on disk per dataset and per run (their folders in the store), and what is free."""
         return self._tx(users.disk_use, self.store)
 
+    @guard("empty orphans", "admin", target=lambda *a, **k: "orphans/")
+    def empty_orphans(self) -> int:
+        """Delete the folders crashes left that no dataset owns (``orphans/``); returns the bytes freed."""
+        return self._tx(lambda s: users.empty_orphans(self.store))
+
     @looks
     def training_queue(self) -> list[users.QueueRow]:
         """The training runs that are running or waiting, in the order they start, with their owners."""

@@ -162,6 +162,7 @@ class DiskUse:
     predictions_bytes: int
     total_bytes: int
     free_bytes: int
+    orphans_bytes: int = 0  # folders a crash left that no dataset owns (``orphans/``, kept for a look)
 
 
 def _size(path: Path) -> int:
@@ -179,6 +180,26 @@ def disk_use(session: Session, store: FileStore) -> DiskUse:
     rs = [(r.id, (r.spec or {}).get("preset", "") or r.kind, r.owner.username if r.owner else "",
            _size(store.run_dir(r.id))) for r in session.scalars(select(Run))]
     predictions = _size(store.root / "predictions")
+    orphans = _size(store.root / ORPHANS)
     free = shutil.disk_usage(store.root).free
     return DiskUse(sorted(ds, key=lambda t: -t[3]), sorted(rs, key=lambda t: -t[3]), predictions,
-                   sum(t[3] for t in ds) + sum(t[3] for t in rs) + predictions, free)
+                   sum(t[3] for t in ds) + sum(t[3] for t in rs) + predictions + orphans, free, orphans)
+
+
+ORPHANS = "orphans"  # (storage.records.datasets moves a crash's leftover folder there)
+
+
+def empty_orphans(store: FileStore) -> int:
+    """Delete what crashes left in ``orphans/`` (no row owns it; an admin has looked); returns the bytes freed.
+    A link there is removed, never followed."""
+    folder = store.root / ORPHANS
+    freed = _size(folder)
+    if folder.is_symlink():
+        folder.unlink()
+    elif folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return freed

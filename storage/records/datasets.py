@@ -80,11 +80,12 @@ def _claim_folder(store: FileStore, dataset_id: int) -> None:
     """Make room for a new row's files: a folder ``datasets/<id>/`` already on disk belongs to no row (this
     transaction holds the new id), so a crash left it behind after its row was rolled back, and SQLite has
     handed the id out again. It is moved aside into ``orphans/`` (never deleted unread: it may be worth a
-    look) so the new dataset starts in an empty folder instead of failing with "Directory not empty"."""
+    look; the admin page shows its size and deletes it) so the new dataset starts in an empty folder instead
+    of failing with "Directory not empty"."""
     folder = store.abspath(store.dataset_dir(dataset_id))
     if not os.path.lexists(folder):
         return
-    aside = store.root / "orphans" / f"dataset-{int(dataset_id)}-{uuid.uuid4().hex[:8]}"
+    aside = store.root / "orphans" / f"dataset-{int(dataset_id)}-{uuid.uuid4().hex[:8]}"  # (users.ORPHANS)
     aside.parent.mkdir(exist_ok=True)
     os.replace(folder, aside)
     log.warning(f"datasets/{int(dataset_id)} was left by a crash (no row owns it): moved to "

@@ -414,3 +414,16 @@ def test_the_brush_opacity_and_zoom_are_kept_through_a_visit_to_another_page(app
     assert not at.exception, at.exception
     assert at.slider(key="annotate_brush").value == 17 and at.slider(key="annotate_opacity").value == 0.6
     assert at.select_slider(key="annotate_zoom").value == 4
+
+
+def test_the_admin_page_shows_what_crashes_left_and_deletes_it(app_data_dir):
+    left = app_data_dir / "orphans" / "dataset-1-00000000"
+    left.mkdir(parents=True)
+    (left / "volume.bin").write_bytes(b"x" * 4096)
+    at = app(user="boss", role="admin")
+    at.switch_page("pages/admin.py").run()
+    assert any("4.0 KB** in `orphans/`" in w.value for w in at.warning), [w.value for w in at.warning]
+    at.button(key="empty_orphans").click().run()
+    assert not at.exception, at.exception
+    assert any("Deleted what crashes left: 4.0 KB freed." in s.value for s in at.success)
+    assert not left.exists() and not [b for b in at.button if b.key == "empty_orphans"]

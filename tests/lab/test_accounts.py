@@ -326,6 +326,28 @@ def test_audit_filters_and_a_failed_action_is_recorded_as_failed(svc):
     assert np.isfinite(use.total_bytes)
 
 
+def test_an_admin_sees_and_deletes_what_crashes_left_no_one_else_can(svc, tmp_path):
+    """``orphans/`` (a crash's leftover stack folder, moved aside when its id was handed out again) grew for
+    ever: the admin page shows its size and an admin deletes it; a link there is removed, never followed."""
+    boss, ann = user(svc, "boss", "admin"), user(svc, "ann", "annotator")
+    left = svc.store.root / "orphans" / "dataset-3-0a1b2c3d"
+    left.mkdir(parents=True)
+    (left / "volume.bin").write_bytes(b"x" * 5000)
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    (outside / "precious").write_text("not the store's")
+    (svc.store.root / "orphans" / "link").symlink_to(outside)
+    use = svc.acting_as(boss).disk_use()
+    assert use.orphans_bytes >= 5000 and use.total_bytes >= use.orphans_bytes
+    with pytest.raises(UserError, match="cannot manage users"):
+        svc.acting_as(ann).empty_orphans()
+    assert left.is_dir()
+    assert svc.acting_as(boss).empty_orphans() >= 5000
+    assert list((svc.store.root / "orphans").iterdir()) == [] and (outside / "precious").is_file()
+    assert svc.acting_as(boss).disk_use().orphans_bytes == 0
+    assert ("boss", "empty orphans", "orphans/", "ok") in trail(svc, action="empty orphans")
+
+
 def test_an_admin_who_forgot_the_password_gets_a_one_time_one_from_the_server_shell(svc, tmp_path):
     import os
     import subprocess
