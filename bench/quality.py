@@ -251,6 +251,44 @@ def postprocessing_table(probs: dict[str, np.ndarray], targets: np.ndarray, pres
     return results
 
 
+def definitions(probs: np.ndarray, targets: np.ndarray) -> list[dict]:
+    """How the scores' definitions changed in stop 43, on the same maps of slices 25–29 (``--definitions``):
+    V_rand and V_info of the maps before (the ground truth thinned too, each slice's own best threshold)
+    and now (the challenge's); Rand-F and VI against the labels with a 12-px unlabelled band down each slice
+    (before, it cut the neurons it crosses in two); Rand-F of no neuron against one labelled neuron."""
+    from scipy import ndimage as ndi
+
+    from unet.prediction.metrics import THRESHOLDS, evaluate_slice, rand_f, thin_borders, v_rand_info, vi
+    from unet.prediction.postprocess import segment
+    from unet.training.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
+
+    def before(prob: np.ndarray, target: np.ndarray) -> list[float]:  # (the earlier definition, kept here only)
+        gt = thin_borders(target_to_instances(target))
+        gt[target == IGNORE] = 0
+        scores = [v_rand_info(thin_borders(ndi.label(prob > t)[0]), gt) for t in THRESHOLDS]
+        return [max(v[0] for v in scores), max(v[1] for v in scores)]
+
+    old = np.mean([before(p, t) for p, t in zip(probs, targets, strict=True)], axis=0)
+    now = mean_metrics([evaluate_slice(p, t) for p, t in zip(probs, targets, strict=True)])
+    banded = targets.copy()
+    banded[:, :, 250:262] = IGNORE
+    segs = [segment(p) for p in probs]
+    cut = {"rand_f": np.mean([rand_f(s, target_to_instances(t)) for s, t in zip(segs, banded, strict=True)]),
+           "vi": np.mean([vi(s, target_to_instances(t)) for s, t in zip(segs, banded, strict=True)])}
+    left_out = mean_metrics([evaluate_slice(p, t, seg=s) for p, t, s in zip(probs, banded, segs, strict=True)])
+    whole = mean_metrics([evaluate_slice(p, t, seg=s) for p, t, s in zip(probs, targets, segs, strict=True)])
+    one = np.full(targets[0].shape, IGNORE, np.uint8)
+    one[100:140, 100:140] = MEMBRANE
+    one[102:138, 102:138] = NEURON
+    empty = np.zeros(one.shape, np.float32)
+    return [{"score": "v_rand of the map", "before": float(old[0]), "after": now["v_rand"]},
+            {"score": "v_info of the map", "before": float(old[1]), "after": now["v_info"]},
+            *({"score": f"{k}, a 12-px unlabelled band (without: {whole[k]:.4f})", "before": float(cut[k]),
+               "after": left_out[k]} for k in ("rand_f", "vi")),
+            {"score": "rand_f of no neuron, one neuron labelled", "before": rand_f(segment(empty), target_to_instances(
+                one)), "after": evaluate_slice(empty, one).get("rand_f", float("nan"))}]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
     ap.add_argument("--budget-min", type=float, default=10.0, help="wall-clock training budget per method")
@@ -268,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-probs", default=None, help="keep each method's probabilities of slices 20-29 (.npz)")
     ap.add_argument("--probs", default=None, help="compare post-processings on probabilities saved before "
                     "(--save-probs) instead of training")
+    ap.add_argument("--definitions", action="store_true", help="with --probs: the scores before and after their "
+                    "definitions changed (stop 43) on the U-Net's maps, instead of the post-processings")
     args = ap.parse_args(argv)
 
     folder = isbi_dir(args.data)
@@ -282,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"split": {"train": "0-24", "test": "25-29", "data": str(folder),
                                "budget_min": args.budget_min}}
+    if args.probs and args.definitions:
+        rows = definitions(np.load(args.probs)["unet"][5:].astype(np.float32), targets[TEST])  # (20-29 saved)
+        print(table(rows, [("score", "score", ""), ("before", "before", ".4f"), ("after", "after", ".4f")]))
+        write_json(args.json, {**results, "definitions": rows})
+        return 0
     if args.probs:
         saved = np.load(args.probs)
         results["postprocessing"] = postprocessing_table({k: saved[k] for k in saved.files}, targets, args.preset)

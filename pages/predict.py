@@ -35,6 +35,7 @@ from ui.prediction import (
     legend_bar,
     metric_rows,
     neuron_rows,
+    scoring_note,
     sections,
     seen_word,
     split_scores,
@@ -143,8 +144,9 @@ def progress(prediction_id: int, was_active: bool) -> None:
                          help=refused or "Stops after the block it is on; the blocks written are kept, and "
                                          "Resume goes on from them."):
                 attempt(lambda: svc.cancel_prediction(job.id),
-                        lambda info: f"Prediction #{job.id} "
-                                     + ("is stopping after the block it is on." if info.active else "is cancelled."))
+                        lambda info: f"Prediction #{job.id} " + (
+                            "is stopping after the block it is on." if info.active else "is cancelled."
+                            if info.status == RunStatus.CANCELLED else f"had already ended ({info.status.lower()})."))
     elif job.status in (RunStatus.FAILED, RunStatus.CANCELLED):
         last = (job.error or "").strip().splitlines()[-1:]
         st.error(f"Prediction #{job.id} {'failed' if job.status == RunStatus.FAILED else 'was stopped'}: "
@@ -249,7 +251,7 @@ def viewer(job) -> int:
             cols = st.columns(len(CARDS))
             for col, key in zip(cols, CARDS, strict=True):
                 value = unseen_mean.get(key)
-                col.metric(METRICS[key], "–" if value is None else f"{value:.3f}",
+                col.metric(METRICS[key], "–" if value is None or value != value else f"{value:.3f}",
                            help=(f"on the {len(seen)} slices it trained on: {seen_mean[key]:.3f} (flattering)"
                                  if seen and key in seen_mean else None))
         else:
@@ -265,6 +267,7 @@ def viewer(job) -> int:
                 f"{METRICS[k]} {this[k]:.3f}" for k in CARDS if k in this))
         with st.expander("Metrics per slice (against each slice's latest mask)"):
             st.dataframe(metric_rows(metrics, trained, held), hide_index=True, key="pred_metrics")
+            st.caption(scoring_note(metrics))
     else:
         st.caption("No masks on the predicted slices: no metrics.")
     if "neurons" in metrics:

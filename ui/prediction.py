@@ -20,7 +20,7 @@ from ui.paint import (
     overlay,
     window,
 )
-from unet.prediction.metrics import mean_metrics
+from unet.prediction.metrics import SCORING, mean_metrics
 from unet.prediction.postprocess import DEFAULT_METHOD, METHODS
 from unet.prediction.review import margin
 
@@ -175,6 +175,25 @@ def split_scores(metrics: dict[str, Any], trained: set[int]) -> tuple[list[int],
         return mean_metrics([metrics["slices"][str(z)] for z in zs]) if zs else {}
 
     return unseen, mean(unseen), seen, mean(seen)
+
+
+def scoring_note(metrics: dict[str, Any]) -> str:
+    """What the instance scores count, and the slices that have none (too few neurons outlined whole)."""
+    if metrics.get("scoring", 1) != SCORING:
+        return ("Scored the earlier way (before Neuroseg counted only the neurons a mask outlines whole, and took "
+                "V_rand and V_info as the ISBI 2012 challenge does): its neuron scores may count neurons an "
+                "unlabelled area cut in two. Predict again to score it the current way.")
+    bare = sorted(int(z) for z, m in (metrics.get("slices") or {}).items() if "rand_f" not in m)
+    note = ("Rand-F, VI and the field's scores count the neurons a mask outlines whole: a neuron that touches "
+            "unlabelled pixels is left out, and a slice needs two such neurons for them. The means of V_rand and "
+            "V_info are ISBI 2012's: at the one threshold best for those slices together (each slice's row: its "
+            "own best).")
+    if bare:
+        many = len(bare) > 1
+        note += (f" Slice{'s' if many else ''} {', '.join(map(str, bare[:12]))}{' …' if len(bare) > 12 else ''} "
+                 f"{'have' if many else 'has'} pixel scores only: outline two neurons whole (membrane all round) to "
+                 "score the neurons there.")
+    return note
 
 
 def metric_rows(metrics: dict[str, Any], trained: set[int] = frozenset(), held: set[int] = frozenset()

@@ -31,7 +31,7 @@ from storage.settings import Settings
 from unet.network.device import pick_device
 from unet.network.threads import usable_cores
 from unet.prediction.blocks import BlockJob, combined_sha256
-from unet.prediction.metrics import mean_metrics
+from unet.prediction.metrics import SCORING, mean_metrics
 from unet.prediction.schedule import SCHEDULER_ENV, run_blocks
 from unet.prediction.stitch import link_neurons
 
@@ -60,11 +60,17 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             values |= {"done": done, "total": total}
         with sessions.begin() as s:
             s.execute(update(Prediction).where(Prediction.id == prediction_id).values(**values))
-            asked = s.scalar(select(Prediction.cancel_requested).where(Prediction.id == prediction_id))
-        if asked is not None:
-            kept = (f"{done} of {total} blocks are written and kept" if stage == PredictionStage.PREDICT else
-                    "its blocks are all written and kept; its neurons were not linked yet")
-            raise Cancelled(f"cancelled on request; {kept}")
+        if asked():
+            raise Cancelled(f"cancelled on request; {kept(stage, done, total)}")
+
+    def asked() -> bool:
+        with sessions.begin() as s:
+            return s.scalar(select(Prediction.cancel_requested).where(Prediction.id == prediction_id)) is not None
+
+    def kept(stage: str, done: int, total: int) -> str:
+        if stage == PredictionStage.LINKING:
+            return "its blocks are all written and kept; its neurons were not linked yet"
+        return f"{done} of {total} blocks are written and kept" if total else "no block was written yet"
 
     def body(outcome: Outcome) -> None:
         with sessions.begin() as s:
@@ -108,7 +114,8 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
                  for name in job.outputs}
         scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}
-        metrics = {"slices": scores, "mean": mean_metrics(list(scores.values()))} if scores else {}
+        metrics = ({"slices": scores, "mean": mean_metrics(list(scores.values())), "scoring": SCORING}
+                   if scores else {})
         errors = {str(m["slice"]): m["errors"] for m in markers.values() if m.get("errors")}
         if errors:  # the largest merges and splits against each slice's mask
             metrics["errors"] = errors
@@ -126,7 +133,18 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             row.files, row.metrics = files, metrics or None
         log.info(f"prediction {prediction_id}: finished ({len(markers)} blocks)")
 
-    return run_to_end(sessions, Prediction, prediction_id, body)
+    def stoppable(outcome: Outcome) -> None:
+        try:
+            body(outcome)
+        except KeyboardInterrupt:  # the supervisor's SIGTERM after a cancel its block did not reach in time
+            if not asked():
+                raise
+            with sessions.begin() as s:
+                row = s.get(Prediction, prediction_id)
+                stage, done, total = row.phase or "", row.done or 0, row.total or 0
+            raise Cancelled(f"cancelled on request, and stopped during a block; {kept(stage, done, total)}") from None
+
+    return run_to_end(sessions, Prediction, prediction_id, stoppable)
 
 
 def timing(counts: list[tuple[int, int, float]], slices: int) -> dict | None:

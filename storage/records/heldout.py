@@ -11,6 +11,7 @@ model: Predict and Live start from it."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy import select
@@ -24,7 +25,7 @@ from storage.records.datasets import load_volume
 from storage.records.files import FileStore
 from storage.records.masks import latest_mask, load_mask, slice_kinds
 from unet.exchange.checkpoint import load_checkpoint
-from unet.prediction.metrics import mean_metrics
+from unet.prediction.metrics import SCORING, mean_metrics
 from unet.prediction.postprocess import DEFAULT_METHOD
 from unet.prediction.segment import segment_stack
 
@@ -168,7 +169,8 @@ def _score_checkpoint(session: Session, store: FileStore, checkpoint: Checkpoint
     targets = {z: load_mask(session, store, m) for z, m in zip(frozen.slices, frozen.mask_ids, strict=True)}
     model = load_checkpoint(store.verified(checkpoint.file, checkpoint.sha256)).build_model(device)
     result = segment_stack(model, volume, frozen.slices, targets=targets, with_instances=False)
-    return {z: {k: float(v) for k, v in m.items()} for z, m in (result.metrics or {}).get("slices", {}).items()}
+    return {z: {k: (float(v) if isinstance(v, int | float) else v) for k, v in m.items()}  # (and the ISBI curves)
+            for z, m in (result.metrics or {}).get("slices", {}).items()}
 
 
 def _record(run: Run, dataset_id: int, frozen: HeldOut, checkpoint: Checkpoint,
@@ -176,7 +178,8 @@ def _record(run: Run, dataset_id: int, frozen: HeldOut, checkpoint: Checkpoint,
     scores = dict(run.held_out or {})
     scores[str(dataset_id)] = {"version": frozen.version, "slices": frozen.slices, "step": checkpoint.step,
                                "checkpoint_id": checkpoint.id, "per_slice": per_slice,
-                               "metrics": mean_metrics(list(per_slice.values())), "postprocess": DEFAULT_METHOD}
+                               "metrics": mean_metrics(list(per_slice.values())), "postprocess": DEFAULT_METHOD,
+                               "scoring": SCORING}
     run.held_out = scores  # a new dict: the JSON column sees the change
 
 
@@ -213,11 +216,14 @@ def _parent_run(session: Session, run: Run) -> Run | None:
 
 
 def _score_of(run: Run, dataset_id: int, version: int) -> dict[str, dict[str, float]] | None:
-    """The run's scores slice by slice on this held-out version, made with today's post-processing (Rand-F
-    and VI depend on how instances are made: a score from before the default changed is not compared, it
-    is redone; so is one kept only as a mean, from before scores were kept slice by slice)."""
+    """The run's scores slice by slice on this held-out version, made with today's post-processing and
+    today's definitions of the scores (Rand-F and VI depend on how instances are made, and which neurons
+    count: a score from before either changed is not compared, it is redone; so is one kept only as a mean,
+    from before scores were kept slice by slice)."""
     entry = (run.held_out or {}).get(str(dataset_id))
     if not entry or entry.get("version") != version or not entry.get("per_slice"):
+        return None
+    if entry.get("scoring", 1) != SCORING:
         return None
     return entry["per_slice"] if entry.get("postprocess", "watershed") == DEFAULT_METHOD else None
 
@@ -256,8 +262,15 @@ def run_scores(session: Session, run: Run) -> dict[str, dict[str, Any]]:
 
 
 def _rank(metrics: dict[str, float]) -> tuple[float, float]:
-    value = metrics.get(DECIDES, 0.0)
-    return (value if HIGHER_IS_BETTER[DECIDES] else -value, -metrics.get("pixel_error", 1.0))
+    """Which run is best: the deciding metric, then pixel error; a score that is missing or NaN (no slice had
+    enough whole neurons for it) ranks last, never at random."""
+    def known(key: str) -> float | None:
+        value = metrics.get(key)
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+    value, pixel = known(DECIDES), known("pixel_error")
+    return (-math.inf if value is None else value if HIGHER_IS_BETTER[DECIDES] else -value,
+            -math.inf if pixel is None else -pixel)
 
 
 def scores(session: Session, dataset_id: int) -> list[Score]:

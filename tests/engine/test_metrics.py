@@ -9,10 +9,16 @@ from unet.prediction.metrics import (
     cremi_scores,
     evaluate_slice,
     isbi_scores,
+    isbi_scores_of,
+    mean_metrics,
+    rand_f,
+    scored_neurons,
     segmentation_errors,
     thin_borders,
     v_rand_info,
+    vi,
 )
+from unet.prediction.stitch import tile_scores
 from unet.training.labels import IGNORE, MEMBRANE, NEURON, target_to_instances
 
 
@@ -83,11 +89,91 @@ def test_the_best_threshold_is_taken_and_unlabelled_pixels_do_not_count():
     prob[:, 10] = 0.55  # a weak membrane: found from the threshold 0.6 on
     scores = isbi_scores(prob, target)
     assert scores["v_rand"] == pytest.approx(1.0) and scores["v_rand_threshold"] == pytest.approx(0.6)
-    partial = target.copy()
-    partial[:, 15:] = IGNORE  # half of the right cell unlabelled: the rest still scores perfectly
-    assert isbi_scores(prob, partial)["v_rand"] == pytest.approx(1.0)
     only_membrane = np.full(target.shape, MEMBRANE, np.uint8)
     assert np.isnan(isbi_scores(prob, only_membrane)["v_rand"])
+
+
+def three_cells() -> np.ndarray:
+    """10 × 32 pixels: three cells of 10 × 10 between one-pixel membranes at x = 10 and x = 21."""
+    target = np.full((10, 32), NEURON, np.uint8)
+    target[:, [10, 21]] = MEMBRANE
+    return target
+
+
+def test_a_neuron_the_mask_does_not_outline_whole_is_left_out_of_the_instance_scores():
+    """An unlabelled band through a cell cut it into two "neurons": a perfect segmentation was charged with a
+    merge. A cell that touches unlabelled pixels is left out now; the cells outlined whole still count."""
+    target = three_cells()
+    perfect = target_to_instances(target)
+    banded = target.copy()
+    banded[:, 26:28] = IGNORE  # a band through the right cell
+    assert set(np.unique(scored_neurons(banded))) == {0, 1, 2}
+    scores = evaluate_slice((target == NEURON).astype(np.float32), banded, seg=perfect)
+    assert scores["rand_f"] == pytest.approx(1.0) and scores["vi"] == pytest.approx(0.0)
+    assert scores["v_rand"] == pytest.approx(1.0) and scores["vi_merge"] == pytest.approx(0.0)
+    # a segmentation that merges the two whole cells is still caught
+    merged = evaluate_slice((target != IGNORE).astype(np.float32), banded, seg=np.ones_like(perfect))
+    assert merged["rand_f"] < 0.8 and merged["vi_merge"] == pytest.approx(1.0)
+    assert segmentation_errors(perfect, scored_neurons(banded)) == []
+    # an unlabelled spot inside a cell (an eraser's stroke) is a hole in it: the cell is still whole; a spot at
+    # the image's edge or on a membrane opens the cells it touches
+    spots = target.copy()
+    spots[4:6, 3:5] = IGNORE
+    assert set(np.unique(scored_neurons(spots))) == {0, 1, 2, 3}
+    spots[0:2, 14:16] = IGNORE  # the edge: the middle cell's extent beyond it is unknown
+    spots[4:6, 20:22] = IGNORE  # a membrane: the middle and right cells
+    assert set(np.unique(scored_neurons(spots))) == {0, 1}
+
+
+def test_a_slice_with_fewer_than_two_whole_neurons_has_pixel_scores_only():
+    """One labelled cell: a prediction of no neuron at all scored Rand-F 1 and VI 0 (nothing can be merged
+    with one neuron); now only its pixel error says anything, and that says it is wrong."""
+    target = np.full((64, 64), IGNORE, np.uint8)
+    target[20:24, 10:40] = NEURON
+    target[[19, 24], 10:40] = MEMBRANE
+    target[20:24, [9, 40]] = MEMBRANE
+    scores = evaluate_slice(np.zeros(target.shape, np.float32), target)
+    assert scores.keys() == {"pixel_error", "dice", "iou"} and scores["pixel_error"] > 0.5
+    assert mean_metrics([scores]).keys() == {"pixel_error", "dice", "iou"}
+
+
+def test_over_slices_the_isbi_scores_take_one_threshold_for_all_of_them():
+    """The challenge takes the best threshold of the slices' mean, not each slice's best: a map right only at
+    0.6-0.7 and another right only at 0.0 have no threshold where both are right."""
+    target = three_cells()
+    cells = target == NEURON
+    high = np.where(cells, 0.75, 0.65).astype(np.float32)  # membrane found above 0.65 only
+    low = np.where(cells, 0.05, 0.0).astype(np.float32)  # neurons found at 0.0 only
+    a, b = evaluate_slice(high, target), evaluate_slice(low, target)
+    assert a["v_rand"] == pytest.approx(1.0) and b["v_rand"] == pytest.approx(1.0)  # each at its own best
+    mean = mean_metrics([a, b])
+    assert mean["v_rand"] < 0.9 and mean["pixel_error"] == pytest.approx((a["pixel_error"] + b["pixel_error"]) / 2)
+    assert mean_metrics([a, a])["v_rand"] == pytest.approx(1.0)
+    # an instance segmentation's scores have no curve: their mean is the plain one
+    plain = [isbi_scores_of(target_to_instances(target), target), {"v_rand": 0.5, "v_info": 0.5}]
+    assert mean_metrics(plain)["v_rand"] == pytest.approx(0.75)
+
+
+def test_labels_of_any_size_or_sign_are_scored_without_a_table_the_size_of_the_largest():
+    gt = np.array([[1, 1, 2, 2]] * 4)
+    for seg in (np.array([[2**31, 2**31, 7, 7]] * 4, np.int64), np.array([[2**63, 2**63, 5, 5]] * 4, np.uint64),
+                np.array([[-3, -3, 4, 4]] * 4), np.array([[True, True, False, False]] * 4)):
+        assert rand_f(seg, gt) == pytest.approx(1.0) and vi(seg, gt) == pytest.approx(0.0)
+        assert cremi_scores(seg, gt)["are"] == pytest.approx(0.0)
+
+
+def test_a_tiled_slice_scores_each_metric_over_the_tiles_that_have_it():
+    """A tile whose labels hold too few whole neurons has no Rand-F: a NaN of one made the whole slice's NaN."""
+    target = three_cells()
+    prob = (target == NEURON).astype(np.float32)
+    good = evaluate_slice(prob, target)
+    membrane_only = evaluate_slice(prob[:, 8:11], target[:, 8:11])  # one neuron and the membrane
+    assert "rand_f" not in membrane_only
+    combined = tile_scores([{"scores": good, "labelled": 320}, {"scores": membrane_only, "labelled": 30}])
+    assert combined["rand_f"] == pytest.approx(1.0) and combined["v_rand"] == pytest.approx(1.0)
+    assert combined["isbi_curve"]["v_rand"] == pytest.approx(good["isbi_curve"]["v_rand"])
+    assert combined["pixel_error"] == pytest.approx((320 * good["pixel_error"] + 30 * membrane_only["pixel_error"])
+                                                    / 350)
 
 
 def test_a_slice_is_scored_with_every_metric_and_the_field_ones_can_be_left_out():

@@ -50,10 +50,10 @@ from unet.prediction.blocks import (
     write_slice,
 )
 from unet.prediction.infer import predict_slice, tile_plan
-from unet.prediction.metrics import evaluate_slice, segmentation_errors
+from unet.prediction.metrics import evaluate_slice, scored_neurons, segmentation_errors
 from unet.prediction.postprocess import segment, to_mask
 from unet.prediction.stitch import neighbour_bands
-from unet.training.labels import IGNORE, target_to_instances
+from unet.training.labels import IGNORE
 
 CONTEXT = 64  # pixels of network context read beyond a tile's halo
 
@@ -102,10 +102,12 @@ def volume_of(job: BlockJob):
 
 
 def _errors(instances: np.ndarray | None, target: np.ndarray | None, offset: tuple[int, int] = (0, 0)) -> list:
-    """The largest merges and splits of ``instances`` against the labels' neurons (none without both)."""
+    """The largest merges and splits of ``instances`` against the neurons the labels outline whole (none
+    without both; :func:`unet.prediction.metrics.scored_neurons`: an unlabelled band through a neuron is no
+    merge)."""
     if instances is None or target is None:
         return []
-    return segmentation_errors(instances, target_to_instances(target), offset=offset)
+    return segmentation_errors(instances, scored_neurons(target), offset=offset)
 
 
 def run_block(job: BlockJob, index: int, target: np.ndarray | None = None) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def segment_stack(model: UNet, volume: np.ndarray, slices: list[int] | None = No
         model: a trained :class:`~unet.network.model.UNet` (``Checkpoint.build_model``).
         volume: the stack, (Z, Y, X) or one (Y, X) slice, any dtype the engine reads.
         slices: which slices, in this order; all by default.
-        targets: {slice: target} of labelled slices (0 membrane, 1 neuron, 255 unlabelled), to score
+        targets: {slice: target} of labelled slices (0 membrane, 1 neuron, 2 unlabelled), to score
             each predicted slice that has one (pixel error, Dice, IoU, Rand-F, VI).
         threshold: the neuron probability above which a pixel is neuron (the mask).
         with_instances: also make neuron instances (on a CPU it takes about as long as the network).

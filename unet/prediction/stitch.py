@@ -121,12 +121,7 @@ def stitch(job: BlockJob, index: int, shape: tuple[int, int], *_tiles: Any) -> d
                         (0, shape[1]))
     band_rows = max(1, (64 << 20) // (shape[1] * 4))
     digests = {name: _stream_digest(output_path(job.out, name), index, shape[0], band_rows) for name in job.outputs}
-    scored = [r for r in records if r["scores"]]
-    scores = None
-    if scored:
-        weights = np.array([r["labelled"] for r in scored], np.float64)
-        keys = sorted({k for r in scored for k in r["scores"]})
-        scores = {k: float(np.average([r["scores"].get(k, np.nan) for r in scored], weights=weights)) for k in keys}
+    scores = tile_scores([r for r in records if r["scores"]])
     errors = sorted((e for r in records for e in r.get("errors", [])), key=lambda e: -e["pixels"])[:10]
     record = {"slice": job.slices[index], "sha256": digests, "scores": scores, "tiles": len(blocks), "errors": errors}
     atomic_write(marker, lambda fh: fh.write(json.dumps(record).encode()))
@@ -136,6 +131,34 @@ def stitch(job: BlockJob, index: int, shape: tuple[int, int], *_tiles: Any) -> d
             leftover.unlink(missing_ok=True)
     (folder / f"{index}.stats.json").unlink(missing_ok=True)
     return record
+
+def tile_scores(scored: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A tiled slice's scores from its tiles' (each weighted by its labelled pixels): each score over the tiles
+    that have it (a tile whose labels hold too few whole neurons has pixel scores only, and its NaN no longer
+    spoils the slice's), the ISBI curves threshold by threshold. None when no tile was scored."""
+    if not scored:
+        return None
+    scores: dict[str, Any] = {}
+    keys = sorted({k for r in scored for k, v in r["scores"].items() if isinstance(v, int | float)})
+    for k in keys:
+        pairs = [(float(r["scores"][k]), r["labelled"]) for r in scored
+                 if isinstance(r["scores"].get(k), int | float) and np.isfinite(r["scores"][k])]
+        if pairs and sum(w for _, w in pairs) > 0:
+            scores[k] = float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs]))
+    curves = [(r["scores"]["isbi_curve"], r["labelled"]) for r in scored
+              if isinstance(r["scores"].get("isbi_curve"), dict)]
+    if curves:
+        scores["isbi_curve"] = {}
+        for key in ("v_rand", "v_info"):
+            table = np.array([c[key] for c, _ in curves], np.float64)
+            finite = np.isfinite(table)
+            weights = np.array([w for _, w in curves], np.float64)[:, None] * finite
+            total = weights.sum(axis=0)
+            summed = (np.where(finite, table, 0.0) * weights).sum(axis=0)
+            scores["isbi_curve"][key] = [float(v / t) if t > 0 else float("nan")
+                                         for v, t in zip(summed, total, strict=True)]
+    return scores
+
 
 def link_neurons(job: BlockJob, shape: tuple[int, int], largest: int = 20) -> dict[str, Any]:
     """Once every slice is finished: link the 2D instances of neighbouring predicted slices into 3D neurons
