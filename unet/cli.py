@@ -63,7 +63,8 @@ def _train_here(args: argparse.Namespace, rank: int, world: int) -> int:
                                    ("patch_size", args.patch_size), ("lr", args.lr),
                                    ("max_seconds", args.max_minutes * 60 if args.max_minutes else None),
                                    ("seed", args.seed), ("device", args.device),
-                                   ("border_weight", args.border_weight)) if v is not None}
+                                   ("border_weight", args.border_weight), ("val_every", args.val_every),
+                                   ("early_stop_patience", args.patience)) if v is not None}
     if model_changes:
         overrides["model"] = model_changes
     config = preset(args.preset, **overrides)
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--padding", choices=["valid", "same"])
     t.add_argument("--border-weight", type=float, help="w0 of the paper's border weights (0 = off)")
     t.add_argument("--max-minutes", type=float, help="wall-clock budget")
+    t.add_argument("--val-every", type=int, help="steps between validations")
+    t.add_argument("--patience", type=int, help="stop after this many validations without a better loss (0: never)")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     t.add_argument("--resume", action="store_true", help="continue from OUT/latest.pt")

@@ -29,7 +29,8 @@ def _train(stack, out, processes: int, steps: int, *extra: str) -> subprocess.Co
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
                 if processes > 1 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, "-m", "unet", *args], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([*launcher, "-m", "unet", *args], capture_output=True, text=True, timeout=300, env=env,
+                          start_new_session=True)  # (torchrun signals its process group when a rank fails)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -51,6 +52,17 @@ def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(s
     assert two_curve[-5:].mean() < two_curve[:5].mean()  # and it learns
     for kind in ("best", "latest"):
         assert load_checkpoint(stack / "two" / f"{kind}.pt").meta["step"] == 20
+
+
+def test_a_distributed_run_that_stops_early_ends_on_every_process(stack):
+    """Early stopping ends the loop right after a validation: rank 0 knew the run ends validated, the others
+    did not and waited in a last validation's collective that rank 0 never made (a hang on GPUs, an abort with
+    gloo). Every rank now knows where the last validation was. (A learning rate of 1e-9 leaves the weights as they
+    are, so a validation soon fails to improve.)"""
+    _train(stack, stack / "early", 2, 40, "--train-slices", "0-2", "--val-slices", "3", "--val-every", "1",
+           "--patience", "1", "--lr", "1e-9")
+    latest = load_checkpoint(stack / "early" / "latest.pt")
+    assert latest.meta["step"] < 40 and latest.meta["validations"][-1]["step"] == latest.meta["step"]
 
 
 def test_a_distributed_run_resumes_from_its_latest_checkpoint(stack):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from unet.network.device import amp_dtype
+from unet.network.device import amp_dtype, native_bf16
 from unet.network.model import UNet
 from unet.network.sizes import output_size, valid_input_sizes
 from unet.training.augment import dihedral_vector
@@ -139,8 +139,8 @@ def predict_slice(model: UNet, image: np.ndarray, *, tile: int | None = None, ov
         batch_size: tiles per forward pass.
         tta: average the 8 flips/rotations (test-time augmentation).
         device: where to compute (default: where the model is).
-        amp: autocast dtype, None for full precision, or "auto": as training on this device (bf16 on a GPU
-            that has it natively; the sigmoid in float32 either way), full precision on a CPU.
+        amp: autocast dtype, None for full precision, or "auto": bf16 on a GPU that has it natively (the
+            sigmoid in float32), full precision elsewhere.
         normalized: the image is already normalised float32.
         should_stop: asked between batches of tiles; when it says True, :class:`Interrupted` is raised
             (a cancelled run does not wait for a long validation).
@@ -162,7 +162,9 @@ def predict_slices(model: UNet, images: list[np.ndarray], *, tile: int | None = 
     if any(im.ndim != 2 for im in images):
         raise ValueError(f"predict_slices expects 2-D images, got shapes {[im.shape for im in images]}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if isinstance(amp, str):
+    if amp == "auto":  # bf16 only where the GPU has it natively (fp16 could overflow a model trained without AMP)
+        amp = torch.bfloat16 if device.type == "cuda" and native_bf16(device) else None
+    elif isinstance(amp, str):
         amp = amp_dtype(device, amp)
     was_training = model.training
     model.eval()

@@ -147,6 +147,8 @@ class Trainer:
         self._pending: list[tuple[int, torch.Tensor, float, float]] = []  # steps whose loss is not read yet
         self._started = time.perf_counter()
         self._agreed_seconds: float | None = None  # rank 0's elapsed() as last told to every process
+        self._validated_at: int | None = None  # the step of the last validation (every rank knows it)
+        self._interrupted = False  # a stop came during a validation
 
     def elapsed(self) -> float:
         """Training seconds over every start of the run."""
@@ -168,6 +170,7 @@ class Trainer:
             meta = ckpt.meta
             self.step_count, self.seconds_before = int(meta.get("step", 0)), float(meta.get("seconds", 0.0))
             self.history, self.validations = list(meta.get("history", [])), list(meta.get("validations", []))
+            self._validated_at = self.validations[-1]["step"] if self.validations else None  # (every rank reads it)
             self.best, self.stale = meta.get("best"), int(meta.get("stale", 0))
             if meta.get("rng_state"):
                 self.rng.bit_generator.state = meta["rng_state"]
@@ -274,13 +277,15 @@ class Trainer:
         validation ends it at once (nothing is recorded for it). In a distributed run rank 0 validates and
         the others learn its verdict."""
         self.flush()
+        self._validated_at = self.step_count  # (every rank: whether the run ends with a validation is the same for all)
         if self.rank != 0:
             return agree(False, self.world)
         try:
             metrics = (_validation_metrics(self.model, self.data, self.config, self.device, self.amp, self.reporter)
                        if self.data.val_images else {})
-        except Interrupted:
-            return False
+        except Interrupted:  # stopped during it: every rank stops (each waits for rank 0's answer)
+            self._interrupted = True
+            return agree(True, self.world)
         finally:
             self.reporter.on_phase("training")
         if metrics:
@@ -319,15 +324,16 @@ class Trainer:
         reporter.on_phase("training")
         self.model.train()
         while self.step_count < config.steps:
-            stopped = reporter.should_stop()
-            late = config.max_seconds is not None and self.elapsed() >= config.max_seconds
-            if self.world > 1:  # rank 0's clock and its reporter decide for all, every few steps (a round trip each)
-                stopped = late = False
-                if self.step_count % LOSS_EVERY == 0 or self._agreed_seconds is None:
-                    said = agree_values([float(reporter.should_stop()), float(
-                        config.max_seconds is not None and self.elapsed() >= config.max_seconds), self.elapsed()],
-                        self.world)
-                    stopped, late, self._agreed_seconds = bool(said[0]), bool(said[1]), said[2]
+            stopped = late = False
+            if self.world <= 1:
+                stopped = reporter.should_stop()
+                late = config.max_seconds is not None and self.elapsed() >= config.max_seconds
+            elif self.step_count % LOSS_EVERY == 0 or self._agreed_seconds is None:
+                # rank 0's clock and its reporter decide for all, every few steps (a round trip each)
+                said = agree_values([float(reporter.should_stop()), float(
+                    config.max_seconds is not None and self.elapsed() >= config.max_seconds), self.elapsed()],
+                    self.world)
+                stopped, late, self._agreed_seconds = bool(said[0]), bool(said[1]), said[2]
             if stopped:
                 reason = "stopped"
                 break
@@ -340,11 +346,10 @@ class Trainer:
             if step % config.checkpoint_every == 0 and step < config.steps:
                 self.save("latest", {})
             if stop_early:
-                reason = "early_stop"
+                reason = "stopped" if self._interrupted else "early_stop"
                 break
         self.flush()
-        validations = self.validations
-        if reason != "stopped" and (not validations or validations[-1]["step"] != self.step_count):
+        if reason != "stopped" and self._validated_at != self.step_count:
             self.validate()  # a cancelled run should stop promptly, not validate first
         last = self.validations[-1] if self.validations and self.validations[-1]["step"] == self.step_count else {}
         self.save("latest", last)
