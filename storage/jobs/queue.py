@@ -233,8 +233,9 @@ def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale:
             done.signalled.append((run.id, "SIGKILL" if kill else "SIGTERM"))
     for row in session.scalars(select(Prediction).where(Prediction.status.in_(ACTIVE))):
         cancelled = aware(row.cancel_requested)
+        key = ("prediction", row.id, row.pid)
         if row.pid is not None and not is_alive(row.pid, row.pid_started):
-            if cancelled is not None:
+            if cancelled is not None and key in sent:  # (stopped here after a cancel; a crash is no cancel)
                 row.status, row.error = RunStatus.CANCELLED, "cancelled: its process was stopped"
                 done.cancelled_predictions.append(row.id)
             else:
@@ -242,7 +243,6 @@ def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale:
                 row.error = f"the prediction process (pid {row.pid}) stopped before it finished; start it again"
                 done.failed_predictions.append(row.id)
         elif cancelled is not None and now - cancelled > cancel_grace and row.pid:  # (a block that takes long)
-            key = ("prediction", row.id, row.pid)
             warned = sent.get(key) if sigterm_sent is not None else cancelled + cancel_grace
             kill = warned is not None and now - warned > cancel_grace
             terminate(row.pid, signal.SIGKILL if kill else signal.SIGTERM)

@@ -64,8 +64,10 @@ def submit_prediction(session: Session, checkpoint_id: int, dataset_id: int, sli
 def cancel_prediction(session: Session, prediction_id: int) -> PredictionInfo:
     """Ask a prediction to stop. A queued one that no process has taken yet is cancelled at once; a running
     one stops after the block it is on, keeping the blocks it wrote (:func:`resume_prediction` goes on from
-    them). Asking twice changes nothing."""
+    them). Asking twice changes nothing; a cancelled one is left as it is."""
     row = row_or_missing(session, Prediction, prediction_id, "prediction")
+    if row.status == RunStatus.CANCELLED:  # (a second click, or another tab's: already done)
+        return get_prediction(session, prediction_id)
     if row.status not in ACTIVE:
         raise ValueError(f"prediction {prediction_id} is {row.status.lower()}; only a waiting or running one can "
                          "be cancelled")

@@ -409,6 +409,7 @@ def test_a_cancelled_prediction_stops_at_a_block_says_what_it_kept_and_resumes(t
     from storage.settings import PROJECT_ROOT, Settings
     from tests.store.test_jobs import wait_for
     from tests.store.test_starter import tiny_starter
+    from unet.prediction.metrics import SCORING
 
     tiny_starter(tmp_path / "models", monkeypatch)
     settings = Settings.from_env(tmp_path / "data")
@@ -424,8 +425,7 @@ def test_a_cancelled_prediction_stops_at_a_block_says_what_it_kept_and_resumes(t
         wait_exit_of(job.pid)
         ended = svc.prediction(job.id)
         assert ended.status == "CANCELLED" and ended.error.startswith("cancelled"), ended.error
-        with pytest.raises(UserError, match="only a waiting or running one can be cancelled"):
-            svc.cancel_prediction(job.id)
+        assert svc.cancel_prediction(job.id) == ended  # a second click changes nothing
 
         # a cancel that its process sees at its next block (here: the first report, before any block)
         with svc.sessions.begin() as s:
@@ -442,6 +442,9 @@ def test_a_cancelled_prediction_stops_at_a_block_says_what_it_kept_and_resumes(t
         assert resumed.status in ("QUEUED", "RUNNING") and not resumed.stopping
         finished = wait_for(lambda: (p := svc.prediction(row.id)).status in ("FINISHED", "FAILED") and p, timeout=180)
         assert finished.status == "FINISHED" and finished.done == 3, finished.error
+        assert finished.metrics["scoring"] == SCORING  # (scored by today's definitions)
+        with pytest.raises(UserError, match="only a waiting or running one can be cancelled"):
+            svc.cancel_prediction(row.id)
     finally:
         svc.close()
 

@@ -8,6 +8,7 @@ cluster to start. A slice's stitch is a task that depends on its tiles.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -158,11 +159,13 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
     try:
         with Client(scheduler or cluster) as client:
             kinds: dict[str, tuple[str, int]] = {}
+            submitted: list = []  # (cancelled when this run stops early: a cluster elsewhere would finish them)
             tiles: dict[int, list] = {i: [] for i in todo}
             waiting = as_completed()
 
             def submit(fn, *args, key: str, kind: str, i: int) -> None:
                 future = client.submit(fn, *args, key=key, pure=False, retries=1)
+                submitted.append(future)
                 kinds[future.key] = (kind, i)
                 waiting.add(future)
                 if kind == "tile":
@@ -175,25 +178,30 @@ def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, n
                 if not left and blocks[i][0].part is not None:  # (its tiles were all done: only the stitch)
                     submit(stitch, job, i, shape, key=f"stitch-{job.out}-{i}", kind="stitch", i=i)
             in_flight = 0
-            while True:
-                while queue and ((limit := allowed()) is None or in_flight < limit):
-                    i, block = queue.pop()
-                    fn, *args = work(block)
-                    submit(fn, *args, key=f"block-{job.out}-{block.key}",
-                           kind="slice" if block.part is None else "tile", i=i)
-                    in_flight += 1
-                future = next(waiting, None)
-                if future is None:
-                    break
-                kind, i = kinds[future.key]
-                result = future.result()
-                if kind != "stitch":
-                    count += 1
-                    in_flight -= 1
-                if kind != "tile":
-                    done[i] = result
-                if kind != "stitch":
-                    report(count, total)
+            try:
+                while True:
+                    while queue and ((limit := allowed()) is None or in_flight < limit):
+                        i, block = queue.pop()
+                        fn, *args = work(block)
+                        submit(fn, *args, key=f"block-{job.out}-{block.key}",
+                               kind="slice" if block.part is None else "tile", i=i)
+                        in_flight += 1
+                    future = next(waiting, None)
+                    if future is None:
+                        break
+                    kind, i = kinds[future.key]
+                    result = future.result()
+                    if kind != "stitch":
+                        count += 1
+                        in_flight -= 1
+                    if kind != "tile":
+                        done[i] = result
+                    if kind != "stitch":
+                        report(count, total)
+            except BaseException:  # (a cancel from the progress report, an error, a signal): a cluster elsewhere
+                with contextlib.suppress(Exception):  # would otherwise finish the blocks asked for, and write them
+                    client.cancel(submitted, force=True)
+                raise
     finally:
         if cluster is not None:
             cluster.close()
