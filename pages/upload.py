@@ -62,7 +62,7 @@ def upload_stack(svc: Neuroseg, key: str, stored: Callable[[DatasetInfo], str] =
         bar.empty()
         st.warning(f"**{what}** {'were' if labels is not None else 'was'} not stored yet: "
                    f"{str(exc).rstrip('.')}.", icon=":material/help:")
-        st.button(f"Read the {exc.count} channels as Z slices and store", type="primary",
+        st.button(f"Read them as {exc.count} Z slices and store", type="primary",
                   on_click=lambda: st.session_state.update({_CHANNELS_AS_Z: True}), key="channels_as_z")
     except UserError as exc:
         bar.empty()

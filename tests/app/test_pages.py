@@ -5,6 +5,7 @@ the browser sends them."""
 import base64
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,21 @@ def test_a_grey_stack_saved_as_channels_can_be_read_as_slices(app_data_dir, synt
     assert "Stored **channels**: 6 × 96 × 96 uint8." in texts(at.success)
     stored = store(app_data_dir)
     assert np.array_equal(stored.volume(stored.datasets()[0].id), volume)
+
+    # a 3-slice stack saved by tifffile without "photometric" is one RGB image of separate planes: asked too
+    three = volume[:3]
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (tifffile says it will stop doing this)
+        tifffile.imwrite(buf, three)
+    at = app("Datasets")
+    at.file_uploader[0].upload("three.tif", buf.getvalue(), "image/tiff")
+    at.button[0].click().run()
+    assert "holds one colour image of 3 separate planes" in texts(at.warning)
+    assert at.button(key="channels_as_z").label == "Read them as 3 Z slices and store"
+    at.button(key="channels_as_z").click().run()
+    assert "Stored **three**: 3 × 96 × 96 uint8." in texts(at.success)
+    assert np.array_equal(stored.volume(stored.datasets()[-1].id), three)
 
 
 def test_upload_then_browse_rename_and_delete(app_data_dir, synthetic):

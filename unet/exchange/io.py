@@ -79,9 +79,21 @@ def _not_a_tiff(source: Source, what: str) -> str:
 
 def _zyx_shape(shape: tuple[int, ...], axes: str, what: str, channels_as_z: bool = False) -> tuple[int, int, int]:
     """Map a tifffile series shape/axes to (Z, Y, X), refusing colour and multi-channel data (unless
-    ``channels_as_z``: then a channel axis is read as the slices)."""
+    ``channels_as_z``: then a channel axis, or the samples of one colour image stored as separate planes, is
+    read as the slices)."""
     if len(shape) != len(axes):
         raise ValueError(f"{what}: inconsistent TIFF header (shape {shape}, axes {axes!r})")
+    planar = ("S" in axes and "Y" in axes and "X" in axes and axes.index("S") < min(axes.index("Y"), axes.index("X"))
+              and not [a for a, n in zip(axes, shape, strict=True) if a not in "YXS" and n > 1])
+    if planar and shape[axes.index("S")] > 1:  # one colour image of separate planes, and nothing else
+        count = shape[axes.index("S")]
+        if not channels_as_z:
+            raise ChannelsMaybeSlices(
+                f"{what}: the file says it holds one colour image of {count} separate planes (axes {axes!r}), "
+                f"not {count} slices. tifffile saves a grey stack of 3 or 4 slices like this when it is not told "
+                "otherwise: read the planes as Z slices if they are slices; convert the image to grey first if "
+                "it is colour", count)
+        return _zyx_shape(shape, axes.replace("S", "Z"), what)
     if "S" in axes and shape[axes.index("S")] > 1:
         raise ValueError(
             f"{what}: colour image ({shape[axes.index('S')]} samples per pixel, shape {shape}); "
