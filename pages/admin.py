@@ -28,7 +28,9 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-users_tab, audit_tab, disk_tab, queue_tab = st.tabs(["Users", "Audit trail", "Disk use", "Training queue"])
+# (a key keeps the tab a user is on when a message above it shifts the page, e.g. after a delete)
+users_tab, audit_tab, disk_tab, queue_tab = st.tabs(["Users", "Audit trail", "Disk use", "Training queue"],
+                                                    key="admin_tab", on_change="rerun")
 
 with users_tab:
     people = svc.users()
@@ -95,7 +97,7 @@ def audit_trail() -> None:
     f1, f2, f3, f4 = st.columns([1, 1, 1, 2])
     who = f1.selectbox("User", ["everyone", *names], key="audit_user")
     what = f2.selectbox("Action", ["every action", *actions], key="audit_action")
-    outcome = f3.selectbox("Outcome", ["any", "ok", "refused", "failed"], key="audit_outcome")
+    outcome = f3.selectbox("Outcome", ["any", "ok", "refused", "failed", "asked"], key="audit_outcome")
     today = dt.date.today()
     span = f4.date_input("Between", (today - dt.timedelta(days=30), today), key="audit_span")
     since = until = None
@@ -132,7 +134,10 @@ with disk_tab:
     if use.orphans_bytes:
         st.warning(f"**{_size(use.orphans_bytes)}** in `orphans/`: what crashes left while a stack was stored, "
                    "which no dataset owns (kept in the data folder for a look).", icon=":material/folder_off:")
-        if st.button("Delete what crashes left", key="empty_orphans"):
+        st.dataframe([{"in orphans/": name, "on disk": _size(n)} for name, n in use.orphans], hide_index=True,
+                     key="orphans_list")
+        sure = st.checkbox(f"Yes, delete these {len(use.orphans)}", key="orphans_sure")
+        if st.button("Delete what crashes left", key="empty_orphans", disabled=not sure):
             attempt(svc.empty_orphans, lambda freed: f"Deleted what crashes left: {_size(freed)} freed.")
 
 with queue_tab:

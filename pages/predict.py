@@ -8,6 +8,7 @@ import streamlit as st
 
 import pages.state as state
 from domain.kinds import RunKind, RunStatus
+from domain.records import aware
 from pages.common import (
     attempt,
     can,
@@ -147,16 +148,23 @@ def progress(prediction_id: int, was_active: bool) -> None:
                         lambda info: f"Prediction #{job.id} " + (
                             "is stopping after the block it is on." if info.active else "is cancelled."
                             if info.status == RunStatus.CANCELLED else f"had already ended ({info.status.lower()})."))
+            if refused:
+                st.caption(refused)
     elif job.status in (RunStatus.FAILED, RunStatus.CANCELLED):
         last = (job.error or "").strip().splitlines()[-1:]
-        st.error(f"Prediction #{job.id} {'failed' if job.status == RunStatus.FAILED else 'was stopped'}: "
-                 f"{last[0] if last else 'no reason recorded'}")
+        said = f"{last[0] if last else 'no reason recorded'}"
+        if job.status == RunStatus.FAILED:
+            st.error(f"Prediction #{job.id} failed: {said}")
+        else:  # (asked for: not an error)
+            st.warning(f"Prediction #{job.id} was stopped: {said}", icon=":material/stop_circle:")
         kept = f" ({job.done} block{'s are' if job.done != 1 else ' is'} written and kept)" if job.done else ""
         refused = svc.refusal("manage", "prediction", job.id)
         if st.button(f"Resume{kept}", key=f"resume_prediction_{job.id}", type="primary",
                      disabled=bool(refused), help=refused or None):
             attempt(lambda: svc.resume_prediction(job.id),
                     lambda _: f"Prediction #{job.id} goes on from the blocks already written.")
+        if refused:
+            st.caption(refused)
     elif (said := job_speed(job)) is not None:
         st.caption(said)
     if was_active and not job.active:
@@ -249,11 +257,18 @@ def viewer(job) -> int:
                         f"**On the {len(unseen)} labelled slice{many} this model never trained on** "
                         f"({slices_words(unseen)}): its accuracy on data it has not seen.")
             cols = st.columns(len(CARDS))
+            counted = sum("rand_f" in metrics["slices"][str(z)] for z in unseen)
             for col, key in zip(cols, CARDS, strict=True):
                 value = unseen_mean.get(key)
+                partly = (f"over the {counted} of these slices that outline two neurons whole"
+                          if key != "pixel_error" and counted != len(unseen) else "")
+                flattering = (f"on the {len(seen)} slices it trained on: {seen_mean[key]:.3f} (flattering)"
+                              if seen and key in seen_mean else "")
                 col.metric(METRICS[key], "–" if value is None or value != value else f"{value:.3f}",
-                           help=(f"on the {len(seen)} slices it trained on: {seen_mean[key]:.3f} (flattering)"
-                                 if seen and key in seen_mean else None))
+                           help="; ".join(filter(None, (partly, flattering))) or None)
+            if counted != len(unseen):
+                st.caption(f"The neuron scores count {counted} of these {len(unseen)} slices: the others do not "
+                           "outline two neurons whole (the table below says which).")
         else:
             st.warning(f"This model trained on every labelled slice predicted here ({slices_words(seen)}): its "
                        "scores below flatter it. Label a slice it has not seen, or hold one out on **Datasets**, "
@@ -265,11 +280,17 @@ def viewer(job) -> int:
         if this:
             st.caption(f"Slice {z} ({seen_word(z, trained, held)}): " + " · ".join(
                 f"{METRICS[k]} {this[k]:.3f}" for k in CARDS if k in this))
-        with st.expander("Metrics per slice (against each slice's latest mask)"):
+        with st.expander("Metrics per slice (against each slice's mask when it was predicted)"):
             st.dataframe(metric_rows(metrics, trained, held), hide_index=True, key="pred_metrics")
             st.caption(scoring_note(metrics))
     else:
-        st.caption("No masks on the predicted slices: no metrics.")
+        st.caption("No mask on the predicted slices when it ran: no metrics.")
+    newer = [z for z in job.slices if z in kinds and kinds[z].labelled_pixels > 0
+             and aware(kinds[z].created) > aware(job.created)]
+    if newer:
+        st.caption(f"Slice{'s' if len(newer) > 1 else ''} {', '.join(map(str, newer[:12]))}"
+                   f"{' …' if len(newer) > 12 else ''} {'have' if len(newer) > 1 else 'has'} a mask saved since this "
+                   "prediction ran, which its scores do not count: predict again to score against it.")
     if "neurons" in metrics:
         neurons_view(job, volume, metrics["neurons"])
     errors = largest_errors(metrics)

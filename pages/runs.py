@@ -119,7 +119,7 @@ if held:
                 if promoted is not None:
                     st.caption(f"Current default: checkpoint #{promoted}.")
 
-one, compare = st.tabs(["A run", "Compare runs"])
+one, compare = st.tabs(["A run", "Compare runs"], key="runs_tab", on_change="rerun")  # (kept across messages)
 with one:
     run_id = st.selectbox("Run", [r.id for r in shown] or [r.id for r in runs], key="runs_pick",
                           format_func=lambda i: next(f"run {r.id} · {r.status} · {r.preset}"

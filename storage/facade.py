@@ -20,7 +20,7 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.records import Deleted, MaskConflict, UserError
+from domain.records import ChannelsQuestion, Deleted, MaskConflict, UserError
 from storage.auth import access, accounts, audit, users
 from storage.auth.accounts import Actor
 from storage.jobs.supervisor import Supervisor
@@ -83,8 +83,8 @@ def guard(action: str, right: str, kind: str | None = None, *, owned: bool = Fal
                 self._audit(action, what, "refused", str(exc))
                 raise UserError(str(exc)) from None
             except UserError as exc:
-                if record:
-                    self._audit(action, what, "failed", str(exc))
+                if record:  # (a question asked back, e.g. "read these channels as slices?", is no failure)
+                    self._audit(action, what, "asked" if isinstance(exc, ChannelsQuestion) else "failed", str(exc))
                 raise
             except Exception as exc:  # a fault (or a forged argument's type): in the trail too, then as it is
                 self._audit(action, what, "failed", str(exc) if isinstance(exc, MaskConflict)

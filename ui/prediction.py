@@ -66,7 +66,7 @@ def speed(job: PredictionInfo) -> str | None:
     where = f" {DEVICES[job.device]}" if job.device in DEVICES else ""
     slices = f"{done:g} slice{'s' if done != 1 else ''}"
     resumed = " (this attempt; the rest were written before it was resumed)" if round(done) < len(job.slices) else ""
-    pace = f"{rate:.1f} slices per second" if rate >= 1 else f"{1 / max(rate, 1e-9):.1f} s per slice"
+    pace = f"{rate:.1f} slices per second" if rate >= 0.1 else f"{1 / max(rate, 1e-9):.0f} s per slice"
     return f"Predicted {slices} in {seconds:.1f} s{where}: {pace}{resumed}."
 
 
@@ -208,6 +208,8 @@ def metric_rows(metrics: dict[str, Any], trained: set[int] = frozenset(), held: 
     unseen, unseen_mean, seen, seen_mean = split_scores(metrics, trained)
     for label, zs, mean in (("mean, never trained on", unseen, unseen_mean), ("mean, trained on", seen, seen_mean)):
         if zs:
-            rows.append({"slice": label, "the model": f"{len(zs)} slice{'s' if len(zs) > 1 else ''}",
+            scored = sum("rand_f" in metrics["slices"][str(z)] for z in zs)
+            rows.append({"slice": label, "the model": f"{len(zs)} slice{'s' if len(zs) > 1 else ''}" + (
+                         f" (neuron scores: {scored})" if scored != len(zs) else ""),
                          **{METRICS[k]: round(v, 4) for k, v in mean.items() if k in METRICS}})
     return rows

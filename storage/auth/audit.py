@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from storage.models import AuditEvent
 
-OUTCOMES = ("ok", "refused", "failed")
+OUTCOMES = ("ok", "refused", "failed", "asked")  # (asked: the action asked a question back, e.g. channels as slices)
 
 
 @dataclass(frozen=True)

@@ -173,10 +173,13 @@ class AccountsService(Facade):
         """Bytes on disk per dataset and per run (their folders in the store), and what is free."""
         return self._tx(users.disk_use, self.store)
 
-    @guard("empty orphans", "admin", target=lambda *a, **k: "orphans/")
+    @guard("empty orphans", "admin", target=lambda *a, **k: "orphans/", record=False)
     def empty_orphans(self) -> int:
-        """Delete the folders crashes left that no dataset owns (``orphans/``); returns the bytes freed."""
-        return self._tx(lambda s: users.empty_orphans(self.store))
+        """Delete the folders crashes left that no dataset owns (``orphans/``); returns the bytes freed. The trail
+        says how many and how much."""
+        count, freed = self._tx(lambda s: users.empty_orphans(self.store))
+        self._audit("empty orphans", "orphans/", "ok", f"{count} folder{'s' if count != 1 else ''}, {freed:,} bytes")
+        return freed
 
     @looks
     def training_queue(self) -> list[users.QueueRow]:

@@ -163,6 +163,7 @@ class DiskUse:
     total_bytes: int
     free_bytes: int
     orphans_bytes: int = 0  # folders a crash left that no dataset owns (``orphans/``, kept for a look)
+    orphans: tuple[tuple[str, int], ...] = ()  # (name, bytes) of each, largest first
 
 
 def _size(path: Path) -> int:
@@ -180,20 +181,30 @@ def disk_use(session: Session, store: FileStore) -> DiskUse:
     rs = [(r.id, (r.spec or {}).get("preset", "") or r.kind, r.owner.username if r.owner else "",
            _size(store.run_dir(r.id))) for r in session.scalars(select(Run))]
     predictions = _size(store.root / "predictions")
-    orphans = _size(store.root / ORPHANS)
+    left = _orphans(store)
+    orphans = sum(n for _, n in left)
     free = shutil.disk_usage(store.root).free
     return DiskUse(sorted(ds, key=lambda t: -t[3]), sorted(rs, key=lambda t: -t[3]), predictions,
-                   sum(t[3] for t in ds) + sum(t[3] for t in rs) + predictions + orphans, free, orphans)
+                   sum(t[3] for t in ds) + sum(t[3] for t in rs) + predictions + orphans, free, orphans, left)
+
+
+def _orphans(store: FileStore) -> tuple[tuple[str, int], ...]:
+    folder = store.root / ORPHANS
+    if folder.is_symlink() or not folder.is_dir():
+        return ()
+    entries = [(e.name, _size(e) if e.is_dir() and not e.is_symlink() else e.lstat().st_size) for e in folder.iterdir()]
+    return tuple(sorted(entries, key=lambda t: -t[1]))
 
 
 ORPHANS = "orphans"  # (storage.records.datasets moves a crash's leftover folder there)
 
 
-def empty_orphans(store: FileStore) -> int:
-    """Delete what crashes left in ``orphans/`` (no row owns it; an admin has looked); returns the bytes freed.
-    A link there is removed, never followed."""
+def empty_orphans(store: FileStore) -> tuple[int, int]:
+    """Delete what crashes left in ``orphans/`` (no row owns it; an admin has looked); returns (entries, bytes)
+    freed. A link there is removed, never followed."""
     folder = store.root / ORPHANS
-    freed = _size(folder)
+    left = _orphans(store)
+    freed = len(left), sum(n for _, n in left)
     if folder.is_symlink():
         folder.unlink()
     elif folder.is_dir():

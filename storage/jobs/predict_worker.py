@@ -32,7 +32,7 @@ from unet.network.device import pick_device
 from unet.network.threads import usable_cores
 from unet.prediction.blocks import BlockJob, combined_sha256
 from unet.prediction.metrics import SCORING, mean_metrics
-from unet.prediction.schedule import SCHEDULER_ENV, run_blocks
+from unet.prediction.schedule import SCHEDULER_ENV, blocks_written, run_blocks
 from unet.prediction.stitch import link_neurons
 
 log = logging.getLogger(__spec__.name if __spec__ else __name__)  # its real name, run as `python -m` too
@@ -53,14 +53,14 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         return 0
     unwind_on_sigterm()
 
-    def phase(stage: PredictionStage, done: int = 0, total: int = 0) -> None:
+    def phase(stage: PredictionStage, done: int = 0, total: int = 0, check: bool = True) -> None:
         """Tell the page where it is; stop here when it was asked to (:class:`Cancelled`, after a block)."""
         values = {"phase": stage}
         if stage == PredictionStage.PREDICT:
             values |= {"done": done, "total": total}
         with sessions.begin() as s:
             s.execute(update(Prediction).where(Prediction.id == prediction_id).values(**values))
-        if asked():
+        if check and asked():
             raise Cancelled(f"cancelled on request; {kept(stage, done, total)}")
 
     def asked() -> bool:
@@ -109,8 +109,16 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             counts.append((done, total, time.monotonic()))
             phase(PredictionStage.PREDICT, done, total)
 
-        markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
-                             progress=progress, share=share)
+        try:
+            markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
+                                 progress=progress, share=share)
+        except (Cancelled, KeyboardInterrupt) as exc:  # (the workers are stopped by now: count what they wrote)
+            if isinstance(exc, KeyboardInterrupt) and not asked():
+                raise
+            written, total = blocks_written(job, volume.shape[1:])
+            phase(PredictionStage.PREDICT, written, total, check=False)
+            during = "" if isinstance(exc, Cancelled) else ", and stopped during a block"
+            raise Cancelled(f"cancelled on request{during}; {kept(PredictionStage.PREDICT, written, total)}") from None
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
                  for name in job.outputs}
         scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}

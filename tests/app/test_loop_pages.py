@@ -323,12 +323,13 @@ def test_a_prediction_is_cancelled_from_its_page_by_its_owner_only(app_data_dir,
     waiting = recorded()
     viewer = open_page("Predict", "val", "viewer")
     assert viewer.button(key=f"cancel_prediction_{waiting}").disabled  # (and the service refuses it too)
+    assert any("Your role (viewer) can look and export only" in c.value for c in viewer.caption)  # (said, not hovered)
     at = open_page("Predict")
     assert "queued: starting" in " ".join(p.text for p in at.get("progress"))
     at.button(key=f"cancel_prediction_{waiting}").click().run()
     assert not at.exception, at.exception
     assert f"Prediction #{waiting} is cancelled." in texts(at.success)
-    assert f"Prediction #{waiting} was stopped: cancelled before it started" in texts(at.error)
+    assert f"Prediction #{waiting} was stopped: cancelled before it started" in texts(at.warning)
     assert not at.button(key=f"resume_prediction_{waiting}").disabled
 
     # a running one's process: a stand-in that never reports (the supervisors see a live process)

@@ -171,6 +171,8 @@ def test_a_grey_stack_saved_as_channels_can_be_read_as_slices(app_data_dir, synt
     at.button(key="channels_as_z").click().run()
     assert "Stored **three**: 3 × 96 × 96 uint8." in texts(at.success)
     assert np.array_equal(stored.volume(stored.datasets()[-1].id), three)
+    # the question is in the audit trail as asked, not as a failed upload
+    assert [r.outcome for r in stored.audit_trail(action="upload")] == ["ok", "asked", "ok", "asked"]
 
 
 def test_upload_then_browse_rename_and_delete(app_data_dir, synthetic):
@@ -439,6 +441,10 @@ def test_the_admin_page_shows_what_crashes_left_and_deletes_it(app_data_dir):
     at = app(user="boss", role="admin")
     at.switch_page("pages/admin.py").run()
     assert any("4.0 KB** in `orphans/`" in w.value for w in at.warning), [w.value for w in at.warning]
+    listed = next(d.value for d in at.dataframe if "in orphans/" in d.value.columns)
+    assert list(listed["in orphans/"]) == ["dataset-1-00000000"]
+    assert at.button(key="empty_orphans").disabled  # (asked first)
+    at.checkbox(key="orphans_sure").check().run()
     at.button(key="empty_orphans").click().run()
     assert not at.exception, at.exception
     assert any("Deleted what crashes left: 4.0 KB freed." in s.value for s in at.success)

@@ -339,6 +339,7 @@ def test_an_admin_sees_and_deletes_what_crashes_left_no_one_else_can(svc, tmp_pa
     (svc.store.root / "orphans" / "link").symlink_to(outside)
     use = svc.acting_as(boss).disk_use()
     assert use.orphans_bytes >= 5000 and use.total_bytes >= use.orphans_bytes
+    assert [name for name, _ in use.orphans] == ["dataset-3-0a1b2c3d", "link"]
     with pytest.raises(UserError, match="cannot manage users"):
         svc.acting_as(ann).empty_orphans()
     assert left.is_dir()
@@ -346,6 +347,7 @@ def test_an_admin_sees_and_deletes_what_crashes_left_no_one_else_can(svc, tmp_pa
     assert list((svc.store.root / "orphans").iterdir()) == [] and (outside / "precious").is_file()
     assert svc.acting_as(boss).disk_use().orphans_bytes == 0
     assert ("boss", "empty orphans", "orphans/", "ok") in trail(svc, action="empty orphans")
+    assert svc.audit_trail(action="empty orphans", outcome="ok")[0].detail.startswith("2 folders, ")
 
 
 def test_an_admin_who_forgot_the_password_gets_a_one_time_one_from_the_server_shell(svc, tmp_path):

@@ -1,5 +1,6 @@
 """Background training with real worker subprocesses on a real SQLite file."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -455,8 +456,10 @@ def test_a_predictions_speed_counts_only_the_slices_this_attempt_predicted():
     job = PredictionInfo(1, 1, 1, 1, [0, 1, 2], RunStatus.FINISHED, 6, None,
                          {"timing": {"slices": 2.0, "seconds": 8.0, "slices_per_s": 0.25}}, datetime.now(UTC),
                          device="cpu")
-    assert speed(job) == ("Predicted 2 slices in 8.0 s on the CPU: 4.0 s per slice (this attempt; the rest were "
-                          "written before it was resumed).")
+    assert speed(job) == ("Predicted 2 slices in 8.0 s on the CPU: 0.2 slices per second (this attempt; the rest "
+                          "were written before it was resumed).")
+    slow = dataclasses.replace(job, metrics={"timing": {"slices": 2.0, "seconds": 40.0, "slices_per_s": 0.05}})
+    assert speed(slow).startswith("Predicted 2 slices in 40.0 s on the CPU: 20 s per slice")  # (below 0.1 per second)
     fast = PredictionInfo(1, 1, 1, 1, list(range(600)), RunStatus.FINISHED, 600, None,
                           {"timing": {"slices": 600, "seconds": 2.0, "slices_per_s": 300.0}}, datetime.now(UTC),
                           device="cuda")

@@ -54,6 +54,17 @@ def _target_part(target: np.ndarray | None, block: Block) -> np.ndarray | None:
     return np.ascontiguousarray(target[block.rows[0]:block.rows[1], block.cols[0]:block.cols[1]])
 
 
+def blocks_written(job: BlockJob, shape: tuple[int, int]) -> tuple[int, int]:
+    """(blocks written, blocks in all) as the output folder says: what a stopped prediction keeps (blocks that
+    were in flight on other workers when it stopped count once their marker is there)."""
+    shape = (int(shape[0]), int(shape[1]))
+    blocks = plan(job, shape)
+    done = finished_blocks(job)
+    written = sum(len(b) if i in done else sum(marker_path(job, x.key).is_file() for x in b)
+                  for i, b in blocks.items())
+    return written, sum(len(b) for b in blocks.values())
+
+
 def run_blocks(job: BlockJob, shape: tuple[int, int], *, targets: Mapping[int, np.ndarray] | None = None,
                progress: Progress | None = None, pixel_size_nm: float | None = None,
                scheduler: str | None = None, workers: int | None = None,
