@@ -36,12 +36,17 @@ def row_or_missing(session: Session, model: type[Row], ident: int, what: str) ->
 ROLES = ("admin", "annotator", "viewer")
 
 
+#: An id is never handed out again once its row is deleted (SQLite reuses the largest otherwise; migration 0019): names
+#: on disk and the audit trail refer to rows by id.
+NEVER_REUSED = {"sqlite_autoincrement": True}
+
+
 class User(Base):
     """Who signs in: a local account (an argon2id hash of its password) or one made at the first single
     sign-on of an identity (``oidc_issuer`` + ``oidc_subject``); the same row either way."""
 
     __tablename__ = "users"
-    __table_args__ = (UniqueConstraint("oidc_issuer", "oidc_subject", name="uq_user_oidc"),)
+    __table_args__ = (UniqueConstraint("oidc_issuer", "oidc_subject", name="uq_user_oidc"), NEVER_REUSED)
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
     display_name: Mapped[str] = mapped_column(String(200), default="")
@@ -103,6 +108,7 @@ class AuditEvent(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    __table_args__ = (NEVER_REUSED,)
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     z: Mapped[int]
@@ -131,7 +137,7 @@ class Dataset(Base):
 
 class MaskVersion(Base):
     __tablename__ = "mask_versions"
-    __table_args__ = (UniqueConstraint("dataset_id", "slice_index", "version", name="uq_mask_version"),)
+    __table_args__ = (UniqueConstraint("dataset_id", "slice_index", "version", name="uq_mask_version"), NEVER_REUSED)
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
     slice_index: Mapped[int]
@@ -176,6 +182,7 @@ class Run(Base):
         # one training run at a time per device, enforced by the database itself
         Index("uq_one_running_per_device", "device", unique=True,
               sqlite_where=text("status = 'RUNNING'"), postgresql_where=text("status = 'RUNNING'")),
+        NEVER_REUSED,
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default=RunStatus.QUEUED.value, index=True)
@@ -228,6 +235,7 @@ class Metric(Base):
 
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
+    __table_args__ = (NEVER_REUSED,)
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     step: Mapped[int]
@@ -242,6 +250,7 @@ class Checkpoint(Base):
 
 class Prediction(Base):
     __tablename__ = "predictions"
+    __table_args__ = (NEVER_REUSED,)
     id: Mapped[int] = mapped_column(primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)

@@ -77,3 +77,25 @@ def test_a_predictions_progress_becomes_numbers_and_the_page_reads_them(database
     assert progress(job) == (5 / 24, "5 of 24 blocks written (a block is a slice, or a tile of a large slice)")
     assert progress(PredictionInfo(1, 1, 1, 1, [0], RunStatus.RUNNING, 0, None, None, datetime.now(UTC),
                                    stage=PredictionStage.LINKING))[0] == 0.99
+
+
+def test_a_deleted_rows_id_is_never_handed_out_again(database_url):
+    """0019: SQLite handed the largest id out again once its row was deleted (the audit trail's "prediction 2"
+    then meant two predictions); its tables are AUTOINCREMENT now, rows kept, as PostgreSQL's sequences are."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    engine = make_engine(database_url)
+    upgrade(engine, "0018")
+    insert = text("INSERT INTO datasets (name, z, y, x, dtype, source_name, sha256, size_bytes, created, notes, "
+                  "volume_format) VALUES (:n, 2, 8, 8, 'uint8', 'd.tif', 'x', 1, :t, '', 'ome-zarr')")
+    with engine.begin() as conn:
+        for name in ("a", "b"):
+            conn.execute(insert, {"n": name, "t": datetime.now(UTC)})
+    upgrade(engine)
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT id, name FROM datasets ORDER BY id")).all() == [(1, "a"), (2, "b")]
+        conn.execute(text("DELETE FROM datasets WHERE id = 2"))
+        conn.execute(insert, {"n": "c", "t": datetime.now(UTC)})
+        assert conn.execute(text("SELECT id FROM datasets WHERE name = 'c'")).scalar() == 3
