@@ -773,15 +773,18 @@ def test_bad_ome_xml_in_a_tiff_is_a_clear_refusal(svc):
 
 def test_a_folder_left_by_a_crash_does_not_break_the_next_upload(svc):
     first = svc.import_upload(Upload("a.tif", _tiff(np.zeros((2, 16, 16), np.uint8))))
-    svc.delete_dataset(first.id)  # SQLite hands the highest id out again…
-    leftover = svc.store.root / "datasets" / str(first.id)
-    (leftover / "volume.ome.zarr").mkdir(parents=True)  # …while a crashed upload left its folder
+    # a crashed upload took the next id, moved its folder in and never committed: the id is handed out again
+    # (a rolled-back insert does not use it up), and its folder is there
+    leftover = svc.store.root / "datasets" / str(first.id + 1)
+    (leftover / "volume.ome.zarr").mkdir(parents=True)
     (leftover / "volume.ome.zarr" / "zarr.json").write_text(json.dumps({"left": "behind"}))
     data = np.random.default_rng(2).integers(0, 255, (4, 16, 16), dtype=np.uint8)
     second = svc.import_upload(Upload("b.tif", _tiff(data, photometric="minisblack")))
-    assert second.id == first.id
+    assert second.id == first.id + 1
     np.testing.assert_array_equal(svc.volume(second.id)[...], data)
-    assert [p.name.split("-")[:2] for p in (svc.store.root / "orphans").iterdir()] == [["dataset", str(first.id)]]
+    assert [p.name.split("-")[:2] for p in (svc.store.root / "orphans").iterdir()] == [["dataset", str(second.id)]]
+    svc.delete_dataset(second.id)  # a deleted dataset's id is not handed out again (migration 0019)
+    assert svc.import_upload(Upload("c.tif", _tiff(data, photometric="minisblack"))).id == second.id + 1
 
 
 def test_spool_files_left_by_a_killed_server_go_at_the_next_start(svc, tmp_path):
