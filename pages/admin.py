@@ -131,14 +131,15 @@ with disk_tab:
     d2.markdown("**Runs**")
     d2.dataframe([{"run": f"#{i} {what}", "owner": owner or "—", "on disk": _size(n)}
                   for i, what, owner, n in use.runs], hide_index=True, width="stretch")
-    if use.orphans_bytes:
+    if use.orphans:
         st.warning(f"**{_size(use.orphans_bytes)}** in `orphans/`: what crashes left while a stack was stored, "
                    "which no dataset owns (kept in the data folder for a look).", icon=":material/folder_off:")
         st.dataframe([{"in orphans/": name, "on disk": _size(n)} for name, n in use.orphans], hide_index=True,
                      key="orphans_list")
         sure = st.checkbox(f"Yes, delete these {len(use.orphans)}", key="orphans_sure")
         if st.button("Delete what crashes left", key="empty_orphans", disabled=not sure):
-            attempt(svc.empty_orphans, lambda freed: f"Deleted what crashes left: {_size(freed)} freed.")
+            attempt(lambda: svc.empty_orphans([name for name, _ in use.orphans]),  # (what was shown, no more)
+                    lambda freed: f"Deleted what crashes left: {_size(freed)} freed.")
 
 with queue_tab:
     queue = svc.training_queue()

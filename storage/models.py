@@ -99,7 +99,7 @@ class AuditEvent(Base):
     username: Mapped[str] = mapped_column(String(64), default="")
     action: Mapped[str] = mapped_column(String(32), index=True)
     target: Mapped[str] = mapped_column(String(120), default="")  # "dataset 3", "run 7", "user bob"
-    outcome: Mapped[str] = mapped_column(String(16), default="ok")  # ok | refused | failed
+    outcome: Mapped[str] = mapped_column(String(16), default="ok")  # ok | refused | failed | asked
     detail: Mapped[str] = mapped_column(Text, default="")
     address: Mapped[str] = mapped_column(String(64), default="")
 

@@ -174,10 +174,10 @@ class AccountsService(Facade):
         return self._tx(users.disk_use, self.store)
 
     @guard("empty orphans", "admin", target=lambda *a, **k: "orphans/", record=False)
-    def empty_orphans(self) -> int:
-        """Delete the folders crashes left that no dataset owns (``orphans/``); returns the bytes freed. The trail
-        says how many and how much."""
-        count, freed = self._tx(lambda s: users.empty_orphans(self.store))
+    def empty_orphans(self, names: list[str] | None = None) -> int:
+        """Delete the folders crashes left that no dataset owns (``orphans/``): those named (what the admin was
+        shown; None: all); returns the bytes freed. The trail says how many and how much."""
+        count, freed = self._tx(lambda s: users.empty_orphans(self.store, names))
         self._audit("empty orphans", "orphans/", "ok", f"{count} folder{'s' if count != 1 else ''}, {freed:,} bytes")
         return freed
 

@@ -192,25 +192,30 @@ def _orphans(store: FileStore) -> tuple[tuple[str, int], ...]:
     folder = store.root / ORPHANS
     if folder.is_symlink() or not folder.is_dir():
         return ()
-    entries = [(e.name, _size(e) if e.is_dir() and not e.is_symlink() else e.lstat().st_size) for e in folder.iterdir()]
+    entries = []
+    for entry in folder.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # (gone meanwhile: another admin deleted it)
+            entries.append((entry.name, _size(entry) if entry.is_dir() and not entry.is_symlink()
+                            else entry.lstat().st_size))
     return tuple(sorted(entries, key=lambda t: -t[1]))
 
 
 ORPHANS = "orphans"  # (storage.records.datasets moves a crash's leftover folder there)
 
 
-def empty_orphans(store: FileStore) -> tuple[int, int]:
-    """Delete what crashes left in ``orphans/`` (no row owns it; an admin has looked); returns (entries, bytes)
-    freed. A link there is removed, never followed."""
+def empty_orphans(store: FileStore, names: list[str] | None = None) -> tuple[int, int]:
+    """Delete what crashes left in ``orphans/`` (no row owns it; an admin has looked): the entries ``names``
+    (what the admin was shown; None: all); returns (entries, bytes) freed. A link there is removed, never
+    followed; an entry gone meanwhile is skipped."""
     folder = store.root / ORPHANS
-    left = _orphans(store)
-    freed = len(left), sum(n for _, n in left)
-    if folder.is_symlink():
-        folder.unlink()
-    elif folder.is_dir():
-        for entry in folder.iterdir():
+    chosen = [(name, n) for name, n in _orphans(store) if names is None or name in set(names)]
+    if folder.is_symlink() or not folder.is_dir():
+        return 0, 0
+    for name, _ in chosen:
+        entry = folder / name
+        with contextlib.suppress(FileNotFoundError):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-    return freed
+    return len(chosen), sum(n for _, n in chosen)

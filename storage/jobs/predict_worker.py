@@ -8,8 +8,10 @@ with the training worker)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from functools import partial
@@ -63,9 +65,15 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         if check and asked():
             raise Cancelled(f"cancelled on request; {kept(stage, done, total)}")
 
-    def asked() -> bool:
-        with sessions.begin() as s:
-            return s.scalar(select(Prediction.cancel_requested).where(Prediction.id == prediction_id)) is not None
+    def asked(default: bool | None = None) -> bool:
+        """Whether a cancel was asked for (``default``, when given, where the store cannot say now)."""
+        try:
+            with sessions.begin() as s:
+                return s.scalar(select(Prediction.cancel_requested).where(Prediction.id == prediction_id)) is not None
+        except Exception:
+            if default is None:
+                raise
+            return default
 
     def kept(stage: str, done: int, total: int) -> str:
         if stage == PredictionStage.LINKING:
@@ -113,12 +121,17 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             markers = run_blocks(job, volume.shape[1:], targets=targets, pixel_size_nm=dataset.pixel_size_nm,
                                  progress=progress, share=share)
         except (Cancelled, KeyboardInterrupt) as exc:  # (the workers are stopped by now: count what they wrote)
-            if isinstance(exc, KeyboardInterrupt) and not asked():
+            if isinstance(exc, KeyboardInterrupt) and not asked(default=False):
                 raise
-            written, total = blocks_written(job, volume.shape[1:])
-            phase(PredictionStage.PREDICT, written, total, check=False)
+            quiet()
+            try:
+                written, total = blocks_written(job, volume.shape[1:])
+                phase(PredictionStage.PREDICT, written, total, check=False)
+                what = kept(PredictionStage.PREDICT, written, total)
+            except Exception:  # (the count is only a message: the one last stored says it, if less well)
+                what = stored_kept()
             during = "" if isinstance(exc, Cancelled) else ", and stopped during a block"
-            raise Cancelled(f"cancelled on request{during}; {kept(PredictionStage.PREDICT, written, total)}") from None
+            raise Cancelled(f"cancelled on request{during}; {what}") from None
         files = {name: {"file": store.prediction_output(prediction_id, name), "sha256": combined_sha256(markers, name)}
                  for name in job.outputs}
         scores = {str(m["slice"]): m["scores"] for m in markers.values() if m["scores"] is not None}
@@ -141,16 +154,28 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
             row.files, row.metrics = files, metrics or None
         log.info(f"prediction {prediction_id}: finished ({len(markers)} blocks)")
 
+    def stored_kept() -> str:
+        try:
+            with sessions.begin() as s:
+                row = s.get(Prediction, prediction_id)
+                return kept(row.phase or "", row.done or 0, row.total or 0)
+        except Exception:
+            return "the blocks written are kept"
+
+    def quiet() -> None:
+        """Stopping now: the supervisor's further SIGTERMs (one a tick until it kills) must not cut the count and
+        the last write short."""
+        with contextlib.suppress(ValueError):  # (not the main thread: nothing to do)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def stoppable(outcome: Outcome) -> None:
         try:
             body(outcome)
         except KeyboardInterrupt:  # the supervisor's SIGTERM after a cancel its block did not reach in time
-            if not asked():
+            if not asked(default=False):
                 raise
-            with sessions.begin() as s:
-                row = s.get(Prediction, prediction_id)
-                stage, done, total = row.phase or "", row.done or 0, row.total or 0
-            raise Cancelled(f"cancelled on request, and stopped during a block; {kept(stage, done, total)}") from None
+            quiet()
+            raise Cancelled(f"cancelled on request, and stopped during a block; {stored_kept()}") from None
 
     return run_to_end(sessions, Prediction, prediction_id, stoppable)
 

@@ -91,11 +91,15 @@ def test_a_deleted_rows_id_is_never_handed_out_again(database_url):
     insert = text("INSERT INTO datasets (name, z, y, x, dtype, source_name, sha256, size_bytes, created, notes, "
                   "volume_format) VALUES (:n, 2, 8, 8, 'uint8', 'd.tif', 'x', 1, :t, '', 'ome-zarr')")
     with engine.begin() as conn:
-        for name in ("a", "b"):
+        for name in ("a", "b", "gone"):
             conn.execute(insert, {"n": name, "t": datetime.now(UTC)})
+        conn.execute(text("DELETE FROM datasets WHERE name = 'gone'"))  # before 0019: the trail still names it
+        conn.execute(text("INSERT INTO audit (time, username, action, target, outcome, detail, address) VALUES "
+                          "(:t, 'ann', 'delete', 'dataset 3', 'ok', '', '')"), {"t": datetime.now(UTC)})
     upgrade(engine)
     with engine.begin() as conn:
         assert conn.execute(text("SELECT id, name FROM datasets ORDER BY id")).all() == [(1, "a"), (2, "b")]
         conn.execute(text("DELETE FROM datasets WHERE id = 2"))
         conn.execute(insert, {"n": "c", "t": datetime.now(UTC)})
-        assert conn.execute(text("SELECT id FROM datasets WHERE name = 'c'")).scalar() == 3
+        # neither 2 (deleted now) nor 3 (deleted before, named by the trail) again
+        assert conn.execute(text("SELECT id FROM datasets WHERE name = 'c'")).scalar() == 4
