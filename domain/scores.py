@@ -31,7 +31,7 @@ class Score:
     worse_than_best: list[str]
     slices: tuple[int, ...] = ()  # the held-out slices this score is measured on
     seen: tuple[int, ...] = ()  # held-out slices left out: the run or a run it descends from trained on them
-    decides: str = DECIDES  # the metric that chose the best run
+    decides: str = DECIDES  # the metric that chose the best run (pixel error where no run had DECIDES)
 
     @property
     def honest(self) -> bool:

@@ -39,6 +39,7 @@ from ui.prediction import (
     scoring_note,
     sections,
     seen_word,
+    slices_words,
     split_scores,
 )
 from ui.prediction import progress as job_progress
@@ -243,9 +244,6 @@ def viewer(job) -> int:
         held = set(frozen.slices) if frozen else set()
         unseen, unseen_mean, seen, seen_mean = split_scores(metrics, trained)
 
-        def slices_words(zs: list[int]) -> str:
-            return f"slice{'s' if len(zs) > 1 else ''} {', '.join(map(str, zs[:12]))}{' …' if len(zs) > 12 else ''}"
-
         elsewhere = svc.trained_elsewhere(job.checkpoint_id, dataset_id)
         if elsewhere:  # (an imported model, the starter on its own stack: "never trained on" is not known)
             st.warning(f"This model {elsewhere}. The scores below may flatter it: label a slice of a stack it "
@@ -288,9 +286,8 @@ def viewer(job) -> int:
     newer = [z for z in job.slices if z in kinds and kinds[z].labelled_pixels > 0
              and aware(kinds[z].created) > aware(job.created)]
     if newer:
-        st.caption(f"Slice{'s' if len(newer) > 1 else ''} {', '.join(map(str, newer[:12]))}"
-                   f"{' …' if len(newer) > 12 else ''} {'have' if len(newer) > 1 else 'has'} a mask saved since this "
-                   "prediction ran, which its scores do not count: predict again to score against it.")
+        st.caption(f"{slices_words(newer, 'have').capitalize()} a mask saved since this prediction ran, which its "
+                   "scores do not count: predict again to score against it.")
     if "neurons" in metrics:
         neurons_view(job, volume, metrics["neurons"])
     errors = largest_errors(metrics)

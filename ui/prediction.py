@@ -177,6 +177,14 @@ def split_scores(metrics: dict[str, Any], trained: set[int]) -> tuple[list[int],
     return unseen, mean(unseen), seen, mean(seen)
 
 
+def slices_words(zs: list[int], verb: str = "") -> str:
+    """ "slices 1, 2, 5" (the first 12), "slice 3"; with ``verb`` ("have"), its form for that many ("has")."""
+    listed = f"slice{'s' if len(zs) > 1 else ''} {', '.join(map(str, zs[:12]))}{' …' if len(zs) > 12 else ''}"
+    if not verb:
+        return listed
+    return f"{listed} {verb if len(zs) > 1 else {'have': 'has'}.get(verb, verb)}"
+
+
 def scoring_note(metrics: dict[str, Any]) -> str:
     """What the instance scores count, and the slices that have none (too few neurons outlined whole)."""
     if metrics.get("scoring", 1) != SCORING:
@@ -189,10 +197,8 @@ def scoring_note(metrics: dict[str, Any]) -> str:
             "V_info are ISBI 2012's: at the one threshold best for those slices together (each slice's row: its "
             "own best).")
     if bare:
-        many = len(bare) > 1
-        note += (f" Slice{'s' if many else ''} {', '.join(map(str, bare[:12]))}{' …' if len(bare) > 12 else ''} "
-                 f"{'have' if many else 'has'} pixel scores only: outline two neurons whole (membrane all round) to "
-                 "score the neurons there.")
+        note += (f" {slices_words(bare, 'have').capitalize()} pixel scores only: outline two neurons whole (membrane "
+                 "all round) to score the neurons there.")
     return note
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from domain.kinds import CheckpointKind, RunKind
 from domain.records import CheckpointInfo, RunInfo, RunProgress
-from domain.scores import HeldOut, Score
+from domain.scores import DECIDES, HeldOut, Score
 from unet.network.config import PRESETS, TrainConfig, preset
 
 PRESET_NOTES = {
@@ -138,13 +138,6 @@ def seen_words(frozen: HeldOut) -> str:
             "slices out, and they are not compared for the best.")
 
 
-def decided_by(score: Score) -> str:
-    """The metric that chose the best run: the deciding one, or pixel error where no slice had the deciding one
-    (too few whole neurons; :func:`storage.records.heldout._rank` does the same)."""
-    value = score.metrics.get(score.decides)
-    return score.decides if isinstance(value, int | float) and value == value else "pixel_error"
-
-
 def score_summary(scores: list[Score], name: Callable[[int], str]) -> str:
     """The held-out table in a sentence or two (Markdown): which run is best, by which metric, on which
     slices, and which runs were left out of the choice because they trained on a held-out slice."""
@@ -154,13 +147,13 @@ def score_summary(scores: list[Score], name: Callable[[int], str]) -> str:
     best = next((s for s in scores if s.best_run_id == s.run_id), None)
     parts = []
     if best is not None:
-        by = decided_by(best)
+        by = best.decides
         value = best.metrics.get(by)
         figure = f"{labels[by]} {value:.4f} " if value is not None else ""
         parts.append(f"★ **Best by {labels[by]}: {name(best.run_id)}** ({figure}on held-out slices "
                      f"{', '.join(map(str, best.slices))}, none of which it trained on)."
-                     + (f" No held-out slice outlines two neurons whole, so {labels[best.decides]} could not "
-                        "decide." if by != best.decides else ""))
+                     + (f" No held-out slice outlines two neurons whole, so {labels[DECIDES]} could not "
+                        "decide." if by != DECIDES else ""))
     else:
         parts.append("No run is marked best: every scored run trained on a held-out slice.")
     tainted = [s for s in scores if s.seen]
@@ -191,7 +184,7 @@ def score_rows(scores: list[Score], name: Callable[[int], str]) -> list[dict[str
         if s.worse_than_best:
             flags.append(f"▼ below the best ({name(s.best_run_id)})")
         if s.best_run_id == s.run_id:
-            flags.append(f"★ best by {dict(SCORE_KEYS)[decided_by(s)]}")
+            flags.append(f"★ best by {dict(SCORE_KEYS)[s.decides]}")
         if s.seen:
             flags.append("saw " + ("every held-out slice: no score" if not s.slices else
                                    "some held-out slices: not compared for the best"))

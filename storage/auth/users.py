@@ -207,12 +207,10 @@ def empty_orphans(store: FileStore, names: list[str] | None = None) -> tuple[int
     """Delete what crashes left in ``orphans/`` (no row owns it; an admin has looked): the entries ``names``
     (what the admin was shown; None: all); returns (entries, bytes) freed. A link there is removed, never
     followed; an entry gone meanwhile is skipped."""
-    folder = store.root / ORPHANS
-    chosen = [(name, n) for name, n in _orphans(store) if names is None or name in set(names)]
-    if folder.is_symlink() or not folder.is_dir():
-        return 0, 0
-    for name, _ in chosen:
-        entry = folder / name
+    wanted = None if names is None else set(names)
+    chosen = [(name, n) for name, n in _orphans(store) if wanted is None or name in wanted]
+    for name, _ in chosen:  # (none when orphans/ is a link or a file: _orphans lists nothing then)
+        entry = store.root / ORPHANS / name
         with contextlib.suppress(FileNotFoundError):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)

@@ -60,9 +60,11 @@ def run_prediction(prediction_id: int, settings: Settings) -> int:
         values = {"phase": stage}
         if stage == PredictionStage.PREDICT:
             values |= {"done": done, "total": total}
-        with sessions.begin() as s:
+        with sessions.begin() as s:  # (and, in the same transaction, whether it was asked to stop)
             s.execute(update(Prediction).where(Prediction.id == prediction_id).values(**values))
-        if check and asked():
+            stop = check and s.scalar(select(Prediction.cancel_requested)
+                                      .where(Prediction.id == prediction_id)) is not None
+        if stop:
             raise Cancelled(f"cancelled on request; {kept(stage, done, total)}")
 
     def asked(default: bool | None = None) -> bool:

@@ -226,11 +226,9 @@ def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale:
                 done.signalled.append((run.id, "SIGTERM"))
             done.lost.append(run.id)
         elif cancelled is not None and now - cancelled > cancel_grace and run.pid:
-            warned = sent.get((run.id, run.pid)) if sigterm_sent is not None else cancelled + cancel_grace
-            kill = warned is not None and now - warned > cancel_grace
-            terminate(run.pid, signal.SIGKILL if kill else signal.SIGTERM)
-            sent.setdefault((run.id, run.pid), now)  # per worker: a resumed run's next worker is warned anew
-            done.signalled.append((run.id, "SIGKILL" if kill else "SIGTERM"))
+            # (per worker: a resumed run's next worker is warned anew)
+            done.signalled.append((run.id, _stop_unheeded(run.pid, (run.id, run.pid), cancelled, now, sent,
+                                                          sigterm_sent is not None, cancel_grace)))
     for row in session.scalars(select(Prediction).where(Prediction.status.in_(ACTIVE))):
         cancelled = aware(row.cancel_requested)
         key = ("prediction", row.id, row.pid)
@@ -243,13 +241,22 @@ def reconcile(session: Session, now: datetime | None = None, *, heartbeat_stale:
                 row.error = f"the prediction process (pid {row.pid}) stopped before it finished; start it again"
                 done.failed_predictions.append(row.id)
         elif cancelled is not None and now - cancelled > cancel_grace and row.pid:  # (a block that takes long)
-            warned = sent.get(key) if sigterm_sent is not None else cancelled + cancel_grace
-            kill = warned is not None and now - warned > cancel_grace
-            terminate(row.pid, signal.SIGKILL if kill else signal.SIGTERM)
-            sent.setdefault(key, now)
-            done.signalled_predictions.append((row.id, "SIGKILL" if kill else "SIGTERM"))
+            done.signalled_predictions.append((row.id, _stop_unheeded(row.pid, key, cancelled, now, sent,
+                                                                      sigterm_sent is not None, cancel_grace)))
     session.flush()
     return done
+
+
+def _stop_unheeded(pid: int, key: tuple, cancelled: datetime, now: datetime, sent: dict, remembered: bool,
+                   grace: timedelta) -> str:
+    """SIGTERM a job's process that ignores a cancel, SIGKILL it ``grace`` after the first SIGTERM (``sent``
+    remembers when, by ``key``; not ``remembered`` between calls: twice the grace after the cancel). Returns
+    the signal's name."""
+    warned = sent.get(key) if remembered else cancelled + grace
+    kill = warned is not None and now - warned > grace
+    terminate(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    sent.setdefault(key, now)
+    return "SIGKILL" if kill else "SIGTERM"
 
 
 def terminate(pid: int, sig: int = signal.SIGTERM) -> None:

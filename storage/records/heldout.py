@@ -288,6 +288,8 @@ def scores(session: Session, dataset_id: int) -> list[Score]:
     full = {i: m for i in per_slice if i in finished and not seen[i]
             and (m := _mean_on(per_slice[i], frozen.slices)) is not None}
     best_id = max(full, key=lambda i: _rank(full[i]), default=None)
+    # (no run has the deciding metric: pixel error chose)
+    decides = DECIDES if best_id is None or _rank(full[best_id])[0] != -math.inf else "pixel_error"
     out = []
     for run in runs:
         if run.id not in per_slice:
@@ -300,7 +302,7 @@ def scores(session: Session, dataset_id: int) -> list[Score]:
                 else None)
         out.append(Score(run.id, dataset_id, frozen.version, metrics, parent_metrics, best,
                          best_id, worse(metrics, parent_metrics), worse(metrics, best), tuple(slices),
-                         tuple(seen[run.id])))
+                         tuple(seen[run.id]), decides))
     return out
 
 

@@ -215,3 +215,14 @@ def test_a_model_trained_outside_the_store_is_never_said_to_be_measured_on_unsee
         assert "ISBI 2012" in svc.trained_elsewhere(model, isbi) and svc.trained_elsewhere(model, ours) == ""
     assert svc.trained_elsewhere(own, ours) == "" == svc.trained_elsewhere(own, isbi)
     svc.close()
+
+
+def test_where_no_held_out_slice_has_two_whole_neurons_pixel_error_picks_the_best_and_says_so():
+    from domain.scores import Score
+    from ui.training import score_rows, score_summary
+
+    best = Score(1, 1, 1, {"pixel_error": 0.1}, None, None, 1, [], [], (3,), (), decides="pixel_error")
+    summary = score_summary([best], lambda i: f"run {i}")
+    assert "Best by pixel error: run 1** (pixel error 0.1000 on held-out slices 3" in summary
+    assert "could not decide" in summary and "Rand-F" in summary
+    assert "★ best by pixel error" in score_rows([best], lambda i: f"run {i}")[0]["flag"]

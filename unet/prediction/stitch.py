@@ -132,31 +132,34 @@ def stitch(job: BlockJob, index: int, shape: tuple[int, int], *_tiles: Any) -> d
     (folder / f"{index}.stats.json").unlink(missing_ok=True)
     return record
 
+
 def tile_scores(scored: list[dict[str, Any]]) -> dict[str, Any] | None:
     """A tiled slice's scores from its tiles' (each weighted by its labelled pixels): each score over the tiles
     that have it (a tile whose labels hold too few whole neurons has pixel scores only, and its NaN no longer
     spoils the slice's), the ISBI curves threshold by threshold. None when no tile was scored."""
     if not scored:
         return None
-    scores: dict[str, Any] = {}
+    weights = np.array([r["labelled"] for r in scored], np.float64)
+
+    def mean(table: list[list[float]]) -> np.ndarray:  # per column, over the tiles with a finite value
+        values = np.array(table, np.float64)
+        use = weights[:, None] * np.isfinite(values)
+        total = use.sum(axis=0)
+        return np.where(total > 0, (np.where(use > 0, values, 0.0) * use).sum(axis=0) / np.maximum(total, 1e-300),
+                        np.nan)
+
+    def scalar(record: dict[str, Any], key: str) -> float:
+        value = record["scores"].get(key)
+        return value if isinstance(value, int | float) else np.nan
+
     keys = sorted({k for r in scored for k, v in r["scores"].items() if isinstance(v, int | float)})
-    for k in keys:
-        pairs = [(float(r["scores"][k]), r["labelled"]) for r in scored
-                 if isinstance(r["scores"].get(k), int | float) and np.isfinite(r["scores"][k])]
-        if pairs and sum(w for _, w in pairs) > 0:
-            scores[k] = float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs]))
-    curves = [(r["scores"]["isbi_curve"], r["labelled"]) for r in scored
-              if isinstance(r["scores"].get("isbi_curve"), dict)]
-    if curves:
-        scores["isbi_curve"] = {}
-        for key in ("v_rand", "v_info"):
-            table = np.array([c[key] for c, _ in curves], np.float64)
-            finite = np.isfinite(table)
-            weights = np.array([w for _, w in curves], np.float64)[:, None] * finite
-            total = weights.sum(axis=0)
-            summed = (np.where(finite, table, 0.0) * weights).sum(axis=0)
-            scores["isbi_curve"][key] = [float(v / t) if t > 0 else float("nan")
-                                         for v, t in zip(summed, total, strict=True)]
+    means = mean([[scalar(r, k) for k in keys] for r in scored]) if keys else []
+    scores: dict[str, Any] = {k: float(v) for k, v in zip(keys, means, strict=True) if np.isfinite(v)}
+    curves = [r["scores"].get("isbi_curve") for r in scored]
+    if any(isinstance(c, dict) for c in curves):
+        blank = [np.nan] * len(next(c for c in curves if isinstance(c, dict))["v_rand"])
+        scores["isbi_curve"] = {key: [float(v) for v in mean([c[key] if isinstance(c, dict) else blank
+                                                              for c in curves])] for key in ("v_rand", "v_info")}
     return scores
 
 
