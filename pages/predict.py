@@ -109,6 +109,8 @@ if not predictions:
     st.stop()
 ids = [p.id for p in reversed(predictions)]
 wanted = st.session_state.get(PREDICTION)  # the one just started, or the one the user picked
+if wanted not in ids:  # else the URL's (a reload, a bookmark), else the newest
+    wanted = next((i for i in ids if str(i) == st.query_params.get("prediction")), None)
 pick_key = f"pick_{dataset_id}"
 if st.session_state.get(pick_key) != (wanted if wanted in ids else ids[0]):  # only then (an open menu stays)
     st.session_state[pick_key] = wanted if wanted in ids else ids[0]
@@ -131,6 +133,8 @@ pick = st.selectbox("Prediction", ids, key=pick_key, on_change=_picked,
                                                + (f" · {DEVICES.get(p.device, p.device)}" if p.device else "")
                                                for p in predictions if p.id == i))
 st.session_state[PREDICTION] = pick
+if st.query_params.get("prediction") != str(pick):  # in the URL too: a reload opens this prediction
+    st.query_params["prediction"] = str(pick)
 
 
 def progress(prediction_id: int, was_active: bool) -> None:

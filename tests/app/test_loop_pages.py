@@ -348,3 +348,28 @@ def test_a_prediction_is_cancelled_from_its_page_by_its_owner_only(app_data_dir,
         os.killpg(busy.pid, signal.SIGKILL)
         busy.wait()
         svc.close()
+
+
+def test_a_reload_of_predict_opens_the_prediction_in_its_url(app_data_dir, monkeypatch):
+    from storage.records import predictions
+    from tests.store.test_starter import tiny_starter
+
+    tiny_starter(app_data_dir.parent / "models", monkeypatch)
+    svc = Neuroseg(Settings.from_env(app_data_dir))
+    demo = svc.load_demo()
+    start = svc.checkpoint_choices()[0].id
+    with svc.sessions.begin() as s:  # (recorded only: no process is started)
+        older, newer = (predictions.submit_prediction(s, start, demo.id, [z]).id for z in (0, 1))
+    svc.close()
+    at = open_page("Predict")
+    assert at.selectbox(key=f"pick_{demo.id}").value == newer  # (a first visit: the newest)
+    assert at.query_params["prediction"] == str(newer)
+    at.selectbox(key=f"pick_{demo.id}").select(older).run()
+    assert at.query_params["prediction"] == str(older)
+    reloaded = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)  # a reload: a new session, same URL
+    reloaded.session_state["auth_token"] = make_user(os.environ["NEUROSEG_DATA_DIR"], "ann")
+    reloaded.query_params.update(dataset=str(demo.id), prediction=str(older))
+    reloaded.run()
+    reloaded.switch_page(PAGES["Predict"]).run()
+    assert not reloaded.exception, reloaded.exception
+    assert reloaded.selectbox(key=f"pick_{demo.id}").value == older
