@@ -35,7 +35,7 @@ def _keep_mine(edit: Edit, draft: Draft) -> None:
     try:
         edit.svc.keep_draft(draft, owner(), replace=True)
     except UserError as exc:
-        flash(f"Your changes could not be kept in the store ({exc}); they are still in this tab.", "error")
+        flash(f"Your changes could not be kept in the store ({plain(exc)}); they are still in this tab.", "error")
         return
     edit.kept_revision[key] = draft.revision
     st.session_state.get(CLASHES, {}).pop(key, None)
@@ -46,7 +46,7 @@ def _open_theirs(edit: Edit) -> None:
     try:
         stored = edit.svc.stored_draft(edit.dataset_id, edit.z, owner())
     except UserError as exc:
-        flash(f"The other tab's changes could not be opened: {exc}", "error")
+        flash(f"The other tab's changes could not be opened: {plain(exc)}", "error")
         return
     st.session_state.get(CLASHES, {}).pop(key, None)
     if stored is None:  # (saved or discarded there meanwhile: a fresh edit of what is saved now)

@@ -30,6 +30,7 @@ from ui.live import (
 )
 from ui.paint import View, png_data_url
 from ui.prediction import compose
+from ui.text import plain
 from ui.training import checkpoint_label, default_checkpoint
 
 # this panel's own keys
@@ -42,7 +43,8 @@ def _stop(svc: Neuroseg, live_key: str, run_id: int) -> None:
         st.session_state[live_key] = False
         return f"Live session #{run_id} stops; it is a run now (Runs, Predict)."
 
-    attempt(lambda: svc.live_stop(run_id), stopped, failed=lambda exc: f"Live did not stop: {exc}", in_callback=True)
+    attempt(lambda: svc.live_stop(run_id), stopped, failed=lambda exc: f"Live did not stop: {plain(exc)}",
+            in_callback=True)
 
 
 def _accept(edit: Edit, draft: Draft, run_id: int, region: tuple[int, int, int, int] | None) -> None:
@@ -96,7 +98,7 @@ def live_panel(edit: Edit, draft: Draft, volume: np.ndarray, view: View, tools: 
                 attempt(lambda: svc.live_start(dataset_id, None if start_id == SCRATCH else start_id, owner(),
                                                scratch=start_id == SCRATCH),
                         lambda started: f"Live session #{started[0].run_id} {started[1]}.",
-                        failed=lambda exc: f"Live could not start: {exc}")
+                        failed=lambda exc: f"Live could not start: {plain(exc)}")
         elif want and session is not None:
             if owner() not in session.viewers:
                 svc.live_start(dataset_id, None, owner())  # join it
@@ -149,7 +151,7 @@ def _live_prediction(edit: Edit, draft: Draft, volume: np.ndarray, view: View, t
             try:
                 svc.live_see(session.run_id, owner(), z, on_screen)  # this slice (and its neighbours) next
             except UserError as exc:  # (refused in between: the next refresh says why)
-                st.warning(f"{exc}")
+                st.warning(plain(exc))
                 return
             st.session_state[LIVE_TOLD] = (session.run_id, z, on_screen, time.monotonic())
         seen = svc.live_prediction(session.run_id, z, uncertainty=how == "uncertainty")

@@ -17,6 +17,7 @@ from pages.common import flash, frame_guard
 from storage.service import Neuroseg
 from ui.annotation import Draft
 from ui.paint import View
+from ui.text import plain
 from ui.tools import (
     BRUSH,
     SHORTCUTS,
@@ -156,7 +157,7 @@ def act(edit: Edit, draft: Draft, neurons: Neurons, tool: str, points: list[tupl
     try:
         new = run_tool(tool, draft.working, neurons.in_view(view), neurons.prob, points, paint)
     except ValueError as exc:
-        flash(f"{TOOLS[tool][0]}: {exc}.", "warning")
+        flash(f"{TOOLS[tool][0]}: {plain(exc)}.", "warning")
     else:
         if draft.use_tool(new, saved_as(tool)):
             edit.keep(draft)

@@ -99,8 +99,8 @@ class Edit:
             except DraftClash as exc:  # (another tab's newer edit is not overwritten: clash_panel asks)
                 clashes[key] = exc
             except UserError as exc:
-                st.error(f"Your changes could not be kept in the store ({exc}); they are still in this tab: save "
-                         "them or keep the tab open.")
+                st.error(f"Your changes could not be kept in the store ({plain(exc)}); they are still in this tab: "
+                         "save them or keep the tab open.")
             else:
                 self.kept_revision[key] = d.revision
                 clashes.pop(key, None)
@@ -156,7 +156,7 @@ def _requested(edit: Edit, draft: Draft | None, latest: MaskInfo | None, predict
     try:
         fresh = edit.open_draft(option)
     except (UserError, ValueError, LookupError) as exc:  # (the prediction was deleted meanwhile, say)
-        st.warning(f"Could not start from prediction #{prediction_id}: {exc}")
+        st.warning(f"Could not start from prediction #{prediction_id}: {plain(exc)}")
         return draft
     edit.kept_revision[(edit.dataset_id, edit.z)] = fresh.revision  # (nothing to keep yet)
     return fresh
@@ -192,9 +192,9 @@ def _save(edit: Edit, draft: Draft) -> None:
         saved = edit.svc.save_draft(draft, state.author(), owner=owner())
     except MaskConflict as exc:  # (the conflict panel offers the ways out)
         st.session_state[CONFLICT] = draft.uid
-        flash(f"Not saved: {exc}. Your changes are kept.", "error")
+        flash(f"Not saved: {plain(exc)}. Your changes are kept.", "error")
     except UserError as exc:
-        flash(f"Not saved: {exc}. Your changes are kept.", "error")
+        flash(f"Not saved: {plain(exc)}. Your changes are kept.", "error")
     else:
         st.session_state.pop(CONFLICT, None)
         st.session_state.get(CLASHES, {}).pop((edit.dataset_id, edit.z), None)  # (the other tab's edit stays)
@@ -221,8 +221,8 @@ def _restore(edit: Edit, mask_id: int) -> None:
         old = next((m.version for m in edit.svc.history(edit.dataset_id, edit.z) if m.id == mask_id), "?")
         return f"Restored v{old} as v{made.version}."
 
-    attempt(lambda: edit.svc.restore(mask_id, state.author()), restored, failed=lambda exc: f"Not restored: {exc}",
-            in_callback=True)
+    attempt(lambda: edit.svc.restore(mask_id, state.author()), restored,
+            failed=lambda exc: f"Not restored: {plain(exc)}", in_callback=True)
 
 
 def _go(dataset: int, z: int) -> None:

@@ -13,6 +13,7 @@ from domain.review import WorkItemInfo
 from pages.common import flash, frame_guard
 from storage.service import Neuroseg, UserError
 from ui.prediction import focus
+from ui.text import plain
 
 TAKEN = "_annotate_work_item"  # the item this tab took last: its region is said above the canvas
 
@@ -21,7 +22,7 @@ def _next(svc: Neuroseg, dataset_id: int, shape: tuple[int, int]) -> None:
     try:
         item = svc.next_work(dataset_id, state.author())
     except UserError as exc:
-        flash(f"Next to fix: {exc}", "warning")
+        flash(f"Next to fix: {plain(exc)}", "warning")
         return
     if item is None:
         flash("The queue is empty: **Rank again** below once there is a prediction or a live session.", "info")
@@ -54,7 +55,7 @@ def _rank(svc: Neuroseg, dataset_id: int) -> None:
     try:
         ranked = svc.rank_work(dataset_id)
     except UserError as exc:
-        flash(f"Rank again: {exc}", "warning")
+        flash(f"Rank again: {plain(exc)}", "warning")
     else:
         flash(f"The queue holds {len(ranked.open)} place(s) to look at.", "success")
 

@@ -19,6 +19,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import pages.state as state
 from storage.service import RIGHTS, Actor, Neuroseg, UserError, settings_from_env, shared_service
+from ui.text import plain
 
 T = TypeVar("T")
 
@@ -97,7 +98,7 @@ def start_page(title: str) -> Neuroseg:
 
 
 def attempt(action: Callable[[], T], done: Callable[[T], str | None] | None = None, *,
-            failed: Callable[[Exception], str] = str, errors: tuple[type[Exception], ...] = (UserError,),
+            failed: Callable[[Exception], str] = plain, errors: tuple[type[Exception], ...] = (UserError,),
             in_callback: bool = False, rerun: Literal["app", "fragment"] | None = "app") -> bool:
     """Carry out a service call and show its refusal as a message; returns whether it was done.
 
@@ -280,7 +281,7 @@ def volume_or_stop(svc: Neuroseg, dataset_id: int) -> np.ndarray:
     try:
         return svc.volume(dataset_id)
     except UserError as exc:
-        st.error(f"This dataset's stored stack cannot be read: {exc}.")
+        st.error(f"This dataset's stored stack cannot be read: {plain(exc)}.")
         st.stop()
 
 

@@ -30,7 +30,7 @@ with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled
                 return f"Imported **{plain(model.name)}** as run {model.run_id}: Predict offers it."
 
             attempt(lambda: svc.import_model(package, package.name), imported,
-                    failed=lambda exc: f"**{plain(package.name)}** was not imported: {exc}")
+                    failed=lambda exc: f"**{plain(package.name)}** was not imported: {plain(exc)}")
 
 models = svc.checkpoint_choices()
 if not models:
@@ -113,7 +113,7 @@ if packaged is None:
         with st.spinner("Packaging, validating and testing …"):
             attempt(lambda: svc.export_model(chosen.id, with_data=picked != SYNTHETIC),
                     lambda packaged: st.session_state.update({f"bioimageio_{chosen.id}": packaged}),
-                    failed=lambda exc: f"Not exported: {exc}")
+                    failed=lambda exc: f"Not exported: {plain(exc)}")
 else:
     actions[0].download_button("Download package (.zip)", packaged[0], file_name=packaged[1], type="primary",
                                key=f"dl_pack_{chosen.id}", on_click="ignore",

@@ -44,7 +44,7 @@ from ui.prediction import (
 )
 from ui.prediction import progress as job_progress
 from ui.prediction import speed as job_speed
-from ui.text import plain
+from ui.text import plain, said_by_job
 from ui.training import checkpoint_label, default_checkpoint
 
 svc = start_page("Predict")
@@ -101,7 +101,7 @@ def _started(started: tuple) -> None:
 
 
 if go:
-    attempt(_start, _started, failed=lambda exc: f"Not started: {exc}", errors=(ValueError, UserError))
+    attempt(_start, _started, failed=lambda exc: f"Not started: {plain(exc)}", errors=(ValueError, UserError))
 
 predictions = svc.predictions(dataset_id=dataset_id)
 if not predictions:
@@ -156,8 +156,7 @@ def progress(prediction_id: int, was_active: bool) -> None:
             if refused:
                 st.caption(refused)
     elif job.status in (RunStatus.FAILED, RunStatus.CANCELLED):
-        last = (job.error or "").strip().splitlines()[-1:]
-        said = f"{last[0] if last else 'no reason recorded'}"
+        said = said_by_job(job.error)
         if job.status == RunStatus.FAILED:
             st.error(f"Prediction #{job.id} failed: {said}")
         else:  # (asked for: not an error)
@@ -374,7 +373,7 @@ with st.expander("Export as OME-Zarr to a folder on the server (napari, neurogla
                 st.success("Written: " + ", ".join(f"`{p}`" for p in paths))
 
             attempt(lambda: svc.export_prediction(job.id, target), _written, rerun=None,
-                    failed=lambda exc: f"Nothing was exported: {str(exc).rstrip('.')}.")
+                    failed=lambda exc: f"Nothing was exported: {plain(str(exc).rstrip('.'))}.")
 
 
 def _correct(slice_index: int | None = None) -> None:

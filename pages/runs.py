@@ -8,7 +8,7 @@ import streamlit as st
 from domain.kinds import CheckpointKind, RunKind, RunStatus
 from pages.common import attempt, flash, start_page
 from ui.figures import METRIC_NAMES, run_curves_figure
-from ui.text import plain
+from ui.text import plain, said_by_job
 from ui.training import (
     VAL_KEYS,
     checkpoint_label,
@@ -130,7 +130,7 @@ with one:
     st.markdown(f"**Lineage:** {origin}**run {run.id}**" + (" → " + ", ".join(f"run {c}" for c in children)
                                                             if children else ""))
     if run.error:
-        st.error(run.error.strip().splitlines()[-1])
+        st.error(said_by_job(run.error))
     if run.id in flagged:
         st.warning(f"Run {run.id} scores worse than its parent on the held-out slices of "
                    f"{', '.join(map(plain, flagged[run.id]))}: see the table above before you use it.",

@@ -9,7 +9,7 @@ from domain.records import RunInfo
 from pages.common import actor, attempt, can, select_dataset, selected_dataset, start_page, still_signed_in
 from storage.service import UserError
 from ui.figures import run_curves_figure
-from ui.text import plain
+from ui.text import plain, said_by_job
 from ui.training import VAL_KEYS, checkpoint_label, describe_preset, progress_text, recipe, resume_note
 
 FOLLOWED = "train_run_id"  # (this page's own key: the run followed, also the one just submitted)
@@ -58,7 +58,7 @@ def follow(run_id: int, was_active: bool) -> None:
         attempt(lambda: svc.resume_run(run.id))
     head[3].page_link("pages/runs.py", label="All runs", icon=":material/monitoring:")
     if run.error and run.status in (RunStatus.FAILED, RunStatus.LOST):
-        st.error(run.error.strip().splitlines()[-1])
+        st.error(said_by_job(run.error))
     if curves:
         left, right = st.columns(2)
         left.plotly_chart(run_curves_figure({run.id: curves}, ["loss"], "Training loss"), key=f"loss_{run.id}")
@@ -121,7 +121,7 @@ else:
                 t_slices = svc.parse_slices(t_text, info.shape[0]) if t_text.strip() else []
                 v_slices = svc.parse_slices(v_text, info.shape[0]) if v_text.strip() else []
             except ValueError as exc:
-                problems.append(f"{plain(info.name)}: {exc}")
+                problems.append(f"{plain(info.name)}: {plain(exc)}")
                 continue
             if set(t_slices) & set(v_slices):
                 problems.append(f"{plain(info.name)}: slices {sorted(set(t_slices) & set(v_slices))} are on both sides")
@@ -182,14 +182,14 @@ else:
                             steps=steps, lr=lr, loss=loss, flips=flips, elastic=elastic, intensity=intensity,
                             budget_min=budget, seed=seed)
         except (ValueError, TypeError) as exc:
-            problems.append(f"recipe: {exc}")
+            problems.append(f"recipe: {plain(exc)}")
         if config is not None and train_parts:
             try:
                 with st.spinner("Timing this network on this machine …"):
                     st.caption(f"This run takes {svc.training_estimate(config, val_parts)} (measured for this "
                                "network on this machine, for these slices).")
             except UserError as exc:
-                problems.append(f"device: {exc}")
+                problems.append(f"device: {plain(exc)}")
         for problem in problems:
             st.error(problem)
         if train_parts and not val_parts and not problems:
@@ -206,7 +206,7 @@ else:
 
             attempt(lambda: svc.submit_training(train_parts, val_parts, config, preset=preset_name,
                                                 parent_checkpoint_id=parent),
-                    submitted, failed=lambda exc: f"Not started: {exc}")
+                    submitted, failed=lambda exc: f"Not started: {plain(exc)}")
 
 if followed is not None:
     active_now = svc.run(followed).active

@@ -61,13 +61,13 @@ def upload_stack(svc: Neuroseg, key: str, stored: Callable[[DatasetInfo], str] =
     except ChannelsQuestion as exc:  # not a refusal: a question, with a button that answers it
         bar.empty()
         st.warning(f"**{what}** {'were' if labels is not None else 'was'} not stored yet: "
-                   f"{str(exc).rstrip('.')}.", icon=":material/help:")
+                   f"{plain(str(exc).rstrip('.'))}.", icon=":material/help:")
         st.button(f"Read them as {exc.count} Z slices and store", type="primary",
                   on_click=lambda: st.session_state.update({_CHANNELS_AS_Z: True}), key="channels_as_z")
     except UserError as exc:
         bar.empty()
         st.error(f"**{what}** {'were' if labels is not None else 'was'} not stored: "
-                 f"{str(exc).rstrip('.')}. The files are still attached: fix the cause, or choose others.")
+                 f"{plain(str(exc).rstrip('.'))}. The files are still attached: fix the cause, or choose others.")
     else:
         bar.empty()
         release_uploads(volume, labels)  # (stored: the server's memory is free of them)

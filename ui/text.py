@@ -17,6 +17,8 @@ _INVISIBLE = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\x00-\x08\
 _MARKDOWN = re.compile(r"([\\`*_\[\]()!#|~${}])")
 # what starts a list item, a heading underline or a rule only at the start of a line: "- ", "+ ", "1. ", "==="
 _LINE_START = re.compile(r"^([ \t]*)(?:([-+=])|(\d+)\.)", re.MULTILINE)
+# what GitHub's Markdown turns into a link with no brackets at all: "http://…", "www.…", "a@b.org", "mailto:…"
+_AUTOLINK = re.compile(r"(?i)(?<=[a-z0-9])(:)(?=//)|(?<=\bwww)(\.)|(@)|(?<=\bmailto)(:)|(?<=\bxmpp)(:)")
 
 
 def plain(text: object) -> str:
@@ -24,7 +26,15 @@ def plain(text: object) -> str:
     backslash-escaped, ``& < >`` as character references, bidirectional and control characters dropped."""
     cleaned = _INVISIBLE.sub("", "" if text is None else str(text))
     escaped = _MARKDOWN.sub(r"\\\1", html.escape(cleaned, quote=False))
+    escaped = _AUTOLINK.sub(lambda m: "\\" + m[0], escaped)
     return _LINE_START.sub(lambda m: m[1] + ("\\" + m[2] if m[2] else m[3] + "\\."), escaped)
+
+
+def said_by_job(error: str | None) -> str:
+    """What a failed or stopped job said (the last line of its recorded error), shown literally: a foreign
+    model's own exception text chooses it, and every user of the dataset sees it."""
+    last = (error or "").strip().splitlines()[-1:]
+    return plain(last[0]) if last else "no reason recorded"
 
 
 def plain_html(text: object) -> str:

@@ -23,7 +23,7 @@ from streamlit.testing.v1 import AppTest
 
 from storage.auth import accounts, audit, passwords
 from storage.auth.accounts import Actor
-from storage.models import SignIn
+from storage.models import Prediction, SignIn
 from storage.records import starter
 from storage.service import Neuroseg, UserError
 from storage.settings import Settings
@@ -197,14 +197,15 @@ def test_a_user_disabled_while_signed_in_is_told_so_on_the_next_click_and_stays_
 HOSTILE = [EVIL, "[click](javascript:alert(1))", "<img src=x onerror=alert(1)>", "<http://evil.example/>",
            "**bold** _it_ `code` ~~gone~~", "# heading", "- item", "1. first", "> quote", "a | b | c",
            "$x^2$", ":red[colour] :material/home:", "+ one", "-.5 degrees", "2024. year", "back\\slash \\![x](y)",
-           "&amp; &lt;b&gt; &#33;", "x\\", "=== ---"]
+           "&amp; &lt;b&gt; &#33;", "x\\", "=== ---", "see http://evil.example/login now", "HTTPS://evil.example",
+           "www.evil.example/x", "ask a@evil.example", "mailto:a@evil.example", "Demo: synthetic EM"]
 
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_plain_renders_as_the_very_characters_typed(text):
     escaped = plain(text)
     assert "![" not in escaped and "](" not in escaped and "<" not in escaped
-    md = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    md = MarkdownIt("commonmark", {"linkify": True}).enable(["table", "strikethrough", "linkify"])  # (GFM's autolinks)
     rendered = md.render(escaped)
     literal = html.escape(text, quote=False).replace('"', "&quot;")
     assert rendered == f"<p>{literal}</p>\n", rendered
@@ -216,6 +217,31 @@ def test_plain_drops_what_turns_text_around_and_plotly_gets_html_escapes():
     assert plain_html("<a href='x'>") == "&lt;a href=&#x27;x&#x27;&gt;"
     notes = MarkdownIt("commonmark").render(plain("line\n- item\n# head\n===\n![x](y) <b>\n  2. two"))
     assert not re.search(r"<(img|a|ul|ol|li|h\d|b)\b", notes), notes
+
+
+def test_a_failed_predictions_reason_is_shown_to_other_users_as_text(app_data_dir, monkeypatch):
+    """A foreign model's own exception text is what a failed prediction says, to everyone who opens it."""
+    from storage.records import predictions
+    from tests.store.test_starter import tiny_starter
+
+    tiny_starter(app_data_dir.parent / "models", monkeypatch)
+    svc = Neuroseg(Settings.from_env(app_data_dir))  # (it registers the starter model)
+    demo = svc.load_demo()
+    start = svc.checkpoint_choices()[0].id
+    said = f"RuntimeError: {EVIL} [sign in again](http://evil.example/login) http://evil.example/login"
+    with svc.sessions.begin() as s:
+        job = predictions.submit_prediction(s, start, demo.id, [0])
+        s.execute(update(Prediction).where(Prediction.id == job.id)
+                  .values(status="FAILED", error=f"Traceback (most recent call last):\n  ...\n{said}"))
+    svc.close()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+    at.session_state["auth_token"] = make_user(app_data_dir, "val", "viewer")
+    at.run()
+    at.switch_page("pages/predict.py").run()
+    assert not at.exception, at.exception
+    shown = [e.value for e in at.error]
+    assert f"Prediction #{job.id} failed: {plain(said)}" in shown, shown
+    assert "http://" not in "".join(shown) and "![" not in "".join(shown)
 
 
 def test_a_hostile_dataset_name_is_shown_as_text_on_the_datasets_page(app_data_dir):
