@@ -754,6 +754,47 @@ def test_a_truncated_imagej_stack_is_refused_not_stored_short(svc):
     assert svc.import_upload(Upload("whole.tif", whole)).shape == (6, 64, 64)
 
 
+def _pages(odd: np.ndarray, shaped: bool) -> bytes:
+    """Five pages of 64² uint8 but the fourth, ``odd``; ``shaped``: one series by tifffile's own header."""
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        for z in range(5):
+            tw.write(odd if z == 3 else np.full((64, 64), 7, np.uint8), contiguous=False, metadata=None,
+                     description=json.dumps({"shape": [5, 64, 64]}) if shaped and z == 0 else None)
+    return buf.getvalue()
+
+
+def _ome_counting(planes: int) -> bytes:
+    raw = _tiff(np.random.default_rng(2).integers(0, 255, (3, 64, 64), dtype=np.uint8), ome=True,
+                metadata={"axes": "ZYX"})
+    return raw.replace(b'SizeZ="3"', f'SizeZ="{planes}"'.encode())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("a NaN page read as the first page's uint8", r"slice 4 is not stored as slice 1 is \(pixel type float64 "
+                                                  r"instead of uint8; bits per sample 64 instead of 8; sample "
+                                                  r"format ieeefp instead of uint\)"),
+    ("a float page among plain pages", r"page 4 is 64 × 64 float32 where the stack's pages are 64 × 64 uint8, "
+                                       r"so it would be left out \(1 such page\)"),
+    ("a smaller page among plain pages", r"page 4 is 32 × 64 uint8 where the stack's pages are 64 × 64 uint8"),
+    ("an OME header counting 2 planes of 3", r"its OME-XML header describes 2 planes but the file holds 3 pages"),
+])
+def test_a_tiff_whose_pages_would_be_read_wrong_or_left_out_is_refused(svc, case, message):
+    raw = {"a NaN page read as the first page's uint8": lambda: _pages(np.full((64, 64), np.nan), shaped=True),
+           "a float page among plain pages": lambda: _pages(np.full((64, 64), 1.5, np.float32), shaped=False),
+           "a smaller page among plain pages": lambda: _pages(np.ones((32, 64), np.uint8), shaped=False),
+           "an OME header counting 2 planes of 3": lambda: _ome_counting(2)}[case]()
+    with pytest.raises(UserError, match=message):
+        svc.import_upload(Upload("odd.tif", raw))
+    if case.startswith("a NaN"):  # (labels are read the same way)
+        with pytest.raises(UserError, match=message):
+            svc.import_upload(Upload("v.tif", _tiff(np.zeros((5, 64, 64), np.uint8))), Upload("l.tif", raw))
+    assert svc.datasets() == [] and stored_dataset_folders(svc) == []
+    alike = _pages(np.full((64, 64), 9, np.uint8), shaped=case.startswith("a NaN"))
+    assert svc.import_upload(Upload("alike.tif", alike)).shape == (5, 64, 64)
+    assert svc.import_upload(Upload("ome.tif", _ome_counting(3))).shape == (3, 64, 64)
+
+
 def test_bad_ome_xml_in_a_tiff_is_a_clear_refusal(svc):
     pixels = 'DimensionOrder="XYCZT" Type="uint8" SizeX="32" SizeY="32" SizeC="1" SizeZ="abc" SizeT="1"'
     xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'

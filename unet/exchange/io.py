@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 
 from unet.exchange.limits import DEFAULT_MAX_BYTES, Limits
-from unet.exchange.tiff_codecs import check_page, check_pages
+from unet.exchange.tiff_codecs import PagesLeftOut, check_page, check_pages, check_series
 
 VOLUME_DTYPES = (np.uint8, np.uint16, np.float32)
 LABEL_DTYPES = (np.bool_, np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64, np.uint64)
@@ -165,10 +165,13 @@ def inspect_stack(source: Source, channels_as_z: bool = False) -> StackInfo:
                 raise _Empty
             series = tif.series[0]
             raw_shape, axes, dtype = tuple(int(n) for n in series.shape), str(series.axes), np.dtype(series.dtype)
+            check_series(tif, what)
             images = _imagej_images(tif)
             pixel_size = _pixel_size_nm(tif)
     except _Empty:
         raise ValueError(f"{what}: the TIFF holds no image (is the file truncated or damaged?)") from None
+    except PagesLeftOut:
+        raise
     except tifffile.TiffFileError as exc:
         if "not a TIFF" in str(exc):
             raise ValueError(_not_a_tiff(source, what)) from exc
@@ -331,7 +334,7 @@ def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = Fals
                 return
             for index, page in enumerate(planes):
                 if page is not None:  # (before it is decoded: a picture inside may be larger than the page)
-                    check_page(page, what, index, planes[0].shape)
+                    check_page(page, what, index, planes[0])
                 try:
                     plane = np.asarray(page.asarray(maxworkers=1)).reshape(y, x)
                 except Exception as exc:

@@ -32,7 +32,7 @@ class TiffSlices:
             raise ValueError(f"{Path(self.path).name}: its slices are not stored one page each; save it again as "
                              "a plain multi-page TIFF (Fiji: File › Save As › Tiff…) or as OME-Zarr")
         self._pages = pages
-        self._page_shape = next((page.shape for page in pages if page is not None), None)  # (every page's)
+        self._first = next((page for page in pages if page is not None), None)  # (every page's shape and type)
         self._kept: tuple[int, np.ndarray] | None = None
 
     def _slice(self, z: int) -> np.ndarray:
@@ -42,7 +42,7 @@ class TiffSlices:
         z %= self.shape[0]
         if self._kept is None or self._kept[0] != z:
             if self._pages[z] is not None:  # (a picture inside may be larger than the page)
-                check_page(self._pages[z], Path(self.path).name, z, self._page_shape)
+                check_page(self._pages[z], Path(self.path).name, z, self._first)
             try:
                 plane = np.asarray(self._pages[z].asarray(maxworkers=1)).reshape(self.shape[1:])
             except Exception as exc:

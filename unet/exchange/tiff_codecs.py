@@ -6,6 +6,9 @@ first page, so every page is checked here against it (decompression bombs of a f
 
 - **Each page declares the first page's shape**: a later page of a series may declare a 32,768² slice of its
   own, which tifffile would decode whole before anything noticed.
+- **Each page is stored as the first page is** (pixel type, samples, colour space, compression): tifffile
+  reads the later pages of a series as frames, with the first page's tags, so a page of float NaN behind a
+  uint8 first page would be read as uint8 garbage without a word. Each page's own tags are read to check.
 - **A tile decodes to no more than four of its slices**, rounded up to the tile grid of 16, or 64 MiB when
   that is more (an image smaller than one tile is legal): the tags allow tiles of 4 billion² pixels behind a
   64² page. A strip is cut to the page's rows by tifffile itself.
@@ -21,6 +24,8 @@ header says, so a file of a few hundred kB can hold a 30,000² picture behind a 
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import tifffile
 
@@ -72,13 +77,19 @@ def _most(page) -> tuple[int, int]:
     return min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth
 
 
-def check_page(page: tifffile.TiffPage, what: str, index: int, shape: tuple[int, ...] | None = None) -> None:
+# what every page of a stack declares as its first page does (a frame is read with its keyframe's)
+FORMAT = {"dtype": "pixel type", "samplesperpixel": "samples per pixel", "bitspersample": "bits per sample",
+          "sampleformat": "sample format", "photometric": "colour space", "planarconfig": "sample layout",
+          "compression": "compression", "predictor": "predictor", "fillorder": "bit order"}
+
+
+def check_page(page: tifffile.TiffPage, what: str, index: int, first: tifffile.TiffPage | None = None) -> None:
     """``ValueError`` unless the compressed segments of ``page`` (slice ``index``, from 0) decode to no more than
-    its header declares, and (with ``shape``, the series' first page's) it declares that shape (see the module's
-    text). A page of a series is decoded with its keyframe's settings (a frame has no others), so both that
-    page's tags and its own must pass."""
+    its header declares, and (with ``first``, the series' first page) it declares that page's shape and is stored
+    as it is (see the module's text). A page of a series is decoded with its keyframe's settings (a frame has no
+    others), so both that page's tags and its own must pass."""
     try:
-        _check_layout(page, what, index, shape)
+        _check_layout(page, what, index, first)
         _check_page(page, what, index)
     except ValueError:
         raise
@@ -87,8 +98,61 @@ def check_page(page: tifffile.TiffPage, what: str, index: int, shape: tuple[int,
                          f"({type(exc).__name__}: {exc})") from None
 
 
-def _check_layout(page: tifffile.TiffPage, what: str, index: int, shape: tuple[int, ...] | None) -> None:
-    for one in (page.keyframe, page):
+class PagesLeftOut(ValueError):
+    pass
+
+
+def check_series(tif: tifffile.TiffFile, what: str) -> None:
+    """:class:`PagesLeftOut` (a ``ValueError``) if the stack read from ``tif`` (its first series) would leave
+    out pages of the file without a word: a page unlike the others (another size or pixel type) among a plain
+    TIFF's pages, which tifffile puts in a series of its own, or pages that an OME-XML header does not count
+    (``SizeZ`` says fewer planes than the file holds)."""
+    if not tif.series:
+        return
+    indices = sorted(p.index for p in tif.series[0].pages if p is not None and isinstance(p.index, int))
+    kept = set(indices)
+    odd = [i for i in range(indices[0], indices[-1]) if i not in kept] if indices else []
+    if odd:
+        page, like = tif.pages[odd[0]], tif.pages[indices[0]]
+        raise PagesLeftOut(f"{what}: page {odd[0] + 1} is {' × '.join(map(str, page.shape))} {page.dtype} where the "
+                         f"stack's pages are {' × '.join(map(str, like.shape))} {like.dtype}, so it would be left "
+                         f"out ({len(odd)} such page{'s' if len(odd) != 1 else ''}); save the stack again with one "
+                         "size and pixel type for every slice (Fiji: Image › Type, then File › Save As › Tiff…)")
+    if tif.is_ome:
+        counted = sum(1 for s in tif.series for p in s.pages if p is not None)
+        if counted < len(tif.pages):
+            raise PagesLeftOut(f"{what}: its OME-XML header describes {counted} plane{'s' if counted != 1 else ''} "
+                             f"but the file holds {len(tif.pages)} pages, so some would be left out; the header is "
+                             "wrong: save the stack again (Fiji: File › Save As › OME-TIFF…, or Tiff…)")
+
+
+def own_tags(page):
+    """``page`` with its own tags: a :class:`tifffile.TiffFrame` is read again as the page it is (it holds only
+    where its data lies, and is decoded with its keyframe's tags)."""
+    if not isinstance(page, tifffile.TiffFrame):
+        return page
+    handle = page.parent.filehandle
+    with handle.lock:
+        at = handle.tell()
+        try:
+            handle.seek(page.offset)
+            return tifffile.TiffPage(page.parent, index=page.index)
+        finally:
+            handle.seek(at)
+
+
+def _named(tag: str, value: object) -> str:
+    kind = {"sampleformat": tifffile.SAMPLEFORMAT, "photometric": tifffile.PHOTOMETRIC, "predictor": tifffile.PREDICTOR,
+            "planarconfig": tifffile.PLANARCONFIG, "compression": tifffile.COMPRESSION}.get(tag)
+    with contextlib.suppress(ValueError):
+        value = kind(value) if kind is not None and value is not None else value
+    return str(getattr(value, "name", value)).lower()
+
+
+def _check_layout(page: tifffile.TiffPage, what: str, index: int, first: tifffile.TiffPage | None) -> None:
+    own = own_tags(page)
+    shape = None if first is None else first.shape
+    for one in (page.keyframe, own):
         if shape is not None and tuple(one.shape) != tuple(shape):
             raise ValueError(f"{what}: slice {index + 1} declares {' × '.join(map(str, one.shape))} pixels where the "
                              f"stack's slices are {' × '.join(map(str, shape))}; the file is damaged or not what it "
@@ -102,6 +166,14 @@ def _check_layout(page: tifffile.TiffPage, what: str, index: int, shape: tuple[i
             raise ValueError(f"{what}: slice {index + 1} declares tiles of {one.tilelength} × {one.tilewidth} pixels "
                              f"for a slice of {one.imagelength} × {one.imagewidth}; the file is damaged or not what "
                              "it claims to be")
+    if first is not None and own is not first:
+        first = own_tags(first)
+        differs = [f"{label} {_named(tag, getattr(own, tag, None))} instead of {_named(tag, getattr(first, tag, None))}"
+                   for tag, label in FORMAT.items() if getattr(own, tag, None) != getattr(first, tag, None)]
+        if differs:
+            raise ValueError(f"{what}: slice {index + 1} is not stored as slice 1 is ({'; '.join(differs)}), and "
+                             "would be read as if it were; save the stack again with one pixel type for every "
+                             "slice (Fiji: Image › Type, then File › Save As › Tiff…)")
 
 
 def _check_page(page: tifffile.TiffPage, what: str, index: int) -> None:
@@ -137,7 +209,7 @@ def check_pages(source, what: str) -> None:
         source.seek(0)
     with tifffile.TiffFile(source) as tif:
         pages = list(tif.series[0].pages) if tif.series else []
-        first = next((page.shape for page in pages if page is not None), None)
+        first = next((page for page in pages if page is not None), None)
         for index, page in enumerate(pages):
             if page is not None:
                 check_page(page, what, index, first)
