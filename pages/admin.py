@@ -8,7 +8,7 @@ import datetime as dt
 
 import streamlit as st
 
-from pages.common import attempt, can, flash, start_page, still_signed_in
+from pages.common import attempt, can, data_table, flash, start_page, still_signed_in
 from ui.text import plain
 
 ONE_TIME = "admin_one_time"  # (this page's own key: a one-time password to hand over, shown once)
@@ -34,7 +34,7 @@ users_tab, audit_tab, disk_tab, queue_tab = st.tabs(["Users", "Audit trail", "Di
 
 with users_tab:
     people = svc.users()
-    st.dataframe([{"user": u.username, "name": u.display_name, "role": u.role,
+    data_table([{"user": u.username, "name": u.display_name, "role": u.role,
                    "signs in with": "single sign-on" if u.single_sign_on else "password",
                    "runs waiting at most": u.max_queued_runs,
                    "state": "disabled" if u.disabled else
@@ -110,7 +110,7 @@ def audit_trail() -> None:
     when = (f" from {since:%Y-%m-%d} to {until - dt.timedelta(days=1):%Y-%m-%d}" if since and until else
             ", any day")
     st.caption(f"{len(rows)} event{'s' * (len(rows) != 1)}{when}, newest first (at most 2000 shown).")
-    st.dataframe([{"time (UTC)": r.time.strftime("%Y-%m-%d %H:%M:%S"), "user": r.username, "action": r.action,
+    data_table([{"time (UTC)": r.time.strftime("%Y-%m-%d %H:%M:%S"), "user": r.username, "action": r.action,
                    "on": r.target, "outcome": r.outcome, "address": r.address, "detail": r.detail} for r in rows],
                  hide_index=True, width="stretch")
 
@@ -126,15 +126,15 @@ with disk_tab:
     m3.metric("Free on its disk", _size(use.free_bytes))
     d1, d2 = st.columns(2)
     d1.markdown("**Datasets**")
-    d1.dataframe([{"dataset": f"#{i} {name}", "owner": owner or "—", "on disk": _size(n)}
+    data_table(at=d1, rows=[{"dataset": f"#{i} {name}", "owner": owner or "—", "on disk": _size(n)}
                   for i, name, owner, n in use.datasets], hide_index=True, width="stretch")
     d2.markdown("**Runs**")
-    d2.dataframe([{"run": f"#{i} {what}", "owner": owner or "—", "on disk": _size(n)}
+    data_table(at=d2, rows=[{"run": f"#{i} {what}", "owner": owner or "—", "on disk": _size(n)}
                   for i, what, owner, n in use.runs], hide_index=True, width="stretch")
     if use.orphans:
         st.warning(f"**{_size(use.orphans_bytes)}** in `orphans/`: what crashes left while a stack was stored, "
                    "which no dataset owns (kept in the data folder for a look).", icon=":material/folder_off:")
-        st.dataframe([{"in orphans/": name, "on disk": _size(n)} for name, n in use.orphans], hide_index=True,
+        data_table([{"in orphans/": name, "on disk": _size(n)} for name, n in use.orphans], hide_index=True,
                      key="orphans_list")
         sure = st.checkbox(f"Yes, delete these {len(use.orphans)}", key="orphans_sure")
         if st.button("Delete what crashes left", key="empty_orphans", disabled=not sure):
@@ -149,6 +149,6 @@ with queue_tab:
         upcoming = [q for q in queue if q.position == 1]
         if upcoming:
             st.write(f"Next: run #{upcoming[0].run_id} by **{plain(upcoming[0].owner or 'system')}**.")
-        st.dataframe([{"place": "running" if q.position == 0 else f"{q.position}", "run": f"#{q.run_id}",
+        data_table([{"place": "running" if q.position == 0 else f"{q.position}", "run": f"#{q.run_id}",
                        "owner": q.owner or "—", "kind": q.kind, "recipe": q.preset, "device": q.device}
                       for q in queue], hide_index=True, width="stretch")

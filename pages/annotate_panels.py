@@ -12,7 +12,7 @@ import streamlit as st
 
 import pages.state as state
 from domain.records import MaskInfo
-from pages.common import attempt, can, flash, frame_guard, owner, select_dataset
+from pages.common import attempt, can, data_table, flash, frame_guard, owner, select_dataset
 from storage.service import DraftClash, MaskConflict, Neuroseg, UserError
 from ui.annotation import Draft, StartOption, history_rows
 from ui.figures import slice_strip
@@ -307,7 +307,7 @@ def history_panel(edit: Edit, draft: Draft, history: list[MaskInfo]) -> None:
         st.caption("No saved version yet.")
         return
     by_id = {m.id: m for m in history}
-    st.dataframe(history_rows(history), hide_index=True, key="history_table")
+    data_table(history_rows(history), hide_index=True, key="history_table")
     if len(history) > 1:
         older = [m for m in reversed(history[:-1])]
         cols = st.columns([3, 2], vertical_alignment="bottom")

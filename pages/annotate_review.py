@@ -10,7 +10,7 @@ import streamlit as st
 
 import pages.state as state
 from domain.review import WorkItemInfo
-from pages.common import flash, frame_guard
+from pages.common import data_table, flash, frame_guard
 from storage.service import Neuroseg, UserError
 from ui.prediction import focus
 from ui.text import plain
@@ -74,13 +74,13 @@ def queue_panel(svc: Neuroseg, dataset_id: int) -> None:
                        "region), the share of it that suspicious neurons cover, and a bonus for a slice nobody "
                        "corrected.")
         if work.open:
-            st.dataframe([{"slice": i.slice_index, "region (y, x, h, w)": ", ".join(map(str, i.box)),
+            data_table([{"slice": i.slice_index, "region (y, x, h, w)": ", ".join(map(str, i.box)),
                            "score": round(i.score, 3), "why": i.reasons, "from": i.source or "—",
                            "taken by": i.taken_by or ""} for i in work.open[:50]],
                          hide_index=True, key="work_open")
         if work.done:
             st.markdown("**Done**")
-            st.dataframe([{"slice": i.slice_index, "region (y, x, h, w)": ", ".join(map(str, i.box)),
+            data_table([{"slice": i.slice_index, "region (y, x, h, w)": ", ".join(map(str, i.box)),
                            "done by": i.done_by, "when": f"{i.done_at:%Y-%m-%d %H:%M}",
                            "mask version": i.mask_version_id} for i in work.done], hide_index=True, key="work_done")
 

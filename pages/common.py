@@ -19,7 +19,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import pages.state as state
 from storage.service import RIGHTS, Actor, Neuroseg, UserError, settings_from_env, shared_service
-from ui.text import plain
+from ui.text import cells, plain
 
 T = TypeVar("T")
 
@@ -124,6 +124,13 @@ def attempt(action: Callable[[], T], done: Callable[[T], str | None] | None = No
 
 
 _FLASH = "_flash"  # (this module's own key: the messages for the next run)
+
+
+def data_table(rows, at=st, **options):
+    """``st.dataframe`` (or ``at.dataframe``) of ``rows``, with user text that a spreadsheet would run as a
+    formula neutralised (every table has a "Download as CSV" button, and names, notes and the audit trail's
+    details are any user's text)."""
+    return at.dataframe(cells(rows), **options)
 
 
 def flash(message: str, kind: str = "success") -> None:

@@ -7,7 +7,7 @@ import streamlit as st
 
 import pages.state as state
 from domain.records import DatasetInfo, Deleted
-from pages.common import attempt, can, dataset_picker, select_dataset, start_page, volume_or_stop
+from pages.common import attempt, can, data_table, dataset_picker, select_dataset, start_page, volume_or_stop
 from pages.upload import upload_stack
 from storage.service import NAME_MAX
 from ui.figures import histogram
@@ -63,7 +63,7 @@ if not datasets:
     st.stop()
 
 # --- the list -------------------------------------------------------------------------------------
-st.dataframe(
+data_table(
     [{"id": d.id, "name": d.name, "shape (Z×Y×X)": "×".join(map(str, d.shape)), "dtype": d.dtype,
       "size (MB)": round(d.size_bytes / 1e6, 1), "labelled slices": f"{d.labelled_slices} / {d.shape[0]}",
       "pixel (nm)": d.pixel_size_nm, "created": d.created.strftime("%Y-%m-%d %H:%M"), "owner": d.owner or "—",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from domain.kinds import RunKind
-from pages.common import attempt, can, release_uploads, start_page
+from pages.common import attempt, can, data_table, release_uploads, start_page
 from storage.service import NAME_MAX
 from ui.figures import METRIC_NAMES
 from ui.text import plain
@@ -37,7 +37,7 @@ if not models:
     st.info("No model yet: train a run on **Train**, or import a BioImage.IO package.")
     st.stop()
 owners = {r.id: r.owner for r in svc.runs()}
-st.dataframe([{"model": m.id, "name": m.name, "what": checkpoint_label(m),
+data_table([{"model": m.id, "name": m.name, "what": checkpoint_label(m),
                "kind": m.run_kind.label if m.run_kind != RunKind.TRAIN else m.kind,
                "run": m.run_id, "step": m.step, "owner": owners.get(m.run_id) or "—"} for m in models],
              hide_index=True, key="models_table")
@@ -79,14 +79,14 @@ with left:
     st.markdown("**Trained on** (the exact mask versions)")
     trained_on = svc.run_masks(run.id)
     if trained_on:
-        st.dataframe([{"role": m.role, "dataset": m.dataset, "slice": m.slice, "version": m.version, "kind": m.kind,
+        data_table([{"role": m.role, "dataset": m.dataset, "slice": m.slice, "version": m.version, "kind": m.kind,
                        "author": m.author} for m in trained_on], hide_index=True, height=220, key="model_masks")
     else:
         st.caption("Recorded in its model card (the starter model) or its package (an import)."
                    if run.kind in (RunKind.STARTER, RunKind.IMPORTED) else "No mask versions recorded.")
     if card["held_out"]:
         st.markdown("**Held-out scores**")
-        st.dataframe([{"dataset": ds, "measured on slices": ", ".join(map(str, entry["slices"])) or "none",
+        data_table([{"dataset": ds, "measured on slices": ", ".join(map(str, entry["slices"])) or "none",
                        "left out (it trained on them)": ", ".join(map(str, entry["seen"])),
                        **{k: round(v, 4) for k, v in entry["metrics"].items() if isinstance(v, int | float)}}
                       for ds, entry in card["held_out"].items()], hide_index=True, key="model_held_out")

@@ -12,6 +12,7 @@ from domain.records import aware
 from pages.common import (
     attempt,
     can,
+    data_table,
     dataset_picker,
     flash,
     select_dataset,
@@ -282,7 +283,7 @@ def viewer(job) -> int:
             st.caption(f"Slice {z} ({seen_word(z, trained, held)}): " + " · ".join(
                 f"{METRICS[k]} {this[k]:.3f}" for k in CARDS if k in this))
         with st.expander("Metrics per slice (against each slice's mask when it was predicted)"):
-            st.dataframe(metric_rows(metrics, trained, held), hide_index=True, key="pred_metrics")
+            data_table(metric_rows(metrics, trained, held), hide_index=True, key="pred_metrics")
             st.caption(scoring_note(metrics))
     else:
         st.caption("No mask on the predicted slices when it ran: no metrics.")
@@ -320,7 +321,7 @@ def neurons_view(job, volume, info) -> None:
     with st.expander(f"3D neurons: {info['count']:,} {linked}", expanded=False):
         st.caption("Each slice's neurons are linked to the neighbouring slice's by overlap (each the other's best "
                    "match, covering half of the smaller). Slices that were not predicted break the chain.")
-        st.dataframe(neuron_rows(info), hide_index=True, key=f"neuron_sizes_{job.id}")
+        data_table(neuron_rows(info), hide_index=True, key=f"neuron_sizes_{job.id}")
         # read only when asked: a section reads a row (or a column) of every predicted slice
         if not st.toggle("Sections through the stack (XZ and YZ)", key=f"neuron_sections_{job.id}"):
             return

@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from domain.kinds import CheckpointKind, RunKind, RunStatus
-from pages.common import attempt, flash, start_page
+from pages.common import attempt, data_table, flash, start_page
 from ui.figures import METRIC_NAMES, run_curves_figure
 from ui.text import plain, said_by_job
 from ui.training import (
@@ -60,7 +60,7 @@ for d in ([dataset_filter] if dataset_filter in held else list(held)):
     for score in scores_of[d]:
         if score.slices and not score.seen:
             held_out_of.setdefault(score.run_id, score.metrics)
-st.dataframe([{
+data_table([{
     "run": r.id, "status": r.status, "datasets": ", ".join(names.get(d, f"#{d} (deleted)") for d in r.dataset_ids),
     "preset": r.preset, "device": r.device, "owner": owners.get(r.id) or "—",
     "started": r.started.strftime("%Y-%m-%d %H:%M") if r.started else "", "duration": duration(r.duration_s),
@@ -92,7 +92,7 @@ if held:
             st.caption("No run has been scored on these slices yet: runs that end are scored by themselves; an "
                        "older run can be scored from its page below.")
         else:
-            st.dataframe(score_rows(scores, run_name), hide_index=True, key="held_out_table")
+            data_table(score_rows(scores, run_name), hide_index=True, key="held_out_table")
             st.markdown(score_summary(scores, run_name))
             bad = [s for s in scores if s.flagged]
             if bad:
@@ -157,7 +157,7 @@ with one:
     c1, c2 = st.columns(2)
     with c1:
         st.markdown("**Trained on** (the exact mask versions)")
-        st.dataframe([{"role": m.role, "dataset": m.dataset, "slice": m.slice, "version": m.version, "kind": m.kind,
+        data_table([{"role": m.role, "dataset": m.dataset, "slice": m.slice, "version": m.version, "kind": m.kind,
                        "author": m.author, "labelled pixels": m.labelled_pixels} for m in svc.run_masks(run.id)],
                      hide_index=True, height=220, key="run_masks")
     with c2:
@@ -181,7 +181,7 @@ with one:
     made = svc.predictions(run_id=run.id)
     if made:
         st.markdown("**Predictions made with it**")
-        st.dataframe([{"prediction": p.id, "dataset": names.get(p.dataset_id, p.dataset_id), "slices": len(p.slices),
+        data_table([{"prediction": p.id, "dataset": names.get(p.dataset_id, p.dataset_id), "slices": len(p.slices),
                        "status": p.status, "pixel error": (p.metrics or {}).get("mean", {}).get("pixel_error"),
                        "Rand-F": (p.metrics or {}).get("mean", {}).get("rand_f")} for p in made],
                      hide_index=True, key="run_predictions")
@@ -221,7 +221,7 @@ with compare:
         rows, differing = compare_recipes([r for r in runs if r.id in chosen])
         if st.toggle("Only the differences", key="compare_only_diff"):
             rows = [row for row in rows if row["differs"]]
-        st.dataframe(rows, hide_index=True, key="compare_configs")
+        data_table(rows, hide_index=True, key="compare_configs")
         if differing:
             st.caption(f"{differing} setting(s) differ (marked ●).")
         else:

@@ -6,7 +6,7 @@ import streamlit as st
 
 from domain.kinds import RunKind, RunStatus
 from domain.records import RunInfo
-from pages.common import actor, attempt, can, select_dataset, selected_dataset, start_page, still_signed_in
+from pages.common import actor, attempt, can, data_table, select_dataset, selected_dataset, start_page, still_signed_in
 from storage.service import UserError
 from ui.figures import run_curves_figure
 from ui.text import plain, said_by_job
@@ -136,7 +136,7 @@ else:
             st.caption(f"Training: {sum(r.role == 'train' for r in plan)} slices, {sides['train']:,} labelled "
                        f"pixels · validation: {sum(r.role == 'val' for r in plan)} slices, {sides['val']:,} "
                        "labelled pixels. These exact mask versions are recorded with the run:")
-            st.dataframe([{"role": r.role, "dataset": r.dataset, "slice": r.slice, "version": r.version,
+            data_table([{"role": r.role, "dataset": r.dataset, "slice": r.slice, "version": r.version,
                            "kind": r.kind, "labelled pixels": r.labelled_pixels} for r in plan],
                          hide_index=True, height=min(250, 40 + 35 * len(plan)), key="train_plan")
 

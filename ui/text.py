@@ -3,12 +3,14 @@ pages' Markdown-rendering calls (``st.markdown``, ``st.write``, captions, alerts
 widget labels, which render images and links too): :func:`plain` makes Streamlit show the very characters
 typed, so ``![x](http://…)`` is text, not an image another user's browser would load. Selectbox options
 and table cells are plain text already and need nothing. :func:`plain_html` does the same for Plotly's
-titles and labels (a subset of HTML)."""
+titles and labels (a subset of HTML). :func:`cells` keeps a table's text from running as a spreadsheet formula
+once downloaded."""
 
 from __future__ import annotations
 
 import html
 import re
+from collections.abc import Iterable, Mapping
 
 # bidirectional controls (they reverse what follows them on screen) and control characters but \t and \n
 _INVISIBLE = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -35,6 +37,23 @@ def said_by_job(error: str | None) -> str:
     model's own exception text chooses it, and every user of the dataset sees it."""
     last = (error or "").strip().splitlines()[-1:]
     return plain(last[0]) if last else "no reason recorded"
+
+
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?%?")
+
+
+def cell(value: object) -> object:
+    """A table cell as the table's "Download as CSV" may write it: text that a spreadsheet would run as a
+    formula (it starts with = + - @, a tab or a return, and is no number) gets a leading ``'``, as OWASP
+    advises; everything else is left as it is."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def cells(rows: Iterable[Mapping[str, object]]) -> list[dict[str, object]]:
+    """:func:`cell` over every cell of ``rows`` (a table's rows as mappings of column to value)."""
+    return [{column: cell(value) for column, value in row.items()} for row in rows]
 
 
 def plain_html(text: object) -> str:

