@@ -119,6 +119,8 @@ def looks(method: Callable[Concatenate[Facade, P], T]) -> Callable[Concatenate[F
     @functools.wraps(method)
     def inner(self: Facade, *args: P.args, **kwargs: P.kwargs) -> T:
         self._may_look()
+        args = tuple(int(a) if isinstance(a, np.integer) else a for a in args)  # (NumPy ids, as guard takes them)
+        kwargs = {k: int(v) if isinstance(v, np.integer) else v for k, v in kwargs.items()}
         return method(self, *args, **kwargs)
 
     return inner

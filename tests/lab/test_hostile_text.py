@@ -532,6 +532,7 @@ def test_forged_arguments_get_a_clear_refusal_and_every_write_leaves_a_row_in_th
         with pytest.raises(UserError, match=words):
             call()
     assert svc.predictions() == [] and svc._tx(lambda s: live.focus_slices(s, run_id, 3)) == ([], [])
+    assert as_ann.dataset(np.int64(demo.id)).id == demo.id  # (a NumPy id is read as guarded calls take it)
 
     # an edit of slice 1 that names slice 0's version as what it started from
     draft = painted(as_ann, demo.id)
