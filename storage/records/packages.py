@@ -173,9 +173,13 @@ def _unpack(path: Path, folder: Path) -> Path:
                     if remaining <= 0:
                         raise PackageRefused(f"{info.filename!r} is larger than its header says")
                     dst.write(chunk)
-    rdfs = sorted(folder.rglob("rdf.yaml"), key=lambda p: len(p.parts)) or sorted(folder.rglob("*.bioimageio.yaml"))
+    rdfs = sorted(folder.rglob("rdf.yaml"), key=lambda p: (len(p.parts), p.as_posix())) or sorted(
+        folder.rglob("*.bioimageio.yaml"))
     if not rdfs:
         raise PackageRefused("no rdf.yaml in it: not a BioImage.IO package")
+    if len(rdfs) > 1 and len(rdfs[1].parts) == len(rdfs[0].parts):  # (which is meant? the loader would guess)
+        raise PackageRefused(f"it holds two descriptions side by side ({rdfs[0].relative_to(folder).as_posix()} and "
+                             f"{rdfs[1].relative_to(folder).as_posix()}): one package is one model")
     return rdfs[0]
 
 

@@ -567,6 +567,8 @@ ZIPS = {
     "a file that is a folder too": (lambda: bytes(_zip([("a", b"x"), ("a/b", b"y"), ("rdf.yaml", RDF)])),
                                     "'a' both as a file and as a folder"),
     "a name too long": (lambda: bytes(_zip([("x" * 300, b"x"), ("rdf.yaml", RDF)])), "name no file can have"),
+    "two descriptions side by side": (lambda: bytes(_zip([("b/rdf.yaml", RDF), ("a/rdf.yaml", RDF)])),
+                                      "two descriptions side by side (a/rdf.yaml and b/rdf.yaml)"),
 }
 
 

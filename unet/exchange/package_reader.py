@@ -98,6 +98,8 @@ def load_package(path: str | Path) -> Checkpoint:
                            key=lambda n: (len(_normal(n)), n), default="")
             if not rdf_name:
                 raise PackageError(f"{path.name} is not a BioImage.IO package (no rdf.yaml in it)")
+            if sum(len(_normal(n)) == len(_normal(rdf_name)) and _normal(n)[-1] == "rdf.yaml" for n in names) > 1:
+                raise PackageError(f"{path.name} holds two descriptions side by side: one package is one model")
             if archive.getinfo(rdf_name).file_size > MAX_RDF_BYTES:
                 raise PackageError(f"{path.name}: its rdf.yaml has {archive.getinfo(rdf_name).file_size:,} bytes "
                                    f"(at most {MAX_RDF_BYTES:,} are read)")
