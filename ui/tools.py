@@ -80,6 +80,9 @@ def click_points(json_data: dict[str, Any] | None, view: View) -> list[tuple[int
     return points
 
 
+FILL_MOST = 0.5  # of a slice: a Fill or Don't know that would change more is refused (its region leaks)
+
+
 def run_tool(tool: str, mask: np.ndarray, instances: np.ndarray, prob: np.ndarray, points: list[tuple[int, int]],
              paint: int) -> np.ndarray:
     """``mask`` as ``tool`` leaves it after its clicks ``points`` (y, x) on the neurons ``instances`` of a
@@ -94,7 +97,14 @@ def run_tool(tool: str, mask: np.ndarray, instances: np.ndarray, prob: np.ndarra
         raise ValueError(f"{TOOLS[tool][0]} takes {needed} click(s)")
     points = points[:needed]
     if tool in (Tool.FILL, Tool.DONT_KNOW):
-        return objects.fill(mask, *points[0], IGNORE if tool == Tool.DONT_KNOW else paint)
+        out = objects.fill(mask, *points[0], IGNORE if tool == Tool.DONT_KNOW else paint)
+        changed = int(np.count_nonzero(out != mask))
+        if changed > FILL_MOST * mask.size:  # (a leak, not a region: one click would relabel the slice)
+            raise ValueError(f"it would change {changed:,} pixels, {changed / mask.size:.0%} of the slice: the "
+                             "region under the click is not closed (nothing painted around it yet, or a gap in "
+                             "its outline). Close its outline with the brush first, or take the prediction's "
+                             "neuron whole with Accept")
+        return out
     labels = [objects.object_at(instances, y, x) for y, x in points]
     if 0 in labels:
         raise ValueError("click inside a neuron of the prediction")

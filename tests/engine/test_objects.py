@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ui.paint import View
-from ui.tools import SPLIT_LINE, line_points, neurons_from, run_tool, saved_as
+from ui.tools import SPLIT_LINE, Tool, line_points, neurons_from, run_tool, saved_as
 from unet.prediction import objects, review
 from unet.training.labels import IGNORE, MEMBRANE, NEURON
 
@@ -221,3 +221,20 @@ def test_accept_with_the_prediction_takes_its_membrane_as_the_ring(scene):
     assert (out[:8, :9] == NEURON).all() and (out[instances != 1] == IGNORE).all()
     chosen = objects.accept_confident(mask, instances, np.where(instances == 3, 0.95, prob), 0.9)
     assert chosen[1] == [3] and (chosen[0][10:18, 2:18] == NEURON).all()  # (no membrane of its own: a ring)
+
+
+def test_a_fill_that_would_relabel_most_of_the_slice_is_refused_and_a_closed_region_fills():
+    """An empty edit (or an outline with a gap) is one region: one Fill click turned a whole slice into neuron."""
+    mask = np.full((40, 40), IGNORE, np.uint8)
+    prob, instances = np.zeros((40, 40), np.float32), np.zeros((40, 40), np.int32)
+    for tool in (Tool.FILL, Tool.DONT_KNOW):
+        start = mask if tool == Tool.FILL else np.full((40, 40), NEURON, np.uint8)
+        with pytest.raises(ValueError, match=r"would change 1,600 pixels, 100% of the slice: the region under the "
+                                             r"click is not closed"):
+            run_tool(tool, start, instances, prob, [(20, 20)], NEURON)
+    mask[10, 10:21] = mask[20, 10:21] = mask[10:21, 10] = mask[10:21, 20] = MEMBRANE  # a closed outline
+    out = run_tool(Tool.FILL, mask, instances, prob, [(15, 15)], NEURON)
+    assert (out[11:20, 11:20] == NEURON).all() and np.count_nonzero(out != mask) == 81
+    mask[10, 15] = IGNORE  # a gap: the fill leaks out
+    with pytest.raises(ValueError, match="not closed"):
+        run_tool(Tool.FILL, mask, instances, prob, [(15, 15)], NEURON)
