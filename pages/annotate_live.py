@@ -11,7 +11,7 @@ import streamlit as st
 
 import pages.state as state
 from domain.live import LiveInfo
-from pages.annotate_canvas import Tools
+from pages.annotate_canvas import CANVAS_RENDERED, Tools
 from pages.annotate_panels import Edit, pending_strokes
 from pages.canvas_aids import live_overlay
 from pages.common import attempt, can, flash, frame_guard, owner, still_signed_in
@@ -117,10 +117,17 @@ def live_panel(edit: Edit, draft: Draft, volume: np.ndarray, view: View, tools: 
         else:
             head[1].caption("Off. Turn it on to fine-tune a model on this dataset while you annotate.")
         if not (want and session is not None):
-            live_overlay(draft.canvas_key, None)  # (a prediction laid over the canvas earlier goes)
+            live_overlay(_canvas_shown(draft), None)  # (a prediction laid over the canvas earlier goes)
 
         if want and session is not None:
             _live_prediction(edit, draft, volume, view, tools, session)
+
+
+def _canvas_shown(draft: Draft) -> str:
+    """The key of the canvas on screen: the brush's (``draft.canvas_key``), or an object tool's, which is
+    keyed after it (the overlay laid on the brush's canvas only was gone once a tool was picked)."""
+    shown = st.session_state.get(CANVAS_RENDERED)
+    return shown[0] if shown and str(shown[0]).startswith(draft.canvas_key) else draft.canvas_key
 
 
 def _live_prediction(edit: Edit, draft: Draft, volume: np.ndarray, view: View, tools: Tools,
@@ -157,7 +164,7 @@ def _live_prediction(edit: Edit, draft: Draft, volume: np.ndarray, view: View, t
         seen = svc.live_prediction(session.run_id, z, uncertainty=how == "uncertainty")
         if seen is None:
             st.caption(f"Waiting for the first live prediction of slice {z} …")
-            live_overlay(draft.canvas_key, None)
+            live_overlay(_canvas_shown(draft), None)
             return
         # the view's region only, every s-th pixel when the view shows the slice shrunk (never the whole slice)
         made = st.session_state.get(LIVE_PICTURE)
@@ -172,10 +179,10 @@ def _live_prediction(edit: Edit, draft: Draft, volume: np.ndarray, view: View, t
                 picture = View(0, 0, *grey.shape[:2], view.scale, 1).render(under(grey, picture))
             made = st.session_state[LIVE_PICTURE] = (key, png_data_url(picture))
         if on_canvas:
-            live_overlay(draft.canvas_key, made[1], stamp=str(seen.step))
+            live_overlay(_canvas_shown(draft), made[1], stamp=str(seen.step))
             st.caption(prediction_caption(seen) + " · on the canvas (" + OVERLAYS[how] + ")")
         else:
-            live_overlay(draft.canvas_key, None)
+            live_overlay(_canvas_shown(draft), None)
             st.image(made[1], caption=prediction_caption(seen), width=min(display_w, 900))
 
     live_view()

@@ -116,6 +116,17 @@ def test_live_on_paint_save_and_the_overlay_follows(tmp_path, monkeypatch):
                 if attempt == 2:
                     raise
         page.get_by_text("Unsaved:").first.wait_for()
+        on_canvas = ("k => [...document.querySelectorAll('.st-key-' + k + ' div')].some(el => el.shadowRoot && "
+                     "el.shadowRoot.querySelector('img.neuroseg-live-overlay'))")
+        page.wait_for_function(on_canvas, arg=canvas_key(page), timeout=15_000)  # (it stays while one corrects)
+        # an object tool's canvas (keyed after the brush's) has it too: it was gone once a tool was picked
+        from tests.app.test_browser import pick_tool
+
+        pick_tool(page, "Accept a neuron")
+        tool_canvas = page.locator('[class*="-accept-"]').first.get_attribute("class")
+        tool_key = next(c for c in tool_canvas.split() if c.startswith("st-key-"))[len("st-key-"):]
+        page.wait_for_function(on_canvas, arg=tool_key, timeout=15_000)
+        page.screenshot(path=ARTIFACTS / "annotate-live-tool.png", full_page=True)
 
         page.get_by_role("button", name="Stop (for everyone)").click()
         page.get_by_text(re.compile(r"Live session #\d+ stops")).wait_for()
