@@ -53,7 +53,9 @@ def slice_picker(svc: Neuroseg, dataset_id: int, z_count: int,
         z = st.slider("Slice", 0, z_count - 1, key=slice_key) if z_count > 1 else 0
     nav[2].button("Next ▶", on_click=_step, args=(slice_key, 1, z_count), disabled=z >= z_count - 1, key="next_slice")
     positions[dataset_id] = z
-    if st.query_params.get("slice") != str(z):  # in the URL too: a reload or a bookmark opens this slice
+    # in the URL too: a reload or a bookmark opens this slice (slice 0 of a first visit is not written: each
+    # write is one more step of the browser's Back)
+    if st.query_params.get("slice") != str(z) and ("slice" in st.query_params or z != 0):
         st.query_params["slice"] = str(z)
 
     kinds = svc.slice_kinds(dataset_id)

@@ -242,17 +242,18 @@ def select_dataset(dataset_id: int) -> None:
 
 
 def selected_dataset(datasets) -> int | None:
-    """The one dataset selection every page shares: this session's choice, else the URL's, else the
-    newest dataset. It is written back to the URL on every page, so a reload opens the same stack."""
+    """The one dataset selection every page shares: the URL's (a reload, a bookmark, the browser's Back and
+    Forward: what the address says is what the page works on), else this session's choice, else the newest
+    dataset. It is written back to the URL on every page, so a reload opens the same stack."""
     ids = [d.id for d in datasets]
     if not ids:
         return None
-    current = state.dataset_id()
+    try:
+        current = int(st.query_params.get("dataset", ""))
+    except ValueError:
+        current = None
     if current not in ids:
-        try:
-            current = int(st.query_params.get("dataset", ""))
-        except ValueError:
-            current = None
+        current = state.dataset_id()
     if current not in ids:
         current = ids[-1]
     if state.dataset_id() != current or st.query_params.get("dataset") != str(current):

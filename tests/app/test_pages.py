@@ -455,3 +455,27 @@ def test_the_admin_page_shows_what_crashes_left_and_deletes_it(app_data_dir):
     assert not at.exception, at.exception
     assert any("Deleted what crashes left: 4.0 KB freed." in s.value for s in at.success)
     assert not left.exists() and not [b for b in at.button if b.key == "empty_orphans"]
+
+
+def test_the_dataset_in_the_address_is_the_one_every_page_works_on(app_data_dir, synthetic):
+    """The browser's Back or Forward brings an address of another dataset: the page works on that one, not on
+    the session's last choice (which a sidebar link then carried to Train: a run on the wrong stack)."""
+    volume, _ = synthetic
+    svc = store(app_data_dir)
+    first = svc.load_demo()
+    second = svc.import_upload(io.BytesIO(tiff_bytes(volume)), name="second")
+    svc.close()
+    at = app("Annotate")
+    assert at.selectbox(key="dataset_pick_annotate").value == second.id  # (the newest)
+    at.selectbox(key="dataset_pick_annotate").select(first.id).run()
+    assert at.query_params["dataset"] == str(first.id)
+    at.query_params["dataset"] = str(second.id)  # Back: the address of the page before
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="dataset_pick_annotate").value == second.id
+    at.query_params.pop("dataset")  # a sidebar link: no dataset in the address, the session's choice goes on
+    at.switch_page(PAGES["Datasets"]).run()
+    assert at.selectbox(key="dataset_pick_Browse dataset").value == second.id
+    at.query_params["dataset"] = "not a number"
+    at.run()
+    assert at.selectbox(key="dataset_pick_Browse dataset").value == second.id
