@@ -28,7 +28,7 @@ def _load(which: str) -> None:
         flash(f"Not loaded again: the {which} dataset is already loaded as {shown}; it is selected.", "info")
         return
     except UserError as exc:
-        flash(f"The {which} dataset was not loaded: {exc}", "error")
+        flash(f"The {which} dataset was not loaded: {plain(exc)}", "error")
         return
     select_dataset(info.id)
     flash(f"Loaded **{plain(info.name)}** ({info.shape[0]} slices of {info.shape[1]}×{info.shape[2]}, "

@@ -19,8 +19,11 @@ _INVISIBLE = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\x00-\x08\
 _MARKDOWN = re.compile(r"([\\`*_\[\]()!#|~${}])")
 # what starts a list item, a heading underline or a rule only at the start of a line: "- ", "+ ", "1. ", "==="
 _LINE_START = re.compile(r"^([ \t]*)(?:([-+=])|(\d+)\.)", re.MULTILINE)
-# what GitHub's Markdown turns into a link with no brackets at all: "http://…", "www.…", "a@b.org", "mailto:…"
+# what GitHub's Markdown turns into a link with no brackets at all: "http://…", "www.…", "a@b.org", "mailto:…";
+# a word joiner (invisible) goes before the ":", "." or "@" (a backslash does not do: Streamlit's remark-gfm
+# finds these links in the text after its escapes are read)
 _AUTOLINK = re.compile(r"(?i)(?<=[a-z0-9])(:)(?=//)|(?<=\bwww)(\.)|(@)|(?<=\bmailto)(:)|(?<=\bxmpp)(:)")
+JOINER = "\u2060"
 
 
 def plain(text: object) -> str:
@@ -28,7 +31,7 @@ def plain(text: object) -> str:
     backslash-escaped, ``& < >`` as character references, bidirectional and control characters dropped."""
     cleaned = _INVISIBLE.sub("", "" if text is None else str(text))
     escaped = _MARKDOWN.sub(r"\\\1", html.escape(cleaned, quote=False))
-    escaped = _AUTOLINK.sub(lambda m: "\\" + m[0], escaped)
+    escaped = _AUTOLINK.sub(lambda m: JOINER + m[0], escaped)
     return _LINE_START.sub(lambda m: m[1] + ("\\" + m[2] if m[2] else m[3] + "\\."), escaped)
 
 
@@ -39,14 +42,17 @@ def said_by_job(error: str | None) -> str:
     return plain(last[0]) if last else "no reason recorded"
 
 
-_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?%?")
+_FORMULA = re.compile(r"[(!|=@\"']")  # what a formula after a leading + or - needs (a call, a link, a pipe)
 
 
 def cell(value: object) -> object:
     """A table cell as the table's "Download as CSV" may write it: text that a spreadsheet would run as a
-    formula (it starts with = + - @, a tab or a return, and is no number) gets a leading ``'``, as OWASP
-    advises; everything else is left as it is."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") and not _NUMBER.fullmatch(value):
+    formula gets a leading ``'``, as OWASP advises (it shows on the page too): text that starts with =, @, a
+    tab or a return, or with + or - and holds what a formula needs (a call's bracket, ``!``, ``|``, ``=``,
+    ``@``, quotes). "-ve control", "+3" or "-1,5" are left as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value[0] in "=@\t\r" or (value[0] in "+-" and _FORMULA.search(value)):
         return "'" + value
     return value
 

