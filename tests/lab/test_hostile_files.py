@@ -754,14 +754,32 @@ def test_a_truncated_imagej_stack_is_refused_not_stored_short(svc):
     assert svc.import_upload(Upload("whole.tif", whole)).shape == (6, 64, 64)
 
 
-def _pages(odd: np.ndarray, shaped: bool) -> bytes:
-    """Five pages of 64² uint8 but the fourth, ``odd``; ``shaped``: one series by tifffile's own header."""
+def _pages(odd: np.ndarray, shaped: bool, odd_at: int = 3) -> bytes:
+    """Five pages of 64² uint8 but the one at ``odd_at``, ``odd``; ``shaped``: one series by tifffile's own
+    header."""
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf) as tw:
         for z in range(5):
-            tw.write(odd if z == 3 else np.full((64, 64), 7, np.uint8), contiguous=False, metadata=None,
+            tw.write(odd if z == odd_at else np.full((64, 64), 7, np.uint8), contiguous=False, metadata=None,
                      description=json.dumps({"shape": [5, 64, 64]}) if shaped and z == 0 else None)
     return buf.getvalue()
+
+
+def test_slices_written_one_by_one_are_one_stack_and_previews_are_no_slices(svc):
+    """A script's ``for z: TiffWriter.write(slice)`` gives tifffile one series per slice (its first slice was
+    stored, the rest dropped); a microscope's reduced preview after each slice is no slice."""
+    volume = np.random.default_rng(3).integers(0, 255, (6, 48, 40), dtype=np.uint8)
+    one_by_one, previews = io.BytesIO(), io.BytesIO()
+    with tifffile.TiffWriter(one_by_one) as tw:
+        for plane in volume:
+            tw.write(plane)
+    with tifffile.TiffWriter(previews) as tw:
+        for plane in volume:
+            tw.write(plane, metadata=None)
+            tw.write(plane[::4, ::4], subfiletype=1, metadata=None)
+    for name, raw in (("one-by-one.tif", one_by_one), ("previews.tif", previews)):
+        info = svc.import_upload(Upload(name, raw.getvalue()))
+        assert info.shape == (6, 48, 40) and np.array_equal(svc.volume(info.id), volume), name
 
 
 def _ome_counting(planes: int) -> bytes:
@@ -774,16 +792,20 @@ def _ome_counting(planes: int) -> bytes:
     ("a NaN page read as the first page's uint8", r"slice 4 is not stored as slice 1 is \(pixel type float64 "
                                                   r"instead of uint8; bits per sample 64 instead of 8; sample "
                                                   r"format ieeefp instead of uint\)"),
-    ("a float page among plain pages", r"page 4 is 64 × 64 float32 where the stack's pages are 64 × 64 uint8, "
-                                       r"so it would be left out \(1 such page\)"),
-    ("a smaller page among plain pages", r"page 4 is 32 × 64 uint8 where the stack's pages are 64 × 64 uint8"),
+    ("a float page among plain pages", r"page 4 is not stored as the stack's first page \(pixel type float32 "
+                                       r"instead of uint8;.*\), so it would be left out \(1 such page\)"),
+    ("a smaller page among plain pages", r"page 4 is not stored as the stack's first page \(32 × 64 pixels "
+                                         r"instead of 64 × 64"),
     ("an OME header counting 2 planes of 3", r"its OME-XML header describes 2 planes but the file holds 3 pages"),
+    ("a last page of another type", r"page 5 is not stored as the stack's first page \(pixel type uint16 instead "
+                                    r"of uint8; bits per sample 16 instead of 8\), so it would be left out"),
 ])
 def test_a_tiff_whose_pages_would_be_read_wrong_or_left_out_is_refused(svc, case, message):
     raw = {"a NaN page read as the first page's uint8": lambda: _pages(np.full((64, 64), np.nan), shaped=True),
            "a float page among plain pages": lambda: _pages(np.full((64, 64), 1.5, np.float32), shaped=False),
            "a smaller page among plain pages": lambda: _pages(np.ones((32, 64), np.uint8), shaped=False),
-           "an OME header counting 2 planes of 3": lambda: _ome_counting(2)}[case]()
+           "an OME header counting 2 planes of 3": lambda: _ome_counting(2),
+           "a last page of another type": lambda: _pages(np.ones((64, 64), np.uint16), shaped=False, odd_at=4)}[case]()
     with pytest.raises(UserError, match=message):
         svc.import_upload(Upload("odd.tif", raw))
     if case.startswith("a NaN"):  # (labels are read the same way)

@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 
 from unet.exchange.limits import DEFAULT_MAX_BYTES, Limits
-from unet.exchange.tiff_codecs import PagesLeftOut, check_page, check_pages, check_series
+from unet.exchange.tiff_codecs import PagesLeftOut, check_page, check_pages, check_series, open_tiff
 
 VOLUME_DTYPES = (np.uint8, np.uint16, np.float32)
 LABEL_DTYPES = (np.bool_, np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64, np.uint64)
@@ -160,7 +160,7 @@ def inspect_stack(source: Source, channels_as_z: bool = False) -> StackInfo:
     if hasattr(source, "seek"):
         source.seek(0)  # type: ignore[union-attr]
     try:
-        with tifffile.TiffFile(source) as tif:
+        with open_tiff(source) as tif:
             if len(tif.pages) == 0 or not tif.series:
                 raise _Empty
             series = tif.series[0]
@@ -258,7 +258,8 @@ def _read(source: Source, what: str, dtypes: tuple, max_bytes: int, kind: str,
     try:
         if hasattr(source, "seek"):
             source.seek(0)  # type: ignore[union-attr]
-        data = tifffile.imread(source, series=0, maxworkers=1)
+        with open_tiff(source) as tif:
+            data = tif.series[0].asarray(maxworkers=1)
     except Exception as exc:
         raise ValueError(
             f"{what}: the pixel data could not be read; the file is probably truncated or damaged "
@@ -316,7 +317,7 @@ def iter_slices(source: Source, kind: str = "volume", channels_as_z: bool = Fals
     def pages() -> Iterator[np.ndarray]:
         if hasattr(source, "seek"):
             source.seek(0)  # type: ignore[union-attr]
-        with tifffile.TiffFile(source) as tif:
+        with open_tiff(source) as tif:
             try:
                 series = tif.series[0]
                 planes = list(series.pages)

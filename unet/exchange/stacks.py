@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import zarr
 
 from unet.exchange.io import iter_slices
 from unet.exchange.limits import Limits
-from unet.exchange.tiff_codecs import check_page
+from unet.exchange.tiff_codecs import check_page, open_tiff
 
 
 class TiffSlices:
@@ -25,7 +24,8 @@ class TiffSlices:
         info, _ = iter_slices(self.path, limits=limits)  # checks the header; reads nothing yet
         self.shape, self.dtype = info.shape, np.dtype(info.dtype)
         self.ndim = 3
-        self._tif = tifffile.TiffFile(self.path)
+        self._tif = open_tiff(self.path)
+        self._tif.filehandle.set_lock(True)  # (threads share this file: each page's seek and read is one step)
         pages = list(self._tif.series[0].pages)
         if len(pages) != self.shape[0]:
             self._tif.close()

@@ -98,32 +98,69 @@ def check_page(page: tifffile.TiffPage, what: str, index: int, first: tifffile.T
                          f"({type(exc).__name__}: {exc})") from None
 
 
+def open_tiff(source) -> tifffile.TiffFile:
+    """``tifffile.TiffFile(source)``, but a stack written one slice per ``TiffWriter.write`` (tifffile's own
+    header on each page: as many one-page series) is opened as the one stack of pages it is, as Fiji reads
+    it; tifffile's first series was its first slice, and the rest was left out."""
+    tif = tifffile.TiffFile(source)
+    series = tif.series
+    if len(series) > 1 and all(s.kind == "shaped" and len(s.pages) == 1 for s in series):
+        tif.close()
+        if hasattr(source, "seek"):
+            source.seek(0)
+        tif = tifffile.TiffFile(source, is_shaped=False)
+    return tif
+
+
 class PagesLeftOut(ValueError):
     pass
 
 
 def check_series(tif: tifffile.TiffFile, what: str) -> None:
     """:class:`PagesLeftOut` (a ``ValueError``) if the stack read from ``tif`` (its first series) would leave
-    out pages of the file without a word: a page unlike the others (another size or pixel type) among a plain
-    TIFF's pages, which tifffile puts in a series of its own, or pages that an OME-XML header does not count
-    (``SizeZ`` says fewer planes than the file holds)."""
+    out pages of the file without a word: in a plain TIFF, any full-size page that tifffile puts in another
+    series (another size, pixel type or layout, before, among or after the stack's pages); in a file whose
+    header shapes its series (ImageJ, OME, tifffile's own), a page among the stack's pages; and pages that an
+    OME-XML header does not count (``SizeZ`` says fewer planes than the file holds). A reduced page (a preview
+    or thumbnail that says it is one, as some microscopes write after each slice) is not a slice."""
     if not tif.series:
         return
-    indices = sorted(p.index for p in tif.series[0].pages if p is not None and isinstance(p.index, int))
+    series = tif.series[0]
+    indices = sorted(p.index for p in series.pages if p is not None and isinstance(p.index, int))
+    if not indices:
+        return
     kept = set(indices)
-    odd = [i for i in range(indices[0], indices[-1]) if i not in kept] if indices else []
+    around = range(len(tif.pages)) if series.kind in ("generic", "uniform") else range(indices[0], indices[-1])
+    odd = [i for i in around if i not in kept and not getattr(own_tags(tif.pages[i]), "is_reduced", False)]
     if odd:
-        page, like = tif.pages[odd[0]], tif.pages[indices[0]]
-        raise PagesLeftOut(f"{what}: page {odd[0] + 1} is {' × '.join(map(str, page.shape))} {page.dtype} where the "
-                         f"stack's pages are {' × '.join(map(str, like.shape))} {like.dtype}, so it would be left "
-                         f"out ({len(odd)} such page{'s' if len(odd) != 1 else ''}); save the stack again with one "
-                         "size and pixel type for every slice (Fiji: Image › Type, then File › Save As › Tiff…)")
+        page, like = own_tags(tif.pages[odd[0]]), own_tags(tif.pages[indices[0]])
+        differs = "; ".join(_differences(page, like, layout=True)) or "another series of the file"
+        raise PagesLeftOut(f"{what}: page {odd[0] + 1} is not stored as the stack's first page ({differs}), so it "
+                           f"would be left out ({len(odd)} such page{'s' if len(odd) != 1 else ''}); save the stack "
+                           "again with one size and pixel type for every slice (Fiji: Image › Type, then File › "
+                           "Save As › Tiff…)")
     if tif.is_ome:
         counted = sum(1 for s in tif.series for p in s.pages if p is not None)
         if counted < len(tif.pages):
             raise PagesLeftOut(f"{what}: its OME-XML header describes {counted} plane{'s' if counted != 1 else ''} "
-                             f"but the file holds {len(tif.pages)} pages, so some would be left out; the header is "
-                             "wrong: save the stack again (Fiji: File › Save As › OME-TIFF…, or Tiff…)")
+                               f"but the file holds {len(tif.pages)} pages, so some would be left out; the header "
+                               "is wrong: save the stack again (Fiji: File › Save As › OME-TIFF…, or Tiff…)")
+
+
+def _differences(own, first, layout: bool = False) -> list[str]:
+    """How page ``own`` is stored unlike page ``first``: :data:`FORMAT`'s tags, and (``layout``) its size,
+    strips and tiles."""
+    said = []
+    if layout and tuple(own.shape) != tuple(first.shape):
+        said.append(f"{' × '.join(map(str, own.shape))} pixels instead of {' × '.join(map(str, first.shape))}")
+    said += [f"{label} {_named(tag, getattr(own, tag, None))} instead of {_named(tag, getattr(first, tag, None))}"
+             for tag, label in FORMAT.items() if getattr(own, tag, None) != getattr(first, tag, None)]
+    if layout:
+        for tag, label in (("rowsperstrip", "rows per strip"), ("tilewidth", "tile width"),
+                           ("tilelength", "tile height")):
+            if getattr(own, tag, None) != getattr(first, tag, None):
+                said.append(f"{label} {getattr(own, tag, None)} instead of {getattr(first, tag, None)}")
+    return said
 
 
 def own_tags(page):
@@ -168,8 +205,7 @@ def _check_layout(page: tifffile.TiffPage, what: str, index: int, first: tifffil
                              "it claims to be")
     if first is not None and own is not first:
         first = own_tags(first)
-        differs = [f"{label} {_named(tag, getattr(own, tag, None))} instead of {_named(tag, getattr(first, tag, None))}"
-                   for tag, label in FORMAT.items() if getattr(own, tag, None) != getattr(first, tag, None)]
+        differs = _differences(own, first)
         if differs:
             raise ValueError(f"{what}: slice {index + 1} is not stored as slice 1 is ({'; '.join(differs)}), and "
                              "would be read as if it were; save the stack again with one pixel type for every "
@@ -207,7 +243,7 @@ def check_pages(source, what: str) -> None:
     or a binary file, rewound after)."""
     if hasattr(source, "seek"):
         source.seek(0)
-    with tifffile.TiffFile(source) as tif:
+    with open_tiff(source) as tif:
         pages = list(tif.series[0].pages) if tif.series else []
         first = next((page for page in pages if page is not None), None)
         for index, page in enumerate(pages):
