@@ -47,8 +47,8 @@ def next_button(svc: Neuroseg, dataset_id: int, shape: tuple[int, int], z: int) 
     item: WorkItemInfo | None = st.session_state.get(TAKEN)
     if item is not None and (item.dataset_id, item.slice_index) == (dataset_id, z):
         y0, x0, h, w = item.box
-        st.caption(f"To fix: slice {item.slice_index}, rows {y0}–{y0 + h}, columns {x0}–{x0 + w} ({item.reasons}). "
-                   "Saving the slice marks it done.")
+        st.caption(f"To fix: slice {item.slice_index}, rows {y0}–{y0 + h - 1}, columns {x0}–{x0 + w - 1} "
+                   f"({item.reasons}). Saving the slice marks it done.")
 
 
 def _rank(svc: Neuroseg, dataset_id: int) -> None:

@@ -16,7 +16,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 import pages.state as state
 import web.sessions as sessions
 from pages.common import NOBODY, actor, attempt, base_service, frame_guard, service
-from storage.service import SESSION_HOURS, Actor, UserError
+from storage.service import SESSION_HOURS, Actor, UserError, admin_password_from_env
 from ui.text import plain
 
 # this module's own keys
@@ -234,9 +234,11 @@ def _sign_in_form() -> None:
     if message:
         st.warning(message, icon=":material/lock_clock:")
     if base_service().awaiting_first_admin():
-        st.info("**First start.** Sign in as **admin** with the one-time password printed in the terminal that "
-                "started the server (`./run.sh`), beside its URL. Lost it? In the Neuroseg folder on the server, "
-                "`.venv/bin/python -m storage reset-password admin` prints a new one.", icon=":material/key:")
+        where = ("the password in `$NEUROSEG_ADMIN_PASSWORD` (the server was started with it set)"
+                 if admin_password_from_env() else "the one-time password printed in the terminal that started "
+                 "the server (`./run.sh`), beside its URL")
+        st.info(f"**First start.** Sign in as **admin** with {where}. Lost it? In the Neuroseg folder on the "
+                "server, `.venv/bin/python -m storage reset-password admin` prints a new one.", icon=":material/key:")
     with st.form("sign_in", enter_to_submit=True):
         username = st.text_input("User name", max_chars=64, autocomplete="username")
         password = st.text_input("Password", type="password", autocomplete="current-password")

@@ -82,12 +82,17 @@ def first_start(settings: Settings | None = None) -> str:
         sessions.kw["bind"].dispose()
     if password is None:
         return ""
-    if os.environ.get("NEUROSEG_ADMIN_PASSWORD"):
+    if admin_password_from_env():
         return ("Sign in as admin with the password in $NEUROSEG_ADMIN_PASSWORD; you choose your own at the first "
                 "sign-in.")
     return (f"First start: sign in as admin with the one-time password  {password}\n"
             "(shown only this once; you choose your own at the first sign-in. Lost it? Run\n"
             " .venv/bin/python -m storage reset-password admin  in this folder.)")
+
+
+def admin_password_from_env() -> bool:
+    """Whether the first admin's password is the one in ``$NEUROSEG_ADMIN_PASSWORD`` (none is printed then)."""
+    return bool(os.environ.get("NEUROSEG_ADMIN_PASSWORD"))
 
 
 def settings_from_env(data_dir: str | None = None, database_url: str | None = None) -> Settings:

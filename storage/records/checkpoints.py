@@ -26,6 +26,7 @@ from unet.exchange.bioimageio import (
     card_text,
     code_block,
     package_bytes,
+    spec_name,
 )
 from unet.exchange.checkpoint import load_checkpoint
 from unet.training.labels import offset_words
@@ -130,7 +131,7 @@ def export_model(session: Session, store: FileStore, checkpoint_id: int, authors
                                            and "isbi" in (dataset.name + dataset.source_name).lower())
     what = "the starter model" if run.kind == RunKind.STARTER else f"run {run.id}"
     info = ExportInfo(
-        name=f"Neuroseg {what} ({row.kind} step {row.step})",
+        name=spec_name(row.name or "", f"Neuroseg {what} ({row.kind} step {row.step})"),  # (the card's name)
         description=(f"A U-Net that maps an EM slice to its neuron (1 - membrane) probability: the {row.kind} "
                      f"checkpoint of {what}, trained with Neuroseg."),
         authors=authors or ["Neuroseg"], cite=[UNET_CITE, ISBI_CITE] if isbi else [UNET_CITE],

@@ -24,6 +24,7 @@ from unet.exchange.bioimageio import (
     ExportInfo,
     PackageError,
     export_package,
+    spec_name,
     validate,
 )
 from unet.exchange.checkpoint import load_checkpoint, save_checkpoint
@@ -125,9 +126,12 @@ def test_a_package_that_is_not_ours_or_not_a_package_is_refused_with_the_reason(
 
 
 def test_a_description_the_spec_refuses_is_a_clear_error_and_writes_nothing(checkpoint, stack, tmp_path):
-    with pytest.raises(PackageError, match=r"name: .*at least 5"):
-        export_package(checkpoint, stack[0], ExportInfo("m", "d"), tmp_path / "m.zip")
+    with pytest.raises(PackageError, match=r"the package description is not valid: .*should match pattern '\^10"):
+        export_package(checkpoint, stack[0], ExportInfo("A model", "d", cite=[("x", "no DOI")]), tmp_path / "m.zip")
     assert list(tmp_path.iterdir()) == []
+    assert spec_name("m") == "Neuroseg U-Net" and spec_name("m", "Run 3") == "Run 3"  # (a name the spec refuses:
+    assert spec_name("Membranes <b>ok</b> ✓") == "Membranes b ok b"  # the default; its characters only)
+    assert len(spec_name("x" * 300)) == 128
 
 
 def test_the_app_exports_the_starter_model_for_the_signed_in_user(tmp_path, monkeypatch):

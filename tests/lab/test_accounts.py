@@ -85,7 +85,12 @@ def test_the_first_start_prints_the_sign_in_beside_the_url_and_the_sign_in_page_
     assert "reset-password admin" in banner
     monkeypatch.setenv("NEUROSEG_DATA_DIR", str(data))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
-    assert any("**First start.** Sign in as **admin**" in i.value for i in at.info)
+    assert any("**First start.** Sign in as **admin** with the one-time password printed in the terminal" in i.value
+               for i in at.info)
+    monkeypatch.setenv("NEUROSEG_ADMIN_PASSWORD", "set-by-the-lab")  # (then that is where it is, and it says so)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert any("with the password in `$NEUROSEG_ADMIN_PASSWORD`" in i.value for i in at.info)
+    monkeypatch.delenv("NEUROSEG_ADMIN_PASSWORD")
     server = Neuroseg(Settings.from_env(data), supervise=False)
     try:
         admin, token = server.sign_in("admin", password)

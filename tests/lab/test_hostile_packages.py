@@ -27,7 +27,7 @@ import torch
 from tests.engine.test_bioimageio import _nothing_left, _rdf_edit, _rezip, small_export, torchscript_package
 from unet.exchange import torchscript_guard, torchscript_rules
 from unet.exchange.bioimageio import card_text, code_block, validate
-from unet.exchange.package_reader import load_package
+from unet.exchange.package_reader import load_package, read_rdf
 from unet.prediction.infer import predict_slice
 
 pytest.importorskip("bioimageio.core", reason="bioimageio.core is in requirements.txt")
@@ -715,6 +715,9 @@ def test_user_text_in_an_exported_model_card_is_text(service, annotator, exporte
     data, _ = annotator.export_model(imported.checkpoint_id)
     card = zipfile.ZipFile(io.BytesIO(data)).read("README.md").decode()
     assert "## Notes" in card and "evil.example" in card  # the notes are there, as text
+    name = read_rdf(zipfile.ZipFile(io.BytesIO(data)).read("rdf.yaml"))["name"]  # the card's name, as the spec
+    assert name.startswith("Membranes ") and len(name) <= 128 and set(name) <= set(  # lets it be
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_+- ()")
     for raw in ("<script", "<img", "![", "](", "[click]"):
         assert raw not in card, raw
     assert "&lt;script&gt;alert\\(1\\)&lt;/script&gt;" in card

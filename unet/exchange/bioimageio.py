@@ -173,11 +173,18 @@ def build_description(checkpoint: Checkpoint, test_image: np.ndarray, info: Expo
         raise PackageError(f"the package description is not valid: {problems}") from None
 
 
+def spec_name(name: str, default: str = "Neuroseg U-Net") -> str:
+    """``name`` as a package's ``name`` may be: the characters the spec allows, 5 to 128 of them (else
+    ``default``)."""
+    kept = " ".join(re.sub(r"[^A-Za-z0-9_+\- ()]", " ", name).split())[:128].strip()
+    return kept if len(kept) >= 5 else default
+
+
 def _describe(bio, checkpoint: Checkpoint, info: ExportInfo, folder: Path, sizes: list[int], step: int,
               offset: int, space_scale: dict, torch_version):
     config = checkpoint.model_config
     return bio.ModelDescr(
-        name=" ".join(re.sub(r"[^A-Za-z0-9_+\- ()]", " ", info.name).split()),  # the characters the spec allows
+        name=spec_name(info.name),
         description=info.description,
         authors=[bio.Author(name=a) for a in info.authors],
         cite=[bio.CiteEntry(text=text, doi=bio.Doi(doi)) for text, doi in info.cite],
