@@ -28,7 +28,8 @@ def follow(run_id: int, was_active: bool) -> None:
     head[0].markdown(f"Status: **{run.status}**" + (" (cancel requested)" if run.cancel_requested and
                                                       run.active else ""))
     if run.kind == RunKind.LIVE:  # no end to count towards: what it does now
-        head[1].markdown(f"**Live session** (Annotate) · step {progress.step:,} · {run.phase or run.status.lower()}")
+        doing = run.phase if run.active and run.phase else run.status.lower()  # (an ended one's last phase is old)
+        head[1].markdown(f"**Live session** (Annotate) · step {progress.step:,} · {doing}")
     else:
         fraction = progress.step / progress.steps if progress.steps else 0.0
         head[1].progress(min(fraction, 1.0), text=progress_text(progress))
@@ -68,6 +69,11 @@ def follow(run_id: int, was_active: bool) -> None:
         elif run.kind == RunKind.TRAIN and not run.spec.get("val"):
             right.caption("No validation curve: this run has no validation slices. Its last weights are kept as "
                           "its final checkpoint.")
+        elif run.kind == RunKind.LIVE:
+            right.caption("No validation curve: a live session learns from every saved mask as it comes. Predict "
+                          "scores its checkpoints on the slices you choose.")
+        elif not run.active:
+            right.caption("No validation curve: the run ended before its first validation.")
         else:
             right.caption("Validation metrics appear after the first validation.")
     with st.expander("Worker log (last lines)", expanded=run.status == RunStatus.FAILED):

@@ -373,3 +373,18 @@ def test_a_reload_of_predict_opens_the_prediction_in_its_url(app_data_dir, monke
     reloaded.switch_page(PAGES["Predict"]).run()
     assert not reloaded.exception, reloaded.exception
     assert reloaded.selectbox(key=f"pick_{demo.id}").value == older
+
+
+def test_an_ended_live_session_on_train_says_it_ended_not_its_last_phase(app_data_dir):
+    """A live session stopped: Train followed it with "FINISHED · stopping: saving the weights"."""
+    from storage.models import Run
+
+    svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
+    demo = svc.load_demo()
+    with svc.sessions.begin() as s:
+        s.add(Run(kind="live", spec={"dataset_id": demo.id}, config={}, status="FINISHED",
+                  phase="stopping: saving the weights"))
+    svc.close()
+    at = open_page("Train")
+    shown = " ".join(m.value for m in at.markdown) + " ".join(c.value for c in at.caption)
+    assert "**Live session** (Annotate) · step 0 · finished" in shown and "stopping" not in shown, shown
