@@ -119,6 +119,9 @@ class DraftLike(Protocol):
     kept_as: str  # the token of the kept draft this edit last kept or loaded ("" none)
 
     @property
+    def tools(self) -> tuple[str, ...]: ...
+
+    @property
     def changed_pixels(self) -> int: ...
 
     def saved(self, mask_id: int, kind: str) -> None: ...
@@ -141,6 +144,7 @@ class StoredDraft:
     original: np.ndarray | None = None
     working: np.ndarray | None = None
     token: str = ""  # written with every keep: what an edit that loads it keeps over (see DraftClash)
+    tools: tuple[str, ...] = ()  # what made it so far (a version saved from it lists them)
 
 
 # --- runs ----------------------------------------------------------------------------------------------

@@ -174,6 +174,7 @@ class Draft(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     token: Mapped[str] = mapped_column(String(32), default="", server_default="")  # written with every keep
+    tools: Mapped[list[str] | None] = mapped_column(JSON)  # domain.kinds.Tool values that made it so far
 
 
 class Run(Base):

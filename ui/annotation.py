@@ -134,6 +134,7 @@ class Draft:
         draft = cls.restored(stored.dataset_id, stored.slice_index, stored.source, stored.source_mask_id,
                              stored.latest_id, stored.kind, stored.original, stored.working, stored.prediction_id)
         draft.kept_as = stored.token
+        draft.forgotten_tools |= set(stored.tools)  # (its undo history stayed in the tab it was made in)
         return draft
 
     @classmethod

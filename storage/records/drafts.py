@@ -26,7 +26,8 @@ from unet.training.labels import IGNORE
 
 def _record(row: DraftRow, original: np.ndarray | None = None, working: np.ndarray | None = None) -> StoredDraft:
     return StoredDraft(row.dataset_id, row.slice_index, row.owner, row.source, row.source_mask_id, row.latest_id,
-                       row.prediction_id, row.kind, row.changed_pixels, row.updated, original, working, row.token)
+                       row.prediction_id, row.kind, row.changed_pixels, row.updated, original, working, row.token,
+                       tuple(str(t) for t in row.tools or ()))
 
 
 def _find(session: Session, dataset_id: int, slice_index: int, owner: str) -> DraftRow | None:
@@ -56,6 +57,7 @@ def keep(session: Session, store: FileStore, draft: StoredDraft) -> str:
     row.source, row.source_mask_id, row.latest_id = draft.source, draft.source_mask_id, draft.latest_id
     row.prediction_id, row.kind, row.changed_pixels = draft.prediction_id, draft.kind, draft.changed_pixels
     row.updated = datetime.now(UTC)
+    row.tools = sorted({str(t) for t in draft.tools})
     row.token = uuid.uuid4().hex
     session.flush()
     return row.token
@@ -156,4 +158,4 @@ def keep_edit(session: Session, store: FileStore, draft: DraftLike, owner: str, 
     return keep(session, store, StoredDraft(draft.dataset_id, draft.slice_index, owner, draft.source,
                                             draft.source_mask_id, draft.latest_id, draft.prediction_id, draft.kind,
                                             draft.changed_pixels, datetime.now(UTC), np.asarray(draft.original),
-                                            np.asarray(draft.working)))
+                                            np.asarray(draft.working), tools=tuple(getattr(draft, "tools", ()))))

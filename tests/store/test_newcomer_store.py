@@ -53,9 +53,12 @@ def test_drafts_are_kept_per_user_and_slice_and_come_back_as_they_were(svc):
     assert (svc.stored_draft(demo.id, 0, "name:bob").working[15, 15]) == NEURON, "each user has their own"
     assert svc.stored_draft(demo.id, 1, "name:ann") is None
 
-    # a restored draft saves like the original (and the kept copy goes); a clean one is not kept
+    # a restored draft saves like the original (and the kept copy goes), with the tools that made it (a reload
+    # lost them: the version listed none); a clean one is not kept
+    assert ann.tools == ("brush",) and stored.tools == ("brush",) and back.tools == ("brush",)
     saved = svc.save_draft(back, "ann", owner="name:ann")
     assert saved.version == 2 and svc.stored_draft(demo.id, 0, "name:ann") is None
+    assert svc.history(demo.id, 0)[-1].tools == ("brush",)
     assert svc.stored_draft(demo.id, 0, "name:bob") is not None
     clean = new_draft(svc, demo.id, 3, start_options(svc, demo.id, 3)[0])  # (another tab, which never saw it)
     with pytest.raises(DraftClash, match="another tab or browser of yours changed"):
