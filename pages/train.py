@@ -203,6 +203,8 @@ else:
                        "step, and Runs cannot compare it with others. Its last weights are kept. Name a labelled "
                        "slice or two under Validation slices (not used for training) to measure it.",
                        icon=":material/rule:")
+        elif train_parts and not problems and (note := svc.validation_note(val_parts)):
+            st.warning(note, icon=":material/rule:")
         if st.button("Train", type="primary", disabled=bool(problems) or not train_parts or config is None
                      or not can("train"),
                      key="train_submit"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -18,10 +19,12 @@ from storage.models import Checkpoint, Dataset, MaskVersion, Metric, Run, RunMas
 from storage.records.datasets import dataset_row
 from storage.records.files import FileStore
 from storage.records.heldout import held_out, refuse_training_on_held_out
-from storage.records.masks import latest_mask, slice_kinds
+from storage.records.masks import latest_mask, load_mask, slice_kinds
 from unet.network.config import TrainConfig
 from unet.network.device import pick_device
+from unet.prediction.metrics import MIN_NEURONS, scored_neurons
 from unet.training.estimate import estimate_training
+from unet.training.labels import MEMBRANE, NEURON
 
 Curve = list[tuple[int, float, float]]  # (step, value, seconds since the run started)
 
@@ -77,6 +80,41 @@ def training_estimate(session: Session, config: TrainConfig, val: list[dict[str,
     except RuntimeError as exc:
         raise ValueError(str(exc)) from exc
     return estimate_training(config, shapes, "cpu" if device.type == "cpu" else str(device)).describe()
+
+
+VAL_FEW_PIXELS = 20_000  # labelled pixels below which validation slices choose a run's best step by chance
+
+
+def validation_note(session: Session, store: FileStore, val: list[dict[str, Any]]) -> str | None:
+    """What the user should know about validation slices that cannot judge a run well (None: nothing): too few
+    labelled pixels, one class only, or no slice that outlines two whole neurons (its neuron scores are none,
+    and pixel error alone chooses the best step). They choose the run's best checkpoint, which Predict offers."""
+    labelled = neuron = membrane = 0
+    whole = False
+    for part in val:
+        dataset = dataset_row(session, part["dataset_id"])
+        for z in part["slices"]:
+            mask = latest_mask(session, dataset.id, z)
+            if mask is None:
+                continue
+            target = load_mask(session, store, mask.id)
+            neuron += int(np.count_nonzero(target == NEURON))
+            membrane += int(np.count_nonzero(target == MEMBRANE))
+            labelled = neuron + membrane
+            whole = whole or int(scored_neurons(target).max(initial=0)) >= MIN_NEURONS
+    if not val or labelled == 0:
+        return None
+    said = []
+    if labelled < VAL_FEW_PIXELS:
+        said.append(f"they hold only {labelled:,} labelled pixels")
+    if not neuron or not membrane:
+        said.append(f"every labelled pixel in them is {'membrane' if membrane else 'neuron'}")
+    elif not whole:
+        said.append("none of them outlines two whole neurons, so only pixel error can measure the run")
+    if not said:
+        return None
+    return ("The validation slices choose this run's best checkpoint (the one Predict offers), but "
+            + "; ".join(said) + ": the best may be chosen by chance. Label more of them, or choose others.")
 
 
 def train_plan(session: Session, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> list[PlanRow]:

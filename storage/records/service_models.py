@@ -41,6 +41,11 @@ class ModelsService(Facade):
         network and this data's size (see :mod:`unet.training.estimate`)."""
         return self._tx(runs.training_estimate, config, val)
 
+    @looks
+    def validation_note(self, val: list[dict[str, Any]]) -> str | None:
+        """What validation slices lack to judge a run well (see :func:`storage.records.runs.validation_note`)."""
+        return self._tx(runs.validation_note, self.store, val)
+
     @guard("train", "train", creates="run")
     def submit_training(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: TrainConfig, *,
                         preset: str = "", parent_checkpoint_id: int | None = None) -> RunInfo:

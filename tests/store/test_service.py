@@ -337,3 +337,27 @@ def test_object_tools_edit_a_draft_like_a_stroke_and_the_save_records_them(svc, 
         from storage.records import masks
         with svc.sessions() as s:
             masks.save_mask(s, svc.store, info.id, 0, merged, kind="painted", parent_id=saved.id, tools=["lasso"])
+
+
+def test_validation_slices_that_cannot_judge_a_run_are_named_before_it_starts(svc):
+    """One erased neuron as the only validation slice chose a run's best step (step 10 of 400) by chance."""
+    from storage.records.masks import save_mask
+
+    demo = svc.load_demo()
+    assert svc.validation_note([{"dataset_id": demo.id, "slices": [6, 7]}]) is None  # (fully labelled: fine)
+    few = np.full(demo.shape[1:], IGNORE, np.uint8)
+    few[40:100, 40:100] = NEURON  # one neuron, painted
+    thin = np.full(demo.shape[1:], IGNORE, np.uint8)
+    thin[:, :120] = NEURON
+    thin[:, 120:124] = MEMBRANE  # a band of membrane: one neuron open to the unlabelled rest, none whole
+    with svc.sessions.begin() as s:
+        for z, mask in ((6, few), (7, thin)):
+            parent = svc.history(demo.id, z)[-1].id
+            save_mask(s, svc.store, demo.id, z, mask, kind="painted", parent_id=parent)
+    note = svc.validation_note([{"dataset_id": demo.id, "slices": [6]}])
+    assert "they hold only 3,600 labelled pixels; every labelled pixel in them is neuron" in note
+    assert "Label more of them, or choose others" in note
+    note = svc.validation_note([{"dataset_id": demo.id, "slices": [7]}])
+    assert note.endswith("none of them outlines two whole neurons, so only pixel error can measure the run: the "
+                         "best may be chosen by chance. Label more of them, or choose others."), note
+    assert svc.validation_note([]) is None
