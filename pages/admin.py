@@ -11,6 +11,7 @@ import streamlit as st
 from pages.common import attempt, can, data_table, flash, start_page, still_signed_in
 from ui.text import plain
 
+ADDED = "_admin_users_added"  # (this page's own key: users added in this session, which names the form)
 ONE_TIME = "admin_one_time"  # (this page's own key: a one-time password to hand over, shown once)
 svc = start_page("Admin")
 if not can("admin"):
@@ -47,13 +48,16 @@ with users_tab:
                    "again, and it must be changed at the first sign-in.", icon=":material/key:")
 
     left, right = st.columns(2)
-    with left, st.form("add_user", clear_on_submit=True):
+    # (a refused name stays in the field to be corrected: a form cleared on every submit sent an empty name
+    # on the next click, whose "Enter a user name" hid the reason; a new form once the user is made)
+    added = st.session_state.get(ADDED, 0)
+    with left, st.form(f"add_user_{added}"):
         st.markdown("**Add a user**")
         new_name = st.text_input("User name", max_chars=64, help="Letters a–z, digits, '.', '_' and '-'.")
         new_role = st.selectbox("Role", ROLES, index=1)
         if st.form_submit_button("Add user", type="primary"):
             attempt(lambda: svc.create_user(new_name, new_role),
-                    lambda made: st.session_state.update({ONE_TIME: (made[0].username, made[1])}))
+                    lambda made: st.session_state.update({ONE_TIME: (made[0].username, made[1]), ADDED: added + 1}))
     with right:
         st.markdown("**Change a user**")
         by_name = {u.username: u for u in people}

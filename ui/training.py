@@ -15,7 +15,7 @@ from domain.scores import DECIDES, HeldOut, Score
 from unet.network.config import PRESETS, TrainConfig, preset
 
 PRESET_NOTES = {
-    "cpu-quick": "tuned to do well in about 10 minutes on 2 CPU cores",
+    "cpu-quick": "tuned on ISBI 2012 for about 10 minutes on 2 idle CPU cores (the estimate below is for here)",
     "gpu": "the default on a GPU: ISBI quality within 8 minutes, batches made on the GPU",
     "gpu-full": "the paper's full-width network (valid padding), for a GPU",
     "tiny": "a few seconds on a CPU: to try the app out",

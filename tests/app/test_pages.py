@@ -456,6 +456,22 @@ def test_the_admin_page_shows_what_crashes_left_and_deletes_it(app_data_dir):
     assert any("Deleted what crashes left: 4.0 KB freed." in s.value for s in at.success)
     assert not left.exists() and not [b for b in at.button if b.key == "empty_orphans"]
 
+    # a refused name stays to be corrected, and a second click says the same reason (an emptied form said
+    # "Enter a user name" instead); a user made, the form is empty again
+    name = next(t for t in at.text_input if t.label == "User name")
+    name.input("has space")
+    adding = next(b for b in at.button if b.label == "Add user")
+    adding.click().run()
+    reason = [e.value for e in at.error]
+    assert reason and "Enter a user name" not in reason[0]
+    assert next(t for t in at.text_input if t.label == "User name").value == "has space"
+    next(b for b in at.button if b.label == "Add user").click().run()
+    assert [e.value for e in at.error] == reason, "the second click gives the same reason"
+    next(t for t in at.text_input if t.label == "User name").input("newcomer")
+    next(b for b in at.button if b.label == "Add user").click().run()
+    assert any("One-time password for **newcomer**" in s.value for s in at.success)
+    assert next(t for t in at.text_input if t.label == "User name").value == ""
+
 
 def test_the_dataset_in_the_address_is_the_one_every_page_works_on(app_data_dir, synthetic):
     """The browser's Back or Forward brings an address of another dataset: the page works on that one, not on
