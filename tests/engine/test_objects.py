@@ -196,6 +196,17 @@ def test_a_tile_whose_few_neurons_hold_the_doubt_ranks_above_a_busy_one():
         review.rank_regions(u, objects=objects[:32])
 
 
+def test_the_regions_of_a_slice_are_about_equal_and_leave_no_thin_strip():
+    """A 700 × 900 slice in tiles of 225 px left a strip of 25 rows at its bottom edge, which Next to fix
+    opened first (a few doubtful pixels make a high score per pixel)."""
+    u = np.zeros((700, 900), np.float32)
+    u[690:, :200] = 0.5  # doubt at the bottom edge only
+    tiles = review.rank_regions(u, tile=review.tile_size(u.shape))
+    assert sorted({t.h for t in tiles}) == [175] and sorted({t.w for t in tiles}) == [225] and len(tiles) == 16
+    assert (tiles[0].y0, tiles[0].x0, tiles[0].h) == (525, 0, 175)
+    assert sum(t.h * t.w for t in tiles) == u.size
+
+
 def test_a_large_live_prediction_is_cut_into_neurons_only_around_the_view():
     """On a slice over 2048² the neurons of a live prediction are made in the view and a halo around it, so a
     click answers at once; the rest of the slice stays 0 (no neuron to click there)."""
