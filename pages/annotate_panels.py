@@ -262,7 +262,10 @@ def start_from_panel(edit: Edit, draft: Draft, options: list[StartOption], histo
 
 def save_bar(edit: Edit, draft: Draft, in_conflict: bool) -> None:
     """Save, Discard, Undo, Redo, and what is unsaved (or was saved last)."""
-    actions = st.columns([2, 2, 1, 1, 6], vertical_alignment="center")
+    # (buttons as wide as their labels and shortcuts, in a row that wraps: fixed columns cut "Save version"
+    # and hid Undo's and Redo's labels under their shortcuts on a laptop's width)
+    row = st.container(horizontal=True, vertical_alignment="center")
+    actions = [row, row, row, row, row]
     actions[0].button("Save version", type="primary", on_click=_save, args=(edit, draft), key="save_mask",
                       disabled=in_conflict or not can("annotate"), shortcut="Ctrl+S")
     actions[1].button("Discard changes", on_click=_discard, args=(edit, draft), disabled=not draft.dirty or in_conflict,
