@@ -29,6 +29,7 @@ from storage.auth.passwords import (
     ADDRESS_WINDOW,
     HASHER,
     MAX_PASSWORD,
+    MAX_WAIT,
     check_new_password,
     shared_address,
     verify_password,
@@ -235,6 +236,18 @@ def _locked_until(session: Session, user: User | None, name: str) -> datetime | 
     return aware(last) + wait if wait and last is not None else None
 
 
+def _first_try_from(session: Session, name: str, address: str, moment: datetime) -> bool:
+    """Whether a name's wait spares this address: one of its own (not shared) from which no sign-in as that name
+    failed for as long as the longest wait. Else anyone could keep an account (the admin's, whose name is known)
+    waiting for good with one wrong password every five minutes, its owner's right password included; a
+    stranger still gets one try per address and wait, and the address's own limit on failures."""
+    if shared_address(address):
+        return False
+    return not session.scalar(select(func.count()).select_from(AuditEvent).where(
+        AuditEvent.action == "sign in", AuditEvent.outcome.in_(("failed", "refused")), AuditEvent.username == name,
+        AuditEvent.address == address[:64], AuditEvent.time > moment - MAX_WAIT))
+
+
 EXPIRED_KEPT = timedelta(days=1)  # how long an expired sign-in is kept, so a browser is told it expired
 
 
@@ -278,7 +291,7 @@ def sign_in(session: Session, username: str, password: str, address: str = "") -
     # (the row is locked on a server database: another server process's sign-in as this user waits for this one)
     user = session.scalar(select(User).where(User.username == name).with_for_update())
     locked = _locked_until(session, user, name)
-    if locked is not None and locked > moment:
+    if locked is not None and locked > moment and not _first_try_from(session, name, address, moment):
         seconds = int((locked - moment).total_seconds()) + 1
         audit.record(session, user.id if user else None, "sign in", f"user {name}", "refused",
                      "waiting after wrong passwords", address, username=name)

@@ -5,6 +5,7 @@ limit, and the migration that gives an existing store's rows an owner."""
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -152,6 +153,28 @@ def test_wrong_passwords_in_a_row_make_the_account_wait(svc):
     assert svc.sign_in("ann", GOOD)[0].username == "ann"
     outcomes = [r.outcome for r in svc.audit_trail(action="sign in", username="ann")][::-1]
     assert outcomes[-5:] == ["failed", "failed", "failed", "refused", "ok"]
+
+
+def test_wrong_passwords_from_one_address_do_not_lock_the_owner_out_from_another(svc):
+    """One wrong password every five minutes kept an account (the admin's, whose name everyone knows) waiting
+    for good, its owner's right password too. The wait spares an address from which that name never failed."""
+    user(svc, "ann", "annotator")
+    for _ in range(passwords.FREE_TRIES + 1):
+        with pytest.raises(UserError, match=r"wrong password|wait"):
+            svc.sign_in("ann", "not-the-password", "10.0.0.66")
+    with pytest.raises(UserError, match="Too many wrong passwords for this user name"):
+        svc.sign_in("ann", GOOD, "10.0.0.66")  # the address that failed waits, even with the right password
+    with pytest.raises(UserError, match="Too many wrong passwords for this user name"):
+        svc.sign_in("ann", GOOD, "127.0.0.1")  # so does the loopback, which everyone behind it shares
+    assert svc.sign_in("ann", GOOD, "10.0.0.8")[0].username == "ann"  # the owner's own machine: in
+    for name in ("ann", "nobody"):  # a stranger's second address gets one try, as for a name that is none
+        for _ in range(passwords.FREE_TRIES + 1):
+            with contextlib.suppress(UserError):
+                svc.sign_in(name, "not-the-password", "10.0.0.66")
+        with pytest.raises(UserError, match="wrong password"):
+            svc.sign_in(name, "still-not-it", "10.0.0.67")
+        with pytest.raises(UserError, match="Too many wrong passwords for this user name"):
+            svc.sign_in(name, "not-the-password", "10.0.0.67")
 
 
 def test_a_session_expires_and_a_password_change_signs_out_other_browsers(svc):
