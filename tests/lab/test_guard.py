@@ -106,3 +106,76 @@ def test_a_websocket_drops_the_developers_messages_and_large_ones_before_a_sign_
     assert [len(m.get("bytes", b"")) for m in got] == [len(back("rerun_script", 10)["bytes"]),
                                                         len(back("rerun_script", 100 << 10)["bytes"]), 0]
     assert got[-1]["type"] == "websocket.disconnect" and len(sent) == 1
+
+
+def test_reruns_are_paced_and_a_viewer_sends_no_large_message(monkeypatch):
+    """A thousand reruns sent at once by websockets not even signed in kept the server from answering anyone
+    for minutes (a thread started per rerun on its event loop); a viewer's 21 MB values held ~290 MiB per tab.
+    Reruns over a websocket's pace wait (none is dropped; strangers share one pace, a signed-in tab has its
+    own), and a role that creates nothing sends nothing over 1 MB. The clock stands still here: the waits asked
+    for are what the pace says."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    from web import sessions, sockets
+
+    monkeypatch.setattr(sockets.time, "monotonic", lambda: 1000.0)
+    monkeypatch.setattr(sockets, "_all_anonymous", sockets.Pace(*sockets.ALL_ANONYMOUS_PACE))
+    monkeypatch.setattr(sockets, "_paces", {})
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(round(seconds, 3))
+
+    monkeypatch.setattr(sockets.anyio, "sleep", sleep)
+    roles = {"token-of-vic": "viewer", "token-of-ann": "annotator"}
+    monkeypatch.setattr(sessions, "actor_of", lambda sid: SimpleNamespace(role=roles[sessions.token_of(sid)]))
+
+    def rerun(size: int = 0) -> dict:
+        msg = BackMsg()
+        msg.rerun_script.query_string = "x" * size
+        return {"type": "websocket.receive", "bytes": msg.SerializeToString()}
+
+    def socket_of(session: str, incoming: list[dict]):
+        hello = ForwardMsg()
+        hello.new_session.initialize.session_id = session
+
+        async def receive():
+            return incoming.pop(0)
+
+        async def send(message):
+            pass
+
+        receiving, sending = sockets.filtered(receive, send)
+        return receiving, lambda: sending({"type": "websocket.send", "bytes": hello.SerializeToString()})
+
+    async def talk(session: str, incoming: list[dict], token: str = "", count: int | None = None) -> list[dict]:
+        receiving, hello = socket_of(session, incoming)
+        await hello()
+        if token:
+            sessions.bind(session, token)
+        return [await receiving() for _ in range(len(incoming) if count is None else count)]
+
+    try:
+        asyncio.run(talk("stranger-1", [rerun() for _ in range(8)]))
+        assert waits == [0.5, 1.0], waits  # its own pace: 6 at once, then 2 a second
+        waits.clear()
+        for stranger in ("stranger-2", "stranger-3", "stranger-4"):  # every stranger's pace together: 20 at
+            asyncio.run(talk(stranger, [rerun() for _ in range(5)]))  # once (8 taken), then 10 a second
+        assert waits == [0.1, 0.2, 0.3], waits
+        waits.clear()
+        got = asyncio.run(talk("ann-tab", [rerun() for _ in range(31)], "token-of-ann"))
+        assert len(got) == 31 and waits == [0.1], waits  # a signed-in tab: 30 at once, then 10 a second
+        waits.clear()
+        big = rerun(2 << 20)
+        got = asyncio.run(talk("vic-tab", [big, rerun(), {"type": "websocket.disconnect"}], "token-of-vic", 2))
+        assert [m["type"] for m in got[:2]] == ["websocket.receive", "websocket.disconnect"]
+        assert len(got[0]["bytes"]) < 100  # the viewer's 2 MB message dropped unread, its small one passed
+        got = asyncio.run(talk("ann-tab-2", [rerun(2 << 20)], "token-of-ann"))
+        assert len(got[0]["bytes"]) > 2 << 20  # an annotator's canvas may be that large
+    finally:
+        for session in ("stranger-1", "stranger-2", "stranger-3", "stranger-4", "ann-tab", "vic-tab", "ann-tab-2"):
+            sessions.unbind(session)
