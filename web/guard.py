@@ -30,7 +30,8 @@ it, and serves ``/media`` files to whoever has the URL. Here:
   sign-in cookie, or while a session that shows the file is signed in; a closed session's files are not.
 - **Upload memory.** An upload passes only while it fits what the page and the machine may hold
   (:mod:`web.uploads`); otherwise 413 (and the connection closed) before a byte is read. An upload must say
-  its size (``Content-Length``), as browsers do.
+  its size (``Content-Length``), as browsers do; one account sends two at once at most (429), and a body that
+  stalls or trickles is cut off, its room given back.
 - **Developer messages.** Streamlit takes, from any websocket, signed in or not, messages meant for the
   developer's menu: clear the caches (each one opened the store again and left a supervisor thread and a
   database engine behind), tell the checkout's git remote, branch and changed files, run on save, and the
@@ -223,7 +224,7 @@ class Guard:
         if path in ADMIN_ROUTES and not await _off_loop(_is_admin, cookie_token(headers)):
             await self._refuse(scope, receive, send, "an admin's only")
             return
-        receiving: tuple[str, int] | None = None  # an upload admitted: (its session, its bytes)
+        receiving: tuple[str, int, str] | None = None  # an upload admitted: (its session, its bytes, its account)
         if scope["type"] == "websocket":
             scope = self._without_foreign_reconnect(scope, headers)
             receive, send = sockets.filtered(receive, send)
@@ -243,13 +244,17 @@ class Guard:
                 return
             if method == "PUT":
                 session, incoming = _upload_session(path), uploads.declared_length(headers)
-                if full := uploads.upload_room(session, incoming):
+                who = await _off_loop(sessions.actor_of, session)
+                user = f"user:{getattr(who, 'user_id', None) or session}"
+                busy = uploads.user_room(user)
+                if full := busy or uploads.upload_room(session, incoming):
                     log.warning("refused an upload: %s", full)  # (and its body is not read: closed)
-                    await self._answer(send, 411 if "Content-Length" in full else 413, f"{full}\n".encode(),
-                                       close=True)
+                    status = 429 if busy else 411 if "Content-Length" in full else 413
+                    await self._answer(send, status, f"{full}\n".encode(), close=True)
                     return
-                receiving = (session, incoming or 0)
+                receiving = (session, incoming or 0, user)
                 uploads.reserve(*receiving)
+                receive = uploads.watched(receive)
         elif path.startswith("/media/") and method in ("GET", "HEAD"):
             file_id = path.rsplit("/", 1)[-1].split(".", 1)[0]
             if not await _off_loop(_media_allowed, cookie_token(headers), file_id):

@@ -36,6 +36,7 @@ from storage.service import RIGHTS
 from web import sessions
 
 log = logging.getLogger(__name__)
+_now = time.monotonic  # (the clock: a test sets its own)
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -51,10 +52,10 @@ class Pace:
     must wait (it is counted at once, so the events queued behind it wait their turn too)."""
 
     def __init__(self, rate: float, burst: float):
-        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, time.monotonic()
+        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, _now()
 
     def wait(self) -> float:
-        now = time.monotonic()
+        now = _now()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
         self.tokens -= 1
@@ -71,7 +72,7 @@ _all_anonymous = Pace(*ALL_ANONYMOUS_PACE)
 
 def _signed_in_pace(token: str) -> Pace:
     if len(_paces) > 10_000:  # (old sign-ins: forget those that have refilled)
-        for key in [k for k, p in _paces.items() if time.monotonic() - p.at > 60]:
+        for key in [k for k, p in _paces.items() if _now() - p.at > 60]:
             del _paces[key]
     return _paces.setdefault(token, Pace(*SIGNED_IN_PACE))
 

@@ -122,7 +122,7 @@ def test_reruns_are_paced_and_a_viewer_sends_no_large_message(monkeypatch):
 
     from web import sessions, sockets
 
-    monkeypatch.setattr(sockets.time, "monotonic", lambda: 1000.0)
+    monkeypatch.setattr(sockets, "_now", lambda: 1000.0)
     monkeypatch.setattr(sockets, "_all_anonymous", sockets.Pace(*sockets.ALL_ANONYMOUS_PACE))
     monkeypatch.setattr(sockets, "_paces", {})
     waits: list[float] = []
@@ -179,3 +179,51 @@ def test_reruns_are_paced_and_a_viewer_sends_no_large_message(monkeypatch):
     finally:
         for session in ("stranger-1", "stranger-2", "stranger-3", "stranger-4", "ann-tab", "vic-tab", "ann-tab-2"):
             sessions.unbind(session)
+
+
+def test_an_upload_that_stalls_or_trickles_is_cut_off_and_one_account_sends_two_at_once(monkeypatch):
+    """An annotator declared 4 GB uploads from three tabs and sent a few bytes: their declared room was held
+    as long as they liked, and everyone else's uploads got 413. An upload whose body stops for a minute, or
+    comes slower than 64 kB/s after a minute, is cut off (the app is told the browser left, and the guard
+    gives its room back); one account has two uploads in flight at most, all its tabs together."""
+    import asyncio
+
+    from web import uploads
+
+    clock = [0.0]
+    monkeypatch.setattr(uploads, "_now", lambda: clock[0])
+    chunk = {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    async def trickle():  # 1 kB a second
+        clock[0] += 1.0
+        return dict(chunk)
+
+    async def body(receive, count):
+        return [await receive() for _ in range(count)]
+
+    got = asyncio.run(body(uploads.watched(trickle), 70))
+    kinds = [m["type"] for m in got]
+    assert kinds[:60] == ["http.request"] * 60 and kinds[60] == "http.disconnect", kinds  # (after the minute)
+
+    async def fast():  # 1 MB a second: fine however long it takes
+        clock[0] += 1.0
+        return {"type": "http.request", "body": b"x" * (1 << 20), "more_body": True}
+
+    assert {m["type"] for m in asyncio.run(body(uploads.watched(fast), 120))} == {"http.request"}
+
+    async def stalled():
+        await asyncio.Event().wait()  # (the browser sends nothing more)
+
+    monkeypatch.setattr(uploads, "IDLE_S", 0.05)
+    assert asyncio.run(body(uploads.watched(stalled), 1)) == [{"type": "http.disconnect"}]
+
+    assert uploads.user_room("user:7") is None
+    uploads.reserve("tab-1", 10, "user:7")
+    uploads.reserve("tab-2", 10, "user:7")
+    try:
+        assert "you are sending 2 uploads already" in uploads.user_room("user:7")
+        assert uploads.user_room("user:8") is None  # (another account is not held up)
+    finally:
+        uploads.release("tab-1", 10, "user:7")
+        uploads.release("tab-2", 10, "user:7")
+    assert uploads.user_room("user:7") is None and not uploads.BY_USER and not uploads.RECEIVING
