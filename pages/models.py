@@ -4,6 +4,8 @@ BioImage.IO export and import, and deletion."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
 from domain.kinds import RunKind
@@ -13,7 +15,8 @@ from ui.figures import METRIC_NAMES
 from ui.text import plain
 from ui.training import checkpoint_label
 
-MODEL_PICK = "model_pick"  # (this page's own key: the model shown, also the one just imported)
+MODEL_PICK = "model_pick"  # (this page's own key: the picker)
+SHOWN = "model_shown"  # (this page's own key: the model shown, also the one just imported)
 svc = start_page("Models")
 
 with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled=not can("create")):
@@ -26,7 +29,7 @@ with st.popover("Import a BioImage.IO model", icon=":material/upload:", disabled
         with st.spinner("Checking the package (its validation and its own model test) …"):
             def imported(model) -> str:
                 release_uploads(package)  # (stored: the server's memory is free of it)
-                st.session_state[MODEL_PICK] = model.checkpoint_id
+                st.session_state[SHOWN] = model.checkpoint_id
                 return f"Imported **{plain(model.name)}** as run {model.run_id}: Predict offers it."
 
             attempt(lambda: svc.import_model(package, package.name), imported,
@@ -43,10 +46,22 @@ data_table([{"model": m.id, "name": m.name, "what": checkpoint_label(m),
              hide_index=True, key="models_table")
 
 by_id = {m.id: m for m in models}
-if st.session_state.get(MODEL_PICK) not in by_id:
-    st.session_state[MODEL_PICK] = models[0].id
-chosen = by_id[st.selectbox("Model", list(by_id), format_func=lambda i: f"#{i} · {checkpoint_label(by_id[i])}",
-                            key=MODEL_PICK)]
+# The picker's options do not say the models' names, and the model shown is kept apart from it: the browser
+# sends a picker's choice as its option's words, so a model renamed was no option any more, and the next click
+# edited, exported or deleted the newest model instead of the one on screen (a form sent meanwhile was lost).
+shown = st.session_state.get(SHOWN)
+shown = shown if shown in by_id else models[0].id
+if st.session_state.get(MODEL_PICK) != shown:
+    st.session_state[MODEL_PICK] = shown
+
+
+def _picked() -> None:
+    st.session_state[SHOWN] = st.session_state[MODEL_PICK]
+
+
+chosen = by_id[st.selectbox("Model", list(by_id), key=MODEL_PICK, on_change=_picked,
+                            format_func=lambda i: f"#{i} · {checkpoint_label(replace(by_id[i], name=''))}")]
+st.session_state[SHOWN] = chosen.id
 card = svc.model_card(chosen.id)
 run = card["run"]
 

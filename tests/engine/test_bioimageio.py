@@ -419,12 +419,33 @@ def test_the_models_page_imports_exports_names_and_deletes_a_model(app_data_dir,
 
     # the card of the imported model: a name and notes, an export that passes its checks, deletion
     imported = int(at.selectbox(key="model_pick").value)
+    at.file_uploader(key="import_model_file").upload("again.zip", exported.read_bytes(), "application/zip")
+    next(b for b in at.button if b.label == "Import").click().run()  # (a newer model, listed first)
+    assert int(at.selectbox(key="model_pick").value) != imported
+    at.selectbox(key="model_pick").select(imported).run()
+    picker = list(at.selectbox(key="model_pick").options)
     form_name = next(t for t in at.text_input if t.label == "Name")
     form_name.set_value("Membranes from the round trip")
     next(t for t in at.text_area if t.label == "Notes").set_value("exported, imported, the same")
     next(b for b in at.button if b.label == "Save name and notes").click().run()
     assert "Name and notes saved." in texts(at.success)
     assert "Membranes from the round trip" in at.dataframe[0].value["name"].tolist()
+    # the browser sends the picker's choice as its words: a rename changed them, and the next click edited,
+    # exported or deleted the newest model instead; the picker's words do not name the models
+    assert list(at.selectbox(key="model_pick").options) == picker
+    at.run()
+    assert int(at.selectbox(key="model_pick").value) == imported
+    next(t for t in at.text_area if t.label == "Notes").set_value("notes edited after the rename")
+    next(b for b in at.button if b.label == "Save name and notes").click().run()
+    assert int(at.selectbox(key="model_pick").value) == imported
+    from storage.service import Neuroseg
+    from storage.settings import Settings
+
+    store = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
+    try:
+        assert next(m for m in store.checkpoint_choices() if m.id == imported).notes == "notes edited after the rename"
+    finally:
+        store.close()
     next(b for b in at.button if b.label == "Export as BioImage.IO package").click().run()
     assert not at.exception, at.exception
     assert any(getattr(b, "label", "") == "Download package (.zip)" for b in at.get("download_button"))
