@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from storage.auth import audit, users
 from storage.auth.accounts import user_by_name
@@ -22,10 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("user", nargs="?", help="the user name (reset-password)")
     args = ap.parse_args(argv)
     settings = Settings.from_env()
+    where = f"the store at {settings.data_dir} ({settings.database_url.split('://')[0]})"
+    database = settings.database_url.removeprefix("sqlite:///") if settings.database_url.startswith("sqlite:///") \
+        else None
+    if args.command != "migrate" and database is not None and not Path(database).exists():
+        # (opening it would make a new, empty store: a reset there signs nobody in)
+        print(f"no Neuroseg store at {settings.data_dir}: set $NEUROSEG_DATA_DIR (and $DATABASE_URL) as the server "
+              "was started with", file=sys.stderr)
+        return 2
     sessions, _store = open_store(settings, migrate=True)
     if args.command == "migrate":
-        print(f"the store at {settings.data_dir} ({settings.database_url.split('://')[0]}) is up to date")
+        print(f"{where} is up to date")
         return 0
+    print(where, file=sys.stderr)  # (which store it speaks of)
     with sessions.begin() as s:
         if args.command == "users":
             for u in users.list_users(s):

@@ -404,3 +404,11 @@ def test_an_admin_who_forgot_the_password_gets_a_one_time_one_from_the_server_sh
     missing = subprocess.run([sys.executable, "-m", "storage", "reset-password", "nobody"], capture_output=True,
                              text=True, env=env)
     assert missing.returncode == 2 and "no user named 'nobody'" in missing.stderr
+    assert f"the store at {tmp_path / 'data'} (sqlite)" in missing.stderr  # (which store it speaks of)
+    assert [r.target for r in svc.audit_trail(action="reset password")] == [f"user {boss.user_id}"]
+    # without the server's $NEUROSEG_DATA_DIR it opened (and made) an empty store and found nobody
+    env["NEUROSEG_DATA_DIR"] = str(tmp_path / "elsewhere")
+    lost = subprocess.run([sys.executable, "-m", "storage", "reset-password", "boss"], capture_output=True,
+                          text=True, env=env)
+    assert lost.returncode == 2 and f"no Neuroseg store at {tmp_path / 'elsewhere'}" in lost.stderr
+    assert not (tmp_path / "elsewhere").exists()
