@@ -248,6 +248,7 @@ class RunProgress:
     eta_s: float | None
     phase: str = ""  # "training", "validating slice 2 of 3" (while active)
     resumes: list[tuple[int, int]] = field(default_factory=list)  # (step it went on from, step it had reached)
+    ended_early: str = ""  # why a finished run ended before its steps: "its time budget of 1.5 min ran out"
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ def progress_text(progress: RunProgress) -> str:
     elif progress.eta_s is not None:
         doing = (f", about {progress.eta_s / 60:.1f} min left" if progress.eta_s >= 90 else
                  f", about {max(1, round(progress.eta_s))} s left")
+    elif progress.ended_early:
+        doing = f": ended early, {progress.ended_early}"
     else:
         doing = ""
     return f"step {progress.step} of {progress.steps}{doing}"

@@ -242,7 +242,12 @@ def run_progress(run: RunInfo, curves: dict[str, Curve]) -> RunProgress:
     budget = run.config.get("max_seconds")
     if eta is not None and budget:
         eta = min(eta, max(0.0, budget - seconds))
-    return RunProgress(int(step), steps, float(seconds), eta, phase, resumes)
+    ended = ""
+    if run.status == RunStatus.FINISHED and 0 < step < steps and run.kind == RunKind.TRAIN:
+        ended = (f"its time budget of {budget / 60:.3g} min ran out" if budget and seconds >= 0.9 * budget else
+                 "its validation stopped improving (early stopping)" if run.config.get("early_stop_patience")
+                 else "")
+    return RunProgress(int(step), steps, float(seconds), eta, phase, resumes, ended)
 
 
 def run_log(store: FileStore, run_id: int, lines: int = 30) -> str:

@@ -388,3 +388,22 @@ def test_an_ended_live_session_on_train_says_it_ended_not_its_last_phase(app_dat
     at = open_page("Train")
     shown = " ".join(m.value for m in at.markdown) + " ".join(c.value for c in at.caption)
     assert "**Live session** (Annotate) · step 0 · finished" in shown and "stopping" not in shown, shown
+
+
+def test_a_run_that_its_time_budget_ended_says_so(app_data_dir):
+    """A 1.5-minute budget ended a run at step 517 of 3000: Train said "FINISHED · step 517 of 3000" and only
+    its worker log said why."""
+    from storage.models import Metric, Run
+
+    svc = Neuroseg(Settings.from_env(app_data_dir), supervise=False)
+    demo = svc.load_demo()
+    with svc.sessions.begin() as s:
+        run = Run(kind="train", spec={"train": [{"dataset_id": demo.id, "slices": [0]}], "val": []},
+                  config={**preset("tiny").to_dict(), "steps": 3000, "max_seconds": 90.0}, status="FINISHED")
+        s.add(run)
+        s.flush()
+        s.add(Metric(run_id=run.id, key="loss", step=517, value=0.3, time=89.5))
+    svc.close()
+    at = open_page("Train")
+    bar = " ".join(p.text for p in at.get("progress"))
+    assert "step 517 of 3000: ended early, its time budget of 1.5 min ran out" in bar, bar
