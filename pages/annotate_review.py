@@ -80,9 +80,11 @@ def queue_panel(svc: Neuroseg, dataset_id: int) -> None:
                          hide_index=True, key="work_open")
         if work.done:
             st.markdown("**Done**")
+            versions = {m.id: m.version for z in {i.slice_index for i in work.done} for m in svc.history(dataset_id, z)}
             data_table([{"slice": i.slice_index, "region (y, x, h, w)": ", ".join(map(str, i.box)),
-                           "done by": i.done_by, "when": f"{i.done_at:%Y-%m-%d %H:%M}",
-                           "mask version": i.mask_version_id} for i in work.done], hide_index=True, key="work_done")
+                         "done by": i.done_by, "when": f"{i.done_at:%Y-%m-%d %H:%M}",
+                         "saved as": f"v{versions[i.mask_version_id]}" if i.mask_version_id in versions else "—"}
+                        for i in work.done], hide_index=True, key="work_done")
 
 
 if __name__ == "__main__":  # run as a page of its own: only by Streamlit's folder mode, which this ends

@@ -148,11 +148,11 @@ def progress(prediction_id: int, was_active: bool) -> None:
         if not job.stopping:
             refused = svc.refusal("manage", "prediction", job.id)
             if st.button("Cancel", key=f"cancel_prediction_{job.id}", disabled=bool(refused),
-                         help=refused or "Stops after the block it is on; the blocks written are kept, and "
+                         help=refused or "Stops after the blocks it is on; the blocks written are kept, and "
                                          "Resume goes on from them."):
                 attempt(lambda: svc.cancel_prediction(job.id),
                         lambda info: f"Prediction #{job.id} " + (
-                            "is stopping after the block it is on." if info.active else "is cancelled."
+                            "is stopping after the blocks it is on." if info.active else "is cancelled."
                             if info.status == RunStatus.CANCELLED else f"had already ended ({info.status.lower()})."))
             if refused:
                 st.caption(refused)

@@ -52,7 +52,7 @@ def progress(job: PredictionInfo) -> tuple[float, str]:
                       + ("; stopping" if job.stopping else ""))
     total = job.total or n
     what = "a slice, or a tile of a large slice" if total > n else "one slice"
-    stopping = "; stopping after the block it is on" if job.stopping else ""
+    stopping = "; stopping after the blocks it is on" if job.stopping else ""
     return min(1.0, job.done / total), f"{job.done} of {total} blocks written (a block is {what}){stopping}"
 
 

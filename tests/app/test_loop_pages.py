@@ -339,9 +339,9 @@ def test_a_prediction_is_cancelled_from_its_page_by_its_owner_only(app_data_dir,
                            done=1, total=3, device="cpu")
         at = open_page("Predict")
         at.button(key=f"cancel_prediction_{running}").click().run()
-        assert f"Prediction #{running} is stopping after the block it is on." in texts(at.success)
+        assert f"Prediction #{running} is stopping after the blocks it is on." in texts(at.success)
         bar = " ".join(p.text for p in at.get("progress"))
-        assert "1 of 3 blocks written" in bar and "stopping after the block it is on" in bar, bar
+        assert "1 of 3 blocks written" in bar and "stopping after the blocks it is on" in bar, bar
         assert not [b for b in at.button if b.key == f"cancel_prediction_{running}"]  # asked once
         assert svc.prediction(running).stopping and svc.prediction(running).status == "RUNNING"
     finally:
