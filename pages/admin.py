@@ -5,6 +5,7 @@ Every call here is an admin's call in the service: another user who reaches this
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import streamlit as st
 
@@ -114,9 +115,12 @@ def audit_trail() -> None:
     when = (f" from {since:%Y-%m-%d} to {until - dt.timedelta(days=1):%Y-%m-%d}" if since and until else
             ", any day")
     st.caption(f"{len(rows)} event{'s' * (len(rows) != 1)}{when}, newest first (at most 2000 shown).")
+    names = {str(u.id): u.username for u in svc.users()}  # ("user 2 → viewer" says whom: "user 2 (ann) → viewer")
     data_table([{"time (UTC)": r.time.strftime("%Y-%m-%d %H:%M:%S"), "user": r.username, "action": r.action,
-                   "on": r.target, "outcome": r.outcome, "address": r.address, "detail": r.detail} for r in rows],
-                 hide_index=True, width="stretch")
+                 "on": re.sub(r"\buser (\d+)\b", lambda m: f"{m[0]} ({names[m[1]]})" if m[1] in names else m[0],
+                              r.target),
+                 "outcome": r.outcome, "address": r.address, "detail": r.detail} for r in rows],
+               hide_index=True, width="stretch")
 
 
 with audit_tab:

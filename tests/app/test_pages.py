@@ -471,6 +471,15 @@ def test_the_admin_page_shows_what_crashes_left_and_deletes_it(app_data_dir):
     next(b for b in at.button if b.label == "Add user").click().run()
     assert any("One-time password for **newcomer**" in s.value for s in at.success)
     assert next(t for t in at.text_input if t.label == "User name").value == ""
+    svc = store(app_data_dir)  # the audit trail says whom a change of a user's was on, by name
+    newcomer = next(u for u in svc.users() if u.username == "newcomer")
+    from storage.auth import audit
+
+    svc._tx(lambda s: audit.record(s, None, "set role", f"user {newcomer.id} → viewer", "ok"))
+    svc.close()
+    at.run()
+    trail = next(d.value for d in at.dataframe if "on" in d.value.columns)
+    assert f"user {newcomer.id} (newcomer) → viewer" in trail["on"].tolist(), trail["on"].tolist()
 
 
 def test_the_dataset_in_the_address_is_the_one_every_page_works_on(app_data_dir, synthetic):
