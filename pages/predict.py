@@ -72,6 +72,10 @@ with top[0]:
     checkpoint_id = st.selectbox("Checkpoint", ids, index=ids.index(chosen) if chosen in ids else 0,
                                  key=f"predict_checkpoint_{dataset_id}",
                                  format_func=lambda i: checkpoint_label(checkpoints[i]))
+    if any(s.run_id == checkpoints[checkpoint_id].run_id and s.worse_than_parent
+           for s in svc.held_out_scores(dataset_id)):
+        st.warning(f"Run {checkpoints[checkpoint_id].run_id} scores worse than its parent on this dataset's "
+                   "held-out slices (Runs): its parent may predict better.", icon=":material/trending_down:")
 info = svc.dataset(dataset_id)
 
 with st.form("predict_form"):

@@ -438,6 +438,8 @@ def test_a_fine_tune_that_scores_worse_on_the_held_out_slices_is_flagged(tmp_pat
         assert flags[f"run {good.id}"] == "★ best by Rand-F"
         assert any(f"run {bad.id}** scores worse than its parent" in w.value for w in at.warning)
         assert at.selectbox(key=f"promote_pick_{ds}").value == good_best.id  # the best is offered first
+        predict = app("Predict", user="boss", role="admin")  # it offers the newest run first: it says so
+        assert any(f"Run {bad.id} scores worse than its parent" in w.value for w in predict.warning)
         at.button(key="promote").click().run()
         assert not at.exception, at.exception
         assert svc.default_model(ds) == good_best.id
