@@ -5,8 +5,11 @@ Streamlit finds ``app`` here by reading this file; every ``streamlit run`` optio
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +68,25 @@ def _no_forwarded_client() -> None:
     uvicorn.config.ProxyHeadersMiddleware = lambda app, trusted_hosts=None: app
 
 
+GC_EVERY_S = 60.0  # a full garbage collection this often, off the pages' runs
+
+
+def _collect_now_and_then() -> None:
+    """Streamlit's full garbage collection after every script run is off (``runner.postScriptGC``: 0.12 s of
+    the interpreter's lock per rerun with PyTorch loaded, 80% of the server's CPU under a storm of reruns).
+    Python's own collector runs by objects made, not bytes held: a page's large arrays in a reference cycle
+    (each run's functions refer to its globals) could wait long for it. A daemon thread collects once a
+    minute."""
+    def collect() -> None:
+        while True:
+            time.sleep(GC_EVERY_S)
+            gc.collect()
+
+    threading.Thread(target=collect, name="neuroseg-gc", daemon=True).start()
+
+
 _no_forwarded_client()
 _no_folder_pages()
+_collect_now_and_then()
 _announce()
 app = App(ROOT / "app.py", middleware=[Middleware(Guard)])

@@ -49,7 +49,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import anyio.to_thread
 from starlette.datastructures import Headers
-from starlette.requests import cookie_parser
+from starlette.requests import ClientDisconnect, cookie_parser
 from streamlit import config
 from streamlit.runtime import Runtime
 
@@ -225,9 +225,12 @@ class Guard:
             await self._refuse(scope, receive, send, "an admin's only")
             return
         receiving: tuple[str, int, str] | None = None  # an upload admitted: (its session, its bytes, its account)
+        answer: Any = None  # (its answer, which says 408 when it was cut off)
         if scope["type"] == "websocket":
             scope = self._without_foreign_reconnect(scope, headers)
-            receive, send = sockets.filtered(receive, send)
+            cookie = cookie_token(headers)  # (a valid sign-in's reruns are paced as a signed-in user's at once)
+            checked = cookie if cookie and await _off_loop(sessions.verified, cookie) is not None else ""
+            receive, send = sockets.filtered(receive, send, checked)
         elif path == UPLOAD_CHECK:  # nginx asks before it passes an upload on
             original = _route(headers.get("x-original-uri", "").split("?", 1)[0])
             allowed = UPLOAD_PREFIX in original and await _off_loop(
@@ -255,6 +258,7 @@ class Guard:
                 receiving = (session, incoming or 0, user)
                 uploads.reserve(*receiving)
                 receive = uploads.watched(receive)
+                send = answer = uploads.answered_as_cut(send, receive)
         elif path.startswith("/media/") and method in ("GET", "HEAD"):
             file_id = path.rsplit("/", 1)[-1].split(".", 1)[0]
             if not await _off_loop(_media_allowed, cookie_token(headers), file_id):
@@ -264,6 +268,11 @@ class Guard:
             send = _framed_by_self_only(send)
         try:
             await self.app(scope, receive, send)
+        except ClientDisconnect:
+            if not getattr(receive, "cut", False):
+                raise  # (a browser that left: as Streamlit has it)
+            if not answer.started:  # (an upload cut off here: 408 and one line in the log, no traceback)
+                await self._answer(send, 408, uploads.CUT_OFF, close=True)
         finally:
             if receiving is not None:  # (received and held by Streamlit now, or refused: no longer in flight)
                 uploads.release(*receiving)

@@ -112,7 +112,7 @@ def new_session_id(data: bytes) -> str:
     return message.new_session.initialize.session_id if message.WhichOneof("type") == "new_session" else ""
 
 
-def filtered(receive: Receive, send: Send) -> tuple[Receive, Send]:
+def filtered(receive: Receive, send: Send, signed_in: str = "") -> tuple[Receive, Send]:
     """``receive`` and ``send`` of a websocket, with the filters of this module's text: a message larger than
     Streamlit takes is passed on unread (Streamlit closes the websocket), and each kind of drop is logged once
     per websocket."""
@@ -128,7 +128,9 @@ def filtered(receive: Receive, send: Send) -> tuple[Receive, Send]:
         while True:
             message = await receive()
             data = message.get("bytes") if message.get("type") == "websocket.receive" else None
-            token = sessions.token_of(socket["session"])
+            # (``signed_in``: the browser's sign-in cookie, checked by the guard: a new tab's, a reload's or a
+            # reconnect's first rerun comes before the server has said which session it serves)
+            token = sessions.token_of(socket["session"]) or signed_in
             if data and len(data) > ANONYMOUS_BYTES and not token:
                 drop(f"more than {ANONYMOUS_BYTES:,} bytes from a session that is not signed in")
                 continue

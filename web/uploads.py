@@ -97,16 +97,42 @@ def watched(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> Calla
                 message = await receive()
         except TimeoutError:
             log.warning("cut off an upload whose body stopped for %.0f s", IDLE_S)
+            receiving.cut = True
             return {"type": "http.disconnect"}
         if message.get("type") == "http.request" and message.get("more_body"):
             got += len(message.get("body", b""))
             elapsed = _now() - start
             if elapsed > GRACE_S and got < MIN_RATE * elapsed:
                 log.warning("cut off an upload arriving at %.0f bytes/s", got / elapsed)
+                receiving.cut = True
                 return {"type": "http.disconnect"}
         return message
 
+    receiving.cut = False  # (set once it is cut off: the guard answers 408 for the app, which saw the browser leave)
     return receiving
+
+
+CUT_OFF = (b"the upload stopped or came too slowly (less than 64 kB/s): it was cut off; send it again\n")
+
+
+def answered_as_cut(send: Callable[[MutableMapping[str, Any]], Awaitable[None]], receiving) -> Callable:
+    """``send`` of an upload's answer, which says 408 and why once ``receiving`` (:func:`watched`) cut the upload
+    off (the app, told the browser left, answers 500)."""
+
+    async def sending(message: MutableMapping[str, Any]) -> None:
+        if message.get("type") == "http.response.start":
+            sending.started = True
+        if getattr(receiving, "cut", False):
+            if message.get("type") == "http.response.start":
+                message = {"type": "http.response.start", "status": 408,
+                           "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                       (b"content-length", str(len(CUT_OFF)).encode()), (b"connection", b"close")]}
+            elif message.get("type") == "http.response.body":
+                message = {"type": "http.response.body", "body": CUT_OFF}
+        await send(message)
+
+    sending.started = False
+    return sending
 
 
 def declared_length(headers: Headers) -> int | None:

@@ -237,15 +237,19 @@ def _locked_until(session: Session, user: User | None, name: str) -> datetime | 
 
 
 def _first_try_from(session: Session, name: str, address: str, moment: datetime) -> bool:
-    """Whether a name's wait spares this address: one of its own (not shared) from which no sign-in as that name
-    failed for as long as the longest wait. Else anyone could keep an account (the admin's, whose name is known)
-    waiting for good with one wrong password every five minutes, its owner's right password included; a
-    stranger still gets one try per address and wait, and the address's own limit on failures."""
+    """Whether a name's wait spares this address: the owner's (not shared, signed in as that name before), from
+    which no sign-in as that name failed for as long as the longest wait. Else anyone could keep an account (the
+    admin's, whose name is known) waiting for good with one wrong password every five minutes, its owner's
+    right password included. An address that never signed in as the name (a stranger's; any address, for a
+    name that is no account) waits as before, so many addresses buy no more tries."""
     if shared_address(address):
         return False
-    return not session.scalar(select(func.count()).select_from(AuditEvent).where(
-        AuditEvent.action == "sign in", AuditEvent.outcome.in_(("failed", "refused")), AuditEvent.username == name,
-        AuditEvent.address == address[:64], AuditEvent.time > moment - MAX_WAIT))
+    sign_ins = select(func.count()).select_from(AuditEvent).where(
+        AuditEvent.action == "sign in", AuditEvent.username == name, AuditEvent.address == address[:64])
+    if not session.scalar(sign_ins.where(AuditEvent.outcome == "ok")):
+        return False
+    return not session.scalar(sign_ins.where(AuditEvent.outcome.in_(("failed", "refused")),
+                                             AuditEvent.time > moment - MAX_WAIT))
 
 
 EXPIRED_KEPT = timedelta(days=1)  # how long an expired sign-in is kept, so a browser is told it expired

@@ -170,6 +170,19 @@ def test_reruns_are_paced_and_a_viewer_sends_no_large_message(monkeypatch):
         got = asyncio.run(talk("ann-tab", [rerun() for _ in range(31)], "token-of-ann"))
         assert len(got) == 31 and waits == [0.1], waits  # a signed-in tab: 30 at once, then 10 a second
         waits.clear()
+
+        async def new_tab() -> None:  # a signed-in browser's new tab: its first reruns come before the server
+            incoming = [rerun() for _ in range(10)]  # has said which session it serves (the guard checked its
+            receiving, _ = sockets.filtered(lambda: _pop(incoming), None, "token-of-bob")  # sign-in cookie)
+            for _ in range(10):
+                await receiving()
+
+        async def _pop(incoming):
+            return incoming.pop(0)
+
+        asyncio.run(new_tab())
+        assert waits == [], waits  # (not behind the strangers' shared pace, spent above)
+
         big = rerun(2 << 20)
         got = asyncio.run(talk("vic-tab", [big, rerun(), {"type": "websocket.disconnect"}], "token-of-vic", 2))
         assert [m["type"] for m in got[:2]] == ["websocket.receive", "websocket.disconnect"]
@@ -227,3 +240,48 @@ def test_an_upload_that_stalls_or_trickles_is_cut_off_and_one_account_sends_two_
         uploads.release("tab-1", 10, "user:7")
         uploads.release("tab-2", 10, "user:7")
     assert uploads.user_room("user:7") is None and not uploads.BY_USER and not uploads.RECEIVING
+
+
+def test_an_upload_cut_off_is_answered_408_and_gives_its_room_back(monkeypatch):
+    """The app behind the guard (a real Starlette route reading the body as Streamlit's does) sees the browser
+    leave when the guard cuts a stalled upload off: its ClientDisconnect became a 500 and a traceback in the
+    server's log. The browser gets 408 and why; the upload's room and the account's place are given back."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from web import guard, uploads
+
+    monkeypatch.setattr(uploads, "IDLE_S", 0.2)
+    monkeypatch.setattr(guard, "may_upload", lambda session, token: True)
+    monkeypatch.setattr(guard.sessions, "actor_of", lambda session: SimpleNamespace(user_id=7))
+    monkeypatch.setattr(uploads, "upload_room", lambda session, size: None)
+
+    async def put(request):
+        async for _ in request.stream():
+            pass
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route(guard.UPLOAD_PREFIX + "{sid}/{fid}", put, methods=["PUT"])],
+                    middleware=[Middleware(guard.Guard)])
+    sent, parts = [], [{"type": "http.request", "body": b"a" * 10, "more_body": True}]
+
+    async def receive():
+        if parts:
+            return parts.pop()
+        await asyncio.Event().wait()  # (the browser sends nothing more, and keeps the connection)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "PUT", "path": guard.UPLOAD_PREFIX + "s1/f1", "query_string": b"",
+             "headers": [(b"host", b"localhost"), (b"content-length", b"1000")], "scheme": "http",
+             "server": ("127.0.0.1", 8501), "client": ("127.0.0.1", 5), "root_path": "", "http_version": "1.1"}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [408]
+    assert b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body") == uploads.CUT_OFF
+    assert not uploads.BY_USER and not uploads.RECEIVING
