@@ -130,7 +130,7 @@ def filtered(receive: Receive, send: Send, signed_in: str = "") -> tuple[Receive
             data = message.get("bytes") if message.get("type") == "websocket.receive" else None
             # (``signed_in``: the browser's sign-in cookie, checked by the guard: a new tab's, a reload's or a
             # reconnect's first rerun comes before the server has said which session it serves)
-            token = sessions.token_of(socket["session"]) or signed_in
+            token = sessions.token_of(socket["session"]) if socket["session"] else signed_in
             if data and len(data) > ANONYMOUS_BYTES and not token:
                 drop(f"more than {ANONYMOUS_BYTES:,} bytes from a session that is not signed in")
                 continue

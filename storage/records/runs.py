@@ -89,7 +89,7 @@ def validation_note(session: Session, store: FileStore, val: list[dict[str, Any]
     """What the user should know about validation slices that cannot judge a run well (None: nothing): too few
     labelled pixels, one class only, or no slice that outlines two whole neurons (its neuron scores are none,
     and pixel error alone chooses the best step). They choose the run's best checkpoint, which Predict offers."""
-    labelled = neuron = membrane = 0
+    neuron = membrane = 0
     whole = False
     for part in val:
         dataset = dataset_row(session, part["dataset_id"])
@@ -100,8 +100,8 @@ def validation_note(session: Session, store: FileStore, val: list[dict[str, Any]
             target = load_mask(session, store, mask.id)
             neuron += int(np.count_nonzero(target == NEURON))
             membrane += int(np.count_nonzero(target == MEMBRANE))
-            labelled = neuron + membrane
             whole = whole or int(scored_neurons(target).max(initial=0)) >= MIN_NEURONS
+    labelled = neuron + membrane
     if not val or labelled == 0:
         return None
     said = []
